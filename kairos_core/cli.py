@@ -1,0 +1,239 @@
+"""The ``kairos`` command.
+
+Errors reach the user as one line on stderr and a non-zero exit code (2 for bad input); a
+traceback appears only with ``KAIROS_DEBUG=1``. Plugins add subcommands through
+``kairos_cli_commands``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from . import __version__
+from .config import collect_defaults, disabled_plugins, load_config, read_config_file
+from .errors import KairosError
+from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
+from .token import MAX_TOKEN_BYTES, generate_token, parse_token
+
+CONFIG_ENV = "KAIROS_CONFIG"
+DEBUG_ENV = "KAIROS_DEBUG"
+
+
+class Context:
+    """What every subcommand shares: the plugin manager and the config path."""
+
+    def __init__(self, manager: KairosPluginManager, config_path: str | None) -> None:
+        self.manager = manager
+        self.config_path = config_path
+
+    def load_config(self):
+        """The validated config (defaults only when no file is given)."""
+        return load_config(self.config_path, self.manager)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+def emit_json(data) -> None:
+    """Print machine-readable output."""
+    click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-c", "--config", "config_path", envvar=CONFIG_ENV, metavar="FILE",
+              help=f"Config file (YAML). Also ${CONFIG_ENV}.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
+    """kairos: machines that share one network token find each other and form a cluster.
+
+    Start with `kairos token new`, put the token in a config file as p2p.network_token,
+    and run `kairos run -c FILE` on every machine.
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # main() hands in the manager it built the command tree with; tests may invoke cli directly.
+    manager = ctx.obj if isinstance(ctx.obj, KairosPluginManager) else make_plugin_manager()
+    ctx.obj = Context(manager, config_path)
+
+
+@cli.command()
+def version() -> None:
+    """Print the version of kairos-core and of every installed plugin."""
+    click.echo(f"kairos-core {__version__}")
+    manager: KairosPluginManager = click.get_current_context().find_object(Context).manager
+    for row in manager.describe():
+        if row["source"] == "entrypoint":
+            click.echo(f"{row['distribution'] or row['name']} {row['version'] or '?'} (plugin {row['name']})")
+
+
+# -------------------------------------------------------------------------------------------------
+# token
+# -------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def token() -> None:
+    """Create and inspect network tokens."""
+
+
+@token.command("new")
+@click.option("--interval", type=click.IntRange(min=1), default=360, show_default=True,
+              help="Seconds between OTP rotations (rendezvous names and seal keys).")
+@click.option("--yaml", "as_yaml", is_flag=True, help="Print the raw YAML form instead of base64.")
+def token_new(interval: int, as_yaml: bool) -> None:
+    """Print a new network token with fresh random secrets."""
+    new = generate_token(interval=interval)
+    click.echo(new.to_yaml().rstrip() if as_yaml else new.encode())
+
+
+@token.command("show")
+@click.argument("token_text", metavar="TOKEN")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def token_show(token_text: str, as_json: bool) -> None:
+    """Show a token's fields with secrets masked. TOKEN may be - to read standard input."""
+    if token_text == "-":
+        token_text = sys.stdin.read(MAX_TOKEN_BYTES + 1)
+    parsed = parse_token(token_text)
+    doc = {"fingerprint": parsed.fingerprint, **parsed.masked()}
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"fingerprint:      {doc['fingerprint']}")
+    for name in ("dht", "crypto"):
+        spec = doc["otp"][name]
+        click.echo(f"otp.{name + ':':<13} interval {spec['interval']} s, length {spec['length']}, key {spec['key']}")
+    for field in ("room", "rendezvous", "mdns"):
+        click.echo(f"{field + ':':<17} {doc[field]}")
+    click.echo(f"max_message_size: {doc['max_message_size']}")
+
+
+# -------------------------------------------------------------------------------------------------
+# plugins
+# -------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--hook", metavar="NAME", help="Only plugins that implement this hook.")
+@pass_context
+def plugins(context: Context, as_json: bool, hook: str | None) -> None:
+    """List installed plugins: name, source, version and the hooks each implements."""
+    rows = context.manager.describe()
+    if hook:
+        rows = [row for row in rows if hook in row["hooks"]]
+    errors = context.manager.load_errors
+    if as_json:
+        emit_json({"plugins": rows, "load_errors": errors} if errors else rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="kairos plugins")
+    for column in ("name", "source", "version", "hooks"):
+        table.add_column(column)
+    for row in rows:
+        version = row["version"] or ("built-in" if row["source"] == "builtin" else "")
+        table.add_row(row["name"], row["distribution"] or row["source"], version, ", ".join(row["hooks"]))
+    console = Console()
+    console.print(table)
+    for name, error in errors.items():
+        console.print(f"[red]failed to load[/red] {name}: {error}")
+
+
+# -------------------------------------------------------------------------------------------------
+# config
+# -------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def config() -> None:
+    """Check config files and show defaults."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@pass_context
+def config_check(context: Context, path: Path) -> None:
+    """Validate a config file: every unknown key and wrong type, with its path."""
+    from .errors import ConfigError
+
+    try:
+        load_config(path, context.manager)
+    except ConfigError as exc:
+        if exc.problems:
+            for problem in exc.problems:
+                click.echo(f"{path}: {problem}", err=True)
+            raise SystemExit(2) from None
+        raise
+    click.echo(f"{path}: ok")
+
+
+@config.command("defaults")
+@pass_context
+def config_defaults(context: Context) -> None:
+    """Print every option with its default, as YAML (core and installed plugins)."""
+    click.echo(yaml.safe_dump(collect_defaults(context.manager), sort_keys=False).rstrip())
+
+
+# -------------------------------------------------------------------------------------------------
+# entry point
+# -------------------------------------------------------------------------------------------------
+
+
+def _config_path_from_argv(argv: list[str]) -> str | None:
+    # The plugin manager (and so the command tree) is built before click parses arguments, and
+    # config may disable plugins: peek at -c/--config the way click will read it.
+    for index, arg in enumerate(argv):
+        if arg in ("-c", "--config") and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return os.environ.get(CONFIG_ENV)
+
+
+def build_cli(manager: KairosPluginManager) -> click.Group:
+    """The root command with every plugin's subcommands added."""
+    result = call_hook_sync(manager, "kairos_cli_commands", cli=cli)
+    for failure in result.failures:
+        click.echo(f"kairos: warning: plugin {failure.plugin} could not add its commands: {failure.error}", err=True)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        path = _config_path_from_argv(argv)
+        raw = read_config_file(path) if path and Path(path).exists() else {}
+        manager = make_plugin_manager(disabled=disabled_plugins(raw))
+        command = build_cli(manager)
+        command.main(argv, prog_name="kairos", standalone_mode=False, obj=manager)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.exceptions.Abort:
+        click.echo("kairos: aborted", err=True)
+        raise SystemExit(130) from None
+    except KairosError as exc:
+        if debug:
+            raise
+        click.echo(f"kairos: error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    except Exception as exc:  # a bug: still one line unless the user asks for the traceback
+        if debug:
+            raise
+        click.echo(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)", err=True)
+        raise SystemExit(1) from None

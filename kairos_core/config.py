@@ -1,0 +1,349 @@
+"""The config file: one YAML document, a section per part, every option with a default.
+
+The core owns ``p2p`` (Kairos's names), ``node``, ``api``, ``ledger``, ``election`` and
+``plugins``; each plugin declares its own sections through ``kairos_config_defaults``. The type of
+a default is the type an option must have, so unknown keys and wrong types are reported with their
+path (``p2p.minimum_nodes: expected an integer, got a string``). Kairos users write plugin
+sections under ``p2p:`` (``p2p.vpn``, ``p2p.kubevip``); those are read as the top-level section.
+
+Environment overrides, applied over the file:
+
+- ``KAIROS_NETWORK_TOKEN`` (or EdgeVPN's ``EDGEVPNTOKEN``) → ``p2p.network_token``
+- ``KAIROS_STATE_DIR`` → ``node.state_dir``
+- ``KAIROS__<SECTION>__<KEY>[__<SUBKEY>…]=<YAML value>``, e.g. ``KAIROS__P2P__MINIMUM_NODES=3``
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .errors import ConfigError, KairosError
+from .identity import default_state_dir
+from .plugins import hookimpl
+from .token import NetworkToken, parse_token
+
+if TYPE_CHECKING:
+    from .plugins import KairosPluginManager
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+ENV_PREFIX = "KAIROS__"
+
+CORE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "p2p": {
+        # The network token (base64 or YAML). Required to run a node.
+        "network_token": "",
+        # A namespace inside the ledger, so several clusters can share one token (Kairos).
+        "network_id": "kairos",
+        # Role hint for plugins such as k3s: "" (automatic), "master" or "worker".
+        "role": "",
+        # Kairos compatibility: accepted, reserved for the DNS plugin.
+        "dns": False,
+        # Plugins that build clusters wait for this many members.
+        "minimum_nodes": 2,
+        # Switch discovery mechanisms off.
+        "disable_dht": False,
+        "disable_mdns": False,
+        # Multiaddrs to listen on; empty = every interface address on `port`.
+        "listen": [],
+        # TCP port for the default listen addresses; 0 = chosen by the system.
+        "port": 0,
+        # Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.
+        "bootstrap_peers": [],
+    },
+    "node": {
+        # Identity, ledger database and API socket live here; default /var/lib/kairos as root,
+        # ~/.local/state/kairos otherwise.
+        "state_dir": None,
+        # Advertised hostname; default: the machine's.
+        "hostname": None,
+        # debug | info | warning | error
+        "log_level": "info",
+        # Seconds a plugin hook may run before it is abandoned and logged.
+        "hook_timeout": 30.0,
+    },
+    "api": {
+        # Serve the local control API on a unix socket (mode 0600) in the state dir.
+        "enable": True,
+        # Socket path; default <state_dir>/api.sock.
+        "socket": None,
+    },
+    "ledger": {
+        # Largest JSON-encoded value one key may hold, in bytes.
+        "max_value_size": 65536,
+        # Seconds a tombstone is kept so partitions can heal before it is pruned.
+        "tombstone_grace": 7 * 24 * 3600,
+        # Seconds between anti-entropy exchanges with a random peer.
+        "sync_interval": 30.0,
+    },
+    "election": {
+        # Whether this node may become leader.
+        "eligible": True,
+        # Seconds a leader lease lasts without renewal.
+        "lease_seconds": 6.0,
+    },
+    "plugins": {
+        # Plugin names never to load (see `kairos plugins`).
+        "disabled": [],
+    },
+}
+
+
+@hookimpl
+def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]]:
+    """The core's own sections."""
+    return CORE_DEFAULTS
+
+
+class Config:
+    """A validated config: every section filled with its defaults."""
+
+    def __init__(self, data: dict[str, dict[str, Any]], path: Path | None = None) -> None:
+        self._data = data
+        self.path = path
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section (a plugin's, or a core one) with defaults filled in."""
+        try:
+            return self._data[name]
+        except KeyError:
+            raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?") from None
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return self.section(name)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._data
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """A deep copy of the whole config."""
+        return copy.deepcopy(self._data)
+
+    @property
+    def network_token(self) -> NetworkToken:
+        """The parsed token; :class:`KairosError` when the config has none."""
+        raw = self._data["p2p"]["network_token"]
+        if not raw:
+            raise KairosError("no network token: set p2p.network_token (make one with `kairos token new`)")
+        return parse_token(raw)
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this node keeps its files."""
+        configured = self._data["node"]["state_dir"]
+        return Path(configured).expanduser() if configured else default_state_dir()
+
+    @property
+    def api_socket(self) -> Path:
+        """The local API's unix socket."""
+        configured = self._data["api"]["socket"]
+        return Path(configured).expanduser() if configured else self.state_dir / "api.sock"
+
+
+def read_config_file(path: Path | str | None) -> dict[str, Any]:
+    """Read the raw YAML mapping of a config file (``None`` or ``-``-less empty → ``{}``)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config {path}: file is too large ({size} bytes)")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config {path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"config {path}: {exc.strerror}") from None
+    return parse_config_text(text, str(path))
+
+
+def parse_config_text(text: str, origin: str = "config") -> dict[str, Any]:
+    """Parse config YAML; a cloud-config with a top-level ``p2p`` works too."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{origin}: {problem}{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, not a {_type_name(data)}")
+    return data
+
+
+def disabled_plugins(raw: Mapping[str, Any]) -> list[str]:
+    """The plugin names a raw config blocks (read before the plugin manager exists)."""
+    section = raw.get("plugins") or {}
+    names = section.get("disabled", []) if isinstance(section, dict) else []
+    return [str(name) for name in names] if isinstance(names, list) else []
+
+
+def collect_defaults(manager: KairosPluginManager) -> dict[str, dict[str, Any]]:
+    """Every section any registered plugin declares, with its defaults."""
+    defaults: dict[str, dict[str, Any]] = {}
+    owners: dict[str, str] = {}
+    for impl in reversed(manager.pm.hook.kairos_config_defaults.get_hookimpls()):
+        try:
+            declared = impl.function() or {}
+        except Exception as exc:  # name the plugin: the user cannot fix what they cannot find
+            raise ConfigError(f"plugin {impl.plugin_name} could not declare its config: {exc}") from None
+        if not isinstance(declared, Mapping):
+            raise ConfigError(f"plugin {impl.plugin_name}: kairos_config_defaults must return a mapping")
+        for section, values in declared.items():
+            if section in owners:
+                raise ConfigError(
+                    f"config section {section!r} is declared by both {owners[section]} and {impl.plugin_name}"
+                )
+            if not isinstance(values, Mapping):
+                raise ConfigError(f"plugin {impl.plugin_name}: defaults of section {section!r} must be a mapping")
+            owners[section] = impl.plugin_name
+            defaults[section] = copy.deepcopy(dict(values))
+    return defaults
+
+
+def resolve_config(
+    raw: Mapping[str, Any],
+    manager: KairosPluginManager,
+    env: Mapping[str, str] | None = None,
+    path: Path | None = None,
+    check_token: bool = True,
+) -> Config:
+    """Merge a raw config over every declared default, after environment overrides.
+
+    Raises :class:`ConfigError` listing every problem with its path.
+    """
+    defaults = collect_defaults(manager)
+    data = copy.deepcopy(dict(raw))
+    problems: list[str] = []
+    _apply_env(data, os.environ if env is None else env, problems)
+    _lift_p2p_sections(data, defaults)
+    merged: dict[str, dict[str, Any]] = {}
+    for section, value in data.items():
+        if section not in defaults:
+            problems.append(f"{section}: unknown section")
+    for section, section_defaults in defaults.items():
+        merged[section] = _merge(section_defaults, data.get(section), section, problems)
+    if check_token and not problems and merged["p2p"]["network_token"]:
+        try:
+            parse_token(str(merged["p2p"]["network_token"]))
+        except KairosError as exc:
+            problems.append(f"p2p.network_token: {exc}")
+    if problems:
+        origin = f"config {path}" if path else "config"
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise ConfigError(f"{origin}: {len(problems)} {noun}: " + "; ".join(problems), problems)
+    return Config(merged, path)
+
+
+def load_config(path: Path | str | None, manager: KairosPluginManager, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override, validate and complete a config file."""
+    raw = read_config_file(path)
+    return resolve_config(raw, manager, env=env, path=Path(path) if path else None)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]) -> None:
+    token = env.get("KAIROS_NETWORK_TOKEN") or env.get("EDGEVPNTOKEN")
+    if token:
+        _set_path(data, ["p2p", "network_token"], token, problems, "KAIROS_NETWORK_TOKEN")
+    if env.get("KAIROS_STATE_DIR"):
+        _set_path(data, ["node", "state_dir"], env["KAIROS_STATE_DIR"], problems, "KAIROS_STATE_DIR")
+    for name, text in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or len(name) <= len(ENV_PREFIX):
+            continue
+        parts = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if any(not part for part in parts) or len(parts) < 2:
+            problems.append(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set_path(data, parts, value, problems, name)
+
+
+def _set_path(data: dict[str, Any], parts: list[str], value: Any, problems: list[str], origin: str) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            problems.append(f"{origin}: {'.'.join(parts)} crosses a value that is not a mapping")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _lift_p2p_sections(data: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    # Kairos puts vpn/kubevip/auto… inside p2p; read them as the plugin's own section. The
+    # top-level section wins key by key when both are given.
+    p2p = data.get("p2p")
+    if not isinstance(p2p, dict):
+        return
+    for key in list(p2p):
+        if key in defaults and key not in defaults["p2p"] and isinstance(p2p[key], dict):
+            lifted = p2p.pop(key)
+            top = data.get(key)
+            data[key] = {**lifted, **top} if isinstance(top, dict) else lifted
+
+
+def _merge(defaults: Mapping[str, Any], given: Any, path: str, problems: list[str]) -> dict[str, Any]:
+    merged = copy.deepcopy(dict(defaults))
+    if given is None:
+        return merged
+    if not isinstance(given, dict):
+        problems.append(f"{path}: expected a mapping, got {_type_name(given)}")
+        return merged
+    for key, value in given.items():
+        key_path = f"{path}.{key}"
+        if key not in defaults:
+            problems.append(f"{key_path}: unknown key")
+            continue
+        default = defaults[key]
+        if value is None:  # `key:` with nothing after it means "not set": keep the default
+            continue
+        if isinstance(default, dict) and default:
+            merged[key] = _merge(default, value, key_path, problems)
+            continue
+        problem = _type_problem(default, value)
+        if problem:
+            problems.append(f"{key_path}: {problem}")
+        else:
+            merged[key] = float(value) if isinstance(default, float) else value
+    return merged
+
+
+def _type_problem(default: Any, value: Any) -> str | None:
+    if default is None:  # optional scalar: any plain value
+        return None if not isinstance(value, (dict, list)) else f"expected a single value, got {_type_name(value, article=True)}"
+    checks = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }
+    check = checks.get(type(default))
+    if check is None or check(value):
+        return None
+    return f"expected {_type_name(default, article=True)}, got {_type_name(value, article=True)}"
+
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
+
+
+def _type_name(value: Any, article: bool = False) -> str:
+    name = _TYPE_NAMES.get(type(value), type(value).__name__)
+    if not article:
+        return name
+    return ("an " if name[0] in "aeiou" else "a ") + name

@@ -1,0 +1,155 @@
+"""The hooks through which plugins see and extend a kairos node.
+
+Every hook may be implemented as a plain function or as ``async def``: the node awaits what an
+implementation returns, each call under a timeout, and a plugin that raises or times out is logged
+with its name while the other plugins and the node carry on (see :mod:`kairos_core.plugins`).
+
+Implementations may accept fewer arguments than a spec names (pluggy passes only what they ask
+for), so specs grow by adding parameters, never by reordering or removing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from .events import LedgerUpdate, PeerEvent
+    from .node import Node
+
+hookspec = pluggy.HookspecMarker("kairos")
+
+# -------------------------------------------------------------------------------------------------
+# Registration
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec(historic=True)
+def kairos_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Add hookspecs of a plugin's own, for other plugins to implement.
+
+    Called once for every plugin right after it is registered (historic: plugins registered
+    later still get the call). Implement it as
+    ``pluginmanager.add_hookspecs(my_hookspecs_module)``. Implementations of hooks that may be
+    absent (their plugin is not installed) should be marked ``@hookimpl(optionalhook=True)``.
+
+    :param pluginmanager: the node's pluggy plugin manager.
+    :return: ignored.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Configuration and command line
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]] | None:
+    """Declare the config sections a plugin owns, with every option's default.
+
+    Called when a config file is loaded or checked, before validation. The result maps a
+    top-level section name to its defaults, e.g. ``{"vpn": {"interface": "edgevpn0", "mtu": 1420}}``.
+    The type of each default is the type the option must have (an empty dict is a free-form
+    mapping; ``None`` accepts any scalar), so unknown keys and wrong types in a user's file are
+    reported with their path. A section that Kairos users write under ``p2p:`` (``p2p.vpn``) is
+    read from there too.
+
+    :return: section name → defaults, or None for no section. Two plugins may not claim one name.
+    """
+
+
+@hookspec
+def kairos_cli_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``kairos`` command line.
+
+    Called once while the ``kairos`` command is built, before arguments are parsed. Implement it
+    with ``@cli.command()`` or ``cli.add_command(...)``; raise :class:`kairos_core.errors.KairosError`
+    from a command for a one-line error.
+
+    :param cli: the root ``kairos`` click group.
+    :return: ignored.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Node lifecycle
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kairos_startup(node: Node) -> Awaitable[None] | None:
+    """Start a plugin's work on a node.
+
+    Called once per node after the p2p host, the ledger and discovery are running, before the
+    node announces itself. A plugin creates its devices and background tasks here. An exception or
+    a timeout is logged with the plugin's name; the node runs on without that plugin's startup.
+
+    :param node: the running node (``node.config``, ``node.ledger``, ``node.peer_id``, …).
+    :return: ignored.
+    """
+
+
+@hookspec
+def kairos_shutdown(node: Node) -> Awaitable[None] | None:
+    """Stop a plugin's work and release what it holds.
+
+    Called once when the node stops (SIGINT, SIGTERM or ``Node.stop()``), before the p2p host
+    closes, so a plugin may still write to the ledger. It should remove devices and routes it
+    created and cancel its tasks. Each call has a timeout: shutdown never hangs on a plugin.
+
+    :param node: the stopping node.
+    :return: ignored.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Events
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_peer(node: Node, event: PeerEvent) -> Awaitable[None] | None:
+    """React to a member joining, leaving or changing its advertised entry.
+
+    Called on every node for each membership change it observes: ``joined`` once a peer is
+    admitted (it holds the token) or its entry appears, ``left`` when it is neither connected nor
+    fresh, ``updated`` when its entry in the ``nodes`` bucket changes. Events for one peer arrive in
+    order.
+
+    :param node: this node.
+    :param event: what happened, to which peer, with the peer's advertised entry.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_ledger_update(node: Node, update: LedgerUpdate) -> Awaitable[None] | None:
+    """React to a change of one key in the shared ledger.
+
+    Called on every node for each key whose winning entry changes, whether written here
+    (``update.local``) or merged from a peer; not called for entries that lose the merge. Deletes
+    arrive with ``value=None`` and ``deleted=True``.
+
+    :param node: this node.
+    :param update: bucket, key, new value, owner, version, and whether the write was local.
+    :return: ignored.
+    """
+
+
+@hookspec
+def on_leader_elected(node: Node, leader: str, epoch: int) -> Awaitable[None] | None:
+    """React to a new leader.
+
+    Called on every node exactly once per (leader, epoch), when this node first learns that
+    ``leader`` holds the lease in ``epoch``. The epoch grows with every change of leader and is a
+    fencing token: stamp leader-only writes with it, and ignore writes of a lower epoch.
+
+    :param node: this node.
+    :param leader: the leader's peer id (it may be this node's own ``node.peer_id``).
+    :param epoch: the lease's epoch.
+    :return: ignored.
+    """

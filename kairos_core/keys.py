@@ -1,0 +1,92 @@
+"""Everything derived from the network token: OTP windows, rendezvous names, topic and keys.
+
+Time is cut into windows ``w = floor(unix_time / interval)``. A time-derived value is accepted for
+windows ``w-1, w, w+1``, so nodes whose clocks differ by less than one interval always agree.
+
+Each derived value is ``HKDF-SHA256(ikm, info=<purpose label>)``; for time-derived values the
+``ikm`` is the OTP of the window, ``HMAC-SHA256(key, 8-byte big-endian w)`` (EdgeVPN's OTP before
+its base64/truncation/MD5 steps, which we drop: full 256-bit keys). A distinct label per purpose
+means that learning one derived value (a rendezvous name is public on the LAN) reveals nothing of
+another (the seal key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+import time
+from functools import lru_cache
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .token import NetworkToken
+
+PROTOCOL_VERSION = 1
+LABEL_RENDEZVOUS = b"kairos/v1/rendezvous"
+LABEL_SEAL = b"kairos/v1/seal"
+LABEL_TOPIC = b"kairos/v1/topic"
+LABEL_ADMISSION = b"kairos/v1/admission"
+
+
+def window(now: float, interval: int) -> int:
+    """The OTP window that ``now`` (unix seconds) falls in."""
+    return int(now // interval)
+
+
+def otp(key: str, window_number: int) -> bytes:
+    """The raw 32-byte OTP of ``key`` for one window."""
+    return hmac.new(key.encode(), struct.pack(">Q", window_number), hashlib.sha256).digest()
+
+
+def derive(ikm: bytes, label: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 of ``ikm`` for one purpose."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(ikm)
+
+
+class KeySchedule:
+    """The values one token yields, per window, with the clock as a parameter for tests."""
+
+    def __init__(self, token: NetworkToken, clock=time.time) -> None:
+        self.token = token
+        self.clock = clock
+        self.topic = "/kairos/1/" + derive(token.room.encode(), LABEL_TOPIC, 16).hex()
+        self.admission_key = derive(token.crypto.key.encode(), LABEL_ADMISSION)
+        # Bounded caches: a node only ever asks for a handful of windows around now.
+        self._seal_key = lru_cache(maxsize=8)(self._derive_seal_key)
+        self._rendezvous = lru_cache(maxsize=8)(self._derive_rendezvous)
+
+    # --- windows -----------------------------------------------------------------------------
+    def seal_window(self, now: float | None = None) -> int:
+        """The current window of the crypto OTP."""
+        return window(self.clock() if now is None else now, self.token.crypto.interval)
+
+    def dht_window(self, now: float | None = None) -> int:
+        """The current window of the DHT OTP."""
+        return window(self.clock() if now is None else now, self.token.dht.interval)
+
+    def accepted_seal_windows(self, now: float | None = None) -> tuple[int, ...]:
+        """The windows whose seal keys open frames now: current first, then w-1, then w+1."""
+        w = self.seal_window(now)
+        return (w, w - 1, w + 1) if w > 0 else (w, w + 1)
+
+    # --- derived values ----------------------------------------------------------------------
+    def seal_key(self, window_number: int) -> bytes:
+        """The AES-256 key that seals gossip frames in one window."""
+        return self._seal_key(window_number)
+
+    def rendezvous(self, window_number: int) -> str:
+        """The rendezvous name (DHT key and mDNS instance name) of one window; 32 hex chars."""
+        return self._rendezvous(window_number)
+
+    def current_rendezvous(self, now: float | None = None) -> tuple[str, str]:
+        """The names to announce and look up now: this window's and the previous one's."""
+        w = self.dht_window(now)
+        return self.rendezvous(w), self.rendezvous(w - 1)
+
+    def _derive_seal_key(self, window_number: int) -> bytes:
+        return derive(otp(self.token.crypto.key, window_number), LABEL_SEAL)
+
+    def _derive_rendezvous(self, window_number: int) -> str:
+        return derive(otp(self.token.dht.key, window_number), LABEL_RENDEZVOUS, 16).hex()
