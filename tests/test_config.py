@@ -1,0 +1,134 @@
+"""Config files: defaults, validation with paths, plugin sections, Kairos layout, env overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from kairos_core.config import load_config, parse_config_text, resolve_config
+from kairos_core.errors import ConfigError
+from kairos_core.plugins import hookimpl, make_plugin_manager
+from kairos_core.token import generate_token
+
+
+class VpnLikePlugin:
+    @hookimpl
+    def kairos_config_defaults(self):
+        return {"vpn": {"create": True, "interface": "edgevpn0", "mtu": 1420, "env": {}}}
+
+
+@pytest.fixture
+def manager():
+    return make_plugin_manager(autoload=False, extra_plugins=[VpnLikePlugin()])
+
+
+def resolve(text, manager, env=None):
+    return resolve_config(parse_config_text(text), manager, env=env or {})
+
+
+def test_token_alone_is_enough(manager, tmp_path):
+    token = generate_token().encode()
+    path = tmp_path / "kairos.yaml"
+    path.write_text(f"p2p:\n  network_token: {token}\n")
+    config = load_config(path, manager, env={})
+    assert config.network_token.encode() == token
+    assert config["p2p"]["network_id"] == "kairos"
+    assert config["vpn"]["interface"] == "edgevpn0"
+    assert config["ledger"]["max_value_size"] == 65536
+    assert config.api_socket == config.state_dir / "api.sock"
+
+
+def test_every_problem_is_reported_with_its_path(manager):
+    text = """
+p2p:
+  minimum_nodes: "three"
+  disable_dht: 1
+  nonsense: true
+vpn:
+  mtu: 1420.5
+  env: [1]
+ledger: 5
+other: {}
+"""
+    with pytest.raises(ConfigError) as exc:
+        resolve(text, manager)
+    problems = exc.value.problems
+    assert "p2p.minimum_nodes: expected an integer, got a string" in problems
+    assert "p2p.disable_dht: expected a boolean, got an integer" in problems
+    assert "p2p.nonsense: unknown key" in problems
+    assert "vpn.mtu: expected an integer, got a number" in problems
+    assert "vpn.env: expected a mapping, got a list" in problems
+    assert "ledger: expected a mapping, got integer" in problems
+    assert "other: unknown section" in problems
+    assert len(problems) == 7
+
+
+def test_kairos_layout_reads_plugin_sections_under_p2p(manager):
+    config = resolve("p2p:\n  vpn:\n    mtu: 1300\nvpn:\n  interface: kairos0\n", manager)
+    assert config["vpn"] == {"create": True, "interface": "kairos0", "mtu": 1300, "env": {}}
+
+
+def test_empty_values_keep_defaults_and_ints_fill_floats(manager):
+    config = resolve("p2p:\n  network_token:\nelection:\n  lease_seconds: 4\n", manager)
+    assert config["p2p"]["network_token"] == ""
+    assert config["election"]["lease_seconds"] == 4.0
+
+
+def test_environment_overrides(manager, tmp_path):
+    token = generate_token().encode()
+    env = {
+        "KAIROS_NETWORK_TOKEN": token,
+        "KAIROS_STATE_DIR": str(tmp_path),
+        "KAIROS__P2P__MINIMUM_NODES": "3",
+        "KAIROS__VPN__CREATE": "false",
+    }
+    config = resolve("p2p:\n  minimum_nodes: 1\n", manager, env)
+    assert config["p2p"]["minimum_nodes"] == 3
+    assert config["vpn"]["create"] is False
+    assert config.state_dir == tmp_path
+    assert config.network_token.encode() == token
+    with pytest.raises(ConfigError, match="p2p.minimum_nodes: expected an integer"):
+        resolve("{}", manager, {"KAIROS__P2P__MINIMUM_NODES": "many"})
+
+
+def test_bad_token_in_config_is_a_config_problem(manager):
+    with pytest.raises(ConfigError, match="p2p.network_token: token is neither base64 nor YAML"):
+        resolve("p2p:\n  network_token: '%%%'\n", manager)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("p2p: [unclosed", "line 1"), ("- a\n- b\n", "must be a mapping"), ("\tp2p: 1", "found character")],
+)
+def test_unparsable_files(text, expected, manager):
+    with pytest.raises(ConfigError, match=expected):
+        parse_config_text(text)
+
+
+def test_missing_file_is_clear(manager, tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "absent.yaml", manager)
+
+
+def test_two_plugins_may_not_claim_one_section():
+    manager = make_plugin_manager(autoload=False, extra_plugins=[VpnLikePlugin(), VpnLikePlugin()])
+    with pytest.raises(ConfigError, match="declared by both"):
+        resolve("{}", manager)
+
+
+def test_cli_config_check_lists_problems(tmp_path, capsys):
+    from kairos_core.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("p2p:\n  role: 5\n  bogus: 1\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["config", "check", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"{path}: p2p.role: expected a string, got an integer" in err
+    assert f"{path}: p2p.bogus: unknown key" in err
+    path.write_text("p2p:\n  minimum_nodes: 3\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["config", "check", str(path)])
+        raise SystemExit(0)
+    assert exc.value.code == 0
+    assert "ok" in capsys.readouterr().out

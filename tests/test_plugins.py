@@ -1,0 +1,330 @@
+"""The plugin manager, the async dispatcher, entry-point loading, and hook coverage."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pluggy
+import pytest
+
+from kairos_core import hookspecs
+from kairos_core.errors import PluginError
+from kairos_core.events import LedgerUpdate, PeerEvent
+from kairos_core.plugins import DEFAULT_PLUGINS, call_hook, call_hook_sync, hookimpl, make_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK_NAMES = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith(("kairos_", "on_")))
+
+
+# -------------------------------------------------------------------------------------------------
+# Coverage: every hookspec is documented, has a docstring, and a test named test_hook_<name>
+# -------------------------------------------------------------------------------------------------
+
+
+def test_hookspecs_are_the_designed_set():
+    assert set(HOOK_NAMES) >= {
+        "on_peer", "on_ledger_update", "on_leader_elected", "kairos_startup", "kairos_shutdown",
+        "kairos_config_defaults", "kairos_cli_commands", "kairos_add_hookspecs",
+    }
+
+
+@pytest.mark.parametrize("name", HOOK_NAMES)
+def test_plugin_hooks_have_docstrings(name):
+    doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+    assert "Called" in doc and ":return:" in doc, f"{name} needs a docstring saying when it is called and what it returns"
+
+
+@pytest.mark.parametrize("name", HOOK_NAMES)
+def test_plugin_hooks_are_documented(name):
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+    assert f"{name}({params})" in docs, f"docs/plugins.md lacks the signature {name}({params})"
+
+
+@pytest.mark.parametrize("name", HOOK_NAMES)
+def test_plugin_hooks_have_tests(name):
+    sources = [p.read_text() for p in [*ROOT.glob("tests/**/*.py"), *ROOT.glob("plugins/*/tests/**/*.py")]]
+    assert any(re.search(rf"def test_hook_{name}\b", src) for src in sources), f"no test_hook_{name}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Dispatcher
+# -------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+
+@pytest.fixture
+def manager():
+    return make_plugin_manager(autoload=False)
+
+
+async def test_sync_and_async_implementations_are_awaited_concurrently(manager):
+    order = []
+
+    class Slow:
+        @hookimpl
+        async def on_leader_elected(self, leader, epoch):
+            await asyncio.sleep(0.05)
+            order.append(("slow", leader, epoch))
+            return "slow"
+
+    class Fast:
+        @hookimpl
+        async def on_leader_elected(self, node, leader, epoch):
+            order.append(("fast", leader, epoch))
+            return "fast"
+
+    class Plain:
+        @hookimpl
+        def on_leader_elected(self, epoch):
+            order.append(("plain", epoch))
+            return "plain"
+
+    for plugin in (Slow(), Fast(), Plain()):
+        manager.register(plugin)
+    result = await call_hook(manager, "on_leader_elected", node=None, leader="12D3KooWX", epoch=7)
+    assert sorted(result.results) == ["fast", "plain", "slow"]
+    assert order[-1][0] == "slow"  # the slow one did not block the fast one
+    assert result.failures == []
+
+
+async def test_failing_and_hanging_plugins_are_isolated_and_named(manager, caplog):
+    seen = []
+
+    class Broken:
+        @hookimpl
+        def on_peer(self, event):
+            raise RuntimeError("boom")
+
+    class Hangs:
+        @hookimpl
+        async def on_peer(self, event):
+            await asyncio.sleep(10)
+
+    class Good:
+        @hookimpl
+        async def on_peer(self, event):
+            seen.append(event.peer_id)
+
+    manager.register(Broken(), name="broken")
+    manager.register(Hangs(), name="hangs")
+    manager.register(Good(), name="good")
+    caplog.set_level("ERROR")
+    result = await call_hook(manager, "on_peer", timeout=0.1, node=None, event=PeerEvent("joined", "p1"))
+    assert seen == ["p1"]
+    assert {(f.plugin, type(f.error).__name__) for f in result.failures} == {("broken", "RuntimeError"), ("hangs", "TimeoutError")}
+    assert "plugin broken: hook on_peer failed: RuntimeError: boom" in caplog.text
+    assert "plugin hangs: hook on_peer timed out" in caplog.text
+
+
+def test_typo_in_a_hook_name_fails_loudly():
+    class Typo:
+        @hookimpl
+        def on_peers(self, node, event):
+            pass
+
+    with pytest.raises(PluginError, match="on_peers"):
+        make_plugin_manager(autoload=False, extra_plugins=[Typo()])
+
+
+def test_builtins_register_like_plugins_and_can_be_disabled():
+    manager = make_plugin_manager(autoload=False)
+    assert set(DEFAULT_PLUGINS) <= set(manager.plugin_names())
+    rows = {row["name"]: row for row in manager.describe()}
+    assert rows["kairos_core.eventlog"]["source"] == "builtin"
+    assert "on_peer" in rows["kairos_core.eventlog"]["hooks"]
+    disabled = make_plugin_manager(autoload=False, disabled=["kairos_core.eventlog"])
+    assert "kairos_core.eventlog" not in disabled.plugin_names()
+
+
+# -------------------------------------------------------------------------------------------------
+# One test per hook (named test_hook_<name>, see test_plugin_hooks_have_tests)
+# -------------------------------------------------------------------------------------------------
+
+
+def test_hook_kairos_add_hookspecs():
+    class K3sSpecs:
+        @pluggy.HookspecMarker("kairos")
+        def k3s_server_args(self, role):
+            """Extra k3s server args."""
+
+    class K3sLike:
+        @hookimpl
+        def kairos_add_hookspecs(self, pluginmanager):
+            pluginmanager.add_hookspecs(K3sSpecs)
+
+    class KubeVipLike:
+        @hookimpl
+        def k3s_server_args(self, role):
+            return ["--tls-san=10.0.0.100"] if role == "master" else []
+
+    # registered before the plugin that declares the spec: historic call resolves it anyway
+    manager = make_plugin_manager(autoload=False, extra_plugins=[KubeVipLike(), K3sLike()])
+    assert call_hook_sync(manager, "k3s_server_args", role="master").results == [["--tls-san=10.0.0.100"]]
+
+
+def test_hook_kairos_config_defaults(manager):
+    from kairos_core.config import collect_defaults
+
+    class Declares:
+        @hookimpl
+        def kairos_config_defaults(self):
+            return {"mine": {"speed": 3}}
+
+    manager.register(Declares())
+    defaults = collect_defaults(manager)
+    assert defaults["mine"] == {"speed": 3}
+    assert "p2p" in defaults  # the core declares its own through the same hook
+
+
+async def test_hook_on_peer(manager):
+    class Watch:
+        def __init__(self):
+            self.events = []
+
+        @hookimpl
+        def on_peer(self, node, event):
+            self.events.append((node, event.kind, event.peer_id, event.info))
+
+    watch = Watch()
+    manager.register(watch)
+    await call_hook(manager, "on_peer", node="n", event=PeerEvent("left", "p2", {"hostname": "h"}))
+    assert watch.events == [("n", "left", "p2", {"hostname": "h"})]
+
+
+async def test_hook_on_ledger_update(manager):
+    got = []
+
+    class Watch:
+        @hookimpl
+        async def on_ledger_update(self, update):
+            got.append((update.bucket, update.key, update.value, update.local))
+
+    manager.register(Watch())
+    update = LedgerUpdate("b", "k", {"v": 1}, "p", (1, 0, "p"), False, True)
+    await call_hook(manager, "on_ledger_update", node=None, update=update)
+    assert got == [("b", "k", {"v": 1}, True)]
+
+
+async def test_hook_on_leader_elected(manager, caplog):
+    caplog.set_level("INFO", logger="kairos.events")
+
+    class Node:
+        peer_id = "12D3KooWme"
+
+    await call_hook(manager, "on_leader_elected", node=Node(), leader="12D3KooWme", epoch=3)
+    assert "leader 12D3KooWme (this node), epoch 3" in caplog.text  # the built-in eventlog plugin
+
+
+async def test_hook_kairos_startup(manager):
+    started = asyncio.Event()
+
+    class Starts:
+        @hookimpl
+        async def kairos_startup(self, node):
+            started.set()
+
+    manager.register(Starts())
+    await call_hook(manager, "kairos_startup", node=None)
+    assert started.is_set()
+
+
+async def test_hook_kairos_shutdown(manager):
+    stopped = []
+
+    class Stops:
+        @hookimpl
+        def kairos_shutdown(self, node):
+            stopped.append(node)
+
+    manager.register(Stops())
+    await call_hook(manager, "kairos_shutdown", node="n")
+    assert stopped == ["n"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Entry points, autoload switch, `kairos plugins` and plugin CLI commands, as real processes
+# -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def installed_plugin(tmp_path):
+    """A real distribution on sys.path with an entry point in group `kairos`."""
+    (tmp_path / "kairos_demo_plugin.py").write_text(textwrap.dedent('''
+        import click
+        from kairos_core.plugins import hookimpl
+
+        @hookimpl
+        def kairos_cli_commands(cli):
+            @cli.command()
+            def hello():
+                """Say hello from a plugin."""
+                click.echo("hello from the demo plugin")
+
+        @hookimpl
+        def kairos_config_defaults():
+            return {"demo": {"greeting": "hi"}}
+    '''))
+    dist = tmp_path / "kairos_demo_plugin-1.2.3.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kairos-demo-plugin\nVersion: 1.2.3\n")
+    (dist / "entry_points.txt").write_text("[kairos]\ndemo = kairos_demo_plugin\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("KAIROS_DISABLE_PLUGIN_AUTOLOAD", None)
+    return env
+
+
+def kairos(*argv, env):
+    return subprocess.run([sys.executable, "-m", "kairos_core", *argv], capture_output=True, text=True, env=env)
+
+
+def test_hook_kairos_cli_commands(installed_plugin):
+    done = kairos("hello", env=installed_plugin)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "hello from the demo plugin"
+
+
+def test_entry_point_plugins_are_listed_with_version_and_hooks(installed_plugin):
+    done = kairos("plugins", "--json", env=installed_plugin)
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["demo"]["distribution"] == "kairos-demo-plugin"
+    assert rows["demo"]["version"] == "1.2.3"
+    assert rows["demo"]["hooks"] == ["kairos_cli_commands", "kairos_config_defaults"]
+    assert rows["kairos_core.config"]["hooks"] == ["kairos_config_defaults"]
+    table = kairos("plugins", env=installed_plugin)
+    assert "kairos-demo-plugin" in table.stdout and "1.2.3" in table.stdout
+
+
+def test_autoload_can_be_switched_off(installed_plugin):
+    env = {**installed_plugin, "KAIROS_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    names = [row["name"] for row in json.loads(kairos("plugins", "--json", env=env).stdout)]
+    assert "demo" not in names and "kairos_core.eventlog" in names
+    assert kairos("hello", env=env).returncode == 2  # the command is gone: click's usage error
+
+
+def test_config_can_disable_one_plugin(installed_plugin, tmp_path):
+    config = tmp_path / "kairos.yaml"
+    config.write_text("plugins:\n  disabled: [demo]\n")
+    names = [row["name"] for row in json.loads(kairos("-c", str(config), "plugins", "--json", env=installed_plugin).stdout)]
+    assert "demo" not in names
+
+
+def test_a_plugin_that_fails_to_import_is_reported_not_fatal(installed_plugin, tmp_path):
+    (tmp_path / "kairos_demo_plugin.py").write_text("raise ImportError('missing dependency xyz')\n")
+    done = kairos("plugins", "--json", env=installed_plugin)
+    assert done.returncode == 0
+    report = json.loads(done.stdout)
+    assert "missing dependency xyz" in report["load_errors"]["demo"]
+    assert "Traceback" not in done.stderr
