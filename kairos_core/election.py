@@ -1,0 +1,294 @@
+"""Leader election: a lease in the ledger with a fencing epoch, sticky and quorum-guarded.
+
+Each claimant of each epoch has its own key in the ``leader`` bucket,
+``<network_id>:<epoch>:<peer_id>``, holding ``{peer, epoch, state, claimed}`` signed by that peer
+(the bucket's policy refuses anything else). Keys per epoch mean that a deposed leader renewing
+after a partition heals only rewrites its own, older epoch: the highest epoch wins by
+construction. Keys per claimant mean that two claims of one epoch never overwrite each other: the
+claim with the earliest ``claimed`` version (the hybrid-logical-clock version of its first write)
+wins, everywhere, whatever order the entries arrive in.
+
+The protocol, run every ``renew_interval`` (``lease_seconds / 3``) on every node:
+
+1. The *holder* of the highest epoch renews it (``state: held``) while it sees a majority of the
+   recently-alive electorate; without a majority it stops renewing, and its lease lapses.
+2. Everyone else watches the renewals on its own monotonic clock (skewed wall clocks do not
+   matter). The lease has lapsed when no renewal arrived for ``lease_seconds``, or when the
+   holder has left our membership and no renewal arrived for 1.5 renew intervals (fast fail-over
+   after a kill, yet a flaky link to a leader that still renews never deposes it).
+3. On a lapse, only the deterministic candidate — the lowest SHA-256 of peer id among alive,
+   eligible nodes — claims ``epoch + 1`` (``state: claim``), and only with a majority. It waits
+   ``settle`` seconds for concurrent claims to arrive, and confirms (``state: held``) only if its
+   claim is still the earliest of that epoch.
+
+``on_leader_elected`` fires once per (leader, epoch), for confirmed leases only, and never for an
+epoch lower than one already announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .events import LedgerUpdate
+    from .membership import Membership
+
+log = logging.getLogger(__name__)
+
+LEADER_BUCKET = "leader"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One epoch's lease as read from the ledger."""
+
+    peer: str
+    epoch: int
+    state: str  # "claim" | "held"
+    claimed: tuple[int, int] = (0, 0)  # (wall_ms, counter) of the claim's first write
+
+    @property
+    def held(self) -> bool:
+        return self.state == "held"
+
+
+class LeasePolicy:
+    """Ledger write policy of the ``leader`` bucket: a lease is valid only signed by the peer it names.
+
+    Deliberately a function of the entry alone (no clock): every node must accept or reject the
+    same entries, or the ledger would not converge.
+    """
+
+    name = "lease"
+
+    def allows(self, entry: Any, current: Any, now: float) -> bool:
+        """True for tombstones, and for leases under the signer's own key naming the signer."""
+        if not entry.key.endswith(":" + entry.owner):
+            return False
+        return entry.deleted or (isinstance(entry.value, dict) and entry.value.get("peer") == entry.owner)
+
+
+def candidate_rank(peer_id: str) -> bytes:
+    """Order of preference among candidates: lowest SHA-256 of the peer id first."""
+    return hashlib.sha256(peer_id.encode()).digest()
+
+
+def parse_lease(network_id: str, key: str, value: Any, owner: str) -> Lease | None:
+    """The lease stored under ``key``, or None when the entry is not a valid lease of this network."""
+    prefix = f"{network_id}:"
+    if not key.startswith(prefix) or not isinstance(value, dict):
+        return None
+    epoch_text, _, peer = key[len(prefix):].partition(":")
+    try:
+        epoch = int(epoch_text)
+    except ValueError:
+        return None
+    claimed = value.get("claimed")
+    if (
+        peer != owner or value.get("peer") != owner or value.get("epoch") != epoch
+        or value.get("state") not in ("claim", "held")
+        or not (isinstance(claimed, list) and len(claimed) == 2 and all(type(c) is int for c in claimed))
+    ):
+        return None  # a lease is only valid under, and signed by, the peer it names
+    return Lease(owner, epoch, value["state"], (claimed[0], claimed[1]))
+
+
+def lease_key(network_id: str, epoch: int, peer_id: str) -> str:
+    """The ledger key of one claimant's lease of one epoch (zero-padded: keys sort by epoch)."""
+    return f"{network_id}:{epoch:012d}:{peer_id}"
+
+
+def winner(leases: list[Lease]) -> Lease | None:
+    """The lease that counts: highest epoch, and within it the earliest claim."""
+    if not leases:
+        return None
+    top = max(lease.epoch for lease in leases)
+    return min((lease for lease in leases if lease.epoch == top), key=lambda lease: (lease.claimed, lease.peer))
+
+
+class Election:
+    """Runs the lease protocol for one node. ``node_ledger`` needs ``items``, ``get_entry`` and ``set``."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        ledger: Any,
+        membership: Membership,
+        announce: Callable[[str, int], Awaitable[None]],
+        *,
+        network_id: str = "kairos",
+        lease_seconds: float = 3.0,
+        eligible: Callable[[], bool] = lambda: True,
+        require_majority: bool = True,
+        quorum_horizon: float = 300.0,
+        settle: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.peer_id = peer_id
+        self.ledger = ledger
+        self.membership = membership
+        self.network_id = network_id
+        self.lease_seconds = lease_seconds
+        self.renew_interval = lease_seconds / 3
+        self.settle = self.renew_interval / 2 if settle is None else settle
+        self.eligible = eligible
+        self.require_majority = require_majority
+        self.quorum_horizon = quorum_horizon
+        self.monotonic = monotonic
+        self.wall = wall
+        self._announce = announce
+        self._started = self._last_renewal_seen = monotonic()
+        # A restarted holder finds its lease in the ledger: it may renew it for one more lease.
+        self._last_own_renewal = monotonic()
+        self._stepping_down = False
+        self._announced: tuple[str, int] | None = None
+        self._task: asyncio.Task | None = None
+        self.changes = 0  # confirmed leaders seen since start: steady state keeps this still
+
+    # --- views -------------------------------------------------------------------------------
+    def leases(self) -> list[Lease]:
+        """Every valid lease of this network, lowest epoch first."""
+        found = []
+        for key, value in self.ledger.items(LEADER_BUCKET).items():
+            entry = self.ledger.get_entry(LEADER_BUCKET, key)
+            lease = parse_lease(self.network_id, key, value, entry.owner if entry else "")
+            if lease:
+                found.append(lease)
+        return sorted(found, key=lambda lease: lease.epoch)
+
+    def current(self) -> Lease | None:
+        """The winning lease of the highest epoch, confirmed or not."""
+        return winner(self.leases())
+
+    @property
+    def leader(self) -> tuple[str, int] | None:
+        """``(peer_id, epoch)`` of the confirmed leader this node knows, or None."""
+        lease = self.current()
+        if lease is None or not lease.held or self._lapsed(lease):
+            return None
+        return lease.peer, lease.epoch
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node holds the lease now."""
+        leader = self.leader
+        return leader is not None and leader[0] == self.peer_id
+
+    # --- inputs ------------------------------------------------------------------------------
+    def observe(self, update: LedgerUpdate) -> None:
+        """Feed every ledger update of the ``leader`` bucket here."""
+        if update.bucket != LEADER_BUCKET or update.deleted:
+            return
+        lease = parse_lease(self.network_id, update.key, update.value, update.owner)
+        if lease is None:
+            return
+        current = self.current()
+        if current is not None and lease == current:
+            self._last_renewal_seen = self.monotonic()
+            if lease.held:
+                self._maybe_announce(lease)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the protocol in the background."""
+        self._started = self._last_renewal_seen = self.monotonic()  # a sitting leader gets a full lease to show up
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="election")
+
+    async def stop(self) -> None:
+        """Stop; a held lease simply lapses on the other nodes."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the election must outlive a bad ledger entry or a plugin bug
+                log.exception("election step failed")
+            await asyncio.sleep(self.renew_interval)
+
+    async def step(self) -> None:
+        """One round: renew, or detect a lapse and claim."""
+        current = self.current()
+        if current is not None and current.peer == self.peer_id and current.held and not self._lapsed(current):
+            if self._quorum():
+                self._renew(current.epoch)
+            elif not self._stepping_down:
+                self._stepping_down = True
+                log.warning("lost the majority: stepping down from epoch %d", current.epoch)
+            return
+        if current is not None and not self._lapsed(current):
+            return
+        if current is None and self.monotonic() - self._started < self.lease_seconds:
+            return  # a new node first gives discovery and sync the time to show a sitting leader
+        if not self.eligible() or not self._quorum() or self._candidate() != self.peer_id:
+            return
+        epoch = (current.epoch if current else 0) + 1
+        log.info("lease lapsed; claiming epoch %d", epoch)
+        self._write(epoch, "claim")
+        await asyncio.sleep(self.settle)
+        best = self.current()
+        if best is not None and best.epoch == epoch and best.peer == self.peer_id:
+            self._renew(epoch)
+        else:
+            log.info("claim of epoch %d lost to %s", epoch, best.peer if best else None)
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _write(self, epoch: int, state: str) -> None:
+        key = lease_key(self.network_id, epoch, self.peer_id)
+        previous = self.ledger.get(LEADER_BUCKET, key)
+        if isinstance(previous, dict) and isinstance(previous.get("claimed"), list):
+            claimed = previous["claimed"]  # renewals keep the claim's identity, across restarts too
+        else:
+            version = self.ledger.clock.tick()
+            claimed = [version[0], version[1]]
+        value = {"peer": self.peer_id, "epoch": epoch, "state": state, "claimed": claimed,
+                 "expires": round(self.wall() + self.lease_seconds, 3)}  # informative: others use their own clock
+        self.ledger.set(LEADER_BUCKET, key, value)
+
+    def _renew(self, epoch: int) -> None:
+        self._write(epoch, "held")
+        self._last_own_renewal = self.monotonic()
+        self._stepping_down = False
+
+    def _lapsed(self, lease: Lease) -> bool:
+        if lease.peer == self.peer_id:
+            # our own lease stands only while we renew it; others time it out the same way
+            return self.monotonic() - self._last_own_renewal >= self.lease_seconds
+        silent = self.monotonic() - self._last_renewal_seen
+        if silent >= self.lease_seconds:
+            return True
+        return not self.membership.is_alive(lease.peer) and silent >= 1.5 * self.renew_interval
+
+    def _candidate(self) -> str | None:
+        alive = [peer for peer, info in self.membership.alive().items() if info.get("eligible", True)]
+        if self.eligible():
+            alive.append(self.peer_id)
+        return min(alive, key=candidate_rank) if alive else None
+
+    def _quorum(self) -> bool:
+        if not self.require_majority:
+            return True
+        electorate = len(self.membership.recently_alive(self.quorum_horizon)) + 1
+        present = len(self.membership.alive()) + 1
+        return present > electorate // 2
+
+    def _maybe_announce(self, lease: Lease) -> None:
+        key = (lease.peer, lease.epoch)
+        if self._announced is not None and (key == self._announced or lease.epoch < self._announced[1]):
+            return
+        self._announced = key
+        self.changes += 1
+        asyncio.get_running_loop().create_task(self._announce(lease.peer, lease.epoch))

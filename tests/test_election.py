@@ -1,0 +1,217 @@
+"""Leader election on real ledgers (sqlite files), with gossip and partitions simulated by hand.
+
+The network is replaced by explicit ``replicate(group)`` calls, and time by a controllable clock,
+so every interleaving here is deterministic. Elections between real nodes are in test_node.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from kairos_core.election import LEADER_BUCKET, Election, LeasePolicy, candidate_rank, lease_key, parse_lease
+from kairos_core.identity import Identity
+from kairos_core.ledger import Ledger, LedgerStore, PolicyRegistry
+from kairos_core.membership import Membership
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SimNode:
+    def __init__(self, tmp_path, clock: Clock, lease: float = 3.0, eligible: bool = True) -> None:
+        self.identity = Identity.generate()
+        self.peer_id = self.identity.peer_id
+        self.ledger = Ledger(self.identity, LedgerStore(tmp_path / f"{self.peer_id}.db"),
+                             policies=PolicyRegistry({LEADER_BUCKET: LeasePolicy()}))
+        self.membership = Membership(self.peer_id, self._noop, clock=clock)
+        self.announced: list[tuple[str, int]] = []
+        self.election = Election(self.peer_id, self.ledger, self.membership, self._announce,
+                                 lease_seconds=lease, settle=0, monotonic=clock, eligible=lambda: eligible)
+        self.ledger.add_listener(self.election.observe)
+
+    async def _noop(self, event) -> None:
+        pass
+
+    async def _announce(self, leader: str, epoch: int) -> None:
+        self.announced.append((leader, epoch))
+
+
+class Sim:
+    def __init__(self, tmp_path, count: int, lease: float = 3.0) -> None:
+        self.clock = Clock()
+        self.tmp_path = tmp_path
+        self.lease = lease
+        self.nodes = [SimNode(tmp_path, self.clock, lease) for _ in range(count)]
+        self.groups = [list(self.nodes)]
+        self.connect()
+
+    def add(self, **kwargs) -> SimNode:
+        node = SimNode(self.tmp_path, self.clock, self.lease, **kwargs)
+        self.nodes.append(node)
+        self.groups[0].append(node)
+        self.connect()
+        return node
+
+    def connect(self) -> None:
+        for group in self.groups:
+            for a, b in itertools.permutations(group, 2):
+                a.membership.connected(b.peer_id)
+        for a, b in itertools.permutations(self.nodes, 2):
+            if not any(a in g and b in g for g in self.groups):
+                a.membership.disconnected(b.peer_id)
+
+    def partition(self, *groups) -> None:
+        self.groups = [list(g) for g in groups]
+        self.connect()
+
+    def replicate(self) -> None:
+        for group in self.groups:
+            for a, b in itertools.permutations(group, 2):
+                b.ledger.apply_remote(list(a.ledger.entries()))
+
+    async def rounds(self, count: int, advance: float | None = None) -> None:
+        for _ in range(count):
+            self.clock.now += self.lease / 3 if advance is None else advance
+            for node in [n for g in self.groups for n in g]:
+                await node.election.step()
+            self.replicate()
+            await asyncio.sleep(0)  # let announcement tasks run
+
+    def leaders(self, group=None) -> set:
+        return {n.election.leader for n in (group or self.nodes)}
+
+
+async def test_one_leader_is_elected_and_announced_once_everywhere(tmp_path):
+    sim = Sim(tmp_path, 5)
+    await sim.rounds(8)
+    expected = min(sim.nodes, key=lambda n: candidate_rank(n.peer_id)).peer_id
+    assert sim.leaders() == {(expected, 1)}
+    for node in sim.nodes:
+        assert node.announced == [(expected, 1)]
+    assert sum(n.election.is_leader for n in sim.nodes) == 1
+
+
+async def test_steady_state_and_joining_nodes_cause_no_leader_change(tmp_path):
+    sim = Sim(tmp_path, 3)
+    await sim.rounds(8)
+    (leader,) = sim.leaders()
+    for _ in range(3):  # new nodes arrive, some ranked above the sitting leader
+        sim.add()
+        await sim.rounds(10)
+    assert sim.leaders() == {leader}
+    assert all(n.election.changes <= 1 for n in sim.nodes)
+    assert all(n.announced == [leader] for n in sim.nodes)
+
+
+async def test_fail_over_after_the_leader_dies(tmp_path):
+    sim = Sim(tmp_path, 5)
+    await sim.rounds(8)
+    ((old, epoch),) = sim.leaders()
+    dead = next(n for n in sim.nodes if n.peer_id == old)
+    survivors = [n for n in sim.nodes if n is not dead]
+    sim.partition(survivors, [dead])
+    sim.groups = [survivors]  # the dead node takes no more steps
+    await sim.rounds(3)  # fewer rounds than a full lease: departure speeds the fail-over up
+    leaders = sim.leaders(survivors)
+    assert len(leaders) == 1
+    (new, new_epoch) = leaders.pop()
+    assert new != old and new_epoch == epoch + 1
+    assert all(n.announced[-1] == (new, new_epoch) for n in survivors)
+
+
+async def test_minority_side_of_a_partition_never_leads_and_heal_converges(tmp_path):
+    sim = Sim(tmp_path, 5)
+    await sim.rounds(8)
+    ((old, epoch),) = sim.leaders()
+    leader = next(n for n in sim.nodes if n.peer_id == old)
+    others = [n for n in sim.nodes if n is not leader]
+    minority, majority = [leader, others[0]], others[1:]
+    sim.partition(majority, minority)
+    await sim.rounds(12)
+    assert {n.election.leader for n in minority} == {None}  # the old leader stepped down
+    majority_leaders = sim.leaders(majority)
+    assert len(majority_leaders) == 1 and next(iter(majority_leaders))[1] == epoch + 1
+    # at most one leader per epoch across everything any node ever announced
+    per_epoch = {}
+    for node in sim.nodes:
+        for peer, ep in node.announced:
+            per_epoch.setdefault(ep, set()).add(peer)
+    assert all(len(peers) == 1 for peers in per_epoch.values())
+    sim.partition(sim.nodes)
+    await sim.rounds(6)
+    assert sim.leaders() == majority_leaders
+
+
+async def test_concurrent_claims_confirm_only_the_merge_winner(tmp_path):
+    sim = Sim(tmp_path, 2)
+    a, b = sim.nodes
+    sim.partition([a], [b])  # each sees only itself: both are "the candidate"
+    for node in sim.nodes:
+        node.election.require_majority = False
+        node.election.settle = 0.05
+    sim.clock.now += 10
+
+    async def gossip():
+        while True:
+            await asyncio.sleep(0.01)
+            for x, y in itertools.permutations(sim.nodes, 2):
+                y.ledger.apply_remote(list(x.ledger.entries()))
+
+    syncer = asyncio.create_task(gossip())
+    try:
+        await asyncio.gather(a.election.step(), b.election.step())
+        await asyncio.sleep(0.05)
+    finally:
+        syncer.cancel()
+    leases = [parse_lease("kairos", key, value, a.ledger.get_entry(LEADER_BUCKET, key).owner)
+              for key, value in a.ledger.items(LEADER_BUCKET).items()]
+    held = [lease for lease in leases if lease and lease.held]
+    assert len(held) == 1 and held[0].epoch == 1
+
+
+def test_lease_policy_and_parsing():
+    identity, other = Identity.generate(), Identity.generate()
+    from kairos_core.ledger import Entry, HybridLogicalClock
+
+    clock = HybridLogicalClock(identity.peer_id)
+    key = lease_key("kairos", 4, identity.peer_id)
+    value = {"peer": identity.peer_id, "epoch": 4, "state": "held", "claimed": [5, 0]}
+    good = Entry.signed(identity, LEADER_BUCKET, key, value, clock.tick())
+    forged = Entry.signed(identity, LEADER_BUCKET, key, {**value, "peer": other.peer_id}, clock.tick())
+    squatting = Entry.signed(identity, LEADER_BUCKET, lease_key("kairos", 4, other.peer_id), value, clock.tick())
+    policy = LeasePolicy()
+    assert policy.allows(good, None, 0)
+    assert not policy.allows(forged, None, 0) and not policy.allows(squatting, None, 0)
+    lease = parse_lease("kairos", key, good.value, good.owner)
+    assert (lease.epoch, lease.claimed, lease.held) == (4, (5, 0), True)
+    assert parse_lease("kairos", key, {**value, "epoch": 5}, identity.peer_id) is None
+    assert parse_lease("kairos", key, {**value, "claimed": "soon"}, identity.peer_id) is None
+    assert parse_lease("other", key, good.value, good.owner) is None
+    assert parse_lease("kairos", "kairos:x:" + identity.peer_id, good.value, good.owner) is None
+    assert parse_lease("kairos", key, good.value, other.peer_id) is None
+
+
+def test_earliest_claim_of_the_highest_epoch_wins():
+    from kairos_core.election import Lease, winner
+
+    late = Lease("b", 3, "held", (200, 0))
+    early = Lease("c", 3, "claim", (100, 5))
+    old = Lease("a", 2, "held", (1, 0))
+    assert winner([late, old, early]) == early
+    assert winner([old]) == old and winner([]) is None
+
+
+async def test_ineligible_nodes_never_claim(tmp_path):
+    sim = Sim(tmp_path, 0)
+    sim.add(eligible=False)
+    sim.add(eligible=False)
+    await sim.rounds(10)
+    assert sim.leaders() == {None}
