@@ -184,6 +184,205 @@ def config_defaults(context: Context) -> None:
 
 
 # -------------------------------------------------------------------------------------------------
+# running a node, and talking to a running node
+# -------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_context
+def run(context: Context) -> None:
+    """Run a node until SIGINT or SIGTERM.
+
+    A config with only p2p.network_token is enough (or KAIROS_NETWORK_TOKEN and no config).
+    """
+    import asyncio
+
+    from .node import run_node
+
+    config = context.load_config()
+    config.network_token  # noqa: B018 -- fail here, with one line, when there is no token
+    level = getattr(logging, str(config["node"]["log_level"]).upper(), logging.INFO)
+    logging.getLogger().setLevel(min(level, logging.getLogger().level))
+    try:
+        asyncio.run(run_node(config, context.manager))
+    except OSError as exc:
+        raise KairosError(f"cannot run the node: {exc.strerror or exc}") from None
+
+
+def _client(context: Context, socket_path: str | None):
+    from .api import APIClient
+
+    if socket_path:
+        return APIClient(Path(socket_path))
+    return APIClient(context.load_config().api_socket)
+
+
+socket_option = click.option("--socket", "socket_path", metavar="PATH", envvar="KAIROS_SOCKET",
+                             help="The node's API socket (default: from the config's state dir).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@cli.command()
+@socket_option
+@json_option
+@pass_context
+def status(context: Context, socket_path: str | None, as_json: bool) -> None:
+    """Show this node, its leader and its counters."""
+    data = _client(context, socket_path).request("GET", "/api/status")
+    if as_json:
+        emit_json(data)
+        return
+    leader = data["leader"]
+    click.echo(f"peer id:     {data['peer_id']} ({data['hostname']})")
+    click.echo(f"network:     {data['network_id']} (token {data['token_fingerprint']})")
+    click.echo(f"leader:      {leader['peer_id'] + ' epoch ' + str(leader['epoch']) if leader else 'none yet'}"
+               f"{' (this node)' if data['is_leader'] else ''}")
+    click.echo(f"members:     {data['members']} alive, {data['admitted']} connected")
+    click.echo(f"ledger:      {data['ledger_entries']} entries")
+    for address in data["addresses"]:
+        click.echo(f"address:     {address}")
+    dropped = {k: v for k, v in data["counters"].items() if v and ("drop" in k or "reject" in k or "error" in k or "fail" in k)}
+    for name, value in dropped.items():
+        click.echo(f"dropped:     {name} {value}")
+
+
+@cli.command()
+@socket_option
+@json_option
+@pass_context
+def leader(context: Context, socket_path: str | None, as_json: bool) -> None:
+    """Show the current leader and its epoch."""
+    data = _client(context, socket_path).request("GET", "/api/status")["leader"]
+    if as_json:
+        emit_json(data)
+    elif data:
+        click.echo(f"{data['peer_id']} epoch {data['epoch']}")
+    else:
+        click.echo("no leader yet")
+
+
+@cli.command()
+@socket_option
+@json_option
+@click.option("--all", "show_all", is_flag=True, help="Include peers that are no longer alive.")
+@pass_context
+def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bool) -> None:
+    """List the members of the network this node sees."""
+    rows = _client(context, socket_path).request("GET", "/api/peers")
+    if not show_all:
+        rows = [row for row in rows if row["alive"]]
+    if as_json:
+        emit_json(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} peers")
+    for column in ("peer id", "hostname", "alive", "connected", "last seen", "addresses"):
+        table.add_column(column)
+    for row in rows:
+        seen = "" if row["last_seen_s"] is None else f"{row['last_seen_s']} s ago"
+        table.add_row(row["peer_id"], row.get("hostname") or "", "yes" if row["alive"] else "no",
+                      "yes" if row["connected"] else "no", seen, "\n".join(row.get("addresses") or []))
+    Console().print(table)
+
+
+@cli.group()
+def ledger() -> None:
+    """Read and write the shared ledger of a running node."""
+
+
+@ledger.command("get")
+@click.argument("bucket")
+@click.argument("key")
+@socket_option
+@json_option
+@pass_context
+def ledger_get(context: Context, bucket: str, key: str, socket_path: str | None, as_json: bool) -> None:
+    """Print the value of BUCKET/KEY (JSON)."""
+    entry = _client(context, socket_path).request("GET", f"/api/ledger/{_quote(bucket)}/{_quote(key)}")
+    emit_json(entry if as_json else entry["value"])
+
+
+@ledger.command("set")
+@click.argument("bucket")
+@click.argument("key")
+@click.argument("value")
+@socket_option
+@json_option
+@pass_context
+def ledger_set(context: Context, bucket: str, key: str, value: str, socket_path: str | None, as_json: bool) -> None:
+    """Set BUCKET/KEY to VALUE: JSON, or a plain string when it is not JSON."""
+    try:
+        json.loads(value)
+        body = value
+    except ValueError:
+        body = json.dumps(value)
+    entry = _client(context, socket_path).request("PUT", f"/api/ledger/{_quote(bucket)}/{_quote(key)}", content=body)
+    if as_json:
+        emit_json(entry)
+
+
+@ledger.command("delete")
+@click.argument("bucket")
+@click.argument("key")
+@socket_option
+@pass_context
+def ledger_delete(context: Context, bucket: str, key: str, socket_path: str | None) -> None:
+    """Delete BUCKET/KEY."""
+    _client(context, socket_path).request("DELETE", f"/api/ledger/{_quote(bucket)}/{_quote(key)}")
+
+
+@ledger.command("list")
+@click.argument("bucket", required=False)
+@socket_option
+@json_option
+@pass_context
+def ledger_list(context: Context, bucket: str | None, socket_path: str | None, as_json: bool) -> None:
+    """List the buckets, or the items of BUCKET."""
+    client = _client(context, socket_path)
+    if bucket is None:
+        buckets = client.request("GET", "/api/ledger")
+        emit_json(buckets) if as_json else [click.echo(name) for name in buckets]
+        return
+    items = client.request("GET", f"/api/ledger/{_quote(bucket)}")
+    if as_json:
+        emit_json(items)
+    else:
+        for key, value in sorted(items.items()):
+            click.echo(f"{key}\t{json.dumps(value, sort_keys=True)}")
+
+
+@ledger.command("watch")
+@click.argument("bucket", required=False)
+@socket_option
+@pass_context
+def ledger_watch(context: Context, bucket: str | None, socket_path: str | None) -> None:
+    """Print every change (one JSON line each) until interrupted."""
+    params = {"bucket": bucket} if bucket else {}
+    for update in _client(context, socket_path).stream("/api/watch", params=params):
+        click.echo(json.dumps(update, sort_keys=True))
+
+
+def _quote(part: str) -> str:
+    from urllib.parse import quote
+
+    return quote(part, safe="")
+
+
+@cli.command()
+@click.option("-n", "--nodes", default=3, show_default=True, type=click.IntRange(1, 20), help="How many nodes.")
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: until Ctrl-C).")
+def demo(nodes: int, seconds: float | None) -> None:
+    """Run a throwaway network of NODES nodes on loopback, with a fresh token, and narrate it."""
+    import asyncio
+
+    from .demo import run_demo
+
+    asyncio.run(run_demo(nodes, seconds))
+
+
+# -------------------------------------------------------------------------------------------------
 # entry point
 # -------------------------------------------------------------------------------------------------
 

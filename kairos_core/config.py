@@ -81,11 +81,22 @@ CORE_DEFAULTS: dict[str, dict[str, Any]] = {
         # Seconds between anti-entropy exchanges with a random peer.
         "sync_interval": 30.0,
     },
+    "membership": {
+        # Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).
+        "announce_interval": 10.0,
+        # Seconds a peer we are not connected to stays alive on its last heartbeat.
+        "peer_ttl": 35.0,
+    },
     "election": {
         # Whether this node may become leader.
         "eligible": True,
-        # Seconds a leader lease lasts without renewal.
-        "lease_seconds": 6.0,
+        # Seconds without a renewal after which a lease has lapsed; renewals come 3 times as often.
+        "lease_seconds": 3.0,
+        # Claim and keep the lease only while a majority of recently seen nodes is reachable:
+        # in a partition only the majority side has a leader.
+        "require_majority": True,
+        # Seconds a node that went away still counts in the electorate of that majority.
+        "quorum_horizon": 300.0,
     },
     "plugins": {
         # Plugin names never to load (see `kairos plugins`).

@@ -26,6 +26,9 @@ from .events import PeerEvent
 log = logging.getLogger(__name__)
 
 NODES_BUCKET = "nodes"
+# A connected peer whose entry has not arrived yet is announced after this many seconds anyway;
+# usually its entry follows the connection within milliseconds, and ``joined`` then carries it.
+JOIN_GRACE = 2.0
 # Keys of a node's entry that change on every heartbeat and say nothing about the node.
 VOLATILE_KEYS = frozenset({"beat", "announced_at"})
 
@@ -35,6 +38,7 @@ class PeerState:
     """What this node knows about one peer."""
 
     connected: bool = False
+    connected_at: float = 0.0
     heartbeat_at: float | None = None  # local time we last saw its entry change
     disconnected_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +83,8 @@ class Membership:
         if peer_id == self.self_id:
             return
         state = self._peers.setdefault(peer_id, PeerState())
-        state.connected = True
+        if not state.connected:
+            state.connected, state.connected_at = True, self.clock()
         self._evaluate(peer_id, state)
 
     def disconnected(self, peer_id: str) -> None:
@@ -169,6 +174,8 @@ class Membership:
 
     def _evaluate(self, peer_id: str, state: PeerState) -> None:
         alive = state.connected or self._fresh(state)
+        if alive and not state.alive and not state.info and self.clock() - state.connected_at < JOIN_GRACE:
+            return  # wait briefly for the entry, so that `joined` can carry it
         if alive or state.alive:
             state.last_alive_at = self.clock()
         if alive == state.alive:

@@ -33,8 +33,20 @@ async def test_connection_then_entry_then_disconnect():
     membership.entry_changed("p1", {"hostname": "b", "beat": 3})
     membership.disconnected("p1")  # nothing heard since: gone at once, no TTL wait
     await membership.drain()
-    assert events == [("joined", "p1", None), ("updated", "p1", "a"), ("updated", "p1", "b"), ("left", "p1", "b")]
+    assert events == [("joined", "p1", "a"), ("updated", "p1", "b"), ("left", "p1", "b")]
     assert membership.alive() == {}
+    await membership.stop()
+
+
+async def test_a_connected_peer_without_entry_joins_after_a_grace():
+    membership, clock, events = await make()
+    membership.connected("p0")
+    membership.expire()
+    assert not membership.is_alive("p0")
+    clock.now += 2.5
+    membership.expire()
+    await membership.drain()
+    assert events == [("joined", "p0", None)] and membership.is_alive("p0")
     await membership.stop()
 
 
@@ -65,7 +77,7 @@ async def test_heartbeat_after_a_drop_keeps_a_peer_alive_through_others():
     membership.entry_changed("p3", {"hostname": "x", "beat": 9})  # relayed by another node
     await membership.drain()
     assert membership.is_alive("p3")
-    assert events == [("joined", "p3", None), ("updated", "p3", "x"), ("left", "p3", "x"), ("joined", "p3", "x")]
+    assert events == [("joined", "p3", "x"), ("left", "p3", "x"), ("joined", "p3", "x")]
     await membership.stop()
 
 
@@ -100,6 +112,8 @@ async def test_a_failing_emitter_does_not_stop_delivery():
     membership.start()
     membership.connected("bad")
     membership.connected("good")
+    clock.now += 5
+    membership.expire()
     await membership.drain()
     assert seen == ["good"]
     await membership.stop()

@@ -1,0 +1,522 @@
+"""LAN discovery over multicast DNS (service ``_kairos._udp.local.``).
+
+Each node registers one instance named ``<rendezvous>-<tag>``: the DHT rendezvous name of the
+current window (32 hex chars, derived from the token) and a 12-hex tag hashed from its peer id, so
+that several nodes of one network can be registered side by side. The TXT record carries the peer
+id and the node's concrete multiaddrs. Nodes browse the service type and react only to instances
+named after the current or the previous window's rendezvous name: a node holding another token
+derives other names and never learns of us (nor we of it). The instance name is re-registered
+when the window rotates.
+
+This module only discovers: it reports ``(peer_id, multiaddrs)`` to a callback and leaves dialling
+(and admission) to the caller. Everything read from the LAN is untrusted: a malformed TXT record
+is dropped and counted, never raised.
+
+Speed: zeroconf probes a new name three times (~0.75 s) before it announces it. Our instance
+names embed a hash of the peer id, so a conflict means the *same* node twice; we register as a
+cooperating responder, which skips probing and announces at once. Browsers send their first query
+20-120 ms after start, and every peer's announcement reaches browsers that already run, so a LAN
+discovers itself in well under a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import ipaddress
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+from zeroconf import DNSPointer, InterfaceChoice, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from ..identity import public_key_from_peer_id
+from ..keys import KeySchedule
+
+log = logging.getLogger(__name__)
+
+SERVICE_TYPE = "_kairos._udp.local."
+TXT_VERSION = b"1"
+TAG_LENGTH = 12
+# One TXT string holds at most 255 bytes, ``a<n>=`` included.
+TXT_CHUNK = 200
+MAX_TXT_CHUNKS = 40
+MAX_ADDRS = 32
+MAX_ADDR_LENGTH = 400
+# A TXT record larger than this is not one of ours (and an mDNS packet is ~9 kB at most anyway).
+MAX_TXT_BYTES = 9000
+# Resolutions running at once; a flood of matching names beyond this is dropped and counted.
+MAX_PENDING_RESOLUTIONS = 64
+RESOLVE_TIMEOUT_MS = 3000
+
+_DNS_TYPE_PTR = 12
+_DNS_CLASS_IN = 1
+_INSTANCE_RE = re.compile(rf"^([0-9a-f]{{32}})-([0-9a-f]{{{TAG_LENGTH}}})$")
+# Printable ASCII without spaces: spaces separate addresses in the TXT chunks.
+_MULTIADDR_RE = re.compile(r"^(/[\x21-\x2e\x30-\x7e]+)+$")
+# Multiaddr protocols that take no value; every other one is followed by exactly one.
+_VALUELESS = frozenset({
+    "quic", "quic-v1", "ws", "wss", "tls", "noise", "http", "https", "p2p-circuit",
+    "webtransport", "webrtc", "webrtc-direct", "utp", "udt", "p2p-webrtc-star", "p2p-webrtc-direct",
+})
+
+FoundCallback = Callable[[str, list[str]], Awaitable[None] | None]
+
+
+class MalformedAnnouncement(ValueError):
+    """A TXT record that is not a valid kairos announcement."""
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What one TXT record says: who the peer is and where to dial it."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+
+
+@dataclass
+class MDNSCounters:
+    """What discovery saw; every drop has a counter so garbage on the LAN stays visible."""
+
+    registrations: int = 0
+    rotations: int = 0
+    seen: int = 0
+    foreign: int = 0
+    own: int = 0
+    found: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    unresolved: int = 0
+    dropped_busy: int = 0
+    callback_errors: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for logs, JSON and the local API)."""
+        return asdict(self)
+
+
+# --- names ---------------------------------------------------------------------------------------
+def node_tag(peer_id: str) -> str:
+    """The 12-hex suffix that makes a node's instance name unique among token holders."""
+    return hashlib.sha256(b"kairos/v1/mdns-node\0" + peer_id.encode()).hexdigest()[:TAG_LENGTH]
+
+
+def instance_name(rendezvous: str, peer_id: str) -> str:
+    """The instance name a node registers in one window: ``<rendezvous>-<tag>``."""
+    return f"{rendezvous}-{node_tag(peer_id)}"
+
+
+def split_instance(name: str) -> tuple[str, str] | None:
+    """``(rendezvous, tag)`` of an instance name (bare or with the service type), else ``None``."""
+    suffix = "." + SERVICE_TYPE
+    if name.endswith(suffix):
+        name = name[: -len(suffix)]
+    match = _INSTANCE_RE.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def instance_matches(name: str, accepted: Iterable[str]) -> bool:
+    """True when ``name`` is a kairos instance named after one of the ``accepted`` rendezvous names."""
+    parts = split_instance(name)
+    return parts is not None and parts[0] in set(accepted)
+
+
+# --- TXT record ----------------------------------------------------------------------------------
+def usable_multiaddr(addr: object) -> bool:
+    """True for a well-formed, concrete multiaddr (no ``0.0.0.0`` or ``::``)."""
+    if not isinstance(addr, str) or len(addr) > MAX_ADDR_LENGTH or not _MULTIADDR_RE.match(addr):
+        return False
+    components = _components(addr)
+    if components is None:
+        return False
+    for proto, value in components:
+        if proto in ("ip4", "ip6"):
+            try:
+                ip = ipaddress.ip_address(value)
+            except ValueError:
+                return False
+            if ip.is_unspecified or (proto == "ip4") != (ip.version == 4):
+                return False
+    return True
+
+
+def _components(addr: str) -> list[tuple[str, str | None]] | None:
+    """``(protocol, value)`` pairs of a multiaddr's text form; ``None`` when it does not parse."""
+    parts = addr.split("/")[1:]
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(parts):
+        proto = parts[i]
+        if proto in _VALUELESS:
+            out.append((proto, None))
+            i += 1
+        elif i + 1 < len(parts) and parts[i + 1]:
+            out.append((proto, parts[i + 1]))
+            i += 2
+        else:
+            return None
+    return out
+
+
+def encode_txt(peer_id: str, addrs: Iterable[str]) -> dict[bytes, bytes]:
+    """The TXT properties announcing ``peer_id`` at ``addrs``.
+
+    Unusable addresses (wildcards, junk) are left out; ``ValueError`` when none is left. The
+    space-separated address list is cut into ``a0``, ``a1``, … so that no TXT string exceeds 255
+    bytes however long the list.
+    """
+    usable = list(dict.fromkeys(a for a in addrs if usable_multiaddr(a)))[:MAX_ADDRS]
+    if not usable:
+        raise ValueError("no concrete multiaddr to announce (wildcard addresses are never announced)")
+    joined = " ".join(usable).encode()
+    chunks = [joined[i : i + TXT_CHUNK] for i in range(0, len(joined), TXT_CHUNK)]
+    props = {b"v": TXT_VERSION, b"id": peer_id.encode()}
+    props.update({f"a{i}".encode(): chunk for i, chunk in enumerate(chunks)})
+    return props
+
+
+def pack_txt(props: Mapping[bytes, bytes | None]) -> bytes:
+    """The wire form of TXT properties (length-prefixed ``key=value`` strings)."""
+    out = bytearray()
+    for key, value in props.items():
+        item = key if value is None else key + b"=" + value
+        if len(item) > 255:
+            raise ValueError(f"TXT string for {key!r} is {len(item)} bytes (max 255)")
+        out += bytes((len(item),)) + item
+    return bytes(out)
+
+
+def unpack_txt(text: bytes) -> dict[bytes, bytes | None]:
+    """Parse the wire form of a TXT record; :class:`MalformedAnnouncement` when it is broken."""
+    if len(text) > MAX_TXT_BYTES:
+        raise MalformedAnnouncement(f"TXT record of {len(text)} bytes")
+    props: dict[bytes, bytes | None] = {}
+    index = 0
+    while index < len(text):
+        length = text[index]
+        index += 1
+        if index + length > len(text):
+            raise MalformedAnnouncement("truncated TXT string")
+        item = text[index : index + length]
+        index += length
+        if not item:
+            continue
+        key, sep, value = item.partition(b"=")
+        # RFC 6763 §6.4: a repeated key is ignored after its first occurrence.
+        props.setdefault(key, value if sep else None)
+    return props
+
+
+def decode_txt(record: bytes | Mapping[bytes, bytes | None]) -> Announcement:
+    """The announcement in a TXT record (wire bytes or parsed properties).
+
+    Raises :class:`MalformedAnnouncement` for anything that is not a well-formed version-1
+    record with a valid ed25519 peer id and at least one usable address. Addresses that are
+    unusable, or that name a different peer in their ``/p2p/`` part, are left out.
+    """
+    props = unpack_txt(record) if isinstance(record, (bytes, bytearray)) else record
+    if props.get(b"v") != TXT_VERSION:
+        raise MalformedAnnouncement(f"TXT version {props.get(b'v')!r} is not {TXT_VERSION!r}")
+    raw_id = props.get(b"id")
+    if not raw_id:
+        raise MalformedAnnouncement("TXT record has no peer id")
+    try:
+        peer_id = raw_id.decode("ascii")
+        public_key_from_peer_id(peer_id)
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedAnnouncement("TXT peer id is not an ed25519 peer id") from None
+    chunks = []
+    for i in range(MAX_TXT_CHUNKS + 1):
+        chunk = props.get(f"a{i}".encode())
+        if chunk is None:
+            break
+        chunks.append(chunk)
+    if not chunks or len(chunks) > MAX_TXT_CHUNKS:
+        raise MalformedAnnouncement(f"TXT record has {len(chunks)} address chunks")
+    try:
+        joined = b"".join(chunks).decode("ascii")
+    except UnicodeDecodeError:
+        raise MalformedAnnouncement("TXT addresses are not ASCII") from None
+    addrs = [a for a in joined.split(" ") if usable_multiaddr(a) and _names_peer(a, peer_id)]
+    if not addrs:
+        raise MalformedAnnouncement("TXT record has no usable address")
+    return Announcement(peer_id, tuple(dict.fromkeys(addrs[:MAX_ADDRS])))
+
+
+def _names_peer(addr: str, peer_id: str) -> bool:
+    return all(value == peer_id for proto, value in _components(addr) or () if proto in ("p2p", "ipfs"))
+
+
+def _ip_addresses(addrs: Iterable[str]) -> list[str]:
+    found: list[str] = []
+    for addr in addrs:
+        for proto, value in _components(addr) or ():
+            if proto in ("ip4", "ip6") and value and value not in found:
+                found.append(value)
+    return found
+
+
+def _first_port(addrs: Iterable[str]) -> int:
+    for addr in addrs:
+        for proto, value in _components(addr) or ():
+            if proto in ("tcp", "udp") and value and value.isdigit() and 0 < int(value) < 65536:
+                return int(value)
+    return 9  # "discard": the SRV record needs some port, and ours live in the TXT record
+
+
+# --- the service ---------------------------------------------------------------------------------
+@dataclass
+class _Registration:
+    rendezvous: str
+    addrs: tuple[str, ...]
+    info: AsyncServiceInfo
+
+
+class MDNSDiscovery:
+    """Announce this node on the LAN and report the token holders it finds.
+
+    ``addresses`` is the list of our multiaddrs, or a callable giving it (read at every
+    (re-)registration). ``on_found(peer_id, addrs)`` may be a plain or an ``async`` function; it
+    runs once per peer, and again only when that peer's addresses change. ``interfaces`` are the
+    IP addresses to run mDNS on (default: all). ``rotation_poll`` caps the sleep between window
+    checks, so a clock that jumps (or a test's fake clock) is noticed within that many seconds.
+    """
+
+    def __init__(
+        self,
+        schedule: KeySchedule,
+        peer_id: str,
+        addresses: Callable[[], list[str]] | list[str],
+        on_found: FoundCallback,
+        *,
+        interfaces: list[str] | None = None,
+        rotation_poll: float = 5.0,
+    ) -> None:
+        self.schedule = schedule
+        self.peer_id = peer_id
+        self.tag = node_tag(peer_id)
+        self._addresses = addresses
+        self._on_found = on_found
+        self._interfaces = interfaces
+        self._rotation_poll = rotation_poll
+        self.counters = MDNSCounters()
+        self._known: dict[str, tuple[str, ...]] = {}
+        self._azc: AsyncZeroconf | None = None
+        self._browser: AsyncServiceBrowser | None = None
+        self._registration: _Registration | None = None
+        self._rotation_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._resolving: set[str] = set()
+        self._resolved: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    # --- public ------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._azc is not None
+
+    @property
+    def known_peers(self) -> dict[str, tuple[str, ...]]:
+        """Peers reported so far, with the addresses last reported."""
+        return dict(self._known)
+
+    @property
+    def announced_name(self) -> str | None:
+        """The instance name registered now (without the service type)."""
+        reg = self._registration
+        return instance_name(reg.rendezvous, self.peer_id) if reg else None
+
+    def accepted_rendezvous(self) -> tuple[str, str]:
+        """The rendezvous names whose instances we react to now: this window's and the previous."""
+        return self.schedule.current_rendezvous()
+
+    async def start(self) -> None:
+        """Join mDNS, browse for peers, and announce ourselves (``ValueError``: no usable address)."""
+        if self._azc is not None:
+            return
+        addrs = self._current_addresses()
+        if not addrs:
+            raise ValueError("MDNSDiscovery needs at least one concrete multiaddr to announce")
+        interfaces = InterfaceChoice.All if self._interfaces is None else list(self._interfaces)
+        self._azc = AsyncZeroconf(interfaces=interfaces)
+        try:
+            # Browse before announcing: replies to our first query and the announcements of
+            # nodes starting at the same moment are then caught, not left to the next query.
+            self._browser = AsyncServiceBrowser(
+                self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]
+            )
+            await self._register(self.schedule.current_rendezvous()[0], addrs)
+        except BaseException:
+            await self._close_zeroconf()
+            raise
+        self._rotation_task = asyncio.create_task(self._rotation_loop(), name="mdns-rotation")
+
+    async def stop(self) -> None:
+        """Withdraw our announcement (goodbye packets) and leave mDNS. Idempotent."""
+        if self._azc is None:
+            return
+        tasks = [t for t in (self._rotation_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._rotation_task = None
+        self._tasks.clear()
+        await self._close_zeroconf()
+
+    async def refresh(self) -> None:
+        """Re-register if the DHT window rotated or our addresses changed; called periodically."""
+        if self._azc is None:
+            return
+        async with self._lock:
+            current = self.schedule.current_rendezvous()[0]
+            reg = self._registration
+            addrs = self._current_addresses()
+            if not addrs:
+                log.warning("mdns: no concrete address to announce; keeping the previous announcement")
+                addrs = list(reg.addrs) if reg else []
+            if not addrs:
+                return
+            if reg is not None and reg.rendezvous == current and reg.addrs == tuple(addrs):
+                return
+            rotated = reg is not None and reg.rendezvous != current
+            if reg is not None:
+                # Goodbye for the old name; peers keep what they learnt from it.
+                await self._azc.async_unregister_service(reg.info)
+                self._registration = None
+            await self._register(current, addrs)
+            if rotated:
+                self.counters.rotations += 1
+                accepted = self.accepted_rendezvous()
+                self._resolved = {n for n in self._resolved if instance_matches(n, accepted)}
+                self._rescan_cache()
+
+    # --- registration ------------------------------------------------------------------------
+    def _current_addresses(self) -> list[str]:
+        source = self._addresses
+        try:
+            addrs = list(source() if callable(source) else source)
+        except Exception:
+            log.exception("mdns: the addresses callable failed")
+            return []
+        return [a for a in addrs if usable_multiaddr(a)][:MAX_ADDRS]
+
+    async def _register(self, rendezvous: str, addrs: list[str]) -> None:
+        assert self._azc is not None
+        name = instance_name(rendezvous, self.peer_id)
+        info = AsyncServiceInfo(
+            SERVICE_TYPE,
+            f"{name}.{SERVICE_TYPE}",
+            port=_first_port(addrs),
+            properties=encode_txt(self.peer_id, addrs),
+            server=f"kairos-{self.tag}.local.",
+            parsed_addresses=_ip_addresses(addrs) or None,
+        )
+        # Cooperating responder = no probing (see the module docstring for why this is safe).
+        await self._azc.async_register_service(info, cooperating_responders=True)
+        self._registration = _Registration(rendezvous, tuple(addrs), info)
+        self.counters.registrations += 1
+        log.debug("mdns: announced %s with %d addresses", name, len(addrs))
+
+    async def _rotation_loop(self) -> None:
+        while True:
+            interval = self.schedule.token.dht.interval
+            now = self.schedule.clock()
+            until_next = interval - (now % interval)
+            await asyncio.sleep(max(0.05, min(until_next + 0.01, self._rotation_poll)))
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("mdns: re-registration failed; retrying at the next check")
+
+    async def _close_zeroconf(self) -> None:
+        azc, self._azc = self._azc, None
+        self._browser = None
+        self._registration = None
+        if azc is not None:
+            # async_close cancels the browser and sends goodbyes for what is registered.
+            await azc.async_close()
+
+    # --- browsing ----------------------------------------------------------------------------
+    def _on_state_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        if state_change is ServiceStateChange.Removed:
+            return  # liveness is membership's business, not discovery's
+        self.counters.seen += 1
+        self._consider(name)
+
+    def _consider(self, name: str, rescan: bool = False) -> None:
+        parts = split_instance(name)
+        if parts is None or parts[0] not in self.accepted_rendezvous():
+            self.counters.foreign += 1
+            return
+        if parts[1] == self.tag:
+            self.counters.own += 1
+            return
+        if name in self._resolving or (rescan and name in self._resolved):
+            return
+        if len(self._tasks) >= MAX_PENDING_RESOLUTIONS:
+            self.counters.dropped_busy += 1
+            return
+        self._resolving.add(name)
+        task = asyncio.get_running_loop().create_task(self._resolve(name, parts[1]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _rescan_cache(self) -> None:
+        # Names from a window we did not accept yet (a peer whose clock runs ahead) were
+        # ignored when they arrived; the browser will not report them again, so look again.
+        if self._azc is None:
+            return
+        cache = self._azc.zeroconf.cache
+        for record in cache.async_all_by_details(SERVICE_TYPE, _DNS_TYPE_PTR, _DNS_CLASS_IN):
+            if isinstance(record, DNSPointer):
+                self._consider(record.alias, rescan=True)
+
+    async def _resolve(self, name: str, tag: str) -> None:
+        try:
+            if self._azc is None:
+                return
+            zc = self._azc.zeroconf
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            # Announcements carry the TXT record; only ask the network when it is not cached.
+            info.load_from_cache(zc)
+            if not info.text:
+                await info.async_request(zc, RESOLVE_TIMEOUT_MS)
+            if not info.text:
+                self.counters.unresolved += 1
+                return
+            try:
+                announcement = decode_txt(info.text)
+                if node_tag(announcement.peer_id) != tag:
+                    raise MalformedAnnouncement("instance tag does not match the peer id")
+            except MalformedAnnouncement as exc:
+                self.counters.malformed += 1
+                log.debug("mdns: dropped %s: %s", name, exc)
+                return
+            self._resolved.add(name)
+            await self._report(announcement)
+        finally:
+            self._resolving.discard(name)
+
+    async def _report(self, announcement: Announcement) -> None:
+        if announcement.peer_id == self.peer_id:
+            self.counters.own += 1
+            return
+        if self._known.get(announcement.peer_id) == announcement.addrs:
+            self.counters.duplicates += 1
+            return
+        self._known[announcement.peer_id] = announcement.addrs
+        self.counters.found += 1
+        try:
+            result = self._on_found(announcement.peer_id, list(announcement.addrs))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self.counters.callback_errors += 1
+            log.exception("mdns: on_found failed for %s", announcement.peer_id)

@@ -1,0 +1,388 @@
+"""A throwaway network lab in Linux network namespaces, for tests and benchmarks.
+
+A :class:`Lab` builds ``N`` node namespaces named ``<prefix>-<i>`` (``i`` = 1..N) and one bridge
+namespace ``<prefix>-br``. Each node has one interface ``eth0`` with address ``10.<x>.0.<i>/24``,
+joined to the bridge by a veth pair. Everything (bridge, veths, nft table) lives *inside* the
+lab's namespaces, so the host's own network is never touched and deleting the namespaces removes
+every trace. Multicast works across the bridge (snooping off, multicast routes in every node):
+mDNS needs it.
+
+``partition(a, b)`` drops all frames between two groups of nodes with an nft ``bridge`` table in
+the bridge namespace; ``heal()`` deletes that table.
+
+Cleanup always runs on leaving the context, also on exceptions: processes the lab started are
+killed, then any process still inside a lab namespace, then the namespaces themselves.
+:func:`cleanup_stale` removes what a crashed earlier run left behind (names embed the pid of the
+run that made them, so a live run is never disturbed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX_BASE = "kt"
+BRIDGE = "br0"
+NODE_IFACE = "eth0"
+NFT_TABLE = "kairos_lab"
+# Linux caps namespace names loosely, but keep names short and shell-safe.
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.]{1,24}$")
+_counter = itertools.count(1)
+
+NodeRef = int | str
+
+
+def unique_prefix(base: str = DEFAULT_PREFIX_BASE) -> str:
+    """A lab prefix unique to this process and call: ``<base><pid>x<n>``.
+
+    The pid in the name is what lets :func:`cleanup_stale` tell leftovers of a dead run from the
+    namespaces of a run that is still going.
+    """
+    return f"{base}{os.getpid()}x{next(_counter)}"
+
+
+def require_netns() -> str | None:
+    """``None`` when labs can be built here, else the reason they cannot (for ``pytest.skip``)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "nft"):
+        if shutil.which(tool) is None:
+            return f"the '{tool}' command is missing (apt-get install {'iproute2' if tool == 'ip' else 'nftables'})"
+    # Root in a container may still lack CAP_SYS_ADMIN: try for real.
+    probe = f"{DEFAULT_PREFIX_BASE}probe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip() or made.returncode}"
+    try:
+        bridge = subprocess.run(
+            ["ip", "-n", probe, "link", "add", "name", "probebr", "type", "bridge"], capture_output=True, text=True
+        )
+        if bridge.returncode != 0:
+            return f"cannot create a bridge: {bridge.stderr.strip()}"
+        nft = subprocess.run(
+            ["ip", "netns", "exec", probe, "nft", "add", "table", "bridge", NFT_TABLE],
+            capture_output=True, text=True,
+        )
+        if nft.returncode != 0:
+            return f"nft does not work in a namespace: {nft.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def list_namespaces() -> list[str]:
+    """Names of all named network namespaces (``ip netns list``)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def cleanup_stale(prefix_base: str = DEFAULT_PREFIX_BASE, *, force: bool = False) -> list[str]:
+    """Delete namespaces left by dead runs whose prefix starts with ``prefix_base``.
+
+    A namespace named ``<prefix_base><pid>x<n>-…`` belongs to process ``pid``; it is removed only
+    when that process is gone, unless ``force``. Processes still inside are killed first.
+    Returns the names removed.
+    """
+    pattern = re.compile(rf"^{re.escape(prefix_base)}(\d+)x\d+-")
+    removed = []
+    for name in list_namespaces():
+        match = pattern.match(name)
+        if match is None:
+            continue
+        if not force and _pid_alive(int(match.group(1))):
+            continue
+        _kill_namespace_processes(name)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        removed.append(name)
+    if removed:
+        log.info("removed %d stale lab namespaces: %s", len(removed), " ".join(removed))
+    return removed
+
+
+class LabError(RuntimeError):
+    """A lab command failed (the message carries the command and its stderr)."""
+
+
+class Lab:
+    """``nodes`` network namespaces on one bridge; a context manager (``with`` or ``async with``).
+
+    Nodes are referred to by index ``1..nodes`` (or by namespace name).
+    """
+
+    def __init__(self, prefix: str | None = None, nodes: int = 3, *, subnet_octet: int | None = None) -> None:
+        prefix = unique_prefix() if prefix is None else prefix
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(f"lab prefix must be 1-24 chars of [A-Za-z0-9_.], not {prefix!r}")
+        if not 1 <= nodes <= 250:
+            raise ValueError(f"a lab has 1..250 nodes, not {nodes}")
+        self.prefix = prefix
+        self.size = nodes
+        # The subnet only has to be private: the lab's namespaces are isolated from the host.
+        self.subnet_octet = subnet_octet if subnet_octet is not None else 100 + zlib.crc32(prefix.encode()) % 100
+        self.bridge_namespace = f"{prefix}-br"
+        self._created: list[str] = []
+        self._processes: list[subprocess.Popen] = []
+        self._async_processes: list[asyncio.subprocess.Process] = []
+        self._partitioned = False
+        self._closed = False
+
+    # --- naming ------------------------------------------------------------------------------
+    @property
+    def namespaces(self) -> list[str]:
+        """The node namespaces, in index order."""
+        return [self.namespace(i) for i in range(1, self.size + 1)]
+
+    def namespace(self, node: NodeRef) -> str:
+        """The namespace name of node ``node`` (an index 1..N, or already a name)."""
+        if isinstance(node, str):
+            if node not in self.namespaces:
+                raise KeyError(f"{node!r} is not a node of lab {self.prefix}")
+            return node
+        if not 1 <= node <= self.size:
+            raise IndexError(f"node index {node} outside 1..{self.size}")
+        return f"{self.prefix}-{node}"
+
+    def index(self, node: NodeRef) -> int:
+        """The index 1..N of a node given by index or name."""
+        return int(self.namespace(node).rsplit("-", 1)[1])
+
+    def address(self, node: NodeRef) -> str:
+        """The IPv4 address of a node (without prefix length)."""
+        return f"10.{self.subnet_octet}.0.{self.index(node)}"
+
+    def interface(self, node: NodeRef) -> str:
+        """The name of the node's interface towards the bridge (the same in every node)."""
+        self.namespace(node)
+        return NODE_IFACE
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "Lab":
+        """Build the namespaces, bridge and links; on failure, undo what was built and raise."""
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _build(self) -> None:
+        br = self.bridge_namespace
+        self._add_namespace(br)
+        self._ip(br, "link", "set", "lo", "up")
+        # Snooping off: with it on, the bridge forwards multicast only to ports that sent IGMP
+        # joins, and nothing on this bridge runs a querier; mDNS would then be lossy.
+        self._ip(br, "link", "add", BRIDGE, "type", "bridge", "mcast_snooping", "0", "stp_state", "0")
+        self._ip(br, "link", "set", BRIDGE, "up")
+        for i in range(1, self.size + 1):
+            ns = self.namespace(i)
+            port = f"p{i}"
+            self._add_namespace(ns)
+            self._ip(br, "link", "add", port, "type", "veth", "peer", "name", NODE_IFACE, "netns", ns)
+            self._ip(br, "link", "set", port, "master", BRIDGE, "up")
+            self._ip(ns, "link", "set", "lo", "up")
+            self._ip(ns, "addr", "add", f"{self.address(i)}/24", "dev", NODE_IFACE)
+            self._ip(ns, "link", "set", NODE_IFACE, "multicast", "on", "up")
+            # No default route in a node: without this, sending to 224.0.0.251 has no route
+            # unless the socket pins IP_MULTICAST_IF.
+            self._ip(ns, "route", "add", "224.0.0.0/4", "dev", NODE_IFACE)
+
+    def close(self) -> None:
+        """Kill the lab's processes, remove the nft table and delete the namespaces. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for proc in self._processes:
+            _stop_popen(proc)
+        for aproc in self._async_processes:
+            if aproc.returncode is None:
+                try:
+                    os.kill(aproc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self._partitioned and self.bridge_namespace in self._created:
+            self._nft_delete_table()
+        # Nodes first, the bridge last: a veth pair goes with whichever end's namespace dies.
+        for ns in reversed(self._created):
+            _kill_namespace_processes(ns)
+            if self.bridge_namespace == ns:
+                subprocess.run(["ip", "-n", ns, "link", "del", BRIDGE], capture_output=True)
+            result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+            if result.returncode != 0:
+                log.warning("could not delete namespace %s: %s", ns, result.stderr.strip())
+        self._created.clear()
+
+    def __enter__(self) -> "Lab":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "Lab":
+        # Building runs ~10 ip commands per node: keep it off the event loop.
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for aproc in self._async_processes:
+            if aproc.returncode is None:
+                try:
+                    aproc.kill()
+                except ProcessLookupError:
+                    pass
+                try:
+                    await asyncio.wait_for(aproc.wait(), 5)
+                except asyncio.TimeoutError:
+                    log.warning("lab process %d did not die", aproc.pid)
+        await asyncio.to_thread(self.close)
+
+    # --- processes ---------------------------------------------------------------------------
+    def command(self, node: NodeRef, argv: Sequence[str]) -> list[str]:
+        """The argv that runs ``argv`` inside a node's namespace."""
+        return ["ip", "netns", "exec", self.namespace(node), *argv]
+
+    def popen(self, node: NodeRef, argv: Sequence[str], **popen: Any) -> subprocess.Popen:
+        """Start ``argv`` inside a node; the lab kills it on close if it still runs."""
+        self._check_open()
+        proc = subprocess.Popen(self.command(node, argv), **popen)
+        self._processes.append(proc)
+        return proc
+
+    def run(self, node: NodeRef, argv: Sequence[str], *, timeout: float = 30.0, check: bool = False,
+            **popen: Any) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside a node to completion (killed after ``timeout`` seconds)."""
+        popen.setdefault("stdout", subprocess.PIPE)
+        popen.setdefault("stderr", subprocess.PIPE)
+        proc = self.popen(node, argv, **popen)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            raise
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check:
+            done.check_returncode()
+        return done
+
+    async def spawn(self, node: NodeRef, argv: Sequence[str], **kwargs: Any) -> asyncio.subprocess.Process:
+        """Start ``argv`` inside a node as an asyncio subprocess; killed on close."""
+        self._check_open()
+        proc = await asyncio.create_subprocess_exec(*self.command(node, argv), **kwargs)
+        self._async_processes.append(proc)
+        return proc
+
+    # --- faults ------------------------------------------------------------------------------
+    def partition(self, group_a: Iterable[NodeRef], group_b: Iterable[NodeRef]) -> None:
+        """Drop every frame between the nodes of ``group_a`` and those of ``group_b``.
+
+        Calls accumulate (several cuts can coexist) until :meth:`heal`.
+        """
+        self._check_open()
+        ports_a = sorted({f"p{self.index(n)}" for n in group_a})
+        ports_b = sorted({f"p{self.index(n)}" for n in group_b})
+        if not ports_a or not ports_b:
+            raise ValueError("both groups of a partition need at least one node")
+        if set(ports_a) & set(ports_b):
+            raise ValueError("a node cannot be on both sides of a partition")
+        set_a = "{ " + ", ".join(f'"{p}"' for p in ports_a) + " }"
+        set_b = "{ " + ", ".join(f'"{p}"' for p in ports_b) + " }"
+        # The bridge family's forward hook sees each flooded copy with its output port, so this
+        # cuts multicast and broadcast (ARP) as well as unicast.
+        script = (
+            f"add table bridge {NFT_TABLE}\n"
+            f"add chain bridge {NFT_TABLE} forward {{ type filter hook forward priority 0; policy accept; }}\n"
+            f"add rule bridge {NFT_TABLE} forward iifname {set_a} oifname {set_b} drop\n"
+            f"add rule bridge {NFT_TABLE} forward iifname {set_b} oifname {set_a} drop\n"
+        )
+        self._nft(script)
+        self._partitioned = True
+
+    def heal(self) -> None:
+        """Remove every partition."""
+        self._check_open()
+        if self._partitioned:
+            self._nft_delete_table()
+            self._partitioned = False
+
+    # --- internals ---------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LabError(f"lab {self.prefix} is closed")
+
+    def _add_namespace(self, ns: str) -> None:
+        _checked(["ip", "netns", "add", ns])
+        self._created.append(ns)
+
+    def _ip(self, ns: str, *args: str) -> None:
+        _checked(["ip", "-n", ns, *args])
+
+    def _nft(self, script: str) -> None:
+        _checked(["ip", "netns", "exec", self.bridge_namespace, "nft", "-f", "-"], stdin=script)
+
+    def _nft_delete_table(self) -> None:
+        subprocess.run(
+            ["ip", "netns", "exec", self.bridge_namespace, "nft", "delete", "table", "bridge", NFT_TABLE],
+            capture_output=True,
+        )
+
+
+def _checked(argv: list[str], stdin: str | None = None) -> None:
+    result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
+
+
+def _stop_popen(proc: subprocess.Popen, grace: float = 2.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        proc.terminate()
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _kill_namespace_processes(ns: str) -> None:
+    # A process started inside the namespace outlives `ip netns del` (the namespace lives on as
+    # long as anything is in it): kill them all, including grandchildren we never saw.
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    pids = [int(p) for p in out.split() if p.isdigit()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 2.0
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if _pid_alive(p)]
+        if pids:
+            time.sleep(0.02)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed, not yet reaped by its parent) is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,348 @@
+"""A kairos node: composes identity, p2p host, discovery, ledger, membership, election and plugins.
+
+One node is one process in production; tests and plugin authors build several in one event loop
+(see :mod:`kairos_core.testing`). Start-up order matters and is:
+
+identity → ledger (from disk) → p2p host → replication → membership → plugins' ``kairos_startup``
+→ own entry in ``nodes`` → discovery → election → local API.
+
+Shutdown runs the reverse, with ``kairos_shutdown`` while the ledger and host still work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import Counter
+from contextlib import suppress
+from typing import Any
+
+from . import __version__
+from .api import APIServer
+from .config import Config
+from .election import Election, LeasePolicy
+from .events import LedgerUpdate, PeerEvent
+from .identity import Identity, load_or_create_identity
+from .keys import KeySchedule
+from .ledger import Ledger, LedgerStore, PolicyRegistry
+from .ledger.ledger import LEDGER_FILE
+from .ledger.policy import DEFAULT_POLICIES
+from .membership import NODES_BUCKET, Membership
+from .plugins import KairosPluginManager, call_hook, make_plugin_manager
+from .replication import Replicator
+from .seal import Sealer
+
+log = logging.getLogger(__name__)
+
+# Seconds between redials of configured bootstrap peers that are not connected.
+BOOTSTRAP_REDIAL = 5.0
+# After a failed dial, wait this long before dialling a discovered peer again (doubles to 60 s).
+DIAL_BACKOFF = 1.0
+
+
+class Node:
+    """One member of a kairos network.
+
+    :param config: a validated config (``kairos_core.config.load_config``).
+    :param manager: the plugin manager; default: built-ins plus installed plugins.
+    :param identity: use this identity instead of the one in the state dir (tests).
+    """
+
+    def __init__(self, config: Config, manager: KairosPluginManager | None = None, *, identity: Identity | None = None) -> None:
+        self.config = config
+        self.manager = manager or make_plugin_manager(disabled=config["plugins"]["disabled"])
+        self.manager.hook_timeout = float(config["node"]["hook_timeout"])
+        self.token = config.network_token
+        self.schedule = KeySchedule(self.token)
+        self.network_id: str = config["p2p"]["network_id"]
+        self.identity = identity or load_or_create_identity(config.state_dir)
+        self.peer_id = self.identity.peer_id
+        self.hostname = config["node"]["hostname"] or socket.gethostname()
+        self.counters: Counter[str] = Counter()
+        self.started_at: float | None = None
+        self.host = None
+        self.ledger: Ledger | None = None
+        self.replicator: Replicator | None = None
+        self.membership: Membership | None = None
+        self.election: Election | None = None
+        self.api: APIServer | None = None
+        self._discovery: list[Any] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._hook_queue: asyncio.Queue = asyncio.Queue()
+        self._dialing: set[str] = set()
+        self._dial_backoff: dict[str, tuple[float, float]] = {}
+        self._beat = 0
+        self._stopped = asyncio.Event()
+        self._running = False
+
+    # ---------------------------------------------------------------------------------------
+    # lifecycle
+    # ---------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bring the node up; raises on what the node cannot run without (ports, state dir)."""
+        from .p2p import P2PHost  # imported here: libp2p is heavy and only a running node needs it
+
+        p2p = self.config["p2p"]
+        self.started_at = time.monotonic()
+        self.ledger = self._open_ledger()
+        self.ledger.add_listener(self._on_ledger_update)
+        self._spawn(self._deliver_hooks(), "hooks")
+
+        listen = list(p2p["listen"]) or [f"/ip4/0.0.0.0/tcp/{p2p['port']}"]
+        self.host = P2PHost(
+            self.identity, self.schedule, listen, max_message_size=self.token.max_message_size,
+            on_peer_admitted=self._peer_admitted, on_peer_disconnected=self._peer_disconnected,
+        )
+        await self.host.start()
+        sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
+        self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=float(self.config["ledger"]["sync_interval"]))
+        self.replicator.start()
+
+        membership = self.config["membership"]
+        self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=float(membership["peer_ttl"]))
+        for peer_id, info in self.ledger.items(NODES_BUCKET).items():
+            if peer_id != self.peer_id and isinstance(info, dict):
+                # entries from disk are old news: remember them without counting them alive
+                self.membership.entry_changed(peer_id, info)
+        self.membership.start()
+
+        self._running = True
+        await call_hook(self.manager, "kairos_startup", node=self)
+        self.announce()
+        self._spawn(self._announce_loop(), "announce")
+        self._spawn(self._expire_loop(), "membership-expiry")
+
+        await self._start_discovery()
+        election = self.config["election"]
+        self.election = Election(
+            self.peer_id, self.ledger, self.membership, self._emit_leader,
+            network_id=self.network_id, lease_seconds=float(election["lease_seconds"]),
+            eligible=lambda: bool(self.config["election"]["eligible"]),
+            require_majority=bool(election["require_majority"]), quorum_horizon=float(election["quorum_horizon"]),
+        )
+        self.election.start()
+        if self.config["api"]["enable"]:
+            self.api = APIServer(self, self.config.api_socket)
+            await self.api.start()
+        log.info("node %s up on %s", self.peer_id, ", ".join(self.host.addresses()))
+
+    async def stop(self) -> None:
+        """Stop everything, plugins first (while the ledger and the host still work)."""
+        if not self._running and self.host is None:
+            return
+        self._running = False
+        if self.api:
+            await self.api.stop()
+        if self.election:
+            await self.election.stop()
+        for discovery in self._discovery:
+            with suppress(Exception):
+                await discovery.stop()
+        await call_hook(self.manager, "kairos_shutdown", node=self)
+        if self.membership:
+            await self.membership.stop()
+        if self.replicator:
+            await self.replicator.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.host:
+            await self.host.stop()
+            self.host = None
+        if self.ledger:
+            self.ledger.close()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`stop` has finished."""
+        await self._stopped.wait()
+
+    # ---------------------------------------------------------------------------------------
+    # what plugins and the API read
+    # ---------------------------------------------------------------------------------------
+    @property
+    def leader(self) -> tuple[str, int] | None:
+        """``(peer_id, epoch)`` of the current leader as this node knows it, or None."""
+        return self.election.leader if self.election else None
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node is the leader now."""
+        return bool(self.election and self.election.is_leader)
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        """Alive peers (not this node) with their advertised entries."""
+        return self.membership.alive() if self.membership else {}
+
+    def status(self) -> dict[str, Any]:
+        """A summary for ``kairos status`` and the API."""
+        leader = self.leader
+        counters: Counter[str] = Counter(self.counters)
+        if self.ledger:
+            counters.update({f"ledger_{k}": v for k, v in self.ledger.counters.items()})
+        if self.replicator:
+            counters.update(self.replicator.counters)
+        if self.host:
+            counters.update({f"p2p_{k}": v for k, v in getattr(self.host, "counters", {}).items()})
+        return {
+            "peer_id": self.peer_id,
+            "hostname": self.hostname,
+            "network_id": self.network_id,
+            "token_fingerprint": self.token.fingerprint,
+            "version": __version__,
+            "addresses": self.host.addresses() if self.host else [],
+            "leader": {"peer_id": leader[0], "epoch": leader[1]} if leader else None,
+            "is_leader": self.is_leader,
+            "members": len(self.members()),
+            "admitted": len(self.host.admitted_peers()) if self.host else 0,
+            "ledger_entries": len(self.ledger) if self.ledger else 0,
+            "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
+            "counters": dict(sorted(counters.items())),
+        }
+
+    def announce(self) -> None:
+        """Write (or refresh) this node's entry in ``nodes``: its heartbeat and advertisement."""
+        self._beat += 1
+        self.ledger.set(NODES_BUCKET, self.peer_id, {
+            "network_id": self.network_id,
+            "hostname": self.hostname,
+            "addresses": self.host.addresses() if self.host else [],
+            "version": __version__,
+            "role": self.config["p2p"]["role"],
+            "eligible": bool(self.config["election"]["eligible"]),
+            "beat": self._beat,
+        })
+
+    async def connect(self, addrs: str | list[str]) -> str:
+        """Dial and admit a peer by multiaddr(s); returns its peer id."""
+        return await self.host.connect(addrs)
+
+    # ---------------------------------------------------------------------------------------
+    # internals
+    # ---------------------------------------------------------------------------------------
+    def _open_ledger(self) -> Ledger:
+        settings = self.config["ledger"]
+        policies = PolicyRegistry({**DEFAULT_POLICIES, "leader": LeasePolicy()})
+        return Ledger(
+            self.identity, LedgerStore(self.config.state_dir / LEDGER_FILE), policies=policies,
+            max_value_size=int(settings["max_value_size"]), tombstone_grace=float(settings["tombstone_grace"]),
+        )
+
+    async def _start_discovery(self) -> None:
+        p2p = self.config["p2p"]
+        if p2p["bootstrap_peers"]:
+            self._spawn(self._redial_bootstrap(list(p2p["bootstrap_peers"])), "bootstrap")
+        if not p2p["disable_mdns"]:
+            from .discovery.mdns import MDNSDiscovery
+
+            mdns = MDNSDiscovery(self.schedule, self.peer_id, self.host.addresses, self._discovered)
+            await self._start_one(mdns, "mDNS")
+        if not p2p["disable_dht"]:
+            from .discovery.dht import DHTRendezvous
+
+            dht = DHTRendezvous(self.host, self.schedule, self._discovered, list(p2p["bootstrap_peers"]))
+            await self._start_one(dht, "DHT")
+
+    async def _start_one(self, discovery: Any, name: str) -> None:
+        try:
+            await discovery.start()
+        except Exception as exc:  # a node without multicast still works through the DHT
+            log.error("%s discovery could not start: %s: %s", name, type(exc).__name__, exc)
+            return
+        self._discovery.append(discovery)
+
+    async def _discovered(self, peer_id: str, addrs: list[str]) -> None:
+        if peer_id == self.peer_id or peer_id in self._dialing or not self._running:
+            return
+        if peer_id in self.host.admitted_peers():
+            return
+        retry_at, backoff = self._dial_backoff.get(peer_id, (0.0, DIAL_BACKOFF))
+        if time.monotonic() < retry_at:
+            return
+        self._dialing.add(peer_id)
+        try:
+            suffix = f"/p2p/{peer_id}"
+            await self.host.connect([a if a.endswith(suffix) else a + suffix for a in addrs])
+            self._dial_backoff.pop(peer_id, None)
+            self.counters["dials_ok"] += 1
+        except Exception as exc:
+            self.counters["dials_failed"] += 1
+            self._dial_backoff[peer_id] = (time.monotonic() + backoff, min(backoff * 2, 60.0))
+            log.debug("dialling %s failed: %s", peer_id, exc)
+        finally:
+            self._dialing.discard(peer_id)
+
+    async def _redial_bootstrap(self, peers: list[str]) -> None:
+        while True:
+            admitted = self.host.admitted_peers()
+            for addr in peers:
+                peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
+                if peer_id and peer_id in admitted:
+                    continue
+                try:
+                    await self.host.connect(addr)
+                except Exception as exc:
+                    log.debug("bootstrap peer %s unreachable: %s", addr, exc)
+            await asyncio.sleep(BOOTSTRAP_REDIAL)
+
+    async def _peer_admitted(self, peer_id: str) -> None:
+        self.membership.connected(peer_id)
+        self.replicator.peer_admitted(peer_id)
+
+    async def _peer_disconnected(self, peer_id: str) -> None:
+        if self.membership:
+            self.membership.disconnected(peer_id)
+
+    def _on_ledger_update(self, update: LedgerUpdate) -> None:
+        if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id:
+            self.membership.entry_changed(update.key, update.value if isinstance(update.value, dict) else None)
+        if self.election:
+            self.election.observe(update)
+        self._hook_queue.put_nowait(("on_ledger_update", {"node": self, "update": update}))
+
+    async def _emit_peer_event(self, event: PeerEvent) -> None:
+        await call_hook(self.manager, "on_peer", node=self, event=event)
+
+    async def _emit_leader(self, leader: str, epoch: int) -> None:
+        self._hook_queue.put_nowait(("on_leader_elected", {"node": self, "leader": leader, "epoch": epoch}))
+
+    async def _deliver_hooks(self) -> None:
+        # One queue keeps ledger and leader events in the order they happened.
+        while True:
+            name, kwargs = await self._hook_queue.get()
+            await call_hook(self.manager, name, **kwargs)
+
+    async def _announce_loop(self) -> None:
+        interval = float(self.config["membership"]["announce_interval"])
+        while True:
+            await asyncio.sleep(interval)
+            self.announce()
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.membership.expire()
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+async def run_node(config: Config, manager: KairosPluginManager | None = None) -> None:
+    """Run a node until SIGINT or SIGTERM, then stop it cleanly."""
+    import signal
+
+    node = Node(config, manager)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await asyncio.wait_for(node.stop(), timeout=10)
