@@ -41,6 +41,16 @@ class Context:
 pass_context = click.make_pass_decorator(Context)
 
 
+def _set_config_path(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_object(Context).config_path = value
+
+
+# `kairos -c FILE run` and `kairos run -c FILE` both work: users type the option where they think of it.
+config_option = click.option("-c", "--config", "config_path", metavar="FILE", expose_value=False,
+                             callback=_set_config_path, help="Config file (YAML).")
+
+
 def emit_json(data) -> None:
     """Print machine-readable output."""
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
@@ -189,6 +199,7 @@ def config_defaults(context: Context) -> None:
 
 
 @cli.command()
+@config_option
 @pass_context
 def run(context: Context) -> None:
     """Run a node until SIGINT or SIGTERM.
@@ -217,8 +228,11 @@ def _client(context: Context, socket_path: str | None):
     return APIClient(context.load_config().api_socket)
 
 
-socket_option = click.option("--socket", "socket_path", metavar="PATH", envvar="KAIROS_SOCKET",
-                             help="The node's API socket (default: from the config's state dir).")
+def socket_option(function):
+    """--socket PATH, and -c FILE to find the socket through a config's state dir."""
+    function = click.option("--socket", "socket_path", metavar="PATH", envvar="KAIROS_SOCKET",
+                            help="The node's API socket (default: from the config's state dir).")(function)
+    return config_option(function)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 

@@ -83,15 +83,16 @@ CORE_DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "membership": {
         # Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).
-        "announce_interval": 10.0,
+        "announce_interval": 30.0,
         # Seconds a peer we are not connected to stays alive on its last heartbeat.
-        "peer_ttl": 35.0,
+        "peer_ttl": 95.0,
     },
     "election": {
         # Whether this node may become leader.
         "eligible": True,
         # Seconds without a renewal after which a lease has lapsed; renewals come 3 times as often.
-        "lease_seconds": 3.0,
+        # A crashed leader is replaced faster than this: see kairos_core/election.py.
+        "lease_seconds": 15.0,
         # Claim and keep the lease only while a majority of recently seen nodes is reachable:
         # in a partition only the majority side has a leader.
         "require_majority": True,

@@ -8,14 +8,16 @@ construction. Keys per claimant mean that two claims of one epoch never overwrit
 claim with the earliest ``claimed`` version (the hybrid-logical-clock version of its first write)
 wins, everywhere, whatever order the entries arrive in.
 
-The protocol, run every ``renew_interval`` (``lease_seconds / 3``) on every node:
+The protocol, run in rounds of at most half a second on every node:
 
-1. The *holder* of the highest epoch renews it (``state: held``) while it sees a majority of the
-   recently-alive electorate; without a majority it stops renewing, and its lease lapses.
+1. The *holder* of the highest epoch renews it (``state: held``) every ``lease_seconds / 3``
+   while it sees a majority of the recently-alive electorate; without a majority it stops
+   renewing, and its lease lapses.
 2. Everyone else watches the renewals on its own monotonic clock (skewed wall clocks do not
-   matter). The lease has lapsed when no renewal arrived for ``lease_seconds``, or when the
-   holder has left our membership and no renewal arrived for 1.5 renew intervals (fast fail-over
-   after a kill, yet a flaky link to a leader that still renews never deposes it).
+   matter). The lease has lapsed when no renewal arrived for ``lease_seconds`` — or, the fast
+   path after a crash, when the holder has left our membership, has been silent for a second, and
+   does not answer a dial (``probe``). One flaky link to a leader that still answers never
+   deposes it, so renewals can be rare (idle traffic) while fail-over stays fast.
 3. On a lapse, only the deterministic candidate — the lowest SHA-256 of peer id among alive,
    eligible nodes — claims ``epoch + 1`` (``state: claim``), and only with a majority. It waits
    ``settle`` seconds for concurrent claims to arrive, and confirms (``state: held``) only if its
@@ -42,6 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEADER_BUCKET = "leader"
+# Seconds a departed leader must also have been silent before the fast path takes over.
+DEPARTURE_GRACE = 1.0
+# Seconds a starting node waits before claiming a lease nobody holds: time for discovery and the
+# first sync to show it a sitting leader.
+STARTUP_GRACE = 3.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,8 @@ class Election:
         announce: Callable[[str, int], Awaitable[None]],
         *,
         network_id: str = "kairos",
-        lease_seconds: float = 3.0,
+        lease_seconds: float = 15.0,
+        probe: Callable[[str], Awaitable[bool]] | None = None,
         eligible: Callable[[], bool] = lambda: True,
         require_majority: bool = True,
         quorum_horizon: float = 300.0,
@@ -137,7 +145,10 @@ class Election:
         self.network_id = network_id
         self.lease_seconds = lease_seconds
         self.renew_interval = lease_seconds / 3
-        self.settle = self.renew_interval / 2 if settle is None else settle
+        # Rounds run more often than renewals, so a departed leader is noticed within a second.
+        self.tick = min(self.renew_interval, 0.5)
+        self.settle = min(self.renew_interval / 2, 0.5) if settle is None else settle
+        self.probe = probe
         self.eligible = eligible
         self.require_majority = require_majority
         self.quorum_horizon = quorum_horizon
@@ -217,21 +228,22 @@ class Election:
                 raise
             except Exception:  # the election must outlive a bad ledger entry or a plugin bug
                 log.exception("election step failed")
-            await asyncio.sleep(self.renew_interval)
+            await asyncio.sleep(self.tick)
 
     async def step(self) -> None:
         """One round: renew, or detect a lapse and claim."""
         current = self.current()
         if current is not None and current.peer == self.peer_id and current.held and not self._lapsed(current):
-            if self._quorum():
+            if not self._quorum():
+                if not self._stepping_down:
+                    self._stepping_down = True
+                    log.warning("lost the majority: stepping down from epoch %d", current.epoch)
+            elif self.monotonic() - self._last_own_renewal >= self.renew_interval or self._stepping_down:
                 self._renew(current.epoch)
-            elif not self._stepping_down:
-                self._stepping_down = True
-                log.warning("lost the majority: stepping down from epoch %d", current.epoch)
             return
-        if current is not None and not self._lapsed(current):
+        if current is not None and not self._lapsed(current) and not await self._departed(current):
             return
-        if current is None and self.monotonic() - self._started < self.lease_seconds:
+        if current is None and self.monotonic() - self._started < min(self.lease_seconds, STARTUP_GRACE):
             return  # a new node first gives discovery and sync the time to show a sitting leader
         if not self.eligible() or not self._quorum() or self._candidate() != self.peer_id:
             return
@@ -267,10 +279,26 @@ class Election:
         if lease.peer == self.peer_id:
             # our own lease stands only while we renew it; others time it out the same way
             return self.monotonic() - self._last_own_renewal >= self.lease_seconds
-        silent = self.monotonic() - self._last_renewal_seen
-        if silent >= self.lease_seconds:
-            return True
-        return not self.membership.is_alive(lease.peer) and silent >= 1.5 * self.renew_interval
+        return self.monotonic() - self._last_renewal_seen >= self.lease_seconds
+
+    async def _departed(self, lease: Lease) -> bool:
+        """The fast path: the holder left our membership and does not answer a dial.
+
+        Waiting a whole lease after a kill would be slow; trusting membership alone would let one
+        flaky link depose a healthy leader. A leader that left, stayed silent for a grace second,
+        and cannot be dialled is gone.
+        """
+        if lease.peer == self.peer_id or self.membership.is_alive(lease.peer):
+            return False
+        if self.monotonic() - self._last_renewal_seen < DEPARTURE_GRACE:
+            return False
+        if self.probe is not None:
+            try:
+                if await self.probe(lease.peer):
+                    return False
+            except Exception:
+                pass  # an unreachable leader is what we are checking for
+        return True
 
     def _candidate(self) -> str | None:
         alive = [peer for peer, info in self.membership.alive().items() if info.get("eligible", True)]

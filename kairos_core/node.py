@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 BOOTSTRAP_REDIAL = 5.0
 # After a failed dial, wait this long before dialling a discovered peer again (doubles to 60 s).
 DIAL_BACKOFF = 1.0
+# How long the election's fast path waits for a departed leader to answer a dial.
+PROBE_TIMEOUT = 1.0
 
 
 class Node:
@@ -121,6 +123,7 @@ class Node:
             network_id=self.network_id, lease_seconds=float(election["lease_seconds"]),
             eligible=lambda: bool(self.config["election"]["eligible"]),
             require_majority=bool(election["require_majority"]), quorum_horizon=float(election["quorum_horizon"]),
+            probe=self._probe,
         )
         self.election.start()
         if self.config["api"]["enable"]:
@@ -141,6 +144,8 @@ class Node:
             with suppress(Exception):
                 await discovery.stop()
         await call_hook(self.manager, "kairos_shutdown", node=self)
+        if self.replicator:
+            await self.replicator.final_push()
         if self.membership:
             await self.membership.stop()
         if self.replicator:
@@ -286,6 +291,18 @@ class Node:
                 except Exception as exc:
                     log.debug("bootstrap peer %s unreachable: %s", addr, exc)
             await asyncio.sleep(BOOTSTRAP_REDIAL)
+
+    async def _probe(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` answers a dial at its advertised addresses within a second."""
+        info = self.ledger.get(NODES_BUCKET, peer_id) or {}
+        addrs = [a for a in info.get("addresses", []) if isinstance(a, str)] if isinstance(info, dict) else []
+        if not addrs:
+            return False
+        try:
+            await asyncio.wait_for(self.host.connect(addrs), PROBE_TIMEOUT)
+        except Exception:
+            return False
+        return True
 
     async def _peer_admitted(self, peer_id: str) -> None:
         self.membership.connected(peer_id)

@@ -79,6 +79,18 @@ class Replicator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def final_push(self, peers: int = 2, timeout: float = 1.5) -> None:
+        """Before the host closes: flush gossip and sync with a few peers.
+
+        Gossip is best effort (a mesh may not be grafted yet); a direct sync makes writes made
+        during shutdown — a plugin's goodbye, a released lease — reach the network for sure.
+        """
+        await self.batcher.flush()
+        chosen = random.sample(sorted(self.host.admitted_peers()), k=min(peers, len(self.host.admitted_peers())))
+        if chosen:
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(self.sync_with(p) for p in chosen)), timeout)
+
     # --- gossip ------------------------------------------------------------------------------
     def _on_update(self, update: LedgerUpdate) -> None:
         if update.local:

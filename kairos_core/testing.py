@@ -44,7 +44,6 @@ class LocalNetwork:
             "p2p": {"network_token": self.token.encode(), "listen": ["/ip4/127.0.0.1/tcp/0"],
                     "disable_mdns": True, "disable_dht": True},
             "node": {"state_dir": str(self.root / name), "hostname": name},
-            "election": {"lease_seconds": 1.5},
         }
         for section, values in (overrides or {}).items():
             raw.setdefault(section, {}).update(values)

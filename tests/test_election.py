@@ -80,6 +80,8 @@ class Sim:
     async def rounds(self, count: int, advance: float | None = None) -> None:
         for _ in range(count):
             self.clock.now += self.lease / 3 if advance is None else advance
+            for node in self.nodes:
+                node.membership.expire()
             for node in [n for g in self.groups for n in g]:
                 await node.election.step()
             self.replicate()

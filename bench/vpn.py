@@ -1,0 +1,152 @@
+"""VPN data plane throughput and latency, next to the raw veth and peer VPNs, in one run.
+
+Run as root: ``.venv/bin/python bench/vpn.py [--seconds 5] [--no-peers]``. Prints one JSON document:
+
+- ``steps``: iperf3 TCP A→B through our forwarder (1 and 4 streams) for each build-up step
+  (per-packet I/O → TUN offloads + TSO split + UDP GSO/GRO → + receive coalescing), with the CPU
+  share each forwarder process used;
+- ``loss_1pct``: the full design with 1% of the datagrams dropped by nft on the receiver's input;
+- ``rtt_ms``: ping p50/p99 over the raw veth and through the VPN, and what the VPN adds;
+- ``peers``: ``../shared/bench/vpn-peers.sh`` (raw veth, wireguard-go, nebula, yggdrasil).
+
+The machine is small and shared: figures are noisy, compare only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from kairos_plugin_tunvpn.testing import PORT, NamespacePair, netns_missing
+
+PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench", "vpn-peers.sh")
+STEPS = {
+    "per_packet": {"offload": False, "udp_gso": False, "udp_gro": False, "coalesce": False},
+    "offload_split_gso_gro": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": False},
+    "offload_split_gso_gro_coalesce": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True},
+}
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def iperf(lab: NamespacePair, target: str, seconds: int, streams: int) -> dict:
+    server = lab.popen("b", "iperf3", "-s", "-1", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.4)
+    pids = {side: proc.pid for side, proc in lab.forwarders.items()}
+    cpu_before = {side: cpu_seconds(pid) for side, pid in pids.items()}
+    started = time.monotonic()
+    result = lab.run("a", "iperf3", "-c", target, "-t", str(seconds), "-P", str(streams), "-J", timeout=seconds + 30)
+    elapsed = time.monotonic() - started
+    server.wait(timeout=10)
+    try:
+        end = json.loads(result.stdout)["end"]
+        figure = {"mbit_s": round(end["sum_received"]["bits_per_second"] / 1e6, 1),
+                  "retr": end["sum_sent"].get("retransmits")}
+    except (ValueError, KeyError) as error:
+        return {"error": f"{error}: {result.stdout[-200:]} {result.stderr[-200:]}"}
+    if pids:
+        figure["cpu_share"] = {side: round((cpu_seconds(pid) - cpu_before[side]) / elapsed, 2)
+                               for side, pid in pids.items()}
+    return figure
+
+
+def ping_rtts(lab: NamespacePair, target: str, count: int = 300) -> list[float]:
+    result = lab.run("a", "ping", "-c", str(count), "-i", "0.01", "-s", "56", target, timeout=60)
+    return sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", result.stdout))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    return values[min(len(values) - 1, int(fraction * len(values)))] if values else float("nan")
+
+
+def set_loss(lab: NamespacePair, percent: int | None) -> None:
+    ns = lab.ns["b"]
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "vpnloss"], capture_output=True)
+    if percent:
+        script = (
+            "table inet vpnloss {\n chain input {\n  type filter hook input priority 0;\n"
+            f"  udp dport {PORT} numgen random mod 100 < {percent} drop\n }}\n}}\n"
+        )
+        subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script, text=True, check=True)
+
+
+def run_forwarders(lab: NamespacePair, options: dict) -> None:
+    for side in "ab":
+        proc = lab.forwarders.pop(side, None)
+        if proc is not None:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+    for side in "ab":
+        lab.start_forwarder(side, **options)
+    if not lab.wait_ping("a", lab.vip["b"]):
+        raise RuntimeError("no ping through the VPN")
+
+
+def bench_ours(seconds: int) -> dict:
+    report: dict = {"steps": {}}
+    with NamespacePair(prefix="vpnb", octet=150) as lab:
+        report["veth"] = {f"p{n}": iperf(lab, lab.underlay["b"], seconds, n) for n in (1, 4)}
+        raw = ping_rtts(lab, lab.underlay["b"])
+        for name, options in STEPS.items():
+            run_forwarders(lab, options)
+            report["steps"][name] = {f"p{n}": iperf(lab, lab.vip["b"], seconds, n) for n in (1, 4)}
+            print(json.dumps({name: report["steps"][name]}), file=sys.stderr, flush=True)
+        # the full design stays up for the loss and latency runs
+        vpn = ping_rtts(lab, lab.vip["b"])
+        report["rtt_ms"] = {
+            "veth": {"p50": percentile(raw, 0.5), "p99": percentile(raw, 0.99)},
+            "vpn": {"p50": percentile(vpn, 0.5), "p99": percentile(vpn, 0.99)},
+        }
+        report["rtt_ms"]["added"] = {
+            q: round(report["rtt_ms"]["vpn"][q] - report["rtt_ms"]["veth"][q], 3) for q in ("p50", "p99")
+        }
+        set_loss(lab, 1)
+        report["loss_1pct"] = {f"p{n}": iperf(lab, lab.vip["b"], seconds, n) for n in (1, 4)}
+        set_loss(lab, None)
+        report["counters_b"] = lab.counters("b")
+    return report
+
+
+def bench_peers(seconds: int) -> dict:
+    available = {name: shutil.which(binary) is not None for name, binary in
+                 (("wireguard-go", "wireguard-go"), ("nebula", "nebula"), ("yggdrasil", "yggdrasil"))}
+    systems = ["veth"] + [name for name, ok in available.items() if ok]
+    if shutil.which("wg") is None and "wireguard-go" in systems:
+        systems.remove("wireguard-go")
+    result = subprocess.run(["bash", PEERS_SCRIPT, str(seconds), *systems], capture_output=True, text=True,
+                            timeout=60 * len(systems) + 60)
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return {"available": available, "results": lines}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--no-peers", action="store_true")
+    args = parser.parse_args()
+    reason = netns_missing() or (None if shutil.which("iperf3") else "needs iperf3")
+    if reason:
+        print(json.dumps({"skipped": reason}))
+        return 0
+    report = {"note": "2-core machine shared with other work: noisy; compare within this run only",
+              "cpus": os.cpu_count(), "seconds": args.seconds}
+    report.update(bench_ours(args.seconds))
+    if not args.no_peers:
+        report["peers"] = bench_peers(args.seconds)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

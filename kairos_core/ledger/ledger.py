@@ -1,0 +1,392 @@
+"""The replicated key/value ledger of one node: local writes, remote merges, watchers.
+
+All entries live in memory (``bucket -> key -> Entry``) and are written through to the sqlite
+store, one transaction per local write or remote batch. Reads never touch the disk.
+
+The ledger is not thread-safe: call it from the event loop's thread. The one exception is
+:meth:`Ledger.apply_remote_async`, which verifies signatures on a worker thread and then merges
+on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
+
+from ..events import LedgerUpdate
+from ..identity import Identity
+from .clock import HybridLogicalClock
+from .entry import (
+    DEFAULT_MAX_VALUE_SIZE, MAX_BUCKET_LENGTH, MAX_KEY_LENGTH, Entry, check_name, normalize_value,
+)
+from .codec import DEFAULT_MAX_BATCH_SIZE, decode_batch
+from .errors import DecodeError, LedgerError, PolicyError
+from .policy import PolicyRegistry, WritePolicy
+from .store import LedgerStore
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.sqlite3"
+DEFAULT_TOMBSTONE_GRACE = 7 * 24 * 3600.0
+WATCH_QUEUE_SIZE = 10_000
+
+Listener = Callable[[LedgerUpdate], None]
+
+#: Names of the counters every ledger keeps (all start at zero).
+COUNTERS = (
+    "applied", "stale", "rejected_signature", "rejected_policy", "rejected_future",
+    "rejected_invalid", "decode_errors", "sync_errors", "pruned", "watch_overflow", "listener_errors",
+)
+
+
+class Ledger:
+    """The ledger of one node.
+
+    :param identity: signs local writes; its peer id owns them.
+    :param store: where entries persist (loaded at construction).
+    :param policies: write policies per bucket; a mapping or a :class:`PolicyRegistry`. Default:
+        ``nodes`` and ``vpn`` owner-keyed, ``leader`` lease, others open.
+    :param max_value_size: largest JSON value in bytes (``ledger.max_value_size``).
+    :param tombstone_grace: seconds a tombstone is kept (``ledger.tombstone_grace``).
+    :param clock: the hybrid logical clock; default one for ``identity`` on the wall clock.
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        store: LedgerStore,
+        *,
+        policies: PolicyRegistry | Mapping[str, WritePolicy] | None = None,
+        max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
+        tombstone_grace: float = DEFAULT_TOMBSTONE_GRACE,
+        clock: HybridLogicalClock | None = None,
+    ) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self.store = store
+        self.policies = policies if isinstance(policies, PolicyRegistry) else PolicyRegistry(policies)
+        self.max_value_size = max_value_size
+        self.tombstone_grace = tombstone_grace
+        self.clock = clock or HybridLogicalClock(self.peer_id)
+        self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
+        self._buckets: dict[str, dict[str, Entry]] = {}
+        self._listeners: list[Listener] = []
+        self._watchers: list[_Watch] = []
+        for entry in store.load():
+            self._buckets.setdefault(entry.bucket, {})[entry.key] = entry
+            self.clock.restore(entry.version)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, bucket: str, key: str) -> Any:
+        """The value of ``key`` in ``bucket``, or None when absent or deleted (a fresh copy)."""
+        entry = self.get_entry(bucket, key)
+        if entry is None or entry.deleted:
+            return None
+        return json.loads(entry.value_json)
+
+    def get_entry(self, bucket: str, key: str) -> Entry | None:
+        """The winning entry of ``key``, tombstones included; None when never seen."""
+        return self._buckets.get(bucket, {}).get(key)
+
+    def items(self, bucket: str) -> dict[str, Any]:
+        """Every live key of ``bucket`` and its value (fresh copies; tombstones left out)."""
+        return {
+            key: json.loads(entry.value_json)
+            for key, entry in self._buckets.get(bucket, {}).items()
+            if not entry.deleted
+        }
+
+    def buckets(self) -> list[str]:
+        """The buckets that hold at least one live key, sorted."""
+        return sorted(b for b, keys in self._buckets.items() if any(not e.deleted for e in keys.values()))
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry, tombstones included (what anti-entropy compares)."""
+        for keys in self._buckets.values():
+            yield from keys.values()
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self._buckets.values())
+
+    # -- local writes --------------------------------------------------------------------------
+
+    def set(self, bucket: str, key: str, value: Any) -> Entry:
+        """Write ``value`` (JSON data) to ``key``; returns the signed entry.
+
+        Raises :class:`LedgerError` for a bad bucket, key or value, :class:`PolicyError` when the
+        bucket's policy does not let this node write the key.
+        """
+        return self._write_local(bucket, key, normalize_value(value, self.max_value_size), deleted=False)
+
+    def delete(self, bucket: str, key: str) -> Entry:
+        """Delete ``key`` by writing a tombstone; returns it. Errors as for :meth:`set`."""
+        return self._write_local(bucket, key, None, deleted=True)
+
+    def _write_local(self, bucket: str, key: str, value: Any, *, deleted: bool) -> Entry:
+        check_name("bucket", bucket, MAX_BUCKET_LENGTH)
+        check_name("key", key, MAX_KEY_LENGTH)
+        entry = Entry.signed(self.identity, bucket, key, value, self.clock.tick(), deleted)
+        current = self.get_entry(bucket, key)
+        if not self.policies.allows(entry, current, self._now()):
+            raise PolicyError(
+                f"{self.policies.for_bucket(bucket).name} bucket {bucket!r}: key {key!r} is not this node's to write"
+            )
+        self.store.write([entry])
+        self._buckets.setdefault(bucket, {})[key] = entry
+        self._emit([_update(entry, local=True)])
+        return entry
+
+    # -- remote entries -----------------------------------------------------------------------
+
+    def apply_remote(self, entries: Iterable[Entry]) -> list[LedgerUpdate]:
+        """Merge entries received from peers; return the changes, in order.
+
+        Each entry is validated, checked against the clock drift bound, compared with what we
+        hold (older or equal ones are ignored as ``stale``), checked against the bucket policy and
+        its owner's signature, then merged. Rejections are counted, never raised. All accepted
+        entries are persisted in one transaction before listeners hear of them.
+        """
+        return self._apply(entries, verified=None)
+
+    async def apply_remote_async(self, entries: Iterable[Entry]) -> list[LedgerUpdate]:
+        """:meth:`apply_remote`, with signature checks (~0.1 ms each) on a worker thread, so a
+        large batch does not stall the event loop."""
+        batch = list(entries)
+        verdicts = await asyncio.to_thread(lambda: [_verify_quietly(e) for e in batch])
+        return self._apply(batch, verified=verdicts)
+
+    async def apply_delta(self, data: bytes, max_size: int = DEFAULT_MAX_BATCH_SIZE) -> list[LedgerUpdate]:
+        """Decode a gossip delta (:func:`~.codec.encode_batch` bytes) and merge it.
+
+        Never raises for bad input: undecodable bytes count in ``decode_errors`` and change
+        nothing; bad entries inside a well-formed batch are rejected one by one as usual.
+        """
+        try:
+            entries = decode_batch(data, max_size, max_value_size=self.max_value_size)
+        except DecodeError:
+            self.counters["decode_errors"] += 1
+            return []
+        return await self.apply_remote_async(entries)
+
+    def _apply(self, entries: Iterable[Entry], verified: list[bool] | None) -> list[LedgerUpdate]:
+        now = self._now()
+        prune_before_ms = int((now - self.tombstone_grace) * 1000)
+        staged: dict[tuple[str, str], Entry] = {}
+        for index, entry in enumerate(entries):
+            try:
+                entry.validate(self.max_value_size)
+            except (LedgerError, AttributeError, TypeError):
+                self.counters["rejected_invalid"] += 1
+                continue
+            ident = (entry.bucket, entry.key)
+            current = staged.get(ident) or self.get_entry(*ident)
+            if not entry.newer_than(current):
+                self.counters["stale"] += 1
+                continue
+            if not self.clock.acceptable(entry.version):
+                self.clock.rejected_future += 1
+                self.counters["rejected_future"] += 1
+                continue
+            if not self.policies.allows(entry, current, now):
+                self.counters["rejected_policy"] += 1
+                continue
+            good = verified[index] if verified is not None else _verify_quietly(entry)
+            if not good:
+                self.counters["rejected_signature"] += 1
+                continue
+            self.clock.observe(entry.version)
+            staged[ident] = entry
+        if not staged:
+            return []
+        keep: list[Entry] = []
+        removed: list[tuple[str, str]] = []
+        updates: list[LedgerUpdate] = []
+        for ident, entry in staged.items():
+            current = self.get_entry(*ident)
+            if entry.deleted and entry.version.wall_ms < prune_before_ms:
+                # A tombstone already past its grace: it still deletes what we hold, but is not kept.
+                if current is not None:
+                    removed.append(ident)
+                    if not current.deleted:
+                        updates.append(_update(entry, local=False))
+                continue
+            keep.append(entry)
+            updates.append(_update(entry, local=False))
+        self.store.write(keep, removed)
+        for bucket, key in removed:
+            self._drop(bucket, key)
+        for entry in keep:
+            self._buckets.setdefault(entry.bucket, {})[entry.key] = entry
+        self.counters["applied"] += len(keep)
+        self._emit(updates)
+        return updates
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def prune_tombstones(self) -> int:
+        """Forget tombstones older than the grace period; returns how many went."""
+        cutoff_ms = int((self._now() - self.tombstone_grace) * 1000)
+        old = [(e.bucket, e.key) for e in self.entries() if e.deleted and e.version.wall_ms < cutoff_ms]
+        self.store.write([], old)
+        for bucket, key in old:
+            self._drop(bucket, key)
+        self.counters["pruned"] += len(old)
+        return len(old)
+
+    def count(self, counter: str, n: int = 1) -> None:
+        """Add to a counter (the codec and sync layers report ``decode_errors`` here)."""
+        self.counters[counter] += n
+
+    def close(self) -> None:
+        """End every watcher and close the store."""
+        for watch in list(self._watchers):
+            watch.close()
+        self.store.close()
+
+    # -- change notification -------------------------------------------------------------------
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call ``callback(update)`` for every change, local or remote, after it is persisted.
+
+        Callbacks run synchronously in the writer's thread; one that raises is logged and counted
+        and the others still run.
+        """
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Listener) -> None:
+        """Stop calling ``callback``."""
+        self._listeners.remove(callback)
+
+    def watch(self, bucket: str | None = None) -> AsyncIterator[LedgerUpdate]:
+        """An async iterator of the changes from now on, of one bucket or all.
+
+        It registers at once (changes made before the first ``await`` are not missed) and ends
+        after ``aclose()`` or when the ledger closes. A consumer that falls more than
+        ``WATCH_QUEUE_SIZE`` changes behind loses the oldest (counted in ``watch_overflow``).
+        """
+        watch = _Watch(self, bucket)
+        self._watchers.append(watch)
+        return watch
+
+    def _emit(self, updates: list[LedgerUpdate]) -> None:
+        for update in updates:
+            for callback in list(self._listeners):
+                try:
+                    callback(update)
+                except Exception:
+                    self.counters["listener_errors"] += 1
+                    log.exception("ledger listener %r failed", callback)
+            for watch in list(self._watchers):
+                if watch.bucket is None or watch.bucket == update.bucket:
+                    watch.push(update)
+
+    def _drop(self, bucket: str, key: str) -> None:
+        keys = self._buckets.get(bucket)
+        if keys is not None:
+            keys.pop(key, None)
+            if not keys:
+                del self._buckets[bucket]
+
+    def _now(self) -> float:
+        return self.clock.now_ms() / 1000.0
+
+
+class _Watch:
+    """One ``watch()`` consumer: a bounded queue fed by the ledger."""
+
+    _CLOSED = object()
+
+    def __init__(self, ledger: Ledger, bucket: str | None) -> None:
+        self.ledger = ledger
+        self.bucket = bucket
+        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=WATCH_QUEUE_SIZE)
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._closed = False
+
+    def push(self, item: Any) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if self._loop is not None and running is not self._loop:
+            try:
+                self._loop.call_soon_threadsafe(self._put, item)
+            except RuntimeError:  # that loop is closed: nobody is left to read
+                pass
+        else:
+            self._put(item)
+
+    def _put(self, item: Any) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()
+            self.ledger.counters["watch_overflow"] += 1
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self in self.ledger._watchers:
+                self.ledger._watchers.remove(self)
+            self.push(self._CLOSED)
+
+    def __aiter__(self) -> "_Watch":
+        return self
+
+    async def __anext__(self) -> LedgerUpdate:
+        if self._closed and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is self._CLOSED:
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        """Stop watching."""
+        self.close()
+
+
+def _update(entry: Entry, *, local: bool) -> LedgerUpdate:
+    return LedgerUpdate(
+        bucket=entry.bucket, key=entry.key, value=None if entry.deleted else json.loads(entry.value_json),
+        owner=entry.owner, version=tuple(entry.version), deleted=entry.deleted, local=local,
+    )
+
+
+def _verify_quietly(entry: Entry) -> bool:
+    try:
+        return entry.verify()
+    except Exception:  # a malformed entry (wrong types) is simply not a valid signature
+        return False
+
+
+def open_ledger(
+    identity: Identity,
+    state_dir: Path | str,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    policies: PolicyRegistry | Mapping[str, WritePolicy] | None = None,
+) -> Ledger:
+    """Open (or create) the ledger file in ``state_dir``.
+
+    ``settings`` is the ``ledger:`` config section: ``max_value_size`` (bytes),
+    ``tombstone_grace`` (seconds) and, optionally, ``max_clock_drift`` (seconds, default 60).
+    """
+    settings = settings or {}
+    Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = LedgerStore(Path(state_dir) / LEDGER_FILE)
+    drift_ms = int(float(settings.get("max_clock_drift", 60.0)) * 1000)
+    return Ledger(
+        identity, store,
+        policies=policies,
+        max_value_size=int(settings.get("max_value_size", DEFAULT_MAX_VALUE_SIZE)),
+        tombstone_grace=float(settings.get("tombstone_grace", DEFAULT_TOMBSTONE_GRACE)),
+        clock=HybridLogicalClock(identity.peer_id, max_drift_ms=drift_ms),
+    )

@@ -1,0 +1,311 @@
+"""Anti-entropy: two ledgers compare digests and exchange what the other lacks (sans-IO).
+
+The protocol runs over any ordered, reliable message channel (:class:`SyncChannel`); the node
+binds it to a libp2p stream on ``/kairos/sync/1.0.0`` with length-prefixed frames, the tests to a
+TCP socket on loopback. Both peers run :func:`sync_ledgers`; the exchange is symmetric, so there
+is no initiator role and both sides end up with the union of their states.
+
+Every (bucket, key) falls in one of 256 ranges by the first byte of ``sha256(bucket NUL key)``.
+
+1. DIGEST — each side sends the hash of every range (16 bytes of sha256 over the sorted
+   ``(bucket, key, version)`` records; all zeros for an empty range). Both sides now know the
+   same set of differing ranges.
+2. VERSIONS — for each differing range that is non-empty on *both* sides, each sends its
+   ``key -> version`` list (in frames, then an end marker). Ranges empty on one side skip this:
+   the empty side needs all of it and has nothing to give, so a late joiner costs one round trip.
+3. ENTRIES — each side sends the entries the other lacks or holds at an older version (codec
+   batches, then an end marker) and merges what it receives through ``apply_remote``: signatures,
+   policies and the drift bound apply as for gossip.
+
+Each phase sends and receives concurrently, so two peers writing large phases to each other can
+never deadlock on full transport buffers. Each frame is size-limited and validated; a violation
+raises :class:`SyncError` (and is counted in the ledger's ``sync_errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Protocol
+
+from .clock import MAX_COUNTER, MAX_WALL_MS, Version
+from .codec import decode_batch, split_batches
+from .entry import Entry
+from .errors import DecodeError, SyncError
+from .ledger import Ledger
+
+PROTOCOL_ID = "/kairos/sync/1.0.0"
+RANGES = 256
+RANGE_HASH_SIZE = 16
+EMPTY_RANGE = bytes(RANGE_HASH_SIZE)
+DEFAULT_MAX_FRAME = (1 << 20) + 1024
+DEFAULT_MAX_ITEMS = 1_000_000
+# The digest frame must fit in one frame.
+MIN_FRAME = 2 + RANGES * RANGE_HASH_SIZE
+
+_DIGEST = b"D"
+_VERSIONS = b"V"
+_VERSIONS_END = b"v"
+_ENTRIES = b"E"
+_ENTRIES_END = b"e"
+_WIRE_VERSION = 1
+
+
+class SyncChannel(Protocol):
+    """An ordered, reliable, message-preserving channel to one peer."""
+
+    async def send(self, data: bytes) -> None:
+        """Send one message."""
+        ...
+
+    async def recv(self) -> bytes:
+        """Receive the next message; raise on end of stream."""
+        ...
+
+
+@dataclass
+class SyncResult:
+    """What one anti-entropy session did, from this side's view."""
+
+    differing_ranges: int = 0
+    versions_sent: int = 0
+    versions_received: int = 0
+    entries_sent: int = 0
+    entries_received: int = 0
+    entries_applied: int = 0
+    entries_skipped: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+@lru_cache(maxsize=1 << 17)
+def range_of(bucket: str, key: str) -> int:
+    """The digest range (0‥255) of a key."""
+    return hashlib.sha256(f"{bucket}\x00{key}".encode()).digest()[0]
+
+
+def _record(entry: Entry) -> bytes:
+    v = entry.version
+    return json.dumps([entry.bucket, entry.key, v.wall_ms, v.counter, v.peer_id]).encode() + b"\n"
+
+
+class _View:
+    """The entries one side offers in this session, grouped by range."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        cutoff_ms = int((ledger.clock.now_ms() / 1000 - ledger.tombstone_grace) * 1000)
+        self.ranges: list[dict[tuple[str, str], Entry]] = [{} for _ in range(RANGES)]
+        for entry in ledger.entries():
+            if entry.deleted and entry.version.wall_ms < cutoff_ms:
+                continue  # due for pruning: not worth shipping
+            self.ranges[range_of(entry.bucket, entry.key)][(entry.bucket, entry.key)] = entry
+
+    def digest(self) -> bytes:
+        hashes = []
+        for group in self.ranges:
+            if not group:
+                hashes.append(EMPTY_RANGE)
+                continue
+            h = hashlib.sha256()
+            for ident in sorted(group):
+                h.update(_record(group[ident]))
+            hashes.append(h.digest()[:RANGE_HASH_SIZE])
+        return b"".join(hashes)
+
+
+async def sync_ledgers(
+    ledger: Ledger,
+    channel: SyncChannel,
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    timeout: float | None = 60.0,
+) -> SyncResult:
+    """Run one anti-entropy session with the peer at the other end of ``channel``.
+
+    Frames never exceed ``max_frame``, nor the channel's own ``max_frame`` attribute when it has
+    one (both peers must agree on the limit: derive it from something they share, like the token).
+    Returns what was exchanged. Raises :class:`SyncError` when the peer breaks the protocol,
+    ``TimeoutError`` after ``timeout`` seconds, and whatever the channel raises when it fails.
+    """
+    channel_limit = getattr(channel, "max_frame", None)
+    if isinstance(channel_limit, int) and channel_limit > 0:
+        max_frame = min(max_frame, channel_limit)
+    if max_frame < MIN_FRAME:
+        raise ValueError(f"sync needs frames of at least {MIN_FRAME} bytes, not {max_frame}")
+    try:
+        async with asyncio.timeout(timeout):
+            return await _Session(ledger, channel, max_frame, max_items).run()
+    except SyncError:
+        ledger.count("sync_errors")
+        raise
+
+
+class _Session:
+    def __init__(self, ledger: Ledger, channel: SyncChannel, max_frame: int, max_items: int) -> None:
+        self.ledger = ledger
+        self.channel = channel
+        self.max_frame = max_frame
+        self.max_items = max_items
+        self.result = SyncResult()
+
+    async def run(self) -> SyncResult:
+        started = time.perf_counter()
+        view = _View(self.ledger)
+        ours = view.digest()
+        theirs = await self._exchange([_DIGEST + bytes([_WIRE_VERSION]) + ours], self._recv_digest)
+        differing = [r for r in range(RANGES) if ours[r * 16:(r + 1) * 16] != theirs[r * 16:(r + 1) * 16]]
+        self.result.differing_ranges = len(differing)
+        if differing:
+            both = {
+                r for r in differing
+                if ours[r * 16:(r + 1) * 16] != EMPTY_RANGE and theirs[r * 16:(r + 1) * 16] != EMPTY_RANGE
+            }
+            their_versions: dict[tuple[str, str], Version] = {}
+            if both:
+                mine = [e for r in sorted(both) for e in view.ranges[r].values()]
+                self.result.versions_sent = len(mine)
+                frames = self._version_frames(mine) + [_VERSIONS_END]
+                their_versions = await self._exchange(frames, lambda: self._recv_versions(both))
+            wanted = []
+            for r in differing:
+                group = view.ranges[r]
+                if r in both:
+                    wanted.extend(e for ident, e in group.items()
+                                  if ident not in their_versions or e.version > their_versions[ident])
+                else:
+                    wanted.extend(group.values())  # the peer's range is empty (or ours is, then this is nothing)
+            self.result.entries_sent = len(wanted)
+            frames = []
+            for batch in split_batches(wanted, self.max_frame - 1):
+                if len(batch) + 1 > self.max_frame:
+                    # One entry bigger than a frame (a frame limit below the value cap): sending it
+                    # would fail the whole session every time, so it is left to gossip.
+                    self.result.entries_skipped += 1
+                    self.result.entries_sent -= 1
+                    continue
+                frames.append(_ENTRIES + batch)
+            frames.append(_ENTRIES_END)
+            await self._exchange(frames, self._recv_entries)
+        self.result.seconds = time.perf_counter() - started
+        return self.result
+
+    async def _exchange(self, frames: list[bytes], receive):  # type: ignore[no-untyped-def]
+        async def send_all() -> None:
+            for frame in frames:
+                self.result.bytes_sent += len(frame)
+                await self.channel.send(frame)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(send_all())
+                received = group.create_task(receive())
+        except BaseExceptionGroup as failed:
+            # Surface the first real failure (a SyncError, a closed channel), not the group.
+            raise failed.exceptions[0] from None
+        return received.result()
+
+    async def _next(self) -> bytes:
+        frame = await self.channel.recv()
+        if not isinstance(frame, (bytes, bytearray)) or not frame:
+            raise SyncError("empty or non-bytes frame")
+        if len(frame) > self.max_frame:
+            raise SyncError(f"frame of {len(frame)} bytes exceeds {self.max_frame}")
+        self.result.bytes_received += len(frame)
+        return bytes(frame)
+
+    async def _recv_digest(self) -> bytes:
+        frame = await self._next()
+        if frame[:1] != _DIGEST or len(frame) != 2 + RANGES * RANGE_HASH_SIZE:
+            raise SyncError("expected a digest frame")
+        if frame[1] != _WIRE_VERSION:
+            raise SyncError(f"unsupported sync version {frame[1]}")
+        return frame[2:]
+
+    def _version_frames(self, entries: list[Entry]) -> list[bytes]:
+        frames: list[bytes] = []
+        budget = self.max_frame - 64
+        peers: dict[str, int] = {}
+        rows: list[str] = []
+        size = 0
+        for e in entries:
+            if e.owner not in peers:
+                peers[e.owner] = len(peers)
+                size += len(e.owner) + 3
+            row = json.dumps([e.bucket, e.key, e.version.wall_ms, e.version.counter, peers[e.owner]])
+            rows.append(row)
+            size += len(row) + 1
+            if size > budget:
+                frames.append(_encode_versions(peers, rows))
+                peers, rows, size = {}, [], 0
+        if rows:
+            frames.append(_encode_versions(peers, rows))
+        return frames
+
+    async def _recv_versions(self, both: set[int]) -> dict[tuple[str, str], Version]:
+        versions: dict[tuple[str, str], Version] = {}
+        while True:
+            frame = await self._next()
+            if frame == _VERSIONS_END:
+                return versions
+            if frame[:1] != _VERSIONS:
+                raise SyncError("expected a versions frame")
+            for bucket, key, version in _decode_versions(frame[1:]):
+                self.result.versions_received += 1
+                if self.result.versions_received > self.max_items:
+                    raise SyncError(f"more than {self.max_items} versions")
+                if range_of(bucket, key) in both:  # anything else was not asked for
+                    versions[(bucket, key)] = version
+
+    async def _recv_entries(self) -> None:
+        while True:
+            frame = await self._next()
+            if frame == _ENTRIES_END:
+                return
+            if frame[:1] != _ENTRIES:
+                raise SyncError("expected an entries frame")
+            try:
+                entries = decode_batch(frame[1:], self.max_frame, max_value_size=self.ledger.max_value_size)
+            except DecodeError as exc:
+                self.ledger.count("decode_errors")
+                raise SyncError(f"bad entries frame: {exc}") from None
+            self.result.entries_received += len(entries)
+            if self.result.entries_received > self.max_items:
+                raise SyncError(f"more than {self.max_items} entries")
+            updates = await self.ledger.apply_remote_async(entries)
+            self.result.entries_applied += len(updates)
+
+
+def _encode_versions(peers: dict[str, int], rows: list[str]) -> bytes:
+    return _VERSIONS + ('{"p":%s,"r":[%s]}' % (json.dumps(list(peers)), ",".join(rows))).encode()
+
+
+def _decode_versions(payload: bytes) -> Iterable[tuple[str, str, Version]]:
+    try:
+        doc = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise SyncError("versions frame is not JSON") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("p"), list) or not isinstance(doc.get("r"), list):
+        raise SyncError("malformed versions frame")
+    peers = doc["p"]
+    if not all(isinstance(p, str) for p in peers):
+        raise SyncError("malformed peer table")
+    out = []
+    for row in doc["r"]:
+        if not (isinstance(row, list) and len(row) == 5):
+            raise SyncError("malformed version row")
+        bucket, key, wall_ms, counter, index = row
+        if not (
+            isinstance(bucket, str) and isinstance(key, str)
+            and type(wall_ms) is int and 0 <= wall_ms <= MAX_WALL_MS
+            and type(counter) is int and 0 <= counter <= MAX_COUNTER
+            and type(index) is int and 0 <= index < len(peers)
+        ):
+            raise SyncError("malformed version row")
+        out.append((bucket, key, Version(wall_ms, counter, peers[index])))
+    return out

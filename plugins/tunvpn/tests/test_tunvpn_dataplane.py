@@ -1,0 +1,227 @@
+"""The forwarder on loopback UDP, with socket pairs standing in for the TUN devices (no root)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kairos_plugin_tunvpn.crypto import SessionKeys
+from kairos_plugin_tunvpn.dataplane import WIRE_HEADER, DataPlane
+from kairos_plugin_tunvpn.tun import TunDevice, TunUnavailable
+from kairos_plugin_tunvpn.vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN
+from tunvpn_packets import icmp_echo, ipv4_tcp
+
+VIP_A, VIP_B = "10.201.0.1", "10.201.0.2"
+SECRET = b"k" * 32
+
+
+class FakeTun:
+    """A socket pair in place of a TUN: the data plane owns one end, the test the other."""
+
+    def __init__(self) -> None:
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.device = TunDevice("fake", [theirs.detach()], vnet_hdr=True, mtu=1420)
+        self.ours.settimeout(5)
+
+    def inject(self, packet: bytes, gso_type: int = GSO_NONE, gso_size: int = 0, partial: bool = False) -> None:
+        header = VNET_HDR.pack(NEEDS_CSUM if partial else 0, gso_type, 0, gso_size, 20 if partial else 0,
+                               16 if partial else 0)
+        self.ours.send(header + packet)
+
+    def receive(self) -> tuple[tuple, bytes]:
+        frame = self.ours.recv(70000)
+        return VNET_HDR.unpack_from(frame), frame[VNET_HDR_LEN:]
+
+    def close(self) -> None:
+        self.device.close()
+        self.ours.close()
+
+
+@pytest.fixture
+def pair():
+    tuns = FakeTun(), FakeTun()
+    planes = [DataPlane(t.device, ("127.0.0.1", 0)) for t in tuns]
+    keys_a = SessionKeys.derive(SECRET, "a", "b")
+    planes[0].add_peer("b", VIP_B, planes[1].local_address, keys_a)
+    planes[1].add_peer("a", VIP_A, planes[0].local_address, keys_a.mirror())
+    for plane in planes:
+        plane.start()
+    try:
+        yield tuns, planes, keys_a
+    finally:
+        for plane in planes:
+            plane.stop()
+        for tun in tuns:
+            tun.close()
+
+
+def wait_for(predicate, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def craft(keys: SessionKeys, counter: int, packet: bytes, *, epoch: int = 0) -> bytes:
+    """A datagram sealed like the data plane does, under ``keys``' send key."""
+    header = WIRE_HEADER.pack(1, epoch, 0, 0, keys.send_key_id, counter)
+    return header + AESGCM(keys.send_key).encrypt(header[4:], packet, header)
+
+
+def test_packets_cross_both_ways(pair):
+    (tun_a, tun_b), (plane_a, plane_b), _ = pair
+    ping = bytes(icmp_echo())
+    tun_a.inject(ping)
+    header, packet = tun_b.receive()
+    assert packet == ping and header[0] == 0
+    pong = bytes(icmp_echo(src=bytes([10, 201, 0, 2]), dst=bytes([10, 201, 0, 1])))
+    tun_b.inject(pong)
+    assert tun_a.receive()[1] == pong
+    assert plane_a.counters["tx_packets"] == 1 and plane_b.counters["rx_packets"] == 1
+
+
+def test_a_tso_frame_is_sent_as_packets_and_arrives_coalesced(pair):
+    (tun_a, tun_b), (plane_a, plane_b), _ = pair
+    payload = bytes(range(256)) * 200  # 51,200 bytes: 38 segments of 1368
+    tun_a.inject(bytes(ipv4_tcp(payload, flags=0x18)), GSO_TCPV4, 1368, partial=True)
+    header, packet = tun_b.receive()
+    assert header[1] == GSO_TCPV4 and header[3] == 1368 and header[0] == NEEDS_CSUM
+    assert packet[40:] == payload
+    assert wait_for(lambda: plane_a.counters["tx_sends"] == 1)  # one GSO train
+    assert plane_a.counters["tx_packets"] == 38
+    counters_b = plane_b.counters
+    assert counters_b["rx_packets"] == 38 and counters_b["tun_writes"] < 38  # coalesced (GRO may split a train)
+
+
+def test_unknown_peers_bad_tags_garbage_spoofs_and_replays_are_dropped(pair):
+    (tun_a, tun_b), (_, plane_b), keys_a = pair
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.1", 0))
+    target = plane_b.local_address
+    good = bytes(icmp_echo())
+    try:
+        stranger.sendto(craft(SessionKeys.derive(b"z" * 32, "a", "b"), 0, good), target)  # unknown key id
+        forged = SessionKeys(b"f" * 32, keys_a.receive_key, keys_a.send_key_id, keys_a.receive_key_id)
+        stranger.sendto(craft(forged, 1, good), target)  # right key id, wrong key
+        stranger.sendto(b"\x01garbage", target)
+        stranger.sendto(craft(keys_a, 2, bytes(icmp_echo(src=bytes([10, 201, 0, 99])))), target)  # spoofed
+        genuine = craft(keys_a, 1000, good)
+        stranger.sendto(genuine, target)  # authentic: accepted even from a new address
+        stranger.sendto(genuine, target)  # replay
+        marker = bytes(icmp_echo(payload=b"marker"))
+        stranger.sendto(craft(keys_a, 1001, marker), target)
+        assert tun_b.receive()[1] == good
+        assert tun_b.receive()[1] == marker  # nothing else came through in between
+        counters = plane_b.counters
+        assert counters["drop_unknown_peer"] == 1
+        assert counters["drop_bad_tag"] == 1
+        assert counters["drop_malformed"] == 1
+        assert counters["drop_spoofed_source"] == 1
+        assert counters["drop_replay"] == 1
+        assert counters["rx_packets"] == 2
+    finally:
+        stranger.close()
+
+
+def test_fallback_path_carries_sealed_datagrams():
+    tun_a, tun_b = FakeTun(), FakeTun()
+    plane_a = DataPlane(tun_a.device, ("127.0.0.1", 0))
+    plane_b = DataPlane(tun_b.device, ("127.0.0.1", 0))
+    keys = SessionKeys.derive(SECRET, "a", "b")
+    plane_a.add_peer("b", VIP_B, None, keys)
+    plane_b.add_peer("a", VIP_A, None, keys.mirror())
+    plane_b.add_peer("c", "10.201.0.3", None, SessionKeys.derive(SECRET, "b", "c"))
+    carried: list[bytes] = []
+    plane_a.set_fallback("b", carried.append)
+    try:
+        plane_a.start()
+        plane_b.start()
+        ping = bytes(icmp_echo())
+        tun_a.inject(ping)
+        assert wait_for(lambda: carried)
+        assert not plane_b.inject_from_fallback("c", carried[0])  # c's stream cannot speak for a
+        assert plane_b.inject_from_fallback("a", carried[0])
+        assert tun_b.receive()[1] == ping
+        assert plane_b.counters["drop_unknown_peer"] == 1
+    finally:
+        plane_a.stop()
+        plane_b.stop()
+        tun_a.close()
+        tun_b.close()
+
+
+def test_rekeying_in_flight_keeps_every_packet():
+    tun_a, tun_b = FakeTun(), FakeTun()
+    plane_a = DataPlane(tun_a.device, ("127.0.0.1", 0), rekey_after_packets=3)
+    plane_b = DataPlane(tun_b.device, ("127.0.0.1", 0))
+    keys = SessionKeys.derive(SECRET, "a", "b")
+    plane_a.add_peer("b", VIP_B, plane_b.local_address, keys)
+    plane_b.add_peer("a", VIP_A, plane_a.local_address, keys.mirror())
+    try:
+        plane_a.start()
+        plane_b.start()
+        for i in range(10):
+            packet = bytes(icmp_echo(payload=bytes([i]) * 8))
+            tun_a.inject(packet)
+            assert tun_b.receive()[1] == packet
+        assert plane_a.counters["rekeys"] == 3
+    finally:
+        plane_a.stop()
+        plane_b.stop()
+        tun_a.close()
+        tun_b.close()
+
+
+def test_survives_an_unreachable_peer_and_forwards_again():
+    tun_a, tun_b = FakeTun(), FakeTun()
+    plane_a = DataPlane(tun_a.device, ("127.0.0.1", 0))
+    plane_b = DataPlane(tun_b.device, ("127.0.0.1", 0))
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    dead_end = closed.getsockname()
+    closed.close()  # nothing listens there: the kernel answers with ICMP port unreachable
+    keys = SessionKeys.derive(SECRET, "a", "b")
+    plane_a.add_peer("b", VIP_B, dead_end, keys)
+    plane_b.add_peer("a", VIP_A, plane_a.local_address, keys.mirror())
+    try:
+        plane_a.start()
+        plane_b.start()
+        for _ in range(5):
+            tun_a.inject(bytes(icmp_echo()))
+        assert wait_for(lambda: plane_a.counters["tx_packets"] == 5)
+        plane_a.set_endpoint("b", plane_b.local_address)
+        ping = bytes(icmp_echo(payload=b"after"))
+        tun_a.inject(ping)
+        assert tun_b.receive()[1] == ping
+    finally:
+        plane_a.stop()
+        plane_b.stop()
+        tun_a.close()
+        tun_b.close()
+
+
+def test_peers_with_the_same_vip_are_refused(pair):
+    _, (plane_a, _), _ = pair
+    with pytest.raises(ValueError):
+        plane_a.add_peer("c", ipaddress.IPv4Address(VIP_B), None, SessionKeys.derive(SECRET, "a", "c"))
+
+
+def test_packets_without_a_route_are_counted(pair):
+    (tun_a, tun_b), (plane_a, _), _ = pair
+    tun_a.inject(bytes(icmp_echo(dst=bytes([10, 201, 0, 77]))))
+    tun_a.inject(bytes(icmp_echo()))
+    assert tun_b.receive()[1] == bytes(icmp_echo())
+    assert plane_a.counters["drop_no_route"] == 1
+
+
+def test_missing_tun_gives_a_typed_one_line_error(monkeypatch):
+    monkeypatch.setattr("kairos_plugin_tunvpn.tun.TUN_PATH", "/nonexistent/tun")
+    with pytest.raises(TunUnavailable) as info:
+        TunDevice.create("ktest1")
+    assert "\n" not in str(info.value) and "/nonexistent/tun" in str(info.value)

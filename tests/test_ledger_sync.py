@@ -1,0 +1,222 @@
+"""Anti-entropy over real TCP on loopback: divergent ledgers converge, late joiners catch up,
+and a peer that breaks the protocol is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from kairos_core.identity import Identity
+from kairos_core.ledger import (
+    Entry, Ledger, LedgerStore, StreamChannel, SyncError, Version, open_ledger, sync_ledgers,
+)
+from kairos_core.ledger.sync import DEFAULT_MAX_FRAME, RANGES
+
+ALICE, BOB, CAROL = (Identity.from_seed(bytes([n]) * 32) for n in (1, 2, 3))
+
+
+async def connect_pair() -> tuple[StreamChannel, StreamChannel, asyncio.AbstractServer]:
+    accepted: asyncio.Future[StreamChannel] = asyncio.get_running_loop().create_future()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result(StreamChannel(reader, writer, DEFAULT_MAX_FRAME))
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    return StreamChannel(reader, writer, DEFAULT_MAX_FRAME), await accepted, server
+
+
+@pytest.fixture
+async def channels() -> AsyncIterator[tuple[StreamChannel, StreamChannel]]:
+    left, right, server = await connect_pair()
+    try:
+        yield left, right
+    finally:
+        await left.aclose()
+        await right.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+async def run_sync(a: Ledger, b: Ledger, channels: tuple[StreamChannel, StreamChannel]):
+    return await asyncio.gather(sync_ledgers(a, channels[0]), sync_ledgers(b, channels[1]))
+
+
+def state(ledger: Ledger) -> dict:
+    return {(e.bucket, e.key): (e.version, e.deleted, e.value_json) for e in ledger.entries()}
+
+
+async def test_divergent_ledgers_converge_without_losing_a_write(tmp_path: Path, channels) -> None:
+    rnd = random.Random(7)
+    a = open_ledger(ALICE, tmp_path / "a")
+    b = open_ledger(BOB, tmp_path / "b")
+    written: dict[tuple[str, str], list[Entry]] = {}
+
+    def record(entry: Entry) -> None:
+        written.setdefault((entry.bucket, entry.key), []).append(entry)
+
+    # A common past both sides hold, from a third peer.
+    now = a.clock.now_ms()
+    common = [Entry.signed(CAROL, "user", f"shared{i}", i, Version(now - 10_000, i, CAROL.peer_id)) for i in range(1500)]
+    a.apply_remote(common)
+    b.apply_remote(common)
+    for e in common:
+        record(e)
+    # Divergent edits: both sides overwrite and delete some shared keys, and add their own.
+    for i in range(1500):
+        roll = rnd.random()
+        if roll < 0.2:
+            record(a.set("user", f"shared{i}", {"by": "a", "i": i}))
+        elif roll < 0.3:
+            record(a.delete("user", f"shared{i}"))
+        roll = rnd.random()
+        if roll < 0.2:
+            record(b.set("user", f"shared{i}", {"by": "b", "i": i}))
+        elif roll < 0.3:
+            record(b.delete("user", f"shared{i}"))
+    for i in range(1200):
+        record(a.set("user", f"a-only{i}", i))
+        record(b.set("user", f"b-only{i}", i))
+    record(a.set("nodes", ALICE.peer_id, {"host": "a"}))
+    record(b.set("nodes", BOB.peer_id, {"host": "b"}))
+
+    ra, rb = await run_sync(a, b, channels)
+
+    assert state(a) == state(b)
+    # No write lost that a later write did not supersede: the survivor of each key is its latest.
+    for ident, history in written.items():
+        winner = max(history, key=lambda e: e.version)
+        held = a.get_entry(*ident)
+        assert held is not None and held.version == winner.version and held.value == winner.value
+    assert len(a) == len(written)
+    assert ra.entries_sent == rb.entries_applied and rb.entries_sent == ra.entries_applied
+    assert a.counters["rejected_signature"] == b.counters["rejected_signature"] == 0
+    # The converged state is on disk, too.
+    a.close()
+    again = open_ledger(ALICE, tmp_path / "a")
+    assert state(again) == state(b)
+    again.close()
+    b.close()
+
+
+async def test_a_second_session_finds_nothing_to_do(channels) -> None:
+    a = Ledger(ALICE, LedgerStore(":memory:"))
+    b = Ledger(BOB, LedgerStore(":memory:"))
+    for i in range(300):
+        a.set("user", f"k{i}", i)
+    first, _ = await run_sync(a, b, channels)
+    assert first.entries_sent == 300 and first.versions_sent == 0  # b was empty: no version lists
+    second, third = await run_sync(a, b, channels)
+    assert second.differing_ranges == third.differing_ranges == 0
+    assert second.entries_sent == third.entries_sent == 0
+
+
+async def test_only_newer_entries_cross_in_shared_ranges(channels) -> None:
+    a = Ledger(ALICE, LedgerStore(":memory:"))
+    b = Ledger(BOB, LedgerStore(":memory:"))
+    for i in range(1000):
+        a.set("user", f"k{i}", i)
+    await run_sync(a, b, channels)
+    a.set("user", "k5", "new")
+    b.set("user", "k7", "newer on b")
+    ra, rb = await run_sync(a, b, channels)
+    assert (ra.entries_sent, rb.entries_sent) == (1, 1)
+    assert b.get("user", "k5") == "new" and a.get("user", "k7") == "newer on b"
+
+
+@pytest.mark.slow
+async def test_a_late_joiner_catches_up_on_10000_entries(channels) -> None:
+    veteran = Ledger(ALICE, LedgerStore(":memory:"))
+    now = veteran.clock.now_ms()
+    writers = [ALICE, BOB, CAROL]
+    veteran.apply_remote(
+        Entry.signed(w, "user", f"key-{n}-{i}", {"i": i, "w": n}, Version(now - 1000, i, w.peer_id))
+        for n, w in enumerate(writers) for i in range(3334)
+    )
+    assert len(veteran) == 10002
+    joiner = Ledger(BOB, LedgerStore(":memory:"))
+    _, got = await run_sync(veteran, joiner, channels)
+    assert got.entries_applied == 10002
+    assert state(joiner) == state(veteran)
+
+
+async def test_forged_entries_in_a_session_are_rejected_but_the_rest_lands(channels) -> None:
+    a = Ledger(ALICE, LedgerStore(":memory:"))
+    b = Ledger(BOB, LedgerStore(":memory:"))
+    good = a.set("user", "good", 1)
+    # Smuggle a forged entry into a's memory (as a corrupted peer would hold it).
+    forged = Entry("user", "evil", 2, CAROL.peer_id, Version(good.version.wall_ms, 0, CAROL.peer_id), False, good.sig)
+    a._buckets["user"]["evil"] = forged
+    await run_sync(a, b, channels)
+    assert b.get("user", "good") == 1 and b.get("user", "evil") is None
+    assert b.counters["rejected_signature"] == 1
+
+
+@pytest.mark.parametrize("frames", [
+    [b"garbage"],
+    [b"D\x01" + b"\x00" * 100],
+    [b"D\x09" + b"\x00" * (RANGES * 16)],
+    [b"D\x01" + b"\xff" * (RANGES * 16), b"V{not json"],
+    [b"D\x01" + b"\xff" * (RANGES * 16), b'V{"p":[],"r":[["b","k",-1,0,0]]}'],
+    [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"E{not a batch"],
+    [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"X"],
+])
+async def test_protocol_violations_raise_sync_error_and_are_counted(channels, frames) -> None:
+    ledger = Ledger(ALICE, LedgerStore(":memory:"))
+    for i in range(50):
+        ledger.set("user", f"k{i}", i)
+    left, right = channels
+
+    async def misbehave() -> None:
+        for frame in frames:
+            await right.send(frame)
+        await asyncio.sleep(5)  # and then go quiet, holding the stream open
+
+    peer = asyncio.create_task(misbehave())
+    try:
+        with pytest.raises(SyncError):
+            await sync_ledgers(ledger, left, timeout=5)
+    finally:
+        peer.cancel()
+    assert ledger.counters["sync_errors"] == 1
+
+
+async def test_an_oversized_frame_is_refused_before_it_is_read(channels) -> None:
+    left, right = channels
+    right.writer.write((DEFAULT_MAX_FRAME + 1).to_bytes(4, "big"))
+    await right.writer.drain()
+    with pytest.raises(SyncError, match="exceeds"):
+        await left.recv()
+
+
+async def test_a_silent_peer_times_out(channels) -> None:
+    ledger = Ledger(ALICE, LedgerStore(":memory:"))
+    with pytest.raises(TimeoutError):
+        await sync_ledgers(ledger, channels[0], timeout=0.2)
+
+
+async def test_frames_follow_the_channel_limit_and_oversized_entries_do_not_break_sessions() -> None:
+    left, right, server = await connect_pair()
+    left.max_frame = right.max_frame = 8192
+    try:
+        a = Ledger(ALICE, LedgerStore(":memory:"))
+        b = Ledger(BOB, LedgerStore(":memory:"))
+        for i in range(200):
+            a.set("user", f"k{i}", "v" * 100)
+        a.set("user", "fits", "x" * 6000)
+        a.set("user", "too-big", "x" * 9000)
+        ra, _ = await asyncio.gather(sync_ledgers(a, left), sync_ledgers(b, right))
+        assert ra.entries_skipped == 1 and ra.entries_sent == 201
+        assert len(b) == 201 and b.get("user", "too-big") is None
+        assert b.get("user", "fits") == "x" * 6000
+        assert ra.bytes_sent > 8192 * 3  # several frames, each within the limit
+    finally:
+        await left.aclose()
+        await right.aclose()
+        server.close()
+        await server.wait_closed()
