@@ -1,0 +1,74 @@
+"""Concrete addresses for a host that listens on a wildcard (trap 6: never advertise 0.0.0.0)."""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import socket
+import struct
+
+_SIOCGIFADDR = 0x8915
+
+
+def interface_ipv4_addresses() -> list[str]:
+    """The IPv4 address of every up interface, loopback last (Linux ioctl; no extra package)."""
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # interface without an IPv4 address
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if address not in found:
+                found.append(address)
+    return sorted(found, key=lambda a: ipaddress.ip_address(a).is_loopback)
+
+
+def interface_ipv6_addresses() -> list[str]:
+    """Global and loopback IPv6 addresses (link-local ones need a zone and are skipped)."""
+    found: list[str] = []
+    try:
+        with open("/proc/net/if_inet6") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        if not fields:
+            continue
+        address = ipaddress.IPv6Address(int(fields[0], 16))
+        if address.is_link_local:
+            continue
+        if str(address) not in found:
+            found.append(str(address))
+    return sorted(found, key=lambda a: ipaddress.ip_address(a).is_loopback)
+
+
+def expand_wildcard(multiaddr_text: str) -> list[str]:
+    """``/ip4/0.0.0.0/tcp/N`` → one address per interface; anything else unchanged."""
+    parts = multiaddr_text.split("/")
+    if len(parts) > 2 and parts[1] == "ip4" and parts[2] == "0.0.0.0":
+        return ["/".join(parts[:2] + [ip] + parts[3:]) for ip in interface_ipv4_addresses()]
+    if len(parts) > 2 and parts[1] == "ip6" and parts[2] in ("::", "0:0:0:0:0:0:0:0"):
+        return ["/".join(parts[:2] + [ip] + parts[3:]) for ip in interface_ipv6_addresses()]
+    return [multiaddr_text]
+
+
+def port_in_use(multiaddr_text: str) -> bool:
+    """True when a fixed TCP port of ``/ip4|ip6/<addr>/tcp/<port>`` is already bound.
+
+    libp2p listens with SO_REUSEPORT (for hole punching), so a second listener on a busy port
+    would silently share it with the first (trap 5). A plain bind, without that option, tells.
+    """
+    parts = multiaddr_text.split("/")
+    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or parts[4] in ("", "0"):
+        return False
+    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind((parts[2], int(parts[4])))
+        except OSError:
+            return True
+    return False

@@ -1,0 +1,766 @@
+"""P2PHost: the one place where the asyncio core meets py-libp2p 0.8.1.
+
+A host is a libp2p node (TCP, noise, yamux), gossipsub and a Kademlia DHT, running in its own
+trio thread (see :mod:`.bridge`), with admission (:mod:`.admission`) in front of everything:
+gossip, the DHT and application streams are served to admitted peers only.
+
+The traps of ``reference/py-libp2p-0.8.md`` and where they are defused:
+
+1. noise is the only security transport (x25519 static key) — :meth:`P2PHost._build`;
+2. ``ConnectionConfig(max_connections_per_peer=1)`` — no fixed 250 ms wait per dial;
+3. gossipsub spam limit and eclipse guard off (every peer is admitted), queues sized, heartbeat
+   1 s — :meth:`P2PHost._build`, :func:`_size_pubsub_queues`;
+4. both end-of-stream forms read as ``b""``; a raising stream handler is logged and its stream
+   reset — :mod:`.stream`, :meth:`P2PHost._run_stream_handler`;
+5. stop closes the host (listeners, connections), the services, and ``seen_messages``'s thread,
+   then ends the trio run, which ends every task libp2p spawned — :meth:`P2PHost._serve`;
+6. libp2p's mDNS is never enabled; wildcard listen addresses are expanded — :meth:`addresses`;
+7. the DHT routing table is filled with every admitted peer and :meth:`add_dht_peer`;
+8. libp2p logging propagates again, routine warnings demoted — :mod:`.logs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Awaitable, Callable
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.crypto import ed25519, x25519
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub_notifee import PubsubNotifee
+from libp2p.pubsub.rpc_queue import RpcQueue
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from ..identity import Identity
+from ..keys import KeySchedule
+from .addresses import expand_wildcard, port_in_use
+from .admission import ADMIT_PROTOCOL, admit_as_dialler, admit_as_listener
+from .bridge import TrioThread
+from .errors import AdmissionError, P2PError
+from .logs import tame_libp2p_logging
+from .stream import Stream
+
+log = logging.getLogger(__name__)
+
+PeerCallback = Callable[[str], "Awaitable[None] | None"]
+GossipHandler = Callable[[str, bytes], "Awaitable[None] | None"]
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+ADMISSION_TIMEOUT = 10.0
+GOSSIP_HEARTBEAT = 1
+# Room for the pubsub envelope (ids, signature, key, seqno) around the payload.
+PUBSUB_OVERHEAD = 64 * 1024
+OUTBOUND_QUEUE = 4096
+SUBSCRIPTION_QUEUE = 4096
+# A refused peer is logged at WARNING at most this often, and at most a few per minute overall.
+REFUSAL_LOG_INTERVAL = 60.0
+REFUSAL_LOG_BURST = 5
+
+
+class _RoomyRpcQueue(RpcQueue):
+    """gossipsub's per-peer outbound queue, sized for a busy ledger rather than 32 RPCs (trap 3)."""
+
+    max_message_bytes = 1 << 20
+
+    def __init__(self, max_size: int = OUTBOUND_QUEUE, max_message_size: int | None = None) -> None:
+        super().__init__(max_size=max_size, max_message_size=max_message_size or self.max_message_bytes)
+
+
+def _size_pubsub_queues(max_message_size: int) -> None:
+    """Process-wide: libp2p builds these queues with module defaults we cannot pass in."""
+    _RoomyRpcQueue.max_message_bytes = max(_RoomyRpcQueue.max_message_bytes, max_message_size + PUBSUB_OVERHEAD)
+    pubsub_module.RpcQueue = _RoomyRpcQueue
+    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, SUBSCRIPTION_QUEUE)
+
+
+class _Admission:
+    """The admission state of one peer: pending until ``decided`` is set."""
+
+    def __init__(self) -> None:
+        self.decided = trio.Event()
+        self.admitted = False
+        self.reason = ""
+
+
+class _RefusalLog:
+    """Rate-limited notes about refused peers: one WARNING per peer per interval, a global cap."""
+
+    def __init__(self) -> None:
+        self._last_by_peer: dict[str, float] = {}
+        self._window_start = 0.0
+        self._in_window = 0
+
+    def note(self, peer_id: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._window_start > REFUSAL_LOG_INTERVAL:
+            self._window_start, self._in_window = now, 0
+        recent = now - self._last_by_peer.get(peer_id, -REFUSAL_LOG_INTERVAL * 2) < REFUSAL_LOG_INTERVAL
+        if recent or self._in_window >= REFUSAL_LOG_BURST:
+            log.debug("admission refused %s: %s", peer_id, reason)
+            return
+        self._last_by_peer[peer_id] = now
+        self._in_window += 1
+        if len(self._last_by_peer) > 4096:  # bound memory under a flood of fresh peer ids
+            self._last_by_peer.clear()
+        log.warning("admission refused %s: %s", peer_id, reason)
+
+
+class _NetByteChannel:
+    """A libp2p stream seen as the ``read``/``write`` channel the handshake wants."""
+
+    def __init__(self, net_stream: Any) -> None:
+        self._net_stream = net_stream
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._net_stream.read(n) or b""
+        except StreamEOF:
+            return b""
+        except StreamError as exc:
+            raise AdmissionError(f"admission stream broken: {type(exc).__name__}") from None
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self._net_stream.write(data)
+        except StreamError as exc:
+            raise AdmissionError(f"admission stream broken: {type(exc).__name__}") from None
+
+
+class _ConnectionWatch:
+    """A libp2p notifee that hands connection events to the host (trio side)."""
+
+    def __init__(self, host: "P2PHost") -> None:
+        self._host = host
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self._host._on_connected(conn)
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self._host._on_disconnected(conn)
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        return None
+
+    async def listen(self, network: Any, maddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, maddr: Any) -> None:
+        return None
+
+
+def _peer_of(net_stream: Any) -> str:
+    return str(net_stream.muxed_conn.peer_id)
+
+
+def _with_peer_suffix(address: str, peer_id: str) -> str:
+    return address if "/p2p/" in address else f"{address}/p2p/{peer_id}"
+
+
+class P2PHost:
+    """A libp2p node whose gossip, DHT and streams are open to admitted token holders only."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        schedule: KeySchedule,
+        listen: list[str],
+        *,
+        max_message_size: int,
+        on_peer_admitted: PeerCallback | None = None,
+        on_peer_disconnected: PeerCallback | None = None,
+        admission_timeout: float = ADMISSION_TIMEOUT,
+    ) -> None:
+        self.identity = identity
+        self.schedule = schedule
+        self.listen = list(listen)
+        self.max_message_size = max_message_size
+        self.on_peer_admitted = on_peer_admitted
+        self.on_peer_disconnected = on_peer_disconnected
+        self.admission_timeout = admission_timeout
+        #: our libp2p peer id, ``12D3KooW…``
+        self.peer_id: str = identity.peer_id
+        #: event counts: admissions, refusals, dropped frames, handler failures
+        self.counters: dict[str, int] = defaultdict(int)
+        self._bridge: TrioThread | None = None
+        self._host: Any = None
+        self._pubsub: Any = None
+        self._dht: Any = None
+        self._pubsub_peers_in: Any = None
+        self._pubsub_peers_gone: Any = None
+        self._stop_event: trio.Event | None = None
+        self._admissions: dict[str, _Admission] = {}
+        self._admitted: set[str] = set()
+        self._subscriptions: dict[str, list[GossipHandler]] = {}
+        self._stream_handlers: dict[str, StreamHandler] = {}
+        self._bound: list[str] = []
+        self._asyncio_tasks: set[asyncio.Task] = set()
+        self._refusals = _RefusalLog()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Listen, start gossip and the DHT; returns once the host is serving."""
+        if self._bridge is not None and self._bridge.running:
+            raise P2PError("host already started")
+        busy = [address for address in self.listen if port_in_use(address)]
+        if busy:
+            raise P2PError(f"listen address already in use: {', '.join(busy)}")
+        tame_libp2p_logging()
+        _size_pubsub_queues(self.max_message_size)
+        self._bridge = TrioThread(self.peer_id[-8:])
+        self._admissions.clear()
+        self._admitted.clear()
+        try:
+            await self._bridge.start(self._serve)
+        except BaseException:
+            await self._bridge.join()
+            self._bridge = None
+            raise
+
+    async def stop(self) -> None:
+        """Close every connection and the listener, end all trio tasks and the thread."""
+        bridge = self._bridge
+        if bridge is None:
+            return
+        event = self._stop_event
+        if event is not None:
+            bridge.run_sync_soon(event.set)
+        try:
+            await bridge.join()
+        finally:
+            self._bridge = None
+            self._admitted.clear()
+            for task in list(self._asyncio_tasks):
+                task.cancel()
+
+    async def _serve(self, nursery: trio.Nursery, ready: Callable[[], None]) -> None:
+        self._stop_event = trio.Event()
+        self._nursery = nursery
+        host, pubsub, gossipsub, dht = self._build()
+        try:
+            async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self.listen]):
+                if not host.get_transport_addrs():
+                    raise P2PError(f"could not listen on {self.listen}")
+                async with background_trio_service(pubsub), background_trio_service(gossipsub):
+                    async with background_trio_service(dht):
+                        self._bound = [str(a) for a in host.get_transport_addrs()]
+                        await self._install_handlers()
+                        ready()
+                        await self._stop_event.wait()
+                # Closing here, inside host.run, releases the listener and the connections
+                # before libp2p's own teardown (trap 5).
+                with trio.CancelScope(shield=True):
+                    await host.close()
+        finally:
+            pubsub.seen_messages.stop()  # its sweeper thread outlives the service otherwise
+            self._host = self._pubsub = self._dht = None
+            self._bound = []
+
+    def _build(self) -> tuple[Any, Any, Any, Any]:
+        key_pair = ed25519.create_new_key_pair(self.identity.seed)
+        noise_key = x25519.create_new_key_pair()
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=noise_key.private_key)},
+            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            listen_addrs=[multiaddr.Multiaddr(a) for a in self.listen],
+            enable_mDNS=False,
+            # One connection per peer: no fixed 250 ms wait per dial (trap 2). No auto-connector:
+            # we dial whom discovery finds, and each dial goes through admission.
+            connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
+        )
+        if str(host.get_id()) != self.peer_id:
+            raise P2PError("libp2p derived another peer id from our identity")
+        gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=GOSSIP_HEARTBEAT,
+            heartbeat_initial_delay=0.1,
+            spam_protection_enabled=False,
+            eclipse_protection_enabled=False,
+        )
+        pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=self.max_message_size + PUBSUB_OVERHEAD)
+        dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)
+        network = host.get_network()
+        # Pubsub learns about a peer from us, once it is admitted, not from the raw connection.
+        for notifee in list(network.notifees):
+            if isinstance(notifee, PubsubNotifee):
+                network.remove_notifee(notifee)
+                self._pubsub_peers_in = notifee.initiator_peers_queue
+                self._pubsub_peers_gone = notifee.dead_peers_queue
+        network.register_notifee(_ConnectionWatch(self))
+        # Everything libp2p registered that carries our data goes behind the admission gate.
+        for protocol in gossipsub.get_protocols():
+            host.set_stream_handler(protocol, self._gated(pubsub.stream_handler))
+        for protocol, handler in list(host.get_mux().handlers.items()):
+            if str(protocol).endswith("/kad/1.0.0") and handler is not None:
+                host.set_stream_handler(protocol, self._gated(handler))
+        host.set_stream_handler(ADMIT_PROTOCOL, self._admit_listener)
+        self._host, self._pubsub, self._dht = host, pubsub, dht
+        tame_libp2p_logging()  # libp2p modules imported while building have fresh loggers
+        return host, pubsub, gossipsub, dht
+
+    async def _install_handlers(self) -> None:
+        for topic in list(self._subscriptions):
+            await self._trio_subscribe(topic)
+        for protocol in list(self._stream_handlers):
+            self._trio_set_stream_handler(protocol)
+
+    # --- identity and addresses -----------------------------------------------------------------
+    def addresses(self) -> list[str]:
+        """Concrete multiaddrs ending ``/p2p/<id>``; wildcards expanded to interface addresses."""
+        out: list[str] = []
+        for bound in self._bound:
+            for concrete in expand_wildcard(bound):
+                full = _with_peer_suffix(concrete, self.peer_id)
+                if full not in out:
+                    out.append(full)
+        return out
+
+    # --- admission ------------------------------------------------------------------------------
+    def admitted_peers(self) -> set[str]:
+        """Peers connected now that proved the token."""
+        return set(self._admitted)
+
+    async def connected_peers(self) -> set[str]:
+        """Peers with an open connection now, admitted or not (diagnostics and tests)."""
+        bridge = self._require_running()
+
+        async def peers() -> set[str]:
+            return {str(p) for p in self._host.get_connected_peers()}
+
+        return await bridge.call(peers)
+
+    def _admission_for(self, peer: str) -> _Admission:
+        record = self._admissions.get(peer)
+        if record is None:
+            record = self._admissions[peer] = _Admission()
+        return record
+
+    def _on_connected(self, conn: Any) -> None:
+        peer = str(conn.muxed_conn.peer_id)
+        record = self._admission_for(peer)
+        if record.decided.is_set():
+            return
+        outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
+        if outbound:
+            self._nursery.start_soon(self._admit_dialler, peer, record)
+        else:
+            self._nursery.start_soon(self._await_dialler, peer, record)
+
+    def _on_disconnected(self, conn: Any) -> None:
+        peer_id = conn.muxed_conn.peer_id
+        host = self._host
+        if host is not None and host.get_network().get_connections(peer_id):
+            return
+        peer = str(peer_id)
+        record = self._admissions.pop(peer, None)
+        if record is not None and not record.decided.is_set():
+            record.reason = "disconnected during admission"
+            record.decided.set()
+        if peer in self._admitted:
+            self._admitted.discard(peer)
+            self._nursery.start_soon(self._tell_pubsub, self._pubsub_peers_gone, peer_id)
+            self._notify_asyncio(self.on_peer_disconnected, peer)
+
+    async def _admit_dialler(self, peer: str, record: _Admission) -> None:
+        key = self.schedule.admission_key
+        net_stream = None
+        try:
+            with trio.fail_after(self.admission_timeout):
+                net_stream = await self._host.new_stream(ID.from_base58(peer), [ADMIT_PROTOCOL])
+                await admit_as_dialler(_NetByteChannel(net_stream), key, self.peer_id, peer)
+        except trio.TooSlowError:
+            await self._refuse(peer, record, "admission timed out", net_stream)
+        except AdmissionError as exc:
+            await self._refuse(peer, record, str(exc), net_stream)
+        except Exception as exc:  # the peer does not speak our protocol, or the dial broke
+            await self._refuse(peer, record, f"admission failed: {type(exc).__name__}: {exc}", net_stream)
+        else:
+            await self._quiet_close(net_stream)
+            await self._admit(peer, record)
+
+    async def _admit_listener(self, net_stream: Any) -> None:
+        peer = _peer_of(net_stream)
+        record = self._admission_for(peer)
+        if record.admitted:
+            await self._quiet_reset(net_stream)
+            return
+        try:
+            with trio.fail_after(self.admission_timeout):
+                await admit_as_listener(_NetByteChannel(net_stream), self.schedule.admission_key, peer, self.peer_id)
+        except trio.TooSlowError:
+            await self._refuse(peer, record, "admission timed out", net_stream)
+        except AdmissionError as exc:
+            await self._refuse(peer, record, str(exc), net_stream)
+        except Exception as exc:
+            await self._refuse(peer, record, f"admission failed: {type(exc).__name__}: {exc}", net_stream)
+        else:
+            await self._quiet_close(net_stream)
+            await self._admit(peer, record)
+
+    async def _await_dialler(self, peer: str, record: _Admission) -> None:
+        """An accepted connection must be followed by the dialler's proof in time."""
+        with trio.move_on_after(self.admission_timeout):
+            await record.decided.wait()
+            return
+        await self._refuse(peer, record, "no admission attempt before the timeout", None)
+
+    async def _admit(self, peer: str, record: _Admission) -> None:
+        if record.decided.is_set():
+            return
+        record.admitted = True
+        record.decided.set()
+        self._admitted.add(peer)
+        self.counters["admission_ok"] += 1
+        peer_id = ID.from_base58(peer)
+        await self._tell_pubsub(self._pubsub_peers_in, peer_id)
+        addrs = self._host.get_peerstore().addrs(peer_id) if self._host is not None else []
+        if addrs:
+            await self._dht_add(PeerInfo(peer_id, addrs))
+        self._notify_asyncio(self.on_peer_admitted, peer)
+
+    async def _refuse(self, peer: str, record: _Admission, reason: str, net_stream: Any) -> None:
+        if record.admitted:
+            return  # a parallel handshake on another connection already succeeded
+        self.counters["admission_failed"] += 1
+        self._refusals.note(peer, reason)
+        record.reason = reason
+        record.decided.set()
+        if self._admissions.get(peer) is record:
+            del self._admissions[peer]
+        if net_stream is not None:
+            await self._quiet_reset(net_stream)
+        if self._host is not None:
+            with trio.move_on_after(5):
+                try:
+                    await self._host.disconnect(ID.from_base58(peer))
+                except Exception as exc:
+                    log.debug("disconnecting %s failed: %r", peer, exc)
+
+    async def _wait_admission(self, peer: str) -> bool:
+        record = self._admission_for(peer)
+        with trio.move_on_after(self.admission_timeout + 1):
+            await record.decided.wait()
+        return record.admitted
+
+    def _gated(self, handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        """Wrap a libp2p stream handler so only admitted peers reach it.
+
+        A stream may arrive before our side finished the handshake, so the gate waits for the
+        verdict (bounded by the admission timeout) rather than refusing at once.
+        """
+
+        async def gate(net_stream: Any) -> None:
+            peer = _peer_of(net_stream)
+            if peer not in self._admitted and not await self._wait_admission(peer):
+                self.counters["streams_refused"] += 1
+                await self._quiet_reset(net_stream)
+                return
+            await handler(net_stream)
+
+        return gate
+
+    async def _tell_pubsub(self, channel: Any, peer_id: ID) -> None:
+        if channel is None:
+            return
+        try:
+            with trio.move_on_after(5):
+                await channel.send(peer_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    @staticmethod
+    async def _quiet_close(net_stream: Any) -> None:
+        try:
+            await net_stream.close()
+        except Exception:  # the peer may already be gone; nothing to tell anyone
+            pass
+
+    @staticmethod
+    async def _quiet_reset(net_stream: Any) -> None:
+        try:
+            await net_stream.reset()
+        except Exception:
+            pass
+
+    # --- connect / disconnect ---------------------------------------------------------------------
+    async def connect(self, addrs: str | list[str]) -> str:
+        """Dial a peer (multiaddrs ending ``/p2p/<id>``), run admission, return its peer id.
+
+        Raises :class:`AdmissionError` when the peer does not hold our token (or refuses ours),
+        :class:`P2PError` when it cannot be reached.
+        """
+        bridge = self._require_running()
+        texts = [addrs] if isinstance(addrs, str) else list(addrs)
+        if not texts:
+            raise P2PError("no address to dial")
+        infos = []
+        for text in texts:
+            try:
+                infos.append(info_from_p2p_addr(multiaddr.Multiaddr(text)))
+            except Exception as exc:
+                raise P2PError(f"not a dialable multiaddr with /p2p/<id>: {text!r} ({exc})") from None
+        peer_id = infos[0].peer_id
+        if any(info.peer_id != peer_id for info in infos):
+            raise P2PError("addresses name different peers")
+        if str(peer_id) == self.peer_id:
+            raise P2PError("refusing to dial ourselves")
+        info = PeerInfo(peer_id, [a for i in infos for a in i.addrs])
+        return await bridge.call(self._trio_connect, info)
+
+    async def _trio_connect(self, info: PeerInfo) -> str:
+        peer = str(info.peer_id)
+        if peer in self._admitted:
+            return peer
+        record = self._admission_for(peer)
+        try:
+            await self._host.connect(info)
+        except Exception as exc:
+            if not record.decided.is_set() and self._admissions.get(peer) is record:
+                del self._admissions[peer]
+            raise P2PError(f"cannot reach {peer}: {type(exc).__name__}: {exc}") from None
+        if not await self._wait_admission(peer):
+            raise AdmissionError(f"{peer} not admitted: {record.reason or 'admission timed out'}")
+        return peer
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``."""
+        bridge = self._require_running()
+
+        async def close() -> None:
+            await self._host.disconnect(ID.from_base58(peer_id))
+
+        await bridge.call(close)
+
+    # --- gossip ---------------------------------------------------------------------------------
+    def subscribe(self, topic: str, handler: GossipHandler) -> None:
+        """Deliver ``handler(origin_peer_id, data)`` for each message on ``topic``.
+
+        Only messages forwarded by admitted peers get through; our own messages are not echoed.
+        May be called before :meth:`start`.
+        """
+        first = topic not in self._subscriptions
+        self._subscriptions.setdefault(topic, []).append(handler)
+        if first and self._bridge is not None and self._bridge.running:
+
+            async def join() -> None:
+                await self._trio_subscribe(topic)
+
+            self._bridge.run_sync_soon(lambda: self._nursery.start_soon(join))
+
+    async def _trio_subscribe(self, topic: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None or topic in pubsub.topic_ids:
+            return
+
+        def from_admitted(forwarder: ID, msg: Any) -> bool:
+            if str(forwarder) == self.peer_id or str(forwarder) in self._admitted:
+                return True
+            self.counters["gossip_refused"] += 1
+            return False
+
+        pubsub.set_topic_validator(topic, from_admitted, False)
+        subscription = await pubsub.subscribe(topic)
+        self._nursery.start_soon(self._pump_topic, topic, subscription)
+
+    async def _pump_topic(self, topic: str, subscription: Any) -> None:
+        try:
+            while True:
+                msg = await subscription.get()
+                try:
+                    origin = str(ID(msg.from_id))
+                except Exception:
+                    self.counters["gossip_dropped"] += 1
+                    continue
+                if origin == self.peer_id:
+                    continue
+                data = bytes(msg.data)
+                if len(data) > self.max_message_size:
+                    self.counters["gossip_dropped"] += 1
+                    continue
+                for handler in list(self._subscriptions.get(topic, ())):
+                    self._notify_asyncio(handler, origin, data)
+        except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Send ``data`` to every peer subscribed to ``topic``."""
+        bridge = self._require_running()
+        if len(data) > self.max_message_size:
+            raise P2PError(f"message of {len(data)} bytes exceeds the limit of {self.max_message_size}")
+
+        async def send() -> None:
+            await self._pubsub.publish(topic, bytes(data))
+
+        await bridge.call(send)
+
+    # --- streams --------------------------------------------------------------------------------
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol``: ``handler(stream)`` runs on the asyncio loop for admitted peers.
+
+        If the handler raises, the error is logged and the stream reset, so the opener sees it.
+        May be called before :meth:`start`.
+        """
+        self._stream_handlers[protocol] = handler
+        if self._bridge is not None and self._bridge.running:
+            self._bridge.run_sync_soon(lambda: self._trio_set_stream_handler(protocol))
+
+    def _trio_set_stream_handler(self, protocol: str) -> None:
+        if self._host is None:
+            return
+
+        async def hand_over(net_stream: Any) -> None:
+            handler = self._stream_handlers.get(protocol)
+            if handler is None:
+                await self._quiet_reset(net_stream)
+                return
+            stream = Stream(self._bridge, net_stream, _peer_of(net_stream), protocol, self.counters)
+            self._bridge.to_asyncio(lambda: self._spawn(self._run_stream_handler(handler, stream)))
+
+        self._host.set_stream_handler(protocol, self._gated(hand_over))
+
+    async def _run_stream_handler(self, handler: StreamHandler, stream: Stream) -> None:
+        try:
+            await handler(stream)
+        except asyncio.CancelledError:
+            await self._reset_quietly(stream)
+            raise
+        except Exception:
+            self.counters["stream_handler_errors"] += 1
+            log.exception("stream handler for %s from %s failed; resetting the stream", stream.protocol, stream.peer_id)
+            await self._reset_quietly(stream)
+
+    @staticmethod
+    async def _reset_quietly(stream: Stream) -> None:
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open a stream to an admitted peer."""
+        bridge = self._require_running()
+        if peer_id not in self._admitted:
+            raise P2PError(f"{peer_id} is not an admitted peer")
+
+        async def open_() -> Any:
+            return await self._host.new_stream(ID.from_base58(peer_id), [protocol])
+
+        try:
+            net_stream = await bridge.call(open_)
+        except P2PError:
+            raise
+        except Exception as exc:
+            raise P2PError(f"cannot open {protocol} to {peer_id}: {type(exc).__name__}: {exc}") from None
+        return Stream(bridge, net_stream, peer_id, protocol, self.counters)
+
+    # --- DHT ------------------------------------------------------------------------------------
+    async def provide(self, key: str) -> None:
+        """Announce that we provide ``key`` (a hex string, e.g. a rendezvous name)."""
+        bridge = self._require_running()
+
+        async def announce() -> bool:
+            return await self._dht.provide(key)
+
+        if not await bridge.call(announce):
+            self.counters["dht_provide_failed"] += 1
+
+    async def find_providers(self, key: str, limit: int = 20) -> list[tuple[str, list[str]]]:
+        """Providers of ``key``: ``(peer_id, multiaddrs ending /p2p/<id>)``, deduplicated, without us."""
+        bridge = self._require_running()
+
+        async def look_up() -> list[Any]:
+            return await self._dht.find_providers(key, limit)
+
+        found: dict[str, list[str]] = {}
+        for info in await bridge.call(look_up):
+            peer = str(info.peer_id)
+            if peer == self.peer_id:
+                continue
+            addrs = found.setdefault(peer, [])
+            for addr in info.addrs:
+                text = _with_peer_suffix(str(addr), peer)
+                if text not in addrs:
+                    addrs.append(text)
+        return list(found.items())
+
+    def add_dht_peer(self, peer_id: str, addrs: list[str]) -> None:
+        """Put a peer into the DHT routing table (libp2p does not do it from connections)."""
+        bridge = self._require_running()
+        maddrs = []
+        for text in addrs:
+            maddr = multiaddr.Multiaddr(text)
+            if "/p2p/" in text:
+                maddr = maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}"))
+            maddrs.append(maddr)
+        info = PeerInfo(ID.from_base58(peer_id), maddrs)
+        bridge.run_sync_soon(lambda: self._nursery.start_soon(self._dht_add, info))
+
+    async def _dht_add(self, info: PeerInfo) -> None:
+        if self._host is None or self._dht is None:
+            return
+        try:
+            self._host.get_peerstore().add_addrs(info.peer_id, info.addrs, 3600)
+            await self._dht.add_peer(info, skip_server_mode_check=True)
+        except Exception as exc:
+            log.debug("adding %s to the DHT routing table failed: %r", info.peer_id, exc)
+
+    # --- plumbing -------------------------------------------------------------------------------
+    def _require_running(self) -> TrioThread:
+        bridge = self._bridge
+        if bridge is None or not bridge.running:
+            raise P2PError("host is not running")
+        return bridge
+
+    def _notify_asyncio(self, callback: Callable[..., Any] | None, *args: Any) -> None:
+        """From trio: run ``callback(*args)`` on the asyncio loop, awaiting it if it is async."""
+        if callback is None or self._bridge is None:
+            return
+
+        def call() -> None:
+            try:
+                result = callback(*args)
+            except Exception:
+                self.counters["callback_errors"] += 1
+                log.exception("callback %r failed", callback)
+                return
+            if inspect.isawaitable(result):
+                self._spawn(self._await_callback(result, callback))
+
+        self._bridge.to_asyncio(call)
+
+    async def _await_callback(self, awaitable: Awaitable[Any], callback: Any) -> None:
+        try:
+            await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters["callback_errors"] += 1
+            log.exception("callback %r failed", callback)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._asyncio_tasks.add(task)
+        task.add_done_callback(self._asyncio_tasks.discard)

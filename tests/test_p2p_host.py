@@ -1,0 +1,287 @@
+"""P2PHost with real libp2p hosts on 127.0.0.1: admission, gossip, streams, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from kairos_core.p2p import AdmissionError, P2PError, P2PHost, Stream
+from kairos_core.p2p.testkit import HostFactory, collector, publish_until_received, wait_until
+from kairos_core.token import generate_token
+
+TOPIC = "/kairos/test/topic"
+ECHO = "/kairos/test/echo/1.0.0"
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[HostFactory]:
+    factory = HostFactory()
+    try:
+        yield factory
+    finally:
+        await factory.close()
+
+
+def _listening_ports() -> set[int]:
+    """TCP ports in LISTEN state, from /proc (no psutil)."""
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _port_of(host: P2PHost) -> int:
+    return int(host.addresses()[0].split("/tcp/")[1].split("/")[0])
+
+
+async def test_same_token_admits_gossips_and_streams(hosts: HostFactory) -> None:
+    admitted_a: list[str] = []
+    admitted_b: list[str] = []
+    a = await hosts.host(on_peer_admitted=admitted_a.append)
+    b = await hosts.host(on_peer_admitted=admitted_b.append)
+    inbox_a, handler_a = collector()
+    inbox_b, handler_b = collector()
+    a.subscribe(TOPIC, handler_a)
+    b.subscribe(TOPIC, handler_b)
+
+    async def echo(stream: Stream) -> None:
+        while frame := await stream.read_frame(1 << 20):
+            await stream.write_frame(frame[::-1])
+        await stream.close()
+
+    b.set_stream_handler(ECHO, echo)
+
+    assert a.peer_id.startswith("12D3KooW")
+    assert all(addr.endswith(f"/p2p/{b.peer_id}") for addr in b.addresses())
+    assert await a.connect(b.addresses()) == b.peer_id
+    assert a.admitted_peers() == {b.peer_id}
+    await wait_until(lambda: b.admitted_peers() == {a.peer_id})
+    await wait_until(lambda: admitted_a == [b.peer_id] and admitted_b == [a.peer_id])
+
+    assert await publish_until_received(a, TOPIC, inbox_b, b"from a") == (a.peer_id, b"from a")
+    assert await publish_until_received(b, TOPIC, inbox_a, b"from b") == (b.peer_id, b"from b")
+
+    stream = await a.open_stream(b.peer_id, ECHO)
+    assert stream.peer_id == b.peer_id and stream.protocol == ECHO
+    big = bytes(range(256)) * 1024
+    for payload in (b"one", big, b"three"):
+        await stream.write_frame(payload)
+        assert await asyncio.wait_for(stream.read_frame(1 << 20), 10) == payload[::-1]
+    await stream.close()
+    assert await asyncio.wait_for(stream.read_frame(1 << 20), 10) == b""  # the handler closed: EOF
+    assert await stream.read() == b""
+    assert a.counters["admission_ok"] == 1 and a.counters["admission_failed"] == 0
+
+
+async def test_connect_to_an_unreachable_peer_is_a_p2p_error(hosts: HostFactory) -> None:
+    a = await hosts.host()
+    b = await hosts.host()
+    address = b.addresses()[0]
+    await b.stop()
+    with pytest.raises(P2PError) as info:
+        await a.connect(address)
+    assert not isinstance(info.value, AdmissionError)
+    with pytest.raises(P2PError):
+        await a.connect("/ip4/127.0.0.1/tcp/1")  # no /p2p/<id>
+
+
+async def test_another_token_is_refused_on_both_sides(hosts: HostFactory) -> None:
+    a = await hosts.host()
+    stranger = await hosts.host(token=generate_token())
+    inbox, handler = collector()
+    a.subscribe(TOPIC, handler)
+    stranger.subscribe(TOPIC, collector()[1])
+    with pytest.raises(AdmissionError):
+        await stranger.connect(a.addresses())
+    await wait_until(lambda: a.counters["admission_failed"] >= 1)
+    assert stranger.counters["admission_failed"] >= 1
+    assert a.admitted_peers() == set() and stranger.admitted_peers() == set()
+    await wait_until(lambda: _no_connection(a, stranger))
+    for i in range(5):
+        await stranger.publish(TOPIC, b"intruder %d" % i)
+    await asyncio.sleep(1.5)  # more than a gossip heartbeat
+    assert inbox.empty()
+    with pytest.raises(P2PError):
+        await stranger.open_stream(a.peer_id, ECHO)
+
+
+async def _no_connection(a: P2PHost, b: P2PHost) -> bool:
+    return b.peer_id not in await a.connected_peers() and a.peer_id not in await b.connected_peers()
+
+
+class _SkipsAdmission(P2PHost):
+    """A rogue peer: it trusts everyone at once and never proves anything."""
+
+    def _on_connected(self, conn: Any) -> None:
+        peer = str(conn.muxed_conn.peer_id)
+        self._nursery.start_soon(self._admit, peer, self._admission_for(peer))
+
+
+async def test_a_peer_that_skips_admission_gets_no_gossip_or_stream_through(hosts: HostFactory) -> None:
+    a = await hosts.host(admission_timeout=1.5)
+    rogue = await hosts.host(host_class=_SkipsAdmission)
+    inbox, handler = collector()
+    a.subscribe(TOPIC, handler)
+    reached: list[str] = []
+
+    async def record(stream: Stream) -> None:
+        reached.append(stream.peer_id)
+
+    a.set_stream_handler(ECHO, record)
+    assert await rogue.connect(a.addresses()) == a.peer_id  # the rogue believes it is in
+    opened = asyncio.create_task(_try_stream(rogue, a.peer_id))
+    for i in range(10):
+        await rogue.publish(TOPIC, b"rogue %d" % i)
+        await asyncio.sleep(0.2)
+    await wait_until(lambda: _no_connection(a, rogue))
+    await asyncio.wait_for(opened, 10)
+    assert inbox.empty() and reached == []
+    assert a.admitted_peers() == set()
+    assert a.counters["admission_failed"] >= 1
+    assert a.counters["streams_refused"] >= 1
+
+
+async def _try_stream(host: P2PHost, peer: str) -> None:
+    try:
+        stream = await host.open_stream(peer, ECHO)
+        await stream.write(b"hello")
+        await stream.read()
+    except P2PError:
+        pass
+
+
+async def test_oversized_frame_is_refused_and_raising_handler_resets(hosts: HostFactory) -> None:
+    a = await hosts.host()
+    b = await hosts.host()
+    outcome: list[str] = []
+
+    async def strict(stream: Stream) -> None:
+        try:
+            await stream.read_frame(1024)
+        except P2PError:
+            outcome.append("refused")
+
+    async def broken(stream: Stream) -> None:
+        raise RuntimeError("handler bug")
+
+    b.set_stream_handler("/kairos/test/strict/1.0.0", strict)
+    b.set_stream_handler("/kairos/test/broken/1.0.0", broken)
+    await a.connect(b.addresses())
+    await wait_until(lambda: a.peer_id in b.admitted_peers())
+
+    stream = await a.open_stream(b.peer_id, "/kairos/test/strict/1.0.0")
+    await stream.write_frame(b"\x00" * 4096)
+    await wait_until(lambda: outcome == ["refused"])
+    assert b.counters["frames_dropped"] == 1
+    assert await _ends(stream)
+
+    # The handler may reset the stream before our side even finished negotiating it: then
+    # open_stream itself raises. Either way the opener learns of it and nothing hangs.
+    try:
+        stream = await a.open_stream(b.peer_id, "/kairos/test/broken/1.0.0")
+        await stream.write(b"anyone there?")
+        assert await _ends(stream)
+    except P2PError:
+        pass
+    await wait_until(lambda: b.counters["stream_handler_errors"] == 1)
+
+
+async def _ends(stream: Stream) -> bool:
+    try:
+        return await asyncio.wait_for(stream.read(), 10) == b""
+    except P2PError:
+        return True
+
+
+def _threads() -> set[threading.Thread]:
+    return set(threading.enumerate())
+
+
+async def test_stop_releases_port_tasks_and_threads(hosts: HostFactory) -> None:
+    before = _threads()
+    a = await hosts.host()
+    b = await hosts.host()
+    await a.connect(b.addresses())
+    port = _port_of(a)
+    assert port in _listening_ports()
+    assert len(_threads()) > len(before)
+    await a.stop()
+    await b.stop()
+    assert port not in _listening_ports()
+    probe = socket.socket()
+    try:
+        probe.bind(("127.0.0.1", port))  # no SO_REUSEPORT: fails if anything still holds it
+    finally:
+        probe.close()
+    assert _threads() == before
+    with pytest.raises(P2PError):
+        await a.publish(TOPIC, b"after stop")
+
+    # the same host object restarts, and a new one takes the freed port
+    await a.start()
+    again = await hosts.host(listen=[f"/ip4/127.0.0.1/tcp/{port}"])
+    assert _port_of(again) == port
+    assert await a.connect(again.addresses()) == again.peer_id
+    await a.stop()
+    await again.stop()
+    assert _threads() == before
+
+
+async def test_wildcard_listen_advertises_concrete_addresses(hosts: HostFactory) -> None:
+    a = await hosts.host(listen=["/ip4/0.0.0.0/tcp/0"])
+    b = await hosts.host()
+    addresses = a.addresses()
+    assert addresses and not any("/0.0.0.0/" in addr for addr in addresses)
+    loopback = [addr for addr in addresses if addr.startswith("/ip4/127.0.0.1/")]
+    assert loopback
+    assert await b.connect(loopback) == a.peer_id
+
+
+async def test_disconnect_reports_the_peer_gone(hosts: HostFactory) -> None:
+    gone: list[str] = []
+    a = await hosts.host()
+    b = await hosts.host(on_peer_disconnected=gone.append)
+    await a.connect(b.addresses())
+    await wait_until(lambda: b.admitted_peers() == {a.peer_id})
+    await a.disconnect(b.peer_id)
+    await wait_until(lambda: gone == [a.peer_id])
+    assert b.admitted_peers() == set()
+    assert await a.connect(b.addresses()) == b.peer_id  # and it can come back
+
+
+async def test_libp2p_logs_reach_our_handlers_with_routine_warnings_demoted(
+    hosts: HostFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    await hosts.host()
+    assert logging.getLogger("libp2p").propagate is True
+    caplog.set_level(logging.INFO)
+    logging.getLogger("libp2p.kad_dht.kad_dht").warning("routine DHT read failure")
+    logging.getLogger("libp2p.crypto.keys").error("a real libp2p error")
+    messages = {(r.levelno, r.getMessage()) for r in caplog.records}
+    assert (logging.ERROR, "a real libp2p error") in messages
+    assert not any(text == "routine DHT read failure" for _, text in messages)
+
+
+async def test_start_fails_cleanly_on_a_busy_or_foreign_address(hosts: HostFactory) -> None:
+    a = await hosts.host()
+    before = _threads()
+    with pytest.raises(P2PError, match="in use"):
+        await hosts.host(listen=[f"/ip4/127.0.0.1/tcp/{_port_of(a)}"])
+    with pytest.raises(P2PError):
+        await hosts.host(listen=["/ip4/192.0.2.1/tcp/0"])  # TEST-NET-1: not an address of ours
+    assert _threads() == before
