@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 
 # Seconds between redials of configured bootstrap peers that are not connected.
 BOOTSTRAP_REDIAL = 5.0
-# After a failed dial, wait this long before dialling a discovered peer again (doubles to 60 s).
+# After a failed dial, wait this long before dialling a peer again (doubles up to MAX_DIAL_BACKOFF).
 DIAL_BACKOFF = 1.0
+MAX_DIAL_BACKOFF = 15.0
+# Seconds between attempts to reconnect to recently seen peers that are not connected.
+RECONNECT_INTERVAL = 2.0
 # How long the election's fast path waits for a departed leader to answer a dial.
 PROBE_TIMEOUT = 1.0
 
@@ -115,6 +118,7 @@ class Node:
         self.announce()
         self._spawn(self._announce_loop(), "announce")
         self._spawn(self._expire_loop(), "membership-expiry")
+        self._spawn(self._reconnect_loop(), "reconnect")
 
         await self._start_discovery()
         election = self.config["election"]
@@ -274,7 +278,7 @@ class Node:
             self.counters["dials_ok"] += 1
         except Exception as exc:
             self.counters["dials_failed"] += 1
-            self._dial_backoff[peer_id] = (time.monotonic() + backoff, min(backoff * 2, 60.0))
+            self._dial_backoff[peer_id] = (time.monotonic() + backoff, min(backoff * 2, MAX_DIAL_BACKOFF))
             log.debug("dialling %s failed: %s", peer_id, exc)
         finally:
             self._dialing.discard(peer_id)
@@ -330,6 +334,20 @@ class Node:
         while True:
             name, kwargs = await self._hook_queue.get()
             await call_hook(self.manager, name, **kwargs)
+
+    async def _reconnect_loop(self) -> None:
+        # Discovery reports a peer once; after a partition or a restart the connection must come
+        # back without it. Peers seen within the quorum horizon are redialled (with back-off) at
+        # the addresses they advertise in the ledger.
+        horizon = float(self.config["election"]["quorum_horizon"])
+        while True:
+            await asyncio.sleep(RECONNECT_INTERVAL)
+            admitted = self.host.admitted_peers()
+            for peer_id in self.membership.recently_alive(horizon) - admitted:
+                info = self.ledger.get(NODES_BUCKET, peer_id)
+                addrs = info.get("addresses") if isinstance(info, dict) else None
+                if isinstance(addrs, list) and addrs:
+                    self._spawn(self._discovered(peer_id, [a for a in addrs if isinstance(a, str)]), "redial")
 
     async def _announce_loop(self) -> None:
         interval = float(self.config["membership"]["announce_interval"])

@@ -285,3 +285,41 @@ async def test_start_fails_cleanly_on_a_busy_or_foreign_address(hosts: HostFacto
     with pytest.raises(P2PError):
         await hosts.host(listen=["/ip4/192.0.2.1/tcp/0"])  # TEST-NET-1: not an address of ours
     assert _threads() == before
+
+
+async def test_connections_get_kernel_keepalive(tmp_path):
+    """A partition sends no RST: keepalive is what lets membership notice it (see enable_keepalive)."""
+    import socket as stdlib_socket
+
+    from kairos_core.identity import Identity
+    from kairos_core.keys import KeySchedule
+    from kairos_core.p2p import P2PHost
+    from kairos_core.p2p.host import KEEPALIVE_IDLE, enable_keepalive
+    from kairos_core.token import generate_token
+
+    schedule = KeySchedule(generate_token())
+    a = P2PHost(Identity.generate(), schedule, ["/ip4/127.0.0.1/tcp/0"], max_message_size=1 << 20)
+    b = P2PHost(Identity.generate(), schedule, ["/ip4/127.0.0.1/tcp/0"], max_message_size=1 << 20)
+    await a.start()
+    await b.start()
+    try:
+        await a.connect(b.addresses())
+        assert a.counters.get("keepalive_unavailable", 0) == 0
+        assert b.counters.get("keepalive_unavailable", 0) == 0
+        # the walker finds a real socket through wrappers and sets the options on it
+        raw = stdlib_socket.socket()
+
+        class Wrapper:
+            def __init__(self, inner):
+                self.stream = inner
+
+        try:
+            assert enable_keepalive(Wrapper(Wrapper(raw)))
+            assert raw.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE) == 1
+            assert raw.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+        finally:
+            raw.close()
+        assert not enable_keepalive(object())
+    finally:
+        await a.stop()
+        await b.stop()
