@@ -255,9 +255,9 @@ def status(context: Context, socket_path: str | None, as_json: bool) -> None:
     click.echo(f"ledger:      {data['ledger_entries']} entries")
     for address in data["addresses"]:
         click.echo(f"address:     {address}")
-    dropped = {k: v for k, v in data["counters"].items() if v and ("drop" in k or "reject" in k or "error" in k or "fail" in k)}
+    dropped = {k: v for k, v in data["counters"].items() if v and ("drop" in k or "reject" in k or "error" in k)}
     for name, value in dropped.items():
-        click.echo(f"dropped:     {name} {value}")
+        click.echo(f"dropped:     {value} ({name})")
 
 
 @cli.command()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install kairos-core, every plugin in plugins/ and the test tools into ./.venv, on Debian/Ubuntu.
+# Debian packages: gcc + libgmp-dev build fastecdsa (a libp2p dependency); iproute2 and nftables
+# build the namespace labs of the tests; iperf3, openssh and ping are driven through the VPN tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if command -v apt-get >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends \
+    gcc libgmp-dev python3-venv iproute2 nftables iperf3 openssh-server openssh-client iputils-ping >/dev/null
+fi
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+plugin_args=()
+for plugin in plugins/*/; do
+  [ -f "$plugin/pyproject.toml" ] && plugin_args+=(-e "$plugin")
+done
+.venv/bin/python -m pip install -q -e '.[test]' "${plugin_args[@]}"
+echo "installed: $(.venv/bin/kairos version | tr '\n' ';')"
