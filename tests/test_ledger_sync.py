@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kairos_core.identity import Identity
 from kairos_core.ledger import (
@@ -220,3 +222,25 @@ async def test_frames_follow_the_channel_limit_and_oversized_entries_do_not_brea
         await right.aclose()
         server.close()
         await server.wait_closed()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(st.just(bytes(16)), st.binary(min_size=16, max_size=16)), min_size=256, max_size=256))
+def test_compact_digest_round_trips(ranges):
+    from kairos_core.ledger.sync import pack_digest, unpack_digest
+
+    digest = b"".join(ranges)
+    packed = pack_digest(digest)
+    assert unpack_digest(packed) == digest
+    assert len(packed) == 32 + 16 * sum(r != bytes(16) for r in ranges)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600))
+def test_compact_digest_garbage_is_a_sync_error(data):
+    from kairos_core.ledger.sync import unpack_digest
+
+    try:
+        assert len(unpack_digest(data)) == 256 * 16
+    except SyncError:
+        pass
