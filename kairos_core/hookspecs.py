@@ -141,6 +141,20 @@ def on_ledger_update(node: Node, update: LedgerUpdate) -> Awaitable[None] | None
 
 
 @hookspec
+def kairos_leader_eligible(node: Node) -> bool | None:
+    """Say whether this node may become the leader.
+
+    Called on each election round (about twice a second, so keep it cheap and synchronous) and
+    whenever the node advertises itself. Config ``election.eligible: false`` already rules a
+    node out; a plugin can rule it out too — a k3s plugin might keep workers out of the running.
+
+    :param node: this node.
+    :return: False to make this node ineligible; True or None to leave the decision to others.
+        One False is enough.
+    """
+
+
+@hookspec
 def on_leader_elected(node: Node, leader: str, epoch: int) -> Awaitable[None] | None:
     """React to a new leader.
 

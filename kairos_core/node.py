@@ -30,7 +30,7 @@ from .ledger import Ledger, LedgerStore, PolicyRegistry
 from .ledger.ledger import LEDGER_FILE
 from .ledger.policy import DEFAULT_POLICIES
 from .membership import NODES_BUCKET, Membership
-from .plugins import KairosPluginManager, call_hook, make_plugin_manager
+from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
 from .seal import Sealer
 
@@ -125,7 +125,7 @@ class Node:
         self.election = Election(
             self.peer_id, self.ledger, self.membership, self._emit_leader,
             network_id=self.network_id, lease_seconds=float(election["lease_seconds"]),
-            eligible=lambda: bool(self.config["election"]["eligible"]),
+            eligible=self.leader_eligible,
             require_majority=bool(election["require_majority"]), quorum_horizon=float(election["quorum_horizon"]),
             probe=self._probe,
         )
@@ -211,6 +211,13 @@ class Node:
             "counters": dict(sorted(counters.items())),
         }
 
+    def leader_eligible(self) -> bool:
+        """Config ``election.eligible`` and no plugin's ``kairos_leader_eligible`` said False."""
+        if not self.config["election"]["eligible"]:
+            return False
+        votes = call_hook_sync(self.manager, "kairos_leader_eligible", node=self)
+        return not any(vote is False for vote in votes.results)
+
     def announce(self) -> None:
         """Write (or refresh) this node's entry in ``nodes``: its heartbeat and advertisement."""
         self._beat += 1
@@ -220,7 +227,7 @@ class Node:
             "addresses": self.host.addresses() if self.host else [],
             "version": __version__,
             "role": self.config["p2p"]["role"],
-            "eligible": bool(self.config["election"]["eligible"]),
+            "eligible": self.leader_eligible(),
             "beat": self._beat,
         })
 

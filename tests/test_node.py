@@ -203,3 +203,24 @@ async def test_ledger_watch_streams_changes(kairos_network):
     node.ledger.delete("w", "a")
     await asyncio.wait_for(watcher, 10)
     assert [(u["key"], u["value"], u["deleted"]) for u in received] == [("a", 1, False), ("a", None, True)]
+
+
+async def test_hook_kairos_leader_eligible(kairos_network):
+    class NeverLead:
+        @hookimpl
+        def kairos_leader_eligible(self, node):
+            return False
+
+    class Abstains:
+        @hookimpl
+        def kairos_leader_eligible(self, node):
+            return None
+
+    net = await kairos_network(0)
+    vetoed = await net.add_node(plugins=[NeverLead(), Abstains()])
+    other = await net.add_node(plugins=[Abstains()])
+    await net.fully_connected()
+    assert not vetoed.leader_eligible() and other.leader_eligible()
+    await net.wait_for(lambda: vetoed.leader and other.leader, timeout=20)
+    assert vetoed.leader[0] == other.peer_id == other.leader[0]
+    await net.wait_for(lambda: other.members().get(vetoed.peer_id, {}).get("eligible") is False)
