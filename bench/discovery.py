@@ -5,10 +5,10 @@ For mDNS (DHT off) and for the DHT (mDNS off, one bootstrap node), prints JSON w
 - ``from_launch_s``: launch of the first process → every node sees every other (includes Python
   and libp2p start-up, ~1 s per process on this machine);
 - ``from_ready_s``: the last node's API answering → full membership (discovery proper);
-then, for the mDNS network left idle, traffic per node and per peer (bytes/s on its interface) and
-RSS per node. Needs root (network namespaces).
+then, for the mDNS network left idle, traffic per node and per peer (bytes/s on its interface), RSS
+per node, and the time from a SIGKILL of one node until every other reports it gone. Needs root.
 
-Usage: bench/discovery.py [--nodes 5] [--rounds 3] [--idle 20]
+Usage: bench/discovery.py [--nodes 5] [--rounds 3] [--idle 60]
 """
 
 from __future__ import annotations
@@ -57,9 +57,25 @@ def cold_start(mode: str, count: int, idle: float) -> dict:
                       "from_ready_s": round(done - ready, 3)}
             if idle:
                 result.update(idle_figures(lab, network, idle))
+                result["left_after_kill_9_s"] = left_after_kill(network, ids, count)
             return result
         finally:
             network.close()
+
+
+def left_after_kill(network: LabNetwork, ids: dict[int, str], victim: int) -> float:
+    """SIGKILL one node; seconds until every other node has stopped counting it alive."""
+    import signal
+
+    killed = time.monotonic()
+    network.kill(victim, signal.SIGKILL)
+    others = [node for index, node in network.nodes.items() if index != victim]
+    deadline = killed + 60
+    while any(ids[victim] in node.alive_peers() for node in others):
+        if time.monotonic() > deadline:
+            raise TimeoutError("killed node still counted alive")
+        time.sleep(0.02)
+    return round(time.monotonic() - killed, 3)
 
 
 def interface_bytes(lab: Lab, index: int) -> int:
@@ -96,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--idle", type=float, default=20.0, help="seconds of idle measurement (0: skip)")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of idle measurement (0: skip)")
     args = parser.parse_args()
     reason = require_netns()
     if reason:
