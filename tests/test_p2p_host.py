@@ -323,3 +323,33 @@ async def test_connections_get_kernel_keepalive(tmp_path):
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_signed_peer_records_are_checked_once_and_forgeries_still_fail():
+    from libp2p.peer.peerstore import env_to_send_in_RPC
+    from libp2p.pubsub import pubsub as pubsub_module
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from kairos_core.identity import Identity
+    from kairos_core.keys import KeySchedule
+    from kairos_core.p2p import P2PHost
+    from kairos_core.token import generate_token
+
+    schedule = KeySchedule(generate_token())
+    a = P2PHost(Identity.generate(), schedule, ["/ip4/127.0.0.1/tcp/0"], max_message_size=1 << 20)
+    b = P2PHost(Identity.generate(), schedule, ["/ip4/127.0.0.1/tcp/0"], max_message_size=1 << 20)
+    await a.start()
+    await b.start()
+    try:
+        consume = pubsub_module.maybe_consume_signed_record
+        assert getattr(consume, "kairos_cached", False)
+        record, _ = env_to_send_in_RPC(a._host)
+        good = rpc_pb2.RPC(senderRecord=record)
+        a_id = a._host.get_id()
+        assert consume(good, b._host, a_id) and consume(good, b._host, a_id)
+        assert not consume(rpc_pb2.RPC(senderRecord=record[:-3] + b"xyz"), b._host, a_id)
+        assert not consume(good, b._host, b._host.get_id())  # a's record does not speak for b
+        assert consume(rpc_pb2.RPC(), b._host, a_id)  # no record: nothing to check
+    finally:
+        await a.stop()
+        await b.stop()

@@ -96,6 +96,43 @@ def _size_pubsub_queues(max_message_size: int) -> None:
     pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, SUBSCRIPTION_QUEUE)
 
 
+_SIGNED_RECORDS_REMEMBERED = 4096
+
+
+def _verify_signed_records_once() -> None:
+    """Process-wide: check each peer's signed peer record once, not on every pubsub RPC.
+
+    py-libp2p attaches the sender's signed record to every RPC and verifies it (an ed25519
+    signature) on every receipt — ~5% of a node's CPU under ledger load, for bytes that rarely
+    change. A record byte-identical to one that already verified for that host and peer is
+    accepted without checking again; anything else goes through libp2p's own check.
+    """
+    from libp2p.pubsub import gossipsub as gossipsub_module
+    from libp2p.pubsub import utils as pubsub_utils
+
+    original = pubsub_utils.maybe_consume_signed_record
+    if getattr(pubsub_module.maybe_consume_signed_record, "kairos_cached", False):
+        return
+    verified: dict[tuple[int, Any], bytes] = {}
+
+    def consume_once(msg: Any, host: Any, peer_id: Any) -> bool:
+        if not msg.HasField("senderRecord"):
+            return True
+        key = (id(host), peer_id)
+        if verified.get(key) == msg.senderRecord:
+            return True
+        accepted = original(msg, host, peer_id)
+        if accepted:
+            if len(verified) >= _SIGNED_RECORDS_REMEMBERED:
+                verified.clear()
+            verified[key] = msg.senderRecord
+        return accepted
+
+    consume_once.kairos_cached = True  # type: ignore[attr-defined]
+    pubsub_module.maybe_consume_signed_record = consume_once
+    gossipsub_module.maybe_consume_signed_record = consume_once
+
+
 class _Admission:
     """The admission state of one peer: pending until ``decided`` is set."""
 
@@ -259,6 +296,7 @@ class P2PHost:
             raise P2PError(f"listen address already in use: {', '.join(busy)}")
         tame_libp2p_logging()
         _size_pubsub_queues(self.max_message_size)
+        _verify_signed_records_once()
         self._bridge = TrioThread(self.peer_id[-8:])
         self._admissions.clear()
         self._admitted.clear()
