@@ -1,0 +1,38 @@
+"""The admin kubeconfig, rewritten so it works from any node of the network.
+
+A k3s server writes ``server: https://127.0.0.1:6443``; from another machine the API is at the
+master's VPN address or the EIP.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import yaml
+
+from .launch import server_url
+
+
+class KubeconfigError(ValueError):
+    """The text is not a kubeconfig."""
+
+
+def rewrite_kubeconfig(text: str, address: str, port: int | None = None) -> str:
+    """``text`` with every cluster's server pointed at ``address``.
+
+    :param address: IP address or host name of the API server.
+    :param port: the API port; default: keep each cluster's own port (6443 when it has none).
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise KubeconfigError(f"the kubeconfig is not YAML: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("clusters"), list):
+        raise KubeconfigError("the kubeconfig has no clusters")
+    for item in data["clusters"]:
+        cluster = item.get("cluster") if isinstance(item, dict) else None
+        if not isinstance(cluster, dict):
+            raise KubeconfigError("a cluster entry of the kubeconfig is malformed")
+        old = urlsplit(str(cluster.get("server") or ""))
+        cluster["server"] = server_url(address, port or old.port or 6443)
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

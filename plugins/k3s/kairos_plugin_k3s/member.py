@@ -1,0 +1,247 @@
+"""One node's part in the cluster: a reconciliation loop.
+
+Each round, on a timer and whenever the ledger, the membership or the leader changes:
+
+1. the leader (and only while it holds the lease) assigns roles to nodes that have none, every
+   write stamped with its epoch;
+2. the node reads its own role; once it has one and what it needs (its VPN address; for joiners
+   the server address and the node token), it computes the k3s launch, lets other plugins prepare
+   (``k3s_before_start``) and hands the launch to the runner, which restarts k3s only on change;
+3. a master that created the cluster publishes ``ip-master``, the node token and the kubeconfig as
+   soon as k3s has written them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from kairos_core.plugins import call_hook
+
+from .addresses import own_address, vpn_address, vpn_interface
+from .cluster_state import KUBECONFIG_KEY, MASTER_IP_KEY, TOKEN_KEY, ClusterState, address_key
+from .launch import Join, K3sLaunch, build_launch, server_url
+from .paths import K3sPaths
+from .roles import MASTER, WORKER, is_server, joins_cluster, plan_roles, starts_cluster
+from .runners import ServiceRunner, make_runner, resolve_binary
+from .settings import K3sSettings
+
+if TYPE_CHECKING:
+    from kairos_core.node import Node
+
+log = logging.getLogger(__name__)
+
+
+class ClusterMember:
+    """Drives k3s on one node from the shared ledger.
+
+    :param node: the running node.
+    :param settings: the plugin's settings from the node's config.
+    :param runner: how k3s runs; default: the one ``k3s.runner`` names.
+    """
+
+    def __init__(self, node: Node, settings: K3sSettings, runner: ServiceRunner | None = None) -> None:
+        self.node = node
+        self.settings = settings
+        self.paths = K3sPaths.under(settings.root)
+        self.state = ClusterState(node.ledger, node.network_id)
+        self.runner = runner or make_runner(
+            settings.runner, self.paths, systemctl=settings.systemctl,
+            rc_service=settings.rc_service, rc_update=settings.rc_update,
+        )
+        self.launch: K3sLaunch | None = None
+        self.role: str | None = None
+        self.waiting_for: str | None = None  # what the node waits for before it can run k3s
+        self.counters: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_error: str | None = None
+        self._last_notes: tuple[str, ...] = ()
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Announce this node as a k3s node and start reconciling in the background."""
+        if self.settings.enabled:
+            self.state.announce_candidate(self.node.peer_id, self.node.hostname, self.settings.role_hint)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="k3s-reconcile")
+
+    def wake(self) -> None:
+        """Reconcile now rather than at the next tick."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop reconciling; a directly supervised k3s stops too, a service keeps running."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self.runner.stop()
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile()
+                self._last_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a failing service manager must not end the loop
+                self.counters["errors"] += 1
+                message = f"{type(exc).__name__}: {exc}"
+                if message != self._last_error:  # once per distinct problem, not every round
+                    log.error("k3s on %s: %s", self.node.hostname, message)
+                    self._last_error = message
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.reconcile_interval)
+            except TimeoutError:
+                pass
+
+    # --- one round -----------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Schedule (when leader), then bring k3s in line with this node's role."""
+        self.counters["rounds"] += 1
+        if self.settings.auto_enable:
+            self.schedule()
+        if not self.settings.enabled:
+            return
+        role = self.own_role()
+        self.role = role
+        if role is None:
+            self.waiting_for = "a role"
+            return
+        address = self.address()
+        if address is None:
+            self.waiting_for = "the VPN address"
+            return
+        join = None
+        if joins_cluster(role):
+            join = await self.join_info(role)
+            if join is None:
+                return
+        launch = await self.build(role, address, join)
+        await call_hook(self.node.manager, "k3s_before_start", node=self.node, role=role, paths=self.paths)
+        if await self.runner.apply(launch):
+            self.counters["starts"] += 1
+            log.info("k3s on %s: started as %s (%s)", self.node.hostname, role, self.runner.name)
+        self.launch = launch
+        self.waiting_for = None
+        self.state.put(address_key(self.node.peer_id), address)
+        if is_server(role):
+            await self.publish(role, address)
+
+    def schedule(self) -> dict[str, str]:
+        """As the leader, assign roles to candidates that have none; returns what was written."""
+        leader = self.node.leader
+        if leader is None or leader[0] != self.node.peer_id:
+            return {}
+        epoch = leader[1]
+        alive = set(self.node.members()) | {self.node.peer_id}
+        candidates = {peer: hint for peer, hint in self.state.candidates().items() if peer in alive}
+        assigned = {peer: record.role for peer, record in self.state.roles().items()}
+        plan = plan_roles(
+            candidates, assigned, ha=self.settings.ha_enable,
+            master_nodes=self.settings.master_nodes, minimum_nodes=self.settings.minimum_nodes,
+        )
+        for peer, role in plan.items():
+            # Re-check right before each write: a leader deposed meanwhile writes nothing more.
+            if self.node.leader != (self.node.peer_id, epoch):
+                break
+            self.state.assign(peer, role, epoch, self.node.peer_id)
+            log.info("leader (epoch %d): %s is %s", epoch, peer, role)
+        return plan
+
+    def own_role(self) -> str | None:
+        """The role the ledger gives this node, or the fixed one ``p2p.role`` asks for."""
+        record = self.state.role_of(self.node.peer_id)
+        if record is not None:
+            return record.role
+        hint = self.settings.role_hint
+        if hint == WORKER:
+            return WORKER
+        if hint == MASTER and not self.settings.auto_enable:
+            return MASTER  # nobody schedules: a fixed master creates its own cluster
+        return None
+
+    def address(self) -> str | None:
+        """This node's k3s address: configured, else its VPN address, else its own."""
+        if self.settings.node_ip:
+            return self.settings.node_ip
+        if vpn_interface(self.node.config) is not None:
+            return vpn_address(self.node.ledger, self.node.peer_id)
+        host = getattr(self.node, "host", None)
+        return own_address(host.addresses() if host is not None else []) or "127.0.0.1"
+
+    async def server_address(self) -> str | None:
+        """The API address joiners dial: a plugin's (kubevip's EIP), else ``ip-master``."""
+        result = await call_hook(self.node.manager, "k3s_server_address", node=self.node)
+        for answer in result.results:
+            if isinstance(answer, str) and answer:
+                return answer
+        return self.state.master_address
+
+    async def join_info(self, role: str) -> Join | None:
+        """Server URL and token for a joining role, or None while either is unknown."""
+        token = self.state.node_token
+        external = is_server(role) and bool(self.settings.external_db)
+        server = None if external else await self.server_address()
+        if token is None or (server is None and not external):
+            self.waiting_for = "the node token" if token is None else "the master address"
+            return None
+        return Join(server_url(server, self.settings.api_port) if server else None, token)
+
+    async def build(self, role: str, address: str, join: Join | None) -> K3sLaunch:
+        """The launch for ``role``, with other plugins' flags and SANs."""
+        server = is_server(role)
+        if server:
+            extra = await self._strings("k3s_server_args", role=role)
+            sans = await self._strings("k3s_tls_sans")
+        else:
+            extra = await self._strings("k3s_agent_args")
+            sans = []
+        launch = build_launch(
+            role, flags=self.settings.server if server else self.settings.agent,
+            binary=self._binary(), paths=self.paths, node_ip=address,
+            interface=vpn_interface(self.node.config), tls_sans=sans, plugin_args=extra,
+            join=join, external_db=self.settings.external_db if server else "",
+        )
+        if launch.notes != self._last_notes:
+            for note in launch.notes:
+                log.warning("k3s on %s: %s", self.node.hostname, note)
+            self._last_notes = launch.notes
+        return launch
+
+    async def publish(self, role: str, address: str) -> None:
+        """Share what joiners need; the init master always, other masters only what is missing."""
+        origin = starts_cluster(role)
+        if origin:
+            self.state.put(MASTER_IP_KEY, await self.server_address_for_master(address))
+        for key, path in ((TOKEN_KEY, self.paths.node_token), (KUBECONFIG_KEY, self.paths.kubeconfig)):
+            if not origin and self.state.text(key) is not None:
+                continue
+            try:
+                text = path.read_text().strip()
+            except (FileNotFoundError, UnicodeDecodeError):
+                continue  # k3s has not written it yet: next round
+            if text and self.state.put(key, text if key == TOKEN_KEY else text + "\n"):
+                log.info("k3s on %s: published %s", self.node.hostname, key)
+
+    async def server_address_for_master(self, address: str) -> str:
+        """What the init master publishes as ``ip-master``: a plugin's address (EIP) or its own."""
+        result = await call_hook(self.node.manager, "k3s_server_address", node=self.node)
+        answers = [a for a in result.results if isinstance(a, str) and a]
+        return answers[0] if answers else address
+
+    async def _strings(self, hook: str, **kwargs: Any) -> list[str]:
+        result = await call_hook(self.node.manager, hook, node=self.node, **kwargs)
+        values: list[str] = []
+        for answer in result.results:
+            if isinstance(answer, (list, tuple)):
+                values.extend(str(item) for item in answer if item is not None and str(item))
+            else:
+                self.counters["bad_hook_results"] += 1
+        return values
+
+    def _binary(self) -> str:
+        return resolve_binary(self.settings.binary)

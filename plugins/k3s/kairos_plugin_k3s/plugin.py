@@ -1,0 +1,94 @@
+"""The kairos hooks of the k3s plugin; the entry point ``k3s`` is :data:`plugin`."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Mapping
+
+import pluggy
+
+from kairos_core.plugins import hookimpl
+
+from . import hookspecs
+from .addresses import VPN_BUCKET
+from .member import ClusterMember
+from .settings import CONFIG_DEFAULTS, K3sSettings
+
+if TYPE_CHECKING:
+    import click
+
+    from kairos_core.events import LedgerUpdate, PeerEvent
+    from kairos_core.node import Node
+
+log = logging.getLogger(__name__)
+
+_WAKING_BUCKETS = ("leader", VPN_BUCKET)
+
+
+class K3sPlugin:
+    """Runs a :class:`ClusterMember` on every node it is registered with (one object may serve
+    several in-process nodes, as in tests)."""
+
+    def __init__(self) -> None:
+        self.members: dict[Node, ClusterMember] = {}
+
+    def member(self, node: Node) -> ClusterMember | None:
+        """The cluster member of ``node``, while it runs."""
+        return self.members.get(node)
+
+    @hookimpl
+    def kairos_add_hookspecs(self, pluginmanager: pluggy.PluginManager) -> None:
+        """Declare ``k3s_*`` hooks for other plugins."""
+        caller = getattr(pluginmanager.hook, "k3s_server_args", None)
+        if caller is None or not caller.has_spec():
+            pluginmanager.add_hookspecs(hookspecs)
+
+    @hookimpl
+    def kairos_config_defaults(self) -> Mapping[str, Mapping[str, Any]]:
+        """Sections ``k3s``, ``k3s-agent`` and ``auto``."""
+        return CONFIG_DEFAULTS
+
+    @hookimpl
+    def kairos_cli_commands(self, cli: click.Group) -> None:
+        """``kairos get-kubeconfig``."""
+        from .cli import add_commands
+
+        add_commands(cli)
+
+    @hookimpl
+    def kairos_startup(self, node: Node) -> None:
+        """Start reconciling."""
+        member = ClusterMember(node, K3sSettings.from_config(node.config))
+        self.members[node] = member
+        member.start()
+
+    @hookimpl
+    async def kairos_shutdown(self, node: Node) -> None:
+        """Stop reconciling (and a directly supervised k3s)."""
+        member = self.members.pop(node, None)
+        if member is not None:
+            await member.stop()
+
+    @hookimpl
+    def on_ledger_update(self, node: Node, update: LedgerUpdate) -> None:
+        """Reconcile when the cluster's keys, a lease or a VPN address change."""
+        member = self.members.get(node)
+        if member is not None and (update.bucket == node.network_id or update.bucket in _WAKING_BUCKETS):
+            member.wake()
+
+    @hookimpl
+    def on_peer(self, node: Node, event: PeerEvent) -> None:
+        """Membership changes the leader's candidates."""
+        member = self.members.get(node)
+        if member is not None:
+            member.wake()
+
+    @hookimpl
+    def on_leader_elected(self, node: Node, leader: str, epoch: int) -> None:
+        """A new leader schedules at once."""
+        member = self.members.get(node)
+        if member is not None:
+            member.wake()
+
+
+plugin = K3sPlugin()
