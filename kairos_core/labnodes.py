@@ -65,10 +65,12 @@ class LabNode:
 class LabNetwork:
     """Start, observe and kill node processes in a lab."""
 
-    def __init__(self, lab: Lab, root: Path, token: NetworkToken | None = None) -> None:
+    def __init__(self, lab: Lab, root: Path, token: NetworkToken | None = None, *, autoload_plugins: bool = False) -> None:
         self.lab = lab
         self.root = Path(root)
         self.token = token or generate_token()
+        #: let nodes load installed plugins (block the unwanted ones with ``plugins.disabled``)
+        self.autoload_plugins = autoload_plugins
         self.nodes: dict[int, LabNode] = {}
 
     def multiaddr(self, index: int, peer_id: str) -> str:
@@ -89,7 +91,11 @@ class LabNetwork:
         config_path = root / "kairos.yaml"
         config_path.write_text(yaml.safe_dump(config))
         log = open(root / "node.log", "ab")
-        env = {**os.environ, "KAIROS_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.autoload_plugins:
+            env.pop("KAIROS_DISABLE_PLUGIN_AUTOLOAD", None)
+        else:
+            env["KAIROS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
         process = self.lab.popen(index, [sys.executable, "-m", "kairos_core", "-v", "run", "-c", str(config_path)],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -107,6 +113,15 @@ class LabNetwork:
                 return peer_id
             time.sleep(0.05)
         raise TimeoutError(f"node {node.index} did not come up:\n{node.log[-3000:]}")
+
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        """Poll ``condition()`` until true; ``TimeoutError`` with every node's recent log otherwise."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- node {node.index}\n{node.log[-2000:]}" for node in self.nodes.values())
+                raise TimeoutError(f"{what} not reached within {timeout} s\n{logs}")
+            time.sleep(0.1)
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a node's process."""

@@ -13,13 +13,6 @@ from kairos_core.labnodes import LabNetwork
 pytestmark = pytest.mark.slow
 
 
-def wait(condition, timeout: float, what: str, network: LabNetwork) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- node {n.index}\n{n.log[-2000:]}" for n in network.nodes.values())
-            raise AssertionError(f"{what} not reached within {timeout} s\n{logs}")
-        time.sleep(0.1)
 
 
 def leader_of(node):
@@ -69,8 +62,8 @@ def cluster(netlab, tmp_path):
         made.append(network)
         nodes = [network.start(i, p2p={"disable_dht": True}) for i in range(1, count + 1)]
         ids = {network.wait_up(node) for node in nodes}
-        wait(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership", network)
-        wait(lambda: len({leader_of(n) for n in nodes}) == 1 and leader_of(nodes[0]), 30, "a leader", network)
+        network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership")
+        network.wait_until(lambda: len({leader_of(n) for n in nodes}) == 1 and leader_of(nodes[0]), 30, "a leader")
         return network
 
     yield make
@@ -85,8 +78,8 @@ def test_kill_9_of_the_leader_elects_a_new_one_with_a_higher_epoch(cluster):
     victim = next(n for n in nodes if n.peer_id == old)
     victim.process.send_signal(signal.SIGKILL)
     survivors = [n for n in nodes if n is not victim]
-    wait(lambda: all((leader_of(n) or (old, 0))[0] != old for n in survivors)
-         and len({leader_of(n) for n in survivors}) == 1, 15, "a new leader", network)
+    network.wait_until(lambda: all((leader_of(n) or (old, 0))[0] != old for n in survivors)
+         and len({leader_of(n) for n in survivors}) == 1, 15, "a new leader")
     new, new_epoch = leader_of(survivors[0])
     assert new != old and new_epoch > epoch
 
@@ -103,14 +96,13 @@ def test_partition_3_2_at_most_one_leader_per_epoch_and_agreement_after_heal(clu
         network.lab.partition(minority, majority)
         try:
             majority_nodes = [network.nodes[i] for i in majority]
-            wait(lambda: all((leader_of(n) or (None, 0))[1] > epoch for n in majority_nodes)
-                 and len({leader_of(n) for n in majority_nodes}) == 1, 40, "a majority-side leader", network)
+            network.wait_until(lambda: all((leader_of(n) or (None, 0))[1] > epoch for n in majority_nodes)
+                 and len({leader_of(n) for n in majority_nodes}) == 1, 40, "a majority-side leader")
             # the deposed leader stops claiming to lead once it sees it lost the majority
-            wait(lambda: not network.nodes[leader_index].status()["is_leader"], 30, "old leader stepping down", network)
+            network.wait_until(lambda: not network.nodes[leader_index].status()["is_leader"], 30, "old leader stepping down")
         finally:
             network.lab.heal()
-        wait(lambda: len({leader_of(n) for n in nodes}) == 1 and all(leader_of(n) for n in nodes), 60,
-             "agreement after heal", network)
+        network.wait_until(lambda: len({leader_of(n) for n in nodes}) == 1 and all(leader_of(n) for n in nodes), 60, "agreement after heal")
         final = leader_of(nodes[0])
         assert final[1] > epoch
         assert final[0] in {network.nodes[i].peer_id for i in majority}

@@ -15,13 +15,6 @@ pytestmark = pytest.mark.slow
 FAST_SYNC = {"ledger": {"sync_interval": 2.0}}
 
 
-def wait(condition, timeout: float, what: str, network: LabNetwork) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- node {n.index}\n{n.log[-1500:]}" for n in network.nodes.values())
-            raise AssertionError(f"{what} not reached within {timeout} s\n{logs}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -33,7 +26,7 @@ def network(netlab, tmp_path):
         made.append(lab_network)
         nodes = [lab_network.start(i, p2p={"disable_dht": True}, extra=FAST_SYNC) for i in range(1, count + 1)]
         ids = {lab_network.wait_up(node) for node in nodes}
-        wait(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership", lab_network)
+        lab_network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership")
         return lab_network
 
     yield make
@@ -65,8 +58,7 @@ def test_five_concurrent_writers_of_one_key_converge_on_one_winner(network):
         thread.join()
     # the winner is the write with the greatest version, on every node
     expected = max(written.values(), key=lambda e: (e["version"][0], e["version"][1], e["version"][2]))
-    wait(lambda: all((entry(n, "race", "key") or {}).get("version") == expected["version"] for n in nodes),
-         20, "convergence on one winner", net)
+    net.wait_until(lambda: all((entry(n, "race", "key") or {}).get("version") == expected["version"] for n in nodes), 20, "convergence on one winner")
     assert {entry(n, "race", "key")["value"] for n in nodes} == {expected["value"]}
 
 
@@ -92,8 +84,7 @@ def test_partition_writes_on_both_sides_heal_and_nothing_is_lost(network):
         net.lab.heal()
     winner = max(shared, key=lambda e: tuple(e["version"]))
     every_key = set(acknowledged) | {"shared"}
-    wait(lambda: all(set(n.client.request("GET", "/api/ledger/split")) == every_key for n in nodes.values()),
-         60, "convergence after heal", net)
+    net.wait_until(lambda: all(set(n.client.request("GET", "/api/ledger/split")) == every_key for n in nodes.values()), 60, "convergence after heal")
     for node in nodes.values():
         items = node.client.request("GET", "/api/ledger/split")
         assert all(items[key] == int(key.rsplit("-", 1)[1]) for key in acknowledged)

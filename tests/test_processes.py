@@ -13,13 +13,6 @@ from kairos_core.token import generate_token
 pytestmark = pytest.mark.slow
 
 
-def wait(condition, timeout: float, what: str, network: LabNetwork) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- node {n.index}\n{n.log[-1500:]}" for n in network.nodes.values())
-            raise AssertionError(f"{what} not reached within {timeout} s\n{logs}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -40,12 +33,11 @@ def test_five_nodes_find_each_other_by_mdns_and_kill_9_is_seen_as_left(lab_netwo
     network = lab_network(5)
     nodes = [network.start(i, p2p={"disable_dht": True}) for i in range(1, 6)]
     ids = {node.index: network.wait_up(node) for node in nodes}
-    wait(lambda: all(node.alive_peers() == set(ids.values()) - {ids[node.index]} for node in nodes),
-         30, "full membership over mDNS", network)
+    network.wait_until(lambda: all(node.alive_peers() == set(ids.values()) - {ids[node.index]} for node in nodes), 30, "full membership over mDNS")
 
     network.kill(3, signal.SIGKILL)
     survivors = [node for node in nodes if node.index != 3]
-    wait(lambda: all(ids[3] not in node.alive_peers() for node in survivors), 10, "left after kill -9", network)
+    network.wait_until(lambda: all(ids[3] not in node.alive_peers() for node in survivors), 10, "left after kill -9")
     assert all(len(node.alive_peers()) == 3 for node in survivors)
 
 
@@ -57,8 +49,7 @@ def test_dht_only_through_one_bootstrap_node(lab_network):
     others = [network.start(i, p2p={"disable_mdns": True, "bootstrap_peers": seed}) for i in (2, 3)]
     ids = {bootstrap_id, *(network.wait_up(node) for node in others)}
     everyone = [bootstrap, *others]
-    wait(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in everyone), 30,
-         "full membership over the DHT", network)
+    network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in everyone), 30, "full membership over the DHT")
     # nodes 2 and 3 knew only the bootstrap node: they must be connected to each other directly
     assert all(row["connected"] for row in others[0].client.request("GET", "/api/peers"))
 
@@ -72,10 +63,9 @@ def test_a_node_with_another_token_stays_out(lab_network):
                              p2p={"disable_dht": True, "bootstrap_peers": [network.multiaddr(1, member_ids[1])]})
     outsider_id = network.wait_up(outsider)
     outsider.client.request("PUT", "/api/ledger/probe/x", content="1")
-    wait(lambda: all(node.alive_peers() == set(member_ids.values()) - {node.peer_id} for node in members),
-         30, "members", network)
-    wait(lambda: members[0].status()["counters"].get("p2p_admission_failed", 0) > 0
-         or outsider.status()["counters"].get("p2p_admission_failed", 0) > 0, 15, "a refused admission", network)
+    network.wait_until(lambda: all(node.alive_peers() == set(member_ids.values()) - {node.peer_id} for node in members), 30, "members")
+    network.wait_until(lambda: members[0].status()["counters"].get("p2p_admission_failed", 0) > 0
+         or outsider.status()["counters"].get("p2p_admission_failed", 0) > 0, 15, "a refused admission")
     assert all(outsider_id not in node.alive_peers() for node in members)
     assert outsider.alive_peers() == set()
     assert all("probe" not in node.client.request("GET", "/api/ledger") for node in members)
