@@ -7,6 +7,9 @@ Run as root: ``.venv/bin/python bench/vpn.py [--seconds 5] [--no-peers]``. Print
   share each forwarder process used;
 - ``loss_1pct``: the full design with 1% of the datagrams dropped by nft on the receiver's input;
 - ``rtt_ms``: ping p50/p99 over the raw veth and through the VPN, and what the VPN adds;
+- ``nodes``: the same VPN as run by real ``kairos run`` nodes (tunvpn plugin, VIPs from the
+  ledger, keys agreed over libp2p): iperf3 1/4 streams over UDP, ping RTT, and iperf3 over the
+  libp2p-stream fallback with UDP blocked by nft, with the CPU share of each node process;
 - ``peers``: ``../shared/bench/vpn-peers.sh`` (raw veth, wireguard-go, nebula, yggdrasil).
 
 The machine is small and shared: figures are noisy, compare only within one run.
@@ -118,6 +121,48 @@ def bench_ours(seconds: int) -> dict:
     return report
 
 
+def iperf_nodes(lab, seconds: int, streams: int) -> dict:
+    """iperf3 from node 1 to node 2's VIP, with each node process's CPU share."""
+    target = lab.vip(2)
+    server = lab.popen(2, "iperf3", "-s", "-1", "-B", target, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.4)
+    pids = {i: lab.node(i).process.pid for i in (1, 2)}
+    cpu_before = {i: cpu_seconds(pid) for i, pid in pids.items()}
+    started = time.monotonic()
+    result = lab.run(1, "iperf3", "-c", target, "-t", str(seconds), "-P", str(streams), "-J", timeout=seconds + 30)
+    elapsed = time.monotonic() - started
+    server.wait(timeout=10)
+    try:
+        end = json.loads(result.stdout)["end"]
+    except (ValueError, KeyError) as error:
+        return {"error": f"{error}: {result.stdout[-200:]} {result.stderr[-200:]}"}
+    return {"mbit_s": round(end["sum_received"]["bits_per_second"] / 1e6, 1),
+            "retr": end["sum_sent"].get("retransmits"),
+            "cpu_share": {f"node{i}": round((cpu_seconds(pid) - cpu_before[i]) / elapsed, 2) for i, pid in pids.items()}}
+
+
+def bench_nodes(seconds: int) -> dict:
+    """The VPN between two real `kairos run` nodes (see module docstring)."""
+    import tempfile
+
+    from kairos_plugin_tunvpn.labvpn import VPNLab
+
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="kvb") as root, VPNLab(root, nodes=2) as lab:
+        report["udp"] = {f"p{n}": iperf_nodes(lab, seconds, n) for n in (1, 4)}
+        rtts = sorted(float(m) for m in re.findall(
+            r"time=([\d.]+) ms", lab.run(1, "ping", "-c", "200", "-i", "0.01", lab.vip(2), timeout=60).stdout))
+        report["rtt_ms"] = {"p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
+        lab.block_udp(1)
+        try:
+            lab.wait(lambda: lab.path(1, 2) == "stream" and lab.path(2, 1) == "stream", 30, "fallback")
+            report["stream_fallback"] = {"p1": iperf_nodes(lab, seconds, 1)}
+        finally:
+            lab.unblock_udp(1)
+        report["counters_node2"] = lab.counters(2)
+    return report
+
+
 def bench_peers(seconds: int) -> dict:
     available = {name: shutil.which(binary) is not None for name, binary in
                  (("wireguard-go", "wireguard-go"), ("nebula", "nebula"), ("yggdrasil", "yggdrasil"))}
@@ -134,6 +179,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-nodes", action="store_true", help="skip the run through real kairos nodes")
+    parser.add_argument("--only-nodes", action="store_true", help="only the run through real kairos nodes")
     args = parser.parse_args()
     reason = netns_missing() or (None if shutil.which("iperf3") else "needs iperf3")
     if reason:
@@ -141,8 +188,11 @@ def main() -> int:
         return 0
     report = {"note": "2-core machine shared with other work: noisy; compare within this run only",
               "cpus": os.cpu_count(), "seconds": args.seconds}
-    report.update(bench_ours(args.seconds))
-    if not args.no_peers:
+    if not args.only_nodes:
+        report.update(bench_ours(args.seconds))
+    if not args.no_nodes:
+        report["nodes"] = bench_nodes(args.seconds)
+    if not args.no_peers and not args.only_nodes:
         report["peers"] = bench_peers(args.seconds)
     print(json.dumps(report, indent=1))
     return 0

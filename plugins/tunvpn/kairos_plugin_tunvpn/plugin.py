@@ -1,1 +1,91 @@
-"""kairos hooks of the tunvpn plugin (none yet: the node integration binds the data plane later)."""
+"""kairos hooks of the tunvpn plugin: the ``vpn`` config section, the VPN's lifecycle, ``kairos vpn``.
+
+The hooks live on :class:`TunVPNPlugin`; this module exposes those of a default instance, which is
+what the ``tunvpn`` entry point registers. Tests register their own instance, built with a fake
+data plane, so that many nodes can share one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+from kairos_core.plugins import hookimpl
+
+from .vpn import BUCKET, DEFAULTS, VPN, VPNConfigError, VPNSettings
+
+log = logging.getLogger("kairos.vpn")
+
+
+class TunVPNPlugin:
+    """The tunvpn hooks; ``vpn_options`` are passed to every :class:`VPN` it starts (tests)."""
+
+    def __init__(self, **vpn_options: Any) -> None:
+        self.vpn_options = vpn_options
+        self.running: "weakref.WeakKeyDictionary[Any, VPN]" = weakref.WeakKeyDictionary()
+
+    def vpn_of(self, node: Any) -> VPN | None:
+        """The running VPN of ``node``, or None (not started, disabled, or no TUN available)."""
+        return self.running.get(node)
+
+    @hookimpl
+    def kairos_config_defaults(self) -> dict[str, dict[str, Any]]:
+        """Declare the ``vpn`` section (Kairos users may write it as ``p2p.vpn``)."""
+        return {"vpn": dict(DEFAULTS)}
+
+    @hookimpl
+    async def kairos_startup(self, node: Any) -> None:
+        """Claim a VIP, create the TUN device and start the data plane.
+
+        Without /dev/net/tun or CAP_NET_ADMIN (or with a bad ``vpn`` section) one error line is
+        logged and the node runs on without the VPN.
+        """
+        try:
+            settings = VPNSettings.from_config(node.config["vpn"])
+        except VPNConfigError as exc:
+            log.error("vpn disabled: %s", exc)
+            return
+        if not settings.create:
+            return
+        vpn = VPN(node, settings, **self.vpn_options)
+        if await vpn.start():
+            self.running[node] = vpn
+
+    @hookimpl
+    async def kairos_shutdown(self, node: Any) -> None:
+        """Stop the data plane and remove the device and its routes."""
+        vpn = self.running.pop(node, None)
+        if vpn is not None:
+            await vpn.stop()
+
+    @hookimpl
+    def on_peer(self, node: Any, event: Any) -> None:
+        """A peer joined, left or changed its addresses: revisit sessions and endpoints."""
+        vpn = self.running.get(node)
+        if vpn is not None:
+            vpn.wake()
+
+    @hookimpl
+    def on_ledger_update(self, node: Any, update: Any) -> None:
+        """A VIP claim (or a node entry) changed: revisit addresses."""
+        vpn = self.running.get(node)
+        if vpn is not None and update.bucket in (BUCKET, "nodes"):
+            vpn.wake()
+
+    @hookimpl
+    def kairos_cli_commands(self, cli: Any) -> None:
+        """Add ``kairos vpn status``."""
+        from .commands import vpn_group
+
+        cli.add_command(vpn_group)
+
+
+default_plugin = TunVPNPlugin()
+kairos_config_defaults = default_plugin.kairos_config_defaults
+kairos_startup = default_plugin.kairos_startup
+kairos_shutdown = default_plugin.kairos_shutdown
+on_peer = default_plugin.on_peer
+on_ledger_update = default_plugin.on_ledger_update
+kairos_cli_commands = default_plugin.kairos_cli_commands
+vpn_of = default_plugin.vpn_of

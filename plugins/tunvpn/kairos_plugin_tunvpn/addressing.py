@@ -1,0 +1,132 @@
+"""Virtual IPs: who holds which address of the VPN's CIDR, decided the same way on every node.
+
+Each node publishes a *claim* in the owner-keyed ``vpn`` bucket, key = its peer id::
+
+    {"vip": "10.1.0.7", "udp_port": 51820, "claimed": [wall_ms, counter], "static": false}
+
+``claimed`` is the hybrid-logical-clock time at which the node first claimed *that* address.
+When several nodes claim one address, the holder is the one that ranks first — static claims
+before automatic ones, then the lower ``(claimed, peer_id)`` — so every node that has the same
+claims picks the same holder, and an address in use is never taken by a later claimant (a node
+that claims after having heard of an older claim has a later HLC time). The losers move to a
+free address (:func:`choose_address`) and claim again; the ledger converges, and so do the VIPs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+IPv4 = ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One node's claim on a virtual IP, as read from the ``vpn`` bucket."""
+
+    peer_id: str
+    vip: IPv4
+    udp_port: int
+    claimed: tuple[int, int]
+    static: bool = False
+
+    def rank(self) -> tuple[int, int, int, str]:
+        """Sort key: lower ranks first and holds the address."""
+        return (0 if self.static else 1, self.claimed[0], self.claimed[1], self.peer_id)
+
+    def to_value(self) -> dict[str, Any]:
+        """The ledger value of this claim."""
+        return {"vip": str(self.vip), "udp_port": self.udp_port, "claimed": list(self.claimed), "static": self.static}
+
+
+def parse_claim(peer_id: str, value: Any, network: ipaddress.IPv4Network) -> Claim | None:
+    """The claim in a ``vpn`` bucket value, or None if it is malformed or outside ``network``.
+
+    Values come from peers: anything unexpected is rejected here rather than trusted later.
+    """
+    if not isinstance(value, dict):
+        return None
+    try:
+        vip = IPv4(value["vip"])
+        port = value.get("udp_port", 0)
+        claimed = value["claimed"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            return None
+        if not (isinstance(claimed, list) and len(claimed) == 2 and all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in claimed)):
+            return None
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not usable(vip, network):
+        return None
+    return Claim(peer_id, vip, port, (claimed[0], claimed[1]), bool(value.get("static", False)))
+
+
+def read_claims(bucket: Mapping[str, Any], network: ipaddress.IPv4Network) -> dict[str, Claim]:
+    """Every valid claim in the items of the ``vpn`` bucket (keys with a ``/`` are not claims)."""
+    claims: dict[str, Claim] = {}
+    for key, value in bucket.items():
+        if "/" in key:
+            continue
+        claim = parse_claim(key, value, network)
+        if claim is not None:
+            claims[key] = claim
+    return claims
+
+
+def usable(vip: IPv4, network: ipaddress.IPv4Network) -> bool:
+    """True if ``vip`` is a host address of ``network`` (not its network or broadcast address)."""
+    if vip not in network:
+        return False
+    if network.prefixlen >= 31:
+        return True
+    return vip != network.network_address and vip != network.broadcast_address
+
+
+def holders(claims: Iterable[Claim]) -> dict[IPv4, Claim]:
+    """The winning claim of every claimed address."""
+    best: dict[IPv4, Claim] = {}
+    for claim in claims:
+        current = best.get(claim.vip)
+        if current is None or claim.rank() < current.rank():
+            best[claim.vip] = claim
+    return best
+
+
+def vip_map(claims: Iterable[Claim]) -> dict[str, IPv4]:
+    """Peer id → VIP, for the holders only: a peer whose claim lost has no VIP until it moves."""
+    return {claim.peer_id: vip for vip, claim in holders(claims).items()}
+
+
+def _host_count(network: ipaddress.IPv4Network) -> int:
+    return network.num_addresses if network.prefixlen >= 31 else network.num_addresses - 2
+
+
+def _nth_host(network: ipaddress.IPv4Network, index: int) -> IPv4:
+    first = int(network.network_address) + (0 if network.prefixlen >= 31 else 1)
+    return IPv4(first + index)
+
+
+def candidate(peer_id: str, network: ipaddress.IPv4Network, attempt: int = 0) -> IPv4:
+    """The address a node tries first (attempt 0), from a hash of its peer id."""
+    digest = hashlib.sha256(f"kairos/tunvpn/vip/{peer_id}/{attempt}".encode()).digest()
+    return _nth_host(network, int.from_bytes(digest[:8], "big") % _host_count(network))
+
+
+def choose_address(peer_id: str, network: ipaddress.IPv4Network, taken: Iterable[IPv4], attempt: int = 0) -> IPv4 | None:
+    """A free address for ``peer_id``: its candidate, else the next free one after it.
+
+    ``attempt`` changes the starting point, so that two nodes that lost the same address do not
+    both walk to the same next one. None when every address is taken.
+    """
+    used = set(taken)
+    count = _host_count(network)
+    start = int(candidate(peer_id, network, attempt)) - int(_nth_host(network, 0))
+    for step in range(count):
+        vip = _nth_host(network, (start + step) % count)
+        if vip not in used:
+            return vip
+    return None

@@ -1,0 +1,154 @@
+"""Real ``kairos run`` nodes with the VPN, in network namespaces: for acceptance tests and bench/vpn.py.
+
+:class:`VPNLab` builds a :class:`kairos_core.netlab.Lab` of N nodes, starts ``kairos run`` in each
+with the tunvpn plugin loaded (the other installed plugins disabled), and waits until every node
+has a session with every other. Cleanup (processes, namespaces) happens in :meth:`close`, which
+the context manager calls also when the body raises.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from kairos_core.labnodes import LabNetwork, LabNode
+from kairos_core.netlab import Lab, unique_prefix
+
+BLOCK_TABLE = "tunvpn_block"
+
+
+def other_plugins() -> list[str]:
+    """Installed plugins other than tunvpn (disabled in lab nodes: k3s must not start there)."""
+    return sorted({ep.name for ep in entry_points(group="kairos")} - {"tunvpn"})
+
+
+class VPNLab:
+    """N namespaces, each running a kairos node with the VPN.
+
+    :param vpn: options of the ``vpn`` section for every node.
+    """
+
+    def __init__(self, root: Path, nodes: int = 3, vpn: dict[str, Any] | None = None, prefix: str = "kv") -> None:
+        self.root = Path(root)
+        self.size = nodes
+        self.vpn_options = {"keepalive_interval": 0.5, "udp_timeout": 2.0, **(vpn or {})}
+        self.lab = Lab(unique_prefix(prefix), nodes)
+        self.network: LabNetwork | None = None
+        self.peer_ids: dict[int, str] = {}
+
+    def __enter__(self) -> "VPNLab":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Build the lab, start every node and wait for a full mesh of VPN sessions."""
+        self.lab.start()
+        self.network = LabNetwork(self.lab, self.root, autoload_plugins=True)
+        extra = {"vpn": self.vpn_options, "plugins": {"disabled": other_plugins()}}
+        nodes = [self.network.start(i, p2p={"disable_dht": True}, extra=extra) for i in range(1, self.size + 1)]
+        self.peer_ids = {node.index: self.network.wait_up(node) for node in nodes}
+        self.wait(lambda: all(len(self.links(i)) == self.size - 1 and all(
+            row.get("vip") for row in self.links(i).values()) for i in self.peer_ids), timeout, "a full mesh of sessions")
+
+    def close(self) -> None:
+        """Stop the nodes and delete the namespaces."""
+        if self.network is not None:
+            self.network.close()
+        self.lab.close()
+
+    # ----- reading the nodes --------------------------------------------------------------------
+
+    def node(self, index: int) -> LabNode:
+        """The lab node ``index`` (1-based)."""
+        assert self.network is not None
+        return self.network.nodes[index]
+
+    def vpn_bucket(self, index: int) -> dict[str, Any]:
+        """The ``vpn`` bucket as node ``index`` sees it."""
+        try:
+            return self.node(index).client.request("GET", "/api/ledger/vpn")
+        except Exception:
+            return {}
+
+    def vip(self, index: int) -> str:
+        """The VIP node ``index`` claims."""
+        return self.vpn_bucket(index)[self.peer_ids[index]]["vip"]
+
+    def links(self, index: int) -> dict[str, Any]:
+        """Node ``index``'s published path to each peer (``{peer_id: {path, vip, endpoint}}``)."""
+        return self.vpn_bucket(index).get(f"{self.peer_ids[index]}/links") or {}
+
+    def path(self, index: int, to: int) -> str | None:
+        """``udp`` or ``stream``: how node ``index`` sends to node ``to`` now."""
+        return (self.links(index).get(self.peer_ids[to]) or {}).get("path")
+
+    def counters(self, index: int) -> dict[str, int]:
+        """Node ``index``'s ``vpn_*`` counters."""
+        status = self.node(index).status() or {"counters": {}}
+        return {k: v for k, v in status["counters"].items() if k.startswith("vpn_")}
+
+    def vpn_status(self, index: int) -> dict[str, Any]:
+        """What ``kairos vpn status --json`` prints on node ``index``."""
+        socket = str(self.node(index).root / "api.sock")
+        result = subprocess.run([sys.executable, "-m", "kairos_core", "vpn", "status", "--json", "--socket", socket],
+                                capture_output=True, text=True, timeout=30)
+        if result.returncode:
+            raise RuntimeError(f"kairos vpn status failed: {result.stderr}")
+        return json.loads(result.stdout)
+
+    def wait(self, condition, timeout: float, what: str) -> None:
+        """Wait until ``condition()``; on timeout raise with the nodes' recent logs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if condition():
+                    return
+            except (KeyError, TypeError):
+                pass
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- node {n.index}\n{n.log[-2500:]}" for n in self.network.nodes.values())
+                raise AssertionError(f"{what} not reached within {timeout} s\n{logs}")
+            time.sleep(0.2)
+
+    # ----- acting in the namespaces -------------------------------------------------------------
+
+    def run(self, index: int, *argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run a command in node ``index``'s namespace."""
+        return self.lab.run(index, list(argv), timeout=timeout, text=True)
+
+    def popen(self, index: int, *argv: str, **kwargs: Any) -> subprocess.Popen:
+        """Start a command in node ``index``'s namespace (killed when the lab closes)."""
+        return self.lab.popen(index, list(argv), **kwargs)
+
+    def ping(self, index: int, vip: str, count: int = 1) -> bool:
+        """True if ``count`` pings from node ``index`` to ``vip`` were all answered."""
+        result = self.run(index, "ping", "-c", str(count), "-i", "0.2", "-W", "2", vip, timeout=count * 3 + 10)
+        return result.returncode == 0
+
+    def block_udp(self, index: int) -> None:
+        """Drop every UDP datagram in and out of node ``index``'s underlay, except mDNS."""
+        script = (
+            f"add table inet {BLOCK_TABLE}\n"
+            f"add chain inet {BLOCK_TABLE} input {{ type filter hook input priority 0; policy accept; }}\n"
+            f"add chain inet {BLOCK_TABLE} output {{ type filter hook output priority 0; policy accept; }}\n"
+            f'add rule inet {BLOCK_TABLE} input iifname "eth0" udp dport != 5353 drop\n'
+            f'add rule inet {BLOCK_TABLE} output oifname "eth0" udp dport != 5353 drop\n'
+        )
+        subprocess.run(self.lab.command(index, ["nft", "-f", "-"]), input=script, text=True, check=True,
+                       capture_output=True)
+
+    def unblock_udp(self, index: int) -> None:
+        """Undo :meth:`block_udp`."""
+        subprocess.run(self.lab.command(index, ["nft", "delete", "table", "inet", BLOCK_TABLE]), capture_output=True)

@@ -1,0 +1,578 @@
+"""The VPN of one node: its VIP, the TUN device, a session per peer, and which path each uses.
+
+:class:`VPN` ties the pieces to a running :class:`kairos_core.node.Node`:
+
+- **Address** — claims a VIP in the ``vpn`` bucket (:mod:`.addressing`), moves when it loses a
+  conflict, and keeps the TUN device's address in step.
+- **Sessions** — per-pair keys over ``/kairos/vpn/keys/1.0.0`` (:mod:`.keyexchange`), installed in
+  the data plane with the peer's VIP and UDP endpoint (its advertised IP + its claim's port).
+- **Links** — every ``keepalive_interval`` a tiny datagram goes to each peer's VIP (through the
+  kernel, so through the data plane). A peer from which no authentic UDP datagram arrived within
+  ``udp_timeout`` is reached over the fallback stream (:mod:`.fallback`); every
+  ``UDP_RETRY_INTERVAL`` UDP is tried again for a moment, and a peer heard over UDP again is
+  switched back.
+- **Status** — data-plane counters go to ``node.counters`` as ``vpn_*``; the path to each peer
+  is published under ``vpn/<peer_id>/links`` for ``kairos vpn status``.
+
+Everything runs on the node's event loop except the data plane's own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import keyexchange
+from .addressing import Claim, choose_address, holders, parse_claim, read_claims, usable
+from .crypto import SessionKeys
+from .fallback import PACKETS_PROTOCOL, FallbackSender, read_datagrams
+from .keyexchange import KEYS_PROTOCOL, ExchangeError
+from .nodeplane import NodeDataPlane, parking_address
+from .tun import TunDevice, TunUnavailable
+
+log = logging.getLogger("kairos.vpn")
+
+BUCKET = "vpn"
+DEFAULTS: dict[str, Any] = {
+    # Create the TUN device and run the data plane (false: no VPN on this node).
+    "create": True,
+    # Name of the TUN device.
+    "interface": "edgevpn0",
+    # This node's VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".
+    "address": "auto",
+    # The VPN's network: automatic VIPs come from it, and it is routed into the device.
+    "cidr": "10.1.0.0/24",
+    "mtu": 1420,
+    # UDP port of the data plane; 0 = picked by the system (published in the ledger).
+    "port": 0,
+    # Use direct UDP when it gets through (false: always the libp2p stream).
+    "udp": True,
+    # Seconds between keepalives to each peer.
+    "keepalive_interval": 1.0,
+    # Seconds without an authentic UDP datagram from a peer before its packets take the stream.
+    "udp_timeout": 5.0,
+}
+UDP_RETRY_INTERVAL = 10.0
+UDP_TRIAL_SECONDS = 0.2
+EXCHANGE_RETRY = 2.0
+# A session from which nothing authentic arrives for this long (keepalives flow every second)
+# is renegotiated: the two ends may hold different keys after a crash mid-exchange.
+SILENCE_REKEY = 30.0
+DISCARD_PORT = 9
+
+
+class VPNConfigError(ValueError):
+    """The ``vpn`` section is inconsistent (bad CIDR, static address outside it, ...)."""
+
+
+@dataclass(frozen=True)
+class VPNSettings:
+    """The ``vpn`` config section, checked."""
+
+    create: bool
+    interface: str
+    static: ipaddress.IPv4Interface | None
+    network: ipaddress.IPv4Network
+    mtu: int
+    port: int
+    udp: bool
+    keepalive_interval: float
+    udp_timeout: float
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> "VPNSettings":
+        """Check and convert ``node.config["vpn"]``; :class:`VPNConfigError` names the problem."""
+        try:
+            network = ipaddress.IPv4Network(section["cidr"], strict=False)
+        except ValueError as exc:
+            raise VPNConfigError(f"vpn.cidr: {exc}") from None
+        if network.prefixlen > 30:
+            raise VPNConfigError("vpn.cidr: needs at least 4 addresses (/30 or larger)")
+        static = None
+        if str(section["address"]).strip().lower() != "auto":
+            try:
+                static = ipaddress.IPv4Interface(section["address"])
+            except ValueError as exc:
+                raise VPNConfigError(f"vpn.address: {exc}") from None
+            if "/" not in str(section["address"]):
+                static = ipaddress.IPv4Interface(f"{static.ip}/{network.prefixlen}")
+            if not usable(static.ip, network):
+                raise VPNConfigError(f"vpn.address: {static.ip} is not a host address of vpn.cidr {network}")
+        if not 576 <= int(section["mtu"]) <= 9000:
+            raise VPNConfigError("vpn.mtu: must be between 576 and 9000")
+        if not 0 <= int(section["port"]) <= 65535:
+            raise VPNConfigError("vpn.port: must be between 0 and 65535")
+        return cls(
+            bool(section["create"]), str(section["interface"]), static, network, int(section["mtu"]),
+            int(section["port"]), bool(section["udp"]), float(section["keepalive_interval"]),
+            float(section["udp_timeout"]),
+        )
+
+
+@dataclass
+class Link:
+    """What this node knows about its path to one peer."""
+
+    keys_installed_at: float
+    path: str = "udp"
+    since: float = field(default_factory=time.monotonic)
+    endpoint: tuple[str, int] | None = None
+    last_trial: float = 0.0
+    last_mark: Any = None
+    last_progress: float = field(default_factory=time.monotonic)
+    sender: FallbackSender | None = None
+
+
+def udp_host(info: dict[str, Any], network: ipaddress.IPv4Network) -> str | None:
+    """The IPv4 address to send a peer's datagrams to, from its advertised multiaddrs.
+
+    Addresses inside the VPN itself are skipped (a wildcard listener advertises its VIP too, and
+    tunnelling the tunnel would loop); loopback only when there is nothing else (tests).
+    """
+    found: list[ipaddress.IPv4Address] = []
+    for address in info.get("addresses", []) if isinstance(info, dict) else []:
+        parts = str(address).split("/")
+        if len(parts) > 2 and parts[1] == "ip4":
+            try:
+                ip = ipaddress.IPv4Address(parts[2])
+            except ValueError:
+                continue
+            if ip not in network and not ip.is_unspecified:
+                found.append(ip)
+    found.sort(key=lambda ip: ip.is_loopback)
+    return str(found[0]) if found else None
+
+
+def set_device_address(name: str, old: ipaddress.IPv4Interface | None, new: ipaddress.IPv4Interface,
+                       network: ipaddress.IPv4Network) -> None:
+    """Give device ``name`` the address ``new`` instead of ``old``; keep ``network`` routed to it."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=name)[0]
+        ipr.addr("add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen)
+        if old is not None and old != new:
+            try:
+                ipr.addr("del", index=index, address=str(old.ip), prefixlen=old.network.prefixlen)
+            except Exception:  # already gone
+                pass
+        ipr.route("replace", dst=str(network.network_address), dst_len=network.prefixlen, oif=index)
+
+
+class VPN:
+    """The VPN of one node.
+
+    :param node: the running node.
+    :param settings: its checked ``vpn`` section.
+    :param make_plane: builds the data plane for this VPN (its :attr:`address` is set by then;
+        tests pass one on a fake TUN); default: a TUN device named ``settings.interface`` and a
+        :class:`NodeDataPlane` on ``0.0.0.0:settings.port``.
+    :param keepalive: ``keepalive(vpn, peer_vip)`` sends one keepalive towards a peer; default: an
+        empty UDP datagram to its discard port, routed by the kernel into the TUN.
+    """
+
+    def __init__(self, node: Any, settings: VPNSettings, *,
+                 make_plane: Callable[["VPN"], NodeDataPlane] | None = None,
+                 keepalive: Callable[["VPN", ipaddress.IPv4Address], None] | None = None) -> None:
+        self.node = node
+        self.settings = settings
+        self.peer_id: str = node.peer_id
+        self.plane: NodeDataPlane | None = None
+        self.tun: TunDevice | None = None
+        self.address: ipaddress.IPv4Interface | None = None
+        self.claim: Claim | None = None
+        self.vips: dict[str, ipaddress.IPv4Address] = {}
+        self.links: dict[str, Link] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._make_plane = make_plane or VPN._make_tun_plane
+        self._keepalive = keepalive or VPN._send_keepalive
+        self._keepalive_socket: socket.socket | None = None
+        self._attempt = 0
+        self._exchanging: dict[str, asyncio.Task] = {}
+        self._last_exchange: dict[str, float] = {}
+        self._wanted: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._published_links: dict[str, Any] | None = None
+        self._static_conflict_logged = False
+        self._tasks: set[asyncio.Task] = set()
+        self._device_lock = asyncio.Lock()
+
+    # ----- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> bool:
+        """Claim a VIP, create the device and start the data plane; False if the VPN cannot run.
+
+        Without a TUN device (no /dev/net/tun, no CAP_NET_ADMIN) one error line is logged and the
+        node runs on without the VPN.
+        """
+        network = self.settings.network
+        claims = read_claims(self.node.ledger.items(BUCKET), network)
+        try:
+            self.claim = self._initial_claim(claims)
+            self.address = ipaddress.IPv4Interface(f"{self.claim.vip}/{network.prefixlen}")
+            # pyroute2's synchronous API runs an event loop of its own: not on ours
+            self.plane = await asyncio.to_thread(self._make_plane, self)
+        except TunUnavailable as exc:
+            log.error("vpn disabled: %s", exc)
+            return False
+        self.claim = Claim(self.peer_id, self.claim.vip, self.plane.local_address[1], self.claim.claimed,
+                           self.claim.static)
+        self.node.ledger.set(BUCKET, self.peer_id, self.claim.to_value())
+        host = self.node.host
+        host.set_stream_handler(KEYS_PROTOCOL, self._serve_keys)
+        host.set_stream_handler(PACKETS_PROTOCOL, self._serve_packets)
+        self.plane.start()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="tunvpn")
+        log.info("vpn up: %s on %s, UDP port %d", self.address, self.settings.interface, self.plane.local_address[1])
+        return True
+
+    async def stop(self) -> None:
+        """Stop the data plane and remove the device (its routes go with it)."""
+        tasks = [t for t in (self._task, *self._exchanging.values(), *self._tasks) if t is not None]
+        self._task = None
+        plane, self.plane = self.plane, None
+        for task in tasks:
+            task.cancel()
+        senders = [link.sender.stop() for link in self.links.values() if link.sender is not None]
+        self.links.clear()
+        # a task stuck in a call to the libp2p thread may not end promptly: do not wait for it
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+        if senders:
+            await asyncio.wait([asyncio.ensure_future(s) for s in senders], timeout=2.0)
+        if plane is not None:
+            await asyncio.to_thread(plane.stop)
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+        if self._keepalive_socket is not None:
+            self._keepalive_socket.close()
+
+    def wake(self) -> None:
+        """Re-evaluate addresses and sessions soon (a ledger or membership change)."""
+        self._wake.set()
+
+    def _make_tun_plane(self) -> NodeDataPlane:
+        s = self.settings
+        self.tun = TunDevice.create(s.interface, address=self.address, mtu=s.mtu, routes=[s.network])
+        try:
+            return NodeDataPlane(self.tun, ("0.0.0.0", s.port))
+        except OSError as exc:
+            self.tun.close()
+            self.tun = None
+            raise TunUnavailable(f"UDP port {s.port}: {exc.strerror or exc}") from None
+
+    # ----- addresses ------------------------------------------------------------------------------
+
+    def _tick_claimed(self) -> tuple[int, int]:
+        version = self.node.ledger.clock.tick()
+        return (version[0], version[1])
+
+    def _initial_claim(self, claims: dict[str, Claim]) -> Claim:
+        static = self.settings.static
+        mine = claims.get(self.peer_id)
+        if static is not None:
+            if mine is not None and mine.static and mine.vip == static.ip:
+                return mine
+            return Claim(self.peer_id, static.ip, 0, self._tick_claimed(), True)
+        if mine is not None and not mine.static:
+            return mine  # keep the address across restarts
+        others = {c.vip for c in claims.values() if c.peer_id != self.peer_id}
+        vip = choose_address(self.peer_id, self.settings.network, others)
+        if vip is None:
+            raise TunUnavailable(f"no free address left in {self.settings.network}")
+        return Claim(self.peer_id, vip, 0, self._tick_claimed(), False)
+
+    def _settle_own_address(self, claims: dict[str, Claim]) -> None:
+        assert self.claim is not None
+        claims[self.peer_id] = self.claim
+        holder = holders(claims.values()).get(self.claim.vip)
+        if holder is None or holder.peer_id == self.peer_id:
+            return
+        if self.claim.static:
+            if not self._static_conflict_logged:
+                log.error("vpn: static address %s is also claimed by %s, which ranks first", self.claim.vip, holder.peer_id)
+                self._static_conflict_logged = True
+            return
+        self._attempt += 1
+        taken = {c.vip for c in claims.values()}
+        vip = choose_address(self.peer_id, self.settings.network, taken, self._attempt)
+        if vip is None:
+            log.error("vpn: %s is taken by %s and no address is free in %s", self.claim.vip, holder.peer_id,
+                      self.settings.network)
+            return
+        log.info("vpn: %s belongs to %s (earlier claim); moving to %s", self.claim.vip, holder.peer_id, vip)
+        self.counters["vpn_address_moves"] += 1
+        self.claim = Claim(self.peer_id, vip, self.claim.udp_port, self._tick_claimed(), False)
+        claims[self.peer_id] = self.claim
+        self.node.ledger.set(BUCKET, self.peer_id, self.claim.to_value())
+        new = ipaddress.IPv4Interface(f"{vip}/{self.settings.network.prefixlen}")
+        if self.tun is not None:
+            self._spawn(self._move_device_address(self.address, new))
+        self.address = new
+
+    async def _move_device_address(self, old: ipaddress.IPv4Interface | None, new: ipaddress.IPv4Interface) -> None:
+        async with self._device_lock:  # moves must reach the device in the order they were made
+            try:
+                await asyncio.to_thread(set_device_address, self.settings.interface, old, new, self.settings.network)
+            except Exception as exc:
+                log.error("vpn: cannot move %s to %s: %s", self.settings.interface, new, exc)
+
+    # ----- the loop -------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        next_tick = 0.0
+        # checked on every turn: Python 3.11's wait_for can swallow a cancellation
+        while self.plane is not None:
+            try:
+                self._reconcile()
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick_links(now)
+                    self._publish_status()
+                    next_tick = now + self.settings.keepalive_interval
+            except Exception:  # a bug here must not end the VPN
+                log.exception("vpn: reconcile failed")
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.05, next_tick - time.monotonic()))
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    def _reconcile(self) -> None:
+        plane = self.plane
+        assert plane is not None
+        claims = read_claims(self.node.ledger.items(BUCKET), self.settings.network)
+        self._settle_own_address(claims)
+        vips = {p: vip for vip, c in holders(claims.values()).items() if (p := c.peer_id) != self.peer_id}
+        self.vips = vips
+        members = self.node.members()
+        admitted = self.node.host.admitted_peers() if self.node.host else set()
+        wanted = {p for p in vips if p in members and p in admitted}
+        # peers that are gone: their session goes
+        for peer_id in list(self.links):
+            if peer_id not in members or peer_id not in claims:
+                self._drop_session(peer_id, "left")
+        for peer_id in wanted:
+            link = self.links.get(peer_id)
+            if link is None:
+                self._ensure_exchange(peer_id)
+                continue
+            claim = claims[peer_id]
+            host = udp_host(members.get(peer_id, {}), self.settings.network)
+            link.endpoint = (host, claim.udp_port) if host and claim.udp_port else None
+        # move VIPs: park the losers first so that winners find their address free
+        for peer_id in self.links:
+            if plane.has_peer(peer_id) and peer_id not in vips and usable(plane.vip_of(peer_id), self.settings.network):
+                plane.park(peer_id)
+        for _ in range(2):
+            pending = False
+            for peer_id, vip in vips.items():
+                if peer_id in self.links and plane.has_peer(peer_id) and plane.vip_of(peer_id) != vip:
+                    try:
+                        plane.set_vip(peer_id, vip)
+                    except ValueError:
+                        holder = next((p for p in self.links if plane.vip_of(p) == vip), None)
+                        if holder is not None and vips.get(holder) != vip:
+                            plane.park(holder)
+                        pending = True
+            if not pending:
+                break
+
+    def _tick_links(self, now: float) -> None:
+        plane = self.plane
+        assert plane is not None
+        s = self.settings
+        for peer_id, link in list(self.links.items()):
+            vip = self.vips.get(peer_id)
+            mark = plane.rx_mark(peer_id)
+            if mark != link.last_mark:
+                link.last_mark, link.last_progress = mark, now
+            if not s.udp or link.endpoint is None:
+                self._use_stream(peer_id, link, now)
+            elif link.path == "udp":
+                heard = plane.udp_heard(peer_id) or 0.0
+                if now - max(heard, link.since) > s.udp_timeout:
+                    log.info("vpn: no UDP from %s for %.0f s: using the libp2p stream", peer_id, s.udp_timeout)
+                    self._use_stream(peer_id, link, now)
+                elif plane.endpoint_of(peer_id) != link.endpoint:
+                    plane.set_endpoint(peer_id, link.endpoint)
+            else:
+                heard = plane.udp_heard(peer_id)
+                if heard is not None and heard > link.since:
+                    log.info("vpn: UDP from %s works again", peer_id)
+                    self.counters["vpn_path_switches"] += 1
+                    link.path, link.since = "udp", now
+                    plane.set_endpoint(peer_id, link.endpoint)
+                elif now - link.last_trial > UDP_RETRY_INTERVAL:
+                    # let a keepalive (and a moment of traffic) try UDP; the peer learns our
+                    # endpoint from it if it arrives, and answers over UDP
+                    link.last_trial = now
+                    plane.set_endpoint(peer_id, link.endpoint)
+                    asyncio.get_running_loop().call_later(UDP_TRIAL_SECONDS, self._end_trial, peer_id, link)
+            if vip is not None:
+                try:
+                    self._keepalive(self, vip)
+                except OSError:
+                    self.counters["vpn_keepalive_errors"] += 1
+            if now - link.last_progress > SILENCE_REKEY and now - link.keys_installed_at > SILENCE_REKEY:
+                log.info("vpn: nothing authentic from %s for %.0f s: renegotiating keys", peer_id, SILENCE_REKEY)
+                self._drop_session(peer_id, "silent")
+        snapshot = plane.counters
+        for name, value in snapshot.items():
+            self.node.counters[f"vpn_{name}"] = value
+        for name, value in self.counters.items():
+            self.node.counters[name] = value
+        self.node.counters["vpn_peers_udp"] = sum(1 for link in self.links.values() if link.path == "udp")
+        self.node.counters["vpn_peers_stream"] = sum(1 for link in self.links.values() if link.path == "stream")
+
+    def _use_stream(self, peer_id: str, link: Link, now: float) -> None:
+        if link.path != "stream":
+            self.counters["vpn_path_switches"] += 1
+            link.path, link.since, link.last_trial = "stream", now, now
+        if self.plane is not None and self.plane.endpoint_of(peer_id) is not None:
+            self.plane.set_endpoint(peer_id, None)
+
+    def _end_trial(self, peer_id: str, link: Link) -> None:
+        if self.links.get(peer_id) is link and link.path == "stream" and self.plane is not None:
+            heard = self.plane.udp_heard(peer_id)
+            if heard is None or heard <= link.since:
+                self.plane.set_endpoint(peer_id, None)
+
+    def _send_keepalive(self, vip: ipaddress.IPv4Address) -> None:
+        if self._keepalive_socket is None:
+            self._keepalive_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._keepalive_socket.setblocking(False)
+        self._keepalive_socket.sendto(b"", (str(vip), DISCARD_PORT))
+
+    def _publish_status(self) -> None:
+        links = {p: {"path": link.path, "vip": str(self.vips.get(p, "")),
+                     "endpoint": f"{link.endpoint[0]}:{link.endpoint[1]}" if link.endpoint else None}
+                 for p, link in sorted(self.links.items())}
+        if links != self._published_links:
+            self._published_links = links
+            self.node.ledger.set(BUCKET, f"{self.peer_id}/links", links)
+
+    # ----- sessions -------------------------------------------------------------------------------
+
+    def _ensure_exchange(self, peer_id: str) -> None:
+        if peer_id in self._exchanging:
+            return
+        now = time.monotonic()
+        if now - self._last_exchange.get(peer_id, -EXCHANGE_RETRY) < EXCHANGE_RETRY and peer_id not in self._wanted:
+            return
+        self._wanted.discard(peer_id)
+        self._last_exchange[peer_id] = now
+        task = asyncio.get_running_loop().create_task(self._exchange(peer_id), name=f"tunvpn-keys-{peer_id[-6:]}")
+        self._exchanging[peer_id] = task
+        task.add_done_callback(lambda _t: self._exchanging.pop(peer_id, None))
+
+    async def _exchange(self, peer_id: str) -> None:
+        host = self.node.host
+        try:
+            if keyexchange.initiates(self.peer_id, peer_id):
+                keys = await keyexchange.initiate(host, self.peer_id, peer_id)
+                self._install(peer_id, keys)
+                self.counters["vpn_key_exchanges"] += 1
+            else:
+                await keyexchange.request(host, peer_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters["vpn_key_exchange_errors"] += 1
+            log.debug("vpn: key exchange with %s failed: %s", peer_id, exc)
+
+    async def _serve_keys(self, stream: Any) -> None:
+        peer_id = stream.peer_id
+        try:
+            data = await asyncio.wait_for(stream.read_frame(keyexchange.MAX_MESSAGE), 10)
+            op, hello = keyexchange.decode(data)
+        except (ExchangeError, asyncio.TimeoutError) as exc:
+            self.counters["vpn_key_exchange_errors"] += 1
+            log.debug("vpn: bad key-exchange message from %s: %s", peer_id, exc)
+            await stream.reset()
+            return
+        if op == "request":
+            link = self.links.get(peer_id)
+            fresh = link is not None and time.monotonic() - link.keys_installed_at < EXCHANGE_RETRY * 2
+            if keyexchange.initiates(self.peer_id, peer_id) and self.plane is not None and not fresh:
+                self._drop_session(peer_id, "peer asked for new keys")
+                self._wanted.add(peer_id)
+                self.wake()
+            await stream.close()
+            return
+        if op != "hello" or hello is None or keyexchange.initiates(self.peer_id, peer_id) or self.plane is None:
+            # the lower peer id initiates: a hello the other way round breaks that rule
+            self.counters["vpn_key_exchange_errors"] += 1
+            await stream.reset()
+            return
+        keys = await keyexchange.respond(stream, self.peer_id, hello)
+        await stream.close()
+        self._install(peer_id, keys)
+        self.counters["vpn_key_exchanges"] += 1
+
+    def _install(self, peer_id: str, keys: SessionKeys) -> None:
+        plane = self.plane
+        if plane is None:
+            return
+        vip = self.vips.get(peer_id)
+        parked = vip is None or any(plane.vip_of(p) == vip for p in self.links if p != peer_id)
+        if parked:
+            vip = parking_address()  # the next reconcile gives it its VIP
+        link = self.links.get(peer_id)
+        now = time.monotonic()
+        if link is None:
+            link = self.links[peer_id] = Link(now)
+            link.sender = FallbackSender(lambda: self.node.host.open_stream(peer_id, PACKETS_PROTOCOL),
+                                         asyncio.get_running_loop(), self.counters)
+            link.sender.start()
+        link.keys_installed_at = link.last_progress = now
+        link.path, link.since = ("udp", now) if self.settings.udp else ("stream", now)
+        claim = parse_claim(peer_id, self.node.ledger.get(BUCKET, peer_id), self.settings.network)
+        host = udp_host(self.node.members().get(peer_id, {}), self.settings.network)
+        link.endpoint = (host, claim.udp_port) if host and claim and claim.udp_port else None
+        try:
+            plane.add_peer(peer_id, vip, link.endpoint if link.path == "udp" else None, keys)
+        except ValueError as exc:  # a receive key id collision: astronomically rare, renegotiate
+            log.warning("vpn: cannot add %s: %s", peer_id, exc)
+            self._drop_session(peer_id, "install failed")
+            return
+        plane.set_fallback(peer_id, link.sender.send)
+        log.info("vpn: session with %s (%s)", peer_id, "no VIP yet" if parked else vip)
+        self.wake()
+
+    def _drop_session(self, peer_id: str, reason: str) -> None:
+        link = self.links.pop(peer_id, None)
+        if self.plane is not None:
+            self.plane.remove_peer(peer_id)
+        if link is not None:
+            log.info("vpn: session with %s closed (%s)", peer_id, reason)
+            if link.sender is not None:
+                self._spawn(link.sender.stop())
+
+    async def _serve_packets(self, stream: Any) -> None:
+        peer_id = stream.peer_id
+
+        async def deliver(datagrams: list[bytes]) -> None:
+            plane = self.plane
+            if plane is None:
+                return
+            delivered = await asyncio.to_thread(
+                lambda: sum(plane.inject_from_fallback(peer_id, d) for d in datagrams))
+            self.counters["vpn_fallback_datagrams_received"] += len(datagrams)
+            self.counters["vpn_fallback_datagrams_delivered"] += delivered
+
+        await read_datagrams(stream, deliver, self.counters)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,200 @@
+"""The VPN on in-process nodes (LocalNetwork): VIP allocation through the ledger, key exchange,
+packets over UDP and over the fallback stream — with socket pairs standing in for TUN devices."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+
+import pytest
+
+from kairos_core.testing import LocalNetwork
+from kairos_plugin_tunvpn import tun as tun_module
+from kairos_plugin_tunvpn.addressing import holders, read_claims
+from kairos_plugin_tunvpn.nodeplane import NodeDataPlane
+from kairos_plugin_tunvpn.plugin import TunVPNPlugin
+from kairos_plugin_tunvpn.tun import TunDevice
+from kairos_plugin_tunvpn.vnet import GSO_NONE, VNET_HDR, VNET_HDR_LEN
+from tunvpn_packets import icmp_echo
+
+
+class FakeTuns:
+    """One socket pair per node in place of its TUN; the test holds the other end."""
+
+    def __init__(self) -> None:
+        self.ends: dict[str, socket.socket] = {}
+        self.devices: list[TunDevice] = []
+
+    def make_plane(self, vpn) -> NodeDataPlane:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        device = TunDevice("fake", [theirs.detach()], vnet_hdr=True, mtu=1420)
+        self.devices.append(device)
+        self.ends[vpn.peer_id] = ours
+        return NodeDataPlane(device, ("127.0.0.1", 0))
+
+    def keepalive(self, vpn, vip: ipaddress.IPv4Address) -> None:
+        self.inject(vpn.peer_id, bytes(icmp_echo(src=vpn.address.ip.packed, dst=vip.packed, payload=b"keepalive")))
+
+    def inject(self, peer_id: str, packet: bytes) -> None:
+        """Hand ``packet`` to the node's data plane as if the kernel had routed it into the TUN."""
+        self.ends[peer_id].send(VNET_HDR.pack(0, GSO_NONE, 0, 0, 0, 0) + packet)
+
+    def received(self, peer_id: str) -> list[bytes]:
+        """Packets the node's data plane wrote to its TUN since the last call."""
+        out = []
+        while True:
+            try:
+                out.append(self.ends[peer_id].recv(70000)[VNET_HDR_LEN:])
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        for device in self.devices:
+            device.close()
+        for end in self.ends.values():
+            end.close()
+
+
+@pytest.fixture
+def fakes():
+    tuns = FakeTuns()
+    yield tuns
+    tuns.close()
+
+
+@pytest.fixture
+async def network(tmp_path):
+    net = LocalNetwork(tmp_path)
+    yield net
+    await net.stop()
+
+
+def vpn_config(**options):
+    return {"vpn": {"keepalive_interval": 0.2, "udp_timeout": 1.0, **options}}
+
+
+async def start_nodes(net: LocalNetwork, count: int, plugin: TunVPNPlugin, overrides: dict, concurrently: bool = False):
+    if concurrently:
+        # every node claims before it has heard of any other: the ledger must sort it out
+        nodes = await asyncio.gather(*(net.add_node(plugins=[plugin], overrides=overrides, connect=False)
+                                       for _ in range(count)))
+        for i, node in enumerate(nodes):
+            for other in nodes[i + 1:]:
+                await node.connect(other.host.addresses())
+        return list(nodes)
+    return [await net.add_node(plugins=[plugin], overrides=overrides) for _ in range(count)]
+
+
+def converged_vips(nodes) -> dict[str, ipaddress.IPv4Address] | None:
+    """The agreed peer → VIP map, or None while the nodes disagree or a VIP is shared."""
+    views = []
+    for node in nodes:
+        claims = read_claims(node.ledger.items("vpn"), ipaddress.IPv4Network("10.1.0.0/28"))
+        if len(claims) != len(nodes):
+            return None
+        if len({c.vip for c in claims.values()}) != len(claims):
+            return None
+        views.append({p: c.vip for p, c in claims.items()})
+    return views[0] if all(v == views[0] for v in views) else None
+
+
+async def test_ten_nodes_starting_together_get_distinct_vips(network, fakes):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = await start_nodes(network, 10, plugin, vpn_config(cidr="10.1.0.0/28"), concurrently=True)
+    await network.wait_for(lambda: converged_vips(nodes) is not None, timeout=30)
+    vips = converged_vips(nodes)
+    assert len(set(vips.values())) == 10
+    for node in nodes:
+        vpn = plugin.vpn_of(node)
+        assert vpn.address.ip == vips[node.peer_id]  # the device follows the claim it holds
+    for node in nodes:  # every node sees every other as the holder of its own claim
+        assert {c.peer_id: vip for vip, c in holders(read_claims(
+            node.ledger.items("vpn"), ipaddress.IPv4Network("10.1.0.0/28")).values()).items()} == vips
+
+
+async def test_packets_cross_between_three_nodes_over_udp(network, fakes):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = await start_nodes(network, 3, plugin, vpn_config())
+    vpns = [plugin.vpn_of(n) for n in nodes]
+    await network.wait_for(lambda: all(len(v.links) == 2 for v in vpns), timeout=20)
+    await network.wait_for(lambda: all(v.plane.vip_of(p) == v.vips.get(p) for v in vpns for p in v.links), 10)
+    a, b = vpns[0], vpns[1]
+    ping = bytes(icmp_echo(src=a.address.ip.packed, dst=b.address.ip.packed, payload=b"hello b"))
+    fakes.received(b.peer_id)
+    fakes.inject(a.peer_id, ping)
+    await network.wait_for(lambda: any(p == ping for p in fakes.received(b.peer_id)), timeout=5)
+    await asyncio.sleep(1.5)  # a few keepalives: every link proved UDP
+    assert all(link.path == "udp" for v in vpns for link in v.links.values())
+    assert nodes[0].counters["vpn_rx_packets"] > 0
+    # the status key that `kairos vpn status` reads
+    assert set(nodes[0].ledger.get("vpn", f"{nodes[0].peer_id}/links")) == {nodes[1].peer_id, nodes[2].peer_id}
+
+
+async def test_packets_cross_over_the_stream_when_udp_is_off(network, fakes):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = await start_nodes(network, 2, plugin, vpn_config(udp=False))
+    a, b = (plugin.vpn_of(n) for n in nodes)
+    await network.wait_for(lambda: b.peer_id in a.links and a.peer_id in b.links, timeout=20)
+    await network.wait_for(lambda: a.plane.vip_of(b.peer_id) == b.address.ip, timeout=10)
+    ping = bytes(icmp_echo(src=a.address.ip.packed, dst=b.address.ip.packed, payload=b"via stream"))
+    fakes.inject(a.peer_id, ping)
+    await network.wait_for(lambda: any(p == ping for p in fakes.received(b.peer_id)), timeout=5)
+    assert a.links[b.peer_id].path == "stream"
+    assert a.counters["vpn_fallback_datagrams_sent"] >= 1
+    assert b.counters["vpn_fallback_datagrams_delivered"] >= 1
+    assert b.plane.counters["rx_packets"] >= 1
+
+
+async def test_spoofed_inner_source_over_the_stream_is_dropped(network, fakes):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = await start_nodes(network, 2, plugin, vpn_config(udp=False))
+    a, b = (plugin.vpn_of(n) for n in nodes)
+    await network.wait_for(lambda: a.plane.vip_of(b.peer_id) == b.address.ip
+                           and b.plane.vip_of(a.peer_id) == a.address.ip, timeout=20)
+    forged = bytes(icmp_echo(src=bytes([10, 1, 0, 250]), dst=b.address.ip.packed, payload=b"forged"))
+    fakes.inject(a.peer_id, forged)
+    await network.wait_for(lambda: b.plane.counters["drop_spoofed_source"] >= 1, timeout=5)
+    assert all(p != forged for p in fakes.received(b.peer_id))
+
+
+async def test_a_departed_peer_loses_its_session(network, fakes):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = await start_nodes(network, 2, plugin, vpn_config())
+    a = plugin.vpn_of(nodes[0])
+    await network.wait_for(lambda: nodes[1].peer_id in a.links, timeout=20)
+    await nodes[1].stop()
+    # a clean stop leaves the network: membership reports it left once disconnected and stale
+    nodes[0].membership.ttl = 0.5
+    await network.wait_for(lambda: nodes[1].peer_id not in a.links, timeout=15)
+    assert not a.plane.has_peer(nodes[1].peer_id)
+
+
+async def test_static_address_is_used(network, fakes):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    node = await network.add_node(plugins=[plugin], overrides=vpn_config(address="10.1.0.77/24"))
+    vpn = plugin.vpn_of(node)
+    assert str(vpn.address) == "10.1.0.77/24"
+    assert node.ledger.get("vpn", node.peer_id)["static"] is True
+
+
+async def test_without_a_tun_device_the_node_runs_on_with_one_error(network, monkeypatch, caplog):
+    monkeypatch.setattr(tun_module, "TUN_PATH", "/nonexistent/net/tun")
+    plugin = TunVPNPlugin()
+    with caplog.at_level(logging.ERROR):
+        node = await network.add_node(plugins=[plugin], overrides={"vpn": {}})
+    assert plugin.vpn_of(node) is None
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["vpn disabled: TUN unavailable: /nonexistent/net/tun does not exist (load the tun module)"]
+    assert node.status()["peer_id"] == node.peer_id  # the node itself is fine
+    assert node.ledger.get("vpn", node.peer_id) is None  # no VIP claimed without a device
+
+
+async def test_a_bad_vpn_section_disables_the_vpn_only(network, caplog):
+    plugin = TunVPNPlugin()
+    with caplog.at_level(logging.ERROR):
+        node = await network.add_node(plugins=[plugin], overrides={"vpn": {"address": "192.168.9.9/24"}})
+    assert plugin.vpn_of(node) is None
+    assert any("is not a host address of vpn.cidr" in r.getMessage() for r in caplog.records)
