@@ -126,7 +126,7 @@ def main() -> None:
             "from_ready_s_max": round(max(r["from_ready_s"] for r in runs), 3),
             "from_launch_s_median": round(statistics.median(r["from_launch_s"] for r in runs), 3),
         }
-        summary.update({k: v for k, v in runs[0].items() if k.startswith("idle")})
+        summary.update({k: v for k, v in runs[0].items() if k.startswith(("idle", "left"))})
         print(json.dumps(summary), flush=True)
 
 

@@ -65,8 +65,8 @@ GossipHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
 ADMISSION_TIMEOUT = 10.0
-# Dead-connection detection (see enable_keepalive): probe after 2 s idle, every 1 s, 3 times.
-KEEPALIVE_IDLE = 2
+# Dead-connection detection (see enable_keepalive): probe after 4 s idle, every 1 s, 3 times.
+KEEPALIVE_IDLE = 4
 KEEPALIVE_INTERVAL = 1
 KEEPALIVE_COUNT = 3
 KEEPALIVE_DEAD = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
