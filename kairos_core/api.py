@@ -23,9 +23,10 @@ from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
+import h11
 import httpx
-from aiohttp import web
 
 from .errors import KairosError
 
@@ -35,122 +36,189 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1024 * 1024
+# A client that sends nothing for this long is dropped (watches excepted once they started).
+IDLE_TIMEOUT = 60.0
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status, dumps=lambda obj: json.dumps(obj, default=str))
+class _Reply:
+    """What a route returns: a status and a JSON body."""
+
+    def __init__(self, body: Any, status: int = 200) -> None:
+        self.body = body
+        self.status = status
 
 
-def _error(status: int, message: str) -> web.Response:
-    return _json({"error": message}, status=status)
+def _error(status: int, message: str) -> _Reply:
+    return _Reply({"error": message}, status)
 
 
 class APIServer:
-    """Serves one node's API on a unix socket."""
+    """Serves one node's API on a unix socket.
+
+    HTTP/1.1 parsing is h11's (already loaded by the p2p stack); the server itself is a few
+    coroutines on asyncio's unix-socket server — a web framework would cost ~8 MB of RSS on
+    every node for six routes.
+    """
 
     def __init__(self, node: Node, socket_path: Path) -> None:
         self.node = node
         self.socket_path = Path(socket_path)
-        self._runner: web.AppRunner | None = None
-        self._watch_tasks: set[asyncio.Task] = set()
-
-    def _app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
-        app.add_routes(
-            [
-                web.get("/api/status", self.status),
-                web.get("/api/peers", self.peers),
-                web.get("/api/ledger", self.buckets),
-                web.get("/api/ledger/{bucket}", self.items),
-                web.get("/api/ledger/{bucket}/{key}", self.get_key),
-                web.put("/api/ledger/{bucket}/{key}", self.set_key),
-                web.delete("/api/ledger/{bucket}/{key}", self.delete_key),
-                web.get("/api/watch", self.watch),
-            ]
-        )
-        return app
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) with mode 0600."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         with suppress(FileNotFoundError):
             self.socket_path.unlink()  # left by a node that was killed
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self._runner.setup()
         old_umask = os.umask(0o177)  # the socket is created 0600: no window with looser rights
         try:
-            await web.UnixSite(self._runner, str(self.socket_path)).start()
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
 
     async def stop(self) -> None:
-        """Close the socket and end open watches."""
-        if self._runner is not None:
-            for task in list(self._watch_tasks):  # a watch never ends by itself
+        """Close the socket and every open connection (watches included)."""
+        if self._server is not None:
+            self._server.close()
+            for task in list(self._connections):
                 task.cancel()
-            await self._runner.cleanup()
-            self._runner = None
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            with suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            self._server = None
         with suppress(FileNotFoundError):
             self.socket_path.unlink()
 
-    # --- handlers ----------------------------------------------------------------------------
-    async def status(self, request: web.Request) -> web.Response:
-        return _json(self.node.status())
-
-    async def peers(self, request: web.Request) -> web.Response:
-        return _json(self.node.membership.describe())
-
-    async def buckets(self, request: web.Request) -> web.Response:
-        return _json(sorted(self.node.ledger.buckets()))
-
-    async def items(self, request: web.Request) -> web.Response:
-        return _json(self.node.ledger.items(request.match_info["bucket"]))
-
-    async def get_key(self, request: web.Request) -> web.Response:
-        bucket, key = request.match_info["bucket"], request.match_info["key"]
-        entry = self.node.ledger.get_entry(bucket, key)
-        if entry is None or entry.deleted:
-            return _error(404, f"no key {bucket}/{key}")
-        return _json(entry_to_dict(entry))
-
-    async def set_key(self, request: web.Request) -> web.Response:
-        bucket, key = request.match_info["bucket"], request.match_info["key"]
-        try:
-            value = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "the body must be a JSON value")
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"the body exceeds {MAX_REQUEST_BYTES} bytes")
-        try:
-            entry = self.node.ledger.set(bucket, key, value)
-        except KairosError as exc:
-            return _error(400, str(exc))
-        return _json(entry_to_dict(entry))
-
-    async def delete_key(self, request: web.Request) -> web.Response:
-        bucket, key = request.match_info["bucket"], request.match_info["key"]
-        try:
-            entry = self.node.ledger.delete(bucket, key)
-        except KairosError as exc:
-            return _error(400, str(exc))
-        return _json(entry_to_dict(entry))
-
-    async def watch(self, request: web.Request) -> web.StreamResponse:
-        bucket = request.query.get("bucket") or None
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
+    # --- connections -------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._watch_tasks.add(task)
+        self._connections.add(task)
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
-            async for update in self.node.ledger.watch(bucket):
-                line = json.dumps(asdict(update), default=str) + "\n"
-                await response.write(line.encode())
-        except (ConnectionResetError, asyncio.CancelledError):
+            while True:
+                request, body = await self._read_request(connection, reader, writer)
+                if request is None:
+                    return
+                reusable = await self._respond(connection, writer, reader, request, body)
+                if not reusable or connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # say why, then hang up
+                with suppress(Exception):
+                    await self._send(connection, writer, _error(400, f"not HTTP/1.1: {exc}"))
+        except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError, h11.ProtocolError, TimeoutError):
             pass
         finally:
-            self._watch_tasks.discard(task)
-        return response
+            self._connections.discard(task)
+            writer.close()
+            with suppress(Exception):
+                await writer.wait_closed()
+
+    async def _read_request(self, connection, reader, writer):
+        request, body = None, bytearray()
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT)
+                connection.receive_data(data)
+                if not data and connection.their_state is h11.IDLE:
+                    return None, b""
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_REQUEST_BYTES:
+                    await self._send(connection, writer, _error(413, f"the body exceeds {MAX_REQUEST_BYTES} bytes"))
+                    return None, b""
+            elif isinstance(event, h11.EndOfMessage):
+                return request, bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None, b""
+
+    async def _send(self, connection, writer, reply: _Reply) -> None:
+        payload = json.dumps(reply.body, default=str).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        writer.write(connection.send(h11.Response(status_code=reply.status, headers=headers)))
+        writer.write(connection.send(h11.Data(data=payload)))
+        writer.write(connection.send(h11.EndOfMessage()))
+        await writer.drain()
+
+    async def _respond(self, connection, writer, reader, request: h11.Request, body: bytes) -> bool:
+        """Answer one request; False when the connection cannot serve another (a watch ended)."""
+        method = request.method.decode()
+        url = urlsplit(request.target.decode("ascii", "replace"))
+        parts = [unquote(part) for part in url.path.split("/")[1:]]
+        if method == "GET" and parts == ["api", "watch"]:
+            bucket = (parse_qs(url.query).get("bucket") or [None])[0]
+            await self._watch(connection, writer, reader, bucket)
+            return False
+        try:
+            reply = self._route(method, parts, body)
+        except KairosError as exc:
+            reply = _error(400, str(exc))
+        await self._send(connection, writer, reply)
+        return True
+
+    # --- routes ------------------------------------------------------------------------------
+    def _route(self, method: str, parts: list[str], body: bytes) -> _Reply:
+        node, ledger = self.node, self.node.ledger
+        if parts[:1] != ["api"]:
+            return _error(404, "not found")
+        route = parts[1:]
+        if method == "GET" and route == ["status"]:
+            return _Reply(node.status())
+        if method == "GET" and route == ["peers"]:
+            return _Reply(node.membership.describe())
+        if method == "GET" and route == ["ledger"]:
+            return _Reply(sorted(ledger.buckets()))
+        if method == "GET" and len(route) == 2 and route[0] == "ledger":
+            return _Reply(ledger.items(route[1]))
+        if len(route) == 3 and route[0] == "ledger":
+            bucket, key = route[1], route[2]
+            if method == "GET":
+                entry = ledger.get_entry(bucket, key)
+                if entry is None or entry.deleted:
+                    return _error(404, f"no key {bucket}/{key}")
+                return _Reply(entry_to_dict(entry))
+            if method == "PUT":
+                try:
+                    value = json.loads(body)
+                except (ValueError, UnicodeDecodeError):
+                    return _error(400, "the body must be a JSON value")
+                return _Reply(entry_to_dict(ledger.set(bucket, key, value)))
+            if method == "DELETE":
+                return _Reply(entry_to_dict(ledger.delete(bucket, key)))
+            return _error(405, f"{method} is not allowed here")
+        return _error(404, "not found")
+
+    async def _watch(self, connection, writer, reader, bucket: str | None) -> None:
+        headers = [("content-type", "application/x-ndjson")]  # no length: h11 sends it chunked
+        writer.write(connection.send(h11.Response(status_code=200, headers=headers)))
+        await writer.drain()
+        watch = self.node.ledger.watch(bucket)
+        # A watch never ends by itself: end it when the client goes away, which only a read shows.
+        hung_up = asyncio.ensure_future(reader.read(1))
+        try:
+            while True:
+                update = asyncio.ensure_future(watch.__anext__())
+                done, _ = await asyncio.wait({update, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+                if hung_up in done:
+                    update.cancel()
+                    return
+                line = json.dumps(asdict(update.result()), default=str) + "\n"
+                writer.write(connection.send(h11.Data(data=line.encode())))
+                await writer.drain()
+        except StopAsyncIteration:
+            writer.write(connection.send(h11.EndOfMessage()))
+            await writer.drain()
+        finally:
+            hung_up.cancel()
+            with suppress(Exception):
+                await watch.aclose()
 
 
 def entry_to_dict(entry: Any) -> dict[str, Any]:
