@@ -353,3 +353,18 @@ async def test_signed_peer_records_are_checked_once_and_forgeries_still_fail():
     finally:
         await a.stop()
         await b.stop()
+
+
+def test_tunnel_device_addresses_are_never_advertised(netlab):
+    """The VPN's own TUN device must not appear among the addresses peers dial."""
+    import sys
+
+    lab = netlab(1)
+    lab.run(1, ["ip", "tuntap", "add", "dev", "ktun0", "mode", "tun"], check=True)
+    lab.run(1, ["ip", "addr", "add", "10.77.0.1/24", "dev", "ktun0"], check=True)
+    lab.run(1, ["ip", "link", "set", "ktun0", "up"], check=True)
+    probe = ("from kairos_core.p2p.addresses import expand_wildcard, is_tunnel_device;"
+             "print(is_tunnel_device('ktun0'), is_tunnel_device('eth0'), expand_wildcard('/ip4/0.0.0.0/tcp/1'))")
+    out = lab.run(1, [sys.executable, "-c", probe], check=True, text=True).stdout
+    assert out.startswith("True False")
+    assert "10.77.0.1" not in out and lab.address(1) in out

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import os
 import socket
 import struct
 
 _SIOCGIFADDR = 0x8915
 
 
+def is_tunnel_device(name: str) -> bool:
+    """True for TUN/TAP devices (the VPN's own interface among them).
+
+    Their addresses are never advertised for dialling: peers would try to reach us through the
+    overlay that itself rides on the connection they are trying to make.
+    """
+    return os.path.exists(f"/sys/class/net/{name}/tun_flags")
+
+
 def interface_ipv4_addresses() -> list[str]:
-    """The IPv4 address of every up interface, loopback last (Linux ioctl; no extra package)."""
+    """The IPv4 address of every up interface but tunnels, loopback last (Linux ioctl; no extra package)."""
     found: list[str] = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         for _, name in socket.if_nameindex():
+            if is_tunnel_device(name):
+                continue
             try:
                 packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
             except OSError:  # interface without an IPv4 address
@@ -35,7 +47,7 @@ def interface_ipv6_addresses() -> list[str]:
         return found
     for line in lines:
         fields = line.split()
-        if not fields:
+        if not fields or (len(fields) > 5 and is_tunnel_device(fields[5])):
             continue
         address = ipaddress.IPv6Address(int(fields[0], 16))
         if address.is_link_local:
