@@ -36,7 +36,9 @@ def window(now: float, interval: int) -> int:
 
 
 def otp(key: str, window_number: int) -> bytes:
-    """The raw 32-byte OTP of ``key`` for one window."""
+    """The raw 32-byte OTP of ``key`` for one window (windows start at 0)."""
+    if window_number < 0:
+        raise ValueError(f"no OTP window before 0 (asked for {window_number})")
     return hmac.new(key.encode(), struct.pack(">Q", window_number), hashlib.sha256).digest()
 
 
@@ -80,10 +82,14 @@ class KeySchedule:
         """The rendezvous name (DHT key and mDNS instance name) of one window; 32 hex chars."""
         return self._rendezvous(window_number)
 
-    def current_rendezvous(self, now: float | None = None) -> tuple[str, str]:
-        """The names to announce and look up now: this window's and the previous one's."""
+    def current_rendezvous(self, now: float | None = None) -> tuple[str, ...]:
+        """The names to announce and look up now: this window's, then the previous one's.
+
+        In window 0 there is no previous window — and a Kairos token (interval = max int64) is in
+        window 0 forever — so only one name is returned.
+        """
         w = self.dht_window(now)
-        return self.rendezvous(w), self.rendezvous(w - 1)
+        return (self.rendezvous(w), self.rendezvous(w - 1)) if w > 0 else (self.rendezvous(w),)
 
     def _derive_seal_key(self, window_number: int) -> bytes:
         return derive(otp(self.token.crypto.key, window_number), LABEL_SEAL)

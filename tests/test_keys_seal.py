@@ -137,3 +137,8 @@ def test_garbage_raises_only_seal_errors(data):
         sealer().open(data, now=BASE)
     except SealError as exc:
         assert exc.reason
+
+
+def test_no_window_before_zero():
+    with pytest.raises(ValueError):
+        otp("k", -1)

@@ -82,3 +82,23 @@ def test_sigterm_stops_a_node_cleanly_and_fast(lab_network):
     assert code == 0, node.log[-2000:]
     assert elapsed < 5, f"took {elapsed:.1f} s"  # generous bound; the benchmark reports the figure
     assert not (node.root / "api.sock").exists()
+
+
+def test_a_kairos_token_never_rotating_works_unchanged(netlab, tmp_path):
+    """Kairos generates tokens with interval = max int64: window 0 forever, no previous window."""
+    import dataclasses
+
+    base = generate_token()
+    forever = 2**63 - 1
+    kairos_token = dataclasses.replace(base, dht=dataclasses.replace(base.dht, interval=forever),
+                                       crypto=dataclasses.replace(base.crypto, interval=forever))
+    network = LabNetwork(netlab(2), tmp_path, token=kairos_token)
+    try:
+        nodes = [network.start(i, p2p={"disable_dht": True}) for i in (1, 2)]
+        ids = {network.wait_up(node) for node in nodes}
+        network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30,
+                           "membership with a Kairos token")
+        nodes[0].client.request("PUT", "/api/ledger/k/v", content="1")
+        network.wait_until(lambda: nodes[1].client.request("GET", "/api/ledger/k") == {"v": 1}, 15, "replication")
+    finally:
+        network.close()

@@ -81,6 +81,11 @@ def test_kairos_token_never_rotates_and_still_derives_keys():
     schedule = KeySchedule(parse_token(KAIROS_YAML))
     assert schedule.seal_window() == 0
     assert len(schedule.seal_key(0)) == 32
+    # window 0 forever: there is no previous window to announce or look up
+    assert schedule.current_rendezvous() == (schedule.rendezvous(0),)
+    from kairos_core.seal import Sealer
+
+    assert Sealer(schedule).open(Sealer(schedule).seal(b"x")) == b"x"
 
 
 def test_base64_wrapped_over_lines_and_urlsafe_parse():

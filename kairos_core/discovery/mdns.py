@@ -331,9 +331,13 @@ class MDNSDiscovery:
         reg = self._registration
         return instance_name(reg.rendezvous, self.peer_id) if reg else None
 
-    def accepted_rendezvous(self) -> tuple[str, str]:
-        """The rendezvous names whose instances we react to now: this window's and the previous."""
-        return self.schedule.current_rendezvous()
+    def accepted_rendezvous(self) -> tuple[str, ...]:
+        """The rendezvous names whose instances we react to now: windows w, w-1 and w+1.
+
+        The next window's name is accepted too (DESIGN §3), so a peer whose clock runs up to one
+        interval ahead is found at once rather than at our next rotation.
+        """
+        return (*self.schedule.current_rendezvous(), self.schedule.rendezvous(self.schedule.dht_window() + 1))
 
     async def start(self) -> None:
         """Join mDNS, browse for peers, and announce ourselves (``ValueError``: no usable address)."""
