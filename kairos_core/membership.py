@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .events import PeerEvent
+from .identity import public_key_from_peer_id
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,23 @@ class PeerState:
     disconnected_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     alive: bool = False
-    last_alive_at: float = 0.0  # local time this peer was last judged alive
+    last_alive_at: float | None = None  # local time this peer was last judged alive
+    remembered_at: float | None = None  # known only from disk since this local time
+
+
+def is_node_key(key: str) -> bool:
+    """Whether a key of the ``nodes`` bucket is a node's own entry (its peer id).
+
+    The bucket's policy also lets a node write ``<peer_id>/<anything>``; such sub-keys are data,
+    not members — counting them would invent phantom peers that sway elections.
+    """
+    if "/" in key:
+        return False
+    try:
+        public_key_from_peer_id(key)
+    except ValueError:
+        return False
+    return True
 
 
 def stable_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +95,12 @@ class Membership:
         self._worker: asyncio.Task | None = None
 
     # --- inputs ------------------------------------------------------------------------------
+    def remember(self, peer_id: str, info: dict[str, Any]) -> None:
+        """Know a peer's entry from disk without counting it alive: it must be heard from again."""
+        if peer_id != self.self_id:
+            state = self._peers.setdefault(peer_id, PeerState())
+            state.info, state.remembered_at = dict(info), self.clock()
+
     def connected(self, peer_id: str) -> None:
         """An admitted connection to ``peer_id`` is up."""
         if peer_id == self.self_id:
@@ -127,11 +150,20 @@ class Membership:
         state = self._peers.get(peer_id)
         return bool(state and state.alive)
 
+    def worth_dialling(self, horizon: float) -> set[str]:
+        """Peers to reconnect to: alive within ``horizon``, or known from disk for less than that."""
+        now = self.clock()
+        return self.recently_alive(horizon) | {
+            peer_id for peer_id, state in self._peers.items()
+            if state.remembered_at is not None and now - state.remembered_at < horizon
+        }
+
     def recently_alive(self, horizon: float) -> set[str]:
         """Peers alive now or within the last ``horizon`` seconds (the electorate of a quorum)."""
         now = self.clock()
         return {
-            peer_id for peer_id, state in self._peers.items() if state.alive or now - state.last_alive_at < horizon
+            peer_id for peer_id, state in self._peers.items()
+            if state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon)
         }
 
     def describe(self) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from .keys import KeySchedule
 from .ledger import Ledger, LedgerStore, PolicyRegistry
 from .ledger.ledger import LEDGER_FILE
 from .ledger.policy import DEFAULT_POLICIES
-from .membership import NODES_BUCKET, Membership
+from .membership import NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
 from .seal import Sealer
@@ -108,9 +108,9 @@ class Node:
         membership = self.config["membership"]
         self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=float(membership["peer_ttl"]))
         for peer_id, info in self.ledger.items(NODES_BUCKET).items():
-            if peer_id != self.peer_id and isinstance(info, dict):
+            if is_node_key(peer_id) and isinstance(info, dict):
                 # entries from disk are old news: remember them without counting them alive
-                self.membership.entry_changed(peer_id, info)
+                self.membership.remember(peer_id, info)
         self.membership.start()
 
         self._running = True
@@ -316,6 +316,8 @@ class Node:
         return True
 
     async def _peer_admitted(self, peer_id: str) -> None:
+        if peer_id not in self.host.admitted_peers():
+            return  # it already left again: the disconnect was handled, do not resurrect it
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
 
@@ -324,7 +326,7 @@ class Node:
             self.membership.disconnected(peer_id)
 
     def _on_ledger_update(self, update: LedgerUpdate) -> None:
-        if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id:
+        if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id and is_node_key(update.key):
             self.membership.entry_changed(update.key, update.value if isinstance(update.value, dict) else None)
         if self.election:
             self.election.observe(update)
@@ -350,7 +352,7 @@ class Node:
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL)
             admitted = self.host.admitted_peers()
-            for peer_id in self.membership.recently_alive(horizon) - admitted:
+            for peer_id in self.membership.worth_dialling(horizon) - admitted:
                 info = self.ledger.get(NODES_BUCKET, peer_id)
                 addrs = info.get("addresses") if isinstance(info, dict) else None
                 if isinstance(addrs, list) and addrs:

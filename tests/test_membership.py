@@ -117,3 +117,30 @@ async def test_a_failing_emitter_does_not_stop_delivery():
     await membership.drain()
     assert seen == ["good"]
     await membership.stop()
+
+
+async def test_entries_from_disk_are_remembered_not_alive():
+    membership, clock, events = await make()
+    membership.remember("old", {"hostname": "gone"})
+    membership.expire()
+    await membership.drain()
+    assert events == [] and not membership.is_alive("old")
+    assert membership.recently_alive(300) == set()
+    assert membership.worth_dialling(300) == {"old"}
+    clock.now += 301
+    assert membership.worth_dialling(300) == set()
+    membership.entry_changed("old", {"hostname": "back"})  # heard from again: now it is alive
+    await membership.drain()
+    assert events == [("joined", "old", "back")]
+    await membership.stop()
+
+
+def test_only_peer_ids_are_node_keys():
+    from kairos_core.identity import Identity
+    from kairos_core.membership import is_node_key
+
+    peer = Identity.generate().peer_id
+    assert is_node_key(peer)
+    assert not is_node_key(f"{peer}/extra")
+    assert not is_node_key("not-a-peer")
+    assert not is_node_key("")

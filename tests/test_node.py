@@ -224,3 +224,29 @@ async def test_hook_kairos_leader_eligible(kairos_network):
     await net.wait_for(lambda: vetoed.leader and other.leader, timeout=20)
     assert vetoed.leader[0] == other.peer_id == other.leader[0]
     await net.wait_for(lambda: other.members().get(vetoed.peer_id, {}).get("eligible") is False)
+
+
+async def test_sub_keys_of_a_node_entry_are_not_members(kairos_network):
+    recorder = Recorder()
+    net = await kairos_network(0)
+    a = await net.add_node()
+    b = await net.add_node(plugins=[recorder])
+    await net.fully_connected()
+    a.ledger.set("nodes", f"{a.peer_id}/plugin-data", {"network_id": "kairos", "hostname": "phantom"})
+    await net.wait_for(lambda: b.ledger.get("nodes", f"{a.peer_id}/plugin-data") is not None)
+    await asyncio.sleep(0.2)
+    assert set(b.members()) == {a.peer_id}
+    assert [peer for kind, peer in recorder.peers if kind == "joined"] == [a.peer_id]
+
+
+async def test_a_restarted_node_does_not_count_departed_peers_alive(kairos_network):
+    net = await kairos_network(3)
+    a, b, c = net.nodes
+    await net.fully_connected()
+    await c.stop()
+    await a.stop()
+    restarted = await net.add_node(overrides={"node": {"state_dir": str(a.config.state_dir)}}, connect=False)
+    assert restarted.peer_id == a.peer_id
+    assert restarted.members() == {}  # b and c are remembered from disk, not alive until heard from
+    await restarted.connect(b.host.addresses())
+    await net.wait_for(lambda: set(restarted.members()) == {b.peer_id})

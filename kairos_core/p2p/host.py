@@ -510,12 +510,14 @@ class P2PHost:
         record.decided.set()
         self._admitted.add(peer)
         self.counters["admission_ok"] += 1
+        # Notify before any await: a disconnect during the awaits below must reach asyncio after
+        # the admission, or the peer would stay "connected" there forever.
+        self._notify_asyncio(self.on_peer_admitted, peer)
         peer_id = ID.from_base58(peer)
         await self._tell_pubsub(self._pubsub_peers_in, peer_id)
         addrs = self._host.get_peerstore().addrs(peer_id) if self._host is not None else []
         if addrs:
             await self._dht_add(PeerInfo(peer_id, addrs))
-        self._notify_asyncio(self.on_peer_admitted, peer)
 
     async def _refuse(self, peer: str, record: _Admission, reason: str, net_stream: Any) -> None:
         if record.admitted:
