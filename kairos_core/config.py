@@ -80,6 +80,8 @@ CORE_DEFAULTS: dict[str, dict[str, Any]] = {
         "tombstone_grace": 7 * 24 * 3600,
         # Seconds between anti-entropy exchanges with a random peer.
         "sync_interval": 30.0,
+        # Remote entries more than this many seconds ahead of our clock are refused (clock bound).
+        "max_clock_drift": 60.0,
     },
     "membership": {
         # Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).

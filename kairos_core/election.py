@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .ledger.policy import LeasePolicy  # re-exported: the leader bucket's policy
+
 if TYPE_CHECKING:
     from .events import LedgerUpdate
     from .membership import Membership
@@ -63,22 +65,6 @@ class Lease:
     @property
     def held(self) -> bool:
         return self.state == "held"
-
-
-class LeasePolicy:
-    """Ledger write policy of the ``leader`` bucket: a lease is valid only signed by the peer it names.
-
-    Deliberately a function of the entry alone (no clock): every node must accept or reject the
-    same entries, or the ledger would not converge.
-    """
-
-    name = "lease"
-
-    def allows(self, entry: Any, current: Any, now: float) -> bool:
-        """True for tombstones, and for leases under the signer's own key naming the signer."""
-        if not entry.key.endswith(":" + entry.owner):
-            return False
-        return entry.deleted or (isinstance(entry.value, dict) and entry.value.get("peer") == entry.owner)
 
 
 def candidate_rank(peer_id: str) -> bytes:

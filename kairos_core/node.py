@@ -22,13 +22,11 @@ from typing import Any
 from . import __version__
 from .api import APIServer
 from .config import Config
-from .election import Election, LeasePolicy
+from .election import Election
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
 from .keys import KeySchedule
-from .ledger import Ledger, LedgerStore, PolicyRegistry
-from .ledger.ledger import LEDGER_FILE
-from .ledger.policy import DEFAULT_POLICIES
+from .ledger import Ledger, open_ledger
 from .membership import NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
@@ -239,12 +237,7 @@ class Node:
     # internals
     # ---------------------------------------------------------------------------------------
     def _open_ledger(self) -> Ledger:
-        settings = self.config["ledger"]
-        policies = PolicyRegistry({**DEFAULT_POLICIES, "leader": LeasePolicy()})
-        return Ledger(
-            self.identity, LedgerStore(self.config.state_dir / LEDGER_FILE), policies=policies,
-            max_value_size=int(settings["max_value_size"]), tombstone_grace=float(settings["tombstone_grace"]),
-        )
+        return open_ledger(self.identity, self.config.state_dir, self.config["ledger"])
 
     async def _start_discovery(self) -> None:
         p2p = self.config["p2p"]

@@ -4,7 +4,7 @@ import pytest
 
 from kairos_core.identity import Identity
 from kairos_core.ledger import (
-    FIRST_WRITER, LEASE, OPEN, OWNER_KEYED, Entry, HybridLogicalClock, Ledger, LedgerStore, PolicyError,
+    LEASE, OPEN, OWNER_KEYED, Entry, HybridLogicalClock, Ledger, LedgerStore, PolicyError,
     PolicyRegistry, Version,
 )
 
@@ -51,36 +51,9 @@ def test_owner_keyed_accepts_own_id_and_paths_under_it_only() -> None:
     assert ledger.items("vpn") == {ALICE.peer_id + "/ip": "10.1.0.1"}
 
 
-FIRST_WRITER_LEADER = {"leader": FIRST_WRITER}
 
 
-def test_first_writer_holds_a_live_lease_against_others() -> None:
-    ledger = ledger_of(ALICE, policies=FIRST_WRITER_LEADER)
-    ledger.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 1, "expires": NOW + 10})
-    claim = remote(BOB, "leader", "lease", {"peer": BOB.peer_id, "epoch": 2, "expires": NOW + 20}, 5)
-    assert ledger.apply_remote([claim]) == []
-    assert ledger.counters["rejected_policy"] == 1
-    # The holder may renew.
-    ledger.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 1, "expires": NOW + 30})
 
-
-def test_first_writer_allows_takeover_of_an_expired_lease_or_a_tombstone() -> None:
-    ledger = ledger_of(ALICE, policies=FIRST_WRITER_LEADER)
-    ledger.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 1, "expires": NOW - 1})
-    claim = remote(BOB, "leader", "lease", {"peer": BOB.peer_id, "epoch": 2, "expires": NOW + 20}, 5)
-    assert len(ledger.apply_remote([claim])) == 1
-    with pytest.raises(PolicyError):
-        ledger.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 3})
-    bob_gone = remote(BOB, "leader", "lease", None, 10, deleted=True)
-    ledger.apply_remote([bob_gone])
-    ledger.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 3})
-    assert ledger.get("leader", "lease")["epoch"] == 3
-
-
-def test_first_writer_without_expires_never_lapses() -> None:
-    ledger = ledger_of(ALICE, policies=FIRST_WRITER_LEADER)
-    ledger.set("leader", "pinned", {"peer": ALICE.peer_id})
-    assert ledger.apply_remote([remote(BOB, "leader", "pinned", "mine", 5)]) == []
 
 
 def test_custom_policies_replace_the_defaults() -> None:
@@ -90,14 +63,22 @@ def test_custom_policies_replace_the_defaults() -> None:
     ledger.set("nodes", "anything", 1)  # no longer owned in this registry
 
 
-def test_lease_values_must_name_their_writer() -> None:
+def lease_key(peer) -> str:
+    return f"kairos:000000000002:{peer.peer_id}"
+
+
+def test_leases_are_written_under_and_name_their_writer() -> None:
     ledger = ledger_of(ALICE)
-    ledger.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 1, "expires": NOW + 10})
+    ledger.set("leader", lease_key(ALICE), {"peer": ALICE.peer_id, "epoch": 2})
     with pytest.raises(PolicyError):
-        ledger.set("leader", "lease", {"peer": BOB.peer_id, "epoch": 1})
+        ledger.set("leader", lease_key(ALICE), {"peer": BOB.peer_id, "epoch": 2})
     with pytest.raises(PolicyError):
-        ledger.set("leader", "lease", "not a lease")
-    in_alices_name = remote(BOB, "leader", "lease", {"peer": ALICE.peer_id, "epoch": 9}, 5)
+        ledger.set("leader", lease_key(ALICE), "not a lease")
+    with pytest.raises(PolicyError):
+        ledger.set("leader", lease_key(BOB), {"peer": ALICE.peer_id, "epoch": 2})  # bob's key
+    with pytest.raises(PolicyError):
+        ledger.delete("leader", lease_key(BOB))  # nor may alice delete bob's claim
+    in_alices_name = remote(BOB, "leader", lease_key(ALICE), {"peer": ALICE.peer_id, "epoch": 9}, 5)
     assert ledger.apply_remote([in_alices_name]) == []
     assert ledger.counters["rejected_policy"] == 1
 
@@ -105,8 +86,8 @@ def test_lease_values_must_name_their_writer() -> None:
 def claims(policies) -> tuple[Ledger, Ledger, Entry, Entry]:
     """Two peers claim a lapsed lease within the same millisecond, each before hearing the other."""
     alice, bob = ledger_of(ALICE, policies=policies), ledger_of(BOB, policies=policies)
-    a = alice.set("leader", "lease", {"peer": ALICE.peer_id, "epoch": 2, "expires": NOW + 10})
-    b = bob.set("leader", "lease", {"peer": BOB.peer_id, "epoch": 2, "expires": NOW + 10})
+    a = alice.set("leader", lease_key(ALICE), {"peer": ALICE.peer_id, "epoch": 2})
+    b = bob.set("leader", lease_key(BOB), {"peer": BOB.peer_id, "epoch": 2})
     alice.apply_remote([b])
     bob.apply_remote([a])
     return alice, bob, a, b
@@ -114,10 +95,7 @@ def claims(policies) -> tuple[Ledger, Ledger, Entry, Entry]:
 
 def test_racing_claims_converge_under_the_lease_policy() -> None:
     alice, bob, a, b = claims(None)
-    winner = max(a, b, key=lambda e: e.version)
-    assert alice.get_entry("leader", "lease") == bob.get_entry("leader", "lease") == winner
-
-
-def test_racing_claims_split_under_first_writer_which_is_why_it_is_not_the_leader_default() -> None:
-    alice, bob, a, b = claims(FIRST_WRITER_LEADER)
-    assert alice.get_entry("leader", "lease") != bob.get_entry("leader", "lease")
+    # each claim lives under its own key: both nodes hold both, and the election picks one
+    for ledger in (alice, bob):
+        assert ledger.get_entry("leader", lease_key(ALICE)) == a
+        assert ledger.get_entry("leader", lease_key(BOB)) == b

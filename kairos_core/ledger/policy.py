@@ -6,20 +6,15 @@ policy sees the incoming entry, the entry it would replace, and the current unix
 - :class:`OpenPolicy` — anyone may write any key (user buckets).
 - :class:`OwnerKeyedPolicy` — the key is the writer's peer id, or starts with ``"<peer_id>/"``
   (``nodes``, ``vpn``: each node publishes about itself only).
-- :class:`FirstWriterPolicy` — a key belongs to whoever holds it; another peer may take it over
-  only once the holder's value carries an ``expires`` (unix seconds) in the past, or the holder
-  deleted it.
-- :class:`LeasePolicy` — a lease value must name its writer (``value["peer"] == owner``); racing
-  claims are settled by the ordinary merge (the greater version wins everywhere). The default
-  for ``leader``.
+- :class:`LeasePolicy` — the ``leader`` bucket: a lease key ends with ``:<writer's peer id>``
+  and its value names the writer (``value["peer"] == owner``); which claim stands is the
+  election's rule (see :mod:`kairos_core.election`), not the ledger's.
 
-Why ``leader`` is not first-writer: a first-writer check depends on what the node holds when a
-write arrives. Two peers that claim a lapsed lease at the same moment each hold their own claim
-and refuse the other's, and so do the nodes that heard them in opposite orders: the ledger splits
-and never heals, because every renewal is refused on the other side too. A policy that judges an
-entry on its own (like :class:`LeasePolicy`) keeps the merge a join, so claims converge and the
-election makes the loser step down; not claiming a live lease is the election's rule, not the
-ledger's.
+Every policy judges an entry on its own, never against the entry it would replace nor the clock.
+A "first writer owns the key until its lease expires" policy (DESIGN §6) was tried and dropped:
+two peers that claim a lapsed lease at the same moment each hold their own claim and refuse the
+other's, and so do the nodes that heard them in opposite orders — the ledger splits and never
+heals. Judging entries on their own keeps the merge a join, so every node converges.
 """
 
 from __future__ import annotations
@@ -59,52 +54,24 @@ class OwnerKeyedPolicy:
         return entry.key == entry.owner or entry.key.startswith(entry.owner + "/")
 
 
-class FirstWriterPolicy:
-    """A key belongs to its current holder until the holder's lease expires or it is deleted."""
-
-    name = "first_writer"
-
-    def allows(self, entry: Entry, current: Entry | None, now: float) -> bool:
-        """True for a new key, the holder's own writes, and takeovers of lapsed or deleted keys."""
-        if current is None or current.owner == entry.owner or current.deleted:
-            return True
-        return lease_expired(current, now)
-
-
 class LeasePolicy:
-    """A lease names its holder: a live value must be a dict whose ``peer`` is the writer.
+    """A lease is written under, and names, its holder: nobody claims in another peer's name.
 
-    No one can write a lease in another peer's name; which of several claims stands is decided by
-    the merge alone (see the module docstring). Tombstones are accepted from any writer: deleting
-    a lease only forces a new election.
+    The key must end with ``:<owner>`` (one key per epoch and claimant, so claims never overwrite
+    each other) and a live value must be a dict whose ``peer`` is the owner.
     """
 
     name = "lease"
 
     def allows(self, entry: Entry, current: Entry | None, now: float) -> bool:
-        """True for tombstones and for values whose ``peer`` is the entry's owner."""
-        if entry.deleted:
-            return True
-        return isinstance(entry.value, dict) and entry.value.get("peer") == entry.owner
-
-
-def lease_expired(entry: Entry, now: float) -> bool:
-    """True when the entry's value has a numeric ``expires`` (unix seconds) not after ``now``.
-
-    A value without ``expires`` never lapses: such a key stays with its first writer.
-    """
-    value = entry.value
-    if not isinstance(value, dict):
-        return False
-    expires = value.get("expires")
-    if isinstance(expires, bool) or not isinstance(expires, (int, float)):
-        return False
-    return expires <= now
+        """True for the owner's own lease keys holding values that name the owner."""
+        if not entry.key.endswith(":" + entry.owner):
+            return False
+        return entry.deleted or (isinstance(entry.value, dict) and entry.value.get("peer") == entry.owner)
 
 
 OPEN = OpenPolicy()
 OWNER_KEYED = OwnerKeyedPolicy()
-FIRST_WRITER = FirstWriterPolicy()
 LEASE = LeasePolicy()
 
 DEFAULT_POLICIES: Mapping[str, WritePolicy] = {
