@@ -41,6 +41,9 @@ DIAL_BACKOFF = 1.0
 MAX_DIAL_BACKOFF = 15.0
 # Seconds between attempts to reconnect to recently seen peers that are not connected.
 RECONNECT_INTERVAL = 2.0
+# Shutdown: plugins get this long for kairos_shutdown, every other step STOP_STEP_TIMEOUT.
+SHUTDOWN_HOOK_TIMEOUT = 5.0
+STOP_STEP_TIMEOUT = 6.0
 # How long the election's fast path waits for a departed leader to answer a dial.
 PROBE_TIMEOUT = 1.0
 
@@ -73,7 +76,10 @@ class Node:
         self.api: APIServer | None = None
         self._discovery: list[Any] = []
         self._tasks: set[asyncio.Task] = set()
-        self._hook_queue: asyncio.Queue = asyncio.Queue()
+        # Ledger updates and leader changes are delivered in order, each through its own queue, so
+        # a plugin slow on ledger updates never delays the news of a new leader.
+        self._ledger_events: asyncio.Queue = asyncio.Queue()
+        self._leader_events: asyncio.Queue = asyncio.Queue()
         self._dialing: set[str] = set()
         self._dial_backoff: dict[str, tuple[float, float]] = {}
         self._beat = 0
@@ -91,7 +97,8 @@ class Node:
         self.started_at = time.monotonic()
         self.ledger = self._open_ledger()
         self.ledger.add_listener(self._on_ledger_update)
-        self._spawn(self._deliver_hooks(), "hooks")
+        self._spawn(self._deliver_hooks(self._ledger_events), "ledger-hooks")
+        self._spawn(self._deliver_hooks(self._leader_events), "leader-hooks")
 
         listen = list(p2p["listen"]) or [f"/ip4/0.0.0.0/tcp/{p2p['port']}"]
         self.host = P2PHost(
@@ -114,9 +121,9 @@ class Node:
         self._running = True
         await call_hook(self.manager, "kairos_startup", node=self)
         self.announce()
-        self._spawn(self._announce_loop(), "announce")
-        self._spawn(self._expire_loop(), "membership-expiry")
-        self._spawn(self._reconnect_loop(), "reconnect")
+        self._spawn(self._every(float(self.config["membership"]["announce_interval"]), self.announce), "announce")
+        self._spawn(self._every(1.0, self.membership.expire), "membership-expiry")
+        self._spawn(self._every(RECONNECT_INTERVAL, self._redial_known_peers), "reconnect")
 
         await self._start_discovery()
         election = self.config["election"]
@@ -134,33 +141,43 @@ class Node:
         log.info("node %s up on %s", self.peer_id, ", ".join(self.host.addresses()))
 
     async def stop(self) -> None:
-        """Stop everything, plugins first (while the ledger and the host still work)."""
+        """Stop everything, plugins first (while the ledger and the host still work).
+
+        Every step is bounded and none can keep the later ones from running: the host, its trio
+        thread and the ledger are always closed, whatever a plugin or a peer does meanwhile.
+        """
         if not self._running and self.host is None:
             return
         self._running = False
-        if self.api:
-            await self.api.stop()
-        if self.election:
-            await self.election.stop()
-        for discovery in self._discovery:
-            with suppress(Exception):
-                await discovery.stop()
-        await call_hook(self.manager, "kairos_shutdown", node=self)
-        if self.replicator:
-            await self.replicator.final_push()
-        if self.membership:
-            await self.membership.stop()
-        if self.replicator:
-            await self.replicator.stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.host:
-            await self.host.stop()
-            self.host = None
-        if self.ledger:
-            self.ledger.close()
-        self._stopped.set()
+        try:
+            steps = [
+                self.api and self.api.stop,
+                self.election and self.election.stop,
+                *(discovery.stop for discovery in self._discovery),
+                lambda: call_hook(self.manager, "kairos_shutdown", node=self, timeout=SHUTDOWN_HOOK_TIMEOUT),
+                self.replicator and self.replicator.final_push,
+                self.membership and self.membership.stop,
+                self.replicator and self.replicator.stop,
+            ]
+            for step in steps:
+                if step:
+                    await self._bounded(step())
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            if self.host:
+                host, self.host = self.host, None
+                await self._bounded(host.stop())
+            if self.ledger:
+                self.ledger.close()
+            self._stopped.set()
+
+    async def _bounded(self, step) -> None:
+        try:
+            await asyncio.wait_for(step, STOP_STEP_TIMEOUT)
+        except Exception as exc:  # a stuck or failing step is logged; shutdown goes on
+            log.warning("shutdown step %s: %s: %s", getattr(step, "__qualname__", step), type(exc).__name__, exc)
 
     async def wait_stopped(self) -> None:
         """Return once :meth:`stop` has finished."""
@@ -323,44 +340,40 @@ class Node:
             self.membership.entry_changed(update.key, update.value if isinstance(update.value, dict) else None)
         if self.election:
             self.election.observe(update)
-        self._hook_queue.put_nowait(("on_ledger_update", {"node": self, "update": update}))
+        self._ledger_events.put_nowait(("on_ledger_update", {"node": self, "update": update}))
 
     async def _emit_peer_event(self, event: PeerEvent) -> None:
         await call_hook(self.manager, "on_peer", node=self, event=event)
 
     async def _emit_leader(self, leader: str, epoch: int) -> None:
-        self._hook_queue.put_nowait(("on_leader_elected", {"node": self, "leader": leader, "epoch": epoch}))
+        self._leader_events.put_nowait(("on_leader_elected", {"node": self, "leader": leader, "epoch": epoch}))
 
-    async def _deliver_hooks(self) -> None:
-        # One queue keeps ledger and leader events in the order they happened.
+    async def _deliver_hooks(self, queue: asyncio.Queue) -> None:
+        # Events of one queue reach plugins in the order they happened.
         while True:
-            name, kwargs = await self._hook_queue.get()
+            name, kwargs = await queue.get()
             await call_hook(self.manager, name, **kwargs)
 
-    async def _reconnect_loop(self) -> None:
+    def _redial_known_peers(self) -> None:
         # Discovery reports a peer once; after a partition or a restart the connection must come
-        # back without it. Peers seen within the quorum horizon are redialled (with back-off) at
-        # the addresses they advertise in the ledger.
+        # back without it. Peers seen within the quorum horizon (or known from disk) are redialled,
+        # with back-off, at the addresses they advertise in the ledger.
         horizon = float(self.config["election"]["quorum_horizon"])
-        while True:
-            await asyncio.sleep(RECONNECT_INTERVAL)
-            admitted = self.host.admitted_peers()
-            for peer_id in self.membership.worth_dialling(horizon) - admitted:
-                info = self.ledger.get(NODES_BUCKET, peer_id)
-                addrs = info.get("addresses") if isinstance(info, dict) else None
-                if isinstance(addrs, list) and addrs:
-                    self._spawn(self._discovered(peer_id, [a for a in addrs if isinstance(a, str)]), "redial")
+        for peer_id in self.membership.worth_dialling(horizon) - self.host.admitted_peers():
+            info = self.ledger.get(NODES_BUCKET, peer_id)
+            addrs = info.get("addresses") if isinstance(info, dict) else None
+            if isinstance(addrs, list) and addrs:
+                self._spawn(self._discovered(peer_id, [a for a in addrs if isinstance(a, str)]), "redial")
 
-    async def _announce_loop(self) -> None:
-        interval = float(self.config["membership"]["announce_interval"])
+    async def _every(self, interval: float, step) -> None:
+        """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""
         while True:
             await asyncio.sleep(interval)
-            self.announce()
-
-    async def _expire_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            self.membership.expire()
+            try:
+                step()
+            except Exception:
+                self.counters["background_errors"] += 1
+                log.exception("periodic %s failed", getattr(step, "__name__", step))
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -377,9 +390,9 @@ async def run_node(config: Config, manager: KairosPluginManager | None = None) -
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
     try:
+        await node.start()
         await stop.wait()
     finally:
         log.info("stopping")
-        await asyncio.wait_for(node.stop(), timeout=10)
+        await node.stop()  # bounded step by step: see Node.stop

@@ -161,12 +161,16 @@ class Replicator:
         while True:
             # jitter so a network started at once does not sync in lock-step
             await asyncio.sleep(self.sync_interval * random.uniform(0.75, 1.25))
-            peers = sorted(self.host.admitted_peers())
-            if peers:
-                await self.sync_with(random.choice(peers))
-            pruned = self.ledger.prune_tombstones()
-            if pruned:
-                log.debug("pruned %d tombstones", pruned)
+            try:
+                peers = sorted(self.host.admitted_peers())
+                if peers:
+                    await self.sync_with(random.choice(peers))
+                pruned = self.ledger.prune_tombstones()
+                if pruned:
+                    log.debug("pruned %d tombstones", pruned)
+            except Exception:  # e.g. sqlite failing once: anti-entropy must go on
+                self.counters["anti_entropy_errors"] += 1
+                log.exception("anti-entropy round failed")
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -250,3 +250,28 @@ async def test_a_restarted_node_does_not_count_departed_peers_alive(kairos_netwo
     assert restarted.members() == {}  # b and c are remembered from disk, not alive until heard from
     await restarted.connect(b.host.addresses())
     await net.wait_for(lambda: set(restarted.members()) == {b.peer_id})
+
+
+async def test_a_plugin_that_hangs_in_shutdown_cannot_keep_the_node_from_stopping(kairos_network):
+    import threading
+
+    from kairos_core import node as node_module
+
+    class Hangs:
+        @hookimpl
+        async def kairos_shutdown(self, node):
+            await asyncio.sleep(60)
+
+        @hookimpl
+        def kairos_startup(self, node):
+            raise RuntimeError("broken plugin")  # isolated: the node starts anyway
+
+    net = await kairos_network(0)
+    node = await net.add_node(plugins=[Hangs()])
+    node_module.SHUTDOWN_HOOK_TIMEOUT, saved = 0.3, node_module.SHUTDOWN_HOOK_TIMEOUT
+    try:
+        await asyncio.wait_for(node.stop(), 10)
+    finally:
+        node_module.SHUTDOWN_HOOK_TIMEOUT = saved
+    assert node.host is None and node._stopped.is_set()
+    assert not [t for t in threading.enumerate() if t.name.startswith("kairos-p2p") and t.is_alive()]
