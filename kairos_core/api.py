@@ -151,7 +151,11 @@ class APIServer:
         """Answer one request; False when the connection cannot serve another (a watch ended)."""
         method = request.method.decode()
         url = urlsplit(request.target.decode("ascii", "replace"))
-        parts = [unquote(part) for part in url.path.split("/")[1:]]
+        try:
+            parts = [unquote(part, errors="strict") for part in url.path.split("/")[1:]]
+        except UnicodeDecodeError:  # never guess a key: "%ED%A0%80" is not text
+            await self._send(connection, writer, _error(400, "the path is not valid UTF-8"))
+            return True
         if method == "GET" and parts == ["api", "watch"]:
             bucket = (parse_qs(url.query).get("bucket") or [None])[0]
             await self._watch(connection, writer, reader, bucket)
@@ -160,6 +164,9 @@ class APIServer:
             reply = self._route(method, parts, body)
         except KairosError as exc:
             reply = _error(400, str(exc))
+        except Exception as exc:  # a bug: one line to the client and a traceback in the log
+            log.exception("API %s %s failed", method, url.path)
+            reply = _error(500, f"internal error: {type(exc).__name__}: {exc}")
         await self._send(connection, writer, reply)
         return True
 

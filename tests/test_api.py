@@ -125,3 +125,13 @@ async def test_watch_streams_and_ends_when_the_client_goes(api):
     writer.close()
     await asyncio.sleep(0.2)
     assert len(server._connections) == 0  # the handler noticed the hang-up without any new update
+
+
+async def test_invalid_unicode_is_a_clear_400_not_a_dropped_connection(api):
+    node, server = api
+    client = APIClient(server.socket_path)
+    for path, body in (("/api/ledger/b/k", '"\\ud800"'), ("/api/ledger/b/%ED%A0%80", "1")):
+        response = await asyncio.to_thread(client._client.request, "PUT", path, content=body)
+        assert response.status_code == 400, (path, response.text)
+        assert "not" in response.json()["error"]
+    assert node.ledger.buckets() == []

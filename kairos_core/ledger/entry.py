@@ -32,9 +32,11 @@ SIGNATURE_LENGTH = 64
 def canonical_json(value: Any) -> str:
     """The canonical JSON text of ``value``; ``LedgerError`` if it is not plain JSON data."""
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode()  # a lone surrogate ("\ud800") is a str but not text: it cannot be signed or sent
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
         raise LedgerError(f"value is not JSON data: {exc}") from None
+    return text
 
 
 def normalize_value(value: Any, max_value_size: int = DEFAULT_MAX_VALUE_SIZE) -> Any:
@@ -57,9 +59,13 @@ def _public_key(peer_id: str) -> Ed25519PublicKey | None:
 
 
 def check_name(kind: str, name: object, max_length: int) -> str:
-    """A bucket or key: a non-empty string of bounded length without NUL."""
+    """A bucket or key: a non-empty string of bounded length without NUL, encodable as UTF-8."""
     if not isinstance(name, str) or not name or len(name) > max_length or "\x00" in name:
         raise LedgerError(f"{kind} must be a non-empty string of at most {max_length} characters without NUL")
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        raise LedgerError(f"{kind} is not valid text (it holds a lone surrogate)") from None
     return name
 
 
