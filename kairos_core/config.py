@@ -246,6 +246,8 @@ def resolve_config(
             problems.append(f"{section}: unknown section")
     for section, section_defaults in defaults.items():
         merged[section] = _merge(section_defaults, data.get(section), section, problems)
+    if not problems:
+        problems.extend(_range_problems(merged))
     if check_token and not problems and merged["p2p"]["network_token"]:
         try:
             parse_token(str(merged["p2p"]["network_token"]))
@@ -256,6 +258,34 @@ def resolve_config(
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{origin}: {len(problems)} {noun}: " + "; ".join(problems), problems)
     return Config(merged, path)
+
+
+# Core options whose type is not enough: (section, option, lowest, highest or None).
+_RANGES = (
+    ("p2p", "port", 0, 65535),
+    ("p2p", "minimum_nodes", 1, None),
+    ("node", "hook_timeout", 0.1, None),
+    ("ledger", "max_value_size", 1, 1024 * 1024),
+    ("ledger", "tombstone_grace", 60, None),
+    ("ledger", "sync_interval", 1, None),
+    ("ledger", "max_clock_drift", 1, None),
+    ("membership", "announce_interval", 1, None),
+    ("membership", "peer_ttl", 2, None),
+    ("election", "lease_seconds", 0.5, None),
+    ("election", "quorum_horizon", 0, None),
+)
+
+
+def _range_problems(merged: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    problems = []
+    for section, option, lowest, highest in _RANGES:
+        value = merged.get(section, {}).get(option)
+        if value is None:
+            continue
+        if value < lowest or (highest is not None and value > highest):
+            bound = f"between {lowest} and {highest}" if highest is not None else f"at least {lowest}"
+            problems.append(f"{section}.{option}: must be {bound}, not {value}")
+    return problems
 
 
 def load_config(path: Path | str | None, manager: KairosPluginManager, env: Mapping[str, str] | None = None) -> Config:

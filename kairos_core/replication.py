@@ -19,6 +19,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from .ledger import DecodeError, DeltaBatcher, Ledger, SyncError, decode_batch, sync_ledgers
+from .ledger.entry import MAX_REMOTE_VALUE_SIZE
 from .ledger.sync import PROTOCOL_ID as SYNC_PROTOCOL
 from .seal import OVERHEAD as SEAL_OVERHEAD, SealError, Sealer
 
@@ -105,7 +106,7 @@ class Replicator:
     async def _on_gossip(self, from_peer: str, frame: bytes) -> None:
         try:
             batch = self.sealer.open(frame)
-            entries = decode_batch(batch, self.max_frame, max_value_size=self.ledger.max_value_size)
+            entries = decode_batch(batch, self.max_frame, max_value_size=MAX_REMOTE_VALUE_SIZE)
         except SealError as exc:
             self.counters[f"gossip_dropped_{exc.reason}"] += 1
             return

@@ -31,6 +31,8 @@ KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 43
 DEFAULT_INTERVAL = 360
 DEFAULT_MAX_MESSAGE_SIZE = 20 * 1024 * 1024
+# Below this the ledger could not replicate (sync frames and delta batches need room).
+MIN_MESSAGE_SIZE = 64 * 1024
 # A real token is ~400 bytes; anything far larger is a mistake (a pasted file, a binary), and
 # parsing it would only waste memory.
 MAX_TOKEN_BYTES = 64 * 1024
@@ -180,8 +182,10 @@ def _token_from_document(doc: dict) -> NetworkToken:
     max_message_size = doc.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
     if max_message_size in (None, 0):  # EdgeVPN treats 0/absent as its default
         max_message_size = DEFAULT_MAX_MESSAGE_SIZE
-    if not _is_int(max_message_size) or max_message_size < 1024:
-        raise TokenError(f"token field 'max_message_size' must be an integer of at least 1024, not {max_message_size!r}")
+    if not _is_int(max_message_size) or max_message_size < MIN_MESSAGE_SIZE:
+        raise TokenError(
+            f"token field 'max_message_size' must be an integer of at least {MIN_MESSAGE_SIZE}, not {max_message_size!r}"
+        )
     return NetworkToken(max_message_size=max_message_size, **specs, **strings)
 
 

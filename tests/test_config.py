@@ -132,3 +132,13 @@ def test_cli_config_check_lists_problems(tmp_path, capsys):
         raise SystemExit(0)
     assert exc.value.code == 0
     assert "ok" in capsys.readouterr().out
+
+
+def test_values_out_of_range_are_reported(manager):
+    with pytest.raises(ConfigError) as exc:
+        resolve("election:\n  lease_seconds: 0\nledger:\n  max_value_size: 5000000\np2p:\n  port: 70000\n", manager)
+    assert set(exc.value.problems) == {
+        "election.lease_seconds: must be at least 0.5, not 0.0",
+        "ledger.max_value_size: must be between 1 and 1048576, not 5000000",
+        "p2p.port: must be between 0 and 65535, not 70000",
+    }

@@ -166,3 +166,17 @@ async def test_apply_delta_merges_good_batches_and_counts_garbage() -> None:
     assert await ledger.apply_delta(encode_batch([remote]), max_size=10) == []
     assert ledger.counters["decode_errors"] == 2
     assert ledger.get("user", "g") == [1]
+
+
+def test_remote_values_are_judged_by_one_limit_for_all_nodes(tmp_path):
+    """A node allowed bigger writes must not split the ledger from nodes with the default limit."""
+    from kairos_core.identity import Identity
+    from kairos_core.ledger import Ledger, LedgerStore
+
+    big_writer = Ledger(Identity.generate(), LedgerStore(tmp_path / "a.db"), max_value_size=1024 * 1024)
+    default = Ledger(Identity.generate(), LedgerStore(tmp_path / "b.db"))
+    entry = big_writer.set("files", "blob", "x" * 100_000)
+    assert [u.key for u in default.apply_remote([entry])] == ["blob"]
+    assert default.get("files", "blob") == "x" * 100_000
+    with pytest.raises(LedgerError, match="max_value_size"):
+        default.set("files", "mine", "x" * 100_000)  # its own writes keep its own limit

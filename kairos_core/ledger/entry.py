@@ -23,6 +23,10 @@ from .errors import LedgerError
 
 SIGNATURE_DOMAIN = b"kairos/ledger-entry/1\n"
 DEFAULT_MAX_VALUE_SIZE = 65536
+# What any node accepts from a peer, whatever its own ledger.max_value_size: the limit on remote
+# entries must be the same everywhere, or nodes with different configs would disagree on the same
+# entry forever. ledger.max_value_size (at most this) only bounds this node's own writes.
+MAX_REMOTE_VALUE_SIZE = 1024 * 1024
 MAX_BUCKET_LENGTH = 128
 MAX_KEY_LENGTH = 512
 MAX_PEER_ID_LENGTH = 128

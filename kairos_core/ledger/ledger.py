@@ -21,6 +21,7 @@ from ..events import LedgerUpdate
 from ..identity import Identity
 from .clock import HybridLogicalClock
 from .entry import (
+    MAX_REMOTE_VALUE_SIZE,
     DEFAULT_MAX_VALUE_SIZE, MAX_BUCKET_LENGTH, MAX_KEY_LENGTH, Entry, check_name, normalize_value,
 )
 from .codec import DEFAULT_MAX_BATCH_SIZE, decode_batch
@@ -167,7 +168,7 @@ class Ledger:
         nothing; bad entries inside a well-formed batch are rejected one by one as usual.
         """
         try:
-            entries = decode_batch(data, max_size, max_value_size=self.max_value_size)
+            entries = decode_batch(data, max_size, max_value_size=MAX_REMOTE_VALUE_SIZE)
         except DecodeError:
             self.counters["decode_errors"] += 1
             return []
@@ -179,7 +180,7 @@ class Ledger:
         staged: dict[tuple[str, str], Entry] = {}
         for index, entry in enumerate(entries):
             try:
-                entry.validate(self.max_value_size)
+                entry.validate(MAX_REMOTE_VALUE_SIZE)
             except (LedgerError, AttributeError, TypeError):
                 self.counters["rejected_invalid"] += 1
                 continue

@@ -34,7 +34,7 @@ from typing import Iterable, Protocol
 
 from .clock import MAX_COUNTER, MAX_WALL_MS, Version
 from .codec import decode_batch, split_batches
-from .entry import Entry
+from .entry import MAX_REMOTE_VALUE_SIZE, Entry
 from .errors import DecodeError, SyncError
 from .ledger import Ledger
 
@@ -303,7 +303,7 @@ class _Session:
             if frame[:1] != _ENTRIES:
                 raise SyncError("expected an entries frame")
             try:
-                entries = decode_batch(frame[1:], self.max_frame, max_value_size=self.ledger.max_value_size)
+                entries = decode_batch(frame[1:], self.max_frame, max_value_size=MAX_REMOTE_VALUE_SIZE)
             except DecodeError as exc:
                 self.ledger.count("decode_errors")
                 raise SyncError(f"bad entries frame: {exc}") from None
