@@ -106,7 +106,7 @@ def winner(leases: list[Lease]) -> Lease | None:
 
 
 class Election:
-    """Runs the lease protocol for one node. ``node_ledger`` needs ``items``, ``get_entry`` and ``set``."""
+    """Runs the lease protocol for one node. ``ledger`` needs ``items``, ``get``, ``get_entry``, ``set`` and ``clock``."""
 
     def __init__(
         self,
@@ -147,6 +147,7 @@ class Election:
         self._stepping_down = False
         self._announced: tuple[str, int] | None = None
         self._task: asyncio.Task | None = None
+        self._announcements: set[asyncio.Task] = set()
         self.changes = 0  # confirmed leaders seen since start: steady state keeps this still
 
     # --- views -------------------------------------------------------------------------------
@@ -305,4 +306,6 @@ class Election:
             return
         self._announced = key
         self.changes += 1
-        asyncio.get_running_loop().create_task(self._announce(lease.peer, lease.epoch))
+        task = asyncio.get_running_loop().create_task(self._announce(lease.peer, lease.epoch))
+        self._announcements.add(task)
+        task.add_done_callback(self._announcements.discard)

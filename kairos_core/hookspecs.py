@@ -84,8 +84,8 @@ def kairos_cli_commands(cli: click.Group) -> None:
 def kairos_startup(node: Node) -> Awaitable[None] | None:
     """Start a plugin's work on a node.
 
-    Called once per node after the p2p host, the ledger and discovery are running, before the
-    node announces itself. A plugin creates its devices and background tasks here. An exception or
+    Called once per node after the p2p host and the ledger are running, before the node announces
+    itself and starts discovery (so a plugin can add to what it announces). A plugin creates its devices and background tasks here. An exception or
     a timeout is logged with the plugin's name; the node runs on without that plugin's startup.
 
     :param node: the running node (``node.config``, ``node.ledger``, ``node.peer_id``, …).
@@ -99,7 +99,8 @@ def kairos_shutdown(node: Node) -> Awaitable[None] | None:
 
     Called once when the node stops (SIGINT, SIGTERM or ``Node.stop()``), before the p2p host
     closes, so a plugin may still write to the ledger. It should remove devices and routes it
-    created and cancel its tasks. Each call has a timeout: shutdown never hangs on a plugin.
+    created and cancel its tasks. All shutdown hooks together get a few seconds (5 by default):
+    shutdown never hangs on a plugin.
 
     :param node: the stopping node.
     :return: ignored.

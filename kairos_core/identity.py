@@ -152,8 +152,7 @@ def _create(path: Path) -> Identity:
             os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic: a crash never leaves a half-written identity
     except FileExistsError:
-        tmp.unlink(missing_ok=True)
-        raise IdentityError(f"stale {tmp} exists; remove it and retry") from None
+        raise IdentityError(f"{tmp} exists: another kairos may be creating this identity; if not, remove it") from None
     except OSError as exc:
         raise IdentityError(f"cannot write identity {path}: {exc.strerror}") from None
     return identity

@@ -82,7 +82,7 @@ class Membership:
         emit: Callable[[PeerEvent], Awaitable[None]],
         *,
         network_id: str = "kairos",
-        ttl: float = 35.0,
+        ttl: float = 95.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.self_id = self_id

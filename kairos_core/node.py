@@ -39,6 +39,9 @@ BOOTSTRAP_REDIAL = 5.0
 # After a failed dial, wait this long before dialling a peer again (doubles up to MAX_DIAL_BACKOFF).
 DIAL_BACKOFF = 1.0
 MAX_DIAL_BACKOFF = 15.0
+# Discovered peers whose first dial failed, kept for retries (bounded: anyone on the LAN can
+# announce made-up peers).
+MAX_UNDIALLED = 256
 # Seconds between attempts to reconnect to recently seen peers that are not connected.
 RECONNECT_INTERVAL = 2.0
 # Shutdown: plugins get this long for kairos_shutdown, every other step STOP_STEP_TIMEOUT.
@@ -82,6 +85,7 @@ class Node:
         self._leader_events: asyncio.Queue = asyncio.Queue()
         self._dialing: set[str] = set()
         self._dial_backoff: dict[str, tuple[float, float]] = {}
+        self._undialled: dict[str, list[str]] = {}  # discovered peers whose dial failed
         self._beat = 0
         self._stopped = asyncio.Event()
         self._running = False
@@ -292,9 +296,13 @@ class Node:
             suffix = f"/p2p/{peer_id}"
             await self.host.connect([a if a.endswith(suffix) else a + suffix for a in addrs])
             self._dial_backoff.pop(peer_id, None)
+            self._undialled.pop(peer_id, None)
             self.counters["dials_ok"] += 1
         except Exception as exc:
             self.counters["dials_failed"] += 1
+            # discovery reports a peer once: remember it so the reconnect loop tries again
+            if peer_id in self._undialled or len(self._undialled) < MAX_UNDIALLED:
+                self._undialled[peer_id] = list(addrs)
             self._dial_backoff[peer_id] = (time.monotonic() + backoff, min(backoff * 2, MAX_DIAL_BACKOFF))
             log.debug("dialling %s failed: %s", peer_id, exc)
         finally:
@@ -359,11 +367,17 @@ class Node:
         # back without it. Peers seen within the quorum horizon (or known from disk) are redialled,
         # with back-off, at the addresses they advertise in the ledger.
         horizon = float(self.config["election"]["quorum_horizon"])
-        for peer_id in self.membership.worth_dialling(horizon) - self.host.admitted_peers():
+        admitted = self.host.admitted_peers()
+        for peer_id in self.membership.worth_dialling(horizon) - admitted:
             info = self.ledger.get(NODES_BUCKET, peer_id)
             addrs = info.get("addresses") if isinstance(info, dict) else None
             if isinstance(addrs, list) and addrs:
                 self._spawn(self._discovered(peer_id, [a for a in addrs if isinstance(a, str)]), "redial")
+        for peer_id, addrs in list(self._undialled.items()):
+            if peer_id in admitted:
+                del self._undialled[peer_id]  # it dialled us meanwhile
+            else:
+                self._spawn(self._discovered(peer_id, addrs), "redial")
 
     async def _every(self, interval: float, step) -> None:
         """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""
