@@ -148,18 +148,22 @@ class Election:
         self._announced: tuple[str, int] | None = None
         self._task: asyncio.Task | None = None
         self._announcements: set[asyncio.Task] = set()
+        self._leases: dict[str, Lease] | None = None  # key -> valid lease, filled on first use
         self.changes = 0  # confirmed leaders seen since start: steady state keeps this still
 
     # --- views -------------------------------------------------------------------------------
     def leases(self) -> list[Lease]:
         """Every valid lease of this network, lowest epoch first."""
-        found = []
-        for key, value in self.ledger.items(LEADER_BUCKET).items():
-            entry = self.ledger.get_entry(LEADER_BUCKET, key)
-            lease = parse_lease(self.network_id, key, value, entry.owner if entry else "")
-            if lease:
-                found.append(lease)
-        return sorted(found, key=lambda lease: lease.epoch)
+        if self._leases is None:
+            # Read the bucket once; afterwards observe() keeps the view current, so the rounds
+            # (twice a second) never re-parse a bucket that only grows.
+            self._leases = {}
+            for key, value in self.ledger.items(LEADER_BUCKET).items():
+                entry = self.ledger.get_entry(LEADER_BUCKET, key)
+                lease = parse_lease(self.network_id, key, value, entry.owner if entry else "")
+                if lease:
+                    self._leases[key] = lease
+        return sorted(self._leases.values(), key=lambda lease: lease.epoch)
 
     def current(self) -> Lease | None:
         """The winning lease of the highest epoch, confirmed or not."""
@@ -182,9 +186,14 @@ class Election:
     # --- inputs ------------------------------------------------------------------------------
     def observe(self, update: LedgerUpdate) -> None:
         """Feed every ledger update of the ``leader`` bucket here."""
-        if update.bucket != LEADER_BUCKET or update.deleted:
+        if update.bucket != LEADER_BUCKET:
             return
-        lease = parse_lease(self.network_id, update.key, update.value, update.owner)
+        lease = None if update.deleted else parse_lease(self.network_id, update.key, update.value, update.owner)
+        if self._leases is not None:
+            if lease is None:
+                self._leases.pop(update.key, None)
+            else:
+                self._leases[update.key] = lease
         if lease is None:
             return
         current = self.current()

@@ -262,7 +262,7 @@ class Node:
 
     async def _start_discovery(self) -> None:
         p2p = self.config["p2p"]
-        if p2p["bootstrap_peers"]:
+        if p2p["bootstrap_peers"] and p2p["disable_dht"]:  # with the DHT on, its rounds reach them
             self._spawn(self._redial_bootstrap(list(p2p["bootstrap_peers"])), "bootstrap")
         if not p2p["disable_mdns"]:
             from .discovery.mdns import MDNSDiscovery
@@ -303,6 +303,8 @@ class Node:
             # discovery reports a peer once: remember it so the reconnect loop tries again
             if peer_id in self._undialled or len(self._undialled) < MAX_UNDIALLED:
                 self._undialled[peer_id] = list(addrs)
+            if len(self._dial_backoff) >= MAX_UNDIALLED * 4:  # made-up peers must not grow it forever
+                self._dial_backoff.clear()
             self._dial_backoff[peer_id] = (time.monotonic() + backoff, min(backoff * 2, MAX_DIAL_BACKOFF))
             log.debug("dialling %s failed: %s", peer_id, exc)
         finally:
