@@ -117,7 +117,9 @@ class APIServer:
             with suppress(Exception):
                 await writer.wait_closed()
 
-    async def _read_request(self, connection, reader, writer):
+    async def _read_request(
+        self, connection: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[h11.Request | None, bytes]:
         request, body = None, bytearray()
         while True:
             event = connection.next_event()
@@ -139,7 +141,7 @@ class APIServer:
             elif isinstance(event, h11.ConnectionClosed):
                 return None, b""
 
-    async def _send(self, connection, writer, reply: _Reply) -> None:
+    async def _send(self, connection: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply) -> None:
         payload = json.dumps(reply.body, default=str).encode()
         headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
         writer.write(connection.send(h11.Response(status_code=reply.status, headers=headers)))
@@ -147,7 +149,10 @@ class APIServer:
         writer.write(connection.send(h11.EndOfMessage()))
         await writer.drain()
 
-    async def _respond(self, connection, writer, reader, request: h11.Request, body: bytes) -> bool:
+    async def _respond(
+        self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+        request: h11.Request, body: bytes,
+    ) -> bool:
         """Answer one request; False when the connection cannot serve another (a watch ended)."""
         method = request.method.decode()
         url = urlsplit(request.target.decode("ascii", "replace"))
@@ -202,7 +207,10 @@ class APIServer:
             return _error(405, f"{method} is not allowed here")
         return _error(404, "not found")
 
-    async def _watch(self, connection, writer, reader, bucket: str | None) -> None:
+    async def _watch(
+        self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+        bucket: str | None,
+    ) -> None:
         headers = [("content-type", "application/x-ndjson")]  # no length: h11 sends it chunked
         writer.write(connection.send(h11.Response(status_code=200, headers=headers)))
         await writer.drain()

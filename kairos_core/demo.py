@@ -26,15 +26,18 @@ class Narrator:
 
     @hookimpl
     def on_peer(self, node, event):
+        """Print joins and leaves."""
         console.print(f"[cyan]{self.label}[/cyan] peer {event.kind}: {event.info.get('hostname') or event.peer_id[-8:]}")
 
     @hookimpl
     def on_leader_elected(self, node, leader, epoch):
+        """Print each new leader."""
         name = "itself" if leader == node.peer_id else node.members().get(leader, {}).get("hostname") or leader[-8:]
         console.print(f"[cyan]{self.label}[/cyan] [bold]leader[/bold] is {name}, epoch {epoch}")
 
     @hookimpl
     def on_ledger_update(self, node, update):
+        """Print remote writes to the demo bucket."""
         if update.bucket == "demo" and not update.local:
             console.print(f"[cyan]{self.label}[/cyan] ledger {update.bucket}/{update.key} = {update.value!r}")
 

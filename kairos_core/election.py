@@ -64,6 +64,7 @@ class Lease:
 
     @property
     def held(self) -> bool:
+        """Confirmed by its claimant (a mere claim is not yet a leader)."""
         return self.state == "held"
 
 

@@ -38,9 +38,11 @@ class StreamSyncChannel:
         self.max_frame = max_frame
 
     async def send(self, data: bytes) -> None:
+        """Send one sync message as one frame."""
         await self.stream.write_frame(data)
 
     async def recv(self) -> bytes:
+        """Receive one sync message; :class:`SyncError` at the end of the stream."""
         data = await self.stream.read_frame(self.max_frame)
         if not data:  # sync frames are never empty: this is the end of the stream
             raise SyncError("the peer closed the sync stream")

@@ -38,26 +38,38 @@ class SealError(Exception):
 
 
 class FrameTooShort(SealError):
+    """Shorter than the header, nonce and tag."""
+
     reason = "too_short"
 
 
 class FrameTooLarge(SealError):
+    """Larger than the token's ``max_message_size``."""
+
     reason = "too_large"
 
 
 class UnknownVersion(SealError):
+    """Sealed by a protocol version this node does not speak."""
+
     reason = "unknown_version"
 
 
 class WindowNotAccepted(SealError):
+    """Sealed in a window outside w-1..w+1 (a clock too far off, or an old frame)."""
+
     reason = "stale_window"
 
 
 class AuthenticationFailed(SealError):
+    """Does not open: another network's key or topic, or tampered with."""
+
     reason = "bad_seal"
 
 
 class ReplayedFrame(SealError):
+    """Opened once already (same nonce)."""
+
     reason = "replayed"
 
 

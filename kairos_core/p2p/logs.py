@@ -40,6 +40,7 @@ class DemoteWarnings(logging.Filter):
     """Rewrite routine WARNING records, and errors that are raised anyway, as DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Demote routine records in place; drop them when DEBUG is off."""
         routine = record.levelno == logging.WARNING
         if record.levelno == logging.ERROR and isinstance(record.msg, str):
             routine = record.msg.startswith(ROUTINE_ERRORS)
