@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .ledger.policy import LeasePolicy  # re-exported: the leader bucket's policy
+from .ledger.policy import LeasePolicy  # noqa: F401 -- re-exported: the leader bucket's policy
 
 if TYPE_CHECKING:
     from .events import LedgerUpdate

@@ -16,7 +16,6 @@ import logging
 import socket
 import time
 from collections import Counter
-from contextlib import suppress
 from typing import Any
 
 from . import __version__

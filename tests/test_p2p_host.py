@@ -294,7 +294,7 @@ async def test_connections_get_kernel_keepalive(tmp_path):
     from kairos_core.identity import Identity
     from kairos_core.keys import KeySchedule
     from kairos_core.p2p import P2PHost
-    from kairos_core.p2p.host import KEEPALIVE_IDLE, enable_keepalive
+    from kairos_core.p2p.traps import KEEPALIVE_IDLE, enable_keepalive
     from kairos_core.token import generate_token
 
     schedule = KeySchedule(generate_token())

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import socket
 import time
 from collections import defaultdict
 from typing import Any, Awaitable, Callable
@@ -38,11 +37,9 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.pubsub_notifee import PubsubNotifee
-from libp2p.pubsub.rpc_queue import RpcQueue
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -57,6 +54,7 @@ from .bridge import TrioThread
 from .errors import AdmissionError, P2PError
 from .logs import tame_libp2p_logging
 from .stream import Stream
+from .traps import PUBSUB_OVERHEAD, enable_keepalive, size_pubsub_queues, verify_signed_records_once
 
 log = logging.getLogger(__name__)
 
@@ -65,72 +63,10 @@ GossipHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
 ADMISSION_TIMEOUT = 10.0
-# Dead-connection detection (see enable_keepalive): probe after 4 s idle, every 1 s, 3 times.
-KEEPALIVE_IDLE = 4
-KEEPALIVE_INTERVAL = 1
-KEEPALIVE_COUNT = 3
-KEEPALIVE_DEAD = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
-GOSSIP_HEARTBEAT = 1
-# Room for the pubsub envelope (ids, signature, key, seqno) around the payload.
-PUBSUB_OVERHEAD = 64 * 1024
-OUTBOUND_QUEUE = 4096
-SUBSCRIPTION_QUEUE = 4096
+GOSSIP_HEARTBEAT = 1  # seconds; libp2p's default of 120 s grafts a mesh far too late (trap 3)
 # A refused peer is logged at WARNING at most this often, and at most a few per minute overall.
 REFUSAL_LOG_INTERVAL = 60.0
 REFUSAL_LOG_BURST = 5
-
-
-class _RoomyRpcQueue(RpcQueue):
-    """gossipsub's per-peer outbound queue, sized for a busy ledger rather than 32 RPCs (trap 3)."""
-
-    max_message_bytes = 1 << 20
-
-    def __init__(self, max_size: int = OUTBOUND_QUEUE, max_message_size: int | None = None) -> None:
-        super().__init__(max_size=max_size, max_message_size=max_message_size or self.max_message_bytes)
-
-
-def _size_pubsub_queues(max_message_size: int) -> None:
-    """Process-wide: libp2p builds these queues with module defaults we cannot pass in."""
-    _RoomyRpcQueue.max_message_bytes = max(_RoomyRpcQueue.max_message_bytes, max_message_size + PUBSUB_OVERHEAD)
-    pubsub_module.RpcQueue = _RoomyRpcQueue
-    pubsub_module.SUBSCRIPTION_CHANNEL_SIZE = max(pubsub_module.SUBSCRIPTION_CHANNEL_SIZE, SUBSCRIPTION_QUEUE)
-
-
-_SIGNED_RECORDS_REMEMBERED = 4096
-
-
-def _verify_signed_records_once() -> None:
-    """Process-wide: check each peer's signed peer record once, not on every pubsub RPC.
-
-    py-libp2p attaches the sender's signed record to every RPC and verifies it (an ed25519
-    signature) on every receipt — ~5% of a node's CPU under ledger load, for bytes that rarely
-    change. A record byte-identical to one that already verified for that host and peer is
-    accepted without checking again; anything else goes through libp2p's own check.
-    """
-    from libp2p.pubsub import gossipsub as gossipsub_module
-    from libp2p.pubsub import utils as pubsub_utils
-
-    original = pubsub_utils.maybe_consume_signed_record
-    if getattr(pubsub_module.maybe_consume_signed_record, "kairos_cached", False):
-        return
-    verified: dict[tuple[int, Any], bytes] = {}
-
-    def consume_once(msg: Any, host: Any, peer_id: Any) -> bool:
-        if not msg.HasField("senderRecord"):
-            return True
-        key = (id(host), peer_id)
-        if verified.get(key) == msg.senderRecord:
-            return True
-        accepted = original(msg, host, peer_id)
-        if accepted:
-            if len(verified) >= _SIGNED_RECORDS_REMEMBERED:
-                verified.clear()
-            verified[key] = msg.senderRecord
-        return accepted
-
-    consume_once.kairos_cached = True  # type: ignore[attr-defined]
-    pubsub_module.maybe_consume_signed_record = consume_once
-    gossipsub_module.maybe_consume_signed_record = consume_once
 
 
 class _Admission:
@@ -211,33 +147,6 @@ class _ConnectionWatch:
         return None
 
 
-def enable_keepalive(conn: Any) -> bool:
-    """Make the kernel notice a dead peer within ~KEEPALIVE_DEAD seconds; False if no socket was found.
-
-    A partition (or a peer whose machine vanished) sends no FIN or RST: without this a connection
-    looks alive for the ~15 minutes TCP retransmits for, and so would the peer in our membership.
-    Keepalive probes cost ~40 bytes/s per idle connection; TCP_USER_TIMEOUT covers a connection
-    with unacknowledged data.
-    """
-    node = conn
-    for _ in range(10):  # SwarmConn → Yamux → SecureSession → … → trio SocketStream → socket
-        if hasattr(node, "setsockopt") and hasattr(node, "family"):
-            try:
-                node.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, KEEPALIVE_DEAD * 1000)
-            except OSError:
-                return False
-            return True
-        node = next((getattr(node, name) for name in ("muxed_conn", "secured_conn", "conn", "stream", "socket")
-                     if getattr(node, name, None) is not None), None)
-        if node is None:
-            return False
-    return False
-
-
 def _peer_of(net_stream: Any) -> str:
     return str(net_stream.muxed_conn.peer_id)
 
@@ -295,8 +204,8 @@ class P2PHost:
         if busy:
             raise P2PError(f"listen address already in use: {', '.join(busy)}")
         tame_libp2p_logging()
-        _size_pubsub_queues(self.max_message_size)
-        _verify_signed_records_once()
+        size_pubsub_queues(self.max_message_size)
+        verify_signed_records_once()
         self._bridge = TrioThread(self.peer_id[-8:])
         self._admissions.clear()
         self._admitted.clear()
