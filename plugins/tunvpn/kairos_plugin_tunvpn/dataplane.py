@@ -30,6 +30,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
@@ -120,7 +121,8 @@ class _SinglePacket:
 class Peer:
     """One remote node: its virtual IP (and extra networks), UDP endpoint, session state."""
 
-    __slots__ = ("peer_id", "vip", "vip_bytes", "networks", "endpoint", "send", "receive", "fallback")
+    __slots__ = ("peer_id", "vip", "vip_bytes", "networks", "endpoint", "send", "receive", "fallback",
+                 "heard", "udp_heard")
 
     def __init__(
         self,
@@ -139,6 +141,10 @@ class Peer:
         self.send = send
         self.receive = receive
         self.fallback: Callable[[bytes], object] | None = None
+        # time.monotonic() of the last authentic datagram, by any path / over UDP (None: never);
+        # only authentic datagrams move them, so forged ones cannot fake liveness
+        self.heard: float | None = None
+        self.udp_heard: float | None = None
 
     def owns_source(self, source: bytes) -> bool:
         """True if an inner packet from ``source`` may come from this peer."""
@@ -257,9 +263,56 @@ class DataPlane:
             if peers.pop(peer_id, None) is not None:
                 self._publish(peers)
 
+    def set_vip(self, peer_id: str, vip: ipaddress.IPv4Address | str) -> None:
+        """Route ``vip`` to ``peer_id`` from now on, keeping its session (keys, counters).
+
+        Re-adding a peer with the same keys would restart its packet counter and so reuse
+        AES-GCM nonces: a VIP that moves must move through here.
+
+        :raises ValueError: if another peer holds ``vip``.
+        :raises KeyError: for an unknown peer.
+        """
+        vip = ipaddress.IPv4Address(vip)
+        with self._control:
+            peer = self._peers[peer_id]
+            for other in self._peers.values():
+                if other is not peer and other.vip == vip:
+                    raise ValueError(f"VIP {vip} already belongs to peer {other.peer_id}")
+            peer.vip = vip
+            peer.vip_bytes = vip.packed
+            self._publish(dict(self._peers))
+
     def set_endpoint(self, peer_id: str, endpoint: tuple[str, int] | None) -> None:
         """Point a peer's datagrams at a new UDP address (None: use the fallback)."""
         self._peers[peer_id].endpoint = endpoint
+
+    def has_peer(self, peer_id: str) -> bool:
+        """True if ``peer_id`` has a session in the data plane."""
+        return peer_id in self._peers
+
+    def peer_ids(self) -> list[str]:
+        """The ids of every peer with a session."""
+        return list(self._peers)
+
+    def vip_of(self, peer_id: str) -> ipaddress.IPv4Address | None:
+        """The VIP routed to ``peer_id`` (None for an unknown peer)."""
+        peer = self._peers.get(peer_id)
+        return peer.vip if peer else None
+
+    def endpoint_of(self, peer_id: str) -> tuple[str, int] | None:
+        """The UDP address datagrams to ``peer_id`` go to now (None: the fallback, or unknown)."""
+        peer = self._peers.get(peer_id)
+        return peer.endpoint if peer else None
+
+    def last_heard(self, peer_id: str) -> float | None:
+        """``time.monotonic()`` of the last authentic datagram from ``peer_id``, by UDP or stream."""
+        peer = self._peers.get(peer_id)
+        return peer.heard if peer else None
+
+    def udp_heard(self, peer_id: str) -> float | None:
+        """``time.monotonic()`` of the last authentic datagram from ``peer_id`` over UDP."""
+        peer = self._peers.get(peer_id)
+        return peer.udp_heard if peer else None
 
     def set_fallback(self, peer_id: str, send: Callable[[bytes], object] | None) -> None:
         """Send a peer's datagrams through ``send`` while it has no UDP endpoint.
@@ -274,16 +327,29 @@ class DataPlane:
 
         The datagram must open under ``peer_id``'s keys: a stream cannot speak for another peer.
         """
+        return self.inject_batch_from_fallback(peer_id, (datagram,)) > 0
+
+    def inject_batch_from_fallback(self, peer_id: str, datagrams: Iterable[bytes]) -> int:
+        """Process datagrams ``peer_id`` sent over the fallback stream; return how many were delivered.
+
+        One lock and one coalescer flush for the whole batch. Such datagrams move
+        :meth:`last_heard` but never :meth:`udp_heard`.
+        """
         peer = self._peers.get(peer_id)
         if peer is None:
             self._counters.drop_unknown_peer += 1
-            return False
+            return 0
         with self._rx_lock:
             before = self._counters.rx_packets
-            self._open_datagram(memoryview(datagram), None, expected=peer)
+            for datagram in datagrams:
+                try:
+                    self._open_datagram(memoryview(datagram), None, expected=peer)
+                except Exception:  # a bug must not reach the stream reader
+                    self._counters.drop_malformed += 1
+                    log.exception("tunvpn: datagram dropped")
             if self._coalescer is not None:
                 self._coalescer.flush()
-            return self._counters.rx_packets > before
+            return self._counters.rx_packets - before
 
     def _publish(self, peers: dict[str, Peer]) -> None:
         # the threads only read these maps; replacing them whole keeps every read consistent
@@ -600,6 +666,7 @@ class DataPlane:
             coalescer.push(buf, length, csum_start, csum_offset)
         if authentic:
             peer.receive.confirm(epoch)
+            peer.heard = peer.udp_heard = time.monotonic()
         counters.rx_packets += delivered
         counters.rx_bytes += delivered_bytes
 
@@ -640,6 +707,9 @@ class DataPlane:
             return
         window.update(counter)
         receive.confirm(epoch)
+        peer.heard = time.monotonic()
+        if address is not None:
+            peer.udp_heard = peer.heard
         if buf[base] >> 4 != 4 or not peer.owns_source(bytes(buf[base + 12 : base + 16])):
             counters.drop_spoofed_source += 1
             return

@@ -393,7 +393,7 @@ class VPN:
         s = self.settings
         for peer_id, link in list(self.links.items()):
             vip = self.vips.get(peer_id)
-            mark = plane.rx_mark(peer_id)
+            mark = plane.last_heard(peer_id)
             if mark != link.last_mark:
                 link.last_mark, link.last_progress = mark, now
             if not s.udp or link.endpoint is None:
@@ -565,8 +565,7 @@ class VPN:
             plane = self.plane
             if plane is None:
                 return
-            delivered = await asyncio.to_thread(
-                lambda: sum(plane.inject_from_fallback(peer_id, d) for d in datagrams))
+            delivered = await asyncio.to_thread(plane.inject_batch_from_fallback, peer_id, datagrams)
             self.counters["vpn_fallback_datagrams_received"] += len(datagrams)
             self.counters["vpn_fallback_datagrams_delivered"] += delivered
 

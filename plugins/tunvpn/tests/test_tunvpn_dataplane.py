@@ -225,3 +225,60 @@ def test_missing_tun_gives_a_typed_one_line_error(monkeypatch):
     with pytest.raises(TunUnavailable) as info:
         TunDevice.create("ktest1")
     assert "\n" not in str(info.value) and "/nonexistent/tun" in str(info.value)
+
+
+def test_peer_queries_and_moving_a_vip_keep_the_session(pair):
+    (tun_a, tun_b), (plane_a, plane_b), _ = pair
+    assert plane_a.has_peer("b") and not plane_a.has_peer("zz") and plane_a.peer_ids() == ["b"]
+    assert plane_a.vip_of("b") == ipaddress.IPv4Address(VIP_B) and plane_a.vip_of("zz") is None
+    assert plane_a.endpoint_of("b") == plane_b.local_address and plane_a.endpoint_of("zz") is None
+    tun_a.inject(bytes(icmp_echo()))
+    tun_b.receive()
+    moved = "10.201.0.9"
+    plane_a.set_vip("b", moved)
+    assert plane_a.vip_of("b") == ipaddress.IPv4Address(moved)
+    # the old VIP is no longer b's source; the new one is, and the replay window did not restart
+    tun_b.inject(bytes(icmp_echo(src=bytes([10, 201, 0, 2]), dst=bytes([10, 201, 0, 1]))))
+    pong = bytes(icmp_echo(src=bytes([10, 201, 0, 9]), dst=bytes([10, 201, 0, 1]), payload=b"moved"))
+    tun_b.inject(pong)
+    assert tun_a.receive()[1] == pong
+    assert plane_a.counters["drop_spoofed_source"] == 1
+    # a's send counter went on (re-adding the peer would restart it: b would see replays)
+    after = bytes(icmp_echo(dst=bytes([10, 201, 0, 9]), payload=b"after the move"))
+    tun_a.inject(after)
+    assert tun_b.receive()[1] == after and plane_b.counters["drop_replay"] == 0
+    with pytest.raises(KeyError):
+        plane_a.set_vip("zz", "10.201.0.50")
+
+
+def test_set_vip_refuses_another_peers_vip(pair):
+    _, (plane_a, _), _ = pair
+    plane_a.add_peer("c", "10.201.0.3", None, SessionKeys.derive(SECRET, "a", "c"))
+    with pytest.raises(ValueError):
+        plane_a.set_vip("c", VIP_B)
+    assert plane_a.vip_of("c") == ipaddress.IPv4Address("10.201.0.3")
+
+
+def test_udp_heard_moves_only_for_authentic_udp_and_last_heard_for_any_path(pair):
+    (tun_a, tun_b), (plane_a, plane_b), keys_a = pair
+    assert plane_b.udp_heard("a") is None and plane_b.last_heard("a") is None
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        forged = SessionKeys(b"f" * 32, keys_a.receive_key, keys_a.send_key_id, keys_a.receive_key_id)
+        stranger.sendto(craft(forged, 0, bytes(icmp_echo())), plane_b.local_address)
+        assert wait_for(lambda: plane_b.counters["drop_bad_tag"] == 1)
+        assert plane_b.udp_heard("a") is None and plane_b.last_heard("a") is None  # forgeries prove nothing
+    finally:
+        stranger.close()
+    tun_a.inject(bytes(icmp_echo()))
+    tun_b.receive()
+    heard = plane_b.udp_heard("a")
+    assert heard is not None and plane_b.last_heard("a") == heard
+    # a datagram carried by the stream moves last_heard only
+    delivered = plane_b.inject_batch_from_fallback("a", [craft(keys_a, 5000, bytes(icmp_echo(payload=b"s1"))),
+                                                         craft(keys_a, 5001, bytes(icmp_echo(payload=b"s2"))),
+                                                         b"\x01junk"])
+    assert delivered == 2
+    assert [tun_b.receive()[1][28:] for _ in range(2)] == [b"s1", b"s2"]
+    assert plane_b.udp_heard("a") == heard and plane_b.last_heard("a") > heard
+    assert plane_b.inject_batch_from_fallback("nobody", [b"x"]) == 0
