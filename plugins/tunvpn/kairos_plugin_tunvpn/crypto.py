@@ -90,33 +90,37 @@ class ReplayWindow:
     was seen. :meth:`check` is cheap and side-effect free, so a datagram is checked before the
     costly decryption and :meth:`update` is called only once it proved authentic — forged
     datagrams never move the window.
+
+    ``highest``, ``bits`` (the bitmap) and ``mask`` (``size`` one bits) are public so that a hot
+    loop may run the same logic on local variables and store them back; bits above ``mask`` do
+    not matter to :meth:`check`.
     """
 
-    __slots__ = ("size", "highest", "_bits", "_mask")
+    __slots__ = ("size", "highest", "bits", "mask")
 
     def __init__(self, size: int = REPLAY_WINDOW_BITS) -> None:
         if size < 1:
             raise ValueError("a replay window needs at least one bit")
         self.size = size
         self.highest = -1
-        self._bits = 0
-        self._mask = (1 << size) - 1
+        self.bits = 0
+        self.mask = (1 << size) - 1
 
     def check(self, counter: int) -> bool:
         """True if ``counter`` is new and not too old."""
         if counter > self.highest:
             return True
         age = self.highest - counter
-        return age < self.size and not (self._bits >> age) & 1
+        return age < self.size and not (self.bits >> age) & 1
 
     def update(self, counter: int) -> None:
         """Record ``counter`` as seen (call only after :meth:`check` and authentication)."""
         if counter > self.highest:
             shift = counter - self.highest
-            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self.size else 1
+            self.bits = ((self.bits << shift) | 1) & self.mask if shift < self.size else 1
             self.highest = counter
         else:
-            self._bits |= 1 << (self.highest - counter)
+            self.bits |= 1 << (self.highest - counter)
 
     def accept(self, counter: int) -> bool:
         """:meth:`check` then :meth:`update`; True if the counter was accepted."""

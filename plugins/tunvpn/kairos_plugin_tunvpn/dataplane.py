@@ -74,7 +74,7 @@ MAX_GSO_SEGMENTS = 64
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _SEGMENT_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
-_COUNTER = struct.Struct("!Q")
+_WIRE_WORDS = struct.Struct("!QQ")  # a wire header as two integers: (kind … key id) and counter
 _POLL_IDLE_MS = 500
 _TRANSIENT_SEND_ERRORS = {
     errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM, errno.EACCES,
@@ -116,6 +116,32 @@ class _SinglePacket:
         length = len(self.packet)
         out[pos : pos + length] = self.packet
         return length
+
+
+def _seal_views(out_view: memoryview, size: int, length: int, slots: int) -> list[tuple[memoryview, ...]]:
+    """The ``encrypt_into`` arguments (nonce, inner packet, associated data, destination) of an
+    inner packet of ``length`` bytes at each of ``slots`` train positions ``size`` bytes apart."""
+    views = []
+    for slot in range(slots):
+        at = slot * size
+        body = at + HEADER_BYTES
+        views.append((out_view[at + 4 : body], out_view[body : body + length], out_view[at:body],
+                      out_view[body : body + length + TAG_BYTES]))
+    return views
+
+
+def _open_views(view: memoryview, rx_view: memoryview, size: int, slots: int) -> list[tuple]:
+    """Per train position of ``size``-byte datagrams in ``view``: the datagram, the
+    ``decrypt_into`` arguments (nonce, sealed packet, associated data, destination in
+    ``rx_view`` after the vnet header) and the inner packet's length."""
+    length = size - OVERHEAD
+    inner = rx_view[VNET_HDR_LEN : VNET_HDR_LEN + length]
+    views = []
+    for slot in range(slots):
+        datagram = view[slot * size : slot * size + size]
+        views.append((datagram, datagram[4:HEADER_BYTES], datagram[HEADER_BYTES:], datagram[:HEADER_BYTES],
+                      inner, length))
+    return views
 
 
 class Peer:
@@ -425,6 +451,7 @@ class DataPlane:
         # a full train plus one more packet written behind it before the train is sent
         out = bytearray(MAX_UDP_PAYLOAD + HEADER_BYTES + 65536 + TAG_BYTES)
         out_view = memoryview(out)
+        seal_views: dict[int, list[tuple[memoryview, ...]]] = {}
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -444,14 +471,17 @@ class DataPlane:
                 continue
             counters.tun_reads += 1
             try:
-                self._forward(buf, view, n, skip, out, out_view)
+                self._forward(buf, view, n, skip, out, out_view, seal_views)
             except MalformedFrame:
                 counters.drop_malformed += 1
             except Exception:  # a bug must not kill the forwarder: count, log once per kind
                 counters.drop_malformed += 1
                 log.exception("tunvpn: frame dropped")
 
-    def _forward(self, buf: bytearray, view: memoryview, n: int, skip: int, out: bytearray, out_view: memoryview) -> None:
+    def _forward(
+        self, buf: bytearray, view: memoryview, n: int, skip: int, out: bytearray, out_view: memoryview,
+        seal_views: dict[int, list[tuple[memoryview, ...]]],
+    ) -> None:
         counters = self._counters
         if n < skip + 20:
             counters.drop_malformed += 1
@@ -475,6 +505,9 @@ class DataPlane:
             count, write_segment = 1, _SinglePacket(packet).write_segment
         elif gso_type == GSO_TCPV4:
             frame = TsoFrame(packet, gso_size, csum_start or l4_offset(packet), bool(csum_start))
+            if frame.linear and frame.count > 2:
+                self._seal_tso(peer, frame, csum_start, csum_offset, out, out_view, seal_views)
+                return
             count, write_segment = frame.count, frame.write_segment
         else:
             counters.drop_unsupported += 1
@@ -541,6 +574,86 @@ class DataPlane:
         if train:
             self._send_train(peer, out_view, offset, train_size, train)
 
+    def _seal_tso(
+        self, peer: Peer, frame: TsoFrame, csum_start: int, csum_offset: int, out: bytearray, out_view: memoryview,
+        seal_views: dict[int, list[tuple[memoryview, ...]]],
+    ) -> None:
+        """:meth:`_seal_and_send` for a TSO frame whose middle segments' headers advance linearly.
+
+        Each segment's wire header and IP+TCP headers are one big-endian integer that grows by a
+        constant step from segment to segment (counter +1, IP id +1, IP checksum -1, sequence
+        number +gso_size): one ``to_bytes`` writes them all, and the views passed to
+        ``encrypt_into`` at each train position are made once per datagram size.
+        """
+        counters = self._counters
+        send = peer.send
+        count = frame.count
+        if send.due(count):
+            send.advance()
+            counters.rekeys += 1
+        header_len = frame.header_len
+        gso_size = frame.gso_size
+        bits = 8 * header_len
+        headers_size = HEADER_BYTES + header_len
+        size = headers_size + gso_size + TAG_BYTES
+        per_train = min(MAX_GSO_SEGMENTS, MAX_UDP_PAYLOAD // size) if self.udp_gso else 1
+        views = seal_views.get(size)
+        if views is None or len(views) < per_train:
+            if len(seal_views) > 16:
+                seal_views.clear()  # MSS changes are rare; keep the cache small anyway
+            views = seal_views[size] = _seal_views(out_view, size, header_len + gso_size, MAX_GSO_SEGMENTS)
+        wire = (
+            (KIND_DATA << 120 | (send.epoch & 0xFF) << 112 | csum_start << 104 | csum_offset << 96
+             | send.key_id << 64 | send.counter) << bits
+        )
+        step = (1 << bits) + frame.step
+        encrypt_into = send.aead.encrypt_into
+        payload = frame.payload
+        last = count - 1
+        index = 0
+        while index < count:
+            end = min(index + per_train, count)
+            full_end = min(end, last)  # segments [index, full_end) carry gso_size bytes
+            position = 0
+            start = index * gso_size
+            if index == 0:
+                out[:headers_size] = (wire + int.from_bytes(frame.headers(0), "big")).to_bytes(headers_size, "big")
+                out[headers_size:size - TAG_BYTES] = payload[:gso_size]
+                encrypt_into(*views[0])
+                index = position = 1
+                start = gso_size
+            if index < full_end:
+                headers = (index << bits) + wire + int.from_bytes(frame.headers(index), "big")
+                offset = position * size
+                for views_at in views[position : position + full_end - index]:
+                    out[offset : offset + headers_size] = headers.to_bytes(headers_size, "big")
+                    out[offset + headers_size : offset + size - TAG_BYTES] = payload[start : start + gso_size]
+                    encrypt_into(*views_at)
+                    headers += step
+                    offset += size
+                    start += gso_size
+                position += full_end - index
+                index = full_end
+            length = position * size
+            if end == count:
+                offset = length
+                last_size = frame.last_size
+                body = offset + headers_size
+                stop = body + last_size
+                out[offset:body] = ((last << bits) + wire + int.from_bytes(frame.headers(last), "big")).to_bytes(
+                    headers_size, "big")
+                out[body:stop] = payload[start : start + last_size]
+                inner = out_view[offset + HEADER_BYTES : stop]
+                encrypt_into(out_view[offset + 4 : offset + HEADER_BYTES], inner, out_view[offset : offset + HEADER_BYTES],
+                             out_view[offset + HEADER_BYTES : stop + TAG_BYTES])
+                position += 1
+                index = count
+                length = stop + TAG_BYTES
+            self._send_train(peer, out_view, length, size, position)
+        send.counter += count
+        counters.tx_packets += count
+        counters.tx_bytes += len(frame.packet) + (count - 1) * header_len
+
     def _send_train(self, peer: Peer, out_view: memoryview, length: int, size: int, count: int) -> None:
         counters = self._counters
         endpoint = peer.endpoint
@@ -582,6 +695,7 @@ class DataPlane:
         counters = self._counters
         recvmsg_into = self._sock.recvmsg_into
         cmsg_space = _GRO_CMSG_SPACE if self.udp_gro else 0
+        open_views: dict[int, list[tuple]] = {}
         while self._running:
             try:
                 n, ancillary, _flags, address = recvmsg_into([rview], cmsg_space)
@@ -602,21 +716,27 @@ class DataPlane:
             counters.rx_batches += 1
             with self._rx_lock:
                 try:
-                    self._open_train(rview, n, size, address)
+                    self._open_train(rview, n, size, address, open_views)
                     if self._coalescer is not None:
                         self._coalescer.flush()
                 except Exception:
                     counters.drop_malformed += 1
                     log.exception("tunvpn: datagram dropped")
 
-    def _open_train(self, view: memoryview, n: int, size: int, address: tuple[str, int]) -> None:
+    def _open_train(
+        self, view: memoryview, n: int, size: int, address: tuple[str, int],
+        open_views: dict[int, list[tuple]] | None = None,
+    ) -> None:
         """Open a GRO train: datagrams of ``size`` bytes (the last may be shorter) from one sender.
 
         Fast path for the common case — every datagram of the train under the same key id and
-        epoch, authentic, from the peer's own VIP — with the per-train lookups done once; any
-        datagram that leaves it goes through :meth:`_open_datagram`, which counts the reason.
+        epoch, authentic, from the peer's own VIP — with the per-train lookups done once, the
+        replay window kept in local variables and the ``decrypt_into`` views of each train
+        position made once per datagram size (in ``open_views``, for ``view``); any datagram that
+        leaves it goes through :meth:`_open_datagram`, which counts the reason.
         """
-        if n < OVERHEAD + 20 or size >= n:
+        coalescer = self._coalescer
+        if n < OVERHEAD + 20 or size >= n or size < OVERHEAD + 20 or coalescer is None:
             for start in range(0, n, size):
                 self._open_datagram(view[start : min(start + size, n)], address)
             return
@@ -627,34 +747,54 @@ class DataPlane:
             for start in range(0, n, size):
                 self._open_datagram(view[start : min(start + size, n)], address)
             return
-        prefix = WIRE_HEADER.pack(kind, epoch_byte, csum_start, csum_offset, key_id, 0)[:8]
+        prefix = _WIRE_WORDS.unpack_from(view)[0]  # kind, epoch, checksum offsets, key id
+        full = n // size
+        if open_views is None:
+            open_views = {}
+        views = open_views.get(size)
+        if views is None or len(views) < full:
+            if len(open_views) > 16:
+                open_views.clear()
+            views = open_views[size] = _open_views(view, self._rx_view, size, len(view) // size)
+        slots = views[:full]
+        tail = n - full * size
+        if tail >= OVERHEAD + 20:
+            slots.append(_open_views(view[full * size : n], self._rx_view, tail, 1)[0])
         window = epoch.window
-        check, update = window.check, window.update
+        highest, bits, window_size = window.highest, window.bits, window.size
         decrypt_into = epoch.aead.decrypt_into
         vip = peer.vip_bytes
         buf = self._rx_buf
-        rx_view = self._rx_view
-        coalescer = self._coalescer
+        push = coalescer.push
         counters = self._counters
-        unpack_counter = _COUNTER.unpack_from
+        unpack_words = _WIRE_WORDS.unpack_from
         base = VNET_HDR_LEN
         delivered = 0
         delivered_bytes = 0
         authentic = False
-        for start in range(0, n, size):
-            datagram = view[start : min(start + size, n)]
-            length = len(datagram) - OVERHEAD
-            counter = unpack_counter(datagram, 8)[0]
-            if length < 20 or datagram[:8] != prefix or coalescer is None or not check(counter):
+        for datagram, nonce, sealed, header, inner, length in slots:
+            head, counter = unpack_words(header)
+            if head != prefix or (
+                counter <= highest
+                and (highest - counter >= window_size or (bits >> (highest - counter)) & 1)
+            ):
+                # not the train's peer and epoch, or a replay: the slow path counts why
+                window.highest, window.bits = highest, bits & window.mask
                 self._open_datagram(datagram, address)
+                highest, bits = window.highest, window.bits
                 continue
             try:
-                decrypt_into(datagram[4:HEADER_BYTES], datagram[HEADER_BYTES:], datagram[:HEADER_BYTES],
-                             rx_view[base : base + length])
+                decrypt_into(nonce, sealed, header, inner)
             except InvalidTag:
                 counters.drop_bad_tag += 1
                 continue
-            update(counter)
+            # ReplayWindow.update on locals; bits above the mask are cut once, after the train
+            if counter > highest:
+                shift = counter - highest
+                bits = bits << shift | 1 if shift < window_size else 1
+                highest = counter
+            else:
+                bits |= 1 << (highest - counter)
             authentic = True
             if buf[base + 12 : base + 16] != vip and (
                 buf[base] >> 4 != 4 or not peer.owns_source(bytes(buf[base + 12 : base + 16]))
@@ -663,12 +803,15 @@ class DataPlane:
                 continue
             delivered += 1
             delivered_bytes += length
-            coalescer.push(buf, length, csum_start, csum_offset)
+            push(buf, length, csum_start, csum_offset)
+        window.highest, window.bits = highest, bits & window.mask
         if authentic:
             peer.receive.confirm(epoch)
             peer.heard = peer.udp_heard = time.monotonic()
         counters.rx_packets += delivered
         counters.rx_bytes += delivered_bytes
+        if 0 < tail < OVERHEAD + 20:
+            self._open_datagram(view[full * size : n], address)  # too short: counted there
 
     def _open_datagram(self, datagram: memoryview, address: tuple[str, int] | None, expected: Peer | None = None) -> None:
         counters = self._counters

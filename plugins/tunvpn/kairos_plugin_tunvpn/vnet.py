@@ -47,6 +47,9 @@ _IP_ID_TO_CSUM = struct.Struct("!HHBBH")
 _IPV4_TCP = struct.Struct("!BBHHHBBH12sIIBBH")
 # Kernel TSO frames stay below 64 KB; a coalesced frame must also fit IPv4's 16-bit total length.
 MAX_COALESCED = 65000
+# (offset, width) of the IPv4+TCP header fields in which consecutive segments of one flow may
+# differ and still merge: total length, id, header checksum, TCP checksum, urgent pointer
+_MERGE_VARIES = ((2, 2), (4, 2), (10, 2), (36, 2), (38, 2))
 
 
 class MalformedFrame(ValueError):
@@ -149,6 +152,32 @@ class TsoFrame:
             "middle": self._template(gso_size, flags & ~(TCP_FIN | TCP_PSH | TCP_CWR)),
             "last": self._template(self.last_size, flags if single else flags & ~TCP_CWR),
         }
+        self.step, self.linear = self._progression()
+
+    def _progression(self) -> tuple[int, bool]:
+        """How the headers of middle segments (1 ≤ index ≤ count - 2) advance, read as one
+        big-endian integer: +1 IP id, -1 IP checksum, +gso_size sequence number. Linear only if
+        no field wraps within the frame (else callers build every header with :meth:`headers`)."""
+        bits = 8 * self.header_len
+        step = self.gso_size << (bits - 8 * (self.tcp_offset + 8))
+        middles = self.count - 2
+        linear = self.partial and self._seq0 + middles * self.gso_size <= 0xFFFFFFFF
+        if self.version == 4:
+            step += (1 << (bits - 48)) - (1 << (bits - 96))
+            ip_sum = self._templates["middle"][1] + self._ip_id0
+            linear = linear and self._ip_id0 + middles <= 0xFFFF and (
+                middles < 1 or fold(ip_sum + middles) == fold(ip_sum + 1) + middles - 1
+            )
+        return step, linear
+
+    def headers(self, index: int) -> bytes:
+        """The IP+TCP headers of segment ``index`` of a ``partial`` frame (they do not depend on
+        the payload then), as :meth:`write_segment` writes them."""
+        if not self.partial:
+            raise ValueError("headers of a frame with complete checksums depend on the payload")
+        out = bytearray(self.header_len)
+        self._write_headers(out, 0, index)
+        return bytes(out)
 
     def _template(self, size: int, flags: int) -> tuple[bytes, int]:
         """Headers for a segment of ``size`` payload bytes (id, IP csum and seq patched later)
@@ -169,27 +198,35 @@ class TsoFrame:
 
     def write_segment(self, out: bytearray, pos: int, index: int) -> int:
         """Write segment ``index`` (0 ≤ index < :attr:`count`) at ``out[pos:]``; return its length."""
+        size = self._write_headers(out, pos, index)
+        header_len = self.header_len
+        end = pos + header_len + size
+        start = index * self.gso_size
+        out[pos + header_len : end] = self.payload[start : start + size]
+        if not self.partial:
+            t = self.tcp_offset
+            field = pos + t + TCP_CSUM_OFFSET
+            full = fold(self._pseudo_base + size + ones_sum(out[pos + t : end]))
+            _U16.pack_into(out, field, ~full & 0xFFFF)
+        return end - pos
+
+    def _write_headers(self, out: bytearray, pos: int, index: int) -> int:
+        """Write the headers of segment ``index`` at ``out[pos:]`` (the TCP checksum partial or
+        0); return its payload size."""
         if index == self.count - 1:
             headers, ip_sum = self._templates["last"]
             size = self.last_size
         else:
             headers, ip_sum = self._templates["first" if index == 0 else "middle"]
             size = self.gso_size
-        header_len = self.header_len
-        end = pos + header_len + size
         start = index * self.gso_size
-        out[pos : pos + header_len] = headers
-        out[pos + header_len : end] = self.payload[start : start + size]
+        out[pos : pos + self.header_len] = headers
         t = self.tcp_offset
         _U32.pack_into(out, pos + t + 4, (self._seq0 + start) & 0xFFFFFFFF)
         if self.version == 4:
             ip_id = (self._ip_id0 + index) & 0xFFFF
             _IP_ID_TO_CSUM.pack_into(out, pos + 4, ip_id, *self._ip_tail, ~fold(ip_sum + ip_id) & 0xFFFF)
-        if not self.partial:
-            field = pos + t + TCP_CSUM_OFFSET
-            full = fold(self._pseudo_base + size + ones_sum(out[pos + t : end]))
-            _U16.pack_into(out, field, ~full & 0xFFFF)
-        return end - pos
+        return size
 
 
 def split_tso(
@@ -229,11 +266,47 @@ class TcpCoalescer:
         self._closed = False
         self._head: tuple = ()
         self._options = b""
+        # the fast path of push (see there): which header bits must match, and their values
+        self._mask_bits = 0
+        self._mask = 0
+        self._seq_shift = 0
+        self._expect_base = 0
+        self._expect = -1
         self.frames = 0  # TUN writes issued
         self.merged = 0  # packets that went out inside a multi-packet frame
 
     def push(self, buf: bytearray, length: int, csum_start: int, csum_offset: int) -> None:
         """Add the packet at ``buf[VNET_HDR_LEN : VNET_HDR_LEN + length]``."""
+        end = self._end
+        if end and csum_start == 20 and csum_offset == TCP_CSUM_OFFSET:
+            # the common case, the next segment of the pending flow: its headers read as one
+            # integer equal the pending frame's except where segments differ by nature (IP total
+            # length, id and checksum, TCP checksum, urgent pointer and PSH); the expected
+            # sequence number is part of _expect, and _expect is -1 once the frame is closed
+            header_len = self._header_len
+            size = length - header_len
+            if (
+                0 < size <= self._segment_size
+                and int.from_bytes(buf[VNET_HDR_LEN : VNET_HDR_LEN + header_len], "big") & self._mask == self._expect
+                and end + size <= MAX_COALESCED + VNET_HDR_LEN
+            ):
+                self._buf[end : end + size] = buf[VNET_HDR_LEN + header_len : VNET_HDR_LEN + length]
+                self._end = end + size
+                self._count += 1
+                if buf[VNET_HDR_LEN + 33] & TCP_PSH:
+                    self._buf[VNET_HDR_LEN + 33] |= TCP_PSH
+                    self._closed = True
+                    self._expect = -1
+                elif size < self._segment_size:
+                    self._closed = True
+                    self._expect = -1
+                else:
+                    self._next_seq = next_seq = (self._next_seq + size) & 0xFFFFFFFF
+                    self._expect = self._expect_base | next_seq << self._seq_shift
+                return
+        self._push_any(buf, length, csum_start, csum_offset)
+
+    def _push_any(self, buf: bytearray, length: int, csum_start: int, csum_offset: int) -> None:
         p = VNET_HDR_LEN
         if csum_start != 20 or csum_offset != TCP_CSUM_OFFSET or length <= 40:
             self.flush()
@@ -269,12 +342,13 @@ class TcpCoalescer:
             self._buf[end : end + size] = buf[p + header_len : p + length]
             self._end = end + size
             self._count += 1
-            self._next_seq = (seq + size) & 0xFFFFFFFF
+            self._next_seq = next_seq = (seq + size) & 0xFFFFFFFF
             if flags & TCP_PSH:
                 self._buf[p + 33] |= TCP_PSH
                 self._closed = True
             elif size < self._segment_size:
                 self._closed = True
+            self._expect = -1 if self._closed else self._expect_base | next_seq << self._seq_shift
             return
         self.flush()
         self._buf[p : p + length] = buf[p : p + length]
@@ -284,8 +358,19 @@ class TcpCoalescer:
         self._options = options
         self._header_len = header_len
         self._segment_size = size
-        self._next_seq = (seq + size) & 0xFFFFFFFF
+        self._next_seq = next_seq = (seq + size) & 0xFFFFFFFF
         self._closed = bool(flags & TCP_PSH)
+        bits = 8 * header_len
+        if self._mask_bits != bits:
+            self._mask_bits = bits
+            self._mask = ((1 << bits) - 1) ^ sum(
+                ((1 << 8 * width) - 1) << (bits - 8 * (at + width)) for at, width in _MERGE_VARIES
+            ) ^ TCP_PSH << (bits - 8 * 34)
+            self._seq_shift = bits - 8 * 28
+        self._expect_base = (
+            int.from_bytes(buf[p : p + header_len], "big") & self._mask & ~(0xFFFFFFFF << self._seq_shift)
+        )
+        self._expect = -1 if self._closed else self._expect_base | next_seq << self._seq_shift
 
     def flush(self) -> None:
         """Write the pending frame, if any."""

@@ -16,6 +16,7 @@ from kairos_plugin_tunvpn.vnet import (
     VNET_HDR_LEN,
     MalformedFrame,
     TcpCoalescer,
+    TsoFrame,
     complete_checksum,
     split_tso,
 )
@@ -142,3 +143,85 @@ def test_coalescer_keeps_flows_gaps_and_non_tcp_apart():
     assert payloads == [b"a" * 100 + b"b" * 100, b"c" * 100, b"d" * 100, b"e" * 100, b"f" * 10]
     assert VNET_HDR.unpack_from(out.frames[-1])[0] == 0  # no NEEDS_CSUM for a complete checksum
     assert coalescer.merged == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    segments=st.integers(min_value=3, max_value=48),
+    gso_size=st.integers(min_value=100, max_value=1400),
+    seq=st.integers(min_value=0, max_value=2**32 - 1),
+    ip_id=st.integers(min_value=0, max_value=0xFFFF),
+    flags=st.sampled_from([ACK, ACK | PSH, ACK | CWR | PSH]),
+)
+def test_middle_segment_headers_advance_by_the_step_unless_a_field_wraps(segments, gso_size, seq, ip_id, flags):
+    payload = bytes(gso_size * (segments - 1) + 7)
+    frame = TsoFrame(memoryview(bytes(ipv4_tcp(payload, seq=seq, ip_id=ip_id, flags=flags, options=TIMESTAMPS))),
+                     gso_size, 20, True)
+    out = bytearray(frame.header_len + gso_size)
+    for index in range(frame.count):  # headers() is what write_segment writes
+        frame.write_segment(out, 0, index)
+        assert frame.headers(index) == bytes(out[: frame.header_len])
+    first_middle = int.from_bytes(frame.headers(1), "big")
+    advances = [int.from_bytes(frame.headers(i), "big") == first_middle + (i - 1) * frame.step
+                for i in range(1, frame.count - 1)]
+    wraps = ip_id + frame.count - 2 > 0xFFFF or seq + (frame.count - 2) * gso_size > 0xFFFFFFFF
+    if frame.linear:
+        assert all(advances) and not wraps
+    else:
+        assert not all(advances) or wraps  # only refused when it would have gone wrong, or a field wraps
+
+
+def test_a_wrapping_ip_id_or_sequence_number_is_not_linear():
+    payload = bytes(1000 * 10)
+    assert TsoFrame(memoryview(bytes(ipv4_tcp(payload, ip_id=10))), 1000, 20, True).linear
+    assert not TsoFrame(memoryview(bytes(ipv4_tcp(payload, ip_id=0xFFFA))), 1000, 20, True).linear
+    assert not TsoFrame(memoryview(bytes(ipv4_tcp(payload, seq=2**32 - 3000))), 1000, 20, True).linear
+    assert not TsoFrame(memoryview(bytes(ipv4_tcp(payload, partial=False))), 1000, 20, False).linear
+    with pytest.raises(ValueError):
+        TsoFrame(memoryview(bytes(ipv4_tcp(payload, partial=False))), 1000, 20, False).headers(0)
+
+
+def _variant(field: str) -> bytes:
+    """A packet that would follow the 'a' and 'b' packets of the test below, but for ``field``."""
+    options = TIMESTAMPS
+    kwargs: dict = {"seq": 200, "flags": ACK, "options": options}
+    if field == "options":
+        kwargs["options"] = TIMESTAMPS[:-1] + b"\x09"
+    if field == "seq gap":
+        kwargs["seq"] = 201
+    packet = bytearray(ipv4_tcp(b"c" * 100, **kwargs))
+    changes = {"tos": (1, 4), "ttl": (8, 63), "fragment": (6, 0x60), "ack": (31, 8), "window": (35, 1),
+               "data offset": None, "flags": (33, ACK | 0x20)}
+    if field in changes and changes[field]:
+        at, value = changes[field]
+        packet[at] = value
+    return bytes(packet)
+
+
+@pytest.mark.parametrize("field", ["same", "tos", "ttl", "fragment", "ack", "window", "flags", "options", "seq gap"])
+def test_coalescer_merges_only_segments_that_match_in_every_field_gro_compares(field):
+    out = Collector()
+    coalescer = TcpCoalescer(out)
+    push(coalescer, bytes(ipv4_tcp(b"a" * 100, seq=0, flags=ACK, options=TIMESTAMPS)))
+    push(coalescer, bytes(ipv4_tcp(b"b" * 100, seq=100, flags=ACK, options=TIMESTAMPS, ip_id=78)))
+    push(coalescer, _variant(field))
+    coalescer.flush()
+    payloads = [parse_ipv4_tcp(frame[VNET_HDR_LEN:])["payload"] for frame in out.frames]
+    if field == "same":
+        assert payloads == [b"a" * 100 + b"b" * 100 + b"c" * 100]
+    else:
+        assert payloads == [b"a" * 100 + b"b" * 100, b"c" * 100]
+
+
+def test_coalescer_closes_a_frame_after_psh_or_a_short_segment():
+    out = Collector()
+    coalescer = TcpCoalescer(out)
+    push(coalescer, bytes(ipv4_tcp(b"a" * 100, seq=0, flags=ACK)))
+    push(coalescer, bytes(ipv4_tcp(b"b" * 100, seq=100, flags=ACK | PSH)))  # merges, closes
+    push(coalescer, bytes(ipv4_tcp(b"c" * 100, seq=200, flags=ACK)))
+    push(coalescer, bytes(ipv4_tcp(b"d" * 50, seq=300, flags=ACK)))  # short: merges, closes
+    push(coalescer, bytes(ipv4_tcp(b"e" * 50, seq=350, flags=ACK)))
+    coalescer.flush()
+    frames = [parse_ipv4_tcp(frame[VNET_HDR_LEN:]) for frame in out.frames]
+    assert [f["payload"] for f in frames] == [b"a" * 100 + b"b" * 100, b"c" * 100 + b"d" * 50, b"e" * 50]
+    assert frames[0]["flags"] == ACK | PSH and frames[1]["flags"] == ACK
