@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
+from kairos_core.p2p.testkit import HostFactory
 from kairos_core.netlab import DEFAULT_PREFIX_BASE, Lab, cleanup_stale, require_netns, unique_prefix
 
 
@@ -38,3 +39,13 @@ def netlab(netns_unavailable: str | None) -> Iterator[Callable[..., Lab]]:
     finally:
         for lab in labs:
             lab.close()
+
+
+@pytest.fixture
+async def hosts() -> AsyncIterator[HostFactory]:
+    """A factory of real p2p hosts on loopback sharing one token; all stopped after the test."""
+    factory = HostFactory()
+    try:
+        yield factory
+    finally:
+        await factory.close()

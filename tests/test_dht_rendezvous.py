@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 
 from kairos_core.discovery.dht import DHTRendezvous, RoundPacing
 from kairos_core.keys import KeySchedule
 from kairos_core.p2p.testkit import HostFactory, wait_until
 from kairos_core.token import generate_token
-
-
-@pytest.fixture
-async def hosts() -> AsyncIterator[HostFactory]:
-    factory = HostFactory()
-    try:
-        yield factory
-    finally:
-        await factory.close()
 
 
 async def test_two_peers_find_each_other_through_a_bootstrap_node(hosts: HostFactory) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,15 +15,6 @@ from kairos_core.token import generate_token
 
 TOPIC = "/kairos/test/topic"
 ECHO = "/kairos/test/echo/1.0.0"
-
-
-@pytest.fixture
-async def hosts() -> AsyncIterator[HostFactory]:
-    factory = HostFactory()
-    try:
-        yield factory
-    finally:
-        await factory.close()
 
 
 def _listening_ports() -> set[int]:
