@@ -2,7 +2,8 @@
 
 Each node publishes a *claim* in the owner-keyed ``vpn`` bucket, key = its peer id::
 
-    {"vip": "10.1.0.7", "udp_port": 51820, "claimed": [wall_ms, counter], "static": false}
+    {"vip": "10.1.0.7", "udp_port": 51820, "claimed": [wall_ms, counter], "static": false,
+     "expires": wall_ms}
 
 ``claimed`` is the hybrid-logical-clock time at which the node first claimed *that* address.
 When several nodes claim one address, the holder is the one that ranks first — static claims
@@ -10,6 +11,16 @@ before automatic ones, then the lower ``(claimed, peer_id)`` — so every node t
 claims picks the same holder, and an address in use is never taken by a later claimant (a node
 that claims after having heard of an older claim has a later HLC time). The losers move to a
 free address (:func:`choose_address`) and claim again; the ledger converges, and so do the VIPs.
+
+``expires`` (Unix time in ms) ends a claim: only its owner may write or delete its key, so a
+node gone for good could otherwise keep its address forever. The owner re-writes its claim with
+a later ``expires`` (same ``vip``, same ``claimed``) a few times per TTL (``vpn.claim_ttl``);
+once ``expires`` is past, every node ignores the claim — it holds no address and takes none.
+Whether a claim is alive is thus a function of the entry and the wall clock, so nodes agree
+except while their clocks disagree about a claim's last moments (the TTL is long next to the
+skew). An owner whose claim lapsed does not revive its old ``claimed``: it claims anew, and so
+ranks after whoever took the address meanwhile. Claims without ``expires`` (written by older
+versions) never expire.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from kairos_core.ledger.clock import wall_clock_ms
 
 IPv4 = ipaddress.IPv4Address
 
@@ -32,6 +45,12 @@ class Claim:
     udp_port: int
     claimed: tuple[int, int]
     static: bool = False
+    #: Unix time in ms at which the claim lapses; None: never (a claim from an older version).
+    expires: int | None = None
+
+    def alive(self, now_ms: int) -> bool:
+        """True while the claim holds at wall time ``now_ms`` (it lapses at ``expires``)."""
+        return self.expires is None or now_ms < self.expires
 
     def rank(self) -> tuple[int, int, int, str]:
         """Sort key: lower ranks first and holds the address."""
@@ -39,11 +58,19 @@ class Claim:
 
     def to_value(self) -> dict[str, Any]:
         """The ledger value of this claim."""
-        return {"vip": str(self.vip), "udp_port": self.udp_port, "claimed": list(self.claimed), "static": self.static}
+        value: dict[str, Any] = {"vip": str(self.vip), "udp_port": self.udp_port, "claimed": list(self.claimed),
+                                 "static": self.static}
+        if self.expires is not None:
+            value["expires"] = self.expires
+        return value
 
 
-def parse_claim(peer_id: str, value: Any, network: ipaddress.IPv4Network) -> Claim | None:
-    """The claim in a ``vpn`` bucket value, or None if it is malformed or outside ``network``.
+def _natural(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def decode_claim(peer_id: str, value: Any, network: ipaddress.IPv4Network) -> Claim | None:
+    """The claim in a ``vpn`` bucket value, alive or not; None if malformed or outside ``network``.
 
     Values come from peers: anything unexpected is rejected here rather than trusted later.
     """
@@ -53,25 +80,44 @@ def parse_claim(peer_id: str, value: Any, network: ipaddress.IPv4Network) -> Cla
         vip = IPv4(value["vip"])
         port = value.get("udp_port", 0)
         claimed = value["claimed"]
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        expires = value.get("expires")
+        if not _natural(port) or port > 65535:
             return None
-        if not (isinstance(claimed, list) and len(claimed) == 2 and all(
-                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in claimed)):
+        if not (isinstance(claimed, list) and len(claimed) == 2 and all(_natural(c) for c in claimed)):
+            return None
+        if expires is not None and not _natural(expires):
             return None
     except (KeyError, TypeError, ValueError):
         return None
     if not usable(vip, network):
         return None
-    return Claim(peer_id, vip, port, (claimed[0], claimed[1]), bool(value.get("static", False)))
+    return Claim(peer_id, vip, port, (claimed[0], claimed[1]), bool(value.get("static", False)), expires)
 
 
-def read_claims(bucket: Mapping[str, Any], network: ipaddress.IPv4Network) -> dict[str, Claim]:
-    """Every valid claim in the items of the ``vpn`` bucket (keys with a ``/`` are not claims)."""
+def parse_claim(peer_id: str, value: Any, network: ipaddress.IPv4Network, now_ms: int | None = None) -> Claim | None:
+    """The claim in a ``vpn`` bucket value if it is alive at wall time ``now_ms``, else None.
+
+    ``now_ms`` defaults to the wall clock now; None too for a malformed value or one outside
+    ``network`` (see :func:`decode_claim`).
+    """
+    claim = decode_claim(peer_id, value, network)
+    if claim is None:
+        return None
+    return claim if claim.alive(wall_clock_ms() if now_ms is None else now_ms) else None
+
+
+def read_claims(bucket: Mapping[str, Any], network: ipaddress.IPv4Network,
+                now_ms: int | None = None) -> dict[str, Claim]:
+    """Every valid claim alive at ``now_ms`` (default: now) in the items of the ``vpn`` bucket.
+
+    Keys with a ``/`` are not claims. A lapsed claim is left out: its address is free.
+    """
+    now = wall_clock_ms() if now_ms is None else now_ms
     claims: dict[str, Claim] = {}
     for key, value in bucket.items():
         if "/" in key:
             continue
-        claim = parse_claim(key, value, network)
+        claim = parse_claim(key, value, network, now)
         if claim is not None:
             claims[key] = claim
     return claims

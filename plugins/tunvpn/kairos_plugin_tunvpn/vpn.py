@@ -2,8 +2,9 @@
 
 :class:`VPN` ties the pieces to a running :class:`kairos_core.node.Node`:
 
-- **Address** — claims a VIP in the ``vpn`` bucket (:mod:`.addressing`), moves when it loses a
-  conflict, and keeps the TUN device's address in step.
+- **Address** — claims a VIP in the ``vpn`` bucket (:mod:`.addressing`), refreshes the claim
+  every ``claim_ttl / 4`` so that it does not lapse, moves when it loses a conflict, and keeps the
+  TUN device's address in step. Claims of nodes gone for good lapse after ``claim_ttl``.
 - **Sessions** — per-pair keys over ``/kairos/vpn/keys/1.0.0`` (:mod:`.keyexchange`), installed in
   the data plane with the peer's VIP and UDP endpoint (its advertised IP + its claim's port).
 - **Links** — every ``keepalive_interval`` a tiny datagram goes to each peer's VIP (through the
@@ -26,11 +27,11 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import keyexchange
-from .addressing import Claim, choose_address, holders, parse_claim, read_claims, usable
+from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable
 from .crypto import SessionKeys
 from .fallback import PACKETS_PROTOCOL, FallbackSender, read_datagrams
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
@@ -58,7 +59,12 @@ DEFAULTS: dict[str, Any] = {
     "keepalive_interval": 1.0,
     # Seconds without an authentic UDP datagram from a peer before its packets take the stream.
     "udp_timeout": 5.0,
+    # Seconds a VIP claim lasts unless its node refreshes it (every claim_ttl / 4): the address of
+    # a node gone for good is free again after this long. Long next to clock skew between nodes.
+    "claim_ttl": 86400.0,
 }
+MIN_CLAIM_TTL = 2.0
+MAX_CLAIM_TTL = 30 * 86400.0
 UDP_RETRY_INTERVAL = 10.0
 UDP_TRIAL_SECONDS = 0.2
 EXCHANGE_RETRY = 2.0
@@ -85,6 +91,7 @@ class VPNSettings:
     udp: bool
     keepalive_interval: float
     udp_timeout: float
+    claim_ttl: float = DEFAULTS["claim_ttl"]
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> "VPNSettings":
@@ -109,10 +116,15 @@ class VPNSettings:
             raise VPNConfigError("vpn.mtu: must be between 576 and 9000")
         if not 0 <= int(section["port"]) <= 65535:
             raise VPNConfigError("vpn.port: must be between 0 and 65535")
+        claim_ttl = section.get("claim_ttl", DEFAULTS["claim_ttl"])
+        if isinstance(claim_ttl, bool) or not isinstance(claim_ttl, (int, float)) \
+                or not MIN_CLAIM_TTL <= claim_ttl <= MAX_CLAIM_TTL:
+            raise VPNConfigError(f"vpn.claim_ttl: must be between {MIN_CLAIM_TTL:.0f} and {MAX_CLAIM_TTL:.0f} seconds "
+                                 f"(30 days), got {claim_ttl!r}")
         return cls(
             bool(section["create"]), str(section["interface"]), static, network, int(section["mtu"]),
             int(section["port"]), bool(section["udp"]), float(section["keepalive_interval"]),
-            float(section["udp_timeout"]),
+            float(section["udp_timeout"]), float(claim_ttl),
         )
 
 
@@ -195,6 +207,7 @@ class VPN:
         self._keepalive = keepalive or VPN._send_keepalive
         self._keepalive_socket: socket.socket | None = None
         self._attempt = 0
+        self._refresh_at = 0.0  # monotonic time of the next refresh of our claim
         self._exchanging: dict[str, asyncio.Task] = {}
         self._last_exchange: dict[str, float] = {}
         self._wanted: set[str] = set()
@@ -214,18 +227,17 @@ class VPN:
         node runs on without the VPN.
         """
         network = self.settings.network
-        claims = read_claims(self.node.ledger.items(BUCKET), network)
+        claims = read_claims(self.node.ledger.items(BUCKET), network, self._now_ms())
+        previous = decode_claim(self.peer_id, self.node.ledger.get(BUCKET, self.peer_id), network)
         try:
-            self.claim = self._initial_claim(claims)
+            self.claim = self._initial_claim(claims, previous)
             self.address = ipaddress.IPv4Interface(f"{self.claim.vip}/{network.prefixlen}")
             # pyroute2's synchronous API runs an event loop of its own: not on ours
             self.plane = await asyncio.to_thread(self._make_plane, self)
         except TunUnavailable as exc:
             log.error("vpn disabled: %s", exc)
             return False
-        self.claim = Claim(self.peer_id, self.claim.vip, self.plane.local_address[1], self.claim.claimed,
-                           self.claim.static)
-        self.node.ledger.set(BUCKET, self.peer_id, self.claim.to_value())
+        self._publish_claim(replace(self.claim, udp_port=self.plane.local_address[1]))
         host = self.node.host
         host.set_stream_handler(KEYS_PROTOCOL, self._serve_keys)
         host.set_stream_handler(PACKETS_PROTOCOL, self._serve_packets)
@@ -276,9 +288,14 @@ class VPN:
         version = self.node.ledger.clock.tick()
         return (version[0], version[1])
 
-    def _initial_claim(self, claims: dict[str, Claim]) -> Claim:
+    def _now_ms(self) -> int:
+        """The wall clock (ms) claims lapse by: the one the ledger's HLC follows."""
+        return self.node.ledger.clock.now_ms()
+
+    def _initial_claim(self, claims: dict[str, Claim], previous: Claim | None) -> Claim:
+        """The claim to start with; ``claims`` are the live ones, ``previous`` ours, live or not."""
         static = self.settings.static
-        mine = claims.get(self.peer_id)
+        mine = previous if previous is not None and previous.alive(self._now_ms()) else None
         if static is not None:
             if mine is not None and mine.static and mine.vip == static.ip:
                 return mine
@@ -286,10 +303,42 @@ class VPN:
         if mine is not None and not mine.static:
             return mine  # keep the address across restarts
         others = {c.vip for c in claims.values() if c.peer_id != self.peer_id}
+        if previous is not None and not previous.static and mine is None and previous.vip not in others:
+            # Our claim lapsed while we were away. The address is free as far as we know, but the
+            # claim is new: an old `claimed` would outrank a newcomer we have not heard of yet.
+            log.info("vpn: our claim on %s lapsed; claiming it anew", previous.vip)
+            return Claim(self.peer_id, previous.vip, 0, self._tick_claimed(), False)
         vip = choose_address(self.peer_id, self.settings.network, others)
         if vip is None:
             raise TunUnavailable(f"no free address left in {self.settings.network}")
         return Claim(self.peer_id, vip, 0, self._tick_claimed(), False)
+
+    def _publish_claim(self, claim: Claim) -> None:
+        """Write ``claim`` to the ledger, alive for one ``claim_ttl`` from now; it becomes ours."""
+        ttl = self.settings.claim_ttl
+        claim = replace(claim, expires=self._now_ms() + int(ttl * 1000))
+        self.node.ledger.set(BUCKET, self.peer_id, claim.to_value())
+        self.claim = claim
+        self._refresh_at = time.monotonic() + ttl / 4
+
+    def _refresh_claim(self) -> None:
+        """Re-write our claim with a later ``expires`` once a quarter of the TTL has passed."""
+        claim = self.claim
+        assert claim is not None
+        now_ms = self._now_ms()
+        quarter_ms = int(self.settings.claim_ttl * 1000) // 4
+        # Both clocks: the monotonic one stands still while the machine sleeps, the wall one may
+        # step back.
+        if time.monotonic() < self._refresh_at and (claim.expires is None or now_ms < claim.expires - 3 * quarter_ms):
+            return
+        if not claim.alive(now_ms):
+            # Refreshed too late (a suspended machine, a stalled loop): the others have dropped
+            # the claim and may have given the address away. Claim it anew; if a newcomer holds
+            # it with an earlier claim, the next reconcile moves us.
+            log.warning("vpn: our claim on %s lapsed before it was refreshed; claiming it anew", claim.vip)
+            self.counters["vpn_claim_lapses"] += 1
+            claim = replace(claim, claimed=self._tick_claimed())
+        self._publish_claim(claim)
 
     def _settle_own_address(self, claims: dict[str, Claim]) -> None:
         assert self.claim is not None
@@ -311,9 +360,8 @@ class VPN:
             return
         log.info("vpn: %s belongs to %s (earlier claim); moving to %s", self.claim.vip, holder.peer_id, vip)
         self.counters["vpn_address_moves"] += 1
-        self.claim = Claim(self.peer_id, vip, self.claim.udp_port, self._tick_claimed(), False)
+        self._publish_claim(Claim(self.peer_id, vip, self.claim.udp_port, self._tick_claimed(), False))
         claims[self.peer_id] = self.claim
-        self.node.ledger.set(BUCKET, self.peer_id, self.claim.to_value())
         new = ipaddress.IPv4Interface(f"{vip}/{self.settings.network.prefixlen}")
         if self.tun is not None:
             self._spawn(self._move_device_address(self.address, new))
@@ -333,6 +381,7 @@ class VPN:
         # checked on every turn: Python 3.11's wait_for can swallow a cancellation
         while self.plane is not None:
             try:
+                self._refresh_claim()
                 self._reconcile()
                 now = time.monotonic()
                 if now >= next_tick:
@@ -342,7 +391,8 @@ class VPN:
             except Exception:  # a bug here must not end the VPN
                 log.exception("vpn: reconcile failed")
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.05, next_tick - time.monotonic()))
+                wait = min(next_tick, self._refresh_at) - time.monotonic()
+                await asyncio.wait_for(self._wake.wait(), max(0.05, wait))
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
@@ -350,7 +400,8 @@ class VPN:
     def _reconcile(self) -> None:
         plane = self.plane
         assert plane is not None
-        claims = read_claims(self.node.ledger.items(BUCKET), self.settings.network)
+        # lapsed claims are left out: such a peer has no VIP, so its session (and route) goes
+        claims = read_claims(self.node.ledger.items(BUCKET), self.settings.network, self._now_ms())
         self._settle_own_address(claims)
         vips = {p: vip for vip, c in holders(claims.values()).items() if (p := c.peer_id) != self.peer_id}
         self.vips = vips
@@ -536,7 +587,7 @@ class VPN:
             link.sender.start()
         link.keys_installed_at = link.last_progress = now
         link.path, link.since = ("udp", now) if self.settings.udp else ("stream", now)
-        claim = parse_claim(peer_id, self.node.ledger.get(BUCKET, peer_id), self.settings.network)
+        claim = parse_claim(peer_id, self.node.ledger.get(BUCKET, peer_id), self.settings.network, self._now_ms())
         host = udp_host(self.node.members().get(peer_id, {}), self.settings.network)
         link.endpoint = (host, claim.udp_port) if host and claim and claim.udp_port else None
         try:
