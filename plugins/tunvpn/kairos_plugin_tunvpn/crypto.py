@@ -16,6 +16,7 @@ each epoch has its own :class:`ReplayWindow`.
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
@@ -133,7 +134,8 @@ class ReplayWindow:
 class SendState:
     """The sending side of a session: current epoch, its cipher and the next packet counter.
 
-    Used by one thread only (the TUN reader), so it needs no lock.
+    Threads that send to one peer (one per TUN queue) take their counters with :meth:`reserve`,
+    which is atomic: two threads never seal with the same (key, counter) nonce.
     """
 
     def __init__(
@@ -152,6 +154,21 @@ class SendState:
         self.aead = AESGCM(self._key)
         self.counter = 0
         self.epoch_started = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self, count: int) -> tuple[int, AESGCM, int, bool]:
+        """Take ``count`` consecutive counters: ``(epoch, aead, first counter, rekeyed)``.
+
+        Moves to the next epoch first when ``count`` more packets would pass a rekey limit
+        (``rekeyed`` is then True).
+        """
+        with self._lock:
+            rekeyed = self.due(count)
+            if rekeyed:
+                self.advance()
+            first = self.counter
+            self.counter = first + count
+            return self.epoch, self.aead, first, rekeyed
 
     def due(self, upcoming: int = 1) -> bool:
         """True if sending ``upcoming`` more packets under this epoch would pass a rekey limit."""

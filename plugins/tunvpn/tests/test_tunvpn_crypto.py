@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from cryptography.exceptions import InvalidTag
 from hypothesis import given, settings
@@ -52,11 +54,41 @@ def test_replay_window_check_does_not_record():
 
 
 def seal(send: SendState, plaintext: bytes) -> tuple[int, int, bytes]:
-    if send.due():
-        send.advance()
-    counter = send.counter
-    send.counter += 1
-    return send.epoch & 0xFF, counter, send.aead.encrypt(nonce_for(send.key_id, counter), plaintext, b"")
+    epoch, aead, counter, _ = send.reserve(1)
+    return epoch & 0xFF, counter, aead.encrypt(nonce_for(send.key_id, counter), plaintext, b"")
+
+
+def test_reserve_hands_out_each_nonce_once_across_threads():
+    """Several TUN queues seal for one peer at once: no (epoch, counter) may be handed out twice."""
+    send = SendState(SessionKeys.derive(SECRET, "a", "b"), rekey_after_packets=1000)
+    taken: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def reserve_many() -> None:
+        mine = []
+        for _ in range(500):
+            epoch, _aead, first, _ = send.reserve(7)
+            mine.extend((epoch, first + i) for i in range(7))
+        with lock:
+            taken.extend(mine)
+
+    threads = [threading.Thread(target=reserve_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(taken) == 4 * 500 * 7
+    assert len(set(taken)) == len(taken)
+    assert max(counter for _, counter in taken) < 1000  # a batch never runs past the rekey limit
+    assert send.epoch >= 13  # 14,000 packets at ≤ 1,000 per epoch
+
+
+def test_reserve_rekeys_before_a_batch_would_pass_the_limit():
+    send = SendState(SessionKeys.derive(SECRET, "a", "b"), rekey_after_packets=10)
+    assert send.reserve(8)[2:] == (0, False)
+    epoch, _, first, rekeyed = send.reserve(3)
+    assert (epoch, first, rekeyed) == (1, 0, True)
+    assert send.reserve(7)[1:] == (send.aead, 3, False)
 
 
 def open_(receive: ReceiveState, epoch_byte: int, counter: int, ciphertext: bytes) -> bytes | None:
