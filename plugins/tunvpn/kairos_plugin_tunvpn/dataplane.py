@@ -111,20 +111,6 @@ class Counters:
         return {name: getattr(self, name) for name in COUNTER_NAMES}
 
 
-class _SinglePacket:
-    """A frame that is one packet already: its one segment is itself."""
-
-    __slots__ = ("packet",)
-
-    def __init__(self, packet: memoryview) -> None:
-        self.packet = packet
-
-    def write_segment(self, out: bytearray, pos: int, index: int) -> int:
-        length = len(self.packet)
-        out[pos : pos + length] = self.packet
-        return length
-
-
 def _seal_views(out_view: memoryview, size: int, length: int, slots: int) -> list[tuple[memoryview, ...]]:
     """The ``encrypt_into`` arguments (nonce, inner packet, associated data, destination) of an
     inner packet of ``length`` bytes at each of ``slots`` train positions ``size`` bytes apart."""
@@ -535,8 +521,9 @@ class DataPlane:
             csum_start = csum_offset = 0
         gso_type &= ~GSO_ECN
         if gso_type == GSO_NONE:
-            count, write_segment = 1, _SinglePacket(packet).write_segment
-        elif gso_type == GSO_TCPV4:
+            self._seal_one(peer, packet, csum_start, csum_offset, out_view)
+            return
+        if gso_type == GSO_TCPV4:
             frame = TsoFrame(packet, gso_size, csum_start or l4_offset(packet), bool(csum_start))
             if frame.linear and frame.count > 2:
                 self._seal_tso(peer, frame, csum_start, csum_offset, out, out_view, seal_views)
@@ -546,6 +533,24 @@ class DataPlane:
             counters.drop_unsupported += 1
             return
         self._seal_and_send(peer, count, write_segment, csum_start, csum_offset, out, out_view)
+
+    def _seal_one(self, peer: Peer, packet: memoryview, csum_start: int, csum_offset: int, out_view: memoryview) -> None:
+        """Seal and send one packet (the latency path: pings, ACKs, small requests).
+
+        The packet is sealed straight from the TUN read buffer into the datagram, without a copy.
+        """
+        counters = self._counters
+        send = peer.send
+        epoch, aead, counter, rekeyed = send.reserve(1)
+        if rekeyed:
+            counters.rekeys += 1
+        length = len(packet)
+        size = length + OVERHEAD
+        WIRE_HEADER.pack_into(out_view, 0, KIND_DATA, epoch & 0xFF, csum_start, csum_offset, send.key_id, counter)
+        aead.encrypt_into(out_view[4:HEADER_BYTES], packet, out_view[:HEADER_BYTES], out_view[HEADER_BYTES:size])
+        counters.tx_packets += 1
+        counters.tx_bytes += length
+        self._send_train(peer, out_view, size, size, 1)
 
     def _seal_and_send(
         self,
