@@ -114,14 +114,24 @@ class LabNetwork:
             time.sleep(0.05)
         raise TimeoutError(f"node {node.index} did not come up:\n{node.log[-3000:]}")
 
-    def wait_until(self, condition, timeout: float, what: str) -> None:
-        """Poll ``condition()`` until true; ``TimeoutError`` with every node's recent log otherwise."""
+    def wait_until(self, condition, timeout: float, what: str, *,
+                   tolerate: tuple[type[BaseException], ...] = (), interval: float = 0.1) -> None:
+        """Poll ``condition()`` until true; ``TimeoutError`` with every node's recent log otherwise.
+
+        ``tolerate``: exceptions that mean "not yet" (e.g. a ``KeyError`` while a node's status
+        lacks a field it will have once it is up).
+        """
         deadline = time.monotonic() + timeout
-        while not condition():
+        while True:
+            try:
+                if condition():
+                    return
+            except tolerate:
+                pass
             if time.monotonic() > deadline:
-                logs = "\n".join(f"--- node {node.index}\n{node.log[-2000:]}" for node in self.nodes.values())
+                logs = "\n".join(f"--- node {node.index}\n{node.log[-2500:]}" for node in self.nodes.values())
                 raise TimeoutError(f"{what} not reached within {timeout} s\n{logs}")
-            time.sleep(0.1)
+            time.sleep(interval)
 
     def kill(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a node's process."""

@@ -15,8 +15,8 @@ the DHT are off; nodes are dialled to each other directly (a full mesh).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,21 @@ from .plugins import KairosPluginManager, make_plugin_manager
 from .token import NetworkToken, generate_token
 
 _counter = itertools.count()
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll ``condition()`` (sync or async) until it is truthy; ``TimeoutError`` after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
 
 
 class LocalNetwork:
@@ -78,12 +93,8 @@ class LocalNetwork:
         await asyncio.gather(*(node.stop() for node in self.nodes), return_exceptions=True)
 
     async def wait_for(self, condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05) -> None:
-        """Wait until ``condition()`` is true; ``TimeoutError`` naming the wait otherwise."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"condition not met within {timeout} s")
-            await asyncio.sleep(interval)
+        """Wait until ``condition()`` is true; ``TimeoutError`` otherwise."""
+        await wait_until(condition, timeout, interval)
 
     def running(self) -> list[Any]:
         """Nodes that have not been stopped."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 from typing import Any, Awaitable, Callable
 
 from ..identity import Identity
@@ -12,21 +11,6 @@ from ..token import NetworkToken, generate_token
 from .host import P2PHost
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-
-
-async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> None:
-    """Poll ``condition()`` (sync or async) until it is truthy; ``TimeoutError`` after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise TimeoutError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
 
 
 class HostFactory:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -110,17 +109,8 @@ class VPNLab:
 
     def wait(self, condition, timeout: float, what: str) -> None:
         """Wait until ``condition()``; on timeout raise with the nodes' recent logs."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if condition():
-                    return
-            except (KeyError, TypeError):
-                pass
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- node {n.index}\n{n.log[-2500:]}" for n in self.network.nodes.values())
-                raise AssertionError(f"{what} not reached within {timeout} s\n{logs}")
-            time.sleep(0.2)
+        assert self.network is not None
+        self.network.wait_until(condition, timeout, what, tolerate=(KeyError, TypeError), interval=0.2)
 
     # ----- acting in the namespaces -------------------------------------------------------------
 
