@@ -36,6 +36,7 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -228,6 +229,7 @@ class DataPlane:
         self._rx_view = memoryview(self._rx_buf)
         self._coalescer = TcpCoalescer(self._write_tun) if self.coalesce else None
         self._threads: list[threading.Thread] = []
+        self._logged: set[tuple] = set()
         self._running = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -365,7 +367,7 @@ class DataPlane:
                     self._open_datagram(memoryview(datagram), None, expected=peer)
                 except Exception:  # a bug must not reach the stream reader
                     self._counters.drop_malformed += 1
-                    log.exception("tunvpn: datagram dropped")
+                    self._log_once("tunvpn: datagram dropped", exc_info=True)
             if self._coalescer is not None:
                 self._coalescer.flush()
             return self._counters.rx_packets - before
@@ -417,6 +419,19 @@ class DataPlane:
                 os.close(fd)
             except OSError:
                 pass
+
+    def _log_once(self, message: str, exc_info: bool = False) -> None:
+        """Log ``message`` the first time it (and the exception being handled) occurs.
+
+        What goes wrong per packet goes wrong 100,000 times a second: the counters say how often,
+        the log says once what it was.
+        """
+        error = sys.exc_info()[1] if exc_info else None
+        key = (message, type(error).__name__, str(error)[:80]) if error is not None else (message,)
+        if key in self._logged or len(self._logged) > 256:
+            return
+        self._logged.add(key)
+        log.warning("%s (logged once; see the counters for how often)", message, exc_info=exc_info)
 
     def __enter__(self) -> "DataPlane":
         self.start()
@@ -480,7 +495,7 @@ class DataPlane:
                     counters.drop_malformed += 1
                 except Exception:  # a bug must not kill the forwarder: count and log
                     counters.drop_malformed += 1
-                    log.exception("tunvpn: frame dropped")
+                    self._log_once("tunvpn: frame dropped", exc_info=True)
             if receive:
                 try:
                     n, ancillary, _flags, address = recvmsg_into([rview], cmsg_space)
@@ -715,7 +730,7 @@ class DataPlane:
             except OSError as error:
                 counters.send_errors += 1
                 if error.errno not in _TRANSIENT_SEND_ERRORS:
-                    log.warning("tunvpn: send to %s failed: %s", endpoint, error)
+                    self._log_once(f"tunvpn: send to {endpoint} failed: {error}")
                 return
         counters.send_errors += 1
 
@@ -739,7 +754,7 @@ class DataPlane:
                     self._coalescer.flush()
             except Exception:
                 counters.drop_malformed += 1
-                log.exception("tunvpn: datagram dropped")
+                self._log_once("tunvpn: datagram dropped", exc_info=True)
 
     def _open_train(
         self, view: memoryview, n: int, size: int, address: tuple[str, int],

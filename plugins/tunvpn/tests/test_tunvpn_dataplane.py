@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import time
 
@@ -218,6 +219,24 @@ def test_packets_without_a_route_are_counted(pair):
     tun_a.inject(bytes(icmp_echo()))
     assert tun_b.receive()[1] == bytes(icmp_echo())
     assert plane_a.counters["drop_no_route"] == 1
+
+
+def test_a_bug_hit_by_every_packet_is_counted_each_time_and_logged_once(pair, monkeypatch, caplog):
+    (tun_a, tun_b), (plane_a, _), _ = pair
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("sealing is broken")
+
+    monkeypatch.setattr(plane_a, "_seal_one", broken)
+    with caplog.at_level(logging.WARNING, logger="kairos_plugin_tunvpn.dataplane"):
+        for _ in range(5):
+            tun_a.inject(bytes(icmp_echo()))
+        assert wait_for(lambda: plane_a.counters["drop_malformed"] == 5)
+        monkeypatch.undo()
+        tun_a.inject(bytes(icmp_echo()))
+        assert tun_b.receive()[1] == bytes(icmp_echo())  # the thread survived
+    dropped = [r for r in caplog.records if r.getMessage().startswith("tunvpn: frame dropped")]
+    assert len(dropped) == 1 and dropped[0].exc_info[1].args == ("sealing is broken",)
 
 
 def test_missing_tun_gives_a_typed_one_line_error(monkeypatch):
