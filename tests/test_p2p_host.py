@@ -118,7 +118,7 @@ class _SkipsAdmission(P2PHost):
 
     def _on_connected(self, conn: Any) -> None:
         peer = str(conn.muxed_conn.peer_id)
-        self._nursery.start_soon(self._admit, peer, self._admission_for(peer))
+        self._nursery.start_soon(self._gate._admit, peer, self._gate._admission_for(peer))
 
 
 async def test_a_peer_that_skips_admission_gets_no_gossip_or_stream_through(hosts: HostFactory) -> None:

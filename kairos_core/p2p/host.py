@@ -1,8 +1,9 @@
 """P2PHost: the one place where the asyncio core meets py-libp2p 0.8.1.
 
 A host is a libp2p node (TCP, noise, yamux), gossipsub and a Kademlia DHT, running in its own
-trio thread (see :mod:`.bridge`), with admission (:mod:`.admission`) in front of everything:
-gossip, the DHT and application streams are served to admitted peers only.
+trio thread (see :mod:`.bridge`), with the admission gate (:mod:`.gate`, running the handshake of
+:mod:`.admission`) in front of everything: gossip, the DHT and application streams are served to
+admitted peers only. This module only builds and wires the host; who is admitted is the gate's.
 
 The traps of ``reference/py-libp2p-0.8.md`` and where they are defused:
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections import defaultdict
 from typing import Any, Awaitable, Callable
 
@@ -34,7 +34,6 @@ from libp2p import new_host
 from libp2p.crypto import ed25519, x25519
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
-from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
@@ -49,9 +48,10 @@ from libp2p.tools.anyio_service import background_trio_service
 from ..identity import Identity
 from ..keys import KeySchedule
 from .addresses import expand_wildcard, port_in_use
-from .admission import ADMIT_PROTOCOL, admit_as_dialler, admit_as_listener
+from .admission import ADMIT_PROTOCOL
 from .bridge import TrioThread
-from .errors import AdmissionError, P2PError
+from .errors import P2PError
+from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, peer_of, quiet_reset
 from .logs import tame_libp2p_logging
 from .stream import Stream
 from .traps import PUBSUB_OVERHEAD, enable_keepalive, size_pubsub_queues, verify_signed_records_once
@@ -62,93 +62,7 @@ PeerCallback = Callable[[str], "Awaitable[None] | None"]
 GossipHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
-ADMISSION_TIMEOUT = 10.0
 GOSSIP_HEARTBEAT = 1  # seconds; libp2p's default of 120 s grafts a mesh far too late (trap 3)
-# A refused peer is logged at WARNING at most this often, and at most a few per minute overall.
-REFUSAL_LOG_INTERVAL = 60.0
-REFUSAL_LOG_BURST = 5
-
-
-class _Admission:
-    """The admission state of one peer: pending until ``decided`` is set."""
-
-    def __init__(self) -> None:
-        self.decided = trio.Event()
-        self.admitted = False
-        self.reason = ""
-
-
-class _RefusalLog:
-    """Rate-limited notes about refused peers: one WARNING per peer per interval, a global cap."""
-
-    def __init__(self) -> None:
-        self._last_by_peer: dict[str, float] = {}
-        self._window_start = 0.0
-        self._in_window = 0
-
-    def note(self, peer_id: str, reason: str) -> None:
-        now = time.monotonic()
-        if now - self._window_start > REFUSAL_LOG_INTERVAL:
-            self._window_start, self._in_window = now, 0
-        recent = now - self._last_by_peer.get(peer_id, -REFUSAL_LOG_INTERVAL * 2) < REFUSAL_LOG_INTERVAL
-        if recent or self._in_window >= REFUSAL_LOG_BURST:
-            log.debug("admission refused %s: %s", peer_id, reason)
-            return
-        self._last_by_peer[peer_id] = now
-        self._in_window += 1
-        if len(self._last_by_peer) > 4096:  # bound memory under a flood of fresh peer ids
-            self._last_by_peer.clear()
-        log.warning("admission refused %s: %s", peer_id, reason)
-
-
-class _NetByteChannel:
-    """A libp2p stream seen as the ``read``/``write`` channel the handshake wants."""
-
-    def __init__(self, net_stream: Any) -> None:
-        self._net_stream = net_stream
-
-    async def read(self, n: int) -> bytes:
-        try:
-            return await self._net_stream.read(n) or b""
-        except StreamEOF:
-            return b""
-        except StreamError as exc:
-            raise AdmissionError(f"admission stream broken: {type(exc).__name__}") from None
-
-    async def write(self, data: bytes) -> None:
-        try:
-            await self._net_stream.write(data)
-        except StreamError as exc:
-            raise AdmissionError(f"admission stream broken: {type(exc).__name__}") from None
-
-
-class _ConnectionWatch:
-    """A libp2p notifee that hands connection events to the host (trio side)."""
-
-    def __init__(self, host: "P2PHost") -> None:
-        self._host = host
-
-    async def connected(self, network: Any, conn: Any) -> None:
-        self._host._on_connected(conn)
-
-    async def disconnected(self, network: Any, conn: Any) -> None:
-        self._host._on_disconnected(conn)
-
-    async def opened_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def closed_stream(self, network: Any, stream: Any) -> None:
-        return None
-
-    async def listen(self, network: Any, maddr: Any) -> None:
-        return None
-
-    async def listen_close(self, network: Any, maddr: Any) -> None:
-        return None
-
-
-def _peer_of(net_stream: Any) -> str:
-    return str(net_stream.muxed_conn.peer_id)
 
 
 def _with_peer_suffix(address: str, peer_id: str) -> str:
@@ -187,13 +101,14 @@ class P2PHost:
         self._pubsub_peers_in: Any = None
         self._pubsub_peers_gone: Any = None
         self._stop_event: trio.Event | None = None
-        self._admissions: dict[str, _Admission] = {}
-        self._admitted: set[str] = set()
+        self._gate = AdmissionGate(
+            self.peer_id, schedule, timeout=admission_timeout, counters=self.counters,
+            on_admitted=self._peer_admitted, on_gone=self._peer_gone,
+        )
         self._subscriptions: dict[str, list[GossipHandler]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._bound: list[str] = []
         self._asyncio_tasks: set[asyncio.Task] = set()
-        self._refusals = _RefusalLog()
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,8 +122,7 @@ class P2PHost:
         size_pubsub_queues(self.max_message_size)
         verify_signed_records_once()
         self._bridge = TrioThread(self.peer_id[-8:])
-        self._admissions.clear()
-        self._admitted.clear()
+        self._gate.reset()
         try:
             await self._bridge.start(self._serve)
         except BaseException:
@@ -228,7 +142,7 @@ class P2PHost:
             await bridge.join()
         finally:
             self._bridge = None
-            self._admitted.clear()
+            self._gate.reset()
             for task in list(self._asyncio_tasks):
                 task.cancel()
 
@@ -252,6 +166,7 @@ class P2PHost:
                     await host.close()
         finally:
             pubsub.seen_messages.stop()  # its sweeper thread outlives the service otherwise
+            self._gate.detach()
             self._host = self._pubsub = self._dht = None
             self._bound = []
 
@@ -292,15 +207,16 @@ class P2PHost:
                 network.remove_notifee(notifee)
                 self._pubsub_peers_in = notifee.initiator_peers_queue
                 self._pubsub_peers_gone = notifee.dead_peers_queue
-        network.register_notifee(_ConnectionWatch(self))
+        network.register_notifee(ConnectionWatch(self._on_connected, self._gate.disconnected))
         # Everything libp2p registered that carries our data goes behind the admission gate.
         for protocol in gossipsub.get_protocols():
-            host.set_stream_handler(protocol, self._gated(pubsub.stream_handler))
+            host.set_stream_handler(protocol, self._gate.guard(pubsub.stream_handler))
         for protocol, handler in list(host.get_mux().handlers.items()):
             if str(protocol).endswith("/kad/1.0.0") and handler is not None:
-                host.set_stream_handler(protocol, self._gated(handler))
-        host.set_stream_handler(ADMIT_PROTOCOL, self._admit_listener)
+                host.set_stream_handler(protocol, self._gate.guard(handler))
+        host.set_stream_handler(ADMIT_PROTOCOL, self._gate.admit_listener)
         self._host, self._pubsub, self._dht = host, pubsub, dht
+        self._gate.attach(host, self._nursery)
         tame_libp2p_logging()  # libp2p modules imported while building have fresh loggers
         return host, pubsub, gossipsub, dht
 
@@ -324,7 +240,7 @@ class P2PHost:
     # --- admission ------------------------------------------------------------------------------
     def admitted_peers(self) -> set[str]:
         """Peers connected now that proved the token."""
-        return set(self._admitted)
+        return self._gate.admitted_peers()
 
     async def connected_peers(self) -> set[str]:
         """Peers with an open connection now, admitted or not (diagnostics and tests)."""
@@ -335,90 +251,14 @@ class P2PHost:
 
         return await bridge.call(peers)
 
-    def _admission_for(self, peer: str) -> _Admission:
-        record = self._admissions.get(peer)
-        if record is None:
-            record = self._admissions[peer] = _Admission()
-        return record
-
     def _on_connected(self, conn: Any) -> None:
+        # Keepalive belongs to every connection (trap: silent partitions), admitted or not yet.
         if not enable_keepalive(conn):
             self.counters["keepalive_unavailable"] += 1
-        peer = str(conn.muxed_conn.peer_id)
-        record = self._admission_for(peer)
-        if record.decided.is_set():
-            return
-        outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
-        if outbound:
-            self._nursery.start_soon(self._admit_dialler, peer, record)
-        else:
-            self._nursery.start_soon(self._await_dialler, peer, record)
+        self._gate.connected(conn)
 
-    def _on_disconnected(self, conn: Any) -> None:
-        peer_id = conn.muxed_conn.peer_id
-        host = self._host
-        if host is not None and host.get_network().get_connections(peer_id):
-            return
-        peer = str(peer_id)
-        record = self._admissions.pop(peer, None)
-        if record is not None and not record.decided.is_set():
-            record.reason = "disconnected during admission"
-            record.decided.set()
-        if peer in self._admitted:
-            self._admitted.discard(peer)
-            self._nursery.start_soon(self._tell_pubsub, self._pubsub_peers_gone, peer_id)
-            self._notify_asyncio(self.on_peer_disconnected, peer)
-
-    async def _admit_dialler(self, peer: str, record: _Admission) -> None:
-        key = self.schedule.admission_key
-        net_stream = None
-        try:
-            with trio.fail_after(self.admission_timeout):
-                net_stream = await self._host.new_stream(ID.from_base58(peer), [ADMIT_PROTOCOL])
-                await admit_as_dialler(_NetByteChannel(net_stream), key, self.peer_id, peer)
-        except trio.TooSlowError:
-            await self._refuse(peer, record, "admission timed out", net_stream)
-        except AdmissionError as exc:
-            await self._refuse(peer, record, str(exc), net_stream)
-        except Exception as exc:  # the peer does not speak our protocol, or the dial broke
-            await self._refuse(peer, record, f"admission failed: {type(exc).__name__}: {exc}", net_stream)
-        else:
-            await self._quiet_close(net_stream)
-            await self._admit(peer, record)
-
-    async def _admit_listener(self, net_stream: Any) -> None:
-        peer = _peer_of(net_stream)
-        record = self._admission_for(peer)
-        if record.admitted:
-            await self._quiet_reset(net_stream)
-            return
-        try:
-            with trio.fail_after(self.admission_timeout):
-                await admit_as_listener(_NetByteChannel(net_stream), self.schedule.admission_key, peer, self.peer_id)
-        except trio.TooSlowError:
-            await self._refuse(peer, record, "admission timed out", net_stream)
-        except AdmissionError as exc:
-            await self._refuse(peer, record, str(exc), net_stream)
-        except Exception as exc:
-            await self._refuse(peer, record, f"admission failed: {type(exc).__name__}: {exc}", net_stream)
-        else:
-            await self._quiet_close(net_stream)
-            await self._admit(peer, record)
-
-    async def _await_dialler(self, peer: str, record: _Admission) -> None:
-        """An accepted connection must be followed by the dialler's proof in time."""
-        with trio.move_on_after(self.admission_timeout):
-            await record.decided.wait()
-            return
-        await self._refuse(peer, record, "no admission attempt before the timeout", None)
-
-    async def _admit(self, peer: str, record: _Admission) -> None:
-        if record.decided.is_set():
-            return
-        record.admitted = True
-        record.decided.set()
-        self._admitted.add(peer)
-        self.counters["admission_ok"] += 1
+    async def _peer_admitted(self, peer: str) -> None:
+        """The gate admitted ``peer`` (trio side): tell asyncio, gossip and the DHT."""
         # Notify before any await: a disconnect during the awaits below must reach asyncio after
         # the admission, or the peer would stay "connected" there forever.
         self._notify_asyncio(self.on_peer_admitted, peer)
@@ -428,46 +268,10 @@ class P2PHost:
         if addrs:
             await self._dht_add(PeerInfo(peer_id, addrs))
 
-    async def _refuse(self, peer: str, record: _Admission, reason: str, net_stream: Any) -> None:
-        if record.admitted:
-            return  # a parallel handshake on another connection already succeeded
-        self.counters["admission_failed"] += 1
-        self._refusals.note(peer, reason)
-        record.reason = reason
-        record.decided.set()
-        if self._admissions.get(peer) is record:
-            del self._admissions[peer]
-        if net_stream is not None:
-            await self._quiet_reset(net_stream)
-        if self._host is not None:
-            with trio.move_on_after(5):
-                try:
-                    await self._host.disconnect(ID.from_base58(peer))
-                except Exception as exc:
-                    log.debug("disconnecting %s failed: %r", peer, exc)
-
-    async def _wait_admission(self, peer: str) -> bool:
-        record = self._admission_for(peer)
-        with trio.move_on_after(self.admission_timeout + 1):
-            await record.decided.wait()
-        return record.admitted
-
-    def _gated(self, handler: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-        """Wrap a libp2p stream handler so only admitted peers reach it.
-
-        A stream may arrive before our side finished the handshake, so the gate waits for the
-        verdict (bounded by the admission timeout) rather than refusing at once.
-        """
-
-        async def gate(net_stream: Any) -> None:
-            peer = _peer_of(net_stream)
-            if peer not in self._admitted and not await self._wait_admission(peer):
-                self.counters["streams_refused"] += 1
-                await self._quiet_reset(net_stream)
-                return
-            await handler(net_stream)
-
-        return gate
+    def _peer_gone(self, peer: str) -> None:
+        """An admitted peer lost its last connection (trio side): tell gossip and asyncio."""
+        self._nursery.start_soon(self._tell_pubsub, self._pubsub_peers_gone, ID.from_base58(peer))
+        self._notify_asyncio(self.on_peer_disconnected, peer)
 
     async def _tell_pubsub(self, channel: Any, peer_id: ID) -> None:
         if channel is None:
@@ -476,20 +280,6 @@ class P2PHost:
             with trio.move_on_after(5):
                 await channel.send(peer_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-    @staticmethod
-    async def _quiet_close(net_stream: Any) -> None:
-        try:
-            await net_stream.close()
-        except Exception:  # the peer may already be gone; nothing to tell anyone
-            pass
-
-    @staticmethod
-    async def _quiet_reset(net_stream: Any) -> None:
-        try:
-            await net_stream.reset()
-        except Exception:
             pass
 
     # --- connect / disconnect ---------------------------------------------------------------------
@@ -519,17 +309,7 @@ class P2PHost:
 
     async def _trio_connect(self, info: PeerInfo) -> str:
         peer = str(info.peer_id)
-        if peer in self._admitted:
-            return peer
-        record = self._admission_for(peer)
-        try:
-            await self._host.connect(info)
-        except Exception as exc:
-            if not record.decided.is_set() and self._admissions.get(peer) is record:
-                del self._admissions[peer]
-            raise P2PError(f"cannot reach {peer}: {type(exc).__name__}: {exc}") from None
-        if not await self._wait_admission(peer):
-            raise AdmissionError(f"{peer} not admitted: {record.reason or 'admission timed out'}")
+        await self._gate.connect(peer, lambda: self._host.connect(info))
         return peer
 
     async def disconnect(self, peer_id: str) -> None:
@@ -561,14 +341,7 @@ class P2PHost:
         pubsub = self._pubsub
         if pubsub is None or topic in pubsub.topic_ids:
             return
-
-        def from_admitted(forwarder: ID, msg: Any) -> bool:
-            if str(forwarder) == self.peer_id or str(forwarder) in self._admitted:
-                return True
-            self.counters["gossip_refused"] += 1
-            return False
-
-        pubsub.set_topic_validator(topic, from_admitted, False)
+        pubsub.set_topic_validator(topic, self._gate.forwarded_by_admitted, False)
         subscription = await pubsub.subscribe(topic)
         self._nursery.start_soon(self._pump_topic, topic, subscription)
 
@@ -621,12 +394,12 @@ class P2PHost:
         async def hand_over(net_stream: Any) -> None:
             handler = self._stream_handlers.get(protocol)
             if handler is None:
-                await self._quiet_reset(net_stream)
+                await quiet_reset(net_stream)
                 return
-            stream = Stream(self._bridge, net_stream, _peer_of(net_stream), protocol, self.counters)
+            stream = Stream(self._bridge, net_stream, peer_of(net_stream), protocol, self.counters)
             self._bridge.to_asyncio(lambda: self._spawn(self._run_stream_handler(handler, stream)))
 
-        self._host.set_stream_handler(protocol, self._gated(hand_over))
+        self._host.set_stream_handler(protocol, self._gate.guard(hand_over))
 
     async def _run_stream_handler(self, handler: StreamHandler, stream: Stream) -> None:
         try:
@@ -649,7 +422,7 @@ class P2PHost:
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a stream to an admitted peer."""
         bridge = self._require_running()
-        if peer_id not in self._admitted:
+        if not self._gate.is_admitted(peer_id):
             raise P2PError(f"{peer_id} is not an admitted peer")
 
         async def open_() -> Any:
