@@ -268,6 +268,24 @@ async def test_libp2p_logs_reach_our_handlers_with_routine_warnings_demoted(
     assert not any(text == "routine DHT read failure" for _, text in messages)
 
 
+async def test_a_dial_to_a_dead_address_fails_to_the_caller_without_libp2p_error_lines(
+    hosts: HostFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that left is redialled for a while: each refusal is the caller's to judge, not an
+    ERROR line in the node's log (libp2p logs one per failed TCP dial)."""
+    import logging
+
+    a, b = await hosts.host(), await hosts.host()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]  # closed again when the block ends: nothing listens
+    caplog.set_level(logging.INFO)
+    with pytest.raises(P2PError):
+        await a.connect(f"/ip4/127.0.0.1/tcp/{dead_port}/p2p/{b.peer_id}")
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("libp2p")]
+    assert errors == []
+
+
 async def test_start_fails_cleanly_on_a_busy_or_foreign_address(hosts: HostFactory) -> None:
     a = await hosts.host()
     before = _threads()

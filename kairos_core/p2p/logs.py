@@ -31,6 +31,7 @@ NOISY_PREFIXES = (
 # bad it is), or a connection a peer dropped (which we see as a disconnect anyway).
 ROUTINE_ERRORS = (
     "Failed to open stream",
+    "Failed to open TCP stream",  # a refused or timed-out dial, raised as OpenConnectionError
     "MultiselectClient handshake",
     "Error in handle_incoming",
 )
