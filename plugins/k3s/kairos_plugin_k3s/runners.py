@@ -317,9 +317,13 @@ class ProcessRunner:
                             *launch.command, env=env, stdin=asyncio.subprocess.DEVNULL,
                             stdout=logfile, stderr=logfile, start_new_session=True,
                         )
-                    except OSError as exc:
-                        log.error("cannot start %s: %s", launch.binary, exc.strerror or exc)
+                    except FileNotFoundError:
                         self.process = None
+                        log.error("cannot start k3s: %s not found (install k3s, set k3s.binary, or "
+                                  "k3s.enabled: false); retrying in %.0f s", launch.binary, backoff)
+                    except OSError as exc:
+                        self.process = None
+                        log.error("cannot start %s: %s; retrying in %.0f s", launch.binary, exc.strerror or exc, backoff)
                 self.starts += 1
                 started.set()
                 if self.process is not None:

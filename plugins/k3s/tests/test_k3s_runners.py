@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import sys
 
 import pytest
@@ -125,6 +126,20 @@ async def test_process_runner_restarts_a_crashed_k3s(world):
         assert runner.starts >= 2 and runner.exits[0] == 1
     finally:
         await runner.stop()
+
+
+async def test_process_runner_names_a_missing_binary_and_the_ways_out(world, caplog):
+    paths, _, _, _ = world
+    runner = ProcessRunner(paths)
+    missing = str(paths.config_file.parent / "no-such-k3s")
+    try:
+        with caplog.at_level(logging.ERROR, logger="kairos_plugin_k3s.runners"):
+            assert await runner.apply(server_launch(paths, missing)) is True
+    finally:
+        await runner.stop()
+    assert runner.process is None and runner.starts == 1
+    message = caplog.records[0].getMessage()
+    assert f"{missing} not found" in message and "k3s.enabled: false" in message
 
 
 def test_make_runner(tmp_path):
