@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install kairos-core, every plugin in plugins/ and the test tools into ./.venv, on Debian/Ubuntu.
-# Debian packages: gcc + libgmp-dev build fastecdsa (a libp2p dependency); iproute2 and nftables
+# Debian packages: gcc + libgmp-dev build fastecdsa (a libp2p dependency), gcc + libssl-dev the
+# VPN's C fast path (optional: without them it runs in pure Python); iproute2 and nftables
 # build the namespace labs of the tests; iperf3, openssh and ping are driven through the VPN tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,7 @@ if command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends \
-    gcc libgmp-dev python3-venv iproute2 nftables iperf3 openssh-server openssh-client iputils-ping >/dev/null
+    gcc libgmp-dev libssl-dev python3-venv iproute2 nftables iperf3 openssh-server openssh-client iputils-ping >/dev/null
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

@@ -15,13 +15,30 @@ each epoch has its own :class:`ReplayWindow`.
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kairos_core.keys import derive
+
+try:  # the C loops (built with the plugin when a compiler and libssl-dev are there)
+    from ._fastpath import GcmKey
+except ImportError:  # pragma: no cover - depends on the build
+    GcmKey = None
+
+FASTPATH_ENV = "KAIROS_TUNVPN_PURE_PYTHON"
+
+
+def fast_key(key: bytes) -> "GcmKey | None":
+    """The C cipher of ``key``, or None when the plugin runs on its pure-Python path (not built,
+    or ``KAIROS_TUNVPN_PURE_PYTHON=1``)."""
+    if GcmKey is None or os.environ.get(FASTPATH_ENV, "") not in ("", "0"):
+        return None
+    return GcmKey(key)
 
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -131,6 +148,17 @@ class ReplayWindow:
         return True
 
 
+class Reservation(NamedTuple):
+    """Counters ``first .. first + count - 1`` of ``epoch``, to seal with ``aead`` (or ``fast``,
+    the same key in C, when built)."""
+
+    epoch: int
+    aead: AESGCM
+    first: int
+    rekeyed: bool
+    fast: "GcmKey | None" = None
+
+
 class SendState:
     """The sending side of a session: current epoch, its cipher and the next packet counter.
 
@@ -152,12 +180,13 @@ class SendState:
         self._key = keys.send_key
         self.epoch = 0
         self.aead = AESGCM(self._key)
+        self.fast = fast_key(self._key)
         self.counter = 0
         self.epoch_started = clock()
         self._lock = threading.Lock()
 
-    def reserve(self, count: int) -> tuple[int, AESGCM, int, bool]:
-        """Take ``count`` consecutive counters: ``(epoch, aead, first counter, rekeyed)``.
+    def reserve(self, count: int) -> Reservation:
+        """Take ``count`` consecutive counters, with the epoch and ciphers they belong to.
 
         Moves to the next epoch first when ``count`` more packets would pass a rekey limit
         (``rekeyed`` is then True).
@@ -168,7 +197,7 @@ class SendState:
                 self.advance()
             first = self.counter
             self.counter = first + count
-            return self.epoch, self.aead, first, rekeyed
+            return Reservation(self.epoch, self.aead, first, rekeyed, self.fast)
 
     def due(self, upcoming: int = 1) -> bool:
         """True if sending ``upcoming`` more packets under this epoch would pass a rekey limit."""
@@ -182,17 +211,19 @@ class SendState:
         self._key = next_epoch_key(self._key)
         self.epoch += 1
         self.aead = AESGCM(self._key)
+        self.fast = fast_key(self._key)
         self.counter = 0
         self.epoch_started = self._clock()
 
 
 class _ReceiveEpoch:
-    __slots__ = ("number", "key", "aead", "window")
+    __slots__ = ("number", "key", "aead", "fast", "window")
 
     def __init__(self, number: int, key: bytes, window_bits: int) -> None:
         self.number = number
         self.key = key
         self.aead = AESGCM(key)
+        self.fast = fast_key(key)
         self.window = ReplayWindow(window_bits)
 
 

@@ -54,7 +54,7 @@ def test_replay_window_check_does_not_record():
 
 
 def seal(send: SendState, plaintext: bytes) -> tuple[int, int, bytes]:
-    epoch, aead, counter, _ = send.reserve(1)
+    epoch, aead, counter, _, _ = send.reserve(1)
     return epoch & 0xFF, counter, aead.encrypt(nonce_for(send.key_id, counter), plaintext, b"")
 
 
@@ -67,7 +67,7 @@ def test_reserve_hands_out_each_nonce_once_across_threads():
     def reserve_many() -> None:
         mine = []
         for _ in range(500):
-            epoch, _aead, first, _ = send.reserve(7)
+            epoch, _aead, first, _, _ = send.reserve(7)
             mine.extend((epoch, first + i) for i in range(7))
         with lock:
             taken.extend(mine)
@@ -85,10 +85,10 @@ def test_reserve_hands_out_each_nonce_once_across_threads():
 
 def test_reserve_rekeys_before_a_batch_would_pass_the_limit():
     send = SendState(SessionKeys.derive(SECRET, "a", "b"), rekey_after_packets=10)
-    assert send.reserve(8)[2:] == (0, False)
-    epoch, _, first, rekeyed = send.reserve(3)
-    assert (epoch, first, rekeyed) == (1, 0, True)
-    assert send.reserve(7)[1:] == (send.aead, 3, False)
+    assert send.reserve(8)[2:4] == (0, False)
+    epoch, _, first, rekeyed, fast = send.reserve(3)
+    assert (epoch, first, rekeyed) == (1, 0, True) and fast is send.fast
+    assert send.reserve(7)[1:4] == (send.aead, 3, False)
 
 
 def open_(receive: ReceiveState, epoch_byte: int, counter: int, ciphertext: bytes) -> bytes | None:

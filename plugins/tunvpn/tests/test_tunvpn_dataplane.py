@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 import time
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from kairos_plugin_tunvpn import crypto
 from kairos_plugin_tunvpn.crypto import SessionKeys
 from kairos_plugin_tunvpn.dataplane import WIRE_HEADER, DataPlane
 from kairos_plugin_tunvpn.tun import TunDevice, TunUnavailable
@@ -42,8 +44,13 @@ class FakeTun:
         self.ours.close()
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["c", "python"])
+def pair(request, monkeypatch):
+    """Two data planes joined over loopback UDP: with the C loops, and on the pure-Python path."""
+    if request.param == "python":
+        monkeypatch.setenv(crypto.FASTPATH_ENV, "1")
+    elif crypto.GcmKey is None:
+        pytest.skip("the C fast path is not built (needs a C compiler and libssl-dev)")
     tuns = FakeTun(), FakeTun()
     planes = [DataPlane(t.device, ("127.0.0.1", 0)) for t in tuns]
     keys_a = SessionKeys.derive(SECRET, "a", "b")
@@ -324,17 +331,22 @@ def _sealed_trains(plane: DataPlane, frame_bytes: bytes, fast: bool) -> list[byt
 def test_linear_sealing_sends_the_same_bytes_as_segment_by_segment_sealing(segments):
     frame = bytes(ipv4_tcp(bytes(range(256)) * (1368 * segments // 256) + b"tail", flags=0x18, ip_id=5))
     trains = []
-    for fast in (True, False):
+    # the linear path in C, the linear path in Python, segment by segment in Python
+    for fast, pure_python in ((True, False), (True, True), (False, True)):
         tun = FakeTun()
         try:
+            if pure_python:
+                os.environ[crypto.FASTPATH_ENV] = "1"
             plane = DataPlane(tun.device, ("127.0.0.1", 0))
             plane.add_peer("b", VIP_B, ("127.0.0.1", 9), SessionKeys.derive(SECRET, "a", "b"))
+            assert (plane._peers["b"].send.fast is None) == (pure_python or crypto.GcmKey is None)
             assert TsoFrame(memoryview(frame), 1368, 20, True).linear
             trains.append(_sealed_trains(plane, frame, fast) + _sealed_trains(plane, frame, fast))  # counters move on
             plane.stop()
         finally:
+            os.environ.pop(crypto.FASTPATH_ENV, None)
             tun.close()
-    assert trains[0] == trains[1] and len(trains[0]) >= 2
+    assert trains[0] == trains[1] == trains[2] and len(trains[0]) >= 2
 
 
 def test_a_train_with_replays_forgeries_and_gaps_delivers_each_authentic_counter_once(pair):

@@ -1,0 +1,109 @@
+"""The C loops (``_fastpath``) against the reference: AES-GCM from ``cryptography`` and the
+pure-Python data plane."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from kairos_plugin_tunvpn import crypto
+from kairos_plugin_tunvpn.crypto import SendState, SessionKeys
+
+fastpath = pytest.importorskip(
+    "kairos_plugin_tunvpn._fastpath", reason="the C fast path is not built (needs a C compiler and libssl-dev)")
+
+KEY = bytes(range(32))
+HEADER = struct.Struct("!BBBBIQ")
+SIZE = 16 + 60 + 16  # wire header, a 60-byte inner packet, tag
+VIP = bytes([10, 1, 0, 2])
+
+
+def inner(source: bytes = VIP, fill: int = 0) -> bytes:
+    return bytes([0x45]) + bytes(11) + source + bytes([10, 1, 0, 1]) + bytes([fill]) * 40
+
+
+def sealed(counter: int, packet: bytes, key: bytes = KEY, key_id: int = 7, epoch: int = 0) -> bytes:
+    header = HEADER.pack(1, epoch, 0, 0, key_id, counter)
+    return header + AESGCM(key).encrypt(header[4:], packet, header)
+
+
+def train(*datagrams: bytes) -> bytearray:
+    return bytearray(b"".join(datagrams))
+
+
+def test_seal_run_writes_what_aesgcm_writes_for_each_segment():
+    key = fastpath.GcmKey(KEY)
+    headers = HEADER.pack(1, 3, 20, 16, 99, 1000) + bytes(range(52))
+    step = (1 << 8 * 52) + 1368  # counter + 1, and (say) a sequence number + 1368 at the end
+    payload = os.urandom(1368 * 5 + 10)
+    slot = len(headers) + 1368 + 16
+    out = bytearray(7 + 5 * slot + 3)
+    key.seal_run(out, 7, slot, 5, headers, step.to_bytes(len(headers), "big"), payload, 10, 1368)
+    current = int.from_bytes(headers, "big")
+    for i in range(5):
+        h = current.to_bytes(len(headers), "big")
+        plain = h[16:] + payload[10 + i * 1368 : 10 + (i + 1) * 1368]
+        expected = h[:16] + AESGCM(KEY).encrypt(h[4:16], plain, h[:16])
+        assert bytes(out[7 + i * slot : 7 + (i + 1) * slot]) == expected
+        current += step
+    assert out[:7] == bytes(7) and out[-3:] == bytes(3)  # nothing written outside the run
+
+
+@pytest.mark.parametrize("args", [
+    (0, 100, 1, b"x" * 15, b"x" * 15, b"p" * 10, 0, 10),  # headers shorter than the wire header
+    (0, 100, 1, b"x" * 20, b"x" * 19, b"p" * 10, 0, 10),  # step of another length
+    (0, 40, 1, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),   # slot too small for headers + data + tag
+    (0, 100, 2, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # payload too short for two segments
+    (950, 100, 1, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # past the end of out
+])
+def test_seal_run_refuses_arguments_out_of_range(args):
+    with pytest.raises(ValueError):
+        fastpath.GcmKey(KEY).seal_run(bytearray(1000), *args)
+
+
+def test_a_key_must_be_32_bytes():
+    with pytest.raises(ValueError):
+        fastpath.GcmKey(b"short")
+
+
+def test_open_run_opens_an_in_order_train_in_place():
+    buf = train(*(sealed(c, inner(fill=c)) for c in (5, 6, 8)))
+    status, last, run = fastpath.GcmKey(KEY).open_run(buf, 3, SIZE, bytes(buf[:8]), 4, VIP)
+    assert status == bytes(3) and last == 8
+    assert int.from_bytes(run, "little") == 0b1101  # counters 8, 6, 5 (bit k = counter 8 - k)
+    for i, c in enumerate((5, 6, 8)):
+        assert bytes(buf[i * SIZE + 16 : i * SIZE + 76]) == inner(fill=c)
+
+
+def test_open_run_marks_forgeries_and_foreign_sources_and_stops_at_replays_and_strangers():
+    forged = bytearray(sealed(2, inner()))
+    forged[30] ^= 1
+    other_key = sealed(4, inner(), key_id=8)  # another peer's key id: not this train's prefix
+    buf = train(sealed(1, inner()), bytes(forged), sealed(3, inner(source=bytes([10, 1, 0, 9]))), other_key,
+                sealed(9, inner()))
+    status, last, run = fastpath.GcmKey(KEY).open_run(buf, 5, SIZE, bytes(buf[:8]), -1, VIP)
+    assert status == bytes([0, 1, 2]) and last == 3 and int.from_bytes(run, "little") == 0b101
+    assert bytes(buf[3 * SIZE :]) == other_key + sealed(9, inner())  # left for the slow path, untouched
+    replayed = train(sealed(3, inner()), sealed(4, inner()))
+    status, last, run = fastpath.GcmKey(KEY).open_run(replayed, 2, SIZE, bytes(replayed[:8]), 3, VIP)
+    assert status == b"" and last == 3 and run == b""
+
+
+def test_open_run_refuses_arguments_out_of_range():
+    key = fastpath.GcmKey(KEY)
+    with pytest.raises(ValueError):
+        key.open_run(bytearray(SIZE), 2, SIZE, bytes(8), -1, VIP)  # two datagrams in one's room
+    with pytest.raises(ValueError):
+        key.open_run(bytearray(SIZE), 1, SIZE, bytes(7), -1, VIP)
+    with pytest.raises(ValueError):
+        key.open_run(bytearray(40), 1, 40, bytes(8), -1, VIP)  # too small to hold a packet
+
+
+def test_the_pure_python_path_can_be_chosen(monkeypatch):
+    keys = SessionKeys.derive(b"s" * 32, "a", "b")
+    assert SendState(keys).fast is not None
+    monkeypatch.setenv(crypto.FASTPATH_ENV, "1")
+    assert SendState(keys).fast is None
