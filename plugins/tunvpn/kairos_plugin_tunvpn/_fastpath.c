@@ -205,6 +205,77 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(append_segments_doc,
+"append_segments(dst, end, limit, src, first, stride, count, length, header_len, segment_size,\n"
+"                mask, expect, seq_at) -> (appended, end, closed, next_seq)\n\n"
+"The TCP coalescer's fast path over a run of packets: packet i is `length` bytes at\n"
+"src[first + i * stride]. While a packet's first `header_len` bytes, masked with `mask`, equal\n"
+"`expect` (whose bytes at `seq_at` are the next sequence number) and its payload fits (at most\n"
+"`segment_size` bytes, `end` + payload <= `limit`), its payload is appended to dst at `end`.\n"
+"A PSH segment (its flag copied to the pending header at dst[10 + 33]) or a short one closes the\n"
+"frame and ends the run; so does the first packet that does not match, which is not consumed.");
+
+static PyObject *append_segments(PyObject *module, PyObject *args) {
+    Py_buffer dst, src, mask, expect;
+    Py_ssize_t end, limit, first, stride, count, length, header_len, segment_size, seq_at;
+    if (!PyArg_ParseTuple(args, "w*nny*nnnnnny*y*n", &dst, &end, &limit, &src, &first, &stride, &count, &length,
+                          &header_len, &segment_size, &mask, &expect, &seq_at))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t size = length - header_len;
+    if (header_len < 40 || header_len > MAX_HEADERS || mask.len != header_len || expect.len != header_len
+        || seq_at < 0 || seq_at + 4 > header_len || count < 0 || first < 0 || stride < length || end < 44
+        || limit > dst.len || (count > 0 && first + (count - 1) * stride + length > src.len)) {
+        PyErr_SetString(PyExc_ValueError, "append_segments: arguments out of range");
+        goto done;
+    }
+    unsigned char want[MAX_HEADERS];
+    memcpy(want, expect.buf, header_len);
+    const unsigned char *m = mask.buf;
+    unsigned char *out = dst.buf;
+    uint32_t next_seq = (uint32_t)want[seq_at] << 24 | (uint32_t)want[seq_at + 1] << 16
+        | (uint32_t)want[seq_at + 2] << 8 | want[seq_at + 3];
+    Py_ssize_t appended = 0;
+    int closed = 0;
+    if (size > 0 && size <= segment_size) {
+        for (Py_ssize_t i = 0; i < count && end + size <= limit; i++) {
+            const unsigned char *packet = (const unsigned char *)src.buf + first + i * stride;
+            Py_ssize_t k = 0;
+            while (k < header_len && (packet[k] & m[k]) == want[k]) k++;
+            if (k < header_len) break;
+            memcpy(out + end, packet + header_len, size);
+            end += size;
+            appended++;
+            if (packet[33] & 0x08) { /* PSH: the frame ends here, carrying the flag */
+                out[10 + 33] |= 0x08;
+                closed = 1;
+                break;
+            }
+            if (size < segment_size) {
+                closed = 1;
+                break;
+            }
+            next_seq += (uint32_t)size;
+            want[seq_at] = (unsigned char)(next_seq >> 24);
+            want[seq_at + 1] = (unsigned char)(next_seq >> 16);
+            want[seq_at + 2] = (unsigned char)(next_seq >> 8);
+            want[seq_at + 3] = (unsigned char)next_seq;
+        }
+    }
+    result = Py_BuildValue("(nniI)", appended, end, closed, (unsigned int)next_seq);
+done:
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&mask);
+    PyBuffer_Release(&expect);
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"append_segments", append_segments, METH_VARARGS, append_segments_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef GcmKey_methods[] = {
     {"seal_run", (PyCFunction)GcmKey_seal_run, METH_VARARGS, seal_run_doc},
     {"open_run", (PyCFunction)GcmKey_open_run, METH_VARARGS, open_run_doc},
@@ -225,7 +296,7 @@ static PyTypeObject GcmKeyType = {
 
 static struct PyModuleDef fastpath_module = {
     PyModuleDef_HEAD_INIT, "_fastpath",
-    "Runs of datagrams sealed and opened in C (see dataplane.py for the wire format).", -1, NULL,
+    "Runs of datagrams sealed and opened in C (see dataplane.py for the wire format).", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void) {

@@ -827,7 +827,19 @@ class DataPlane:
             if fast_views is None or len(fast_views) < full:
                 fast_views = open_views[-size] = [
                     view[at + HEADER_BYTES - base : at + HEADER_BYTES + length] for at in range(0, len(view) - size + 1, size)]
-            for index, code in enumerate(status):
+            append_run = coalescer.append_run
+            index, handled = 0, len(status)
+            while index < handled:
+                code = status[index]
+                if code == 0:
+                    # the segments that continue the pending TCP frame are appended by C too
+                    zeros = handled - index - len(status[index:].lstrip(b"\0"))
+                    taken = append_run(view, index * size + HEADER_BYTES, size, zeros, length, csum_start, csum_offset)
+                    if taken:
+                        delivered += taken
+                        delivered_bytes += taken * length
+                        index += taken
+                        continue
                 packet = fast_views[index]
                 if code == 0 or (code == 2 and packet[base] >> 4 == 4
                                  and peer.owns_source(bytes(packet[base + 12 : base + 16]))):
@@ -838,7 +850,8 @@ class DataPlane:
                     counters.drop_bad_tag += 1
                 else:
                     counters.drop_spoofed_source += 1
-            slots = slots[len(status):]
+                index += 1
+            slots = slots[handled:]
         for datagram, nonce, sealed, header, inner, length in slots:
             head, counter = unpack_words(header)
             if head != prefix or (

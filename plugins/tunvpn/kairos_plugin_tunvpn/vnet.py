@@ -17,8 +17,14 @@ writes them to its TUN with ``NEEDS_CSUM`` again, so no payload byte is ever sum
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable
+
+try:  # the coalescer's fast path in C, when built (see _fastpath.c)
+    from ._fastpath import append_segments as _append_segments
+except ImportError:  # pragma: no cover - depends on the build
+    _append_segments = None
 
 VNET_HDR = struct.Struct("<BBHHHH")
 VNET_HDR_LEN = VNET_HDR.size
@@ -274,6 +280,37 @@ class TcpCoalescer:
         self._expect = -1
         self.frames = 0  # TUN writes issued
         self.merged = 0  # packets that went out inside a multi-packet frame
+        pure_python = os.environ.get("KAIROS_TUNVPN_PURE_PYTHON", "") not in ("", "0")
+        self._append_segments = None if pure_python else _append_segments
+        self._mask_bytes = b""
+
+    def append_run(self, src: memoryview, first: int, stride: int, count: int, length: int,
+                   csum_start: int, csum_offset: int) -> int:
+        """Append in C what :meth:`push`'s fast path would, from ``count`` packets of ``length``
+        bytes at ``src[first + i * stride]``; returns how many it took (0 without the C module).
+
+        Stops at the first packet the pending frame cannot take: the caller pushes that one.
+        """
+        expect = self._expect
+        if (self._append_segments is None or not self._end or expect < 0 or csum_start != 20
+                or csum_offset != TCP_CSUM_OFFSET):
+            return 0
+        header_len = self._header_len
+        if len(self._mask_bytes) != header_len:
+            self._mask_bytes = self._mask.to_bytes(header_len, "big")
+        taken, end, closed, next_seq = self._append_segments(
+            self._buf, self._end, MAX_COALESCED + VNET_HDR_LEN, src, first, stride, count, length, header_len,
+            self._segment_size, self._mask_bytes, expect.to_bytes(header_len, "big"), 24)
+        if taken:
+            self._end = end
+            self._count += taken
+            if closed:
+                self._closed = True
+                self._expect = -1
+            else:
+                self._next_seq = next_seq
+                self._expect = self._expect_base | next_seq << self._seq_shift
+        return taken
 
     def push(self, buf: bytearray, length: int, csum_start: int, csum_offset: int) -> None:
         """Add the packet at ``buf[VNET_HDR_LEN : VNET_HDR_LEN + length]``."""
@@ -363,6 +400,7 @@ class TcpCoalescer:
         bits = 8 * header_len
         if self._mask_bits != bits:
             self._mask_bits = bits
+            self._mask_bytes = b""
             self._mask = ((1 << bits) - 1) ^ sum(
                 ((1 << 8 * width) - 1) << (bits - 8 * (at + width)) for at, width in _MERGE_VARIES
             ) ^ TCP_PSH << (bits - 8 * 34)

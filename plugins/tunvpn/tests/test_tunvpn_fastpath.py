@@ -8,9 +8,13 @@ import struct
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kairos_plugin_tunvpn import crypto
 from kairos_plugin_tunvpn.crypto import SendState, SessionKeys
+from kairos_plugin_tunvpn.vnet import VNET_HDR_LEN, TcpCoalescer
+from tunvpn_packets import ipv4_tcp
 
 fastpath = pytest.importorskip(
     "kairos_plugin_tunvpn._fastpath", reason="the C fast path is not built (needs a C compiler and libssl-dev)")
@@ -19,6 +23,7 @@ KEY = bytes(range(32))
 HEADER = struct.Struct("!BBBBIQ")
 SIZE = 16 + 60 + 16  # wire header, a 60-byte inner packet, tag
 VIP = bytes([10, 1, 0, 2])
+PSH, ACK = 0x08, 0x10
 
 
 def inner(source: bytes = VIP, fill: int = 0) -> bytes:
@@ -107,3 +112,72 @@ def test_the_pure_python_path_can_be_chosen(monkeypatch):
     assert SendState(keys).fast is not None
     monkeypatch.setenv(crypto.FASTPATH_ENV, "1")
     assert SendState(keys).fast is None
+
+
+# ----- the coalescer's run in C against its Python fast path ------------------------------------
+
+SEGMENT = 700
+TIMESTAMPS = b"\x01\x01\x08\x0a" + struct.pack("!II", 12345, 678)
+
+
+class Frames(list):
+    def __call__(self, frame) -> None:
+        self.append(bytes(frame))
+
+
+def coalesce(packets: list[bytes], with_runs: bool, taken_by_runs: list[int] | None = None) -> list[bytes]:
+    """Feed equal-length packets laid out `stride` apart, as the data plane does after open_run."""
+    length = len(packets[0])
+    stride = length + 32
+    src = bytearray(stride * len(packets))
+    for i, packet in enumerate(packets):
+        src[i * stride + 16 : i * stride + 16 + length] = packet
+    view = memoryview(src)
+    frames = Frames()
+    coalescer = TcpCoalescer(frames)
+    if not with_runs:
+        coalescer._append_segments = None  # push() alone: the Python fast path
+    index = 0
+    while index < len(packets):
+        taken = coalescer.append_run(view, index * stride + 16, stride, len(packets) - index, length, 20, 16)
+        if taken:
+            index += taken
+            if taken_by_runs is not None:
+                taken_by_runs.append(taken)
+            continue
+        coalescer.push(view[index * stride + 16 - VNET_HDR_LEN :], length, 20, 16)
+        index += 1
+    coalescer.flush()
+    return frames
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    segments=st.integers(min_value=2, max_value=80),
+    dropped=st.sets(st.integers(min_value=0, max_value=79), max_size=4),
+    swapped=st.sets(st.integers(min_value=0, max_value=78), max_size=2),
+    push_at=st.sets(st.integers(min_value=0, max_value=79), max_size=2),
+    other_flow_at=st.sets(st.integers(min_value=0, max_value=79), max_size=3),
+)
+def test_runs_appended_in_c_give_the_frames_push_gives(segments, dropped, swapped, push_at, other_flow_at):
+    packets = []
+    for i in range(segments):
+        flags = ACK | PSH if i in push_at else ACK
+        packets.append(bytes(ipv4_tcp(bytes([i % 251]) * SEGMENT, seq=1000 + i * SEGMENT, flags=flags, ip_id=i,
+                                      options=TIMESTAMPS)))
+        if i in other_flow_at:
+            packets.append(bytes(ipv4_tcp(b"o" * SEGMENT, seq=7, flags=ACK, options=TIMESTAMPS, src=bytes([10, 9, 9, 9]))))
+    packets = [p for i, p in enumerate(packets) if i not in dropped] or packets[:1]
+    for i in sorted(swapped):
+        if i + 1 < len(packets):
+            packets[i], packets[i + 1] = packets[i + 1], packets[i]
+    assert coalesce(packets, with_runs=True) == coalesce(packets, with_runs=False)
+
+
+def test_a_run_stops_where_a_frame_would_outgrow_its_limit():
+    packets = [bytes(ipv4_tcp(b"x" * 1368, seq=i * 1368, flags=ACK, options=TIMESTAMPS)) for i in range(60)]
+    runs: list[int] = []
+    frames = coalesce(packets, with_runs=True, taken_by_runs=runs)
+    assert frames == coalesce(packets, with_runs=False) and len(frames) == 2
+    assert sum(runs) == 58  # all but the first packet of each frame, which push() starts
+    assert sum(len(f) - VNET_HDR_LEN - 52 for f in frames) == 60 * 1368
