@@ -3,8 +3,8 @@
 Run as root: ``.venv/bin/python bench/vpn.py [--seconds 5] [--no-peers]``. Prints one JSON document:
 
 - ``steps``: iperf3 TCP A→B through our forwarder (1 and 4 streams) for each build-up step
-  (per-packet I/O → TUN offloads + TSO split + UDP GSO/GRO → + receive coalescing), with the CPU
-  share each forwarder process used;
+  in pure Python (per-packet I/O → TUN offloads + TSO split + UDP GSO/GRO → + receive coalescing),
+  then the full design with the C fast path, with the CPU share each forwarder process used;
 - ``loss_1pct``: the full design with 1% of the datagrams dropped by nft on the receiver's input;
 - ``rtt_ms``: ping p50/p99 over the raw veth and through the VPN, and what the VPN adds, with
   one ping per 10 ms (forwarders idle in between) and per 1 ms (a busy link); and the same through
@@ -32,10 +32,13 @@ import time
 from kairos_plugin_tunvpn.testing import PORT, NamespacePair, netns_missing
 
 PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench", "vpn-peers.sh")
-STEPS = {
-    "per_packet": {"offload": False, "udp_gso": False, "udp_gro": False, "coalesce": False},
-    "offload_split_gso_gro": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": False},
-    "offload_split_gso_gro_coalesce": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True},
+STEPS = {  # the build-up in pure Python, then the same full design with the C fast path
+    "per_packet": {"offload": False, "udp_gso": False, "udp_gro": False, "coalesce": False, "pure_python": True},
+    "offload_split_gso_gro": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": False,
+                              "pure_python": True},
+    "offload_split_gso_gro_coalesce": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True,
+                                       "pure_python": True},
+    "full_design_c_fastpath": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True},
 }
 TICKS = os.sysconf("SC_CLK_TCK")
 

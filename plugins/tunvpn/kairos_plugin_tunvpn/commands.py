@@ -95,6 +95,8 @@ def vpn_status(context: Any, socket_path: str | None, as_json: bool) -> None:
     if c:
         click.echo(f"packets:  tx {c.get('tx_packets', 0)}  rx {c.get('rx_packets', 0)}  "
                    f"via stream out {c.get('fallback_datagrams_sent', 0)} in {c.get('fallback_datagrams_delivered', 0)}")
+        if "fastpath" in c:
+            click.echo("sealing:  " + ("in C (_fastpath)" if c["fastpath"] else "pure Python (C fast path not built or off)"))
         dropped = {k: v for k, v in c.items() if v and k.startswith("drop_")}
         for name, value in sorted(dropped.items()):
             click.echo(f"dropped:  {name} {value}")

@@ -122,10 +122,21 @@ class VPNLab:
         """Start a command in node ``index``'s namespace (killed when the lab closes)."""
         return self.lab.popen(index, list(argv), **kwargs)
 
+    def explain(self, *indexes: int) -> str:
+        """What nodes ``indexes`` report (VPN status, recent log): for a failing assertion."""
+        parts = []
+        for index in indexes:
+            try:
+                status = json.dumps(self.vpn_status(index), indent=1)
+            except Exception as error:  # the explanation must not hide the failure
+                status = f"(no status: {error})"
+            parts.append(f"--- node {index} vpn status\n{status}\n--- node {index} log\n{self.node(index).log[-3000:]}")
+        return "\n".join(parts)
+
     def ping(self, index: int, vip: str, count: int = 1) -> bool:
         """True if ``count`` pings from node ``index`` to ``vip`` were all answered."""
         result = self.run(index, "ping", "-c", str(count), "-i", "0.2", "-W", "2", vip, timeout=count * 3 + 10)
-        return result.returncode == 0
+        return result.returncode == 0 and " 0% packet loss" in result.stdout  # ping exits 0 on any answer
 
     def block_udp(self, index: int) -> None:
         """Drop every UDP datagram in and out of node ``index``'s underlay, except mDNS."""

@@ -92,6 +92,8 @@ def test_packets_cross_both_ways(pair):
     tun_b.inject(pong)
     assert tun_a.receive()[1] == pong
     assert plane_a.counters["tx_packets"] == 1 and plane_b.counters["rx_packets"] == 1
+    # the status says which path runs: the C loops, or pure Python
+    assert plane_a.counters["fastpath"] == int(plane_a._peers["b"].send.fast is not None)
 
 
 def test_a_tso_frame_is_sent_as_packets_and_arrives_coalesced(pair):
