@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-
 from kairos_core.election import LEADER_BUCKET, Election, LeasePolicy, candidate_rank, lease_key, parse_lease
 from kairos_core.identity import Identity
 from kairos_core.ledger import Ledger, LedgerStore, PolicyRegistry
