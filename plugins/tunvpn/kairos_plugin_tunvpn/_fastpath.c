@@ -18,6 +18,9 @@
 #define NONCE_AT 4     /* the nonce is the header's last 12 bytes */
 #define TAG 16
 #define MAX_HEADERS 256
+/* bounds that keep every offset product far from overflow (a GSO train has at most 128 datagrams) */
+#define MAX_RUN 4096
+#define MAX_SLOT (1 << 20)
 
 typedef struct {
     PyObject_HEAD
@@ -99,7 +102,8 @@ static PyObject *GcmKey_seal_run(GcmKey *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t h = headers.len;
     unsigned char current[MAX_HEADERS];
-    if (h < WIRE_HEADER || h > MAX_HEADERS || step.len != h || count < 0 || gso_size <= 0 || offset < 0
+    if (h < WIRE_HEADER || h > MAX_HEADERS || step.len != h || count < 0 || count > MAX_RUN || gso_size <= 0
+        || slot > MAX_SLOT || offset < 0
         || payload_offset < 0 || slot < h + gso_size + TAG
         || offset + count * slot > out.len || payload_offset + count * gso_size > payload.len) {
         PyErr_SetString(PyExc_ValueError, "seal_run: arguments out of range");
@@ -145,7 +149,8 @@ static PyObject *GcmKey_open_run(GcmKey *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "w*nny*Ly*", &buf, &count, &size, &prefix, &highest_arg, &vip)) return NULL;
     PyObject *result = NULL, *status = NULL, *bits = NULL;
     uint64_t *accepted = NULL;
-    if (prefix.len != 8 || vip.len != 4 || size < WIRE_HEADER + TAG + 20 || count < 0 || count * size > buf.len) {
+    if (prefix.len != 8 || vip.len != 4 || size < WIRE_HEADER + TAG + 20 || size > MAX_SLOT || count < 0
+        || count > MAX_RUN || count * size > buf.len) {
         PyErr_SetString(PyExc_ValueError, "open_run: arguments out of range");
         goto done;
     }
@@ -224,7 +229,8 @@ static PyObject *append_segments(PyObject *module, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t size = length - header_len;
     if (header_len < 40 || header_len > MAX_HEADERS || mask.len != header_len || expect.len != header_len
-        || seq_at < 0 || seq_at + 4 > header_len || count < 0 || first < 0 || stride < length || end < 44
+        || seq_at < 0 || seq_at + 4 > header_len || count < 0 || count > MAX_RUN || first < 0 || stride < length
+        || stride > MAX_SLOT || end < 44
         || limit > dst.len || (count > 0 && first + (count - 1) * stride + length > src.len)) {
         PyErr_SetString(PyExc_ValueError, "append_segments: arguments out of range");
         goto done;

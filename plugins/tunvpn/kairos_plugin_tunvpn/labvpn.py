@@ -100,12 +100,16 @@ class VPNLab:
 
     def vpn_status(self, index: int) -> dict[str, Any]:
         """What ``kairos vpn status --json`` prints on node ``index``."""
+        return json.loads(self.vpn_status_text(index, "--json"))
+
+    def vpn_status_text(self, index: int, *options: str) -> str:
+        """What ``kairos vpn status`` prints on node ``index`` (for people, unless ``--json``)."""
         socket = str(self.node(index).root / "api.sock")
-        result = subprocess.run([sys.executable, "-m", "kairos_core", "vpn", "status", "--json", "--socket", socket],
+        result = subprocess.run([sys.executable, "-m", "kairos_core", "vpn", "status", *options, "--socket", socket],
                                 capture_output=True, text=True, timeout=30)
         if result.returncode:
             raise RuntimeError(f"kairos vpn status failed: {result.stderr}")
-        return json.loads(result.stdout)
+        return result.stdout
 
     def wait(self, condition, timeout: float, what: str) -> None:
         """Wait until ``condition()``; on timeout raise with the nodes' recent logs."""

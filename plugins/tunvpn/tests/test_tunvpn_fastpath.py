@@ -181,3 +181,14 @@ def test_a_run_stops_where_a_frame_would_outgrow_its_limit():
     assert frames == coalesce(packets, with_runs=False) and len(frames) == 2
     assert sum(runs) == 58  # all but the first packet of each frame, which push() starts
     assert sum(len(f) - VNET_HDR_LEN - 52 for f in frames) == 60 * 1368
+
+
+def test_runs_too_long_to_be_real_are_refused_before_any_arithmetic_on_them():
+    key = fastpath.GcmKey(KEY)
+    with pytest.raises(ValueError):
+        key.seal_run(bytearray(100), 0, 2**40, 2**30, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10)
+    with pytest.raises(ValueError):
+        key.open_run(bytearray(SIZE), 2**62, SIZE, bytes(8), -1, VIP)
+    with pytest.raises(ValueError):
+        fastpath.append_segments(bytearray(100), 60, 100, b"p" * 100, 0, 2**40, 2**30, 52, 52, 1368,
+                                 bytes(52), bytes(52), 24)

@@ -48,6 +48,11 @@ def test_three_nodes_ping_each_others_vip(vpnlab):
     assert {row["vip"] for row in status["peers"]} == {vips[2], vips[3]}
     assert all(row["path"] == "udp" for row in status["peers"])
     assert status["counters"]["rx_packets"] > 0 and status["counters"]["drop_bad_tag"] == 0
+    text = vpnlab.vpn_status_text(1)  # the same for people
+    assert text.startswith(f"vip:      {vips[1]}  udp port ")
+    assert all(f" {vips[i]} " in text for i in (2, 3)) and text.count(" udp ") >= 2
+    fast = "in C (_fastpath)" if status["counters"]["fastpath"] else "pure Python"
+    assert f"sealing:  {fast}" in text
 
 
 def test_ssh_to_a_peer_vip(vpnlab, tmp_path):
