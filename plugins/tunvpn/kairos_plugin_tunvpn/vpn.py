@@ -408,10 +408,17 @@ class VPN:
         members = self.node.members()
         admitted = self.node.host.admitted_peers() if self.node.host else set()
         wanted = {p for p in vips if p in members and p in admitted}
-        # peers that are gone: their session goes
+        # peers that are gone: their session goes. Membership alone may flap (a libp2p connection
+        # that drops and comes back): a peer that left it but still sends authentic datagrams keeps
+        # its session until it falls silent for udp_timeout.
+        now = time.monotonic()
         for peer_id in list(self.links):
-            if peer_id not in members or peer_id not in claims:
-                self._drop_session(peer_id, "left")
+            if peer_id not in claims:
+                self._drop_session(peer_id, "its claim lapsed")
+            elif peer_id not in members:
+                heard = plane.last_heard(peer_id)
+                if heard is None or now - heard >= self.settings.udp_timeout:
+                    self._drop_session(peer_id, "left")
         for peer_id in wanted:
             link = self.links.get(peer_id)
             if link is None:

@@ -111,6 +111,20 @@ async def test_a_departed_peer_loses_its_session(network, fakes):
     assert not a.plane.has_peer(nodes[1].peer_id)
 
 
+async def test_a_membership_flap_keeps_a_session_that_still_carries_packets(network, fakes, monkeypatch):
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = await start_nodes(network, 2, plugin, vpn_config())
+    a, peer = plugin.vpn_of(nodes[0]), nodes[1].peer_id
+    await network.wait_for(lambda: peer in a.links and a.plane.last_heard(peer) is not None, timeout=20)
+    members = nodes[0].members
+    monkeypatch.setattr(nodes[0], "members", lambda: {p: m for p, m in members().items() if p != peer})
+    await asyncio.sleep(3.0)  # three udp_timeouts of vpn_config(): keepalives keep arriving
+    assert peer in a.links and a.plane.has_peer(peer)
+    await nodes[1].stop()  # now it falls silent too: the session goes
+    await network.wait_for(lambda: peer not in a.links, timeout=15)
+    assert not a.plane.has_peer(peer)
+
+
 async def test_static_address_is_used(network, fakes):
     plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
     node = await network.add_node(plugins=[plugin], overrides=vpn_config(address="10.1.0.77/24"))
