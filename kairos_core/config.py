@@ -248,6 +248,8 @@ def resolve_config(
         merged[section] = _merge(section_defaults, data.get(section), section, problems)
     if not problems:
         problems.extend(_range_problems(merged))
+    if not problems:
+        problems.extend(_plugin_problems(manager, merged))
     if check_token and not problems and merged["p2p"]["network_token"]:
         try:
             parse_token(str(merged["p2p"]["network_token"]))
@@ -258,6 +260,20 @@ def resolve_config(
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{origin}: {len(problems)} {noun}: " + "; ".join(problems), problems)
     return Config(merged, path)
+
+
+def _plugin_problems(manager: KairosPluginManager, merged: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What plugins find wrong with their sections (``kairos_config_problems``), each line once."""
+    problems: list[str] = []
+    for impl in reversed(manager.pm.hook.kairos_config_problems.get_hookimpls()):
+        arguments = {"config": copy.deepcopy(dict(merged))}
+        try:
+            found = impl.function(**{name: arguments[name] for name in impl.argnames})
+            lines = [str(line) for line in found or ()]
+        except Exception as exc:  # name the plugin: its check is broken, not the user's file
+            lines = [f"plugin {impl.plugin_name} could not check its config: {exc}"]
+        problems.extend(line for line in lines if line not in problems)
+    return problems
 
 
 # Core options whose type is not enough: (section, option, lowest, highest or None).

@@ -10,7 +10,7 @@ for), so specs grow by adding parameters, never by reordering or removing them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -59,6 +59,22 @@ def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]] | None:
     read from there too.
 
     :return: section name → defaults, or None for no section. Two plugins may not claim one name.
+    """
+
+
+@hookspec
+def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> Iterable[str] | None:
+    """Report what is wrong with the values of a plugin's sections, beyond their types.
+
+    Called whenever a config is loaded or checked (``kairos config check``, ``kairos run``), after
+    every section was merged over its defaults and passed the type checks. Check what a type cannot
+    say — a range, a CIDR that parses, an address inside it — and return one line per problem,
+    starting with the option's path: ``"vpn.cidr: needs at least 4 addresses"``. The lines are
+    reported with the core's problems and the config is refused, so a user learns of a typo from
+    ``kairos config check`` rather than from a feature that silently stays off. No side effects.
+
+    :param config: the merged config, section name → options (a copy: changes are ignored).
+    :return: problem lines, or None (or nothing) when the plugin's sections are fine.
     """
 
 

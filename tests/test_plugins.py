@@ -32,7 +32,7 @@ HOOK_NAMES = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.is
 def test_hookspecs_are_the_designed_set():
     assert set(HOOK_NAMES) >= {
         "on_peer", "on_ledger_update", "on_leader_elected", "kairos_startup", "kairos_shutdown",
-        "kairos_config_defaults", "kairos_cli_commands", "kairos_add_hookspecs",
+        "kairos_config_defaults", "kairos_config_problems", "kairos_cli_commands", "kairos_add_hookspecs",
     }
 
 
@@ -187,6 +187,38 @@ def test_hook_kairos_config_defaults(manager):
     defaults = collect_defaults(manager)
     assert defaults["mine"] == {"speed": 3}
     assert "p2p" in defaults  # the core declares its own through the same hook
+
+
+def test_hook_kairos_config_problems(manager):
+    from kairos_core.config import resolve_config
+    from kairos_core.errors import ConfigError
+
+    class Checks:
+        @hookimpl
+        def kairos_config_defaults(self):
+            return {"mine": {"low": 1, "high": 5}}
+
+        @hookimpl
+        def kairos_config_problems(self, config):
+            mine = config["mine"]
+            problems = [] if mine["low"] <= mine["high"] else [f"mine.low: above mine.high ({mine['high']})"]
+            mine["low"] = 99  # a copy: the config being resolved is not touched
+            return problems
+
+    class Broken:
+        @hookimpl
+        def kairos_config_problems(self):
+            raise RuntimeError("no idea")
+
+    manager.register(Checks(), name="checks")
+    assert resolve_config({"mine": {"low": 2}}, manager, env={}, check_token=False)["mine"] == {"low": 2, "high": 5}
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"mine": {"low": 7}}, manager, env={}, check_token=False)
+    assert info.value.problems == ["mine.low: above mine.high (5)"]
+    manager.register(Broken(), name="broken")
+    with pytest.raises(ConfigError) as info:
+        resolve_config({}, manager, env={}, check_token=False)
+    assert info.value.problems == ["plugin broken could not check its config: no idea"]
 
 
 async def test_hook_on_peer(manager):

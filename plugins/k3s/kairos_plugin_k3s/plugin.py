@@ -12,7 +12,8 @@ from kairos_core.plugins import hookimpl
 from . import hookspecs
 from .addresses import VPN_BUCKET
 from .member import ClusterMember
-from .settings import CONFIG_DEFAULTS, K3sSettings
+from .runners import RUNNERS
+from .settings import AUTO_SECTION, CONFIG_DEFAULTS, K3S_SECTION, K3sSettings
 
 if TYPE_CHECKING:
     import click
@@ -47,6 +48,22 @@ class K3sPlugin:
     def kairos_config_defaults(self) -> Mapping[str, Mapping[str, Any]]:
         """Sections ``k3s``, ``k3s-agent`` and ``auto``."""
         return CONFIG_DEFAULTS
+
+    @hookimpl
+    def kairos_config_problems(self, config: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """Values of the ``k3s`` and ``auto`` sections that their types let through."""
+        k3s = config[K3S_SECTION]
+        problems = []
+        if k3s["runner"] not in RUNNERS:
+            problems.append(f"k3s.runner: {k3s['runner']!r} is not one of {', '.join(RUNNERS)}")
+        if not 1 <= k3s["api_port"] <= 65535:
+            problems.append(f"k3s.api_port: must be between 1 and 65535, not {k3s['api_port']}")
+        if k3s["reconcile_interval"] <= 0:
+            problems.append(f"k3s.reconcile_interval: must be above 0, not {k3s['reconcile_interval']}")
+        ha = config[AUTO_SECTION].get("ha") or {}
+        if isinstance(ha.get("master_nodes", 3), int) and ha.get("master_nodes", 3) < 1:
+            problems.append(f"auto.ha.master_nodes: must be at least 1, not {ha['master_nodes']}")
+        return problems
 
     @hookimpl
     def kairos_cli_commands(self, cli: click.Group) -> None:

@@ -346,6 +346,9 @@ def openrc_is_init() -> bool:
     return Path("/run/openrc").is_dir() or Path("/sbin/openrc-run").exists()
 
 
+RUNNERS = ("auto", "systemd", "openrc", "process")
+
+
 def make_runner(kind: str, paths: K3sPaths, *, systemctl: str = "systemctl", rc_service: str = "rc-service",
                 rc_update: str = "rc-update") -> ServiceRunner:
     """The runner named by ``k3s.runner`` (``auto`` picks systemd, then OpenRC, then a process)."""

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kairos_core.plugins import hookimpl
+from kairos_core.config import resolve_config
+from kairos_core.errors import ConfigError
+from kairos_core.plugins import hookimpl, make_plugin_manager
 from kairos_plugin_k3s import K3sPlugin, hookspecs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -127,3 +129,16 @@ async def test_a_failing_extension_does_not_stop_k3s(kairos_network, k3s_kit):
     await net.wait_for(lambda: plugin.member(node).launch is not None and k3s_kit.calls("solo"), timeout=30)
     assert k3s_kit.calls("solo")[-1]["argv"][1:] == ["server"]
     assert plugin.member(node).counters["bad_hook_results"] >= 1
+
+
+def test_config_values_their_types_let_through_are_refused():
+    manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
+    assert resolve_config({"k3s": {"runner": "process"}}, manager, env={}, check_token=False)["k3s"]["runner"] == "process"
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"k3s": {"runner": "sytemd", "api_port": 70000}, "auto": {"ha": {"master_nodes": 0}}},
+                       manager, env={}, check_token=False)
+    assert info.value.problems == [
+        "k3s.runner: 'sytemd' is not one of auto, systemd, openrc, process",
+        "k3s.api_port: must be between 1 and 65535, not 70000",
+        "auto.ha.master_nodes: must be at least 1, not 0",
+    ]

@@ -8,6 +8,7 @@ the kube-vip manifest before k3s starts.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import urllib.request
 from pathlib import Path
@@ -89,6 +90,22 @@ class KubeVipPlugin:
     def kairos_config_defaults(self) -> Mapping[str, Mapping[str, Any]]:
         """Section ``kubevip``."""
         return CONFIG_DEFAULTS
+
+    @hookimpl
+    def kairos_config_problems(self, config: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """An EIP that is not an IP address, or a manifest URL of a scheme the plugin cannot fetch."""
+        section = config[SECTION]
+        problems = []
+        eip = str(section["eip"] or "")
+        if eip:
+            try:
+                ipaddress.ip_interface(eip)
+            except ValueError:
+                problems.append(f"kubevip.eip: {eip!r} is not an IP address")
+        url = str(section["manifest_url"] or "")
+        if url and not url.startswith(("https://", "http://", "file://")):
+            problems.append(f"kubevip.manifest_url: only https://, http:// and file:// URLs are supported, not {url!r}")
+        return problems
 
     @hookimpl(optionalhook=True)
     def k3s_tls_sans(self, node: Node) -> list[str]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
+from kairos_core.config import resolve_config
+from kairos_core.errors import ConfigError
+from kairos_core.plugins import make_plugin_manager
 from kairos_plugin_kubevip.manifest import KubeVipSpec, daemonset, rbac, render, static_pod
-from kairos_plugin_kubevip.plugin import default_route_interface
+from kairos_plugin_kubevip.plugin import KubeVipPlugin, default_route_interface
 
 SPEC = KubeVipSpec(eip="192.168.1.200", interface="eth1")
 
@@ -57,3 +61,14 @@ def test_default_route_interface(tmp_path):
     table.write_text("Iface\tDestination\tGateway\nwlan0\t0001A8C0\t00000000\nenp3s0\t00000000\t0101A8C0\n")
     assert default_route_interface(table) == "enp3s0"
     assert default_route_interface(tmp_path / "missing") == "eth0"
+
+
+def test_config_values_their_types_let_through_are_refused():
+    manager = make_plugin_manager(autoload=False, extra_plugins=[KubeVipPlugin()])
+    assert resolve_config({"kubevip": {"eip": "192.168.1.10/24"}}, manager, env={}, check_token=False)
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"kubevip": {"eip": "10.0.0.300", "manifest_url": "ftp://x"}}, manager, env={}, check_token=False)
+    assert info.value.problems == [
+        "kubevip.eip: '10.0.0.300' is not an IP address",
+        "kubevip.manifest_url: only https://, http:// and file:// URLs are supported, not 'ftp://x'",
+    ]

@@ -35,6 +35,15 @@ class TunVPNPlugin:
         return {"vpn": dict(DEFAULTS)}
 
     @hookimpl
+    def kairos_config_problems(self, config: Any) -> list[str]:
+        """What is wrong with the ``vpn`` section (a CIDR that does not parse, an address outside it…)."""
+        try:
+            VPNSettings.from_config(config["vpn"])
+        except VPNConfigError as exc:
+            return [str(exc)]
+        return []
+
+    @hookimpl
     async def kairos_startup(self, node: Any) -> None:
         """Claim a VIP, create the TUN device and start the data plane.
 
@@ -83,6 +92,7 @@ class TunVPNPlugin:
 
 default_plugin = TunVPNPlugin()
 kairos_config_defaults = default_plugin.kairos_config_defaults
+kairos_config_problems = default_plugin.kairos_config_problems
 kairos_startup = default_plugin.kairos_startup
 kairos_shutdown = default_plugin.kairos_shutdown
 on_peer = default_plugin.on_peer

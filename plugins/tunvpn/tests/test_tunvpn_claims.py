@@ -8,11 +8,13 @@ claim TTL of a few seconds.
 from __future__ import annotations
 
 import ipaddress
-import logging
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
+from kairos_core.errors import ConfigError
 from kairos_core.ledger.clock import HybridLogicalClock, wall_clock_ms
 from kairos_plugin_tunvpn.addressing import (
     Claim, choose_address, decode_claim, holders, parse_claim, read_claims, vip_map,
@@ -198,12 +200,19 @@ def test_claim_ttl_out_of_range_is_refused(ttl):
         VPNSettings.from_config({**DEFAULTS, "claim_ttl": ttl})
 
 
-async def test_a_bad_claim_ttl_disables_the_vpn_only(network, caplog):
-    plugin = TunVPNPlugin()
-    with caplog.at_level(logging.ERROR):
-        node = await network.add_node(plugins=[plugin], overrides={"vpn": {"claim_ttl": 1}})
-    assert plugin.vpn_of(node) is None
-    assert any(r.getMessage().startswith("vpn disabled: vpn.claim_ttl: must be between") for r in caplog.records)
+async def test_a_bad_claim_ttl_is_refused_with_the_config(network):
+    with pytest.raises(ConfigError) as info:
+        await network.add_node(plugins=[TunVPNPlugin()], overrides={"vpn": {"claim_ttl": 1}})
+    assert info.value.problems == ["vpn.claim_ttl: must be between 2 and 2592000 seconds (30 days), got 1.0"]
+
+
+def test_config_check_names_what_is_wrong_with_the_vpn_section(tmp_path):
+    config = tmp_path / "kairos.yaml"
+    config.write_text("vpn:\n  cidr: 10.1.0.0/24\n  address: 10.2.0.5/24\n")
+    result = subprocess.run([sys.executable, "-m", "kairos_core", "config", "check", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"{config}: vpn.address: 10.2.0.5 is not a host address of vpn.cidr 10.1.0.0/24"
 
 
 # ----- nodes ----------------------------------------------------------------------------------------

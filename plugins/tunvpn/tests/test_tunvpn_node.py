@@ -7,6 +7,9 @@ import asyncio
 import ipaddress
 import logging
 
+import pytest
+
+from kairos_core.errors import ConfigError
 from kairos_core.testing import LocalNetwork
 from kairos_plugin_tunvpn import tun as tun_module
 from kairos_plugin_tunvpn.addressing import holders, read_claims
@@ -145,9 +148,9 @@ async def test_without_a_tun_device_the_node_runs_on_with_one_error(network, mon
     assert node.ledger.get("vpn", node.peer_id) is None  # no VIP claimed without a device
 
 
-async def test_a_bad_vpn_section_disables_the_vpn_only(network, caplog):
-    plugin = TunVPNPlugin()
-    with caplog.at_level(logging.ERROR):
-        node = await network.add_node(plugins=[plugin], overrides={"vpn": {"address": "192.168.9.9/24"}})
-    assert plugin.vpn_of(node) is None
-    assert any("is not a host address of vpn.cidr" in r.getMessage() for r in caplog.records)
+async def test_a_bad_vpn_section_is_refused_with_the_config(network):
+    """Found when the config is read (``kairos config check`` shows it too), not by a node that
+    then runs without its VPN."""
+    with pytest.raises(ConfigError) as info:
+        await network.add_node(plugins=[TunVPNPlugin()], overrides={"vpn": {"address": "192.168.9.9/24"}})
+    assert info.value.problems == ["vpn.address: 192.168.9.9 is not a host address of vpn.cidr 10.1.0.0/24"]
