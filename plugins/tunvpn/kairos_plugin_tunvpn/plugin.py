@@ -47,8 +47,9 @@ class TunVPNPlugin:
     async def kairos_startup(self, node: Any) -> None:
         """Claim a VIP, create the TUN device and start the data plane.
 
-        Without /dev/net/tun or CAP_NET_ADMIN (or with a bad ``vpn`` section) one error line is
-        logged and the node runs on without the VPN.
+        Without /dev/net/tun or CAP_NET_ADMIN one error line is logged and the node runs on
+        without the VPN. (A bad ``vpn`` section is refused with the config, by
+        :meth:`kairos_config_problems`; the check here only guards configs built by hand.)
         """
         try:
             settings = VPNSettings.from_config(node.config["vpn"])
