@@ -9,6 +9,8 @@ import socket
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kairos_plugin_tunvpn import crypto
@@ -369,3 +371,31 @@ def test_a_train_with_replays_forgeries_and_gaps_delivers_each_authentic_counter
     assert counters["drop_replay"] == 3 and counters["drop_bad_tag"] == 1 and counters["rx_packets"] == 6
     window = plane_b._peers["a"].receive.current.window
     assert window.highest == 7 and not window.check(6) and window.check(2) and window.bits <= window.mask
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_garbage_trains_under_a_peers_key_id_are_counted_and_never_crash(data):
+    """What reaches the C loops (or their Python twin) from the network: random bytes behind a
+    real key id and epoch, in trains of random datagram sizes with a random tail."""
+    tun = FakeTun()
+    try:
+        plane = DataPlane(tun.device, ("127.0.0.1", 0))
+        keys = SessionKeys.derive(SECRET, "b", "a")
+        plane.add_peer("a", VIP_A, ("127.0.0.1", 9), keys)
+        prefix = WIRE_HEADER.pack(1, 0, 0, 0, keys.receive_key_id, 0)[:8]
+        size = data.draw(st.integers(min_value=1, max_value=1500), label="size")
+        n = data.draw(st.integers(min_value=1, max_value=min(65000, size * 50)), label="n")
+        body = bytearray(data.draw(st.binary(min_size=n, max_size=n), label="body"))
+        for at in range(0, n - 8, size):  # every datagram claims to be the peer's
+            body[at : at + 8] = prefix
+        before = sum(v for k, v in plane.counters.items() if k.startswith("drop_"))
+        with plane._rx_lock:
+            plane._open_train(memoryview(body), n, size, ("127.0.0.1", 9), {})
+            plane._coalescer.flush()
+        counters = plane.counters
+        assert counters["rx_packets"] == 0  # nothing forged gets through
+        assert sum(v for k, v in counters.items() if k.startswith("drop_")) > before
+        plane.stop()
+    finally:
+        tun.close()
