@@ -16,7 +16,8 @@ import json
 import os
 import sys
 
-from .crypto import FASTPATH_ENV, SessionKeys
+from .crypto import SessionKeys
+from .fastpath import FASTPATH_ENV
 from .dataplane import DataPlane
 from .tun import TunDevice, TunUnavailable
 

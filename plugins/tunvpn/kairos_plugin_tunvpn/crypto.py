@@ -15,7 +15,6 @@ each epoch has its own :class:`ReplayWindow`.
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 import time
@@ -25,20 +24,13 @@ from typing import NamedTuple
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kairos_core.keys import derive
 
-try:  # the C loops (built with the plugin when a compiler and libssl-dev are there)
-    from ._fastpath import GcmKey
-except ImportError:  # pragma: no cover - depends on the build
-    GcmKey = None
-
-FASTPATH_ENV = "KAIROS_TUNVPN_PURE_PYTHON"
+from . import fastpath
+from .fastpath import GcmKey
 
 
 def fast_key(key: bytes) -> "GcmKey | None":
-    """The C cipher of ``key``, or None when the plugin runs on its pure-Python path (not built,
-    or ``KAIROS_TUNVPN_PURE_PYTHON=1``)."""
-    if GcmKey is None or os.environ.get(FASTPATH_ENV, "") not in ("", "0"):
-        return None
-    return GcmKey(key)
+    """The C cipher of ``key``, or None on the pure-Python path (see :mod:`.fastpath`)."""
+    return GcmKey(key) if fastpath.enabled() else None
 
 KEY_BYTES = 32
 TAG_BYTES = 16

@@ -49,15 +49,14 @@ from collections.abc import Callable, Iterable
 
 from cryptography.exceptions import InvalidTag
 
+from . import fastpath
 from .crypto import (
-    KEY_BYTES,
     REKEY_AFTER_PACKETS,
     REKEY_AFTER_SECONDS,
     TAG_BYTES,
     ReceiveState,
     SendState,
     SessionKeys,
-    fast_key,
 )
 from .tun import TunDevice
 from .vnet import (
@@ -238,7 +237,7 @@ class DataPlane:
         self._coalescer = TcpCoalescer(self._write_tun) if self.coalesce else None
         self._threads: list[threading.Thread] = []
         self._logged: set[tuple] = set()
-        self.fastpath = fast_key(bytes(KEY_BYTES)) is not None  # were the C loops built, and not turned off?
+        self.fastpath = fastpath.enabled()  # the C loops: built, and not turned off
         self._running = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 

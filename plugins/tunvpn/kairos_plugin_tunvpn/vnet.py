@@ -17,14 +17,10 @@ writes them to its TUN with ``NEEDS_CSUM`` again, so no payload byte is ever sum
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 
-try:  # the coalescer's fast path in C, when built (see _fastpath.c)
-    from ._fastpath import append_segments as _append_segments
-except ImportError:  # pragma: no cover - depends on the build
-    _append_segments = None
+from . import fastpath
 
 VNET_HDR = struct.Struct("<BBHHHH")
 VNET_HDR_LEN = VNET_HDR.size
@@ -280,9 +276,8 @@ class TcpCoalescer:
         self._expect = -1
         self.frames = 0  # TUN writes issued
         self.merged = 0  # packets that went out inside a multi-packet frame
-        pure_python = os.environ.get("KAIROS_TUNVPN_PURE_PYTHON", "") not in ("", "0")
-        self._append_segments = None if pure_python else _append_segments
-        self._mask_bytes = b""
+        self._append_segments = fastpath.append_segments if fastpath.enabled() else None
+        self._mask_bytes = b""  # _mask as header_len bytes, for the C loop
 
     def append_run(self, src: memoryview, first: int, stride: int, count: int, length: int,
                    csum_start: int, csum_offset: int) -> int:
@@ -296,8 +291,6 @@ class TcpCoalescer:
                 or csum_offset != TCP_CSUM_OFFSET):
             return 0
         header_len = self._header_len
-        if len(self._mask_bytes) != header_len:
-            self._mask_bytes = self._mask.to_bytes(header_len, "big")
         taken, end, closed, next_seq = self._append_segments(
             self._buf, self._end, MAX_COALESCED + VNET_HDR_LEN, src, first, stride, count, length, header_len,
             self._segment_size, self._mask_bytes, expect.to_bytes(header_len, "big"), 24)
@@ -400,10 +393,10 @@ class TcpCoalescer:
         bits = 8 * header_len
         if self._mask_bits != bits:
             self._mask_bits = bits
-            self._mask_bytes = b""
             self._mask = ((1 << bits) - 1) ^ sum(
                 ((1 << 8 * width) - 1) << (bits - 8 * (at + width)) for at, width in _MERGE_VARIES
             ) ^ TCP_PSH << (bits - 8 * 34)
+            self._mask_bytes = self._mask.to_bytes(header_len, "big")
             self._seq_shift = bits - 8 * 28
         self._expect_base = (
             int.from_bytes(buf[p : p + header_len], "big") & self._mask & ~(0xFFFFFFFF << self._seq_shift)

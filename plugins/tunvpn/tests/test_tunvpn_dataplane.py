@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kairos_plugin_tunvpn import crypto
+from kairos_plugin_tunvpn import fastpath
 from kairos_plugin_tunvpn.crypto import SessionKeys
 from kairos_plugin_tunvpn.dataplane import WIRE_HEADER, DataPlane
 from kairos_plugin_tunvpn.tun import TunDevice, TunUnavailable
@@ -50,8 +50,8 @@ class FakeTun:
 def pair(request, monkeypatch):
     """Two data planes joined over loopback UDP: with the C loops, and on the pure-Python path."""
     if request.param == "python":
-        monkeypatch.setenv(crypto.FASTPATH_ENV, "1")
-    elif crypto.GcmKey is None:
+        monkeypatch.setenv(fastpath.FASTPATH_ENV, "1")
+    elif fastpath.GcmKey is None:
         pytest.skip("the C fast path is not built (needs a C compiler and libssl-dev)")
     tuns = FakeTun(), FakeTun()
     planes = [DataPlane(t.device, ("127.0.0.1", 0)) for t in tuns]
@@ -340,15 +340,15 @@ def test_linear_sealing_sends_the_same_bytes_as_segment_by_segment_sealing(segme
         tun = FakeTun()
         try:
             if pure_python:
-                os.environ[crypto.FASTPATH_ENV] = "1"
+                os.environ[fastpath.FASTPATH_ENV] = "1"
             plane = DataPlane(tun.device, ("127.0.0.1", 0))
             plane.add_peer("b", VIP_B, ("127.0.0.1", 9), SessionKeys.derive(SECRET, "a", "b"))
-            assert (plane._peers["b"].send.fast is None) == (pure_python or crypto.GcmKey is None)
+            assert (plane._peers["b"].send.fast is None) == (pure_python or fastpath.GcmKey is None)
             assert TsoFrame(memoryview(frame), 1368, 20, True).linear
             trains.append(_sealed_trains(plane, frame, fast) + _sealed_trains(plane, frame, fast))  # counters move on
             plane.stop()
         finally:
-            os.environ.pop(crypto.FASTPATH_ENV, None)
+            os.environ.pop(fastpath.FASTPATH_ENV, None)
             tun.close()
     assert trains[0] == trains[1] == trains[2] and len(trains[0]) >= 2
 

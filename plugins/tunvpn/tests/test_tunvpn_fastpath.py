@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kairos_plugin_tunvpn import crypto
 from kairos_plugin_tunvpn.crypto import SendState, SessionKeys
+from kairos_plugin_tunvpn.fastpath import FASTPATH_ENV
 from kairos_plugin_tunvpn.vnet import VNET_HDR_LEN, TcpCoalescer
 from tunvpn_packets import ipv4_tcp
 
@@ -110,7 +110,7 @@ def test_open_run_refuses_arguments_out_of_range():
 def test_the_pure_python_path_can_be_chosen(monkeypatch):
     keys = SessionKeys.derive(b"s" * 32, "a", "b")
     assert SendState(keys).fast is not None
-    monkeypatch.setenv(crypto.FASTPATH_ENV, "1")
+    monkeypatch.setenv(FASTPATH_ENV, "1")
     assert SendState(keys).fast is None
 
 
