@@ -7,6 +7,7 @@ Read from the node's local API: ``/api/status`` (peer id, ``vpn_*`` counters), t
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import click
 from kairos_core.api import APIClient
 from kairos_core.cli import emit_json, json_option, pass_context, socket_option
 
-from .addressing import holders, parse_claim
+from .addressing import holders, read_claims
 
 
 def collect_status(client: APIClient) -> dict[str, Any]:
@@ -24,13 +25,8 @@ def collect_status(client: APIClient) -> dict[str, Any]:
     items = client.request("GET", "/api/ledger/vpn")
     peers = {row["peer_id"]: row for row in client.request("GET", "/api/peers")}
     links = items.get(f"{me}/links") or {}
-    claims = {}
-    for key, value in items.items():
-        if "/" in key or not isinstance(value, dict):
-            continue
-        claim = _claim(key, value)
-        if claim is not None:
-            claims[key] = claim
+    # the CLI may not know the node's CIDR: any IPv4 address is shown
+    claims = read_claims(items, ipaddress.IPv4Network("0.0.0.0/0"))
     winners = {c.peer_id for c in holders(claims.values()).values()}
     own = items.get(me) if isinstance(items.get(me), dict) else None
     table = []
@@ -57,13 +53,6 @@ def collect_status(client: APIClient) -> dict[str, Any]:
         "peers": table,
         "counters": counters,
     }
-
-
-def _claim(peer_id: str, value: dict[str, Any]):
-    import ipaddress
-
-    # The CLI may not know the node's CIDR: accept any IPv4 network for display.
-    return parse_claim(peer_id, value, ipaddress.IPv4Network("0.0.0.0/0"))
 
 
 @click.group("vpn")
