@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import yaml
 
 from .errors import TokenError
+from .untrusted import nesting_exceeds
 
 KEY_ALPHABET = string.ascii_letters + string.digits
 KEY_LENGTH = 43
@@ -36,6 +37,12 @@ MIN_MESSAGE_SIZE = 64 * 1024
 # A real token is ~400 bytes; anything far larger is a mistake (a pasted file, a binary), and
 # parsing it would only waste memory.
 MAX_TOKEN_BYTES = 64 * 1024
+# A token is three levels deep (otp.dht.key); anything much deeper is not one, and deep input
+# would only cost stack further on.
+MAX_TOKEN_DEPTH = 8
+# Integer fields hold what EdgeVPN reads them into (int64; Kairos's never-rotating interval is
+# the maximum), so a larger number is a mistake that would only overflow there.
+MAX_TOKEN_INT = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -166,8 +173,14 @@ def _load_yaml(text: str, what: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise TokenError(f"{what} is not valid YAML{where}") from None
+    except RecursionError:  # the parser recurses once per level of [ or {
+        raise TokenError(f"{what} is nested too deeply to be a token") from None
+    except ValueError:  # a constructor's own check: an integer over 4300 digits, a 13th month
+        raise TokenError(f"{what} is not valid YAML (a value no YAML type can hold)") from None
     if not isinstance(document, dict):
         raise TokenError(f"{what} is not a YAML mapping with otp, room, rendezvous and mdns")
+    if nesting_exceeds(document, MAX_TOKEN_DEPTH):
+        raise TokenError(f"{what} is nested more than {MAX_TOKEN_DEPTH} levels deep; a token is 3")
     return document
 
 
@@ -182,9 +195,10 @@ def _token_from_document(doc: dict) -> NetworkToken:
     max_message_size = doc.get("max_message_size", DEFAULT_MAX_MESSAGE_SIZE)
     if max_message_size in (None, 0):  # EdgeVPN treats 0/absent as its default
         max_message_size = DEFAULT_MAX_MESSAGE_SIZE
-    if not _is_int(max_message_size) or max_message_size < MIN_MESSAGE_SIZE:
+    if not _is_int(max_message_size) or not MIN_MESSAGE_SIZE <= max_message_size <= MAX_TOKEN_INT:
         raise TokenError(
-            f"token field 'max_message_size' must be an integer of at least {MIN_MESSAGE_SIZE}, not {max_message_size!r}"
+            f"token field 'max_message_size' must be an integer from {MIN_MESSAGE_SIZE} to {MAX_TOKEN_INT}, "
+            f"not {_shown(max_message_size)}"
         )
     return NetworkToken(max_message_size=max_message_size, **specs, **strings)
 
@@ -201,11 +215,14 @@ def _otp_spec(otp: dict, name: str) -> OTPSpec:
     if not _is_int(interval):
         raise TokenError(f"token field 'otp.{name}.interval' must be an integer, not {type(interval).__name__}")
     if interval <= 0:
-        raise TokenError(f"token field 'otp.{name}.interval' must be positive, not {interval}")
+        raise TokenError(f"token field 'otp.{name}.interval' must be positive, not {_shown(interval)}")
+    if interval > MAX_TOKEN_INT:
+        raise TokenError(f"token field 'otp.{name}.interval' must be at most {MAX_TOKEN_INT}, not {_shown(interval)}")
     key = _string_field(section, "key", f"otp.{name}.")
     length = section.get("length", KEY_LENGTH)
-    if not _is_int(length) or length <= 0:
-        raise TokenError(f"token field 'otp.{name}.length' must be a positive integer, not {length!r}")
+    if not _is_int(length) or not 0 < length <= MAX_TOKEN_INT:
+        raise TokenError(f"token field 'otp.{name}.length' must be a positive integer up to {MAX_TOKEN_INT}, "
+                         f"not {_shown(length)}")
     return OTPSpec(interval=interval, key=key, length=length)
 
 
@@ -224,3 +241,11 @@ def _string_field(doc: dict, name: str, prefix: str = "") -> str:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    # An error names the value it refuses, but never thousands of characters of it.
+    if _is_int(value) and abs(value) > MAX_TOKEN_INT:  # type: ignore[arg-type]
+        return f"an integer of {value.bit_length()} bits"  # type: ignore[union-attr]
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

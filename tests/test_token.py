@@ -142,6 +142,17 @@ MALFORMED = {
     "no mdns": (mutated(["mdns"], KeyError), "'mdns' is missing"),
     "tiny max message": (mutated(["max_message_size"], 10), "max_message_size"),
     "megabytes": ("A" * (3 * 1024 * 1024), "too large"),
+    # Input that used to escape as RecursionError or ValueError (an "internal error", exit 1).
+    "deep yaml": ("otp: " + "[" * 10000, "nested"),
+    "deep base64": (base64.b64encode(("otp: " + "[" * 10000).encode()).decode(), "nested"),
+    "deep flow mapping": ("{" + "a: {" * 3000, "nested"),
+    "nested past the bound": ("otp: " + "[" * 50 + "]" * 50, "nested"),
+    "5000-digit integer": (base64.b64encode(("otp: " + "1" * 5000).encode()).decode(), "not valid YAML"),
+    "impossible date": ("otp:\n  dht: 2024-13-45\n", "not valid YAML"),
+    "interval beyond int64": (mutated(["otp", "dht", "interval"], 2**63), "otp.dht.interval"),
+    "huge interval": (mutated(["otp", "dht", "interval"], 10**4000), "otp.dht.interval"),
+    "huge length": (mutated(["otp", "crypto", "length"], 10**400), "otp.crypto.length"),
+    "huge max message": (mutated(["max_message_size"], 10**400), "max_message_size"),
 }
 
 
@@ -153,6 +164,7 @@ def test_malformed_token_raises_named_error(name):
     message = str(exc.value)
     assert expected in message
     assert "\n" not in message
+    assert len(message) < 200  # never the whole offending value
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
