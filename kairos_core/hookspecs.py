@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import click
 
     from .events import LedgerUpdate, PeerEvent
+    from .ledger.policy import WritePolicy
     from .node import Node
 
 hookspec = pluggy.HookspecMarker("kairos")
@@ -120,6 +121,30 @@ def kairos_shutdown(node: Node) -> Awaitable[None] | None:
 
     :param node: the stopping node.
     :return: ignored.
+    """
+
+
+@hookspec
+def kairos_ledger_policies(node: Node) -> Mapping[str, WritePolicy] | None:
+    """Name the write policy of each ledger bucket a plugin owns.
+
+    Called once per node while it opens its ledger, before any entry is loaded from disk or merged
+    from a peer, so no entry of the plugin's buckets is ever judged by the open default. The node
+    is not running yet: ``node.config``, ``node.peer_id`` and ``node.network_id`` are set,
+    ``node.ledger`` and ``node.host`` are still None. Keep it synchronous and cheap.
+
+    A policy judges an entry on its own, never against the clock or other entries (see
+    :mod:`kairos_core.ledger.policy`): express ownership in keys (``OWNER_KEYED``:
+    ``"<writer's peer id>/..."``) and let readers decide whose entries count. Bucket names are the
+    full names the plugin writes; derive them from ``node.network_id`` to keep one per network.
+
+    Unlike other hooks, a failure here stops the node at start-up, as a typo in a hook name does:
+    an implementation that raises or answers anything but a mapping of bucket names to policies,
+    a bucket claimed by two plugins, or one of the core's own (``nodes``, ``leader``). A bucket
+    left open by mistake would accept forged entries, and every node would keep them.
+
+    :param node: the node opening its ledger.
+    :return: bucket name → write policy (e.g. ``{"vpn": OWNER_KEYED}``), or None for no bucket.
     """
 
 

@@ -257,7 +257,46 @@ class Node:
     # internals
     # ---------------------------------------------------------------------------------------
     def _open_ledger(self) -> Ledger:
-        return open_ledger(self.identity, self.config.state_dir, self.config["ledger"])
+        """Open the ledger with the core's bucket policies and those plugins name (``kairos_ledger_policies``).
+
+        The policies are registered before the first entry is loaded or merged. A plugin whose
+        policies cannot be registered stops the node: a bucket left open by mistake would accept
+        forged entries and keep them, on this node and every node it syncs with.
+        """
+        import inspect
+        from collections.abc import Mapping
+
+        from .errors import PluginError
+        from .ledger import PolicyRegistry
+        from .ledger.policy import DEFAULT_POLICIES
+
+        registry = PolicyRegistry()
+        owners: dict[str, str] = {}
+        arguments = {"node": self}
+        for impl in reversed(self.manager.pm.hook.kairos_ledger_policies.get_hookimpls()):
+            plugin = impl.plugin_name
+            try:
+                declared = impl.function(*[arguments[name] for name in impl.argnames])
+            except Exception as exc:
+                raise PluginError(f"plugin {plugin} could not name its ledger policies: {type(exc).__name__}: {exc}") from None
+            if inspect.isawaitable(declared):
+                if inspect.iscoroutine(declared):
+                    declared.close()
+                raise PluginError(f"plugin {plugin}: kairos_ledger_policies must not be async")
+            if declared is None:
+                continue
+            if not isinstance(declared, Mapping):
+                raise PluginError(f"plugin {plugin}: kairos_ledger_policies must return a mapping of bucket names to policies")
+            for bucket, policy in declared.items():
+                if not isinstance(bucket, str) or not bucket or not callable(getattr(policy, "allows", None)):
+                    raise PluginError(f"plugin {plugin}: kairos_ledger_policies maps {bucket!r} to {policy!r}, not to a write policy")
+                if bucket in DEFAULT_POLICIES:
+                    raise PluginError(f"plugin {plugin}: bucket {bucket!r} is the core's; its policy cannot be replaced")
+                if bucket in owners:
+                    raise PluginError(f"ledger bucket {bucket!r} is claimed by both {owners[bucket]} and {plugin}")
+                owners[bucket] = plugin
+                registry.register(bucket, policy)
+        return open_ledger(self.identity, self.config.state_dir, self.config["ledger"], policies=registry)
 
     async def _start_discovery(self) -> None:
         p2p = self.config["p2p"]

@@ -273,6 +273,79 @@ async def test_hook_kairos_startup(manager):
     assert started.is_set()
 
 
+async def test_hook_kairos_ledger_policies(kairos_network):
+    from kairos_core.identity import Identity
+    from kairos_core.ledger import OPEN, OWNER_KEYED, Entry, PolicyError, PolicyRegistry, Version
+
+    seen = []
+
+    class Owns:
+        @hookimpl
+        def kairos_ledger_policies(self, node):
+            seen.append((node.peer_id, node.ledger))  # called before the ledger exists
+            return {f"{node.network_id}/mine": OWNER_KEYED}
+
+    net = await kairos_network(1, plugins=[Owns()])
+    node = net.nodes[0]
+    assert seen == [(node.peer_id, None)]
+    bucket = "kairos/mine"
+    assert node.ledger.policies.for_bucket(bucket) is OWNER_KEYED
+    node.ledger.set(bucket, f"{node.peer_id}/x", 1)
+    with pytest.raises(PolicyError):
+        node.ledger.set(bucket, "someone-else/x", 1)
+    intruder = Identity.generate()
+    forged = Entry.signed(intruder, bucket, f"{node.peer_id}/x", 2, Version(node.ledger.clock.now_ms() + 1, 0, intruder.peer_id))
+    assert node.ledger.apply_remote([forged]) == [] and node.ledger.counters["rejected_policy"] == 1
+    assert node.ledger.get(bucket, f"{node.peer_id}/x") == 1
+    # The core no longer names any plugin's bucket: tunvpn registers "vpn" through this hook.
+    assert PolicyRegistry().for_bucket("vpn") is OPEN
+
+
+@pytest.mark.parametrize("answer, message", [
+    ({"nodes": "OPEN"}, "not to a write policy"),
+    ({"leader": None}, "not to a write policy"),
+    (["mine"], "must return a mapping"),
+    (RuntimeError("boom"), "could not name its ledger policies: RuntimeError: boom"),
+])
+async def test_a_bad_ledger_policy_answer_stops_the_node(kairos_network, answer, message):
+    class Bad:
+        @hookimpl
+        def kairos_ledger_policies(self):
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    with pytest.raises(PluginError, match=message):
+        await kairos_network(1, plugins=[Bad()])
+
+
+async def test_ledger_policies_may_not_replace_the_cores_or_claim_a_bucket_twice(kairos_network):
+    from kairos_core.ledger import OPEN, OWNER_KEYED
+
+    class OpensLeader:
+        @hookimpl
+        def kairos_ledger_policies(self):
+            return {"leader": OPEN}
+
+    class ClaimsMine:
+        @hookimpl
+        def kairos_ledger_policies(self):
+            return {"mine": OWNER_KEYED}
+
+    with pytest.raises(PluginError, match="'leader' is the core's"):
+        await kairos_network(1, plugins=[OpensLeader()])
+    with pytest.raises(PluginError, match="'mine' is claimed by both"):
+        await kairos_network(1, plugins=[ClaimsMine(), ClaimsMine()])
+
+
+def test_tunvpn_names_the_vpn_policy_through_the_hook():
+    tunvpn = pytest.importorskip("kairos_plugin_tunvpn.plugin")
+    from kairos_core.ledger import OWNER_KEYED
+
+    assert tunvpn.TunVPNPlugin().kairos_ledger_policies() == {"vpn": OWNER_KEYED}
+    assert tunvpn.kairos_ledger_policies() == {"vpn": OWNER_KEYED}  # the entry point's module-level hook
+
+
 async def test_hook_kairos_shutdown(manager):
     stopped = []
 

@@ -5,10 +5,14 @@ policy sees the incoming entry, the entry it would replace, and the current unix
 
 - :class:`OpenPolicy` — anyone may write any key (user buckets).
 - :class:`OwnerKeyedPolicy` — the key is the writer's peer id, or starts with ``"<peer_id>/"``
-  (``nodes``, ``vpn``: each node publishes about itself only).
+  (``nodes``: each node publishes about itself only).
 - :class:`LeasePolicy` — the ``leader`` bucket: a lease key ends with ``:<writer's peer id>``
   and its value names the writer (``value["peer"] == owner``); which claim stands is the
   election's rule (see :mod:`kairos_core.election`), not the ledger's.
+
+The core names the policies of its own buckets only (:data:`DEFAULT_POLICIES`); a plugin names
+those of its buckets through the ``kairos_ledger_policies`` hook, which the node registers before
+it opens the ledger (tunvpn's ``vpn`` and k3s's cluster bucket are owner-keyed that way).
 
 Every policy judges an entry on its own, never against the entry it would replace nor the clock.
 A "first writer owns the key until its lease expires" policy (DESIGN §6) was tried and dropped:
@@ -74,9 +78,9 @@ OPEN = OpenPolicy()
 OWNER_KEYED = OwnerKeyedPolicy()
 LEASE = LeasePolicy()
 
+# The core's own buckets. Plugins' buckets are not named here (see kairos_ledger_policies).
 DEFAULT_POLICIES: Mapping[str, WritePolicy] = {
     "nodes": OWNER_KEYED,
-    "vpn": OWNER_KEYED,
     "leader": LEASE,
 }
 

@@ -1,4 +1,4 @@
-"""kairos hooks of the tunvpn plugin: the ``vpn`` config section, the VPN's lifecycle, ``kairos vpn``.
+"""kairos hooks of the tunvpn plugin: the ``vpn`` config section and bucket policy, the VPN's lifecycle, ``kairos vpn``.
 
 The hooks live on :class:`TunVPNPlugin`; this module exposes those of a default instance, which is
 what the ``tunvpn`` entry point registers. Tests register their own instance, built with a fake
@@ -11,6 +11,7 @@ import logging
 import weakref
 from typing import Any
 
+from kairos_core.ledger import OWNER_KEYED, WritePolicy
 from kairos_core.plugins import hookimpl
 
 from .vpn import BUCKET, DEFAULTS, VPN, VPNConfigError, VPNSettings
@@ -42,6 +43,12 @@ class TunVPNPlugin:
         except VPNConfigError as exc:
             return [str(exc)]
         return []
+
+    @hookimpl
+    def kairos_ledger_policies(self) -> dict[str, WritePolicy]:
+        """The ``vpn`` bucket is owner-keyed: a node claims a VIP (``<peer id>``) and publishes its
+        links (``<peer id>/links``) under its own id only, so nobody claims in another's name."""
+        return {BUCKET: OWNER_KEYED}
 
     @hookimpl
     async def kairos_startup(self, node: Any) -> None:
@@ -94,6 +101,7 @@ class TunVPNPlugin:
 default_plugin = TunVPNPlugin()
 kairos_config_defaults = default_plugin.kairos_config_defaults
 kairos_config_problems = default_plugin.kairos_config_problems
+kairos_ledger_policies = default_plugin.kairos_ledger_policies
 kairos_startup = default_plugin.kairos_startup
 kairos_shutdown = default_plugin.kairos_shutdown
 on_peer = default_plugin.on_peer
