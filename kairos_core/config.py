@@ -6,6 +6,11 @@ a default is the type an option must have, so unknown keys and wrong types are r
 path (``p2p.minimum_nodes: expected an integer, got a string``). Kairos users write plugin
 sections under ``p2p:`` (``p2p.vpn``, ``p2p.kubevip``); those are read as the top-level section.
 
+Validation happens here and nowhere else, so every reader can trust what it gets: numbers are
+finite and fit in 64 bits, a list holds items of its declared type (the core's lists of
+multiaddrs and names hold strings; a plugin's list holds what its default's first item is, and
+an empty default allows anything), and no value nests more than ``MAX_CONFIG_DEPTH`` levels.
+
 Environment overrides, applied over the file:
 
 - ``KAIROS_NETWORK_TOKEN`` (or EdgeVPN's ``EDGEVPNTOKEN``) → ``p2p.network_token``
@@ -16,6 +21,7 @@ Environment overrides, applied over the file:
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,12 +33,18 @@ from .errors import ConfigError, KairosError
 from .identity import default_state_dir
 from .plugins import hookimpl
 from .token import NetworkToken, parse_token
+from .untrusted import nesting_exceeds
 
 if TYPE_CHECKING:
     from .plugins import KairosPluginManager
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 ENV_PREFIX = "KAIROS__"
+# Levels of lists and mappings in a whole document (a section's option is level 2). Real configs
+# use four or five; the bound keeps copies and plugins clear of RecursionError.
+MAX_CONFIG_DEPTH = 32
+# Numbers must fit where they go: int64 fields, timers, ports. Anything larger is a typo.
+MAX_CONFIG_INT = 2**63 - 1
 
 CORE_DEFAULTS: dict[str, dict[str, Any]] = {
     "p2p": {
@@ -187,11 +199,35 @@ def parse_config_text(text: str, origin: str = "config") -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError(f"{origin}: {problem}{where}") from None
+    except (RecursionError, ValueError) as exc:
+        raise ConfigError(f"{origin}: {_unparsable(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections, not a {_type_name(data)}")
+    if nesting_exceeds(data, MAX_CONFIG_DEPTH):
+        raise ConfigError(f"{origin}: {_too_deep_at(data)}: nested more than {MAX_CONFIG_DEPTH} levels deep")
     return data
+
+
+def _unparsable(exc: RecursionError | ValueError) -> str:
+    # What PyYAML raises besides YAMLError: its parser recurses once per level, and its
+    # constructors let int() and date() refuse values (int() stops at 4300 digits).
+    if isinstance(exc, RecursionError):
+        return "nested too deeply to parse"
+    return "holds a value YAML cannot represent (an integer over 4300 digits or an impossible date)"
+
+
+def _too_deep_at(data: dict[str, Any]) -> str:
+    # Name the option (section.key) that nests too deeply, or the section when that is the value.
+    for section, value in data.items():
+        if isinstance(value, dict) and nesting_exceeds(value, MAX_CONFIG_DEPTH - 1):
+            for key, option in value.items():
+                if nesting_exceeds(option, MAX_CONFIG_DEPTH - 2):
+                    return f"{section}.{key}"
+        if nesting_exceeds(value, MAX_CONFIG_DEPTH - 1):
+            return str(section)
+    return "config"
 
 
 def disabled_plugins(raw: Mapping[str, Any]) -> list[str]:
@@ -327,6 +363,12 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
+        except (RecursionError, ValueError) as exc:
+            problems.append(f"{name}: {_unparsable(exc)}")
+            continue
+        if nesting_exceeds(value, MAX_CONFIG_DEPTH - len(parts)):
+            problems.append(f"{name}: nested more than {MAX_CONFIG_DEPTH} levels deep")
+            continue
         _set_path(data, parts, value, problems, name)
 
 
@@ -375,11 +417,36 @@ def _merge(defaults: Mapping[str, Any], given: Any, path: str, problems: list[st
             merged[key] = _merge(default, value, key_path, problems)
             continue
         problem = _type_problem(default, value)
+        if problem is None and isinstance(value, list):
+            problem = _item_problem(key_path, default, value)
+            if problem:
+                problems.append(problem)
+                continue
         if problem:
             problems.append(f"{key_path}: {problem}")
         else:
             merged[key] = float(value) if isinstance(default, float) else value
     return merged
+
+
+# Lists of the core whose default is empty, so the default cannot say what they hold.
+_LIST_ITEMS: dict[str, type] = {
+    "p2p.listen": str,
+    "p2p.bootstrap_peers": str,
+    "plugins.disabled": str,
+}
+
+
+def _item_problem(key_path: str, default: list[Any], value: list[Any]) -> str | None:
+    """The first item of ``value`` that is not of the list's item type, as a problem with its index."""
+    item_type = _LIST_ITEMS.get(key_path) or (type(default[0]) if default else None)
+    if item_type not in _TYPE_NAMES or item_type in (list, dict):
+        return None  # nothing declared, or nested lists: the owner checks those
+    for index, item in enumerate(value):
+        problem = _type_problem(item_type(), item)
+        if problem:
+            return f"{key_path}[{index}]: {problem}"
+    return None
 
 
 def _type_problem(default: Any, value: Any) -> str | None:
@@ -394,9 +461,25 @@ def _type_problem(default: Any, value: Any) -> str | None:
         dict: lambda v: isinstance(v, dict),
     }
     check = checks.get(type(default))
-    if check is None or check(value):
+    if check is None:
         return None
-    return f"expected {_type_name(default, article=True)}, got {_type_name(value, article=True)}"
+    if not check(value):
+        return f"expected {_type_name(default, article=True)}, got {_type_name(value, article=True)}"
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return _number_problem(default, value)
+    return None
+
+
+def _number_problem(default: int | float, value: int | float) -> str | None:
+    # NaN passes every range check (each comparison is false) and infinity every lower bound;
+    # integers beyond 64 bits overflow float() or the int64 fields they end up in.
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"expected a finite number, got {value}"
+    if abs(value) <= MAX_CONFIG_INT:
+        return None
+    if isinstance(default, float):
+        return f"expected a number of at most 64 bits, got an integer of {value.bit_length()} bits"
+    return f"expected an integer of at most 64 bits, got one of {value.bit_length()} bits"
 
 
 _TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}

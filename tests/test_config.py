@@ -142,3 +142,102 @@ def test_values_out_of_range_are_reported(manager):
         "ledger.max_value_size: must be between 1 and 1048576, not 5000000",
         "p2p.port: must be between 0 and 65535, not 70000",
     }
+
+
+def test_non_finite_numbers_are_refused_with_their_path(manager):
+    # .nan compares false with every bound, so it used to pass the range checks: a NaN lease
+    # silently stopped the election, a NaN clock drift crashed the ledger.
+    text = "election:\n  lease_seconds: .nan\nledger:\n  max_clock_drift: .inf\nmembership:\n  peer_ttl: -.inf\n"
+    with pytest.raises(ConfigError) as exc:
+        resolve(text, manager)
+    assert set(exc.value.problems) == {
+        "election.lease_seconds: expected a finite number, got nan",
+        "ledger.max_clock_drift: expected a finite number, got inf",
+        "membership.peer_ttl: expected a finite number, got -inf",
+    }
+    with pytest.raises(ConfigError, match="election.lease_seconds: expected a finite number, got nan"):
+        resolve("{}", manager, {"KAIROS__ELECTION__LEASE_SECONDS": ".nan"})
+
+
+class ListPlugin:
+    @hookimpl
+    def kairos_config_defaults(self):
+        return {"lists": {"names": ["a"], "ports": [1], "free": []}}
+
+
+def test_list_items_of_the_wrong_type_are_refused(manager):
+    # bootstrap_peers: [1, 2] used to kill the bootstrap task silently, listen: [123] was an
+    # internal error at start.
+    text = "p2p:\n  bootstrap_peers: [/ip4/1.2.3.4/tcp/1, 2]\n  listen: [123]\nplugins:\n  disabled: [[x]]\n"
+    with pytest.raises(ConfigError) as exc:
+        resolve(text, manager)
+    assert set(exc.value.problems) == {
+        "p2p.bootstrap_peers[1]: expected a string, got an integer",
+        "p2p.listen[0]: expected a string, got an integer",
+        "plugins.disabled[0]: expected a string, got a list",
+    }
+    # A plugin's list holds what its default holds; an empty default says nothing.
+    plugin_manager = make_plugin_manager(autoload=False, extra_plugins=[ListPlugin()])
+    with pytest.raises(ConfigError) as exc:
+        resolve("lists:\n  names: [b, 3]\n  ports: [2, x, .nan]\n  free: [1, a, {}]\n", plugin_manager)
+    assert set(exc.value.problems) == {
+        "lists.names[1]: expected a string, got an integer",
+        "lists.ports[1]: expected an integer, got a string",
+    }
+    config = resolve("p2p:\n  listen: [/ip4/0.0.0.0/tcp/1]\nlists:\n  free: [1, a]\n", plugin_manager)
+    assert config["p2p"]["listen"] == ["/ip4/0.0.0.0/tcp/1"] and config["lists"]["free"] == [1, "a"]
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("p2p:\n  port: " + "9" * 400, "p2p.port: expected an integer of at most 64 bits, got one of 1329 bits"),
+        ("election:\n  lease_seconds: " + "9" * 400, "election.lease_seconds: expected a number of at most 64 bits, got an integer of 1329 bits"),
+        ("lists:\n  ports: [" + "9" * 30 + "]", "lists.ports[0]: expected an integer of at most 64 bits, got one of 100 bits"),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(text, problem):
+    plugin_manager = make_plugin_manager(autoload=False, extra_plugins=[ListPlugin()])
+    with pytest.raises(ConfigError) as exc:
+        resolve(text, plugin_manager)
+    assert exc.value.problems == [problem]
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("p2p: " + "[" * 20000, "nested too deeply to parse"),
+        ("p2p:\n  listen: " + "[" * 40 + "]" * 40, "p2p.listen: nested more than 32 levels deep"),
+        ("a: &a [*a]\n", "a: nested more than 32 levels deep"),
+        ("p2p:\n  port: " + "1" * 5000, "an integer over 4300 digits or an impossible date"),
+        ("p2p:\n  role: 2024-13-45\n", "an integer over 4300 digits or an impossible date"),
+    ],
+)
+def test_deep_or_unrepresentable_yaml_is_a_config_error(text, expected, manager):
+    with pytest.raises(ConfigError, match=expected):
+        parse_config_text(text)
+
+
+def test_cli_gives_one_line_and_exit_2_for_deep_files_and_huge_integers(tmp_path, capsys):
+    from kairos_core.cli import main
+
+    for body in ("p2p: " + "[" * 20000, "p2p:\n  port: " + "1" * 5000, "p2p:\n  listen: " + "[" * 40):
+        path = tmp_path / "c.yaml"
+        path.write_text(body)
+        for argv in (["config", "check", str(path)], ["-c", str(path), "status"]):
+            with pytest.raises(SystemExit) as exc:
+                main(argv)
+            err = capsys.readouterr().err
+            assert exc.value.code == 2, err
+            assert err.count("\n") == 1 and err.startswith(f"kairos: error: {path}: ") and "internal" not in err
+
+
+def test_deep_or_unrepresentable_environment_values_are_problems(manager):
+    with pytest.raises(ConfigError) as exc:
+        resolve("{}", manager, {"KAIROS__P2P__LISTEN": "[" * 20000, "KAIROS__P2P__PORT": "1" * 5000,
+                                "KAIROS__VPN__ENV": "{a: " * 40 + "1" + "}" * 40})
+    assert set(exc.value.problems) == {
+        "KAIROS__P2P__LISTEN: nested too deeply to parse",
+        "KAIROS__P2P__PORT: holds a value YAML cannot represent (an integer over 4300 digits or an impossible date)",
+        "KAIROS__VPN__ENV: nested more than 32 levels deep",
+    }
