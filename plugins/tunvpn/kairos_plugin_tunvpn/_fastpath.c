@@ -137,8 +137,9 @@ PyDoc_STRVAR(open_run_doc,
 "header starts with the 8 bytes `prefix` (kind, epoch, checksum offsets, key id) and its counter\n"
 "is above every counter accepted so far (`highest` to begin with, -1 for none). Stops at the\n"
 "first datagram that breaks this (the caller's slow path judges it), untouched.\n"
-"`status` has one byte per datagram handled: 0 authentic and its inner source is `vip`, 1 not\n"
-"authentic (left as garbage), 2 authentic with another source. `last` is the highest authentic\n"
+"`status` has one byte per datagram handled: 0 authentic, an IPv4 packet whose source is `vip`,\n"
+"1 not authentic (left as garbage), 2 authentic but another source or not IPv4 (the caller\n"
+"judges it: another of the peer's networks, or a drop). `last` is the highest authentic\n"
 "counter (or `highest`), `run_bits` a little-endian bitmap of the authentic counters below and\n"
 "at `last` (bit k = counter last - k), empty when none.");
 
@@ -177,7 +178,9 @@ static PyObject *GcmKey_open_run(GcmKey *self, PyObject *args) {
         highest = counter;
         have_highest = 1;
         accepted[n_accepted++] = counter;
-        codes[handled++] = memcmp(p + WIRE_HEADER + 12, vip.buf, 4) == 0 ? 0 : 2;
+        /* the version nibble first: bytes 12..15 are the IPv4 source only in an IPv4 packet (the same
+         * test as the Python loop in dataplane.py) */
+        codes[handled++] = p[WIRE_HEADER] >> 4 == 4 && memcmp(p + WIRE_HEADER + 12, vip.buf, 4) == 0 ? 0 : 2;
     }
     if (_PyBytes_Resize(&status, handled) < 0) goto done;
     if (n_accepted) {

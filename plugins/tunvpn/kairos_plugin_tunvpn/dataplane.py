@@ -785,6 +785,11 @@ class DataPlane:
         leaves it goes through :meth:`_open_datagram`, which counts the reason.
         """
         coalescer = self._coalescer
+        if n <= 0:
+            self._counters.drop_malformed += 1  # an empty datagram: nothing to open, no train to cut
+            return
+        if size <= 0:
+            size = n  # no usable GRO segment size: one datagram
         if n < OVERHEAD + 20 or size >= n or size < OVERHEAD + 20 or coalescer is None:
             for start in range(0, n, size):
                 self._open_datagram(view[start : min(start + size, n)], address)
@@ -886,8 +891,9 @@ class DataPlane:
             else:
                 bits |= 1 << (highest - counter)
             authentic = True
-            if buf[base + 12 : base + 16] != vip and (
-                buf[base] >> 4 != 4 or not peer.owns_source(bytes(buf[base + 12 : base + 16]))
+            # the version nibble first: bytes 12..15 are a source address only in an IPv4 packet
+            if buf[base] >> 4 != 4 or (
+                buf[base + 12 : base + 16] != vip and not peer.owns_source(bytes(buf[base + 12 : base + 16]))
             ):
                 counters.drop_spoofed_source += 1
                 continue

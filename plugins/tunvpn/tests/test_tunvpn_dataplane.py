@@ -373,30 +373,146 @@ def test_a_train_with_replays_forgeries_and_gaps_delivers_each_authentic_counter
     assert window.highest == 7 and not window.check(6) and window.check(2) and window.bits <= window.mask
 
 
-@settings(max_examples=150, deadline=None)
-@given(data=st.data())
-def test_garbage_trains_under_a_peers_key_id_are_counted_and_never_crash(data):
-    """What reaches the C loops (or their Python twin) from the network: random bytes behind a
-    real key id and epoch, in trains of random datagram sizes with a random tail."""
+# Both receive paths: the C loops (when built) and their pure-Python twin.
+RECEIVE_PATHS = [
+    pytest.param(False, id="c", marks=pytest.mark.skipif(
+        fastpath.GcmKey is None, reason="the C fast path is not built (needs a C compiler and libssl-dev)")),
+    pytest.param(True, id="python"),
+]
+PEER_ENDPOINT = ("127.0.0.1", 9)
+
+
+def receiving_plane(pure_python: bool) -> tuple[DataPlane, FakeTun, SessionKeys, list[bytes]]:
+    """A data plane (not started) with peer "a" at :data:`PEER_ENDPOINT`, on the C or the Python
+    path, and the list its TUN writes go to (inner packets, vnet header cut off)."""
     tun = FakeTun()
+    if pure_python:
+        os.environ[fastpath.FASTPATH_ENV] = "1"
     try:
         plane = DataPlane(tun.device, ("127.0.0.1", 0))
         keys = SessionKeys.derive(SECRET, "b", "a")
-        plane.add_peer("a", VIP_A, ("127.0.0.1", 9), keys)
+        plane.add_peer("a", VIP_A, PEER_ENDPOINT, keys)
+    finally:
+        os.environ.pop(fastpath.FASTPATH_ENV, None)
+    assert (plane._peers["a"].receive.current.fast is None) == (pure_python or fastpath.GcmKey is None)
+    written: list[bytes] = []
+    # captured rather than read from the socket pair, whose queue holds only a few frames
+    plane._coalescer._write = lambda frame: written.append(bytes(frame[VNET_HDR_LEN:]))
+    return plane, tun, keys, written
+
+
+def open_train(plane: DataPlane, body: bytearray, size: int) -> None:
+    with plane._rx_lock:
+        plane._open_train(memoryview(body), len(body), size, PEER_ENDPOINT, {})
+        plane._coalescer.flush()
+
+
+def drops(plane: DataPlane) -> int:
+    return sum(v for k, v in plane.counters.items() if k.startswith("drop_"))
+
+
+@pytest.mark.parametrize("pure_python", RECEIVE_PATHS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_garbage_trains_under_a_peers_key_id_are_counted_and_never_crash(pure_python, data):
+    """What reaches the C loops (or their Python twin) from the network: random bytes behind a
+    real key id and epoch, in trains of random datagram sizes with a random tail; empty too."""
+    plane, tun, keys, written = receiving_plane(pure_python)
+    try:
         prefix = WIRE_HEADER.pack(1, 0, 0, 0, keys.receive_key_id, 0)[:8]
         size = data.draw(st.integers(min_value=1, max_value=1500), label="size")
-        n = data.draw(st.integers(min_value=1, max_value=min(65000, size * 50)), label="n")
+        n = data.draw(st.integers(min_value=0, max_value=min(65000, size * 50)), label="n")
         body = bytearray(data.draw(st.binary(min_size=n, max_size=n), label="body"))
         for at in range(0, n - 8, size):  # every datagram claims to be the peer's
             body[at : at + 8] = prefix
-        before = sum(v for k, v in plane.counters.items() if k.startswith("drop_"))
+        before = drops(plane)
         with plane._rx_lock:
-            plane._open_train(memoryview(body), n, size, ("127.0.0.1", 9), {})
+            plane._open_train(memoryview(body), n, size, PEER_ENDPOINT, {})  # no exception, ever
             plane._coalescer.flush()
-        counters = plane.counters
-        assert counters["rx_packets"] == 0  # nothing forged gets through
-        datagrams = (n + size - 1) // size
-        assert sum(v for k, v in counters.items() if k.startswith("drop_")) - before == datagrams  # each once
-        plane.stop()
+        assert plane.counters["rx_packets"] == 0 and not written  # nothing forged gets through
+        datagrams = max(1, (n + size - 1) // size)  # an empty datagram is one datagram too
+        assert drops(plane) - before == datagrams  # each counted once
     finally:
+        plane.stop()
         tun.close()
+
+
+@st.composite
+def inner_packets(draw) -> bytes:
+    """An inner packet of 20..200 bytes: IPv4 or another version nibble, from the peer's VIP or not."""
+    version = draw(st.sampled_from([4, 4, 6, 0, 5, 15]), label="version")
+    source = draw(st.sampled_from([bytes(map(int, VIP_A.split("."))), bytes([10, 201, 0, 99])]), label="source")
+    rest = draw(st.binary(min_size=4, max_size=184), label="rest")
+    return bytes([version << 4 | 5]) + bytes(11) + source + rest
+
+
+@pytest.mark.parametrize("pure_python", RECEIVE_PATHS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_authentic_trains_deliver_exactly_the_peers_new_ipv4_packets(pure_python, data):
+    """Authentic trains (some datagrams forged, replayed or shorter at the end) whose inner
+    packets carry any version nibble and the peer's VIP or another address at bytes 12..15:
+    both paths deliver each new IPv4 packet from the peer's VIP, once, and nothing else."""
+    plane, tun, keys, written = receiving_plane(pure_python)
+    try:
+        length = data.draw(st.integers(min_value=20, max_value=200), label="length")
+        count = data.draw(st.integers(min_value=2, max_value=24), label="count")
+        mirror = keys.mirror()
+        body = bytearray()
+        expected, seen, counted = [], set(), 0
+        for index in range(count):
+            packet = bytearray(data.draw(inner_packets(), label="packet"))
+            last = index == count - 1
+            size = data.draw(st.integers(min_value=20, max_value=length), label="tail") if last else length
+            packet = (packet * (size // len(packet) + 1))[:size]
+            counter = data.draw(st.integers(min_value=0, max_value=30), label="counter")
+            datagram = bytearray(craft(mirror, counter, bytes(packet)))
+            forged = data.draw(st.booleans(), label="forged") and data.draw(st.booleans())
+            if forged:
+                datagram[-1] ^= 1
+            body += datagram
+            counted += 1
+            if forged or counter in seen:
+                continue
+            seen.add(counter)
+            if packet[0] >> 4 == 4 and packet[12:16] == bytes(map(int, VIP_A.split("."))):
+                expected.append(bytes(packet))
+        before = drops(plane)
+        open_train(plane, body, length + 32)
+        assert written == expected
+        assert plane.counters["rx_packets"] == len(expected)
+        assert drops(plane) - before == counted - len(expected)  # every other datagram counted once
+    finally:
+        plane.stop()
+        tun.close()
+
+
+@pytest.mark.parametrize("pure_python", RECEIVE_PATHS)
+def test_an_ipv6_packet_whose_bytes_12_to_15_are_the_vip_is_dropped_in_a_train(pure_python):
+    plane, tun, keys, written = receiving_plane(pure_python)
+    try:
+        vip = bytes(map(int, VIP_A.split(".")))
+        ipv6 = bytes([0x60]) + bytes(11) + vip + bytes(44)  # bytes 12..15 equal the VIP, and IPv6
+        good = bytes([0x45]) + bytes(11) + vip + bytes(44)
+        train = bytearray(b"".join(craft(keys.mirror(), c, p) for c, p in enumerate((good, ipv6, good, ipv6))))
+        open_train(plane, train, len(train) // 4)
+        assert written == [good, good]
+        assert plane.counters["drop_spoofed_source"] == 2 and plane.counters["rx_packets"] == 2
+    finally:
+        plane.stop()
+        tun.close()
+
+
+def test_an_empty_datagram_is_counted_not_raised(pair, caplog):
+    (tun_a, tun_b), (_, plane_b), _ = pair
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kairos_plugin_tunvpn.dataplane"):
+            for _ in range(3):
+                stranger.sendto(b"", plane_b.local_address)
+            assert wait_for(lambda: plane_b.counters["drop_malformed"] == 3)
+            tun_a.inject(bytes(icmp_echo()))
+            assert tun_b.receive()[1] == bytes(icmp_echo())
+        assert not [r for r in caplog.records if "dropped" in r.getMessage()]  # no exception was caught
+    finally:
+        stranger.close()

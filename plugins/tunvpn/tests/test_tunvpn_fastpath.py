@@ -97,6 +97,14 @@ def test_open_run_marks_forgeries_and_foreign_sources_and_stops_at_replays_and_s
     assert status == b"" and last == 3 and run == b""
 
 
+def test_open_run_gives_a_packet_that_is_not_ipv4_to_the_caller_even_when_bytes_12_to_15_are_the_vip():
+    ipv6 = bytes([0x60]) + inner()[1:]  # the VIP where an IPv4 source would be
+    empty_version = bytes([0x05]) + inner()[1:]
+    buf = train(sealed(1, inner()), sealed(2, ipv6), sealed(3, empty_version))
+    status, last, _ = fastpath.GcmKey(KEY).open_run(buf, 3, SIZE, bytes(buf[:8]), -1, VIP)
+    assert status == bytes([0, 2, 2]) and last == 3  # authentic, but for the caller to judge (and drop)
+
+
 def test_open_run_refuses_arguments_out_of_range():
     key = fastpath.GcmKey(KEY)
     with pytest.raises(ValueError):
