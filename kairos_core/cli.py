@@ -3,6 +3,12 @@
 Errors reach the user as one line on stderr and a non-zero exit code (2 for bad input); a
 traceback appears only with ``KAIROS_DEBUG=1``. Plugins add subcommands through
 ``kairos_cli_commands``.
+
+Hostnames, addresses, ledger buckets and keys come from peers: plain and table output passes them
+through :func:`~.untrusted.escape_control` (and rich tables get them as ``Text``, never as
+markup), and log lines go through :class:`~.untrusted.EscapingFormatter`, so no peer can write
+escape sequences to the operator's terminal or forge a line. ``--json`` output is escaped by
+``json.dumps`` itself (``ensure_ascii``).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from .config import collect_defaults, disabled_plugins, load_config, read_config
 from .errors import KairosError
 from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
 from .token import MAX_TOKEN_BYTES, generate_token, parse_token
+from .untrusted import EscapingFormatter, escape_control
 
 CONFIG_ENV = "KAIROS_CONFIG"
 DEBUG_ENV = "KAIROS_DEBUG"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class Context:
@@ -52,8 +60,30 @@ config_option = click.option("-c", "--config", "config_path", metavar="FILE", ex
 
 
 def emit_json(data) -> None:
-    """Print machine-readable output."""
+    """Print machine-readable output (``ensure_ascii`` escapes every control character)."""
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def echo_safe(text: object, err: bool = False) -> None:
+    """Print a line built from untrusted text (peers' strings), control characters escaped."""
+    click.echo(escape_control(text), err=err)
+
+
+def _cell(value: object):
+    # A rich table reads a str as markup ("[link=…]") and passes ESC through: give it escaped Text.
+    from rich.text import Text
+
+    return Text(escape_control("" if value is None else value))
+
+
+def setup_logging(level: int) -> None:
+    """Log to stderr at ``level``, every line escaped (:class:`~.untrusted.EscapingFormatter`).
+
+    Like :func:`logging.basicConfig`, it does nothing when the root logger already has handlers.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,8 +97,7 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     Start with `kairos token new`, put the token in a config file as p2p.network_token,
     and run `kairos run -c FILE` on every machine.
     """
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(max(logging.WARNING - 10 * verbose, logging.DEBUG))
     # main() hands in the manager it built the command tree with; tests may invoke cli directly.
     manager = ctx.obj if isinstance(ctx.obj, KairosPluginManager) else make_plugin_manager()
     ctx.obj = Context(manager, config_path)
@@ -119,9 +148,9 @@ def token_show(token_text: str, as_json: bool) -> None:
     click.echo(f"fingerprint:      {doc['fingerprint']}")
     for name in ("dht", "crypto"):
         spec = doc["otp"][name]
-        click.echo(f"otp.{name + ':':<13} interval {spec['interval']} s, length {spec['length']}, key {spec['key']}")
+        echo_safe(f"otp.{name + ':':<13} interval {spec['interval']} s, length {spec['length']}, key {spec['key']}")
     for field in ("room", "rendezvous", "mdns"):
-        click.echo(f"{field + ':':<17} {doc[field]}")
+        echo_safe(f"{field + ':':<17} {doc[field]}")
     click.echo(f"max_message_size: {doc['max_message_size']}")
 
 
@@ -180,7 +209,7 @@ def config_check(context: Context, path: Path) -> None:
     except ConfigError as exc:
         if exc.problems:
             for problem in exc.problems:
-                click.echo(f"{path}: {problem}", err=True)
+                echo_safe(f"{path}: {problem}", err=True)
             raise SystemExit(2) from None
         raise
     click.echo(f"{path}: ok")
@@ -247,17 +276,17 @@ def status(context: Context, socket_path: str | None, as_json: bool) -> None:
         emit_json(data)
         return
     leader = data["leader"]
-    click.echo(f"peer id:     {data['peer_id']} ({data['hostname']})")
-    click.echo(f"network:     {data['network_id']} (token {data['token_fingerprint']})")
-    click.echo(f"leader:      {leader['peer_id'] + ' epoch ' + str(leader['epoch']) if leader else 'none yet'}"
-               f"{' (this node)' if data['is_leader'] else ''}")
+    echo_safe(f"peer id:     {data['peer_id']} ({data['hostname']})")
+    echo_safe(f"network:     {data['network_id']} (token {data['token_fingerprint']})")
+    echo_safe(f"leader:      {leader['peer_id'] + ' epoch ' + str(leader['epoch']) if leader else 'none yet'}"
+              f"{' (this node)' if data['is_leader'] else ''}")
     click.echo(f"members:     {data['members']} alive, {data['admitted']} connected")
     click.echo(f"ledger:      {data['ledger_entries']} entries")
     for address in data["addresses"]:
-        click.echo(f"address:     {address}")
+        echo_safe(f"address:     {address}")
     dropped = {k: v for k, v in data["counters"].items() if v and ("drop" in k or "reject" in k or "error" in k)}
     for name, value in dropped.items():
-        click.echo(f"dropped:     {value} ({name})")
+        echo_safe(f"dropped:     {value} ({name})")
 
 
 @cli.command()
@@ -270,7 +299,7 @@ def leader(context: Context, socket_path: str | None, as_json: bool) -> None:
     if as_json:
         emit_json(data)
     elif data:
-        click.echo(f"{data['peer_id']} epoch {data['epoch']}")
+        echo_safe(f"{data['peer_id']} epoch {data['epoch']}")
     else:
         click.echo("no leader yet")
 
@@ -290,14 +319,17 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{len(rows)} peers")
     for column in ("peer id", "hostname", "alive", "connected", "last seen", "addresses"):
         table.add_column(column)
     for row in rows:
         seen = "" if row["last_seen_s"] is None else f"{row['last_seen_s']} s ago"
-        table.add_row(row["peer_id"], row.get("hostname") or "", "yes" if row["alive"] else "no",
-                      "yes" if row["connected"] else "no", seen, "\n".join(row.get("addresses") or []))
+        # Each address escaped on its own: the newlines between them are ours, any inside are not.
+        addresses = "\n".join(escape_control(address) for address in row.get("addresses") or [])
+        table.add_row(_cell(row["peer_id"]), _cell(row.get("hostname")), "yes" if row["alive"] else "no",
+                      "yes" if row["connected"] else "no", seen, Text(addresses))
     Console().print(table)
 
 
@@ -357,14 +389,16 @@ def ledger_list(context: Context, bucket: str | None, socket_path: str | None, a
     client = _client(context, socket_path)
     if bucket is None:
         buckets = client.request("GET", "/api/ledger")
-        emit_json(buckets) if as_json else [click.echo(name) for name in buckets]
+        emit_json(buckets) if as_json else [echo_safe(name) for name in buckets]
         return
     items = client.request("GET", f"/api/ledger/{_quote(bucket)}")
     if as_json:
         emit_json(items)
     else:
         for key, value in sorted(items.items()):
-            click.echo(f"{key}\t{json.dumps(value, sort_keys=True)}")
+            # The key is escaped (a tab or newline in it cannot fake a column or a row); the value
+            # is JSON, escaped by json.dumps.
+            click.echo(f"{escape_control(key)}\t{json.dumps(value, sort_keys=True)}")
 
 
 @ledger.command("watch")
@@ -433,6 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except click.ClickException as exc:
+        exc.message = escape_control(exc.message)  # it may quote an argument, a file name
         exc.show()
         raise SystemExit(exc.exit_code) from None
     except click.exceptions.Abort:
@@ -441,12 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     except KairosError as exc:
         if debug:
             raise
-        click.echo(f"kairos: error: {exc}", err=True)
+        # The message may quote a key, a hostname or a config value: one escaped line.
+        echo_safe(f"kairos: error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except Exception as exc:  # a bug: still one line unless the user asks for the traceback
         if debug:
             raise
-        click.echo(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)", err=True)
+        echo_safe(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)", err=True)
         raise SystemExit(1) from None
