@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import ipaddress
 import logging
 import socket
@@ -164,17 +165,30 @@ def udp_host(info: dict[str, Any], network: ipaddress.IPv4Network) -> str | None
 
 def set_device_address(name: str, old: ipaddress.IPv4Interface | None, new: ipaddress.IPv4Interface,
                        network: ipaddress.IPv4Network) -> None:
-    """Give device ``name`` the address ``new`` instead of ``old``; keep ``network`` routed to it."""
+    """Give device ``name`` the address ``new`` instead of ``old``; keep ``network`` routed to it.
+
+    The old address goes first. Added second, the new one would be a *secondary* address of the
+    same subnet, and deleting the primary takes the secondaries with it (unless the sysctl
+    ``promote_secondaries`` is on, which it is not by default): the device was left without any
+    address, the kernel gave the node's VPN packets another interface's source address, and
+    every peer dropped them as spoofed until the node restarted. The old address belongs to the
+    node that won it; nothing is lost by dropping it a moment early.
+    """
     from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
 
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=name)[0]
-        ipr.addr("add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen)
         if old is not None and old != new:
             try:
                 ipr.addr("del", index=index, address=str(old.ip), prefixlen=old.network.prefixlen)
-            except Exception:  # already gone
+            except NetlinkError:  # already gone
                 pass
+        try:
+            ipr.addr("add", index=index, address=str(new.ip), prefixlen=new.network.prefixlen)
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
         ipr.route("replace", dst=str(network.network_address), dst_len=network.prefixlen, oif=index)
 
 

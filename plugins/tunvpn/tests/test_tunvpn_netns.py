@@ -142,3 +142,33 @@ def test_tun_device_is_configured_and_removed_on_close():
         assert "gso_max_size" in result.stdout and "gso_max_size 65536" not in result.stdout
         assert "10.56.0.0/16 dev ktest0" in result.stdout and "10.55.0.0/24 dev ktest0" in result.stdout
         assert result.stdout.strip().endswith("GONE")
+
+
+def test_moving_the_device_address_leaves_the_new_one_as_the_source_of_vpn_packets():
+    """What a node does after losing its VIP in a conflict: the device must end up with the new
+    address, and packets into the VPN must leave with it as their source (the peers drop any
+    other source as spoofed)."""
+    reason = netns_missing()
+    if reason:
+        pytest.skip(reason)
+    with NamespacePair() as pair:
+        script = (
+            "import ipaddress, subprocess;"
+            "from kairos_plugin_tunvpn.tun import TunDevice;"
+            "from kairos_plugin_tunvpn.vpn import set_device_address;"
+            "net = ipaddress.IPv4Network('10.55.0.0/24');"
+            "old, new = ipaddress.IPv4Interface('10.55.0.1/24'), ipaddress.IPv4Interface('10.55.0.8/24');"
+            "t = TunDevice.create('ktest0', address=old, mtu=1400, routes=[net]);"
+            "show = lambda: print(subprocess.run(['ip', '-4', '-o', 'addr', 'show', 'dev', 'ktest0'],"
+            " capture_output=True, text=True).stdout + subprocess.run(['ip', 'route', 'get', '10.55.0.9'],"
+            " capture_output=True, text=True).stdout + '---');"
+            "set_device_address('ktest0', old, new, net); show();"
+            "set_device_address('ktest0', new, new, net); show();"  # the same move again changes nothing
+            "t.close()"
+        )
+        result = pair.run("a", sys.executable, "-c", script)
+        assert result.returncode == 0, result.stderr
+        moved, again, _ = result.stdout.split("---")
+        for output in (moved, again):
+            assert "inet 10.55.0.8/24" in output and "10.55.0.1/" not in output
+            assert "10.55.0.9 dev ktest0 src 10.55.0.8" in output

@@ -11,6 +11,7 @@ import pytest
 
 from kairos_core.errors import ConfigError
 from kairos_core.testing import LocalNetwork
+from kairos_plugin_tunvpn import addressing
 from kairos_plugin_tunvpn import tun as tun_module
 from kairos_plugin_tunvpn.addressing import holders, read_claims
 from kairos_plugin_tunvpn.plugin import TunVPNPlugin
@@ -126,6 +127,39 @@ async def test_a_membership_flap_keeps_a_session_that_still_carries_packets(netw
     await nodes[1].stop()  # now it falls silent too: the session goes
     await network.wait_for(lambda: peer not in a.links, timeout=15)
     assert not a.plane.has_peer(peer)
+
+
+async def test_a_node_that_loses_its_vip_after_start_is_known_by_its_new_one(network, fakes, monkeypatch):
+    """x and a both claim 10.1.0.1 at start. b meets x first (a session with x on that VIP), then
+    a, whose claim is older: x moves, and both peers route to and accept x's new VIP without a
+    restart, while x's old one is no longer x's."""
+    monkeypatch.setattr(addressing, "candidate", lambda peer_id, net, attempt=0: addressing._nth_host(net, attempt * 7))
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    a = await network.add_node(plugins=[plugin], overrides=vpn_config(), connect=False, name="a")
+    b = await network.add_node(plugins=[plugin], overrides=vpn_config(address="10.1.0.50/24"), connect=False, name="b")
+    x = await network.add_node(plugins=[plugin], overrides=vpn_config(), connect=False, name="x")
+    va, vb, vx = (plugin.vpn_of(n) for n in (a, b, x))
+    contested = ipaddress.IPv4Address("10.1.0.1")
+    assert va.address.ip == vx.address.ip == contested
+    await x.connect(b.host.addresses())
+    await network.wait_for(lambda: vb.plane.vip_of(x.peer_id) == contested, timeout=20)
+    await a.connect(b.host.addresses())
+    await a.connect(x.host.addresses())
+    vpns = (va, vb, vx)
+    await network.wait_for(lambda: vx.address.ip != contested and all(len(v.links) == 2 for v in vpns), timeout=30)
+    assert va.address.ip == contested and vx.counters["vpn_address_moves"] == 1
+    await network.wait_for(lambda: all(v.plane.vip_of(o.peer_id) == o.address.ip for v in vpns for o in vpns if o is not v),
+                           timeout=10)
+    for peer in (va, vb):
+        fakes.received(peer.peer_id)
+        ping = bytes(icmp_echo(src=vx.address.ip.packed, dst=peer.address.ip.packed, payload=b"from the new VIP"))
+        fakes.inject(x.peer_id, ping)
+        await network.wait_for(lambda: ping in fakes.received(peer.peer_id), timeout=5)
+        stale = bytes(icmp_echo(src=contested.packed, dst=peer.address.ip.packed, payload=b"from the old VIP"))
+        before = peer.plane.counters["drop_spoofed_source"]
+        fakes.inject(x.peer_id, stale)
+        await network.wait_for(lambda: peer.plane.counters["drop_spoofed_source"] == before + 1, timeout=5)
+    assert va.vips[x.peer_id] == vb.vips[x.peer_id] == vx.address.ip
 
 
 async def test_static_address_is_used(network, fakes):
