@@ -244,3 +244,71 @@ def test_compact_digest_garbage_is_a_sync_error(data):
         assert len(unpack_digest(data)) == 256 * 16
     except SyncError:
         pass
+
+
+def _versions_frame(peers: list, rows: list) -> bytes:
+    import json
+
+    # json.dumps writes a lone surrogate as the escape "\ud800", which json.loads turns back
+    # into one: exactly what a hostile peer sends.
+    return b"V" + json.dumps({"p": peers, "r": rows}).encode()
+
+
+@pytest.mark.parametrize("peers, row", [
+    (["p"], ["\ud800", "k", 1, 0, 0]),         # a lone surrogate: UnicodeEncodeError in range_of
+    (["p"], ["b", "k\udfff", 1, 0, 0]),
+    (["p"], ["b\x00", "k", 1, 0, 0]),          # NUL, empty and over-long names are not keys either
+    (["p"], ["", "k", 1, 0, 0]),
+    (["p"], ["b", "k" * 513, 1, 0, 0]),
+    (["p\ud800"], ["b", "k", 1, 0, 0]),        # nor are peer ids that are not text, or too long
+    (["p" * 129], ["b", "k", 1, 0, 0]),
+    ([""], ["b", "k", 1, 0, 0]),
+])
+def test_invalid_names_in_a_versions_frame_are_a_sync_error(peers, row) -> None:
+    from kairos_core.ledger.sync import _decode_versions
+
+    with pytest.raises(SyncError, match="malformed"):
+        _decode_versions(_versions_frame(peers, [row])[1:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(codec=None)),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.sampled_from(["p", "r", "x"]), inner, max_size=3),
+    max_leaves=20,
+))
+def test_any_versions_payload_decodes_or_raises_sync_error(doc) -> None:
+    import json
+
+    from kairos_core.ledger.sync import _decode_versions, range_of
+
+    for payload in (json.dumps(doc).encode(), json.dumps({"p": ["p"], "r": [doc]}).encode()):
+        try:
+            rows = _decode_versions(payload)
+        except SyncError:
+            continue
+        for bucket, key, _version in rows:
+            range_of(bucket, key)  # what the session does next with each row
+
+
+async def test_a_lone_surrogate_in_a_versions_frame_ends_the_session_as_a_counted_sync_error(channels) -> None:
+    from kairos_core.ledger.sync import _WIRE_VERSION
+
+    ledger = Ledger(ALICE, LedgerStore(":memory:"))
+    for i in range(50):
+        ledger.set("user", f"k{i}", i)
+    left, right = channels
+    every_range = b"\xff" * 32 + b"\x01" * (RANGES * 16)  # bitmap: all present, all differing
+
+    async def misbehave() -> None:
+        await right.send(b"D" + bytes([_WIRE_VERSION]) + every_range)
+        await right.send(_versions_frame(["p"], [["\ud800", "k", 1, 0, 0]]))
+        await asyncio.sleep(5)
+
+    peer = asyncio.create_task(misbehave())
+    try:
+        with pytest.raises(SyncError, match="malformed version row"):
+            await sync_ledgers(ledger, left, timeout=5)
+    finally:
+        peer.cancel()
+    assert ledger.counters["sync_errors"] == 1

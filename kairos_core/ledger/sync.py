@@ -34,8 +34,8 @@ from typing import Iterable, Protocol
 
 from .clock import MAX_COUNTER, MAX_WALL_MS, Version
 from .codec import decode_batch, split_batches
-from .entry import MAX_REMOTE_VALUE_SIZE, Entry
-from .errors import DecodeError, SyncError
+from .entry import MAX_BUCKET_LENGTH, MAX_KEY_LENGTH, MAX_PEER_ID_LENGTH, MAX_REMOTE_VALUE_SIZE, Entry, check_name
+from .errors import DecodeError, LedgerError, SyncError
 from .ledger import Ledger
 
 PROTOCOL_ID = "/kairos/sync/1.0.0"
@@ -319,6 +319,10 @@ def _encode_versions(peers: dict[str, int], rows: list[str]) -> bytes:
 
 
 def _decode_versions(payload: bytes) -> Iterable[tuple[str, str, Version]]:
+    """The ``(bucket, key, version)`` rows of a versions frame; :class:`SyncError` for anything
+    malformed, whatever it is: every name is checked as an entry's would be, so nothing that
+    comes out can fail later (a lone surrogate used to raise ``UnicodeEncodeError`` in
+    :func:`range_of`)."""
     try:
         doc = json.loads(payload)
     except (ValueError, RecursionError):
@@ -326,8 +330,11 @@ def _decode_versions(payload: bytes) -> Iterable[tuple[str, str, Version]]:
     if not isinstance(doc, dict) or not isinstance(doc.get("p"), list) or not isinstance(doc.get("r"), list):
         raise SyncError("malformed versions frame")
     peers = doc["p"]
-    if not all(isinstance(p, str) for p in peers):
-        raise SyncError("malformed peer table")
+    try:
+        for peer in peers:
+            check_name("peer id", peer, MAX_PEER_ID_LENGTH)
+    except LedgerError:
+        raise SyncError("malformed peer table") from None
     out = []
     for row in doc["r"]:
         if not (isinstance(row, list) and len(row) == 5):
@@ -340,5 +347,10 @@ def _decode_versions(payload: bytes) -> Iterable[tuple[str, str, Version]]:
             and type(index) is int and 0 <= index < len(peers)
         ):
             raise SyncError("malformed version row")
+        try:
+            check_name("bucket", bucket, MAX_BUCKET_LENGTH)
+            check_name("key", key, MAX_KEY_LENGTH)
+        except LedgerError as exc:
+            raise SyncError(f"malformed version row: {exc}") from None
         out.append((bucket, key, Version(wall_ms, counter, peers[index])))
     return out
