@@ -68,12 +68,15 @@ def encode(op: str, hello: Hello | None = None) -> bytes:
 
 
 def decode(data: bytes) -> tuple[str, Hello | None]:
-    """``(op, hello)`` of a message; :class:`ExchangeError` for anything malformed."""
+    """``(op, hello)`` of a message; :class:`ExchangeError` for anything malformed, and no other
+    exception whatever ``data`` holds (a peer controls it)."""
     try:
         message = json.loads(data)
-        op = message["op"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, RecursionError):  # RecursionError: "[[[[…", a level per byte
         raise ExchangeError("not a key-exchange message") from None
+    if not isinstance(message, dict) or "op" not in message:
+        raise ExchangeError("not a key-exchange message")
+    op = message["op"]
     if op == "request":
         return op, None
     if op not in ("hello", "reply"):
