@@ -161,3 +161,17 @@ async def test_delta_batcher_survives_a_failing_publisher() -> None:
     batcher.add(Entry.signed(PEERS[0], "u", "k", 1, Version(1, 0, PEERS[0].peer_id)))
     await batcher.aclose()
     assert len(calls) == 1 and batcher.batches_sent == 0
+
+
+def test_a_value_nested_past_the_bound_is_a_decode_error() -> None:
+    from kairos_core.ledger.entry import MAX_VALUE_DEPTH
+
+    peer = PEERS[0]
+    good = encode_batch([Entry.signed(peer, "b", "k", "PLACEHOLDER", Version(1, 0, peer.peer_id))])
+    for depth, ok in ((MAX_VALUE_DEPTH, True), (MAX_VALUE_DEPTH + 1, False), (600, False)):
+        data = good.replace(b'"PLACEHOLDER"', b"[" * depth + b"]" * depth)
+        if ok:
+            assert len(decode_batch(data)) == 1
+        else:
+            with pytest.raises(DecodeError, match="nested"):
+                decode_batch(data)

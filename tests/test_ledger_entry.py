@@ -71,3 +71,26 @@ def test_validate_enforces_the_value_cap() -> None:
     entry.validate(max_value_size=52)
     with pytest.raises(LedgerError):
         entry.validate(max_value_size=51)
+
+
+def nested(depth: int):
+    value: object = 1
+    for level in range(depth):
+        value = [value] if level % 2 else {"k": value}
+    return value
+
+
+def test_values_nested_deeper_than_the_bound_are_refused() -> None:
+    from kairos_core.ledger.entry import MAX_VALUE_DEPTH
+
+    assert normalize_value(nested(MAX_VALUE_DEPTH)) == nested(MAX_VALUE_DEPTH)
+    make(nested(MAX_VALUE_DEPTH)).validate()
+    # Deeper values used to be stored (up to ~990 levels, where json gives up), and then every
+    # watch and `dataclasses.asdict` of the update died of RecursionError at ~500.
+    for depth in (MAX_VALUE_DEPTH + 1, 600, 5000):
+        with pytest.raises(LedgerError, match=f"nested more than {MAX_VALUE_DEPTH} levels"):
+            normalize_value(nested(depth))
+    entry = Entry(*[getattr(make(), name) for name in ("bucket", "key")], nested(600), ALICE.peer_id,
+                  Version(1000, 0, ALICE.peer_id), False, b"\x00" * 64)
+    with pytest.raises(LedgerError, match="nested more than"):
+        entry.validate()

@@ -4,7 +4,9 @@ An entry is signed by its owner over a canonical byte string of (bucket, key, va
 deleted). The encoding is JSON with sorted keys, no insignificant whitespace, UTF-8, and no NaN or
 infinity, prefixed by a domain label so an entry signature can never be mistaken for any other
 signature the node makes. Values are normalised through that same JSON at write time, so the
-value a node keeps is exactly the value every other node decodes and verifies.
+value a node keeps is exactly the value every other node decodes and verifies. A value nests at
+most ``MAX_VALUE_DEPTH`` levels of lists and objects, so no reader of it (watch streams,
+``dataclasses.asdict``, plugins) can run out of stack.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..identity import Identity, public_key_from_peer_id
+from ..untrusted import nesting_exceeds
 from .clock import MAX_COUNTER, MAX_WALL_MS, Version
 from .errors import LedgerError
 
@@ -27,6 +30,10 @@ DEFAULT_MAX_VALUE_SIZE = 65536
 # entries must be the same everywhere, or nodes with different configs would disagree on the same
 # entry forever. ledger.max_value_size (at most this) only bounds this node's own writes.
 MAX_REMOTE_VALUE_SIZE = 1024 * 1024
+# Levels of lists and objects a value may nest, local or remote, and like the remote size limit
+# the same on every node. Python's JSON and copying recurse once or twice per level and give up
+# near 1000 frames, less the caller's own; real data nests a dozen.
+MAX_VALUE_DEPTH = 64
 MAX_BUCKET_LENGTH = 128
 MAX_KEY_LENGTH = 512
 MAX_PEER_ID_LENGTH = 128
@@ -45,12 +52,18 @@ def canonical_json(value: Any) -> str:
 
 def normalize_value(value: Any, max_value_size: int = DEFAULT_MAX_VALUE_SIZE) -> Any:
     """``value`` as every peer will see it after a JSON round trip (tuples become lists, dict keys
-    strings), checked against the size cap."""
+    strings), checked against the size cap and the depth bound."""
+    _check_depth(value)  # first: it is iterative, canonical_json is not
     text = canonical_json(value)
     size = len(text.encode())
     if size > max_value_size:
         raise LedgerError(f"value is {size} bytes of JSON, more than ledger.max_value_size={max_value_size}")
     return json.loads(text)
+
+
+def _check_depth(value: Any) -> None:
+    if nesting_exceeds(value, MAX_VALUE_DEPTH):
+        raise LedgerError(f"value is nested more than {MAX_VALUE_DEPTH} levels deep")
 
 
 @lru_cache(maxsize=4096)
@@ -141,6 +154,7 @@ class Entry:
             raise LedgerError("a tombstone has no value")
         if not isinstance(self.sig, bytes) or len(self.sig) != SIGNATURE_LENGTH:
             raise LedgerError("sig must be 64 bytes")
+        _check_depth(self.value)
         size = len(self.value_json.encode())
         if size > max_value_size:
             raise LedgerError(f"value is {size} bytes of JSON, more than {max_value_size}")
