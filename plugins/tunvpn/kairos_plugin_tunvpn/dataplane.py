@@ -31,6 +31,12 @@ The nonce is the header's last 12 bytes (key id + counter): unique per key, neve
 ``csum_start/csum_offset`` are non-zero when the inner packet's L4 checksum is partial (the
 receiving kernel finishes it): see :mod:`.vnet`. Everything wrong is dropped and counted in
 :attr:`DataPlane.counters`; nothing a peer sends can stop a thread.
+
+The key id is readable by anyone who sees the traffic, so before any AES-GCM open a datagram must
+come from the endpoint its session last authenticated from; one from another endpoint (the peer
+roaming, or a flood) is opened only within the budget of :class:`~.roaming.RoamLimiter`, and
+dropped unopened beyond it (``drop_roam_limited``). A GRO train is judged once, by its first
+datagram: a flood costs a dictionary lookup per train.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from .crypto import (
     SendState,
     SessionKeys,
 )
+from .roaming import RoamLimiter
 from .tun import TunDevice
 from .vnet import (
     GSO_ECN,
@@ -90,6 +97,7 @@ _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _SEGMENT_SIZE = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
 _WIRE_WORDS = struct.Struct("!QQ")  # a wire header as two integers: (kind … key id) and counter
+_KEY_ID = struct.Struct("!I")  # at offset 4 of a wire header
 _POLL_IDLE_MS = 500
 _TRANSIENT_SEND_ERRORS = {
     errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM, errno.EACCES,
@@ -101,6 +109,11 @@ COUNTER_NAMES = (
     "rx_packets", "rx_bytes", "rx_batches", "tun_writes",
     "drop_malformed", "drop_no_route", "drop_unsupported", "drop_no_endpoint",
     "drop_unknown_peer", "drop_stale_epoch", "drop_replay", "drop_bad_tag", "drop_spoofed_source",
+    # not from the endpoint of its session, and over the budget for opening such datagrams
+    "drop_roam_limited",
+    # datagrams from another endpoint than their session's that were opened (within the budget),
+    # and sessions moved to a new endpoint by an authentic datagram from it
+    "roam_opens", "roams",
     "send_errors", "recv_errors", "tun_errors",
 )
 
@@ -148,7 +161,7 @@ def _open_views(view: memoryview, rx_view: memoryview, size: int, slots: int) ->
 class Peer:
     """One remote node: its virtual IP (and extra networks), UDP endpoint, session state."""
 
-    __slots__ = ("peer_id", "vip", "vip_bytes", "networks", "endpoint", "send", "receive", "fallback",
+    __slots__ = ("peer_id", "vip", "vip_bytes", "networks", "endpoint", "source", "send", "receive", "fallback",
                  "heard", "udp_heard")
 
     def __init__(
@@ -165,6 +178,9 @@ class Peer:
         self.vip_bytes = vip.packed
         self.networks = networks
         self.endpoint = endpoint
+        # the UDP endpoint whose datagrams are opened without a roaming token: where the last
+        # authentic datagram came from (until there is one, where the peer was said to be)
+        self.source = endpoint
         self.send = send
         self.receive = receive
         self.fallback: Callable[[bytes], object] | None = None
@@ -190,6 +206,9 @@ class DataPlane:
     :param udp_gso: send trains of datagrams with one ``sendmsg`` (UDP_SEGMENT).
     :param udp_gro: receive trains with one ``recvmsg`` (UDP_GRO).
     :param coalesce: merge received TCP segments into GSO writes (needs a vnet-header TUN).
+    :param roam_limiter: the budget for opening datagrams that do not come from their session's
+        endpoint (default: :class:`~.roaming.RoamLimiter` with its default rates); the attribute
+        of the same name may be replaced while the plane runs.
     """
 
     def __init__(
@@ -203,8 +222,10 @@ class DataPlane:
         rekey_after_packets: int = REKEY_AFTER_PACKETS,
         rekey_after_seconds: float = REKEY_AFTER_SECONDS,
         socket_buffer: int = 8 << 20,
+        roam_limiter: RoamLimiter | None = None,
     ) -> None:
         self.tun = tun
+        self.roam_limiter = roam_limiter if roam_limiter is not None else RoamLimiter()
         self.udp_gso = udp_gso
         self.coalesce = coalesce and tun.vnet_hdr
         self.rekey_after_packets = rekey_after_packets
@@ -281,6 +302,8 @@ class DataPlane:
             )
             if old is not None:
                 peer.fallback = old.fallback
+                if old.source is not None:
+                    peer.source = old.source  # new keys, same peer: it sends from where it did
             peers = dict(self._peers)
             peers[peer_id] = peer
             self._publish(peers)
@@ -332,6 +355,13 @@ class DataPlane:
         """The UDP address datagrams to ``peer_id`` go to now (None: the fallback, or unknown)."""
         peer = self._peers.get(peer_id)
         return peer.endpoint if peer else None
+
+    def source_of(self, peer_id: str) -> tuple[str, int] | None:
+        """The UDP endpoint whose datagrams under ``peer_id``'s key id are opened without a
+        roaming token: where its last authentic datagram came from (None: unknown peer, or none
+        yet and no endpoint given)."""
+        peer = self._peers.get(peer_id)
+        return peer.source if peer else None
 
     def last_heard(self, peer_id: str) -> float | None:
         """``time.monotonic()`` of the last authentic datagram from ``peer_id``, by UDP or stream."""
@@ -790,6 +820,19 @@ class DataPlane:
             return
         if size <= 0:
             size = n  # no usable GRO segment size: one datagram
+        if n >= HEADER_BYTES:
+            # the pre-check before any AES-GCM open, once per train: a GRO train has one source
+            peer = self._by_key_id.get(_KEY_ID.unpack_from(view, 4)[0])
+            if peer is not None and address != peer.source:
+                if not self._may_roam(address):
+                    self._counters.drop_roam_limited += (n + size - 1) // size
+                    return
+                # one by one: the first that authenticates moves the session here and the others
+                # then pass; until one does, each needs a token of its own
+                self._open_datagram(view[: min(size, n)], address, prechecked=True)
+                for start in range(size, n, size):
+                    self._open_datagram(view[start : min(start + size, n)], address)
+                return
         if n < OVERHEAD + 20 or size >= n or size < OVERHEAD + 20 or coalescer is None:
             for start in range(0, n, size):
                 self._open_datagram(view[start : min(start + size, n)], address)
@@ -909,7 +952,17 @@ class DataPlane:
         if 0 < tail < OVERHEAD + 20:
             self._open_datagram(view[full * size : n], address)  # too short: counted there
 
-    def _open_datagram(self, datagram: memoryview, address: tuple[str, int] | None, expected: Peer | None = None) -> None:
+    def _may_roam(self, address: tuple[str, int]) -> bool:
+        """True if a datagram from ``address``, not its session's endpoint, may be opened."""
+        if self.roam_limiter.allow(address):
+            self._counters.roam_opens += 1
+            return True
+        return False
+
+    def _open_datagram(self, datagram: memoryview, address: tuple[str, int] | None, expected: Peer | None = None,
+                       prechecked: bool = False) -> None:
+        """Open one datagram and deliver it; ``address`` is its UDP source (None: it came over
+        the fallback stream of ``expected``); ``prechecked``: its roaming token is taken."""
         counters = self._counters
         length = len(datagram) - OVERHEAD
         if length < 20:
@@ -932,6 +985,10 @@ class DataPlane:
         if not window.check(counter):
             counters.drop_replay += 1
             return
+        # the last check before the costly open: what it lets through from other endpoints is budgeted
+        if address is not None and address != peer.source and not prechecked and not self._may_roam(address):
+            counters.drop_roam_limited += 1
+            return
         buf = self._rx_buf
         base = VNET_HDR_LEN
         try:
@@ -949,6 +1006,9 @@ class DataPlane:
         peer.heard = time.monotonic()
         if address is not None:
             peer.udp_heard = peer.heard
+            if address != peer.source:
+                peer.source = address  # roaming: the session follows its authentic datagrams
+                counters.roams += 1
         if buf[base] >> 4 != 4 or not peer.owns_source(bytes(buf[base + 12 : base + 16])):
             counters.drop_spoofed_source += 1
             return

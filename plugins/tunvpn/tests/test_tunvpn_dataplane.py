@@ -5,7 +5,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import random
 import socket
+import struct
 import time
 
 import pytest
@@ -15,7 +17,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kairos_plugin_tunvpn import fastpath
 from kairos_plugin_tunvpn.crypto import SessionKeys
-from kairos_plugin_tunvpn.dataplane import WIRE_HEADER, DataPlane
+from kairos_plugin_tunvpn.dataplane import UDP_SEGMENT, WIRE_HEADER, DataPlane
+from kairos_plugin_tunvpn.roaming import RoamLimiter
 from kairos_plugin_tunvpn.tun import TunDevice, TunUnavailable
 from kairos_plugin_tunvpn.vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, TsoFrame
 from tunvpn_packets import icmp_echo, ipv4_tcp
@@ -139,6 +142,91 @@ def test_unknown_peers_bad_tags_garbage_spoofs_and_replays_are_dropped(pair):
         assert counters["rx_packets"] == 2
     finally:
         stranger.close()
+
+
+def garbage_under(key_id: int, rng: random.Random, body: int = 100) -> bytes:
+    """What someone who read ``key_id`` off the wire can send: a plausible header, random bytes."""
+    return WIRE_HEADER.pack(1, 0, 0, 0, key_id, rng.getrandbits(40)) + rng.randbytes(body)
+
+
+def test_a_flood_under_a_real_key_id_from_a_foreign_endpoint_is_dropped_before_any_decryption(pair):
+    """The attack of issue #12 (Medium 8a): a non-member floods the data plane's port with
+    datagrams carrying a key id read off the wire. They are dropped unopened (counted as
+    drop_roam_limited) but for the roaming budget, while the peer's own traffic flows."""
+    (tun_a, tun_b), (_, plane_b), keys_a = pair
+    # no token ever comes back: what the flood may cost is exactly one source's burst
+    plane_b.roam_limiter = RoamLimiter(per_source_rate=0, per_source_burst=4, total_rate=0, total_burst=6)
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    attacker.bind(("127.0.0.1", 0))
+    target = plane_b.local_address
+    rng = random.Random(8)
+    flood = 0
+    try:
+        for turn in range(10):
+            for _ in range(100):  # single datagrams
+                attacker.sendto(garbage_under(keys_a.send_key_id, rng), target)
+            # and a GSO train, which the receiver gets as one GRO train
+            train = b"".join(garbage_under(keys_a.send_key_id, rng) for _ in range(40))
+            attacker.sendmsg([train], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", 116))], 0, target)
+            flood += 140
+            ping = bytes(icmp_echo(payload=bytes([turn]) * 16))
+            tun_a.inject(ping)
+            assert tun_b.receive()[1] == ping  # the peer's traffic goes through the flood
+        assert wait_for(lambda: plane_b.counters["drop_roam_limited"] + plane_b.counters["drop_bad_tag"] == flood)
+        counters = plane_b.counters
+        assert counters["roam_opens"] == counters["drop_bad_tag"] == 4  # the only decryptions: the burst
+        assert counters["drop_roam_limited"] == flood - 4
+        assert counters["rx_packets"] == 10 and counters["roams"] == 0
+        assert plane_b.source_of("a") == pair[1][0].local_address  # the session did not move
+    finally:
+        attacker.close()
+
+
+def test_an_authentic_datagram_from_a_new_endpoint_moves_the_session_within_the_budget(pair):
+    (tun_a, tun_b), (plane_a, plane_b), keys_a = pair
+    plane_b.roam_limiter = RoamLimiter(per_source_rate=0, per_source_burst=2, total_rate=0, total_burst=3)
+    first, second = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    target = plane_b.local_address
+    rng = random.Random(9)
+    try:
+        for sock in (first, second):
+            sock.bind(("127.0.0.1", 0))
+        for _ in range(3):
+            first.sendto(garbage_under(keys_a.send_key_id, rng), target)
+        assert wait_for(lambda: plane_b.counters["drop_roam_limited"] == 1)
+        assert plane_b.counters["drop_bad_tag"] == 2  # first's burst went on forgeries
+        first.sendto(craft(keys_a, 100, bytes(icmp_echo(payload=b"from first"))), target)
+        assert wait_for(lambda: plane_b.counters["drop_roam_limited"] == 2)  # authentic, but no token left
+        # the peer from a new endpoint: the last token of the total opens it, and the session moves
+        second.sendto(craft(keys_a, 101, bytes(icmp_echo(payload=b"roamed"))), target)
+        assert tun_b.receive()[1][28:] == b"roamed"
+        assert plane_b.source_of("a") == second.getsockname() and plane_b.counters["roams"] == 1
+        for counter in range(102, 105):  # from there on no token is needed
+            second.sendto(craft(keys_a, counter, bytes(icmp_echo(payload=b"more"))), target)
+            assert tun_b.receive()[1][28:] == b"more"
+        assert plane_b.counters["roam_opens"] == 3
+        # and the endpoint the session left is now a stranger: no token, nothing opened
+        tun_a.inject(bytes(icmp_echo()))
+        assert wait_for(lambda: plane_b.counters["drop_roam_limited"] == 3)
+        assert plane_b.counters["rx_packets"] == 4
+    finally:
+        first.close()
+        second.close()
+
+
+def test_new_keys_for_a_peer_keep_the_endpoint_it_authenticated_from(pair):
+    (tun_a, tun_b), (plane_a, plane_b), keys_a = pair
+    roamer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        roamer.bind(("127.0.0.1", 0))
+        roamer.sendto(craft(keys_a, 50, bytes(icmp_echo())), plane_b.local_address)
+        tun_b.receive()
+        assert plane_b.source_of("a") == roamer.getsockname()
+        plane_b.add_peer("a", VIP_A, plane_a.local_address, SessionKeys.derive(b"n" * 32, "b", "a"))
+        assert plane_b.source_of("a") == roamer.getsockname()
+        assert plane_b.source_of("nobody") is None
+    finally:
+        roamer.close()
 
 
 def test_fallback_path_carries_sealed_datagrams():
@@ -425,9 +513,11 @@ def test_garbage_trains_under_a_peers_key_id_are_counted_and_never_crash(pure_py
         body = bytearray(data.draw(st.binary(min_size=n, max_size=n), label="body"))
         for at in range(0, n - 8, size):  # every datagram claims to be the peer's
             body[at : at + 8] = prefix
+        # from the session's endpoint, or from another (opened within the roaming budget, or not)
+        address = data.draw(st.sampled_from([PEER_ENDPOINT, ("127.0.0.1", 4444)]), label="address")
         before = drops(plane)
         with plane._rx_lock:
-            plane._open_train(memoryview(body), n, size, PEER_ENDPOINT, {})  # no exception, ever
+            plane._open_train(memoryview(body), n, size, address, {})  # no exception, ever
             plane._coalescer.flush()
         assert plane.counters["rx_packets"] == 0 and not written  # nothing forged gets through
         datagrams = max(1, (n + size - 1) // size)  # an empty datagram is one datagram too
