@@ -23,6 +23,7 @@ from typing import Any
 from .paths import K3sPaths
 from .roles import CLUSTER_INIT, MASTER_HA, WORKER, is_server
 from .settings import FlagSet
+from .validate import clean_host, clean_token
 
 SERVER_SERVICE = "k3s"
 AGENT_SERVICE = "k3s-agent"
@@ -68,9 +69,17 @@ class K3sLaunch:
 
 
 def server_url(address: str, port: int) -> str:
-    """``https://address:port``, with brackets around an IPv6 address."""
-    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
-    return f"https://{host}:{port}"
+    """``https://address:port``, with brackets around an IPv6 address.
+
+    Built from checked parts only: ``ValueError`` unless ``address`` is an IP address or a host
+    name and ``port`` a port number (a URL goes into k3s's environment as it is).
+    """
+    host = clean_host(address[1:-1] if address.startswith("[") and address.endswith("]") else address)
+    if host is None:
+        raise ValueError(f"not an IP address or host name: {address!r}")
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError(f"not a port: {port!r}")
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def build_launch(
@@ -99,6 +108,9 @@ def build_launch(
     server = is_server(role)
     if role in (MASTER_HA, WORKER) and join is None:
         raise ValueError(f"role {role} needs a server address and a token to join")
+    if join is not None and clean_token(join.token) is None:
+        # The token reaches k3s's environment file: never one that is not a plain token.
+        raise ValueError("the join token is not a k3s token")
     config: dict[str, Any] = {}
     env: dict[str, str] = {}
     if node_ip:

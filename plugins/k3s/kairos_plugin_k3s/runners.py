@@ -27,6 +27,7 @@ import yaml
 
 from .launch import K3sLaunch
 from .paths import K3sPaths
+from .validate import env_name_ok
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,23 @@ def config_text(launch: K3sLaunch) -> str:
 
 
 def env_text(env: dict[str, str]) -> str:
-    """An environment file (``NAME=value`` lines, quoted), as systemd and shells read it."""
-    return "".join(f"{name}={_quote(value)}\n" for name, value in sorted(env.items()))
+    """An environment file: ``NAME=value`` lines that systemd reads and OpenRC's ``sh`` sources.
 
-
-def _quote(value: str) -> str:
-    if value and all(c.isalnum() or c in "._-:/@,+=" for c in value):
-        return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    Every value that is not plain (letters, digits, ``@%+=:,./-_``) is single-quoted by
+    :func:`shlex.quote`: inside single quotes neither ``sh`` nor systemd's parser expands anything
+    (``$(…)``, backquotes, ``$VAR``), and a single quote in the value is closed, escaped and
+    reopened, which both read the same way. Names must be plain variable names and values one line
+    of text: anything else raises :class:`RunnerError` rather than write a file that some reader
+    would take differently.
+    """
+    lines = []
+    for name, value in sorted(env.items()):
+        if not env_name_ok(name):
+            raise RunnerError(f"environment variable name {name!r} is not a valid name")
+        if not isinstance(value, str) or any(c in value for c in "\n\r\x00"):
+            raise RunnerError(f"environment variable {name} must be one line of text")
+        lines.append(f"{name}={shlex.quote(value)}\n")
+    return "".join(lines)
 
 
 def resolve_binary(binary: str) -> str:

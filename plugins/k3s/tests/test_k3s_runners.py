@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -14,7 +16,7 @@ import yaml
 from kairos_plugin_k3s.launch import Join, build_launch
 from kairos_plugin_k3s.paths import K3sPaths
 from kairos_plugin_k3s.roles import MASTER, WORKER
-from kairos_plugin_k3s.runners import OpenRCRunner, ProcessRunner, SystemdRunner, make_runner
+from kairos_plugin_k3s.runners import OpenRCRunner, ProcessRunner, RunnerError, SystemdRunner, env_text, make_runner
 from kairos_plugin_k3s.settings import FlagSet
 from kairos_plugin_k3s.testing import install_fake_k3s, install_fake_systemctl, read_k3s_calls, read_systemctl_calls
 
@@ -140,6 +142,74 @@ async def test_process_runner_names_a_missing_binary_and_the_ways_out(world, cap
     assert runner.process is None and runner.starts == 1
     message = caplog.records[0].getMessage()
     assert f"{missing} not found" in message and "k3s.enabled: false" in message
+
+
+HOSTILE = [
+    "$(touch {pwned})", "`touch {pwned}`", "x; touch {pwned}", "x && touch {pwned} #", "$(touch {pwned})'",
+    "'$(touch {pwned})'", '"$(touch {pwned})"', "\\$(touch {pwned})", "${{X:-$(touch {pwned})}}", "$HOME", "it's",
+    'say "hi"', "a\\b", "", " spaced  out ", "*", "!x", "~root", "K10ab::server:cd",
+]
+
+
+def source_with_sh(env_file, *names):
+    """What ``sh`` sees after sourcing ``env_file`` as the OpenRC script does: the values of ``names``."""
+    values = " ".join(f'"${name}"' for name in names)  # names are plain identifiers
+    script = f'set -o allexport; [ -f "$1" ] && . "$1"; set +o allexport; printf "%s\\0" {values}'
+    done = subprocess.run(["sh", "-c", script, "sh", str(env_file)], capture_output=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode().split("\0")[:-1]
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
+@pytest.mark.parametrize("template", HOSTILE)
+def test_env_files_never_let_sh_run_a_value(tmp_path, template):
+    pwned = tmp_path / "pwned"
+    value = template.format(pwned=pwned)
+    env_file = tmp_path / "k3s.env"
+    env_file.write_text(env_text({"K3S_TOKEN": value, "K3S_URL": "https://10.1.0.1:6443"}))
+    assert source_with_sh(env_file, "K3S_TOKEN", "K3S_URL") == [value, "https://10.1.0.1:6443"]
+    assert not pwned.exists()
+    # systemd reads the same file; the fake systemctl parses it the way systemd does (shell words)
+    from kairos_plugin_k3s.fakes.systemctl import read_env
+
+    assert read_env(env_file)["K3S_TOKEN"] == value
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
+async def test_the_openrc_env_file_holds_a_hostile_token_inert(tmp_path):
+    paths = K3sPaths.under(tmp_path / "root")
+    recorder = tmp_path / "bin" / "rc"
+    recorder.parent.mkdir(parents=True)
+    recorder.write_text("#!/bin/sh\nexit 0\n")
+    recorder.chmod(0o755)
+    pwned = tmp_path / "pwned"
+    token = f"K10ab::server:$(touch {pwned})`touch {pwned}`"
+    launch = build_launch(WORKER, flags=NO_FLAGS, binary="/usr/local/bin/k3s", paths=paths, node_ip="10.1.0.2",
+                          interface="edgevpn0", join=Join("https://10.1.0.1:6443", "K10ab::server:cd"))
+    # build_launch itself refuses such a token; a runner must still write it inert
+    launch = dataclasses.replace(launch, env={**launch.env, "K3S_TOKEN": token})
+    assert await OpenRCRunner(paths, rc_service=str(recorder), rc_update=str(recorder)).apply(launch) is True
+    env_file = paths.config_dir / "k3s-agent.env"
+    script = (paths.openrc_dir / "k3s-agent").read_text()
+    assert f". {env_file}" in script  # the file the init script sources
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    assert source_with_sh(env_file, "K3S_TOKEN") == [token]
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("env, problem", [
+    ({"BAD NAME": "x"}, "is not a valid name"), ({"X;touch /tmp/p;Y": "x"}, "is not a valid name"),
+    ({"K3S_TOKEN": "two\nlines"}, "one line of text"), ({"K3S_TOKEN": "nul\x00"}, "one line of text"),
+])
+def test_env_files_refuse_what_no_reader_reads_alike(env, problem):
+    with pytest.raises(RunnerError, match=problem):
+        env_text(env)
+
+
+def test_a_join_token_that_is_not_plain_never_makes_a_launch(tmp_path):
+    with pytest.raises(ValueError, match="not a k3s token"):
+        build_launch(WORKER, flags=NO_FLAGS, binary="k3s", paths=K3sPaths.under(tmp_path), node_ip="10.1.0.2",
+                     interface=None, join=Join("https://10.1.0.1:6443", "$(touch /tmp/pwned)"))
 
 
 def test_make_runner(tmp_path):
