@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from .validate import clean_ip
+
 VPN_SECTION = "vpn"
 VPN_BUCKET = "vpn"
 DEFAULT_VPN_INTERFACE = "edgevpn0"
@@ -32,13 +34,20 @@ def vpn_interface(config: Any) -> str | None:
 
 
 def vpn_address(ledger: Any, peer_id: str) -> str | None:
-    """``peer_id``'s virtual IP from the ledger, or None when not (yet, or validly) published."""
+    """``peer_id``'s virtual IP from the ledger, or None when not (yet, or validly) published.
+
+    Only an entry ``peer_id`` signed itself counts: the VPN plugin makes the bucket owner-keyed,
+    but k3s must not hand another node's say to ``--node-ip`` where that plugin is absent.
+    """
+    entry = ledger.get_entry(VPN_BUCKET, peer_id) if hasattr(ledger, "get_entry") else None
+    if entry is not None and entry.owner != peer_id:
+        return None
     value = ledger.get(VPN_BUCKET, peer_id)
     vip = value.get("vip") if isinstance(value, dict) else None
     if not isinstance(vip, str):
         return None
     try:
-        return str(ipaddress.ip_interface(vip.strip()).ip)
+        return clean_ip(str(ipaddress.ip_interface(vip.strip()).ip))
     except ValueError:
         return None
 

@@ -1,56 +1,50 @@
-"""``kairos get-kubeconfig``: the cluster's admin kubeconfig, pointed at a reachable address."""
+"""``kairos get-kubeconfig``: the cluster's admin kubeconfig, pointed at a reachable address.
+
+The running node fetches it (from its own k3s when it is a master, else from a master over an
+admitted stream, see :mod:`.service`); the command asks that node through its local socket.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import quote
 
 import click
 
 from kairos_core.errors import KairosError
 
-from .cluster_state import KUBECONFIG_KEY, MASTER_IP_KEY
 from .kubeconfig import KubeconfigError, rewrite_kubeconfig
+from .service import KubeconfigUnavailable, ask_node, socket_path as k3s_socket
 
 
 def add_commands(cli: click.Group) -> None:
     """Add ``get-kubeconfig`` to the ``kairos`` command."""
-    from kairos_core.api import APIClient
     from kairos_core.cli import pass_context, socket_option
 
     @cli.command("get-kubeconfig")
     @socket_option
-    @click.option("--network-id", metavar="ID", help="The cluster's network id (default: p2p.network_id of the config).")
-    @click.option("--address", metavar="IP", help="Point the kubeconfig at this address instead of ip-master.")
+    @click.option("--network-id", metavar="ID", help="Fail unless the node is in this network (default: any).")
+    @click.option("--address", metavar="IP", help="Point the kubeconfig at this address instead of the master's.")
     @pass_context
     def get_kubeconfig(context, socket_path: str | None, network_id: str | None, address: str | None) -> None:
         """Print the k3s kubeconfig, with the server set to the master's VPN address or the EIP.
 
-        Reads the ledger through the local node's API: run it on any node of the network.
+        Asks the node running on this machine, which fetches the kubeconfig from a master of the
+        cluster: run it on any node of the network.
         """
-        config = None
-        if not socket_path or not network_id:
-            config = context.load_config()
-        client = APIClient(Path(socket_path) if socket_path else config.api_socket)
-        bucket = network_id or config["p2p"]["network_id"]
-        text = _value(client, bucket, KUBECONFIG_KEY)
-        if text is None:
-            raise KairosError(f"no kubeconfig in the ledger yet ({bucket}/{KUBECONFIG_KEY}): the master has not published it")
-        target = address or _value(client, bucket, MASTER_IP_KEY)
-        if target is None:
-            raise KairosError(f"no master address in the ledger yet ({bucket}/{MASTER_IP_KEY})")
+        target_socket = k3s_socket(Path(socket_path) if socket_path else context.load_config().api_socket)
         try:
-            click.echo(rewrite_kubeconfig(text, target), nl=False)
+            reply = ask_node(target_socket, {"op": "get-kubeconfig", "network_id": network_id})
+        except KubeconfigUnavailable as exc:
+            raise KairosError(str(exc)) from None
+        if "error" in reply:
+            raise KairosError(str(reply["error"]))
+        text = reply.get("kubeconfig")
+        target = address or reply.get("server")
+        if not isinstance(text, str) or not text:
+            raise KairosError("the node answered without a kubeconfig")
+        if not target:
+            raise KairosError("no master address is known yet (pass --address)")
+        try:
+            click.echo(rewrite_kubeconfig(text, str(target)), nl=False)
         except KubeconfigError as exc:
-            raise KairosError(f"the published kubeconfig is unusable: {exc}") from None
-
-
-def _value(client, bucket: str, key: str) -> str | None:
-    try:
-        entry = client.request("GET", f"/api/ledger/{quote(bucket, safe='')}/{quote(key, safe='')}")
-    except KairosError as exc:
-        if str(exc).startswith("no key"):
-            return None
-        raise
-    value = entry.get("value") if isinstance(entry, dict) else None
-    return value if isinstance(value, str) and value else None
+            raise KairosError(f"the kubeconfig is unusable: {exc}") from None

@@ -64,7 +64,8 @@ def k3s_server_address(node: Node) -> str | Awaitable[str] | None:
 
     Called when a node joins a cluster (``master/ha`` or ``worker``) and when the init master
     publishes ``ip-master``. Without an answer the published address of the init master is used.
-    The first non-empty answer wins.
+    The first valid answer (an IP address or a DNS host name) wins; others are counted in the
+    member's ``bad_hook_results`` and ignored, since the answer becomes part of k3s's server URL.
 
     :param node: this node.
     :return: an IP address or host name (no scheme, no port), or None for no opinion.

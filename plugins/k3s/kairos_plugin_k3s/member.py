@@ -7,8 +7,13 @@ Each round, on a timer and whenever the ledger, the membership or the leader cha
 2. the node reads its own role; once it has one and what it needs (its VPN address; for joiners
    the server address and the node token), it computes the k3s launch, lets other plugins prepare
    (``k3s_before_start``) and hands the launch to the runner, which restarts k3s only on change;
-3. a master that created the cluster publishes ``ip-master``, the node token and the kubeconfig as
-   soon as k3s has written them.
+3. a master that created the cluster publishes ``ip-master`` and the node token (and, with
+   ``k3s.share_kubeconfig``, the kubeconfig) under its own peer id as soon as k3s has written
+   them; joiners use them only from a master (see :mod:`.cluster_state`).
+
+Every value from the ledger, k3s's files or other plugins' hooks is checked (:mod:`.validate`)
+before it reaches a file, the environment or a command line. Masters serve the kubeconfig on
+demand over a stream, and the CLI asks its own node through a local socket (:mod:`.service`).
 """
 
 from __future__ import annotations
@@ -21,12 +26,17 @@ from typing import TYPE_CHECKING, Any
 from kairos_core.plugins import call_hook
 
 from .addresses import own_address, vpn_address, vpn_interface
-from .cluster_state import KUBECONFIG_KEY, MASTER_IP_KEY, TOKEN_KEY, ClusterState, address_key
+from .cluster_state import (
+    KUBECONFIG_KEY, MASTER_IP_KEY, MAX_KUBECONFIG_BYTES, TOKEN_KEY, ClusterState, address_key,
+    clean_kubeconfig, own_key,
+)
 from .launch import Join, K3sLaunch, build_launch, server_url
 from .paths import K3sPaths
 from .roles import MASTER, WORKER, is_server, joins_cluster, plan_roles, starts_cluster
 from .runners import ServiceRunner, make_runner, resolve_binary
+from .service import MAX_MASTERS_ASKED, PROTOCOL, ControlSocket, KubeconfigUnavailable, request_kubeconfig, serve_stream, socket_path
 from .settings import K3sSettings
+from .validate import MAX_TOKEN_LENGTH, clean_host, clean_ip, clean_token
 
 if TYPE_CHECKING:
     from kairos_core.node import Node
@@ -46,7 +56,7 @@ class ClusterMember:
         self.node = node
         self.settings = settings
         self.paths = K3sPaths.under(settings.root)
-        self.state = ClusterState(node.ledger, node.network_id)
+        self.state = ClusterState(node.ledger, node.network_id, auto=settings.auto_enable)
         self.runner = runner or make_runner(
             settings.runner, self.paths, systemctl=settings.systemctl,
             rc_service=settings.rc_service, rc_update=settings.rc_update,
@@ -59,12 +69,26 @@ class ClusterMember:
         self._task: asyncio.Task | None = None
         self._last_error: str | None = None
         self._last_notes: tuple[str, ...] = ()
+        self._reported: set[str] = set()  # local problems already logged
+        self._purged = False  # legacy join keys deleted, once per process
+        self.control: ControlSocket | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
-    def start(self) -> None:
-        """Announce this node as a k3s node and start reconciling in the background."""
+    async def start(self) -> None:
+        """Announce this node as a k3s node, serve the kubeconfig, and start reconciling."""
         if self.settings.enabled:
             self.state.announce_candidate(self.node.peer_id, self.node.hostname, self.settings.role_hint)
+        host = getattr(self.node, "host", None)
+        if host is not None:
+            host.set_stream_handler(PROTOCOL, lambda stream: serve_stream(self, stream))
+        if self.node.config["api"]["enable"]:
+            # Beside the API socket and as private: whoever may use the node's API may ask.
+            self.control = ControlSocket(self, socket_path(self.node.config.api_socket))
+            try:
+                await self.control.start()
+            except OSError as exc:
+                log.error("k3s: cannot serve %s: %s (kairos get-kubeconfig will not work)", self.control.path, exc)
+                self.control = None
         self._task = asyncio.get_running_loop().create_task(self._run(), name="k3s-reconcile")
 
     def wake(self) -> None:
@@ -77,6 +101,9 @@ class ClusterMember:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         await self.runner.stop()
 
     async def _run(self) -> None:
@@ -104,6 +131,7 @@ class ClusterMember:
         self.counters["rounds"] += 1
         if self.settings.auto_enable:
             self.schedule()
+        self.state.audit()
         if not self.settings.enabled:
             return
         role = self.own_role()
@@ -167,7 +195,7 @@ class ClusterMember:
     def address(self) -> str | None:
         """This node's k3s address: configured, else its VPN address, else its own."""
         if self.settings.node_ip:
-            return self.settings.node_ip
+            return clean_ip(self.settings.node_ip)  # refused with the config when it is not an IP
         if vpn_interface(self.node.config) is not None:
             return vpn_address(self.node.ledger, self.node.peer_id)
         host = getattr(self.node, "host", None)
@@ -175,11 +203,8 @@ class ClusterMember:
 
     async def server_address(self) -> str | None:
         """The API address joiners dial: a plugin's (kubevip's EIP), else ``ip-master``."""
-        result = await call_hook(self.node.manager, "k3s_server_address", node=self.node)
-        for answer in result.results:
-            if isinstance(answer, str) and answer:
-                return answer
-        return self.state.master_address
+        answer = await self._address_from_plugins()
+        return answer or self.state.master_address
 
     async def join_info(self, role: str) -> Join | None:
         """Server URL and token for a joining role, or None while either is unknown."""
@@ -213,25 +238,105 @@ class ClusterMember:
         return launch
 
     async def publish(self, role: str, address: str) -> None:
-        """Share what joiners need; the init master always, other masters only what is missing."""
+        """Share what joiners need, under this node's own keys; the init master always, other
+        masters only what no master has published. Joiners trust it because a valid leader made
+        this node a master, not because of where it is written."""
+        me = self.node.peer_id
         origin = starts_cluster(role)
         if origin:
-            self.state.put(MASTER_IP_KEY, await self.server_address_for_master(address))
-        for key, path in ((TOKEN_KEY, self.paths.node_token), (KUBECONFIG_KEY, self.paths.kubeconfig)):
-            if not origin and self.state.text(key) is not None:
-                continue
-            try:
-                text = path.read_text().strip()
-            except (FileNotFoundError, UnicodeDecodeError):
-                continue  # k3s has not written it yet: next round
-            if text and self.state.put(key, text if key == TOKEN_KEY else text + "\n"):
-                log.info("k3s on %s: published %s", self.node.hostname, key)
+            self.state.put(own_key(me, MASTER_IP_KEY), await self.server_address_for_master(address))
+        token = self._read_local(self.paths.node_token, 4 * MAX_TOKEN_LENGTH)
+        if token is not None and clean_token(token.strip()) is None:
+            self._report_once("bad-token", "the node token k3s wrote is not a plain k3s token: not published")
+        elif token is not None and (origin or self.state.node_token is None):
+            if self.state.put(own_key(me, TOKEN_KEY), token.strip()):
+                log.info("k3s on %s: published %s", self.node.hostname, TOKEN_KEY)
+        if self.settings.share_kubeconfig:
+            text = self.own_kubeconfig()
+            if text is not None and (origin or self.state.kubeconfig is None):
+                if self.state.put(own_key(me, KUBECONFIG_KEY), text):
+                    log.info("k3s on %s: published %s (k3s.share_kubeconfig)", self.node.hostname, KUBECONFIG_KEY)
+        elif self.state.remove(own_key(me, KUBECONFIG_KEY)):
+            log.info("k3s on %s: withdrew the shared kubeconfig (k3s.share_kubeconfig is off)", self.node.hostname)
+        if not self._purged:
+            self._purged = True
+            gone = self.state.purge_legacy()
+            if gone:
+                log.info("k3s on %s: deleted the legacy keys %s from the open bucket %s",
+                         self.node.hostname, ", ".join(gone), self.state.legacy_bucket)
 
     async def server_address_for_master(self, address: str) -> str:
         """What the init master publishes as ``ip-master``: a plugin's address (EIP) or its own."""
+        return await self._address_from_plugins() or address
+
+    async def _address_from_plugins(self) -> str | None:
+        """The first valid ``k3s_server_address`` answer; a malformed one is counted and skipped."""
         result = await call_hook(self.node.manager, "k3s_server_address", node=self.node)
-        answers = [a for a in result.results if isinstance(a, str) and a]
-        return answers[0] if answers else address
+        for answer in result.results:
+            host = clean_host(answer)
+            if host is not None:
+                return host
+            if answer:
+                self.counters["bad_hook_results"] += 1
+        return None
+
+    # --- the admin kubeconfig ------------------------------------------------------------
+    def own_kubeconfig(self) -> str | None:
+        """The kubeconfig k3s wrote on this node, when it runs a k3s server; else None."""
+        if not self.settings.enabled or not is_server(self.role):
+            return None
+        text = self._read_local(self.paths.kubeconfig, MAX_KUBECONFIG_BYTES)
+        return clean_kubeconfig(text) if text is not None else None
+
+    async def fetch_kubeconfig(self) -> tuple[str, str]:
+        """The admin kubeconfig and where it came from (a peer id, or ``ledger``).
+
+        From this node's own file on a master; else from a master's shared copy in the ledger
+        (``k3s.share_kubeconfig``); else asked over :data:`~.service.PROTOCOL` from the masters,
+        the init master first. :class:`~.service.KubeconfigUnavailable` when none has it.
+        """
+        own = self.own_kubeconfig()
+        if own is not None:
+            return own, self.node.peer_id
+        shared = self.state.kubeconfig
+        if shared is not None:
+            return shared, "ledger"
+        masters = [peer for peer in self.state.masters() if peer != self.node.peer_id][:MAX_MASTERS_ASKED]
+        if not masters:
+            raise KubeconfigUnavailable("no master is known yet")
+        admitted = self.node.host.admitted_peers()
+        problems = []
+        for peer in masters:
+            if peer not in admitted:
+                problems.append(f"{peer}: not connected")
+                continue
+            try:
+                return await request_kubeconfig(self.node.host, peer), peer
+            except KubeconfigUnavailable as exc:
+                problems.append(f"{peer}: {exc}")
+        raise KubeconfigUnavailable("no master sent it (" + "; ".join(problems) + ")")
+
+    def _read_local(self, path: Any, limit: int) -> str | None:
+        """A file k3s wrote, as text; None while it is missing, larger than ``limit`` or not text."""
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
+        except OSError:
+            return None  # k3s has not written it yet: next round
+        if len(data) > limit:
+            self._report_once(f"size:{path}", f"{path} is larger than {limit} bytes: ignored")
+            return None
+        try:
+            return data.decode()
+        except UnicodeDecodeError:
+            return None
+
+    def _report_once(self, key: str, message: str) -> None:
+        if key in self._reported:
+            return  # the same problem every round: logged and counted once
+        self._reported.add(key)
+        self.counters["local_problems"] += 1
+        log.error("k3s on %s: %s", self.node.hostname, message)
 
     async def _strings(self, hook: str, **kwargs: Any) -> list[str]:
         result = await call_hook(self.node.manager, hook, node=self.node, **kwargs)

@@ -7,13 +7,16 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pluggy
 
+from kairos_core.ledger import OWNER_KEYED, WritePolicy
 from kairos_core.plugins import hookimpl
 
 from . import hookspecs
 from .addresses import VPN_BUCKET
+from .cluster_state import cluster_bucket
 from .member import ClusterMember
 from .runners import RUNNERS
-from .settings import AUTO_SECTION, CONFIG_DEFAULTS, K3S_SECTION, K3sSettings
+from .settings import AGENT_SECTION, AUTO_SECTION, CONFIG_DEFAULTS, K3S_SECTION, K3sSettings
+from .validate import clean_ip, env_name_ok
 
 if TYPE_CHECKING:
     import click
@@ -60,10 +63,22 @@ class K3sPlugin:
             problems.append(f"k3s.api_port: must be between 1 and 65535, not {k3s['api_port']}")
         if k3s["reconcile_interval"] <= 0:
             problems.append(f"k3s.reconcile_interval: must be above 0, not {k3s['reconcile_interval']}")
+        if k3s["node_ip"] and clean_ip(k3s["node_ip"]) is None:
+            problems.append(f"k3s.node_ip: {k3s['node_ip']!r} is not an IP address")
+        for section in (K3S_SECTION, AGENT_SECTION):
+            for name in (config[section].get("env") or {}):
+                if not env_name_ok(name):
+                    problems.append(f"{section}.env: {name!r} is not a valid environment variable name")
         ha = config[AUTO_SECTION].get("ha") or {}
         if isinstance(ha.get("master_nodes", 3), int) and ha.get("master_nodes", 3) < 1:
             problems.append(f"auto.ha.master_nodes: must be at least 1, not {ha['master_nodes']}")
         return problems
+
+    @hookimpl
+    def kairos_ledger_policies(self, node: Node) -> Mapping[str, WritePolicy]:
+        """The cluster's bucket ``<network_id>/k3s`` is owner-keyed: each node writes under its own
+        peer id only, and readers decide whose entries count (see :mod:`.cluster_state`)."""
+        return {cluster_bucket(node.network_id): OWNER_KEYED}
 
     @hookimpl
     def kairos_cli_commands(self, cli: click.Group) -> None:
@@ -73,11 +88,11 @@ class K3sPlugin:
         add_commands(cli)
 
     @hookimpl
-    def kairos_startup(self, node: Node) -> None:
-        """Start reconciling."""
+    async def kairos_startup(self, node: Node) -> None:
+        """Serve the kubeconfig (stream and local socket) and start reconciling."""
         member = ClusterMember(node, K3sSettings.from_config(node.config))
         self.members[node] = member
-        member.start()
+        await member.start()
 
     @hookimpl
     async def kairos_shutdown(self, node: Node) -> None:
@@ -88,9 +103,10 @@ class K3sPlugin:
 
     @hookimpl
     def on_ledger_update(self, node: Node, update: LedgerUpdate) -> None:
-        """Reconcile when the cluster's keys, a lease or a VPN address change."""
+        """Reconcile when the cluster's keys (or legacy roles), a lease or a VPN address change."""
         member = self.members.get(node)
-        if member is not None and (update.bucket == node.network_id or update.bucket in _WAKING_BUCKETS):
+        if member is not None and (update.bucket in (member.state.bucket, member.state.legacy_bucket)
+                                   or update.bucket in _WAKING_BUCKETS):
             member.wake()
 
     @hookimpl

@@ -41,6 +41,10 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         "node_ip": "",
         # Seconds between reconciliations (ledger changes trigger one at once).
         "reconcile_interval": 5.0,
+        # Also publish the admin kubeconfig (client key included) in the ledger, so every node
+        # keeps a copy, as earlier versions and Kairos did. Off: `kairos get-kubeconfig` fetches
+        # it from a master on demand.
+        "share_kubeconfig": False,
     },
     AGENT_SECTION: {
         # Kairos's `k3s-agent` section: flags and environment for `k3s agent` (workers).
@@ -103,6 +107,7 @@ class K3sSettings:
     api_port: int
     node_ip: str
     reconcile_interval: float
+    share_kubeconfig: bool
     auto_enable: bool
     ha_enable: bool
     master_nodes: int
@@ -130,6 +135,7 @@ class K3sSettings:
             api_port=int(k3s["api_port"]),
             node_ip=str(k3s["node_ip"] or ""),
             reconcile_interval=max(0.05, float(k3s["reconcile_interval"])),
+            share_kubeconfig=bool(k3s.get("share_kubeconfig", False)),
             auto_enable=bool(auto["enable"]),
             ha_enable=bool(ha.get("enable", False)),
             master_nodes=max(1, int(ha.get("master_nodes", 3))),

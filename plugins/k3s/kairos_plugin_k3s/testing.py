@@ -2,8 +2,8 @@
 
 - :func:`install_fake_k3s` / :func:`install_fake_systemctl`: executables standing in for k3s and
   systemctl (see ``fakes/``), so a whole cluster can assemble in one process without root.
-- :class:`FakeVPN`: a minimal VPN plugin that owns the ``vpn`` section and publishes a virtual IP
-  per node in the ledger, as tunvpn does.
+- :class:`FakeVPN`: a minimal VPN plugin that owns the ``vpn`` section and bucket (owner-keyed)
+  and publishes a virtual IP per node in the ledger, as tunvpn does.
 - The ``k3s_kit`` fixture bundles them: ``k3s_kit.overrides("n1")`` is the config of one node
   (its own root, the fake binary, the process runner, fast reconciliation).
 """
@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from kairos_core.ledger import OWNER_KEYED
 from kairos_core.plugins import hookimpl
 
 FAKES = Path(__file__).parent / "fakes"
@@ -73,6 +74,11 @@ class FakeVPN:
     def kairos_config_defaults(self):
         """The ``vpn`` section as tunvpn names it."""
         return {"vpn": {"enable": True, "interface": self.interface}}
+
+    @hookimpl
+    def kairos_ledger_policies(self):
+        """The ``vpn`` bucket is owner-keyed, as tunvpn registers it."""
+        return {"vpn": OWNER_KEYED}
 
     @hookimpl
     def kairos_startup(self, node):

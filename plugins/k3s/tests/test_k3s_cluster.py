@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kairos_plugin_k3s import CLUSTER_INIT, MASTER_HA, WORKER, K3sPlugin
-from kairos_plugin_k3s.cluster_state import TOKEN_KEY, ClusterState
+from kairos_plugin_k3s.cluster_state import ClusterState, cluster_bucket
 from kairos_plugin_k3s.testing import FakeVPN
 
 HA = {"auto": {"ha": {"enable": True, "master_nodes": 3}}, "p2p": {"minimum_nodes": 4}}
@@ -23,7 +23,7 @@ async def rounds_pass(net, plugin, nodes, count=3):
 
 
 def role_entries(node):
-    return {k: v for k, v in node.ledger.items(node.network_id).items() if "-role-" in k}
+    return {k: v for k, v in node.ledger.items(cluster_bucket(node.network_id)).items() if "/role/" in k}
 
 
 @pytest.mark.slow
@@ -41,7 +41,7 @@ async def test_ha_cluster_assembles_and_keeps_roles_when_the_leader_dies(kairos_
     init = next(n for n in net.nodes if roles[n.peer_id] == CLUSTER_INIT)
     init_vip = init.ledger.get("vpn", init.peer_id)["vip"].split("/")[0]
     token = (k3s_kit.root(init.hostname) / "var/lib/rancher/k3s/server/node-token").read_text().strip()
-    await net.wait_for(lambda: all(n.ledger.get(n.network_id, TOKEN_KEY) == token for n in net.nodes))
+    await net.wait_for(lambda: all(ClusterState(n.ledger, n.network_id).node_token == token for n in net.nodes))
 
     for node in net.nodes:
         vip = node.ledger.get("vpn", node.peer_id)["vip"].split("/")[0]
@@ -110,6 +110,6 @@ async def test_a_restarted_node_keeps_its_role(kairos_network, k3s_kit):
     assert back.peer_id == victim.peer_id  # same state dir: same identity
     await net.wait_for(lambda: plugin.member(back).launch is not None and len(k3s_kit.calls(back.hostname)) >= 2, timeout=30)
     assert plugin.member(back).role == before[victim.hostname]
-    assert len([k for k in role_entries(back) if k.startswith(back.peer_id)]) == 1
+    assert len([k for k in role_entries(back) if f"/role/{back.peer_id}/" in k]) == 1
     calls = k3s_kit.calls(back.hostname)
     assert calls[-1]["argv"] == calls[0]["argv"] and calls[-1]["config"] == calls[0]["config"]  # same launch again

@@ -12,6 +12,7 @@ from kairos_core.config import resolve_config
 from kairos_core.errors import ConfigError
 from kairos_core.plugins import hookimpl, make_plugin_manager
 from kairos_plugin_k3s import K3sPlugin, hookspecs
+from kairos_plugin_k3s.cluster_state import ClusterState
 
 ROOT = Path(__file__).resolve().parents[3]
 HOOKS = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("k3s_"))
@@ -87,7 +88,7 @@ async def test_hook_k3s_server_address(kairos_network, k3s_kit):
     extension = Extension()
     net, _ = await two_node_cluster(kairos_network, k3s_kit, extension)
     assert k3s_kit.calls("hand")[-1]["env"]["K3S_URL"] == "https://192.0.2.10:6443"
-    await net.wait_for(lambda: net.nodes[1].ledger.get("kairos", "ip-master") == "192.0.2.10")
+    await net.wait_for(lambda: ClusterState(net.nodes[1].ledger, "kairos").master_address == "192.0.2.10")
 
 
 async def test_hook_k3s_before_start(kairos_network, k3s_kit):

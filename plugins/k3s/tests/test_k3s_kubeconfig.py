@@ -1,8 +1,11 @@
-"""The kubeconfig rewrite and `kairos get-kubeconfig` against a running node's API."""
+"""The kubeconfig rewrite, and `kairos get-kubeconfig` fetching it from a master over a stream."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import struct
 
 import pytest
 import yaml
@@ -10,8 +13,11 @@ from click.testing import CliRunner
 
 from kairos_core.cli import build_cli
 from kairos_core.plugins import make_plugin_manager
-from kairos_plugin_k3s import K3sPlugin
+from kairos_plugin_k3s import K3sPlugin, service
+from kairos_plugin_k3s.cluster_state import ClusterState
 from kairos_plugin_k3s.kubeconfig import KubeconfigError, rewrite_kubeconfig
+from kairos_plugin_k3s.service import PROTOCOL, KubeconfigUnavailable, request_kubeconfig
+from kairos_plugin_k3s.testing import FakeVPN
 
 K3S_YAML = """apiVersion: v1
 clusters:
@@ -45,26 +51,106 @@ def test_rewrite_rejects_garbage(text):
         rewrite_kubeconfig(text, "10.1.0.1")
 
 
-async def test_get_kubeconfig_command_reads_the_ledger_through_the_api(kairos_network):
-    net = await kairos_network(1)
-    node = net.nodes[0]
+def test_rewrite_refuses_an_address_that_is_not_one():
+    for bad in ("10.1.0.1/../x", "evil.example:1234@host", "$(touch x)", ""):
+        with pytest.raises(KubeconfigError):
+            rewrite_kubeconfig(K3S_YAML, bad)
+
+
+def kubeconfig_anywhere(node, text):
+    """Whether any entry of ``node``'s ledger holds the kubeconfig or its client key."""
+    key = yaml.safe_load(text)["users"][0]["user"]["client-key-data"]
+    return any(key in entry.value_json for entry in node.ledger.entries() if not entry.deleted)
+
+
+async def two_node_cluster(kairos_network, k3s_kit, **k3s):
+    net = await kairos_network(0)
+    plugin = K3sPlugin()
+    vpn = FakeVPN()
+    for name, hint in (("boss", "master"), ("hand", "worker")):
+        await net.add_node(plugins=[plugin, vpn], name=name, overrides=k3s_kit.overrides(
+            name, p2p={"role": hint, "minimum_nodes": 2}, k3s=k3s))
+    await net.fully_connected()
+    boss, hand = net.nodes
+    kubeconfig = k3s_kit.root("boss") / "etc/rancher/k3s/k3s.yaml"
+    await net.wait_for(lambda: plugin.member(hand).launch is not None and kubeconfig.exists(), timeout=30)
+    return net, plugin, boss, hand, kubeconfig.read_text()
+
+
+def cli_invoke(node, *args):
     manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
-    cli = build_cli(manager)
-    socket = str(node.config.api_socket)
+    return CliRunner().invoke(build_cli(manager), ["get-kubeconfig", "--socket", str(node.config.api_socket), *args], obj=manager)
 
-    def invoke(*args):
-        return CliRunner().invoke(cli, ["get-kubeconfig", "--socket", socket, *args], obj=manager)
 
-    missing = await asyncio.to_thread(invoke)
-    assert missing.exit_code != 0 and "no kubeconfig" in str(missing.exception)
+async def test_get_kubeconfig_fetches_it_from_the_master_over_a_stream(kairos_network, k3s_kit):
+    net, plugin, boss, hand, text = await two_node_cluster(kairos_network, k3s_kit)
+    await net.wait_for(lambda: ClusterState(hand.ledger, "kairos").node_token is not None)
+    assert not any(kubeconfig_anywhere(n, text) for n in net.nodes)  # not replicated by default
 
-    node.ledger.set("kairos", "master-kubeconfig", K3S_YAML)
-    node.ledger.set("kairos", "ip-master", "10.1.0.1")
-    result = await asyncio.to_thread(invoke)
+    fetched, source = await plugin.member(hand).fetch_kubeconfig()
+    assert (fetched, source) == (text, boss.peer_id)
+    assert plugin.member(boss).counters["kubeconfig_served"] == 1
+
+    boss_vip = boss.ledger.get("vpn", boss.peer_id)["vip"].split("/")[0]
+    result = await asyncio.to_thread(cli_invoke, hand)
     assert result.exit_code == 0, result.output
-    assert yaml.safe_load(result.output)["clusters"][0]["cluster"]["server"] == "https://10.1.0.1:6443"
-
-    explicit = await asyncio.to_thread(invoke, "--address", "192.168.1.50")
+    printed = yaml.safe_load(result.output)
+    assert printed["clusters"][0]["cluster"]["server"] == f"https://{boss_vip}:6443"
+    assert printed["users"] == yaml.safe_load(text)["users"]
+    assert plugin.member(boss).counters["kubeconfig_served"] == 2
+    explicit = await asyncio.to_thread(cli_invoke, hand, "--address", "192.168.1.50")
     assert yaml.safe_load(explicit.output)["clusters"][0]["cluster"]["server"] == "https://192.168.1.50:6443"
-    other = await asyncio.to_thread(invoke, "--network-id", "elsewhere")
-    assert other.exit_code != 0
+    on_master = await asyncio.to_thread(cli_invoke, boss)  # a master answers from its own file
+    assert on_master.exit_code == 0 and plugin.member(boss).counters["kubeconfig_served"] == 3  # no stream for itself
+    other = await asyncio.to_thread(cli_invoke, hand, "--network-id", "elsewhere")
+    assert other.exit_code != 0 and "not 'elsewhere'" in str(other.exception)
+    assert not any(kubeconfig_anywhere(n, text) for n in net.nodes)
+
+    # a worker has none to give
+    with pytest.raises(KubeconfigUnavailable, match="runs no k3s server"):
+        await request_kubeconfig(boss.host, hand.peer_id)
+
+
+async def test_share_kubeconfig_puts_it_in_the_ledger_and_off_withdraws_it(kairos_network, k3s_kit):
+    net, plugin, boss, hand, text = await two_node_cluster(kairos_network, k3s_kit, share_kubeconfig=True)
+    await net.wait_for(lambda: ClusterState(hand.ledger, "kairos").kubeconfig == text)
+    assert await plugin.member(hand).fetch_kubeconfig() == (text, "ledger")
+    plugin.member(boss).settings = dataclasses.replace(plugin.member(boss).settings, share_kubeconfig=False)
+    plugin.member(boss).wake()
+    await net.wait_for(lambda: not any(kubeconfig_anywhere(n, text) for n in net.nodes), timeout=15)
+    assert await plugin.member(hand).fetch_kubeconfig() == (text, boss.peer_id)
+
+
+async def test_a_masters_answer_is_bounded_in_size_and_time(kairos_network, k3s_kit, monkeypatch):
+    net, plugin, boss, hand, text = await two_node_cluster(kairos_network, k3s_kit)
+
+    async def huge(stream):
+        await stream.read_frame(4096)
+        await stream.write(struct.pack(">I", 64 * 1024 * 1024))  # announces 64 MiB: never allocated
+        await asyncio.sleep(1)
+
+    async def silent(stream):
+        await asyncio.sleep(30)
+
+    async def garbage(stream):
+        await stream.read_frame(4096)
+        await stream.write_frame(json.dumps({"kubeconfig": "just: text"}).encode())
+
+    boss.host.set_stream_handler(PROTOCOL, huge)
+    with pytest.raises(KubeconfigUnavailable, match="exceeds the limit"):
+        await request_kubeconfig(hand.host, boss.peer_id)
+    boss.host.set_stream_handler(PROTOCOL, garbage)
+    with pytest.raises(KubeconfigUnavailable, match="no clusters"):
+        await request_kubeconfig(hand.host, boss.peer_id)
+    monkeypatch.setattr(service, "STREAM_TIMEOUT", 0.5)
+    boss.host.set_stream_handler(PROTOCOL, silent)
+    with pytest.raises(KubeconfigUnavailable, match="no answer within"):
+        await request_kubeconfig(hand.host, boss.peer_id)
+    result = await asyncio.to_thread(cli_invoke, hand)
+    assert result.exit_code != 0 and "no master sent it" in str(result.exception)
+
+
+def test_get_kubeconfig_without_a_node(tmp_path):
+    manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
+    result = CliRunner().invoke(build_cli(manager), ["get-kubeconfig", "--socket", str(tmp_path / "api.sock")], obj=manager)
+    assert result.exit_code != 0 and "no node with the k3s plugin is running here" in str(result.exception)

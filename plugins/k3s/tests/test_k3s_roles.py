@@ -1,4 +1,4 @@
-"""Role planning (pure) and the epoch fencing of role entries in real ledgers."""
+"""Role planning (pure); in real ledgers, the epoch fencing of role entries and whose join data counts."""
 
 from __future__ import annotations
 
@@ -7,10 +7,15 @@ import pytest
 from kairos_core.election import lease_key
 from kairos_core.identity import Identity
 from kairos_core.ledger.ledger import open_ledger
-from kairos_plugin_k3s.cluster_state import ClusterState, role_key
+from kairos_plugin_k3s.cluster_state import (
+    KUBECONFIG_KEY, MASTER_IP_KEY, TOKEN_KEY, ClusterState, candidate_key, cluster_bucket, legacy_role_key, own_key,
+    role_key,
+)
 from kairos_plugin_k3s.roles import CLUSTER_INIT, MASTER, MASTER_HA, WORKER, plan_roles
 
 NET = "kairos"
+BUCKET = cluster_bucket(NET)
+TOKEN = "K10" + "ab" * 32 + "::server:" + "cd" * 16
 
 
 def test_ha_plan_has_one_clusterinit_then_ha_masters_then_workers():
@@ -43,7 +48,8 @@ def test_plan_respects_hints():
 
 
 def _ledger(tmp_path, name):
-    return open_ledger(Identity.generate(), tmp_path / name)
+    # values up to what any node accepts from a peer, so a test can publish oversized garbage
+    return open_ledger(Identity.generate(), tmp_path / name, {"max_value_size": 1024 * 1024})
 
 
 def _hold_lease(ledger, epoch):
@@ -78,18 +84,115 @@ def test_role_entries_without_a_lease_or_with_garbage_are_ignored(tmp_path):
     ClusterState(leader, NET).assign("12D3KooWA", WORKER, 1, leader.peer_id)
     # a node that never held epoch 9 writes a "higher" role: not fenced in, so ignored
     ClusterState(intruder, NET).assign("12D3KooWA", CLUSTER_INIT, 9, intruder.peer_id)
-    intruder.set(NET, role_key("12D3KooWB", 1), "garbage")
-    intruder.set(NET, role_key("12D3KooWC", 1), {"role": "emperor", "epoch": 1, "leader": intruder.peer_id})
+    intruder.set(BUCKET, role_key(intruder.peer_id, "12D3KooWB", 1), "garbage")
+    intruder.set(BUCKET, role_key(intruder.peer_id, "12D3KooWC", 1), {"role": "emperor", "epoch": 1, "leader": intruder.peer_id})
+    # under the leader's key and in its name (these ledgers have no bucket policy: the reader checks)
+    intruder.set(BUCKET, role_key(leader.peer_id, "12D3KooWD", 1), {"role": CLUSTER_INIT, "epoch": 1, "leader": leader.peer_id})
+    intruder.set(NET, legacy_role_key("12D3KooWE", 1), {"role": CLUSTER_INIT, "epoch": 1, "leader": leader.peer_id})
     _sync(leader, intruder, reader)
     state = ClusterState(reader, NET)
     roles = state.roles()
     assert {peer: r.role for peer, r in roles.items()} == {"12D3KooWA": WORKER}
-    assert state.ignored == 3
+    assert state.ignored == 5
 
 
-@pytest.mark.parametrize("key", ["ip-master", "token-nodetoken", "master-kubeconfig"])
-def test_garbage_cluster_facts_read_as_absent(tmp_path, key):
-    ledger = _ledger(tmp_path, "l")
-    ledger.set(NET, key, {"not": "a string"})
-    state = ClusterState(ledger, NET)
-    assert state.text(key) is None
+def _cluster(tmp_path, *masters):
+    """A leader holding epoch 1 that made the first of ``masters`` the init master, the others HA."""
+    leader = _ledger(tmp_path, "leader")
+    _hold_lease(leader, 1)
+    state = ClusterState(leader, NET)
+    for index, master in enumerate(masters):
+        state.assign(master.peer_id, MASTER_HA if index else CLUSTER_INIT, 1, leader.peer_id)
+    return leader
+
+
+@pytest.mark.parametrize("key, prop", [(MASTER_IP_KEY, "master_address"), (TOKEN_KEY, "node_token"),
+                                       (KUBECONFIG_KEY, "kubeconfig")])
+@pytest.mark.parametrize("garbage", [{"not": "a string"}, "", "x" * 300_000])
+def test_garbage_join_data_of_the_init_master_reads_as_absent_and_is_counted(tmp_path, key, prop, garbage):
+    init, reader = _ledger(tmp_path, "init"), _ledger(tmp_path, "reader")
+    leader = _cluster(tmp_path, init)
+    init.set(BUCKET, own_key(init.peer_id, key), garbage)
+    _sync(leader, init, reader)
+    state = ClusterState(reader, NET)
+    assert getattr(state, prop) is None
+    assert getattr(state, prop) is None
+    assert state.rejected == {"invalid_value": 1}  # once per entry, however often it is read
+
+
+@pytest.mark.parametrize("bad", ["$(touch /tmp/pwned)", "`id`", "K10ab::server:x y", "K10ab\n", "a;b", "K" * 257, "tok'en"])
+def test_a_token_that_is_not_plain_is_refused_even_from_the_init_master(tmp_path, bad):
+    init, ha, reader = _ledger(tmp_path, "init"), _ledger(tmp_path, "ha"), _ledger(tmp_path, "reader")
+    leader = _cluster(tmp_path, init, ha)
+    init.set(BUCKET, own_key(init.peer_id, TOKEN_KEY), bad)
+    _sync(leader, init, ha, reader)
+    state = ClusterState(reader, NET)
+    assert state.node_token is None and state.rejected["invalid_value"] == 1
+    ha.set(BUCKET, own_key(ha.peer_id, TOKEN_KEY), TOKEN)  # an HA master's token is the fallback
+    _sync(ha, reader)
+    assert state.node_token == TOKEN
+
+
+def test_join_data_counts_only_from_the_masters_the_leader_named(tmp_path):
+    init, ha, insider, reader = (_ledger(tmp_path, n) for n in ("init", "ha", "insider", "reader"))
+    leader = _cluster(tmp_path, init, ha)
+    forged = {MASTER_IP_KEY: "203.0.113.66", TOKEN_KEY: "K10" + "ee" * 32 + "::server:evil", KUBECONFIG_KEY: "clusters: []\n"}
+    for key, value in forged.items():
+        insider.set(BUCKET, own_key(insider.peer_id, key), value)
+    _sync(leader, init, ha, insider, reader)
+    state = ClusterState(reader, NET)
+    assert state.masters() == [init.peer_id, ha.peer_id]
+    assert (state.master_address, state.node_token, state.kubeconfig) == (None, None, None)
+    assert state.rejected == {"untrusted_writer": 3}
+
+    init.set(BUCKET, own_key(init.peer_id, MASTER_IP_KEY), "10.1.0.1")
+    init.set(BUCKET, own_key(init.peer_id, TOKEN_KEY), TOKEN)
+    ha.set(BUCKET, own_key(ha.peer_id, TOKEN_KEY), "K10" + "00" * 32 + "::server:ha")
+    # a key in the init master's name but signed by the insider: the policy refuses it on real
+    # nodes; these bare ledgers have none, and the reader still ignores it
+    insider.set(BUCKET, own_key(init.peer_id, MASTER_IP_KEY), "203.0.113.67")
+    _sync(init, ha, reader)
+    reader.apply_remote([insider.get_entry(BUCKET, own_key(init.peer_id, MASTER_IP_KEY))])
+    assert reader.get(BUCKET, own_key(init.peer_id, MASTER_IP_KEY)) == "203.0.113.67"  # newer: it won the key
+    assert state.master_address is None and state.rejected["forged_key"] == 1
+    init.set(BUCKET, own_key(init.peer_id, MASTER_IP_KEY), "10.1.0.1")
+    _sync(init, reader)
+    assert (state.master_address, state.node_token) == ("10.1.0.1", TOKEN)  # the init master's, before the HA one's
+    assert state.rejected == {"untrusted_writer": 3, "forged_key": 1}
+
+
+def test_without_auto_the_fixed_master_is_the_init_master(tmp_path):
+    master, insider, reader = (_ledger(tmp_path, n) for n in ("master", "insider", "reader"))
+    ClusterState(master, NET).announce_candidate(master.peer_id, "m", MASTER)
+    ClusterState(insider, NET).announce_candidate(insider.peer_id, "i", "")
+    # a candidate entry in the master's name, signed by the insider, does not make it a master
+    insider.set(BUCKET, candidate_key("12D3KooWForged"), {"hostname": "x", "hint": MASTER})
+    master.set(BUCKET, own_key(master.peer_id, TOKEN_KEY), TOKEN)
+    insider.set(BUCKET, own_key(insider.peer_id, TOKEN_KEY), "K10" + "ee" * 32 + "::server:evil")
+    _sync(master, insider, reader)
+    assert ClusterState(reader, NET, auto=False).node_token == TOKEN
+    assert ClusterState(reader, NET, auto=False).candidates() == {master.peer_id: MASTER, insider.peer_id: ""}
+    assert ClusterState(reader, NET, auto=True).node_token is None  # with auto, only the leader names masters
+
+
+def test_roles_of_earlier_versions_still_count_and_their_join_keys_do_not(tmp_path):
+    leader, init, reader = (_ledger(tmp_path, n) for n in ("leader", "init", "reader"))
+    _hold_lease(leader, 1)
+    # what an earlier version wrote, in the open bucket named after the network
+    leader.set(NET, legacy_role_key(init.peer_id, 1), {"role": CLUSTER_INIT, "epoch": 1, "leader": leader.peer_id})
+    leader.set(NET, legacy_role_key("12D3KooWW", 1), {"role": WORKER, "epoch": 1, "leader": leader.peer_id})
+    init.set(NET, "ip-master", "10.1.0.1")
+    init.set(NET, "token-nodetoken", TOKEN)
+    init.set(NET, "master-kubeconfig", "apiVersion: v1\nclusters: []\n")
+    _sync(leader, init, reader)
+    state = ClusterState(reader, NET)
+    assert {peer: r.role for peer, r in state.roles().items()} == {init.peer_id: CLUSTER_INIT, "12D3KooWW": WORKER}
+    assert state.init_master() == init.peer_id
+    assert (state.master_address, state.node_token, state.kubeconfig) == (None, None, None)
+    # no new role is planned for nodes that have one: an upgrade reassigns nothing
+    assert plan_roles({init.peer_id: "", "12D3KooWW": ""}, {p: r.role for p, r in state.roles().items()},
+                      ha=True, master_nodes=3, minimum_nodes=1) == {}
+    assert sorted(ClusterState(init, NET).purge_legacy()) == sorted(["ip-master", "token-nodetoken", "master-kubeconfig"])
+    _sync(init, reader)
+    assert all(reader.get(NET, key) is None for key in ("ip-master", "token-nodetoken", "master-kubeconfig"))
+    assert ClusterState(init, NET).purge_legacy() == []
