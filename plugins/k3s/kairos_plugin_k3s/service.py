@@ -62,7 +62,12 @@ def socket_path(api_socket: Path | str) -> Path:
 async def serve_stream(member: ClusterMember, stream: Any) -> None:
     """Answer one peer's request for the kubeconfig (the handler of :data:`PROTOCOL`)."""
     try:
-        request = await asyncio.wait_for(stream.read_frame(MAX_REQUEST_BYTES), REQUEST_TIMEOUT)
+        try:
+            request = await asyncio.wait_for(stream.read_frame(MAX_REQUEST_BYTES), REQUEST_TIMEOUT)
+        except Exception as exc:  # silent, oversized or broken: nothing to answer, nothing to alarm about
+            member.counters["kubeconfig_bad_requests"] += 1
+            log.debug("k3s: kubeconfig request from %s dropped: %s: %s", stream.peer_id, type(exc).__name__, exc)
+            return
         try:
             asked = json.loads(request).get("want") == "kubeconfig"
         except (ValueError, AttributeError):
@@ -165,8 +170,8 @@ class ControlSocket:
                 reply = await self.answer(request)
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+        except ConnectionError:
+            pass  # the client went away
         finally:
             self._clients.discard(task)
             writer.close()

@@ -143,3 +143,16 @@ def test_config_values_their_types_let_through_are_refused():
         "k3s.api_port: must be between 1 and 65535, not 70000",
         "auto.ha.master_nodes: must be at least 1, not 0",
     ]
+
+
+def test_node_ip_and_env_names_are_checked_with_the_config_and_share_kubeconfig_is_off_by_default():
+    manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
+    assert resolve_config({}, manager, env={}, check_token=False)["k3s"]["share_kubeconfig"] is False
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"k3s": {"node_ip": "10.1.0.1; touch /tmp/x", "env": {"A B": "1", "OK_1": "2"}},
+                        "k3s-agent": {"env": {"X=$(id)": "1"}}}, manager, env={}, check_token=False)
+    assert info.value.problems == [
+        "k3s.node_ip: '10.1.0.1; touch /tmp/x' is not an IP address",
+        "k3s.env: 'A B' is not a valid environment variable name",
+        "k3s-agent.env: 'X=$(id)' is not a valid environment variable name",
+    ]

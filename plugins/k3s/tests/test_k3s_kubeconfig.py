@@ -16,7 +16,7 @@ from kairos_core.plugins import make_plugin_manager
 from kairos_plugin_k3s import K3sPlugin, service
 from kairos_plugin_k3s.cluster_state import ClusterState
 from kairos_plugin_k3s.kubeconfig import KubeconfigError, rewrite_kubeconfig
-from kairos_plugin_k3s.service import PROTOCOL, KubeconfigUnavailable, request_kubeconfig
+from kairos_plugin_k3s.service import MAX_REPLY_BYTES as MAX_REPLY, PROTOCOL, KubeconfigUnavailable, request_kubeconfig
 from kairos_plugin_k3s.testing import FakeVPN
 
 K3S_YAML = """apiVersion: v1
@@ -148,6 +148,22 @@ async def test_a_masters_answer_is_bounded_in_size_and_time(kairos_network, k3s_
         await request_kubeconfig(hand.host, boss.peer_id)
     result = await asyncio.to_thread(cli_invoke, hand)
     assert result.exit_code != 0 and "no master sent it" in str(result.exception)
+
+    # the other way round: a peer that asks and then says nothing, or too much, is dropped quietly
+    boss.host.set_stream_handler(PROTOCOL, lambda stream: service.serve_stream(plugin.member(boss), stream))
+    monkeypatch.setattr(service, "REQUEST_TIMEOUT", 0.3)
+    mute = await hand.host.open_stream(boss.peer_id, PROTOCOL)
+    assert await mute.read_frame(MAX_REPLY) == b""  # closed after the request timeout, no answer
+    loud = await hand.host.open_stream(boss.peer_id, PROTOCOL)
+    await loud.write_frame(b"x" * 10_000)
+    try:
+        reply = await loud.read_frame(MAX_REPLY)
+    except Exception:  # reset rather than closed: either way, no answer
+        reply = b""
+    assert reply == b""
+    await net.wait_for(lambda: plugin.member(boss).counters["kubeconfig_bad_requests"] == 2)
+    assert boss.host.counters["stream_handler_errors"] == 0
+    assert await request_kubeconfig(hand.host, boss.peer_id) == text  # and the real thing still works
 
 
 def test_get_kubeconfig_without_a_node(tmp_path):
