@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kairos_core.p2p import AdmissionError, P2PError, P2PHost, Stream
+from kairos_core.p2p import AdmissionError, P2PError, P2PHost, Stream, traps
 from kairos_core.p2p.testkit import HostFactory, collector, publish_until_received
 from kairos_core.testing import wait_until
 from kairos_core.token import generate_token
@@ -377,3 +377,64 @@ def test_tunnel_device_addresses_are_never_advertised(netlab):
     out = lab.run(1, [sys.executable, "-c", probe], check=True, text=True).stdout
     assert out.startswith("True False")
     assert "10.77.0.1" not in out and lab.address(1) in out
+
+
+# libp2p 0.8.1 gives each accepted connection a slot of max_connections (300) that it only returns
+# when the host stops; this many cycles would lock the listener out four times over. They run from
+# several clients at once because closing a libp2p connection sleeps 0.2 s.
+CHURN_MEMBER_CYCLES = 60
+CHURN_MEMBERS = 15
+CHURN_OUTSIDER_CYCLES = 100
+CHURN_OUTSIDERS = 3
+# A member reconnecting within ~0.2 s of its own disconnect races the listener's teardown of the
+# old connection (libp2p keeps one per peer); real churn is slower than that.
+CHURN_PAUSE = 0.3
+
+
+@pytest.mark.slow
+async def test_connection_churn_never_locks_the_listener_out(hosts: HostFactory, monkeypatch) -> None:
+    # libp2p also loses track of some connections in dial/accept races; the sweep closes those
+    monkeypatch.setattr(traps, "ORPHAN_GRACE", 2.0)
+    monkeypatch.setattr(traps, "SWEEP_INTERVAL", 0.5)
+    target = await hosts.host()
+    members = [await hosts.host() for _ in range(CHURN_MEMBERS)]
+    outsiders = [await hosts.host(token=generate_token()) for _ in range(CHURN_OUTSIDERS)]
+    assert CHURN_MEMBER_CYCLES * CHURN_MEMBERS + CHURN_OUTSIDER_CYCLES * CHURN_OUTSIDERS > 1_000
+    refused = admitted = 0
+
+    async def member_churn(member: P2PHost) -> None:
+        nonlocal admitted
+        for _ in range(CHURN_MEMBER_CYCLES):
+            try:
+                # the target's DHT may dial us back at the same moment: one of the two
+                # connections loses, which is churn, not a lockout
+                assert await member.connect(target.addresses()) == target.peer_id
+                admitted += 1
+            except (AdmissionError, P2PError):
+                pass
+            await member.disconnect(target.peer_id)
+            await asyncio.sleep(CHURN_PAUSE)
+
+    async def outsider_churn(outsider: P2PHost) -> None:
+        nonlocal refused
+        for _ in range(CHURN_OUTSIDER_CYCLES):
+            with pytest.raises((AdmissionError, P2PError)):
+                await outsider.connect(target.addresses())
+            refused += 1
+
+    await asyncio.gather(*map(member_churn, members), *map(outsider_churn, outsiders))
+    assert refused == CHURN_OUTSIDER_CYCLES * CHURN_OUTSIDERS
+    # a lockout would stop admissions at the 300th connection
+    assert admitted >= 0.95 * CHURN_MEMBER_CYCLES * CHURN_MEMBERS, admitted
+
+    async def all_closed() -> bool:
+        # the DHT dials a peer back right after it was admitted: close until it stays closed
+        for peer in await target.connected_peers():
+            await target.disconnect(peer)
+        return not await target.connected_peers() and target.inbound_handlers() == 0
+
+    await wait_until(all_closed, 20)
+    late = await hosts.host()
+    assert await late.connect(target.addresses()) == target.peer_id
+    await wait_until(lambda: late.peer_id in target.admitted_peers(), 10)
+    assert target.inbound_handlers() >= 1

@@ -5,7 +5,7 @@ trio thread (see :mod:`.bridge`), with the admission gate (:mod:`.gate`, running
 :mod:`.admission`) in front of everything: gossip, the DHT and application streams are served to
 admitted peers only. This module only builds and wires the host; who is admitted is the gate's.
 
-The traps of ``reference/py-libp2p-0.8.md`` and where they are defused:
+The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where they are defused:
 
 1. noise is the only security transport (x25519 static key) — :meth:`P2PHost._build`;
 2. ``ConnectionConfig(max_connections_per_peer=1)`` — no fixed 250 ms wait per dial;
@@ -17,7 +17,11 @@ The traps of ``reference/py-libp2p-0.8.md`` and where they are defused:
    then ends the trio run, which ends every task libp2p spawned — :meth:`P2PHost._serve`;
 6. libp2p's mDNS is never enabled; wildcard listen addresses are expanded — :meth:`addresses`;
 7. the DHT routing table is filled with every admitted peer and :meth:`add_dht_peer`;
-8. libp2p logging propagates again, routine warnings demoted — :mod:`.logs`.
+8. libp2p logging propagates again, routine warnings demoted — :mod:`.logs`;
+9. inbound-connection slots held until the host stops — :class:`.traps.InboundSlots`;
+10. dials retried inside libp2p, then refused for 60 s by its negative cache, and TCP connects
+    left to the kernel's two-minute SYN retries — one bounded attempt per deliberate dial, our
+    dialler owns back-off (:func:`.traps.own_dial_retries`, :meth:`P2PHost._trio_connect`).
 """
 
 from __future__ import annotations
@@ -54,7 +58,16 @@ from .errors import P2PError
 from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, peer_of, quiet_reset
 from .logs import tame_libp2p_logging
 from .stream import Stream
-from .traps import PUBSUB_OVERHEAD, enable_keepalive, size_pubsub_queues, verify_signed_records_once
+from .traps import (
+    DIAL_TIMEOUT,
+    PUBSUB_OVERHEAD,
+    InboundSlots,
+    enable_keepalive,
+    forget_dial_failures,
+    own_dial_retries,
+    size_pubsub_queues,
+    verify_signed_records_once,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +121,7 @@ class P2PHost:
         self._subscriptions: dict[str, list[GossipHandler]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._bound: list[str] = []
+        self._inbound: InboundSlots | None = None
         self._asyncio_tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -158,6 +172,7 @@ class P2PHost:
                     async with background_trio_service(dht):
                         self._bound = [str(a) for a in host.get_transport_addrs()]
                         await self._install_handlers()
+                        nursery.start_soon(self._inbound.sweep_forever)
                         ready()
                         await self._stop_event.wait()
                 # Closing here, inside host.run, releases the listener and the connections
@@ -201,13 +216,15 @@ class P2PHost:
                         strict_signing=False)
         dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)
         network = host.get_network()
+        own_dial_retries(network)
+        self._inbound = InboundSlots(network)
         # Pubsub learns about a peer from us, once it is admitted, not from the raw connection.
         for notifee in list(network.notifees):
             if isinstance(notifee, PubsubNotifee):
                 network.remove_notifee(notifee)
                 self._pubsub_peers_in = notifee.initiator_peers_queue
                 self._pubsub_peers_gone = notifee.dead_peers_queue
-        network.register_notifee(ConnectionWatch(self._on_connected, self._gate.disconnected))
+        network.register_notifee(ConnectionWatch(self._on_connected, self._on_disconnected))
         # Everything libp2p registered that carries our data goes behind the admission gate.
         for protocol in gossipsub.get_protocols():
             host.set_stream_handler(protocol, self._gate.guard(pubsub.stream_handler))
@@ -242,6 +259,10 @@ class P2PHost:
         """Peers connected now that proved the token."""
         return self._gate.admitted_peers()
 
+    def is_admitted(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is connected now and proved the token."""
+        return self._gate.is_admitted(peer_id)
+
     async def connected_peers(self) -> set[str]:
         """Peers with an open connection now, admitted or not (diagnostics and tests)."""
         bridge = self._require_running()
@@ -256,6 +277,15 @@ class P2PHost:
         if not enable_keepalive(conn):
             self.counters["keepalive_unavailable"] += 1
         self._gate.connected(conn)
+
+    def _on_disconnected(self, conn: Any) -> None:
+        self._gate.disconnected(conn)
+        if self._inbound is not None:
+            self._inbound.closed(conn)
+
+    def inbound_handlers(self) -> int:
+        """Accepted connections whose libp2p handler still runs (each holds an inbound slot)."""
+        return len(self._inbound) if self._inbound is not None else 0
 
     async def _peer_admitted(self, peer: str) -> None:
         """The gate admitted ``peer`` (trio side): tell asyncio, gossip and the DHT."""
@@ -309,7 +339,14 @@ class P2PHost:
 
     async def _trio_connect(self, info: PeerInfo) -> str:
         peer = str(info.peer_id)
-        await self._gate.connect(peer, lambda: self._host.connect(info))
+
+        async def dial() -> None:
+            # A deliberate dial is tried for real, once, and bounded (see traps: DIAL_TIMEOUT).
+            forget_dial_failures(self._host.get_network(), info.peer_id)
+            with trio.fail_after(DIAL_TIMEOUT):
+                await self._host.connect(info)
+
+        await self._gate.connect(peer, dial)
         return peer
 
     async def disconnect(self, peer_id: str) -> None:

@@ -1,14 +1,18 @@
-"""py-libp2p 0.8.1 defaults we override, in one place (see reference/py-libp2p-0.8.md).
+"""py-libp2p 0.8.1 defaults and flaws we override, in one place.
 
 Each function here changes something libp2p does not let us pass in: process-wide module globals
-(pubsub queue sizes, the signed-record check) or options of the kernel socket under a connection.
+(pubsub queue sizes, the signed-record check), per-swarm state the constructor does not expose
+(its dial retries and negative cache, its inbound-connection slots), or options of the kernel
+socket under a connection.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import Any, Iterator
 
+import trio
+from libp2p.network.config import RetryConfig
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.rpc_queue import RpcQueue
 
@@ -77,6 +81,21 @@ def verify_signed_records_once() -> None:
     gossipsub_module.maybe_consume_signed_record = consume_once
 
 
+def connection_layers(conn: Any) -> Iterator[Any]:
+    """The objects under a libp2p connection, outermost first, down to the kernel socket.
+
+    SwarmConn → Yamux → SecureSession → RawConnection → the listener's stream → trio's
+    SocketStream → socket. Bounded: a layout we do not know ends the walk, never loops.
+    """
+    node = conn
+    for _ in range(10):
+        yield node
+        node = next((getattr(node, name) for name in ("muxed_conn", "secured_conn", "conn", "stream", "socket")
+                     if getattr(node, name, None) is not None), None)
+        if node is None:
+            return
+
+
 def enable_keepalive(conn: Any) -> bool:
     """Make the kernel notice a dead peer within ~KEEPALIVE_DEAD seconds; False if no socket was found.
 
@@ -85,8 +104,7 @@ def enable_keepalive(conn: Any) -> bool:
     Keepalive probes cost ~40 bytes/s per idle connection; TCP_USER_TIMEOUT covers a connection
     with unacknowledged data.
     """
-    node = conn
-    for _ in range(10):  # SwarmConn → Yamux → SecureSession → … → trio SocketStream → socket
+    for node in connection_layers(conn):
         if hasattr(node, "setsockopt") and hasattr(node, "family"):
             try:
                 node.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -97,8 +115,99 @@ def enable_keepalive(conn: Any) -> bool:
             except OSError:
                 return False
             return True
-        node = next((getattr(node, name) for name in ("muxed_conn", "secured_conn", "conn", "stream", "socket")
-                     if getattr(node, name, None) is not None), None)
-        if node is None:
-            return False
     return False
+
+
+# --- dialling ------------------------------------------------------------------------------------
+# A TCP connect to a host behind a partition gets no answer: without a bound the kernel retries the
+# SYN for ~2 minutes at doubling intervals, every later dial of that peer waits for it (libp2p
+# joins dials in flight), and after a heal the next SYN may not leave for another minute.
+DIAL_TIMEOUT = 5.0
+
+
+def own_dial_retries(swarm: Any) -> None:
+    """Per swarm: one attempt per dial; the node's dialler owns retries and back-off.
+
+    libp2p retries a failed address three more times (logging each), then puts the peer in a
+    negative cache that fails every dial of it for 60 s without sending a packet — across a
+    partition that outlives the heal. :func:`forget_dial_failures` lifts it before each dial.
+    """
+    swarm.retry_config = RetryConfig(max_retries=0)
+
+
+def forget_dial_failures(swarm: Any, peer_id: Any) -> None:
+    """Before a deliberate dial: drop ``peer_id`` from libp2p's negative cache."""
+    unblock = getattr(swarm, "unblock_peer", None)
+    if callable(unblock):
+        unblock(peer_id)
+
+
+# An accepted connection that the swarm does not track this long after it arrived is an orphan
+# (see InboundSlots.sweep); an upgrade in progress is done well within it.
+ORPHAN_GRACE = 15.0
+SWEEP_INTERVAL = 5.0
+
+
+class InboundSlots:
+    """Frees libp2p's inbound-connection slot when that connection ends.
+
+    py-libp2p 0.8.1 takes a slot of ``Swarm._inbound_limiter`` (capacity ``max_connections -
+    min_connections``) for each accepted connection and its handler then waits for the *swarm* to
+    finish, so the slot — and the handler's task with its buffers — is only given back when the
+    host stops: after 300 accepted connections, ordinary churn or an outsider's handshakes, every
+    inbound connection is refused until restart. This wraps the swarm's handler in a cancel scope
+    per connection; ending the handler releases the slot and closes the socket (trio closes a
+    listener's stream when its handler returns). Handlers end
+
+    - when the connection closes (:meth:`closed`, from the disconnect notification, matched
+      through the connection's layers, :func:`connection_layers`);
+    - or when the swarm has stopped tracking the connection without telling anyone — its races
+      between a dial and an accept of the same peer drop connections from its records and leave
+      their sockets open (:meth:`sweep`, every ``SWEEP_INTERVAL`` seconds).
+    """
+
+    def __init__(self, swarm: Any) -> None:
+        self._swarm = swarm
+        self._handlers: dict[int, tuple[trio.CancelScope, float]] = {}
+        self.orphans_closed = 0
+        handle_inbound = swarm._handle_inbound_connection
+
+        async def handle_until_closed(read_write_closer: Any, maddr: Any) -> None:
+            key = id(read_write_closer)
+            with trio.CancelScope() as scope:
+                self._handlers[key] = (scope, trio.current_time())
+                try:
+                    await handle_inbound(read_write_closer, maddr)
+                finally:
+                    self._handlers.pop(key, None)
+
+        swarm._handle_inbound_connection = handle_until_closed
+
+    def __len__(self) -> int:
+        """Inbound connections whose handler still runs."""
+        return len(self._handlers)
+
+    def closed(self, conn: Any) -> None:
+        """Trio side: ``conn`` is gone; end its inbound handler if it has one."""
+        for layer in connection_layers(conn):
+            handler = self._handlers.get(id(layer))
+            if handler is not None:
+                handler[0].cancel()
+                return
+
+    def sweep(self) -> int:
+        """Trio side: end the handlers of accepted connections the swarm no longer tracks."""
+        tracked = {id(layer) for conn in self._swarm.get_connections() for layer in connection_layers(conn)}
+        now, ended = trio.current_time(), 0
+        for key, (scope, started) in list(self._handlers.items()):
+            if key not in tracked and now - started > ORPHAN_GRACE:
+                scope.cancel()
+                ended += 1
+        self.orphans_closed += ended
+        return ended
+
+    async def sweep_forever(self) -> None:
+        """Trio side: :meth:`sweep` every ``SWEEP_INTERVAL`` seconds until cancelled."""
+        while True:
+            await trio.sleep(SWEEP_INTERVAL)
+            self.sweep()
