@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .api import APIServer
 from .config import Config
+from .dialer import Dialer
 from .election import Election
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
@@ -33,16 +34,8 @@ from .seal import Sealer
 
 log = logging.getLogger(__name__)
 
-# Seconds between redials of configured bootstrap peers that are not connected.
-BOOTSTRAP_REDIAL = 5.0
-# After a failed dial, wait this long before dialling a peer again (doubles up to MAX_DIAL_BACKOFF).
-DIAL_BACKOFF = 1.0
-MAX_DIAL_BACKOFF = 15.0
-# Discovered peers whose first dial failed, kept for retries (bounded: anyone on the LAN can
-# announce made-up peers).
-MAX_UNDIALLED = 256
-# Seconds between attempts to reconnect to recently seen peers that are not connected.
-RECONNECT_INTERVAL = 2.0
+# Seconds between passes of the dialler over the peers worth a connection.
+REDIAL_INTERVAL = 1.0
 # Shutdown: plugins get this long for kairos_shutdown, every other step STOP_STEP_TIMEOUT.
 SHUTDOWN_HOOK_TIMEOUT = 5.0
 STOP_STEP_TIMEOUT = 6.0
@@ -82,9 +75,8 @@ class Node:
         # a plugin slow on ledger updates never delays the news of a new leader.
         self._ledger_events: asyncio.Queue = asyncio.Queue()
         self._leader_events: asyncio.Queue = asyncio.Queue()
-        self._dialing: set[str] = set()
-        self._dial_backoff: dict[str, tuple[float, float]] = {}
-        self._undialled: dict[str, list[str]] = {}  # discovered peers whose dial failed
+        self.dialer: Dialer | None = None
+        self._addresses: list[str] = []
         self._beat = 0
         self._stopped = asyncio.Event()
         self._running = False
@@ -109,6 +101,7 @@ class Node:
             on_peer_admitted=self._peer_admitted, on_peer_disconnected=self._peer_disconnected,
         )
         await self.host.start()
+        self.dialer = Dialer(self.peer_id, self.host.connect, self.host.is_admitted)
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
         self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=float(self.config["ledger"]["sync_interval"]))
         self.replicator.start()
@@ -126,7 +119,7 @@ class Node:
         self.announce()
         self._spawn(self._every(float(self.config["membership"]["announce_interval"]), self.announce), "announce")
         self._spawn(self._every(1.0, self.membership.expire), "membership-expiry")
-        self._spawn(self._every(RECONNECT_INTERVAL, self._redial_known_peers), "reconnect")
+        self._spawn(self._every(REDIAL_INTERVAL, self._redial_known_peers), "reconnect")
 
         await self._start_discovery()
         election = self.config["election"]
@@ -168,6 +161,8 @@ class Node:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.dialer:
+                await self._bounded(self.dialer.aclose())
         finally:
             if self.host:
                 host, self.host = self.host, None
@@ -213,6 +208,8 @@ class Node:
             counters.update(self.replicator.counters)
         if self.host:
             counters.update({f"p2p_{k}": v for k, v in getattr(self.host, "counters", {}).items()})
+        if self.dialer:
+            counters.update({f"p2p_{k}": v for k, v in self.dialer.counters.items()})
         return {
             "peer_id": self.peer_id,
             "hostname": self.hostname,
@@ -300,8 +297,11 @@ class Node:
 
     async def _start_discovery(self) -> None:
         p2p = self.config["p2p"]
-        if p2p["bootstrap_peers"] and p2p["disable_dht"]:  # with the DHT on, its rounds reach them
-            self._spawn(self._redial_bootstrap(list(p2p["bootstrap_peers"])), "bootstrap")
+        if p2p["disable_dht"]:  # with the DHT on, its rounds reach them
+            for addr in p2p["bootstrap_peers"]:
+                peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
+                if peer_id:
+                    self.dialer.pin(peer_id, [addr])
         if not p2p["disable_mdns"]:
             from .discovery.mdns import MDNSDiscovery
 
@@ -322,44 +322,8 @@ class Node:
         self._discovery.append(discovery)
 
     async def _discovered(self, peer_id: str, addrs: list[str]) -> None:
-        if peer_id == self.peer_id or peer_id in self._dialing or not self._running:
-            return
-        if peer_id in self.host.admitted_peers():
-            return
-        retry_at, backoff = self._dial_backoff.get(peer_id, (0.0, DIAL_BACKOFF))
-        if time.monotonic() < retry_at:
-            return
-        self._dialing.add(peer_id)
-        try:
-            suffix = f"/p2p/{peer_id}"
-            await self.host.connect([a if a.endswith(suffix) else a + suffix for a in addrs])
-            self._dial_backoff.pop(peer_id, None)
-            self._undialled.pop(peer_id, None)
-            self.counters["dials_ok"] += 1
-        except Exception as exc:
-            self.counters["dials_failed"] += 1
-            # discovery reports a peer once: remember it so the reconnect loop tries again
-            if peer_id in self._undialled or len(self._undialled) < MAX_UNDIALLED:
-                self._undialled[peer_id] = list(addrs)
-            if len(self._dial_backoff) >= MAX_UNDIALLED * 4:  # made-up peers must not grow it forever
-                self._dial_backoff.clear()
-            self._dial_backoff[peer_id] = (time.monotonic() + backoff, min(backoff * 2, MAX_DIAL_BACKOFF))
-            log.debug("dialling %s failed: %s", peer_id, exc)
-        finally:
-            self._dialing.discard(peer_id)
-
-    async def _redial_bootstrap(self, peers: list[str]) -> None:
-        while True:
-            admitted = self.host.admitted_peers()
-            for addr in peers:
-                peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
-                if peer_id and peer_id in admitted:
-                    continue
-                try:
-                    await self.host.connect(addr)
-                except Exception as exc:
-                    log.debug("bootstrap peer %s unreachable: %s", addr, exc)
-            await asyncio.sleep(BOOTSTRAP_REDIAL)
+        if self._running and self.dialer:
+            self.dialer.discovered(peer_id, addrs)
 
     async def _probe(self, peer_id: str) -> bool:
         """Whether ``peer_id`` answers a dial at its advertised addresses within a second."""
@@ -376,10 +340,13 @@ class Node:
     async def _peer_admitted(self, peer_id: str) -> None:
         if peer_id not in self.host.admitted_peers():
             return  # it already left again: the disconnect was handled, do not resurrect it
+        self.dialer.admitted(peer_id)
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
 
     async def _peer_disconnected(self, peer_id: str) -> None:
+        if self.replicator:
+            self.replicator.peer_gone(peer_id)
         if self.membership:
             self.membership.disconnected(peer_id)
 
@@ -407,17 +374,17 @@ class Node:
         # back without it. Peers seen within the quorum horizon (or known from disk) are redialled,
         # with back-off, at the addresses they advertise in the ledger.
         horizon = float(self.config["election"]["quorum_horizon"])
-        admitted = self.host.admitted_peers()
-        for peer_id in self.membership.worth_dialling(horizon) - admitted:
+        known: dict[str, list[str]] = {}
+        for peer_id in self.membership.worth_dialling(horizon):
             info = self.ledger.get(NODES_BUCKET, peer_id)
             addrs = info.get("addresses") if isinstance(info, dict) else None
             if isinstance(addrs, list) and addrs:
-                self._spawn(self._discovered(peer_id, [a for a in addrs if isinstance(a, str)]), "redial")
-        for peer_id, addrs in list(self._undialled.items()):
-            if peer_id in admitted:
-                del self._undialled[peer_id]  # it dialled us meanwhile
-            else:
-                self._spawn(self._discovered(peer_id, addrs), "redial")
+                known[peer_id] = [a for a in addrs if isinstance(a, str)]
+        addresses = self.host.addresses()
+        if addresses != self._addresses:  # an interface came or went: paths that failed may work
+            self._addresses = addresses
+            self.dialer.network_changed()
+        self.dialer.round(known)
 
     async def _every(self, interval: float, step) -> None:
         """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""
