@@ -7,6 +7,13 @@
   with every newly admitted peer (started by the side with the lower peer id, so a pair syncs
   once) and every ``sync_interval`` seconds with a random admitted peer. Late joiners and healed
   partitions converge without anyone rewriting anything.
+
+A session belongs to one connection: a new admission of a peer cancels whatever session with it
+still runs (it is on the connection that died) and starts afresh, a disconnect cancels it, and a
+peer that stops sending frames fails the session after ``SYNC_IDLE_TIMEOUT``. A sync on a new
+connection that fails is tried again while the peer stays admitted; one that moved entries is
+followed by a second digest exchange that checks the two ledgers now agree (``syncs_confirmed``,
+or ``syncs_still_differing`` when writes raced it).
 """
 
 from __future__ import annotations
@@ -29,21 +36,36 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A sync peer silent this long (no frame, or a send that does not drain) has failed the session.
+SYNC_IDLE_TIMEOUT = 10.0
+# Tries of the sync on a new connection, and the pause before each retry (doubling).
+ADMISSION_SYNC_TRIES = 3
+ADMISSION_SYNC_RETRY = 0.5
+# Sessions one peer may have us serve at once; more are refused (each holds a view of the ledger).
+MAX_SERVED_PER_PEER = 2
+
 
 class StreamSyncChannel:
     """A :class:`~kairos_core.ledger.SyncChannel` over a framed libp2p stream."""
 
-    def __init__(self, stream: Stream, max_frame: int) -> None:
+    def __init__(self, stream: Stream, max_frame: int, idle_timeout: float = SYNC_IDLE_TIMEOUT) -> None:
         self.stream = stream
         self.max_frame = max_frame
+        self.idle_timeout = idle_timeout
 
     async def send(self, data: bytes) -> None:
-        """Send one sync message as one frame."""
-        await self.stream.write_frame(data)
+        """Send one sync message as one frame; :class:`SyncError` if it does not go out in time."""
+        try:
+            await asyncio.wait_for(self.stream.write_frame(data), self.idle_timeout)
+        except asyncio.TimeoutError:
+            raise SyncError(f"the peer took no data for {self.idle_timeout:g} s") from None
 
     async def recv(self) -> bytes:
-        """Receive one sync message; :class:`SyncError` at the end of the stream."""
-        data = await self.stream.read_frame(self.max_frame)
+        """Receive one sync message; :class:`SyncError` at the end of the stream or after silence."""
+        try:
+            data = await asyncio.wait_for(self.stream.read_frame(self.max_frame), self.idle_timeout)
+        except asyncio.TimeoutError:
+            raise SyncError(f"the peer sent nothing for {self.idle_timeout:g} s") from None
         if not data:  # sync frames are never empty: this is the end of the stream
             raise SyncError("the peer closed the sync stream")
         return data
@@ -63,7 +85,8 @@ class Replicator:
         self.batcher = DeltaBatcher(self._publish, max_bytes=max(1024, min(256 * 1024, self.max_frame - SEAL_OVERHEAD)))
         self._tasks: set[asyncio.Task] = set()
         self._periodic: asyncio.Task | None = None
-        self._syncing: set[str] = set()
+        self._sessions: dict[str, asyncio.Task] = {}  # peer -> the sync we run with it now
+        self._served: Counter[str] = Counter()  # peer -> sessions we serve it now
 
     def start(self) -> None:
         """Subscribe, serve sync, and start the periodic anti-entropy."""
@@ -121,15 +144,57 @@ class Replicator:
 
     # --- anti-entropy ------------------------------------------------------------------------
     def peer_admitted(self, peer_id: str) -> None:
-        """Sync with a newly admitted peer (the lower peer id starts, so a pair syncs once)."""
+        """A new admitted connection to ``peer_id``: sync over it (the lower peer id starts).
+
+        Whatever session with that peer still runs is on a connection that is gone: it is
+        cancelled, so it can never keep this one from running.
+        """
+        self._cancel_session(peer_id)
         if self.host.peer_id < peer_id:
-            self._spawn(self.sync_with(peer_id))
+            self._sessions[peer_id] = self._spawn(self._sync_new_connection(peer_id))
+
+    def peer_gone(self, peer_id: str) -> None:
+        """``peer_id`` lost its connection: end any session with it now rather than at a timeout."""
+        self._cancel_session(peer_id)
 
     async def sync_with(self, peer_id: str) -> bool:
-        """Run one anti-entropy session with ``peer_id``; False when it failed (counted)."""
-        if peer_id in self._syncing:
+        """Run one anti-entropy session with ``peer_id`` unless one runs already; False when it failed."""
+        running = self._sessions.get(peer_id)
+        if running is not None and not running.done():
             return False
-        self._syncing.add(peer_id)
+        task = self._sessions[peer_id] = self._spawn(self._session(peer_id))
+        try:
+            return await asyncio.shield(task) is not None
+        finally:
+            if self._sessions.get(peer_id) is task and task.done():
+                del self._sessions[peer_id]
+
+    async def _sync_new_connection(self, peer_id: str) -> None:
+        delay = ADMISSION_SYNC_RETRY
+        try:
+            for attempt in range(ADMISSION_SYNC_TRIES):
+                if attempt:
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                if not self.host.is_admitted(peer_id):
+                    return
+                result = await self._session(peer_id)
+                if result is None:
+                    continue
+                moved = result.entries_sent or result.entries_received
+                if moved:
+                    check = await self._session(peer_id)
+                    if check is not None and check.differing_ranges == 0:
+                        self.counters["syncs_confirmed"] += 1
+                    else:
+                        self.counters["syncs_still_differing"] += 1
+                return
+            self.counters["admission_syncs_abandoned"] += 1
+        finally:
+            if self._sessions.get(peer_id) is asyncio.current_task():
+                del self._sessions[peer_id]
+
+    async def _session(self, peer_id: str):  # -> SyncResult | None
         try:
             stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
             try:
@@ -139,24 +204,38 @@ class Replicator:
                     await stream.close()
             self.counters["syncs"] += 1
             log.debug("synced with %s: %s", peer_id, result)
-            return True
+            return result
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a peer that vanishes or misbehaves mid-sync is routine
             self.counters["sync_failures"] += 1
             log.debug("sync with %s failed: %s: %s", peer_id, type(exc).__name__, exc)
-            return False
-        finally:
-            self._syncing.discard(peer_id)
+            return None
+
+    def _cancel_session(self, peer_id: str) -> None:
+        task = self._sessions.pop(peer_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            self.counters["syncs_cancelled"] += 1
 
     async def _serve_sync(self, stream: Stream) -> None:
+        peer = stream.peer_id
+        if self._served[peer] >= MAX_SERVED_PER_PEER:
+            self.counters["syncs_refused_busy"] += 1
+            with suppress(Exception):
+                await stream.reset()
+            return
+        self._served[peer] += 1
         try:
             await sync_ledgers(self.ledger, StreamSyncChannel(stream, self.max_frame))
             self.counters["syncs_served"] += 1
         except Exception as exc:
             self.counters["sync_failures"] += 1
-            log.debug("serving sync to %s failed: %s: %s", stream.peer_id, type(exc).__name__, exc)
+            log.debug("serving sync to %s failed: %s: %s", peer, type(exc).__name__, exc)
         finally:
+            self._served[peer] -= 1
+            if self._served[peer] <= 0:
+                del self._served[peer]
             with suppress(Exception):
                 await stream.close()
 
@@ -175,7 +254,8 @@ class Replicator:
                 self.counters["anti_entropy_errors"] += 1
                 log.exception("anti-entropy round failed")
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
