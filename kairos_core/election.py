@@ -12,7 +12,9 @@ The protocol, run in rounds of at most half a second on every node:
 
 1. The *holder* of the highest epoch renews it (``state: held``) every ``lease_seconds / 3``
    while it sees a majority of the recently-alive electorate; without a majority it stops
-   renewing, and its lease lapses.
+   renewing and at once stops calling itself leader (``is_leader`` is False, ``leader`` None),
+   and its lease lapses for the others. Seeing the majority again before the lapse, it renews
+   the same epoch.
 2. Everyone else watches the renewals on its own monotonic clock (skewed wall clocks do not
    matter). The lease has lapsed when no renewal arrived for ``lease_seconds`` — or, the fast
    path after a crash, when the holder has left our membership, has been silent for a second, and
@@ -176,6 +178,8 @@ class Election:
         lease = self.current()
         if lease is None or not lease.held or self._lapsed(lease):
             return None
+        if lease.peer == self.peer_id and self._stepping_down:
+            return None  # we lost the majority: we stop claiming to lead at once, not at the lapse
         return lease.peer, lease.epoch
 
     @property
