@@ -8,7 +8,9 @@ every trace. Multicast works across the bridge (snooping off, multicast routes i
 mDNS needs it.
 
 ``partition(a, b)`` drops all frames between two groups of nodes with an nft ``bridge`` table in
-the bridge namespace; ``heal()`` deletes that table.
+the bridge namespace; ``drop_inbound(to, from_)`` cuts like a host firewall does instead: an nft
+``inet`` table in each receiving node drops what the other group sends it (``oneway=True`` for one
+direction only). ``heal()`` deletes every such table.
 
 Cleanup always runs on leaving the context, also on exceptions: processes the lab started are
 killed, then any process still inside a lab namespace, then the namespaces themselves.
@@ -136,6 +138,7 @@ class Lab:
         self._processes: list[subprocess.Popen] = []
         self._async_processes: list[asyncio.subprocess.Process] = []
         self._partitioned = False
+        self._firewalled: set[str] = set()  # node namespaces holding a drop_inbound table
         self._closed = False
 
     # --- naming ------------------------------------------------------------------------------
@@ -213,6 +216,7 @@ class Lab:
                     pass
         if self._partitioned and self.bridge_namespace in self._created:
             self._nft_delete_table()
+        self._delete_firewalls()
         # Nodes first, the bridge last: a veth pair goes with whichever end's namespace dies.
         for ns in reversed(self._created):
             _kill_namespace_processes(ns)
@@ -308,12 +312,39 @@ class Lab:
         self._nft(script)
         self._partitioned = True
 
+    def drop_inbound(self, receivers: Iterable[NodeRef], senders: Iterable[NodeRef], *, oneway: bool = False) -> None:
+        """Each node of ``receivers`` drops, on its own input hook, every packet from ``senders``.
+
+        Unlike :meth:`partition` the frames still cross the bridge and ARP keeps working: this is a
+        host firewall, the way an operator cuts a link. Without ``oneway`` the senders drop what
+        the receivers send them too. Calls accumulate until :meth:`heal`.
+        """
+        self._check_open()
+        receivers, senders = [self.index(n) for n in receivers], [self.index(n) for n in senders]
+        if not receivers or not senders:
+            raise ValueError("both groups of a cut need at least one node")
+        if set(receivers) & set(senders):
+            raise ValueError("a node cannot be on both sides of a cut")
+        pairs = [(receivers, senders)] if oneway else [(receivers, senders), (senders, receivers)]
+        for into, out_of in pairs:
+            sources = "{ " + ", ".join(self.address(n) for n in out_of) + " }"
+            for node in into:
+                ns = self.namespace(node)
+                script = (
+                    f"add table inet {NFT_TABLE}\n"
+                    f"add chain inet {NFT_TABLE} input {{ type filter hook input priority 0; policy accept; }}\n"
+                    f"add rule inet {NFT_TABLE} input ip saddr {sources} drop\n"
+                )
+                self._firewalled.add(ns)
+                _checked(["ip", "netns", "exec", ns, "nft", "-f", "-"], stdin=script)
+
     def heal(self) -> None:
-        """Remove every partition."""
+        """Remove every partition and every inbound drop."""
         self._check_open()
         if self._partitioned:
             self._nft_delete_table()
             self._partitioned = False
+        self._delete_firewalls()
 
     # --- internals ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -329,6 +360,11 @@ class Lab:
 
     def _nft(self, script: str) -> None:
         _checked(["ip", "netns", "exec", self.bridge_namespace, "nft", "-f", "-"], stdin=script)
+
+    def _delete_firewalls(self) -> None:
+        for ns in sorted(self._firewalled):
+            subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "table", "inet", NFT_TABLE], capture_output=True)
+        self._firewalled.clear()
 
     def _nft_delete_table(self) -> None:
         subprocess.run(
