@@ -25,8 +25,8 @@ def remote(identity: Identity, bucket: str, key: str, value, ms_offset: int = 0,
 def test_default_registry() -> None:
     registry = PolicyRegistry()
     assert registry.for_bucket("nodes") is OWNER_KEYED
-    assert registry.for_bucket("vpn") is OWNER_KEYED
     assert registry.for_bucket("leader") is LEASE
+    assert registry.for_bucket("vpn") is OPEN  # plugins register their buckets (kairos_ledger_policies)
     assert registry.for_bucket("anything") is OPEN
 
 
@@ -42,7 +42,9 @@ def test_a_namespaced_registry_applies_the_core_policies_under_its_prefix() -> N
 
 
 def test_owner_keyed_accepts_own_id_and_paths_under_it_only() -> None:
-    ledger = ledger_of(ALICE)
+    registry = PolicyRegistry()
+    registry.register("vpn", OWNER_KEYED)
+    ledger = ledger_of(ALICE, policies=registry)
     ledger.set("nodes", ALICE.peer_id, {"h": "a"})
     ledger.set("vpn", ALICE.peer_id + "/ip", "10.1.0.1")
     for key in (BOB.peer_id, BOB.peer_id + "/ip", ALICE.peer_id + "x", "x/" + ALICE.peer_id):

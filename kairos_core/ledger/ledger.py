@@ -50,7 +50,8 @@ class Ledger:
     :param identity: signs local writes; its peer id owns them.
     :param store: where entries persist (loaded at construction).
     :param policies: write policies per bucket; a mapping or a :class:`PolicyRegistry`. Default:
-        ``nodes`` and ``vpn`` owner-keyed, ``leader`` lease, others open.
+        ``nodes`` owner-keyed, ``leader`` lease, others open (the node adds the policies plugins
+        register through ``kairos_ledger_policies``).
     :param max_value_size: largest JSON value in bytes (``ledger.max_value_size``).
     :param tombstone_grace: seconds a tombstone is kept (``ledger.tombstone_grace``).
     :param clock: the hybrid logical clock; default one for ``identity`` on the wall clock.
