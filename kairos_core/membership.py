@@ -1,12 +1,21 @@
 """Who is alive, and the ``on_peer`` events that say so.
 
-A peer is alive while it is connected to us and admitted, or while its entry in the ``nodes``
-bucket is fresh. Freshness is measured on *our* clock, from when we last saw the peer's entry
-change (its owner rewrites it every announce interval), so peers with skewed clocks are judged
-fairly. A peer whose direct connection dropped counts as left at once unless its entry changes
-*after* the drop: a node killed with SIGKILL is reported left as soon as the kernel closes its
-sockets, not a whole TTL later, while a peer we only reach through others stays alive on its
-heartbeats.
+Membership is *attested*: a peer is a member only while some node vouches that it admitted it.
+
+- We vouch for the peers connected to us that proved the token (:meth:`Membership.connected`).
+- Every node lists, in its own entry of the ``nodes`` bucket, the peers it is connected to and
+  admitted (``neighbours``), and rewrites the entry when that set changes.
+- A peer is alive when it is reached from us through these vouchers: connected to us, or named
+  by an alive member whose entry is fresh, and so on. Freshness is measured on *our* clock, from
+  when we last saw the entry change (its owner rewrites it every announce interval), so peers
+  with skewed clocks are judged fairly.
+
+So liveness needs no connection to every member: a peer we only reach through others stays alive
+while one of them is connected to it, and a crashed node is reported left as soon as the
+neighbours that noticed (at once for a kill -9, within the keepalive time for a silent death)
+rewrite their entries — the news spreads by gossip, not by everyone probing everyone. An
+identity that only signs entries of its own, never admitted by anyone, is never a member, never a
+voter and never a candidate; a token holder can vouch for at most ``MAX_NEIGHBOURS`` peers.
 
 Events for one peer are delivered in order through one queue; ``updated`` fires only when the
 advertised information changes, not on every heartbeat.
@@ -30,8 +39,12 @@ NODES_BUCKET = "nodes"
 # A connected peer whose entry has not arrived yet is announced after this many seconds anyway;
 # usually its entry follows the connection within milliseconds, and ``joined`` then carries it.
 JOIN_GRACE = 2.0
-# Keys of a node's entry that change on every heartbeat and say nothing about the node.
-VOLATILE_KEYS = frozenset({"beat", "announced_at"})
+# Keys of a node's entry that change on every heartbeat or with its connections, and say nothing
+# about the node itself (``updated`` events ignore them).
+VOLATILE_KEYS = frozenset({"beat", "announced_at", "neighbours"})
+# The most peers one entry may vouch for; a longer list vouches for nobody (a bounded-degree node
+# lists far fewer, and one insider must not be able to vouch for a crowd of made-up identities).
+MAX_NEIGHBOURS = 64
 
 
 @dataclass
@@ -43,6 +56,7 @@ class PeerState:
     heartbeat_at: float | None = None  # local time we last saw its entry change
     disconnected_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    neighbours: frozenset[str] = frozenset()  # whom its entry vouches for
     alive: bool = False
     last_alive_at: float | None = None  # local time this peer was last judged alive
     remembered_at: float | None = None  # known only from disk since this local time
@@ -61,6 +75,16 @@ def is_node_key(key: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def neighbours_of(info: dict[str, Any]) -> frozenset[str] | None:
+    """The peers a node entry vouches for; None when the field is malformed or too long."""
+    listed = info.get("neighbours", [])
+    if not isinstance(listed, list) or len(listed) > MAX_NEIGHBOURS:
+        return None
+    if not all(isinstance(peer, str) and is_node_key(peer) for peer in listed):
+        return None
+    return frozenset(listed)
 
 
 def stable_info(info: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +117,8 @@ class Membership:
         self._peers: dict[str, PeerState] = {}
         self._events: asyncio.Queue[PeerEvent] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
+        #: entries whose ``neighbours`` were refused (malformed, or more than MAX_NEIGHBOURS)
+        self.bad_vouchers = 0
 
     # --- inputs ------------------------------------------------------------------------------
     def remember(self, peer_id: str, info: dict[str, Any]) -> None:
@@ -108,7 +134,7 @@ class Membership:
         state = self._peers.setdefault(peer_id, PeerState())
         if not state.connected:
             state.connected, state.connected_at = True, self.clock()
-        self._evaluate(peer_id, state)
+        self._evaluate_all()
 
     def disconnected(self, peer_id: str) -> None:
         """Our connection to ``peer_id`` closed."""
@@ -117,7 +143,7 @@ class Membership:
             return
         state.connected = False
         state.disconnected_at = self.clock()
-        self._evaluate(peer_id, state)
+        self._evaluate_all()
 
     def entry_changed(self, peer_id: str, info: dict[str, Any] | None) -> None:
         """The peer's entry in ``nodes`` changed (``None``: deleted)."""
@@ -128,17 +154,22 @@ class Membership:
         state = self._peers.setdefault(peer_id, PeerState())
         if info is None:
             state.heartbeat_at = None
+            state.neighbours = frozenset()
         else:
             state.heartbeat_at = self.clock()
+            vouched = neighbours_of(info)
+            if vouched is None:
+                self.bad_vouchers += 1
+                vouched = frozenset()
+            state.neighbours = vouched - {peer_id}
             old, state.info = stable_info(state.info), dict(info)
             if state.alive and old != stable_info(info):
                 self._queue(PeerEvent("updated", peer_id, dict(info)))
-        self._evaluate(peer_id, state)
+        self._evaluate_all()
 
     def expire(self) -> None:
         """Re-judge freshness; call periodically (the node does, every second)."""
-        for peer_id, state in list(self._peers.items()):
-            self._evaluate(peer_id, state)
+        self._evaluate_all()
 
     # --- views -------------------------------------------------------------------------------
     def alive(self) -> dict[str, dict[str, Any]]:
@@ -198,14 +229,29 @@ class Membership:
         await self._events.join()
 
     def _fresh(self, state: PeerState) -> bool:
-        if state.heartbeat_at is None:
-            return False
-        if state.heartbeat_at <= state.disconnected_at:
-            return False  # nothing heard since the connection dropped
-        return self.clock() - state.heartbeat_at < self.ttl
+        return state.heartbeat_at is not None and self.clock() - state.heartbeat_at < self.ttl
 
-    def _evaluate(self, peer_id: str, state: PeerState) -> None:
-        alive = state.connected or self._fresh(state)
+    def vouched(self) -> set[str]:
+        """Peers reached from us through vouchers: connected to us, or named by a reached peer
+        whose entry is fresh (see the module docstring)."""
+        reached = {peer_id for peer_id, state in self._peers.items() if state.connected}
+        frontier = list(reached)
+        while frontier:
+            state = self._peers[frontier.pop()]
+            if not self._fresh(state):
+                continue  # an entry not renewed for a TTL vouches for nobody any more
+            for peer_id in state.neighbours:
+                if peer_id not in reached and peer_id != self.self_id and peer_id in self._peers:
+                    reached.add(peer_id)
+                    frontier.append(peer_id)
+        return reached
+
+    def _evaluate_all(self) -> None:
+        vouched = self.vouched()
+        for peer_id, state in list(self._peers.items()):
+            self._evaluate(peer_id, state, peer_id in vouched)
+
+    def _evaluate(self, peer_id: str, state: PeerState, alive: bool) -> None:
         if alive and not state.alive and not state.info and self.clock() - state.connected_at < JOIN_GRACE:
             return  # wait briefly for the entry, so that `joined` can carry it
         if alive or state.alive:

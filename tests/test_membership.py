@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from kairos_core.membership import Membership
+from kairos_core.identity import Identity
+from kairos_core.membership import MAX_NEIGHBOURS, Membership
 
 
 class Clock:
@@ -50,50 +51,121 @@ async def test_a_connected_peer_without_entry_joins_after_a_grace():
     await membership.stop()
 
 
-async def test_peer_known_only_by_heartbeats_expires_after_ttl():
-    membership, clock, events = await make(ttl=30)
-    membership.entry_changed("p2", {"hostname": "far"})
-    clock.now += 29
-    membership.expire()
-    assert membership.is_alive("p2")
-    membership.entry_changed("p2", {"hostname": "far", "beat": 2})
-    clock.now += 29
-    membership.expire()
-    assert membership.is_alive("p2")
-    clock.now += 2
+def peers(n: int) -> list[str]:
+    return [Identity.generate().peer_id for _ in range(n)]
+
+
+async def test_an_identity_nobody_vouches_for_is_never_a_member():
+    membership, clock, events = await make()
+    fake, real = peers(2)
+    membership.entry_changed(fake, {"hostname": "made-up", "neighbours": [real]})  # signs only its own entry
     membership.expire()
     await membership.drain()
-    assert events == [("joined", "p2", "far"), ("left", "p2", "far")]
+    assert not membership.is_alive(fake) and events == []
+    assert membership.recently_alive(300) == set()
+    await membership.stop()
+
+
+async def test_a_peer_vouched_for_by_a_neighbour_lives_while_the_voucher_does():
+    membership, clock, events = await make(ttl=30)
+    near, far = peers(2)
+    membership.connected(near)
+    membership.entry_changed(near, {"hostname": "near", "neighbours": [far]})
+    membership.entry_changed(far, {"hostname": "far", "neighbours": [near]})
+    await membership.drain()
+    assert membership.is_alive(far)  # never connected to us: reached through near
+    clock.now += 29
+    membership.entry_changed(near, {"hostname": "near", "neighbours": [far], "beat": 2})
+    clock.now += 29
+    membership.expire()
+    assert membership.is_alive(far)
+    membership.entry_changed(near, {"hostname": "near", "neighbours": [], "beat": 3})  # near lost it
+    await membership.drain()
+    assert not membership.is_alive(far) and membership.is_alive(near)
+    assert events == [("joined", near, "near"), ("joined", far, "far"), ("left", far, "far")]
+    await membership.stop()
+
+
+async def test_vouchers_chain_and_a_stale_entry_vouches_for_nobody():
+    membership, clock, events = await make(ttl=30)
+    a, b, c = peers(3)
+    membership.connected(a)
+    membership.entry_changed(a, {"hostname": "a", "neighbours": [b]})
+    membership.entry_changed(b, {"hostname": "b", "neighbours": [a, c]})
+    membership.entry_changed(c, {"hostname": "c", "neighbours": [b]})
+    membership.expire()
+    assert membership.alive().keys() == {a, b, c}
+    clock.now += 20
+    membership.entry_changed(a, {"hostname": "a", "neighbours": [b], "beat": 2})
+    clock.now += 15  # b's entry is 35 s old: it vouches for nobody any more
+    membership.expire()
+    assert membership.alive().keys() == {a, b}
+    await membership.stop()
+
+
+async def test_a_crashed_node_leaves_as_soon_as_its_neighbours_say_so():
+    membership, clock, events = await make()
+    a, b, crashed = peers(3)
+    for peer in (a, b):
+        membership.connected(peer)
+    membership.entry_changed(a, {"hostname": "a", "neighbours": [b, crashed]})
+    membership.entry_changed(b, {"hostname": "b", "neighbours": [a, crashed]})
+    membership.entry_changed(crashed, {"hostname": "x", "neighbours": [a, b]})
+    assert membership.is_alive(crashed)
+    membership.entry_changed(a, {"hostname": "a", "neighbours": [b]})
+    assert membership.is_alive(crashed)  # b still vouches
+    membership.entry_changed(b, {"hostname": "b", "neighbours": [a]})
+    assert not membership.is_alive(crashed)  # at once, no TTL
+    await membership.stop()
+
+
+async def test_a_voucher_naming_too_many_peers_vouches_for_none():
+    membership, clock, events = await make()
+    liar, *crowd = peers(MAX_NEIGHBOURS + 2)
+    membership.connected(liar)
+    membership.entry_changed(liar, {"hostname": "liar", "neighbours": crowd})
+    for peer in crowd:
+        membership.entry_changed(peer, {"hostname": "fake", "neighbours": [liar]})
+    membership.entry_changed(liar, {"hostname": "liar", "neighbours": ["not-a-peer-id"]})
+    assert membership.alive().keys() == {liar}
+    assert membership.bad_vouchers == 2
     await membership.stop()
 
 
 async def test_heartbeat_after_a_drop_keeps_a_peer_alive_through_others():
     membership, clock, events = await make()
-    membership.connected("p3")
-    membership.entry_changed("p3", {"hostname": "x"})
-    clock.now += 1
-    membership.disconnected("p3")
-    clock.now += 1
-    membership.entry_changed("p3", {"hostname": "x", "beat": 9})  # relayed by another node
+    p3, relay = peers(2)
+    membership.connected(p3)
+    membership.entry_changed(p3, {"hostname": "x"})
+    membership.connected(relay)
+    membership.entry_changed(relay, {"hostname": "r"})
     await membership.drain()
-    assert membership.is_alive("p3")
-    assert events == [("joined", "p3", "x"), ("left", "p3", "x"), ("joined", "p3", "x")]
+    clock.now += 1
+    membership.disconnected(p3)
+    clock.now += 1
+    membership.entry_changed(relay, {"hostname": "r", "neighbours": [p3], "beat": 2})  # relay still has it
+    await membership.drain()
+    assert membership.is_alive(p3)
+    assert events == [("joined", p3, "x"), ("joined", relay, "r"), ("left", p3, "x"), ("joined", p3, "x")]
     await membership.stop()
 
 
 async def test_self_other_networks_and_deletes_are_handled():
     membership, clock, events = await make()
+    p4, p5 = peers(2)
     membership.connected("me")
     membership.entry_changed("me", {"hostname": "self"})
-    membership.entry_changed("p4", {"hostname": "other-cluster", "network_id": "elsewhere"})
+    membership.entry_changed(p4, {"hostname": "other-cluster", "network_id": "elsewhere"})
     assert membership.alive() == {}
-    membership.entry_changed("p5", {"hostname": "y"})
-    membership.entry_changed("p5", None)
+    membership.connected(p5)
+    membership.entry_changed(p5, {"hostname": "y"})
+    membership.disconnected(p5)
+    membership.entry_changed(p5, None)
     membership.expire()
     await membership.drain()
-    assert events == [("joined", "p5", "y"), ("left", "p5", "y")]
-    assert {row["peer_id"] for row in membership.describe()} == {"p5"}
-    assert membership.recently_alive(60) == {"p5"}
+    assert events == [("joined", p5, "y"), ("left", p5, "y")]
+    assert {row["peer_id"] for row in membership.describe()} == {p5}
+    assert membership.recently_alive(60) == {p5}
     clock.now += 61
     assert membership.recently_alive(60) == set()
     await membership.stop()
@@ -129,7 +201,9 @@ async def test_entries_from_disk_are_remembered_not_alive():
     assert membership.worth_dialling(300) == {"old"}
     clock.now += 301
     assert membership.worth_dialling(300) == set()
-    membership.entry_changed("old", {"hostname": "back"})  # heard from again: now it is alive
+    membership.entry_changed("old", {"hostname": "back"})  # heard from, but vouched for by nobody
+    assert not membership.is_alive("old")
+    membership.connected("old")
     await membership.drain()
     assert events == [("joined", "old", "back")]
     await membership.stop()
