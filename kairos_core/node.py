@@ -27,7 +27,7 @@ from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
 from .keys import KeySchedule
 from .ledger import Ledger, open_ledger
-from .membership import NODES_BUCKET, Membership, is_node_key
+from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
 from .seal import Sealer
@@ -41,6 +41,8 @@ SHUTDOWN_HOOK_TIMEOUT = 5.0
 STOP_STEP_TIMEOUT = 6.0
 # How long the election's fast path waits for a departed leader to answer a dial.
 PROBE_TIMEOUT = 1.0
+# A change of our connections is announced this long after it (changes in a burst, one write).
+NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 
 
 class Node:
@@ -78,6 +80,7 @@ class Node:
         self.dialer: Dialer | None = None
         self._addresses: list[str] = []
         self._beat = 0
+        self._announce_pending: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self._running = False
 
@@ -145,6 +148,9 @@ class Node:
         if not self._running and self.host is None:
             return
         self._running = False
+        if self._announce_pending is not None:
+            self._announce_pending.cancel()
+            self._announce_pending = None
         try:
             steps = [
                 self.api and self.api.stop,
@@ -234,8 +240,10 @@ class Node:
         return not any(vote is False for vote in votes.results)
 
     def announce(self) -> None:
-        """Write (or refresh) this node's entry in ``nodes``: its heartbeat and advertisement."""
+        """Write (or refresh) this node's entry in ``nodes``: its heartbeat, its advertisement and
+        the peers it vouches for (connected and admitted: see :mod:`kairos_core.membership`)."""
         self._beat += 1
+        neighbours = sorted(self.host.admitted_peers())[:MAX_NEIGHBOURS] if self.host else []
         self.ledger.set(NODES_BUCKET, self.peer_id, {
             "network_id": self.network_id,
             "hostname": self.hostname,
@@ -243,8 +251,25 @@ class Node:
             "version": __version__,
             "role": self.config["p2p"]["role"],
             "eligible": self.leader_eligible(),
+            "neighbours": neighbours,
             "beat": self._beat,
         })
+
+    def _neighbours_changed(self) -> None:
+        # Others learn who is alive from whom we vouch for: say it soon, once per burst.
+        if self._announce_pending is not None or not self._running:
+            return
+
+        def announce_now() -> None:
+            self._announce_pending = None
+            if self._running and self.ledger is not None:
+                try:
+                    self.announce()
+                except Exception:
+                    self.counters["background_errors"] += 1
+                    log.exception("announcing a change of neighbours failed")
+
+        self._announce_pending = asyncio.get_running_loop().call_later(NEIGHBOUR_ANNOUNCE_DELAY, announce_now)
 
     async def connect(self, addrs: str | list[str]) -> str:
         """Dial and admit a peer by multiaddr(s); returns its peer id."""
@@ -343,12 +368,14 @@ class Node:
         self.dialer.admitted(peer_id)
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
+        self._neighbours_changed()
 
     async def _peer_disconnected(self, peer_id: str) -> None:
         if self.replicator:
             self.replicator.peer_gone(peer_id)
         if self.membership:
             self.membership.disconnected(peer_id)
+        self._neighbours_changed()
 
     def _on_ledger_update(self, update: LedgerUpdate) -> None:
         if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id and is_node_key(update.key):
