@@ -27,6 +27,15 @@ The protocol, run in rounds of at most half a second on every node:
 
 ``on_leader_elected`` fires once per (leader, epoch), for confirmed leases only, and never for an
 epoch lower than one already announced.
+
+Whose leases count: a token holder can sign leases for any identity it makes up, so a lease counts
+only when its holder is this node or a member vouched for by admission (alive now or within the
+quorum horizon, see :mod:`kairos_core.membership`), and only up to the top of the *epoch chain* —
+the highest epoch ``e`` such that every epoch ``1..e`` has a lease in the bucket. An epoch can
+only grow one claim at a time, so nobody jumps the network to epoch 10¹² (where the fencing
+tokens of every consumer would stop at their parsers' limits), and epochs stay within
+:data:`MAX_EPOCH`. A new claim takes the chain's top plus one, so epochs never go backwards even
+when the holders of the latest ones no longer count.
 """
 
 from __future__ import annotations
@@ -48,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEADER_BUCKET = "leader"
+# Epochs are keyed with 12 digits (lease_key), and consumers parse them so: nothing above counts.
+MAX_EPOCH = 10**12 - 1
 # Seconds a departed leader must also have been silent before the fast path takes over.
 DEPARTURE_GRACE = 1.0
 # Seconds a starting node waits before claiming a lease nobody holds: time for discovery and the
@@ -81,9 +92,10 @@ def parse_lease(network_id: str, key: str, value: Any, owner: str) -> Lease | No
     if not key.startswith(prefix) or not isinstance(value, dict):
         return None
     epoch_text, _, peer = key[len(prefix):].partition(":")
-    try:
-        epoch = int(epoch_text)
-    except ValueError:
+    if not (epoch_text.isdigit() and len(epoch_text) <= 12):
+        return None
+    epoch = int(epoch_text)
+    if not 1 <= epoch <= MAX_EPOCH:
         return None
     claimed = value.get("claimed")
     if (
@@ -152,6 +164,7 @@ class Election:
         self._task: asyncio.Task | None = None
         self._announcements: set[asyncio.Task] = set()
         self._leases: dict[str, Lease] | None = None  # key -> valid lease, filled on first use
+        self._chain: int | None = None  # top of the epoch chain; None: to be computed again
         self.changes = 0  # confirmed leaders seen since start: steady state keeps this still
 
     # --- views -------------------------------------------------------------------------------
@@ -168,9 +181,25 @@ class Election:
                     self._leases[key] = lease
         return sorted(self._leases.values(), key=lambda lease: lease.epoch)
 
+    def chain_top(self) -> int:
+        """The highest epoch ``e`` with a lease for every epoch ``1..e`` (0: none)."""
+        if self._chain is None:
+            epochs = {lease.epoch for lease in self.leases()}
+            top = 0
+            while top + 1 in epochs:
+                top += 1
+            self._chain = top
+        return self._chain
+
+    def credible(self, lease: Lease) -> bool:
+        """Whether ``lease`` may count: ours, or a vouched-for member's, within the epoch chain."""
+        if lease.epoch > self.chain_top():
+            return False
+        return lease.peer == self.peer_id or lease.peer in self.membership.recently_alive(self.quorum_horizon)
+
     def current(self) -> Lease | None:
-        """The winning lease of the highest epoch, confirmed or not."""
-        return winner(self.leases())
+        """The winning lease of the highest epoch among those that count, confirmed or not."""
+        return winner([lease for lease in self.leases() if self.credible(lease)])
 
     @property
     def leader(self) -> tuple[str, int] | None:
@@ -196,8 +225,11 @@ class Election:
         lease = None if update.deleted else parse_lease(self.network_id, update.key, update.value, update.owner)
         if self._leases is not None:
             if lease is None:
-                self._leases.pop(update.key, None)
+                if self._leases.pop(update.key, None) is not None:
+                    self._chain = None
             else:
+                if update.key not in self._leases:
+                    self._chain = None
                 self._leases[update.key] = lease
         if lease is None:
             return
@@ -248,7 +280,11 @@ class Election:
             return  # a new node first gives discovery and sync the time to show a sitting leader
         if not self.eligible() or not self._quorum() or self._candidate() != self.peer_id:
             return
-        epoch = (current.epoch if current else 0) + 1
+        # the chain's top, not the current lease's: epochs must never go backwards
+        epoch = max(self.chain_top(), current.epoch if current else 0) + 1
+        if epoch > MAX_EPOCH:
+            log.error("epoch %d would exceed %d: not claiming", epoch, MAX_EPOCH)
+            return
         log.info("lease lapsed; claiming epoch %d", epoch)
         self._write(epoch, "claim")
         await asyncio.sleep(self.settle)

@@ -62,6 +62,7 @@ class Sim:
         for group in self.groups:
             for a, b in itertools.permutations(group, 2):
                 a.membership.connected(b.peer_id)
+                a.membership.entry_changed(b.peer_id, {"hostname": b.peer_id[-4:]})  # its nodes entry
         for a, b in itertools.permutations(self.nodes, 2):
             if not any(a in g and b in g for g in self.groups):
                 a.membership.disconnected(b.peer_id)
