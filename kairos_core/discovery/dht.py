@@ -1,4 +1,4 @@
-"""WAN discovery through the Kademlia DHT (DESIGN §5).
+"""WAN discovery through the Kademlia DHT (docs/architecture.md §5).
 
 Every node *provides* the rendezvous key of the current and the previous DHT window and looks up
 the providers of both; a provider it has not reported yet is handed to ``on_found`` (which dials

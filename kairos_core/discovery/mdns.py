@@ -334,7 +334,7 @@ class MDNSDiscovery:
     def accepted_rendezvous(self) -> tuple[str, ...]:
         """The rendezvous names whose instances we react to now: windows w, w-1 and w+1.
 
-        The next window's name is accepted too (DESIGN §3), so a peer whose clock runs up to one
+        The next window's name is accepted too (docs/architecture.md §3), so a peer whose clock runs up to one
         interval ahead is found at once rather than at our next rotation.
         """
         return (*self.schedule.current_rendezvous(), self.schedule.rendezvous(self.schedule.dht_window() + 1))

@@ -15,7 +15,7 @@ those of its buckets through the ``kairos_ledger_policies`` hook, which the node
 it opens the ledger (tunvpn's ``vpn`` and k3s's cluster bucket are owner-keyed that way).
 
 Every policy judges an entry on its own, never against the entry it would replace nor the clock.
-A "first writer owns the key until its lease expires" policy (DESIGN §6) was tried and dropped:
+A "first writer owns the key until its lease expires" policy was tried and dropped:
 two peers that claim a lapsed lease at the same moment each hold their own claim and refuse the
 other's, and so do the nodes that heard them in opposite orders — the ledger splits and never
 heals. Judging entries on their own keeps the merge a join, so every node converges.

@@ -1,4 +1,4 @@
-"""Admission: a peer gets in only by proving it holds the network token (DESIGN §4).
+"""Admission: a peer gets in only by proving it holds the network token (docs/architecture.md §4).
 
 libp2p's noise handshake proves *who* a peer is; this proves it is one of *us*. Right after a
 connection is up, the dialler opens ``/kairos/admit/1.0.0`` and the two sides exchange:

@@ -2,9 +2,8 @@
 
 The device is opened with ``IFF_TUN | IFF_NO_PI`` and, by default, ``IFF_VNET_HDR`` with
 ``CSUM|TSO4|TSO6`` offloads: the kernel then hands us TCP super-frames of up to ``gso_max_size``
-bytes (one read per ~45 packets) and accepts super-frames on write. Measured facts about what this
-kernel accepts are in ``shared/reference/tun-offload.md``. The device is not persistent: closing
-its last queue removes it.
+bytes (one read per ~45 packets) and accepts super-frames on write. The device is not persistent:
+closing its last queue removes it.
 """
 
 from __future__ import annotations
