@@ -7,4 +7,20 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+# The plugin API (kairos_core.plugin), re-exported here and imported only when one of its names
+# is asked for: it pulls in the CLI helpers, which a data-plane worker process does not need.
+_PLUGIN_API = frozenset({
+    "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "Entry", "KairosError", "LedgerError", "LedgerUpdate",
+    "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "PeerEvent", "Stream", "StreamHandler", "WritePolicy",
+    "emit_json", "hookimpl", "hookspec", "json_option", "pass_context", "socket_option",
+})
+
+__all__ = ["__version__", *sorted(_PLUGIN_API)]
+
+
+def __getattr__(name: str):
+    if name not in _PLUGIN_API:  # submodules and everything else: the import system's business
+        raise AttributeError(f"module 'kairos_core' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.plugin"), name)

@@ -47,6 +47,7 @@ class Context:
 
 
 pass_context = click.make_pass_decorator(Context)
+pass_context.__doc__ = """Decorator: pass the command's :class:`Context` (config path, plugin manager) as first argument."""
 
 
 def _set_config_path(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -263,6 +264,7 @@ def socket_option(function):
                             help="The node's API socket (default: from the config's state dir).")(function)
     return config_option(function)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+json_option.__doc__ = """Decorator: a ``--json`` flag, passed to the command as ``as_json``."""
 
 
 @cli.command()
@@ -409,6 +411,11 @@ def ledger_watch(context: Context, bucket: str | None, socket_path: str | None) 
     """Print every change (one JSON line each) until interrupted."""
     params = {"bucket": bucket} if bucket else {}
     for update in _client(context, socket_path).stream("/api/watch", params=params):
+        if isinstance(update, dict) and set(update) == {"error"}:
+            # The node ended the stream (this process read too slowly): say so, and fail, so a
+            # script that pipes the watch somewhere does not take the silence for "no changes".
+            echo_safe(f"kairos: error: {update['error']}", err=True)
+            raise SystemExit(1)
         click.echo(json.dumps(update, sort_keys=True))
 
 

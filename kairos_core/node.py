@@ -23,6 +23,7 @@ from .api import APIServer
 from .config import Config
 from .dialer import Dialer
 from .election import Election
+from .errors import KairosError
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
 from .keys import KeySchedule
@@ -203,6 +204,73 @@ class Node:
     def members(self) -> dict[str, dict[str, Any]]:
         """Alive peers (not this node) with their advertised entries."""
         return self.membership.alive() if self.membership else {}
+
+    # --- the rest of the plugin contract (kairos_core.plugin.NodeView) ------------------------
+    def neighbours(self) -> set[str]:
+        """Peers connected now that passed admission."""
+        return self.host.admitted_peers() if self.host else set()
+
+    def lease_holder(self, epoch: int) -> str | None:
+        """The peer whose lease won ``epoch`` (confirmed or not), or None."""
+        if self.election is None:
+            return None
+        from .election import winner
+
+        return getattr(winner([lease for lease in self.election.leases() if lease.epoch == epoch]), "peer", None)
+
+    async def open_stream(self, peer_id: str, protocol: str):
+        """Open ``protocol`` to an admitted neighbour; :class:`KairosError` when it cannot."""
+        from .p2p import P2PError
+
+        if self.host is None:
+            raise KairosError("the node is not running")
+        try:
+            return await self.host.open_stream(peer_id, protocol)
+        except P2PError as exc:
+            raise KairosError(str(exc)) from None
+
+    def serve(self, protocol: str, handler) -> None:
+        """Serve ``protocol`` to admitted peers (see :meth:`P2PHost.set_stream_handler`)."""
+        if self.host is None:
+            raise KairosError("the node is not running")
+        self.host.set_stream_handler(protocol, handler)
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name``."""
+        self.counters[name] += n
+
+    def set_counters(self, prefix: str, values) -> None:
+        """Publish a plugin's own counters as ``<prefix>_<name>``."""
+        for name, value in values.items():
+            self.counters[f"{prefix}_{name}"] = value
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        """Run ``coro`` for the node's lifetime: cancelled at shutdown, a failure logged."""
+        return self._spawn(self._logged(coro, name), name)
+
+    def clock_version(self) -> tuple[int, int]:
+        """A fresh hybrid-logical-clock reading ``(wall_ms, counter)``."""
+        version = self.ledger.clock.tick()
+        return version[0], version[1]
+
+    async def call_hook(self, name: str, *, firstresult: bool = False, **kwargs: Any) -> Any:
+        """Call hook ``name`` of every plugin with ``node`` and ``kwargs``: all non-None results,
+        or the first one with ``firstresult`` (implementations run in registration order, the
+        latest registered first, as pluggy orders them)."""
+        result = await call_hook(self.manager, name, node=self, **kwargs)
+        if firstresult:
+            return result.results[0] if result.results else None
+        return list(result.results)
+
+    async def _logged(self, coro, name: str) -> Any:
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters["background_errors"] += 1
+            log.exception("task %s failed", name)
+            return None
 
     def status(self) -> dict[str, Any]:
         """A summary for ``kairos status`` and the API."""
@@ -423,10 +491,11 @@ class Node:
                 self.counters["background_errors"] += 1
                 log.exception("periodic %s failed", getattr(step, "__name__", step))
 
-    def _spawn(self, coro, name: str) -> None:
+    def _spawn(self, coro, name: str) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 async def run_node(config: Config, manager: KairosPluginManager | None = None) -> None:

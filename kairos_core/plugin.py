@@ -1,0 +1,191 @@
+"""The public API for plugins: the one module of the core a plugin imports.
+
+Everything a plugin may rely on is named here, and only here; the rest of ``kairos_core`` is the
+core's own business and may change under a plugin. A test walks the imports of every shipped
+plugin and fails on any other ``kairos_core`` module.
+
+- **Markers:** :data:`hookimpl` (implement a hook), :data:`hookspec` (declare hooks of your own
+  for other plugins, from ``kairos_add_hookspecs``).
+- **The node**, as hooks receive it: :class:`NodeView` — identity, config sections, the ledger
+  (:class:`LedgerView`), members, the leader and its epoch, streams by protocol id, counters,
+  tasks bound to the node's life, and calls into other plugins' hooks (:meth:`NodeView.call_hook`,
+  first-result or all results).
+- **Records:** :class:`PeerEvent`, :class:`LedgerUpdate`, :class:`Entry`, :class:`Stream`.
+- **Ledger policies** a plugin registers for its buckets (``kairos_ledger_policies``):
+  :class:`WritePolicy`, :data:`OPEN`, :data:`OWNER_KEYED`.
+- **Errors:** :class:`KairosError` (a one-line error for the user), :class:`LedgerError`.
+- **CLI helpers** for ``kairos_cli_commands``: :func:`pass_context`, :func:`socket_option`,
+  :func:`json_option`, :func:`emit_json`, :class:`APIClient`.
+
+Names of the core's own buckets and protocols are in :data:`CORE_BUCKETS` and
+:data:`CORE_PROTOCOLS`; a plugin registers its own and never writes to the core's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from .api import APIClient
+from .cli import emit_json, json_option, pass_context, socket_option
+from .errors import KairosError
+from .events import LedgerUpdate, PeerEvent
+from .hookspecs import hookspec
+from .ledger import OPEN, OWNER_KEYED, LedgerError, WritePolicy
+from .ledger.entry import Entry
+from .plugins import hookimpl
+
+__all__ = [
+    "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "Entry", "KairosError", "LedgerError", "LedgerUpdate",
+    "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "PeerEvent", "Stream", "StreamHandler", "WritePolicy",
+    "emit_json", "hookimpl", "hookspec", "json_option", "pass_context", "socket_option",
+]
+
+#: Buckets the core writes; plugins read them, never write them.
+CORE_BUCKETS = {"nodes": "each node's advertisement and heartbeat (owner-keyed)",
+                "leader": "leader leases, one key per epoch and claimant"}
+#: Protocols the core serves; a plugin's protocol ids must differ (``/kairos/<plugin>/…``).
+CORE_PROTOCOLS = {"/kairos/admit/1.0.0": "admission", "/kairos/sync/1.0.0": "ledger anti-entropy"}
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """A stream to one admitted peer, opened by :meth:`NodeView.open_stream` or served by
+    :meth:`NodeView.serve`. Frames are length-prefixed messages; ``b""`` means the peer closed."""
+
+    peer_id: str
+    protocol: str
+
+    async def read_frame(self, max_size: int) -> bytes:
+        """The next frame (at most ``max_size`` bytes, else an error), ``b""`` at the end."""
+        ...
+
+    async def write_frame(self, data: bytes) -> None:
+        """Send one frame."""
+        ...
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Up to ``n`` raw bytes; ``b""`` at the end."""
+        ...
+
+    async def write(self, data: bytes) -> None:
+        """Send raw bytes."""
+        ...
+
+    async def close(self) -> None:
+        """Close our side; the peer reads the end."""
+        ...
+
+    async def reset(self) -> None:
+        """Abort the stream both ways."""
+        ...
+
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+class LedgerView(Protocol):
+    """The node's ledger as plugins use it. Writes are signed as this node and gossiped at once;
+    a write the bucket's policy refuses raises :class:`LedgerError`."""
+
+    def get(self, bucket: str, key: str) -> Any:
+        """The live value of ``bucket/key``, or None."""
+        ...
+
+    def get_entry(self, bucket: str, key: str) -> Entry | None:
+        """The entry (value, owner, version, tombstone flag), or None."""
+        ...
+
+    def items(self, bucket: str) -> dict[str, Any]:
+        """Every live ``key → value`` of ``bucket``."""
+        ...
+
+    def set(self, bucket: str, key: str, value: Any) -> Entry:
+        """Write ``value`` (JSON-serialisable, size- and depth-capped)."""
+        ...
+
+    def delete(self, bucket: str, key: str) -> Entry:
+        """Write a tombstone."""
+        ...
+
+    def watch(self, bucket: str | None = None) -> AsyncIterator[LedgerUpdate]:
+        """Every later change (of ``bucket``, or all), in order."""
+        ...
+
+
+class NodeView(Protocol):
+    """The node as every hook receives it (``node``): the whole contract of a plugin with the core.
+
+    Attributes are read-only for plugins.
+    """
+
+    #: this node's libp2p peer id, ``12D3KooW…``
+    peer_id: str
+    #: the hostname it advertises
+    hostname: str
+    #: ``p2p.network_id``: the cluster's namespace inside the network (several may share a token)
+    network_id: str
+    #: the validated config, by section (``node.config["vpn"]["cidr"]``); plugin sections included
+    config: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def ledger(self) -> LedgerView:
+        """The shared ledger."""
+        ...
+
+    @property
+    def leader(self) -> tuple[str, int] | None:
+        """``(peer_id, epoch)`` of the leader this node knows, or None. The epoch is a fencing
+        token: act on shared state only with it, and refuse older epochs than you have seen."""
+        ...
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node leads now (False at once when it loses its majority)."""
+        ...
+
+    def members(self) -> dict[str, dict[str, Any]]:
+        """Alive peers (not this node), each with its ``nodes`` entry."""
+        ...
+
+    def neighbours(self) -> set[str]:
+        """Peers connected to this node now that passed admission (streams can be opened to them)."""
+        ...
+
+    def lease_holder(self, epoch: int) -> str | None:
+        """The peer whose lease won ``epoch`` (confirmed or not), or None: who may speak for that
+        epoch (e.g. a role assignment fenced by it)."""
+        ...
+
+    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
+        """Open ``protocol`` to an admitted neighbour; :class:`KairosError` when it cannot."""
+        ...
+
+    def serve(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve ``protocol`` to admitted peers: ``handler(stream)`` runs per stream; a raising
+        handler is logged and its stream reset."""
+        ...
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (shown by ``kairos status``; prefix it with your plugin)."""
+        ...
+
+    def set_counters(self, prefix: str, values: Mapping[str, int]) -> None:
+        """Publish a plugin's own counters as ``<prefix>_<name>`` (replacing the earlier values)."""
+        ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` for the node's lifetime: cancelled at shutdown, a failure is logged."""
+        ...
+
+    def clock_version(self) -> tuple[int, int]:
+        """A fresh hybrid-logical-clock reading ``(wall_ms, counter)``: later than every version
+        this node has seen, so it orders claims network-wide."""
+        ...
+
+    async def call_hook(self, name: str, *, firstresult: bool = False, **kwargs: Any) -> Any:
+        """Call hook ``name`` of every plugin (other plugins' hookspecs included) with ``node`` and
+        ``kwargs``. Returns the list of non-None results, or with ``firstresult`` the first one
+        (None when nobody answered). A plugin that fails is logged and skipped."""
+        ...
