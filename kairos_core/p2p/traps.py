@@ -2,22 +2,26 @@
 
 Each function here changes something libp2p does not let us pass in: process-wide module globals
 (pubsub queue sizes, the signed-record check), per-swarm state the constructor does not expose
-(its dial retries and negative cache, its inbound-connection slots), or options of the kernel
-socket under a connection.
+(its dial retries and negative cache, its inbound-connection slots), per-router state that ignores
+the message ids we chose (gossipsub's message cache and equivocation check), or options of the
+kernel socket under a connection.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from typing import Any, Iterator
 
 import trio
 from libp2p.network.config import RetryConfig
 from libp2p.pubsub import pubsub as pubsub_module
+from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.rpc_queue import RpcQueue
 
-# Dead-connection detection (see enable_keepalive): probe after 4 s idle, every 1 s, 3 times.
-KEEPALIVE_IDLE = 4
+# Dead-connection detection (see enable_keepalive): probe after 2 s idle, every 1 s, 3 times. The
+# minority side of a partition learns it lost the majority within this (its leader steps down then).
+KEEPALIVE_IDLE = 2
 KEEPALIVE_INTERVAL = 1
 KEEPALIVE_COUNT = 3
 KEEPALIVE_DEAD = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
@@ -79,6 +83,58 @@ def verify_signed_records_once() -> None:
     consume_once.kairos_cached = True  # type: ignore[attr-defined]
     pubsub_module.maybe_consume_signed_record = consume_once
     gossipsub_module.maybe_consume_signed_record = consume_once
+
+
+# --- gossip message ids ---------------------------------------------------------------------------
+# Without libp2p signatures (see host.py) a message's ``from_id`` and ``seqno`` are whatever the
+# forwarder wrote, and seqnos are a visible counter: libp2p's default id, ``from_id + seqno``, let an
+# insider publish first under a victim's next ids, so that everyone dropped the victim's real
+# messages as seen (issue #12, Medium 6). Our ids hash the payload too: a sealed frame carries a
+# random nonce, so an id can only be taken by publishing the very same bytes.
+# The first byte is not ASCII, so libp2p's IHAVE/IWANT parser never mistakes an id for hex text.
+MESSAGE_ID_PREFIX = b"\xc3"
+MESSAGE_ID_DIGEST = 20
+
+
+def content_message_id(msg: Any) -> bytes:
+    """A gossip message's id: a hash over its ``from_id``, ``seqno`` and data.
+
+    ``from_id`` and ``seqno`` stay in so that one publisher sending the same bytes twice sends two
+    messages; each field is length-prefixed, so no two messages share the hashed string.
+    """
+    digest = hashlib.sha256()
+    for field in (msg.from_id, msg.seqno, msg.data):
+        digest.update(len(field).to_bytes(8, "big"))
+        digest.update(field)
+    return MESSAGE_ID_PREFIX + digest.digest()[:MESSAGE_ID_DIGEST]
+
+
+class ContentAddressedCache(MessageCache):
+    """gossipsub's message cache (IHAVE gossip, IWANT answers) under :func:`content_message_id`.
+
+    libp2p's cache keys messages by ``from_id + seqno`` whatever id pubsub uses: a claimed id would
+    keep the victim's message out of it, and the ids it gossips would match nothing peers saw.
+    """
+
+    def put(self, msg: Any) -> None:
+        """Remember ``msg`` for the gossip window under its content id."""
+        mid = content_message_id(msg)
+        if mid in self.msgs:
+            return
+        self.msgs[mid] = msg
+        self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
+def ids_over_content(gossipsub: Any) -> None:
+    """Per router: its message cache and equivocation check follow :func:`content_message_id`.
+
+    gossipsub refuses to forward a message whose ``from_id + seqno`` came before with other data
+    ("equivocation") and blames that ``from_id``. Unsigned, that is only a way for an insider to
+    stop a victim's messages one hop out and to lower the victim's score; it is switched off.
+    """
+    old = gossipsub.mcache
+    gossipsub.mcache = ContentAddressedCache(old.window_size, old.history_size)
+    gossipsub._check_equivocation = lambda msg: True
 
 
 def connection_layers(conn: Any) -> Iterator[Any]:
