@@ -28,10 +28,12 @@ from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
 from .keys import KeySchedule
 from .ledger import Ledger, open_ledger
+from .ledger.ledger import LEDGER_FILE
 from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
 from .seal import Sealer
+from .statedir import secure_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,7 @@ class Node:
 
         p2p = self.config["p2p"]
         self.started_at = time.monotonic()
+        secure_state_dir(self.config.state_dir, create=(LEDGER_FILE,))
         self.ledger = self._open_ledger()
         self.ledger.add_listener(self._on_ledger_update)
         self._spawn(self._deliver_hooks(self._ledger_events), "ledger-hooks")
