@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .plugins import hookimpl
-from .testing import LocalNetwork
+from .localnet import LocalNetwork
 
 console = Console()
 
