@@ -230,10 +230,19 @@ def _too_deep_at(data: dict[str, Any]) -> str:
     return "config"
 
 
-def disabled_plugins(raw: Mapping[str, Any]) -> list[str]:
-    """The plugin names a raw config blocks (read before the plugin manager exists)."""
-    section = raw.get("plugins") or {}
-    names = section.get("disabled", []) if isinstance(section, dict) else []
+def disabled_plugins(raw: Mapping[str, Any], env: Mapping[str, str] | None = None) -> list[str]:
+    """The plugin names a raw config blocks, ``KAIROS__PLUGINS__DISABLED`` taking precedence as it
+    does for every option (read before the plugin manager exists, so before the config is resolved)."""
+    env = os.environ if env is None else env
+    names: Any = None
+    if f"{ENV_PREFIX}PLUGINS__DISABLED" in env:
+        try:
+            names = yaml.safe_load(env[f"{ENV_PREFIX}PLUGINS__DISABLED"])
+        except (yaml.YAMLError, RecursionError, ValueError):
+            names = None  # resolving the config reports it with the variable's name
+    if names is None:
+        section = raw.get("plugins") or {}
+        names = section.get("disabled", []) if isinstance(section, dict) else []
     return [str(name) for name in names] if isinstance(names, list) else []
 
 

@@ -241,3 +241,27 @@ def test_deep_or_unrepresentable_environment_values_are_problems(manager):
         "KAIROS__P2P__PORT: holds a value YAML cannot represent (an integer over 4300 digits or an impossible date)",
         "KAIROS__VPN__ENV: nested more than 32 levels deep",
     }
+
+
+def test_the_environment_disables_plugins_before_the_manager_is_built():
+    from kairos_core.config import disabled_plugins
+
+    raw = {"plugins": {"disabled": ["k3s"]}}
+    assert disabled_plugins(raw, env={}) == ["k3s"]
+    assert disabled_plugins(raw, env={"KAIROS__PLUGINS__DISABLED": "[tunvpn, k3s, kubevip]"}) == ["tunvpn", "k3s", "kubevip"]
+    assert disabled_plugins({}, env={"KAIROS__PLUGINS__DISABLED": "[]"}) == []
+
+
+def test_kairos_plugins_honours_the_disabling_variable(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KAIROS__PLUGINS__DISABLED": "[tunvpn, k3s, kubevip]"}
+    env.pop("KAIROS_DISABLE_PLUGIN_AUTOLOAD", None)
+    out = subprocess.run([sys.executable, "-m", "kairos_core", "plugins", "--json"], capture_output=True, text=True,
+                         env=env, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    loaded = {row["name"] for row in json.loads(out.stdout)}
+    assert not loaded & {"tunvpn", "k3s", "kubevip"}, loaded
