@@ -90,7 +90,7 @@ class Replicator:
 
     def start(self) -> None:
         """Subscribe, serve sync, and start the periodic anti-entropy."""
-        self.host.subscribe(self.topic, self._on_gossip)
+        self.host.subscribe(self.topic, self._on_gossip, validate=self._seal_check())
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
         self.ledger.add_listener(self._on_update)
         self._periodic = asyncio.get_running_loop().create_task(self._periodic_sync(), name="anti-entropy")
@@ -127,6 +127,27 @@ class Replicator:
     async def _publish(self, batch: bytes) -> None:
         await self.host.publish(self.topic, self.sealer.seal(batch))
         self.counters["deltas_sent"] += 1
+
+    def _seal_check(self):
+        """The host's gossip validator: whether a frame opens under an accepted window.
+
+        A frame that does not is then neither delivered nor forwarded to the mesh. The check runs
+        on the host's trio thread, so it gets a Sealer of its own, and hands its refusals to our
+        loop to count (under the names :meth:`_on_gossip` uses).
+        """
+        loop = asyncio.get_running_loop()
+        sealer = Sealer(self.sealer.schedule, self.topic, self.max_frame)
+
+        def opens(frame: bytes) -> bool:
+            try:
+                sealer.open(frame, check_replay=False)  # replays are _on_gossip's to refuse
+            except SealError as exc:
+                with suppress(RuntimeError):  # the loop is closing: nobody reads counters any more
+                    loop.call_soon_threadsafe(self.counters.update, (f"gossip_dropped_{exc.reason}",))
+                return False
+            return True
+
+        return opens
 
     async def _on_gossip(self, from_peer: str, frame: bytes) -> None:
         try:

@@ -21,7 +21,11 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
 9. inbound-connection slots held until the host stops — :class:`.traps.InboundSlots`;
 10. dials retried inside libp2p, then refused for 60 s by its negative cache, and TCP connects
     left to the kernel's two-minute SYN retries — one bounded attempt per deliberate dial, our
-    dialler owns back-off (:func:`.traps.own_dial_retries`, :meth:`P2PHost._trio_connect`).
+    dialler owns back-off (:func:`.traps.own_dial_retries`, :meth:`P2PHost._trio_connect`);
+11. unsigned gossip ids are ``from_id + seqno``, which an insider can claim first — ids hash the
+    content (:func:`.traps.content_message_id`, :func:`.traps.ids_over_content`), and the topic
+    validator checks the forwarder is admitted and the payload is sealed before anything is
+    forwarded (:meth:`P2PHost._gossip_validator`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.pubsub.pubsub_notifee import PubsubNotifee
+from libp2p.pubsub.score import ScoreParams, TopicScoreParams
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -62,8 +67,10 @@ from .traps import (
     DIAL_TIMEOUT,
     PUBSUB_OVERHEAD,
     InboundSlots,
+    content_message_id,
     enable_keepalive,
     forget_dial_failures,
+    ids_over_content,
     own_dial_retries,
     size_pubsub_queues,
     verify_signed_records_once,
@@ -73,9 +80,21 @@ log = logging.getLogger(__name__)
 
 PeerCallback = Callable[[str], "Awaitable[None] | None"]
 GossipHandler = Callable[[str, bytes], "Awaitable[None] | None"]
+PayloadCheck = Callable[[bytes], bool]
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
 GOSSIP_HEARTBEAT = 1  # seconds; libp2p's default of 120 s grafts a mesh far too late (trap 3)
+# Gossip scoring counts only invalid messages: each costs its forwarder a point, the count halves
+# every heartbeat, and past this many (a flood, never an honest peer: it validates what it
+# forwards) the forwarder's messages are refused unread and it gets none, until the count decays.
+INVALID_GOSSIP_TOLERANCE = 100
+
+
+def _gossip_score_params() -> ScoreParams:
+    return ScoreParams(
+        p4_invalid_messages=TopicScoreParams(weight=1.0, cap=10.0 * INVALID_GOSSIP_TOLERANCE, decay=0.5),
+        publish_threshold=-float(INVALID_GOSSIP_TOLERANCE),
+    )
 
 
 def _with_peer_suffix(address: str, peer_id: str) -> str:
@@ -119,6 +138,7 @@ class P2PHost:
             on_admitted=self._peer_admitted, on_gone=self._peer_gone,
         )
         self._subscriptions: dict[str, list[GossipHandler]] = {}
+        self._payload_checks: dict[str, list[PayloadCheck]] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._bound: list[str] = []
         self._inbound: InboundSlots | None = None
@@ -209,11 +229,14 @@ class P2PHost:
             heartbeat_initial_delay=0.1,
             spam_protection_enabled=False,
             eclipse_protection_enabled=False,
+            score_params=_gossip_score_params(),
         )
         # No libp2p message signatures: every payload is sealed with the network key and every ledger
         # entry inside is signed by its owner, so they would only cost CPU and ~100 bytes a message.
+        # Unsigned, from_id and seqno prove nothing: message ids hash the content (trap 11).
         pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=self.max_message_size + PUBSUB_OVERHEAD,
-                        strict_signing=False)
+                        strict_signing=False, msg_id_constructor=content_message_id)
+        ids_over_content(gossipsub)
         dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)
         network = host.get_network()
         own_dial_retries(network)
@@ -359,14 +382,21 @@ class P2PHost:
         await bridge.call(close)
 
     # --- gossip ---------------------------------------------------------------------------------
-    def subscribe(self, topic: str, handler: GossipHandler) -> None:
+    def subscribe(self, topic: str, handler: GossipHandler, *, validate: PayloadCheck | None = None) -> None:
         """Deliver ``handler(origin_peer_id, data)`` for each message on ``topic``.
 
         Only messages forwarded by admitted peers get through; our own messages are not echoed.
-        May be called before :meth:`start`.
+        ``validate(data)`` — whether a payload is sealed for this network — is asked before a
+        message received is delivered or forwarded to anyone; refused ones are counted
+        (``gossip_refused_unsealed``) and count against their forwarder's gossip score. It runs on
+        the host's trio thread, for every message, so it must be cheap, thread-safe and must not
+        block (pure cryptography is fine). Messages we publish are not checked. ``origin_peer_id``
+        is what the message claims, not proven. May be called before :meth:`start`.
         """
         first = topic not in self._subscriptions
         self._subscriptions.setdefault(topic, []).append(handler)
+        if validate is not None:
+            self._payload_checks.setdefault(topic, []).append(validate)
         if first and self._bridge is not None and self._bridge.running:
 
             async def join() -> None:
@@ -378,9 +408,40 @@ class P2PHost:
         pubsub = self._pubsub
         if pubsub is None or topic in pubsub.topic_ids:
             return
-        pubsub.set_topic_validator(topic, self._gate.forwarded_by_admitted, False)
+        pubsub.set_topic_validator(topic, self._gossip_validator(topic), False)
         subscription = await pubsub.subscribe(topic)
         self._nursery.start_soon(self._pump_topic, topic, subscription)
+
+    def _gossip_validator(self, topic: str) -> Callable[[ID, Any], bool]:
+        """Pubsub's validator for ``topic`` (trio side): what fails here is neither delivered nor
+        forwarded, and pubsub counts it against the forwarder's score (see INVALID_GOSSIP_TOLERANCE)."""
+
+        def validate(forwarder: ID, msg: Any) -> bool:
+            if not self._gate.forwarded_by_admitted(forwarder, msg):
+                return False
+            if str(forwarder) == self.peer_id:
+                return True  # our own publication: we sealed it
+            try:
+                ID(msg.from_id)
+            except Exception:
+                self.counters["gossip_dropped"] += 1
+                return False
+            data = bytes(msg.data)
+            if len(data) > self.max_message_size:
+                self.counters["gossip_dropped"] += 1
+                return False
+            for check in list(self._payload_checks.get(topic, ())):
+                try:
+                    accepted = check(data)
+                except Exception as exc:  # a failing check refuses, it must not break pubsub
+                    log.debug("gossip payload check %r raised %r", check, exc)
+                    accepted = False
+                if not accepted:
+                    self.counters["gossip_refused_unsealed"] += 1
+                    return False
+            return True
+
+        return validate
 
     async def _pump_topic(self, topic: str, subscription: Any) -> None:
         try:
