@@ -438,3 +438,58 @@ async def test_connection_churn_never_locks_the_listener_out(hosts: HostFactory,
     assert await late.connect(target.addresses()) == target.peer_id
     await wait_until(lambda: late.peer_id in target.admitted_peers(), 10)
     assert target.inbound_handlers() >= 1
+
+
+IDENTIFY, IDENTIFY_PUSH, PING = "/ipfs/id/1.0.0", "/ipfs/id/push/1.0.0", "/ipfs/ping/1.0.0"
+
+
+async def _served(stream: Stream, payload: bytes) -> bytes:
+    """What the other side answers on ``stream`` (b"" when it reset or closed it unanswered)."""
+    try:
+        if payload:
+            await stream.write(payload)
+        return await asyncio.wait_for(stream.read(), 15)
+    except P2PError:
+        return b""
+
+
+async def test_an_outsider_gets_no_identify_or_ping_and_its_identify_pushes_write_no_error_lines(
+    hosts: HostFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libp2p serves identify, identify-push and ping to anyone connected (issue #12, Medium 9): an
+    outsider learnt our addresses and protocols, and 500 malformed identify-push messages wrote 491
+    ERROR lines in 3 s. They wait for the admission verdict like every other protocol."""
+    import logging
+
+    import trio
+    from libp2p.peer.id import ID
+
+    a = await hosts.host(admission_timeout=4)
+    rogue = await hosts.host(host_class=_SkipsAdmission)
+    caplog.set_level(logging.INFO)
+    assert await rogue.connect(a.addresses()) == a.peer_id  # the rogue believes it is in
+    identify = asyncio.create_task(_served(await rogue.open_stream(a.peer_id, IDENTIFY), b""))
+    ping = asyncio.create_task(_served(await rogue.open_stream(a.peer_id, PING), bytes(range(32))))
+    target = ID.from_base58(a.peer_id)
+
+    async def push_garbage() -> None:
+        async def push() -> None:
+            try:
+                stream = await rogue._host.new_stream(target, [IDENTIFY_PUSH])
+                await stream.write(b"\x06" + b"\xff" * 6)  # a length prefix, then no protobuf
+                await stream.close()
+            except Exception:
+                pass  # refused: the point of the test
+
+        with trio.move_on_after(15):
+            async with trio.open_nursery() as nursery:
+                for _ in range(500):
+                    nursery.start_soon(push)
+
+    await rogue._bridge.call(push_garbage)
+    assert await identify == b"" and await ping == b""
+    await wait_until(lambda: _no_connection(a, rogue))
+    assert a.counters["streams_refused"] >= 2
+    ours = f"kairos-p2p-{a.peer_id[-8:]}"  # the rogue's own libp2p may complain in its thread
+    errors = [r.getMessage() for r in caplog.records if r.threadName == ours and r.levelno >= logging.ERROR]
+    assert errors == []

@@ -227,7 +227,12 @@ class AdmissionGate:
                 return
             await handler(net_stream)
 
+        gate.kairos_gate = self  # type: ignore[attr-defined]
         return gate
+
+    def guards(self, handler: Any) -> bool:
+        """Whether ``handler`` is one of this gate's :meth:`guard` wrappers."""
+        return getattr(handler, "kairos_gate", None) is self
 
     # --- connections ----------------------------------------------------------------------------
     async def connect(self, peer: str, dial: Callable[[], Awaitable[Any]]) -> None:

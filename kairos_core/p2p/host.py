@@ -25,7 +25,9 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
 11. unsigned gossip ids are ``from_id + seqno``, which an insider can claim first — ids hash the
     content (:func:`.traps.content_message_id`, :func:`.traps.ids_over_content`), and the topic
     validator checks the forwarder is admitted and the payload is sealed before anything is
-    forwarded (:meth:`P2PHost._gossip_validator`).
+    forwarded (:meth:`P2PHost._gossip_validator`);
+12. identify, identify-push and ping are served to anyone connected — every handler libp2p
+    registers goes behind the gate (:meth:`P2PHost._guard_libp2p_handlers`).
 """
 
 from __future__ import annotations
@@ -248,19 +250,28 @@ class P2PHost:
                 self._pubsub_peers_in = notifee.initiator_peers_queue
                 self._pubsub_peers_gone = notifee.dead_peers_queue
         network.register_notifee(ConnectionWatch(self._on_connected, self._on_disconnected))
-        # Everything libp2p registered that carries our data goes behind the admission gate.
-        for protocol in gossipsub.get_protocols():
-            host.set_stream_handler(protocol, self._gate.guard(pubsub.stream_handler))
-        for protocol, handler in list(host.get_mux().handlers.items()):
-            if str(protocol).endswith("/kad/1.0.0") and handler is not None:
-                host.set_stream_handler(protocol, self._gate.guard(handler))
+        self._guard_libp2p_handlers(host)
         host.set_stream_handler(ADMIT_PROTOCOL, self._gate.admit_listener)
         self._host, self._pubsub, self._dht = host, pubsub, dht
         self._gate.attach(host, self._nursery)
         tame_libp2p_logging()  # libp2p modules imported while building have fresh loggers
         return host, pubsub, gossipsub, dht
 
+    def _guard_libp2p_handlers(self, host: Any) -> None:
+        """Put every stream handler libp2p registered behind the admission gate (trap 12).
+
+        Gossip and the DHT carry our data; identify, identify-push and ping tell a stranger our
+        addresses and protocols, and identify-push logged an ERROR line per malformed message —
+        an outsider must get none of them. Idempotent: a guarded handler is not wrapped again.
+        """
+        for protocol, handler in list(host.get_mux().handlers.items()):
+            if handler is None or protocol == ADMIT_PROTOCOL or self._gate.guards(handler):
+                continue
+            host.set_stream_handler(protocol, self._gate.guard(handler))
+
     async def _install_handlers(self) -> None:
+        # anything libp2p's services registered while starting goes behind the gate too
+        self._guard_libp2p_handlers(self._host)
         for topic in list(self._subscriptions):
             await self._trio_subscribe(topic)
         for protocol in list(self._stream_handlers):
@@ -317,9 +328,24 @@ class P2PHost:
         self._notify_asyncio(self.on_peer_admitted, peer)
         peer_id = ID.from_base58(peer)
         await self._tell_pubsub(self._pubsub_peers_in, peer_id)
-        addrs = self._host.get_peerstore().addrs(peer_id) if self._host is not None else []
-        if addrs:
-            await self._dht_add(PeerInfo(peer_id, addrs))
+        self._nursery.start_soon(self._dht_add_once_identified, peer_id)
+
+    async def _dht_add_once_identified(self, peer_id: ID) -> None:
+        """Put an admitted peer into the DHT routing table once we know its addresses.
+
+        A peer that dialled us tells its listen addresses through identify, which it serves only
+        once it admitted us too (trap 12): shortly after our verdict, not before it.
+        """
+        with trio.move_on_after(self.admission_timeout + 5):
+            while self._host is not None and self._gate.is_admitted(str(peer_id)):
+                try:
+                    addrs = self._host.get_peerstore().addrs(peer_id)
+                except Exception:  # PeerStoreError: nothing known of it yet
+                    addrs = []
+                if addrs:
+                    await self._dht_add(PeerInfo(peer_id, addrs))
+                    return
+                await trio.sleep(0.1)
 
     def _peer_gone(self, peer: str) -> None:
         """An admitted peer lost its last connection (trio side): tell gossip and asyncio."""
