@@ -11,6 +11,13 @@ Routes (JSON in and out):
 - ``GET /api/ledger`` — bucket names; ``GET /api/ledger/{bucket}`` — that bucket's items
 - ``GET|PUT|DELETE /api/ledger/{bucket}/{key}`` — one key (PUT body: the JSON value)
 - ``GET /api/watch[?bucket=B]`` — newline-delimited JSON, one line per change, until closed
+
+Bad input is a 400 with a one-line ``{"error": …}``, whatever it is (JSON nested too deeply to
+parse included); a 500 means a bug. A watch client that falls more than ``WATCH_CLIENT_BUFFER``
+bytes behind is dropped: its stream ends with an ``{"error": "watch dropped: …"}`` line, the
+ledger counts it in ``watch_dropped``, and the connection is cut after ``WATCH_CLOSE_GRACE``
+seconds if the client still does not read. So a client that never reads pins a bounded amount of
+memory, not every update written since it stopped.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import json
 import logging
 import os
 from contextlib import suppress
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -38,6 +45,12 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 1024 * 1024
 # A client that sends nothing for this long is dropped (watches excepted once they started).
 IDLE_TIMEOUT = 60.0
+# Bytes a watch client may have waiting in our send buffer (beyond what the kernel holds) before
+# it is dropped. One update larger than this still goes out to a client that keeps up.
+WATCH_CLIENT_BUFFER = 256 * 1024
+# Seconds a closing connection gets to flush what it still has to send; then it is cut, so a
+# client that never reads cannot hold its buffer (or this server's shutdown) forever.
+WATCH_CLOSE_GRACE = 5.0
 
 
 class _Reply:
@@ -113,9 +126,7 @@ class APIServer:
             pass
         finally:
             self._connections.discard(task)
-            writer.close()
-            with suppress(Exception):
-                await writer.wait_closed()
+            await _close(writer, WATCH_CLOSE_GRACE)
 
     async def _read_request(
         self, connection: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -201,6 +212,8 @@ class APIServer:
                     value = json.loads(body)
                 except (ValueError, UnicodeDecodeError):
                     return _error(400, "the body must be a JSON value")
+                except RecursionError:  # "[[[[…": the parser recurses once per level
+                    return _error(400, "the body is JSON nested too deeply")
                 return _Reply(entry_to_dict(ledger.set(bucket, key, value)))
             if method == "DELETE":
                 return _Reply(entry_to_dict(ledger.delete(bucket, key)))
@@ -224,9 +237,17 @@ class APIServer:
                 if hung_up in done:
                     update.cancel()
                     return
-                line = json.dumps(asdict(update.result()), default=str) + "\n"
-                writer.write(connection.send(h11.Data(data=line.encode())))
-                await writer.drain()
+                line = watch_line(update.result())
+                # Lines are queued on the transport without waiting for the client, so the
+                # ledger's watch queue never backs up; the transport's buffer is the one queue,
+                # and it is bounded here.
+                behind = writer.transport.get_write_buffer_size()
+                if behind and behind + len(line) > WATCH_CLIENT_BUFFER:
+                    # The watch is closed on the way out (finally), before the connection's
+                    # grace to flush: nothing more is queued for this client meanwhile.
+                    self._drop_watch(connection, writer, behind)
+                    return
+                writer.write(connection.send(h11.Data(data=line)))
         except StopAsyncIteration:
             writer.write(connection.send(h11.EndOfMessage()))
             await writer.drain()
@@ -234,6 +255,49 @@ class APIServer:
             hung_up.cancel()
             with suppress(Exception):
                 await watch.aclose()
+
+    def _drop_watch(self, connection: h11.Connection, writer: asyncio.StreamWriter, behind: int) -> None:
+        """End the stream of a watch client that stopped reading: count it and say why, as the
+        last line (the connection then closes, within ``WATCH_CLOSE_GRACE``)."""
+        self.node.ledger.count("watch_dropped")
+        log.warning("API watch client dropped: %d bytes behind (limit %d)", behind, WATCH_CLIENT_BUFFER)
+        reason = {"error": f"watch dropped: the client fell more than {WATCH_CLIENT_BUFFER} bytes behind"}
+        writer.write(connection.send(h11.Data(data=(json.dumps(reason) + "\n").encode())))
+        writer.write(connection.send(h11.EndOfMessage()))
+
+
+async def _close(writer: asyncio.StreamWriter, grace: float) -> None:
+    """Close after flushing for at most ``grace`` seconds, then cut: a peer that never reads must
+    not keep the connection (and what it has not read) alive."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), grace)
+    except TimeoutError:
+        writer.transport.abort()
+        with suppress(Exception):
+            await writer.wait_closed()
+    except Exception:  # the peer reset the connection: it is closed, which is all we wanted
+        pass
+
+
+def watch_line(update: Any) -> bytes:
+    """One line of a watch stream: the update as JSON, never an exception.
+
+    The record is built field by field (``dataclasses.asdict`` deep-copies the value and ran out
+    of stack at ~500 levels); a value that still cannot be encoded (nested past what json can
+    walk, stored before values had a depth bound) is replaced by an ``error``, so one bad value
+    does not end the stream.
+    """
+    record = {field.name: getattr(update, field.name) for field in fields(update)}
+    try:
+        return (json.dumps(record, default=str) + "\n").encode()
+    except RecursionError:
+        problem = "nested too deeply to encode"
+    except (ValueError, TypeError) as exc:  # a circular structure from a plugin's update
+        problem = f"cannot be encoded: {exc}"
+    record["value"] = None
+    record["error"] = f"value not shown: {problem}"
+    return (json.dumps(record, default=str) + "\n").encode()
 
 
 def entry_to_dict(entry: Any) -> dict[str, Any]:

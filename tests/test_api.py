@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import json
+import logging
+import os
+import socket
 import stat
 
 import pytest
@@ -135,3 +140,219 @@ async def test_invalid_unicode_is_a_clear_400_not_a_dropped_connection(api):
         assert response.status_code == 400, (path, response.text)
         assert "not" in response.json()["error"]
     assert node.ledger.buckets() == []
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[" * 100_000, "nested too deeply"),               # RecursionError in json.loads: was a 500
+    ("[" * 600 + "]" * 600, "nested more than 64"),     # parses, but no value may nest that deep
+    ("1" * 5000, "must be a JSON value"),               # ValueError: over 4300 digits
+])
+async def test_deep_or_huge_json_is_a_one_line_400_never_a_500(api, body, message, caplog):
+    node, server = api
+    client = APIClient(server.socket_path)
+    response = await asyncio.to_thread(client._client.request, "PUT", "/api/ledger/b/k", content=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error and "\n" not in error and len(error) < 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback logged
+    assert node.ledger.get("b", "k") is None
+
+
+async def read_watch_lines(reader, count: int) -> list[dict]:
+    """The next ``count`` JSON lines of a chunked watch response (after its head)."""
+    lines: list[dict] = []
+    buffer = b""
+    while len(lines) < count:
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, f"the watch stream ended after {lines}"
+        buffer += chunk
+        # Chunk framing: "<hex size>\r\n<data>\r\n"; the data are whole lines.
+        while b"\r\n" in buffer:
+            size_text, rest = buffer.split(b"\r\n", 1)
+            size = int(size_text, 16)
+            if len(rest) < size + 2:
+                break
+            lines.extend(json.loads(line) for line in rest[:size].splitlines() if line.strip())
+            buffer = rest[size + 2:]
+            if size == 0:
+                return lines
+    return lines
+
+
+async def test_a_watch_survives_a_value_too_deep_to_encode(api):
+    node, server = api
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    writer.write(b"GET /api/watch?bucket=w HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await asyncio.sleep(0.05)
+    # A value that a node stored before values had a depth bound (or that a plugin pushed past
+    # the checks): dataclasses.asdict in the old encoder died at ~500 levels, json at ~1000.
+    from kairos_core.events import LedgerUpdate
+
+    for depth in (600, 5000):
+        deep: object = 1
+        for _ in range(depth):
+            deep = [deep]
+        update = LedgerUpdate("w", f"deep{depth}", deep, node.ledger.peer_id, (1, 0, node.ledger.peer_id), False, False)
+        node.ledger._emit([update])
+    node.ledger.set("w", "after", 3)
+    lines = await read_watch_lines(reader, 3)
+    writer.close()
+    assert [line["key"] for line in lines] == ["deep600", "deep5000", "after"]
+    assert lines[0]["value"] is not None or "error" in lines[0]
+    assert lines[1]["value"] is None and "nested too deeply" in lines[1]["error"]
+    assert lines[2]["value"] == 3 and "error" not in lines[2]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def settle_memory() -> None:
+    # Measure what is still referenced, not what glibc keeps cached after a free: without a trim,
+    # RSS after a burst of large allocations stays high whoever holds them.
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def stalled_watch_client(socket_path) -> socket.socket:
+    """A watch client that sends its request and then never reads a byte."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(str(socket_path))
+    client.sendall(b"GET /api/watch HTTP/1.1\r\nhost: kairos\r\n\r\n")
+    client.setblocking(False)
+    return client
+
+
+async def read_to_end(client: socket.socket) -> bytes:
+    loop = asyncio.get_running_loop()
+    received = b""
+    while chunk := await asyncio.wait_for(loop.sock_recv(client, 1 << 20), 10):
+        received += chunk
+    return received
+
+
+async def write_values(ledger, count: int, size: int, tag: str) -> None:
+    value = "x" * size
+    for i in range(count):
+        ledger.set("bulk", f"k{i % 50}", f"{tag}{i}{value}")
+        await asyncio.sleep(0)  # one write at a time, as API clients make them
+
+
+async def wait_for(condition, timeout: float = 15.0) -> None:
+    from kairos_core.testing import wait_until
+
+    await wait_until(condition, timeout)
+
+
+async def test_a_watch_client_that_stops_reading_is_dropped_with_a_clear_last_line(api, monkeypatch):
+    import kairos_core.api as api_module
+
+    node, server = api
+    monkeypatch.setattr(api_module, "WATCH_CLOSE_GRACE", 30.0)  # time enough to read the last line
+    client = stalled_watch_client(server.socket_path)
+    try:
+        await wait_for(lambda: len(node.ledger._watchers) == 1)
+        await write_values(node.ledger, 200, 30_000, "v")  # 6 MB for a client that reads nothing
+        await wait_for(lambda: node.ledger.counters["watch_dropped"] == 1)
+        body = await read_to_end(client)  # it reads at last: what it missed ends with the reason
+    finally:
+        client.close()
+    assert body.endswith(b"\r\n0\r\n\r\n")  # the chunked response is properly ended
+    last = json.loads(body[:-len(b"\r\n0\r\n\r\n")].rsplit(b"\r\n", 1)[-1])
+    assert last == {"error": f"watch dropped: the client fell more than {api_module.WATCH_CLIENT_BUFFER} bytes behind"}
+    assert node.ledger.counters["watch_dropped"] == 1
+
+
+async def test_a_dropped_client_that_never_reads_is_cut_after_the_grace(api, monkeypatch):
+    import kairos_core.api as api_module
+
+    node, server = api
+    monkeypatch.setattr(api_module, "WATCH_CLOSE_GRACE", 0.2)
+    client = stalled_watch_client(server.socket_path)
+    try:
+        await wait_for(lambda: len(node.ledger._watchers) == 1)
+        await write_values(node.ledger, 100, 30_000, "v")
+        await wait_for(lambda: node.ledger.counters["watch_dropped"] == 1)
+        await wait_for(lambda: not server._connections, timeout=5)  # the client still holds its end
+    finally:
+        client.close()
+
+
+async def test_a_watch_client_that_keeps_up_is_never_dropped_even_by_large_values(api):
+    node, server = api
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    writer.write(b"GET /api/watch HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await wait_for(lambda: len(node.ledger._watchers) == 1)
+    node.ledger.max_value_size = 1024 * 1024
+    reading = asyncio.ensure_future(read_watch_lines(reader, 41))
+    await write_values(node.ledger, 40, 60_000, "v")
+    node.ledger.set("bulk", "huge", "x" * 900_000)  # one line far over the buffer bound
+    lines = await reading
+    writer.close()
+    assert len(lines) == 41 and lines[-1]["key"] == "huge"
+    assert node.ledger.counters["watch_dropped"] == 0
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def settled_rss() -> int:
+    # Count what is still referenced, not what glibc keeps cached after a free: without a trim,
+    # RSS after a burst of large allocations stays high whoever holds them.
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    return rss_bytes()
+
+
+async def write_as_a_peer(ledger, count: int, size: int, tag: str) -> None:
+    """Updates that arrive from another node: they reach every watcher, but the node does not
+    gossip them again, whose native memory (about the bytes written) would swamp the measurement."""
+    from kairos_core.ledger import Entry, HybridLogicalClock
+
+    peer = Identity.from_seed(b"\x07" * 32)
+    clock = HybridLogicalClock(peer.peer_id)
+    value = "x" * size
+    for i in range(count):
+        entry = Entry.signed(peer, "bulk", f"k{i % 50}", f"{tag}{i}{value}", clock.tick())
+        assert len(ledger.apply_remote([entry])) == 1
+        await asyncio.sleep(0)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+async def test_watch_clients_that_never_read_are_dropped_and_pin_no_memory(kairos_network, monkeypatch):
+    """Through the real API of a real node: 50 watch clients that never read used to keep every
+    update written after they stopped (up to 10,000 of them) alive until they closed."""
+    import kairos_core.api as api_module
+
+    monkeypatch.setattr(api_module, "WATCH_CLOSE_GRACE", 0.5)
+    net = await kairos_network(1)
+    node = net.nodes[0]
+    await write_as_a_peer(node.ledger, 300, 32_000, "warm")
+    before = settled_rss()
+    clients = [stalled_watch_client(node.config.api_socket) for _ in range(50)]
+    try:
+        await net.wait_for(lambda: len(node.ledger._watchers) == 50)
+        await write_as_a_peer(node.ledger, 1000, 32_000, "load")  # 32 MB of updates for each client
+        await net.wait_for(lambda: node.ledger.counters["watch_dropped"] == 50, timeout=30)
+        await net.wait_for(lambda: not node.api._connections and not node.ledger._watchers)
+        held = settled_rss() - before
+        assert held < 12 * 2**20, f"{held / 2**20:.0f} MB held by 50 stalled watch clients"
+        assert node.status()["counters"]["ledger_watch_dropped"] == 50
+    finally:
+        for client in clients:
+            client.close()
+    await asyncio.sleep(0.2)
+    after = settled_rss() - before
+    assert after < 12 * 2**20, f"{after / 2**20:.0f} MB still held after the clients closed"

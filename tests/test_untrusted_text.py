@@ -172,3 +172,20 @@ def test_tracebacks_keep_their_lines_but_lose_escapes(capsys):
     lines = err.splitlines()
     assert lines[0].startswith("ERROR failed for web\\x1b]52") and lines[1] == "Traceback (most recent call last):"
     assert lines[-1] == "ValueError: bad \\x1b]52;c;cm0gLXJmIH4=\\x07"
+
+
+def test_ledger_watch_reports_a_dropped_stream_and_fails(capsys, monkeypatch, tmp_path):
+    from kairos_core.api import APIClient
+
+    def stream(self, path, **kwargs):
+        yield {"bucket": "b", "key": f"k{CLIPBOARD}", "value": 1}
+        yield {"error": f"watch dropped: the client fell more than 262144 bytes behind{TITLE}"}
+
+    monkeypatch.setattr(APIClient, "stream", stream)
+    with pytest.raises(SystemExit) as exc:
+        main(["ledger", "watch", "--socket", str(tmp_path / "api.sock")])
+    captured = capsys.readouterr()
+    assert exc.value.code == 1
+    assert json.loads(captured.out)["key"] == f"k{CLIPBOARD}"  # escaped by json.dumps
+    assert_no_raw_controls(captured.out + captured.err)
+    assert captured.err.startswith("kairos: error: watch dropped: the client fell more than 262144 bytes behind\\x1b")
