@@ -67,6 +67,10 @@ CORE_DEFAULTS: dict[str, dict[str, Any]] = {
         "port": 0,
         # Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.
         "bootstrap_peers": [],
+        # Long-lived connections a node keeps: it dials more below `low` and closes the extra
+        # above `high` (never bootstrap peers nor connections a feature is using). A network of
+        # at most `low` nodes is fully connected.
+        "connections": {"low": 8, "high": 16},
     },
     "node": {
         # Identity, ledger database and API socket live here; default /var/lib/kairos as root,
@@ -346,6 +350,12 @@ def _range_problems(merged: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if value < lowest or (highest is not None and value > highest):
             bound = f"between {lowest} and {highest}" if highest is not None else f"at least {lowest}"
             problems.append(f"{section}.{option}: must be {bound}, not {value}")
+    connections = merged.get("p2p", {}).get("connections", {})
+    low, high = connections.get("low"), connections.get("high")
+    if isinstance(low, int) and low < 1:
+        problems.append(f"p2p.connections.low: must be at least 1, not {low}")
+    elif isinstance(low, int) and isinstance(high, int) and high < low:
+        problems.append(f"p2p.connections.high: must be at least low ({low}), not {high}")
     return problems
 
 

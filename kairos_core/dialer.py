@@ -59,6 +59,8 @@ class Dialer:
 
     :param dial: ``dial(multiaddrs) -> peer_id``: the host's connect (dial and admission).
     :param is_connected: whether a peer is admitted and connected now.
+    :param should_dial: whether a peer discovery just announced is worth a dial now (the
+        connection manager says no once the node has its degree; the peer stays a candidate).
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class Dialer:
         dial: Dial,
         is_connected: Callable[[str], bool],
         *,
+        should_dial: Callable[[str], bool] = lambda peer_id: True,
         base: float = BASE_BACKOFF,
         known_cap: float = KNOWN_CAP,
         stranger_cap: float = STRANGER_CAP,
@@ -78,6 +81,7 @@ class Dialer:
         self.self_id = self_id
         self._dial = dial
         self._is_connected = is_connected
+        self.should_dial = should_dial
         self.base, self.known_cap, self.stranger_cap = base, known_cap, stranger_cap
         self.reset_interval = reset_interval
         self.max_strangers = max_strangers
@@ -102,7 +106,8 @@ class Dialer:
                 self.counters["dial_candidates_dropped"] += 1
                 return  # a LAN full of made-up announcements must not grow this without end
             self._strangers[peer_id] = list(addrs)
-        self.want(peer_id, addrs)
+        if self.should_dial(peer_id):
+            self.want(peer_id, addrs)
 
     def pin(self, peer_id: str, addrs: list[str]) -> None:
         """Keep dialling ``peer_id`` whenever it is not connected (a configured bootstrap peer)."""
@@ -162,6 +167,14 @@ class Dialer:
                 del self._strangers[peer_id]  # it dialled us meanwhile
             else:
                 self.want(peer_id, addrs)
+
+    def candidates(self, known_addrs: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Every peer worth a connection and how to reach it: ``known_addrs`` (members), the
+        strangers discovery announced and the pinned peers, without those connected now."""
+        for peer_id in [p for p in self._strangers if self._is_connected(p)]:
+            del self._strangers[peer_id]  # it dialled us meanwhile
+        merged = {**self._strangers, **known_addrs, **self._pinned}
+        return {peer: addrs for peer, addrs in merged.items() if peer != self.self_id and not self._is_connected(peer)}
 
     def waiting(self) -> dict[str, float]:
         """Peers backing off, with the seconds until their next try (diagnostics)."""

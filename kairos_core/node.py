@@ -21,6 +21,8 @@ from typing import Any
 from . import __version__
 from .api import APIServer
 from .config import Config
+from . import connections as connections_module
+from .connections import ConnectionManager
 from .dialer import Dialer
 from .election import Election
 from .errors import KairosError
@@ -81,6 +83,8 @@ class Node:
         self._ledger_events: asyncio.Queue = asyncio.Queue()
         self._leader_events: asyncio.Queue = asyncio.Queue()
         self.dialer: Dialer | None = None
+        self.connections: ConnectionManager | None = None
+        self._candidates: dict[str, list[str]] = {}
         self._addresses: list[str] = []
         self._beat = 0
         self._announce_pending: asyncio.TimerHandle | None = None
@@ -108,7 +112,12 @@ class Node:
             on_peer_admitted=self._peer_admitted, on_peer_disconnected=self._peer_disconnected,
         )
         await self.host.start()
-        self.dialer = Dialer(self.peer_id, self.host.connect, self.host.is_admitted)
+        degree = p2p["connections"]
+        self.connections = ConnectionManager(self.peer_id, self.host, self._dial_candidate,
+                                             low=int(degree["low"]), high=int(degree["high"]),
+                                             grace=connections_module.GRACE)
+        self.dialer = Dialer(self.peer_id, self.host.connect, self.host.is_admitted,
+                             should_dial=lambda peer_id: not self.connections.saturated())
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
         self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=float(self.config["ledger"]["sync_interval"]))
         self.replicator.start()
@@ -228,9 +237,26 @@ class Node:
         if self.host is None:
             raise KairosError("the node is not running")
         try:
+            if not self.host.is_admitted(peer_id):
+                # not a neighbour (the degree is bounded): dial it at its advertised addresses
+                info = self.ledger.get(NODES_BUCKET, peer_id) if self.ledger else None
+                addrs = info.get("addresses") if isinstance(info, dict) else None
+                if not (isinstance(addrs, list) and addrs):
+                    raise KairosError(f"{peer_id} is not connected and advertises no address")
+                await self.host.connect([a for a in addrs if isinstance(a, str)])
             return await self.host.open_stream(peer_id, protocol)
         except P2PError as exc:
             raise KairosError(str(exc)) from None
+
+    def protect(self, peer_id: str, tag: str) -> None:
+        """Keep the connection to ``peer_id`` while ``tag`` needs it."""
+        if self.connections is not None:
+            self.connections.protect(peer_id, tag)
+
+    def unprotect(self, peer_id: str, tag: str) -> None:
+        """``tag`` no longer needs the connection to ``peer_id``."""
+        if self.connections is not None:
+            self.connections.unprotect(peer_id, tag)
 
     def serve(self, protocol: str, handler) -> None:
         """Serve ``protocol`` to admitted peers (see :meth:`P2PHost.set_stream_handler`)."""
@@ -398,6 +424,7 @@ class Node:
                 peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
                 if peer_id:
                     self.dialer.pin(peer_id, [addr])
+                    self.connections.pin(peer_id)
         if not p2p["disable_mdns"]:
             from .discovery.mdns import MDNSDiscovery
 
@@ -406,7 +433,8 @@ class Node:
         if not p2p["disable_dht"]:
             from .discovery.dht import DHTRendezvous
 
-            dht = DHTRendezvous(self.host, self.schedule, self._discovered, list(p2p["bootstrap_peers"]))
+            dht = DHTRendezvous(self.host, self.schedule, self._discovered, list(p2p["bootstrap_peers"]),
+                                saturated=self.connections.saturated)
             await self._start_one(dht, "DHT")
 
     async def _start_one(self, discovery: Any, name: str) -> None:
@@ -437,11 +465,14 @@ class Node:
         if peer_id not in self.host.admitted_peers():
             return  # it already left again: the disconnect was handled, do not resurrect it
         self.dialer.admitted(peer_id)
+        self.connections.connected(peer_id)
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
         self._neighbours_changed()
 
     async def _peer_disconnected(self, peer_id: str) -> None:
+        if self.connections:
+            self.connections.disconnected(peer_id)
         if self.replicator:
             self.replicator.peer_gone(peer_id)
         if self.membership:
@@ -482,7 +513,22 @@ class Node:
         if addresses != self._addresses:  # an interface came or went: paths that failed may work
             self._addresses = addresses
             self.dialer.network_changed()
-        self.dialer.round(known)
+        # The connection manager picks whom to dial (up to p2p.connections.low) and whom to
+        # close (above .high); the dialler dials with back-off.
+        self._candidates = self.dialer.candidates(known)
+        for peer_id in self.connections.round(set(self._candidates)):
+            self.counters["connections_trimmed"] += 1
+            self._spawn(self._close_connection(peer_id), "trim")
+
+    def _dial_candidate(self, peer_id: str) -> bool:
+        addrs = self._candidates.get(peer_id)
+        return bool(addrs) and self.dialer.want(peer_id, addrs)
+
+    async def _close_connection(self, peer_id: str) -> None:
+        try:
+            await self.host.disconnect(peer_id)
+        except Exception as exc:
+            log.debug("closing the connection to %s failed: %s", peer_id, exc)
 
     async def _every(self, interval: float, step) -> None:
         """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""

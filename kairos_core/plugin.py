@@ -159,7 +159,18 @@ class NodeView(Protocol):
         ...
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
-        """Open ``protocol`` to an admitted neighbour; :class:`KairosError` when it cannot."""
+        """Open ``protocol`` to a member: over the connection to it, dialled first (at the
+        addresses it advertises) when it is not a neighbour — a node keeps a bounded number of
+        connections (``p2p.connections``). :class:`KairosError` when it cannot."""
+        ...
+
+    def protect(self, peer_id: str, tag: str) -> None:
+        """Keep the connection to ``peer_id`` open while ``tag`` (your feature's name) needs it;
+        the connection manager closes extra connections above ``p2p.connections.high`` otherwise."""
+        ...
+
+    def unprotect(self, peer_id: str, tag: str) -> None:
+        """``tag`` no longer needs the connection to ``peer_id``."""
         ...
 
     def serve(self, protocol: str, handler: StreamHandler) -> None:

@@ -29,6 +29,10 @@ FoundCallback = Callable[[str, list[str]], "Awaitable[None] | None"]
 
 FIRST_INTERVAL = 0.5
 MAX_INTERVAL = 30.0
+# Once the node has its degree (p2p.connections.low) rounds are this far apart — but a window
+# boundary (the rendezvous key rotates) still runs one, and losing connections resumes fast ones.
+SATURATED_INTERVAL = 300.0
+SATURATION_CHECK = 2.0
 # A peer seen again is re-reported after this long if we are still not connected to it.
 REPORT_AGAIN_AFTER = 60.0
 
@@ -71,6 +75,7 @@ class DHTRendezvous:
         *,
         first_interval: float = FIRST_INTERVAL,
         max_interval: float = MAX_INTERVAL,
+        saturated: Callable[[], bool] = lambda: False,
     ) -> None:
         self.host = host
         self.schedule = schedule
@@ -78,6 +83,7 @@ class DHTRendezvous:
         self.bootstrap = list(bootstrap)
         self.first_interval = first_interval
         self.max_interval = max_interval
+        self.saturated = saturated
         #: rounds run, peers reported, lookups that failed
         self.counters: dict[str, int] = {"rounds": 0, "found": 0, "errors": 0}
         self._reported: dict[str, float] = {}
@@ -109,8 +115,18 @@ class DHTRendezvous:
                 self.counters["errors"] += 1
                 log.exception("DHT rendezvous round failed")
             delay = pacing.next_delay(self.schedule.dht_window())
+            saturated = self.saturated()
+            if saturated:
+                delay = max(delay, SATURATED_INTERVAL)
             # wake at the window boundary too: the new key wants announcing at once
-            await asyncio.sleep(min(delay, self._seconds_to_next_window()))
+            remaining = min(delay, self._seconds_to_next_window())
+            while remaining > 0:
+                step = min(remaining, SATURATION_CHECK)
+                await asyncio.sleep(step)
+                remaining -= step
+                if saturated and not self.saturated():
+                    pacing = RoundPacing(self.first_interval, self.max_interval)  # lost peers: look again now
+                    break
 
     def _seconds_to_next_window(self) -> float:
         step = self.schedule.token.dht.interval

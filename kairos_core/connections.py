@@ -1,0 +1,158 @@
+"""The connection manager: a bounded number of long-lived connections per node.
+
+A node that dials everyone it discovers pays for every member of the network: connections,
+keepalives, gossip and DHT chatter all grow with N. Instead each node keeps between ``low`` and
+``high`` admitted connections (``p2p.connections``), in the spirit of libp2p's connection manager:
+
+- **Below ``low``** it dials more, from the peers it knows (members with advertised addresses,
+  peers discovery announced): half of the picks are the peers closest to it by XOR distance of the
+  SHA-256 of their ids (a stable, structured backbone: every node's closest peers overlap, so the
+  overlay stays connected), half at random (short paths across it). Pinned peers (configured
+  bootstrap peers) are always dialled.
+- **Above ``high``** it closes connections down to ``low``, never those that are pinned, protected
+  (a feature uses them: :meth:`ConnectionManager.protect`) or younger than ``grace`` seconds (a
+  connection must have time to prove useful, and the peer that just dialled us must not be cut
+  before it has found others). Half of what it keeps are again the XOR-closest.
+
+With ``N ≤ low`` every node connects to every node, as before: small networks form at once.
+Membership does not need the full mesh (it is attested, see :mod:`kairos_core.membership`), nor
+does the ledger (gossip floods the overlay, anti-entropy runs between neighbours).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOW = 8
+DEFAULT_HIGH = 16
+GRACE = 20.0
+
+
+def xor_distance(a: str, b: str) -> int:
+    """Kademlia-style distance between two peer ids (of their SHA-256, so ids spread evenly)."""
+    return int.from_bytes(hashlib.sha256(a.encode()).digest(), "big") ^ int.from_bytes(hashlib.sha256(b.encode()).digest(), "big")
+
+
+class Host(Protocol):
+    """What the manager needs of the p2p host."""
+
+    def admitted_peers(self) -> set[str]:
+        """Peers connected and admitted now."""
+        ...
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``."""
+        ...
+
+
+class ConnectionManager:
+    """Decides which peers to dial and which connections to close; see the module docstring.
+
+    :param want_dial: ``want_dial(peer_id) -> bool``: ask the dialler to dial a peer now (it
+        knows the addresses and the back-off; False when it will not).
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        host: Host,
+        want_dial: Callable[[str], bool],
+        *,
+        low: int = DEFAULT_LOW,
+        high: int = DEFAULT_HIGH,
+        grace: float = GRACE,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 1 <= low <= high:
+            raise ValueError(f"connections need 1 <= low <= high, not low={low} high={high}")
+        self.self_id = self_id
+        self.host = host
+        self._want_dial = want_dial
+        self.low, self.high, self.grace = low, high, grace
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._since: dict[str, float] = {}  # peer -> when its connection came up
+        self._protected: dict[str, set[str]] = {}
+        self._pinned: set[str] = set()
+        self.trimmed = 0
+
+    # --- inputs ------------------------------------------------------------------------------
+    def connected(self, peer_id: str) -> None:
+        """An admitted connection to ``peer_id`` is up."""
+        self._since.setdefault(peer_id, self.clock())
+
+    def disconnected(self, peer_id: str) -> None:
+        """The connection to ``peer_id`` is gone."""
+        self._since.pop(peer_id, None)
+
+    def pin(self, peer_id: str) -> None:
+        """Never close ``peer_id`` and always want it (a configured bootstrap peer)."""
+        self._pinned.add(peer_id)
+
+    def protect(self, peer_id: str, tag: str) -> None:
+        """Keep the connection to ``peer_id`` while ``tag`` (a feature using it) holds it."""
+        self._protected.setdefault(peer_id, set()).add(tag)
+
+    def unprotect(self, peer_id: str, tag: str) -> None:
+        """``tag`` no longer needs the connection to ``peer_id``."""
+        tags = self._protected.get(peer_id)
+        if tags is not None:
+            tags.discard(tag)
+            if not tags:
+                del self._protected[peer_id]
+
+    def is_protected(self, peer_id: str) -> bool:
+        """Whether a pin or a tag keeps ``peer_id``'s connection."""
+        return peer_id in self._pinned or peer_id in self._protected
+
+    # --- decisions -----------------------------------------------------------------------------
+    def saturated(self) -> bool:
+        """At least ``low`` connections: discovery may slow down."""
+        return len(self.host.admitted_peers()) >= self.low
+
+    def to_dial(self, candidates: set[str]) -> list[str]:
+        """Which of ``candidates`` (known, not connected) to dial now to get back to ``low``."""
+        connected = self.host.admitted_peers()
+        pool = sorted(candidates - connected - {self.self_id})
+        picks = [peer for peer in pool if peer in self._pinned]
+        missing = self.low - len(connected) - len(picks)
+        rest = [peer for peer in pool if peer not in self._pinned]
+        if missing > 0 and rest:
+            closest = sorted(rest, key=lambda peer: xor_distance(self.self_id, peer))
+            by_xor = closest[: (missing + 1) // 2]
+            others = [peer for peer in rest if peer not in by_xor]
+            picks += by_xor + self.rng.sample(others, min(len(others), missing - len(by_xor)))
+        return picks
+
+    def to_trim(self) -> list[str]:
+        """Connections to close now: none unless above ``high``, then down to ``low``."""
+        connected = self.host.admitted_peers()
+        if len(connected) <= self.high:
+            return []
+        now = self.clock()
+        keep = {peer for peer in connected
+                if self.is_protected(peer) or now - self._since.get(peer, now) < self.grace}
+        room = self.low - len(keep)
+        closable = sorted(connected - keep)
+        if room > 0 and closable:
+            closest = sorted(closable, key=lambda peer: xor_distance(self.self_id, peer))
+            by_xor = set(closest[: (room + 1) // 2])
+            others = [peer for peer in closable if peer not in by_xor]
+            keep |= by_xor | set(self.rng.sample(others, min(len(others), room - len(by_xor))))
+        return sorted(connected - keep)
+
+    def round(self, candidates: set[str]) -> list[str]:
+        """One pass: ask for the dials :meth:`to_dial` picks; return the peers to close."""
+        for peer in self.to_dial(candidates):
+            self._want_dial(peer)
+        trim = self.to_trim()
+        self.trimmed += len(trim)
+        return trim

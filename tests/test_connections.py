@@ -1,0 +1,144 @@
+"""Bounded degree: the connection manager's choices, and a network of real nodes that is not a full mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from kairos_core import connections as connections_module
+from kairos_core.connections import ConnectionManager, xor_distance
+from kairos_core.identity import Identity
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.peers: set[str] = set()
+
+    def admitted_peers(self) -> set[str]:
+        return set(self.peers)
+
+    async def disconnect(self, peer_id: str) -> None:
+        self.peers.discard(peer_id)
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ids(n: int) -> list[str]:
+    return [Identity.generate().peer_id for _ in range(n)]
+
+
+def manager(low=3, high=5, **kwargs):
+    host, clock, dialled = FakeHost(), Clock(), []
+    me = Identity.generate().peer_id
+    cm = ConnectionManager(me, host, lambda peer: dialled.append(peer) or True, low=low, high=high,
+                           clock=clock, rng=random.Random(7), **kwargs)
+    return cm, host, clock, dialled
+
+
+def test_below_low_it_dials_the_missing_half_by_xor_distance_half_at_random():
+    cm, host, clock, dialled = manager(low=4)
+    pool = set(ids(20))
+    picks = cm.to_dial(pool)
+    assert len(picks) == 4
+    closest = sorted(pool, key=lambda p: xor_distance(cm.self_id, p))[:2]
+    assert set(closest) <= set(picks)
+    host.peers = set(picks)
+    assert cm.to_dial(pool) == []  # at low: no more dials
+
+
+def test_a_small_network_is_fully_connected():
+    cm, host, clock, dialled = manager(low=8, high=16)
+    pool = set(ids(5))
+    assert set(cm.to_dial(pool)) == pool
+
+
+def test_pinned_peers_are_always_dialled_and_never_trimmed():
+    cm, host, clock, dialled = manager(low=2, high=3)
+    pinned, *others = ids(8)
+    cm.pin(pinned)
+    host.peers = set(others[:2])
+    assert cm.to_dial({pinned, *others}) == [pinned]
+    host.peers = {pinned, *others}
+    for peer in host.peers:
+        cm.connected(peer)
+    clock.now += 60
+    trimmed = cm.to_trim()
+    assert pinned not in trimmed and len(host.peers) - len(trimmed) == 2
+
+
+def test_above_high_it_trims_to_low_keeping_half_by_xor_distance():
+    cm, host, clock, dialled = manager(low=4, high=5)
+    peers = ids(10)
+    host.peers = set(peers)
+    for peer in peers:
+        cm.connected(peer)
+    clock.now += 60
+    kept = set(peers) - set(cm.to_trim())
+    assert len(kept) == 4
+    assert set(sorted(peers, key=lambda p: xor_distance(cm.self_id, p))[:2]) <= kept
+
+
+def test_above_high_it_trims_to_low_but_keeps_protected_and_young_connections():
+    cm, host, clock, dialled = manager(low=3, high=5)
+    peers = ids(9)
+    host.peers = set(peers)
+    for peer in peers[:7]:
+        cm.connected(peer)
+    clock.now += 60
+    for peer in peers[7:]:
+        cm.connected(peer)  # just arrived: within the grace period
+    cm.protect(peers[0], "vpn")
+    trimmed = set(cm.to_trim())
+    kept = set(peers) - trimmed
+    assert kept == {peers[0], *peers[7:]}  # the protected one and the two young ones fill low
+    cm.unprotect(peers[0], "vpn")
+    assert not cm.is_protected(peers[0])
+
+
+def test_within_high_nothing_is_trimmed():
+    cm, host, clock, dialled = manager(low=3, high=5)
+    host.peers = set(ids(5))
+    clock.now += 60
+    assert cm.to_trim() == []
+
+
+def test_bad_bounds_are_refused():
+    with pytest.raises(ValueError):
+        ConnectionManager("me", FakeHost(), lambda p: True, low=0, high=4)
+    with pytest.raises(ValueError):
+        ConnectionManager("me", FakeHost(), lambda p: True, low=5, high=4)
+
+
+@pytest.mark.slow
+async def test_nine_nodes_with_degree_two_to_four_still_form_one_network(kairos_network, monkeypatch):
+    monkeypatch.setattr(connections_module, "GRACE", 1.0)
+    net = await kairos_network(0)
+    overrides = {"p2p": {"connections": {"low": 2, "high": 4}}}
+    seed = await net.add_node(overrides=overrides)
+    for _ in range(8):  # everyone joins through the seed only; the managers spread them out
+        node = await net.add_node(overrides=overrides, connect=False)
+        await node.connect(seed.host.addresses())
+    nodes = net.nodes
+    # membership is attested: every node counts the eight others without being connected to them
+    await net.wait_for(lambda: all(len(n.members()) == 8 for n in nodes), timeout=40)
+    await net.wait_for(lambda: all(len(n.neighbours()) <= 4 for n in nodes), timeout=40)
+    assert any(len(n.neighbours()) < 8 for n in nodes)  # not a full mesh
+    assert sum(n.counters["connections_trimmed"] for n in nodes) > 0
+
+    nodes[3].ledger.set("apps", "web", {"replicas": 3})
+    await net.wait_for(lambda: all(n.ledger.get("apps", "web") == {"replicas": 3} for n in nodes), timeout=20)
+    await net.wait_for(lambda: len({n.leader for n in nodes}) == 1 and nodes[0].leader is not None, timeout=30)
+
+    victim = nodes[5]
+    await victim.stop()
+    survivors = [n for n in nodes if n is not victim]
+    await net.wait_for(lambda: all(victim.peer_id not in n.members() for n in survivors), timeout=20)
+    await asyncio.sleep(0.5)
+    assert all(len(n.members()) == 7 for n in survivors)
