@@ -493,3 +493,60 @@ async def test_an_outsider_gets_no_identify_or_ping_and_its_identify_pushes_writ
     ours = f"kairos-p2p-{a.peer_id[-8:]}"  # the rogue's own libp2p may complain in its thread
     errors = [r.getMessage() for r in caplog.records if r.threadName == ours and r.levelno >= logging.ERROR]
     assert errors == []
+
+
+def test_libp2p_warnings_and_errors_are_rate_limited_with_a_note_of_what_was_suppressed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No remote peer may make us write thousands of lines (issue #12, Medium 9b)."""
+    import logging
+
+    from kairos_core.p2p.logs import LOG_BURST_PER_LOGGER, LOG_BURST_PER_TEMPLATE, RateLimit
+
+    now = [0.0]
+    limit = RateLimit(interval=60, clock=lambda: now[0])
+    logger = logging.getLogger("libp2p.test.flood")
+    logger.addFilter(limit)
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger.name]
+
+    try:
+        caplog.set_level(logging.DEBUG)
+        for i in range(500):
+            logger.error("Error processing identify/push from %s: %s", f"peer{i}", "Error parsing message")
+        assert limit.filter(logging.LogRecord(logger.name, logging.DEBUG, __file__, 1, "debug passes", None, None))
+        assert len(lines()) == LOG_BURST_PER_TEMPLATE
+        assert lines()[LOG_BURST_PER_TEMPLATE - 1].endswith("[more lines like this one suppressed for 60 s]")
+        caplog.clear()
+        now[0] = 61.0
+        logger.error("Error processing identify/push from %s: %s", "peer", "Error parsing message")
+        assert lines() == [f"Error processing identify/push from peer: Error parsing message "
+                           f"[{500 - LOG_BURST_PER_TEMPLATE} similar lines suppressed before this one]"]
+        # messages formatted before logging differ every time: one logger has a budget too
+        caplog.clear()
+        now[0] = 200.0
+        for i in range(500):
+            logger.warning(f"dial of address {i} failed")
+        assert len(lines()) == LOG_BURST_PER_LOGGER
+        assert limit.suppressed == 2 * 500 - LOG_BURST_PER_TEMPLATE - LOG_BURST_PER_LOGGER
+    finally:
+        logger.removeFilter(limit)
+
+
+async def test_every_libp2p_logger_is_rate_limited_after_demotion(
+    hosts: HostFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from kairos_core.p2p.logs import LOG_BURST_PER_TEMPLATE, DemoteWarnings, RateLimit
+
+    await hosts.host()
+    for name in ("libp2p.identity.identify_push.identify_push", "libp2p.crypto.keys", "libp2p"):
+        kinds = [type(f) for f in logging.getLogger(name).filters if isinstance(f, (DemoteWarnings, RateLimit))]
+        assert kinds[-1] is RateLimit and kinds.count(RateLimit) == 1, (name, kinds)
+    caplog.set_level(logging.INFO)
+    push_log = logging.getLogger("libp2p.identity.identify_push.identify_push")
+    for i in range(500):
+        push_log.error("test flood %s: %s", i, "Error parsing message")
+    assert len([r for r in caplog.records if r.getMessage().startswith("test flood")]) == LOG_BURST_PER_TEMPLATE

@@ -35,9 +35,22 @@ class HybridLogicalClock:
     """The hybrid logical clock of one peer.
 
     ``tick()`` stamps a local write; ``observe(version)`` folds in a remote version so later local
-    writes sort after it. A remote version more than ``max_drift_ms`` ahead of our wall clock is
-    refused (and counted in ``rejected_future``): one peer with a wrong clock must not drag every
-    node's versions into the future, where its entries would win every merge.
+    writes sort after it. Two bounds keep one peer with a wrong (or hostile) clock from dragging
+    every node's versions into the future, where its entries would win every merge:
+
+    - a remote version more than ``max_drift_ms`` ahead of our wall clock is refused (counted in
+      ``rejected_future``) and leaves no trace;
+    - an accepted one moves this clock at most ``max_lead_ms`` (default half of ``max_drift_ms``)
+      ahead of our wall clock (counted in ``capped`` when it would have gone further).
+
+    So this clock, and every version we write, is never more than ``max_lead_ms`` ahead of our
+    wall clock, whatever peers send, and a peer whose wall clock is less than ``max_drift_ms -
+    max_lead_ms`` behind ours accepts all of them. Without the second bound one write stamped just
+    inside the drift bound pulled every node that merged it that far ahead, and a node a second
+    behind then refused all their honest writes. The price: ``tick()`` sorts after every observed
+    version only up to that ceiling; a version further ahead (an entry between the two bounds)
+    keeps winning its own key until the wall clock catches up, unless a local write overwrites it
+    through :meth:`tick_after`.
     """
 
     def __init__(
@@ -46,13 +59,20 @@ class HybridLogicalClock:
         *,
         now_ms: Callable[[], int] = wall_clock_ms,
         max_drift_ms: int = 60_000,
+        max_lead_ms: int | None = None,
     ) -> None:
         self.peer_id = peer_id
         self._now_ms = now_ms
         self.max_drift_ms = max_drift_ms
+        # Half and half: a clock dragged to the ceiling still leaves peers behind us by less than
+        # the other half within the drift bound of every version it stamps.
+        self.max_lead_ms = max_drift_ms // 2 if max_lead_ms is None else max_lead_ms
+        if not 0 <= self.max_lead_ms <= max_drift_ms:
+            raise ValueError(f"max_lead_ms must be between 0 and max_drift_ms ({max_drift_ms}), not {self.max_lead_ms}")
         self._wall_ms = 0
         self._counter = 0
         self.rejected_future = 0
+        self.capped = 0
 
     @property
     def last(self) -> Version:
@@ -81,14 +101,48 @@ class HybridLogicalClock:
         return version.wall_ms <= self._now_ms() + self.max_drift_ms
 
     def observe(self, version: Version) -> bool:
-        """Fold a remote version in; False (and counted) when it is refused as too far ahead."""
+        """Fold a remote version in, at most ``max_lead_ms`` ahead of our wall clock; False (and
+        counted) when it is refused as more than ``max_drift_ms`` ahead."""
         if not self.acceptable(version):
             self.rejected_future += 1
             return False
-        self.restore(version)
+        if self._fold(version):
+            self.capped += 1
         return True
 
     def restore(self, version: Version) -> None:
-        """Fold in a version without the drift check (versions read back from our own store)."""
-        if (version.wall_ms, version.counter) > (self._wall_ms, self._counter):
-            self._wall_ms, self._counter = version.wall_ms, version.counter
+        """Fold in a version without the drift check (versions read back from our own store).
+
+        The lead bound still applies: an entry that was merged between the two bounds must not
+        drag the clock when the node restarts either.
+        """
+        self._fold(version)
+
+    def tick_after(self, floor: Version | None) -> Version:
+        """A version for a local write that also sorts after ``floor`` (the entry it replaces).
+
+        Usually just :meth:`tick`. When ``floor`` is beyond the lead bound (merged between the two
+        bounds), the write is stamped right after it instead; the clock itself moves only as far
+        as the bound allows, so overwriting a far-ahead entry drags no other write.
+        """
+        version = self.tick()
+        if floor is None or version > floor:
+            return version
+        if floor.counter < MAX_COUNTER:
+            after = Version(floor.wall_ms, floor.counter + 1, self.peer_id)
+        else:
+            after = Version(floor.wall_ms + 1, 0, self.peer_id)
+        self._fold(after)
+        return after
+
+    def _fold(self, version: Version) -> bool:
+        """Move this clock up to ``version``, or to the lead ceiling if that is lower; True when the
+        ceiling cut it short."""
+        ceiling = self._now_ms() + self.max_lead_ms
+        reading = (version.wall_ms, version.counter)
+        capped = version.wall_ms > ceiling
+        if capped:
+            reading = (ceiling, 0)
+        if reading > (self._wall_ms, self._counter):
+            self._wall_ms, self._counter = reading
+        return capped

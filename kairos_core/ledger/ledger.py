@@ -41,6 +41,7 @@ Listener = Callable[[LedgerUpdate], None]
 COUNTERS = (
     "applied", "stale", "rejected_signature", "rejected_policy", "rejected_future",
     "rejected_invalid", "decode_errors", "sync_errors", "pruned", "watch_overflow", "listener_errors",
+    "clock_capped",
 )
 
 
@@ -132,8 +133,10 @@ class Ledger:
     def _write_local(self, bucket: str, key: str, value: Any, *, deleted: bool) -> Entry:
         check_name("bucket", bucket, MAX_BUCKET_LENGTH)
         check_name("key", key, MAX_KEY_LENGTH)
-        entry = Entry.signed(self.identity, bucket, key, value, self.clock.tick(), deleted)
         current = self.get_entry(bucket, key)
+        # after the entry it replaces even when that one is further ahead than our clock may go
+        version = self.clock.tick_after(current.version if current is not None else None)
+        entry = Entry.signed(self.identity, bucket, key, value, version, deleted)
         if not self.policies.allows(entry, current, self._now()):
             raise PolicyError(
                 f"{self.policies.for_bucket(bucket).name} bucket {bucket!r}: key {key!r} is not this node's to write"
@@ -179,6 +182,7 @@ class Ledger:
         now = self._now()
         prune_before_ms = int((now - self.tombstone_grace) * 1000)
         staged: dict[tuple[str, str], Entry] = {}
+        capped_before = self.clock.capped
         for index, entry in enumerate(entries):
             try:
                 entry.validate(MAX_REMOTE_VALUE_SIZE)
@@ -203,6 +207,7 @@ class Ledger:
                 continue
             self.clock.observe(entry.version)
             staged[ident] = entry
+        self.counters["clock_capped"] += self.clock.capped - capped_before
         if not staged:
             return []
         keep: list[Entry] = []
