@@ -131,9 +131,10 @@ async def _answer(node: NodeView, stream: Stream) -> None:
 
 
 async def ask_hostname(node: NodeView, peer_id: str, timeout: float = 5.0) -> str:
-    """Ask the admitted neighbour ``peer_id`` for its hostname over ``/kairos/hello/1.0.0``.
+    """Ask the member ``peer_id`` for its hostname over ``/kairos/hello/1.0.0`` (the node dials
+    it first when it is not a neighbour).
 
-    Raises :class:`KairosError` when the peer is not a neighbour, the stream breaks or the peer
+    Raises :class:`KairosError` when the peer cannot be reached, the stream breaks or the peer
     closes without an answer, and :class:`TimeoutError` after ``timeout`` seconds. The answer
     is the peer's own word: untrusted text (escape it before printing it).
     """
