@@ -15,6 +15,11 @@ node dial without end.
   within a fraction of a second instead of at the end of its back-off. Resets happen at most
   once per ``reset_interval``, so churn cannot turn them into a dial storm.
 - At most ``max_parallel`` dials run at once; the strangers remembered for retries are bounded.
+- Dials of peers never admitted — announced by discovery, or vouched for by members, or only
+  remembered from disk — share one token bucket: ``stranger_rate`` a second, bursts of
+  ``stranger_burst``. Anyone can announce made-up peers at somebody else's address (50 of them made
+  a node dial one address 600 times in 30 s, issue #12, Medium 9c); however many there are, the
+  node dials a few a second. Peers once admitted and pinned peers never wait for it.
 
 The dialler only decides; the host dials (one bounded attempt, see :mod:`.p2p.traps`) and admits.
 """
@@ -39,6 +44,26 @@ STRANGER_CAP = 30.0
 RESET_INTERVAL = 2.0
 MAX_PARALLEL = 16
 MAX_STRANGERS = 256
+STRANGER_DIAL_RATE = 2.0  # dials a second of peers never admitted, all of them together
+STRANGER_DIAL_BURST = 8  # a node joining a network dials this many at once (its degree's worth)
+
+
+class _TokenBucket:
+    """``rate`` tokens a second, up to ``burst`` kept."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate, self.burst, self.clock = rate, float(burst), clock
+        self._tokens, self._at = float(burst), clock()
+
+    def take(self) -> bool:
+        """Take a token if there is one."""
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
 
 @dataclass
@@ -76,6 +101,8 @@ class Dialer:
         reset_interval: float = RESET_INTERVAL,
         max_parallel: int = MAX_PARALLEL,
         max_strangers: int = MAX_STRANGERS,
+        stranger_rate: float = STRANGER_DIAL_RATE,
+        stranger_burst: int = STRANGER_DIAL_BURST,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.self_id = self_id
@@ -95,6 +122,7 @@ class Dialer:
         self._pinned: dict[str, list[str]] = {}  # configured bootstrap peers: always worth a dial
         self._last_reset = -reset_interval
         self._tasks: set[asyncio.Task] = set()
+        self._stranger_dials = _TokenBucket(stranger_rate, stranger_burst, clock)
 
     # --- inputs ------------------------------------------------------------------------------
     def discovered(self, peer_id: str, addrs: list[str]) -> None:
@@ -152,6 +180,9 @@ class Dialer:
         addrs = with_peer_suffix(addrs, peer_id)
         if not addrs:
             return False
+        if peer_id not in self._known and not self._stranger_dials.take():
+            self.counters["dials_deferred"] += 1  # a later round asks again
+            return False
         self._in_flight.add(peer_id)
         task = asyncio.get_running_loop().create_task(self._attempt(peer_id, addrs), name=f"dial-{peer_id[-6:]}")
         self._tasks.add(task)
@@ -162,7 +193,8 @@ class Dialer:
         """One periodic pass: every peer worth a connection (``known_addrs``) and every stranger."""
         for peer_id, addrs in {**known_addrs, **self._pinned}.items():
             self.want(peer_id, addrs)
-        for peer_id, addrs in list(self._strangers.items()):
+        # in random order: with the stranger dials bounded, the first announced must not take them all
+        for peer_id, addrs in random.sample(list(self._strangers.items()), len(self._strangers)):
             if self._is_connected(peer_id):
                 del self._strangers[peer_id]  # it dialled us meanwhile
             else:

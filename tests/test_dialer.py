@@ -1,0 +1,93 @@
+"""The dialler against made-up peers (issue #12, Medium 9c), with a fake dial and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from kairos_core.dialer import STRANGER_DIAL_BURST, STRANGER_DIAL_RATE, Dialer
+from kairos_core.identity import Identity
+
+THIRD_PARTY = "/ip4/192.0.2.7/tcp/4001"  # somebody else's server, advertised by every fake
+
+
+class FakeNetwork:
+    """A fake clock, and a dial function that records each dial and reaches only ``reachable``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.dials: list[tuple[float, str, str]] = []
+        self.reachable: set[str] = set()
+        self.connected: set[str] = set()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def dial(self, addrs: list[str]) -> str:
+        peer = addrs[0].rsplit("/p2p/", 1)[1]
+        self.dials.append((self.now, peer, addrs[0].rsplit("/p2p/", 1)[0]))
+        if peer not in self.reachable:
+            raise OSError("connection refused")
+        self.connected.add(peer)
+        return peer
+
+
+def _peers(n: int) -> list[str]:
+    return [Identity.generate().peer_id for _ in range(n)]
+
+
+async def _run(dialer: Dialer, net: FakeNetwork, seconds: float, step: float = 0.1, each_step=None) -> None:
+    """Advance the fake clock in ``step``s, as the node does: a dialler round each step."""
+    for _ in range(round(seconds / step)):
+        net.now += step
+        if each_step is not None:
+            each_step()
+        dialer.round({})
+        for _ in range(3):  # let the dials of this step run to their end
+            await asyncio.sleep(0)
+
+
+async def test_fifty_made_up_peers_advertising_one_address_get_a_bounded_number_of_dials() -> None:
+    """50 fake nodes advertising a third party's address made victims dial it 600 times in 30 s."""
+    random.seed(12)
+    net = FakeNetwork()
+    dialer = Dialer(Identity.generate().peer_id, net.dial, net.connected.__contains__, clock=net.clock)
+    fakes = _peers(50)
+
+    def announce() -> None:  # discovery repeats its announcements, the fakes all the time
+        for peer in fakes:
+            dialer.discovered(peer, [THIRD_PARTY])
+
+    announce()
+    await _run(dialer, net, 30.0, each_step=announce)
+    bound = STRANGER_DIAL_BURST + STRANGER_DIAL_RATE * 30.0
+    assert len(net.dials) <= bound, len(net.dials)
+    assert {address for _, _, address in net.dials} == {THIRD_PARTY}
+    assert dialer.counters["dials_deferred"] > 0
+    # per second too, not only on average: after the burst, no second holds more than the rate
+    for second in range(5, 30):
+        assert sum(1 for at, _, _ in net.dials if second <= at < second + 1) <= STRANGER_DIAL_RATE + 1
+
+
+async def test_a_real_stranger_among_fakes_is_still_dialled_and_known_peers_are_never_held_back() -> None:
+    random.seed(7)
+    net = FakeNetwork()
+    dialer = Dialer(Identity.generate().peer_id, net.dial, net.connected.__contains__, clock=net.clock)
+    fakes = _peers(50)
+    real, member = _peers(2)
+    net.reachable |= {real, member}
+    for peer in fakes:
+        dialer.discovered(peer, [THIRD_PARTY])
+    dialer.discovered(real, ["/ip4/127.0.0.1/tcp/4002"])
+    await _run(dialer, net, 30.0)
+    assert real in net.connected  # the strangers take turns at the bounded dials
+
+    # a peer we were admitted to once is redialled at once, however many strangers wait
+    dialer.admitted(member)
+    await _run(dialer, net, 0.5)
+    before = len(net.dials)
+    for _ in range(STRANGER_DIAL_BURST):
+        dialer.want(_peers(1)[0], [THIRD_PARTY])  # use up whatever the bucket holds
+    assert dialer.want(member, ["/ip4/127.0.0.1/tcp/4003"])
+    await _run(dialer, net, 0.1)
+    assert member in net.connected and len(net.dials) > before
