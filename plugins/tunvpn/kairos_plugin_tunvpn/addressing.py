@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from kairos_core.ledger.clock import wall_clock_ms
-
 IPv4 = ipaddress.IPv4Address
+
+
+def wall_clock_ms() -> int:
+    """Unix time in milliseconds: the clock ``expires`` is written and read by."""
+    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from kairos_core.api import APIClient
-from kairos_core.cli import emit_json, json_option, pass_context, socket_option
+from kairos_core.plugin import APIClient, emit_json, json_option, pass_context, socket_option
 
 from .addressing import holders, read_claims
 

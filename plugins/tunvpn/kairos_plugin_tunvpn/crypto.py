@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from kairos_core.keys import derive
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import fastpath
 from .fastpath import GcmKey
@@ -41,6 +42,15 @@ REKEY_AFTER_PACKETS = 1 << 32
 REKEY_AFTER_SECONDS = 120.0
 _NONCE = struct.Struct("!IQ")
 _LABEL = b"kairos/v1/tunvpn/"
+
+
+def derive(ikm: bytes, label: bytes, length: int = 32) -> bytes:
+    """HKDF-SHA256 of ``ikm`` for one purpose: no salt, ``info = label``, ``length`` bytes.
+
+    Every session key, key id and epoch key comes from here, so its output is the wire format:
+    two versions that derive differently cannot talk. The tests pin known vectors.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=label).derive(ikm)
 
 
 def nonce_for(key_id: int, counter: int) -> bytes:

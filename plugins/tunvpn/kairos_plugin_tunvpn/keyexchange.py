@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .crypto import SessionKeys
+
+if TYPE_CHECKING:
+    from kairos_core.plugin import NodeView
 
 KEYS_PROTOCOL = "/kairos/vpn/keys/1.0.0"
 MAX_MESSAGE = 1024
@@ -105,14 +108,15 @@ def session_keys(
     return SessionKeys.derive(secret, local_id, remote_id)
 
 
-async def initiate(host: Any, local_id: str, remote_id: str, timeout: float = 10.0) -> SessionKeys:
-    """Run an exchange as initiator over a new stream to ``remote_id``; returns our keys.
+async def initiate(node: NodeView, local_id: str, remote_id: str, timeout: float = 10.0) -> SessionKeys:
+    """Run an exchange as initiator over a new stream from ``node`` to ``remote_id``; returns our keys.
 
-    :raises ExchangeError: on a bad reply; ``P2PError`` or ``TimeoutError`` if the stream fails.
+    :raises ExchangeError: on a bad reply; ``KairosError`` (no stream) or ``TimeoutError`` if the
+        stream fails.
     """
     import asyncio
 
-    stream = await host.open_stream(remote_id, KEYS_PROTOCOL)
+    stream = await node.open_stream(remote_id, KEYS_PROTOCOL)
     try:
         private, hello = new_ephemeral()
         await stream.write_frame(encode("hello", hello))
@@ -125,9 +129,9 @@ async def initiate(host: Any, local_id: str, remote_id: str, timeout: float = 10
         await stream.close()
 
 
-async def request(host: Any, remote_id: str) -> None:
+async def request(node: NodeView, remote_id: str) -> None:
     """Ask ``remote_id`` (the initiating side of the pair) to start an exchange."""
-    stream = await host.open_stream(remote_id, KEYS_PROTOCOL)
+    stream = await node.open_stream(remote_id, KEYS_PROTOCOL)
     try:
         await stream.write_frame(encode("request"))
     finally:

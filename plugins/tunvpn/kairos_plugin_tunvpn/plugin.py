@@ -11,8 +11,7 @@ import logging
 import weakref
 from typing import Any
 
-from kairos_core.ledger import OWNER_KEYED, WritePolicy
-from kairos_core.plugins import hookimpl
+from kairos_core.plugin import OWNER_KEYED, LedgerUpdate, NodeView, PeerEvent, WritePolicy, hookimpl
 
 from .vpn import BUCKET, DEFAULTS, VPN, VPNConfigError, VPNSettings
 
@@ -26,7 +25,7 @@ class TunVPNPlugin:
         self.vpn_options = vpn_options
         self.running: "weakref.WeakKeyDictionary[Any, VPN]" = weakref.WeakKeyDictionary()
 
-    def vpn_of(self, node: Any) -> VPN | None:
+    def vpn_of(self, node: NodeView) -> VPN | None:
         """The running VPN of ``node``, or None (not started, disabled, or no TUN available)."""
         return self.running.get(node)
 
@@ -51,7 +50,7 @@ class TunVPNPlugin:
         return {BUCKET: OWNER_KEYED}
 
     @hookimpl
-    async def kairos_startup(self, node: Any) -> None:
+    async def kairos_startup(self, node: NodeView) -> None:
         """Claim a VIP, create the TUN device and start the data plane.
 
         Without /dev/net/tun or CAP_NET_ADMIN one error line is logged and the node runs on
@@ -70,21 +69,21 @@ class TunVPNPlugin:
             self.running[node] = vpn
 
     @hookimpl
-    async def kairos_shutdown(self, node: Any) -> None:
+    async def kairos_shutdown(self, node: NodeView) -> None:
         """Stop the data plane and remove the device and its routes."""
         vpn = self.running.pop(node, None)
         if vpn is not None:
             await vpn.stop()
 
     @hookimpl
-    def on_peer(self, node: Any, event: Any) -> None:
+    def on_peer(self, node: NodeView, event: PeerEvent) -> None:
         """A peer joined, left or changed its addresses: revisit sessions and endpoints."""
         vpn = self.running.get(node)
         if vpn is not None:
             vpn.wake()
 
     @hookimpl
-    def on_ledger_update(self, node: Any, update: Any) -> None:
+    def on_ledger_update(self, node: NodeView, update: LedgerUpdate) -> None:
         """A VIP claim (or a node entry) changed: revisit addresses."""
         vpn = self.running.get(node)
         if vpn is not None and update.bucket in (BUCKET, "nodes"):

@@ -15,7 +15,7 @@ import os
 import struct
 from collections.abc import Iterable
 
-from kairos_core.errors import KairosError
+from kairos_core.plugin import KairosError
 
 from .vnet import VNET_HDR_LEN
 

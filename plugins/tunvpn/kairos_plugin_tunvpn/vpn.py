@@ -1,6 +1,6 @@
 """The VPN of one node: its VIP, the TUN device, a session per peer, and which path each uses.
 
-:class:`VPN` ties the pieces to a running :class:`kairos_core.node.Node`:
+:class:`VPN` ties the pieces to a running node (a :class:`kairos_core.plugin.NodeView`):
 
 - **Address** — claims a VIP in the ``vpn`` bucket (:mod:`.addressing`), refreshes the claim
   every ``claim_ttl / 4`` so that it does not lapse, moves when it loses a conflict, and keeps the
@@ -12,7 +12,7 @@
   ``udp_timeout`` is reached over the fallback stream (:mod:`.fallback`); every
   ``UDP_RETRY_INTERVAL`` UDP is tried again for a moment, and a peer heard over UDP again is
   switched back.
-- **Status** — data-plane counters go to ``node.counters`` as ``vpn_*``; the path to each peer
+- **Status** — data-plane counters go to the node's counters as ``vpn_*``; the path to each peer
   is published under ``vpn/<peer_id>/links`` for ``kairos vpn status``.
 
 Everything runs on the node's event loop except the data plane's own threads.
@@ -29,15 +29,18 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import keyexchange
-from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable
+from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
 from .crypto import SessionKeys
 from .fallback import PACKETS_PROTOCOL, FallbackSender, read_datagrams
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
 from .tun import TunDevice, TunUnavailable
+
+if TYPE_CHECKING:
+    from kairos_core.plugin import NodeView
 
 log = logging.getLogger("kairos.vpn")
 
@@ -202,11 +205,14 @@ class VPN:
         :class:`NodeDataPlane` on ``0.0.0.0:settings.port``.
     :param keepalive: ``keepalive(vpn, peer_vip)`` sends one keepalive towards a peer; default: an
         empty UDP datagram to its discard port, routed by the kernel into the TUN.
+    :param wall_clock: Unix time in ms, which claims lapse by; default: the system clock (tests
+        pass one they can set).
     """
 
-    def __init__(self, node: Any, settings: VPNSettings, *,
+    def __init__(self, node: NodeView, settings: VPNSettings, *,
                  make_plane: Callable[["VPN"], NodeDataPlane] | None = None,
-                 keepalive: Callable[["VPN", ipaddress.IPv4Address], None] | None = None) -> None:
+                 keepalive: Callable[["VPN", ipaddress.IPv4Address], None] | None = None,
+                 wall_clock: Callable[[], int] = wall_clock_ms) -> None:
         self.node = node
         self.settings = settings
         self.peer_id: str = node.peer_id
@@ -219,6 +225,7 @@ class VPN:
         self.counters: collections.Counter[str] = collections.Counter()
         self._make_plane = make_plane or VPN._make_tun_plane
         self._keepalive = keepalive or VPN._send_keepalive
+        self._wall_clock = wall_clock
         self._keepalive_socket: socket.socket | None = None
         self._attempt = 0
         self._refresh_at = 0.0  # monotonic time of the next refresh of our claim
@@ -252,9 +259,8 @@ class VPN:
             log.error("vpn disabled: %s", exc)
             return False
         self._publish_claim(replace(self.claim, udp_port=self.plane.local_address[1]))
-        host = self.node.host
-        host.set_stream_handler(KEYS_PROTOCOL, self._serve_keys)
-        host.set_stream_handler(PACKETS_PROTOCOL, self._serve_packets)
+        self.node.serve(KEYS_PROTOCOL, self._serve_keys)
+        self.node.serve(PACKETS_PROTOCOL, self._serve_packets)
         self.plane.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tunvpn")
         log.info("vpn up: %s on %s, UDP port %d", self.address, self.settings.interface, self.plane.local_address[1])
@@ -299,12 +305,12 @@ class VPN:
     # ----- addresses ------------------------------------------------------------------------------
 
     def _tick_claimed(self) -> tuple[int, int]:
-        version = self.node.ledger.clock.tick()
-        return (version[0], version[1])
+        # an HLC reading, not the wall clock: a claim made after hearing of another ranks after it
+        return self.node.clock_version()
 
     def _now_ms(self) -> int:
-        """The wall clock (ms) claims lapse by: the one the ledger's HLC follows."""
-        return self.node.ledger.clock.now_ms()
+        """The wall clock (ms) claims lapse by (``expires`` is wall time, not an HLC reading)."""
+        return self._wall_clock()
 
     def _initial_claim(self, claims: dict[str, Claim], previous: Claim | None) -> Claim:
         """The claim to start with; ``claims`` are the live ones, ``previous`` ours, live or not."""
@@ -420,7 +426,7 @@ class VPN:
         vips = {p: vip for vip, c in holders(claims.values()).items() if (p := c.peer_id) != self.peer_id}
         self.vips = vips
         members = self.node.members()
-        admitted = self.node.host.admitted_peers() if self.node.host else set()
+        admitted = self.node.neighbours()
         wanted = {p for p in vips if p in members and p in admitted}
         # peers that are gone: their session goes. Membership alone may flap (a libp2p connection
         # that drops and comes back): a peer that left it but still sends authentic datagrams keeps
@@ -498,13 +504,12 @@ class VPN:
             if now - link.last_progress > SILENCE_REKEY and now - link.keys_installed_at > SILENCE_REKEY:
                 log.info("vpn: nothing authentic from %s for %.0f s: renegotiating keys", peer_id, SILENCE_REKEY)
                 self._drop_session(peer_id, "silent")
-        snapshot = plane.counters
-        for name, value in snapshot.items():
-            self.node.counters[f"vpn_{name}"] = value
-        for name, value in self.counters.items():
-            self.node.counters[name] = value
-        self.node.counters["vpn_peers_udp"] = sum(1 for link in self.links.values() if link.path == "udp")
-        self.node.counters["vpn_peers_stream"] = sum(1 for link in self.links.values() if link.path == "stream")
+        # all published as vpn_<name>: the data plane's names bare, ours without their vpn_ prefix
+        published = dict(plane.counters)
+        published.update((name.removeprefix("vpn_"), value) for name, value in self.counters.items())
+        published["peers_udp"] = sum(1 for link in self.links.values() if link.path == "udp")
+        published["peers_stream"] = sum(1 for link in self.links.values() if link.path == "stream")
+        self.node.set_counters("vpn", published)
 
     def _use_stream(self, peer_id: str, link: Link, now: float) -> None:
         if link.path != "stream":
@@ -548,14 +553,13 @@ class VPN:
         task.add_done_callback(lambda _t: self._exchanging.pop(peer_id, None))
 
     async def _exchange(self, peer_id: str) -> None:
-        host = self.node.host
         try:
             if keyexchange.initiates(self.peer_id, peer_id):
-                keys = await keyexchange.initiate(host, self.peer_id, peer_id)
+                keys = await keyexchange.initiate(self.node, self.peer_id, peer_id)
                 self._install(peer_id, keys)
                 self.counters["vpn_key_exchanges"] += 1
             else:
-                await keyexchange.request(host, peer_id)
+                await keyexchange.request(self.node, peer_id)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -603,7 +607,7 @@ class VPN:
         now = time.monotonic()
         if link is None:
             link = self.links[peer_id] = Link(now)
-            link.sender = FallbackSender(lambda: self.node.host.open_stream(peer_id, PACKETS_PROTOCOL),
+            link.sender = FallbackSender(lambda: self.node.open_stream(peer_id, PACKETS_PROTOCOL),
                                          asyncio.get_running_loop(), self.counters)
             link.sender.start()
         link.keys_installed_at = link.last_progress = now

@@ -120,14 +120,22 @@ class StubLedger:
 
 
 class StubNode:
+    """The part of a NodeView the VPN's address logic uses."""
+
     def __init__(self, now_ms: int) -> None:
         self.peer_id = "12D3KooWstub"
         self.ledger = StubLedger(self.peer_id, now_ms)
 
+    def clock_version(self) -> tuple[int, int]:
+        version = self.ledger.clock.tick()
+        return version[0], version[1]
+
 
 def stub_vpn(now_ms: int = NOW, ttl: float = 100.0) -> VPN:
     settings = VPNSettings.from_config({**DEFAULTS, "cidr": str(SMALL), "claim_ttl": ttl})
-    return VPN(StubNode(now_ms), settings)
+    node = StubNode(now_ms)
+    # one clock the test sets, for claim expiry and the HLC alike
+    return VPN(node, settings, wall_clock=lambda: node.ledger.now_ms)
 
 
 def test_a_live_own_claim_is_reused_at_start():

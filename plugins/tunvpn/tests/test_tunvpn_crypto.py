@@ -9,7 +9,9 @@ from cryptography.exceptions import InvalidTag
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kairos_plugin_tunvpn.crypto import ReceiveState, ReplayWindow, SendState, SessionKeys, nonce_for
+from kairos_plugin_tunvpn.crypto import (
+    ReceiveState, ReplayWindow, SendState, SessionKeys, derive, next_epoch_key, nonce_for,
+)
 
 SECRET = b"s" * 32
 
@@ -22,6 +24,22 @@ def test_session_keys_are_mirrored_and_directional():
     assert a.send_key != a.receive_key and a.send_key_id != a.receive_key_id
     assert a.mirror() == b
     assert SessionKeys.derive(b"t" * 32, "peer-a", "peer-b").send_key != a.send_key
+
+
+def test_the_key_derivation_is_pinned():
+    # The derived keys are the wire format: a change here is a protocol break between versions.
+    # RFC 5869, test case 3 (SHA-256, no salt, no info): the helper is plain HKDF-SHA256.
+    assert derive(b"\x0b" * 22, b"", 42).hex() == (
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
+    assert derive(b"kairos-ikm", b"kairos/v1/tunvpn/test").hex() == (
+        "5446f5e1a9a9351e6f134e2b220c30d391da03d31eca23bdb69d1cf2f829c362")
+    assert derive(b"kairos-ikm", b"kairos/v1/tunvpn/test", 4).hex() == "5446f5e1"
+    secret = bytes(range(32))
+    keys = SessionKeys.derive(secret, "12D3KooWA", "12D3KooWB")
+    assert keys.send_key.hex() == "d93b0756b5373e0b9a7ba19a611aee34a3777088afa9285617eab5ea96a2292a"
+    assert keys.receive_key.hex() == "0aff321f315304813f3473686f2829ca1c92ce7b18e78c040a6d9a680d1a7ec8"
+    assert (keys.send_key_id, keys.receive_key_id) == (1791664736, 699718852)
+    assert next_epoch_key(secret).hex() == "a5af428c8d3c5a4338ecda807dee711252f20f53e914acbdbb08a934a0f1816d"
 
 
 def test_session_keys_refuse_weak_inputs():
