@@ -68,14 +68,15 @@ async def test_a_write_stamped_59_s_ahead_drags_no_clock_and_late_nodes_keep_acc
     late5.ledger.set(BUCKET, "from-late5", 5)
     await net.wait_for(lambda: all(node.ledger.get(BUCKET, "from-late1") == 1 and node.ledger.get(BUCKET, "from-late5") == 5
                                    for node in net.nodes), timeout=3)
-    # only the forged write was refused, and only by the node it was more than 60 s ahead of
-    assert late5.ledger.counters["rejected_future"] - refused_before[late5.peer_id] == 1
+    # the forged write was refused by the node it was more than 60 s ahead of (maybe more than once:
+    # anti-entropy offers it again), and by nobody else
+    assert late5.ledger.counters["rejected_future"] > refused_before[late5.peer_id]
     assert dragged.ledger.counters["rejected_future"] == refused_before[dragged.peer_id]
 
     # a write beyond the bound is refused by everyone and moves nobody's clock
+    refused_before = {n.peer_id: n.ledger.counters["rejected_future"] for n in honest}
     forge_ahead(insider, "far-ahead", drift_ms + 1_000)
-    await net.wait_for(lambda: all(n.ledger.counters["rejected_future"] > refused_before[n.peer_id] + (n is late5)
-                                   for n in honest), timeout=5)
+    await net.wait_for(lambda: all(n.ledger.counters["rejected_future"] > refused_before[n.peer_id] for n in honest), timeout=5)
     await asyncio.sleep(0.2)
     for node in honest:
         assert node.ledger.get_entry(BUCKET, "far-ahead") is None
