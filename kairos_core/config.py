@@ -96,8 +96,18 @@ CORE_DEFAULTS: dict[str, dict[str, Any]] = {
         "tombstone_grace": 7 * 24 * 3600,
         # Seconds between anti-entropy exchanges with a random peer.
         "sync_interval": 30.0,
-        # Remote entries more than this many seconds ahead of our clock are refused (clock bound).
+        # Remote entries more than this many seconds ahead of our clock are refused (clock bound);
+        # one within it moves our clock at most half of it ahead, so nodes whose clocks differ by
+        # less than half of it accept each other's writes whatever a peer stamps.
         "max_clock_drift": 60.0,
+        # The most this node's own writes may hold in open buckets (the user buckets, to which
+        # neither the core nor a plugin gives a policy): live keys, bytes of values, tombstones; a
+        # write past one is refused with an error. Peers' entries are held to twice these, the
+        # same on every node, so one insider cannot fill every node's memory and disk. At most
+        # these defaults.
+        "max_keys_per_owner": 10_000,
+        "max_bytes_per_owner": 8 * 1024 * 1024,
+        "max_tombstones_per_owner": 10_000,
     },
     "membership": {
         # Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).
@@ -334,6 +344,11 @@ _RANGES = (
     ("ledger", "tombstone_grace", 60, None),
     ("ledger", "sync_interval", 1, None),
     ("ledger", "max_clock_drift", 1, None),
+    # At most half the network's quota (kairos_core.ledger.policy.NETWORK_QUOTA): a peer still
+    # holding older entries of ours may count more than we do, and must not refuse the newer.
+    ("ledger", "max_keys_per_owner", 1, 10_000),
+    ("ledger", "max_bytes_per_owner", 1, 8 * 1024 * 1024),
+    ("ledger", "max_tombstones_per_owner", 1, 10_000),
     ("membership", "announce_interval", 1, None),
     ("membership", "peer_ttl", 2, None),
     ("election", "lease_seconds", 0.5, None),

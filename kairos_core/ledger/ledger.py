@@ -6,6 +6,29 @@ store, one transaction per local write or remote batch. Reads never touch the di
 The ledger is not thread-safe: call it from the event loop's thread. The one exception is
 :meth:`Ledger.apply_remote_async`, which verifies signatures on a worker thread and then merges
 on the caller's thread.
+
+Quotas. In the open buckets one owner may hold at most :data:`~.policy.NETWORK_QUOTA` (live keys,
+bytes of values, tombstones; the same on every node); this node's own writes are held to
+``ledger.max_keys_per_owner``, ``max_bytes_per_owner`` and ``max_tombstones_per_owner`` (at most
+half of that) and a write past them raises :class:`LedgerError`. A remote entry that would take
+its owner past a network limit is refused, counted in ``rejected_quota``, and neither stored nor
+merged nor allowed to move the clock. The judgement is the same rule with the same limits on
+every node, and only what grows is judged: an update of one of the owner's keys that does not
+grow its bytes always passes, and so does a delete while its tombstones are below their limit,
+even for an owner past another limit.
+
+Why nodes agree: an honest owner checks each write against its own view of what it holds, which
+is the latest: another node can only be behind it (still hold a key the owner since deleted, a
+value it since shrank, a key someone else since overwrote), and only while behind can it count
+more for that owner than the owner does. The local limits are half the network's to leave room
+for that, so honest entries are not refused in practice; one that is (by a node far behind) is
+merged by the anti-entropy after that node caught up, since the owner's current holding fits
+everywhere. An owner past a network limit signed entries no honest node writes: every node holds
+at most the quota of its entries and refuses the rest, but which of them a node holds depends on
+the order they arrived in, so nodes may keep different subsets of that owner's entries
+(anti-entropy keeps offering the difference, refused and counted again) until they are
+overwritten, deleted, or pruned as tombstones. Where such an owner overwrote someone else's
+key, some nodes hold its entry and others the one it replaced, until the key is written again.
 """
 
 from __future__ import annotations
@@ -26,7 +49,10 @@ from .entry import (
 )
 from .codec import DEFAULT_MAX_BATCH_SIZE, decode_batch
 from .errors import DecodeError, LedgerError, PolicyError
-from .policy import PolicyRegistry, WritePolicy
+from .policy import (
+    DEFAULT_QUOTA, NETWORK_QUOTA, NOTHING, QUOTA_UNITS, OpenPolicy, OwnerQuota, PolicyRegistry,
+    QuotaAccount, Usage, WritePolicy,
+)
 from .store import LedgerStore
 
 log = logging.getLogger(__name__)
@@ -39,10 +65,12 @@ Listener = Callable[[LedgerUpdate], None]
 
 #: Names of the counters every ledger keeps (all start at zero).
 COUNTERS = (
-    "applied", "stale", "rejected_signature", "rejected_policy", "rejected_future",
+    "applied", "stale", "rejected_signature", "rejected_policy", "rejected_future", "rejected_quota",
     "rejected_invalid", "decode_errors", "sync_errors", "pruned", "watch_overflow", "listener_errors",
     "clock_capped",
 )
+# Config option of each quota field, in the messages of refused local writes.
+_QUOTA_OPTIONS = {"keys": "max_keys_per_owner", "bytes": "max_bytes_per_owner", "tombstones": "max_tombstones_per_owner"}
 
 
 class Ledger:
@@ -56,6 +84,10 @@ class Ledger:
     :param max_value_size: largest JSON value in bytes (``ledger.max_value_size``).
     :param tombstone_grace: seconds a tombstone is kept (``ledger.tombstone_grace``).
     :param clock: the hybrid logical clock; default one for ``identity`` on the wall clock.
+    :param quota: what this node's own writes may hold in open buckets (``ledger.max_*_per_owner``);
+        default :data:`~.policy.DEFAULT_QUOTA`, and never more than ``network_quota``.
+    :param network_quota: what any owner's remote entries may hold in open buckets; default
+        :data:`~.policy.NETWORK_QUOTA`. Change it for tests only: it must be the same everywhere.
     """
 
     def __init__(
@@ -67,6 +99,8 @@ class Ledger:
         max_value_size: int = DEFAULT_MAX_VALUE_SIZE,
         tombstone_grace: float = DEFAULT_TOMBSTONE_GRACE,
         clock: HybridLogicalClock | None = None,
+        quota: OwnerQuota | None = None,
+        network_quota: OwnerQuota | None = None,
     ) -> None:
         self.identity = identity
         self.peer_id = identity.peer_id
@@ -75,12 +109,17 @@ class Ledger:
         self.max_value_size = max_value_size
         self.tombstone_grace = tombstone_grace
         self.clock = clock or HybridLogicalClock(self.peer_id)
+        self.network_quota = network_quota or NETWORK_QUOTA
+        self.quota = OwnerQuota(*map(min, quota or DEFAULT_QUOTA, self.network_quota))
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._buckets: dict[str, dict[str, Entry]] = {}
+        self._quotas = QuotaAccount(lambda bucket: isinstance(self.policies.for_bucket(bucket), OpenPolicy))
         self._listeners: list[Listener] = []
         self._watchers: list[_Watch] = []
         for entry in store.load():
-            self._buckets.setdefault(entry.bucket, {})[entry.key] = entry
+            # everything stored is kept, within quotas or not (a store from before them, a lowered
+            # limit): an owner past a limit just cannot grow further
+            self._put(entry)
             self.clock.restore(entry.version)
 
     # -- reading -----------------------------------------------------------------------------
@@ -116,13 +155,18 @@ class Ledger:
     def __len__(self) -> int:
         return sum(len(keys) for keys in self._buckets.values())
 
+    def usage(self, owner: str) -> Usage:
+        """What ``owner`` holds across the open buckets: live keys, bytes of values, tombstones."""
+        return self._quotas.usage(owner)
+
     # -- local writes --------------------------------------------------------------------------
 
     def set(self, bucket: str, key: str, value: Any) -> Entry:
         """Write ``value`` (JSON data) to ``key``; returns the signed entry.
 
-        Raises :class:`LedgerError` for a bad bucket, key or value, :class:`PolicyError` when the
-        bucket's policy does not let this node write the key.
+        Raises :class:`LedgerError` for a bad bucket, key or value, or when the write would take
+        this node past one of its quotas in the open buckets (``ledger.max_*_per_owner``), and
+        :class:`PolicyError` when the bucket's policy does not let this node write the key.
         """
         return self._write_local(bucket, key, normalize_value(value, self.max_value_size), deleted=False)
 
@@ -141,8 +185,16 @@ class Ledger:
             raise PolicyError(
                 f"{self.policies.for_bucket(bucket).name} bucket {bucket!r}: key {key!r} is not this node's to write"
             )
+        over = self._quotas.over(self.peer_id, self._growth(entry, current), self.quota)
+        if over is not None:
+            field, would_hold, limit = over
+            hint = " (they are pruned after ledger.tombstone_grace)" if field == "tombstones" else ""
+            raise LedgerError(
+                f"quota: this node would hold {would_hold} {QUOTA_UNITS[field]} in open buckets, "
+                f"more than ledger.{_QUOTA_OPTIONS[field]}={limit}{hint}"
+            )
         self.store.write([entry])
-        self._buckets.setdefault(bucket, {})[key] = entry
+        self._put(entry)
         self._emit([_update(entry, local=True)])
         return entry
 
@@ -152,9 +204,10 @@ class Ledger:
         """Merge entries received from peers; return the changes, in order.
 
         Each entry is validated, checked against the clock drift bound, compared with what we
-        hold (older or equal ones are ignored as ``stale``), checked against the bucket policy and
-        its owner's signature, then merged. Rejections are counted, never raised. All accepted
-        entries are persisted in one transaction before listeners hear of them.
+        hold (older or equal ones are ignored as ``stale``), checked against the bucket policy, its
+        owner's signature and, in open buckets, its owner's quota, then merged. Rejections are
+        counted, never raised. All accepted entries are persisted in one transaction before
+        listeners hear of them.
         """
         return self._apply(entries, verified=None)
 
@@ -182,6 +235,9 @@ class Ledger:
         now = self._now()
         prune_before_ms = int((now - self.tombstone_grace) * 1000)
         staged: dict[tuple[str, str], Entry] = {}
+        # what the staged entries count against their owners' quotas, and the change they make
+        staged_share: dict[tuple[str, str], Usage] = {}
+        pending: dict[str, Usage] = {}
         capped_before = self.clock.capped
         for index, entry in enumerate(entries):
             try:
@@ -205,8 +261,21 @@ class Ledger:
             if not good:
                 self.counters["rejected_signature"] += 1
                 continue
+            # a tombstone past its grace is not kept (below), so it counts for nothing
+            share = NOTHING if entry.deleted and entry.version.wall_ms < prune_before_ms else self._quotas.share(entry)
+            replaced = NOTHING
+            if current is not None:
+                replaced = staged_share[ident] if ident in staged else self._quotas.share(current)
+            growth = share - replaced if current is not None and current.owner == entry.owner else share
+            if self._quotas.over(entry.owner, growth, self.network_quota, pending.get(entry.owner, NOTHING)):
+                self.counters["rejected_quota"] += 1
+                continue
             self.clock.observe(entry.version)
             staged[ident] = entry
+            staged_share[ident] = share
+            pending[entry.owner] = pending.get(entry.owner, NOTHING) + growth
+            if current is not None and current.owner != entry.owner:
+                pending[current.owner] = pending.get(current.owner, NOTHING) - replaced
         self.counters["clock_capped"] += self.clock.capped - capped_before
         if not staged:
             return []
@@ -228,7 +297,7 @@ class Ledger:
         for bucket, key in removed:
             self._drop(bucket, key)
         for entry in keep:
-            self._buckets.setdefault(entry.bucket, {})[entry.key] = entry
+            self._put(entry)
         self.counters["applied"] += len(keep)
         self._emit(updates)
         return updates
@@ -292,12 +361,30 @@ class Ledger:
                 if watch.bucket is None or watch.bucket == update.bucket:
                     watch.push(update)
 
+    def _put(self, entry: Entry) -> None:
+        """Hold ``entry`` in memory (the caller persisted it), replacing its key's entry."""
+        keys = self._buckets.setdefault(entry.bucket, {})
+        old = keys.get(entry.key)
+        if old is not None:
+            self._quotas.remove(old)
+        keys[entry.key] = entry
+        self._quotas.add(entry)
+
     def _drop(self, bucket: str, key: str) -> None:
         keys = self._buckets.get(bucket)
         if keys is not None:
-            keys.pop(key, None)
+            old = keys.pop(key, None)
+            if old is not None:
+                self._quotas.remove(old)
             if not keys:
                 del self._buckets[bucket]
+
+    def _growth(self, entry: Entry, current: Entry | None) -> Usage:
+        """How much holding ``entry`` instead of ``current`` adds to what its owner holds."""
+        share = self._quotas.share(entry)
+        if current is not None and current.owner == entry.owner:
+            return share - self._quotas.share(current)
+        return share
 
     def _now(self) -> float:
         return self.clock.now_ms() / 1000.0
@@ -384,7 +471,9 @@ def open_ledger(
     """Open (or create) the ledger file in ``state_dir``.
 
     ``settings`` is the ``ledger:`` config section: ``max_value_size`` (bytes),
-    ``tombstone_grace`` (seconds) and, optionally, ``max_clock_drift`` (seconds, default 60).
+    ``tombstone_grace`` (seconds) and, optionally, ``max_clock_drift`` (seconds, default 60) and
+    the quotas of this node's own writes ``max_keys_per_owner``, ``max_bytes_per_owner`` and
+    ``max_tombstones_per_owner`` (default :data:`~.policy.DEFAULT_QUOTA`).
     """
     settings = settings or {}
     Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -396,4 +485,10 @@ def open_ledger(
         max_value_size=int(settings.get("max_value_size", DEFAULT_MAX_VALUE_SIZE)),
         tombstone_grace=float(settings.get("tombstone_grace", DEFAULT_TOMBSTONE_GRACE)),
         clock=HybridLogicalClock(identity.peer_id, max_drift_ms=drift_ms),
+        quota=OwnerQuota(
+            keys=int(settings.get("max_keys_per_owner", DEFAULT_QUOTA.keys)),
+            bytes=int(settings.get("max_bytes_per_owner", DEFAULT_QUOTA.bytes)),
+            tombstones=int(settings.get("max_tombstones_per_owner", DEFAULT_QUOTA.tombstones)),
+        ),
+        network_quota=NETWORK_QUOTA,
     )
