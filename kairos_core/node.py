@@ -222,13 +222,29 @@ class Node:
         """Peers connected now that passed admission."""
         return self.host.admitted_peers() if self.host else set()
 
-    def lease_holder(self, epoch: int) -> str | None:
-        """The peer whose lease won ``epoch`` (confirmed or not), or None."""
-        if self.election is None:
-            return None
-        from .election import winner
+    def addresses(self) -> list[str]:
+        """The multiaddrs this node is reachable at now (empty while it is not running)."""
+        return self.host.addresses() if self.host else []
 
-        return getattr(winner([lease for lease in self.election.leases() if lease.epoch == epoch]), "peer", None)
+    def lease_holder(self, epoch: int) -> str | None:
+        """The peer whose lease won ``epoch`` (confirmed or not), or None. Every valid lease of the
+        epoch takes part, whether or not its claimant is alive: the answer depends on the ledger
+        alone, so nodes that hold the same leases agree on it."""
+        from .election import LEADER_BUCKET, parse_lease, winner
+
+        if self.election is not None:
+            leases = [lease for lease in self.election.leases() if lease.epoch == epoch]
+        elif self.ledger is not None:
+            # Plugins start before the election does, and already read roles fenced by epochs.
+            leases = []
+            for key, value in self.ledger.items(LEADER_BUCKET).items():
+                entry = self.ledger.get_entry(LEADER_BUCKET, key)
+                lease = parse_lease(self.network_id, key, value, entry.owner if entry else "")
+                if lease is not None and lease.epoch == epoch:
+                    leases.append(lease)
+        else:
+            return None
+        return getattr(winner(leases), "peer", None)
 
     async def open_stream(self, peer_id: str, protocol: str):
         """Open ``protocol`` to an admitted neighbour; :class:`KairosError` when it cannot."""

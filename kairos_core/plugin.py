@@ -153,9 +153,17 @@ class NodeView(Protocol):
         """Peers connected to this node now that passed admission (streams can be opened to them)."""
         ...
 
+    def addresses(self) -> list[str]:
+        """The multiaddrs this node is reachable at now (``/ip4/…/tcp/…/p2p/<id>``, wildcards
+        expanded to the interfaces' addresses), as it advertises them in ``nodes``; empty while
+        it is not running. For a plugin that needs the node's own IP (k3s without a VPN)."""
+        ...
+
     def lease_holder(self, epoch: int) -> str | None:
         """The peer whose lease won ``epoch`` (confirmed or not), or None: who may speak for that
-        epoch (e.g. a role assignment fenced by it)."""
+        epoch (e.g. a role assignment fenced by it). Decided by the leases in the ledger alone
+        (the earliest claim of the epoch, alive or not), so nodes that hold the same agree; from
+        ``kairos_startup`` on, before the election runs."""
         ...
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
