@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from kairos_core.errors import KairosError
+from kairos_core.plugin import KairosError
 
 from .kubeconfig import KubeconfigError, rewrite_kubeconfig
 from .service import KubeconfigUnavailable, ask_node, socket_path as k3s_socket
@@ -18,7 +18,7 @@ from .service import KubeconfigUnavailable, ask_node, socket_path as k3s_socket
 
 def add_commands(cli: click.Group) -> None:
     """Add ``get-kubeconfig`` to the ``kairos`` command."""
-    from kairos_core.cli import pass_context, socket_option
+    from kairos_core.plugin import pass_context, socket_option
 
     @cli.command("get-kubeconfig")
     @socket_option

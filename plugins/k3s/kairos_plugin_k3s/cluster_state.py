@@ -8,7 +8,8 @@ another node. Whose entries *count* is the readers' decision, made here:
 - ``<leader>/role/<peer>/<epoch>`` — ``{"role", "epoch", "leader"}``, written by the leader of
   ``epoch``. One key per epoch, so a deposed leader's late write never overwrites the current
   leader's: readers take, per node, the valid entry of the highest epoch. An entry counts only
-  when its writer holds a lease of that epoch in the ``leader`` bucket.
+  when its writer's lease won that epoch (:meth:`NodeView.lease_holder`): one writer per epoch,
+  even where two nodes claimed it at once and each briefly believed it led.
 - ``<peer>/ip`` — the node's k3s address.
 - ``<peer>/ip-master`` — the address joining nodes dial (EIP, or the init master's VPN address).
 - ``<peer>/token-nodetoken`` — k3s's node token.
@@ -24,8 +25,8 @@ of anyone else are ignored and counted in :attr:`ClusterState.rejected`, and eve
 its own server, or hand them a token, however it writes.
 
 **Upgrade** from versions that kept everything in the open bucket ``<network_id>``: role entries
-there (``<peer>-role-<epoch>``) are still read, fenced the same way (their signer must hold the
-lease), so an upgrade never reassigns a role. Nothing else there is read; a master deletes the old
+there (``<peer>-role-<epoch>``) are still read, fenced the same way (their signer must have won
+the epoch), so an upgrade never reassigns a role. Nothing else there is read; a master deletes the old
 join keys ``ip-master``, ``token-nodetoken`` and ``master-kubeconfig`` (:meth:`purge_legacy`).
 """
 
@@ -37,8 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kairos_core.election import LEADER_BUCKET, lease_key, parse_lease
-from kairos_core.ledger import LedgerError
+from kairos_core.plugin import LedgerError
 
 from .roles import HINTS, MASTER, MASTER_HA, ROLES, starts_cluster
 from .validate import clean_host, clean_token
@@ -112,14 +112,19 @@ class ClusterState:
     """Reads and writes the cluster's keys in one node's ledger.
 
     :param ledger: the node's ledger (``get``, ``set``, ``delete``, ``items``, ``get_entry``).
-    :param network_id: names the bucket, and the namespace of leases in ``leader``.
+    :param network_id: names the bucket (and the open bucket of earlier versions).
+    :param lease_holder: ``lease_holder(epoch)``, the peer whose lease won ``epoch`` or None: the
+        node's :meth:`~kairos_core.plugin.NodeView.lease_holder`. A role entry counts only when
+        its writer is the holder of its epoch.
     :param auto: whether the leader assigns roles (``auto.enable``); without it, a node announcing
         the fixed hint ``master`` is the init master.
     """
 
-    def __init__(self, ledger: Any, network_id: str, *, auto: bool = True) -> None:
+    def __init__(self, ledger: Any, network_id: str, *, lease_holder: Callable[[int], str | None],
+                 auto: bool = True) -> None:
         self.ledger = ledger
         self.network_id = network_id
+        self.lease_holder = lease_holder
         self.bucket = cluster_bucket(network_id)
         self.legacy_bucket = network_id
         self.auto = auto
@@ -135,6 +140,7 @@ class ClusterState:
         """Every node's role: per node, the valid entry of the highest epoch."""
         best: dict[str, RoleRecord] = {}
         ignored = 0
+        holders: dict[int, str | None] = {}  # one look-up per epoch and read, not one per entry
         for bucket, pattern in ((self.bucket, _ROLE_KEY), (self.legacy_bucket, _LEGACY_ROLE_KEY)):
             for key, value in self.ledger.items(bucket).items():
                 match = pattern.fullmatch(key)
@@ -145,7 +151,7 @@ class ClusterState:
                 if pattern is _ROLE_KEY and match["leader"] != writer:
                     ignored += 1
                     continue
-                record = self._valid_record(match["peer"], int(match["epoch"]), value, writer)
+                record = self._valid_record(match["peer"], int(match["epoch"]), value, writer, holders)
                 if record is None:
                     ignored += 1
                     continue
@@ -167,15 +173,18 @@ class ClusterState:
         """Write an assignment stamped with the writer's epoch (the leader calls this)."""
         self.ledger.set(self.bucket, role_key(leader, peer_id, epoch), {"role": role, "epoch": epoch, "leader": leader})
 
-    def _valid_record(self, peer: str, epoch: int, value: Any, writer: str) -> RoleRecord | None:
+    def _valid_record(self, peer: str, epoch: int, value: Any, writer: str,
+                      holders: dict[int, str | None]) -> RoleRecord | None:
         if not isinstance(value, dict) or value.get("role") not in ROLES or value.get("epoch") != epoch:
             return None
         if not writer or value.get("leader") != writer:
             return None
-        # Fencing: only a node that claimed the lease of this epoch may assign in its name.
-        lease_name = lease_key(self.network_id, epoch, writer)
-        lease_entry = self.ledger.get_entry(LEADER_BUCKET, lease_name)
-        if lease_entry is None or parse_lease(self.network_id, lease_name, self.ledger.get(LEADER_BUCKET, lease_name), lease_entry.owner) is None:
+        # Fencing: only the node whose lease won this epoch may assign in its name. A mere claim
+        # of the epoch is not enough: of two nodes that claimed it at once, the loser may have
+        # assigned roles before it heard of the winner, and the epoch would have two leaders.
+        if epoch not in holders:
+            holders[epoch] = self.lease_holder(epoch)
+        if holders[epoch] != writer:
             return None
         return RoleRecord(peer, value["role"], epoch, writer)
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
-from kairos_core.hookspecs import hookspec
+from kairos_core.plugin import hookspec
 
 if TYPE_CHECKING:
-    from kairos_core.node import Node
+    from kairos_core.plugin import NodeView
 
     from .paths import K3sPaths
 
 
 @hookspec
-def k3s_server_args(node: Node, role: str) -> list[str] | Awaitable[list[str]] | None:
+def k3s_server_args(node: NodeView, role: str) -> list[str] | Awaitable[list[str]] | None:
     """Add command-line flags to ``k3s server``.
 
     Called each time the k3s plugin computes the launch of a server on this node (a node whose
@@ -35,7 +35,7 @@ def k3s_server_args(node: Node, role: str) -> list[str] | Awaitable[list[str]] |
 
 
 @hookspec
-def k3s_agent_args(node: Node) -> list[str] | Awaitable[list[str]] | None:
+def k3s_agent_args(node: NodeView) -> list[str] | Awaitable[list[str]] | None:
     """Add command-line flags to ``k3s agent``.
 
     Called each time the k3s plugin computes the launch of an agent on this node (role
@@ -47,7 +47,7 @@ def k3s_agent_args(node: Node) -> list[str] | Awaitable[list[str]] | None:
 
 
 @hookspec
-def k3s_tls_sans(node: Node) -> list[str] | Awaitable[list[str]] | None:
+def k3s_tls_sans(node: NodeView) -> list[str] | Awaitable[list[str]] | None:
     """Add subject alternative names to the API server's certificate.
 
     Called when the launch of a server is computed. The node's own address is always a SAN; a
@@ -59,7 +59,7 @@ def k3s_tls_sans(node: Node) -> list[str] | Awaitable[list[str]] | None:
 
 
 @hookspec
-def k3s_server_address(node: Node) -> str | Awaitable[str] | None:
+def k3s_server_address(node: NodeView) -> str | Awaitable[str] | None:
     """Name the address joining nodes use to reach the API server.
 
     Called when a node joins a cluster (``master/ha`` or ``worker``) and when the init master
@@ -73,7 +73,7 @@ def k3s_server_address(node: Node) -> str | Awaitable[str] | None:
 
 
 @hookspec
-def k3s_before_start(node: Node, role: str, paths: K3sPaths) -> Awaitable[None] | None:
+def k3s_before_start(node: NodeView, role: str, paths: K3sPaths) -> Awaitable[None] | None:
     """Prepare files k3s reads at start, such as manifests.
 
     Called on every reconciliation of a node that has a role, just before the plugin writes the

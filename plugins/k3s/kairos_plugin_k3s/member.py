@@ -23,8 +23,6 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from kairos_core.plugins import call_hook
-
 from .addresses import own_address, vpn_address, vpn_interface
 from .cluster_state import (
     KUBECONFIG_KEY, MASTER_IP_KEY, MAX_KUBECONFIG_BYTES, TOKEN_KEY, ClusterState, address_key,
@@ -39,7 +37,7 @@ from .settings import K3sSettings
 from .validate import MAX_TOKEN_LENGTH, clean_host, clean_ip, clean_token
 
 if TYPE_CHECKING:
-    from kairos_core.node import Node
+    from kairos_core.plugin import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +50,11 @@ class ClusterMember:
     :param runner: how k3s runs; default: the one ``k3s.runner`` names.
     """
 
-    def __init__(self, node: Node, settings: K3sSettings, runner: ServiceRunner | None = None) -> None:
+    def __init__(self, node: NodeView, settings: K3sSettings, runner: ServiceRunner | None = None) -> None:
         self.node = node
         self.settings = settings
         self.paths = K3sPaths.under(settings.root)
-        self.state = ClusterState(node.ledger, node.network_id, auto=settings.auto_enable)
+        self.state = ClusterState(node.ledger, node.network_id, lease_holder=node.lease_holder, auto=settings.auto_enable)
         self.runner = runner or make_runner(
             settings.runner, self.paths, systemctl=settings.systemctl,
             rc_service=settings.rc_service, rc_update=settings.rc_update,
@@ -78,9 +76,7 @@ class ClusterMember:
         """Announce this node as a k3s node, serve the kubeconfig, and start reconciling."""
         if self.settings.enabled:
             self.state.announce_candidate(self.node.peer_id, self.node.hostname, self.settings.role_hint)
-        host = getattr(self.node, "host", None)
-        if host is not None:
-            host.set_stream_handler(PROTOCOL, lambda stream: serve_stream(self, stream))
+        self.node.serve(PROTOCOL, lambda stream: serve_stream(self, stream))
         if self.node.config["api"]["enable"]:
             # Beside the API socket and as private: whoever may use the node's API may ask.
             self.control = ControlSocket(self, socket_path(self.node.config.api_socket))
@@ -149,7 +145,7 @@ class ClusterMember:
             if join is None:
                 return
         launch = await self.build(role, address, join)
-        await call_hook(self.node.manager, "k3s_before_start", node=self.node, role=role, paths=self.paths)
+        await self.node.call_hook("k3s_before_start", role=role, paths=self.paths)
         if await self.runner.apply(launch):
             self.counters["starts"] += 1
             log.info("k3s on %s: started as %s (%s)", self.node.hostname, role, self.runner.name)
@@ -198,8 +194,7 @@ class ClusterMember:
             return clean_ip(self.settings.node_ip)  # refused with the config when it is not an IP
         if vpn_interface(self.node.config) is not None:
             return vpn_address(self.node.ledger, self.node.peer_id)
-        host = getattr(self.node, "host", None)
-        return own_address(host.addresses() if host is not None else []) or "127.0.0.1"
+        return own_address(self.node.addresses()) or "127.0.0.1"
 
     async def server_address(self) -> str | None:
         """The API address joiners dial: a plugin's (kubevip's EIP), else ``ip-master``."""
@@ -271,8 +266,9 @@ class ClusterMember:
 
     async def _address_from_plugins(self) -> str | None:
         """The first valid ``k3s_server_address`` answer; a malformed one is counted and skipped."""
-        result = await call_hook(self.node.manager, "k3s_server_address", node=self.node)
-        for answer in result.results:
+        # All answers, not firstresult: a malformed first answer must not hide a valid later one
+        # (the hookspec promises the first *valid* answer wins).
+        for answer in await self.node.call_hook("k3s_server_address"):
             host = clean_host(answer)
             if host is not None:
                 return host
@@ -304,14 +300,14 @@ class ClusterMember:
         masters = [peer for peer in self.state.masters() if peer != self.node.peer_id][:MAX_MASTERS_ASKED]
         if not masters:
             raise KubeconfigUnavailable("no master is known yet")
-        admitted = self.node.host.admitted_peers()
+        admitted = self.node.neighbours()
         problems = []
         for peer in masters:
             if peer not in admitted:
                 problems.append(f"{peer}: not connected")
                 continue
             try:
-                return await request_kubeconfig(self.node.host, peer), peer
+                return await request_kubeconfig(self.node, peer), peer
             except KubeconfigUnavailable as exc:
                 problems.append(f"{peer}: {exc}")
         raise KubeconfigUnavailable("no master sent it (" + "; ".join(problems) + ")")
@@ -339,9 +335,8 @@ class ClusterMember:
         log.error("k3s on %s: %s", self.node.hostname, message)
 
     async def _strings(self, hook: str, **kwargs: Any) -> list[str]:
-        result = await call_hook(self.node.manager, hook, node=self.node, **kwargs)
         values: list[str] = []
-        for answer in result.results:
+        for answer in await self.node.call_hook(hook, **kwargs):
             if isinstance(answer, (list, tuple)):
                 values.extend(str(item) for item in answer if item is not None and str(item))
             else:

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pluggy
 
-from kairos_core.ledger import OWNER_KEYED, WritePolicy
-from kairos_core.plugins import hookimpl
+from kairos_core.plugin import OWNER_KEYED, WritePolicy, hookimpl
 
 from . import hookspecs
 from .addresses import VPN_BUCKET
@@ -21,8 +20,7 @@ from .validate import clean_ip, env_name_ok
 if TYPE_CHECKING:
     import click
 
-    from kairos_core.events import LedgerUpdate, PeerEvent
-    from kairos_core.node import Node
+    from kairos_core.plugin import LedgerUpdate, NodeView, PeerEvent
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +32,9 @@ class K3sPlugin:
     several in-process nodes, as in tests)."""
 
     def __init__(self) -> None:
-        self.members: dict[Node, ClusterMember] = {}
+        self.members: dict[NodeView, ClusterMember] = {}
 
-    def member(self, node: Node) -> ClusterMember | None:
+    def member(self, node: NodeView) -> ClusterMember | None:
         """The cluster member of ``node``, while it runs."""
         return self.members.get(node)
 
@@ -75,7 +73,7 @@ class K3sPlugin:
         return problems
 
     @hookimpl
-    def kairos_ledger_policies(self, node: Node) -> Mapping[str, WritePolicy]:
+    def kairos_ledger_policies(self, node: NodeView) -> Mapping[str, WritePolicy]:
         """The cluster's bucket ``<network_id>/k3s`` is owner-keyed: each node writes under its own
         peer id only, and readers decide whose entries count (see :mod:`.cluster_state`)."""
         return {cluster_bucket(node.network_id): OWNER_KEYED}
@@ -88,21 +86,21 @@ class K3sPlugin:
         add_commands(cli)
 
     @hookimpl
-    async def kairos_startup(self, node: Node) -> None:
+    async def kairos_startup(self, node: NodeView) -> None:
         """Serve the kubeconfig (stream and local socket) and start reconciling."""
         member = ClusterMember(node, K3sSettings.from_config(node.config))
         self.members[node] = member
         await member.start()
 
     @hookimpl
-    async def kairos_shutdown(self, node: Node) -> None:
+    async def kairos_shutdown(self, node: NodeView) -> None:
         """Stop reconciling (and a directly supervised k3s)."""
         member = self.members.pop(node, None)
         if member is not None:
             await member.stop()
 
     @hookimpl
-    def on_ledger_update(self, node: Node, update: LedgerUpdate) -> None:
+    def on_ledger_update(self, node: NodeView, update: LedgerUpdate) -> None:
         """Reconcile when the cluster's keys (or legacy roles), a lease or a VPN address change."""
         member = self.members.get(node)
         if member is not None and (update.bucket in (member.state.bucket, member.state.legacy_bucket)
@@ -110,14 +108,14 @@ class K3sPlugin:
             member.wake()
 
     @hookimpl
-    def on_peer(self, node: Node, event: PeerEvent) -> None:
+    def on_peer(self, node: NodeView, event: PeerEvent) -> None:
         """Membership changes the leader's candidates."""
         member = self.members.get(node)
         if member is not None:
             member.wake()
 
     @hookimpl
-    def on_leader_elected(self, node: Node, leader: str, epoch: int) -> None:
+    def on_leader_elected(self, node: NodeView, leader: str, epoch: int) -> None:
         """A new leader schedules at once."""
         member = self.members.get(node)
         if member is not None:

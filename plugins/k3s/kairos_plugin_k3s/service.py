@@ -29,6 +29,8 @@ from .cluster_state import MAX_KUBECONFIG_BYTES, clean_kubeconfig
 from .kubeconfig import KubeconfigError, check_kubeconfig
 
 if TYPE_CHECKING:
+    from kairos_core.plugin import NodeView
+
     from .member import ClusterMember
 
 log = logging.getLogger(__name__)
@@ -86,20 +88,21 @@ async def serve_stream(member: ClusterMember, stream: Any) -> None:
             await stream.close()
 
 
-async def request_kubeconfig(host: Any, peer_id: str) -> str:
-    """Ask ``peer_id`` for its kubeconfig over :data:`PROTOCOL`; :class:`KubeconfigUnavailable` on any failure."""
+async def request_kubeconfig(node: NodeView, peer_id: str) -> str:
+    """Ask ``peer_id`` for its kubeconfig over :data:`PROTOCOL` from ``node``; :class:`KubeconfigUnavailable`
+    on any failure."""
     try:
-        return await asyncio.wait_for(_request(host, peer_id), STREAM_TIMEOUT)
+        return await asyncio.wait_for(_request(node, peer_id), STREAM_TIMEOUT)
     except KubeconfigUnavailable:
         raise
     except TimeoutError:
         raise KubeconfigUnavailable(f"no answer within {STREAM_TIMEOUT:.0f} s") from None
-    except Exception as exc:  # a P2PError, a reset stream: this master cannot be asked now
+    except Exception as exc:  # no stream (KairosError), a reset stream: this master cannot be asked now
         raise KubeconfigUnavailable(f"{type(exc).__name__}: {exc}") from None
 
 
-async def _request(host: Any, peer_id: str) -> str:
-    stream = await host.open_stream(peer_id, PROTOCOL)
+async def _request(node: NodeView, peer_id: str) -> str:
+    stream = await node.open_stream(peer_id, PROTOCOL)
     try:
         await stream.write_frame(b'{"want":"kubeconfig"}')
         data = await stream.read_frame(MAX_REPLY_BYTES)

@@ -18,8 +18,7 @@ from typing import Any
 
 import pytest
 
-from kairos_core.ledger import OWNER_KEYED
-from kairos_core.plugins import hookimpl
+from kairos_core.plugin import OWNER_KEYED, hookimpl
 
 FAKES = Path(__file__).parent / "fakes"
 

@@ -88,7 +88,7 @@ async def test_hook_k3s_server_address(kairos_network, k3s_kit):
     extension = Extension()
     net, _ = await two_node_cluster(kairos_network, k3s_kit, extension)
     assert k3s_kit.calls("hand")[-1]["env"]["K3S_URL"] == "https://192.0.2.10:6443"
-    await net.wait_for(lambda: ClusterState(net.nodes[1].ledger, "kairos").master_address == "192.0.2.10")
+    await net.wait_for(lambda: ClusterState(net.nodes[1].ledger, "kairos", lease_holder=net.nodes[1].lease_holder).master_address == "192.0.2.10")
 
 
 async def test_hook_k3s_before_start(kairos_network, k3s_kit):

@@ -84,7 +84,7 @@ def cli_invoke(node, *args):
 
 async def test_get_kubeconfig_fetches_it_from_the_master_over_a_stream(kairos_network, k3s_kit):
     net, plugin, boss, hand, text = await two_node_cluster(kairos_network, k3s_kit)
-    await net.wait_for(lambda: ClusterState(hand.ledger, "kairos").node_token is not None)
+    await net.wait_for(lambda: ClusterState(hand.ledger, "kairos", lease_holder=hand.lease_holder).node_token is not None)
     assert not any(kubeconfig_anywhere(n, text) for n in net.nodes)  # not replicated by default
 
     fetched, source = await plugin.member(hand).fetch_kubeconfig()
@@ -108,12 +108,12 @@ async def test_get_kubeconfig_fetches_it_from_the_master_over_a_stream(kairos_ne
 
     # a worker has none to give
     with pytest.raises(KubeconfigUnavailable, match="runs no k3s server"):
-        await request_kubeconfig(boss.host, hand.peer_id)
+        await request_kubeconfig(boss, hand.peer_id)
 
 
 async def test_share_kubeconfig_puts_it_in_the_ledger_and_off_withdraws_it(kairos_network, k3s_kit):
     net, plugin, boss, hand, text = await two_node_cluster(kairos_network, k3s_kit, share_kubeconfig=True)
-    await net.wait_for(lambda: ClusterState(hand.ledger, "kairos").kubeconfig == text)
+    await net.wait_for(lambda: ClusterState(hand.ledger, "kairos", lease_holder=hand.lease_holder).kubeconfig == text)
     assert await plugin.member(hand).fetch_kubeconfig() == (text, "ledger")
     plugin.member(boss).settings = dataclasses.replace(plugin.member(boss).settings, share_kubeconfig=False)
     plugin.member(boss).wake()
@@ -138,14 +138,14 @@ async def test_a_masters_answer_is_bounded_in_size_and_time(kairos_network, k3s_
 
     boss.host.set_stream_handler(PROTOCOL, huge)
     with pytest.raises(KubeconfigUnavailable, match="exceeds the limit"):
-        await request_kubeconfig(hand.host, boss.peer_id)
+        await request_kubeconfig(hand, boss.peer_id)
     boss.host.set_stream_handler(PROTOCOL, garbage)
     with pytest.raises(KubeconfigUnavailable, match="no clusters"):
-        await request_kubeconfig(hand.host, boss.peer_id)
+        await request_kubeconfig(hand, boss.peer_id)
     monkeypatch.setattr(service, "STREAM_TIMEOUT", 0.5)
     boss.host.set_stream_handler(PROTOCOL, silent)
     with pytest.raises(KubeconfigUnavailable, match="no answer within"):
-        await request_kubeconfig(hand.host, boss.peer_id)
+        await request_kubeconfig(hand, boss.peer_id)
     result = await asyncio.to_thread(cli_invoke, hand)
     assert result.exit_code != 0 and "no master sent it" in str(result.exception)
 
@@ -163,7 +163,7 @@ async def test_a_masters_answer_is_bounded_in_size_and_time(kairos_network, k3s_
     assert reply == b""
     await net.wait_for(lambda: plugin.member(boss).counters["kubeconfig_bad_requests"] == 2)
     assert boss.host.counters["stream_handler_errors"] == 0
-    assert await request_kubeconfig(hand.host, boss.peer_id) == text  # and the real thing still works
+    assert await request_kubeconfig(hand, boss.peer_id) == text  # and the real thing still works
 
 
 def test_get_kubeconfig_without_a_node(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kairos_core.election import lease_key
+from kairos_core.election import LEADER_BUCKET, lease_key, parse_lease, winner
 from kairos_core.identity import Identity
 from kairos_core.ledger.ledger import open_ledger
 from kairos_plugin_k3s.cluster_state import (
@@ -52,6 +52,19 @@ def _ledger(tmp_path, name):
     return open_ledger(Identity.generate(), tmp_path / name, {"max_value_size": 1024 * 1024})
 
 
+def _lease_holder(ledger):
+    """What NodeView.lease_holder answers on a node holding ``ledger``: the winning valid lease of an epoch."""
+    def holder(epoch):
+        leases = [parse_lease(NET, key, value, ledger.get_entry(LEADER_BUCKET, key).owner)
+                  for key, value in ledger.items(LEADER_BUCKET).items()]
+        return getattr(winner([lease for lease in leases if lease and lease.epoch == epoch]), "peer", None)
+    return holder
+
+
+def _state(ledger, **options):
+    return ClusterState(ledger, NET, lease_holder=_lease_holder(ledger), **options)
+
+
 def _hold_lease(ledger, epoch):
     ledger.set("leader", lease_key(NET, epoch, ledger.peer_id),
                {"peer": ledger.peer_id, "epoch": epoch, "state": "held", "claimed": [1000 + epoch, 0]})
@@ -68,39 +81,56 @@ def test_a_role_written_by_a_lower_epoch_loses(tmp_path):
     _hold_lease(old, 1)
     _hold_lease(new, 2)
     target = "12D3KooWTarget"
-    ClusterState(new, NET).assign(target, MASTER_HA, 2, new.peer_id)
+    _state(new).assign(target, MASTER_HA, 2, new.peer_id)
     _sync(old, new)
     # the deposed leader writes later (a newer version) but in its old epoch
-    ClusterState(old, NET).assign(target, WORKER, 1, old.peer_id)
+    _state(old).assign(target, WORKER, 1, old.peer_id)
     _sync(old, new, reader)
     for ledger in (old, new, reader):
-        record = ClusterState(ledger, NET).role_of(target)
+        record = _state(ledger).role_of(target)
         assert (record.role, record.epoch, record.leader) == (MASTER_HA, 2, new.peer_id)
 
 
 def test_role_entries_without_a_lease_or_with_garbage_are_ignored(tmp_path):
     leader, intruder, reader = (_ledger(tmp_path, n) for n in ("leader", "intruder", "reader"))
     _hold_lease(leader, 1)
-    ClusterState(leader, NET).assign("12D3KooWA", WORKER, 1, leader.peer_id)
+    _state(leader).assign("12D3KooWA", WORKER, 1, leader.peer_id)
     # a node that never held epoch 9 writes a "higher" role: not fenced in, so ignored
-    ClusterState(intruder, NET).assign("12D3KooWA", CLUSTER_INIT, 9, intruder.peer_id)
+    _state(intruder).assign("12D3KooWA", CLUSTER_INIT, 9, intruder.peer_id)
     intruder.set(BUCKET, role_key(intruder.peer_id, "12D3KooWB", 1), "garbage")
     intruder.set(BUCKET, role_key(intruder.peer_id, "12D3KooWC", 1), {"role": "emperor", "epoch": 1, "leader": intruder.peer_id})
     # under the leader's key and in its name (these ledgers have no bucket policy: the reader checks)
     intruder.set(BUCKET, role_key(leader.peer_id, "12D3KooWD", 1), {"role": CLUSTER_INIT, "epoch": 1, "leader": leader.peer_id})
     intruder.set(NET, legacy_role_key("12D3KooWE", 1), {"role": CLUSTER_INIT, "epoch": 1, "leader": leader.peer_id})
     _sync(leader, intruder, reader)
-    state = ClusterState(reader, NET)
+    state = _state(reader)
     roles = state.roles()
     assert {peer: r.role for peer, r in roles.items()} == {"12D3KooWA": WORKER}
     assert state.ignored == 5
+
+
+def test_only_the_winner_of_an_epoch_assigns_in_it(tmp_path):
+    # Two nodes claimed epoch 1 at once, and the later claimant assigned roles before it heard of
+    # the earlier claim: its lease is valid, but it never led epoch 1, so its roles do not count.
+    early, late, reader = (_ledger(tmp_path, n) for n in ("early", "late", "reader"))
+    _hold_lease(early, 1)
+    late.set("leader", lease_key(NET, 1, late.peer_id),
+             {"peer": late.peer_id, "epoch": 1, "state": "held", "claimed": [5000, 0]})
+    _state(late).assign("12D3KooWA", CLUSTER_INIT, 1, late.peer_id)
+    _state(late).assign("12D3KooWB", CLUSTER_INIT, 1, late.peer_id)
+    _state(early).assign("12D3KooWA", WORKER, 1, early.peer_id)
+    _sync(early, late, reader)
+    for ledger in (early, late, reader):
+        state = _state(ledger)
+        assert {peer: (r.role, r.leader) for peer, r in state.roles().items()} == {"12D3KooWA": (WORKER, early.peer_id)}
+        assert state.ignored == 2 and state.init_master() is None
 
 
 def _cluster(tmp_path, *masters):
     """A leader holding epoch 1 that made the first of ``masters`` the init master, the others HA."""
     leader = _ledger(tmp_path, "leader")
     _hold_lease(leader, 1)
-    state = ClusterState(leader, NET)
+    state = _state(leader)
     for index, master in enumerate(masters):
         state.assign(master.peer_id, MASTER_HA if index else CLUSTER_INIT, 1, leader.peer_id)
     return leader
@@ -114,7 +144,7 @@ def test_garbage_join_data_of_the_init_master_reads_as_absent_and_is_counted(tmp
     leader = _cluster(tmp_path, init)
     init.set(BUCKET, own_key(init.peer_id, key), garbage)
     _sync(leader, init, reader)
-    state = ClusterState(reader, NET)
+    state = _state(reader)
     assert getattr(state, prop) is None
     assert getattr(state, prop) is None
     assert state.rejected == {"invalid_value": 1}  # once per entry, however often it is read
@@ -126,7 +156,7 @@ def test_a_token_that_is_not_plain_is_refused_even_from_the_init_master(tmp_path
     leader = _cluster(tmp_path, init, ha)
     init.set(BUCKET, own_key(init.peer_id, TOKEN_KEY), bad)
     _sync(leader, init, ha, reader)
-    state = ClusterState(reader, NET)
+    state = _state(reader)
     assert state.node_token is None and state.rejected["invalid_value"] == 1
     ha.set(BUCKET, own_key(ha.peer_id, TOKEN_KEY), TOKEN)  # an HA master's token is the fallback
     _sync(ha, reader)
@@ -140,7 +170,7 @@ def test_join_data_counts_only_from_the_masters_the_leader_named(tmp_path):
     for key, value in forged.items():
         insider.set(BUCKET, own_key(insider.peer_id, key), value)
     _sync(leader, init, ha, insider, reader)
-    state = ClusterState(reader, NET)
+    state = _state(reader)
     assert state.masters() == [init.peer_id, ha.peer_id]
     assert (state.master_address, state.node_token, state.kubeconfig) == (None, None, None)
     assert state.rejected == {"untrusted_writer": 3}
@@ -163,16 +193,16 @@ def test_join_data_counts_only_from_the_masters_the_leader_named(tmp_path):
 
 def test_without_auto_the_fixed_master_is_the_init_master(tmp_path):
     master, insider, reader = (_ledger(tmp_path, n) for n in ("master", "insider", "reader"))
-    ClusterState(master, NET).announce_candidate(master.peer_id, "m", MASTER)
-    ClusterState(insider, NET).announce_candidate(insider.peer_id, "i", "")
+    _state(master).announce_candidate(master.peer_id, "m", MASTER)
+    _state(insider).announce_candidate(insider.peer_id, "i", "")
     # a candidate entry in the master's name, signed by the insider, does not make it a master
     insider.set(BUCKET, candidate_key("12D3KooWForged"), {"hostname": "x", "hint": MASTER})
     master.set(BUCKET, own_key(master.peer_id, TOKEN_KEY), TOKEN)
     insider.set(BUCKET, own_key(insider.peer_id, TOKEN_KEY), "K10" + "ee" * 32 + "::server:evil")
     _sync(master, insider, reader)
-    assert ClusterState(reader, NET, auto=False).node_token == TOKEN
-    assert ClusterState(reader, NET, auto=False).candidates() == {master.peer_id: MASTER, insider.peer_id: ""}
-    assert ClusterState(reader, NET, auto=True).node_token is None  # with auto, only the leader names masters
+    assert _state(reader, auto=False).node_token == TOKEN
+    assert _state(reader, auto=False).candidates() == {master.peer_id: MASTER, insider.peer_id: ""}
+    assert _state(reader, auto=True).node_token is None  # with auto, only the leader names masters
 
 
 def test_roles_of_earlier_versions_still_count_and_their_join_keys_do_not(tmp_path):
@@ -185,14 +215,14 @@ def test_roles_of_earlier_versions_still_count_and_their_join_keys_do_not(tmp_pa
     init.set(NET, "token-nodetoken", TOKEN)
     init.set(NET, "master-kubeconfig", "apiVersion: v1\nclusters: []\n")
     _sync(leader, init, reader)
-    state = ClusterState(reader, NET)
+    state = _state(reader)
     assert {peer: r.role for peer, r in state.roles().items()} == {init.peer_id: CLUSTER_INIT, "12D3KooWW": WORKER}
     assert state.init_master() == init.peer_id
     assert (state.master_address, state.node_token, state.kubeconfig) == (None, None, None)
     # no new role is planned for nodes that have one: an upgrade reassigns nothing
     assert plan_roles({init.peer_id: "", "12D3KooWW": ""}, {p: r.role for p, r in state.roles().items()},
                       ha=True, master_nodes=3, minimum_nodes=1) == {}
-    assert sorted(ClusterState(init, NET).purge_legacy()) == sorted(["ip-master", "token-nodetoken", "master-kubeconfig"])
+    assert sorted(_state(init).purge_legacy()) == sorted(["ip-master", "token-nodetoken", "master-kubeconfig"])
     _sync(init, reader)
     assert all(reader.get(NET, key) is None for key in ("ip-master", "token-nodetoken", "master-kubeconfig"))
-    assert ClusterState(init, NET).purge_legacy() == []
+    assert _state(init).purge_legacy() == []
