@@ -14,13 +14,13 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from kairos_core.plugins import hookimpl
+from kairos_core.plugin import hookimpl
 from kairos_plugin_k3s.runners import write_if_changed
 
 from .manifest import KubeVipSpec, daemonset, rbac, render, static_pod
 
 if TYPE_CHECKING:
-    from kairos_core.node import Node
+    from kairos_core.plugin import NodeView
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,13 @@ class KubeVipPlugin:
         self._fetched: dict[str, str] = {}
 
     @staticmethod
-    def eip(node: Node) -> str | None:
+    def eip(node: NodeView) -> str | None:
         """The EIP when kube-vip is on, else None."""
         section = node.config[SECTION]
         eip = str(section.get("eip") or "").strip()
         return eip if section.get("enable", True) and eip else None
 
-    def spec(self, node: Node) -> KubeVipSpec | None:
+    def spec(self, node: NodeView) -> KubeVipSpec | None:
         """The manifest's settings for ``node``, or None when kube-vip is off."""
         eip = self.eip(node)
         if eip is None:
@@ -108,19 +108,19 @@ class KubeVipPlugin:
         return problems
 
     @hookimpl(optionalhook=True)
-    def k3s_tls_sans(self, node: Node) -> list[str]:
+    def k3s_tls_sans(self, node: NodeView) -> list[str]:
         """The EIP, so the API certificate is valid there."""
         eip = self.eip(node)
         return [eip.split("/")[0]] if eip else []
 
     @hookimpl(optionalhook=True)
-    def k3s_server_address(self, node: Node) -> str | None:
+    def k3s_server_address(self, node: NodeView) -> str | None:
         """Joining masters and agents dial the EIP."""
         eip = self.eip(node)
         return eip.split("/")[0] if eip else None
 
     @hookimpl(optionalhook=True)
-    async def k3s_before_start(self, node: Node, role: str, paths: Any) -> None:
+    async def k3s_before_start(self, node: NodeView, role: str, paths: Any) -> None:
         """Write the manifest on masters (and remove a stale one when kube-vip was turned off)."""
         daemon_file = paths.manifests_dir / MANIFEST_NAME
         pod_file = paths.pod_manifests_dir / MANIFEST_NAME

@@ -41,7 +41,7 @@ async def test_masters_get_the_manifest_and_everyone_uses_the_eip(kairos_network
     assert EIP in server["config"]["tls-san"] and server["config"]["flannel-iface"] == "edgevpn0"
     assert server["config"]["node-ip"] != EIP  # k3s itself stays on the VPN
     assert k3s_kit.calls("kv1")[-1]["env"]["K3S_URL"] == f"https://{EIP}:6443"
-    await net.wait_for(lambda: ClusterState(worker.ledger, worker.network_id).master_address == EIP)
+    await net.wait_for(lambda: ClusterState(worker.ledger, worker.network_id, lease_holder=worker.lease_holder).master_address == EIP)
 
 
 async def test_static_pod_and_manifest_url(kairos_network, k3s_kit, tmp_path):

@@ -1,0 +1,157 @@
+"""The plugin contract: shipped plugins use only ``kairos_core.plugin``, and the node honours it.
+
+A plugin that reaches into another core module works until that module changes; one that imports
+another plugin it does not depend on breaks when installed alone. Both are caught here, by
+walking the imports of every module of every plugin under ``plugins/``.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from kairos_core import plugin as api
+from kairos_core.node import Node
+
+PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
+PUBLIC_API = "kairos_core.plugin"
+# Test kits that ship beside a plugin for its tests (the namespace labs, fakes): they may use the
+# core's test kits as well. They leave the runtime packages with the test-kit split.
+TEST_KIT_MODULES = {"testing", "labvpn", "fakes"}
+CORE_TEST_KITS = {"kairos_core.testing", "kairos_core.netlab", "kairos_core.labnodes", "kairos_core.p2p.testkit"}
+
+
+def _distributions(root: Path) -> dict[str, tuple[str, set[str]]]:
+    """plugin dir -> (its package name, the kairos-plugin-* distributions it depends on)."""
+    out = {}
+    for project in sorted(root.glob("*/pyproject.toml")):
+        data = tomllib.loads(project.read_text())
+        deps = {re.split(r"[\s<>=!~\[;]", dep, maxsplit=1)[0] for dep in data["project"].get("dependencies", [])}
+        package = next(p.name for p in project.parent.iterdir() if p.name.startswith("kairos_plugin_") and (p / "__init__.py").exists())
+        out[project.parent.name] = (package, {d for d in deps if d.startswith("kairos-plugin-")})
+    return out
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+    return found
+
+
+def _within(imported: str, module: str) -> bool:
+    # a prefix test alone would let kairos_core.plugins (the core's manager) pass as kairos_core.plugin
+    return imported == module or imported.startswith(module + ".")
+
+
+def _violations(root: Path = PLUGINS) -> list[str]:
+    dists = _distributions(root)
+    package_of = {package: f"kairos-plugin-{name}" for name, (package, _) in dists.items()}
+    problems = []
+    for name, (package, depends_on) in dists.items():
+        for path in sorted((root / name / package).rglob("*.py")):
+            relative = path.relative_to(root / name / package)
+            test_kit = relative.parts[0].removesuffix(".py") in TEST_KIT_MODULES
+            for line, imported in _imports(path):
+                where = f"plugins/{name}/{package}/{relative}:{line}"
+                if imported.startswith("kairos_core"):
+                    allowed = imported == "kairos_core" or _within(imported, PUBLIC_API) or (
+                        test_kit and any(_within(imported, kit) for kit in CORE_TEST_KITS))
+                    if not allowed:
+                        problems.append(f"{where}: imports {imported} (plugins use {PUBLIC_API} only)")
+                top = imported.split(".")[0]
+                if top in package_of and top != package and package_of[top] not in depends_on:
+                    problems.append(f"{where}: imports {top}, but {name} does not depend on {package_of[top]}")
+    return problems
+
+
+def test_shipped_plugins_import_only_the_public_plugin_api():
+    problems = _violations()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_import_walk_sees_a_reach_into_the_core_and_an_undeclared_plugin(tmp_path):
+    # the walker itself must catch what it is there for
+    for name, deps, body in (
+        ("demo", '["kairos-core"]', "from kairos_core.election import lease_key\nfrom kairos_core.plugin import hookimpl\n"
+                                    "from kairos_core.plugins import call_hook\nimport kairos_plugin_other\n"),
+        ("other", '["kairos-core", "kairos-plugin-demo"]', "from kairos_plugin_demo import x\n"),
+    ):
+        package = tmp_path / name / f"kairos_plugin_{name}"
+        package.mkdir(parents=True)
+        (tmp_path / name / "pyproject.toml").write_text(f'[project]\nname = "kairos-plugin-{name}"\ndependencies = {deps}\n')
+        (package / "__init__.py").write_text(body)
+    problems = _violations(tmp_path)
+    assert len(problems) == 3, problems
+    assert "kairos_core.election" in problems[0] and "kairos_core.plugins.call_hook" in problems[1]
+    assert "does not depend on kairos-plugin-other" in problems[2]
+
+
+def _protocol_members(protocol: type) -> set[str]:
+    members = {name for name in vars(protocol) if not name.startswith("_")}
+    members |= set(getattr(protocol, "__annotations__", {}))
+    return members
+
+
+@pytest.mark.parametrize("name", sorted(_protocol_members(api.NodeView)))
+def test_the_node_offers_every_member_of_the_node_view(name):
+    assert hasattr(Node, name) or name in _instance_attributes(), f"Node lacks NodeView.{name}"
+
+
+def _instance_attributes() -> set[str]:
+    source = inspect.getsource(Node.__init__)
+    return set(re.findall(r"self\.([a-z_]+)\s*[:=]", source))
+
+
+def test_every_public_name_of_the_api_has_a_docstring_or_is_a_documented_constant():
+    missing = []
+    for name in api.__all__:
+        value = getattr(api, name)
+        if isinstance(value, (dict, str)) or name.isupper() or name == "StreamHandler":  # constants, an alias
+            continue
+        if not (getattr(value, "__doc__", None) or "").strip():
+            missing.append(name)
+    assert not missing, missing
+
+
+def test_the_package_re_exports_exactly_the_api():
+    import kairos_core
+
+    assert set(kairos_core.__all__) - {"__version__"} == set(api.__all__)
+    assert kairos_core.NodeView is api.NodeView and kairos_core.hookimpl is api.hookimpl
+
+
+class _StartupProbe:
+    """Records what a plugin's ``kairos_startup`` sees of the node."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.seen: dict[str, object] = {}
+
+    @api.hookimpl
+    def kairos_startup(self, node: api.NodeView) -> None:
+        self.seen = {"lease_holder": node.lease_holder(self.epoch), "addresses": node.addresses()}
+
+
+async def test_lease_holder_and_addresses_answer_from_kairos_startup_on(kairos_network):
+    # Plugins start before the election does, and fence on epochs at once (k3s reads its roles):
+    # on a restart the holder of an epoch must be known from the ledger already.
+    net = await kairos_network(0)
+    first = await net.add_node(name="solo")
+    await net.wait_for(lambda: first.leader is not None, timeout=30)
+    peer, epoch = first.leader
+    assert first.lease_holder(epoch) == peer == first.peer_id and first.lease_holder(epoch + 1) is None
+    await first.stop()
+    probe = _StartupProbe(epoch)
+    again = await net.add_node(plugins=[probe], name="solo")
+    assert probe.seen["lease_holder"] == first.peer_id
+    assert probe.seen["addresses"] and all(a.endswith(f"/p2p/{again.peer_id}") for a in probe.seen["addresses"])
+    assert again.lease_holder(epoch) == first.peer_id and again.addresses() == probe.seen["addresses"]
