@@ -171,8 +171,15 @@ def test_overwriting_another_owners_key_moves_it_between_their_quotas() -> None:
     taken = [signed(CAROL, f"k{n}", "c", ms=NOW_MS + 1) for n in range(4)]
     assert len(ledger.apply_remote(taken)) == 4
     assert ledger.usage(BOB.peer_id) == Usage() and ledger.usage(CAROL.peer_id) == Usage(keys=4, bytes=12)
-    # Bob's slots are free again, in the same batch as Carol taking one more of his... keys
-    assert len(ledger.apply_remote([signed(BOB, f"b{n}", n, ms=NOW_MS + 2) for n in range(4)])) == 4
+    assert len(ledger.apply_remote([signed(BOB, f"b{n}", n, ms=NOW_MS + 2) for n in range(4)])) == 4  # room again
+    assert ledger.apply_remote([signed(CAROL, "c-new", "c", ms=NOW_MS + 3)]) == []  # Carol is full
+    # within one batch too: Bob (with room after a delete) takes a key of Carol's, and the room
+    # that leaves her takes her next entry
+    ledger.apply_remote([signed(BOB, "b3", ms=NOW_MS + 3, deleted=True)])
+    batch = [signed(BOB, "k0", "b", ms=NOW_MS + 4), signed(CAROL, "c-new", "c", ms=NOW_MS + 4)]
+    assert len(ledger.apply_remote(batch)) == 2
+    assert ledger.usage(BOB.peer_id) == Usage(keys=4, bytes=1 + 1 + 1 + 3, tombstones=1)
+    assert ledger.usage(CAROL.peer_id) == Usage(keys=4, bytes=12)
 
 
 def test_tombstones_count_until_pruned_and_expired_ones_count_for_nothing() -> None:
@@ -248,13 +255,20 @@ operations = st.lists(
 )
 
 
+@pytest.mark.parametrize("network", [NETWORK, LOCAL], ids=["network-twice-local", "network-equal-local"])
 @settings(max_examples=150, deadline=None)
-@given(operations)
-def test_honest_writers_within_their_quota_always_converge(ops) -> None:
+@given(ops=operations)
+def test_honest_writers_within_their_quota_always_converge(network: OwnerQuota, ops) -> None:
     """Three honest nodes write within their local quota and hear each other in any order, with
-    any loss; after anti-entropy every node holds the same entries, none refused for good."""
+    any loss; after anti-entropy every node holds the same entries, none refused for good.
+
+    With the network quota at twice the local one (as configured) a refusal takes a node far
+    behind; with both equal, a node still holding an owner's older entries (a key deleted since, a
+    value shrunk since) often refuses some of its newer ones for a while: anti-entropy merges them
+    once it has caught up.
+    """
     wall = Wall()
-    ledgers = [make_ledger(identity, wall=wall, quota=LOCAL, network_quota=NETWORK) for identity in WRITERS]
+    ledgers = [make_ledger(identity, wall=wall, quota=LOCAL, network_quota=network) for identity in WRITERS]
     for op, who, key, arg in ops:
         wall.ms += 1
         node = ledgers[who]
@@ -326,9 +340,8 @@ async def test_one_insider_cannot_fill_every_nodes_memory_and_disk(kairos_networ
         assert len(on_disk) == 16 + 40  # not 200 rows
         assert node.status()["counters"]["ledger_rejected_quota"] >= 84 + 60
 
-    # honest writes still replicate everywhere, and are never refused; the writer past its own
-    # quota is told why, in one line, through the API
-    refused_before = [node.ledger.counters["rejected_quota"] for node in net.nodes]
+    # honest writes still replicate everywhere; the writer past its own quota is told why, in one
+    # line, through the API
     client = APIClient(honest[0].config.api_socket)
     for n in range(5):
         await asyncio.to_thread(client.request, "PUT", f"/api/ledger/cfg/k{n}", content=b"1")
@@ -338,4 +351,3 @@ async def test_one_insider_cannot_fill_every_nodes_memory_and_disk(kairos_networ
     honest[1].ledger.set("cfg", "other", 2)
     await net.wait_for(lambda: all(node.ledger.get("cfg", f"k{n}") == 1 and node.ledger.get("cfg", "other") == 2
                                    for node in net.nodes for n in range(5)))
-    assert [node.ledger.counters["rejected_quota"] for node in net.nodes] == refused_before
