@@ -64,8 +64,8 @@ class HybridLogicalClock:
         self.peer_id = peer_id
         self._now_ms = now_ms
         self.max_drift_ms = max_drift_ms
-        # Half and half: a clock dragged to the ceiling still leaves peers behind us by less than
-        # the other half within the drift bound of every version it stamps.
+        # Half the drift bound each: our versions run at most half of it ahead of our wall clock,
+        # so a peer less than the other half behind us still finds every one within its bound.
         self.max_lead_ms = max_drift_ms // 2 if max_lead_ms is None else max_lead_ms
         if not 0 <= self.max_lead_ms <= max_drift_ms:
             raise ValueError(f"max_lead_ms must be between 0 and max_drift_ms ({max_drift_ms}), not {self.max_lead_ms}")
