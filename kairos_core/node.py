@@ -24,7 +24,7 @@ from .config import Config
 from . import connections as connections_module
 from .connections import ConnectionManager
 from .dialer import Dialer
-from .election import Election
+from .election import Election, winner
 from .errors import KairosError
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
@@ -46,6 +46,9 @@ SHUTDOWN_HOOK_TIMEOUT = 5.0
 STOP_STEP_TIMEOUT = 6.0
 # How long the election's fast path waits for a departed leader to answer a dial.
 PROBE_TIMEOUT = 1.0
+# Our entry's sub-key recording who led each epoch we saw confirmed, and how many epochs it keeps.
+EPOCH_RECORD = "epochs"
+EPOCHS_RECORDED = 256
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 
@@ -227,24 +230,50 @@ class Node:
         return self.host.addresses() if self.host else []
 
     def lease_holder(self, epoch: int) -> str | None:
-        """The peer whose lease won ``epoch`` (confirmed or not), or None. Every valid lease of the
-        epoch takes part, whether or not its claimant is alive: the answer depends on the ledger
-        alone, so nodes that hold the same leases agree on it."""
-        from .election import LEADER_BUCKET, parse_lease, winner
+        """The leader of ``epoch``, as the members attest it, or None.
 
+        A token holder can sign a lease of any epoch for an identity it made up, with an early
+        claim, so "the winning valid lease" alone proves nothing. The answer, in order:
+
+        1. the leader this node itself announced for ``epoch`` (recorded in its own entry
+           ``nodes/<peer_id>/epochs``, so it survives restarts);
+        2. the winner among the leases the election counts (holders this node or vouched-for
+           members, within the epoch chain);
+        3. what the vouched-for members recorded for ``epoch`` (the most of them).
+        """
+        own = self._epoch_record(self.peer_id).get(str(epoch))
+        if own is not None:
+            return own
         if self.election is not None:
-            leases = [lease for lease in self.election.leases() if lease.epoch == epoch]
-        elif self.ledger is not None:
-            # Plugins start before the election does, and already read roles fenced by epochs.
-            leases = []
-            for key, value in self.ledger.items(LEADER_BUCKET).items():
-                entry = self.ledger.get_entry(LEADER_BUCKET, key)
-                lease = parse_lease(self.network_id, key, value, entry.owner if entry else "")
-                if lease is not None and lease.epoch == epoch:
-                    leases.append(lease)
-        else:
+            lease = winner([lease for lease in self.election.leases()
+                            if lease.epoch == epoch and self.election.credible(lease)])
+            if lease is not None:
+                return lease.peer
+        if self.membership is None:
             return None
-        return getattr(winner(leases), "peer", None)
+        horizon = float(self.config["election"]["quorum_horizon"])
+        votes = Counter(record for peer in self.membership.recently_alive(horizon)
+                        if (record := self._epoch_record(peer).get(str(epoch))) is not None)
+        return votes.most_common(1)[0][0] if votes else None
+
+    def _epoch_record(self, peer_id: str) -> dict[str, str]:
+        value = self.ledger.get(NODES_BUCKET, f"{peer_id}/{EPOCH_RECORD}") if self.ledger else None
+        if not isinstance(value, dict):
+            return {}
+        return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+
+    def _record_epoch(self, leader: str, epoch: int) -> None:
+        """Note in our own entry who led ``epoch`` (what lease_holder and other nodes read)."""
+        record = self._epoch_record(self.peer_id)
+        if record.get(str(epoch)) == leader:
+            return
+        record[str(epoch)] = leader
+        kept = sorted(record, key=int)[-EPOCHS_RECORDED:]
+        try:
+            self.ledger.set(NODES_BUCKET, f"{self.peer_id}/{EPOCH_RECORD}", {k: record[k] for k in kept})
+        except Exception:
+            self.counters["background_errors"] += 1
+            log.exception("recording the leader of epoch %d failed", epoch)
 
     async def open_stream(self, peer_id: str, protocol: str):
         """Open ``protocol`` to an admitted neighbour; :class:`KairosError` when it cannot."""
@@ -506,6 +535,7 @@ class Node:
         await call_hook(self.manager, "on_peer", node=self, event=event)
 
     async def _emit_leader(self, leader: str, epoch: int) -> None:
+        self._record_epoch(leader, epoch)
         self._leader_events.put_nowait(("on_leader_elected", {"node": self, "leader": leader, "epoch": epoch}))
 
     async def _deliver_hooks(self, queue: asyncio.Queue) -> None:

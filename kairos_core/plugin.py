@@ -160,10 +160,12 @@ class NodeView(Protocol):
         ...
 
     def lease_holder(self, epoch: int) -> str | None:
-        """The peer whose lease won ``epoch`` (confirmed or not), or None: who may speak for that
-        epoch (e.g. a role assignment fenced by it). Decided by the leases in the ledger alone
-        (the earliest claim of the epoch, alive or not), so nodes that hold the same agree; from
-        ``kairos_startup`` on, before the election runs."""
+        """The leader of ``epoch`` as the members attest it, or None: who may speak for that epoch
+        (e.g. a role assignment fenced by it). A lease alone proves nothing — a token holder can
+        sign one for an identity it made up — so the answer is the leader this node announced for
+        that epoch (recorded in its own entry, kept across restarts), else the winning lease among
+        those the election counts, else what the vouched-for members recorded. Works from
+        ``kairos_startup`` on (then from the records only)."""
         ...
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:

@@ -55,6 +55,7 @@ async def test_fake_leaders_fake_voters_and_fake_candidates_are_ignored(kairos_n
         for fake in fakes:
             fake_node_entry(insider, fake, beat, neighbours=[f.peer_id for f in fakes if f is not fake])
         await asyncio.sleep(0.2)
+    fake_lease(insider, fakes[4], epoch)          # the current epoch, claimed earlier than the leader
     fake_lease(insider, fakes[0], epoch + 1)      # the next epoch
     fake_lease(insider, fakes[1], epoch + 1000)   # a jump
     fake_lease(insider, fakes[2], MAX_EPOCH)      # the parsers' limit
@@ -70,6 +71,9 @@ async def test_fake_leaders_fake_voters_and_fake_candidates_are_ignored(kairos_n
         assert not fake_ids & set(node.members()), "a made-up identity counts as a member"
         assert not fake_ids & node.membership.recently_alive(300), "a made-up identity counts as a voter"
         assert node.election.chain_top() == epoch + 1  # the jumps never extend the chain
+        # what plugins fence by (k3s role assignments): the attested leader, never a made-up one
+        assert node.lease_holder(epoch) == leader
+        assert node.lease_holder(epoch + 1) is None
 
     # fail-over still works with the fakes around: kill the leader, one honest node takes over
     await next(n for n in net.nodes if n.peer_id == leader).stop()
@@ -79,4 +83,6 @@ async def test_fake_leaders_fake_voters_and_fake_candidates_are_ignored(kairos_n
     new_leader, new_epoch = survivors[0].leader
     assert new_leader in {n.peer_id for n in survivors}
     assert new_epoch == epoch + 2  # past the forged epoch+1 (epochs never go back), not past the jumps
+    await net.wait_for(lambda: all(n.lease_holder(new_epoch) == new_leader for n in survivors))
+    assert all(n.lease_holder(epoch) == leader for n in survivors)  # history is kept once the leader is gone
     assert honest  # (the insider may lead too: it is a real node; only the fakes must not)
