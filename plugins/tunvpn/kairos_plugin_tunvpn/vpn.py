@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kairos.vpn")
 
 BUCKET = "vpn"
+# The connection manager keeps a peer's libp2p connection while this tag holds it (stream path).
+PROTECTION_TAG = "tunvpn"
 DEFAULTS: dict[str, Any] = {
     # Create the TUN device and run the data plane (false: no VPN on this node).
     "create": True,
@@ -426,8 +428,9 @@ class VPN:
         vips = {p: vip for vip, c in holders(claims.values()).items() if (p := c.peer_id) != self.peer_id}
         self.vips = vips
         members = self.node.members()
-        admitted = self.node.neighbours()
-        wanted = {p for p in vips if p in members and p in admitted}
+        # every member with a VIP, neighbour or not: the key exchange dials the peer when the
+        # node's bounded degree (p2p.connections) left it without a connection to it
+        wanted = {p for p in vips if p in members}
         # peers that are gone: their session goes. Membership alone may flap (a libp2p connection
         # that drops and comes back): a peer that left it but still sends authentic datagrams keeps
         # its session until it falls silent for udp_timeout.
@@ -510,6 +513,9 @@ class VPN:
         published["peers_udp"] = sum(1 for link in self.links.values() if link.path == "udp")
         published["peers_stream"] = sum(1 for link in self.links.values() if link.path == "stream")
         self.node.set_counters("vpn", published)
+        # the stream path lives on its libp2p connection: keep the connection manager from trimming it
+        for peer_id, link in self.links.items():
+            (self.node.protect if link.path == "stream" else self.node.unprotect)(peer_id, PROTECTION_TAG)
 
     def _use_stream(self, peer_id: str, link: Link, now: float) -> None:
         if link.path != "stream":
@@ -627,6 +633,7 @@ class VPN:
 
     def _drop_session(self, peer_id: str, reason: str) -> None:
         link = self.links.pop(peer_id, None)
+        self.node.unprotect(peer_id, PROTECTION_TAG)
         if self.plane is not None:
             self.plane.remove_peer(peer_id)
         if link is not None:

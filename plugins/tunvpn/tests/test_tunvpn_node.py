@@ -188,3 +188,23 @@ async def test_a_bad_vpn_section_is_refused_with_the_config(network):
     with pytest.raises(ConfigError) as info:
         await network.add_node(plugins=[TunVPNPlugin()], overrides={"vpn": {"address": "192.168.9.9/24"}})
     assert info.value.problems == ["vpn.address: 192.168.9.9 is not a host address of vpn.cidr 10.1.0.0/24"]
+
+
+async def test_packets_cross_between_members_that_are_not_neighbours(network, fakes):
+    # A chain a - hub - b with a degree of one or two: a and b are members of each other only
+    # through the hub's voucher; the key exchange dials the connection it needs.
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    overrides = {**vpn_config(), "p2p": {"connections": {"low": 1, "high": 8}}}
+    hub = await network.add_node(plugins=[plugin], overrides=overrides)
+    a = await network.add_node(plugins=[plugin], overrides=overrides, connect=False)
+    b = await network.add_node(plugins=[plugin], overrides=overrides, connect=False)
+    await a.connect(hub.host.addresses())
+    await b.connect(hub.host.addresses())
+    await network.wait_for(lambda: b.peer_id in a.members() and a.peer_id in b.members(), timeout=20)
+    va, vb = plugin.vpn_of(a), plugin.vpn_of(b)
+    await network.wait_for(lambda: b.peer_id in va.links and a.peer_id in vb.links, timeout=20)
+    await network.wait_for(lambda: va.plane.vip_of(b.peer_id) == va.vips.get(b.peer_id), 10)
+    ping = bytes(icmp_echo(src=va.address.ip.packed, dst=vb.address.ip.packed, payload=b"across the hub"))
+    fakes.received(b.peer_id)
+    fakes.inject(a.peer_id, ping)
+    await network.wait_for(lambda: any(p == ping for p in fakes.received(b.peer_id)), timeout=5)
