@@ -158,9 +158,11 @@ def on_peer(node: Node, event: PeerEvent) -> Awaitable[None] | None:
     """React to a member joining, leaving or changing its advertised entry.
 
     Called on every node for each membership change it observes: ``joined`` once a peer is
-    admitted (it holds the token) or its entry appears, ``left`` when it is neither connected nor
-    fresh, ``updated`` when its entry in the ``nodes`` bucket changes. Events for one peer arrive in
-    order.
+    vouched for — connected to this node and admitted (it holds the token), or listed as a
+    neighbour by an alive member —, ``left`` when nobody vouches for it any more (a crash is
+    reported as soon as its neighbours notice), ``updated`` when its advertised entry in the
+    ``nodes`` bucket changes (not on heartbeats or neighbour changes). Events for one peer arrive
+    in order.
 
     :param node: this node.
     :param event: what happened, to which peer, with the peer's advertised entry.
