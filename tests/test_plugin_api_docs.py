@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import importlib
 import inspect
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import click
 import pytest
+from import_graph import imports_of
 from click.testing import CliRunner
 
 from kairos_core import plugin as api
@@ -203,15 +203,7 @@ def test_the_guides_link_the_reference():
 # -------------------------------------------------------------------------------------------------
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module.name)`` of every absolute import in ``path``."""
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
-    return found
+_imports = imports_of
 
 
 def _reaches_into_the_core(package: Path) -> list[str]:

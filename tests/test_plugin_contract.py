@@ -7,13 +7,13 @@ walking the imports of every module of every plugin under ``plugins/``.
 
 from __future__ import annotations
 
-import ast
 import inspect
 import re
 import tomllib
 from pathlib import Path
 
 import pytest
+from import_graph import imports_of
 
 from kairos_core import plugin as api
 from kairos_core.node import Node
@@ -37,14 +37,7 @@ def _distributions(root: Path) -> dict[str, tuple[str, set[str]]]:
     return out
 
 
-def _imports(path: Path) -> list[tuple[int, str]]:
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.extend((node.lineno, alias.name) for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.extend((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
-    return found
+_imports = imports_of
 
 
 def _within(imported: str, module: str) -> bool:
