@@ -49,6 +49,9 @@ PROBE_TIMEOUT = 1.0
 # Our entry's sub-key recording who led each epoch we saw confirmed, and how many epochs it keeps.
 EPOCH_RECORD = "epochs"
 EPOCHS_RECORDED = 256
+# An unchanged entry is rewritten (refreshed) three times per membership.peer_ttl, so a voucher's
+# entry never goes stale while its node lives.
+REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 
@@ -90,6 +93,8 @@ class Node:
         self._candidates: dict[str, list[str]] = {}
         self._addresses: list[str] = []
         self._beat = 0
+        self._advertised: dict[str, Any] | None = None  # what our entry says now
+        self._rounds_unchanged = 0
         self._announce_pending: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self._running = False
@@ -382,11 +387,16 @@ class Node:
         return not any(vote is False for vote in votes.results)
 
     def announce(self) -> None:
-        """Write (or refresh) this node's entry in ``nodes``: its heartbeat, its advertisement and
-        the peers it vouches for (connected and admitted: see :mod:`kairos_core.membership`)."""
-        self._beat += 1
+        """Write this node's entry in ``nodes`` if it changed, or as a refresh
+        ``REFRESHES_PER_TTL`` times per ``membership.peer_ttl``: its advertisement and the peers it
+        vouches for (connected and admitted: see :mod:`kairos_core.membership`).
+
+        Every entry reaches every node, so rewriting an unchanged one on each round would cost each
+        node work in proportion to the network's size; liveness does not need it (the vouchers say
+        who is alive), only the TTL on vouchers' entries does, which the refresh keeps.
+        """
         neighbours = sorted(self.host.admitted_peers())[:MAX_NEIGHBOURS] if self.host else []
-        self.ledger.set(NODES_BUCKET, self.peer_id, {
+        advertised = {
             "network_id": self.network_id,
             "hostname": self.hostname,
             "addresses": self.host.addresses() if self.host else [],
@@ -394,8 +404,15 @@ class Node:
             "role": self.config["p2p"]["role"],
             "eligible": self.leader_eligible(),
             "neighbours": neighbours,
-            "beat": self._beat,
-        })
+        }
+        self._rounds_unchanged += 1
+        membership = self.config["membership"]
+        refresh_rounds = max(1, int(float(membership["peer_ttl"]) / REFRESHES_PER_TTL / float(membership["announce_interval"])))
+        if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
+            return
+        self._advertised, self._rounds_unchanged = advertised, 0
+        self._beat += 1
+        self.ledger.set(NODES_BUCKET, self.peer_id, {**advertised, "beat": self._beat})
 
     def _neighbours_changed(self) -> None:
         # Others learn who is alive from whom we vouch for: say it soon, once per burst.
@@ -559,6 +576,7 @@ class Node:
         if addresses != self._addresses:  # an interface came or went: paths that failed may work
             self._addresses = addresses
             self.dialer.network_changed()
+            self._neighbours_changed()  # and others should learn the new addresses now
         # The connection manager picks whom to dial (up to p2p.connections.low) and whom to
         # close (above .high); the dialler dials with back-off.
         self._candidates = self.dialer.candidates(known)
