@@ -1,0 +1,76 @@
+"""The four distributions' metadata, read from their pyproject.toml (issue #16, items 3 and 8).
+
+- ``kairos-plugin-k3s`` depends on ``kairos-plugin-tunvpn``: k3s without the VPN runs on the
+  machines' own addresses, which breaks as soon as the nodes are on different networks.
+- Every dependency on a kairos distribution has a version range (pre-1.0: the next minor
+  version may break the plugin API).
+- Each declares the SPDX license ``Apache-2.0`` with a LICENSE file beside it (setuptools ≥ 77,
+  no deprecated license table), a readme, and classifiers.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DISTRIBUTIONS = {
+    "kairos-core": ROOT,
+    "kairos-plugin-tunvpn": ROOT / "plugins" / "tunvpn",
+    "kairos-plugin-k3s": ROOT / "plugins" / "k3s",
+    "kairos-plugin-kubevip": ROOT / "plugins" / "kubevip",
+}
+
+
+def _project(directory: Path) -> dict:
+    return tomllib.loads((directory / "pyproject.toml").read_text())
+
+
+def _requirements(directory: Path) -> dict[str, str]:
+    """``name → version specifier`` of the distribution's runtime dependencies."""
+    found = {}
+    for line in _project(directory)["project"]["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", line)
+        assert match, line
+        found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def test_k3s_brings_the_vpn_along():
+    assert "kairos-plugin-tunvpn" in _requirements(DISTRIBUTIONS["kairos-plugin-k3s"])
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_kairos_dependencies_are_pinned_to_a_compatible_range(name):
+    directory = DISTRIBUTIONS[name]
+    for requirement, specifier in _requirements(directory).items():
+        if requirement in DISTRIBUTIONS:
+            assert re.fullmatch(r">=\d+\.\d+,<\d+\.\d+", specifier), f"{name}: {requirement}{specifier}"
+            lower, upper = (tuple(map(int, part.strip("<>=").split("."))) for part in specifier.split(","))
+            version = tuple(map(int, _project(DISTRIBUTIONS[requirement])["project"]["version"].split(".")[:2]))
+            assert lower <= version < upper, f"{name} does not accept {requirement} as it is in this repository"
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_license_readme_and_classifiers(name):
+    directory = DISTRIBUTIONS[name]
+    pyproject = _project(directory)
+    project = pyproject["project"]
+    assert project["name"] == name
+    assert project["license"] == "Apache-2.0"  # SPDX, not the deprecated table
+    assert project["license-files"] == ["LICENSE"]
+    assert "Apache License" in (directory / "LICENSE").read_text()
+    assert (directory / project["readme"]).read_text().strip()
+    assert any(c.startswith("Programming Language :: Python :: 3") for c in project["classifiers"])
+    # A license classifier next to an SPDX expression is an error for setuptools ≥ 77.
+    assert not any(c.startswith("License ::") for c in project["classifiers"])
+    assert pyproject["build-system"]["requires"] == ["setuptools>=77"]
+
+
+def test_the_plugins_carry_the_same_license_text():
+    text = (ROOT / "LICENSE").read_text()
+    for directory in DISTRIBUTIONS.values():
+        assert (directory / "LICENSE").read_text() == text
