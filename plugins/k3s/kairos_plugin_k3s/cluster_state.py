@@ -8,8 +8,8 @@ another node. Whose entries *count* is the readers' decision, made here:
 - ``<leader>/role/<peer>/<epoch>`` — ``{"role", "epoch", "leader"}``, written by the leader of
   ``epoch``. One key per epoch, so a deposed leader's late write never overwrites the current
   leader's: readers take, per node, the valid entry of the highest epoch. An entry counts only
-  when its writer's lease won that epoch (:meth:`NodeView.lease_holder`): one writer per epoch,
-  even where two nodes claimed it at once and each briefly believed it led.
+  when its writer is the leader of that epoch (:meth:`NodeView.lease_holder`): one writer per
+  epoch, even where two nodes claimed it at once and each briefly believed it led.
 - ``<peer>/ip`` — the node's k3s address.
 - ``<peer>/ip-master`` — the address joining nodes dial (EIP, or the init master's VPN address).
 - ``<peer>/token-nodetoken`` — k3s's node token.
@@ -25,7 +25,7 @@ of anyone else are ignored and counted in :attr:`ClusterState.rejected`, and eve
 its own server, or hand them a token, however it writes.
 
 **Upgrade** from versions that kept everything in the open bucket ``<network_id>``: role entries
-there (``<peer>-role-<epoch>``) are still read, fenced the same way (their signer must have won
+there (``<peer>-role-<epoch>``) are still read, fenced the same way (their signer must have led
 the epoch), so an upgrade never reassigns a role. Nothing else there is read; a master deletes the old
 join keys ``ip-master``, ``token-nodetoken`` and ``master-kubeconfig`` (:meth:`purge_legacy`).
 """
@@ -113,9 +113,9 @@ class ClusterState:
 
     :param ledger: the node's ledger (``get``, ``set``, ``delete``, ``items``, ``get_entry``).
     :param network_id: names the bucket (and the open bucket of earlier versions).
-    :param lease_holder: ``lease_holder(epoch)``, the peer whose lease won ``epoch`` or None: the
-        node's :meth:`~kairos_core.plugin.NodeView.lease_holder`. A role entry counts only when
-        its writer is the holder of its epoch.
+    :param lease_holder: ``lease_holder(epoch)``, the leader of ``epoch`` or None: the node's
+        :meth:`~kairos_core.plugin.NodeView.lease_holder`. A role entry counts only when its
+        writer is the holder of its epoch.
     :param auto: whether the leader assigns roles (``auto.enable``); without it, a node announcing
         the fixed hint ``master`` is the init master.
     """
@@ -179,9 +179,9 @@ class ClusterState:
             return None
         if not writer or value.get("leader") != writer:
             return None
-        # Fencing: only the node whose lease won this epoch may assign in its name. A mere claim
-        # of the epoch is not enough: of two nodes that claimed it at once, the loser may have
-        # assigned roles before it heard of the winner, and the epoch would have two leaders.
+        # Fencing: only the leader of this epoch may assign in its name. A mere valid lease of the
+        # epoch is not enough: of two nodes that claimed it at once, the loser may have assigned
+        # roles before it heard of the winner, and the epoch would have two leaders.
         if epoch not in holders:
             holders[epoch] = self.lease_holder(epoch)
         if holders[epoch] != writer:

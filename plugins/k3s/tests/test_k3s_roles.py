@@ -53,7 +53,8 @@ def _ledger(tmp_path, name):
 
 
 def _lease_holder(ledger):
-    """What NodeView.lease_holder answers on a node holding ``ledger``: the winning valid lease of an epoch."""
+    """A stand-in for NodeView.lease_holder on a bare ledger: the winning valid lease of an epoch
+    (a node also wants the lease attested by its members; these ledgers have no members)."""
     def holder(epoch):
         leases = [parse_lease(NET, key, value, ledger.get_entry(LEADER_BUCKET, key).owner)
                   for key, value in ledger.items(LEADER_BUCKET).items()]
