@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 import click
-import yaml
 
 from . import __version__
-from .config import collect_defaults, disabled_plugins, load_config, read_config_file
+from .config import collect_schema, disabled_plugins, load_config, read_config_file
 from .errors import KairosError
 from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
 from .token import MAX_TOKEN_BYTES, generate_token, parse_token
@@ -217,10 +216,18 @@ def config_check(context: Context, path: Path) -> None:
 
 
 @config.command("defaults")
+@click.option("--json", "as_json", is_flag=True, help="Print the schema as JSON.")
 @pass_context
-def config_defaults(context: Context) -> None:
-    """Print every option with its default, as YAML (core and installed plugins)."""
-    click.echo(yaml.safe_dump(collect_defaults(context.manager), sort_keys=False).rstrip())
+def config_defaults(context: Context, as_json: bool) -> None:
+    """Print every option with its default and help, as a commented YAML config (core and
+    installed plugins); --json prints the schema: each option's type, default, help and bounds."""
+    from .schema import render_yaml
+
+    sections = list(collect_schema(context.manager).values())
+    if as_json:
+        emit_json([section.describe() for section in sections])
+        return
+    click.echo(render_yaml(sections))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""The config file: one YAML document, a section per part, every option with a default.
+"""The config file: one YAML document, a section per part, every option declared once.
 
-The core owns ``p2p`` (Kairos's names), ``node``, ``api``, ``ledger``, ``election`` and
-``plugins``; each plugin declares its own sections through ``kairos_config_defaults``. The type of
-a default is the type an option must have, so unknown keys and wrong types are reported with their
-path (``p2p.minimum_nodes: expected an integer, got a string``). Kairos users write plugin
-sections under ``p2p:`` (``p2p.vpn``, ``p2p.kubevip``); those are read as the top-level section.
+The core owns ``p2p`` (Kairos's names), ``node``, ``api``, ``ledger``, ``membership``,
+``election`` and ``plugins`` (:data:`CORE_SCHEMA`); each plugin declares its own sections through
+``kairos_config_schema`` (or, the old way, a dict of defaults through ``kairos_config_defaults``).
+A declaration (:mod:`kairos_core.schema`) gives each option its type, default, help, range or
+choices, so unknown keys, wrong types and values out of bounds are reported with their path
+(``p2p.minimum_nodes: expected an integer, got a string``). Kairos users write plugin sections
+under ``p2p:`` (``p2p.vpn``, ``p2p.kubevip``): a section's aliases say where, and those are read
+as the top-level section.
 
 Validation happens here and nowhere else, so every reader can trust what it gets: numbers are
-finite and fit in 64 bits, a list holds items of its declared type (the core's lists of
-multiaddrs and names hold strings; a plugin's list holds what its default's first item is, and
-an empty default allows anything), and no value nests more than ``MAX_CONFIG_DEPTH`` levels.
+finite and fit in 64 bits, a list holds items of its declared type, and no value nests more than
+``MAX_CONFIG_DEPTH`` levels. What one option cannot say (an option against another) the owner
+checks in ``kairos_config_problems``, after the schema's checks pass.
 
 Environment overrides, applied over the file:
 
@@ -21,9 +24,8 @@ Environment overrides, applied over the file:
 from __future__ import annotations
 
 import copy
-import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +34,7 @@ import yaml
 from .errors import ConfigError, KairosError
 from .identity import default_state_dir
 from .plugins import hookimpl
+from .schema import MAX_CONFIG_INT, Option, Section, section_from_defaults, type_name
 from .token import NetworkToken, parse_token
 from .untrusted import nesting_exceeds
 
@@ -43,119 +46,151 @@ ENV_PREFIX = "KAIROS__"
 # Levels of lists and mappings in a whole document (a section's option is level 2). Real configs
 # use four or five; the bound keeps copies and plugins clear of RecursionError.
 MAX_CONFIG_DEPTH = 32
-# Numbers must fit where they go: int64 fields, timers, ports. Anything larger is a typo.
-MAX_CONFIG_INT = 2**63 - 1
 
-CORE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "p2p": {
-        # The network token (base64 or YAML). Required to run a node.
-        "network_token": "",
-        # A namespace inside the ledger, so several clusters can share one token (Kairos).
-        "network_id": "kairos",
-        # Role hint for plugins such as k3s: "" (automatic), "master" or "worker".
-        "role": "",
-        # Kairos compatibility: accepted, reserved for the DNS plugin.
-        "dns": False,
-        # Plugins that build clusters wait for this many members.
-        "minimum_nodes": 2,
-        # Switch discovery mechanisms off.
-        "disable_dht": False,
-        "disable_mdns": False,
-        # Multiaddrs to listen on; empty = every interface address on `port`.
-        "listen": [],
-        # TCP port for the default listen addresses; 0 = chosen by the system.
-        "port": 0,
-        # Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.
-        "bootstrap_peers": [],
-        # Long-lived connections a node keeps: it dials more below `low` and closes the extra
-        # above `high` (never bootstrap peers nor connections a feature is using). A network of
-        # at most `low` nodes is fully connected.
-        "connections": {"low": 8, "high": 16},
-    },
-    "node": {
-        # Identity, ledger database and API socket live here; default /var/lib/kairos as root,
-        # ~/.local/state/kairos otherwise.
-        "state_dir": None,
-        # Advertised hostname; default: the machine's.
-        "hostname": None,
-        # debug | info | warning | error
-        "log_level": "info",
-        # Seconds a plugin hook may run before it is abandoned and logged.
-        "hook_timeout": 30.0,
-    },
-    "api": {
-        # Serve the local control API on a unix socket (mode 0600) in the state dir.
-        "enable": True,
-        # Socket path; default <state_dir>/api.sock.
-        "socket": None,
-    },
-    "ledger": {
-        # Largest JSON-encoded value one key may hold, in bytes.
-        "max_value_size": 65536,
-        # Seconds a tombstone is kept so partitions can heal before it is pruned.
-        "tombstone_grace": 7 * 24 * 3600,
-        # Seconds between anti-entropy exchanges with a random peer.
-        "sync_interval": 30.0,
-        # Remote entries more than this many seconds ahead of our clock are refused (clock bound);
-        # one within it moves our clock at most half of it ahead, so nodes whose clocks differ by
-        # less than half of it accept each other's writes whatever a peer stamps.
-        "max_clock_drift": 60.0,
-        # The most this node's own writes may hold in open buckets (the user buckets, to which
-        # neither the core nor a plugin gives a policy): live keys, bytes of values, tombstones; a
-        # write past one is refused with an error. Peers' entries are held to twice these, the
-        # same on every node, so one insider cannot fill every node's memory and disk. At most
-        # these defaults.
-        "max_keys_per_owner": 10_000,
-        "max_bytes_per_owner": 8 * 1024 * 1024,
-        "max_tombstones_per_owner": 10_000,
-    },
-    "membership": {
-        # Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).
-        "announce_interval": 30.0,
-        # Seconds a peer we are not connected to stays alive on its last heartbeat.
-        "peer_ttl": 95.0,
-    },
-    "election": {
-        # Whether this node may become leader.
-        "eligible": True,
-        # Seconds without a renewal after which a lease has lapsed; renewals come 3 times as often.
-        # A crashed leader is replaced faster than this: see kairos_core/election.py.
-        "lease_seconds": 15.0,
-        # Claim and keep the lease only while a majority of recently seen nodes is reachable:
-        # in a partition only the majority side has a leader.
-        "require_majority": True,
-        # Seconds a node that went away still counts in the electorate of that majority.
-        "quorum_horizon": 300.0,
-    },
-    "plugins": {
-        # Plugin names never to load (see `kairos plugins`).
-        "disabled": [],
-    },
-}
+# The core's sections, every option once: its type, default, help and bounds (kairos_core.schema).
+CORE_SCHEMA: tuple[Section, ...] = (
+    Section(
+        "p2p",
+        Option("network_token", str, "", "The network token (base64 or YAML). Required to run a node."),
+        Option("network_id", str, "kairos",
+               "A namespace inside the ledger, so several clusters can share one token (Kairos)."),
+        Option("role", str, "", 'Role hint for plugins such as k3s: "" (automatic), master or worker.',
+               choices=("", "master", "worker")),
+        Option("dns", bool, False, "Kairos compatibility: accepted, reserved for the DNS plugin."),
+        Option("minimum_nodes", int, 2, "Plugins that build clusters wait for this many members.", minimum=1),
+        Option("disable_dht", bool, False, "Switch off WAN discovery through the DHT."),
+        Option("disable_mdns", bool, False, "Switch off LAN discovery (mDNS)."),
+        Option("listen", list, [], "Multiaddrs to listen on; empty = every interface address on `port`.",
+               item_type=str),
+        Option("port", int, 0, "TCP port for the default listen addresses; 0 = chosen by the system.",
+               minimum=0, maximum=65535),
+        Option("bootstrap_peers", list, [],
+               "Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.", item_type=str),
+        Section(
+            "connections",
+            Option("low", int, 8, "Below this many connections the node dials more.", minimum=1),
+            Option("high", int, 16, "Above this many it closes the extra (never bootstrap peers nor connections "
+                                    "a feature is using); at least `low`."),
+            help="Long-lived connections a node keeps. A network of at most `low` nodes is fully connected.",
+        ),
+        help="The p2p network, with Kairos's names.",
+    ),
+    Section(
+        "node",
+        Option("state_dir", str, None, "Identity, ledger database and API socket live here; default "
+                                       "/var/lib/kairos as root, ~/.local/state/kairos otherwise."),
+        Option("hostname", str, None, "Advertised hostname; default: the machine's."),
+        Option("log_level", str, "info", "How much `kairos run` logs.", choices=("debug", "info", "warning", "error")),
+        Option("hook_timeout", float, 30.0, "Seconds a plugin hook may run before it is abandoned and logged.",
+               minimum=0.1),
+        help="This node.",
+    ),
+    Section(
+        "api",
+        Option("enable", bool, True, "Serve the local control API on a unix socket (mode 0600) in the state dir."),
+        Option("socket", str, None, "Socket path; default <state_dir>/api.sock."),
+        help="The local control API (`kairos status`, `kairos ledger`, …).",
+    ),
+    Section(
+        "ledger",
+        Option("max_value_size", int, 65536, "Largest JSON-encoded value one key may hold, in bytes.",
+               minimum=1, maximum=1024 * 1024),
+        Option("tombstone_grace", int, 7 * 24 * 3600,
+               "Seconds a tombstone is kept so partitions can heal before it is pruned.", minimum=60),
+        Option("sync_interval", float, 30.0, "Seconds between anti-entropy exchanges with a random peer.", minimum=1),
+        Option("max_clock_drift", float, 60.0,
+               "Remote entries more than this many seconds ahead of our clock are refused (clock bound); one "
+               "within it moves our clock at most half of it ahead, so nodes whose clocks differ by less than "
+               "half of it accept each other's writes whatever a peer stamps.", minimum=1),
+        # The quotas are at most half the network's quota (kairos_core.ledger.policy.NETWORK_QUOTA):
+        # a peer still holding older entries of ours may count more than we do, and must not refuse
+        # the newer.
+        Option("max_keys_per_owner", int, 10_000,
+               "Live keys this node's own writes may hold in open buckets (those without a policy of the "
+               "core or a plugin); a write past it is refused. Peers' entries are held to twice this, the "
+               "same on every node, so one insider cannot fill every node's memory and disk.",
+               minimum=1, maximum=10_000),
+        Option("max_bytes_per_owner", int, 8 * 1024 * 1024,
+               "Bytes of values this node's own writes may hold in open buckets (peers: twice this).",
+               minimum=1, maximum=8 * 1024 * 1024),
+        Option("max_tombstones_per_owner", int, 10_000,
+               "Tombstones this node's own writes may hold in open buckets (peers: twice this).",
+               minimum=1, maximum=10_000),
+        help="The shared ledger.",
+    ),
+    Section(
+        "membership",
+        Option("announce_interval", float, 30.0,
+               "Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).", minimum=1),
+        Option("peer_ttl", float, 95.0, "Seconds a peer we are not connected to stays alive on its last heartbeat.",
+               minimum=2),
+        help="Who is in the network.",
+    ),
+    Section(
+        "election",
+        Option("eligible", bool, True, "Whether this node may become leader."),
+        Option("lease_seconds", float, 15.0,
+               "Seconds without a renewal after which a lease has lapsed; renewals come 3 times as often. "
+               "A crashed leader is replaced faster than this (see kairos_core/election.py).", minimum=0.5),
+        Option("require_majority", bool, True,
+               "Claim and keep the lease only while a majority of recently seen nodes is reachable: in a "
+               "partition only the majority side has a leader."),
+        Option("quorum_horizon", float, 300.0,
+               "Seconds a node that went away still counts in the electorate of that majority.", minimum=0),
+        help="The leader election.",
+    ),
+    Section(
+        "plugins",
+        Option("disabled", list, [], "Plugin names never to load (see `kairos plugins`).", item_type=str),
+        help="Which plugins load.",
+    ),
+)
+
+#: Every core option's default, by section (derived from :data:`CORE_SCHEMA`).
+CORE_DEFAULTS: dict[str, dict[str, Any]] = {section.name: section.defaults() for section in CORE_SCHEMA}
+_CORE_SECTIONS = {section.name: section for section in CORE_SCHEMA}
 
 
 @hookimpl
-def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]]:
+def kairos_config_schema() -> Iterable[Section]:
     """The core's own sections."""
-    return CORE_DEFAULTS
+    return CORE_SCHEMA
+
+
+@hookimpl
+def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What the core's schema cannot say: checks across options."""
+    connections = config["p2p"]["connections"]
+    low, high = connections["low"], connections["high"]
+    return [f"p2p.connections.high: must be at least low ({low}), not {high}"] if high < low else []
 
 
 class Config:
-    """A validated config: every section filled with its defaults."""
+    """A validated config: every section filled with its defaults.
 
-    def __init__(self, data: dict[str, dict[str, Any]], path: Path | None = None) -> None:
+    ``config["vpn"]["mtu"]`` is the plain value (a mapping per section, as plugins and tests read
+    it); ``config.section("election")`` is the section's typed, frozen settings object
+    (``.lease_seconds`` a float), built from its schema.
+    """
+
+    def __init__(self, data: dict[str, dict[str, Any]], path: Path | None = None,
+                 schema: Mapping[str, Section] | None = None) -> None:
         self._data = data
         self.path = path
+        self.schema: dict[str, Section] = {**_CORE_SECTIONS, **(schema or {})}
 
-    def section(self, name: str) -> dict[str, Any]:
-        """One section (a plugin's, or a core one) with defaults filled in."""
+    def section(self, name: str) -> Any:
+        """The typed settings of one section (a plugin's, or a core one), defaults filled in."""
+        declared = self.schema.get(name)
+        if declared is None or name not in self._data:
+            raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?")
+        return declared.read(self._data[name])
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
         try:
             return self._data[name]
         except KeyError:
             raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?") from None
-
-    def __getitem__(self, name: str) -> dict[str, Any]:
-        return self.section(name)
 
     def __contains__(self, name: str) -> bool:
         return name in self._data
@@ -218,7 +253,7 @@ def parse_config_text(text: str, origin: str = "config") -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{origin}: the top level must be a mapping of sections, not a {_type_name(data)}")
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, not a {type_name(data)}")
     if nesting_exceeds(data, MAX_CONFIG_DEPTH):
         raise ConfigError(f"{origin}: {_too_deep_at(data)}: nested more than {MAX_CONFIG_DEPTH} levels deep")
     return data
@@ -260,27 +295,49 @@ def disabled_plugins(raw: Mapping[str, Any], env: Mapping[str, str] | None = Non
     return [str(name) for name in names] if isinstance(names, list) else []
 
 
-def collect_defaults(manager: KairosPluginManager) -> dict[str, dict[str, Any]]:
-    """Every section any registered plugin declares, with its defaults."""
-    defaults: dict[str, dict[str, Any]] = {}
+def collect_schema(manager: KairosPluginManager) -> dict[str, Section]:
+    """Every section the registered plugins declare (``kairos_config_schema``, then the plain
+    dicts of ``kairos_config_defaults``), by name; :class:`ConfigError` names a broken declaration."""
+    schema: dict[str, Section] = {}
     owners: dict[str, str] = {}
+
+    def claim(section: Section, plugin: str) -> None:
+        if section.name in owners:
+            raise ConfigError(f"config section {section.name!r} is declared by both {owners[section.name]} and {plugin}")
+        owners[section.name] = plugin
+        schema[section.name] = section
+
+    for impl in reversed(manager.pm.hook.kairos_config_schema.get_hookimpls()):
+        try:
+            declared = list(impl.function() or ())
+        except Exception as exc:  # name the plugin: the user cannot fix what they cannot find
+            raise ConfigError(f"plugin {impl.plugin_name} could not declare its config: {exc}") from None
+        for section in declared:
+            if not isinstance(section, Section):
+                raise ConfigError(f"plugin {impl.plugin_name}: kairos_config_schema must return Sections, "
+                                  f"not {type(section).__name__}")
+            claim(section, impl.plugin_name)
     for impl in reversed(manager.pm.hook.kairos_config_defaults.get_hookimpls()):
         try:
             declared = impl.function() or {}
-        except Exception as exc:  # name the plugin: the user cannot fix what they cannot find
+        except Exception as exc:
             raise ConfigError(f"plugin {impl.plugin_name} could not declare its config: {exc}") from None
         if not isinstance(declared, Mapping):
             raise ConfigError(f"plugin {impl.plugin_name}: kairos_config_defaults must return a mapping")
-        for section, values in declared.items():
-            if section in owners:
-                raise ConfigError(
-                    f"config section {section!r} is declared by both {owners[section]} and {impl.plugin_name}"
-                )
+        for name, values in declared.items():
             if not isinstance(values, Mapping):
-                raise ConfigError(f"plugin {impl.plugin_name}: defaults of section {section!r} must be a mapping")
-            owners[section] = impl.plugin_name
-            defaults[section] = copy.deepcopy(dict(values))
-    return defaults
+                raise ConfigError(f"plugin {impl.plugin_name}: defaults of section {name!r} must be a mapping")
+            try:
+                section = section_from_defaults(str(name), values)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"plugin {impl.plugin_name}: section {name!r}: {exc}") from None
+            claim(section, impl.plugin_name)
+    return schema
+
+
+def collect_defaults(manager: KairosPluginManager) -> dict[str, dict[str, Any]]:
+    """Every section any registered plugin declares, with its defaults."""
+    return {name: section.defaults() for name, section in collect_schema(manager).items()}
 
 
 def resolve_config(
@@ -294,19 +351,17 @@ def resolve_config(
 
     Raises :class:`ConfigError` listing every problem with its path.
     """
-    defaults = collect_defaults(manager)
+    schema = collect_schema(manager)
     data = copy.deepcopy(dict(raw))
     problems: list[str] = []
     _apply_env(data, os.environ if env is None else env, problems)
-    _lift_p2p_sections(data, defaults)
+    _lift_aliases(data, schema)
     merged: dict[str, dict[str, Any]] = {}
     for section, value in data.items():
-        if section not in defaults:
+        if section not in schema:
             problems.append(f"{section}: unknown section")
-    for section, section_defaults in defaults.items():
-        merged[section] = _merge(section_defaults, data.get(section), section, problems)
-    if not problems:
-        problems.extend(_range_problems(merged))
+    for name, section in schema.items():
+        merged[name] = section.merge(data.get(name), name, problems)
     if not problems:
         problems.extend(_plugin_problems(manager, merged))
     if check_token and not problems and merged["p2p"]["network_token"]:
@@ -318,7 +373,7 @@ def resolve_config(
         origin = f"config {path}" if path else "config"
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{origin}: {len(problems)} {noun}: " + "; ".join(problems), problems)
-    return Config(merged, path)
+    return Config(merged, path, schema)
 
 
 def _plugin_problems(manager: KairosPluginManager, merged: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -332,45 +387,6 @@ def _plugin_problems(manager: KairosPluginManager, merged: Mapping[str, Mapping[
         except Exception as exc:  # name the plugin: its check is broken, not the user's file
             lines = [f"plugin {impl.plugin_name} could not check its config: {exc}"]
         problems.extend(line for line in lines if line not in problems)
-    return problems
-
-
-# Core options whose type is not enough: (section, option, lowest, highest or None).
-_RANGES = (
-    ("p2p", "port", 0, 65535),
-    ("p2p", "minimum_nodes", 1, None),
-    ("node", "hook_timeout", 0.1, None),
-    ("ledger", "max_value_size", 1, 1024 * 1024),
-    ("ledger", "tombstone_grace", 60, None),
-    ("ledger", "sync_interval", 1, None),
-    ("ledger", "max_clock_drift", 1, None),
-    # At most half the network's quota (kairos_core.ledger.policy.NETWORK_QUOTA): a peer still
-    # holding older entries of ours may count more than we do, and must not refuse the newer.
-    ("ledger", "max_keys_per_owner", 1, 10_000),
-    ("ledger", "max_bytes_per_owner", 1, 8 * 1024 * 1024),
-    ("ledger", "max_tombstones_per_owner", 1, 10_000),
-    ("membership", "announce_interval", 1, None),
-    ("membership", "peer_ttl", 2, None),
-    ("election", "lease_seconds", 0.5, None),
-    ("election", "quorum_horizon", 0, None),
-)
-
-
-def _range_problems(merged: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    problems = []
-    for section, option, lowest, highest in _RANGES:
-        value = merged.get(section, {}).get(option)
-        if value is None:
-            continue
-        if value < lowest or (highest is not None and value > highest):
-            bound = f"between {lowest} and {highest}" if highest is not None else f"at least {lowest}"
-            problems.append(f"{section}.{option}: must be {bound}, not {value}")
-    connections = merged.get("p2p", {}).get("connections", {})
-    low, high = connections.get("low"), connections.get("high")
-    if isinstance(low, int) and low < 1:
-        problems.append(f"p2p.connections.low: must be at least 1, not {low}")
-    elif isinstance(low, int) and isinstance(high, int) and high < low:
-        problems.append(f"p2p.connections.high: must be at least low ({low}), not {high}")
     return problems
 
 
@@ -419,108 +435,25 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, problems: list
     node[parts[-1]] = value
 
 
-def _lift_p2p_sections(data: dict[str, Any], defaults: Mapping[str, Any]) -> None:
-    # Kairos puts vpn/kubevip/auto… inside p2p; read them as the plugin's own section. The
-    # top-level section wins key by key when both are given.
-    p2p = data.get("p2p")
-    if not isinstance(p2p, dict):
-        return
-    for key in list(p2p):
-        if key in defaults and key not in defaults["p2p"] and isinstance(p2p[key], dict):
-            lifted = p2p.pop(key)
-            top = data.get(key)
-            data[key] = {**lifted, **top} if isinstance(top, dict) else lifted
-
-
-def _merge(defaults: Mapping[str, Any], given: Any, path: str, problems: list[str]) -> dict[str, Any]:
-    merged = copy.deepcopy(dict(defaults))
-    if given is None:
-        return merged
-    if not isinstance(given, dict):
-        problems.append(f"{path}: expected a mapping, got {_type_name(given)}")
-        return merged
-    for key, value in given.items():
-        key_path = f"{path}.{key}"
-        if key not in defaults:
-            problems.append(f"{key_path}: unknown key")
-            continue
-        default = defaults[key]
-        if value is None:  # `key:` with nothing after it means "not set": keep the default
-            continue
-        if isinstance(default, dict) and default:
-            merged[key] = _merge(default, value, key_path, problems)
-            continue
-        problem = _type_problem(default, value)
-        if problem is None and isinstance(value, list):
-            problem = _item_problem(key_path, default, value)
-            if problem:
-                problems.append(problem)
+def _lift_aliases(data: dict[str, Any], schema: Mapping[str, Section]) -> None:
+    # Kairos puts vpn/kubevip/auto… inside p2p: a section's aliases name where, and it is read
+    # from there as the section itself. The section's own key wins key by key when both are given;
+    # an alias that is an option of the section it sits in is that option, never lifted.
+    for name, section in schema.items():
+        for alias in section.aliases:
+            *parents, key = alias.split(".")
+            if not parents:
                 continue
-        if problem:
-            problems.append(f"{key_path}: {problem}")
-        else:
-            merged[key] = float(value) if isinstance(default, float) else value
-    return merged
-
-
-# Lists of the core whose default is empty, so the default cannot say what they hold.
-_LIST_ITEMS: dict[str, type] = {
-    "p2p.listen": str,
-    "p2p.bootstrap_peers": str,
-    "plugins.disabled": str,
-}
-
-
-def _item_problem(key_path: str, default: list[Any], value: list[Any]) -> str | None:
-    """The first item of ``value`` that is not of the list's item type, as a problem with its index."""
-    item_type = _LIST_ITEMS.get(key_path) or (type(default[0]) if default else None)
-    if item_type not in _TYPE_NAMES or item_type in (list, dict):
-        return None  # nothing declared, or nested lists: the owner checks those
-    for index, item in enumerate(value):
-        problem = _type_problem(item_type(), item)
-        if problem:
-            return f"{key_path}[{index}]: {problem}"
-    return None
-
-
-def _type_problem(default: Any, value: Any) -> str | None:
-    if default is None:  # optional scalar: any plain value
-        return None if not isinstance(value, (dict, list)) else f"expected a single value, got {_type_name(value, article=True)}"
-    checks = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list),
-        dict: lambda v: isinstance(v, dict),
-    }
-    check = checks.get(type(default))
-    if check is None:
-        return None
-    if not check(value):
-        return f"expected {_type_name(default, article=True)}, got {_type_name(value, article=True)}"
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        return _number_problem(default, value)
-    return None
-
-
-def _number_problem(default: int | float, value: int | float) -> str | None:
-    # NaN passes every range check (each comparison is false) and infinity every lower bound;
-    # integers beyond 64 bits overflow float() or the int64 fields they end up in.
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"expected a finite number, got {value}"
-    if abs(value) <= MAX_CONFIG_INT:
-        return None
-    if isinstance(default, float):
-        return f"expected a number of at most 64 bits, got an integer of {value.bit_length()} bits"
-    return f"expected an integer of at most 64 bits, got one of {value.bit_length()} bits"
-
-
-_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping"}
-
-
-def _type_name(value: Any, article: bool = False) -> str:
-    name = _TYPE_NAMES.get(type(value), type(value).__name__)
-    if not article:
-        return name
-    return ("an " if name[0] in "aeiou" else "a ") + name
+            holder: Any = data
+            for part in parents:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            owner = schema.get(parents[0])
+            for part in parents[1:]:
+                owner = owner.get(part) if isinstance(owner, Section) else None
+            if not isinstance(holder, dict) or not isinstance(holder.get(key), dict):
+                continue
+            if isinstance(owner, Section) and owner.get(key) is not None:
+                continue
+            lifted = holder.pop(key)
+            top = data.get(name)
+            data[name] = {**lifted, **top} if isinstance(top, dict) else lifted

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .events import LedgerUpdate, PeerEvent
     from .ledger.policy import WritePolicy
     from .node import Node
+    from .schema import Section
 
 hookspec = pluggy.HookspecMarker("kairos")
 
@@ -49,15 +50,31 @@ def kairos_add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
 
 
 @hookspec
+def kairos_config_schema() -> Iterable[Section] | None:
+    """Declare the config sections a plugin owns: every option once, with its type, default and help.
+
+    Called when a config file is loaded or checked, and by ``kairos config defaults``. Each
+    :class:`kairos_core.plugin.Section` holds :class:`kairos_core.plugin.Option` declarations
+    (type, default, help, minimum/maximum, choices, list item type, Kairos aliases) and nested
+    sections; the core checks a user's file against them — unknown keys, wrong types, values out of
+    range or not among the choices, each reported with its path — and prints every option's help.
+    Read a section back typed with ``Section.read(node.config[name])``. Give a section
+    ``aliases=("p2p.<name>",)`` when Kairos users write it under ``p2p:``.
+
+    :return: the plugin's sections, or None for none. Two plugins may not declare one name.
+    """
+
+
+@hookspec
 def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]] | None:
-    """Declare the config sections a plugin owns, with every option's default.
+    """Declare config sections by their defaults alone (the older form of ``kairos_config_schema``).
 
     Called when a config file is loaded or checked, before validation. The result maps a
     top-level section name to its defaults, e.g. ``{"vpn": {"interface": "edgevpn0", "mtu": 1420}}``.
     The type of each default is the type the option must have (an empty dict is a free-form
     mapping; ``None`` accepts any scalar), so unknown keys and wrong types in a user's file are
     reported with their path. A section that Kairos users write under ``p2p:`` (``p2p.vpn``) is
-    read from there too.
+    read from there too. Such options have no help: prefer ``kairos_config_schema``.
 
     :return: section name → defaults, or None for no section. Two plugins may not claim one name.
     """
@@ -65,11 +82,12 @@ def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]] | None:
 
 @hookspec
 def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> Iterable[str] | None:
-    """Report what is wrong with the values of a plugin's sections, beyond their types.
+    """Report what is wrong with the values of a plugin's sections, beyond what the schema says.
 
     Called whenever a config is loaded or checked (``kairos config check``, ``kairos run``), after
-    every section was merged over its defaults and passed the type checks. Check what a type cannot
-    say — a range, a CIDR that parses, an address inside it — and return one line per problem,
+    every section was merged over its defaults and passed the schema's checks (types, ranges,
+    choices). Check what one option's declaration cannot say — a CIDR that parses, an address
+    inside it, one option against another — and return one line per problem,
     starting with the option's path: ``"vpn.cidr: needs at least 4 addresses"``. The lines are
     reported with the core's problems and the config is refused, so a user learns of a typo from
     ``kairos config check`` rather than from a feature that silently stays off. No side effects.

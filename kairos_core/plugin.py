@@ -13,7 +13,10 @@ plugin and fails on any other ``kairos_core`` module.
 - **Records:** :class:`PeerEvent`, :class:`LedgerUpdate`, :class:`Entry`, :class:`Stream`.
 - **Ledger policies** a plugin registers for its buckets (``kairos_ledger_policies``):
   :class:`WritePolicy`, :data:`OPEN`, :data:`OWNER_KEYED`.
-- **Errors:** :class:`KairosError` (a one-line error for the user), :class:`LedgerError`.
+- **Config schema** a plugin declares its sections with (``kairos_config_schema``) and reads
+  them back typed: :class:`Section`, :class:`Option`; :class:`ConfigError` when values do not fit.
+- **Errors:** :class:`KairosError` (a one-line error for the user), :class:`LedgerError`,
+  :class:`ConfigError`.
 - **CLI helpers** for ``kairos_cli_commands``: :func:`pass_context`, :func:`socket_option`,
   :func:`json_option`, :func:`emit_json`, :class:`APIClient`.
 
@@ -29,17 +32,19 @@ from typing import Any, Protocol, runtime_checkable
 
 from .api import APIClient
 from .cli import emit_json, json_option, pass_context, socket_option
-from .errors import KairosError
+from .errors import ConfigError, KairosError
 from .events import LedgerUpdate, PeerEvent
 from .hookspecs import hookspec
 from .ledger import OPEN, OWNER_KEYED, LedgerError, WritePolicy
 from .ledger.entry import Entry
 from .plugins import hookimpl
+from .schema import Option, Section
 
 __all__ = [
-    "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "Entry", "KairosError", "LedgerError", "LedgerUpdate",
-    "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "PeerEvent", "Stream", "StreamHandler", "WritePolicy",
-    "emit_json", "hookimpl", "hookspec", "json_option", "pass_context", "socket_option",
+    "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
+    "LedgerUpdate", "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "Section", "Stream",
+    "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
+    "socket_option",
 ]
 
 #: Buckets the core writes; plugins read them, never write them.

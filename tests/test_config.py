@@ -265,3 +265,160 @@ def test_kairos_plugins_honours_the_disabling_variable(tmp_path):
     assert out.returncode == 0, out.stderr
     loaded = {row["name"] for row in json.loads(out.stdout)}
     assert not loaded & {"tunvpn", "k3s", "kubevip"}, loaded
+
+
+# -------------------------------------------------------------------------------------------------
+# The schema: every option declared once, with its help
+# -------------------------------------------------------------------------------------------------
+
+
+def _shipped_manager():
+    """The core and the three shipped plugins, registered as their entry points name them."""
+    from importlib.metadata import entry_points
+
+    plugins = {ep.name: ep.load() for ep in entry_points(group="kairos") if ep.name in ("tunvpn", "k3s", "kubevip")}
+    assert set(plugins) == {"tunvpn", "k3s", "kubevip"}, "the shipped plugins are installed in the venv"
+    manager = make_plugin_manager(autoload=False)
+    for name, plugin in plugins.items():
+        manager.register(plugin, name=name)
+    return manager
+
+
+def _options(section, path=""):
+    from kairos_core.schema import Section
+
+    for option in section.options:
+        where = f"{path}{section.name}.{option.name}"
+        if isinstance(option, Section):
+            yield from _options(option, f"{path}{section.name}.")
+        else:
+            yield where, option
+
+
+def test_every_option_of_the_core_and_the_shipped_plugins_has_help():
+    from kairos_core.config import collect_schema
+    from kairos_core.schema import NO_HELP
+
+    schema = collect_schema(_shipped_manager())
+    assert {"p2p", "node", "ledger", "vpn", "k3s", "k3s-agent", "auto", "kubevip"} <= set(schema)
+    missing = [path for section in schema.values() for path, option in _options(section)
+               if not option.help.strip() or option.help == NO_HELP]
+    missing += [name for name, section in schema.items() if not section.help.strip() or section.help == NO_HELP]
+    assert not missing, f"options without help: {', '.join(missing)}"
+
+
+def test_a_section_declared_by_its_defaults_alone_has_no_help_and_is_typed_by_them(manager):
+    from kairos_core.config import collect_schema
+    from kairos_core.schema import NO_HELP
+
+    vpn = collect_schema(manager)["vpn"]
+    assert [(o.name, o.type, o.help) for o in vpn.options] == [
+        ("create", bool, NO_HELP), ("interface", str, NO_HELP), ("mtu", int, NO_HELP), ("env", dict, NO_HELP)]
+    assert vpn.aliases == ("p2p.vpn",)
+
+
+def test_kairos_config_defaults_prints_every_option_with_its_help_and_reads_back(capsys):
+    import json
+
+    import yaml
+
+    from kairos_core.cli import main
+    from kairos_core.config import collect_defaults
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as exc:
+            main(["config", "defaults", *argv])
+            raise SystemExit(0)
+        assert exc.value.code == 0
+        return capsys.readouterr().out
+
+    text = run()
+    assert "# Seconds without a renewal after which a lease has lapsed" in text
+    assert "# How much `kairos run` logs. [one of debug, info, warning, error]" in text
+    assert "  lease_seconds: 15.0" in text
+    # the commented YAML is a config: it reads back as the defaults, plugin sections included
+    assert yaml.safe_load(text) == collect_defaults(make_plugin_manager())
+    schema = {section["name"]: section for section in json.loads(run("--json"))}
+    port = next(option for option in schema["p2p"]["options"] if option["name"] == "port")
+    assert port == {"name": "port", "type": "integer", "default": 0, "minimum": 0, "maximum": 65535,
+                    "help": "TCP port for the default listen addresses; 0 = chosen by the system."}
+    connections = next(option for option in schema["p2p"]["options"] if option["name"] == "connections")
+    assert connections["type"] == "section" and [o["name"] for o in connections["options"]] == ["low", "high"]
+
+
+def test_enumerated_options_refuse_unknown_values(manager):
+    with pytest.raises(ConfigError) as exc:
+        resolve("node:\n  log_level: verbose\np2p:\n  role: boss\n", manager)
+    assert exc.value.problems == [
+        "p2p.role: 'boss' is not one of \"\", master, worker",
+        "node.log_level: 'verbose' is not one of debug, info, warning, error",
+    ]
+    assert resolve("node:\n  log_level: debug\np2p:\n  role: worker\n", manager)["p2p"]["role"] == "worker"
+
+
+def test_the_bounded_degree_is_checked_option_by_option_and_across(manager):
+    with pytest.raises(ConfigError) as exc:
+        resolve("p2p:\n  connections: {low: 0}\n", manager)
+    assert exc.value.problems == ["p2p.connections.low: must be at least 1, not 0"]
+    with pytest.raises(ConfigError) as exc:
+        resolve("p2p:\n  connections: {low: 9, high: 4}\n", manager)
+    assert exc.value.problems == ["p2p.connections.high: must be at least low (9), not 4"]
+    with pytest.raises(ConfigError) as exc:
+        resolve("p2p:\n  connections: 3\n", manager)
+    assert exc.value.problems == ["p2p.connections: expected a mapping, got integer"]
+
+
+def test_sections_are_read_as_typed_frozen_settings(manager):
+    import dataclasses
+
+    config = resolve("election:\n  lease_seconds: 4\np2p:\n  listen: [/ip4/0.0.0.0/tcp/1]\n", manager)
+    election = config.section("election")
+    assert election.lease_seconds == 4.0 and isinstance(election.lease_seconds, float)
+    assert election.require_majority is True
+    p2p = config.section("p2p")
+    assert p2p.listen == ("/ip4/0.0.0.0/tcp/1",) and p2p.connections.low == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        election.lease_seconds = 1.0  # type: ignore[misc]
+    assert config.section("vpn").mtu == 1420  # a section declared the old way reads the same
+    assert config["election"]["lease_seconds"] == 4.0  # the plain form stays
+    with pytest.raises(KeyError, match="no config section 'nope'"):
+        config.section("nope")
+
+
+def test_a_section_read_by_hand_is_checked_strictly():
+    from kairos_core.config import CORE_SCHEMA
+
+    election = next(section for section in CORE_SCHEMA if section.name == "election")
+    assert election.read({"lease_seconds": 2}).lease_seconds == 2.0  # missing options: defaults
+    with pytest.raises(ConfigError) as exc:
+        election.read({"lease_seconds": None, "quorum_horizon": -1, "other": 1})
+    assert exc.value.problems == [
+        "election.lease_seconds: expected a number, got null",
+        "election.quorum_horizon: must be at least 0, not -1.0",
+        "election.other: unknown key",
+    ]
+
+
+def test_options_may_declare_other_names_and_sections_other_places():
+    from kairos_core.schema import Option, Section
+
+    class Aliased:
+        @hookimpl
+        def kairos_config_schema(self):
+            return [Section("box", Option("size", int, 1, "How big.", aliases=("volume",)), help="A box.",
+                            aliases=("p2p.box",))]
+
+    plugin_manager = make_plugin_manager(autoload=False, extra_plugins=[Aliased()])
+    assert resolve("p2p:\n  box:\n    volume: 3\n", plugin_manager)["box"] == {"size": 3}
+    with pytest.raises(ConfigError) as exc:
+        resolve("box:\n  size: 2\n  volume: 3\n", plugin_manager)
+    assert exc.value.problems == ["box.volume: sets the same option as box.size; give one of them"]
+
+
+def test_a_declaration_that_contradicts_itself_fails_where_it_is_made():
+    from kairos_core.schema import Option, Section
+
+    with pytest.raises(ValueError, match="option mtu: its default is invalid: mtu: must be between 576 and 9000, not 1"):
+        Option("mtu", int, 1, "MTU.", minimum=576, maximum=9000)
+    with pytest.raises(ValueError, match="'a' is declared twice"):
+        Section("s", Option("a", int, 1, "A."), Option("b", int, 1, "B.", aliases=("a",)))

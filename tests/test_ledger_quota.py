@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kairos_core.config import CORE_DEFAULTS, _RANGES
+from kairos_core.config import CORE_DEFAULTS, CORE_SCHEMA
 from kairos_core.errors import KairosError
 from kairos_core.identity import Identity
 from kairos_core.ledger import Entry, HybridLogicalClock, Ledger, LedgerError, LedgerStore, Version
@@ -55,7 +55,8 @@ def size(value) -> int:
 def test_the_config_declares_the_local_quotas_at_half_the_network_quota() -> None:
     ledger = CORE_DEFAULTS["ledger"]
     assert (ledger["max_keys_per_owner"], ledger["max_bytes_per_owner"], ledger["max_tombstones_per_owner"]) == DEFAULT_QUOTA
-    highest = {option: high for section, option, _low, high in _RANGES if section == "ledger"}
+    ledger_schema = next(section for section in CORE_SCHEMA if section.name == "ledger")
+    highest = {option.name: option.maximum for option in ledger_schema}
     assert (highest["max_keys_per_owner"], highest["max_bytes_per_owner"], highest["max_tombstones_per_owner"]) == DEFAULT_QUOTA
     # a peer may still hold our deleted keys live (or live keys as tombstones): our keys and
     # tombstones together never exceed either network limit; bytes get the same headroom

@@ -32,7 +32,8 @@ HOOK_NAMES = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.is
 def test_hookspecs_are_the_designed_set():
     assert set(HOOK_NAMES) >= {
         "on_peer", "on_ledger_update", "on_leader_elected", "kairos_startup", "kairos_shutdown",
-        "kairos_config_defaults", "kairos_config_problems", "kairos_cli_commands", "kairos_add_hookspecs",
+        "kairos_config_defaults", "kairos_config_problems", "kairos_config_schema", "kairos_cli_commands",
+        "kairos_add_hookspecs",
     }
 
 
@@ -186,7 +187,61 @@ def test_hook_kairos_config_defaults(manager):
     manager.register(Declares())
     defaults = collect_defaults(manager)
     assert defaults["mine"] == {"speed": 3}
-    assert "p2p" in defaults  # the core declares its own through the same hook
+    assert "p2p" in defaults  # the core's sections, declared through kairos_config_schema, are there too
+
+
+def test_hook_kairos_config_schema(manager):
+    from kairos_core.config import collect_schema, resolve_config
+    from kairos_core.errors import ConfigError
+    from kairos_core.plugin import Option, Section
+
+    speed = Section(
+        "mine",
+        Option("speed", int, 3, "How fast.", minimum=1, maximum=10),
+        Option("mode", str, "calm", "How.", choices=("calm", "wild")),
+        Section("inner", Option("ratio", float, 0.5, "A share.", minimum=0, maximum=1), help="Nested."),
+        help="My plugin.", aliases=("p2p.mine",),
+    )
+
+    class Declares:
+        @hookimpl
+        def kairos_config_schema(self):
+            return [speed]
+
+    manager.register(Declares(), name="declares")
+    schema = collect_schema(manager)
+    assert schema["mine"] is speed and "p2p" in schema  # the core declares its own through the same hook
+    config = resolve_config({"p2p": {"mine": {"speed": 4}}, "mine": {"inner": {"ratio": 1}}}, manager, env={},
+                            check_token=False)
+    assert config["mine"] == {"speed": 4, "mode": "calm", "inner": {"ratio": 1.0}}
+    settings = config.section("mine")
+    assert (settings.speed, settings.mode, settings.inner.ratio) == (4, "calm", 1.0)
+    with pytest.raises(ConfigError) as info:
+        resolve_config({"mine": {"speed": 11, "mode": "lazy", "inner": {"ratio": "half"}}}, manager, env={},
+                       check_token=False)
+    assert info.value.problems == [
+        "mine.speed: must be between 1 and 10, not 11",
+        "mine.mode: 'lazy' is not one of calm, wild",
+        "mine.inner.ratio: expected a number, got a string",
+    ]
+
+    class Twice:
+        @hookimpl
+        def kairos_config_defaults(self):
+            return {"mine": {"speed": 1}}
+
+    manager.register(Twice(), name="twice")
+    with pytest.raises(ConfigError, match="'mine' is declared by both declares and twice"):
+        collect_schema(manager)
+
+    class NotSections:
+        @hookimpl
+        def kairos_config_schema(self):
+            return [{"mine": {}}]
+
+    other = make_plugin_manager(autoload=False, extra_plugins=[NotSections()])
+    with pytest.raises(ConfigError, match="kairos_config_schema must return Sections, not dict"):
+        collect_schema(other)
 
 
 def test_hook_kairos_config_problems(manager):
@@ -407,7 +462,7 @@ def test_entry_point_plugins_are_listed_with_version_and_hooks(installed_plugin)
     assert rows["demo"]["distribution"] == "kairos-demo-plugin"
     assert rows["demo"]["version"] == "1.2.3"
     assert rows["demo"]["hooks"] == ["kairos_cli_commands", "kairos_config_defaults"]
-    assert rows["kairos_core.config"]["hooks"] == ["kairos_config_defaults"]
+    assert rows["kairos_core.config"]["hooks"] == ["kairos_config_problems", "kairos_config_schema"]
     table = kairos("plugins", env=installed_plugin)
     assert "kairos-demo-plugin" in table.stdout and "1.2.3" in table.stdout
 
