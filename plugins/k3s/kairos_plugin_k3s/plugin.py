@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import pluggy
 
-from kairos_core.plugin import OWNER_KEYED, WritePolicy, hookimpl
+from kairos_core.plugin import OWNER_KEYED, Section, WritePolicy, hookimpl
 
 from . import hookspecs
 from .addresses import VPN_BUCKET
 from .cluster_state import cluster_bucket
 from .member import ClusterMember
-from .runners import RUNNERS
-from .settings import AGENT_SECTION, AUTO_SECTION, CONFIG_DEFAULTS, K3S_SECTION, K3sSettings
+from .settings import AGENT_SECTION, K3S_SECTION, SCHEMA, K3sSettings
 from .validate import clean_ip, env_name_ok
 
 if TYPE_CHECKING:
@@ -46,30 +45,21 @@ class K3sPlugin:
             pluginmanager.add_hookspecs(hookspecs)
 
     @hookimpl
-    def kairos_config_defaults(self) -> Mapping[str, Mapping[str, Any]]:
-        """Sections ``k3s``, ``k3s-agent`` and ``auto``."""
-        return CONFIG_DEFAULTS
+    def kairos_config_schema(self) -> tuple[Section, ...]:
+        """Sections ``k3s``, ``k3s-agent`` and ``auto`` (Kairos users may write them under ``p2p:``)."""
+        return SCHEMA
 
     @hookimpl
     def kairos_config_problems(self, config: Mapping[str, Mapping[str, Any]]) -> list[str]:
-        """Values of the ``k3s`` and ``auto`` sections that their types let through."""
+        """What the schema cannot say: ``k3s.node_ip`` is an IP address, env names are names."""
         k3s = config[K3S_SECTION]
         problems = []
-        if k3s["runner"] not in RUNNERS:
-            problems.append(f"k3s.runner: {k3s['runner']!r} is not one of {', '.join(RUNNERS)}")
-        if not 1 <= k3s["api_port"] <= 65535:
-            problems.append(f"k3s.api_port: must be between 1 and 65535, not {k3s['api_port']}")
-        if k3s["reconcile_interval"] <= 0:
-            problems.append(f"k3s.reconcile_interval: must be above 0, not {k3s['reconcile_interval']}")
         if k3s["node_ip"] and clean_ip(k3s["node_ip"]) is None:
             problems.append(f"k3s.node_ip: {k3s['node_ip']!r} is not an IP address")
         for section in (K3S_SECTION, AGENT_SECTION):
-            for name in (config[section].get("env") or {}):
+            for name in config[section]["env"]:
                 if not env_name_ok(name):
                     problems.append(f"{section}.env: {name!r} is not a valid environment variable name")
-        ha = config[AUTO_SECTION].get("ha") or {}
-        if isinstance(ha.get("master_nodes", 3), int) and ha.get("master_nodes", 3) < 1:
-            problems.append(f"auto.ha.master_nodes: must be at least 1, not {ha['master_nodes']}")
         return problems
 
     @hookimpl

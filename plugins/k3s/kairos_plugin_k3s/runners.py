@@ -27,6 +27,7 @@ import yaml
 
 from .launch import K3sLaunch
 from .paths import K3sPaths
+from .settings import RUNNER_KINDS
 from .validate import env_name_ok
 
 log = logging.getLogger(__name__)
@@ -356,7 +357,7 @@ def openrc_is_init() -> bool:
     return Path("/run/openrc").is_dir() or Path("/sbin/openrc-run").exists()
 
 
-RUNNERS = ("auto", "systemd", "openrc", "process")
+RUNNERS = RUNNER_KINDS  # declared with the config schema, which offers them as k3s.runner
 
 
 def make_runner(kind: str, paths: K3sPaths, *, systemctl: str = "systemctl", rc_service: str = "rc-service",

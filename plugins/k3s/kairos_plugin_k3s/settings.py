@@ -1,4 +1,4 @@
-"""The config sections of the k3s plugin and the one accessor that reads them.
+"""The config sections of the k3s plugin, declared once (:data:`SCHEMA`), and the one accessor that reads them.
 
 Kairos users write ``p2p.auto`` (and may write ``p2p.k3s``); the core lifts plugin sections found
 under ``p2p:`` to the top level, so they arrive here as ``auto`` and ``k3s``.
@@ -7,66 +7,74 @@ under ``p2p:`` to the top level, so they arrive here as ``auto`` and ``k3s``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+
+from kairos_core.plugin import Option, Section
 
 K3S_SECTION = "k3s"
 AGENT_SECTION = "k3s-agent"
 AUTO_SECTION = "auto"
 
-CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    K3S_SECTION: {
-        # Run k3s on this node (roles are still scheduled by the leader when this is off).
-        "enabled": True,
-        # Extra flags for `k3s server`, appended to the defaults (or replacing them, below).
-        "args": [],
-        # Extra environment for k3s server.
-        "env": {},
-        # The flags above replace the plugin's default flags. The VPN and join flags always stay.
-        "replace_args": False,
-        # The env above replaces the plugin's default environment. K3S_URL/K3S_TOKEN always stay.
-        "replace_env": False,
-        # Prefix of every path the plugin touches (tests); empty = the real file system.
-        "root": "",
-        # The k3s executable: a name looked up on PATH, or a path.
-        "binary": "k3s",
-        # How k3s runs: auto | systemd | openrc | process (a child supervised by the node).
-        "runner": "auto",
-        # Service manager commands (a name on PATH or a path).
-        "systemctl": "systemctl",
-        "rc_service": "rc-service",
-        "rc_update": "rc-update",
-        # The API server port joining nodes dial.
-        "api_port": 6443,
-        # This node's k3s address; empty = its VPN address, or its own address without a VPN.
-        "node_ip": "",
-        # Seconds between reconciliations (ledger changes trigger one at once).
-        "reconcile_interval": 5.0,
-        # Also publish the admin kubeconfig (client key included) in the ledger, so every node
-        # keeps a copy, as earlier versions and Kairos did. Off: `kairos get-kubeconfig` fetches
-        # it from a master on demand.
-        "share_kubeconfig": False,
-    },
-    AGENT_SECTION: {
-        # Kairos's `k3s-agent` section: flags and environment for `k3s agent` (workers).
-        "enabled": True,
-        "args": [],
-        "env": {},
-        "replace_args": False,
-        "replace_env": False,
-    },
-    AUTO_SECTION: {
-        # The leader assigns roles to nodes without a fixed p2p.role.
-        "enable": True,
-        "ha": {
-            # Several masters on embedded etcd: one master/clusterinit, then master/ha.
-            "enable": False,
-            # Masters in total (the clusterinit one included).
-            "master_nodes": 3,
-            # A datastore endpoint (e.g. mysql://…): masters use it instead of embedded etcd.
-            "external_db": "",
-        },
-    },
-}
+#: How k3s may run (:mod:`.runners` makes each; listed here so the schema needs no runner).
+RUNNER_KINDS = ("auto", "systemd", "openrc", "process")
+
+
+def _flag_options(mode: str) -> tuple[Option, ...]:
+    # The options k3s and k3s-agent share, as Kairos names them.
+    return (
+        Option("args", list, [], f"Extra flags for `k3s {mode}`, appended to the plugin's defaults (or replacing "
+                                 "them: replace_args).", item_type=str),
+        Option("env", dict, {}, f"Extra environment for `k3s {mode}` (name: value)."),
+        Option("replace_args", bool, False, "The flags above replace the plugin's default flags. The VPN and join "
+                                            "flags always stay."),
+        Option("replace_env", bool, False, "The env above replaces the plugin's default environment. "
+                                           "K3S_URL/K3S_TOKEN always stay."),
+    )
+
+
+K3S = Section(
+    K3S_SECTION,
+    Option("enabled", bool, True, "Run k3s on this node (roles are still scheduled by the leader when this is off)."),
+    *_flag_options("server"),
+    Option("root", str, "", "Prefix of every path the plugin touches (tests); empty = the real file system."),
+    Option("binary", str, "k3s", "The k3s executable: a name looked up on PATH, or a path."),
+    Option("runner", str, "auto", "How k3s runs (process: a child supervised by the node).", choices=RUNNER_KINDS),
+    Option("systemctl", str, "systemctl", "The systemctl command (a name on PATH or a path)."),
+    Option("rc_service", str, "rc-service", "OpenRC's rc-service command (a name on PATH or a path)."),
+    Option("rc_update", str, "rc-update", "OpenRC's rc-update command (a name on PATH or a path)."),
+    Option("api_port", int, 6443, "The API server port joining nodes dial.", minimum=1, maximum=65535),
+    Option("node_ip", str, "", "This node's k3s address; empty = its VPN address, or its own address without a VPN."),
+    Option("reconcile_interval", float, 5.0, "Seconds between reconciliations (ledger changes trigger one at once).",
+           minimum=0.05),
+    Option("share_kubeconfig", bool, False,
+           "Also publish the admin kubeconfig (client key included) in the ledger, so every node keeps a copy, as "
+           "earlier versions and Kairos did. Off: `kairos get-kubeconfig` fetches it from a master on demand."),
+    help="k3s on this node, and `k3s server` on masters (Kairos: k3s).",
+    aliases=(f"p2p.{K3S_SECTION}",),
+)
+AGENT = Section(
+    AGENT_SECTION,
+    Option("enabled", bool, True, "Run k3s as an agent when this node is a worker."),
+    *_flag_options("agent"),
+    help="Kairos's `k3s-agent` section: flags and environment for `k3s agent` (workers).",
+    aliases=(f"p2p.{AGENT_SECTION}",),
+)
+AUTO = Section(
+    AUTO_SECTION,
+    Option("enable", bool, True, "The leader assigns roles to nodes without a fixed p2p.role."),
+    Section(
+        "ha",
+        Option("enable", bool, False, "Several masters on embedded etcd: one master/clusterinit, then master/ha."),
+        Option("master_nodes", int, 3, "Masters in total (the clusterinit one included).", minimum=1),
+        Option("external_db", str, "", "A datastore endpoint (e.g. mysql://…): masters use it instead of embedded etcd."),
+        help="A highly available control plane.",
+    ),
+    help="Automatic roles (Kairos: p2p.auto).",
+    aliases=(f"p2p.{AUTO_SECTION}",),
+)
+#: The plugin's sections, as ``kairos_config_schema`` declares them.
+SCHEMA = (K3S, AGENT, AUTO)
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {section.name: section.defaults() for section in SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -80,14 +88,14 @@ class FlagSet:
     replace_env: bool
 
     @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> "FlagSet":
-        """Read a ``k3s`` or ``k3s-agent`` section; non-string env values are stringified."""
+    def from_section(cls, section: Any) -> "FlagSet":
+        """From the typed settings of a ``k3s`` or ``k3s-agent`` section; env values are stringified."""
         return cls(
-            enabled=bool(section.get("enabled", True)),
-            args=tuple(str(arg) for arg in section.get("args") or ()),
-            env={str(k): _env_text(v) for k, v in (section.get("env") or {}).items()},
-            replace_args=bool(section.get("replace_args", False)),
-            replace_env=bool(section.get("replace_env", False)),
+            enabled=section.enabled,
+            args=section.args,
+            env={str(k): _env_text(v) for k, v in section.env.items()},
+            replace_args=section.replace_args,
+            replace_env=section.replace_env,
         )
 
 
@@ -117,31 +125,35 @@ class K3sSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> "K3sSettings":
-        """Read the plugin's sections (and ``p2p.role``, ``p2p.minimum_nodes``) from a node config."""
-        k3s = config[K3S_SECTION]
-        auto = config[AUTO_SECTION]
-        ha = auto.get("ha") or {}
+        """Read the plugin's sections (and ``p2p.role``, ``p2p.minimum_nodes``) from a node config.
+
+        Types and bounds are the schema's (:data:`SCHEMA`, checked again here for configs built by
+        hand: :class:`ConfigError`); nothing is cast or clamped.
+        """
+        k3s = K3S.read(config[K3S_SECTION])
+        auto = AUTO.read(config[AUTO_SECTION])
         p2p = config["p2p"]
         return cls(
-            enabled=bool(k3s["enabled"]),
+            enabled=k3s.enabled,
             server=FlagSet.from_section(k3s),
-            agent=FlagSet.from_section(config[AGENT_SECTION]),
-            root=str(k3s["root"] or ""),
-            binary=str(k3s["binary"]),
-            runner=str(k3s["runner"]),
-            systemctl=str(k3s["systemctl"]),
-            rc_service=str(k3s["rc_service"]),
-            rc_update=str(k3s["rc_update"]),
-            api_port=int(k3s["api_port"]),
-            node_ip=str(k3s["node_ip"] or ""),
-            reconcile_interval=max(0.05, float(k3s["reconcile_interval"])),
-            share_kubeconfig=bool(k3s.get("share_kubeconfig", False)),
-            auto_enable=bool(auto["enable"]),
-            ha_enable=bool(ha.get("enable", False)),
-            master_nodes=max(1, int(ha.get("master_nodes", 3))),
-            external_db=str(ha.get("external_db") or ""),
-            role_hint=str(p2p.get("role") or ""),
-            minimum_nodes=max(1, int(p2p.get("minimum_nodes", 2))),
+            agent=FlagSet.from_section(AGENT.read(config[AGENT_SECTION])),
+            root=k3s.root,
+            binary=k3s.binary,
+            runner=k3s.runner,
+            systemctl=k3s.systemctl,
+            rc_service=k3s.rc_service,
+            rc_update=k3s.rc_update,
+            api_port=k3s.api_port,
+            node_ip=k3s.node_ip,
+            reconcile_interval=k3s.reconcile_interval,
+            share_kubeconfig=k3s.share_kubeconfig,
+            auto_enable=auto.enable,
+            ha_enable=auto.ha.enable,
+            master_nodes=auto.ha.master_nodes,
+            external_db=auto.ha.external_db,
+            # the core's options, validated by its own schema
+            role_hint=p2p["role"],
+            minimum_nodes=p2p["minimum_nodes"],
         )
 
 

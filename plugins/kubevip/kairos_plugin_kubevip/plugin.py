@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from kairos_core.plugin import hookimpl
+from kairos_core.plugin import Option, Section, hookimpl
 from kairos_plugin_k3s.runners import write_if_changed
 
 from .manifest import KubeVipSpec, daemonset, rbac, render, static_pod
@@ -30,22 +30,23 @@ MARK = "# Written by the kairos kubevip plugin."
 FETCH_TIMEOUT = 10.0
 MAX_FETCH_BYTES = 1024 * 1024
 
-CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    SECTION: {
-        # Use kube-vip when an EIP is set (Kairos: p2p.kubevip).
-        "enable": True,
-        # The virtual address of the Kubernetes API (an address of the LAN, not of the VPN).
-        "eip": "",
-        # The interface kube-vip announces the EIP on; empty = the interface of the default route.
-        "interface": "",
-        # Run kube-vip as a static pod instead of a DaemonSet.
-        "static_pod": False,
-        "version": "v0.8.7",
-        "image": "ghcr.io/kube-vip/kube-vip",
-        # A URL (https:// or file://) of an RBAC manifest to use instead of the built-in one.
-        "manifest_url": "",
-    }
-}
+#: The ``kubevip`` section (Kairos: ``p2p.kubevip``).
+SCHEMA = Section(
+    SECTION,
+    Option("enable", bool, True, "Use kube-vip when an EIP is set."),
+    Option("eip", str, "", "The virtual address of the Kubernetes API (an address of the LAN, not of the VPN); "
+                           "empty = no kube-vip."),
+    Option("interface", str, "", "The interface kube-vip announces the EIP on; empty = the interface of the "
+                                 "default route."),
+    Option("static_pod", bool, False, "Run kube-vip as a static pod instead of a DaemonSet."),
+    Option("version", str, "v0.8.7", "The kube-vip image's tag."),
+    Option("image", str, "ghcr.io/kube-vip/kube-vip", "The kube-vip image."),
+    Option("manifest_url", str, "", "A URL (https://, http:// or file://) of an RBAC manifest to use instead of "
+                                    "the built-in one."),
+    help="kube-vip: a virtual IP for the Kubernetes API on the masters.",
+    aliases=(f"p2p.{SECTION}",),
+)
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {SECTION: SCHEMA.defaults()}
 
 _SERVER_ROLES = ("master", "master/clusterinit", "master/ha")
 
@@ -71,38 +72,39 @@ class KubeVipPlugin:
     @staticmethod
     def eip(node: NodeView) -> str | None:
         """The EIP when kube-vip is on, else None."""
-        section = node.config[SECTION]
-        eip = str(section.get("eip") or "").strip()
-        return eip if section.get("enable", True) and eip else None
+        settings = SCHEMA.read(node.config[SECTION])
+        eip = settings.eip.strip()
+        return eip if settings.enable and eip else None
 
     def spec(self, node: NodeView) -> KubeVipSpec | None:
         """The manifest's settings for ``node``, or None when kube-vip is off."""
         eip = self.eip(node)
         if eip is None:
             return None
-        section = node.config[SECTION]
+        settings = SCHEMA.read(node.config[SECTION])
         return KubeVipSpec(
-            eip=eip.split("/")[0], interface=str(section.get("interface") or default_route_interface()),
-            image=str(section["image"]), version=str(section["version"]),
+            eip=eip.split("/")[0], interface=settings.interface or default_route_interface(),
+            image=settings.image, version=settings.version,
         )
 
     @hookimpl
-    def kairos_config_defaults(self) -> Mapping[str, Mapping[str, Any]]:
+    def kairos_config_schema(self) -> list[Section]:
         """Section ``kubevip``."""
-        return CONFIG_DEFAULTS
+        return [SCHEMA]
 
     @hookimpl
     def kairos_config_problems(self, config: Mapping[str, Mapping[str, Any]]) -> list[str]:
-        """An EIP that is not an IP address, or a manifest URL of a scheme the plugin cannot fetch."""
+        """What the schema cannot say: an EIP that is not an IP address, a manifest URL of a scheme
+        the plugin cannot fetch."""
         section = config[SECTION]
         problems = []
-        eip = str(section["eip"] or "")
+        eip = section["eip"]
         if eip:
             try:
                 ipaddress.ip_interface(eip)
             except ValueError:
                 problems.append(f"kubevip.eip: {eip!r} is not an IP address")
-        url = str(section["manifest_url"] or "")
+        url = section["manifest_url"]
         if url and not url.startswith(("https://", "http://", "file://")):
             problems.append(f"kubevip.manifest_url: only https://, http:// and file:// URLs are supported, not {url!r}")
         return problems
@@ -128,13 +130,14 @@ class KubeVipPlugin:
         if spec is None:
             _remove_ours(daemon_file, pod_file)
             return
-        if node.config[SECTION]["static_pod"]:
+        settings = SCHEMA.read(node.config[SECTION])
+        if settings.static_pod:
             # A static pod belongs in the kubelet's pod-manifests dir: a Pod in server/manifests
             # would be an ordinary API object, created only once the API is already up.
             text = render([static_pod(spec, str(paths.kubeconfig))])
             target, other = pod_file, daemon_file
         else:
-            extra = await self._rbac_override(str(node.config[SECTION]["manifest_url"] or ""))
+            extra = await self._rbac_override(settings.manifest_url)
             documents = ([] if extra else rbac()) + [daemonset(spec)]
             text = render(documents, extra)
             target, other = daemon_file, pod_file

@@ -11,9 +11,9 @@ import logging
 import weakref
 from typing import Any
 
-from kairos_core.plugin import OWNER_KEYED, LedgerUpdate, NodeView, PeerEvent, WritePolicy, hookimpl
+from kairos_core.plugin import OWNER_KEYED, LedgerUpdate, NodeView, PeerEvent, Section, WritePolicy, hookimpl
 
-from .vpn import BUCKET, DEFAULTS, VPN, VPNConfigError, VPNSettings
+from .vpn import BUCKET, SECTION, VPN, VPNConfigError, VPNSettings
 
 log = logging.getLogger("kairos.vpn")
 
@@ -30,13 +30,14 @@ class TunVPNPlugin:
         return self.running.get(node)
 
     @hookimpl
-    def kairos_config_defaults(self) -> dict[str, dict[str, Any]]:
+    def kairos_config_schema(self) -> list[Section]:
         """Declare the ``vpn`` section (Kairos users may write it as ``p2p.vpn``)."""
-        return {"vpn": dict(DEFAULTS)}
+        return [SECTION]
 
     @hookimpl
     def kairos_config_problems(self, config: Any) -> list[str]:
-        """What is wrong with the ``vpn`` section (a CIDR that does not parse, an address outside it…)."""
+        """What the schema cannot say of the ``vpn`` section (a CIDR that does not parse, an address
+        outside it…); types and ranges it checked already."""
         try:
             VPNSettings.from_config(config["vpn"])
         except VPNConfigError as exc:
@@ -98,7 +99,7 @@ class TunVPNPlugin:
 
 
 default_plugin = TunVPNPlugin()
-kairos_config_defaults = default_plugin.kairos_config_defaults
+kairos_config_schema = default_plugin.kairos_config_schema
 kairos_config_problems = default_plugin.kairos_config_problems
 kairos_ledger_policies = default_plugin.kairos_ledger_policies
 kairos_startup = default_plugin.kairos_startup

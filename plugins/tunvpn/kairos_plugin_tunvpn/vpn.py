@@ -27,9 +27,11 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+from kairos_core.plugin import ConfigError, Option, Section
 
 from . import keyexchange
 from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
@@ -47,30 +49,31 @@ log = logging.getLogger("kairos.vpn")
 BUCKET = "vpn"
 # The connection manager keeps a peer's libp2p connection while this tag holds it (stream path).
 PROTECTION_TAG = "tunvpn"
-DEFAULTS: dict[str, Any] = {
-    # Create the TUN device and run the data plane (false: no VPN on this node).
-    "create": True,
-    # Name of the TUN device.
-    "interface": "edgevpn0",
-    # This node's VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".
-    "address": "auto",
-    # The VPN's network: automatic VIPs come from it, and it is routed into the device.
-    "cidr": "10.1.0.0/24",
-    "mtu": 1420,
-    # UDP port of the data plane; 0 = picked by the system (published in the ledger).
-    "port": 0,
-    # Use direct UDP when it gets through (false: always the libp2p stream).
-    "udp": True,
-    # Seconds between keepalives to each peer.
-    "keepalive_interval": 1.0,
-    # Seconds without an authentic UDP datagram from a peer before its packets take the stream.
-    "udp_timeout": 5.0,
-    # Seconds a VIP claim lasts unless its node refreshes it (every claim_ttl / 4): the address of
-    # a node gone for good is free again after this long. Long next to clock skew between nodes.
-    "claim_ttl": 86400.0,
-}
 MIN_CLAIM_TTL = 2.0
 MAX_CLAIM_TTL = 30 * 86400.0
+#: The ``vpn`` config section (Kairos users write it as ``p2p.vpn``).
+SECTION = Section(
+    "vpn",
+    Option("create", bool, True, "Create the TUN device and run the data plane (false: no VPN on this node)."),
+    Option("interface", str, "edgevpn0", "Name of the TUN device."),
+    Option("address", str, "auto", 'This node\'s VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".'),
+    Option("cidr", str, "10.1.0.0/24",
+           "The VPN's network (/30 or larger): automatic VIPs come from it, and it is routed into the device."),
+    Option("mtu", int, 1420, "MTU of the TUN device.", minimum=576, maximum=9000),
+    Option("port", int, 0, "UDP port of the data plane; 0 = picked by the system (published in the ledger).",
+           minimum=0, maximum=65535),
+    Option("udp", bool, True, "Use direct UDP when it gets through (false: always the libp2p stream)."),
+    Option("keepalive_interval", float, 1.0, "Seconds between keepalives to each peer.", minimum=0.05),
+    Option("udp_timeout", float, 5.0,
+           "Seconds without an authentic UDP datagram from a peer before its packets take the stream.", minimum=0.1),
+    Option("claim_ttl", float, 86400.0,
+           "Seconds a VIP claim lasts unless its node refreshes it (every claim_ttl / 4): the address of a node "
+           "gone for good is free again after this long (at most 30 days). Long next to clock skew between nodes.",
+           minimum=int(MIN_CLAIM_TTL), maximum=int(MAX_CLAIM_TTL)),
+    help="The VPN between the nodes (tunvpn): a TUN device, a VIP per node, direct UDP or the libp2p stream.",
+    aliases=("p2p.vpn",),
+)
+DEFAULTS: dict[str, Any] = SECTION.defaults()
 UDP_RETRY_INTERVAL = 10.0
 UDP_TRIAL_SECONDS = 0.2
 EXCHANGE_RETRY = 2.0
@@ -100,38 +103,34 @@ class VPNSettings:
     claim_ttl: float = DEFAULTS["claim_ttl"]
 
     @classmethod
-    def from_config(cls, section: dict[str, Any]) -> "VPNSettings":
-        """Check and convert ``node.config["vpn"]``; :class:`VPNConfigError` names the problem."""
+    def from_config(cls, section: Mapping[str, Any]) -> "VPNSettings":
+        """Check and convert ``node.config["vpn"]``; :class:`VPNConfigError` names the problem.
+
+        Types and ranges are the schema's (:data:`SECTION`); what it cannot say is checked here:
+        the CIDR parses and is large enough, a static address is a host address inside it.
+        """
         try:
-            network = ipaddress.IPv4Network(section["cidr"], strict=False)
+            given = SECTION.read(section)
+        except ConfigError as exc:
+            raise VPNConfigError(exc.problems[0] if exc.problems else str(exc)) from None
+        try:
+            network = ipaddress.IPv4Network(given.cidr, strict=False)
         except ValueError as exc:
             raise VPNConfigError(f"vpn.cidr: {exc}") from None
         if network.prefixlen > 30:
             raise VPNConfigError("vpn.cidr: needs at least 4 addresses (/30 or larger)")
         static = None
-        if str(section["address"]).strip().lower() != "auto":
+        if given.address.strip().lower() != "auto":
             try:
-                static = ipaddress.IPv4Interface(section["address"])
+                static = ipaddress.IPv4Interface(given.address)
             except ValueError as exc:
                 raise VPNConfigError(f"vpn.address: {exc}") from None
-            if "/" not in str(section["address"]):
+            if "/" not in given.address:
                 static = ipaddress.IPv4Interface(f"{static.ip}/{network.prefixlen}")
             if not usable(static.ip, network):
                 raise VPNConfigError(f"vpn.address: {static.ip} is not a host address of vpn.cidr {network}")
-        if not 576 <= int(section["mtu"]) <= 9000:
-            raise VPNConfigError("vpn.mtu: must be between 576 and 9000")
-        if not 0 <= int(section["port"]) <= 65535:
-            raise VPNConfigError("vpn.port: must be between 0 and 65535")
-        claim_ttl = section.get("claim_ttl", DEFAULTS["claim_ttl"])
-        if isinstance(claim_ttl, bool) or not isinstance(claim_ttl, (int, float)) \
-                or not MIN_CLAIM_TTL <= claim_ttl <= MAX_CLAIM_TTL:
-            raise VPNConfigError(f"vpn.claim_ttl: must be between {MIN_CLAIM_TTL:.0f} and {MAX_CLAIM_TTL:.0f} seconds "
-                                 f"(30 days), got {claim_ttl!r}")
-        return cls(
-            bool(section["create"]), str(section["interface"]), static, network, int(section["mtu"]),
-            int(section["port"]), bool(section["udp"]), float(section["keepalive_interval"]),
-            float(section["udp_timeout"]), float(claim_ttl),
-        )
+        return cls(given.create, given.interface, static, network, given.mtu, given.port, given.udp,
+                   given.keepalive_interval, given.udp_timeout, given.claim_ttl)
 
 
 @dataclass
@@ -259,6 +258,8 @@ class VPN:
             self.plane = await asyncio.to_thread(self._make_plane, self)
         except TunUnavailable as exc:
             log.error("vpn disabled: %s", exc)
+            # k3s waits for this node's VPN address meanwhile: `kairos status` says why it never comes
+            self.node.set_state("tunvpn", f"disabled: {exc}")
             return False
         self._publish_claim(replace(self.claim, udp_port=self.plane.local_address[1]))
         self.node.serve(KEYS_PROTOCOL, self._serve_keys)
@@ -367,11 +368,14 @@ class VPN:
         claims[self.peer_id] = self.claim
         holder = holders(claims.values()).get(self.claim.vip)
         if holder is None or holder.peer_id == self.peer_id:
+            self.node.set_state("tunvpn", None)  # the address is ours: nothing to wait for
             return
         if self.claim.static:
             if not self._static_conflict_logged:
                 log.error("vpn: static address %s is also claimed by %s, which ranks first", self.claim.vip, holder.peer_id)
                 self._static_conflict_logged = True
+            self.node.set_state("tunvpn", f"waiting for static address {self.claim.vip}, "
+                                          f"which {holder.peer_id} claimed first")
             return
         self._attempt += 1
         taken = {c.vip for c in claims.values()}
@@ -379,6 +383,8 @@ class VPN:
         if vip is None:
             log.error("vpn: %s is taken by %s and no address is free in %s", self.claim.vip, holder.peer_id,
                       self.settings.network)
+            self.node.set_state("tunvpn", f"waiting for a free address in {self.settings.network} "
+                                          f"({self.claim.vip} belongs to {holder.peer_id})")
             return
         log.info("vpn: %s belongs to %s (earlier claim); moving to %s", self.claim.vip, holder.peer_id, vip)
         self.counters["vpn_address_moves"] += 1
