@@ -75,6 +75,7 @@ class Node:
         self.peer_id = self.identity.peer_id
         self.hostname = config["node"]["hostname"] or socket.gethostname()
         self.counters: Counter[str] = Counter()
+        self.states: dict[str, str] = {}  # plugin → what it waits for (NodeView.set_state)
         self.started_at: float | None = None
         self.host = None
         self.ledger: Ledger | None = None
@@ -323,6 +324,13 @@ class Node:
         for name, value in values.items():
             self.counters[f"{prefix}_{name}"] = value
 
+    def set_state(self, plugin: str, text: str | None) -> None:
+        """Say what ``plugin`` waits for (shown by ``kairos status``); None when it waits no more."""
+        if text:
+            self.states[plugin] = str(text)
+        else:
+            self.states.pop(plugin, None)
+
     def spawn(self, coro, name: str) -> asyncio.Task:
         """Run ``coro`` for the node's lifetime: cancelled at shutdown, a failure logged."""
         return self._spawn(self._logged(coro, name), name)
@@ -376,6 +384,7 @@ class Node:
             "admitted": len(self.host.admitted_peers()) if self.host else 0,
             "ledger_entries": len(self.ledger) if self.ledger else 0,
             "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
+            "states": dict(sorted(self.states.items())),
             "counters": dict(sorted(counters.items())),
         }
 

@@ -201,6 +201,11 @@ class NodeView(Protocol):
         """Publish a plugin's own counters as ``<prefix>_<name>`` (replacing the earlier values)."""
         ...
 
+    def set_state(self, plugin: str, text: str | None) -> None:
+        """Say what ``plugin`` (your plugin's name) waits for, in a few words ("waiting for a
+        role"); ``kairos status`` shows it. None clears it once the plugin runs as it should."""
+        ...
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` for the node's lifetime: cancelled at shutdown, a failure is logged."""
         ...
