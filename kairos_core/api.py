@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 import httpx
 
-from .errors import KairosError
+from .errors import KairosError, NodeUnreachable
 
 if TYPE_CHECKING:
     from .node import Node
@@ -323,15 +323,16 @@ class APIClient:
 
     def _check_socket(self) -> None:
         if not self.socket_path.exists():
-            raise KairosError(f"no node is running here: {self.socket_path} does not exist (start one with `kairos run`)")
+            raise NodeUnreachable(f"no node is running here: {self.socket_path} does not exist (start one with `kairos run`)")
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One call; :class:`KairosError` with the API's message on failure."""
+        """One call; :class:`KairosError` with the API's message on failure,
+        :class:`NodeUnreachable` (exit code 3) when no node answers at the socket."""
         self._check_socket()
         try:
             response = self._client.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise KairosError(f"cannot reach the node at {self.socket_path}: {exc}") from None
+            raise NodeUnreachable(f"cannot reach the node at {self.socket_path}: {exc}") from None
         data = response.json() if response.content else None
         if response.status_code >= 400:
             message = data.get("error") if isinstance(data, dict) else response.text
@@ -347,4 +348,4 @@ class APIClient:
                     if line.strip():
                         yield json.loads(line)
         except httpx.TransportError as exc:
-            raise KairosError(f"lost the node at {self.socket_path}: {exc}") from None
+            raise NodeUnreachable(f"lost the node at {self.socket_path}: {exc}") from None

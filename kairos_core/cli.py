@@ -1,8 +1,10 @@
 """The ``kairos`` command.
 
-Errors reach the user as one line on stderr and a non-zero exit code (2 for bad input); a
-traceback appears only with ``KAIROS_DEBUG=1``. Plugins add subcommands through
-``kairos_cli_commands``.
+Errors reach the user as one line on stderr and a non-zero exit code: 1 the operation failed,
+2 bad usage or config, 3 no node reachable (:mod:`.errors`). With ``--json`` on the command line
+an error is instead one JSON object on stdout, ``{"error": "…", "exit_code": N}``, so a script
+that reads the JSON output reads the failure too. A traceback appears only with
+``KAIROS_DEBUG=1``. Plugins add subcommands through ``kairos_cli_commands``.
 
 Hostnames, addresses, ledger buckets and keys come from peers: plain and table output passes them
 through :func:`~.untrusted.escape_control` (and rich tables get them as ``Text``, never as
@@ -23,7 +25,7 @@ import click
 
 from . import __version__
 from .config import collect_schema, disabled_plugins, load_config, read_config_file
-from .errors import KairosError
+from .errors import EXIT_FAILED, KairosError
 from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
 from .token import MAX_TOKEN_BYTES, generate_token, parse_token
 from .untrusted import EscapingFormatter, escape_control
@@ -86,31 +88,68 @@ def setup_logging(level: int) -> None:
     logging.basicConfig(level=level, handlers=[handler])
 
 
+def _manager_of(ctx: click.Context) -> KairosPluginManager:
+    # main() hands in the manager it built the command tree with; tests may invoke cli directly.
+    context = ctx.find_object(Context)
+    if context is not None:
+        return context.manager
+    root = ctx.find_root()
+    return root.obj if isinstance(root.obj, KairosPluginManager) else make_plugin_manager()
+
+
+def versions(manager: KairosPluginManager) -> dict:
+    """The core's version and each installed plugin's (name, distribution, version)."""
+    plugins = [{"name": row["name"], "distribution": row["distribution"], "version": row["version"]}
+               for row in manager.describe() if row["source"] == "entrypoint"]
+    return {"kairos-core": __version__, "plugins": plugins}
+
+
+def _echo_versions(data: dict) -> None:
+    click.echo(f"kairos-core {data['kairos-core']}")
+    for row in data["plugins"]:
+        echo_safe(f"{row['distribution'] or row['name']} {row['version'] or '?'} (plugin {row['name']})")
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        _echo_versions(versions(_manager_of(ctx)))
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-c", "--config", "config_path", envvar=CONFIG_ENV, metavar="FILE",
               help=f"Config file (YAML). Also ${CONFIG_ENV}.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the versions of kairos-core and every plugin, and exit.")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """kairos: machines that share one network token find each other and form a cluster.
 
     Start with `kairos token new`, put the token in a config file as p2p.network_token,
     and run `kairos run -c FILE` on every machine.
+
+    \b
+    Exit codes:
+      0  success
+      1  the operation failed (a missing ledger key, a refused write)
+      2  bad usage or input (an unknown option, an invalid config or token)
+      3  no node is running here, or its API does not answer
+    With --json an error is {"error": "...", "exit_code": N} on stdout.
     """
     setup_logging(max(logging.WARNING - 10 * verbose, logging.DEBUG))
-    # main() hands in the manager it built the command tree with; tests may invoke cli directly.
-    manager = ctx.obj if isinstance(ctx.obj, KairosPluginManager) else make_plugin_manager()
-    ctx.obj = Context(manager, config_path)
+    ctx.obj = Context(_manager_of(ctx), config_path)
 
 
 @cli.command()
-def version() -> None:
-    """Print the version of kairos-core and of every installed plugin."""
-    click.echo(f"kairos-core {__version__}")
-    manager: KairosPluginManager = click.get_current_context().find_object(Context).manager
-    for row in manager.describe():
-        if row["source"] == "entrypoint":
-            click.echo(f"{row['distribution'] or row['name']} {row['version'] or '?'} (plugin {row['name']})")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def version(as_json: bool) -> None:
+    """Print the version of kairos-core and of every installed plugin (as `kairos --version`)."""
+    data = versions(_manager_of(click.get_current_context()))
+    if as_json:
+        emit_json(data)
+    else:
+        _echo_versions(data)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -279,7 +318,7 @@ json_option.__doc__ = """Decorator: a ``--json`` flag, passed to the command as 
 @json_option
 @pass_context
 def status(context: Context, socket_path: str | None, as_json: bool) -> None:
-    """Show this node, its leader and its counters."""
+    """Show this node, its leader, what its plugins wait for, and its counters."""
     data = _client(context, socket_path).request("GET", "/api/status")
     if as_json:
         emit_json(data)
@@ -289,13 +328,22 @@ def status(context: Context, socket_path: str | None, as_json: bool) -> None:
     echo_safe(f"network:     {data['network_id']} (token {data['token_fingerprint']})")
     echo_safe(f"leader:      {leader['peer_id'] + ' epoch ' + str(leader['epoch']) if leader else 'none yet'}"
               f"{' (this node)' if data['is_leader'] else ''}")
-    click.echo(f"members:     {data['members']} alive, {data['admitted']} connected")
+    click.echo(f"members:     {_members_line(data['members'], data['admitted'])}")
+    for plugin, state in sorted((data.get("states") or {}).items()):
+        echo_safe(f"{plugin + ':':<13}{state}")
     click.echo(f"ledger:      {data['ledger_entries']} entries")
     for address in data["addresses"]:
         echo_safe(f"address:     {address}")
     dropped = {k: v for k, v in data["counters"].items() if v and ("drop" in k or "reject" in k or "error" in k)}
     for name, value in dropped.items():
         echo_safe(f"dropped:     {value} ({name})")
+
+
+def _members_line(members: int, admitted: int) -> str:
+    # "0 alive" read as "the network is down" to users of a lone node that leads itself.
+    if members == 0:
+        return "none yet (this node alone)" if admitted == 0 else f"none alive yet, {admitted} connected"
+    return f"{members} alive besides this node, {admitted} connected"
 
 
 @cli.command()
@@ -330,16 +378,25 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"{len(rows)} peers")
-    for column in ("peer id", "hostname", "alive", "connected", "last seen", "addresses"):
-        table.add_column(column)
+    table = Table(title=f"{len(rows)} {'peer' if len(rows) == 1 else 'peers'}")
+    # The peer id is what users copy into other commands: never cut or wrap it; the other columns
+    # wrap instead when the terminal is narrow.
+    id_width = max((len(escape_control(row["peer_id"])) for row in rows), default=len("peer id"))
+    table.add_column("peer id", no_wrap=True, min_width=id_width)
+    for column in ("hostname", "alive", "connected", "last seen", "addresses"):
+        table.add_column(column, overflow="fold")
     for row in rows:
         seen = "" if row["last_seen_s"] is None else f"{row['last_seen_s']} s ago"
         # Each address escaped on its own: the newlines between them are ours, any inside are not.
-        addresses = "\n".join(escape_control(address) for address in row.get("addresses") or [])
+        # The trailing /p2p/<id> repeats the first column: left out, so that the address fits.
+        suffix = f"/p2p/{row['peer_id']}"
+        addresses = "\n".join(escape_control(address.removesuffix(suffix)) for address in row.get("addresses") or [])
         table.add_row(_cell(row["peer_id"]), _cell(row.get("hostname")), "yes" if row["alive"] else "no",
                       "yes" if row["connected"] else "no", seen, Text(addresses))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)  # a pipe or a file has no width to fit: no folding
+    console.print(table)
 
 
 @cli.group()
@@ -468,10 +525,28 @@ def build_cli(manager: KairosPluginManager) -> click.Group:
     return cli
 
 
+def _json_requested(argv: list[str]) -> bool:
+    # As click parses it: "--json" before a "--" is the flag, after it an argument. Read from argv,
+    # not from the parsed command, so that usage errors (raised while parsing) honour it too.
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def fail(message: str, exit_code: int, as_json: bool) -> None:
+    """End the command with ``message`` and ``exit_code``: one escaped line on stderr, or with
+    ``--json`` the object ``{"error": message, "exit_code": exit_code}`` on stdout."""
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": exit_code}))
+    else:
+        echo_safe(message, err=True)
+    raise SystemExit(exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: exit codes 1 (failed), 2 (usage or config), 3 (no node)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    as_json = _json_requested(argv)
     try:
         path = _config_path_from_argv(argv)
         raw = read_config_file(path) if path and Path(path).exists() else {}
@@ -481,22 +556,24 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         raise SystemExit(exc.exit_code) from None
     except click.ClickException as exc:
+        code = exc.exit_code  # click's usage errors are EXIT_USAGE (2) already
+        if as_json:
+            fail(exc.format_message(), code, True)
         exc.message = escape_control(exc.message)  # it may quote an argument, a file name
         exc.show()
-        raise SystemExit(exc.exit_code) from None
+        raise SystemExit(code) from None
     except click.exceptions.Abort:
-        click.echo("kairos: aborted", err=True)
-        raise SystemExit(130) from None
+        fail("aborted" if as_json else "kairos: aborted", 130, as_json)
     except KairosError as exc:
         if debug:
             raise
-        # The message may quote a key, a hostname or a config value: one escaped line.
-        echo_safe(f"kairos: error: {exc}", err=True)
-        raise SystemExit(exc.exit_code) from None
+        # The message may quote a key, a hostname or a config value: one escaped line (json.dumps
+        # escapes it in the JSON form).
+        fail(str(exc) if as_json else f"kairos: error: {exc}", exc.exit_code, as_json)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except Exception as exc:  # a bug: still one line unless the user asks for the traceback
         if debug:
             raise
-        echo_safe(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)", err=True)
-        raise SystemExit(1) from None
+        fail(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)",
+             EXIT_FAILED, as_json)

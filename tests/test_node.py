@@ -172,12 +172,12 @@ async def test_local_api_and_cli_against_a_running_node(kairos_network, capsys):
     code, out, _ = await asyncio.to_thread(cli, "ledger", "list", "cfg", "--json")
     assert json.loads(out) == {"color": {"name": "blue"}}
     code, out, err = await asyncio.to_thread(cli, "ledger", "set", "cfg", "huge", json.dumps("x" * 70000))
-    assert code == 2 and "max_value_size" in err and err.count("\n") == 1
+    assert code == 1 and "max_value_size" in err and err.count("\n") == 1  # refused: the operation failed
     code, _, _ = await asyncio.to_thread(cli, "ledger", "delete", "cfg", "color")
     assert code == 0
     await net.wait_for(lambda: b.ledger.get("cfg", "color") is None)
     code, _, err = await asyncio.to_thread(cli, "ledger", "get", "cfg", "color")
-    assert code == 2 and "no key cfg/color" in err
+    assert code == 1 and "no key cfg/color" in err
     code, out, _ = await asyncio.to_thread(cli, "peers", "--json")
     assert [row["peer_id"] for row in json.loads(out)] == [b.peer_id]
     code, out, _ = await asyncio.to_thread(cli, "status", "--json")

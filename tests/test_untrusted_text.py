@@ -135,7 +135,7 @@ async def test_an_error_naming_a_peer_string_stays_one_escaped_line(served, caps
     with pytest.raises(SystemExit) as exc:
         await asyncio.to_thread(main, ["ledger", "get", "b", f"k{CLIPBOARD}\nkairos: forged", "--socket", socket])
     err = capsys.readouterr().err
-    assert exc.value.code == 2
+    assert exc.value.code == 1  # a missing key: the operation failed
     assert_no_raw_controls(err)
     assert err.count("\n") == 1 and err.startswith("kairos: error: no key b/k\\x1b]52")
 
