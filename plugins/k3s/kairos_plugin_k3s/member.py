@@ -61,7 +61,7 @@ class ClusterMember:
         )
         self.launch: K3sLaunch | None = None
         self.role: str | None = None
-        self.waiting_for: str | None = None  # what the node waits for before it can run k3s
+        self._waiting_for: str | None = None
         self.counters: Counter[str] = Counter()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -70,6 +70,18 @@ class ClusterMember:
         self._reported: set[str] = set()  # local problems already logged
         self._purged = False  # legacy join keys deleted, once per process
         self.control: ControlSocket | None = None
+
+    @property
+    def waiting_for(self) -> str | None:
+        """What the node waits for before it can run k3s ("a role", "the VPN address", …), or None."""
+        return self._waiting_for
+
+    @waiting_for.setter
+    def waiting_for(self, value: str | None) -> None:
+        # Reported through the node, so that `kairos status` says why k3s does not start yet.
+        if value != self._waiting_for:
+            self._waiting_for = value
+            self.node.set_state("k3s", f"waiting for {value}" if value else None)
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -93,6 +105,7 @@ class ClusterMember:
 
     async def stop(self) -> None:
         """Stop reconciling; a directly supervised k3s stops too, a service keeps running."""
+        self.waiting_for = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
