@@ -178,13 +178,16 @@ class Config:
         self._data = data
         self.path = path
         self.schema: dict[str, Section] = {**_CORE_SECTIONS, **(schema or {})}
+        self._settings: dict[str, Any] = {}  # a config is never changed once built: read each section once
 
     def section(self, name: str) -> Any:
         """The typed settings of one section (a plugin's, or a core one), defaults filled in."""
-        declared = self.schema.get(name)
-        if declared is None or name not in self._data:
-            raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?")
-        return declared.read(self._data[name])
+        if name not in self._settings:
+            declared = self.schema.get(name)
+            if declared is None or name not in self._data:
+                raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?")
+            self._settings[name] = declared.read(self._data[name])
+        return self._settings[name]
 
     def __getitem__(self, name: str) -> dict[str, Any]:
         try:

@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .config import CORE_DEFAULTS  # the election options' defaults, declared once in the config schema
 from .ledger.policy import LeasePolicy  # noqa: F401 -- re-exported: the leader bucket's policy
 
 if TYPE_CHECKING:
@@ -131,11 +132,11 @@ class Election:
         announce: Callable[[str, int], Awaitable[None]],
         *,
         network_id: str = "kairos",
-        lease_seconds: float = 15.0,
+        lease_seconds: float = CORE_DEFAULTS["election"]["lease_seconds"],
         probe: Callable[[str], Awaitable[bool]] | None = None,
         eligible: Callable[[], bool] = lambda: True,
-        require_majority: bool = True,
-        quorum_horizon: float = 300.0,
+        require_majority: bool = CORE_DEFAULTS["election"]["require_majority"],
+        quorum_horizon: float = CORE_DEFAULTS["election"]["quorum_horizon"],
         settle: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,

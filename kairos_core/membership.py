@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .events import PeerEvent
+from .config import CORE_DEFAULTS  # membership.peer_ttl, declared once in the config schema
 from .identity import public_key_from_peer_id
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Membership:
         emit: Callable[[PeerEvent], Awaitable[None]],
         *,
         network_id: str = "kairos",
-        ttl: float = 95.0,
+        ttl: float = CORE_DEFAULTS["membership"]["peer_ttl"],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.self_id = self_id

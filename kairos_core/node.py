@@ -67,7 +67,7 @@ class Node:
     def __init__(self, config: Config, manager: KairosPluginManager | None = None, *, identity: Identity | None = None) -> None:
         self.config = config
         self.manager = manager or make_plugin_manager(disabled=config["plugins"]["disabled"])
-        self.manager.hook_timeout = float(config["node"]["hook_timeout"])
+        self.manager.hook_timeout = config.section("node").hook_timeout
         self.token = config.network_token
         self.schedule = KeySchedule(self.token)
         self.network_id: str = config["p2p"]["network_id"]
@@ -115,24 +115,23 @@ class Node:
         self._spawn(self._deliver_hooks(self._ledger_events), "ledger-hooks")
         self._spawn(self._deliver_hooks(self._leader_events), "leader-hooks")
 
-        listen = list(p2p["listen"]) or [f"/ip4/0.0.0.0/tcp/{p2p['port']}"]
+        listen = list(p2p.listen) or [f"/ip4/0.0.0.0/tcp/{p2p.port}"]
         self.host = P2PHost(
             self.identity, self.schedule, listen, max_message_size=self.token.max_message_size,
             on_peer_admitted=self._peer_admitted, on_peer_disconnected=self._peer_disconnected,
         )
         await self.host.start()
-        degree = p2p["connections"]
         self.connections = ConnectionManager(self.peer_id, self.host, self._dial_candidate,
-                                             low=int(degree["low"]), high=int(degree["high"]),
+                                             low=p2p.connections.low, high=p2p.connections.high,
                                              grace=connections_module.GRACE)
         self.dialer = Dialer(self.peer_id, self.host.connect, self.host.is_admitted,
                              should_dial=lambda peer_id: not self.connections.saturated())
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
-        self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=float(self.config["ledger"]["sync_interval"]))
+        self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=self.config.section("ledger").sync_interval)
         self.replicator.start()
 
-        membership = self.config["membership"]
-        self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=float(membership["peer_ttl"]))
+        membership = self.config.section("membership")
+        self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=membership.peer_ttl)
         for peer_id, info in self.ledger.items(NODES_BUCKET).items():
             if is_node_key(peer_id) and isinstance(info, dict):
                 # entries from disk are old news: remember them without counting them alive
@@ -142,17 +141,17 @@ class Node:
         self._running = True
         await call_hook(self.manager, "kairos_startup", node=self)
         self.announce()
-        self._spawn(self._every(float(self.config["membership"]["announce_interval"]), self.announce), "announce")
+        self._spawn(self._every(membership.announce_interval, self.announce), "announce")
         self._spawn(self._every(1.0, self.membership.expire), "membership-expiry")
         self._spawn(self._every(REDIAL_INTERVAL, self._redial_known_peers), "reconnect")
 
         await self._start_discovery()
-        election = self.config["election"]
+        election = self.config.section("election")
         self.election = Election(
             self.peer_id, self.ledger, self.membership, self._emit_leader,
-            network_id=self.network_id, lease_seconds=float(election["lease_seconds"]),
+            network_id=self.network_id, lease_seconds=election.lease_seconds,
             eligible=self.leader_eligible,
-            require_majority=bool(election["require_majority"]), quorum_horizon=float(election["quorum_horizon"]),
+            require_majority=election.require_majority, quorum_horizon=election.quorum_horizon,
             probe=self._probe,
         )
         self.election.start()
@@ -257,7 +256,7 @@ class Node:
                 return lease.peer
         if self.membership is None:
             return None
-        horizon = float(self.config["election"]["quorum_horizon"])
+        horizon = self.config.section("election").quorum_horizon
         votes = Counter(record for peer in self.membership.recently_alive(horizon)
                         if (record := self._epoch_record(peer).get(str(epoch))) is not None)
         return votes.most_common(1)[0][0] if votes else None
@@ -415,8 +414,8 @@ class Node:
             "neighbours": neighbours,
         }
         self._rounds_unchanged += 1
-        membership = self.config["membership"]
-        refresh_rounds = max(1, int(float(membership["peer_ttl"]) / REFRESHES_PER_TTL / float(membership["announce_interval"])))
+        membership = self.config.section("membership")
+        refresh_rounds = max(1, int(membership.peer_ttl / REFRESHES_PER_TTL / membership.announce_interval))
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
             return
         self._advertised, self._rounds_unchanged = advertised, 0

@@ -25,6 +25,7 @@ from collections import Counter
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
+from .config import CORE_DEFAULTS  # ledger.sync_interval, declared once in the config schema
 from .ledger import DecodeError, DeltaBatcher, Ledger, SyncError, decode_batch, sync_ledgers
 from .ledger.entry import MAX_REMOTE_VALUE_SIZE
 from .ledger.sync import PROTOCOL_ID as SYNC_PROTOCOL
@@ -74,7 +75,7 @@ class StreamSyncChannel:
 class Replicator:
     """Keeps one ledger in step with every admitted peer."""
 
-    def __init__(self, ledger: Ledger, host: P2PHost, sealer: Sealer, *, sync_interval: float = 30.0) -> None:
+    def __init__(self, ledger: Ledger, host: P2PHost, sealer: Sealer, *, sync_interval: float = CORE_DEFAULTS["ledger"]["sync_interval"]) -> None:
         self.ledger = ledger
         self.host = host
         self.sealer = sealer
