@@ -107,7 +107,7 @@ class Node:
         """Bring the node up; raises on what the node cannot run without (ports, state dir)."""
         from .p2p import P2PHost  # imported here: libp2p is heavy and only a running node needs it
 
-        p2p = self.config["p2p"]
+        p2p = self.config.section("p2p")
         self.started_at = time.monotonic()
         secure_state_dir(self.config.state_dir, create=(LEDGER_FILE,))
         self.ledger = self._open_ledger()
@@ -573,7 +573,7 @@ class Node:
         # Discovery reports a peer once; after a partition or a restart the connection must come
         # back without it. Peers seen within the quorum horizon (or known from disk) are redialled,
         # with back-off, at the addresses they advertise in the ledger.
-        horizon = float(self.config["election"]["quorum_horizon"])
+        horizon = self.config.section("election").quorum_horizon
         known: dict[str, list[str]] = {}
         for peer_id in self.membership.worth_dialling(horizon):
             info = self.ledger.get(NODES_BUCKET, peer_id)
