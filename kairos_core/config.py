@@ -121,8 +121,12 @@ CORE_SCHEMA: tuple[Section, ...] = (
     Section(
         "membership",
         Option("announce_interval", float, 30.0,
-               "Seconds between rewrites of this node's entry in the `nodes` bucket (its heartbeat).", minimum=1),
-        Option("peer_ttl", float, 95.0, "Seconds a peer we are not connected to stays alive on its last heartbeat.",
+               "Seconds between checks of this node's entry in the `nodes` bucket: it is rewritten when it "
+               "changed (and at once when its connections change), else refreshed three times per peer_ttl.",
+               minimum=1),
+        Option("peer_ttl", float, 900.0,
+               "Seconds an entry vouches for the peers it lists without being refreshed (a live node refreshes "
+               "its entry three times in this): a safety net, not how crashes are found — neighbours report those.",
                minimum=2),
         help="Who is in the network.",
     ),
