@@ -532,7 +532,10 @@ class Node:
         return True
 
     async def _peer_admitted(self, peer_id: str) -> None:
-        if peer_id not in self.host.admitted_peers():
+        host = self.host
+        if host is None or not self._running:
+            return  # an admission that raced our shutdown: nothing is left to tell
+        if peer_id not in host.admitted_peers():
             return  # it already left again: the disconnect was handled, do not resurrect it
         self.dialer.admitted(peer_id)
         self.connections.connected(peer_id)

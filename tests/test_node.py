@@ -275,3 +275,13 @@ async def test_a_plugin_that_hangs_in_shutdown_cannot_keep_the_node_from_stoppin
         node_module.SHUTDOWN_HOOK_TIMEOUT = saved
     assert node.host is None and node._stopped.is_set()
     assert not [t for t in threading.enumerate() if t.name.startswith("kairos-p2p") and t.is_alive()]
+
+
+async def test_an_admission_that_races_shutdown_is_ignored(kairos_network):
+    # kairos demo printed an AttributeError traceback when a peer was admitted while the node stopped
+    net = await kairos_network(2)
+    a, b = net.nodes
+    await net.fully_connected()
+    await a.stop()
+    await a._peer_admitted(b.peer_id)  # the asyncio side of an admission that arrives late
+    assert a.host is None
