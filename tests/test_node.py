@@ -63,6 +63,7 @@ async def test_nodes_join_replicate_and_elect(kairos_network):
 
     await net.wait_for(lambda: all(n.leader for n in net.nodes) and len({n.leader for n in net.nodes}) == 1, timeout=20)
     leader = a.leader
+    await net.wait_for(lambda: all(r.leaders for r in recorders), timeout=10)
     await asyncio.sleep(0.2)
     for recorder in recorders:
         assert recorder.leaders == [leader]
@@ -95,11 +96,13 @@ async def test_leader_fail_over_and_left_event(kairos_network):
                        and len({n.leader for n in survivors}) == 1, timeout=20)
     new_leader, new_epoch = survivors[0].leader
     assert new_epoch > old_epoch
-    for node, recorder in zip(net.nodes, recorders):
-        if node is victim:
-            continue
-        assert ("left", old_leader) in recorder.peers
-        assert recorder.leaders[-1] == (new_leader, new_epoch)
+    watching = [recorder for node, recorder in zip(net.nodes, recorders) if node is not victim]
+    # Hooks are delivered from a queue after the state they report changed, so wait for them.
+    await net.wait_for(lambda: all(("left", old_leader) in r.peers and r.leaders and r.leaders[-1] == (new_leader, new_epoch)
+                                   for r in watching), timeout=10)
+    await asyncio.sleep(0.2)
+    for recorder in watching:
+        assert recorder.leaders[-1] == (new_leader, new_epoch)  # nothing older arrived after it
         assert len(recorder.leaders) == len(set(recorder.leaders))  # once per (leader, epoch)
 
 
