@@ -12,6 +12,10 @@ the bridge namespace; ``drop_inbound(to, from_)`` cuts like a host firewall does
 ``inet`` table in each receiving node drops what the other group sends it (``oneway=True`` for one
 direction only). ``heal()`` deletes every such table.
 
+:class:`NatLab` builds the other shape: a public "internet" bridge with nodes on it directly or
+each behind its own router namespace that masquerades (port-preserving, or symmetric with
+``masquerade random``) and drops unsolicited inbound, for NAT traversal tests (issue #15).
+
 Cleanup always runs on leaving the context, also on exceptions: processes the lab started are
 killed, then any process still inside a lab namespace, then the namespaces themselves.
 :func:`cleanup_stale` removes what a crashed earlier run left behind (names embed the pid of the
@@ -422,3 +426,114 @@ def _pid_alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- NAT lab ---------------------------------------------------------------------------------------
+PUBLIC = "public"
+PORT_PRESERVING = "port-preserving"
+SYMMETRIC = "symmetric"
+NAT_KINDS = (PUBLIC, PORT_PRESERVING, SYMMETRIC)
+#: the lab's "internet": TEST-NET-2, never routed anywhere, so observed addresses look public
+INTERNET_PREFIX = "198.51.100"
+NAT_TABLE = "kairos_nat"
+
+
+class NatLab(Lab):
+    """Nodes on a public "internet" bridge, directly or each behind its own NAT router.
+
+    ``kinds[i-1]`` says what node ``i`` sits behind: :data:`PUBLIC` (an interface on the internet
+    bridge, address ``198.51.100.<i>``), :data:`PORT_PRESERVING` or :data:`SYMMETRIC`. A NATed node
+    is alone on a LAN ``192.168.<i>.0/24`` (it is ``.2``) behind a router namespace
+    ``<prefix>-r<i>`` whose WAN address is ``198.51.100.<i>``. Every router masquerades what leaves
+    its WAN (plain ``masquerade`` keeps the source port when it can; ``masquerade random`` gives
+    each flow a random port: a symmetric NAT) and forwards inbound only for connections its
+    conntrack knows, as home and office routers do: unsolicited inbound is dropped, also to the
+    router itself.
+
+    ``address(i)`` is the address node ``i`` holds (inside its LAN when NATed): what it listens on,
+    so :class:`~kairos_core.labnodes.LabNetwork` works unchanged; ``public_address(i)`` is where
+    the internet sees it. Partitions and inbound drops are not offered here.
+    """
+
+    def __init__(self, kinds: Sequence[str], prefix: str | None = None) -> None:
+        kinds = list(kinds)
+        unknown = [kind for kind in kinds if kind not in NAT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown NAT kind(s) {unknown}: choose from {', '.join(NAT_KINDS)}")
+        super().__init__(prefix, nodes=len(kinds))
+        self.kinds = kinds
+
+    def kind(self, node: NodeRef) -> str:
+        """What node ``node`` sits behind: public, port-preserving or symmetric."""
+        return self.kinds[self.index(node) - 1]
+
+    def address(self, node: NodeRef) -> str:
+        index = self.index(node)
+        return f"{INTERNET_PREFIX}.{index}" if self.kinds[index - 1] == PUBLIC else f"192.168.{index}.2"
+
+    def public_address(self, node: NodeRef) -> str:
+        """The address the internet sees node ``node`` at (its router's WAN address when NATed)."""
+        return f"{INTERNET_PREFIX}.{self.index(node)}"
+
+    def router(self, node: NodeRef) -> str:
+        """The namespace of node ``node``'s router; ``KeyError`` for a public node."""
+        if self.kind(node) == PUBLIC:
+            raise KeyError(f"node {node} is public: it has no router")
+        return f"{self.prefix}-r{self.index(node)}"
+
+    def _build(self) -> None:
+        internet = self.bridge_namespace
+        self._add_namespace(internet)
+        self._ip(internet, "link", "set", "lo", "up")
+        self._ip(internet, "link", "add", BRIDGE, "type", "bridge", "stp_state", "0")
+        self._ip(internet, "link", "set", BRIDGE, "up")
+        for i in range(1, self.size + 1):
+            ns, port = self.namespace(i), f"p{i}"
+            if self.kinds[i - 1] == PUBLIC:
+                self._add_namespace(ns)
+                self._ip(internet, "link", "add", port, "type", "veth", "peer", "name", NODE_IFACE, "netns", ns)
+                self._ip(internet, "link", "set", port, "master", BRIDGE, "up")
+                self._ip(ns, "link", "set", "lo", "up")
+                self._ip(ns, "addr", "add", f"{self.address(i)}/24", "dev", NODE_IFACE)
+                self._ip(ns, "link", "set", NODE_IFACE, "up")
+                continue
+            router = f"{self.prefix}-r{i}"
+            self._add_namespace(router)
+            self._add_namespace(ns)
+            self._ip(internet, "link", "add", port, "type", "veth", "peer", "name", "wan", "netns", router)
+            self._ip(internet, "link", "set", port, "master", BRIDGE, "up")
+            self._ip(router, "link", "add", "lan", "type", "veth", "peer", "name", NODE_IFACE, "netns", ns)
+            self._ip(router, "link", "set", "lo", "up")
+            self._ip(router, "addr", "add", f"{self.public_address(i)}/24", "dev", "wan")
+            self._ip(router, "addr", "add", f"192.168.{i}.1/24", "dev", "lan")
+            self._ip(router, "link", "set", "wan", "up")
+            self._ip(router, "link", "set", "lan", "up")
+            self._ip(ns, "link", "set", "lo", "up")
+            self._ip(ns, "addr", "add", f"{self.address(i)}/24", "dev", NODE_IFACE)
+            self._ip(ns, "link", "set", NODE_IFACE, "up")
+            self._ip(ns, "route", "add", "default", "via", f"192.168.{i}.1")
+            _checked(["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+            _checked(["ip", "netns", "exec", router, "nft", "-f", "-"],
+                     stdin=_nat_rules(random_ports=self.kinds[i - 1] == SYMMETRIC))
+
+    def partition(self, group_a: Iterable[NodeRef], group_b: Iterable[NodeRef]) -> None:
+        raise LabError("a NAT lab has no partitions: build a Lab for those")
+
+    def drop_inbound(self, receivers: Iterable[NodeRef], senders: Iterable[NodeRef], *, oneway: bool = False) -> None:
+        raise LabError("a NAT lab has no inbound drops: its routers already drop unsolicited inbound")
+
+
+def _nat_rules(*, random_ports: bool) -> str:
+    """The router's ruleset: masquerade out of the WAN, stateful filter on forward and input."""
+    masquerade = "masquerade random" if random_ports else "masquerade"
+    return (
+        f"add table ip {NAT_TABLE}\n"
+        f"add chain ip {NAT_TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n"
+        f'add rule ip {NAT_TABLE} postrouting oifname "wan" {masquerade}\n'
+        f"add chain ip {NAT_TABLE} forward {{ type filter hook forward priority filter; policy drop; }}\n"
+        f"add rule ip {NAT_TABLE} forward ct state established,related accept\n"
+        f'add rule ip {NAT_TABLE} forward iifname "lan" oifname "wan" accept\n'
+        f"add chain ip {NAT_TABLE} input {{ type filter hook input priority filter; policy drop; }}\n"
+        f"add rule ip {NAT_TABLE} input ct state established,related accept\n"
+        f'add rule ip {NAT_TABLE} input iifname {{ "lo", "lan" }} accept\n'
+    )
