@@ -16,10 +16,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .clock import Version
-from .entry import DEFAULT_MAX_VALUE_SIZE, Entry
+from .entry import DEFAULT_MAX_VALUE_SIZE, MAX_PEER_ID_LENGTH, Entry
 from .errors import DecodeError, LedgerError
 
 FORMAT_VERSION = 1
@@ -63,7 +63,12 @@ def split_batches(entries: Iterable[Entry], max_bytes: int = DEFAULT_BATCH_BUDGE
     An entry too big for the budget on its own travels alone, in a batch over the budget: the
     value cap, not the batch budget, bounds entry sizes.
     """
-    batches: list[bytes] = []
+    return list(iter_batches(entries, max_bytes))
+
+
+def iter_batches(entries: Iterable[Entry], max_bytes: int = DEFAULT_BATCH_BUDGET) -> Iterator[bytes]:
+    """:func:`split_batches`, one batch at a time: a sender that streams them holds one encoded
+    batch, not the encoding of everything it sends (a whole-ledger sync response)."""
     peers: dict[str, int] = {}
     rows: list[str] = []
     size = len(_assemble([], []))
@@ -72,7 +77,7 @@ def split_batches(entries: Iterable[Entry], max_bytes: int = DEFAULT_BATCH_BUDGE
         row = _row_text(entry, peers.get(entry.owner, len(peers)))
         grow = len(row.encode()) + 1 + (len(json.dumps(entry.owner)) + 1 if new_peer else 0)
         if rows and size + grow > max_bytes:
-            batches.append(_assemble(list(peers), rows))
+            yield _assemble(list(peers), rows)
             peers, rows, size = {}, [], len(_assemble([], []))
             new_peer = True
             row = _row_text(entry, 0)
@@ -82,8 +87,7 @@ def split_batches(entries: Iterable[Entry], max_bytes: int = DEFAULT_BATCH_BUDGE
         rows.append(row)
         size += grow
     if rows:
-        batches.append(_assemble(list(peers), rows))
-    return batches
+        yield _assemble(list(peers), rows)
 
 
 def decode_batch(
@@ -115,8 +119,8 @@ def _decode(data: bytes, max_value_size: int) -> list[Entry]:
     if doc["v"] != FORMAT_VERSION or type(doc["v"]) is not int:
         raise DecodeError(f"unsupported batch version {doc['v']!r}")
     peers, rows = doc["p"], doc["e"]
-    if not isinstance(peers, list) or not all(isinstance(p, str) for p in peers):
-        raise DecodeError("peer table must be a list of strings")
+    if not isinstance(peers, list) or not all(isinstance(p, str) and 0 < len(p) <= MAX_PEER_ID_LENGTH for p in peers):
+        raise DecodeError(f"peer table must be a list of peer ids (at most {MAX_PEER_ID_LENGTH} characters)")
     if not isinstance(rows, list):
         raise DecodeError("entries must be a list")
     entries = []

@@ -20,6 +20,12 @@ Every (bucket, key) falls in one of 256 ranges by the first byte of ``sha256(buc
 Each phase sends and receives concurrently, so two peers writing large phases to each other can
 never deadlock on full transport buffers. Each frame is size-limited and validated; a violation
 raises :class:`SyncError` (and is counted in the ledger's ``sync_errors``).
+
+Frames are encoded as they are sent, one at a time, never all first: a peer that asks for the
+whole ledger (an empty digest) again and again costs the sender one frame of memory beyond the
+entries it already holds, not a second copy of the ledger per session. Names a peer sends are
+checked for length before anything else uses them, and are hashed without the range cache, so
+made-up keys cannot fill it.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Protocol
+from itertools import chain
+from typing import Iterable, Iterator, Protocol
 
 from .clock import MAX_COUNTER, MAX_WALL_MS, Version
-from .codec import decode_batch, split_batches
+from .codec import decode_batch, iter_batches
 from .entry import MAX_BUCKET_LENGTH, MAX_KEY_LENGTH, MAX_PEER_ID_LENGTH, MAX_REMOTE_VALUE_SIZE, Entry, check_name
 from .errors import DecodeError, LedgerError, SyncError
 from .ledger import Ledger
@@ -83,10 +90,14 @@ class SyncResult:
     seconds: float = 0.0
 
 
-@lru_cache(maxsize=1 << 17)
-def range_of(bucket: str, key: str) -> int:
-    """The digest range (0‥255) of a key."""
+def _range(bucket: str, key: str) -> int:
     return hashlib.sha256(f"{bucket}\x00{key}".encode()).digest()[0]
+
+
+# Cached for the keys this ledger holds (hashed again every session); a peer's names go through
+# _range, so they never take a place here.
+range_of = lru_cache(maxsize=1 << 17)(_range)
+range_of.__doc__ = """The digest range (0‥255) of a key."""
 
 
 def _record(entry: Entry) -> bytes:
@@ -203,7 +214,7 @@ class _Session:
             if both:
                 mine = [e for r in sorted(both) for e in view.ranges[r].values()]
                 self.result.versions_sent = len(mine)
-                frames = self._version_frames(mine) + [_VERSIONS_END]
+                frames = chain(self._version_frames(mine), [_VERSIONS_END])
                 their_versions = await self._exchange(frames, lambda: self._recv_versions(both))
             wanted = []
             for r in differing:
@@ -214,25 +225,28 @@ class _Session:
                 else:
                     wanted.extend(group.values())  # the peer's range is empty (or ours is, then this is nothing)
             self.result.entries_sent = len(wanted)
-            frames = []
-            for batch in split_batches(wanted, self.max_frame - 1):
-                if len(batch) + 1 > self.max_frame:
-                    # One entry bigger than a frame (a frame limit below the value cap): sending it
-                    # would fail the whole session every time, so it is left to gossip.
-                    self.result.entries_skipped += 1
-                    self.result.entries_sent -= 1
-                    continue
-                frames.append(_ENTRIES + batch)
-            frames.append(_ENTRIES_END)
-            await self._exchange(frames, self._recv_entries)
+            await self._exchange(chain(self._entry_frames(wanted), [_ENTRIES_END]), self._recv_entries)
         self.result.seconds = time.perf_counter() - started
         return self.result
 
-    async def _exchange(self, frames: list[bytes], receive):  # type: ignore[no-untyped-def]
+    def _entry_frames(self, wanted: list[Entry]) -> Iterator[bytes]:
+        """The entries frames, each encoded only when the previous one was sent."""
+        for batch in iter_batches(wanted, self.max_frame - 1):
+            if len(batch) + 1 > self.max_frame:
+                # One entry bigger than a frame (a frame limit below the value cap): sending it
+                # would fail the whole session every time, so it is left to gossip.
+                self.result.entries_skipped += 1
+                self.result.entries_sent -= 1
+                continue
+            yield _ENTRIES + batch
+
+    async def _exchange(self, frames: Iterable[bytes], receive):  # type: ignore[no-untyped-def]
         async def send_all() -> None:
+            # frames may be a generator: each is encoded here, after the one before was sent
             for frame in frames:
                 self.result.bytes_sent += len(frame)
                 await self.channel.send(frame)
+                del frame  # not kept alive while the next one is encoded
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -260,8 +274,7 @@ class _Session:
             raise SyncError(f"unsupported sync version {frame[1]}")
         return unpack_digest(frame[2:])
 
-    def _version_frames(self, entries: list[Entry]) -> list[bytes]:
-        frames: list[bytes] = []
+    def _version_frames(self, entries: list[Entry]) -> Iterator[bytes]:
         budget = self.max_frame - 64
         peers: dict[str, int] = {}
         rows: list[str] = []
@@ -274,11 +287,10 @@ class _Session:
             rows.append(row)
             size += len(row) + 1
             if size > budget:
-                frames.append(_encode_versions(peers, rows))
+                yield _encode_versions(peers, rows)
                 peers, rows, size = {}, [], 0
         if rows:
-            frames.append(_encode_versions(peers, rows))
-        return frames
+            yield _encode_versions(peers, rows)
 
     async def _recv_versions(self, both: set[int]) -> dict[tuple[str, str], Version]:
         versions: dict[tuple[str, str], Version] = {}
@@ -292,7 +304,7 @@ class _Session:
                 self.result.versions_received += 1
                 if self.result.versions_received > self.max_items:
                     raise SyncError(f"more than {self.max_items} versions")
-                if range_of(bucket, key) in both:  # anything else was not asked for
+                if _range(bucket, key) in both:  # anything else was not asked for
                     versions[(bucket, key)] = version
 
     async def _recv_entries(self) -> None:
