@@ -334,6 +334,12 @@ def status(context: Context, socket_path: str | None, as_json: bool) -> None:
     click.echo(f"ledger:      {data['ledger_entries']} entries")
     for address in data["addresses"]:
         echo_safe(f"address:     {address}")
+    nat = data.get("reachability")
+    if isinstance(nat, dict):
+        observed = ", ".join(str(o) for o in nat.get("observed") or [])
+        echo_safe(f"reachability: {nat.get('reachability', 'unknown')}{' (observed as ' + observed + ')' if observed else ''}")
+        for relay in nat.get("relays") or []:
+            echo_safe(f"relay:       {relay} (holds a reservation for this node)")
     dropped = {k: v for k, v in data["counters"].items() if v and ("drop" in k or "reject" in k or "error" in k)}
     for name, value in dropped.items():
         echo_safe(f"dropped:     {value} ({name})")

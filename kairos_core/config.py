@@ -73,6 +73,18 @@ CORE_SCHEMA: tuple[Section, ...] = (
                                     "a feature is using); at least `low`."),
             help="Long-lived connections a node keeps. A network of at most `low` nodes is fully connected.",
         ),
+        Section(
+            "relay",
+            Option("enable", bool, True, "Serve as a circuit relay for admitted peers while this node is publicly "
+                                         "reachable (private nodes reserve on such relays)."),
+            Option("max_circuits", int, 8, "Relayed connections one peer may have through this node at once.",
+                   minimum=1, maximum=1024),
+            Option("max_bytes", int, 1 << 30, "Bytes (both ways) one relayed connection may carry before it is closed.",
+                   minimum=1024),
+            Option("max_duration", float, 3600.0, "Seconds one relayed connection may last before it is closed.",
+                   minimum=1),
+            help="Circuit relay for peers behind NAT (only admitted peers; refusals are counted as p2p_relay_refused).",
+        ),
         help="The p2p network, with Kairos's names.",
     ),
     Section(

@@ -105,7 +105,7 @@ class Node:
     # ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bring the node up; raises on what the node cannot run without (ports, state dir)."""
-        from .p2p import P2PHost  # imported here: libp2p is heavy and only a running node needs it
+        from .p2p import P2PHost, RelayLimits  # imported here: libp2p is heavy and only a running node needs it
 
         p2p = self.config.section("p2p")
         self.started_at = time.monotonic()
@@ -119,6 +119,8 @@ class Node:
         self.host = P2PHost(
             self.identity, self.schedule, listen, max_message_size=self.token.max_message_size,
             on_peer_admitted=self._peer_admitted, on_peer_disconnected=self._peer_disconnected,
+            relay=RelayLimits(enable=p2p.relay.enable, max_circuits=p2p.relay.max_circuits,
+                              max_bytes=p2p.relay.max_bytes, max_duration=p2p.relay.max_duration),
         )
         await self.host.start()
         self.connections = ConnectionManager(self.peer_id, self.host, self._dial_candidate,
@@ -377,6 +379,7 @@ class Node:
             "token_fingerprint": self.token.fingerprint,
             "version": __version__,
             "addresses": self.host.addresses() if self.host else [],
+            "reachability": self.host.reachability() if self.host else None,
             "leader": {"peer_id": leader[0], "epoch": leader[1]} if leader else None,
             "is_leader": self.is_leader,
             "members": len(self.members()),
@@ -404,6 +407,7 @@ class Node:
         who is alive), only the TTL on vouchers' entries does, which the refresh keeps.
         """
         neighbours = sorted(self.host.admitted_peers())[:MAX_NEIGHBOURS] if self.host else []
+        nat = self.host.reachability() if self.host else None
         advertised = {
             "network_id": self.network_id,
             "hostname": self.hostname,
@@ -412,6 +416,9 @@ class Node:
             "role": self.config["p2p"]["role"],
             "eligible": self.leader_eligible(),
             "neighbours": neighbours,
+            # issue #15: public | private | unknown, and where admitted peers see this node
+            "reachability": nat["reachability"] if nat else "unknown",
+            "observed": nat["observed"] if nat else [],
         }
         self._rounds_unchanged += 1
         membership = self.config.section("membership")

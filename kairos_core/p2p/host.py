@@ -64,6 +64,8 @@ from .bridge import TrioThread
 from .errors import P2PError
 from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, peer_of, quiet_reset
 from .logs import tame_libp2p_logging
+from .reachability import REACH_PROTOCOL, Reachability
+from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, split_circuit
 from .stream import Stream
 from .traps import (
     DIAL_TIMEOUT,
@@ -85,6 +87,8 @@ GossipHandler = Callable[[str, bytes], "Awaitable[None] | None"]
 PayloadCheck = Callable[[bytes], bool]
 StreamHandler = Callable[[Stream], Awaitable[None]]
 
+# A peer that advertises relayed addresses gets this long on its own addresses first.
+RELAYED_DIRECT_TIMEOUT = 2.0
 GOSSIP_HEARTBEAT = 1  # seconds; libp2p's default of 120 s grafts a mesh far too late (trap 3)
 # Gossip scoring counts only invalid messages: each costs its forwarder a point, the count halves
 # every heartbeat, and past this many (a flood, never an honest peer: it validates what it
@@ -116,6 +120,7 @@ class P2PHost:
         on_peer_admitted: PeerCallback | None = None,
         on_peer_disconnected: PeerCallback | None = None,
         admission_timeout: float = ADMISSION_TIMEOUT,
+        relay: RelayLimits | None = None,
     ) -> None:
         self.identity = identity
         self.schedule = schedule
@@ -145,6 +150,10 @@ class P2PHost:
         self._bound: list[str] = []
         self._inbound: InboundSlots | None = None
         self._asyncio_tasks: set[asyncio.Task] = set()
+        # NAT traversal (issue #15): where others see us, and circuits through public peers
+        self._reachability = Reachability(self.counters, self._listen_port)
+        self._relay = Relay(self.peer_id, relay or RelayLimits(), self.counters,
+                            is_public=lambda: self._reachability.state == "public")
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -195,6 +204,9 @@ class P2PHost:
                         self._bound = [str(a) for a in host.get_transport_addrs()]
                         await self._install_handlers()
                         nursery.start_soon(self._inbound.sweep_forever)
+                        nursery.start_soon(self._reachability.probe_forever, self._direct_peers)
+                        nursery.start_soon(self._relay.keep_reservations,
+                                           lambda: self._reachability.state == "private", self._relay_candidates)
                         ready()
                         await self._stop_event.wait()
                 # Closing here, inside host.run, releases the listener and the connections
@@ -204,6 +216,8 @@ class P2PHost:
         finally:
             pubsub.seen_messages.stop()  # its sweeper thread outlives the service otherwise
             self._gate.detach()
+            self._relay.detach()
+            self._reachability.detach()
             self._host = self._pubsub = self._dht = None
             self._bound = []
 
@@ -252,8 +266,13 @@ class P2PHost:
         network.register_notifee(ConnectionWatch(self._on_connected, self._on_disconnected))
         self._guard_libp2p_handlers(host)
         host.set_stream_handler(ADMIT_PROTOCOL, self._gate.admit_listener)
+        host.set_stream_handler(HOP_PROTOCOL, self._gate.guard(self._relay.serve_hop))
+        host.set_stream_handler(STOP_PROTOCOL, self._gate.guard(self._relay.serve_stop))
+        host.set_stream_handler(REACH_PROTOCOL, self._gate.guard(self._reachability.serve))
         self._host, self._pubsub, self._dht = host, pubsub, dht
         self._gate.attach(host, self._nursery)
+        self._relay.attach(host, self._nursery)
+        self._reachability.attach(host)
         tame_libp2p_logging()  # libp2p modules imported while building have fresh loggers
         return host, pubsub, gossipsub, dht
 
@@ -286,6 +305,45 @@ class P2PHost:
                 full = _with_peer_suffix(concrete, self.peer_id)
                 if full not in out:
                     out.append(full)
+        return out + self._relay.addresses()
+
+    def reachability(self) -> dict[str, Any]:
+        """What this node knows of its reachability (issue #15): ``reachability`` (public, private
+        or unknown), ``observed`` (where admitted peers see it), ``relays`` (holding a reservation
+        for it), ``relayed_peers`` (connected through a relay) and ``relay`` (the load it serves)."""
+        return {
+            "reachability": self._reachability.state,
+            "observed": list(self._reachability.observed),
+            "relays": self._relay.relays(),
+            "relayed_peers": sorted(self._relay.relayed),
+            "relay": {"enabled": self._relay.limits.enable, **self._relay.serving()},
+        }
+
+    def _listen_port(self) -> int | None:
+        for bound in self._bound:
+            parts = bound.split("/")
+            if "tcp" in parts:
+                return int(parts[parts.index("tcp") + 1])
+        return None
+
+    def _direct_peers(self) -> list[Any]:
+        """Admitted peers connected to us directly, not through a relay (trio side)."""
+        return [ID.from_base58(peer) for peer in self._gate.admitted_peers() if peer not in self._relay.relayed]
+
+    def _relay_candidates(self) -> list[tuple[str, str]]:
+        """Admitted peers we dialled directly, with the address we reached them at (trio side)."""
+        out = []
+        for peer_id in self._direct_peers():
+            for conn in self._host.get_network().get_connections(peer_id) if self._host else []:
+                if not str(getattr(conn, "direction", "")).lower().endswith("outbound"):
+                    continue
+                try:
+                    ip, port = conn.muxed_conn.get_remote_address()
+                except Exception:  # no socket address known: not a candidate
+                    continue
+                family = "ip6" if ":" in str(ip) else "ip4"
+                out.append((str(peer_id), f"/{family}/{ip}/tcp/{port}/p2p/{peer_id}"))
+                break
         return out
 
     # --- admission ------------------------------------------------------------------------------
@@ -314,6 +372,8 @@ class P2PHost:
 
     def _on_disconnected(self, conn: Any) -> None:
         self._gate.disconnected(conn)
+        if self._host is not None and not self._host.get_network().get_connections(conn.muxed_conn.peer_id):
+            self._relay.disconnected(str(conn.muxed_conn.peer_id))
         if self._inbound is not None:
             self._inbound.closed(conn)
 
@@ -383,20 +443,46 @@ class P2PHost:
             raise P2PError("addresses name different peers")
         if str(peer_id) == self.peer_id:
             raise P2PError("refusing to dial ourselves")
-        info = PeerInfo(peer_id, [a for i in infos for a in i.addrs])
-        return await bridge.call(self._trio_connect, info)
+        circuits = [(text, circuit) for text in texts if (circuit := split_circuit(text)) is not None]
+        direct = [a for text, i in zip(texts, infos) if split_circuit(text) is None for a in i.addrs]
+        info = PeerInfo(peer_id, direct)
+        return await bridge.call(self._trio_connect, info, [c for _, c in circuits])
 
-    async def _trio_connect(self, info: PeerInfo) -> str:
+    async def _trio_connect(self, info: PeerInfo, circuits: list[tuple[str, str, str]] = ()) -> str:
+        """Dial ``info`` directly, else through the relays of ``circuits``, then run admission."""
         peer = str(info.peer_id)
 
         async def dial() -> None:
-            # A deliberate dial is tried for real, once, and bounded (see traps: DIAL_TIMEOUT).
-            forget_dial_failures(self._host.get_network(), info.peer_id)
-            with trio.fail_after(DIAL_TIMEOUT):
-                await self._host.connect(info)
+            failure: Exception | None = None
+            if info.addrs:
+                # A deliberate dial is tried for real, once, and bounded (see traps: DIAL_TIMEOUT);
+                # shorter when a relay can take over: a NATed peer's own addresses just time out.
+                forget_dial_failures(self._host.get_network(), info.peer_id)
+                try:
+                    with trio.fail_after(RELAYED_DIRECT_TIMEOUT if circuits else DIAL_TIMEOUT):
+                        await self._host.connect(info)
+                    return
+                except Exception as exc:
+                    failure = exc
+            for relay_address, relay, _ in circuits:
+                if relay == self.peer_id:
+                    continue
+                try:
+                    with trio.fail_after(DIAL_TIMEOUT + ADMISSION_TIMEOUT):
+                        await self._relay.dial(relay_address, relay, peer, self._connect_relay)
+                    self.counters["relayed_dials"] += 1
+                    return
+                except Exception as exc:
+                    failure = exc
+            raise failure if failure is not None else P2PError("no address to dial")
 
         await self._gate.connect(peer, dial)
         return peer
+
+    async def _connect_relay(self, address: str) -> None:
+        """Trio side: be admitted by the relay at ``address`` (directly: no circuit to a relay)."""
+        info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        await self._trio_connect(PeerInfo(info.peer_id, info.addrs))
 
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to ``peer_id``."""
