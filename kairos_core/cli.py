@@ -19,12 +19,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
-from .config import collect_schema, disabled_plugins, load_config, read_config_file
+from .config import Config, collect_schema, disabled_plugins, load_config, read_config_file
 from .errors import EXIT_FAILED, KairosError
 from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
 from .token import MAX_TOKEN_BYTES, generate_token, parse_token
@@ -42,7 +44,7 @@ class Context:
         self.manager = manager
         self.config_path = config_path
 
-    def load_config(self):
+    def load_config(self) -> Config:
         """The validated config (defaults only when no file is given)."""
         return load_config(self.config_path, self.manager)
 
@@ -61,7 +63,7 @@ config_option = click.option("-c", "--config", "config_path", metavar="FILE", ex
                              callback=_set_config_path, help="Config file (YAML).")
 
 
-def emit_json(data) -> None:
+def emit_json(data: object) -> None:
     """Print machine-readable output (``ensure_ascii`` escapes every control character)."""
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
@@ -304,7 +306,10 @@ def _client(context: Context, socket_path: str | None):
     return APIClient(context.load_config().api_socket)
 
 
-def socket_option(function):
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def socket_option(function: _Command) -> _Command:
     """--socket PATH, and -c FILE to find the socket through a config's state dir."""
     function = click.option("--socket", "socket_path", metavar="PATH", envvar="KAIROS_SOCKET",
                             help="The node's API socket (default: from the config's state dir).")(function)

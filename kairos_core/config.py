@@ -34,7 +34,7 @@ import yaml
 from .errors import ConfigError, KairosError
 from .identity import default_state_dir
 from .plugins import hookimpl
-from .schema import MAX_CONFIG_INT, Option, Section, section_from_defaults, type_name
+from .schema import Option, Section, section_from_defaults, type_name
 from .token import NetworkToken, parse_token
 from .untrusted import nesting_exceeds
 
@@ -376,7 +376,7 @@ def resolve_config(
     _apply_env(data, os.environ if env is None else env, problems)
     _lift_aliases(data, schema)
     merged: dict[str, dict[str, Any]] = {}
-    for section, value in data.items():
+    for section in data:
         if section not in schema:
             problems.append(f"{section}: unknown section")
     for name, section in schema.items():

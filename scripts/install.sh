@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Install kairos-core, every plugin in plugins/ and the test tools into ./.venv, on Debian/Ubuntu.
+# Install kairos-core, every plugin in plugins/, the test tools and the linters (ruff, mypy) into
+# ./.venv, on Debian/Ubuntu.
 # Debian packages: gcc + libgmp-dev build fastecdsa (a libp2p dependency), gcc + libssl-dev the
 # VPN's C fast path (optional: without them it runs in pure Python); iproute2 and nftables
-# build the namespace labs of the tests; iperf3, openssh and ping are driven through the VPN tests.
+# build the namespace labs of the tests; iperf3, openssh and ping are driven through the VPN tests;
+# systemd brings systemd-analyze, which verifies the unit kairos daemon install writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null; then
@@ -10,7 +12,7 @@ if command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends \
-    gcc libgmp-dev libssl-dev python3-venv iproute2 nftables iperf3 openssh-server openssh-client iputils-ping >/dev/null
+    gcc libgmp-dev libssl-dev python3-venv iproute2 nftables iperf3 openssh-server openssh-client iputils-ping systemd >/dev/null
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
@@ -18,5 +20,5 @@ plugin_args=()
 for plugin in plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && plugin_args+=(-e "$plugin")
 done
-.venv/bin/python -m pip install -q -e '.[test]' "${plugin_args[@]}"
+.venv/bin/python -m pip install -q -e '.[test,lint]' "${plugin_args[@]}"
 echo "installed: $(.venv/bin/kairos version | tr '\n' ';')"

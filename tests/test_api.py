@@ -301,11 +301,6 @@ async def test_a_watch_client_that_keeps_up_is_never_dropped_even_by_large_value
     assert node.ledger.counters["watch_dropped"] == 0
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def settled_rss() -> int:
     # Count what is still referenced, not what glibc keeps cached after a free: without a trim,
     # RSS after a burst of large allocations stays high whoever holds them.

@@ -70,6 +70,16 @@ def test_license_readme_and_classifiers(name):
     assert pyproject["build-system"]["requires"] == ["setuptools>=77"]
 
 
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS) + ["example"])
+def test_every_package_ships_its_types(name):
+    # PEP 561: without py.typed in the wheel, mypy treats an installed plugin API as untyped
+    directory = DISTRIBUTIONS.get(name, ROOT / "examples" / "kairos-plugin-hello")
+    package_data = _project(directory)["tool"]["setuptools"]["package-data"]
+    assert len(package_data) == 1, package_data
+    (package, files), = package_data.items()
+    assert "py.typed" in files and (directory / package / "py.typed").is_file()
+
+
 def test_the_plugins_carry_the_same_license_text():
     text = (ROOT / "LICENSE").read_text()
     for directory in DISTRIBUTIONS.values():

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import click
+
 from kairos_core.plugin import APIClient, emit_json, json_option, pass_context, socket_option
 
 from .plugin import BUCKET, greetings
@@ -21,7 +23,7 @@ def printable(text: object) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in str(text))
 
 
-def add_commands(cli: Any) -> None:
+def add_commands(cli: click.Group) -> None:
     """Add ``hello`` to the root ``kairos`` group."""
 
     @cli.command("hello")

@@ -7,6 +7,7 @@ admitted stream, see :mod:`.service`); the command asks that node through its lo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -25,7 +26,7 @@ def add_commands(cli: click.Group) -> None:
     @click.option("--network-id", metavar="ID", help="Fail unless the node is in this network (default: any).")
     @click.option("--address", metavar="IP", help="Point the kubeconfig at this address instead of the master's.")
     @pass_context
-    def get_kubeconfig(context, socket_path: str | None, network_id: str | None, address: str | None) -> None:
+    def get_kubeconfig(context: Any, socket_path: str | None, network_id: str | None, address: str | None) -> None:
         """Print the k3s kubeconfig, with the server set to the master's VPN address or the EIP.
 
         Asks the node running on this machine, which fetches the kubeconfig from a master of the

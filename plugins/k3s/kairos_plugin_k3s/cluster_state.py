@@ -133,7 +133,7 @@ class ClusterState:
         #: not a master), ``invalid_value`` (a master's value of the wrong form), ``forged_key`` (a
         #: key naming another node than its signer: only where the bucket's policy is missing)
         self.rejected: Counter[str] = Counter()
-        self._reported: set[tuple[str, str, tuple]] = set()
+        self._reported: set[tuple[str, str, tuple[int, ...]]] = set()
 
     # --- roles ---------------------------------------------------------------------------
     def roles(self) -> dict[str, RoleRecord]:

@@ -6,6 +6,7 @@ master's VPN address or the EIP.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
@@ -17,7 +18,7 @@ class KubeconfigError(ValueError):
     """The text is not a kubeconfig."""
 
 
-def check_kubeconfig(text: str) -> dict:
+def check_kubeconfig(text: str) -> dict[str, Any]:
     """The parsed kubeconfig; :class:`KubeconfigError` unless it is YAML with well-formed clusters."""
     try:
         data = yaml.safe_load(text)

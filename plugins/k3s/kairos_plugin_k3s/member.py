@@ -64,7 +64,7 @@ class ClusterMember:
         self._waiting_for: str | None = None
         self.counters: Counter[str] = Counter()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
         self._last_notes: tuple[str, ...] = ()
         self._reported: set[str] = set()  # local problems already logged

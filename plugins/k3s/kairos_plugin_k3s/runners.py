@@ -274,7 +274,7 @@ class ProcessRunner:
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.exits: list[int] = []
-        self._supervisor: asyncio.Task | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def apply(self, launch: K3sLaunch) -> bool:
@@ -322,7 +322,8 @@ class ProcessRunner:
         self.paths.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             while not self._stopping:
-                with open(self.paths.log_dir / f"{launch.service}.log", "ab") as logfile:
+                # a local append-only file, opened once per start of the process
+                with open(self.paths.log_dir / f"{launch.service}.log", "ab") as logfile:  # noqa: ASYNC230
                     try:
                         self.process = await asyncio.create_subprocess_exec(
                             *launch.command, env=env, stdin=asyncio.subprocess.DEVNULL,

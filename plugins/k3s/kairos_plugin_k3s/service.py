@@ -135,7 +135,7 @@ class ControlSocket:
         self.member = member
         self.path = Path(path)
         self._server: asyncio.AbstractServer | None = None
-        self._clients: set[asyncio.Task] = set()
+        self._clients: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) with mode 0600."""
@@ -162,6 +162,7 @@ class ControlSocket:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # a connection handler runs in a task of its own
         self._clients.add(task)
         try:
             try:

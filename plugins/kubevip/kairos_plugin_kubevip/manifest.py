@@ -39,7 +39,7 @@ class KubeVipSpec:
         return self.image if (":" in last or "@" in self.image) else f"{self.image}:{self.version}"
 
 
-def container_env(spec: KubeVipSpec) -> list[dict[str, str]]:
+def container_env(spec: KubeVipSpec) -> list[dict[str, Any]]:
     """kube-vip's settings, as its container environment."""
     settings = {
         "vip_arp": "true",
@@ -56,7 +56,7 @@ def container_env(spec: KubeVipSpec) -> list[dict[str, str]]:
         "vip_retryperiod": str(RETRY_PERIOD_SECONDS),
         "address": spec.eip,
     }
-    env = [{"name": name, "value": value} for name, value in settings.items()]
+    env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in settings.items()]
     # The node name lets kube-vip tell which master holds the lease.
     env.append({"name": "vip_nodename", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}})
     return env

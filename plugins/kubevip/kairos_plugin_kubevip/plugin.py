@@ -161,7 +161,7 @@ def _fetch(url: str) -> str:
     if not url.startswith(("https://", "http://", "file://")):
         raise ValueError("only https://, http:// and file:// URLs are supported")
     with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as response:  # noqa: S310 -- scheme checked above
-        data = response.read(MAX_FETCH_BYTES + 1)
+        data: bytes = response.read(MAX_FETCH_BYTES + 1)
     if len(data) > MAX_FETCH_BYTES:
         raise ValueError("the manifest is larger than 1 MiB")
     import yaml

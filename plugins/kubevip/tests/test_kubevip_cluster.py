@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from kairos_plugin_k3s import K3sPlugin
@@ -55,5 +57,5 @@ async def test_static_pod_and_manifest_url(kairos_network, k3s_kit, tmp_path):
 
     net2, _ = await cluster(kairos_network, k3s_kit.__class__(tmp_path / "kit2"), kubevip={"manifest_url": rbac.as_uri()}, hints=("master",))
     root = net2.nodes[0].config["k3s"]["root"]
-    documents = list(yaml.safe_load_all(open(f"{root}/{MANIFEST}").read()))
+    documents = list(yaml.safe_load_all(Path(root, MANIFEST).read_text()))  # closes the file, unlike open().read()
     assert [d["kind"] for d in documents] == ["DaemonSet", "ServiceAccount"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -173,7 +174,7 @@ class SendState:
         keys: SessionKeys,
         rekey_after_packets: int = REKEY_AFTER_PACKETS,
         rekey_after_seconds: float = REKEY_AFTER_SECONDS,
-        clock=time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.key_id = keys.send_key_id
         self.rekey_after_packets = rekey_after_packets

@@ -52,6 +52,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
@@ -104,38 +106,60 @@ _TRANSIENT_SEND_ERRORS = {
     errno.ENOBUFS, errno.EMSGSIZE, errno.EINVAL, errno.EHOSTDOWN, errno.ENETDOWN,
 }
 
-COUNTER_NAMES = (
-    "tx_packets", "tx_bytes", "tx_sends", "tun_reads", "rekeys",
-    "rx_packets", "rx_bytes", "rx_batches", "tun_writes",
-    "drop_malformed", "drop_no_route", "drop_unsupported", "drop_no_endpoint",
-    "drop_unknown_peer", "drop_stale_epoch", "drop_replay", "drop_bad_tag", "drop_spoofed_source",
-    # not from the endpoint of its session, and over the budget for opening such datagrams
-    "drop_roam_limited",
-    # datagrams from another endpoint than their session's that were opened (within the budget),
-    # and sessions moved to a new endpoint by an authentic datagram from it
-    "roam_opens", "roams",
-    "send_errors", "recv_errors", "tun_errors",
-)
-
-
+@dataclass(slots=True)
 class Counters:
     """Event counters of a data plane; each is written by one thread, read by anyone."""
 
-    __slots__ = COUNTER_NAMES
-
-    def __init__(self) -> None:
-        for name in COUNTER_NAMES:
-            setattr(self, name, 0)
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    tx_sends: int = 0
+    tun_reads: int = 0
+    rekeys: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    rx_batches: int = 0
+    tun_writes: int = 0
+    drop_malformed: int = 0
+    drop_no_route: int = 0
+    drop_unsupported: int = 0
+    drop_no_endpoint: int = 0
+    drop_unknown_peer: int = 0
+    drop_stale_epoch: int = 0
+    drop_replay: int = 0
+    drop_bad_tag: int = 0
+    drop_spoofed_source: int = 0
+    #: not from the endpoint of its session, and over the budget for opening such datagrams
+    drop_roam_limited: int = 0
+    #: datagrams from another endpoint than their session's that were opened (within the budget)
+    roam_opens: int = 0
+    #: sessions moved to a new endpoint by an authentic datagram from it
+    roams: int = 0
+    send_errors: int = 0
+    recv_errors: int = 0
+    tun_errors: int = 0
 
     def snapshot(self) -> dict[str, int]:
         """The current values by name."""
         return {name: getattr(self, name) for name in COUNTER_NAMES}
 
 
-def _seal_views(out_view: memoryview, size: int, length: int, slots: int) -> list[tuple[memoryview, ...]]:
+#: every counter of :class:`Counters`, in order
+COUNTER_NAMES = tuple(f.name for f in fields(Counters))
+
+
+#: the ``encrypt_into`` arguments at one train position: nonce, inner packet, associated data, destination
+SealSlot = tuple[memoryview, memoryview, memoryview, memoryview]
+#: one train position for opening: the datagram, the ``decrypt_into`` arguments (nonce, sealed
+#: packet, associated data, destination) and the inner packet's length
+OpenSlot = tuple[memoryview, memoryview, memoryview, memoryview, memoryview, int]
+#: the per-thread cache of open slots by datagram size (``-size``: the C path's inner-packet views)
+OpenViews = dict[int, list[Any]]
+
+
+def _seal_views(out_view: memoryview, size: int, length: int, slots: int) -> list[SealSlot]:
     """The ``encrypt_into`` arguments (nonce, inner packet, associated data, destination) of an
     inner packet of ``length`` bytes at each of ``slots`` train positions ``size`` bytes apart."""
-    views = []
+    views: list[SealSlot] = []
     for slot in range(slots):
         at = slot * size
         body = at + HEADER_BYTES
@@ -144,13 +168,13 @@ def _seal_views(out_view: memoryview, size: int, length: int, slots: int) -> lis
     return views
 
 
-def _open_views(view: memoryview, rx_view: memoryview, size: int, slots: int) -> list[tuple]:
+def _open_views(view: memoryview, rx_view: memoryview, size: int, slots: int) -> list[OpenSlot]:
     """Per train position of ``size``-byte datagrams in ``view``: the datagram, the
     ``decrypt_into`` arguments (nonce, sealed packet, associated data, destination in
     ``rx_view`` after the vnet header) and the inner packet's length."""
     length = size - OVERHEAD
     inner = rx_view[VNET_HDR_LEN : VNET_HDR_LEN + length]
-    views = []
+    views: list[OpenSlot] = []
     for slot in range(slots):
         datagram = view[slot * size : slot * size + size]
         views.append((datagram, datagram[4:HEADER_BYTES], datagram[HEADER_BYTES:], datagram[:HEADER_BYTES],
@@ -257,7 +281,7 @@ class DataPlane:
         self._rx_view = memoryview(self._rx_buf)
         self._coalescer = TcpCoalescer(self._write_tun) if self.coalesce else None
         self._threads: list[threading.Thread] = []
-        self._logged: set[tuple] = set()
+        self._logged: set[tuple[str, ...]] = set()
         self.fastpath = fastpath.enabled()  # the C loops: built, and not turned off
         self._running = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -502,10 +526,10 @@ class DataPlane:
         # a full train plus one more packet written behind it before the train is sent
         out = bytearray(MAX_UDP_PAYLOAD + HEADER_BYTES + 65536 + TAG_BYTES)
         out_view = memoryview(out)
-        seal_views: dict[int, list[tuple[memoryview, ...]]] = {}
+        seal_views: dict[int, list[SealSlot]] = {}
         rbuf = bytearray(65536 + 64)
         rview = memoryview(rbuf)
-        open_views: dict[int, list[tuple]] = {}
+        open_views: OpenViews = {}
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -554,7 +578,7 @@ class DataPlane:
 
     def _forward(
         self, buf: bytearray, view: memoryview, n: int, skip: int, out: bytearray, out_view: memoryview,
-        seal_views: dict[int, list[tuple[memoryview, ...]]],
+        seal_views: dict[int, list[SealSlot]],
     ) -> None:
         counters = self._counters
         if n < skip + 20:
@@ -667,7 +691,7 @@ class DataPlane:
 
     def _seal_tso(
         self, peer: Peer, frame: TsoFrame, csum_start: int, csum_offset: int, out: bytearray, out_view: memoryview,
-        seal_views: dict[int, list[tuple[memoryview, ...]]],
+        seal_views: dict[int, list[SealSlot]],
     ) -> None:
         """:meth:`_seal_and_send` for a TSO frame whose middle segments' headers advance linearly.
 
@@ -782,8 +806,8 @@ class DataPlane:
 
     # ----- receiving: UDP → TUN ------------------------------------------------------------------
 
-    def _receive(self, rview: memoryview, n: int, ancillary: list, address: tuple[str, int],
-                 open_views: dict[int, list[tuple]]) -> None:
+    def _receive(self, rview: memoryview, n: int, ancillary: list[tuple[int, int, bytes]], address: tuple[str, int],
+                 open_views: OpenViews) -> None:
         """Open what one ``recvmsg`` returned (a GRO train, or one datagram) and write it to the TUN."""
         counters = self._counters
         size = n
@@ -804,7 +828,7 @@ class DataPlane:
 
     def _open_train(
         self, view: memoryview, n: int, size: int, address: tuple[str, int],
-        open_views: dict[int, list[tuple]] | None = None,
+        open_views: OpenViews | None = None,
     ) -> None:
         """Open a GRO train: datagrams of ``size`` bytes (the last may be shorter) from one sender.
 
@@ -840,7 +864,7 @@ class DataPlane:
         kind, epoch_byte, csum_start, csum_offset, key_id, _ = WIRE_HEADER.unpack_from(view)
         peer = self._by_key_id.get(key_id)
         epoch = peer.receive.epoch_for(epoch_byte) if peer is not None and kind == KIND_DATA else None
-        if epoch is None or peer.endpoint is None or (csum_start and csum_start + csum_offset + 22 > size):
+        if epoch is None or peer is None or peer.endpoint is None or (csum_start and csum_start + csum_offset + 22 > size):
             for start in range(0, n, size):
                 self._open_datagram(view[start : min(start + size, n)], address)
             return

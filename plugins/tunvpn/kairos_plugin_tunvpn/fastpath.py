@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["FASTPATH_ENV", "GcmKey", "append_segments", "enabled"]
+
 try:
     from ._fastpath import GcmKey, append_segments
 except ImportError:  # pragma: no cover - depends on the build
-    GcmKey = append_segments = None
+    GcmKey = append_segments = None  # type: ignore[assignment,misc]
 
 FASTPATH_ENV = "KAIROS_TUNVPN_PURE_PYTHON"
 

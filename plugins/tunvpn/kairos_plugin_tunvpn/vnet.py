@@ -266,7 +266,7 @@ class TcpCoalescer:
         self._segment_size = 0
         self._next_seq = 0
         self._closed = False
-        self._head: tuple = ()
+        self._head: tuple[object, ...] = ()
         self._options = b""
         # the fast path of push (see there): which header bits must match, and their values
         self._mask_bits = 0

@@ -230,14 +230,14 @@ class VPN:
         self._keepalive_socket: socket.socket | None = None
         self._attempt = 0
         self._refresh_at = 0.0  # monotonic time of the next refresh of our claim
-        self._exchanging: dict[str, asyncio.Task] = {}
+        self._exchanging: dict[str, asyncio.Task[None]] = {}
         self._last_exchange: dict[str, float] = {}
         self._wanted: set[str] = set()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._published_links: dict[str, Any] | None = None
         self._static_conflict_logged = False
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._device_lock = asyncio.Lock()
 
     # ----- lifecycle ------------------------------------------------------------------------------
@@ -458,7 +458,8 @@ class VPN:
             link.endpoint = (host, claim.udp_port) if host and claim.udp_port else None
         # move VIPs: park the losers first so that winners find their address free
         for peer_id in self.links:
-            if plane.has_peer(peer_id) and peer_id not in vips and usable(plane.vip_of(peer_id), self.settings.network):
+            current = plane.vip_of(peer_id)  # None exactly when the plane has no such peer
+            if current is not None and peer_id not in vips and usable(current, self.settings.network):
                 plane.park(peer_id)
         for _ in range(2):
             pending = False
@@ -493,8 +494,8 @@ class VPN:
                 elif plane.endpoint_of(peer_id) != link.endpoint:
                     plane.set_endpoint(peer_id, link.endpoint)
             else:
-                heard = plane.udp_heard(peer_id)
-                if heard is not None and heard > link.since:
+                udp_heard = plane.udp_heard(peer_id)
+                if udp_heard is not None and udp_heard > link.since:
                     log.info("vpn: UDP from %s works again", peer_id)
                     self.counters["vpn_path_switches"] += 1
                     link.path, link.since = "udp", now
@@ -613,7 +614,7 @@ class VPN:
             return
         vip = self.vips.get(peer_id)
         parked = vip is None or any(plane.vip_of(p) == vip for p in self.links if p != peer_id)
-        if parked:
+        if parked or vip is None:  # (vip is None means parked: the test is for the type checker)
             vip = parking_address()  # the next reconcile gives it its VIP
         link = self.links.get(peer_id)
         now = time.monotonic()
@@ -633,6 +634,7 @@ class VPN:
             log.warning("vpn: cannot add %s: %s", peer_id, exc)
             self._drop_session(peer_id, "install failed")
             return
+        assert link.sender is not None  # made with the link, above
         plane.set_fallback(peer_id, link.sender.send)
         log.info("vpn: session with %s (%s)", peer_id, "no VIP yet" if parked else vip)
         self.wake()

@@ -154,11 +154,11 @@ async def test_a_node_that_loses_its_vip_after_start_is_known_by_its_new_one(net
         fakes.received(peer.peer_id)
         ping = bytes(icmp_echo(src=vx.address.ip.packed, dst=peer.address.ip.packed, payload=b"from the new VIP"))
         fakes.inject(x.peer_id, ping)
-        await network.wait_for(lambda: ping in fakes.received(peer.peer_id), timeout=5)
+        await network.wait_for(lambda: ping in fakes.received(peer.peer_id), timeout=5)  # noqa: B023 (awaited here)
         stale = bytes(icmp_echo(src=contested.packed, dst=peer.address.ip.packed, payload=b"from the old VIP"))
         before = peer.plane.counters["drop_spoofed_source"]
         fakes.inject(x.peer_id, stale)
-        await network.wait_for(lambda: peer.plane.counters["drop_spoofed_source"] == before + 1, timeout=5)
+        await network.wait_for(lambda: peer.plane.counters["drop_spoofed_source"] == before + 1, timeout=5)  # noqa: B023 (awaited here)
     assert va.vips[x.peer_id] == vb.vips[x.peer_id] == vx.address.ip
 
 

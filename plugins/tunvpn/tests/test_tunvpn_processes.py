@@ -39,7 +39,7 @@ def test_three_nodes_ping_each_others_vip(vpnlab):
                 # sessions may still be renegotiated just after the mesh formed (a key request that
                 # crossed an exchange under load): wait for a first answer, then expect no loss
                 try:
-                    vpnlab.wait(lambda: vpnlab.ping(a, vips[b]), 20, f"node {a} pinging node {b}")
+                    vpnlab.wait(lambda: vpnlab.ping(a, vips[b]), 20, f"node {a} pinging node {b}")  # noqa: B023 (polled here)
                 except TimeoutError:
                     pytest.fail(f"node {a} cannot ping node {b} at {vips[b]}\n{vpnlab.explain(a, b)}")
                 assert vpnlab.ping(a, vips[b], count=3), f"node {a} lost pings to {b}\n{vpnlab.explain(a, b)}"
