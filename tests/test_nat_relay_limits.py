@@ -1,0 +1,80 @@
+"""Relay limits (issue #15), with real hosts on loopback: refusals are counted, the relay stays up.
+
+On loopback every host is publicly reachable; the reserved host is told it is private so that it
+takes a reservation (what the dial-back decides in a NAT lab: tests/test_nat_relay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kairos_core.p2p import P2PError, RelayLimits
+from kairos_core.p2p.relay import HOP_PROTOCOL
+
+
+async def _until(condition, what: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.1)
+
+
+async def _relay_and_reserved(hosts, limits: RelayLimits):
+    relay, reserved = await hosts.host(relay=limits), await hosts.host()
+    await reserved.connect(relay.addresses()[0])
+    await _until(lambda: relay.reachability()["reachability"] == "public", "the relay public")
+    await _until(lambda: reserved.reachability()["reachability"] != "unknown", "the first verdict")
+    reserved._reachability.state = "private"
+    await _until(lambda: reserved.reachability()["relays"] == [relay.peer_id], "a reservation")
+    circuit = next(a for a in reserved.addresses() if "/p2p-circuit/" in a)
+    return relay, reserved, circuit
+
+
+async def test_circuits_per_peer_are_bounded_and_refusals_counted(hosts) -> None:
+    relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits(max_circuits=1))
+    first, second = await hosts.host(), await hosts.host()
+    assert await first.connect(circuit) == reserved.peer_id
+    with pytest.raises(P2PError, match="too many circuits"):
+        await second.connect(circuit)
+    assert relay.counters["relay_refused"] == 1
+    assert relay.counters["relay_circuits"] == 1
+    assert first.is_admitted(reserved.peer_id) and not second.is_admitted(reserved.peer_id)
+
+
+async def test_no_reservation_and_garbage_are_refused(hosts) -> None:
+    relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits())
+    stranger_target = await hosts.host()
+    dialler = await hosts.host()
+    unreserved = circuit.rsplit("/p2p/", 1)[0] + f"/p2p/{stranger_target.peer_id}"
+    with pytest.raises(P2PError, match="no reservation"):
+        await dialler.connect(unreserved)
+    assert relay.counters["relay_refused"] == 1
+    stream = await dialler.open_stream(relay.peer_id, HOP_PROTOCOL)
+    await stream.write(b"\xff\xff" + b"x" * 64)  # a frame longer than the cap
+    await _until(lambda: relay.counters["relay_bad_requests"] == 1, "the garbage counted")
+    # the relay still serves
+    assert await dialler.connect(circuit) == reserved.peer_id
+
+
+async def test_a_circuit_is_cut_at_its_byte_budget(hosts) -> None:
+    relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits(max_bytes=64 * 1024))
+
+    async def sink(stream) -> None:
+        while await stream.read(65536):
+            pass
+
+    reserved.set_stream_handler("/test/sink", sink)
+    dialler = await hosts.host()
+    assert await dialler.connect(circuit) == reserved.peer_id
+    stream = await dialler.open_stream(reserved.peer_id, "/test/sink")
+    with pytest.raises(Exception):
+        for _ in range(64):
+            await stream.write(b"x" * 8192)
+            await asyncio.sleep(0.01)
+    await _until(lambda: relay.counters["relay_circuits_over_bytes"] == 1, "the cut counted")
+    await _until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
+    assert relay.reachability()["relay"]["circuits"] == 0
