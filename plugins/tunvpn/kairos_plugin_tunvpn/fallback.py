@@ -153,3 +153,43 @@ async def read_datagrams(stream: Any, deliver: Callable[[list[bytes]], Any],
             return
         counters["vpn_fallback_frames_received"] += 1
         await deliver(datagrams)
+
+
+class PathHysteresis:
+    """When a link that fell back to the stream may try UDP again: the cure for path flapping.
+
+    A peer behind a NAT is heard over UDP (its keepalives open the NAT towards us) while what we
+    send it over UDP may never arrive, so "heard over UDP again" alone switched such a link up
+    every retry and down again ``udp_timeout`` later, every ~10 s (issue #15). Here each switch up
+    that does not hold for ``stable`` seconds counts as a failure and doubles the wait before the
+    next trial (``retry`` … ``max_retry``); one that holds resets it.
+    """
+
+    def __init__(self, retry: float = 10.0, stable: float = 30.0, max_retry: float = 300.0) -> None:
+        self.retry, self.stable, self.max_retry = retry, stable, max_retry
+        #: switches up that fell back within ``stable`` seconds, since the last one that held
+        self.failures = 0
+        self._up_at: float | None = None
+
+    def retry_interval(self) -> float:
+        """Seconds between UDP trials now."""
+        return min(self.max_retry, self.retry * 2 ** min(self.failures, 16))
+
+    def may_try(self, now: float, last_trial: float) -> bool:
+        """Whether a link on the stream may try UDP again at ``now``."""
+        return now - last_trial > self.retry_interval()
+
+    def went_up(self, now: float) -> None:
+        """The link switched to UDP."""
+        self._up_at = now
+
+    def went_down(self, now: float) -> None:
+        """The link fell back to the stream."""
+        if self._up_at is not None and now - self._up_at < self.stable:
+            self.failures += 1
+        self._up_at = None
+
+    def holding(self, now: float) -> None:
+        """The link is on UDP and working at ``now``: once it held ``stable`` seconds, forgive."""
+        if self._up_at is not None and now - self._up_at >= self.stable:
+            self.failures = 0

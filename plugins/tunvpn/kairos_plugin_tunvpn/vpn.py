@@ -36,7 +36,7 @@ from kairos_core.plugin import ConfigError, Option, Section
 from . import keyexchange
 from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
 from .crypto import SessionKeys
-from .fallback import PACKETS_PROTOCOL, FallbackSender, read_datagrams
+from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
 from .tun import TunDevice, TunUnavailable
@@ -145,6 +145,7 @@ class Link:
     last_mark: Any = None
     last_progress: float = field(default_factory=time.monotonic)
     sender: FallbackSender | None = None
+    hysteresis: PathHysteresis = field(default_factory=lambda: PathHysteresis(UDP_RETRY_INTERVAL))
 
 
 def udp_host(info: dict[str, Any], network: ipaddress.IPv4Network) -> str | None:
@@ -491,16 +492,19 @@ class VPN:
                 if now - max(heard, link.since) > s.udp_timeout:
                     log.info("vpn: no UDP from %s for %.0f s: using the libp2p stream", peer_id, s.udp_timeout)
                     self._use_stream(peer_id, link, now)
-                elif plane.endpoint_of(peer_id) != link.endpoint:
-                    plane.set_endpoint(peer_id, link.endpoint)
+                else:
+                    link.hysteresis.holding(now)
+                    if plane.endpoint_of(peer_id) != link.endpoint:
+                        plane.set_endpoint(peer_id, link.endpoint)
             else:
                 udp_heard = plane.udp_heard(peer_id)
                 if udp_heard is not None and udp_heard > link.since:
                     log.info("vpn: UDP from %s works again", peer_id)
                     self.counters["vpn_path_switches"] += 1
                     link.path, link.since = "udp", now
+                    link.hysteresis.went_up(now)
                     plane.set_endpoint(peer_id, link.endpoint)
-                elif now - link.last_trial > UDP_RETRY_INTERVAL:
+                elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
                     # let a keepalive (and a moment of traffic) try UDP; the peer learns our
                     # endpoint from it if it arrives, and answers over UDP
                     link.last_trial = now
@@ -528,6 +532,7 @@ class VPN:
         if link.path != "stream":
             self.counters["vpn_path_switches"] += 1
             link.path, link.since, link.last_trial = "stream", now, now
+            link.hysteresis.went_down(now)
         if self.plane is not None and self.plane.endpoint_of(peer_id) is not None:
             self.plane.set_endpoint(peer_id, None)
 
