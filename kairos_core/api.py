@@ -11,6 +11,9 @@ Routes (JSON in and out):
 - ``GET /api/ledger`` — bucket names; ``GET /api/ledger/{bucket}`` — that bucket's items
 - ``GET|PUT|DELETE /api/ledger/{bucket}/{key}`` — one key (PUT body: the JSON value)
 - ``GET /api/watch[?bucket=B]`` — newline-delimited JSON, one line per change, until closed
+- ``GET /api/revoked`` — the revocations in force here; ``POST /api/revoked/{peer_id}`` (body
+  ``{"reason": …}``, optional) — revoke a peer, on the leader only (400 naming the leader
+  elsewhere); answers ``{"revocation": …, "written": bool}`` (false: it was revoked already)
 
 Bad input is a 400 with a one-line ``{"error": …}``, whatever it is (JSON nested too deeply to
 parse included); a 500 means a bug. A watch client that falls more than ``WATCH_CLIENT_BUFFER``
@@ -196,6 +199,18 @@ class APIServer:
             return _Reply(node.status())
         if method == "GET" and route == ["peers"]:
             return _Reply(node.membership.describe())
+        if method == "GET" and route == ["revoked"]:
+            return _Reply([record.as_dict() for record in node.revocations.in_force()])
+        if method == "POST" and len(route) == 2 and route[0] == "revoked":
+            try:
+                request = json.loads(body) if body else {}
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                return _error(400, "the body must be a JSON object")
+            reason = request.get("reason", "") if isinstance(request, dict) else None
+            if not isinstance(reason, str):
+                return _error(400, 'the body must be {"reason": "<text>"}')
+            record, written = node.revoke(route[1], reason)
+            return _Reply({"revocation": record, "written": written})
         if method == "GET" and route == ["ledger"]:
             return _Reply(sorted(ledger.buckets()))
         if method == "GET" and len(route) == 2 and route[0] == "ledger":

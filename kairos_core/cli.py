@@ -411,6 +411,47 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
 
 
 @cli.group()
+def peer() -> None:
+    """Revoke a peer network-wide, and list revocations."""
+
+
+@peer.command("revoke")
+@click.argument("peer_id")
+@click.option("--reason", default="", help="Why (kept with the revocation; at most 200 characters).")
+@socket_option
+@json_option
+@pass_context
+def peer_revoke(context: Context, peer_id: str, reason: str, socket_path: str | None, as_json: bool) -> None:
+    """Revoke PEER_ID: every node refuses its admission, drops its connections and ignores its
+    ledger writes from then on. Only the leader may; elsewhere this says which node leads."""
+    data = _client(context, socket_path).request("POST", f"/api/revoked/{_quote(peer_id)}",
+                                                 content=json.dumps({"reason": reason}))
+    if as_json:
+        emit_json(data)
+        return
+    record = data["revocation"]
+    verb = "revoked" if data["written"] else "already revoked"
+    echo_safe(f"{record['peer']} {verb} by {record['by']} (epoch {record['epoch']})")
+
+
+@peer.command("revoked")
+@socket_option
+@json_option
+@pass_context
+def peer_revoked(context: Context, socket_path: str | None, as_json: bool) -> None:
+    """List the revocations in force on this node."""
+    rows = _client(context, socket_path).request("GET", "/api/revoked")
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no peer is revoked")
+    for row in rows:
+        reason = f"  {row['reason']}" if row.get("reason") else ""
+        echo_safe(f"{row['peer']}  by {row['by']}  epoch {row['epoch']}{reason}")
+
+
+@cli.group()
 def ledger() -> None:
     """Read and write the shared ledger of a running node."""
 

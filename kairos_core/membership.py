@@ -120,6 +120,17 @@ class Membership:
         self._worker: asyncio.Task | None = None
         #: entries whose ``neighbours`` were refused (malformed, or more than MAX_NEIGHBOURS)
         self.bad_vouchers = 0
+        #: revoked peers: never reached, never vouching, never a voter or worth a dial
+        self.excluded: frozenset[str] = frozenset()
+
+    def exclude(self, peers: frozenset[str] | set[str]) -> None:
+        """Peers revoked (kairos_core.revocation): they leave at once and never count again."""
+        self.excluded = self.excluded | frozenset(peers)
+        for peer_id in peers:
+            state = self._peers.get(peer_id)
+            if state is not None:
+                state.last_alive_at = state.remembered_at = None
+        self._evaluate_all()
 
     # --- inputs ------------------------------------------------------------------------------
     def remember(self, peer_id: str, info: dict[str, Any]) -> None:
@@ -187,7 +198,7 @@ class Membership:
         now = self.clock()
         return self.recently_alive(horizon) | {
             peer_id for peer_id, state in self._peers.items()
-            if state.remembered_at is not None and now - state.remembered_at < horizon
+            if state.remembered_at is not None and now - state.remembered_at < horizon and peer_id not in self.excluded
         }
 
     def recently_alive(self, horizon: float) -> set[str]:
@@ -195,7 +206,8 @@ class Membership:
         now = self.clock()
         return {
             peer_id for peer_id, state in self._peers.items()
-            if state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon)
+            if peer_id not in self.excluded
+            and (state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon))
         }
 
     def describe(self) -> list[dict[str, Any]]:
@@ -235,14 +247,15 @@ class Membership:
     def vouched(self) -> set[str]:
         """Peers reached from us through vouchers: connected to us, or named by a reached peer
         whose entry is fresh (see the module docstring)."""
-        reached = {peer_id for peer_id, state in self._peers.items() if state.connected}
+        excluded = self.excluded
+        reached = {peer_id for peer_id, state in self._peers.items() if state.connected and peer_id not in excluded}
         frontier = list(reached)
         while frontier:
             state = self._peers[frontier.pop()]
             if not self._fresh(state):
                 continue  # an entry not renewed for a TTL vouches for nobody any more
             for peer_id in state.neighbours:
-                if peer_id not in reached and peer_id != self.self_id and peer_id in self._peers:
+                if peer_id not in reached and peer_id != self.self_id and peer_id in self._peers and peer_id not in excluded:
                     reached.add(peer_id)
                     frontier.append(peer_id)
         return reached
@@ -255,7 +268,7 @@ class Membership:
     def _evaluate(self, peer_id: str, state: PeerState, alive: bool) -> None:
         if alive and not state.alive and not state.info and self.clock() - state.connected_at < JOIN_GRACE:
             return  # wait briefly for the entry, so that `joined` can carry it
-        if alive or state.alive:
+        if (alive or state.alive) and peer_id not in self.excluded:
             state.last_alive_at = self.clock()
         if alive == state.alive:
             return

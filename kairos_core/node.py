@@ -34,6 +34,7 @@ from .ledger.ledger import LEDGER_FILE
 from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
+from .revocation import REVOKED_BUCKET, Revocations
 from .seal import Sealer
 from .statedir import secure_state_dir
 
@@ -83,6 +84,7 @@ class Node:
         self.membership: Membership | None = None
         self.election: Election | None = None
         self.api: APIServer | None = None
+        self.revocations: Revocations | None = None
         self._discovery: list[Any] = []
         self._tasks: set[asyncio.Task] = set()
         # Ledger updates and leader changes are delivered in order, each through its own queue, so
@@ -112,6 +114,9 @@ class Node:
         secure_state_dir(self.config.state_dir, create=(LEDGER_FILE,))
         self.ledger = self._open_ledger()
         self.ledger.add_listener(self._on_ledger_update)
+        # Revocations recorded before a restart are in force before the first connection.
+        self.revocations = Revocations(self.peer_id, self.ledger, self.lease_holder, self._peers_revoked)
+        self.revocations.refresh()
         self._spawn(self._deliver_hooks(self._ledger_events), "ledger-hooks")
         self._spawn(self._deliver_hooks(self._leader_events), "leader-hooks")
 
@@ -122,6 +127,7 @@ class Node:
             relay=RelayLimits(enable=p2p.relay.enable, max_circuits=p2p.relay.max_circuits,
                               max_bytes=p2p.relay.max_bytes, max_duration=p2p.relay.max_duration),
         )
+        await self.host.revoke(self.revocations.revoked)  # the gate refuses them from the start
         await self.host.start()
         self.connections = ConnectionManager(self.peer_id, self.host, self._dial_candidate,
                                              low=p2p.connections.low, high=p2p.connections.high,
@@ -146,6 +152,8 @@ class Node:
         self._spawn(self._every(membership.announce_interval, self.announce), "announce")
         self._spawn(self._every(1.0, self.membership.expire), "membership-expiry")
         self._spawn(self._every(REDIAL_INTERVAL, self._redial_known_peers), "reconnect")
+        # a record may arrive before this node can tell who led its epoch: look again each second
+        self._spawn(self._every(1.0, self.revocations.refresh), "revocations")
 
         await self._start_discovery()
         election = self.config.section("election")
@@ -372,6 +380,8 @@ class Node:
             counters.update({f"p2p_{k}": v for k, v in getattr(self.host, "counters", {}).items()})
         if self.dialer:
             counters.update({f"p2p_{k}": v for k, v in self.dialer.counters.items()})
+        if self.ledger:
+            counters["ledger_rejected_revoked"] = self.ledger.policies.refused_revoked
         return {
             "peer_id": self.peer_id,
             "hostname": self.hostname,
@@ -523,7 +533,7 @@ class Node:
         self._discovery.append(discovery)
 
     async def _discovered(self, peer_id: str, addrs: list[str]) -> None:
-        if self._running and self.dialer:
+        if self._running and self.dialer and not self.revocations.is_revoked(peer_id):
             self.dialer.discovered(peer_id, addrs)
 
     async def _probe(self, peer_id: str) -> bool:
@@ -559,7 +569,31 @@ class Node:
             self.membership.disconnected(peer_id)
         self._neighbours_changed()
 
+    def revoke(self, peer_id: str, reason: str = "") -> tuple[dict[str, Any], bool]:
+        """Revoke ``peer_id`` network-wide (the leader only); ``(record, newly written)``.
+
+        :class:`KairosError` says why not (not the leader: which node is; not a peer id; itself).
+        """
+        if self.revocations is None:
+            raise KairosError("the node is not running")
+        record, written = self.revocations.revoke(peer_id, leader=self.leader, reason=reason)
+        return record.as_dict(), written
+
+    def _peers_revoked(self, peers: frozenset[str]) -> None:
+        """Peers newly revoked (kairos_core.revocation): refuse them everywhere, at once."""
+        self.counters["peers_revoked"] += len(peers)
+        self.ledger.policies.refuse_owners(self.revocations.revoked)
+        if self.membership is not None:
+            self.membership.exclude(peers)
+        if self.dialer is not None:
+            for peer_id in peers:
+                self.dialer.forget(peer_id)
+        if self.host is not None and self._running:
+            self._spawn(self._logged(self.host.revoke(peers), "revoke"), "revoke")
+
     def _on_ledger_update(self, update: LedgerUpdate) -> None:
+        if update.bucket == REVOKED_BUCKET and self.revocations is not None and self._running:
+            self.revocations.refresh()
         if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id and is_node_key(update.key):
             self.membership.entry_changed(update.key, update.value if isinstance(update.value, dict) else None)
         if self.election:

@@ -9,6 +9,14 @@ policy sees the incoming entry, the entry it would replace, and the current unix
 - :class:`LeasePolicy` — the ``leader`` bucket: a lease key ends with ``:<writer's peer id>``
   and its value names the writer (``value["peer"] == owner``); which claim stands is the
   election's rule (see :mod:`kairos_core.election`), not the ledger's.
+- :class:`RevocationPolicy` — the ``revoked`` bucket: ``<revoked peer id>:<writer's peer id>``,
+  never deleted, so nobody writes a revocation in another's name and nobody (its writer
+  included) undoes one; whether a record counts (its writer led the epoch it names) is
+  :mod:`kairos_core.revocation`'s rule.
+
+A registry also refuses every write of an owner it was told is revoked
+(:meth:`PolicyRegistry.refuse_owners`): from then on nothing of that peer is merged, whatever
+bucket, whoever relays it.
 
 The core names the policies of its own buckets only (:data:`DEFAULT_POLICIES`); a plugin names
 those of its buckets through the ``kairos_ledger_policies`` hook, which the node registers before
@@ -81,14 +89,36 @@ class LeasePolicy:
         return entry.deleted or (isinstance(entry.value, dict) and entry.value.get("peer") == entry.owner)
 
 
+class RevocationPolicy:
+    """A revocation is written under, and names, its writer, and is never deleted.
+
+    The key is ``<revoked peer id>:<owner>`` and the value a dict whose ``peer`` is the revoked
+    peer and ``by`` the owner (the shape :func:`kairos_core.revocation.parse_revocation` reads).
+    Tombstones are refused, so once a record is held it stays held: a later write of the same key
+    can only come from its own writer and still names the same peer.
+    """
+
+    name = "revocation"
+
+    def allows(self, entry: Entry, current: Entry | None, now: float) -> bool:
+        """True for a live record, under the owner's own key, that names the key's peer."""
+        if entry.deleted or not entry.key.endswith(":" + entry.owner):
+            return False
+        peer = entry.key[: -len(entry.owner) - 1]
+        value = entry.value
+        return bool(peer) and isinstance(value, dict) and value.get("peer") == peer and value.get("by") == entry.owner
+
+
 OPEN = OpenPolicy()
 OWNER_KEYED = OwnerKeyedPolicy()
 LEASE = LeasePolicy()
+REVOCATION = RevocationPolicy()
 
 # The core's own buckets. Plugins' buckets are not named here (see kairos_ledger_policies).
 DEFAULT_POLICIES: Mapping[str, WritePolicy] = {
     "nodes": OWNER_KEYED,
     "leader": LEASE,
+    "revoked": REVOCATION,
 }
 
 
@@ -110,6 +140,13 @@ class PolicyRegistry:
         self._policies: dict[str, WritePolicy] = dict(DEFAULT_POLICIES if policies is None else policies)
         self.default = default
         self.namespace = namespace
+        #: owners whose writes are refused in every bucket (revoked peers), and how many were
+        self.refused_owners: frozenset[str] = frozenset()
+        self.refused_revoked = 0
+
+    def refuse_owners(self, owners: frozenset[str] | set[str]) -> None:
+        """Refuse, from now on, every write whose owner is in ``owners`` (replaces the set)."""
+        self.refused_owners = frozenset(owners)
 
     def register(self, bucket: str, policy: WritePolicy) -> None:
         """Set the policy of ``bucket`` (replacing any earlier one)."""
@@ -124,7 +161,11 @@ class PolicyRegistry:
         return self._policies.get(bucket, self.default)
 
     def allows(self, entry: Entry, current: Entry | None, now: float) -> bool:
-        """Whether the policy of ``entry.bucket`` permits it to replace ``current``."""
+        """Whether the policy of ``entry.bucket`` permits it to replace ``current`` (never for a
+        refused owner)."""
+        if entry.owner in self.refused_owners:
+            self.refused_revoked += 1
+            return False
         return self.for_bucket(entry.bucket).allows(entry, current, now)
 
 

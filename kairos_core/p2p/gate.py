@@ -1,5 +1,8 @@
 """The admission gate: which connected peers are admitted, and keeping everyone else out.
 
+Revoked peers (see :mod:`kairos_core.revocation`) are refused before any handshake, both ways,
+and :meth:`AdmissionGate.revoke` closes what they still have open.
+
 :mod:`.admission` is the handshake itself, over any byte channel; this module decides *when* it
 runs and what its verdict opens. Every new connection gets a pending verdict: the dialling side runs
 ``/kairos/admit/1.0.0``, the accepting side waits (bounded) for the dialler's proof. A peer that fails
@@ -174,6 +177,8 @@ class AdmissionGate:
         self._admissions: dict[str, _Admission] = {}
         self._admitted: set[str] = set()
         self._refusals = _RefusalLog()
+        # Replaced whole (never mutated) from asyncio, read on trio: kept across host restarts.
+        self.revoked: frozenset[str] = frozenset()
 
     # --- lifecycle (the host's) -------------------------------------------------------------------
     def attach(self, host: Any, nursery: trio.Nursery) -> None:
@@ -240,6 +245,9 @@ class AdmissionGate:
 
         Raises :class:`P2PError` when the dial fails, :class:`AdmissionError` when not admitted.
         """
+        if peer in self.revoked:
+            self.counters["admission_revoked"] += 1
+            raise AdmissionError(f"{peer} is revoked: not dialled")
         if peer in self._admitted:
             return
         record = self._admission_for(peer)
@@ -258,6 +266,10 @@ class AdmissionGate:
         record = self._admission_for(peer)
         if record.decided.is_set():
             return
+        if peer in self.revoked:
+            self.counters["admission_revoked"] += 1
+            self._nursery.start_soon(self._refuse, peer, record, "revoked", None)
+            return
         outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
         if outbound:
             self._nursery.start_soon(self._admit_dialler, peer, record)
@@ -270,14 +282,20 @@ class AdmissionGate:
         host = self._host
         if host is not None and host.get_network().get_connections(peer_id):
             return
-        peer = str(peer_id)
+        self._forget(str(peer_id), "disconnected during admission")
+
+    def _forget(self, peer: str, reason: str) -> bool:
+        """End ``peer``'s pending admission (with ``reason``) and its admitted state; True when it
+        was admitted (then ``on_gone`` was called)."""
         record = self._admissions.pop(peer, None)
         if record is not None and not record.decided.is_set():
-            record.reason = "disconnected during admission"
+            record.reason = reason
             record.decided.set()
-        if peer in self._admitted:
-            self._admitted.discard(peer)
-            self._on_gone(peer)
+        if peer not in self._admitted:
+            return False
+        self._admitted.discard(peer)
+        self._on_gone(peer)
+        return True
 
     async def admit_listener(self, net_stream: Any) -> None:
         """The ``/kairos/admit/1.0.0`` stream handler: check a dialler's proof."""
@@ -285,6 +303,10 @@ class AdmissionGate:
         record = self._admission_for(peer)
         if record.admitted:
             await quiet_reset(net_stream)
+            return
+        if peer in self.revoked:
+            self.counters["admission_revoked"] += 1
+            await self._refuse(peer, record, "revoked", net_stream)
             return
         try:
             with trio.fail_after(self.timeout):
@@ -330,8 +352,23 @@ class AdmissionGate:
             return
         await self._refuse(peer, record, "no admission attempt before the timeout", None)
 
+    async def revoke(self, peers: frozenset[str]) -> None:
+        """Trio side: refuse ``peers`` from now on and close what they have open, at once.
+
+        They leave the admitted set before their connections close, so no stream handler or
+        gossip validator lets anything of theirs through meanwhile.
+        """
+        self.revoked = self.revoked | frozenset(peers)
+        for peer in peers:
+            if self._forget(peer, "revoked"):
+                self.counters["revoked_disconnected"] += 1
+            await self._disconnect(peer)
+
     async def _admit(self, peer: str, record: _Admission) -> None:
         if record.decided.is_set():
+            return
+        if peer in self.revoked:  # revoked while its handshake ran
+            await self._refuse(peer, record, "revoked", None)
             return
         record.admitted = True
         record.decided.set()
@@ -350,6 +387,10 @@ class AdmissionGate:
             del self._admissions[peer]
         if net_stream is not None:
             await quiet_reset(net_stream)
+        await self._disconnect(peer)
+
+    async def _disconnect(self, peer: str) -> None:
+        """Close every connection of ``peer``, bounded; failure is only noted (it may be gone)."""
         if self._host is not None:
             with trio.move_on_after(5):
                 try:

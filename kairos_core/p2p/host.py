@@ -493,6 +493,15 @@ class P2PHost:
 
         await bridge.call(close)
 
+    async def revoke(self, peers: frozenset[str] | set[str]) -> None:
+        """Refuse ``peers`` at admission from now on (across restarts of this host too) and close
+        their connections at once (see :meth:`AdmissionGate.revoke`)."""
+        peers = frozenset(peers)
+        self._gate.revoked = self._gate.revoked | peers
+        bridge = self._bridge
+        if bridge is not None and bridge.running and self._host is not None:
+            await bridge.call(self._gate.revoke, peers)
+
     # --- gossip ---------------------------------------------------------------------------------
     def subscribe(self, topic: str, handler: GossipHandler, *, validate: PayloadCheck | None = None) -> None:
         """Deliver ``handler(origin_peer_id, data)`` for each message on ``topic``.

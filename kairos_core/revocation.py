@@ -1,0 +1,200 @@
+"""Revoking a peer: the leader's record in the ledger, and what every node does about it.
+
+``kairos peer revoke PEER_ID`` (on the leader) writes one record to the core bucket ``revoked``::
+
+    revoked/<peer id>:<leader's peer id> = {"peer": <peer id>, "by": <leader>, "epoch": E,
+                                            "at": <unix seconds>, "reason": "…"}
+
+The bucket's write policy (:class:`~kairos_core.ledger.policy.RevocationPolicy`) keeps the
+record in its writer's name and refuses tombstones, so no token holder can write one for someone
+else or undo one. Any token holder may still write a record under its *own* name; a record counts
+only when its writer is the attested leader of the epoch it names (``node.lease_holder(epoch)``,
+the same answer k3s fences by), so an insider's records change nothing.
+
+A record that counts is final on this node: the revoked peer is
+
+- refused at admission, both ways, and its connections closed at once (the gate);
+- no longer a member, a voter or a candidate (membership), so its leases lose credibility;
+- refused as the owner of any ledger write from then on, whoever relays it (the policy registry).
+
+What it cannot do: a revoked node still holds the network token, so it can still open what is
+sealed with it (recorded gossip, a ledger copy) until the token is rotated; see docs/security.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .election import MAX_EPOCH  # epochs are bounded wherever they are parsed
+from .errors import KairosError
+from .identity import public_key_from_peer_id
+
+log = logging.getLogger(__name__)
+
+REVOKED_BUCKET = "revoked"
+# A reason is for the operator's eyes; longer text is cut, not refused.
+MAX_REASON = 200
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One record of the ``revoked`` bucket."""
+
+    peer: str
+    by: str
+    epoch: int
+    at: float
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape the API and ``kairos peer revoked`` show."""
+        return {"peer": self.peer, "by": self.by, "epoch": self.epoch, "at": self.at, "reason": self.reason}
+
+
+def is_peer_id(text: Any) -> bool:
+    """Whether ``text`` is an ed25519 peer id (the only kind a kairos node has)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        public_key_from_peer_id(text)
+    except ValueError:
+        return False
+    return True
+
+
+def revocation_key(peer: str, by: str) -> str:
+    """The key of ``by``'s record revoking ``peer``."""
+    return f"{peer}:{by}"
+
+
+def parse_revocation(key: str, value: Any, owner: str) -> Revocation | None:
+    """The record under ``key`` written by ``owner``, or None when it is malformed."""
+    if not isinstance(value, dict) or not key.endswith(":" + owner):
+        return None
+    peer = key[: -len(owner) - 1]
+    epoch, at, reason = value.get("epoch"), value.get("at", 0), value.get("reason", "")
+    if value.get("peer") != peer or value.get("by") != owner or not is_peer_id(peer):
+        return None
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch <= MAX_EPOCH:
+        return None
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or at != at:  # NaN
+        at = 0
+    return Revocation(peer, owner, epoch, float(at), reason[:MAX_REASON] if isinstance(reason, str) else "")
+
+
+class Revocations:
+    """The revocations that count on this node, kept up to date from the ledger.
+
+    :param self_id: this node (it never refuses itself; it logs that it was revoked).
+    :param ledger: the node's ledger (its ``revoked`` bucket).
+    :param lease_holder: ``epoch -> peer id | None``: the attested leader of an epoch.
+    :param on_revoked: called with the set of peers newly revoked (never with this node).
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        ledger: Any,
+        lease_holder: Callable[[int], str | None],
+        on_revoked: Callable[[frozenset[str]], None],
+    ) -> None:
+        self.self_id = self_id
+        self.ledger = ledger
+        self.lease_holder = lease_holder
+        self.on_revoked = on_revoked
+        self._in_force: dict[str, Revocation] = {}  # peer -> the record that revoked it
+        self._self_revoked_logged = False
+        #: records held that do not count (their writer did not lead the epoch they name)
+        self.not_credible = 0
+
+    @property
+    def revoked(self) -> frozenset[str]:
+        """Peers revoked on this node."""
+        return frozenset(self._in_force)
+
+    def is_revoked(self, peer: str) -> bool:
+        """Whether ``peer`` is revoked here."""
+        return peer in self._in_force
+
+    def records(self) -> list[Revocation]:
+        """Every well-formed record held, credible or not."""
+        found = []
+        for key in list(self.ledger.items(REVOKED_BUCKET)):
+            entry = self.ledger.get_entry(REVOKED_BUCKET, key)
+            if entry is not None and not entry.deleted:
+                record = parse_revocation(entry.key, entry.value, entry.owner)
+                if record is not None:
+                    found.append(record)
+        return found
+
+    def in_force(self) -> list[Revocation]:
+        """The records that revoked a peer here, oldest first."""
+        return sorted(self._in_force.values(), key=lambda r: (r.epoch, r.at, r.peer))
+
+    def credible(self, record: Revocation) -> bool:
+        """Whether ``record``'s writer led the epoch it names."""
+        return self.lease_holder(record.epoch) == record.by
+
+    def refresh(self) -> frozenset[str]:
+        """Put newly credible records in force; returns the peers that are newly revoked.
+
+        A revocation in force stays in force (this node's view of who led an old epoch may fade
+        as members leave; the revocation must not).
+        """
+        new: dict[str, Revocation] = {}
+        not_credible = 0
+        for record in self.records():
+            if record.peer in self._in_force or record.peer in new:
+                continue
+            if not self.credible(record):
+                not_credible += 1
+                continue
+            if record.peer == self.self_id:
+                if not self._self_revoked_logged:
+                    self._self_revoked_logged = True
+                    log.error("this node was revoked by the leader %s (epoch %d): the others refuse it", record.by, record.epoch)
+                continue
+            new[record.peer] = record
+        self.not_credible = not_credible
+        if not new:
+            return frozenset()
+        self._in_force.update(new)
+        for record in new.values():
+            log.warning("peer %s revoked by the leader %s (epoch %d)%s", record.peer, record.by, record.epoch,
+                        f": {record.reason}" if record.reason else "")
+        peers = frozenset(new)
+        self.on_revoked(peers)
+        return peers
+
+    def revoke(self, peer: str, *, leader: tuple[str, int] | None, reason: str = "") -> tuple[Revocation, bool]:
+        """Write this node's record revoking ``peer`` (only the leader may); ``(record, written)``.
+
+        Idempotent: a peer already revoked returns the record in force and writes nothing.
+        Raises :class:`KairosError` with a message for the operator when it cannot.
+        """
+        if not is_peer_id(peer):
+            raise KairosError(f"not a peer id: {peer[:80]!r}")
+        if peer == self.self_id:
+            raise KairosError("a node cannot revoke itself (hand over leadership first)")
+        existing = self._in_force.get(peer)
+        if existing is not None:
+            return existing, False
+        if leader is None:
+            raise KairosError("no leader yet: only the leader may revoke a peer; try again once one is elected")
+        holder, epoch = leader
+        if holder != self.self_id:
+            raise KairosError(f"only the leader may revoke a peer: the leader is {holder} (epoch {epoch}); run this there")
+        value = {"peer": peer, "by": self.self_id, "epoch": epoch, "at": round(time.time(), 3),
+                 "reason": reason[:MAX_REASON]}
+        self.ledger.set(REVOKED_BUCKET, revocation_key(peer, self.self_id), value)
+        self.refresh()
+        record = self._in_force.get(peer)
+        if record is None:  # our own lease record lags the election's view: count ours at once
+            record = parse_revocation(revocation_key(peer, self.self_id), value, self.self_id)
+            self._in_force[peer] = record
+            self.on_revoked(frozenset({peer}))
+        return record, True
