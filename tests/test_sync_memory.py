@@ -14,7 +14,7 @@ import tracemalloc
 from pathlib import Path
 
 from kairos_core.identity import Identity
-from kairos_core.ledger import StreamChannel, open_ledger, sync_ledgers
+from kairos_core.ledger import StreamChannel, SyncError, open_ledger, sync_ledgers
 from kairos_core.ledger.sync import _View, _DIGEST, _ENTRIES, _ENTRIES_END, _WIRE_VERSION, EMPTY_RANGE, RANGES, pack_digest
 
 SERVER = Identity.from_seed(bytes([9]) * 32)
@@ -109,4 +109,40 @@ async def test_whole_ledger_dumps_cost_the_server_a_bounded_amount_of_memory(tmp
         finally:
             tracemalloc.stop()
     finally:
+        ledger.close()
+
+
+async def test_an_oversized_frame_is_refused_at_its_length_not_buffered(tmp_path: Path) -> None:
+    """The channel would take 20 MiB frames (a token's message size); the session's limit is 1 MiB
+    and the channel is narrowed to it, so an 8 MiB frame is refused before it is read."""
+    ledger = open_ledger(SERVER, tmp_path / "server")
+    outcome: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        channel = StreamChannel(reader, writer, 20 * 1024 * 1024)
+        try:
+            await sync_ledgers(ledger, channel)
+            outcome.set_result(None)
+        except Exception as exc:
+            outcome.set_result(exc)
+        finally:
+            await channel.aclose()
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        big = 8 * 1024 * 1024
+        tracemalloc.start()
+        try:
+            writer.write(big.to_bytes(4, "big") + b"D" * (256 * 1024))  # the start of a big frame
+            failure = await asyncio.wait_for(outcome, 10)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert isinstance(failure, SyncError) and "exceeds" in str(failure)
+        assert peak < big // 4, f"{peak} bytes allocated for a frame refused at its length"
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
         ledger.close()

@@ -149,6 +149,11 @@ async def sync_ledgers(
         max_frame = min(max_frame, channel_limit)
     if max_frame < MIN_FRAME:
         raise ValueError(f"sync needs frames of at least {MIN_FRAME} bytes, not {max_frame}")
+    if isinstance(channel_limit, int) and channel_limit > max_frame:
+        # The channel reads frames up to its own limit (a stream's is the token's message size,
+        # 20 MiB by default) before the session could refuse one: narrow it to the session's, so
+        # an oversized frame is refused at its length prefix, never buffered.
+        channel.max_frame = max_frame
     try:
         async with asyncio.timeout(timeout):
             return await _Session(ledger, channel, max_frame, max_items).run()
