@@ -5,9 +5,12 @@ Each round cuts the sitting leader and one other node off from the rest (see
 ``kairos_core.labpartition``), writes ``--keys`` keys on each side plus one key both sides write,
 heals, and times from the heal until every node is admitted to every other (``reconnect_s``),
 every acknowledged write is everywhere with the shared key resolved one way (``converge_s``), and
-every node names one leader (``leader_s``); ``step_down_s`` is from the cut until the old leader
-stops claiming to lead. Prints one JSON line per round, then a summary with p50/p99/max and the
-rounds that never made it. The network is formed once and reused across rounds.
+every node names one leader (``leader_s``). From the cut: the old leader's connections to the
+majority are gone (``cut_seen_s``), its membership counts none of them (``members_lost_s``), it stops
+claiming to lead (``step_down_s``), the majority names a new leader (``new_leader_s``). Prints one
+JSON line per round (with the replication counters that moved after the heal), then a summary with
+p50/p99/max, the rounds that never made it, and the load average before and after (other work on
+the machine skews every time). The network is formed once and reused across rounds.
 
 Needs root. Usage: bench/partition.py [--rounds 20] [--nodes 5] [--mode input|bridge|oneway]
 [--split-seconds S] [--timeout 60]
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -56,6 +60,7 @@ def main() -> None:
     if reason:
         print(json.dumps({"error": reason}))
         sys.exit(1)
+    load_before = os.getloadavg()
     with Lab(unique_prefix("kp"), args.nodes) as lab, tempfile.TemporaryDirectory() as root:
         network = LabNetwork(lab, Path(root))
         rounds = []
@@ -85,8 +90,10 @@ def main() -> None:
                     (out / f"node{node.index}.log").write_text(node.log)
             network.close()
         summary: dict = {"bench": "partition", "nodes": args.nodes, "mode": args.mode, "rounds": len(rounds),
-                         "split_s": args.split_seconds, "never_converged": sum(not r.ok for r in rounds)}
-        for name in ("reconnect_s", "converge_s", "leader_s", "step_down_s"):
+                         "split_s": args.split_seconds, "never_converged": sum(not r.ok for r in rounds),
+                         "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+        for name in ("reconnect_s", "converge_s", "leader_s", "cut_seen_s", "members_lost_s", "step_down_s",
+                     "new_leader_s"):
             values = [getattr(r, name) for r in rounds if getattr(r, name) is not None]
             summary[f"{name}_p50"] = percentile(values, 0.5)
             summary[f"{name}_p99"] = percentile(values, 0.99)

@@ -8,13 +8,24 @@ lets each side elect (or keep) its leader and take writes, heals, and times from
   sides wrote resolves to one value everywhere;
 - ``leader_s``: every node names the same leader.
 
-``step_down_s`` is the time from the cut until the old leader stops saying ``is_leader``. A time
-is ``None`` when it was not reached within the round's timeout.
+During the split, timed from the cut and polled side by side (so that one does not wait for the
+other):
+
+- ``cut_seen_s``: the old leader's connections to the majority are gone (keepalive detection);
+- ``members_lost_s``: its membership counts no majority node alive any more;
+- ``step_down_s``: it stops saying ``is_leader``;
+- ``new_leader_s``: every majority node names one leader of a higher epoch.
+
+A time is ``None`` when it was not reached within the round's timeout. ``sync_counters`` are the
+replication counters (summed over the nodes) that moved from the heal until the end of the
+round (read ``COUNTERS_SETTLE`` s after it), to tell a slow convergence's cause; ``cut_at``/``healed_at`` are wall-clock times, to
+find a round in the nodes' logs.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +43,18 @@ class RoundResult:
 
     mode: str
     split_s: float
+    cut_seen_s: float | None = None
+    members_lost_s: float | None = None
     step_down_s: float | None = None
+    new_leader_s: float | None = None
     reconnect_s: float | None = None
     converge_s: float | None = None
     leader_s: float | None = None
     acknowledged: int = 0
     missing: dict[int, int] = field(default_factory=dict)  # node index → acknowledged writes it lacks
+    sync_counters: dict[str, int] = field(default_factory=dict)
+    cut_at: float = 0.0
+    healed_at: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -61,13 +78,33 @@ def bucket_of(node: LabNode, bucket: str) -> dict[str, Any] | None:
         return None
 
 
-def _poll_until(condition, deadline: float, interval: float = 0.05) -> float | None:
-    while True:
-        if condition():
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            return None
+def _poll_all(checks: dict[str, Any], since: float, deadline: float, interval: float = 0.05) -> dict[str, float | None]:
+    """Poll every check side by side until each held once; seconds from ``since`` (None: never)."""
+    reached: dict[str, float | None] = dict.fromkeys(checks)
+    pending = dict(checks)
+    while pending and time.monotonic() <= deadline:
+        for name, check in list(pending.items()):
+            if check():
+                reached[name] = round(time.monotonic() - since, 3)
+                del pending[name]
         time.sleep(interval)
+    return reached
+
+
+# Replication counters that tell why a convergence took long (see kairos_core.replication).
+SYNC_COUNTERS = ("syncs", "sync_failures", "syncs_cancelled", "syncs_confirmed", "syncs_still_differing",
+                 "admission_syncs_taken_over", "admission_syncs_abandoned", "syncs_refused_busy")
+# After convergence the admission syncs still run their confirming digest checks: read the
+# counters this much later.
+COUNTERS_SETTLE = 2.0
+
+
+def _sync_counters(nodes: list[LabNode]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for node in nodes:
+        counters = (node.status() or {}).get("counters", {})
+        total.update({name: counters.get(name, 0) for name in SYNC_COUNTERS})
+    return total
 
 
 def split_and_heal(network: LabNetwork, round_no: int, *, mode: str = "input", split_s: float = 0.0,
@@ -88,18 +125,38 @@ def split_and_heal(network: LabNetwork, round_no: int, *, mode: str = "input", s
     lab = network.lab
     result = RoundResult(mode=mode, split_s=split_s)
 
+    old_node = network.nodes[leader_index]
+    majority_nodes = [network.nodes[i] for i in majority]
+    majority_ids = {ids[i] for i in majority}
+
+    def cut_seen() -> bool:
+        return (old_node.status() or {}).get("admitted", len(nodes)) <= len(minority) - 1
+
+    def members_lost() -> bool:
+        try:
+            rows = old_node.client.request("GET", "/api/peers")
+        except KairosError:
+            return False
+        return not any(row["alive"] and row["peer_id"] in majority_ids for row in rows)
+
+    def stepped_down() -> bool:
+        return (old_node.status() or {}).get("is_leader") is False
+
+    def new_leader() -> bool:
+        seen = {leader_of(n) for n in majority_nodes}
+        return len(seen) == 1 and all(view is not None and view[1] > epoch for view in seen)
+
+    result.cut_at = time.time()
     cut = time.monotonic()
     if mode == "bridge":
         lab.partition(minority, majority)
     else:
         lab.drop_inbound(majority, minority, oneway=(mode == "oneway"))
     try:
-        deadline = cut + timeout
-        majority_nodes = [network.nodes[i] for i in majority]
-        _poll_until(lambda: all((leader_of(n) or ("", 0))[1] > epoch for n in majority_nodes)
-                    and len({leader_of(n) for n in majority_nodes}) == 1, deadline)
-        stepped = _poll_until(lambda: (network.nodes[leader_index].status() or {}).get("is_leader") is False, deadline)
-        result.step_down_s = None if stepped is None else round(stepped - cut, 3)
+        during = _poll_all({"cut_seen_s": cut_seen, "members_lost_s": members_lost,
+                            "step_down_s": stepped_down, "new_leader_s": new_leader}, cut, cut + timeout)
+        for name, value in during.items():
+            setattr(result, name, value)
         bucket = f"partition-{round_no}"
         expected: dict[str, Any] = {}
         for side, members in (("minority", minority), ("majority", majority)):
@@ -120,7 +177,9 @@ def split_and_heal(network: LabNetwork, round_no: int, *, mode: str = "input", s
         if remaining > 0:
             time.sleep(remaining)
     finally:
+        before = _sync_counters(nodes)
         lab.heal()
+    result.healed_at = time.time()
     healed = time.monotonic()
     deadline = healed + timeout
 
@@ -138,13 +197,13 @@ def split_and_heal(network: LabNetwork, round_no: int, *, mode: str = "input", s
         seen = {leader_of(node) for node in nodes}
         return len(seen) == 1 and None not in seen
 
-    pending = {"reconnect_s": reconnected, "converge_s": converged, "leader_s": agreed}
-    while pending and time.monotonic() <= deadline:
-        for name, check in list(pending.items()):
-            if check():
-                setattr(result, name, round(time.monotonic() - healed, 3))
-                del pending[name]
-        time.sleep(0.05)
+    after = _poll_all({"reconnect_s": reconnected, "converge_s": converged, "leader_s": agreed}, healed, deadline)
+    for name, value in after.items():
+        setattr(result, name, value)
+    time.sleep(COUNTERS_SETTLE)
+    moved = _sync_counters(nodes)
+    moved.subtract(before)
+    result.sync_counters = {name: count for name, count in sorted(moved.items()) if count}
     for node in nodes:
         items = bucket_of(node, bucket) or {}
         lacking = sum(1 for k, value in expected.items() if items.get(k) != value)
