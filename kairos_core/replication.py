@@ -4,16 +4,24 @@
   sealed with the window's AES key and published on the token's topic. Received frames are opened,
   decoded and merged; anything that fails is dropped and counted by reason.
 - Anti-entropy (:func:`~kairos_core.ledger.sync_ledgers`) runs over ``/kairos/sync/1.0.0``
-  with every newly admitted peer (started by the side with the lower peer id, so a pair syncs
-  once) and every ``sync_interval`` seconds with a random admitted peer. Late joiners and healed
-  partitions converge without anyone rewriting anything.
+  with every newly admitted peer and every ``sync_interval`` seconds with a random admitted peer.
+  Late joiners and healed partitions converge without anyone rewriting anything.
+
+The sync on a new connection is started by the side with the lower peer id, so a pair syncs once.
+The other side runs it itself when none took place within ``ADMISSION_SYNC_FALLBACK``
+(``admission_syncs_taken_over``): an admission is not always seen on both sides — after a short
+partition the lower side may still hold the connection the split killed (its keepalive has not
+fired yet, or libp2p kept a second connection), so the peer's redial is no new admission there.
+The sync is repeated until one session finds both digests equal (``syncs_confirmed``): one that
+failed, or that moved entries (writes can race it; ``syncs_still_differing`` counts checks that
+found more), is followed by another, up to ``ADMISSION_SYNC_TRIES`` sessions with growing pauses
+while the peer stays admitted (``admission_syncs_abandoned`` if none agreed; the periodic sync
+then carries on).
 
 A session belongs to one connection: a new admission of a peer cancels whatever session with it
-still runs (it is on the connection that died) and starts afresh, a disconnect cancels it, and a
-peer that stops sending frames fails the session after ``SYNC_IDLE_TIMEOUT``. A sync on a new
-connection that fails is tried again while the peer stays admitted; one that moved entries is
-followed by a second digest exchange that checks the two ledgers now agree (``syncs_confirmed``,
-or ``syncs_still_differing`` when writes raced it).
+still runs (it is on the connection that died) and starts afresh, a disconnect cancels it, opening
+its stream is bounded by ``SYNC_OPEN_TIMEOUT``, and a peer that stops sending frames fails it after
+``SYNC_IDLE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -39,9 +47,17 @@ log = logging.getLogger(__name__)
 
 # A sync peer silent this long (no frame, or a send that does not drain) has failed the session.
 SYNC_IDLE_TIMEOUT = 10.0
-# Tries of the sync on a new connection, and the pause before each retry (doubling).
-ADMISSION_SYNC_TRIES = 3
+# Opening a sync stream takes at most this long (a stream on a dead connection may never open).
+SYNC_OPEN_TIMEOUT = 5.0
+# Sessions the sync on a new connection runs at most until one finds both digests equal, and the
+# pause before a retry (doubling up to the cap; a check right after a session that moved entries
+# runs at once). Six sessions span about 12 s of pauses: longer than a connection takes to settle.
+ADMISSION_SYNC_TRIES = 6
 ADMISSION_SYNC_RETRY = 0.5
+ADMISSION_SYNC_RETRY_MAX = 4.0
+# The higher peer id of a pair runs the admission sync itself when no session with the peer was
+# run or served this long after the admission (the lower side may not have seen one).
+ADMISSION_SYNC_FALLBACK = 1.5
 # Sessions one peer may have us serve at once; more are refused (each holds a view of the ledger).
 MAX_SERVED_PER_PEER = 2
 
@@ -88,6 +104,9 @@ class Replicator:
         self._periodic: asyncio.Task | None = None
         self._sessions: dict[str, asyncio.Task] = {}  # peer -> the sync we run with it now
         self._served: Counter[str] = Counter()  # peer -> sessions we serve it now
+        # peer -> monotonic time of the last session with it that completed (run or served); only
+        # admitted peers (peer_gone forgets), so it stays as small as our connections
+        self._synced_at: dict[str, float] = {}
 
     def start(self) -> None:
         """Subscribe, serve sync, and start the periodic anti-entropy."""
@@ -166,18 +185,20 @@ class Replicator:
 
     # --- anti-entropy ------------------------------------------------------------------------
     def peer_admitted(self, peer_id: str) -> None:
-        """A new admitted connection to ``peer_id``: sync over it (the lower peer id starts).
+        """A new admitted connection to ``peer_id``: sync over it (the lower peer id starts, the
+        higher one after ``ADMISSION_SYNC_FALLBACK`` if nothing happened by then).
 
         Whatever session with that peer still runs is on a connection that is gone: it is
         cancelled, so it can never keep this one from running.
         """
         self._cancel_session(peer_id)
-        if self.host.peer_id < peer_id:
-            self._sessions[peer_id] = self._spawn(self._sync_new_connection(peer_id))
+        wait = 0.0 if self.host.peer_id < peer_id else ADMISSION_SYNC_FALLBACK
+        self._sessions[peer_id] = self._spawn(self._sync_new_connection(peer_id, wait))
 
     def peer_gone(self, peer_id: str) -> None:
         """``peer_id`` lost its connection: end any session with it now rather than at a timeout."""
         self._cancel_session(peer_id)
+        self._synced_at.pop(peer_id, None)
 
     async def sync_with(self, peer_id: str) -> bool:
         """Run one anti-entropy session with ``peer_id`` unless one runs already; False when it failed."""
@@ -191,26 +212,31 @@ class Replicator:
             if self._sessions.get(peer_id) is task and task.done():
                 del self._sessions[peer_id]
 
-    async def _sync_new_connection(self, peer_id: str) -> None:
-        delay = ADMISSION_SYNC_RETRY
+    async def _sync_new_connection(self, peer_id: str, wait: float = 0.0) -> None:
+        """Sync with a newly admitted peer until one session finds both digests equal (bounded)."""
         try:
-            for attempt in range(ADMISSION_SYNC_TRIES):
-                if attempt:
-                    await asyncio.sleep(delay)
-                    delay *= 2
+            if wait:
+                admitted_at = asyncio.get_running_loop().time()
+                await asyncio.sleep(wait)
+                if self._served[peer_id] or self._synced_at.get(peer_id, -1.0) >= admitted_at:
+                    return  # the peer runs it (or ran it): its sessions keep us in step as well
+                self.counters["admission_syncs_taken_over"] += 1
+            pause, moved = 0.0, False
+            for _ in range(ADMISSION_SYNC_TRIES):
+                if pause:
+                    await asyncio.sleep(pause)
                 if not self.host.is_admitted(peer_id):
                     return
                 result = await self._session(peer_id)
-                if result is None:
+                if result is not None and result.differing_ranges == 0:
+                    self.counters["syncs_confirmed"] += 1
+                    return
+                if result is not None and not moved:
+                    pause, moved = 0.0, True  # it moved entries: check at once that we agree now
                     continue
-                moved = result.entries_sent or result.entries_received
-                if moved:
-                    check = await self._session(peer_id)
-                    if check is not None and check.differing_ranges == 0:
-                        self.counters["syncs_confirmed"] += 1
-                    else:
-                        self.counters["syncs_still_differing"] += 1
-                return
+                if result is not None:
+                    self.counters["syncs_still_differing"] += 1  # writes raced the session
+                pause = min(max(2 * pause, ADMISSION_SYNC_RETRY), ADMISSION_SYNC_RETRY_MAX)
             self.counters["admission_syncs_abandoned"] += 1
         finally:
             if self._sessions.get(peer_id) is asyncio.current_task():
@@ -218,13 +244,18 @@ class Replicator:
 
     async def _session(self, peer_id: str):  # -> SyncResult | None
         try:
-            stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
+            try:
+                stream = await asyncio.wait_for(self.host.open_stream(peer_id, SYNC_PROTOCOL), SYNC_OPEN_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise SyncError(f"the sync stream did not open within {SYNC_OPEN_TIMEOUT:g} s") from None
             try:
                 result = await sync_ledgers(self.ledger, StreamSyncChannel(stream, self.max_frame))
             finally:
                 with suppress(Exception):
                     await stream.close()
             self.counters["syncs"] += 1
+            if self.host.is_admitted(peer_id):  # (a peer that left is not remembered)
+                self._synced_at[peer_id] = asyncio.get_running_loop().time()
             log.debug("synced with %s: %s", peer_id, result)
             return result
         except asyncio.CancelledError:
@@ -251,6 +282,8 @@ class Replicator:
         try:
             await sync_ledgers(self.ledger, StreamSyncChannel(stream, self.max_frame))
             self.counters["syncs_served"] += 1
+            if self.host.is_admitted(peer):  # (a peer that left is not remembered)
+                self._synced_at[peer] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters["sync_failures"] += 1
             log.debug("serving sync to %s failed: %s: %s", peer, type(exc).__name__, exc)
