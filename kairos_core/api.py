@@ -39,6 +39,7 @@ import h11
 import httpx
 
 from .errors import KairosError, NodeUnreachable
+from .plugins import call_hook_sync
 
 if TYPE_CHECKING:
     from .node import Node
@@ -233,7 +234,25 @@ class APIServer:
             if method == "DELETE":
                 return _Reply(entry_to_dict(ledger.delete(bucket, key)))
             return _error(405, f"{method} is not allowed here")
+        if len(route) >= 2 and route[0] == "plugins":
+            return self._plugin_route(method, route[1], route[2:], body)
         return _error(404, "not found")
+
+    def _plugin_route(self, method: str, name: str, rest: list[str], body: bytes) -> _Reply:
+        """``/api/plugins/<name>/…``: the handler a plugin named in ``kairos_api_routes``."""
+        handlers: dict[str, Any] = {}
+        for table in call_hook_sync(self.node.manager, "kairos_api_routes", node=self.node).results:
+            if isinstance(table, dict):
+                handlers.update(table)
+        handler = handlers.get(name)
+        if handler is None:
+            return _error(404, f"no plugin serves /api/plugins/{name}")
+        try:
+            value = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return _error(400, "the body must be a JSON value")
+        return _Reply(handler(method, rest, value))
+
 
     async def _watch(
         self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,

@@ -10,7 +10,7 @@ for), so specs grow by adding parameters, never by reordering or removing them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -228,4 +228,25 @@ def on_leader_elected(node: Node, leader: str, epoch: int) -> Awaitable[None] | 
     :param leader: the leader's peer id (it may be this node's own ``node.peer_id``).
     :param epoch: the lease's epoch.
     :return: ignored.
+    """
+
+
+# -------------------------------------------------------------------------------------------------
+# Local API
+# -------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def kairos_api_routes(node: Node) -> Mapping[str, Callable[[str, list[str], Any], Any]] | None:
+    """Add routes to the node's local API (the unix socket ``kairos`` commands talk to).
+
+    Called (synchronously, so keep it cheap) for each request whose path starts with
+    ``/api/plugins/<name>/``. Return ``{name: handler}``; the handler of ``<name>`` is called as
+    ``handler(method, rest, body)`` on the event loop — ``rest`` the path's remaining parts
+    (URL-decoded), ``body`` the decoded JSON body or None — and returns the JSON data to answer
+    with. It must be synchronous and quick (start longer work with ``node.spawn``); a
+    :class:`~kairos_core.errors.KairosError` it raises is answered as a 400 with its message.
+
+    :param node: the running node.
+    :return: route names to handlers, or None.
     """

@@ -1,0 +1,123 @@
+"""Benchmark of kairos-plugin-services on this machine: iperf3 TCP through a service vs the raw
+loopback link, in the same run, and the set-up time of one connection (p50/p99).
+
+Three ``kairos run`` processes on loopback (no root): node 0 exposes an iperf3 server and a TCP
+echo server; node 1 connects with the sealed side connection (the default), node 2 with
+``services.side_connection: false``, so its bytes go over the admitted libp2p stream. Not through
+the VPN: that needs root and TUN devices (bench/vpn.py measures the VPN).
+
+Prints one JSON object per line:
+
+    {"bench": "services", "case": "raw"|"side"|"stream", "gbit_per_s": …, "seconds": …}
+    {"bench": "services", "case": "setup_side"|"setup_stream", "p50_ms": …, "p99_ms": …, "n": …}
+
+Usage: .venv/bin/python bench/services.py [--seconds 5] [--setups 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from kairos_core.plugin import APIClient
+
+from kairos_plugin_services.localnodes import LocalNodes, free_port
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+def _token() -> str:
+    from kairos_core.token import generate_token  # the bench may use the core's own tools
+
+    return generate_token().encode()
+
+
+def iperf3(port: int, seconds: float) -> float:
+    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+                         capture_output=True, text=True, timeout=seconds + 60)
+    result = json.loads(out.stdout)
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def setup_times(port: int, count: int) -> list[float]:
+    """Seconds from connect() to the first echoed byte, one fresh connection each."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                raise RuntimeError("no echo")
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--setups", type=int, default=200)
+    args = parser.parse_args()
+    if shutil.which("iperf3") is None:
+        sys.exit("iperf3 is not installed (Debian package iperf3)")
+    root = Path(tempfile.mkdtemp(prefix="kairos-bench-services-"))
+    iperf_port = free_port()
+    echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    echo.daemon_threads = True
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    net = LocalNodes(root, _token())
+    try:
+        net.start({"expose": [{"name": "iperf", "to": f"127.0.0.1:{iperf_port}"},
+                              {"name": "echo", "to": f"127.0.0.1:{echo.server_address[1]}"}]})
+        sided = net.start()
+        streamed = net.start({"side_connection": False})
+        net.wait_mesh()
+        ports = {}
+        for case, node in (("side", sided), ("stream", streamed)):
+            client = APIClient(node.socket)
+            for name in ("iperf", "echo"):
+                ports[case, name] = client.request("POST", "/api/plugins/services/connect", content=json.dumps(
+                    {"name": name, "listen": "127.0.0.1:0", "protocol": "tcp"}))["listen"].rsplit(":", 1)[1]
+        net.wait_until(lambda: all(len(n.api("GET", "/api/plugins/services")["services"]) == 2 for n in net.nodes),
+                       30, "the catalog on every node")
+        shared = {"bench": "services", "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
+        for case, port in (("raw", iperf_port), ("side", ports["side", "iperf"]), ("stream", ports["stream", "iperf"])):
+            gbit = iperf3(int(port), args.seconds)
+            print(json.dumps({**shared, "case": case, "gbit_per_s": round(gbit, 3), "seconds": args.seconds}), flush=True)
+        for case in ("side", "stream"):
+            times = setup_times(int(ports[case, "echo"]), args.setups)
+            print(json.dumps({**shared, "case": f"setup_{case}", "n": len(times),
+                              "p50_ms": round(percentile(times, 0.5) * 1000, 2),
+                              "p99_ms": round(percentile(times, 0.99) * 1000, 2)}), flush=True)
+    finally:
+        net.close()
+        server.terminate()
+        server.wait()
+        echo.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

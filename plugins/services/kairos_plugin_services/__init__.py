@@ -1,0 +1,1 @@
+"""kairos-plugin-services: TCP and UDP services carried between kairos nodes (``kairos service``)."""

@@ -1,0 +1,185 @@
+"""The services plugin on in-process nodes (real libp2p hosts on loopback): what a peer may send
+on ``/kairos/service/1.0.0`` and to the side listener, the ledger policy, and the sealing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import pytest
+from kairos_core.plugin import APIClient, KairosError, LedgerError
+
+import kairos_plugin_services.plugin as services_plugin
+from kairos_plugin_services import sealed, wire
+from kairos_plugin_services.catalog import BUCKET
+from kairos_plugin_services.plugin import _RUNTIMES
+from kairos_plugin_services.relay import SideWait
+
+
+async def echo_server() -> tuple[asyncio.AbstractServer, int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def two_nodes(kairos_network, **services):
+    net = await kairos_network(2, plugins=[services_plugin], overrides={"services": services})
+    await net.fully_connected()
+    return net, net.nodes[0], net.nodes[1]
+
+
+async def request(node, peer_id: str, header: bytes) -> bytes:
+    stream = await asyncio.wait_for(node.open_stream(peer_id, wire.PROTOCOL), 10)
+    try:
+        await stream.write(header)
+        return await asyncio.wait_for(stream.read_frame(wire.MAX_MESSAGE), 10)
+    except KairosError:
+        return b""
+    finally:
+        await stream.reset()
+
+
+async def test_garbage_and_oversized_headers_are_dropped_and_counted(kairos_network):
+    server, port = await echo_server()
+    net, exposer, rogue = await two_nodes(kairos_network)
+    try:
+        _RUNTIMES[id(exposer)].expose("echo", f"127.0.0.1:{port}")
+        garbage = [struct.pack(">I", 5) + b"hello",                  # a frame, not JSON
+                   struct.pack(">I", 9) + b'{"x": 1} ',              # JSON, not a request
+                   struct.pack(">I", 10_000_000),                    # an oversized frame
+                   struct.pack(">I", 20) + b'{"service": "echo", "protocol": "tcp", "side": "AAAA"}'[:20]]
+        for index, data in enumerate(garbage[:3]):
+            assert await request(rogue, exposer.peer_id, data) == b""   # reset, no answer
+            assert _status(exposer)["services_malformed"] == index + 1
+        # a header cut short by a reset
+        stream = await asyncio.wait_for(rogue.open_stream(exposer.peer_id, wire.PROTOCOL), 10)
+        await stream.write(garbage[3][:10])
+        await stream.reset()
+        await net.wait_for(lambda: _status(exposer)["services_malformed"] == 4)
+        # a well-formed request still works: the node did not crash and answers
+        body = wire.request("echo", "tcp", None)
+        answer = wire.parse_answer(await request(rogue, exposer.peer_id, struct.pack(">I", len(body)) + body))
+        assert answer is not None and answer[0] is True
+        unknown = wire.request("nope", "tcp", None)
+        answer = wire.parse_answer(await request(rogue, exposer.peer_id, struct.pack(">I", len(unknown)) + unknown))
+        assert answer is not None and answer[0] is False and "nope" in answer[1]
+        assert _status(exposer)["services_refused"] == 1
+        assert _status(exposer)["services_malformed"] == 4
+    finally:
+        server.close()
+
+
+def _status(node) -> dict[str, int]:
+    return {k: v for k, v in node.status()["counters"].items() if k.startswith("services_")}
+
+
+async def test_streams_over_the_per_peer_limit_are_refused_and_counted(kairos_network):
+    net, exposer, peer = await two_nodes(kairos_network, max_connections_per_peer=2, connect_timeout=30.0)
+    held = [await asyncio.wait_for(peer.open_stream(exposer.peer_id, wire.PROTOCOL), 10) for _ in range(2)]
+    await net.wait_for(lambda: sum(_RUNTIMES[id(exposer)].serving.values()) == 2)
+    extra = await asyncio.wait_for(peer.open_stream(exposer.peer_id, wire.PROTOCOL), 10)
+    answer = wire.parse_answer(await asyncio.wait_for(extra.read_frame(wire.MAX_MESSAGE), 10))
+    assert answer is not None and answer[0] is False and "too many" in answer[1]
+    assert _status(exposer)["services_over_limit"] == 1
+    for stream in held + [extra]:
+        await stream.reset()
+    await net.wait_for(lambda: not _RUNTIMES[id(exposer)].serving)
+
+
+async def test_side_listener_drops_wrong_tickets_and_forged_hellos(kairos_network):
+    net, exposer, _ = await two_nodes(kairos_network)
+    services = _RUNTIMES[id(exposer)]
+    ticket = sealed.new_ticket()
+    to_exposer, to_connector = sealed.derive_keys(sealed.new_nonce(), sealed.new_nonce(), ticket)
+    loop = asyncio.get_running_loop()
+    services.pending[ticket] = SideWait("peer", sealed.Sealer(to_connector), sealed.Opener(to_exposer),
+                                        loop.create_future())
+    wrong_key = sealed.Sealer(sealed.derive_keys(sealed.new_nonce(), sealed.new_nonce(), ticket)[0])
+    for attempt in (sealed.new_ticket() + sealed.Sealer(to_exposer).seal(sealed.KIND_HELLO),   # unknown ticket
+                    ticket + wrong_key.seal(sealed.KIND_HELLO),                                # a forged HELLO
+                    ticket + b"\x00" * 40):                                                    # garbage
+        reader, writer = await asyncio.open_connection("127.0.0.1", services.side_port)
+        writer.write(attempt)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""   # closed without a word
+        writer.close()
+    assert _status(exposer)["services_side_rejected"] == 3
+    assert not services.pending[ticket].ready.done()              # still waiting for the real peer
+    reader, writer = await asyncio.open_connection("127.0.0.1", services.side_port)
+    writer.write(ticket + sealed.Sealer(to_exposer).seal(sealed.KIND_HELLO))
+    kind, _ = await asyncio.wait_for(sealed.Opener(to_connector).read(reader), 10)
+    assert kind == sealed.KIND_HELLO and services.pending[ticket].ready.done()
+    writer.close()
+    services.pending.pop(ticket)
+
+
+async def test_only_the_owner_writes_its_advertisement(kairos_network):
+    net, a, b = await two_nodes(kairos_network)
+    _RUNTIMES[id(a)].expose("web", "127.0.0.1:8080", "tcp", "the web")
+    await net.wait_for(lambda: b.ledger.get(BUCKET, f"{a.peer_id}/web") is not None)
+    with pytest.raises(LedgerError):
+        b.ledger.set(BUCKET, f"{a.peer_id}/web", {"protocol": "tcp", "description": "forged"})
+    with pytest.raises(LedgerError):   # its own key, but not an advertisement
+        b.ledger.set(BUCKET, f"{b.peer_id}/web", {"protocol": "sctp", "description": ""})
+    assert "to" not in b.ledger.get(BUCKET, f"{a.peer_id}/web")   # the target stays on its node
+
+
+async def test_api_routes_expose_connect_and_refuse_bad_input(kairos_network):
+    net, a, b = await two_nodes(kairos_network)
+    server, port = await echo_server()
+    try:
+        client_a, client_b = APIClient(a.config.api_socket), APIClient(b.config.api_socket)
+
+        def call(client, method, path, body=None):
+            return client.request(method, f"/api/plugins/services{path}",
+                                  content=json.dumps(body) if body is not None else None)
+
+        done = await asyncio.to_thread(call, client_a, "POST", "/expose", {"name": "echo", "to": f"127.0.0.1:{port}"})
+        assert done["to"] == f"127.0.0.1:{port}"
+        for bad, message in (({"name": "Bad Name!", "to": "1.2.3.4:5"}, "service name"),
+                             ({"name": "x", "to": "nowhere"}, "HOST:PORT")):
+            with pytest.raises(KairosError, match=message):
+                await asyncio.to_thread(call, client_a, "POST", "/expose", bad)
+        await net.wait_for(lambda: b.ledger.get(BUCKET, f"{a.peer_id}/echo") is not None)
+        listen = (await asyncio.to_thread(call, client_b, "POST", "/connect", {"name": "echo", "listen": "127.0.0.1:0"}))["listen"]
+        with pytest.raises(KairosError, match="connected already"):
+            await asyncio.to_thread(call, client_b, "POST", "/connect", {"name": "echo", "listen": "127.0.0.1:0"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(listen.rsplit(":", 1)[1]))
+        writer.write(b"ping through the side connection")
+        writer.write_eof()                       # half-close: the echo still comes back
+        assert await asyncio.wait_for(reader.read(), 20) == b"ping through the side connection"
+        writer.close()
+        listing = await asyncio.to_thread(call, client_b, "GET", "")
+        assert [(s["name"], s["owner"], s["alive"]) for s in listing["services"]] == [("echo", a.peer_id, True)]
+        await net.wait_for(lambda: _status(b).get("services_side_connections") == 1)
+    finally:
+        server.close()
+
+
+def test_sealed_records_refuse_tampering_replay_and_reordering():
+    to_exposer, _ = sealed.derive_keys(sealed.new_nonce(), sealed.new_nonce(), sealed.new_ticket())
+    sealer = sealed.Sealer(to_exposer)
+    first, second = sealer.seal(sealed.KIND_DATA, b"one"), sealer.seal(sealed.KIND_DATA, b"two")
+    header = sealed.HEADER.size
+
+    def opens(*records: bytes) -> list[bytes]:
+        opener = sealed.Opener(to_exposer)
+        return [opener.open(r[4], r[header:]) for r in records]
+
+    assert opens(first, second) == [b"one", b"two"]
+    with pytest.raises(sealed.SealError):
+        opens(second)                                        # reordered (or the first one dropped)
+    with pytest.raises(sealed.SealError):
+        opens(first, first)                                  # replayed
+    flipped = bytearray(first)
+    flipped[-1] ^= 1
+    with pytest.raises(sealed.SealError):
+        opens(bytes(flipped))                                # altered
+    with pytest.raises(sealed.SealError):                    # the kind is authenticated too
+        sealed.Opener(to_exposer).open(sealed.KIND_END, first[header:])
