@@ -29,6 +29,7 @@ PLUGIN_SECTIONS = {
     "k3s-agent": "kairos-plugin-k3s",
     "auto": "kairos-plugin-k3s",
     "kubevip": "kairos-plugin-kubevip",
+    "services": "kairos-plugin-services",
 }
 
 # "vpn: unknown section" or "p2p.vpn: unknown key" (a plugin section written under p2p:).
