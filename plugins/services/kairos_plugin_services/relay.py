@@ -397,9 +397,15 @@ class Services:
             await _refuse(stream, "too many connections from this peer")
             return
         self.serving[peer] += 1
+        # the core does not cancel served streams' handlers when the node stops; stop() does
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
         try:
             await self._serve(stream)
         finally:
+            if task is not None:
+                self.tasks.discard(task)
             self.serving[peer] -= 1
             if not self.serving[peer]:
                 del self.serving[peer]

@@ -183,3 +183,27 @@ def test_sealed_records_refuse_tampering_replay_and_reordering():
         opens(bytes(flipped))                                # altered
     with pytest.raises(sealed.SealError):                    # the kind is authenticated too
         sealed.Opener(to_exposer).open(sealed.KIND_END, first[header:])
+
+
+@pytest.mark.parametrize("side", [True, False], ids=["side", "stream"])
+async def test_stopping_the_exposing_node_tears_the_connection_down(kairos_network, side):
+    server, port = await echo_server()
+    net, exposer, connector = await two_nodes(kairos_network, side_connection=side)
+    try:
+        _RUNTIMES[id(exposer)].expose("echo", f"127.0.0.1:{port}")
+        await net.wait_for(lambda: connector.ledger.get(BUCKET, f"{exposer.peer_id}/echo") is not None)
+        listen = _RUNTIMES[id(connector)].connect("echo", "127.0.0.1:0")["listen"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(listen.rsplit(":", 1)[1]))
+        writer.write(b"before")
+        assert await asyncio.wait_for(reader.readexactly(6), 20) == b"before"
+        await exposer.stop()
+        try:
+            rest = await asyncio.wait_for(reader.read(), 20)   # the end, not a hang
+        except ConnectionResetError:
+            rest = b""
+        assert rest == b""
+        writer.close()
+        key = "services_side_connections" if side else "services_stream_connections"
+        assert _status(connector)[key] == 1
+    finally:
+        server.close()
