@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -181,12 +181,15 @@ def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> list[str]
     return [f"p2p.connections.high: must be at least low ({low}), not {high}"] if high < low else []
 
 
-class Config:
+class Config(Mapping[str, dict[str, Any]]):
     """A validated config: every section filled with its defaults.
 
-    ``config["vpn"]["mtu"]`` is the plain value (a mapping per section, as plugins and tests read
-    it); ``config.section("election")`` is the section's typed, frozen settings object
-    (``.lease_seconds`` a float), built from its schema.
+    A read-only :class:`~collections.abc.Mapping` of section name → that section's values:
+    ``config["vpn"]["mtu"]`` is the plain value (a ``dict`` per section, as plugins and tests read
+    it), and ``in``, iteration, ``len``, ``keys()``, ``items()``, ``values()`` and ``get()`` work as
+    on any mapping. ``config.section("election")`` is the section's typed, frozen settings object
+    (``.lease_seconds`` a float), built from its schema. Nothing changes a config once built:
+    the section dicts are the node's own, read them and never write them.
     """
 
     def __init__(self, data: dict[str, dict[str, Any]], path: Path | None = None,
@@ -211,8 +214,14 @@ class Config:
         except KeyError:
             raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?") from None
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name: object) -> bool:
         return name in self._data
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         """A deep copy of the whole config."""

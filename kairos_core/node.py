@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -230,6 +231,11 @@ class Node:
     def is_leader(self) -> bool:
         """Whether this node is the leader now."""
         return bool(self.election and self.election.is_leader)
+
+    @property
+    def api_socket(self) -> Path | None:
+        """The local API's unix socket, or None when ``api.enable`` is false."""
+        return self.config.api_socket if self.config["api"]["enable"] else None
 
     def members(self) -> dict[str, dict[str, Any]]:
         """Alive peers (not this node) with their advertised entries."""

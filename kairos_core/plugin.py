@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .api import APIClient
@@ -131,8 +132,16 @@ class NodeView(Protocol):
     hostname: str
     #: ``p2p.network_id``: the cluster's namespace inside the network (several may share a token)
     network_id: str
-    #: the validated config, by section (``node.config["vpn"]["cidr"]``); plugin sections included
+    #: the validated config: a read-only mapping of section name → that section's values (a
+    #: ``dict``, every default filled in), plugin sections included (``node.config["vpn"]["cidr"]``)
     config: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def api_socket(self) -> Path | None:
+        """The unix socket of the node's local API (config ``api.socket``; by default in the state
+        dir), or None when ``api.enable`` is false. A plugin whose CLI command talks to a control
+        socket of its own serves it beside this one (k3s does, for ``kairos get-kubeconfig``)."""
+        ...
 
     @property
     def ledger(self) -> LedgerView:

@@ -245,7 +245,7 @@ def test_the_entry_point_names_the_plugin_module():
     project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())
     assert project["project"]["entry-points"]["kairos"] == {"hello": "kairos_plugin_hello.plugin"}
     assert importlib.import_module("kairos_plugin_hello.plugin") is hello
-    assert "kairos-core" in project["project"]["dependencies"]
+    assert "kairos-core>=0.1,<0.2" in project["project"]["dependencies"]
 
 
 def test_the_config_section_has_a_default_and_its_problems_are_reported():
@@ -254,6 +254,14 @@ def test_the_config_section_has_a_default_and_its_problems_are_reported():
     from kairos_core.plugins import make_plugin_manager
 
     manager = make_plugin_manager(autoload=False, extra_plugins=[hello])
+    # declared once, through the schema, with help (not by its defaults alone, which has none)
+    from kairos_core.config import collect_schema
+    from kairos_core.schema import NO_HELP
+
+    assert not hasattr(hello, "kairos_config_defaults")
+    section = collect_schema(manager)["hello"]
+    assert section.help != NO_HELP and [(o.name, o.type, o.default) for o in section.options] == [("greeting", str, "hello")]
+    assert all(o.help.strip() and o.help != NO_HELP for o in section.options)
     assert resolve_config({}, manager, env={})["hello"] == {"greeting": "hello"}
     assert resolve_config({"p2p": {"hello": {"greeting": "hi"}}}, manager, env={})["hello"]["greeting"] == "hi"
     for greeting, problem in (("", "must not be empty"), ("x" * 201, "at most 200"), ("a\x1b[2J", "printable"),

@@ -10,13 +10,17 @@ from __future__ import annotations
 import inspect
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from import_graph import imports_of
 
 from kairos_core import plugin as api
+from kairos_core.config import resolve_config
 from kairos_core.node import Node
+from kairos_core.plugins import make_plugin_manager
+from kairos_core.token import generate_token
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 PUBLIC_API = "kairos_core.plugin"
@@ -120,6 +124,25 @@ def test_the_package_re_exports_exactly_the_api():
 
     assert set(kairos_core.__all__) - {"__version__"} == set(api.__all__)
     assert kairos_core.NodeView is api.NodeView and kairos_core.hookimpl is api.hookimpl
+
+
+def test_node_config_is_a_read_only_mapping_of_its_sections(tmp_path):
+    # NodeView.config is typed Mapping: everything a Mapping offers must work on it
+    config = resolve_config({"node": {"state_dir": str(tmp_path)}}, make_plugin_manager(autoload=False), env={})
+    assert isinstance(config, Mapping)
+    assert list(config) == list(config.keys()) and len(config) == len(list(config.items())) > 5
+    assert config.get("no-such-section") is None and config.get("api") is config["api"] and "api" in config
+    assert dict(config.items())["node"]["state_dir"] == str(tmp_path)
+    with pytest.raises(KeyError, match="is the plugin that declares it installed"):
+        config["no-such-section"]
+
+
+@pytest.mark.parametrize("enable", [True, False])
+def test_api_socket_is_the_api_s_socket_or_none_when_the_api_is_off(tmp_path, enable):
+    raw = {"node": {"state_dir": str(tmp_path)}, "api": {"enable": enable, "socket": str(tmp_path / "x.sock")},
+           "p2p": {"network_token": generate_token().encode()}}
+    node = Node(resolve_config(raw, make_plugin_manager(autoload=False), env={}), make_plugin_manager(autoload=False))
+    assert node.api_socket == (tmp_path / "x.sock" if enable else None)
 
 
 class _StartupProbe:

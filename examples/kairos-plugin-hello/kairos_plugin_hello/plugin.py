@@ -1,6 +1,7 @@
 """The hooks of kairos-plugin-hello: every node greets the network.
 
-- Config section ``hello`` with one option, ``greeting`` (default ``"hello"``).
+- Config section ``hello`` with one option, ``greeting`` (default ``"hello"``), declared once in
+  :data:`SCHEMA` with its type and help.
 - Ledger bucket ``hello``, owner-keyed: each node writes ``{"hostname", "greeting"}`` under its
   own peer id at start-up, and nobody can write in another node's name.
 - Counter ``hello_greetings_seen``: greetings this node received from other nodes.
@@ -20,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kairos_core.plugin import (
-    OWNER_KEYED, KairosError, LedgerUpdate, NodeView, Stream, WritePolicy, hookimpl,
+    OWNER_KEYED, KairosError, LedgerUpdate, NodeView, Option, Section, Stream, WritePolicy, hookimpl,
 )
 
 SECTION = "hello"
@@ -35,10 +36,21 @@ MAX_ANSWER = 1024
 # --- configuration --------------------------------------------------------------------------
 
 
+#: Section ``hello``: every option once, with its type, default and help.
+SCHEMA = Section(
+    SECTION,
+    Option("greeting", str, "hello",
+           f"What this node tells the network at start-up: one line of printable text, at most {MAX_GREETING} characters."),
+    help="kairos-plugin-hello: every node greets the network (bucket hello, kairos hello).",
+    aliases=("p2p.hello",),  # Kairos users write plugin sections under p2p:
+)
+
+
 @hookimpl
-def kairos_config_defaults() -> Mapping[str, Mapping[str, Any]]:
-    """Section ``hello``: the type of each default is the type the option must have (a string)."""
-    return {SECTION: {"greeting": "hello"}}
+def kairos_config_schema() -> list[Section]:
+    """Section ``hello``: the core checks types and fills defaults from it, ``kairos config
+    defaults`` prints its help."""
+    return [SCHEMA]
 
 
 @hookimpl

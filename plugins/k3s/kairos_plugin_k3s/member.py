@@ -89,9 +89,9 @@ class ClusterMember:
         if self.settings.enabled:
             self.state.announce_candidate(self.node.peer_id, self.node.hostname, self.settings.role_hint)
         self.node.serve(PROTOCOL, lambda stream: serve_stream(self, stream))
-        if self.node.config["api"]["enable"]:
+        if self.node.api_socket is not None:
             # Beside the API socket and as private: whoever may use the node's API may ask.
-            self.control = ControlSocket(self, socket_path(self.node.config.api_socket))
+            self.control = ControlSocket(self, socket_path(self.node.api_socket))
             try:
                 await self.control.start()
             except OSError as exc:
