@@ -8,7 +8,8 @@ the VPN: that needs root and TUN devices (bench/vpn.py measures the VPN).
 
 Prints one JSON object per line:
 
-    {"bench": "services", "case": "raw"|"side"|"stream", "gbit_per_s": …, "seconds": …}
+    {"bench": "services", "case": "raw"|"side"|"stream", "gbit_per_s": …, "seconds": …,
+     "load_1min": …, "runnable": …, "processes": …}   (the last three: what shared the cores)
     {"bench": "services", "case": "setup_side"|"setup_stream", "p50_ms": …, "p99_ms": …, "n": …}
 
 Usage: .venv/bin/python bench/services.py [--seconds 5] [--setups 200]
@@ -73,6 +74,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def sharing() -> dict[str, float | int]:
+    """What else ran on the cores: the 1-minute load and the runnable tasks now (``/proc/loadavg``),
+    and how many processes exist besides this benchmark's own."""
+    fields = Path("/proc/loadavg").read_text().split()
+    return {"load_1min": float(fields[0]), "runnable": int(fields[3].split("/")[0]),
+            "processes": len([p for p in os.listdir("/proc") if p.isdigit()])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -102,7 +111,7 @@ def main() -> None:
                     {"name": name, "listen": "127.0.0.1:0", "protocol": "tcp"}))["listen"].rsplit(":", 1)[1]
         net.wait_until(lambda: all(len(n.api("GET", "/api/plugins/services")["services"]) == 2 for n in net.nodes),
                        30, "the catalog on every node")
-        shared = {"bench": "services", "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
+        shared = {"bench": "services", "cpus": os.cpu_count(), **sharing()}
         for case, port in (("raw", iperf_port), ("side", ports["side", "iperf"]), ("stream", ports["stream", "iperf"])):
             gbit = iperf3(int(port), args.seconds)
             print(json.dumps({**shared, "case": case, "gbit_per_s": round(gbit, 3), "seconds": args.seconds}), flush=True)
