@@ -240,20 +240,38 @@ def config() -> None:
 
 @config.command("check")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: ok, problems, warnings, notes.")
 @pass_context
-def config_check(context: Context, path: Path) -> None:
-    """Validate a config file: every unknown key and wrong type, with its path."""
+def config_check(context: Context, path: Path, as_json: bool) -> None:
+    """Validate a config file: every unknown key and wrong type, with its path (exit code 2).
+
+    A Kairos cloud-config is read as is: its OS sections are listed as ignored, and Kairos keys
+    that do nothing here are warnings, not problems.
+    """
     from .errors import ConfigError
 
     try:
-        load_config(path, context.manager)
+        checked = load_config(path, context.manager)
     except ConfigError as exc:
-        if exc.problems:
-            for problem in exc.problems:
-                echo_safe(f"{path}: {problem}", err=True)
-            raise SystemExit(2) from None
-        raise
-    click.echo(f"{path}: ok")
+        if not exc.problems:
+            raise
+        if as_json:
+            emit_json({"path": str(path), "ok": False, "error": str(exc), "exit_code": exc.exit_code,
+                       "problems": exc.problems})
+            raise SystemExit(exc.exit_code) from None
+        for problem in exc.problems:
+            echo_safe(f"{path}: {problem}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    if as_json:
+        emit_json({"path": str(path), "ok": True, "problems": [], "warnings": checked.warnings,
+                   "notes": checked.notes})
+        return
+    for note in checked.notes:
+        echo_safe(f"{path}: note: {note}", err=True)
+    for warning in checked.warnings:
+        echo_safe(f"{path}: warning: {warning}", err=True)
+    count = len(checked.warnings)
+    echo_safe(f"{path}: ok" + (f" ({count} warning{'s' if count != 1 else ''})" if count else ""))
 
 
 @config.command("defaults")
@@ -292,6 +310,11 @@ def run(context: Context) -> None:
     config.network_token  # noqa: B018 -- fail here, with one line, when there is no token
     level = getattr(logging, str(config["node"]["log_level"]).upper(), logging.INFO)
     logging.getLogger().setLevel(min(level, logging.getLogger().level))
+    config_log = logging.getLogger("kairos_core.config")
+    for note in config.notes:  # once per start: a Kairos cloud-config's OS sections, say
+        config_log.info("config: %s", note)
+    for warning in config.warnings:
+        config_log.warning("config: %s", warning)
     try:
         asyncio.run(run_node(config, context.manager))
     except OSError as exc:

@@ -34,7 +34,7 @@ import yaml
 from .errors import ConfigError, KairosError
 from .identity import default_state_dir
 from .plugins import hookimpl
-from .schema import Option, Section, section_from_defaults, type_name
+from .schema import SKIP, Alias, Option, Section, section_from_defaults, text_list, text_value, type_name
 from .token import NetworkToken, parse_token
 from .untrusted import nesting_exceeds
 
@@ -47,30 +47,74 @@ ENV_PREFIX = "KAIROS__"
 # use four or five; the bound keeps copies and plugins clear of RecursionError.
 MAX_CONFIG_DEPTH = 32
 
+# Top-level sections of a Kairos cloud-config that configure the OS (kairos-agent, yip, cloud-init),
+# not the p2p network: a Kairos file is read as is, and these are listed once at info.
+KAIROS_OS_SECTIONS = frozenset({
+    "hostname", "users", "install", "stages", "runcmd", "bootcmd", "write_files", "k0s", "k0s-worker", "bundles",
+    "reset", "upgrade", "kairos", "debug", "strict", "name", "ssh_authorized_keys", "growpart", "options",
+    "config_url", "fail_on_bundles_errors", "cloud-init-paths", "logs", "verify", "cosign", "cosign-key",
+    "eject-cd", "arch", "squash-no-compression", "bind-pcrs", "bind-public-pcrs", "kcrypt", "uki",
+    "sysext", "env", "kairos-agent",
+})
+# Plugin sections a Kairos file may hold whose plugin adds to a cluster that works without it:
+# without the plugin they are a warning, not a problem (vpn, k3s… stay problems, with a hint).
+OPTIONAL_PLUGIN_SECTIONS = {"kubevip": ("kairos-plugin-kubevip", "kube-vip (a virtual IP for the Kubernetes API)")}
+# EdgeVPN's variables, as Kairos users set them in p2p.vpn.env (strings).
+EDGEVPN_ENV = "p2p.vpn.env."
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+# go-log's names (Kairos's p2p.loglevel) that are not ours.
+_KAIROS_LOG_LEVELS = {"warn": "warning", "dpanic": "error", "panic": "error", "fatal": "error"}
+
+
+def _kairos_log_level(value: Any) -> Any:
+    return _KAIROS_LOG_LEVELS.get(value.lower(), value.lower()) if isinstance(value, str) else value
+
+
+def _edgevpn_flag(value: Any) -> bool:
+    value = text_value(value)
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _edgevpn_off(value: Any) -> bool:
+    # EdgeVPN's EDGEVPNDHT / EDGEVPNMDNS switch a feature on; our options switch it off.
+    return not _edgevpn_flag(value)
+
+
 # The core's sections, every option once: its type, default, help and bounds (kairos_core.schema).
 CORE_SCHEMA: tuple[Section, ...] = (
     Section(
         "p2p",
-        Option("network_token", str, "", "The network token (base64 or YAML). Required to run a node."),
+        Option("network_token", str, "", "The network token (base64 or YAML). Required to run a node.",
+               paths=(f"{EDGEVPN_ENV}EDGEVPNTOKEN",)),
         Option("network_id", str, "kairos",
                "A namespace inside the ledger, so several clusters can share one token (Kairos)."),
         Option("role", str, "", 'Role hint for plugins such as k3s: "" (automatic), master or worker.',
                choices=("", "master", "worker")),
-        Option("dns", bool, False, "Kairos compatibility: accepted, reserved for the DNS plugin."),
+        Option("dns", bool, False, "Kairos's embedded DNS. A DNS plugin claims this path (an option of its own "
+                                   "declaring paths=('p2p.dns',)); without one it does nothing.",
+               no_effect="DNS needs a DNS plugin (kairos-plugin-dns), which is not installed"),
         Option("minimum_nodes", int, 2, "Plugins that build clusters wait for this many members.", minimum=1),
-        Option("disable_dht", bool, False, "Switch off WAN discovery through the DHT."),
-        Option("disable_mdns", bool, False, "Switch off LAN discovery (mDNS)."),
+        Option("disable_dht", bool, False, "Switch off WAN discovery through the DHT.",
+               paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNDHT", parse=_edgevpn_off),)),
+        Option("disable_mdns", bool, False, "Switch off LAN discovery (mDNS).",
+               paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNMDNS", parse=_edgevpn_off),)),
         Option("listen", list, [], "Multiaddrs to listen on; empty = every interface address on `port`.",
-               item_type=str),
+               item_type=str, paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNLISTENMADDRS", parse=text_list),)),
         Option("port", int, 0, "TCP port for the default listen addresses; 0 = chosen by the system.",
                minimum=0, maximum=65535),
         Option("bootstrap_peers", list, [],
-               "Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.", item_type=str),
+               "Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.", item_type=str,
+               paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNBOOTSTRAPPEERS", parse=text_list),)),
         Section(
             "connections",
-            Option("low", int, 8, "Below this many connections the node dials more.", minimum=1),
+            Option("low", int, 8, "Below this many connections the node dials more.", minimum=1,
+                   paths=(Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_LOW_WATER", parse=text_value),)),
             Option("high", int, 16, "Above this many it closes the extra (never bootstrap peers nor connections "
-                                    "a feature is using); at least `low`."),
+                                    "a feature is using); at least `low`.",
+                   paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNMAXCONNS", parse=text_value),
+                          Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_HIGH_WATER", parse=text_value))),
             help="Long-lived connections a node keeps. A network of at most `low` nodes is fully connected.",
         ),
         Section(
@@ -92,7 +136,9 @@ CORE_SCHEMA: tuple[Section, ...] = (
         Option("state_dir", str, None, "Identity, ledger database and API socket live here; default "
                                        "/var/lib/kairos as root, ~/.local/state/kairos otherwise."),
         Option("hostname", str, None, "Advertised hostname; default: the machine's."),
-        Option("log_level", str, "info", "How much `kairos run` logs.", choices=("debug", "info", "warning", "error")),
+        Option("log_level", str, "info", "How much `kairos run` logs (Kairos's warn, dpanic, panic and fatal "
+                                         "in p2p.loglevel read as warning, error, error, error).",
+               choices=_LOG_LEVELS, paths=(Alias("p2p.loglevel", parse=_kairos_log_level),)),
         Option("hook_timeout", float, 30.0, "Seconds a plugin hook may run before it is abandoned and logged.",
                minimum=0.1),
         help="This node.",
@@ -193,9 +239,15 @@ class Config(Mapping[str, dict[str, Any]]):
     """
 
     def __init__(self, data: dict[str, dict[str, Any]], path: Path | None = None,
-                 schema: Mapping[str, Section] | None = None) -> None:
+                 schema: Mapping[str, Section] | None = None, warnings: Iterable[str] = (),
+                 notes: Iterable[str] = ()) -> None:
         self._data = data
         self.path = path
+        #: what was accepted but does nothing here, or is read differently (`kairos run` logs each
+        #: once at warning, `kairos config check` prints them)
+        self.warnings: list[str] = list(warnings)
+        #: what was ignored as not ours, at info (the OS sections of a Kairos cloud-config)
+        self.notes: list[str] = list(notes)
         self.schema: dict[str, Section] = {**_CORE_SECTIONS, **(schema or {})}
         self._settings: dict[str, Any] = {}  # a config is never changed once built: read each section once
 
@@ -382,14 +434,29 @@ def resolve_config(
     schema = collect_schema(manager)
     data = copy.deepcopy(dict(raw))
     problems: list[str] = []
+    warnings: list[str] = []
+    notes: list[str] = []
     _apply_env(data, os.environ if env is None else env, problems)
-    _lift_aliases(data, schema)
+    # our path -> the path the user wrote, for every value read from a Kairos place
+    origins: dict[str, str] = {}
+    _lift_sections(data, schema, origins, warnings)
+    _lift_options(data, schema, origins, warnings, problems)
     merged: dict[str, dict[str, Any]] = {}
+    ignored = []
     for section in data:
-        if section not in schema:
+        if section in schema:
+            continue
+        if section in KAIROS_OS_SECTIONS:
+            ignored.append(str(section))
+        elif section in OPTIONAL_PLUGIN_SECTIONS:
+            name, what = OPTIONAL_PLUGIN_SECTIONS[section]
+            warnings.append(f"{section}: ignored: {what} needs {name}, which is not installed")
+        else:
             problems.append(f"{section}: unknown section")
+    if ignored:
+        notes.append(f"ignored (they configure the OS, not the p2p network): {', '.join(ignored)}")
     for name, section in schema.items():
-        merged[name] = section.merge(data.get(name), name, problems)
+        merged[name] = section.merge(data.get(name), name, problems, warnings=warnings)
     if not problems:
         problems.extend(_plugin_problems(manager, merged))
     if check_token and not problems and merged["p2p"]["network_token"]:
@@ -397,11 +464,12 @@ def resolve_config(
             parse_token(str(merged["p2p"]["network_token"]))
         except KairosError as exc:
             problems.append(f"p2p.network_token: {exc}")
+    problems = [_as_written(line, origins) for line in problems]
     if problems:
         origin = f"config {path}" if path else "config"
         noun = "problem" if len(problems) == 1 else "problems"
         raise ConfigError(f"{origin}: {len(problems)} {noun}: " + "; ".join(problems), problems)
-    return Config(merged, path, schema)
+    return Config(merged, path, schema, [_as_written(line, origins) for line in dict.fromkeys(warnings)], notes)
 
 
 def _plugin_problems(manager: KairosPluginManager, merged: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -463,25 +531,136 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, problems: list
     node[parts[-1]] = value
 
 
-def _lift_aliases(data: dict[str, Any], schema: Mapping[str, Section]) -> None:
-    # Kairos puts vpn/kubevip/auto… inside p2p: a section's aliases name where, and it is read
-    # from there as the section itself. The section's own key wins key by key when both are given;
-    # an alias that is an option of the section it sits in is that option, never lifted.
+def _walk(schema: Mapping[str, Section]) -> Iterable[tuple[tuple[str, ...], Option | Section]]:
+    # Every declaration with its path, sections before what they hold.
+    def visit(path: tuple[str, ...], declared: Option | Section):
+        yield path, declared
+        if isinstance(declared, Section):
+            for option in declared.options:
+                yield from visit((*path, option.name), option)
+
     for name, section in schema.items():
+        yield from visit((name,), section)
+
+
+def _declared_at(schema: Mapping[str, Section], path: tuple[str, ...]) -> Option | Section | None:
+    found: Any = schema.get(path[0])
+    for part in path[1:]:
+        found = found.get(part) if isinstance(found, Section) else None
+    return found
+
+
+def _holder(data: dict[str, Any], parents: tuple[str, ...], create: bool) -> dict[str, Any] | None:
+    holder: Any = data
+    for part in parents:
+        child = holder.get(part) if isinstance(holder, dict) else None
+        if child is None and create and isinstance(holder, dict):
+            child = holder[part] = {}
+        holder = child
+    return holder if isinstance(holder, dict) else None
+
+
+def _lift_sections(data: dict[str, Any], schema: Mapping[str, Section], origins: dict[str, str],
+                   warnings: list[str]) -> None:
+    # Kairos puts vpn/kubevip/auto… inside p2p: a section's aliases name where, and it is read from
+    # there as the section itself. The section's own key wins key by key when both are given; an
+    # alias that is an option of the section it sits in is that option, never lifted. Outer
+    # sections first, so that p2p.auto is auto before auto.ha's aliases are looked for.
+    for target, section in _walk(schema):
+        if not isinstance(section, Section):
+            continue
         for alias in section.aliases:
             *parents, key = alias.split(".")
             if not parents:
                 continue
-            holder: Any = data
-            for part in parents:
-                holder = holder.get(part) if isinstance(holder, dict) else None
-            owner = schema.get(parents[0])
-            for part in parents[1:]:
-                owner = owner.get(part) if isinstance(owner, Section) else None
-            if not isinstance(holder, dict) or not isinstance(holder.get(key), dict):
+            holder = _holder(data, tuple(parents), create=False)
+            if holder is None or not isinstance(holder.get(key), dict):
                 continue
+            owner = _declared_at(schema, tuple(parents))
             if isinstance(owner, Section) and owner.get(key) is not None:
                 continue
+            into = _holder(data, target[:-1], create=True)
+            if into is None:
+                continue
             lifted = holder.pop(key)
-            top = data.get(name)
-            data[name] = {**lifted, **top} if isinstance(top, dict) else lifted
+            top = into.get(target[-1])
+            own = top if isinstance(top, dict) else {}
+            into[target[-1]] = {**lifted, **own}
+            written = _as_written(alias, origins)
+            for name in lifted:
+                if name not in own:
+                    origins[".".join((*target, str(name)))] = f"{written}.{name}"
+            if alias in section.alias_warnings:
+                warnings.append(f"{written}: {section.alias_warnings[alias]}")
+
+
+def _as_ours(path: str, schema: Mapping[str, Section]) -> str | None:
+    # Where a Kairos path lands once sections are lifted: p2p.vpn.env.X is vpn.env.X.
+    best = None
+    for target, section in _walk(schema):
+        if isinstance(section, Section):
+            for alias in section.aliases:
+                if path.startswith(alias + ".") and (best is None or len(alias) > len(best[0])):
+                    best = (alias, ".".join(target))
+    return None if best is None else best[1] + path[len(best[0]):]
+
+
+def _lift_options(data: dict[str, Any], schema: Mapping[str, Section], origins: dict[str, str],
+                  warnings: list[str], problems: list[str]) -> None:
+    # Options that Kairos sets elsewhere (p2p.loglevel, p2p.vpn.env.ADDRESS): each value is moved
+    # to its option, so the option's checks apply, and problems name the place it came from.
+    for target, option in _walk(schema):
+        if not isinstance(option, Option) or not option.paths:
+            continue
+        target_path = ".".join(target)
+        into = _holder(data, target[:-1], create=False)
+        own = into.get(target[-1]) if into is not None else None
+        # Kairos (Go, omitempty) cannot tell `disable_dht: false` from no key: a default written
+        # out does not hide EdgeVPN's EDGEVPNDHT, as it does not in Kairos.
+        set_by = _as_written(target_path, origins) if own is not None and own != option.default else None
+        for alias in (path if isinstance(path, Alias) else Alias(path) for path in option.paths):
+            for candidate in (alias.path, _as_ours(alias.path, schema)):
+                if candidate is None:
+                    continue
+                *parents, key = candidate.split(".")
+                holder = _holder(data, tuple(parents), create=False)
+                if holder is None or key not in holder:
+                    continue
+                declared = _declared_at(schema, tuple(candidate.split(".")))
+                if isinstance(declared, Option) and not declared.no_effect:
+                    continue  # a real option of its own section, not a Kairos place
+                value = holder.pop(key)
+                written = _as_written(candidate, origins)
+                if alias.warning:
+                    warnings.append(f"{written}: {alias.warning}")
+                if value is None:
+                    break
+                if alias.parse is not None:
+                    try:
+                        value = alias.parse(value)
+                    except ValueError as exc:
+                        problems.append(f"{written}: {exc}")
+                        break
+                    if value is SKIP:
+                        break
+                if set_by is not None:
+                    warnings.append(f"{written}: ignored, {set_by} is given too and wins")
+                    break
+                into = _holder(data, target[:-1], create=True)
+                if into is None:
+                    break  # a parent is not a mapping: the merge reports it
+                into[target[-1]] = value
+                origins[target_path] = set_by = written
+                break
+
+
+def _as_written(line: str, origins: Mapping[str, str]) -> str:
+    """``line`` (a problem or warning starting with a path) naming the path the user wrote."""
+    best = ""
+    for ours in origins:
+        if len(ours) > len(best) and line.startswith(ours) and line[len(ours):len(ours) + 1] in ("", ":", ".", "[", " "):
+            best = ours
+    if not best:
+        return line
+    written = origins[best]
+    return written + line[len(best):] if best != written else line

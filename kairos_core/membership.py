@@ -210,31 +210,6 @@ class Membership:
             and (state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon))
         }
 
-    def alive_unless_lost(self, window: float) -> set[str]:
-        """Alive peers, less those whose connection *to us* closed within ``window`` seconds and
-        after every entry that still vouches for them — and their own — last changed: our own news
-        that a peer is gone beats older news that it is there. What a leader counts to keep its
-        majority (see :mod:`kairos_core.election`): cut off with one partner, it must not go on
-        leading while the partner's entry, written before the cut, still names the others. A peer
-        we merely stopped being connected to (trimmed, a flaky link) rewrites its own entry, and
-        once that arrives it counts again.
-        """
-        now = self.clock()
-        alive = {peer_id for peer_id, state in self._peers.items() if state.alive}
-        newest: dict[str, float] = {}  # peer -> latest change of its entry or an alive voucher's
-        for peer_id in alive:
-            state = self._peers[peer_id]
-            if state.heartbeat_at is not None:
-                for named in (peer_id, *state.neighbours):
-                    newest[named] = max(newest.get(named, state.heartbeat_at), state.heartbeat_at)
-        kept = set()
-        for peer_id in alive:
-            state = self._peers[peer_id]
-            lost = not state.connected and state.disconnected_at and now - state.disconnected_at < window
-            if not lost or newest.get(peer_id, state.disconnected_at) > state.disconnected_at:
-                kept.add(peer_id)
-        return kept
-
     def describe(self) -> list[dict[str, Any]]:
         """Every known peer with its state, for the local API."""
         now = self.clock()

@@ -39,13 +39,13 @@ from .hookspecs import hookspec
 from .ledger import OPEN, OWNER_KEYED, LedgerError, WritePolicy
 from .ledger.entry import Entry
 from .plugins import hookimpl
-from .schema import Option, Section
+from .schema import SKIP, Alias, Option, Section, text_list, text_value
 
 __all__ = [
-    "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
-    "LedgerUpdate", "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "Section", "Stream",
+    "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
+    "LedgerUpdate", "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
     "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
-    "socket_option",
+    "socket_option", "text_list", "text_value",
 ]
 
 #: Buckets the core writes; plugins read them, never write them.

@@ -17,6 +17,12 @@ The core declares its sections in :mod:`kairos_core.config`; a plugin declares i
     )
 
 Problems read ``<path>: <what is wrong>`` (``vpn.mtu: must be between 576 and 9000, not 100``).
+
+Kairos cloud-configs name many options differently (``p2p.loglevel`` for ``node.log_level``,
+EdgeVPN's ``p2p.vpn.env.ADDRESS`` for ``vpn.address``): an option lists those places in ``paths``
+(:class:`Alias`, a dotted path from the top of the file), and the loader moves what is written
+there to the option before checking it, so problems still name the path the user wrote. A Kairos
+key that can do nothing here is declared with ``no_effect`` (accepted, one warning saying why).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import keyword
 import math
 import re
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import ConfigError
@@ -36,6 +42,50 @@ from .errors import ConfigError
 MAX_CONFIG_INT = 2**63 - 1
 #: Help of an option declared without any (a plain ``kairos_config_defaults`` dict).
 NO_HELP = "(no help)"
+
+#: What an :class:`Alias`'s ``parse`` returns when the value sets nothing (EdgeVPN's ``DHCP: "false"``).
+SKIP = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """Another place where users may set an option or a whole section (Kairos's name for it).
+
+    :param path: dotted, from the top of the file (``p2p.loglevel``, ``p2p.vpn.env.ADDRESS``).
+    :param parse: turns the value written there into the option's (EdgeVPN's variables are
+        strings: ``"200"``, ``"false"``); may return :data:`SKIP`, or raise ``ValueError``.
+    :param warning: said once when the path is used (a place Kairos itself ignores, say).
+    """
+
+    path: str
+    parse: Callable[[Any], Any] | None = None
+    warning: str | None = None
+
+
+def _as_alias(path: str | Alias) -> Alias:
+    return path if isinstance(path, Alias) else Alias(str(path))
+
+
+def text_value(value: Any) -> Any:
+    """A string read the way YAML reads a scalar (``"200"`` → 200, ``"false"`` → False), for
+    options Kairos users set through string-only maps such as ``p2p.vpn.env``."""
+    import yaml
+
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return value
+    return parsed if isinstance(parsed, (bool, int, float, str)) else value
+
+
+def text_list(value: Any) -> Any:
+    """A comma-separated string as a list of its non-empty items (EdgeVPN's list variables)."""
+    if not isinstance(value, str):
+        return value
+    return [item.strip() for item in value.split(",") if item.strip()]
+
 
 # ``object`` as an option's type accepts any value: what a legacy default of another type allowed.
 _TYPES = (bool, int, float, str, list, dict, object)
@@ -75,6 +125,13 @@ class Option:
     :param choices: the only values allowed (``node.log_level``).
     :param item_type: the type of every item of a list (``str``, ``int``, ``float``, ``bool``).
     :param aliases: other keys of the same section that set this option (Kairos's names).
+    :param paths: other places in the file that set it (:class:`Alias` or a dotted path, e.g.
+        ``"p2p.loglevel"``): read as if written here. The option's own key wins unless it holds the
+        default (Kairos cannot tell ``false`` from unset), then the first place given; the others
+        are ignored with a warning.
+    :param no_effect: why this option, accepted for Kairos's sake, does nothing here: setting it
+        to anything but its default gives one warning saying so. Another section's option may claim its path (``paths``),
+        and then the value goes there and nothing is said (``p2p.dns`` for a DNS plugin).
     :param finite: refuse NaN and infinities (numbers; the default).
     """
 
@@ -87,6 +144,8 @@ class Option:
     choices: tuple[Any, ...] | None = dataclasses.field(default=None, kw_only=True)
     item_type: type | None = dataclasses.field(default=None, kw_only=True)
     aliases: tuple[str, ...] = dataclasses.field(default=(), kw_only=True)
+    paths: tuple[str | Alias, ...] = dataclasses.field(default=(), kw_only=True)
+    no_effect: str | None = dataclasses.field(default=None, kw_only=True)
     finite: bool = dataclasses.field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
@@ -96,6 +155,7 @@ class Option:
         if self.choices is not None:
             object.__setattr__(self, "choices", tuple(self.choices))
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "paths", tuple(_as_alias(path) for path in self.paths))
         problem = self.problem(self.default, self.name)[1]
         if problem:
             raise ValueError(f"option {self.name}: its default is invalid: {problem}")
@@ -178,6 +238,10 @@ class Option:
             data["item_type"] = _schema_type_name(self.item_type)
         if self.aliases:
             data["aliases"] = list(self.aliases)
+        if self.paths:
+            data["kairos_paths"] = [_as_alias(path).path for path in self.paths]
+        if self.no_effect:
+            data["no_effect"] = self.no_effect
         if not self.finite:
             data["finite"] = False
         return data
@@ -211,15 +275,27 @@ class Section:
     :param name: the section's key (top level, or inside its parent section).
     :param options: :class:`Option` and nested :class:`Section` declarations.
     :param help: what the section is for.
-    :param aliases: dotted paths where Kairos users may write the whole section instead
-        (``"p2p.vpn"``): read as if written here, this section winning key by key.
+    :param aliases: dotted paths from the top of the file where Kairos users may write the whole
+        section instead (``"p2p.vpn"``; an :class:`Alias` to warn when it is used): read as if
+        written here, this section winning key by key. Nested sections may have them too.
+    :param unknown: ``"error"`` (an unknown key is a problem) or ``"warn"`` (it is ignored with a
+        warning: a map of another program's settings, such as EdgeVPN's ``p2p.vpn.env``).
+    :param unknown_note: what the warning for an unknown key says (``unknown EdgeVPN variable``).
     """
 
-    def __init__(self, name: str, *options: Option | Section, help: str = "", aliases: Iterable[str] = ()) -> None:
+    def __init__(self, name: str, *options: Option | Section, help: str = "", aliases: Iterable[str | Alias] = (),
+                 unknown: str = "error", unknown_note: str = "unknown key") -> None:
+        if unknown not in ("error", "warn"):
+            raise ValueError(f"section {name}: unknown must be 'error' or 'warn'")
         self.name = name
         self.options: tuple[Option | Section, ...] = tuple(options)
         self.help = help
-        self.aliases = tuple(aliases)
+        declared = tuple(_as_alias(alias) for alias in aliases)
+        self.aliases = tuple(alias.path for alias in declared)
+        #: the warning each alias path gives when used, if any
+        self.alias_warnings = {alias.path: alias.warning for alias in declared if alias.warning}
+        self.unknown = unknown
+        self.unknown_note = unknown_note
         self._by_key: dict[str, Option | Section] = {}
         for option in self.options:
             if not isinstance(option, (Option, Section)):
@@ -245,12 +321,16 @@ class Section:
         return {option.name: option.defaults() if isinstance(option, Section) else copy.deepcopy(option.default)
                 for option in self.options}
 
-    def merge(self, given: Any, path: str, problems: list[str], strict: bool = False) -> dict[str, Any]:
+    def merge(self, given: Any, path: str, problems: list[str], strict: bool = False,
+              warnings: list[str] | None = None) -> dict[str, Any]:
         """``given`` over the defaults, every problem appended to ``problems`` with its path.
 
         A key given as ``None`` keeps its default (``key:`` with nothing after it), unless
-        ``strict``: then ``None`` is a value, valid only for optional options.
+        ``strict``: then ``None`` is a value, valid only for optional options. What is accepted
+        but ignored (unknown keys of a ``"warn"`` section, ``no_effect`` options) is appended to
+        ``warnings``.
         """
+        warnings = [] if warnings is None else warnings
         merged = self.defaults()
         if given is None:
             return merged
@@ -262,14 +342,17 @@ class Section:
             key_path = f"{path}.{key}"
             option = self._by_key.get(key)
             if option is None:
-                problems.append(f"{key_path}: unknown key")
+                if self.unknown == "warn":
+                    warnings.append(f"{key_path}: {self.unknown_note}, ignored")
+                else:
+                    problems.append(f"{key_path}: unknown key")
                 continue
             if option.name in seen:
                 problems.append(f"{key_path}: sets the same option as {path}.{seen[option.name]}; give one of them")
                 continue
             seen[option.name] = key
             if isinstance(option, Section):
-                merged[option.name] = option.merge(value, key_path, problems, strict)
+                merged[option.name] = option.merge(value, key_path, problems, strict, warnings)
                 continue
             if value is None and not strict:
                 continue
@@ -278,6 +361,8 @@ class Section:
                 problems.append(problem)
             else:
                 merged[option.name] = stored
+                if option.no_effect and stored != option.default:
+                    warnings.append(f"{key_path}: accepted, but has no effect here: {option.no_effect}")
         return merged
 
     def validate(self, values: Any, path: str | None = None) -> dict[str, Any]:
@@ -324,6 +409,8 @@ class Section:
         data: dict[str, Any] = {"name": self.name, "type": "section", "help": self.help}
         if self.aliases:
             data["aliases"] = list(self.aliases)
+        if self.unknown != "error":
+            data["unknown"] = self.unknown
         data["options"] = [option.describe() for option in self.options]
         return data
 
@@ -422,6 +509,10 @@ def _option_note(option: Option) -> str:
         extra.append("one of " + ", ".join(_show_choice(c) for c in option.choices))
     if option.aliases:
         extra.append("also " + ", ".join(option.aliases))
+    if option.paths:
+        extra.append("Kairos: " + ", ".join(_as_alias(path).path for path in option.paths))
+    if option.no_effect:
+        extra.append("no effect here: " + option.no_effect)
     return f"{option.help} [{'; '.join(extra)}]" if extra else option.help
 
 

@@ -25,6 +25,13 @@ def resolve(text, manager, env=None):
     return resolve_config(parse_config_text(text), manager, env=env or {})
 
 
+def problems_of(text, manager, env=None):
+    """The problems a config refuses with, as a set (their order follows the schema's)."""
+    with pytest.raises(ConfigError) as exc:
+        resolve(text, manager, env)
+    return set(exc.value.problems)
+
+
 def test_token_alone_is_enough(manager, tmp_path):
     token = generate_token().encode()
     path = tmp_path / "kairos.yaml"
@@ -135,9 +142,8 @@ def test_cli_config_check_lists_problems(tmp_path, capsys):
 
 
 def test_values_out_of_range_are_reported(manager):
-    with pytest.raises(ConfigError) as exc:
-        resolve("election:\n  lease_seconds: 0\nledger:\n  max_value_size: 5000000\np2p:\n  port: 70000\n", manager)
-    assert set(exc.value.problems) == {
+    text = "election:\n  lease_seconds: 0\nledger:\n  max_value_size: 5000000\np2p:\n  port: 70000\n"
+    assert problems_of(text, manager) == {
         "election.lease_seconds: must be at least 0.5, not 0.0",
         "ledger.max_value_size: must be between 1 and 1048576, not 5000000",
         "p2p.port: must be between 0 and 65535, not 70000",
@@ -148,9 +154,7 @@ def test_non_finite_numbers_are_refused_with_their_path(manager):
     # .nan compares false with every bound, so it used to pass the range checks: a NaN lease
     # silently stopped the election, a NaN clock drift crashed the ledger.
     text = "election:\n  lease_seconds: .nan\nledger:\n  max_clock_drift: .inf\nmembership:\n  peer_ttl: -.inf\n"
-    with pytest.raises(ConfigError) as exc:
-        resolve(text, manager)
-    assert set(exc.value.problems) == {
+    assert problems_of(text, manager) == {
         "election.lease_seconds: expected a finite number, got nan",
         "ledger.max_clock_drift: expected a finite number, got inf",
         "membership.peer_ttl: expected a finite number, got -inf",
@@ -169,18 +173,14 @@ def test_list_items_of_the_wrong_type_are_refused(manager):
     # bootstrap_peers: [1, 2] used to kill the bootstrap task silently, listen: [123] was an
     # internal error at start.
     text = "p2p:\n  bootstrap_peers: [/ip4/1.2.3.4/tcp/1, 2]\n  listen: [123]\nplugins:\n  disabled: [[x]]\n"
-    with pytest.raises(ConfigError) as exc:
-        resolve(text, manager)
-    assert set(exc.value.problems) == {
+    assert problems_of(text, manager) == {
         "p2p.bootstrap_peers[1]: expected a string, got an integer",
         "p2p.listen[0]: expected a string, got an integer",
         "plugins.disabled[0]: expected a string, got a list",
     }
     # A plugin's list holds what its default holds; an empty default says nothing.
     plugin_manager = make_plugin_manager(autoload=False, extra_plugins=[ListPlugin()])
-    with pytest.raises(ConfigError) as exc:
-        resolve("lists:\n  names: [b, 3]\n  ports: [2, x, .nan]\n  free: [1, a, {}]\n", plugin_manager)
-    assert set(exc.value.problems) == {
+    assert problems_of("lists:\n  names: [b, 3]\n  ports: [2, x, .nan]\n  free: [1, a, {}]\n", plugin_manager) == {
         "lists.names[1]: expected a string, got an integer",
         "lists.ports[1]: expected an integer, got a string",
     }
@@ -233,10 +233,9 @@ def test_cli_gives_one_line_and_exit_2_for_deep_files_and_huge_integers(tmp_path
 
 
 def test_deep_or_unrepresentable_environment_values_are_problems(manager):
-    with pytest.raises(ConfigError) as exc:
-        resolve("{}", manager, {"KAIROS__P2P__LISTEN": "[" * 20000, "KAIROS__P2P__PORT": "1" * 5000,
-                                "KAIROS__VPN__ENV": "{a: " * 40 + "1" + "}" * 40})
-    assert set(exc.value.problems) == {
+    env = {"KAIROS__P2P__LISTEN": "[" * 20000, "KAIROS__P2P__PORT": "1" * 5000,
+           "KAIROS__VPN__ENV": "{a: " * 40 + "1" + "}" * 40}
+    assert problems_of("{}", manager, env) == {
         "KAIROS__P2P__LISTEN: nested too deeply to parse",
         "KAIROS__P2P__PORT: holds a value YAML cannot represent (an integer over 4300 digits or an impossible date)",
         "KAIROS__VPN__ENV: nested more than 32 levels deep",
@@ -334,7 +333,7 @@ def test_kairos_config_defaults_prints_every_option_with_its_help_and_reads_back
 
     text = run()
     assert "# Seconds without a renewal after which a lease has lapsed" in text
-    assert "# How much `kairos run` logs. [one of debug, info, warning, error]" in text
+    assert "[one of debug, info, warning, error; Kairos:\n  # p2p.loglevel]\n  log_level: \"info\"" in text
     assert "  lease_seconds: 15.0" in text
     # the commented YAML is a config: it reads back as the defaults, plugin sections included
     assert yaml.safe_load(text) == collect_defaults(make_plugin_manager())

@@ -7,7 +7,8 @@ another node. Whose entries *count* is the readers' decision, made here:
 - ``<peer>/k3s`` — ``{"hostname", "hint"}``: the node runs the plugin and may get a role.
 - ``<leader>/role/<peer>/<epoch>`` — ``{"role", "epoch", "leader"}``, written by the leader of
   ``epoch``. One key per epoch, so a deposed leader's late write never overwrites the current
-  leader's: readers take, per node, the valid entry of the highest epoch. An entry counts only
+  leader's: readers take, per node, the valid entry of the highest epoch (role ``none``: the
+  leader took the role back, ``p2p.dynamic_roles``; the node has none). An entry counts only
   when its writer is the leader of that epoch (:meth:`NodeView.lease_holder`): one writer per
   epoch, even where two nodes claimed it at once and each briefly believed it led.
 - ``<peer>/ip`` — the node's k3s address.
@@ -40,7 +41,7 @@ from typing import Any, Callable
 
 from kairos_core.plugin import LedgerError
 
-from .roles import HINTS, MASTER, MASTER_HA, ROLES, starts_cluster
+from .roles import HINTS, MASTER, MASTER_HA, ROLES, UNASSIGNED, starts_cluster
 from .validate import clean_host, clean_token
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class ClusterState:
                 ):
                     best[record.peer] = record
         self.ignored = ignored
-        return best
+        return {peer: record for peer, record in best.items() if record.role != UNASSIGNED}
 
     def role_of(self, peer_id: str) -> RoleRecord | None:
         """``peer_id``'s role, or None before the leader assigned one."""
@@ -173,9 +174,13 @@ class ClusterState:
         """Write an assignment stamped with the writer's epoch (the leader calls this)."""
         self.ledger.set(self.bucket, role_key(leader, peer_id, epoch), {"role": role, "epoch": epoch, "leader": leader})
 
+    def unassign(self, peer_id: str, epoch: int, leader: str) -> None:
+        """Take ``peer_id``'s role back from ``epoch`` on (dynamic roles; the leader calls this)."""
+        self.assign(peer_id, UNASSIGNED, epoch, leader)
+
     def _valid_record(self, peer: str, epoch: int, value: Any, writer: str,
                       holders: dict[int, str | None]) -> RoleRecord | None:
-        if not isinstance(value, dict) or value.get("role") not in ROLES or value.get("epoch") != epoch:
+        if not isinstance(value, dict) or value.get("role") not in (*ROLES, UNASSIGNED) or value.get("epoch") != epoch:
             return None
         if not writer or value.get("leader") != writer:
             return None

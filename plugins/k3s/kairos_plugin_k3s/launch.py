@@ -94,6 +94,7 @@ def build_launch(
     plugin_args: Sequence[str] = (),
     join: Join | None = None,
     external_db: str = "",
+    embedded_registry: bool = False,
 ) -> K3sLaunch:
     """The launch of k3s for ``role``.
 
@@ -104,6 +105,7 @@ def build_launch(
     :param plugin_args: flags from other plugins' hooks.
     :param join: server URL and token, for ``master/ha`` and ``worker``.
     :param external_db: datastore endpoint for masters (``auto.ha.external_db``).
+    :param embedded_registry: servers run k3s's embedded registry (``k3s.embedded_registry``).
     """
     server = is_server(role)
     if role in (MASTER_HA, WORKER) and join is None:
@@ -126,6 +128,8 @@ def build_launch(
             config["datastore-endpoint"] = external_db
         elif role == CLUSTER_INIT:
             config["cluster-init"] = True
+        if embedded_registry:
+            config["embedded-registry"] = True
     if join is not None:
         if join.server_url and not (server and external_db):
             env["K3S_URL"] = join.server_url

@@ -30,7 +30,7 @@ from .cluster_state import (
 )
 from .launch import Join, K3sLaunch, build_launch, server_url
 from .paths import K3sPaths
-from .roles import MASTER, WORKER, is_server, joins_cluster, plan_roles, starts_cluster
+from .roles import MASTER, WORKER, is_server, joins_cluster, plan_roles, stale_roles, starts_cluster
 from .runners import ServiceRunner, make_runner, resolve_binary
 from .service import MAX_MASTERS_ASKED, PROTOCOL, ControlSocket, KubeconfigUnavailable, request_kubeconfig, serve_stream, socket_path
 from .settings import K3sSettings
@@ -177,9 +177,16 @@ class ClusterMember:
         alive = set(self.node.members()) | {self.node.peer_id}
         candidates = {peer: hint for peer, hint in self.state.candidates().items() if peer in alive}
         assigned = {peer: record.role for peer, record in self.state.roles().items()}
+        if self.settings.dynamic_roles:
+            for peer in stale_roles(assigned, alive):
+                if self.node.leader != (self.node.peer_id, epoch):
+                    return {}
+                self.state.unassign(peer, epoch, self.node.peer_id)
+                log.info("leader (epoch %d): %s is no longer a member; its role %s is free again",
+                         epoch, peer, assigned.pop(peer))
         plan = plan_roles(
             candidates, assigned, ha=self.settings.ha_enable,
-            master_nodes=self.settings.master_nodes, minimum_nodes=self.settings.minimum_nodes,
+            masters=self.settings.masters_total, minimum_nodes=self.settings.minimum_nodes,
         )
         for peer, role in plan.items():
             # Re-check right before each write: a leader deposed meanwhile writes nothing more.
@@ -238,6 +245,7 @@ class ClusterMember:
             binary=self._binary(), paths=self.paths, node_ip=address,
             interface=vpn_interface(self.node.config), tls_sans=sans, plugin_args=extra,
             join=join, external_db=self.settings.external_db if server else "",
+            embedded_registry=server and self.settings.embedded_registry,
         )
         if launch.notes != self._last_notes:
             for note in launch.notes:

@@ -8,7 +8,9 @@ Pure functions: no ledger, no node. :mod:`.cluster_state` reads and writes what 
 - ``worker``: an agent.
 
 Roles are sticky: :func:`plan_roles` only ever adds assignments for nodes that have none, so a
-node that restarts, or a new leader, never changes a role that exists.
+node that restarts, or a new leader, never changes a role that exists. The one exception is
+opt-in (``p2p.dynamic_roles``): :func:`stale_roles` names the nodes whose role the leader takes
+back because they are no longer members.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ CLUSTER_INIT = "master/clusterinit"
 MASTER_HA = "master/ha"
 WORKER = "worker"
 ROLES = (MASTER, CLUSTER_INIT, MASTER_HA, WORKER)
+#: What the leader writes to take a role back (dynamic roles): the node has none from that epoch on.
+UNASSIGNED = "none"
 
 # What a node may ask for through p2p.role: "" lets the leader decide.
 HINTS = ("", MASTER, WORKER)
@@ -45,7 +49,7 @@ def plan_roles(
     assigned: Mapping[str, str],
     *,
     ha: bool,
-    master_nodes: int,
+    masters: int,
     minimum_nodes: int,
 ) -> dict[str, str]:
     """The new assignments the leader should write.
@@ -54,16 +58,19 @@ def plan_roles(
         ``worker``), the leader itself included.
     :param assigned: every node that already has a role → that role, alive or not (a master
         that is down still counts, so a return does not make a second one).
-    :param ha: one ``master/clusterinit`` then ``master/ha`` up to ``master_nodes``; otherwise one
+    :param ha: one ``master/clusterinit`` then ``master/ha`` up to ``masters``; otherwise one
         ``master``.
-    :param master_nodes: masters in total with HA.
+    :param masters: masters in total with HA (Kairos's ``master_nodes`` + 1).
     :param minimum_nodes: before the first assignment ever, wait for this many candidates.
     :return: node → role for nodes that have none yet; empty when there is nothing to do.
     """
     if not assigned and len(candidates) < minimum_nodes:
         return {}
+    masters_wanted = masters
     masters = sum(1 for role in assigned.values() if is_server(role))
-    has_origin = any(starts_cluster(role) for role in assigned.values())
+    # A cluster exists while any server does: after dynamic roles took the clusterinit master's
+    # back, the master/ha ones carry it on, and a newcomer must join them, not found another.
+    has_origin = any(starts_cluster(role) or role == MASTER_HA for role in assigned.values())
     # Nodes that asked to be masters are served first; then a stable order, the same on any leader.
     waiting = sorted((p for p in candidates if p not in assigned), key=lambda p: (candidates[p] != MASTER, p))
     plan: dict[str, str] = {}
@@ -75,7 +82,7 @@ def plan_roles(
             plan[peer] = CLUSTER_INIT if ha else MASTER
             has_origin = True
             masters += 1
-        elif ha and (masters < master_nodes or hint == MASTER):
+        elif ha and (masters < masters_wanted or hint == MASTER):
             plan[peer] = MASTER_HA
             masters += 1
         elif hint == MASTER:
@@ -83,3 +90,8 @@ def plan_roles(
         else:
             plan[peer] = WORKER
     return plan
+
+
+def stale_roles(assigned: Mapping[str, str], alive: set[str] | frozenset[str]) -> list[str]:
+    """Nodes that hold a role but are not alive members: what dynamic roles take back, in order."""
+    return sorted(peer for peer in assigned if peer not in alive)

@@ -1,7 +1,9 @@
 """The config sections of the k3s plugin, declared once (:data:`SCHEMA`), and the one accessor that reads them.
 
 Kairos users write ``p2p.auto`` (and may write ``p2p.k3s``); the core lifts plugin sections found
-under ``p2p:`` to the top level, so they arrive here as ``auto`` and ``k3s``.
+under ``p2p:`` to the top level, so they arrive here as ``auto`` and ``k3s``. ``p2p.dynamic_roles``
+is ``auto.dynamic_roles``, and ``auto.ha.master_nodes`` counts as Kairos counts it: masters
+*besides* the clusterinit one.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kairos_core.plugin import Option, Section
+from kairos_core.plugin import Alias, Option, Section
 
 K3S_SECTION = "k3s"
 AGENT_SECTION = "k3s-agent"
 AUTO_SECTION = "auto"
+
+#: Masters besides the clusterinit one when HA is on and ``master_nodes`` is not given.
+DEFAULT_EXTRA_MASTERS = 2
 
 #: How k3s may run (:mod:`.runners` makes each; listed here so the schema needs no runner).
 RUNNER_KINDS = ("auto", "systemd", "openrc", "process")
@@ -46,6 +51,9 @@ K3S = Section(
     Option("node_ip", str, "", "This node's k3s address; empty = its VPN address, or its own address without a VPN."),
     Option("reconcile_interval", float, 5.0, "Seconds between reconciliations (ledger changes trigger one at once).",
            minimum=0.05),
+    Option("embedded_registry", bool, False,
+           "Start k3s servers with --embedded-registry (Spegel: nodes pull images from each other), as Kairos's "
+           "k3s.embedded_registry."),
     Option("share_kubeconfig", bool, False,
            "Also publish the admin kubeconfig (client key included) in the ledger, so every node keeps a copy, as "
            "earlier versions and Kairos did. Off: `kairos get-kubeconfig` fetches it from a master on demand."),
@@ -56,18 +64,29 @@ AGENT = Section(
     AGENT_SECTION,
     Option("enabled", bool, True, "Run k3s as an agent when this node is a worker."),
     *_flag_options("agent"),
+    Option("embedded_registry", bool, False, "Kairos reads this key only in its k3s section.",
+           no_effect="the embedded registry is a k3s server flag: set k3s.embedded_registry"),
     help="Kairos's `k3s-agent` section: flags and environment for `k3s agent` (workers).",
     aliases=(f"p2p.{AGENT_SECTION}",),
 )
 AUTO = Section(
     AUTO_SECTION,
     Option("enable", bool, True, "The leader assigns roles to nodes without a fixed p2p.role."),
+    Option("dynamic_roles", bool, False,
+           "The leader takes the role back from a node that is no longer a member (crashed, gone, cut off), so "
+           "that a new node can take its place; the node gets a role anew when it returns (Kairos's "
+           "p2p.dynamic_roles).", paths=("p2p.dynamic_roles",)),
     Section(
         "ha",
-        Option("enable", bool, False, "Several masters on embedded etcd: one master/clusterinit, then master/ha."),
-        Option("master_nodes", int, 3, "Masters in total (the clusterinit one included).", minimum=1),
+        Option("enable", bool, None, "Several masters on embedded etcd: one master/clusterinit, then master/ha. "
+                                     "Unset: on when master_nodes is given (as in Kairos)."),
+        Option("master_nodes", int, None,
+               f"Masters besides the clusterinit one, as Kairos counts them: 2 means 3 masters in all. Unset with "
+               f"HA on: {DEFAULT_EXTRA_MASTERS}.", minimum=0),
         Option("external_db", str, "", "A datastore endpoint (e.g. mysql://…): masters use it instead of embedded etcd."),
         help="A highly available control plane.",
+        aliases=(Alias("p2p.ha", warning="read as p2p.auto.ha (a typo in one Kairos docs example; provider-kairos "
+                                         "itself ignores p2p.ha)"),),
     ),
     help="Automatic roles (Kairos: p2p.auto).",
     aliases=(f"p2p.{AUTO_SECTION}",),
@@ -116,9 +135,12 @@ class K3sSettings:
     node_ip: str
     reconcile_interval: float
     share_kubeconfig: bool
+    embedded_registry: bool
     auto_enable: bool
+    dynamic_roles: bool
     ha_enable: bool
-    master_nodes: int
+    #: masters in all with HA: the clusterinit one and ``auto.ha.master_nodes`` more
+    masters_total: int
     external_db: str
     role_hint: str
     minimum_nodes: int
@@ -133,6 +155,8 @@ class K3sSettings:
         k3s = K3S.read(config[K3S_SECTION])
         auto = AUTO.read(config[AUTO_SECTION])
         p2p = config["p2p"]
+        extra = auto.ha.master_nodes
+        ha_enable = auto.ha.enable if auto.ha.enable is not None else extra is not None
         return cls(
             enabled=k3s.enabled,
             server=FlagSet.from_section(k3s),
@@ -147,9 +171,11 @@ class K3sSettings:
             node_ip=k3s.node_ip,
             reconcile_interval=k3s.reconcile_interval,
             share_kubeconfig=k3s.share_kubeconfig,
+            embedded_registry=k3s.embedded_registry,
             auto_enable=auto.enable,
-            ha_enable=auto.ha.enable,
-            master_nodes=auto.ha.master_nodes,
+            dynamic_roles=auto.dynamic_roles,
+            ha_enable=ha_enable,
+            masters_total=1 + (DEFAULT_EXTRA_MASTERS if extra is None else extra),
             external_db=auto.ha.external_db,
             # the core's options, validated by its own schema
             role_hint=p2p["role"],

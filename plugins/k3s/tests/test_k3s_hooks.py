@@ -136,12 +136,12 @@ def test_config_values_their_types_let_through_are_refused():
     manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
     assert resolve_config({"k3s": {"runner": "process"}}, manager, env={}, check_token=False)["k3s"]["runner"] == "process"
     with pytest.raises(ConfigError) as info:
-        resolve_config({"k3s": {"runner": "sytemd", "api_port": 70000}, "auto": {"ha": {"master_nodes": 0}}},
+        resolve_config({"k3s": {"runner": "sytemd", "api_port": 70000}, "auto": {"ha": {"master_nodes": -1}}},
                        manager, env={}, check_token=False)
     assert info.value.problems == [
         "k3s.runner: 'sytemd' is not one of auto, systemd, openrc, process",
         "k3s.api_port: must be between 1 and 65535, not 70000",
-        "auto.ha.master_nodes: must be at least 1, not 0",
+        "auto.ha.master_nodes: must be at least 0, not -1",
     ]
 
 

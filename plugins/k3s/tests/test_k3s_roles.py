@@ -20,30 +20,30 @@ TOKEN = "K10" + "ab" * 32 + "::server:" + "cd" * 16
 
 def test_ha_plan_has_one_clusterinit_then_ha_masters_then_workers():
     nodes = {p: "" for p in "abcdef"}
-    plan = plan_roles(nodes, {}, ha=True, master_nodes=3, minimum_nodes=4)
+    plan = plan_roles(nodes, {}, ha=True, masters=3, minimum_nodes=4)
     assert sorted(plan.values()) == sorted([CLUSTER_INIT, MASTER_HA, MASTER_HA, WORKER, WORKER, WORKER])
 
 
 def test_plan_waits_for_minimum_nodes_only_before_the_first_assignment():
-    assert plan_roles({"a": "", "b": ""}, {}, ha=False, master_nodes=1, minimum_nodes=3) == {}
-    assert plan_roles({"c": ""}, {"a": MASTER, "b": WORKER}, ha=False, master_nodes=1, minimum_nodes=3) == {"c": WORKER}
+    assert plan_roles({"a": "", "b": ""}, {}, ha=False, masters=1, minimum_nodes=3) == {}
+    assert plan_roles({"c": ""}, {"a": MASTER, "b": WORKER}, ha=False, masters=1, minimum_nodes=3) == {"c": WORKER}
 
 
 def test_plan_is_sticky_and_counts_masters_that_are_down():
     # "a" (clusterinit) and "b" (ha) are not alive: they still count, no second clusterinit.
     assigned = {"a": CLUSTER_INIT, "b": MASTER_HA}
-    plan = plan_roles({"c": "", "d": "", "e": ""}, assigned, ha=True, master_nodes=3, minimum_nodes=1)
+    plan = plan_roles({"c": "", "d": "", "e": ""}, assigned, ha=True, masters=3, minimum_nodes=1)
     assert sorted(plan.values()) == [MASTER_HA, WORKER, WORKER]
     assert "a" not in plan and "b" not in plan
     # everything assigned: nothing to write
-    assert plan_roles({"a": "", "b": ""}, assigned, ha=True, master_nodes=3, minimum_nodes=1) == {}
+    assert plan_roles({"a": "", "b": ""}, assigned, ha=True, masters=3, minimum_nodes=1) == {}
 
 
 def test_plan_respects_hints():
-    plan = plan_roles({"a": "worker", "b": "", "z": "master"}, {}, ha=False, master_nodes=1, minimum_nodes=3)
+    plan = plan_roles({"a": "worker", "b": "", "z": "master"}, {}, ha=False, masters=1, minimum_nodes=3)
     assert plan == {"z": MASTER, "a": WORKER, "b": WORKER}
     # a worker hint never becomes a master even when masters are missing
-    plan = plan_roles({"a": "worker", "b": "worker"}, {}, ha=True, master_nodes=3, minimum_nodes=2)
+    plan = plan_roles({"a": "worker", "b": "worker"}, {}, ha=True, masters=3, minimum_nodes=2)
     assert set(plan.values()) == {WORKER}
 
 
@@ -222,8 +222,36 @@ def test_roles_of_earlier_versions_still_count_and_their_join_keys_do_not(tmp_pa
     assert (state.master_address, state.node_token, state.kubeconfig) == (None, None, None)
     # no new role is planned for nodes that have one: an upgrade reassigns nothing
     assert plan_roles({init.peer_id: "", "12D3KooWW": ""}, {p: r.role for p, r in state.roles().items()},
-                      ha=True, master_nodes=3, minimum_nodes=1) == {}
+                      ha=True, masters=3, minimum_nodes=1) == {}
     assert sorted(_state(init).purge_legacy()) == sorted(["ip-master", "token-nodetoken", "master-kubeconfig"])
     _sync(init, reader)
     assert all(reader.get(NET, key) is None for key in ("ip-master", "token-nodetoken", "master-kubeconfig"))
     assert _state(init).purge_legacy() == []
+
+
+def test_a_role_taken_back_reads_as_none_and_a_newer_assignment_wins_again(tmp_path):
+    from kairos_plugin_k3s.roles import stale_roles
+
+    leader, reader = _ledger(tmp_path, "leader"), _ledger(tmp_path, "reader")
+    _hold_lease(leader, 1)
+    gone, kept = "12D3KooWGone", "12D3KooWKept"
+    state = _state(leader)
+    state.assign(gone, WORKER, 1, leader.peer_id)
+    state.assign(kept, CLUSTER_INIT, 1, leader.peer_id)
+    assigned = {peer: record.role for peer, record in state.roles().items()}
+    assert stale_roles(assigned, {kept, leader.peer_id}) == [gone]
+    state.unassign(gone, 1, leader.peer_id)
+    _sync(leader, reader)
+    assert {peer: r.role for peer, r in _state(reader).roles().items()} == {kept: CLUSTER_INIT}
+    # the node that had it is a newcomer again: it gets a role, a worker one (the cluster exists)
+    assert plan_roles({gone: "", kept: ""}, {kept: CLUSTER_INIT}, ha=True, masters=3, minimum_nodes=1) == {gone: MASTER_HA}
+    _hold_lease(leader, 2)
+    state.assign(gone, WORKER, 2, leader.peer_id)
+    assert state.role_of(gone).role == WORKER
+
+
+def test_with_the_clusterinit_master_taken_back_its_ha_masters_carry_the_cluster():
+    # dynamic roles took the clusterinit master's role: a newcomer joins the master/ha ones
+    # instead of founding a second cluster
+    plan = plan_roles({"new": ""}, {"ha1": MASTER_HA, "ha2": MASTER_HA}, ha=True, masters=3, minimum_nodes=1)
+    assert plan == {"new": MASTER_HA}

@@ -66,17 +66,14 @@ def _item_problems(path: str, item: Mapping[str, Any], required: tuple[str, ...]
     for key in required:
         if key not in item:
             problems.append(f"{path}: needs {key}")
-    def target(value: Any) -> None:
-        if parse_hostport(value, "to")[1] == 0:
-            raise UsageError(f"to {value!r}: the port must not be 0")
-
-    checks = [("name", check_name), ("to", target), ("listen", lambda value: parse_hostport(value, "listen"))]
-    for key, check in checks:
-        try:
+    try:
+        if "name" in item:
+            check_name(item["name"])
+        for key in ("to", "listen"):
             if key in item:
-                check(item[key])
-        except UsageError as exc:
-            problems.append(f"{path}.{key}: {exc}")
+                parse_hostport(item[key], key)
+    except UsageError as exc:
+        problems.append(f"{path}: {exc}")
     if item.get("protocol", "tcp") not in PROTOCOLS:
         problems.append(f"{path}.protocol: tcp or udp, not {item['protocol']!r}")
     if not isinstance(item.get("description", ""), str):
@@ -98,9 +95,9 @@ def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> list[str]
         if doubles:
             problems.append(f"services.{key}: {', '.join(doubles)} given more than once")
     try:
-        parse_hostport(section["side_listen"], "services.side_listen")
+        parse_hostport(section["side_listen"], "side_listen")
     except UsageError as exc:
-        problems.append(str(exc))
+        problems.append(f"services.side_listen: {exc}")
     return problems
 
 

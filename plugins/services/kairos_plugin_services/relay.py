@@ -122,7 +122,7 @@ class Services:
             host, port = parse_hostport(self.settings.side_listen, "services.side_listen")
             self.side_server = await asyncio.start_server(self._side_accept, host or None, port, limit=READER_LIMIT)
             self.side_port = self.side_server.sockets[0].getsockname()[1]
-        for item in self.settings.expose:   # checked by kairos_config_problems already
+        for item in self.settings.expose:
             self.expose(item["name"], item["to"], item.get("protocol", "tcp"), item.get("description", ""))
         mine = f"{self.node.peer_id}/"
         for key in list(self.node.ledger.items(BUCKET)):

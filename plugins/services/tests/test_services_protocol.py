@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from kairos_core.plugin import APIClient, KairosError, LedgerError, hookimpl
+from kairos_core.plugin import APIClient, KairosError, LedgerError
 
 import kairos_plugin_services.plugin as services_plugin
 from kairos_plugin_services import sealed, wire
@@ -207,32 +207,3 @@ async def test_stopping_the_exposing_node_tears_the_connection_down(kairos_netwo
         assert _status(connector)[key] == 1
     finally:
         server.close()
-
-
-async def test_hook_kairos_api_routes(kairos_network):
-    """The hook the services commands ride on: ``/api/plugins/<name>/…`` reaches the handler a
-    plugin names, with the method, the rest of the path and the decoded body; a KairosError is a
-    one-line 400, an unknown name a 404, a body that is not JSON a 400."""
-    seen = []
-
-    class Routes:
-        @hookimpl
-        def kairos_api_routes(self, node):
-            def handler(method, rest, body):
-                if rest == ["fail"]:
-                    raise KairosError("no such thing")
-                seen.append((method, rest, body))
-                return {"peer_id": node.peer_id}
-            return {"probe": handler}
-
-    net = await kairos_network(1, plugins=[Routes()])
-    node = net.nodes[0]
-    client = APIClient(node.config.api_socket)
-    answer = await asyncio.to_thread(client.request, "POST", "/api/plugins/probe/a/b%2Fc", content=b'{"x": [1]}')
-    assert answer == {"peer_id": node.peer_id} and seen == [("POST", ["a", "b/c"], {"x": [1]})]
-    for path, content, message in (("/api/plugins/probe/fail", None, "no such thing"),
-                                   ("/api/plugins/nobody/x", None, "no plugin serves /api/plugins/nobody"),
-                                   ("/api/plugins/probe/x", b"{not json", "must be a JSON value")):
-        with pytest.raises(KairosError, match=message):
-            await asyncio.to_thread(client.request, "PUT", path, content=content)
-    assert len(seen) == 1

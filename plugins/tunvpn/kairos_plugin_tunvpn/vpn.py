@@ -31,12 +31,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from kairos_core.plugin import ConfigError, Option, Section
+from kairos_core.plugin import SKIP, Alias, ConfigError, Option, Section, text_value
 
 from . import keyexchange
 from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
 from .crypto import SessionKeys
-from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams, udp_target
+from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
 from .tun import TunDevice, TunUnavailable
@@ -51,15 +51,58 @@ BUCKET = "vpn"
 PROTECTION_TAG = "tunvpn"
 MIN_CLAIM_TTL = 2.0
 MAX_CLAIM_TTL = 30 * 86400.0
+_EDGEVPN = "p2p.vpn.env."
+_NO_DNS = "DNS needs a DNS plugin (kairos-plugin-dns), which is not installed"
+
+
+def _dhcp(value: Any) -> Any:
+    # EdgeVPN's DHCP: "true" negotiates the address among the peers, as vpn.address "auto" does;
+    # "false" leaves ADDRESS (or our default) in charge.
+    value = text_value(value)
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return "auto" if value else SKIP
+
+
+def _edgevpn_variable(name: str, why: str) -> Option:
+    return Option(name, None, None, f"EdgeVPN's {name}.", no_effect=why)
+
+
+#: EdgeVPN's variables in ``p2p.vpn.env`` that have no meaning here (each warns once when set);
+#: those that do are declared on the options they set (``paths``: ADDRESS, DHCP, IFACE, EDGEVPNMTU
+#: here, EDGEVPNDHT, EDGEVPNMDNS, EDGEVPNMAXCONNS, EDGEVPNBOOTSTRAPPEERS … in the core's p2p section).
+ENV = Section(
+    "env",
+    _edgevpn_variable("EDGEVPNLOWPROFILEVPN", "tunvpn has no low-profile mode: it keeps at most p2p.connections.high "
+                                              "connections and dials VPN members on demand"),
+    _edgevpn_variable("EDGEVPNLOWPROFILE", "tunvpn has no low-profile mode: it keeps at most p2p.connections.high "
+                                           "connections and dials VPN members on demand"),
+    _edgevpn_variable("DNSFORWARD", _NO_DNS),
+    _edgevpn_variable("DNSADDRESS", _NO_DNS),
+    _edgevpn_variable("DNSCACHESIZE", _NO_DNS),
+    _edgevpn_variable("DNSFORWARDSERVER", _NO_DNS),
+    _edgevpn_variable("DHCPLEASEDIR", "VIP claims live in the ledger (bucket vpn), not in lease files"),
+    _edgevpn_variable("API", "the node's API is always a unix socket (api.enable, api.socket)"),
+    _edgevpn_variable("APILISTEN", "the node's API is always a unix socket (api.enable, api.socket)"),
+    _edgevpn_variable("EDGEVPNLOGLEVEL", "set node.log_level (Kairos: p2p.loglevel)"),
+    _edgevpn_variable("EDGEVPNLIBP2PLOGLEVEL", "set node.log_level (Kairos: p2p.loglevel)"),
+    help="Kairos's p2p.vpn.env: EdgeVPN's environment. Variables with a meaning here set the option named in its "
+         "help (ADDRESS is vpn.address, EDGEVPNMAXCONNS p2p.connections.high …); the others warn.",
+    unknown="warn", unknown_note="an EdgeVPN variable kairos-plugin-tunvpn does not use",
+)
 #: The ``vpn`` config section (Kairos users write it as ``p2p.vpn``).
 SECTION = Section(
     "vpn",
     Option("create", bool, True, "Create the TUN device and run the data plane (false: no VPN on this node)."),
-    Option("interface", str, "edgevpn0", "Name of the TUN device."),
-    Option("address", str, "auto", 'This node\'s VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".'),
+    Option("use", bool, True, "Run Kubernetes (k3s) over the VPN: its node address and flannel interface are the "
+                              "VPN's (false: the machines' own addresses)."),
+    Option("interface", str, "edgevpn0", "Name of the TUN device.", paths=(f"{_EDGEVPN}IFACE",)),
+    Option("address", str, "auto", 'This node\'s VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".',
+           paths=(Alias(f"{_EDGEVPN}DHCP", parse=_dhcp), f"{_EDGEVPN}ADDRESS")),
     Option("cidr", str, "10.1.0.0/24",
            "The VPN's network (/30 or larger): automatic VIPs come from it, and it is routed into the device."),
-    Option("mtu", int, 1420, "MTU of the TUN device.", minimum=576, maximum=9000),
+    Option("mtu", int, 1420, "MTU of the TUN device.", minimum=576, maximum=9000,
+           paths=(Alias(f"{_EDGEVPN}EDGEVPNMTU", parse=text_value),)),
     Option("port", int, 0, "UDP port of the data plane; 0 = picked by the system (published in the ledger).",
            minimum=0, maximum=65535),
     Option("udp", bool, True, "Use direct UDP when it gets through (false: always the libp2p stream)."),
@@ -70,6 +113,7 @@ SECTION = Section(
            "Seconds a VIP claim lasts unless its node refreshes it (every claim_ttl / 4): the address of a node "
            "gone for good is free again after this long (at most 30 days). Long next to clock skew between nodes.",
            minimum=int(MIN_CLAIM_TTL), maximum=int(MAX_CLAIM_TTL)),
+    ENV,
     help="The VPN between the nodes (tunvpn): a TUN device, a VIP per node, direct UDP or the libp2p stream.",
     aliases=("p2p.vpn",),
 )
@@ -494,10 +538,8 @@ class VPN:
                     self._use_stream(peer_id, link, now)
                 else:
                     link.hysteresis.holding(now)
-                    # a NATed peer is answered where its datagrams come from, not at its LAN address
-                    target = udp_target(link.endpoint, plane.source_of(peer_id), heard, now, s.udp_timeout)
-                    if plane.endpoint_of(peer_id) != target:
-                        plane.set_endpoint(peer_id, target)
+                    if plane.endpoint_of(peer_id) != link.endpoint:
+                        plane.set_endpoint(peer_id, link.endpoint)
             else:
                 udp_heard = plane.udp_heard(peer_id)
                 if udp_heard is not None and udp_heard > link.since:
@@ -505,8 +547,7 @@ class VPN:
                     self.counters["vpn_path_switches"] += 1
                     link.path, link.since = "udp", now
                     link.hysteresis.went_up(now)
-                    plane.set_endpoint(peer_id, udp_target(link.endpoint, plane.source_of(peer_id), udp_heard,
-                                                           now, s.udp_timeout))
+                    plane.set_endpoint(peer_id, link.endpoint)
                 elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
                     # let a keepalive (and a moment of traffic) try UDP; the peer learns our
                     # endpoint from it if it arrives, and answers over UDP
