@@ -122,7 +122,7 @@ class Services:
             host, port = parse_hostport(self.settings.side_listen, "services.side_listen")
             self.side_server = await asyncio.start_server(self._side_accept, host or None, port, limit=READER_LIMIT)
             self.side_port = self.side_server.sockets[0].getsockname()[1]
-        for item in self.settings.expose:
+        for item in self.settings.expose:   # checked by kairos_config_problems already
             self.expose(item["name"], item["to"], item.get("protocol", "tcp"), item.get("description", ""))
         mine = f"{self.node.peer_id}/"
         for key in list(self.node.ledger.items(BUCKET)):
@@ -145,6 +145,19 @@ class Services:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def _hold(self, counts: Counter[str], peer: str, tag: str) -> None:
+        """One more connection with ``peer``: while there is one, the connection manager must not
+        close the libp2p connection under it (a relay over the stream would break)."""
+        counts[peer] += 1
+        if counts[peer] == 1:
+            self.node.protect(peer, tag)
+
+    def _release(self, counts: Counter[str], peer: str, tag: str) -> None:
+        counts[peer] -= 1
+        if counts[peer] <= 0:
+            del counts[peer]
+            self.node.unprotect(peer, tag)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = self.node.spawn(coro, name)
@@ -297,7 +310,7 @@ class Services:
                 self.node.count("services_connect_failed")
                 writer.transport.abort()
                 return
-            self.outgoing[owner] += 1
+            self._hold(self.outgoing, owner, "services-out")
             side = await self._side_dial(offer, nonce) if offer and nonce else None
             try:
                 await stream.write_frame(wire.mode(side is not None))
@@ -317,9 +330,7 @@ class Services:
         finally:
             connector.active -= 1
             if owner is not None:
-                self.outgoing[owner] -= 1
-                if not self.outgoing[owner]:
-                    del self.outgoing[owner]
+                self._release(self.outgoing, owner, "services-out")
 
     async def _side_dial(self, offer: dict[str, Any], nonce: bytes) -> SideConnection | None:
         """The proven side connection ``(reader, writer, sealer, opener)``, or None (then the
@@ -371,7 +382,7 @@ class Services:
                 log.info("services: %s", exc)
                 self.node.count("services_connect_failed")
                 return
-            self.outgoing[owner] += 1
+            self._hold(self.outgoing, owner, "services-out")
             transport = connector.transport
 
             def reply(data: bytes) -> None:
@@ -384,9 +395,7 @@ class Services:
             if connector.sessions.get(addr) is session:
                 del connector.sessions[addr]
             if owner is not None:
-                self.outgoing[owner] -= 1
-                if not self.outgoing[owner]:
-                    del self.outgoing[owner]
+                self._release(self.outgoing, owner, "services-out")
 
     # --- the exposing end --------------------------------------------------------------------
     async def handle(self, stream: Stream) -> None:
@@ -396,7 +405,7 @@ class Services:
             self.node.count("services_over_limit")
             await _refuse(stream, "too many connections from this peer")
             return
-        self.serving[peer] += 1
+        self._hold(self.serving, peer, "services-in")
         # the core does not cancel served streams' handlers when the node stops; stop() does
         task = asyncio.current_task()
         if task is not None:
@@ -406,9 +415,7 @@ class Services:
         finally:
             if task is not None:
                 self.tasks.discard(task)
-            self.serving[peer] -= 1
-            if not self.serving[peer]:
-                del self.serving[peer]
+            self._release(self.serving, peer, "services-in")
 
     async def _serve(self, stream: Stream) -> None:
         try:
