@@ -8,7 +8,7 @@ import json
 import struct
 
 import pytest
-from kairos_core.plugin import APIClient, KairosError, LedgerError
+from kairos_core.plugin import APIClient, KairosError, LedgerError, hookimpl
 
 import kairos_plugin_services.plugin as services_plugin
 from kairos_plugin_services import sealed, wire
@@ -207,3 +207,97 @@ async def test_stopping_the_exposing_node_tears_the_connection_down(kairos_netwo
         assert _status(connector)[key] == 1
     finally:
         server.close()
+
+
+async def test_hook_kairos_api_routes(kairos_network):
+    """The hook the services commands ride on: ``/api/plugins/<name>/…`` reaches the handler a
+    plugin names, with the method, the rest of the path and the decoded body; a KairosError is a
+    one-line 400, an unknown name a 404, a body that is not JSON a 400."""
+    seen = []
+
+    class Routes:
+        @hookimpl
+        def kairos_api_routes(self, node):
+            def handler(method, rest, body):
+                if rest == ["fail"]:
+                    raise KairosError("no such thing")
+                seen.append((method, rest, body))
+                return {"peer_id": node.peer_id}
+            return {"probe": handler}
+
+    net = await kairos_network(1, plugins=[Routes()])
+    node = net.nodes[0]
+    client = APIClient(node.config.api_socket)
+    answer = await asyncio.to_thread(client.request, "POST", "/api/plugins/probe/a/b%2Fc", content=b'{"x": [1]}')
+    assert answer == {"peer_id": node.peer_id} and seen == [("POST", ["a", "b/c"], {"x": [1]})]
+    for path, content, message in (("/api/plugins/probe/fail", None, "no such thing"),
+                                   ("/api/plugins/nobody/x", None, "no plugin serves /api/plugins/nobody"),
+                                   ("/api/plugins/probe/x", b"{not json", "must be a JSON value")):
+        with pytest.raises(KairosError, match=message):
+            await asyncio.to_thread(client.request, "PUT", path, content=content)
+    assert len(seen) == 1
+
+
+async def test_bytes_fall_back_to_the_stream_when_the_side_connection_cannot_be_made(kairos_network):
+    server, port = await echo_server()
+    net, exposer, connector = await two_nodes(kairos_network)
+    try:
+        exposing = _RUNTIMES[id(exposer)]
+        exposing.side_server.close()             # still offered in answers, but nobody listens
+        await exposing.side_server.wait_closed()
+        exposing.expose("echo", f"127.0.0.1:{port}")
+        await net.wait_for(lambda: connector.ledger.get(BUCKET, f"{exposer.peer_id}/echo") is not None)
+        listen = _RUNTIMES[id(connector)].connect("echo", "127.0.0.1:0")["listen"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(listen.rsplit(":", 1)[1]))
+        payload = bytes(range(256)) * 4096
+        writer.write(payload)
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 60) == payload
+        writer.close()
+        counted = _status(connector)
+        assert counted["services_side_unreachable"] == 1 and counted["services_stream_connections"] == 1
+        assert "services_side_connections" not in counted
+    finally:
+        server.close()
+
+
+async def test_udp_sessions_end_when_idle_and_count_over_the_limit(kairos_network):
+    loop = asyncio.get_running_loop()
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    net, exposer, connector = await two_nodes(kairos_network, udp_idle_timeout=0.5, max_connections=1)
+    clients = []
+    try:
+        _RUNTIMES[id(exposer)].expose("echo", f"127.0.0.1:{echo.get_extra_info('sockname')[1]}", "udp")
+        await net.wait_for(lambda: connector.ledger.get(BUCKET, f"{exposer.peer_id}/echo") is not None)
+        services = _RUNTIMES[id(connector)]
+        port = int(services.connect("echo", "127.0.0.1:0")["listen"].rsplit(":", 1)[1])
+        await net.wait_for(lambda: services.connectors["echo"].transport is not None)
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class Client(asyncio.DatagramProtocol):
+            def datagram_received(self, data, addr):
+                answers.put_nowait(data)
+
+        for _ in range(2):
+            transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", port))
+            clients.append(transport)
+        clients[0].sendto(b"first")
+        assert await asyncio.wait_for(answers.get(), 20) == b"first"
+        clients[1].sendto(b"second")               # a second client address: over max_connections=1
+        await net.wait_for(lambda: _status(connector).get("services_over_limit") == 1)
+        await net.wait_for(lambda: not services.connectors["echo"].sessions, timeout=20)   # idle: closed
+        await net.wait_for(lambda: not _RUNTIMES[id(exposer)].serving, timeout=20)         # both ends
+        clients[1].sendto(b"again")                # the place is free again
+        assert await asyncio.wait_for(answers.get(), 20) == b"again"
+    finally:
+        for transport in clients:
+            transport.close()
+        echo.close()
