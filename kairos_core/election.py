@@ -14,7 +14,8 @@ The protocol, run in rounds of at most half a second on every node:
    while it sees a majority of the recently-alive electorate; without a majority it stops
    renewing and at once stops calling itself leader (``is_leader`` is False, ``leader`` None),
    and its lease lapses for the others. Seeing the majority again before the lapse, it renews
-   the same epoch.
+   the same epoch. The holder does not count a peer whose connection to it closed and that has
+   not spoken since: a partner's entry naming the others does not keep it leading.
 2. Everyone else watches the renewals on its own monotonic clock (skewed wall clocks do not
    matter). The lease has lapsed when no renewal arrived for ``lease_seconds`` — or, the fast
    path after a crash, when the holder has left our membership, has been silent for a second, and
@@ -268,7 +269,7 @@ class Election:
         """One round: renew, or detect a lapse and claim."""
         current = self.current()
         if current is not None and current.peer == self.peer_id and current.held and not self._lapsed(current):
-            if not self._quorum():
+            if not self._quorum(holding=True):
                 if not self._stepping_down:
                     self._stepping_down = True
                     log.warning("lost the majority: stepping down from epoch %d", current.epoch)
@@ -344,11 +345,22 @@ class Election:
             alive.append(self.peer_id)
         return min(alive, key=candidate_rank) if alive else None
 
-    def _quorum(self) -> bool:
+    def _quorum(self, holding: bool = False) -> bool:
+        """Whether we see a majority of the recently-alive electorate.
+
+        The holder of the lease counts more strictly (``holding``): not a peer whose connection to
+        us closed within a lease and that has not spoken (its own entry changing) since
+        (:meth:`~kairos_core.membership.Membership.alive_unless_lost`). Cut off with a partner,
+        it would otherwise go on leading until the partner noticed the whole cut too and its
+        rewritten entry arrived — seconds that add to the keepalive time before it steps down.
+        """
         if not self.require_majority:
             return True
         electorate = len(self.membership.recently_alive(self.quorum_horizon)) + 1
-        present = len(self.membership.alive()) + 1
+        if holding:
+            present = len(self.membership.alive_unless_lost(self.lease_seconds)) + 1
+        else:
+            present = len(self.membership.alive()) + 1
         return present > electorate // 2
 
     def _maybe_announce(self, lease: Lease) -> None:

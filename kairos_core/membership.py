@@ -210,6 +210,26 @@ class Membership:
             and (state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon))
         }
 
+    def alive_unless_lost(self, window: float) -> set[str]:
+        """Alive peers, less those whose connection *to us* closed within ``window`` seconds and
+        whose own entry has not changed since: our own news that a peer is gone beats a voucher's
+        claim that it is there, until the peer itself speaks again. What a leader counts to keep
+        its majority (see :mod:`kairos_core.election`): cut off with one partner, it must not go on
+        leading on the partner's entry — written before the cut, or after it by a partner that has
+        not noticed the cut yet — naming the others. A peer we merely stopped being connected to
+        (trimmed, a flaky link) rewrites its own entry (its neighbours changed), and once that
+        arrives it counts again.
+        """
+        now = self.clock()
+        kept = set()
+        for peer_id, state in self._peers.items():
+            if not state.alive:
+                continue
+            lost = not state.connected and state.disconnected_at and now - state.disconnected_at < window
+            if not lost or (state.heartbeat_at is not None and state.heartbeat_at > state.disconnected_at):
+                kept.add(peer_id)
+        return kept
+
     def describe(self) -> list[dict[str, Any]]:
         """Every known peer with its state, for the local API."""
         now = self.clock()

@@ -216,3 +216,57 @@ async def test_ineligible_nodes_never_claim(tmp_path):
     sim.add(eligible=False)
     await sim.rounds(10)
     assert sim.leaders() == {None}
+
+
+def _vouch(node: SimNode, voucher: SimNode, named: list[SimNode]) -> None:
+    """``node`` receives ``voucher``'s nodes entry naming ``named`` as its neighbours."""
+    node.membership.entry_changed(voucher.peer_id, {"hostname": voucher.peer_id[-4:],
+                                                    "neighbours": [n.peer_id for n in named]})
+
+
+async def _leader_with_a_vouching_partner(tmp_path):
+    """Five nodes with a leader; the leader holds a partner's entry naming everyone else."""
+    sim = Sim(tmp_path, 5)
+    await sim.rounds(8)
+    ((old, epoch),) = sim.leaders()
+    leader = next(n for n in sim.nodes if n.peer_id == old)
+    partner, *others = [n for n in sim.nodes if n is not leader]
+    _vouch(leader, partner, [n for n in sim.nodes if n is not partner])
+    sim.clock.now += 0.2
+    return sim, (old, epoch), leader, partner, others
+
+
+async def test_a_leader_cut_off_with_a_partner_steps_down_before_the_partner_notices(tmp_path):
+    # the partner's entry was written before the cut
+    sim, _, leader, partner, majority = await _leader_with_a_vouching_partner(tmp_path)
+    for node in majority:  # the leader's own connections to the majority close
+        leader.membership.disconnected(node.peer_id)
+    # Through the partner's entry the majority still looks alive: membership alone would keep
+    # the leader leading until the partner's rewritten entry arrives.
+    assert {n.peer_id for n in majority} <= set(leader.membership.alive())
+    await leader.election.step()
+    assert not leader.election.is_leader and leader.election.leader is None
+    # The partner rewrites its entry (it lost one link) but has not noticed the rest of the cut:
+    # its word that the others are there is still no news from them.
+    sim.clock.now += 0.2
+    _vouch(leader, partner, [n for n in sim.nodes if n not in (partner, majority[0])])
+    await leader.election.step()
+    assert not leader.election.is_leader
+
+
+async def test_a_leader_that_loses_direct_links_keeps_leading_once_the_peers_speak_again(tmp_path):
+    sim, (old, epoch), leader, _, others = await _leader_with_a_vouching_partner(tmp_path)
+    leader.membership.disconnected(others[0].peer_id)  # one flaky link: still a majority
+    await leader.election.step()
+    assert leader.election.is_leader
+    for node in others[1:]:
+        leader.membership.disconnected(node.peer_id)
+    await leader.election.step()
+    assert not leader.election.is_leader  # three links gone and no news of those peers since
+    # Two of them rewrite their own entries (they lost their link to the leader, they are still
+    # there): news newer than the loss, so they count again and the leader renews its epoch.
+    sim.clock.now += 0.2
+    for node in others[:2]:
+        _vouch(leader, node, [n for n in sim.nodes if n not in (leader, node)])
+    await leader.election.step()
+    assert leader.election.leader == (old, epoch) and leader.election.is_leader
