@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 from typing import Any
 
@@ -95,7 +96,9 @@ def parse_answer(raw: bytes) -> tuple[bool, str, dict[str, Any] | None] | None:
         return None
     if not message["ok"]:
         error = message.get("error")
-        return (False, error[:200], None) if isinstance(error, str) else None
+        if not isinstance(error, str):
+            return None
+        return False, "".join(c if c.isprintable() else "?" for c in error[:200]), None
     side = message.get("side")
     if side is None:
         return True, "", None
@@ -105,9 +108,18 @@ def parse_answer(raw: bytes) -> tuple[bool, str, dict[str, Any] | None] | None:
     port, hosts = side.get("port"), side.get("hosts")
     if ticket is None or nonce is None or not isinstance(port, int) or not 0 < port < 65536:
         return None
-    if not isinstance(hosts, list) or not all(isinstance(h, str) and len(h) <= 64 for h in hosts):
+    # IP addresses only: an exposing node must not make us resolve names of its choosing
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and _is_ip(h) for h in hosts):
         return None
     return True, "", {"ticket": ticket, "nonce": nonce, "port": port, "hosts": hosts[:MAX_HOSTS]}
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def mode(side: bool) -> bytes:

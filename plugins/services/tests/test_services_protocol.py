@@ -301,3 +301,16 @@ async def test_udp_sessions_end_when_idle_and_count_over_the_limit(kairos_networ
         for transport in clients:
             transport.close()
         echo.close()
+
+
+def test_answers_are_checked_before_they_are_used():
+    ticket, nonce = wire.b64(sealed.new_ticket()), wire.b64(sealed.new_nonce())
+    good = {"ok": True, "side": {"ticket": ticket, "nonce": nonce, "port": 4000, "hosts": ["10.0.0.1", "::1"]}}
+    assert wire.parse_answer(json.dumps(good).encode())[2]["hosts"] == ["10.0.0.1", "::1"]
+    for side in ({**good["side"], "hosts": ["intranet.example"]},     # never resolve a peer's names
+                 {**good["side"], "port": 0}, {**good["side"], "ticket": nonce}, {**good["side"], "nonce": "!!"}):
+        assert wire.parse_answer(json.dumps({"ok": True, "side": side}).encode()) is None
+    refused = wire.parse_answer(json.dumps({"ok": False, "error": "no\x1b[2Jway"}).encode())
+    assert refused == (False, "no?[2Jway", None)
+    for raw in (b"", b"[]", b'{"ok": 1}', b"\xff", b'{"ok": false}'):
+        assert wire.parse_answer(raw) is None
