@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from kairos_core.p2p.testkit import HostFactory
-from kairos_core.netlab import DEFAULT_PREFIX_BASE, Lab, cleanup_stale, require_netns, unique_prefix
+from kairos_core.netlab import DEFAULT_PREFIX_BASE, Lab, NatLab, cleanup_stale, require_netns, unique_prefix
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,8 @@ def netns_unavailable() -> str | None:
 
 @pytest.fixture
 def netlab(netns_unavailable: str | None) -> Iterator[Callable[..., Lab]]:
-    """A factory ``netlab(nodes=3) -> Lab`` of started labs, all closed at teardown (pass or fail).
+    """A factory ``netlab(nodes=3) -> Lab`` of started labs, all closed at teardown (pass or fail);
+    ``netlab(kinds=[...])`` builds a :class:`NatLab` instead (public, port-preserving, symmetric).
 
     Skips the test, with the reason, when namespaces are unavailable (not root, no ip/nft).
     """
@@ -29,8 +30,8 @@ def netlab(netns_unavailable: str | None) -> Iterator[Callable[..., Lab]]:
         pytest.skip(netns_unavailable)
     labs: list[Lab] = []
 
-    def make(nodes: int = 3) -> Lab:
-        lab = Lab(unique_prefix(), nodes)
+    def make(nodes: int = 3, *, kinds: list[str] | None = None) -> Lab:
+        lab = NatLab(kinds, unique_prefix()) if kinds else Lab(unique_prefix(), nodes)
         labs.append(lab)  # registered before start(): a half-built lab is still torn down
         return lab.start()
 

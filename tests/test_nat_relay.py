@@ -7,28 +7,24 @@ from P only, mDNS and the DHT off.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from kairos_core.labnodes import LabNetwork
-from kairos_core.netlab import PORT_PRESERVING, PUBLIC, SYMMETRIC, NatLab, unique_prefix
+from kairos_core.netlab import PORT_PRESERVING, PUBLIC, SYMMETRIC
 
 netns = pytest.mark.netns
 
 
 @pytest.fixture
-def nat_network(netns_unavailable, tmp_path):
-    if netns_unavailable is not None:
-        pytest.skip(netns_unavailable)
-    lab = NatLab([PUBLIC, PORT_PRESERVING, SYMMETRIC], unique_prefix())
-    network = None
+def nat_network(netlab, tmp_path):
+    network = LabNetwork(netlab(kinds=[PUBLIC, PORT_PRESERVING, SYMMETRIC]), tmp_path)
     try:
-        lab.start()
-        network = LabNetwork(lab, tmp_path)
         yield network
     finally:
-        if network is not None:
-            network.close()
-        lab.close()
+        network.close()
 
 
 def _p2p(bootstrap: list[str]) -> dict:
@@ -68,6 +64,12 @@ def test_nated_nodes_are_admitted_to_each_other_through_the_public_relay(nat_net
     net.wait_until(lambda: b_id in a.alive_peers() and a_id in b.alive_peers(), 90, "A and B see each other")
     net.wait_until(lambda: b_id in _nat(a).get("relayed_peers", []) and a_id in _nat(b).get("relayed_peers", []),
                    90, "A and B admitted to each other over a relayed connection")
+    # and kairos status says so
+    shown = subprocess.run([sys.executable, "-m", "kairos_core", "status", "--socket", str(a.root / "api.sock")],
+                           capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert f"reachability: private (observed as /ip4/{net.lab.public_address(2)}/" in shown.stdout, shown.stdout
+    assert f"relay:       {p_id}" in shown.stdout, shown.stdout
     counters = p.status()["counters"]
     assert counters.get("p2p_relay_circuits", 0) >= 1
     assert counters.get("p2p_relay_bytes", 0) > 0

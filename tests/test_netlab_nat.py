@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -71,25 +70,6 @@ while True:
 """
 
 
-@pytest.fixture
-def natlab(netns_unavailable: str | None) -> Iterator[Callable[..., NatLab]]:
-    """A factory ``natlab(kinds) -> NatLab`` of started NAT labs, all closed at teardown."""
-    if netns_unavailable is not None:
-        pytest.skip(netns_unavailable)
-    labs: list[NatLab] = []
-
-    def make(kinds: list[str]) -> NatLab:
-        lab = NatLab(kinds, unique_prefix())
-        labs.append(lab)
-        return lab.start()
-
-    try:
-        yield make
-    finally:
-        for lab in labs:
-            lab.close()
-
-
 def _serve(lab: NatLab, node: int, script: str, port: int) -> None:
     server = lab.popen(node, [sys.executable, "-c", script, lab.address(node), str(port)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -120,8 +100,8 @@ def test_addresses_follow_the_kinds() -> None:
 # --- real namespaces -----------------------------------------------------------------------------
 @netns
 @pytest.mark.parametrize("kind", [PORT_PRESERVING, SYMMETRIC])
-def test_inside_reaches_out_and_the_internet_sees_the_router(natlab, kind: str) -> None:
-    lab = natlab([PUBLIC, kind])
+def test_inside_reaches_out_and_the_internet_sees_the_router(netlab, kind: str) -> None:
+    lab = netlab(kinds=[PUBLIC, kind])
     _serve(lab, 1, _TCP_SERVER, 7000)
     answer = _tcp(lab, 2, lab.address(1), 7000)
     assert answer.startswith("connected "), answer
@@ -130,8 +110,8 @@ def test_inside_reaches_out_and_the_internet_sees_the_router(natlab, kind: str) 
 
 @netns
 @pytest.mark.parametrize("kind", [PORT_PRESERVING, SYMMETRIC])
-def test_unsolicited_inbound_is_dropped(natlab, kind: str) -> None:
-    lab = natlab([PUBLIC, kind])
+def test_unsolicited_inbound_is_dropped(netlab, kind: str) -> None:
+    lab = netlab(kinds=[PUBLIC, kind])
     _serve(lab, 2, _TCP_SERVER, 7001)
     assert _tcp(lab, 2, lab.address(2), 7001).startswith("connected")  # it listens, from inside
     # from the internet: neither the router's address nor the LAN one gets through
@@ -140,8 +120,8 @@ def test_unsolicited_inbound_is_dropped(natlab, kind: str) -> None:
 
 
 @netns
-def test_port_preserving_keeps_the_port_and_symmetric_does_not(natlab) -> None:
-    lab = natlab([PUBLIC, PUBLIC, PORT_PRESERVING, SYMMETRIC])
+def test_port_preserving_keeps_the_port_and_symmetric_does_not(netlab) -> None:
+    lab = netlab(kinds=[PUBLIC, PUBLIC, PORT_PRESERVING, SYMMETRIC])
     for node in (1, 2):
         _serve(lab, node, _UDP_OBSERVER, 7100)
     targets = [f"{lab.address(1)}:7100", f"{lab.address(2)}:7100"]
@@ -179,10 +159,10 @@ except socket.timeout:
 
 
 @netns
-def test_a_mapping_only_answers_the_peer_it_was_made_for(natlab) -> None:
+def test_a_mapping_only_answers_the_peer_it_was_made_for(netlab) -> None:
     # Filtering is address-dependent even where the port is kept: a third party that learnt the
     # mapping (as a hole puncher would) cannot use it until the inside sends to it too.
-    lab = natlab([PUBLIC, PUBLIC, PORT_PRESERVING])
+    lab = netlab(kinds=[PUBLIC, PUBLIC, PORT_PRESERVING])
     observer = lab.popen(1, [sys.executable, "-c", _UDP_OBSERVER, lab.address(1), "7200"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert observer.stdout is not None and observer.stdout.readline().strip() == b"ready"
