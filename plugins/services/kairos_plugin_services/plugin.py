@@ -26,7 +26,7 @@ SERVICES = Section(
            "carried to a live node exposing `name`.", item_type=dict),
     Option("max_connections_per_peer", int, 64, "Connections (TCP) or sessions (UDP) one peer may "
            "have open through this node's exposed services at once; more are refused and counted "
-           "(services_over_limit).", minimum=1, maximum=100000),
+           "(services_rejected_over_limit).", minimum=1, maximum=100000),
     Option("max_connections", int, 1024, "Connections (or UDP client addresses) one `connect` "
            "listener carries at once; more are closed and counted.", minimum=1, maximum=100000),
     Option("connect_timeout", float, 10.0, "Seconds to open a stream to an exposing node, to "
@@ -66,14 +66,17 @@ def _item_problems(path: str, item: Mapping[str, Any], required: tuple[str, ...]
     for key in required:
         if key not in item:
             problems.append(f"{path}: needs {key}")
-    try:
-        if "name" in item:
-            check_name(item["name"])
-        for key in ("to", "listen"):
+    def target(value: Any) -> None:
+        if parse_hostport(value, "to")[1] == 0:
+            raise UsageError(f"to {value!r}: the port must not be 0")
+
+    checks = [("name", check_name), ("to", target), ("listen", lambda value: parse_hostport(value, "listen"))]
+    for key, check in checks:
+        try:
             if key in item:
-                parse_hostport(item[key], key)
-    except UsageError as exc:
-        problems.append(f"{path}: {exc}")
+                check(item[key])
+        except UsageError as exc:
+            problems.append(f"{path}.{key}: {exc}")
     if item.get("protocol", "tcp") not in PROTOCOLS:
         problems.append(f"{path}.protocol: tcp or udp, not {item['protocol']!r}")
     if not isinstance(item.get("description", ""), str):
@@ -95,9 +98,9 @@ def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> list[str]
         if doubles:
             problems.append(f"services.{key}: {', '.join(doubles)} given more than once")
     try:
-        parse_hostport(section["side_listen"], "side_listen")
+        parse_hostport(section["side_listen"], "services.side_listen")
     except UsageError as exc:
-        problems.append(f"services.side_listen: {exc}")
+        problems.append(str(exc))
     return problems
 
 

@@ -288,7 +288,7 @@ class Services:
                 raise KairosError(error)
             except (KairosError, TimeoutError) as exc:
                 reasons.append(f"{owner[-8:]}: {exc or 'timed out'}")
-                self.node.count("services_attempts_failed")
+                self.node.count("services_attempt_errors")
                 if stream is not None:
                     await stream.reset()
         raise KairosError(f"{name}: every exposing node failed ({'; '.join(reasons)})")
@@ -296,7 +296,7 @@ class Services:
     async def _client(self, connector: Connector, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if connector.active >= self.settings.max_connections:
-            self.node.count("services_over_limit")
+            self.node.count("services_rejected_over_limit")
             writer.transport.abort()
             return
         connector.active += 1
@@ -307,7 +307,7 @@ class Services:
                 stream, owner, offer = await self._open(connector.name, "tcp", nonce)
             except KairosError as exc:
                 log.info("services: %s", exc)
-                self.node.count("services_connect_failed")
+                self.node.count("services_connect_errors")
                 writer.transport.abort()
                 return
             self._hold(self.outgoing, owner, "services-out")
@@ -363,7 +363,7 @@ class Services:
         session = connector.sessions.get(addr)
         if session is None:
             if len(connector.sessions) >= self.settings.max_connections:
-                self.node.count("services_over_limit")
+                self.node.count("services_rejected_over_limit")
                 return
             session = connector.sessions[addr] = UdpSession()
             session.task = self._spawn(self._udp_client(connector, addr, session), f"services-udp-{connector.name}")
@@ -380,7 +380,7 @@ class Services:
                 stream, owner, _ = await self._open(connector.name, "udp", None)
             except KairosError as exc:
                 log.info("services: %s", exc)
-                self.node.count("services_connect_failed")
+                self.node.count("services_connect_errors")
                 return
             self._hold(self.outgoing, owner, "services-out")
             transport = connector.transport
@@ -402,7 +402,7 @@ class Services:
         """One ``/kairos/service/1.0.0`` stream from an admitted peer."""
         peer = stream.peer_id
         if self.serving[peer] >= self.settings.max_connections_per_peer:
-            self.node.count("services_over_limit")
+            self.node.count("services_rejected_over_limit")
             await _refuse(stream, "too many connections from this peer")
             return
         self._hold(self.serving, peer, "services-in")
@@ -424,13 +424,13 @@ class Services:
             raw = None
         parsed = wire.parse_request(raw) if raw else None
         if parsed is None:
-            self.node.count("services_malformed")
+            self.node.count("services_dropped_malformed")
             await stream.reset()
             return
         name, protocol, nonce = parsed
         exposed = self.exposed.get(name)
         if exposed is None or exposed.protocol != protocol:
-            self.node.count("services_refused")
+            self.node.count("services_rejected_requests")
             await _refuse(stream, f"this node does not expose {protocol} service {name!r}")
             return
         if protocol == "udp":
@@ -440,7 +440,7 @@ class Services:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(exposed.host, exposed.port, limit=READER_LIMIT), self.settings.connect_timeout)
         except (OSError, TimeoutError) as exc:
-            self.node.count("services_refused")
+            self.node.count("services_rejected_requests")
             await _refuse(stream, f"cannot reach the service: {getattr(exc, 'strerror', None) or 'timed out'}")
             return
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -466,7 +466,7 @@ class Services:
                     await asyncio.wait_for(asyncio.shield(wait.ready), SIDE_ATTEMPT_TIMEOUT)
             if chosen is None or (chosen == "side" and (wait is None or not wait.ready.done())):
                 # a broken stream is a peer gone mid-negotiation; anything else is malformed
-                self.node.count("services_malformed" if raw else "services_aborted")
+                self.node.count("services_dropped_malformed" if raw else "services_aborted")
                 await stream.reset()
                 writer.transport.abort()
                 if wait is not None and wait.ready.done():
@@ -538,7 +538,7 @@ class Services:
             transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(received),
                                                                remote_addr=(exposed.host, exposed.port))
         except OSError as exc:
-            self.node.count("services_refused")
+            self.node.count("services_rejected_requests")
             await _refuse(stream, f"cannot reach the service: {exc.strerror or exc}")
             return
         try:

@@ -56,12 +56,12 @@ async def test_garbage_and_oversized_headers_are_dropped_and_counted(kairos_netw
                    struct.pack(">I", 20) + b'{"service": "echo", "protocol": "tcp", "side": "AAAA"}'[:20]]
         for index, data in enumerate(garbage[:3]):
             assert await request(rogue, exposer.peer_id, data) == b""   # reset, no answer
-            assert _status(exposer)["services_malformed"] == index + 1
+            assert _status(exposer)["services_dropped_malformed"] == index + 1
         # a header cut short by a reset
         stream = await asyncio.wait_for(rogue.open_stream(exposer.peer_id, wire.PROTOCOL), 10)
         await stream.write(garbage[3][:10])
         await stream.reset()
-        await net.wait_for(lambda: _status(exposer)["services_malformed"] == 4)
+        await net.wait_for(lambda: _status(exposer)["services_dropped_malformed"] == 4)
         # a well-formed request still works: the node did not crash and answers
         body = wire.request("echo", "tcp", None)
         answer = wire.parse_answer(await request(rogue, exposer.peer_id, struct.pack(">I", len(body)) + body))
@@ -69,8 +69,8 @@ async def test_garbage_and_oversized_headers_are_dropped_and_counted(kairos_netw
         unknown = wire.request("nope", "tcp", None)
         answer = wire.parse_answer(await request(rogue, exposer.peer_id, struct.pack(">I", len(unknown)) + unknown))
         assert answer is not None and answer[0] is False and "nope" in answer[1]
-        assert _status(exposer)["services_refused"] == 1
-        assert _status(exposer)["services_malformed"] == 4
+        assert _status(exposer)["services_rejected_requests"] == 1
+        assert _status(exposer)["services_dropped_malformed"] == 4
     finally:
         server.close()
 
@@ -86,7 +86,7 @@ async def test_streams_over_the_per_peer_limit_are_refused_and_counted(kairos_ne
     extra = await asyncio.wait_for(peer.open_stream(exposer.peer_id, wire.PROTOCOL), 10)
     answer = wire.parse_answer(await asyncio.wait_for(extra.read_frame(wire.MAX_MESSAGE), 10))
     assert answer is not None and answer[0] is False and "too many" in answer[1]
-    assert _status(exposer)["services_over_limit"] == 1
+    assert _status(exposer)["services_rejected_over_limit"] == 1
     for stream in held + [extra]:
         await stream.reset()
     await net.wait_for(lambda: not _RUNTIMES[id(exposer)].serving)
@@ -292,7 +292,7 @@ async def test_udp_sessions_end_when_idle_and_count_over_the_limit(kairos_networ
         clients[0].sendto(b"first")
         assert await asyncio.wait_for(answers.get(), 20) == b"first"
         clients[1].sendto(b"second")               # a second client address: over max_connections=1
-        await net.wait_for(lambda: _status(connector).get("services_over_limit") == 1)
+        await net.wait_for(lambda: _status(connector).get("services_rejected_over_limit") == 1)
         await net.wait_for(lambda: not services.connectors["echo"].sessions, timeout=20)   # idle: closed
         await net.wait_for(lambda: not _RUNTIMES[id(exposer)].serving, timeout=20)         # both ends
         clients[1].sendto(b"again")                # the place is free again
