@@ -11,6 +11,9 @@ Routes (JSON in and out):
 - ``GET /api/ledger`` — bucket names; ``GET /api/ledger/{bucket}`` — that bucket's items
 - ``GET|PUT|DELETE /api/ledger/{bucket}/{key}`` — one key (PUT body: the JSON value)
 - ``GET /api/watch[?bucket=B]`` — newline-delimited JSON, one line per change, until closed
+- ``GET /api/doctor`` — the checks of ``kairos doctor`` (:mod:`.doctor`)
+- ``GET /metrics`` — Prometheus text exposition (:mod:`.metrics`); also on ``api.metrics_listen``
+  (TCP, off by default), where it is the only route
 - ``GET /api/revoked`` — the revocations in force here; ``POST /api/revoked/{peer_id}`` (body
   ``{"reason": …}``, optional) — revoke a peer, on the leader only (400 naming the leader
   elsewhere); answers ``{"revocation": …, "written": bool}`` (false: it was revoked already)
@@ -58,11 +61,12 @@ WATCH_CLOSE_GRACE = 5.0
 
 
 class _Reply:
-    """What a route returns: a status and a JSON body."""
+    """What a route returns: a status and a JSON body (or bytes of ``content_type``)."""
 
-    def __init__(self, body: Any, status: int = 200) -> None:
+    def __init__(self, body: Any, status: int = 200, content_type: str | None = None) -> None:
         self.body = body
         self.status = status
+        self.content_type = content_type
 
 
 def _error(status: int, message: str) -> _Reply:
@@ -77,14 +81,31 @@ class APIServer:
     every node for six routes.
     """
 
-    def __init__(self, node: Node, socket_path: Path) -> None:
+    def __init__(self, node: Node, socket_path: Path | None, *, metrics_listen: str | None = None) -> None:
         self.node = node
-        self.socket_path = Path(socket_path)
+        self.socket_path = Path(socket_path) if socket_path is not None else None
+        # api.metrics_listen: a TCP listener that serves GET /metrics and nothing else (no
+        # authentication there, so nothing that reads the ledger or changes anything)
+        self.metrics_listen = metrics_listen
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
+        self._metrics = None  # built on the first scrape: prometheus_client only when asked for
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` the metrics listener is bound to (the port chosen when 0 was asked)."""
+        if self.metrics_listen is None or self._server is None:
+            return None
+        return self._server.sockets[0].getsockname()[:2]
 
     async def start(self) -> None:
-        """Bind the socket (replacing a stale one) with mode 0600."""
+        """Bind the socket (replacing a stale one) with mode 0600, or the metrics listener."""
+        if self.metrics_listen is not None:
+            from .metrics import parse_listen
+
+            host, port = parse_listen(self.metrics_listen)
+            self._server = await asyncio.start_server(self._serve, host=host, port=port)
+            return
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         with suppress(FileNotFoundError):
             self.socket_path.unlink()  # left by a node that was killed
@@ -105,8 +126,9 @@ class APIServer:
             with suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             self._server = None
-        with suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        if self.socket_path is not None:
+            with suppress(FileNotFoundError):
+                self.socket_path.unlink()
 
     # --- connections -------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -157,8 +179,11 @@ class APIServer:
                 return None, b""
 
     async def _send(self, connection: h11.Connection, writer: asyncio.StreamWriter, reply: _Reply) -> None:
-        payload = json.dumps(reply.body, default=str).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(payload)))]
+        if reply.content_type is not None:
+            payload, content_type = reply.body, reply.content_type
+        else:
+            payload, content_type = json.dumps(reply.body, default=str).encode(), "application/json"
+        headers = [("content-type", content_type), ("content-length", str(len(payload)))]
         writer.write(connection.send(h11.Response(status_code=reply.status, headers=headers)))
         writer.write(connection.send(h11.Data(data=payload)))
         writer.write(connection.send(h11.EndOfMessage()))
@@ -175,6 +200,19 @@ class APIServer:
             parts = [unquote(part, errors="strict") for part in url.path.split("/")[1:]]
         except UnicodeDecodeError:  # never guess a key: "%ED%A0%80" is not text
             await self._send(connection, writer, _error(400, "the path is not valid UTF-8"))
+            return True
+        if self.metrics_listen is not None and parts != ["metrics"]:
+            await self._send(connection, writer, _error(404, "only /metrics is served here"))
+            return True
+        if method == "GET" and parts == ["api", "doctor"]:
+            from .doctor import diagnose
+
+            try:
+                reply = _Reply(await diagnose(self.node))
+            except Exception as exc:  # a bug: one line to the client and a traceback in the log
+                log.exception("API doctor failed")
+                reply = _error(500, f"internal error: {type(exc).__name__}: {exc}")
+            await self._send(connection, writer, reply)
             return True
         if method == "GET" and parts == ["api", "watch"]:
             bucket = (parse_qs(url.query).get("bucket") or [None])[0]
@@ -193,6 +231,16 @@ class APIServer:
     # --- routes ------------------------------------------------------------------------------
     def _route(self, method: str, parts: list[str], body: bytes) -> _Reply:
         node, ledger = self.node, self.node.ledger
+        if parts == ["metrics"]:
+            if method != "GET":
+                return _error(405, f"{method} is not allowed here")
+            if self._metrics is None:
+                from .metrics import NodeMetrics
+
+                self._metrics = NodeMetrics(node)
+            from .metrics import CONTENT_TYPE
+
+            return _Reply(self._metrics.render(), content_type=CONTENT_TYPE)
         if parts[:1] != ["api"]:
             return _error(404, "not found")
         route = parts[1:]

@@ -30,11 +30,11 @@ from .config import Config, collect_schema, disabled_plugins, load_config, read_
 from .errors import EXIT_FAILED, KairosError
 from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
 from .token import MAX_TOKEN_BYTES, generate_token, parse_token
-from .untrusted import EscapingFormatter, escape_control
+from .untrusted import escape_control
 
 CONFIG_ENV = "KAIROS_CONFIG"
 DEBUG_ENV = "KAIROS_DEBUG"
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the text format (see .logs)
 
 
 class Context:
@@ -85,9 +85,9 @@ def setup_logging(level: int) -> None:
 
     Like :func:`logging.basicConfig`, it does nothing when the root logger already has handlers.
     """
-    handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler])
+    from . import logs
+
+    logs.setup(level, "text")
 
 
 def _manager_of(ctx: click.Context) -> KairosPluginManager:
@@ -296,27 +296,50 @@ def config_defaults(context: Context, as_json: bool) -> None:
 
 @cli.command()
 @config_option
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="How much to log (default: node.log_level; -v lowers it).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="text, or json: one object per line (default: node.log_format).")
 @pass_context
-def run(context: Context) -> None:
-    """Run a node until SIGINT or SIGTERM.
+def run(context: Context, log_level: str | None, log_format: str | None) -> None:
+    """Run a node until SIGINT or SIGTERM; SIGHUP re-reads node.log_level and node.log_format.
 
     A config with only p2p.network_token is enough (or KAIROS_NETWORK_TOKEN and no config).
+    In a terminal it says what it waits for (peers, a leader, the VPN address) until it has it.
+    Under systemd (Type=notify) it reports READY=1 once up and feeds the watchdog.
     """
     import asyncio
 
+    from . import logs
+    from .doctor import Progress
     from .node import run_node
 
     config = context.load_config()
     config.network_token  # noqa: B018 -- fail here, with one line, when there is no token
-    level = getattr(logging, str(config["node"]["log_level"]).upper(), logging.INFO)
-    logging.getLogger().setLevel(min(level, logging.getLogger().level))
+    verbose_level = logging.getLogger().level  # what -v asked for (WARNING without it)
+
+    def apply(config) -> None:
+        # --log-level and --log-format win; the config's level never hides what -v asked to see
+        level = logs.level_of(log_level) if log_level else min(logs.level_of(config["node"]["log_level"]), verbose_level)
+        logs.configure(level, log_format or config["node"]["log_format"])
+
+    def reload() -> None:
+        try:
+            apply(context.load_config())
+        except Exception as exc:  # a broken file keeps the running settings
+            logging.getLogger("kairos_core.cli").warning("reload: config not applied: %s", exc)
+            return
+        logging.getLogger("kairos_core.cli").info("reload: log settings re-read from the config")
+
+    apply(config)
     config_log = logging.getLogger("kairos_core.config")
     for note in config.notes:  # once per start: a Kairos cloud-config's OS sections, say
         config_log.info("config: %s", note)
     for warning in config.warnings:
         config_log.warning("config: %s", warning)
+    progress = Progress(lambda text: click.echo(text, err=True, nl=False)) if sys.stderr.isatty() else None
     try:
-        asyncio.run(run_node(config, context.manager))
+        asyncio.run(run_node(config, context.manager, reload=reload, progress=progress))
     except OSError as exc:
         raise KairosError(f"cannot run the node: {exc.strerror or exc}") from None
 
@@ -472,6 +495,55 @@ def peer_revoked(context: Context, socket_path: str | None, as_json: bool) -> No
     for row in rows:
         reason = f"  {row['reason']}" if row.get("reason") else ""
         echo_safe(f"{row['peer']}  by {row['by']}  epoch {row['epoch']}{reason}")
+
+
+@cli.command()
+@socket_option
+@json_option
+@pass_context
+def doctor(context: Context, socket_path: str | None, as_json: bool) -> None:
+    """Explain, check by check, why the node has no peers, no leader or no VPN path.
+
+    \b
+    One line per check: ok, warn (not a network yet) or fail (it cannot work as configured),
+    with what to do. Token, clock offset to peers, discovery, bootstrap peers (dialled now when
+    not connected), admission refusals by reason, peers, leader, reachability, plugins, VPN.
+    Exit code 1 when a check fails.
+    """
+    from .doctor import FAIL, format_check
+
+    results = _client(context, socket_path).request("GET", "/api/doctor", timeout=30.0)
+    if as_json:
+        emit_json(results)
+    else:
+        for result in results:
+            for line in format_check(result):  # each escaped: a peer's string cannot add a line
+                echo_safe(line)
+    if any(result["status"] == FAIL for result in results):
+        raise SystemExit(EXIT_FAILED)
+
+
+@cli.group()
+def daemon() -> None:
+    """Install kairos as a system service (`kairos service` is the network's services)."""
+
+
+@daemon.command("install")
+@click.option("--openrc", is_flag=True, help="An OpenRC init script instead of a systemd unit.")
+@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
+              help="Install below this directory (a package build root, a test).")
+@click.option("--config-file", "config_file", default="/etc/kairos/config.yaml", show_default=True,
+              help="The config the service runs with.")
+def daemon_install(openrc: bool, prefix: Path, config_file: str) -> None:
+    """Write the systemd unit (or OpenRC script) that runs `kairos run`, with this kairos's path."""
+    from .daemon import install
+
+    for path in install(prefix, openrc=openrc, config_file=config_file):
+        echo_safe(f"wrote {path}")
+    if openrc:
+        click.echo("next: rc-update add kairos default && rc-service kairos start")
+    else:
+        click.echo("next: systemctl daemon-reload && systemctl enable --now kairos")
 
 
 @cli.group()

@@ -139,6 +139,10 @@ CORE_SCHEMA: tuple[Section, ...] = (
         Option("log_level", str, "info", "How much `kairos run` logs (Kairos's warn, dpanic, panic and fatal "
                                          "in p2p.loglevel read as warning, error, error, error).",
                choices=_LOG_LEVELS, paths=(Alias("p2p.loglevel", parse=_kairos_log_level),)),
+        Option("log_format", str, "text", "How `kairos run` writes log lines: text, or json (one object per line "
+                                          "with time, level, logger, message and fields such as peer; for "
+                                          "journald or a log shipper). --log-format overrides it.",
+               choices=("text", "json")),
         Option("hook_timeout", float, 30.0, "Seconds a plugin hook may run before it is abandoned and logged.",
                minimum=0.1),
         help="This node.",
@@ -147,6 +151,9 @@ CORE_SCHEMA: tuple[Section, ...] = (
         "api",
         Option("enable", bool, True, "Serve the local control API on a unix socket (mode 0600) in the state dir."),
         Option("socket", str, None, "Socket path; default <state_dir>/api.sock."),
+        Option("metrics_listen", str, "", "Also serve Prometheus metrics (GET /metrics, nothing else, no "
+                                          "authentication) on this TCP host:port, e.g. 127.0.0.1:9464; "
+                                          "empty = off. The unix socket serves /metrics either way."),
         help="The local control API (`kairos status`, `kairos ledger`, …).",
     ),
     Section(

@@ -17,7 +17,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .api import APIServer
@@ -25,6 +25,7 @@ from .config import Config
 from . import connections as connections_module
 from .connections import ConnectionManager
 from .dialer import Dialer
+from .doctor import ClockOffsets, PeerSample
 from .election import Election, winner
 from .errors import KairosError
 from .events import LedgerUpdate, PeerEvent
@@ -32,6 +33,7 @@ from .identity import Identity, load_or_create_identity
 from .keys import KeySchedule
 from .ledger import Ledger, open_ledger
 from .ledger.ledger import LEDGER_FILE
+from .metrics import Metric, MetricRegistry
 from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
@@ -78,6 +80,11 @@ class Node:
         self.hostname = config["node"]["hostname"] or socket.gethostname()
         self.counters: Counter[str] = Counter()
         self.states: dict[str, str] = {}  # plugin → what it waits for (NodeView.set_state)
+        # what plugins declare (NodeView.counter/gauge); undeclared counters stay in self.counters
+        self.metrics = MetricRegistry(self.counters)
+        # for kairos doctor: peers each discovery reported, and the peers' clock offsets
+        self.discovered: dict[str, PeerSample] = {"mdns": PeerSample(), "dht": PeerSample()}
+        self.clock_offsets = ClockOffsets()
         self.started_at: float | None = None
         self.host = None
         self.ledger: Ledger | None = None
@@ -85,6 +92,7 @@ class Node:
         self.membership: Membership | None = None
         self.election: Election | None = None
         self.api: APIServer | None = None
+        self.metrics_server: APIServer | None = None  # api.metrics_listen
         self.revocations: Revocations | None = None
         self._discovery: list[Any] = []
         self._tasks: set[asyncio.Task] = set()
@@ -111,6 +119,10 @@ class Node:
         from .p2p import P2PHost, RelayLimits  # imported here: libp2p is heavy and only a running node needs it
 
         p2p = self.config.section("p2p")
+        if self.config["api"]["metrics_listen"]:
+            from .metrics import parse_listen
+
+            parse_listen(self.config["api"]["metrics_listen"])  # a typo fails now, before anything runs
         self.started_at = time.monotonic()
         secure_state_dir(self.config.state_dir, create=(LEDGER_FILE,))
         self.ledger = self._open_ledger()
@@ -169,7 +181,10 @@ class Node:
         if self.config["api"]["enable"]:
             self.api = APIServer(self, self.config.api_socket)
             await self.api.start()
-        log.info("node %s up on %s", self.peer_id, ", ".join(self.host.addresses()))
+        if self.config["api"]["metrics_listen"]:
+            self.metrics_server = APIServer(self, None, metrics_listen=self.config["api"]["metrics_listen"])
+            await self.metrics_server.start()
+        log.info("node %s up on %s", self.peer_id, ", ".join(self.host.addresses()), extra={"peer": self.peer_id})
 
     async def stop(self) -> None:
         """Stop everything, plugins first (while the ledger and the host still work).
@@ -186,6 +201,7 @@ class Node:
         try:
             steps = [
                 self.api and self.api.stop,
+                self.metrics_server and self.metrics_server.stop,
                 self.election and self.election.stop,
                 *(discovery.stop for discovery in self._discovery),
                 lambda: call_hook(self.manager, "kairos_shutdown", node=self, timeout=SHUTDOWN_HOOK_TIMEOUT),
@@ -338,6 +354,14 @@ class Node:
         """Publish a plugin's own counters as ``<prefix>_<name>``."""
         for name, value in values.items():
             self.counters[f"{prefix}_{name}"] = value
+
+    def counter(self, name: str, help: str, labels=()) -> Metric:
+        """Declare a counter (exported as ``kairos_<name>_total`` with ``help``)."""
+        return self.metrics.counter(name, help, labels)
+
+    def gauge(self, name: str, help: str, labels=()) -> Metric:
+        """Declare a gauge (exported as ``kairos_<name>`` with ``help``)."""
+        return self.metrics.gauge(name, help, labels)
 
     def set_state(self, plugin: str, text: str | None) -> None:
         """Say what ``plugin`` waits for (shown by ``kairos status``); None when it waits no more."""
@@ -521,12 +545,12 @@ class Node:
         if not p2p["disable_mdns"]:
             from .discovery.mdns import MDNSDiscovery
 
-            mdns = MDNSDiscovery(self.schedule, self.peer_id, self.host.addresses, self._discovered)
+            mdns = MDNSDiscovery(self.schedule, self.peer_id, self.host.addresses, self._discovered_by("mdns"))
             await self._start_one(mdns, "mDNS")
         if not p2p["disable_dht"]:
             from .discovery.dht import DHTRendezvous
 
-            dht = DHTRendezvous(self.host, self.schedule, self._discovered, list(p2p["bootstrap_peers"]),
+            dht = DHTRendezvous(self.host, self.schedule, self._discovered_by("dht"), list(p2p["bootstrap_peers"]),
                                 saturated=self.connections.saturated)
             await self._start_one(dht, "DHT")
 
@@ -537,6 +561,14 @@ class Node:
             log.error("%s discovery could not start: %s: %s", name, type(exc).__name__, exc)
             return
         self._discovery.append(discovery)
+
+    def _discovered_by(self, source: str):
+        """The callback of one discovery: counts what it finds (kairos doctor shows it)."""
+        async def discovered(peer_id: str, addrs: list[str]) -> None:
+            self.counters[f"discovered_{source}"] += 1
+            self.discovered[source].add(peer_id)
+            await self._discovered(peer_id, addrs)
+        return discovered
 
     async def _discovered(self, peer_id: str, addrs: list[str]) -> None:
         if self._running and self.dialer and not self.revocations.is_revoked(peer_id):
@@ -601,6 +633,8 @@ class Node:
         if update.bucket == REVOKED_BUCKET and self.revocations is not None and self._running:
             self.revocations.refresh()
         if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id and is_node_key(update.key):
+            if not update.local and update.owner == update.key:
+                self.clock_offsets.observe(update.key, update.version[0])
             self.membership.entry_changed(update.key, update.value if isinstance(update.value, dict) else None)
         if self.election:
             self.election.observe(update)
@@ -669,18 +703,51 @@ class Node:
         return task
 
 
-async def run_node(config: Config, manager: KairosPluginManager | None = None) -> None:
-    """Run a node until SIGINT or SIGTERM, then stop it cleanly."""
+async def run_node(config: Config, manager: KairosPluginManager | None = None, *,
+                   reload: Callable[[], None] | None = None, progress: Callable[[Node], None] | None = None,
+                   progress_interval: float = 0.5) -> None:
+    """Run a node until SIGINT or SIGTERM, then stop it cleanly.
+
+    Under systemd (``Type=notify``) it says ``READY=1`` once the node is up and feeds the watchdog
+    when ``WATCHDOG_USEC`` asks for it (:mod:`.sdnotify`); ``reload`` runs on SIGHUP; ``progress``
+    is called with the node every ``progress_interval`` seconds (what ``kairos run`` shows in a
+    terminal).
+    """
     import signal
+
+    from . import sdnotify
 
     node = Node(config, manager)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    helpers: list[asyncio.Task] = []
     try:
         await node.start()
+        sdnotify.notify(f"READY=1\nSTATUS=up as {node.peer_id}")
+        interval = sdnotify.watchdog_interval()
+        if interval is not None:
+            # pinged from the event loop itself: a loop that hangs stops the pings, and systemd restarts us
+            helpers.append(loop.create_task(_every_async(interval, lambda: sdnotify.notify("WATCHDOG=1"))))
+        if progress is not None:
+            helpers.append(loop.create_task(_every_async(progress_interval, lambda: progress(node))))
         await stop.wait()
     finally:
         log.info("stopping")
+        sdnotify.notify("STOPPING=1")
+        for task in helpers:
+            task.cancel()
+        await asyncio.gather(*helpers, return_exceptions=True)
         await node.stop()  # bounded step by step: see Node.stop
+
+
+async def _every_async(interval: float, step: Callable[[], Any]) -> None:
+    while True:
+        try:
+            step()
+        except Exception:  # a progress line or a ping that failed must not end the node
+            log.exception("periodic %s failed", getattr(step, "__name__", step))
+        await asyncio.sleep(interval)

@@ -10,6 +10,7 @@ plugin and fails on any other ``kairos_core`` module.
   (:class:`LedgerView`), members, the leader and its epoch, streams by protocol id, counters,
   tasks bound to the node's life, and calls into other plugins' hooks (:meth:`NodeView.call_hook`,
   first-result or all results).
+- **Metrics** a plugin declares (:meth:`NodeView.counter`, :meth:`NodeView.gauge`): :class:`Metric`.
 - **Records:** :class:`PeerEvent`, :class:`LedgerUpdate`, :class:`Entry`, :class:`Stream`.
 - **Ledger policies** a plugin registers for its buckets (``kairos_ledger_policies``):
   :class:`WritePolicy`, :data:`OPEN`, :data:`OWNER_KEYED`.
@@ -27,7 +28,7 @@ Names of the core's own buckets and protocols are in :data:`CORE_BUCKETS` and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -38,12 +39,13 @@ from .events import LedgerUpdate, PeerEvent
 from .hookspecs import hookspec
 from .ledger import OPEN, OWNER_KEYED, LedgerError, WritePolicy
 from .ledger.entry import Entry
+from .metrics import Metric
 from .plugins import hookimpl
 from .schema import SKIP, Alias, Option, Section, text_list, text_value
 
 __all__ = [
     "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
-    "LedgerUpdate", "LedgerView", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
+    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
     "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
     "socket_option", "text_list", "text_value",
 ]
@@ -208,6 +210,15 @@ class NodeView(Protocol):
 
     def set_counters(self, prefix: str, values: Mapping[str, int]) -> None:
         """Publish a plugin's own counters as ``<prefix>_<name>`` (replacing the earlier values)."""
+        ...
+
+    def counter(self, name: str, help: str, labels: Iterable[str] = ()) -> Metric:
+        """Declare a counter: exported as ``kairos_<name>_total`` with ``help`` on ``/metrics``.
+        Without labels it is the counter ``name`` of ``count`` and ``kairos status``."""
+        ...
+
+    def gauge(self, name: str, help: str, labels: Iterable[str] = ()) -> Metric:
+        """Declare a gauge: exported as ``kairos_<name>`` with ``help`` on ``/metrics``."""
         ...
 
     def set_state(self, plugin: str, text: str | None) -> None:

@@ -113,6 +113,7 @@ class Ledger:
         self.quota = OwnerQuota(*map(min, quota or DEFAULT_QUOTA, self.network_quota))
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._buckets: dict[str, dict[str, Entry]] = {}
+        self._tombstones: Counter[str] = Counter()  # per bucket: what bucket_sizes() leaves out
         self._quotas = QuotaAccount(lambda bucket: isinstance(self.policies.for_bucket(bucket), OpenPolicy))
         self._listeners: list[Listener] = []
         self._watchers: list[_Watch] = []
@@ -151,6 +152,11 @@ class Ledger:
         """Every entry, tombstones included (what anti-entropy compares)."""
         for keys in self._buckets.values():
             yield from keys.values()
+
+    def bucket_sizes(self) -> dict[str, int]:
+        """Live keys per bucket (tombstones left out), without walking the entries (metrics)."""
+        sizes = {bucket: len(keys) - self._tombstones[bucket] for bucket, keys in self._buckets.items()}
+        return {bucket: size for bucket, size in sizes.items() if size}
 
     def __len__(self) -> int:
         return sum(len(keys) for keys in self._buckets.values())
@@ -369,6 +375,7 @@ class Ledger:
             self._quotas.remove(old)
         keys[entry.key] = entry
         self._quotas.add(entry)
+        self._tombstones[entry.bucket] += int(entry.deleted) - int(old is not None and old.deleted)
 
     def _drop(self, bucket: str, key: str) -> None:
         keys = self._buckets.get(bucket)
@@ -376,8 +383,10 @@ class Ledger:
             old = keys.pop(key, None)
             if old is not None:
                 self._quotas.remove(old)
+                self._tombstones[bucket] -= int(old.deleted)
             if not keys:
                 del self._buckets[bucket]
+                self._tombstones.pop(bucket, None)
 
     def _growth(self, entry: Entry, current: Entry | None) -> Usage:
         """How much holding ``entry`` instead of ``current`` adds to what its owner holds."""

@@ -49,6 +49,22 @@ class _Admission:
         self.reason = ""
 
 
+def refusal_kind(reason: str) -> str:
+    """The reason of a refused admission in one word, for counters: ``token`` (the peer holds
+    another network token, or refused ours), ``hangup`` (it closed the handshake early: a dialler
+    does that when our proof fails, so usually another token too), ``timeout``, ``revoked``,
+    ``protocol`` (anything else: the peer does not speak the handshake, or broke it)."""
+    if "network token" in reason or "refused our proof" in reason:
+        return "token"
+    if "closed the admission stream early" in reason:
+        return "hangup"
+    if "timed out" in reason or "timeout" in reason:
+        return "timeout"
+    if reason == "revoked":
+        return "revoked"
+    return "protocol"
+
+
 class _RefusalLog:
     """Rate-limited notes about refused peers: one WARNING per peer per interval, a global cap."""
 
@@ -56,9 +72,14 @@ class _RefusalLog:
         self._last_by_peer: dict[str, float] = {}
         self._window_start = 0.0
         self._in_window = 0
+        #: the latest refusal of each peer, for kairos doctor (bounded like the times)
+        self.reasons: dict[str, str] = {}
 
     def note(self, peer_id: str, reason: str) -> None:
         now = time.monotonic()
+        if peer_id not in self.reasons and len(self.reasons) >= 4096:
+            self.reasons.clear()
+        self.reasons[peer_id] = reason
         if now - self._window_start > REFUSAL_LOG_INTERVAL:
             self._window_start, self._in_window = now, 0
         recent = now - self._last_by_peer.get(peer_id, -REFUSAL_LOG_INTERVAL * 2) < REFUSAL_LOG_INTERVAL
@@ -69,7 +90,7 @@ class _RefusalLog:
         self._in_window += 1
         if len(self._last_by_peer) > 4096:  # bound memory under a flood of fresh peer ids
             self._last_by_peer.clear()
-        log.warning("admission refused %s: %s", peer_id, reason)
+        log.warning("admission refused %s: %s", peer_id, reason, extra={"peer": peer_id})
 
 
 class _NetByteChannel:
@@ -195,6 +216,10 @@ class AdmissionGate:
         self._admitted.clear()
 
     # --- queries --------------------------------------------------------------------------------
+    def refusal_reason(self, peer: str) -> str | None:
+        """Why ``peer`` was last refused admission, or None."""
+        return self._refusals.reasons.get(peer)
+
     def admitted_peers(self) -> set[str]:
         """Peers connected now that proved the token (a copy)."""
         return set(self._admitted)
@@ -380,6 +405,7 @@ class AdmissionGate:
         if record.admitted:
             return  # a parallel handshake on another connection already succeeded
         self.counters["admission_failed"] += 1
+        self.counters[f"admission_refused_{refusal_kind(reason)}"] += 1  # by reason: what kairos doctor explains
         self._refusals.note(peer, reason)
         record.reason = reason
         record.decided.set()

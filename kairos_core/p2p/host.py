@@ -347,6 +347,10 @@ class P2PHost:
         return out
 
     # --- admission ------------------------------------------------------------------------------
+    def refusal_reason(self, peer_id: str) -> str | None:
+        """Why ``peer_id`` was last refused admission (either side's verdict), or None."""
+        return self._gate.refusal_reason(peer_id)
+
     def admitted_peers(self) -> set[str]:
         """Peers connected now that proved the token."""
         return self._gate.admitted_peers()
