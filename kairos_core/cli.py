@@ -168,9 +168,13 @@ def token() -> None:
 @click.option("--interval", type=click.IntRange(min=1), default=360, show_default=True,
               help="Seconds between OTP rotations (rendezvous names and seal keys).")
 @click.option("--yaml", "as_yaml", is_flag=True, help="Print the raw YAML form instead of base64.")
-def token_new(interval: int, as_yaml: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the token (base64) and its fingerprint.")
+def token_new(interval: int, as_yaml: bool, as_json: bool) -> None:
     """Print a new network token with fresh random secrets."""
     new = generate_token(interval=interval)
+    if as_json:
+        emit_json({"token": new.encode(), "fingerprint": new.fingerprint})
+        return
     click.echo(new.to_yaml().rstrip() if as_yaml else new.encode())
 
 
