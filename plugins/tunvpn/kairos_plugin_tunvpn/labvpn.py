@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,35 @@ class VPNLab:
     def unblock_udp(self, index: int) -> None:
         """Undo :meth:`block_udp`."""
         subprocess.run(self.lab.command(index, ["nft", "delete", "table", "inet", BLOCK_TABLE]), capture_output=True)
+
+
+class NatVPNLab(VPNLab):
+    """Node 1 public, the others each behind its own NAT router of ``kinds`` (a
+    :class:`kairos_core.netlab.NatLab`), bootstrapping from node 1 only, mDNS and the DHT off."""
+
+    def __init__(self, root: Path, kinds: list[str], vpn: dict[str, Any] | None = None, prefix: str = "kv") -> None:
+        from kairos_core.netlab import PUBLIC, NatLab
+
+        super().__init__(root, nodes=1 + len(kinds), vpn=vpn, prefix=prefix)
+        self.lab = NatLab([PUBLIC, *kinds], unique_prefix(prefix))
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start node 1, then the others with node 1 as their only bootstrap peer; wait for every
+        pair to have a VPN session."""
+        self.lab.start()
+        self.network = LabNetwork(self.lab, self.root, autoload_plugins=True)
+        extra = {"vpn": self.vpn_options, "plugins": {"disabled": other_plugins()}}
+        quiet = {"disable_mdns": True, "disable_dht": True}
+        self.peer_ids[1] = self.network.wait_up(self.network.start(1, p2p=quiet, extra=extra))
+        bootstrap = [self.network.multiaddr(1, self.peer_ids[1])]
+        #: ``time.monotonic()`` when the NATed nodes were started (bench/nat.py times paths from it)
+        self.nated_started_at = time.monotonic()
+        nodes = [self.network.start(i, p2p={**quiet, "bootstrap_peers": bootstrap}, extra=extra)
+                 for i in range(2, self.size + 1)]
+        self.peer_ids.update({node.index: self.network.wait_up(node) for node in nodes})
+        self.wait(lambda: all(len(self.links(i)) == self.size - 1 and all(
+            row.get("vip") for row in self.links(i).values()) for i in self.peer_ids), timeout, "VPN sessions")
+
+    def relayed_peers(self, index: int) -> list[str]:
+        """Peers node ``index`` is connected to through a relay."""
+        return ((self.node(index).status() or {}).get("reachability") or {}).get("relayed_peers", [])

@@ -1,0 +1,116 @@
+"""The VPN between two nodes behind NAT, per NAT kind: which path, how soon, RTT and throughput.
+
+Run as root: ``.venv/bin/python bench/nat.py [--runs 3] [--seconds 5] [--kinds none,port-preserving,symmetric]``.
+Each run builds a :class:`kairos_core.netlab.NatLab` — a public node P and nodes A and B each behind
+its own router of the kind (``none``: A and B public too) — starts real ``kairos run`` nodes with the
+tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and prints one JSON line:
+
+- ``path``: how A sends to B once a ping between their VIPs gets through (``udp`` or ``stream``)
+  and ``relayed``: whether A's libp2p connection to B runs through P's relay;
+- ``time_to_path_s``: from starting A and B until that first ping got through (VPN sessions,
+  relay reservations and admission included);
+- ``rtt_ms``: ping A→B VIP, 20 pings 0.2 s apart (min/avg/max);
+- ``iperf3_mbit_s``: iperf3 TCP A→B between the VIPs for ``--seconds``, one stream;
+- ``relay_cpu_share``: P's CPU seconds per second of the iperf3 run (what relaying costs it);
+- ``path_switches``: A's ``vpn_path_switches`` during the measuring (0 = no flapping).
+
+Hole punching is not implemented yet, so between NATed nodes the path is the libp2p stream through
+the relay. Processes sharing the machine's 2 cores: the three nodes, ping/iperf3, and whatever else
+runs (other sessions' tests): figures are noisy, compare only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kairos_core.netlab import NAT_KINDS, PUBLIC, require_netns
+from kairos_plugin_tunvpn.labvpn import NatVPNLab
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its reaped children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def node_pid(vpn: NatVPNLab, index: int) -> int:
+    """The pid of the python process of node ``index`` (``ip netns exec`` execs into it)."""
+    return vpn.node(index).process.pid
+
+
+def rtt(vpn: NatVPNLab, vip: str) -> dict | None:
+    out = vpn.run(2, "ping", "-c", "20", "-i", "0.2", "-W", "2", vip, timeout=30).stdout
+    match = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/", out)
+    return {"min": float(match[1]), "avg": float(match[2]), "max": float(match[3])} if match else None
+
+
+def iperf(vpn: NatVPNLab, vip: str, seconds: int) -> tuple[float | None, float]:
+    server = vpn.popen(3, "iperf3", "-s", "-1", "-B", vip, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    pid = node_pid(vpn, 1)
+    before, started = cpu_seconds(pid), time.monotonic()
+    result = vpn.run(2, "iperf3", "-c", vip, "-t", str(seconds), "-J", timeout=seconds + 30)
+    elapsed = time.monotonic() - started
+    share = (cpu_seconds(pid) - before) / elapsed
+    server.wait(timeout=10)
+    try:
+        mbit = json.loads(result.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+    except (ValueError, KeyError):
+        mbit = None
+    return mbit, share
+
+
+def one_run(kind: str, seconds: int) -> dict:
+    kinds = [PUBLIC, PUBLIC] if kind == "none" else [kind, kind]
+    with tempfile.TemporaryDirectory(prefix="kairos-nat-") as root, NatVPNLab(Path(root), kinds) as vpn:
+        started = vpn.nated_started_at  # NatVPNLab.start returned once every pair had a VPN session
+        vip_b = vpn.vip(3)
+        deadline = time.monotonic() + 120
+        while not vpn.ping(2, vip_b, count=1):
+            if time.monotonic() > deadline:
+                return {"kind": kind, "path": None, "error": "no ping between the VIPs within 120 s"}
+        time_to_path = time.monotonic() - started
+        path = vpn.path(2, 3)
+        switches_before = vpn.counters(2).get("vpn_path_switches", 0)
+        ping = rtt(vpn, vip_b)
+        mbit, share = iperf(vpn, vip_b, seconds)
+        return {
+            "kind": kind, "path": path, "relayed": vpn.peer_ids[3] in vpn.relayed_peers(2),
+            "time_to_path_s": round(time_to_path, 2), "rtt_ms": ping,
+            "iperf3_mbit_s": round(mbit, 1) if mbit is not None else None,
+            "relay_cpu_share": round(share, 3),
+            "path_switches": vpn.counters(2).get("vpn_path_switches", 0) - switches_before,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--kinds", default="none,port-preserving,symmetric")
+    args = parser.parse_args()
+    reason = require_netns()
+    if reason:
+        sys.exit(f"bench/nat.py: {reason}")
+    kinds = args.kinds.split(",")
+    for kind in kinds:
+        if kind != "none" and kind not in NAT_KINDS[1:]:
+            sys.exit(f"bench/nat.py: unknown kind {kind!r}")
+    for kind in kinds:
+        for run in range(1, args.runs + 1):
+            print(json.dumps({"run": run, **one_run(kind, args.seconds)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
