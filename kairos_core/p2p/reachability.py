@@ -41,6 +41,7 @@ MAX_DIAL_BACKS = 8
 PEERS_PER_ROUND = 3
 PROBE_INTERVAL = 60.0  # between rounds once the verdict is known
 PROBE_RETRY = 3.0  # between rounds while it is unknown
+NO_PEER_WAIT = 0.5  # between looks for a first peer to ask (a check, no traffic)
 
 
 def _ip_multiaddr(ip: str, port: int) -> str:
@@ -142,6 +143,9 @@ class Reachability:
         """Rounds of asking up to :data:`PEERS_PER_ROUND` of ``peers()`` (admitted, direct)."""
         while True:
             candidates = list(peers())
+            if not candidates:
+                await trio.sleep(NO_PEER_WAIT)  # ask as soon as the first peer is admitted
+                continue
             random.shuffle(candidates)
             answers: list[tuple[str, bool]] = []
             for peer_id in candidates[:PEERS_PER_ROUND]:
