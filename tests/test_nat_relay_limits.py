@@ -1,4 +1,4 @@
-"""Relay limits (issue #15), with real hosts on loopback: refusals are counted, the relay stays up.
+"""Relay and dial-back limits (issue #15), with real hosts on loopback: refusals are counted, the relay stays up.
 
 On loopback every host is publicly reachable; the reserved host is told it is private so that it
 takes a reservation (what the dial-back decides in a NAT lab: tests/test_nat_relay.py).
@@ -78,3 +78,37 @@ async def test_a_circuit_is_cut_at_its_byte_budget(hosts) -> None:
     await _until(lambda: relay.counters["relay_circuits_over_bytes"] == 1, "the cut counted")
     await _until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
     assert relay.reachability()["relay"]["circuits"] == 0
+
+
+async def test_a_circuit_is_cut_at_its_duration(hosts) -> None:
+    relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits(max_duration=1.0))
+    dialler = await hosts.host()
+    assert await dialler.connect(circuit) == reserved.peer_id
+    await _until(lambda: relay.counters["relay_circuits_over_time"] == 1, "the cut counted")
+    await _until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
+
+
+async def test_an_outsider_gets_no_relay_and_a_bad_dial_back_request_is_counted(hosts) -> None:
+    from kairos_core.p2p import AdmissionError
+    from kairos_core.p2p.reachability import REACH_PROTOCOL
+    from kairos_core.token import generate_token
+
+    relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits())
+    outsider = await hosts.host(token=generate_token())
+    with pytest.raises((AdmissionError, P2PError)):
+        await outsider.connect(circuit)  # it is not admitted by the relay: no hop stream for it
+    assert relay.counters["relay_circuits"] == 0
+    asker = await hosts.host()
+    await asker.connect(relay.addresses()[0])
+    stream = await asker.open_stream(relay.peer_id, REACH_PROTOCOL)
+    await stream.write(b'\x00\x0c{"port": -1}')  # a port out of range
+    await _until(lambda: relay.counters["reach_bad_requests"] == 1, "the bad request counted")
+    # and the relay still answers a good request of another peer
+    other = await hosts.host()
+    await other.connect(relay.addresses()[0])
+    good = await other.open_stream(relay.peer_id, REACH_PROTOCOL)
+    port = int(other.addresses()[0].split("/tcp/")[1].split("/")[0])
+    body = ('{"port": %d}' % port).encode()
+    await good.write(len(body).to_bytes(2, "big") + body)
+    answer = await good.read(1024)
+    assert b'"reachable":true' in answer, answer
