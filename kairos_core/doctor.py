@@ -272,9 +272,17 @@ def _reachability(node: Node, status: dict[str, Any]) -> dict[str, Any]:
         scope = _address_scope(address)
         scopes[scope] = scopes.get(scope, 0) + 1
     detail = f"{len(addresses)} addresses: " + ", ".join(f"{n} {scope}" for scope, n in sorted(scopes.items()))
-    known = getattr(node.host, "reachability", None)  # when the host learns it (AutoNAT), say so
-    if isinstance(known, str):
-        detail += f"; reachability: {known}"
+    nat = status.get("reachability")  # what dial-backs by admitted peers found (p2p host), if anything
+    if isinstance(nat, dict) and nat.get("reachability") in ("public", "private"):
+        state, relays = nat["reachability"], nat.get("relays") or []
+        detail += f"; peers' dial-backs say {state}"
+        if nat.get("observed"):
+            detail += f", seen from outside as {', '.join(map(str, nat['observed'][:3]))}"
+        if state == "private":
+            detail += f"; {len(relays)} {'relay' if len(relays) == 1 else 'relays'} holding a reservation for it"
+            if not relays and not status["members"]:
+                return check("reachability", WARN, detail,
+                             "behind NAT without a relay: bootstrap from a public node (p2p.bootstrap_peers)")
     elif "public" not in scopes:
         detail += "; no public address: peers outside these networks reach it only if it dials them"
     return check("reachability", OK, detail)

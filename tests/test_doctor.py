@@ -201,3 +201,19 @@ def test_kairos_run_without_a_terminal_shows_no_progress(tmp_path):
         out, err = process.communicate(timeout=30)
     assert b" up on " in err  # it did run and log
     assert b"waiting for" not in out + err
+
+
+def test_reachability_reports_what_dial_backs_found():
+    from kairos_core.doctor import _reachability
+
+    base = {"addresses": ["/ip4/192.168.1.5/tcp/4001/p2p/x"], "members": 0}
+    alone = _reachability(None, {**base, "reachability": {"reachability": "private", "observed": ["/ip4/203.0.113.7/tcp/4001"],
+                                                          "relays": []}})
+    assert alone["status"] == WARN and "203.0.113.7" in alone["detail"] and "bootstrap from a public node" in alone["hint"]
+    relayed = _reachability(None, {**base, "reachability": {"reachability": "private", "observed": [], "relays": ["r"]}})
+    assert relayed["status"] == OK and "1 relay holding a reservation" in relayed["detail"]
+    public = _reachability(None, {**base, "reachability": {"reachability": "public", "observed": [], "relays": []}})
+    assert public["status"] == OK and "say public" in public["detail"]
+    unknown = _reachability(None, {**base, "reachability": {"reachability": "unknown"}})
+    assert unknown["status"] == OK and "no public address" in unknown["detail"]
+    assert _reachability(None, {**base, "addresses": []})["status"] == FAIL
