@@ -30,6 +30,9 @@ from kairos_core.labnodes import LabNetwork
 from kairos_core.labpartition import CUT_MODES, leader_of, split_and_heal
 from kairos_core.netlab import Lab, require_netns, unique_prefix
 
+# Five processes importing libp2p at once on a loaded machine take longer than labnodes' 30 s.
+STARTUP_TIMEOUT = 120.0
+
 
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
@@ -68,7 +71,7 @@ def main() -> None:
             for i in range(1, args.nodes + 1):
                 network.start(i, p2p={"disable_dht": True})
             for node in network.nodes.values():
-                network.wait_up(node)
+                network.wait_up(node, timeout=STARTUP_TIMEOUT)
             wait(lambda: all(len(n.alive_peers()) == args.nodes - 1 for n in network.nodes.values()), 60)
             wait(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1 and leader_of(network.nodes[1]), 60)
             for r in range(args.rounds):

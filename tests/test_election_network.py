@@ -12,7 +12,8 @@ from kairos_core.labnodes import LabNetwork
 
 pytestmark = pytest.mark.slow
 
-
+# Five processes importing libp2p at once on a loaded machine take longer than labnodes' 30 s.
+STARTUP_TIMEOUT = 120.0
 
 
 def leader_of(node):
@@ -61,7 +62,7 @@ def cluster(netlab, tmp_path):
         network = LabNetwork(netlab(count + spare), tmp_path)
         made.append(network)
         nodes = [network.start(i, p2p={"disable_dht": True}) for i in range(1, count + 1)]
-        ids = {network.wait_up(node) for node in nodes}
+        ids = {network.wait_up(node, timeout=STARTUP_TIMEOUT) for node in nodes}
         network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership")
         network.wait_until(lambda: len({leader_of(n) for n in nodes}) == 1 and leader_of(nodes[0]), 30, "a leader")
         return network

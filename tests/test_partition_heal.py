@@ -21,6 +21,8 @@ ROUNDS = 10
 # libp2p refuses to redial a failed peer for 60 s (its negative cache) and the lease is 15 s:
 # a split this long outlasts both.
 LONG_SPLIT = 70.0
+# Five processes importing libp2p at once on a loaded machine take longer than labnodes' 30 s.
+STARTUP_TIMEOUT = 120.0
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def network(netlab, tmp_path):
     try:
         for i in range(1, NODES + 1):
             network.start(i, p2p={"disable_dht": True})
-        ids = {network.wait_up(node) for node in network.nodes.values()}
+        ids = {network.wait_up(node, timeout=STARTUP_TIMEOUT) for node in network.nodes.values()}
         network.wait_until(lambda: all(n.alive_peers() == ids - {n.peer_id} for n in network.nodes.values()), 60,
                            "full membership")
         network.wait_until(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1
