@@ -193,3 +193,18 @@ class PathHysteresis:
         """The link is on UDP and working at ``now``: once it held ``stable`` seconds, forgive."""
         if self._up_at is not None and now - self._up_at >= self.stable:
             self.failures = 0
+
+
+def udp_target(advertised: tuple[str, int] | None, heard_from: tuple[str, int] | None,
+               heard_at: float | None, now: float, timeout: float) -> tuple[str, int] | None:
+    """Where to send a peer's UDP datagrams: the endpoint its authentic datagrams come from while
+    they keep coming (``timeout``), else the endpoint it advertises.
+
+    Behind a NAT the two differ: the peer advertises its LAN address, which nobody outside
+    reaches, while its datagrams arrive from the router's mapping, which answers reach as long as
+    the peer keeps it open. Sending to the advertised one is what made the path of a public node
+    to a NATed one fall back to the stream over and over (issue #15).
+    """
+    if heard_from is not None and heard_at is not None and now - heard_at <= timeout:
+        return heard_from
+    return advertised

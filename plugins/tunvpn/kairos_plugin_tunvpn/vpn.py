@@ -36,7 +36,7 @@ from kairos_core.plugin import SKIP, Alias, ConfigError, Option, Section, text_v
 from . import keyexchange
 from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
 from .crypto import SessionKeys
-from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams
+from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams, udp_target
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
 from .tun import TunDevice, TunUnavailable
@@ -538,8 +538,10 @@ class VPN:
                     self._use_stream(peer_id, link, now)
                 else:
                     link.hysteresis.holding(now)
-                    if plane.endpoint_of(peer_id) != link.endpoint:
-                        plane.set_endpoint(peer_id, link.endpoint)
+                    # a NATed peer is answered where its datagrams come from, not at its LAN address
+                    target = udp_target(link.endpoint, plane.source_of(peer_id), heard, now, s.udp_timeout)
+                    if plane.endpoint_of(peer_id) != target:
+                        plane.set_endpoint(peer_id, target)
             else:
                 udp_heard = plane.udp_heard(peer_id)
                 if udp_heard is not None and udp_heard > link.since:
@@ -547,7 +549,8 @@ class VPN:
                     self.counters["vpn_path_switches"] += 1
                     link.path, link.since = "udp", now
                     link.hysteresis.went_up(now)
-                    plane.set_endpoint(peer_id, link.endpoint)
+                    plane.set_endpoint(peer_id, udp_target(link.endpoint, plane.source_of(peer_id), udp_heard,
+                                                           now, s.udp_timeout))
                 elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
                     # let a keepalive (and a moment of traffic) try UDP; the peer learns our
                     # endpoint from it if it arrives, and answers over UDP
