@@ -13,6 +13,7 @@ from typing import Any
 
 from kairos_core.plugin import OWNER_KEYED, LedgerUpdate, NodeView, PeerEvent, Section, WritePolicy, hookimpl
 
+from .metrics import declare as declare_metrics
 from .vpn import BUCKET, SECTION, VPN, VPNConfigError, VPNSettings
 
 log = logging.getLogger("kairos.vpn")
@@ -58,6 +59,7 @@ class TunVPNPlugin:
         without the VPN. (A bad ``vpn`` section is refused with the config, by
         :meth:`kairos_config_problems`; the check here only guards configs built by hand.)
         """
+        declare_metrics(node)  # HELP texts of the vpn_* counters on /metrics
         try:
             settings = VPNSettings.from_config(node.config["vpn"])
         except VPNConfigError as exc:
