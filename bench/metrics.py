@@ -9,6 +9,7 @@ at a time, by a client in another thread (the node's event loop serves it as it 
 - ``scrape_ms_median`` / ``_p95`` / ``_max``: wall time of one request, connection included;
 - ``render_ms_median``: the exposition alone (``NodeMetrics.render``), without HTTP;
 - ``bytes``: size of one exposition; ``families``: metric families in it. Target: < 50 ms.
+- ``load_before`` / ``load_after`` / ``processes``: what shared the cores meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def _scrape(socket_path: str, count: int) -> tuple[list[float], str]:
 
 
 async def main(entries: int, scrapes: int) -> dict:
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as root:
         net = LocalNetwork(Path(root))
         node = await net.add_node()  # ledger.max_keys_per_owner is 10,000 by default: one owner fills it
@@ -70,6 +72,10 @@ async def main(entries: int, scrapes: int) -> dict:
                 "families": len(families),
                 "target_ms": 50,
                 "cpus": os.cpu_count(),
+                # what shared the cores: 1-minute load average before and after, processes running
+                "load_before": round(load_before, 2),
+                "load_after": round(os.getloadavg()[0], 2),
+                "processes": len([pid for pid in os.listdir("/proc") if pid.isdigit()]),
             }
         finally:
             await net.stop()
