@@ -13,7 +13,7 @@ _PLUGIN_API = frozenset({
     "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
     "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
     "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
-    "socket_option", "text_list", "text_value",
+    "multiaddr_ip", "socket_option", "text_list", "text_value",
 })
 
 __all__ = ["__version__", *sorted(_PLUGIN_API)]  # noqa: PLE0604 (built from the set above: one list of names)

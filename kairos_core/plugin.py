@@ -16,6 +16,7 @@ plugin and fails on any other ``kairos_core`` module.
   :class:`WritePolicy`, :data:`OPEN`, :data:`OWNER_KEYED`.
 - **Config schema** a plugin declares its sections with (``kairos_config_schema``) and reads
   them back typed: :class:`Section`, :class:`Option`; :class:`ConfigError` when values do not fit.
+- **Addresses:** :func:`multiaddr_ip`, the IP address of a multiaddr a member advertises.
 - **Errors:** :class:`KairosError` (a one-line error for the user), :class:`LedgerError`,
   :class:`ConfigError`.
 - **CLI helpers** for ``kairos_cli_commands``: :func:`pass_context`, :func:`socket_option`,
@@ -40,6 +41,7 @@ from .hookspecs import hookspec
 from .ledger import OPEN, OWNER_KEYED, LedgerError, WritePolicy
 from .ledger.entry import Entry
 from .metrics import Metric
+from .multiaddrs import host_ip as multiaddr_ip
 from .plugins import hookimpl
 from .schema import SKIP, Alias, Option, Section, text_list, text_value
 
@@ -47,7 +49,7 @@ __all__ = [
     "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
     "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
     "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
-    "socket_option", "text_list", "text_value",
+    "multiaddr_ip", "socket_option", "text_list", "text_value",
 ]
 
 #: Buckets the core writes; plugins read them, never write them.

@@ -18,6 +18,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
+from .. import multiaddrs
 from ..keys import KeySchedule
 
 if TYPE_CHECKING:
@@ -35,14 +36,6 @@ SATURATED_INTERVAL = 300.0
 SATURATION_CHECK = 2.0
 # A peer seen again is re-reported after this long if we are still not connected to it.
 REPORT_AGAIN_AFTER = 60.0
-
-
-def _peer_of(address: str) -> str | None:
-    parts = address.rstrip("/").split("/")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("p2p", "ipfs"):
-            return parts[i + 1]
-    return None
 
 
 class RoundPacing:
@@ -158,7 +151,7 @@ class DHTRendezvous:
     async def _reach_bootstrap(self) -> None:
         admitted = self.host.admitted_peers()
         for address in self.bootstrap:
-            peer = _peer_of(address)
+            peer = multiaddrs.peer_id(address)  # None for an address that does not parse: skipped
             if peer is None or peer == self.host.peer_id:
                 continue
             if peer not in admitted:

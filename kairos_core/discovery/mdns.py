@@ -8,6 +8,8 @@ named after the current or the previous window's rendezvous name: a node holding
 derives other names and never learns of us (nor we of it). The instance name is re-registered
 when the window rotates.
 
+The TXT record's codec is :mod:`.txt`, the multiaddr grammar :mod:`kairos_core.multiaddrs`.
+
 This module only discovers: it reports ``(peer_id, multiaddrs)`` to a callback and leaves dialling
 (and admission) to the caller. Everything read from the LAN is untrusted: a malformed TXT record
 is dropped and counted, never raised.
@@ -24,30 +26,31 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 
 from zeroconf import DNSPointer, InterfaceChoice, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from ..identity import public_key_from_peer_id
+from .. import multiaddrs
 from ..keys import KeySchedule
+from .txt import (
+    MAX_ADDRS, Announcement, MalformedAnnouncement, decode_txt, encode_txt, pack_txt, unpack_txt, usable_multiaddr,
+)
 
 log = logging.getLogger(__name__)
 
+# The codec's names, imported from here before it had a module of its own.
+__all__ = [
+    "MAX_ADDRS", "SERVICE_TYPE", "Announcement", "MDNSCounters", "MDNSDiscovery", "MalformedAnnouncement", "decode_txt",
+    "encode_txt", "instance_matches", "instance_name", "node_tag", "pack_txt", "split_instance", "unpack_txt",
+    "usable_multiaddr",
+]
+
 SERVICE_TYPE = "_kairos._udp.local."
-TXT_VERSION = b"1"
 TAG_LENGTH = 12
-# One TXT string holds at most 255 bytes, ``a<n>=`` included.
-TXT_CHUNK = 200
-MAX_TXT_CHUNKS = 40
-MAX_ADDRS = 32
-MAX_ADDR_LENGTH = 400
-# A TXT record larger than this is not one of ours (and an mDNS packet is ~9 kB at most anyway).
-MAX_TXT_BYTES = 9000
 # Resolutions running at once; a flood of matching names beyond this is dropped and counted.
 MAX_PENDING_RESOLUTIONS = 64
 RESOLVE_TIMEOUT_MS = 3000
@@ -55,27 +58,8 @@ RESOLVE_TIMEOUT_MS = 3000
 _DNS_TYPE_PTR = 12
 _DNS_CLASS_IN = 1
 _INSTANCE_RE = re.compile(rf"^([0-9a-f]{{32}})-([0-9a-f]{{{TAG_LENGTH}}})$")
-# Printable ASCII without spaces: spaces separate addresses in the TXT chunks.
-_MULTIADDR_RE = re.compile(r"^(/[\x21-\x2e\x30-\x7e]+)+$")
-# Multiaddr protocols that take no value; every other one is followed by exactly one.
-_VALUELESS = frozenset({
-    "quic", "quic-v1", "ws", "wss", "tls", "noise", "http", "https", "p2p-circuit",
-    "webtransport", "webrtc", "webrtc-direct", "utp", "udt", "p2p-webrtc-star", "p2p-webrtc-direct",
-})
 
 FoundCallback = Callable[[str, list[str]], Awaitable[None] | None]
-
-
-class MalformedAnnouncement(ValueError):
-    """A TXT record that is not a valid kairos announcement."""
-
-
-@dataclass(frozen=True)
-class Announcement:
-    """What one TXT record says: who the peer is and where to dial it."""
-
-    peer_id: str
-    addrs: tuple[str, ...]
 
 
 @dataclass
@@ -125,145 +109,20 @@ def instance_matches(name: str, accepted: Iterable[str]) -> bool:
     return parts is not None and parts[0] in set(accepted)
 
 
-# --- TXT record ----------------------------------------------------------------------------------
-def usable_multiaddr(addr: object) -> bool:
-    """True for a well-formed, concrete multiaddr (no ``0.0.0.0`` or ``::``)."""
-    if not isinstance(addr, str) or len(addr) > MAX_ADDR_LENGTH or not _MULTIADDR_RE.match(addr):
-        return False
-    components = _components(addr)
-    if components is None:
-        return False
-    for proto, value in components:
-        if proto in ("ip4", "ip6"):
-            try:
-                ip = ipaddress.ip_address(value)
-            except ValueError:
-                return False
-            if ip.is_unspecified or (proto == "ip4") != (ip.version == 4):
-                return False
-    return True
-
-
-def _components(addr: str) -> list[tuple[str, str | None]] | None:
-    """``(protocol, value)`` pairs of a multiaddr's text form; ``None`` when it does not parse."""
-    parts = addr.split("/")[1:]
-    out: list[tuple[str, str | None]] = []
-    i = 0
-    while i < len(parts):
-        proto = parts[i]
-        if proto in _VALUELESS:
-            out.append((proto, None))
-            i += 1
-        elif i + 1 < len(parts) and parts[i + 1]:
-            out.append((proto, parts[i + 1]))
-            i += 2
-        else:
-            return None
-    return out
-
-
-def encode_txt(peer_id: str, addrs: Iterable[str]) -> dict[bytes, bytes]:
-    """The TXT properties announcing ``peer_id`` at ``addrs``.
-
-    Unusable addresses (wildcards, junk) are left out; ``ValueError`` when none is left. The
-    space-separated address list is cut into ``a0``, ``a1``, … so that no TXT string exceeds 255
-    bytes however long the list.
-    """
-    usable = list(dict.fromkeys(a for a in addrs if usable_multiaddr(a)))[:MAX_ADDRS]
-    if not usable:
-        raise ValueError("no concrete multiaddr to announce (wildcard addresses are never announced)")
-    joined = " ".join(usable).encode()
-    chunks = [joined[i : i + TXT_CHUNK] for i in range(0, len(joined), TXT_CHUNK)]
-    props = {b"v": TXT_VERSION, b"id": peer_id.encode()}
-    props.update({f"a{i}".encode(): chunk for i, chunk in enumerate(chunks)})
-    return props
-
-
-def pack_txt(props: Mapping[bytes, bytes | None]) -> bytes:
-    """The wire form of TXT properties (length-prefixed ``key=value`` strings)."""
-    out = bytearray()
-    for key, value in props.items():
-        item = key if value is None else key + b"=" + value
-        if len(item) > 255:
-            raise ValueError(f"TXT string for {key!r} is {len(item)} bytes (max 255)")
-        out += bytes((len(item),)) + item
-    return bytes(out)
-
-
-def unpack_txt(text: bytes) -> dict[bytes, bytes | None]:
-    """Parse the wire form of a TXT record; :class:`MalformedAnnouncement` when it is broken."""
-    if len(text) > MAX_TXT_BYTES:
-        raise MalformedAnnouncement(f"TXT record of {len(text)} bytes")
-    props: dict[bytes, bytes | None] = {}
-    index = 0
-    while index < len(text):
-        length = text[index]
-        index += 1
-        if index + length > len(text):
-            raise MalformedAnnouncement("truncated TXT string")
-        item = text[index : index + length]
-        index += length
-        if not item:
-            continue
-        key, sep, value = item.partition(b"=")
-        # RFC 6763 §6.4: a repeated key is ignored after its first occurrence.
-        props.setdefault(key, value if sep else None)
-    return props
-
-
-def decode_txt(record: bytes | Mapping[bytes, bytes | None]) -> Announcement:
-    """The announcement in a TXT record (wire bytes or parsed properties).
-
-    Raises :class:`MalformedAnnouncement` for anything that is not a well-formed version-1
-    record with a valid ed25519 peer id and at least one usable address. Addresses that are
-    unusable, or that name a different peer in their ``/p2p/`` part, are left out.
-    """
-    props = unpack_txt(record) if isinstance(record, (bytes, bytearray)) else record
-    if props.get(b"v") != TXT_VERSION:
-        raise MalformedAnnouncement(f"TXT version {props.get(b'v')!r} is not {TXT_VERSION!r}")
-    raw_id = props.get(b"id")
-    if not raw_id:
-        raise MalformedAnnouncement("TXT record has no peer id")
-    try:
-        peer_id = raw_id.decode("ascii")
-        public_key_from_peer_id(peer_id)
-    except (UnicodeDecodeError, ValueError):
-        raise MalformedAnnouncement("TXT peer id is not an ed25519 peer id") from None
-    chunks = []
-    for i in range(MAX_TXT_CHUNKS + 1):
-        chunk = props.get(f"a{i}".encode())
-        if chunk is None:
-            break
-        chunks.append(chunk)
-    if not chunks or len(chunks) > MAX_TXT_CHUNKS:
-        raise MalformedAnnouncement(f"TXT record has {len(chunks)} address chunks")
-    try:
-        joined = b"".join(chunks).decode("ascii")
-    except UnicodeDecodeError:
-        raise MalformedAnnouncement("TXT addresses are not ASCII") from None
-    addrs = [a for a in joined.split(" ") if usable_multiaddr(a) and _names_peer(a, peer_id)]
-    if not addrs:
-        raise MalformedAnnouncement("TXT record has no usable address")
-    return Announcement(peer_id, tuple(dict.fromkeys(addrs[:MAX_ADDRS])))
-
-
-def _names_peer(addr: str, peer_id: str) -> bool:
-    return all(value == peer_id for proto, value in _components(addr) or () if proto in ("p2p", "ipfs"))
-
-
+# --- addresses for the SRV and A/AAAA records -------------------------------------------------
 def _ip_addresses(addrs: Iterable[str]) -> list[str]:
     found: list[str] = []
     for addr in addrs:
-        for proto, value in _components(addr) or ():
-            if proto in ("ip4", "ip6") and value and value not in found:
-                found.append(value)
+        ip = multiaddrs.host_ip(addr)
+        if ip is not None and str(ip) not in found:
+            found.append(str(ip))
     return found
 
 
 def _first_port(addrs: Iterable[str]) -> int:
     for addr in addrs:
-        for proto, value in _components(addr) or ():
-            if proto in ("tcp", "udp") and value and value.isdigit() and 0 < int(value) < 65536:
+        for protocol, value in multiaddrs.components(addr) or ():
+            if protocol in ("tcp", "udp") and value is not None and 0 < int(value) < 65536:
                 return int(value)
     return 9  # "discard": the SRV record needs some port, and ours live in the TXT record
 

@@ -8,6 +8,8 @@ import os
 import socket
 import struct
 
+from .. import multiaddrs
+
 _SIOCGIFADDR = 0x8915
 
 
@@ -59,12 +61,11 @@ def interface_ipv6_addresses() -> list[str]:
 
 def expand_wildcard(multiaddr_text: str) -> list[str]:
     """``/ip4/0.0.0.0/tcp/N`` → one address per interface; anything else unchanged."""
-    parts = multiaddr_text.split("/")
-    if len(parts) > 2 and parts[1] == "ip4" and parts[2] == "0.0.0.0":
-        return ["/".join(parts[:2] + [ip] + parts[3:]) for ip in interface_ipv4_addresses()]
-    if len(parts) > 2 and parts[1] == "ip6" and parts[2] in ("::", "0:0:0:0:0:0:0:0"):
-        return ["/".join(parts[:2] + [ip] + parts[3:]) for ip in interface_ipv6_addresses()]
-    return [multiaddr_text]
+    host = multiaddrs.host_ip(multiaddr_text)
+    if host is None or not host.is_unspecified:
+        return [multiaddr_text]
+    found = interface_ipv4_addresses() if host.version == 4 else interface_ipv6_addresses()
+    return [multiaddrs.with_host(multiaddr_text, ip) for ip in found]
 
 
 def port_in_use(multiaddr_text: str) -> bool:
@@ -73,14 +74,15 @@ def port_in_use(multiaddr_text: str) -> bool:
     libp2p listens with SO_REUSEPORT (for hole punching), so a second listener on a busy port
     would silently share it with the first (trap 5). A plain bind, without that option, tells.
     """
-    parts = multiaddr_text.split("/")
-    if len(parts) < 5 or parts[1] not in ("ip4", "ip6") or parts[3] != "tcp" or parts[4] in ("", "0"):
+    parts = multiaddrs.components(multiaddr_text)
+    if not parts or len(parts) < 2 or parts[0][0] not in ("ip4", "ip6") or parts[1][0] != "tcp" or parts[1][1] == "0":
         return False
-    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    (protocol, host), (_, port) = parts[0], parts[1]
+    family = socket.AF_INET if protocol == "ip4" else socket.AF_INET6
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
         try:
-            probe.bind((parts[2], int(parts[4])))
+            probe.bind((host, int(port or 0)))
         except OSError:
             return True
     return False

@@ -56,6 +56,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
+from .. import multiaddrs
 from ..identity import Identity
 from ..keys import KeySchedule
 from .addresses import expand_wildcard, port_in_use
@@ -321,9 +322,9 @@ class P2PHost:
 
     def _listen_port(self) -> int | None:
         for bound in self._bound:
-            parts = bound.split("/")
-            if "tcp" in parts:
-                return int(parts[parts.index("tcp") + 1])
+            port = multiaddrs.tcp_port(bound)
+            if port is not None:
+                return port
         return None
 
     def _direct_peers(self) -> list[Any]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from kairos_core.plugin import multiaddr_ip
+
 from .validate import clean_ip
 
 VPN_SECTION = "vpn"
@@ -56,14 +58,9 @@ def own_address(multiaddrs: list[str]) -> str | None:
     """The best of a node's listen addresses: a routable IPv4 one, else any, loopback last."""
     found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     for addr in multiaddrs:
-        parts = addr.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            try:
-                ip = ipaddress.ip_address(parts[2])
-            except ValueError:
-                continue
-            if not ip.is_unspecified:
-                found.append(ip)
+        ip = multiaddr_ip(addr)
+        if ip is not None and not ip.is_unspecified:
+            found.append(ip)
     if not found:
         return None
     found.sort(key=lambda ip: (ip.is_loopback, ip.is_link_local, ip.version))

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from kairos_core.plugin import SKIP, Alias, ConfigError, Option, Section, text_value
+from kairos_core.plugin import SKIP, Alias, ConfigError, Option, Section, multiaddr_ip, text_value
 
 from . import keyexchange
 from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
@@ -200,14 +200,9 @@ def udp_host(info: dict[str, Any], network: ipaddress.IPv4Network) -> str | None
     """
     found: list[ipaddress.IPv4Address] = []
     for address in info.get("addresses", []) if isinstance(info, dict) else []:
-        parts = str(address).split("/")
-        if len(parts) > 2 and parts[1] == "ip4":
-            try:
-                ip = ipaddress.IPv4Address(parts[2])
-            except ValueError:
-                continue
-            if ip not in network and not ip.is_unspecified:
-                found.append(ip)
+        ip = multiaddr_ip(address)  # the peer wrote these: None for anything that does not parse
+        if isinstance(ip, ipaddress.IPv4Address) and ip not in network and not ip.is_unspecified:
+            found.append(ip)
     found.sort(key=lambda ip: ip.is_loopback)
     return str(found[0]) if found else None
 
