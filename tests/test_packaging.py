@@ -84,3 +84,17 @@ def test_the_plugins_carry_the_same_license_text():
     text = (ROOT / "LICENSE").read_text()
     for directory in DISTRIBUTIONS.values():
         assert (directory / "LICENSE").read_text() == text
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_project_urls_on_every_distribution(name):
+    urls = _project(DISTRIBUTIONS[name])["project"]["urls"]
+    assert urls and all(url.startswith("https://") for url in urls.values())
+
+
+def test_the_c_extension_is_declared_where_setuptools_does_not_warn():
+    # [tool.setuptools.ext-modules] made every build of tunvpn warn that it is experimental
+    tunvpn = DISTRIBUTIONS["kairos-plugin-tunvpn"]
+    assert "ext-modules" not in _project(tunvpn)["tool"]["setuptools"]
+    setup = (tunvpn / "setup.py").read_text()
+    assert '"kairos_plugin_tunvpn._fastpath"' in setup and "optional=True" in setup
