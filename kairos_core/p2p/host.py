@@ -27,7 +27,13 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
     validator checks the forwarder is admitted and the payload is sealed before anything is
     forwarded (:meth:`P2PHost._gossip_validator`);
 12. identify, identify-push and ping are served to anyone connected — every handler libp2p
-    registers goes behind the gate (:meth:`P2PHost._guard_libp2p_handlers`).
+    registers goes behind the gate (:meth:`P2PHost._guard_libp2p_handlers`);
+13. pubsub marks a message seen only after its validators ran, so the copies of one message that
+    mesh peers forward at once are all delivered and forwarded again — an id in flight counts as
+    seen (:func:`.traps.validate_each_message_once`);
+14. a signed peer record on every gossip RPC (~210 bytes) — dropped (:func:`.traps.drop_sender_records`);
+15. yamux sends a window update after nearly every read (two or three per gossip message) — only
+    once half the window is consumed, as go-yamux does (:func:`.traps.batch_window_updates`).
 """
 
 from __future__ import annotations
@@ -68,16 +74,20 @@ from .logs import tame_libp2p_logging
 from .reachability import REACH_PROTOCOL, Reachability
 from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, split_circuit
 from .stream import Stream
+from .traffic import count_gossip, count_traffic
 from .traps import (
     DIAL_TIMEOUT,
     PUBSUB_OVERHEAD,
     InboundSlots,
+    batch_window_updates,
     content_message_id,
+    drop_sender_records,
     enable_keepalive,
     forget_dial_failures,
     ids_over_content,
     own_dial_retries,
     size_pubsub_queues,
+    validate_each_message_once,
     verify_signed_records_once,
 )
 
@@ -166,6 +176,7 @@ class P2PHost:
             raise P2PError(f"listen address already in use: {', '.join(busy)}")
         tame_libp2p_logging()
         size_pubsub_queues(self.max_message_size)
+        batch_window_updates()  # trap 15
         verify_signed_records_once()
         self._bridge = TrioThread(self.peer_id[-8:])
         self._gate.reset()
@@ -256,6 +267,10 @@ class P2PHost:
         ids_over_content(gossipsub)
         dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)
         network = host.get_network()
+        validate_each_message_once(pubsub, self.counters)  # trap 13
+        count_gossip(pubsub, self.counters)  # what the RPCs hold, once the records are dropped:
+        drop_sender_records(pubsub)  # trap 14
+        count_traffic(network, self.counters)  # bytes and streams per protocol (see .traffic)
         own_dial_retries(network)
         self._inbound = InboundSlots(network)
         # Pubsub learns about a peer from us, once it is admitted, not from the raw connection.

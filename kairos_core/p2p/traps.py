@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import trio
 from libp2p.network.config import RetryConfig
@@ -19,11 +19,13 @@ from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.rpc_queue import RpcQueue
 
-# Dead-connection detection (see enable_keepalive): probe after 2 s idle, every 1 s, 3 times. The
+# Dead-connection detection (see enable_keepalive): probe after 4 s idle, every 1 s, 2 times. The
 # minority side of a partition learns it lost the majority within this (its leader steps down then).
-KEEPALIVE_IDLE = 2
+# Each probe and its answer are two 66-byte segments per connection and interval each way: at 2 s
+# idle, 16 connections cost 2 KB/s of an idle node's traffic alone; at 4 s, half (dead after 6 s).
+KEEPALIVE_IDLE = 4
 KEEPALIVE_INTERVAL = 1
-KEEPALIVE_COUNT = 3
+KEEPALIVE_COUNT = 2
 KEEPALIVE_DEAD = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
 
 # Room for the pubsub envelope (ids, signature, key, seqno) around the payload.
@@ -135,6 +137,84 @@ def ids_over_content(gossipsub: Any) -> None:
     old = gossipsub.mcache
     gossipsub.mcache = ContentAddressedCache(old.window_size, old.history_size)
     gossipsub._check_equivocation = lambda msg: True
+
+
+def validate_each_message_once(pubsub: Any, counters: Any, *, event: Callable[[], Any] = trio.Event) -> None:
+    """Per pubsub: a message arriving from several mesh peers at once is validated, delivered and
+    forwarded once.
+
+    libp2p's ``push_msg`` checks the seen-cache, awaits the validators, and only then marks the
+    message seen: every copy that arrives meanwhile — one from each mesh peer, within a millisecond
+    of each other — passes the check too, is delivered again and forwarded again to the whole mesh.
+    At N = 10 an idle node received each lease renewal five times and sent 4x the gossip it needed,
+    growing with the mesh. Now a copy whose id is in flight waits for that validation to end
+    (``gossip_duplicates_in_flight``), then meets the seen-cache; if the first copy was refused (its
+    forwarder, say, not admitted yet), the waiting copy is validated on its own, as before.
+    """
+    original = pubsub.push_msg
+    in_flight: dict[bytes, Any] = {}
+
+    async def push_msg(forwarder: Any, msg: Any) -> None:
+        msg_id = pubsub._msg_id_constructor(msg)
+        if msg_id in in_flight:
+            counters["gossip_duplicates_in_flight"] += 1
+            while msg_id in in_flight:
+                await in_flight[msg_id].wait()
+        done = in_flight[msg_id] = event()
+        try:
+            await original(forwarder, msg)
+        finally:
+            del in_flight[msg_id]
+            done.set()
+
+    pubsub.push_msg = push_msg
+
+
+def drop_sender_records(pubsub: Any) -> None:
+    """Per pubsub: no signed peer record on the RPCs it writes.
+
+    py-libp2p attaches the sender's signed peer record (~210 bytes) to every gossip RPC, a third of
+    an idle node's gossip bytes. Receivers use it only to learn the sender's addresses, which our
+    peers learn from identify and from the ledger, and for peer exchange, which is off.
+    """
+    original = pubsub.write_msg
+
+    async def write_msg(stream: Any, rpc: Any) -> bool:
+        if rpc.HasField("senderRecord"):
+            rpc.ClearField("senderRecord")
+        return await original(stream, rpc)
+
+    pubsub.write_msg = write_msg
+
+
+def batch_window_updates() -> None:
+    """Process-wide: yamux gives back receive window once half of it is consumed, as go-yamux does.
+
+    py-libp2p's yamux sends a WINDOW_UPDATE frame after every read of a stream whose window is not
+    yet half consumed ("partial slack"); pubsub reads each message's length one byte at a time and
+    then its body, so every gossip message received cost two or three extra TCP segments back (and
+    their ACKs) — at idle a third of a node's packets. The sender can still always send half a
+    window (128 KiB by default) before it waits, and the window grows when it is used up.
+    """
+    from libp2p.stream_muxer.yamux import yamux as yamux_module
+
+    stream_class = yamux_module.YamuxStream
+    if getattr(stream_class, "kairos_batched_window", False):
+        return
+
+    async def window_update_when_half_consumed(self: Any, *, bytes_read: int = 0) -> None:
+        total = 0
+        async with self.window_lock:
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+            consumed = self.target_recv_window - (self.recv_window + buffered)
+            if consumed > 0 and consumed >= self._grow_threshold():
+                total = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+                self._pending_recv_release = 0
+        if total > 0:
+            await self.send_window_update(total, skip_lock=True)
+
+    stream_class._auto_tune_and_send_window_update = window_update_when_half_consumed
+    stream_class.kairos_batched_window = True
 
 
 def connection_layers(conn: Any) -> Iterator[Any]:
