@@ -24,6 +24,7 @@ from .api import APIServer
 from .config import Config
 from . import connections as connections_module
 from .connections import ConnectionManager
+from .dial_manager import DialManager
 from .dialer import Dialer
 from .doctor import ClockOffsets, PeerSample
 from .election import Election, winner
@@ -43,8 +44,6 @@ from .statedir import secure_state_dir
 
 log = logging.getLogger(__name__)
 
-# Seconds between passes of the dialler over the peers worth a connection.
-REDIAL_INTERVAL = 1.0
 # Shutdown: plugins get this long for kairos_shutdown, every other step STOP_STEP_TIMEOUT.
 SHUTDOWN_HOOK_TIMEOUT = 5.0
 STOP_STEP_TIMEOUT = 6.0
@@ -100,10 +99,9 @@ class Node:
         # a plugin slow on ledger updates never delays the news of a new leader.
         self._ledger_events: asyncio.Queue = asyncio.Queue()
         self._leader_events: asyncio.Queue = asyncio.Queue()
+        self.dial_manager: DialManager | None = None  # owns the two below
         self.dialer: Dialer | None = None
         self.connections: ConnectionManager | None = None
-        self._candidates: dict[str, list[str]] = {}
-        self._addresses: list[str] = []
         self._beat = 0
         self._advertised: dict[str, Any] | None = None  # what our entry says now
         self._rounds_unchanged = 0
@@ -142,11 +140,13 @@ class Node:
         )
         await self.host.revoke(self.revocations.revoked)  # the gate refuses them from the start
         await self.host.start()
-        self.connections = ConnectionManager(self.peer_id, self.host, self._dial_candidate,
-                                             low=p2p.connections.low, high=p2p.connections.high,
-                                             grace=connections_module.GRACE)
-        self.dialer = Dialer(self.peer_id, self.host.connect, self.host.is_admitted,
-                             should_dial=lambda peer_id: not self.connections.saturated())
+        horizon = self.config.section("election").quorum_horizon
+        self.dial_manager = DialManager(
+            self.peer_id, self.host, lambda: self.membership.worth_dialling(horizon), self._advertised_addresses,
+            addresses_changed=self._neighbours_changed, counters=self.counters,
+            low=p2p.connections.low, high=p2p.connections.high, grace=connections_module.GRACE,
+        )
+        self.dialer, self.connections = self.dial_manager.dialer, self.dial_manager.connections
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
         self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=self.config.section("ledger").sync_interval)
         self.replicator.start()
@@ -164,7 +164,7 @@ class Node:
         self.announce()
         self._spawn(self._every(membership.announce_interval, self.announce), "announce")
         self._spawn(self._every(1.0, self.membership.expire), "membership-expiry")
-        self._spawn(self._every(REDIAL_INTERVAL, self._redial_known_peers), "reconnect")
+        self.dial_manager.start()
         # a record may arrive before this node can tell who led its epoch: look again each second
         self._spawn(self._every(1.0, self.revocations.refresh), "revocations")
 
@@ -215,8 +215,8 @@ class Node:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            if self.dialer:
-                await self._bounded(self.dialer.aclose())
+            if self.dial_manager:
+                await self._bounded(self.dial_manager.stop())
         finally:
             if self.host:
                 host, self.host = self.host, None
@@ -540,8 +540,7 @@ class Node:
             for addr in p2p["bootstrap_peers"]:
                 peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
                 if peer_id:
-                    self.dialer.pin(peer_id, [addr])
-                    self.connections.pin(peer_id)
+                    self.dial_manager.pin(peer_id, [addr])
         if not p2p["disable_mdns"]:
             from .discovery.mdns import MDNSDiscovery
 
@@ -592,15 +591,14 @@ class Node:
             return  # an admission that raced our shutdown: nothing is left to tell
         if peer_id not in host.admitted_peers():
             return  # it already left again: the disconnect was handled, do not resurrect it
-        self.dialer.admitted(peer_id)
-        self.connections.connected(peer_id)
+        self.dial_manager.admitted(peer_id)
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
         self._neighbours_changed()
 
     async def _peer_disconnected(self, peer_id: str) -> None:
-        if self.connections:
-            self.connections.disconnected(peer_id)
+        if self.dial_manager:
+            self.dial_manager.disconnected(peer_id)
         if self.replicator:
             self.replicator.peer_gone(peer_id)
         if self.membership:
@@ -653,38 +651,11 @@ class Node:
             name, kwargs = await queue.get()
             await call_hook(self.manager, name, **kwargs)
 
-    def _redial_known_peers(self) -> None:
-        # Discovery reports a peer once; after a partition or a restart the connection must come
-        # back without it. Peers seen within the quorum horizon (or known from disk) are redialled,
-        # with back-off, at the addresses they advertise in the ledger.
-        horizon = self.config.section("election").quorum_horizon
-        known: dict[str, list[str]] = {}
-        for peer_id in self.membership.worth_dialling(horizon):
-            info = self.ledger.get(NODES_BUCKET, peer_id)
-            addrs = info.get("addresses") if isinstance(info, dict) else None
-            if isinstance(addrs, list) and addrs:
-                known[peer_id] = [a for a in addrs if isinstance(a, str)]
-        addresses = self.host.addresses()
-        if addresses != self._addresses:  # an interface came or went: paths that failed may work
-            self._addresses = addresses
-            self.dialer.network_changed()
-            self._neighbours_changed()  # and others should learn the new addresses now
-        # The connection manager picks whom to dial (up to p2p.connections.low) and whom to
-        # close (above .high); the dialler dials with back-off.
-        self._candidates = self.dialer.candidates(known)
-        for peer_id in self.connections.round(set(self._candidates)):
-            self.counters["connections_trimmed"] += 1
-            self._spawn(self._close_connection(peer_id), "trim")
-
-    def _dial_candidate(self, peer_id: str) -> bool:
-        addrs = self._candidates.get(peer_id)
-        return bool(addrs) and self.dialer.want(peer_id, addrs)
-
-    async def _close_connection(self, peer_id: str) -> None:
-        try:
-            await self.host.disconnect(peer_id)
-        except Exception as exc:
-            log.debug("closing the connection to %s failed: %s", peer_id, exc)
+    def _advertised_addresses(self, peer_id: str) -> list[str]:
+        """The multiaddrs ``peer_id``'s entry in ``nodes`` advertises (the dial manager dials them)."""
+        info = self.ledger.get(NODES_BUCKET, peer_id) if self.ledger else None
+        addrs = info.get("addresses") if isinstance(info, dict) else None
+        return [a for a in addrs if isinstance(a, str)] if isinstance(addrs, list) else []
 
     async def _every(self, interval: float, step) -> None:
         """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""

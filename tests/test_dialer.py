@@ -91,3 +91,107 @@ async def test_a_real_stranger_among_fakes_is_still_dialled_and_known_peers_are_
     assert dialer.want(member, ["/ip4/127.0.0.1/tcp/4003"])
     await _run(dialer, net, 0.1)
     assert member in net.connected and len(net.dials) > before
+
+
+# --- the dial manager: the node's pass over connections, members and addresses -----------------
+
+class FakeHost:
+    """Admits whoever is dialled (if ``reachable``), records disconnects; addresses can change."""
+
+    def __init__(self) -> None:
+        self.peers: set[str] = set()
+        self.reachable: set[str] = set()
+        self.listen = ["/ip4/10.0.0.1/tcp/4001"]
+        self.dialled: list[str] = []
+        self.closed: list[str] = []
+        self.address_reads = 0
+
+    def addresses(self) -> list[str]:
+        self.address_reads += 1
+        return list(self.listen)
+
+    def admitted_peers(self) -> set[str]:
+        return set(self.peers)
+
+    def is_admitted(self, peer_id: str) -> bool:
+        return peer_id in self.peers
+
+    async def connect(self, addrs: list[str]) -> str:
+        peer = addrs[0].rsplit("/p2p/", 1)[1]
+        self.dialled.append(peer)
+        if peer not in self.reachable:
+            raise OSError("unreachable")
+        self.peers.add(peer)
+        return peer
+
+    async def disconnect(self, peer_id: str) -> None:
+        self.closed.append(peer_id)
+        self.peers.discard(peer_id)
+
+
+def _dial_manager(members: list[str], **kwargs):
+    from kairos_core.dial_manager import DialManager
+
+    host, asked = FakeHost(), []
+    host.reachable = set(members)
+
+    def worth_dialling():
+        asked.append(1)
+        return members
+
+    manager = DialManager(Identity.generate().peer_id, host, worth_dialling,
+                          lambda peer: [f"/ip4/10.0.0.{members.index(peer) + 2}/tcp/4001"], **kwargs)
+    return manager, host, asked
+
+
+async def _passes(manager, n: int) -> None:
+    for _ in range(n):
+        manager.round()
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+
+async def test_below_low_the_manager_dials_members_and_once_at_low_it_stops_listing_them() -> None:
+    members = _peers(30)
+    manager, host, asked = _dial_manager(members, low=4, high=8)
+    await _passes(manager, 1)
+    assert len(host.peers) == 4 and set(host.peers) <= set(members)
+    for peer in host.peers:
+        manager.admitted(peer)
+    asked.clear()
+    await _passes(manager, 20)
+    # with its degree, a pass costs nothing in the size of the network: no member list, no dial
+    assert asked == [] and manager.counters["member_scans"] == 1 and len(host.dialled) == 4
+    lost = sorted(host.peers)[0]
+    host.peers.discard(lost)
+    manager.disconnected(lost)
+    await _passes(manager, 1)
+    assert asked and len(host.peers) == 4  # below low again: members are candidates at once
+
+
+async def test_the_manager_trims_above_high_and_never_a_pinned_peer() -> None:
+    members = _peers(12)
+    manager, host, asked = _dial_manager(members, low=3, high=5, grace=0.0)
+    pinned = members[0]
+    manager.pin(pinned, ["/ip4/10.0.0.2/tcp/4001"])
+    host.peers = set(members[:9])
+    for peer in host.peers:
+        manager.admitted(peer)
+    await _passes(manager, 1)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(host.peers) == 3 and pinned in host.peers
+    assert manager.counters["connections_trimmed"] == 6 and pinned not in host.closed
+
+
+async def test_addresses_are_scanned_every_few_passes_and_a_change_is_announced() -> None:
+    members = _peers(3)
+    changes = []
+    manager, host, asked = _dial_manager(members, low=1, high=4, address_scan_interval=5.0,
+                                         addresses_changed=lambda: changes.append(1))
+    reads = host.address_reads
+    await _passes(manager, 10)
+    assert host.address_reads - reads == 2 and changes == []  # every 5th pass, not every pass
+    host.listen = ["/ip4/10.0.0.9/tcp/4001"]
+    await _passes(manager, 5)
+    assert changes == [1] and manager.counters["address_changes"] == 1

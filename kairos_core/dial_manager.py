@@ -1,0 +1,197 @@
+"""The dial manager: the node's periodic pass over the peers worth a connection.
+
+It joins three parts that each decide one thing:
+
+- :class:`~kairos_core.connections.ConnectionManager` — *whom* to dial (below
+  ``p2p.connections.low``: XOR-closest and random candidates, pinned peers always) and whom to
+  close (above ``.high``);
+- :class:`~kairos_core.dialer.Dialer` — *when* (per-peer back-off, the stranger token bucket,
+  dials in parallel);
+- membership and the ledger — *who* is worth it: peers seen within the quorum horizon (or known
+  from disk), at the addresses their ``nodes`` entry advertises. Discovery reports a peer once;
+  after a partition or a restart the connection must come back without it.
+
+A pass runs every ``interval`` (1 s). Its cost does not grow with the network once the node has
+its degree: the list of members worth a dial (O(N) to build) is only built while the node has
+fewer than ``low`` connections or a pinned peer is missing; otherwise a pass looks at the pinned
+peers and the connections it holds. The interfaces are scanned for address changes every
+``address_scan_interval`` (5 s), not every pass: on a machine with many interfaces (a k3s node
+has one veth per pod) each scan is an ioctl per interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from .connections import DEFAULT_HIGH, DEFAULT_LOW, GRACE, ConnectionManager
+from .dialer import Dialer
+
+log = logging.getLogger(__name__)
+
+ROUND_INTERVAL = 1.0
+ADDRESS_SCAN_INTERVAL = 5.0
+
+
+class Host(Protocol):
+    """What the dial manager needs of the p2p host."""
+
+    def addresses(self) -> list[str]:
+        """Our concrete listen addresses now."""
+        ...
+
+    def admitted_peers(self) -> set[str]:
+        """Peers connected and admitted now."""
+        ...
+
+    def is_admitted(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is connected and admitted now."""
+        ...
+
+    async def connect(self, addrs: list[str]) -> str:
+        """Dial and admit; the peer id."""
+        ...
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``."""
+        ...
+
+
+class DialManager:
+    """Keeps the node's connections between ``low`` and ``high``; see the module docstring.
+
+    :param worth_dialling: ``() -> peer ids`` members worth a connection (alive within the quorum
+        horizon, or known from disk).
+    :param advertised: ``peer_id -> multiaddrs`` its ``nodes`` entry advertises (may be empty).
+    :param addresses_changed: called when our own addresses changed (the node re-announces).
+    :param counters: where to count ``connections_trimmed``, ``member_scans`` (passes that listed
+        the members worth a dial), ``address_changes``, ``dial_pass_errors``.
+    """
+
+    def __init__(
+        self,
+        self_id: str,
+        host: Host,
+        worth_dialling: Callable[[], Iterable[str]],
+        advertised: Callable[[str], list[str]],
+        *,
+        addresses_changed: Callable[[], None] = lambda: None,
+        low: int = DEFAULT_LOW,
+        high: int = DEFAULT_HIGH,
+        grace: float = GRACE,
+        interval: float = ROUND_INTERVAL,
+        address_scan_interval: float = ADDRESS_SCAN_INTERVAL,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        self.self_id = self_id
+        self.host = host
+        self._worth_dialling = worth_dialling
+        self._advertised = advertised
+        self._addresses_changed = addresses_changed
+        self.interval = interval
+        self.scan_every = max(1, round(address_scan_interval / interval))
+        self.counters: Counter[str] = Counter() if counters is None else counters
+        self.connections = ConnectionManager(self_id, host, self._dial_candidate, low=low, high=high, grace=grace)
+        self.dialer = Dialer(self_id, host.connect, host.is_admitted,
+                             should_dial=lambda peer_id: not self.connections.saturated())
+        self._candidates: dict[str, list[str]] = {}
+        self._addresses: list[str] = host.addresses()
+        self._passes = 0
+        self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run a pass every ``interval`` seconds."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="dial-manager")
+
+    async def stop(self) -> None:
+        """Stop the passes and every dial in flight."""
+        task, self._task = self._task, None
+        tasks = [t for t in (task, *self._closing) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.dialer.aclose()
+
+    # --- inputs --------------------------------------------------------------------------------
+    def discovered(self, peer_id: str, addrs: list[str]) -> None:
+        """Discovery announced ``peer_id``: a candidate (dialled now while below ``low``)."""
+        self.dialer.discovered(peer_id, addrs)
+
+    def pin(self, peer_id: str, addrs: list[str]) -> None:
+        """A configured bootstrap peer: always dialled, never trimmed."""
+        self.dialer.pin(peer_id, addrs)
+        self.connections.pin(peer_id)
+
+    def admitted(self, peer_id: str) -> None:
+        """An admitted connection to ``peer_id`` is up."""
+        self.dialer.admitted(peer_id)
+        self.connections.connected(peer_id)
+
+    def disconnected(self, peer_id: str) -> None:
+        """The connection to ``peer_id`` is gone."""
+        self.connections.disconnected(peer_id)
+
+    # --- the pass ------------------------------------------------------------------------------
+    def round(self) -> None:
+        """One pass: notice address changes, dial what the degree lacks, trim what exceeds it."""
+        self._passes += 1
+        if self._passes % self.scan_every == 0:
+            self._scan_addresses()
+        known: dict[str, list[str]] = {}
+        if self._needs_members():
+            self.counters["member_scans"] += 1
+            for peer_id in self._worth_dialling():
+                addrs = [a for a in self._advertised(peer_id) if isinstance(a, str)]
+                if addrs:
+                    known[peer_id] = addrs
+        self._candidates = self.dialer.candidates(known)
+        for peer_id in self.connections.round(set(self._candidates)):
+            self.counters["connections_trimmed"] += 1
+            self._close(peer_id)
+
+    def _needs_members(self) -> bool:
+        # Members are only needed as candidates while the degree is short; pinned peers and the
+        # strangers discovery announced are candidates of the dialler's own.
+        return not self.connections.saturated()
+
+    def _scan_addresses(self) -> None:
+        addresses = self.host.addresses()
+        if addresses != self._addresses:  # an interface came or went: paths that failed may work
+            self._addresses = addresses
+            self.counters["address_changes"] += 1
+            self.dialer.network_changed()
+            self._addresses_changed()  # and others should learn the new addresses now
+
+    def _dial_candidate(self, peer_id: str) -> bool:
+        addrs = self._candidates.get(peer_id)
+        return bool(addrs) and self.dialer.want(peer_id, addrs)
+
+    def _close(self, peer_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._disconnect(peer_id), name="trim")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _disconnect(self, peer_id: str) -> None:
+        try:
+            await self.host.disconnect(peer_id)
+        except Exception as exc:
+            log.debug("closing the connection to %s failed: %s", peer_id, exc)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                self.round()
+            except Exception:  # one failing pass must not end the dialling
+                self.counters["dial_pass_errors"] += 1
+                log.exception("dial pass failed")
+
+    def describe(self) -> dict[str, Any]:
+        """Diagnostics: candidates of the last pass, peers backing off."""
+        return {"candidates": sorted(self._candidates), "waiting": self.dialer.waiting()}
