@@ -120,6 +120,7 @@ class Membership:
         self._worker: asyncio.Task | None = None
         #: entries whose ``neighbours`` were refused (malformed, or more than MAX_NEIGHBOURS)
         self.bad_vouchers = 0
+        self._next_deadline = 0.0  # when expire() must re-judge (see there)
         #: revoked peers: never reached, never vouching, never a voter or worth a dial
         self.excluded: frozenset[str] = frozenset()
 
@@ -180,8 +181,15 @@ class Membership:
         self._evaluate_all()
 
     def expire(self) -> None:
-        """Re-judge freshness; call periodically (the node does, every second)."""
-        self._evaluate_all()
+        """Re-judge freshness; call periodically (the node does, every second).
+
+        Cheap between deadlines: every other change of a verdict comes with an event (a connection,
+        an entry) that re-judges at once, so time alone matters only when an entry in use reaches
+        its TTL or a connected peer's join grace ends — a full pass (O(members x neighbours)) runs
+        only then, not every second.
+        """
+        if self.clock() >= self._next_deadline:
+            self._evaluate_all()
 
     # --- views -------------------------------------------------------------------------------
     def alive(self) -> dict[str, dict[str, Any]]:
@@ -282,8 +290,14 @@ class Membership:
 
     def _evaluate_all(self) -> None:
         vouched = self.vouched()
+        deadline = float("inf")
         for peer_id, state in list(self._peers.items()):
             self._evaluate(peer_id, state, peer_id in vouched)
+            if state.heartbeat_at is not None and self._fresh(state):
+                deadline = min(deadline, state.heartbeat_at + self.ttl)  # it stops vouching then
+            if state.connected and not state.alive:
+                deadline = min(deadline, state.connected_at + JOIN_GRACE)  # it joins without an entry then
+        self._next_deadline = deadline
 
     def _evaluate(self, peer_id: str, state: PeerState, alive: bool) -> None:
         if alive and not state.alive and not state.info and self.clock() - state.connected_at < JOIN_GRACE:

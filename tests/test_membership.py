@@ -218,3 +218,24 @@ def test_only_peer_ids_are_node_keys():
     assert not is_node_key(f"{peer}/extra")
     assert not is_node_key("not-a-peer")
     assert not is_node_key("")
+
+
+async def test_expire_walks_the_vouchers_only_when_an_entry_reaches_its_ttl(monkeypatch):
+    membership, clock, events = await make(ttl=30)
+    near, far = peers(2)
+    membership.connected(near)
+    membership.entry_changed(near, {"hostname": "near", "neighbours": [far]})
+    membership.entry_changed(far, {"hostname": "far", "neighbours": [near]})
+    walks = []
+    original = membership.vouched
+    monkeypatch.setattr(membership, "vouched", lambda: walks.append(clock.now) or original())
+    for _ in range(29):  # the node calls expire every second
+        clock.now += 1
+        membership.expire()
+    assert walks == [] and membership.is_alive(far)  # nothing can have changed by time alone
+    clock.now += 1.5  # near's entry, the one vouching for far, is 30.5 s old now
+    membership.expire()
+    await membership.drain()
+    assert len(walks) == 1 and not membership.is_alive(far) and membership.is_alive(near)
+    assert events[-1] == ("left", far, "far")
+    await membership.stop()
