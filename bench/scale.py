@@ -2,8 +2,11 @@
 """Scale benchmark: N real `kairos run` processes in namespaces on one bridge, for several N.
 
 For each N (``--sizes``, default 10 25 50 100) it starts the nodes in batches (``--batch`` at a
-time, each batch waiting for its APIs, so start-up load does not distort formation), then prints
-one JSON line with:
+time, 10 by default): a batch starts once the previous batch's APIs answer *and* every node started
+so far counts all the others (bounded by ``--batch-timeout``), so one batch's start-up (a Python
+process importing libp2p costs ~2 s of CPU) never overlaps the next one's formation; formation is
+then measured for the last batch, from its last API. After formation it waits ``--settle`` seconds
+(default 10) before the quiet window. Then it prints one JSON line with:
 
 - ``formation_s``: from the last API up to every node counting N-1 members;
 - ``idle_cpu_share_per_node``: median over nodes of CPU time / wall time in a quiet window
@@ -11,13 +14,17 @@ one JSON line with:
 - ``idle_rss_mb_per_node``: median RSS;
 - ``idle_bytes_per_s_per_node``: median of (rx + tx bytes of the node's interface) / window;
 - ``connections_per_node``: median and max admitted connections;
+- ``idle_per_s_per_node``: for every counter of ``kairos status --json`` that moved in the quiet
+  window, the median node's increase per second: bytes, writes and streams per libp2p protocol
+  (``p2p_out_bytes:/meshsub/1.1.0`` …), gossip messages and control ids sent, syncs, dials and
+  trims (see kairos_core/p2p/traffic.py);
 - ``propagation_ms_p50`` / ``_p99``: a write on one node until every other node's watch stream
   delivers it (``--writes`` writes);
 - ``left_after_kill_9_s``: kill -9 of a non-leader until no survivor counts it alive;
 - ``failover_s``: kill -9 of the leader until every survivor names one new leader.
 
 Needs root. All N processes share this machine's cores: the JSON says how many there are.
-Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10]
+Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10] [--settle 10]
 """
 
 from __future__ import annotations
@@ -76,6 +83,22 @@ def members(node) -> int:
     return status["members"] if status else -1
 
 
+def counters(node) -> dict[str, int]:
+    return {k: v for k, v in ((node.status() or {}).get("counters") or {}).items() if isinstance(v, (int, float))}
+
+
+def counter_rates(before: dict[int, dict], after: dict[int, dict], elapsed: float) -> dict[str, float]:
+    """Per counter, the median over nodes of its increase per second; counters that did not move are left out."""
+    keys = {key for values in after.values() for key in values}
+    rates = {}
+    for key in sorted(keys):
+        per_node = [(after[i].get(key, 0) - before.get(i, {}).get(key, 0)) / elapsed for i in after]
+        median = statistics.median(per_node)
+        if median:
+            rates[key] = round(median, 2)
+    return rates
+
+
 def propagation(network, writer, others, key: str) -> list[float]:
     arrived: dict[int, float] = {}
     ready = threading.Barrier(len(others) + 1, timeout=30)
@@ -110,6 +133,12 @@ def run_size(n: int, args) -> dict:
         network = LabNetwork(lab, Path(root))
         try:
             for first in range(1, n + 1, args.batch):
+                if first > 1:  # the previous batches formed (bounded): start-up load does not pile up
+                    started = list(network.nodes.values())
+                    try:
+                        wait(lambda: all(members(node) >= len(started) - 1 for node in started), args.batch_timeout, interval=0.5)
+                    except TimeoutError:
+                        pass
                 batch = [network.start(i, p2p={"disable_dht": True}) for i in range(first, min(n, first + args.batch - 1) + 1)]
                 for node in batch:
                     network.wait_up(node, timeout=120)
@@ -117,14 +146,17 @@ def run_size(n: int, args) -> dict:
             nodes = list(network.nodes.values())
             formed = wait(lambda: all(members(node) == n - 1 for node in nodes), args.timeout, interval=0.5)
             result = {"bench": "scale", "nodes": n, "processes_sharing_cores": n, "cores": os.cpu_count(),
+                      "start": f"batches of {args.batch}, each once the previous formed",
                       "formation_s": round(formed - last_api, 2)}
-            time.sleep(5)  # let formation's work settle
+            time.sleep(args.settle)  # let formation's work (syncs, entry rewrites) settle
             pids = {node.index: node.process.pid for node in nodes}
             cpu0 = {i: cpu_seconds(p) for i, p in pids.items()}
             net0 = {node.index: interface_bytes(lab, node.index) for node in nodes}
+            counters0 = {node.index: counters(node) for node in nodes}
             t0 = time.monotonic()
             time.sleep(args.quiet)
             elapsed = time.monotonic() - t0
+            counters1 = {node.index: counters(node) for node in nodes}
             cpu = [(cpu_seconds(p) - cpu0[i]) / elapsed for i, p in pids.items()]
             traffic = [(interface_bytes(lab, node.index) - net0[node.index]) / elapsed for node in nodes]
             connections = [(node.status() or {}).get("admitted", 0) for node in nodes]
@@ -133,6 +165,8 @@ def run_size(n: int, args) -> dict:
                 "idle_rss_mb_per_node": round(statistics.median(rss_mb(p) for p in pids.values()), 1),
                 "idle_bytes_per_s_per_node": round(statistics.median(traffic)),
                 "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
+                # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
+                "idle_per_s_per_node": counter_rates(counters0, counters1, elapsed),
             })
             delays = []
             for w in range(args.writes):
@@ -176,6 +210,8 @@ def main() -> None:
     parser.add_argument("--quiet", type=float, default=30.0)
     parser.add_argument("--writes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--batch-timeout", type=float, default=60.0, help="longest wait for a batch to form")
+    parser.add_argument("--settle", type=float, default=10.0, help="pause between formation and the quiet window")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
     args = parser.parse_args()
     reason = require_netns()
