@@ -19,9 +19,8 @@ while the peer stays admitted (``admission_syncs_abandoned`` if none agreed; the
 then carries on).
 
 A session belongs to one connection: a new admission of a peer cancels whatever session with it
-still runs (it is on the connection that died) and starts afresh, a disconnect cancels it, opening
-its stream is bounded by ``SYNC_OPEN_TIMEOUT``, and a peer that stops sending frames fails it after
-``SYNC_IDLE_TIMEOUT``.
+still runs (it is on the connection that died) and starts afresh, a disconnect cancels it, and a
+peer that stops sending frames fails it after ``SYNC_IDLE_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -47,8 +46,6 @@ log = logging.getLogger(__name__)
 
 # A sync peer silent this long (no frame, or a send that does not drain) has failed the session.
 SYNC_IDLE_TIMEOUT = 10.0
-# Opening a sync stream takes at most this long (a stream on a dead connection may never open).
-SYNC_OPEN_TIMEOUT = 5.0
 # Sessions the sync on a new connection runs at most until one finds both digests equal, and the
 # pause before a retry (doubling up to the cap; a check right after a session that moved entries
 # runs at once). Six sessions span about 12 s of pauses: longer than a connection takes to settle.
@@ -244,10 +241,10 @@ class Replicator:
 
     async def _session(self, peer_id: str):  # -> SyncResult | None
         try:
-            try:
-                stream = await asyncio.wait_for(self.host.open_stream(peer_id, SYNC_PROTOCOL), SYNC_OPEN_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise SyncError(f"the sync stream did not open within {SYNC_OPEN_TIMEOUT:g} s") from None
+            # No timeout of our own around the open: cancelling libp2p's stream negotiation midway
+            # can break the whole connection ("no valid connections" after a few), and a session
+            # on a connection that died is cancelled by peer_gone / the next peer_admitted anyway.
+            stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
             try:
                 result = await sync_ledgers(self.ledger, StreamSyncChannel(stream, self.max_frame))
             finally:
