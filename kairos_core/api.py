@@ -17,6 +17,9 @@ Routes (JSON in and out):
 - ``GET /api/revoked`` — the revocations in force here; ``POST /api/revoked/{peer_id}`` (body
   ``{"reason": …}``, optional) — revoke a peer, on the leader only (400 naming the leader
   elsewhere); answers ``{"revocation": …, "written": bool}`` (false: it was revoked already)
+- ``POST /api/token/rotate`` — on the leader only: a new network token for every member
+  (kairos_core.rotation); answers its fingerprint, the one it replaces, the members and the end
+  of the grace window
 
 Bad input is a 400 with a one-line ``{"error": …}``, whatever it is (JSON nested too deeply to
 parse included); a 500 means a bug. A watch client that falls more than ``WATCH_CLIENT_BUFFER``
@@ -248,6 +251,8 @@ class APIServer:
             return _Reply(node.status())
         if method == "GET" and route == ["peers"]:
             return _Reply(node.membership.describe())
+        if method == "POST" and route == ["token", "rotate"]:
+            return _Reply(node.rotate_token())
         if method == "GET" and route == ["revoked"]:
             return _Reply([record.as_dict() for record in node.revocations.in_force()])
         if method == "POST" and len(route) == 2 and route[0] == "revoked":

@@ -460,6 +460,25 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
     console.print(table)
 
 
+@token.command("rotate")
+@socket_option
+@json_option
+@pass_context
+def token_rotate(context: Context, socket_path: str | None, as_json: bool) -> None:
+    """On the leader: hand a new network token to every member, sealed to each. Every node accepts
+    the old one too for p2p.token_grace seconds, then only the new one; each keeps the new token
+    in its state dir (the config file is not rewritten)."""
+    data = _client(context, socket_path).request("POST", "/api/token/rotate")
+    if as_json:
+        emit_json(data)
+        return
+    import time as _time
+
+    until = _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(data["grace_until"]))
+    echo_safe(f"token {data['fingerprint']} replaces {data['replaces']} (epoch {data['epoch']}), "
+              f"sealed to {len(data['members'])} members; the old one is accepted until {until}")
+
+
 @cli.group()
 def peer() -> None:
     """Revoke a peer network-wide, and list revocations."""

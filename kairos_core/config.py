@@ -88,6 +88,11 @@ CORE_SCHEMA: tuple[Section, ...] = (
         "p2p",
         Option("network_token", str, "", "The network token (base64 or YAML). Required to run a node.",
                paths=(f"{EDGEVPN_ENV}EDGEVPNTOKEN",)),
+        Option("token_grace", float, 86400.0,
+               "Seconds after `kairos token rotate` (on the leader) during which every node still accepts "
+               "the replaced token besides the new one, so members offline at the rotation get the new "
+               "token when they come back; after it a node holding only the old token opens nothing.",
+               minimum=10),
         Option("network_id", str, "kairos",
                "A namespace inside the ledger, so several clusters can share one token (Kairos)."),
         Option("role", str, "", 'Role hint for plugins such as k3s: "" (automatic), master or worker.',

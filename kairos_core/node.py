@@ -39,6 +39,7 @@ from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
 from .revocation import REVOKED_BUCKET, Revocations
+from .rotation import ROTATION_BUCKET, Rotator, box_public, schedule_at_start
 from .seal import Sealer
 from .statedir import secure_state_dir
 
@@ -93,6 +94,8 @@ class Node:
         self.api: APIServer | None = None
         self.metrics_server: APIServer | None = None  # api.metrics_listen
         self.revocations: Revocations | None = None
+        self.rotator: Rotator | None = None
+        self._box = box_public(self.identity)  # what members seal a rotated token to (kairos_core.rotation)
         self._discovery: list[Any] = []
         self._tasks: set[asyncio.Task] = set()
         # Ledger updates and leader changes are delivered in order, each through its own queue, so
@@ -129,6 +132,12 @@ class Node:
         self.revocations = Revocations(self.peer_id, self.ledger, self.lease_holder, self._peers_revoked)
         self.revocations.refresh()
         self._spawn(self._deliver_hooks(self._ledger_events), "ledger-hooks")
+        # A token rotated since the config was written is in the state dir (kairos_core.rotation).
+        self.schedule, replaced = schedule_at_start(self.config.network_token, self.config.state_dir)
+        self.token = self.schedule.token
+        self.rotator = Rotator(self.identity, self.ledger, self.schedule, self.config.state_dir, replaced,
+                               lease_holder=self.lease_holder, members=self._rotation_members,
+                               on_rotated=self._token_rotated)
         self._spawn(self._deliver_hooks(self._leader_events), "leader-hooks")
 
         listen = list(p2p.listen) or [f"/ip4/0.0.0.0/tcp/{p2p.port}"]
@@ -167,6 +176,7 @@ class Node:
         self.dial_manager.start()
         # a record may arrive before this node can tell who led its epoch: look again each second
         self._spawn(self._every(1.0, self.revocations.refresh), "revocations")
+        self._spawn(self._every(1.0, self.rotator.refresh), "token-rotation")
 
         await self._start_discovery()
         election = self.config.section("election")
@@ -456,6 +466,7 @@ class Node:
             "role": self.config["p2p"]["role"],
             "eligible": self.leader_eligible(),
             "neighbours": neighbours,
+            "box": self._box,
             # issue #15: public | private | unknown, and where admitted peers see this node
             "reachability": nat["reachability"] if nat else "unknown",
             "observed": nat["observed"] if nat else [],
@@ -615,6 +626,29 @@ class Node:
         record, written = self.revocations.revoke(peer_id, leader=self.leader, reason=reason)
         return record.as_dict(), written
 
+    def rotate_token(self) -> dict[str, Any]:
+        """A new network token for every member (the leader only; :mod:`kairos_core.rotation`)."""
+        if self.rotator is None:
+            raise KairosError("the node is not running")
+        return self.rotator.rotate(self.leader, self.config.section("p2p").token_grace)
+
+    def _rotation_members(self) -> dict[str, str]:
+        """The members to seal a rotated token to, with their box keys: attested members alive now
+        or within the quorum horizon (so one offline for a while is included), never a revoked
+        one, never an identity nobody admitted (an insider's made-up ones would get the token)."""
+        horizon = self.config.section("election").quorum_horizon
+        found: dict[str, str] = {}
+        for peer_id in self.membership.recently_alive(horizon) if self.membership else ():
+            info = self.ledger.get(NODES_BUCKET, peer_id)
+            box = info.get("box") if isinstance(info, dict) else None
+            if isinstance(box, str) and not self.revocations.is_revoked(peer_id):
+                found[peer_id] = box
+        return found
+
+    def _token_rotated(self, token) -> None:
+        self.token = token
+        self.counters["token_rotations"] += 1
+
     def _peers_revoked(self, peers: frozenset[str]) -> None:
         """Peers newly revoked (kairos_core.revocation): refuse them everywhere, at once."""
         self.counters["peers_revoked"] += len(peers)
@@ -630,6 +664,8 @@ class Node:
     def _on_ledger_update(self, update: LedgerUpdate) -> None:
         if update.bucket == REVOKED_BUCKET and self.revocations is not None and self._running:
             self.revocations.refresh()
+        if update.bucket == ROTATION_BUCKET and self.rotator is not None and self._running:
+            self.rotator.refresh()
         if update.bucket == NODES_BUCKET and self.membership and update.key != self.peer_id and is_node_key(update.key):
             if not update.local and update.owner == update.key:
                 self.clock_offsets.observe(update.key, update.version[0])

@@ -80,15 +80,15 @@ class Sealer:
         self.schedule = schedule
         self.topic = (topic or schedule.topic).encode()
         self.max_frame_size = max_frame_size or schedule.token.max_message_size
-        self._ciphers: dict[int, AESGCM] = {}
+        self._ciphers: dict[bytes, AESGCM] = {}  # seal key -> its cipher
         self._seen_nonces: OrderedDict[bytes, None] = OrderedDict()
 
-    def _cipher(self, window_number: int) -> AESGCM:
-        cipher = self._ciphers.get(window_number)
+    def _cipher(self, key: bytes) -> AESGCM:
+        cipher = self._ciphers.get(key)
         if cipher is None:
-            if len(self._ciphers) > 8:  # keep only windows near now
+            if len(self._ciphers) > 16:  # keep only windows near now (of two tokens at most)
                 self._ciphers.clear()
-            cipher = self._ciphers[window_number] = AESGCM(self.schedule.seal_key(window_number))
+            cipher = self._ciphers[key] = AESGCM(key)
         return cipher
 
     def _associated_data(self, header: bytes) -> bytes:
@@ -101,7 +101,7 @@ class Sealer:
         window_number = self.schedule.seal_window(now)
         header = _HEADER.pack(PROTOCOL_VERSION, window_number)
         nonce = os.urandom(NONCE_BYTES)
-        ciphertext = self._cipher(window_number).encrypt(nonce, plaintext, self._associated_data(header))
+        ciphertext = self._cipher(self.schedule.seal_key(window_number)).encrypt(nonce, plaintext, self._associated_data(header))
         return header + nonce + ciphertext
 
     def open(self, frame: bytes, now: float | None = None, check_replay: bool = True) -> bytes:
@@ -119,12 +119,16 @@ class Sealer:
         nonce = bytes(frame[_HEADER.size : _HEADER.size + NONCE_BYTES])
         if check_replay and nonce in self._seen_nonces:
             raise ReplayedFrame("frame was already opened once")
-        try:
-            plaintext = self._cipher(window_number).decrypt(
-                nonce, bytes(frame[_HEADER.size + NONCE_BYTES :]), self._associated_data(header)
-            )
-        except InvalidTag:
-            raise AuthenticationFailed("frame does not open under this network's key") from None
+        # The current token's key first; during a rotation's grace window, the replaced one's too.
+        body, associated = bytes(frame[_HEADER.size + NONCE_BYTES :]), self._associated_data(header)
+        for key in self.schedule.seal_keys(window_number, now):
+            try:
+                plaintext = self._cipher(key).decrypt(nonce, body, associated)
+                break
+            except InvalidTag:
+                continue
+        else:
+            raise AuthenticationFailed("frame does not open under this network's key")
         if check_replay:  # only authentic frames may occupy replay memory
             self._seen_nonces[nonce] = None
             if len(self._seen_nonces) > REPLAY_MEMORY:

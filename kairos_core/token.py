@@ -128,6 +128,20 @@ def generate_token(interval: int = DEFAULT_INTERVAL, max_message_size: int = DEF
     )
 
 
+def rotated_token(token: NetworkToken) -> NetworkToken:
+    """The successor of ``token`` (``kairos token rotate``): fresh secrets for admission, sealing and
+    the rendezvous (``otp.crypto.key``, ``otp.dht.key``), everything else kept — the room, so the
+    gossip topic stays and nodes holding either token meet during the grace window."""
+    return NetworkToken(
+        dht=OTPSpec(token.dht.interval, random_key(), KEY_LENGTH),
+        crypto=OTPSpec(token.crypto.interval, random_key(), KEY_LENGTH),
+        room=token.room,
+        rendezvous=token.rendezvous,
+        mdns=token.mdns,
+        max_message_size=token.max_message_size,
+    )
+
+
 def parse_token(text: str | bytes) -> NetworkToken:
     """Parse a token in base64 or raw YAML form; :class:`TokenError` names what is wrong."""
     if isinstance(text, bytes):

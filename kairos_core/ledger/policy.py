@@ -12,7 +12,8 @@ policy sees the incoming entry, the entry it would replace, and the current unix
 - :class:`RevocationPolicy` — the ``revoked`` bucket: ``<revoked peer id>:<writer's peer id>``,
   never deleted, so nobody writes a revocation in another's name and nobody (its writer
   included) undoes one; whether a record counts (its writer led the epoch it names) is
-  :mod:`kairos_core.revocation`'s rule.
+  :mod:`kairos_core.revocation`'s rule. The ``rotation`` bucket (new tokens sealed per member,
+  :mod:`kairos_core.rotation`) has the same shape (:class:`RecordPolicy`).
 
 A registry also refuses every write of an owner it was told is revoked
 (:meth:`PolicyRegistry.refuse_owners`): from then on nothing of that peer is merged, whatever
@@ -89,16 +90,18 @@ class LeasePolicy:
         return entry.deleted or (isinstance(entry.value, dict) and entry.value.get("peer") == entry.owner)
 
 
-class RevocationPolicy:
-    """A revocation is written under, and names, its writer, and is never deleted.
+class RecordPolicy:
+    """A record about a peer, written under and naming its writer, never deleted.
 
-    The key is ``<revoked peer id>:<owner>`` and the value a dict whose ``peer`` is the revoked
-    peer and ``by`` the owner (the shape :func:`kairos_core.revocation.parse_revocation` reads).
-    Tombstones are refused, so once a record is held it stays held: a later write of the same key
-    can only come from its own writer and still names the same peer.
+    The key is ``<peer id>:<owner>`` and the value a dict whose ``subject`` field is that peer and
+    ``by`` the owner (revocations: ``peer``; token rotations: ``member``). Tombstones are refused,
+    so once a record is held it stays held: a later write of the same key can only come from its
+    own writer and still names the same peer.
     """
 
-    name = "revocation"
+    def __init__(self, name: str, subject: str) -> None:
+        self.name = name
+        self.subject = subject
 
     def allows(self, entry: Entry, current: Entry | None, now: float) -> bool:
         """True for a live record, under the owner's own key, that names the key's peer."""
@@ -106,19 +109,29 @@ class RevocationPolicy:
             return False
         peer = entry.key[: -len(entry.owner) - 1]
         value = entry.value
-        return bool(peer) and isinstance(value, dict) and value.get("peer") == peer and value.get("by") == entry.owner
+        return bool(peer) and isinstance(value, dict) and value.get(self.subject) == peer and value.get("by") == entry.owner
+
+
+class RevocationPolicy(RecordPolicy):
+    """The ``revoked`` bucket (:mod:`kairos_core.revocation`): ``<revoked peer>:<owner>``."""
+
+    def __init__(self) -> None:
+        super().__init__("revocation", "peer")
 
 
 OPEN = OpenPolicy()
 OWNER_KEYED = OwnerKeyedPolicy()
 LEASE = LeasePolicy()
 REVOCATION = RevocationPolicy()
+# The ``rotation`` bucket (kairos_core.rotation): a new token sealed to ``<member>``, by ``<owner>``.
+ROTATION = RecordPolicy("rotation", "member")
 
 # The core's own buckets. Plugins' buckets are not named here (see kairos_ledger_policies).
 DEFAULT_POLICIES: Mapping[str, WritePolicy] = {
     "nodes": OWNER_KEYED,
     "leader": LEASE,
     "revoked": REVOCATION,
+    "rotation": ROTATION,
 }
 
 

@@ -3,10 +3,17 @@
 libp2p's noise handshake proves *who* a peer is; this proves it is one of *us*. Right after a
 connection is up, the dialler opens ``/kairos/admit/1.0.0`` and the two sides exchange:
 
-1. dialler → listener: ``VERSION (1 byte) ‖ nonce_d (32 bytes)``
-2. listener → dialler: ``nonce_l (32 bytes) ‖ proof_l (32 bytes)``
+1. dialler → listener: ``VERSION (1 byte, 2) ‖ nonce_d (32 bytes)``
+2. listener → dialler: ``nonce_l (32 bytes) ‖ n (1 byte, 1..MAX_KEYS) ‖ n × proof_l (32 bytes)``
 3. dialler → listener: ``proof_d (32 bytes)``
 4. listener → dialler: ``VERDICT_ADMITTED (1 byte)``; on a bad proof it resets the stream instead.
+
+A node holds one admission key, or two during a token rotation's grace window (the new token's
+and the replaced one's, see :mod:`kairos_core.keys`). The listener proves under each of its keys;
+the dialler answers under the first of its own keys that one of those proofs verifies, and the
+listener accepts an answer under any of its keys. So a member that has not received the new token
+yet and one that has still admit each other, both ways, while the grace window lasts. A version-1
+hello (one proof in step 2) is still answered, under the listener's current key.
 
 Each proof is ``HMAC-SHA256(admission_key, encoding)`` where the encoding is::
 
@@ -30,14 +37,17 @@ import hashlib
 import hmac
 import secrets
 import struct
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import base58
 
 from .errors import AdmissionError
 
 ADMIT_PROTOCOL = "/kairos/admit/1.0.0"
-ADMIT_VERSION = 1
+ADMIT_VERSION = 2
+ADMIT_VERSION_SINGLE_KEY = 1
+# The most admission keys a listener proves under (two during a rotation's grace window).
+MAX_KEYS = 4
 NONCE_SIZE = 32
 PROOF_SIZE = 32
 VERDICT_ADMITTED = b"\x01"
@@ -124,17 +134,32 @@ async def read_exactly(channel: ByteChannel, n: int) -> bytes:
     return b"".join(chunks)
 
 
-async def admit_as_dialler(channel: ByteChannel, key: bytes, dialler_id: str, listener_id: str) -> None:
-    """Run the dialler's side; returns when both sides proved the token, else raises."""
+def _key_list(keys: bytes | Sequence[bytes]) -> list[bytes]:
+    listed = [keys] if isinstance(keys, (bytes, bytearray)) else list(keys)
+    if not 1 <= len(listed) <= MAX_KEYS:
+        raise ValueError(f"admission takes 1 to {MAX_KEYS} keys")
+    return [bytes(key) for key in listed]
+
+
+async def admit_as_dialler(channel: ByteChannel, keys: bytes | Sequence[bytes], dialler_id: str, listener_id: str) -> None:
+    """Run the dialler's side with ``keys`` (one, or the current and the replaced token's during a
+    rotation); returns when both sides proved a common token, else raises."""
+    ours = _key_list(keys)
     nonce_d = fresh_nonce()
     await channel.write(bytes([ADMIT_VERSION]) + nonce_d)
-    reply = await read_exactly(channel, NONCE_SIZE + PROOF_SIZE)
-    nonce_l, proof_l = reply[:NONCE_SIZE], reply[NONCE_SIZE:]
+    head = await read_exactly(channel, NONCE_SIZE + 1)
+    nonce_l, count = head[:NONCE_SIZE], head[NONCE_SIZE]
+    if not 1 <= count <= MAX_KEYS:
+        raise AdmissionError(f"listener {listener_id} sent {count} proofs")
     if nonce_l == nonce_d:
         raise AdmissionError("listener echoed our nonce")
-    if not verify_admission_proof(key, ROLE_LISTENER, nonce_d, dialler_id, listener_id, proof_l):
+    proofs = await read_exactly(channel, count * PROOF_SIZE)
+    theirs = [proofs[i * PROOF_SIZE:(i + 1) * PROOF_SIZE] for i in range(count)]
+    common = next((key for key in ours for proof_l in theirs
+                   if verify_admission_proof(key, ROLE_LISTENER, nonce_d, dialler_id, listener_id, proof_l)), None)
+    if common is None:
         raise AdmissionError(f"listener {listener_id} does not hold the network token")
-    await channel.write(admission_proof(key, ROLE_DIALLER, nonce_l, dialler_id, listener_id))
+    await channel.write(admission_proof(common, ROLE_DIALLER, nonce_l, dialler_id, listener_id))
     verdict = await read_exactly(channel, 1)
     if verdict != VERDICT_ADMITTED:
         raise AdmissionError(f"listener {listener_id} refused our proof")
@@ -142,21 +167,27 @@ async def admit_as_dialler(channel: ByteChannel, key: bytes, dialler_id: str, li
 
 async def admit_as_listener(
     channel: ByteChannel,
-    key: bytes,
+    keys: bytes | Sequence[bytes],
     dialler_id: str,
     listener_id: str,
     nonce_factory: Callable[[], bytes] = fresh_nonce,
 ) -> None:
-    """Run the listener's side; returns when the dialler proved the token, else raises."""
+    """Run the listener's side with ``keys`` (see :func:`admit_as_dialler`); returns when the
+    dialler proved one of them, else raises."""
+    ours = _key_list(keys)
     hello = await read_exactly(channel, 1 + NONCE_SIZE)
-    if hello[0] != ADMIT_VERSION:
+    if hello[0] not in (ADMIT_VERSION, ADMIT_VERSION_SINGLE_KEY):
         raise AdmissionError(f"unknown admission version {hello[0]}")
     nonce_d = hello[1:]
     nonce_l = nonce_factory()
     if nonce_l == nonce_d:  # astronomically unlikely; refusing keeps the proofs unambiguous
         raise AdmissionError("dialler sent our nonce")
-    await channel.write(nonce_l + admission_proof(key, ROLE_LISTENER, nonce_d, dialler_id, listener_id))
+    proofs = [admission_proof(key, ROLE_LISTENER, nonce_d, dialler_id, listener_id) for key in ours]
+    if hello[0] == ADMIT_VERSION_SINGLE_KEY:
+        await channel.write(nonce_l + proofs[0])
+    else:
+        await channel.write(nonce_l + bytes([len(proofs)]) + b"".join(proofs))
     proof_d = await read_exactly(channel, PROOF_SIZE)
-    if not verify_admission_proof(key, ROLE_DIALLER, nonce_l, dialler_id, listener_id, proof_d):
+    if not any(verify_admission_proof(key, ROLE_DIALLER, nonce_l, dialler_id, listener_id, proof_d) for key in ours):
         raise AdmissionError(f"dialler {dialler_id} does not hold the network token")
     await channel.write(VERDICT_ADMITTED)

@@ -335,7 +335,7 @@ class AdmissionGate:
             return
         try:
             with trio.fail_after(self.timeout):
-                await admit_as_listener(_NetByteChannel(net_stream), self.schedule.admission_key, peer, self.peer_id)
+                await admit_as_listener(_NetByteChannel(net_stream), self.schedule.admission_keys(), peer, self.peer_id)
         except trio.TooSlowError:
             await self._refuse(peer, record, "admission timed out", net_stream)
         except AdmissionError as exc:
@@ -354,12 +354,12 @@ class AdmissionGate:
         return record
 
     async def _admit_dialler(self, peer: str, record: _Admission) -> None:
-        key = self.schedule.admission_key
+        keys = self.schedule.admission_keys()  # two during a token rotation's grace window
         net_stream = None
         try:
             with trio.fail_after(self.timeout):
                 net_stream = await self._host.new_stream(ID.from_base58(peer), [ADMIT_PROTOCOL])
-                await admit_as_dialler(_NetByteChannel(net_stream), key, self.peer_id, peer)
+                await admit_as_dialler(_NetByteChannel(net_stream), keys, self.peer_id, peer)
         except trio.TooSlowError:
             await self._refuse(peer, record, "admission timed out", net_stream)
         except AdmissionError as exc:
