@@ -7,7 +7,11 @@ A declaration (:mod:`kairos_core.schema`) gives each option its type, default, h
 choices, so unknown keys, wrong types and values out of bounds are reported with their path
 (``p2p.minimum_nodes: expected an integer, got a string``). Kairos users write plugin sections
 under ``p2p:`` (``p2p.vpn``, ``p2p.kubevip``): a section's aliases say where, and those are read
-as the top-level section.
+as the top-level section. A Kairos cloud-config is read as is: its OS sections
+(:data:`KAIROS_OS_SECTIONS`) are listed once as ignored (:attr:`Config.notes`), options that Kairos
+sets elsewhere declare those places (``Option(paths=…)``: ``p2p.loglevel``, EdgeVPN's
+``p2p.vpn.env.*``) and are moved there before the checks, Kairos keys that do nothing here warn
+(:attr:`Config.warnings`), and every problem names the path the user wrote.
 
 Validation happens here and nowhere else, so every reader can trust what it gets: numbers are
 finite and fit in 64 bits, a list holds items of its declared type, and no value nests more than
