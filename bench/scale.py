@@ -6,7 +6,8 @@ time, 10 by default): a batch starts once the previous batch's APIs answer *and*
 so far counts all the others (bounded by ``--batch-timeout``), so one batch's start-up (a Python
 process importing libp2p costs ~2 s of CPU) never overlaps the next one's formation; formation is
 then measured for the last batch, from its last API. After formation it waits ``--settle`` seconds
-(default 10) before the quiet window. Then it prints one JSON line with:
+(default 30: the last joiners' admission syncs and entry rewrites end) before the quiet window.
+Then it prints one JSON line with:
 
 - ``formation_s``: from the last API up to every node counting N-1 members;
 - ``idle_cpu_share_per_node``: median over nodes of CPU time / wall time in a quiet window
@@ -24,7 +25,7 @@ then measured for the last batch, from its last API. After formation it waits ``
 - ``failover_s``: kill -9 of the leader until every survivor names one new leader.
 
 Needs root. All N processes share this machine's cores: the JSON says how many there are.
-Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10] [--settle 10]
+Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10] [--settle 30]
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--batch-timeout", type=float, default=60.0, help="longest wait for a batch to form")
-    parser.add_argument("--settle", type=float, default=10.0, help="pause between formation and the quiet window")
+    parser.add_argument("--settle", type=float, default=30.0, help="pause between formation and the quiet window")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
     args = parser.parse_args()
     reason = require_netns()
