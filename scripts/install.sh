@@ -4,7 +4,7 @@
 # Debian packages: gcc + libgmp-dev build fastecdsa (a libp2p dependency), gcc + libssl-dev the
 # VPN's C fast path (optional: without them it runs in pure Python); iproute2 and nftables
 # build the namespace labs of the tests; iperf3, openssh and ping are driven through the VPN tests,
-# curl and iperf3 through the services plugin's tests;
+# curl and iperf3 through the services plugin's tests, dig (dnsutils) through the DNS plugin's;
 # systemd brings systemd-analyze, which verifies the unit kairos daemon install writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ if command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends \
-    gcc libgmp-dev libssl-dev python3-venv iproute2 nftables iperf3 curl openssh-server openssh-client iputils-ping systemd >/dev/null
+    gcc libgmp-dev libssl-dev python3-venv iproute2 nftables iperf3 curl openssh-server openssh-client iputils-ping systemd dnsutils >/dev/null
 fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip

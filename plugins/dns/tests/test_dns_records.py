@@ -1,0 +1,98 @@
+"""The zone (precedence, members' VIPs), the bucket's policy, the cache and the rate limiter, in memory."""
+
+from __future__ import annotations
+
+import dns.message
+import dns.rrset
+
+from kairos_plugin_dns.records import RecordsPolicy, build_zone, entry_problem, member_vips, qualify
+from kairos_plugin_dns.server import Cache, RateLimiter, is_self, parse_hostport
+
+
+def rec(*values: str, ttl: int = 30) -> dict:
+    return {"values": list(values), "ttl": ttl}
+
+
+def test_exact_beats_member_beats_longer_wildcard_beats_shorter():
+    records = {"*.kairos./A": rec("10.0.0.1"), "*.apps.kairos./A": rec("10.0.0.2"),
+               "db.apps.kairos./A": rec("10.0.0.3"), "node1.kairos./TXT": rec("pinned")}
+    vpn = {"P1": {"vip": "10.1.0.5", "claimed": [1, 0]}}
+    zone = build_zone("kairos.", 60, records, vpn, {"P1": "node1"})
+    assert zone.lookup("db.apps.kairos.").records["A"][0] == ("10.0.0.3",)
+    assert zone.lookup("x.apps.kairos.").source == "wildcard *.apps.kairos."
+    assert zone.lookup("a.b.apps.kairos.").records["A"][0] == ("10.0.0.2",)
+    assert zone.lookup("other.kairos.").records["A"][0] == ("10.0.0.1",)
+    # a record of the exact name beats the member's own name, and holds only its types (NODATA for A)
+    assert zone.lookup("NODE1.kairos.").source == "record"
+    assert "A" not in zone.lookup("node1.kairos.").records
+    assert zone.lookup("kairos.") is None and zone.in_domain("kairos.") and not zone.in_domain("example.com.")
+    assert zone.lookup("example.com.") is None
+
+
+def test_the_order_entries_arrive_in_does_not_change_the_answer():
+    items = [("*.a.kairos./A", rec("10.0.0.1")), ("*.b.a.kairos./A", rec("10.0.0.2")), ("*.kairos./A", rec("10.0.0.3"))]
+    answers = {build_zone("kairos.", 60, dict(order), {}, {}).lookup("x.b.a.kairos.").records["A"][0]
+               for order in (items, items[::-1], items[1:] + items[:1])}
+    assert answers == {("10.0.0.2",)}
+
+
+def test_member_vips_skip_lapsed_claims_dead_members_and_the_loser_of_a_conflict():
+    vpn = {"P1": {"vip": "10.1.0.5", "claimed": [5, 0]}, "P2": {"vip": "10.1.0.5", "claimed": [3, 0]},
+           "P3": {"vip": "10.1.0.7", "claimed": [1, 0], "expires": 1000}, "P4": {"vip": "10.1.0.8", "claimed": [1, 0]},
+           "P1/links": {"x": 1}, "P5": {"vip": "not an ip"}, "P6": {"vip": "fd00::6", "claimed": [1, 1]}}
+    assert member_vips(vpn, {"P1", "P2", "P3", "P5", "P6"}, now_ms=2000) == {"P2": "10.1.0.5", "P6": "fd00::6"}
+    zone = build_zone("kairos.", 60, {}, vpn, {"P2": "Node2.lan", "P6": "six", "P1": "node1"}, now_ms=2000)
+    assert zone.lookup("node2.kairos.").records == {"A": (("10.1.0.5",), 60)}
+    assert zone.lookup("six.kairos.").records == {"AAAA": (("fd00::6",), 60)}
+    assert zone.lookup("node1.kairos.") is None
+
+
+def test_policy_accepts_records_only():
+    class E:
+        def __init__(self, key, value, deleted=False):
+            self.key, self.value, self.deleted = key, value, deleted
+
+    policy = RecordsPolicy()
+    assert policy.allows(E("web.kairos./A", rec("10.0.0.1")), None, 0)
+    assert policy.allows(E("*.apps.kairos./TXT", rec("hello")), None, 0)
+    assert policy.allows(E("web.kairos./A", None, deleted=True), None, 0)
+    for key, value in [("web.kairos./A", rec("10.0.0.300")), ("web.kairos./A", rec("fd00::1")),
+                       ("web.kairos/A", rec("10.0.0.1")), ("web.kairos./MX", rec("x")), ("a.*.kairos./A", rec("10.0.0.1")),
+                       ("web.kairos./A", {"values": ["10.0.0.1"]}), ("web.kairos./A", rec("10.0.0.1", ttl=-1)),
+                       ("web.kairos./A", rec()), ("web.kairos./A", rec("10.0.0.1", "10.0.0.1")),
+                       ("web.kairos./TXT", rec("bad\x00")), ("web.kairos./A", "10.0.0.1")]:
+        assert not policy.allows(E(key, value), None, 0), (key, value)
+        assert entry_problem(key, value)
+    assert qualify("Web", "kairos.") == "web.kairos." and qualify("a.example.com", "kairos.") == "a.example.com."
+    assert qualify("*.apps", "kairos.") == "*.apps.kairos."
+
+
+def test_cache_respects_ttls_negative_bounds_and_size():
+    cache = Cache(size=2, max_ttl=100, negative_ttl=30)
+    query = dns.message.make_query("a.example.", "A")
+    positive = dns.message.make_response(query)
+    positive.answer.append(dns.rrset.from_text("a.example.", 10, "IN", "A", "192.0.2.1"))
+    cache.put(("a.example.", 1, 1), positive, now=0)
+    assert cache.get(("a.example.", 1, 1), now=9.9) is not None
+    assert cache.get(("a.example.", 1, 1), now=10.0) is None
+    negative = dns.message.make_response(query)
+    negative.set_rcode(3)
+    negative.authority.append(dns.rrset.from_text("example.", 3600, "IN", "SOA", "ns. host. 1 2 3 4 3600"))
+    assert cache.ttl_of(negative) == 30
+    servfail = dns.message.make_response(query)
+    servfail.set_rcode(2)
+    assert cache.ttl_of(servfail) == 0
+    for index in range(3):
+        cache.put((f"n{index}.", 1, 1), positive, now=0)
+    assert len(cache) == 2 and cache.get(("n0.", 1, 1), now=1) is None
+
+
+def test_rate_limiter_and_loop_detection():
+    limiter = RateLimiter(rate=10, burst=5)
+    assert sum(limiter.allow("192.0.2.1", 0.0) for _ in range(20)) == 5
+    assert limiter.allow("192.0.2.2", 0.0)
+    assert limiter.allow("192.0.2.1", 0.5)  # refilled
+    assert is_self(("127.0.0.1", 53), ("127.0.0.1", 53)) and is_self(("10.0.0.1", 5353), ("0.0.0.0", 5353))
+    assert not is_self(("127.0.0.53", 53), ("127.0.0.1", 53))  # systemd-resolved's stub is another socket
+    assert not is_self(("127.0.0.1", 53), ("127.0.0.1", 5353))
+    assert parse_hostport("[::1]:54") == ("::1", 54) and parse_hostport("192.0.2.1") == ("192.0.2.1", 53)
