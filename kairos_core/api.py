@@ -14,6 +14,11 @@ Routes (JSON in and out):
 - ``GET /api/doctor`` — the checks of ``kairos doctor`` (:mod:`.doctor`)
 - ``GET /metrics`` — Prometheus text exposition (:mod:`.metrics`); also on ``api.metrics_listen``
   (TCP, off by default), where it is the only route
+- ``GET /`` (and ``/dashboard/*``) — the web dashboard (:mod:`.dashboard`); also on
+  ``api.http_listen`` (TCP, off by default), where every request needs the dashboard token and
+  only the routes the dashboard reads (and ``PUT`` of a ledger key) are served
+- ``GET /api/entries/{bucket}`` — that bucket's live entries with owner and version
+- ``GET /api/dashboard/login`` — (unix socket only) the dashboard URL with its token
 - ``GET /api/revoked`` — the revocations in force here; ``POST /api/revoked/{peer_id}`` (body
   ``{"reason": …}``, optional) — revoke a peer, on the leader only (400 naming the leader
   elsewhere); answers ``{"revocation": …, "written": bool}`` (false: it was revoked already)
@@ -32,6 +37,7 @@ memory, not every update written since it stopped.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -44,6 +50,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 import httpx
 
+from . import dashboard
 from .errors import KairosError, NodeUnreachable
 from .plugins import call_hook_sync
 
@@ -64,12 +71,15 @@ WATCH_CLOSE_GRACE = 5.0
 
 
 class _Reply:
-    """What a route returns: a status and a JSON body (or bytes of ``content_type``)."""
+    """What a route returns: a status and a JSON body (or bytes of ``content_type``), and any
+    further headers."""
 
-    def __init__(self, body: Any, status: int = 200, content_type: str | None = None) -> None:
+    def __init__(self, body: Any, status: int = 200, content_type: str | None = None,
+                 headers: list[tuple[str, str]] | None = None) -> None:
         self.body = body
         self.status = status
         self.content_type = content_type
+        self.headers = headers or []
 
 
 def _error(status: int, message: str) -> _Reply:
@@ -93,6 +103,11 @@ class APIServer:
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[asyncio.Task] = set()
         self._metrics = None  # built on the first scrape: prometheus_client only when asked for
+        # api.http_listen (read at start, beside the unix socket): the dashboard over TCP, every
+        # request behind the dashboard token (kairos_core.dashboard)
+        self.http_listen: str | None = None
+        self._http_server: asyncio.AbstractServer | None = None
+        self._dashboard_token: str | None = None
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -100,6 +115,22 @@ class APIServer:
         if self.metrics_listen is None or self._server is None:
             return None
         return self._server.sockets[0].getsockname()[:2]
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` the dashboard's TCP listener is bound to, None when it is off."""
+        if self._http_server is None:
+            return None
+        return self._http_server.sockets[0].getsockname()[:2]
+
+    def dashboard_url(self, *, with_token: bool = True) -> str | None:
+        """The dashboard's URL over TCP (with ``?token=`` to log in), None when it is off."""
+        address = self.http_address
+        if address is None:
+            return None
+        host, port = address
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}/" + (f"?token={self._dashboard_token}" if with_token else "")
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) with mode 0600, or the metrics listener."""
@@ -118,9 +149,23 @@ class APIServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.socket_path, 0o600)
+        await self._start_http()
+
+    async def _start_http(self) -> None:
+        """Open ``api.http_listen`` when it is set: the dashboard over TCP, behind its token."""
+        listen = self.node.config["api"].get("http_listen") if hasattr(self.node, "config") else None
+        if not listen:
+            return
+        host, port = dashboard.parse_http_listen(listen)
+        self._dashboard_token = dashboard.load_token(self.node.config.state_dir)
+        self.http_listen = listen
+        self._http_server = await asyncio.start_server(functools.partial(self._serve, web=True), host=host, port=port)
 
     async def stop(self) -> None:
         """Close the socket and every open connection (watches included)."""
+        if self._http_server is not None:
+            self._http_server.close()
+            self._http_server = None
         if self._server is not None:
             self._server.close()
             for task in list(self._connections):
@@ -134,7 +179,7 @@ class APIServer:
                 self.socket_path.unlink()
 
     # --- connections -------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, web: bool = False) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
@@ -143,7 +188,7 @@ class APIServer:
                 request, body = await self._read_request(connection, reader, writer)
                 if request is None:
                     return
-                reusable = await self._respond(connection, writer, reader, request, body)
+                reusable = await self._respond(connection, writer, reader, request, body, web=web)
                 if not reusable or connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
                     return
                 connection.start_next_cycle()
@@ -186,7 +231,7 @@ class APIServer:
             payload, content_type = reply.body, reply.content_type
         else:
             payload, content_type = json.dumps(reply.body, default=str).encode(), "application/json"
-        headers = [("content-type", content_type), ("content-length", str(len(payload)))]
+        headers = [("content-type", content_type), ("content-length", str(len(payload))), *reply.headers]
         writer.write(connection.send(h11.Response(status_code=reply.status, headers=headers)))
         writer.write(connection.send(h11.Data(data=payload)))
         writer.write(connection.send(h11.EndOfMessage()))
@@ -194,7 +239,7 @@ class APIServer:
 
     async def _respond(
         self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-        request: h11.Request, body: bytes,
+        request: h11.Request, body: bytes, *, web: bool = False,
     ) -> bool:
         """Answer one request; False when the connection cannot serve another (a watch ended)."""
         method = request.method.decode()
@@ -207,6 +252,11 @@ class APIServer:
         if self.metrics_listen is not None and parts != ["metrics"]:
             await self._send(connection, writer, _error(404, "only /metrics is served here"))
             return True
+        if web:  # api.http_listen: nothing without the token, and only what the dashboard uses
+            refusal = self._web_gate(method, url, request, parts)
+            if refusal is not None:
+                await self._send(connection, writer, refusal)
+                return True
         if method == "GET" and parts == ["api", "doctor"]:
             from .doctor import diagnose
 
@@ -244,6 +294,9 @@ class APIServer:
             from .metrics import CONTENT_TYPE
 
             return _Reply(self._metrics.render(), content_type=CONTENT_TYPE)
+        page = dashboard.asset("/".join(parts)) if method == "GET" else None
+        if page is not None:
+            return _Reply(page[0], content_type=page[1], headers=dashboard.SECURITY_HEADERS)
         if parts[:1] != ["api"]:
             return _error(404, "not found")
         route = parts[1:]
@@ -265,6 +318,14 @@ class APIServer:
                 return _error(400, 'the body must be {"reason": "<text>"}')
             record, written = node.revoke(route[1], reason)
             return _Reply({"revocation": record, "written": written})
+        if method == "GET" and route == ["dashboard", "login"]:
+            url = self.dashboard_url()
+            if url is None:
+                return _error(400, "the dashboard is not served over TCP: set api.http_listen (e.g. 127.0.0.1:8480)")
+            return _Reply({"url": url, "listen": self.http_listen, "address": list(self.http_address)})
+        if method == "GET" and len(route) == 2 and route[0] == "entries":
+            entries = (ledger.get_entry(route[1], key) for key in sorted(ledger.items(route[1])))
+            return _Reply([entry_to_dict(entry) for entry in entries if entry is not None])
         if method == "GET" and route == ["ledger"]:
             return _Reply(sorted(ledger.buckets()))
         if method == "GET" and len(route) == 2 and route[0] == "ledger":
@@ -291,6 +352,36 @@ class APIServer:
             return self._plugin_route(method, route[1], route[2:], body)
         return _error(404, "not found")
 
+    def _web_gate(self, method: str, url: Any, request: h11.Request, parts: list[str]) -> _Reply | None:
+        """Over ``api.http_listen``: None when the request may go on, else the refusal.
+
+        The token comes as ``?token=`` (answered with a redirect that sets the cookie, so it
+        leaves the address bar), the cookie, or ``Authorization: Bearer``; a write authenticated
+        by the cookie also needs the dashboard's own header (no cross-site form can send it).
+        """
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in request.headers}
+        expected = self._dashboard_token or ""
+        offered = (parse_qs(url.query).get("token") or [None])[0]
+        if offered is not None:
+            if not dashboard.token_matches(expected, offered):
+                return _error(401, "wrong dashboard token (kairos dashboard --url prints the right one)")
+            return _Reply({"login": "ok"}, 303, headers=[("location", url.path or "/"),
+                                                         ("set-cookie", dashboard.login_cookie(expected))])
+        bearer = dashboard.bearer_token(headers.get("authorization"))
+        if not dashboard.token_matches(expected, bearer or dashboard.cookie_token(headers.get("cookie"))):
+            return _error(401, "login needed: open the URL `kairos dashboard --url` prints")
+        path = "/".join(parts)
+        readable = (dashboard.asset(path) is not None or parts == ["metrics"]
+                    or parts[:2] in (["api", "ledger"], ["api", "entries"])
+                    or parts in (["api", "status"], ["api", "peers"], ["api", "watch"], ["api", "doctor"]))
+        if method == "GET" and readable:
+            return None
+        if method == "PUT" and len(parts) == 4 and parts[:2] == ["api", "ledger"]:
+            if bearer is None and headers.get(dashboard.WRITE_HEADER) != "1":
+                return _error(403, f"a write from the browser needs the {dashboard.WRITE_HEADER} header")
+            return None
+        return _error(403, f"{method} /{path} is not served over api.http_listen (use the unix socket)")
+
     def _plugin_route(self, method: str, name: str, rest: list[str], body: bytes) -> _Reply:
         """``/api/plugins/<name>/…``: the handler a plugin named in ``kairos_api_routes``."""
         handlers: dict[str, Any] = {}
@@ -305,7 +396,6 @@ class APIServer:
         except (ValueError, UnicodeDecodeError, RecursionError):
             return _error(400, "the body must be a JSON value")
         return _Reply(handler(method, rest, value))
-
 
     async def _watch(
         self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,

@@ -546,6 +546,30 @@ def doctor(context: Context, socket_path: str | None, as_json: bool) -> None:
         raise SystemExit(EXIT_FAILED)
 
 
+@cli.command()
+@click.option("--url", "with_token", is_flag=True, help="Print the URL with the login token (keep it secret).")
+@socket_option
+@json_option
+@pass_context
+def dashboard(context: Context, with_token: bool, socket_path: str | None, as_json: bool) -> None:
+    """Where the node's web dashboard is.
+
+    \b
+    Over TCP when api.http_listen is set: --url prints the address with ?token=…, which logs the
+    browser in once (then a cookie, for the browser's session). The dashboard is also at / of the
+    unix socket, without a token (e.g. through `ssh -L 8480:/var/lib/kairos/api.sock host`).
+    """
+    client = _client(context, socket_path)
+    data = client.request("GET", "/api/dashboard/login")
+    url = data["url"] if with_token else data["url"].split("?", 1)[0]
+    if as_json:
+        emit_json({"url": url, "listen": data["listen"]})
+    else:
+        click.echo(url)
+        if not with_token:
+            echo_safe("log in with the URL `kairos dashboard --url` prints (it holds the token)", err=True)
+
+
 @cli.group()
 def daemon() -> None:
     """Install kairos as a system service (`kairos service` is the network's services)."""

@@ -163,6 +163,12 @@ CORE_SCHEMA: tuple[Section, ...] = (
         Option("metrics_listen", str, "", "Also serve Prometheus metrics (GET /metrics, nothing else, no "
                                           "authentication) on this TCP host:port, e.g. 127.0.0.1:9464; "
                                           "empty = off. The unix socket serves /metrics either way."),
+        Option("http_listen", str, "", "Also serve the web dashboard on this TCP host:port (a port alone means "
+                                       "127.0.0.1:<port>), e.g. 127.0.0.1:8480; empty = off. Every request "
+                                       "there needs the node's dashboard token (`kairos dashboard --url` "
+                                       "prints the URL with it); bind another address than localhost only "
+                                       "on a network you trust, the traffic is plain HTTP. The unix socket "
+                                       "serves the dashboard at / either way, without a token."),
         help="The local control API (`kairos status`, `kairos ledger`, …).",
     ),
     Section(

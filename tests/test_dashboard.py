@@ -1,0 +1,140 @@
+"""The dashboard's TCP listener (api.http_listen) on real nodes: off by default, nothing without the
+token, the token compared and kept 0600, the cookie login, which routes it serves, writes; the
+dashboard at / of the unix socket without a token; ``kairos dashboard --url``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import sys
+
+import httpx
+import pytest
+
+from kairos_core import dashboard
+from kairos_core.errors import KairosError
+
+
+async def kairos_cli(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kairos_core", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_off_by_default(kairos_network):
+    net = await kairos_network(1)
+    node = net.nodes[0]
+    assert node.config["api"]["http_listen"] == ""
+    assert node.api.http_address is None and node.api.dashboard_url() is None
+    assert not (node.config.state_dir / dashboard.TOKEN_FILE).exists()  # no token made for nothing
+    code, out, err = await kairos_cli("dashboard", "--url", "--socket", str(node.config.api_socket))
+    assert code != 0 and "api.http_listen" in err and "Traceback" not in err
+
+
+async def test_the_unix_socket_serves_the_dashboard_without_a_token(kairos_network):
+    net = await kairos_network(1)
+    node = net.nodes[0]
+    transport = httpx.AsyncHTTPTransport(uds=str(node.config.api_socket))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kairos") as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert b"/dashboard/app.js" in page.content
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        script = await client.get("/dashboard/app.js")
+        assert script.status_code == 200 and b"textContent" in script.content and b"innerHTML" not in script.content
+        assert (await client.get("/dashboard/nothing.js")).status_code == 404
+        node.ledger.set("b", "k", {"x": 1})
+        entries = (await client.get("/api/entries/b")).json()
+        assert entries == [{"bucket": "b", "key": "k", "value": {"x": 1}, "owner": node.peer_id,
+                            "version": list(node.ledger.get_entry("b", "k").version), "deleted": False}]
+
+
+async def test_the_tcp_listener_needs_the_token(kairos_network):
+    net = await kairos_network(1, overrides={"api": {"http_listen": "127.0.0.1:0"}})
+    node = net.nodes[0]
+    host, port = node.api.http_address
+    assert host == "127.0.0.1" and port > 0
+    token_file = node.config.state_dir / dashboard.TOKEN_FILE
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) >= 32
+
+    code, out, err = await kairos_cli("dashboard", "--url", "--socket", str(node.config.api_socket))
+    assert code == 0, err
+    assert out.strip() == f"http://127.0.0.1:{port}/?token={token}"
+    code, out, _ = await kairos_cli("dashboard", "--socket", str(node.config.api_socket))
+    assert code == 0 and out.strip() == f"http://127.0.0.1:{port}/" and token not in out
+
+    wrong = token[:-1] + ("A" if token[-1] != "A" else "B")
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+        # no token: 401 everywhere, the page included
+        for path in ("/", "/api/status", "/api/ledger", "/metrics", "/dashboard/app.js"):
+            assert (await client.get(path)).status_code == 401, path
+        assert (await client.put("/api/ledger/b/k", content=b"1")).status_code == 401
+        # a wrong token, in each of the three places it may come
+        assert (await client.get("/", params={"token": wrong})).status_code == 401
+        assert (await client.get("/api/status", headers={"authorization": f"Bearer {wrong}"})).status_code == 401
+        assert (await client.get("/api/status", headers={"cookie": f"{dashboard.COOKIE}={wrong}"})).status_code == 401
+        assert (await client.get("/api/status", headers={"cookie": "garbage=\"\\"})).status_code == 401
+        # the right one
+        status = await client.get("/api/status", headers={"authorization": f"Bearer {token}"})
+        assert status.status_code == 200 and status.json()["peer_id"] == node.peer_id
+    assert node.ledger.get("b", "k") is None
+
+    # a browser: ?token= once, then the cookie
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as browser:
+        login = await browser.get("/", params={"token": token})
+        assert login.status_code == 303 and login.headers["location"] == "/"
+        cookie = login.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        page = await browser.get("/")
+        assert page.status_code == 200 and b"/dashboard/app.js" in page.content
+        assert (await browser.get("/api/peers")).status_code == 200
+        # a write on the cookie alone (what a cross-site form could send) is refused ...
+        refused = await browser.put("/api/ledger/b/k", content=b'"v"')
+        assert refused.status_code == 403 and dashboard.WRITE_HEADER in refused.json()["error"]
+        assert node.ledger.get("b", "k") is None
+        # ... the dashboard's own write, with its header, goes through
+        written = await browser.put("/api/ledger/b/k", content=b'"v"', headers={dashboard.WRITE_HEADER: "1"})
+        assert written.status_code == 200 and node.ledger.get("b", "k") == "v"
+        # what the dashboard does not use is not served over TCP, token or not
+        for method, path in (("POST", "/api/token/rotate"), ("POST", f"/api/revoked/{node.peer_id}"),
+                             ("DELETE", "/api/ledger/b/k"), ("GET", "/api/dashboard/login"),
+                             ("GET", "/api/revoked")):
+            response = await browser.request(method, path, headers={dashboard.WRITE_HEADER: "1"})
+            assert response.status_code == 403, (method, path)
+        assert node.ledger.get("b", "k") == "v"
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as script:
+        written = await script.put("/api/ledger/b/k2", content=b"2", headers={"authorization": f"Bearer {token}"})
+        assert written.status_code == 200 and node.ledger.get("b", "k2") == 2
+
+    await node.stop()
+    with pytest.raises(OSError):  # the listener closed with the node
+        await asyncio.open_connection(host, port)
+
+
+async def test_the_token_is_kept_across_restarts(tmp_path):
+    first = dashboard.load_token(tmp_path)
+    assert dashboard.load_token(tmp_path) == first
+    assert stat.S_IMODE(os.stat(tmp_path / dashboard.TOKEN_FILE).st_mode) == 0o600
+    (tmp_path / dashboard.TOKEN_FILE).write_text("short\n")  # damaged: a new one, not a weak one
+    assert dashboard.load_token(tmp_path) not in (first, "short")
+    assert dashboard.token_matches(first, first) and not dashboard.token_matches(first, first[:-1])
+    assert not dashboard.token_matches(first, None) and not dashboard.token_matches(first, "\udcff")
+
+
+async def test_a_bad_http_listen_is_one_clear_error(kairos_network):
+    with pytest.raises(KairosError, match="api.http_listen"):
+        await kairos_network(1, overrides={"api": {"http_listen": "localhost"}})
+
+
+def test_parse_http_listen():
+    assert dashboard.parse_http_listen("8480") == ("127.0.0.1", 8480)
+    assert dashboard.parse_http_listen("[::1]:8480") == ("::1", 8480)
+    assert dashboard.parse_http_listen("0.0.0.0:8480") == ("0.0.0.0", 8480)
+    for bad in ("host:", "h:99999", "nothing"):
+        with pytest.raises(KairosError, match="api.http_listen"):
+            dashboard.parse_http_listen(bad)
