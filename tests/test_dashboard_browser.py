@@ -11,6 +11,7 @@ Screenshots go to the test's tmp dir; the first load time is printed (not assert
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ import yaml
 from kairos_core.api import APIClient
 from kairos_core.errors import KairosError
 from kairos_core.token import generate_token
+from kairos_plugin_tunvpn.addressing import Claim
 
 selenium = pytest.importorskip("selenium", reason="selenium is not installed (pip install selenium)")
 from selenium import webdriver  # noqa: E402
@@ -164,6 +166,17 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     network.wait(lambda: sum(row["alive"] for row in first.request("GET", "/api/peers")) == 2, "2 peers alive")
     network.wait(lambda: len(link_pairs(first.request("GET", "/api/ledger/nodes"))) == 3, "3 links announced")
 
+    # What tunvpn publishes, written by each node through its API in tunvpn's own format (a running
+    # tunvpn needs TUN devices in namespaces; its tests check what it writes): address claims and
+    # node 1's paths to the others, one over UDP, one over the stream fallback.
+    vips = ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
+    for index, vip in enumerate(vips):
+        claim = Claim(ids[index], ipaddress.IPv4Address(vip), 5000 + index, (int(time.time() * 1000), 0))
+        network.clients[index].request("PUT", f"/api/ledger/vpn/{ids[index]}", content=json.dumps(claim.to_value()))
+    paths = {ids[1]: {"path": "udp", "vip": vips[1], "endpoint": "127.0.0.1:5001"},
+             ids[2]: {"path": "stream", "vip": vips[2], "endpoint": None}}
+    first.request("PUT", f"/api/ledger/vpn/{ids[0]}%2Flinks", content=json.dumps(paths))
+
     url = subprocess.run([sys.executable, "-m", "kairos_core", "dashboard", "--url", "--socket",
                           str(tmp_path / "nodes" / "node0" / "api.sock")],
                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
@@ -195,6 +208,8 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     assert {frozenset(pair) for pair in drawn} == {
         frozenset(pair) for pair in ((ids[0], ids[1]), (ids[0], ids[2]), (ids[1], ids[2]))}
     assert sorted(text(browser, "#graph .member-label")) == sorted(["alpha", "beta", XSS_HOSTNAME])
+    # each link's path where the VPN knows it: node 1's two; the third link has none
+    wait.until(lambda d: sorted(text(d, "#graph .link-label")) == ["stream", "udp"])
     # the hostname that is HTML is text: in the graph, in the peers table, and nowhere an element
     assert XSS_HOSTNAME in text(browser, "#peers tbody td")
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
@@ -227,9 +242,16 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
     browser.save_screenshot(str(tmp_path / "ledger.png"))
 
-    for page in ("vpn", "plugins"):
-        browser.find_element(By.CSS_SELECTOR, f'nav a[data-page="{page}"]').click()
-        assert browser.find_element(By.ID, f"page-{page}").is_displayed()
-        browser.save_screenshot(str(tmp_path / f"{page}.png"))
+    browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="vpn"]').click()
+    wait.until(lambda d: sorted(set(text(d, "#vips tbody td")) & set(vips)) == vips)
+    links = browser.execute_script("return [...document.querySelectorAll('#vpn-links tbody tr')]"
+                                   ".map((r) => [...r.children].map((c) => c.textContent))")
+    assert sorted(links) == sorted([["alpha", "beta", "udp", vips[1], "127.0.0.1:5001"],
+                                    ["alpha", XSS_HOSTNAME, "stream", vips[2], "–"]])
+    browser.save_screenshot(str(tmp_path / "vpn.png"))
+    browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="plugins"]').click()
+    assert browser.find_element(By.ID, "page-plugins").is_displayed()
+    assert "ledger_applied" in text(browser, "#counters tbody td")
+    browser.save_screenshot(str(tmp_path / "plugins.png"))
     assert browser.find_element(By.ID, "error").is_displayed() is False
     print(f"screenshots in {tmp_path}")
