@@ -122,6 +122,10 @@ class Nodes:
                 process.wait()
 
 
+def short_id(peer_id: str) -> str:
+    return peer_id[-6:]
+
+
 def text(driver, selector: str) -> list[str]:
     """The text of every element matching ``selector``, read in one go (the page redraws its tables
     and graph every few seconds, so element handles go stale)."""
@@ -198,7 +202,11 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     wait.until(lambda d: text(d, "#summary-members") == ["3"])
     assert text(browser, "#summary-hostname") == ["alpha"]
     assert text(browser, "#summary-peer-id") == [ids[0]]
-    assert text(browser, "#summary-leader") != ["none yet"]
+    leader = first.request("GET", "/api/status")["leader"]
+    assert leader is not None and text(browser, "#summary-leader") != ["none yet"]
+    # the epochs table, from the leases in the ledger: its newest row is the leader now
+    wait.until(lambda d: text(d, "#leader-history tbody tr:first-child td")[:1] == [str(leader["epoch"])])
+    assert short_id(leader["peer_id"]) in text(browser, "#leader-history tbody tr:first-child td")[1]
     browser.save_screenshot(str(tmp_path / "summary.png"))
 
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="peers"]').click()

@@ -13,7 +13,7 @@ const state = {
   buckets: [],
   bucket: null,       // the bucket the ledger page shows
   entries: new Map(), // its entries by key
-  leaders: [],        // [{at, peer_id, epoch}] seen by this page
+  leases: {},         // the `leader` bucket: "<network>:<epoch>:<peer>" -> lease
   changes: 0,
 };
 
@@ -94,8 +94,28 @@ function renderSummary() {
   ];
   document.getElementById("summary").replaceChildren(
     ...facts.flatMap(([label, value, id]) => [h("dt", {}, label), h("dd", { id: `summary-${id}` }, value)]));
-  fill(document.querySelector("#leader-history tbody"),
-       state.leaders.map((l) => [new Date(l.at).toLocaleTimeString(), `${hostOf(l.peer_id)} (${short(l.peer_id)})`, l.epoch]));
+  fill(document.querySelector("#leader-history tbody"), epochs(s.network_id).map((lease) => [
+    lease.epoch, `${hostOf(lease.peer)} (${short(lease.peer)})`, new Date(lease.claimed[0]).toLocaleString(),
+    lease.state === "held" ? "held" : "claimed"]));
+}
+
+// Each epoch's leader from the leases in the ledger (election.py: the earliest claim of the
+// highest epoch wins; a held lease is the one its winner renewed), newest epoch first.
+function compare(a, b) {
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return a[i] < b[i] ? -1 : 1;
+  return 0;
+}
+
+function epochs(networkId) {
+  const best = new Map();
+  for (const [key, lease] of Object.entries(state.leases)) {
+    if (!key.startsWith(`${networkId}:`) || !lease || typeof lease !== "object") continue;
+    if (!Number.isInteger(lease.epoch) || !Array.isArray(lease.claimed) || typeof lease.peer !== "string") continue;
+    const rank = (l) => [l.state === "held" ? 0 : 1, l.claimed[0], l.claimed[1]];
+    const known = best.get(lease.epoch);
+    if (!known || compare(rank(lease), rank(known)) < 0) best.set(lease.epoch, lease);
+  }
+  return [...best.values()].sort((a, b) => b.epoch - a.epoch).slice(0, 20);
 }
 
 function links() {
@@ -223,15 +243,11 @@ function renderAll() {
 // --- data -------------------------------------------------------------------------------------
 async function refresh() {
   try {
-    const [status, peers, buckets, nodes, vpn] = await Promise.all([
+    const [status, peers, buckets, nodes, vpn, leases] = await Promise.all([
       api("/api/status"), api("/api/peers"), api("/api/ledger"), api("/api/ledger/nodes"), api("/api/ledger/vpn"),
+      api("/api/ledger/leader"),
     ]);
-    state.status = status; state.peers = peers; state.buckets = buckets; state.nodes = nodes; state.vpn = vpn;
-    const last = state.leaders[0];
-    if (status.leader && (!last || last.peer_id !== status.leader.peer_id || last.epoch !== status.leader.epoch)) {
-      state.leaders.unshift({ at: Date.now(), ...status.leader });
-      state.leaders.length = Math.min(state.leaders.length, 50);
-    }
+    Object.assign(state, { status, peers, buckets, nodes, vpn, leases });
     if (state.bucket === null && buckets.length) await openBucket(buckets[0], false);
     showError(null);
     renderAll();
