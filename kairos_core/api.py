@@ -68,6 +68,10 @@ WATCH_CLIENT_BUFFER = 256 * 1024
 # Seconds a closing connection gets to flush what it still has to send; then it is cut, so a
 # client that never reads cannot hold its buffer (or this server's shutdown) forever.
 WATCH_CLOSE_GRACE = 5.0
+# Connections the dashboard's TCP listener (api.http_listen) holds at once: a browser tab uses a
+# few (the page, its polls, one watch); past this a new one is answered 503 and closed, so
+# clients without the token cannot hold the node's sockets by the thousand.
+MAX_WEB_CONNECTIONS = 32
 
 
 class _Reply:
@@ -108,6 +112,7 @@ class APIServer:
         self.http_listen: str | None = None
         self._http_server: asyncio.AbstractServer | None = None
         self._dashboard_token: str | None = None
+        self._web_connections = 0
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -181,6 +186,15 @@ class APIServer:
     # --- connections -------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, web: bool = False) -> None:
         task = asyncio.current_task()
+        if web and self._web_connections >= MAX_WEB_CONNECTIONS:
+            with suppress(Exception):
+                writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: 51\r\n\r\n"
+                             b'{"error": "too many dashboard connections at once"}')
+                await writer.drain()
+            await _close(writer, 1.0)
+            return
+        self._web_connections += web
         self._connections.add(task)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
@@ -200,6 +214,7 @@ class APIServer:
             pass
         finally:
             self._connections.discard(task)
+            self._web_connections -= web
             await _close(writer, WATCH_CLOSE_GRACE)
 
     async def _read_request(

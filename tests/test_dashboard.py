@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from kairos_core import dashboard
+from kairos_core.api import APIClient
 from kairos_core.errors import KairosError
 
 
@@ -114,6 +115,38 @@ async def test_the_tcp_listener_needs_the_token(kairos_network):
     await node.stop()
     with pytest.raises(OSError):  # the listener closed with the node
         await asyncio.open_connection(host, port)
+
+
+async def test_the_tcp_listener_holds_a_bounded_number_of_connections(kairos_network):
+    from kairos_core.api import MAX_WEB_CONNECTIONS
+
+    net = await kairos_network(1, overrides={"api": {"http_listen": "127.0.0.1:0"}})
+    node = net.nodes[0]
+    host, port = node.api.http_address
+    idle = [await asyncio.open_connection(host, port) for _ in range(MAX_WEB_CONNECTIONS)]
+    try:
+        for _ in range(50):  # until the server has taken every one of them
+            if node.api._web_connections == MAX_WEB_CONNECTIONS:
+                break
+            await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection(host, port)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many dashboard connections" in answer
+        # the unix socket is not affected
+        client = APIClient(node.config.api_socket)
+        assert (await asyncio.to_thread(client.request, "GET", "/api/status"))["peer_id"] == node.peer_id
+    finally:
+        for _, idle_writer in idle:
+            idle_writer.close()
+    token = (node.config.state_dir / dashboard.TOKEN_FILE).read_text().strip()
+    for _ in range(100):  # the slots free as the connections close
+        if node.api._web_connections == 0:
+            break
+        await asyncio.sleep(0.05)
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as client:
+        response = await client.get("/api/status", headers={"authorization": f"Bearer {token}"})
+        assert response.status_code == 200
 
 
 async def test_the_token_is_kept_across_restarts(tmp_path):
