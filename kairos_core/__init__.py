@@ -11,7 +11,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 # is asked for: it pulls in the CLI helpers, which a data-plane worker process does not need.
 _PLUGIN_API = frozenset({
     "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
-    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
+    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "OpenPolicy", "Option", "PeerEvent", "SKIP", "Section", "Stream",
     "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
     "multiaddr_ip", "socket_option", "text_list", "text_value",
 })

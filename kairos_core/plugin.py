@@ -13,7 +13,8 @@ plugin and fails on any other ``kairos_core`` module.
 - **Metrics** a plugin declares (:meth:`NodeView.counter`, :meth:`NodeView.gauge`): :class:`Metric`.
 - **Records:** :class:`PeerEvent`, :class:`LedgerUpdate`, :class:`Entry`, :class:`Stream`.
 - **Ledger policies** a plugin registers for its buckets (``kairos_ledger_policies``):
-  :class:`WritePolicy`, :data:`OPEN`, :data:`OWNER_KEYED`.
+  :class:`WritePolicy`, :data:`OPEN`, :data:`OWNER_KEYED`; :class:`OpenPolicy` to subclass for an
+  open bucket that checks shapes (its entries count against the open buckets' per-owner quotas).
 - **Config schema** a plugin declares its sections with (``kairos_config_schema``) and reads
   them back typed: :class:`Section`, :class:`Option`; :class:`ConfigError` when values do not fit.
 - **Addresses:** :func:`multiaddr_ip`, the IP address of a multiaddr a member advertises.
@@ -38,7 +39,7 @@ from .cli import emit_json, json_option, pass_context, socket_option
 from .errors import ConfigError, KairosError
 from .events import LedgerUpdate, PeerEvent
 from .hookspecs import hookspec
-from .ledger import OPEN, OWNER_KEYED, LedgerError, WritePolicy
+from .ledger import OPEN, OWNER_KEYED, LedgerError, OpenPolicy, WritePolicy
 from .ledger.entry import Entry
 from .metrics import Metric
 from .multiaddrs import host_ip as multiaddr_ip
@@ -47,7 +48,7 @@ from .schema import SKIP, Alias, Option, Section, text_list, text_value
 
 __all__ = [
     "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
-    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "Option", "PeerEvent", "SKIP", "Section", "Stream",
+    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "OpenPolicy", "Option", "PeerEvent", "SKIP", "Section", "Stream",
     "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
     "multiaddr_ip", "socket_option", "text_list", "text_value",
 ]

@@ -10,8 +10,10 @@ are not records, judged on the entry alone so every node accepts the same ones.
 tunvpn plugin's ``vpn`` bucket is alive. The bucket is read as data (the keys without a ``/`` are
 peer ids, the values ``{"vip", "claimed", "static", "expires", …}``), never by importing tunvpn.
 
-**Precedence** (deterministic, whatever order entries arrived in): a record of the exact name in
-the bucket, then a member's name, then the longest matching wildcard (``*.a.b.`` beats ``*.b.``).
+**Precedence** (deterministic, whatever order entries arrived in): a member's name, then a record
+of the exact name in the bucket, then the longest matching wildcard (``*.a.b.`` beats ``*.b.``).
+Members come first because any member may write records: a record must not take over the name
+of another member, whose VIP claim only that member can write.
 A name that matches but holds no record of the asked type answers NODATA (no fall-through to a
 shorter wildcard or to the forwarder), as an authoritative server would.
 """
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kairos_core.plugin import Entry, KairosError
+from kairos_core.plugin import Entry, KairosError, OpenPolicy
 
 BUCKET = "dns"
 #: the tunvpn plugin's bucket of VIP claims (read as data)
@@ -119,8 +121,9 @@ def entry_problem(key: str, value: Any) -> str | None:
     return problem
 
 
-class RecordsPolicy:
-    """Only records (or tombstones of record keys): decided from the entry alone."""
+class RecordsPolicy(OpenPolicy):
+    """Only records (or tombstones of record keys): decided from the entry alone. An open policy,
+    so what one member writes here counts against its quota in the open buckets."""
 
     name = "dns_records"
 
@@ -153,10 +156,10 @@ class Zone:
         """The records for ``qname`` (absolute, any case) by the precedence above, or None when
         nothing here matches it."""
         name = qname.lower()
-        if name in self.exact:
-            return Answer(name, "record", self.exact[name])
         if name in self.members:
             return Answer(name, "member", self.members[name])
+        if name in self.exact:
+            return Answer(name, "record", self.exact[name])
         labels = name[:-1].split(".")
         # longest suffix first: the most specific wildcard wins
         for start in range(1, len(labels)):

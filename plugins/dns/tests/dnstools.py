@@ -78,3 +78,20 @@ class Upstream:
                 response.set_rcode(dns.rcode.NXDOMAIN)
                 response.authority.append(dns.rrset.from_text("example.", 300, "IN", "SOA", "ns.example. h.example. 1 2 3 4 120"))
             self.sock.sendto(response.to_wire(), addr)
+
+
+def serve_forever(host: str, port: int) -> None:
+    """``python dnstools.py HOST PORT``: the upstream as a process (in a test's namespace)."""
+    server = Upstream.__new__(Upstream)
+    server.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    server.sock.bind((host, port))
+    server.sock.settimeout(0.2)
+    server.port, server.queries, server._stop = port, [], threading.Event()
+    print("ready", flush=True)
+    server._serve()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve_forever(sys.argv[1], int(sys.argv[2]))

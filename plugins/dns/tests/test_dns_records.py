@@ -13,7 +13,7 @@ def rec(*values: str, ttl: int = 30) -> dict:
     return {"values": list(values), "ttl": ttl}
 
 
-def test_exact_beats_member_beats_longer_wildcard_beats_shorter():
+def test_member_beats_exact_beats_longer_wildcard_beats_shorter():
     records = {"*.kairos./A": rec("10.0.0.1"), "*.apps.kairos./A": rec("10.0.0.2"),
                "db.apps.kairos./A": rec("10.0.0.3"), "node1.kairos./TXT": rec("pinned")}
     vpn = {"P1": {"vip": "10.1.0.5", "claimed": [1, 0]}}
@@ -22,9 +22,10 @@ def test_exact_beats_member_beats_longer_wildcard_beats_shorter():
     assert zone.lookup("x.apps.kairos.").source == "wildcard *.apps.kairos."
     assert zone.lookup("a.b.apps.kairos.").records["A"][0] == ("10.0.0.2",)
     assert zone.lookup("other.kairos.").records["A"][0] == ("10.0.0.1",)
-    # a record of the exact name beats the member's own name, and holds only its types (NODATA for A)
-    assert zone.lookup("NODE1.kairos.").source == "record"
-    assert "A" not in zone.lookup("node1.kairos.").records
+    # a member's name beats a record of that name (any member may write records: none takes
+    # another member's name), and holds only its VIP's type
+    assert zone.lookup("NODE1.kairos.").source == "member"
+    assert zone.lookup("node1.kairos.").records == {"A": (("10.1.0.5",), 60)}
     assert zone.lookup("kairos.") is None and zone.in_domain("kairos.") and not zone.in_domain("example.com.")
     assert zone.lookup("example.com.") is None
 
@@ -96,3 +97,22 @@ def test_rate_limiter_and_loop_detection():
     assert not is_self(("127.0.0.53", 53), ("127.0.0.1", 53))  # systemd-resolved's stub is another socket
     assert not is_self(("127.0.0.1", 53), ("127.0.0.1", 5353))
     assert parse_hostport("[::1]:54") == ("::1", 54) and parse_hostport("192.0.2.1") == ("192.0.2.1", 53)
+
+
+def test_the_rendered_answer_of_a_plain_query_is_reused_only_within_one_zone():
+    import struct
+
+    from kairos_plugin_dns.server import DNSServer, Settings
+
+    zones = [build_zone("kairos.", 60, {"web.kairos./A": rec("10.0.0.1")}, {}, {})]
+    server = DNSServer(Settings(("127.0.0.1", 0), (), 4096, 0, 1, 10, 60, 60, 1.0, 4, 4, 1.0), lambda: zones[-1], lambda n: None)
+    query = bytearray(dns.message.make_query("web.kairos.", "A", use_edns=False).to_wire())
+    answers = []
+    for ident in (1, 2):
+        struct.pack_into("!H", query, 0, ident)
+        answers.append(dns.message.from_wire(server.receive(bytes(query), "127.0.0.1", tcp=False)))
+    assert [a.id for a in answers] == [1, 2]
+    assert [a.answer[0][0].address for a in answers] == ["10.0.0.1", "10.0.0.1"]
+    zones.append(build_zone("kairos.", 60, {"web.kairos./A": rec("10.0.0.2")}, {}, {}))
+    again = dns.message.from_wire(server.receive(bytes(query), "127.0.0.1", tcp=False))
+    assert again.answer[0][0].address == "10.0.0.2"

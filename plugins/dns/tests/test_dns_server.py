@@ -145,3 +145,13 @@ def free_udp_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def test_records_count_against_the_open_buckets_quota(kairos_network):
+    net = await kairos_network(1, plugins=[dns_plugin], overrides={"ledger": {"max_keys_per_owner": 2}})
+    runtime = dns_plugin.runtime(net.nodes[0])
+    runtime.add({"name": "a", "type": "A", "value": "10.0.0.1"})
+    runtime.add({"name": "b", "type": "A", "value": "10.0.0.2"})
+    with pytest.raises(dns_plugin.UsageError, match="quota"):
+        runtime.add({"name": "c", "type": "A", "value": "10.0.0.3"})
+    assert [row["name"] for row in runtime.records()] == ["a.kairos.", "b.kairos."]
