@@ -220,6 +220,7 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     wait.until(lambda d: sorted(text(d, "#graph .link-label")) == ["stream", "udp"])
     # the hostname that is HTML is text: in the graph, in the peers table, and nowhere an element
     assert XSS_HOSTNAME in text(browser, "#peers tbody td")
+    assert text(browser, "#peers tbody td").count("auto") == 2  # p2p.role of both peers: none set
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
     assert browser.execute_script("return window.__xss === undefined")
     browser.save_screenshot(str(tmp_path / "peers.png"))

@@ -179,7 +179,8 @@ function renderPeers() {
     state.nodes[p.peer_id] || !p.hostname ? hostOf(p.peer_id) : p.hostname,
     short(p.peer_id), p.alive ? "yes" : "no", p.connected ? "yes" : "no",
     p.last_seen_s === null ? "–" : `${p.last_seen_s} s ago`,
-    (state.nodes[p.peer_id] || {}).reachability || "unknown", p.version || "", (p.addresses || []).join("  "),
+    (state.nodes[p.peer_id] || {}).reachability || "unknown", (state.nodes[p.peer_id] || {}).role || "auto",
+    p.version || "", (p.addresses || []).join("  "),
   ]));
   renderGraph();
 }
