@@ -168,7 +168,7 @@ CORE_SCHEMA: tuple[Section, ...] = (
                                        "there needs the node's dashboard token (`kairos dashboard --url` "
                                        "prints the URL with it); bind another address than localhost only "
                                        "on a network you trust, the traffic is plain HTTP. The unix socket "
-                                       "serves the dashboard at / either way, without a token."),
+                                       "serves the dashboard at / either way, without a token. Needs api.enable."),
         help="The local control API (`kairos status`, `kairos ledger`, …).",
     ),
     Section(
