@@ -33,7 +33,9 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
     seen (:func:`.traps.validate_each_message_once`);
 14. a signed peer record on every gossip RPC (~210 bytes) — dropped (:func:`.traps.drop_sender_records`);
 15. yamux sends a window update after nearly every read (two or three per gossip message) — only
-    once half the window is consumed, as go-yamux does (:func:`.traps.batch_window_updates`).
+    once half the window is consumed, as go-yamux does (:func:`.traps.batch_window_updates`);
+16. gossipsub's "adaptive gossip" sets the heartbeat to 30-60 s and widens the mesh when its health
+    score drops — off (:meth:`P2PHost._build`).
 """
 
 from __future__ import annotations
@@ -257,6 +259,10 @@ class P2PHost:
             heartbeat_initial_delay=0.1,
             spam_protection_enabled=False,
             eclipse_protection_enabled=False,
+            # "Adaptive gossip" (trap 16) turns the 1 s heartbeat into 30-60 s and widens the mesh
+            # up to D_hi + 4 whenever its health score drops — under load, when grafting matters
+            # most, and with every extra mesh peer a copy of every message: fixed D and heartbeat.
+            adaptive_gossip_enabled=False,
             score_params=_gossip_score_params(),
         )
         # No libp2p message signatures: every payload is sealed with the network key and every ledger
