@@ -8,6 +8,7 @@ API whether or not the server runs; the server runs with ``dns.enable`` (Kairos:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Mapping
@@ -48,6 +49,10 @@ DNS = Section(
     Option("max_query_size", int, 4096, "Bytes a query may have; larger ones are dropped and counted.", minimum=512, maximum=65535),
     Option("max_tcp_connections", int, 128, "TCP connections served at once; more are closed and counted.", minimum=1, maximum=100000),
     Option("tcp_idle_timeout", float, 10.0, "Seconds a TCP connection may stay silent.", minimum=0.1, maximum=3600),
+    Option("configure_resolver", bool, False, "Point this host's resolver at the server while the node runs: "
+           "dns.resolv_conf gets `nameserver <dns.listen's IP>` (127.0.0.1 for a wildcard; the port must be 53) and "
+           "keeps its other lines; the file as it was is kept in the state dir, written back at shutdown (or at the "
+           "next start after a crash), and its nameservers stay the upstreams."),
     help="A DNS server for the network's names (kairos-plugin-dns): members' VIPs as <hostname>.<domain>, "
          "records of the `dns` ledger bucket (`kairos dns`), everything else forwarded.",
 )
@@ -87,6 +92,8 @@ class Runtime:
         if not self.settings.enable:
             return
         listen = parse_hostport(self.settings.listen)
+        if self.settings.configure_resolver:
+            self._restore_resolver()  # a crash left ours in place: the upstreams are in the backup
         upstreams = ([parse_hostport(item) for item in self.settings.forward] if self.settings.forward
                      else system_resolvers(Path(self.settings.resolv_conf)))
         s = self.settings
@@ -107,10 +114,46 @@ class Runtime:
         if not self.server.upstreams:
             log.warning("dns: no upstream resolver: names outside %s are refused", self.domain)
         log.info("dns: serving %s on %s:%s (UDP, TCP)", self.domain, *self.server.address)
+        if self.settings.configure_resolver:
+            self._point_resolver(listen[0])
 
     async def stop(self) -> None:
+        if self.settings.configure_resolver:
+            self._restore_resolver()
         if self.server is not None:
             await self.server.stop()
+
+    # ----- dns.configure_resolver ---------------------------------------------------------------
+
+    @property
+    def _backup(self) -> Path:
+        return Path(self.node.config["node"]["state_dir"]) / "dns-resolv.conf.before"
+
+    def _point_resolver(self, ip: str) -> None:
+        path = Path(self.settings.resolv_conf)
+        if ipaddress.ip_address(ip).is_unspecified:
+            ip = "::1" if ":" in ip else "127.0.0.1"
+        try:
+            before = path.read_text() if path.exists() else ""
+            self._backup.write_text(before)
+            kept = [line for line in before.splitlines() if line.split()[:1] != ["nameserver"]]
+            # written in place (not renamed over): the file may be a bind mount or a symlink's target
+            path.write_text(f"# written by kairos-plugin-dns while the node runs (dns.configure_resolver);\n"
+                            f"# the file as it was: {self._backup}\nnameserver {ip}\n" + "".join(f"{line}\n" for line in kept))
+        except OSError as exc:
+            self.node.set_state("dns", f"cannot write {path}: {exc.strerror or exc}")
+            log.error("dns: cannot point %s at the server: %s", path, exc)
+            return
+        log.info("dns: %s points at %s (the earlier file is %s)", path, ip, self._backup)
+
+    def _restore_resolver(self) -> None:
+        if not self._backup.exists():
+            return
+        try:
+            Path(self.settings.resolv_conf).write_text(self._backup.read_text())
+            self._backup.unlink()
+        except OSError as exc:
+            log.error("dns: cannot restore %s from %s: %s", self.settings.resolv_conf, self._backup, exc)
 
     # ----- records (the local API) --------------------------------------------------------------
 
@@ -216,6 +259,11 @@ def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> list[str]
                 problems.append(f"dns.forward[{index}]: the port must not be 0")
         except ValueError as exc:
             problems.append(f"dns.forward[{index}]: {exc}")
+    try:
+        if section["configure_resolver"] and parse_hostport(section["listen"])[1] != 53:
+            problems.append("dns.configure_resolver: resolv.conf names no port: dns.listen must be on port 53")
+    except ValueError:
+        pass
     problem = name_problem(normal_domain(section["domain"]))
     if problem or normal_domain(section["domain"]).startswith("*."):
         problems.append(f"dns.domain {section['domain']!r}: {problem or 'no wildcard'}")

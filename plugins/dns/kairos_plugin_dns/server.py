@@ -103,6 +103,13 @@ def is_self(upstream: tuple[str, int], listen: tuple[str, int]) -> bool:
     return ours == theirs or ours.is_unspecified
 
 
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class RateLimiter:
     """A token bucket per source IP; at most ``max_sources`` tracked (the idlest forgotten first)."""
 
@@ -387,7 +394,13 @@ class DNSServer:
         if self._forwards >= self.settings.max_forwards:
             self.count("dns_forward_busy")
             return self._finish(query, self._status(query, dns.rcode.SERVFAIL), tcp)
-        return asyncio.ensure_future(self._forward(query, key, tcp))
+        # never back to the server that asked: two servers forwarding to each other would loop
+        # (not on loopback, where the host's clients and a local upstream share 127.0.0.1)
+        upstreams = self.upstreams if _loopback(source) else [u for u in self.upstreams if u[0] != source]
+        if not upstreams:
+            self.count("dns_refused")
+            return self._finish(query, self._status(query, dns.rcode.REFUSED), tcp)
+        return asyncio.ensure_future(self._forward(query, key, tcp, upstreams))
 
     def _status(self, query: dns.message.Message, rcode: int) -> dns.message.Message:
         response = dns.message.make_response(query)
@@ -422,13 +435,14 @@ class DNSServer:
         response.authority = _aged(cached.authority, elapsed)
         return response
 
-    async def _forward(self, query: dns.message.Message, key: tuple[str, int, int], tcp: bool) -> bytes | None:
+    async def _forward(self, query: dns.message.Message, key: tuple[str, int, int], tcp: bool,
+                       upstreams: list[tuple[str, int]]) -> bytes | None:
         self._forwards += 1
         try:
             question = query.question[0]
             outgoing = dns.message.make_query(question.name, question.rdtype, question.rdclass)
             outgoing.flags = dns.flags.RD if query.flags & dns.flags.RD else 0
-            for host, port in self.upstreams:
+            for host, port in upstreams:
                 try:
                     upstream, _ = await dns.asyncquery.udp_with_fallback(
                         outgoing, host, timeout=self.settings.forward_timeout, port=port)

@@ -93,6 +93,9 @@ def test_a_bad_section_is_reported_with_its_paths(tmp_path):
     path.write_text(yaml.safe_dump({"dns": {"ttl": -1}}))
     done = kairos("config", "check", str(path))
     assert done.returncode == 2 and "dns.ttl: must be between 0 and 86400, not -1" in done.stdout + done.stderr
+    path.write_text(yaml.safe_dump({"dns": {"configure_resolver": True, "listen": "127.0.0.1:5353"}}))
+    done = kairos("config", "check", str(path))
+    assert done.returncode == 2 and "dns.configure_resolver: resolv.conf names no port" in done.stdout + done.stderr
     path.write_text(yaml.safe_dump({"dns": {"listen": "localhost:53", "forward": ["1.1.1.1:0", "nowhere"],
                                             "domain": "bad domain"}}))
     done = kairos("config", "check", str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -46,17 +47,20 @@ def dnslab(tmp_path_factory):
             etc = Path("/etc/netns") / lab.namespace(index)
             etc.mkdir(parents=True, exist_ok=True)
             etc_dirs.append(etc)
-            (etc / "resolv.conf").write_text(f"nameserver 127.0.0.1\nnameserver {lab.address(3)}\noptions timeout:2 attempts:1\n")
+            # node 2 points its resolver at itself (dns.configure_resolver): its file names only the upstream
+            first = "" if index == 2 else "nameserver 127.0.0.1\n"
+            (etc / "resolv.conf").write_text(f"{first}nameserver {lab.address(3)}\noptions timeout:2 attempts:1\n")
         upstream = lab.popen(3, [sys.executable, str(TOOLS), lab.address(3), "53"], stdout=subprocess.PIPE, text=True)
         assert upstream.stdout is not None and upstream.stdout.readline().strip() == "ready"
         network = LabNetwork(lab, tmp_path_factory.mktemp("dns"), autoload_plugins=True)
         disabled = sorted({ep.name for ep in entry_points(group="kairos")} - {"tunvpn", "dns"})
         extra = {"vpn": {"keepalive_interval": 0.5, "udp_timeout": 2.0}, "plugins": {"disabled": disabled},
                  "dns": {"listen": "127.0.0.1:53"}}
-        nodes = [network.start(i, p2p={"disable_dht": True, "dns": True}, extra=extra) for i in (1, 2, 3)]
+        nodes = [network.start(i, p2p={"disable_dht": True, "dns": True},
+                               extra={**extra, "dns": {**extra["dns"], "configure_resolver": i == 2}}) for i in (1, 2, 3)]
         for node in nodes:
             network.wait_up(node, timeout=120)
-        yield lab, network
+        yield lab, network, etc_dirs
     finally:
         if network is not None:
             network.close()
@@ -80,7 +84,7 @@ def vip_of(network: LabNetwork, index: int) -> str | None:
 
 
 def test_dig_and_the_system_resolver_give_a_member_s_vip_and_ping_reaches_it(dnslab):
-    lab, network = dnslab
+    lab, network, _etc = dnslab
     network.wait_until(lambda: vip_of(network, 2) is not None, 90, "node 2's VIP claim")
     vip = vip_of(network, 2)
     for index, name in ((1, "lab2.kairos."), (3, "LAB2.kairos.")):
@@ -96,7 +100,7 @@ def test_dig_and_the_system_resolver_give_a_member_s_vip_and_ping_reaches_it(dns
 
 
 def test_a_forwarded_name_reaches_the_upstream_in_another_namespace(dnslab):
-    lab, network = dnslab
+    lab, network, _etc = dnslab
     answer = dig(lab, 1, "+short", "www.up.example.").split()
     assert len(answer) == 1 and answer[0].startswith("192.0.2."), answer
     listing = network.nodes[1].client.request("GET", "/api/plugins/dns")
@@ -104,3 +108,23 @@ def test_a_forwarded_name_reaches_the_upstream_in_another_namespace(dnslab):
     assert listing["server"]["refused_upstreams"] == ["127.0.0.1:53"]
     status = network.nodes[1].status() or {}
     assert status["counters"]["dns_forwarded"] >= 1
+
+
+def test_configure_resolver_points_the_host_at_the_node_and_restores_it_at_shutdown(dnslab):
+    """Last in this module: it stops node 2."""
+    lab, network, etc_dirs = dnslab
+    resolv = etc_dirs[1] / "resolv.conf"   # node 2's /etc/resolv.conf (bind-mounted by ip netns exec)
+    original = f"nameserver {lab.address(3)}\noptions timeout:2 attempts:1\n"
+    text = resolv.read_text()
+    assert "nameserver 127.0.0.1\n" in text and f"nameserver {lab.address(3)}" not in text
+    assert "options timeout:2 attempts:1" in text
+    listing = network.nodes[2].client.request("GET", "/api/plugins/dns")
+    assert listing["server"]["upstreams"] == [f"{lab.address(3)}:53"]   # read before the file was rewritten
+    # the system resolver of node 2's namespace now asks the node: a member's name and a forwarded one
+    vip = vip_of(network, 1)
+    assert lab.run(2, ["getent", "hosts", "lab1.kairos."], timeout=30, text=True).stdout.split()[:1] == [vip]
+    forwarded = lab.run(2, ["getent", "hosts", "www.up.example."], timeout=30, text=True).stdout.split()
+    assert forwarded and forwarded[0].startswith("192.0.2.")
+    network.kill(2, signal.SIGTERM)
+    network.nodes[2].process.wait(30)
+    assert resolv.read_text() == original

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dns.message
+import dns.rcode
 import dns.rrset
 
 from kairos_plugin_dns.records import RecordsPolicy, build_zone, entry_problem, member_vips, qualify
@@ -116,3 +117,15 @@ def test_the_rendered_answer_of_a_plain_query_is_reused_only_within_one_zone():
     zones.append(build_zone("kairos.", 60, {"web.kairos./A": rec("10.0.0.2")}, {}, {}))
     again = dns.message.from_wire(server.receive(bytes(query), "127.0.0.1", tcp=False))
     assert again.answer[0][0].address == "10.0.0.2"
+
+
+async def test_a_query_from_an_upstream_is_not_forwarded_back_to_it():
+    from kairos_plugin_dns.server import DNSServer, Settings
+
+    zone = build_zone("kairos.", 60, {}, {}, {})
+    counted: list[str] = []
+    server = DNSServer(Settings(("0.0.0.0", 5300), (("192.0.2.7", 53),), 4096, 0, 1, 10, 60, 60, 1.0, 4, 4, 1.0),
+                       lambda: zone, counted.append)
+    query = dns.message.make_query("elsewhere.example.", "A")
+    reply = dns.message.from_wire(server.receive(query.to_wire(), "192.0.2.7", tcp=False))
+    assert reply.rcode() == dns.rcode.REFUSED and "dns_refused" in counted
