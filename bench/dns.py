@@ -6,8 +6,9 @@ The node runs as its own process (``dns.listen`` on a free 127.0.0.1 port, the o
 disabled); its upstream is this script's own dnspython server on loopback (never the internet),
 used only to fill the cache. The load is a bounded loop: ``--concurrency`` asyncio workers, each
 sending one query and waiting for its answer before the next, ``--queries`` queries per case,
-over the names in turn (100 ledger records, exact and wildcard; 100 forwarded names warmed into
-the cache first). An answer counts when its id matches and it is NOERROR with an answer.
+over the names in turn (100 ledger names, 50 exact records and 50 under a wildcard; 100
+forwarded names warmed into the cache first). Queries are plain (no EDNS), as most stub
+resolvers send them. An answer counts when its id matches and it is NOERROR with an answer.
 
 Prints one JSON object per line:
 

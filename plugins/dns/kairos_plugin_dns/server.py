@@ -234,6 +234,8 @@ class DNSServer:
         #: rendered local answers (without their id) by query flags + question, for one zone
         self._answered: dict[bytes, bytes] = {}
         self._answered_zone: Zone | None = None
+        #: rendered cached forwarded answers: (cache key, the cache entry, its age in s, answer)
+        self._cached_answers: dict[bytes, tuple[tuple[str, int, int], Cached, int, bytes]] = {}
         self._tcp_connections = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._udp: _UDP | None = None
@@ -354,11 +356,20 @@ class DNSServer:
             zone = self.zone()
             if zone is not self._answered_zone:
                 self._answered.clear()
+                self._cached_answers.clear()  # a name may have become local
                 self._answered_zone = zone
             known = self._answered.get(data[2:4] + data[12:])
             if known is not None:
                 self.count("dns_answered_local")
                 return data[:2] + known
+            # a cached forwarded answer rendered within the same second of its age: the same TTLs
+            rendered = self._cached_answers.get(data[2:4] + data[12:])
+            if rendered is not None:
+                cache_key, cached_entry, age, wire = rendered
+                now = time.monotonic()
+                if self.cache.get(cache_key, now) is cached_entry and int(now - cached_entry.stored) == age:
+                    self.count("dns_cache_hits")
+                    return data[:2] + wire
         try:
             query = dns.message.from_wire(data)
             if len(query.question) != 1:
@@ -387,7 +398,12 @@ class DNSServer:
         cached = self.cache.get(key, now)
         if cached is not None:
             self.count("dns_cache_hits")
-            return self._finish(query, self._from_cache(query, cached, now), tcp)
+            wire = self._finish(query, self._from_cache(query, cached, now), tcp)
+            if plain and zone is self._answered_zone and not tcp:
+                if len(self._cached_answers) >= ANSWERED_CACHE:
+                    self._cached_answers.clear()
+                self._cached_answers[data[2:4] + data[12:]] = (key, cached, int(now - cached.stored), wire[2:])
+            return wire
         if not self.upstreams:
             self.count("dns_refused")
             return self._finish(query, self._status(query, dns.rcode.REFUSED), tcp)

@@ -129,3 +129,31 @@ async def test_a_query_from_an_upstream_is_not_forwarded_back_to_it():
     query = dns.message.make_query("elsewhere.example.", "A")
     reply = dns.message.from_wire(server.receive(query.to_wire(), "192.0.2.7", tcp=False))
     assert reply.rcode() == dns.rcode.REFUSED and "dns_refused" in counted
+
+
+def test_a_cached_forwarded_answer_counts_its_ttl_down_on_the_fast_path_too():
+    import time
+
+    import dns.rrset
+
+    from kairos_plugin_dns.server import DNSServer, Settings
+
+    zone = build_zone("kairos.", 60, {}, {}, {})
+    counted: list[str] = []
+    server = DNSServer(Settings(("127.0.0.1", 0), (("192.0.2.7", 53),), 4096, 0, 1, 10, 3600, 60, 1.0, 4, 4, 1.0),
+                       lambda: zone, counted.append)
+    query = dns.message.make_query("a.example.", "A", use_edns=False)
+    upstream = dns.message.make_response(query)
+    upstream.answer.append(dns.rrset.from_text("a.example.", 300, "IN", "A", "192.0.2.1"))
+    server.cache.put(("a.example.", 1, 1), upstream, now=time.monotonic() - 5.5)
+
+    def ask() -> int:
+        reply = dns.message.from_wire(server.receive(query.to_wire(), "127.0.0.1", tcp=False))
+        assert reply.id == query.id and reply.answer[0][0].address == "192.0.2.1"
+        return reply.answer[0].ttl
+
+    first = [ask(), ask()]
+    assert first[0] == first[1] and first[0] in (295, 294)  # 5.5 s old (a second may turn meanwhile)
+    assert counted.count("dns_cache_hits") >= 2
+    server.cache.get(("a.example.", 1, 1), time.monotonic()).stored -= 10   # ten seconds older
+    assert ask() in (first[0] - 10, first[0] - 11)
