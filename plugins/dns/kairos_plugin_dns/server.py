@@ -351,7 +351,8 @@ class DNSServer:
         # the fast path: a plain query (one question, no EDNS) for a local name answered before
         # from this same zone is the answer's bytes again under the query's id — what parsing
         # and rendering with dnspython costs (~10x) is paid once per name and zone
-        plain = questions == 1 and answers == authority == additional == 0
+        # (UDP only: a UDP answer may be truncated, a TCP one never is)
+        plain = not tcp and questions == 1 and answers == authority == additional == 0
         if plain:
             zone = self.zone()
             if zone is not self._answered_zone:
@@ -388,7 +389,7 @@ class DNSServer:
         if answer is not None or zone.in_domain(qname):
             self.count("dns_answered_local")
             wire = self._finish(query, self._local(query, zone, answer), tcp)
-            if plain and zone is self._answered_zone and not tcp:
+            if plain and zone is self._answered_zone:
                 if len(self._answered) >= ANSWERED_CACHE:
                     self._answered.clear()
                 self._answered[data[2:4] + data[12:]] = wire[2:]
@@ -399,7 +400,7 @@ class DNSServer:
         if cached is not None:
             self.count("dns_cache_hits")
             wire = self._finish(query, self._from_cache(query, cached, now), tcp)
-            if plain and zone is self._answered_zone and not tcp:
+            if plain and zone is self._answered_zone:
                 if len(self._cached_answers) >= ANSWERED_CACHE:
                     self._cached_answers.clear()
                 self._cached_answers[data[2:4] + data[12:]] = (key, cached, int(now - cached.stored), wire[2:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
@@ -157,3 +158,16 @@ def test_a_cached_forwarded_answer_counts_its_ttl_down_on_the_fast_path_too():
     assert counted.count("dns_cache_hits") >= 2
     server.cache.get(("a.example.", 1, 1), time.monotonic()).stored -= 10   # ten seconds older
     assert ask() in (first[0] - 10, first[0] - 11)
+
+
+def test_an_answer_too_large_for_udp_is_truncated_and_whole_over_tcp():
+    from kairos_plugin_dns.server import DNSServer, Settings
+
+    values = [f"{i:02d}" + "x" * 198 for i in range(16)]
+    zone = build_zone("kairos.", 60, {"big.kairos./TXT": rec(*values)}, {}, {})
+    server = DNSServer(Settings(("127.0.0.1", 0), (), 4096, 0, 1, 10, 60, 60, 1.0, 4, 4, 1.0), lambda: zone, lambda n: None)
+    query = dns.message.make_query("big.kairos.", "TXT", use_edns=False).to_wire()
+    udp = dns.message.from_wire(server.receive(query, "127.0.0.1", tcp=False))
+    assert udp.flags & dns.flags.TC and not udp.answer
+    tcp = dns.message.from_wire(server.receive(query, "127.0.0.1", tcp=True))
+    assert not tcp.flags & dns.flags.TC and len(tcp.answer[0]) == 16
