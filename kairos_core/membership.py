@@ -61,6 +61,9 @@ class PeerState:
     alive: bool = False
     last_alive_at: float | None = None  # local time this peer was last judged alive
     remembered_at: float | None = None  # known only from disk since this local time
+    # Its entry advertises another network_id: a node of another cluster sharing the token. The
+    # connection is fine (gossip is shared), but it is never a member, voucher or voter here.
+    foreign: bool = False
 
 
 def is_node_key(key: str) -> bool:
@@ -138,7 +141,8 @@ class Membership:
         """Know a peer's entry from disk without counting it alive: it must be heard from again."""
         if peer_id != self.self_id:
             state = self._peers.setdefault(peer_id, PeerState())
-            state.info, state.remembered_at = dict(info), self.clock()
+            state.foreign = info.get("network_id", self.network_id) != self.network_id
+            state.info, state.remembered_at = ({}, None) if state.foreign else (dict(info), self.clock())
 
     def connected(self, peer_id: str) -> None:
         """An admitted connection to ``peer_id`` is up."""
@@ -162,10 +166,11 @@ class Membership:
         """The peer's entry in ``nodes`` changed (``None``: deleted)."""
         if peer_id == self.self_id:
             return
-        if info is not None and info.get("network_id", self.network_id) != self.network_id:
-            return  # another cluster sharing the token
         state = self._peers.setdefault(peer_id, PeerState())
-        if info is None:
+        state.foreign = info is not None and info.get("network_id", self.network_id) != self.network_id
+        if state.foreign:  # another cluster sharing the token: connected perhaps, a member never
+            state.heartbeat_at, state.neighbours = None, frozenset()  # (its info stays what we knew)
+        elif info is None:
             state.heartbeat_at = None
             state.neighbours = frozenset()
         else:
@@ -239,7 +244,7 @@ class Membership:
         return kept
 
     def describe(self) -> list[dict[str, Any]]:
-        """Every known peer with its state, for the local API."""
+        """Every known peer of this network with its state, for the local API."""
         now = self.clock()
         return [
             {
@@ -250,6 +255,7 @@ class Membership:
                 **{key: state.info.get(key) for key in ("hostname", "addresses", "version")},
             }
             for peer_id, state in sorted(self._peers.items())
+            if not state.foreign
         ]
 
     # --- event delivery ----------------------------------------------------------------------
@@ -276,14 +282,16 @@ class Membership:
         """Peers reached from us through vouchers: connected to us, or named by a reached peer
         whose entry is fresh (see the module docstring)."""
         excluded = self.excluded
-        reached = {peer_id for peer_id, state in self._peers.items() if state.connected and peer_id not in excluded}
+        reached = {peer_id for peer_id, state in self._peers.items()
+                   if state.connected and not state.foreign and peer_id not in excluded}
         frontier = list(reached)
         while frontier:
             state = self._peers[frontier.pop()]
             if not self._fresh(state):
                 continue  # an entry not renewed for a TTL vouches for nobody any more
             for peer_id in state.neighbours:
-                if peer_id not in reached and peer_id != self.self_id and peer_id in self._peers and peer_id not in excluded:
+                if (peer_id not in reached and peer_id != self.self_id and peer_id in self._peers
+                        and not self._peers[peer_id].foreign and peer_id not in excluded):
                     reached.add(peer_id)
                     frontier.append(peer_id)
         return reached

@@ -171,6 +171,31 @@ async def test_self_other_networks_and_deletes_are_handled():
     await membership.stop()
 
 
+async def test_a_node_of_another_network_id_is_never_a_member_even_connected():
+    # Two clusters may share one token (p2p.network_id): they connect and gossip to each other,
+    # but a node of the other cluster must not join, vouch or vote here.
+    membership, clock, events = await make()
+    prod, dev, dev_friend = peers(3)
+    membership.connected(prod)
+    membership.entry_changed(prod, {"hostname": "prod", "network_id": "prod", "neighbours": [dev_friend]})
+    membership.entry_changed(dev_friend, {"hostname": "friend"})  # named only by the foreign entry
+    clock.now += 5  # past the join grace
+    membership.expire()
+    assert membership.alive() == {} and membership.recently_alive(60) == set()
+    membership.connected(dev)
+    membership.entry_changed(dev, {"hostname": "dev", "neighbours": [prod]})  # our node vouches for prod
+    membership.expire()
+    assert set(membership.alive()) == {dev}
+    membership.entry_changed(dev, {"hostname": "dev", "network_id": "prod"})  # dev moved to the other cluster
+    membership.expire()
+    await membership.drain()
+    assert events == [("joined", dev, "dev"), ("left", dev, "dev")]
+    assert membership.alive() == {} and {row["peer_id"] for row in membership.describe()} == {dev_friend}
+    membership.remember(prod, {"hostname": "prod", "network_id": "prod"})  # from disk: not worth a dial
+    assert prod not in membership.worth_dialling(300)
+    await membership.stop()
+
+
 async def test_a_failing_emitter_does_not_stop_delivery():
     clock = Clock()
     seen = []
