@@ -87,6 +87,9 @@ class Node:
         self.clock_offsets = ClockOffsets()
         self.started_at: float | None = None
         self.host = None
+        #: set, with ``failure`` saying why, when the node cannot go on (its libp2p host died)
+        self.failed = asyncio.Event()
+        self.failure: str | None = None
         self.ledger: Ledger | None = None
         self.replicator: Replicator | None = None
         self.membership: Membership | None = None
@@ -147,6 +150,7 @@ class Node:
             relay=RelayLimits(enable=p2p.relay.enable, max_circuits=p2p.relay.max_circuits,
                               max_bytes=p2p.relay.max_bytes, max_duration=p2p.relay.max_duration),
         )
+        self.host.on_died = self._host_died
         await self.host.revoke(self.revocations.revoked)  # the gate refuses them from the start
         await self.host.start()
         horizon = self.config.section("election").quorum_horizon
@@ -240,6 +244,13 @@ class Node:
             await asyncio.wait_for(step, STOP_STEP_TIMEOUT)
         except Exception as exc:  # a stuck or failing step is logged; shutdown goes on
             log.warning("shutdown step %s: %s: %s", getattr(step, "__qualname__", step), type(exc).__name__, exc)
+
+    def _host_died(self, error: BaseException) -> None:
+        # A node without its p2p host looks alive (API, status) and reaches no one: worse than
+        # stopping. It stops, and `kairos run` exits 1 so that a supervisor restarts it.
+        if self.failure is None:
+            self.failure = f"the libp2p host died: {error!r}"
+            self.failed.set()
 
     async def wait_stopped(self) -> None:
         """Return once :meth:`stop` has finished."""
@@ -741,7 +752,12 @@ async def run_node(config: Config, manager: KairosPluginManager | None = None, *
             helpers.append(loop.create_task(_every_async(interval, lambda: sdnotify.notify("WATCHDOG=1"))))
         if progress is not None:
             helpers.append(loop.create_task(_every_async(progress_interval, lambda: progress(node))))
-        await stop.wait()
+        stopping = loop.create_task(stop.wait())
+        failing = loop.create_task(node.failed.wait())
+        helpers += [stopping, failing]
+        await asyncio.wait([stopping, failing], return_when=asyncio.FIRST_COMPLETED)
+        if node.failure is not None:
+            raise KairosError(f"{node.failure}; the node stopped")
     finally:
         log.info("stopping")
         sdnotify.notify("STOPPING=1")

@@ -37,6 +37,9 @@ class TrioThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = threading.Event()
         self._pending: set[Callable[[], None]] = set()
+        #: called (on the asyncio loop) with the error when the trio run dies after it started
+        #: serving, not while it starts or is asked to stop: the host is gone, and its owner must know
+        self.on_died: Callable[[BaseException], None] | None = None
 
     @property
     def running(self) -> bool:
@@ -80,6 +83,13 @@ class TrioThread:
             self._finished.set()
             if isinstance(result, outcome.Error):
                 log.debug("trio run of %s ended with %r", self.name, result.error)
+                error = result.error
+
+                def died() -> None:
+                    if started.done() and self.on_died is not None:
+                        self.on_died(error)
+
+                self._call_soon_asyncio(died)
             self._call_soon_asyncio(lambda: report(result))
             self._call_soon_asyncio(self._refuse_pending)
 

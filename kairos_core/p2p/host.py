@@ -141,6 +141,8 @@ class P2PHost:
         self.max_message_size = max_message_size
         self.on_peer_admitted = on_peer_admitted
         self.on_peer_disconnected = on_peer_disconnected
+        #: called with the error if the libp2p thread dies while the host runs (see TrioThread.on_died)
+        self.on_died: Callable[[BaseException], None] | None = None
         self.admission_timeout = admission_timeout
         #: our libp2p peer id, ``12D3KooW…``
         self.peer_id: str = identity.peer_id
@@ -181,6 +183,7 @@ class P2PHost:
         batch_window_updates()  # trap 15
         verify_signed_records_once()
         self._bridge = TrioThread(self.peer_id[-8:])
+        self._bridge.on_died = self._died
         self._gate.reset()
         try:
             await self._bridge.start(self._serve)
@@ -189,11 +192,18 @@ class P2PHost:
             self._bridge = None
             raise
 
+    def _died(self, error: BaseException) -> None:
+        self.counters["host_died"] += 1
+        log.error("the libp2p host died: %r", error, exc_info=error)
+        if self.on_died is not None:
+            self.on_died(error)
+
     async def stop(self) -> None:
         """Close every connection and the listener, end all trio tasks and the thread."""
         bridge = self._bridge
         if bridge is None:
             return
+        bridge.on_died = None  # what it raises from here on is the stop's doing
         event = self._stop_event
         if event is not None:
             bridge.run_sync_soon(event.set)
