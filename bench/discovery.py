@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.netlab import Lab, require_netns, unique_prefix
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 
 def full_membership(network: LabNetwork, ids: dict[int, str], timeout: float = 60.0) -> float:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from mdns_probe import discover_lan, full_discovery_times  # noqa: E402
 
-from kairos_core.netlab import Lab, cleanup_stale, require_netns  # noqa: E402
+from kairos_testing.netlab import Lab, cleanup_stale, require_netns  # noqa: E402
 from kairos_core.token import generate_token  # noqa: E402
 
 

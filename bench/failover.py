@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.netlab import Lab, require_netns, unique_prefix
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 
 def leader_of(node):

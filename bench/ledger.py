@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from kairos_core.api import APIClient
-from kairos_core.labnodes import LabNetwork
-from kairos_core.netlab import Lab, require_netns, unique_prefix
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 
 def percentile(values: list[float], q: float) -> float:

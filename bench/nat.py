@@ -1,7 +1,7 @@
 """The VPN between two nodes behind NAT, per NAT kind: which path, how soon, RTT and throughput.
 
 Run as root: ``.venv/bin/python bench/nat.py [--runs 3] [--seconds 5] [--kinds none,port-preserving,symmetric]``.
-Each run builds a :class:`kairos_core.netlab.NatLab` — a public node P and nodes A and B each behind
+Each run builds a :class:`kairos_testing.netlab.NatLab` — a public node P and nodes A and B each behind
 its own router of the kind (``none``: A and B public too) — starts real ``kairos run`` nodes with the
 tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and prints one JSON line:
 
@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from kairos_core.netlab import NAT_KINDS, PUBLIC, require_netns
-from kairos_plugin_tunvpn.labvpn import NatVPNLab
+from kairos_testing.netlab import NAT_KINDS, PUBLIC, require_netns
+from kairos_testing.vpnlab import NatVPNLab
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

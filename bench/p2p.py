@@ -16,8 +16,8 @@ import statistics
 import time
 
 from kairos_core.p2p import Stream
-from kairos_core.p2p.testkit import HostFactory, collector, publish_until_received
-from kairos_core.testing import wait_until
+from kairos_testing.hosts import HostFactory, collector, publish_until_received
+from kairos_testing import wait_until
 
 FRAME = 64 * 1024
 

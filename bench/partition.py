@@ -2,7 +2,7 @@
 """Partition-heal benchmark: split N `kairos run` processes 3+2, write on both sides, heal; repeat.
 
 Each round cuts the sitting leader and one other node off from the rest (see
-``kairos_core.labpartition``), writes ``--keys`` keys on each side plus one key both sides write,
+``kairos_testing.labpartition``), writes ``--keys`` keys on each side plus one key both sides write,
 heals, and times from the heal until every node is admitted to every other (``reconnect_s``),
 every acknowledged write is everywhere with the shared key resolved one way (``converge_s``), and
 every node names one leader (``leader_s``). From the cut: the old leader's connections to the
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.labpartition import CUT_MODES, leader_of, split_and_heal
-from kairos_core.netlab import Lab, require_netns, unique_prefix
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.labpartition import CUT_MODES, leader_of, split_and_heal
+from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 # Five processes importing libp2p at once on a loaded machine take longer than labnodes' 30 s.
 STARTUP_TIMEOUT = 120.0

@@ -41,9 +41,9 @@ import threading
 import time
 from pathlib import Path
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.labpartition import leader_of
-from kairos_core.netlab import Lab, require_netns, unique_prefix
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.labpartition import leader_of
+from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from kairos_core.plugin import APIClient
 
-from kairos_plugin_services.localnodes import LocalNodes, free_port
+from kairos_testing.localnodes import LocalNodes, free_port
 
 
 class _Echo(socketserver.BaseRequestHandler):

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from kairos_plugin_tunvpn.testing import PORT, NamespacePair, netns_missing
+from kairos_testing.namespaces import PORT, NamespacePair, netns_missing
 
 PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench", "vpn-peers.sh")
 STEPS = {  # the build-up in pure Python, then the same full design with the C fast path
@@ -177,7 +177,7 @@ def bench_nodes(seconds: int) -> dict:
     """The VPN between two real `kairos run` nodes (see module docstring)."""
     import tempfile
 
-    from kairos_plugin_tunvpn.labvpn import VPNLab
+    from kairos_testing.vpnlab import VPNLab
 
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="kvb") as root, VPNLab(root, nodes=2) as lab:

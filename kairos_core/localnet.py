@@ -3,7 +3,7 @@
 Every node gets its own state dir, a real libp2p host on 127.0.0.1, a real sqlite ledger, and
 its own plugin manager (built-ins, the given plugins, no autoloading unless asked for). mDNS and
 the DHT are off; nodes are dialled to each other directly (a full mesh). The pytest fixtures
-built on it are in :mod:`kairos_core.testing`.
+built on it are in :mod:`kairos_testing`.
 """
 
 from __future__ import annotations

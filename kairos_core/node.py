@@ -1,7 +1,7 @@
 """A kairos node: composes identity, p2p host, discovery, ledger, membership, election and plugins.
 
 One node is one process in production; tests and plugin authors build several in one event loop
-(see :mod:`kairos_core.testing`). Start-up order matters and is:
+(see :mod:`kairos_testing`). Start-up order matters and is:
 
 identity → ledger (from disk) → p2p host → replication → membership → plugins' ``kairos_startup``
 → own entry in ``nodes`` → discovery → election → local API.

@@ -23,7 +23,8 @@ plugin_args=()
 for plugin in plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && plugin_args+=(-e "$plugin")
 done
-.venv/bin/python -m pip install -q -e '.[test,lint]' "${plugin_args[@]}"
+# testing/ is the test kit (kairos-testing): the fixtures and labs of every test tree
+.venv/bin/python -m pip install -q -e '.[test,lint]' -e ./testing "${plugin_args[@]}"
 # selenium drives the Debian chromium in the dashboard's browser test (its own driver download
 # is never used: the test names /usr/bin/chromedriver)
 .venv/bin/python -m pip install -q 'selenium>=4.20,<5'

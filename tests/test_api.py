@@ -245,7 +245,7 @@ async def write_values(ledger, count: int, size: int, tag: str) -> None:
 
 
 async def wait_for(condition, timeout: float = 15.0) -> None:
-    from kairos_core.testing import wait_until
+    from kairos_testing import wait_until
 
     await wait_until(condition, timeout)
 

@@ -7,8 +7,8 @@ import asyncio
 
 from kairos_core.discovery.dht import DHTRendezvous, RoundPacing
 from kairos_core.keys import KeySchedule
-from kairos_core.p2p.testkit import HostFactory
-from kairos_core.testing import wait_until
+from kairos_testing.hosts import HostFactory
+from kairos_testing import wait_until
 from kairos_core.token import generate_token
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kairos_core.labnodes import LabNetwork
+from kairos_testing.labnodes import LabNetwork
 
 pytestmark = pytest.mark.slow
 
@@ -55,21 +55,16 @@ class LeaderLog:
 
 
 @pytest.fixture
-def cluster(netlab, tmp_path):
-    made = []
-
+def cluster(lab_network):
     def make(count: int, spare: int = 0) -> LabNetwork:
-        network = LabNetwork(netlab(count + spare), tmp_path)
-        made.append(network)
+        network = lab_network(count + spare)  # closed by the fixture
         nodes = [network.start(i, p2p={"disable_dht": True}) for i in range(1, count + 1)]
         ids = {network.wait_up(node, timeout=STARTUP_TIMEOUT) for node in nodes}
         network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership")
         network.wait_until(lambda: len({leader_of(n) for n in nodes}) == 1 and leader_of(nodes[0]), 30, "a leader")
         return network
 
-    yield make
-    for network in made:
-        network.close()
+    return make
 
 
 def test_kill_9_of_the_leader_elects_a_new_one_with_a_higher_epoch(cluster):

@@ -14,9 +14,9 @@ from libp2p.pubsub.pb import rpc_pb2
 
 from kairos_core.keys import KeySchedule
 from kairos_core.p2p import P2PHost
-from kairos_core.p2p.testkit import HostFactory, collector, publish_until_received
+from kairos_testing.hosts import HostFactory, collector, publish_until_received
 from kairos_core.seal import SealError, Sealer
-from kairos_core.testing import wait_until
+from kairos_testing import wait_until
 
 SQUATTED = 10
 

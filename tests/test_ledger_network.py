@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from kairos_core.labnodes import LabNetwork
+from kairos_testing.labnodes import LabNetwork
 
 pytestmark = pytest.mark.slow
 
@@ -18,20 +18,15 @@ FAST_SYNC = {"ledger": {"sync_interval": 2.0}}
 
 
 @pytest.fixture
-def network(netlab, tmp_path):
-    made = []
-
+def network(lab_network):
     def make(count: int) -> LabNetwork:
-        lab_network = LabNetwork(netlab(count), tmp_path)
-        made.append(lab_network)
-        nodes = [lab_network.start(i, p2p={"disable_dht": True}, extra=FAST_SYNC) for i in range(1, count + 1)]
-        ids = {lab_network.wait_up(node) for node in nodes}
-        lab_network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership")
-        return lab_network
+        network = lab_network(count)  # closed by the fixture
+        nodes = [network.start(i, p2p={"disable_dht": True}, extra=FAST_SYNC) for i in range(1, count + 1)]
+        ids = {network.wait_up(node) for node in nodes}
+        network.wait_until(lambda: all(node.alive_peers() == ids - {node.peer_id} for node in nodes), 30, "membership")
+        return network
 
-    yield make
-    for lab_network in made:
-        lab_network.close()
+    return make
 
 
 def entry(node, bucket: str, key: str):

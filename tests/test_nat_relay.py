@@ -1,6 +1,6 @@
 """Across NATs (issue #15): reachability verdicts, relay reservations, and admission over a relay.
 
-Real ``kairos run`` processes in a :class:`~kairos_core.netlab.NatLab`: a public node P and nodes
+Real ``kairos run`` processes in a :class:`~kairos_testing.netlab.NatLab`: a public node P and nodes
 A and B each behind its own NAT router (port-preserving and symmetric), A and B bootstrapping
 from P only, mDNS and the DHT off.
 """
@@ -12,19 +12,15 @@ import sys
 
 import pytest
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.netlab import PORT_PRESERVING, PUBLIC, SYMMETRIC
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.netlab import PORT_PRESERVING, PUBLIC, SYMMETRIC
 
 netns = pytest.mark.netns
 
 
 @pytest.fixture
-def nat_network(netlab, tmp_path):
-    network = LabNetwork(netlab(kinds=[PUBLIC, PORT_PRESERVING, SYMMETRIC]), tmp_path)
-    try:
-        yield network
-    finally:
-        network.close()
+def nat_network(lab_network):
+    return lab_network(kinds=[PUBLIC, PORT_PRESERVING, SYMMETRIC])
 
 
 def _p2p(bootstrap: list[str]) -> dict:

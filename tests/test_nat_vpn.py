@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from kairos_core.netlab import PORT_PRESERVING, SYMMETRIC
+from kairos_testing.netlab import PORT_PRESERVING, SYMMETRIC
 
 netns = pytest.mark.netns
-labvpn = pytest.importorskip("kairos_plugin_tunvpn.labvpn", reason="the tunvpn plugin is not installed")
+labvpn = pytest.importorskip("kairos_testing.vpnlab", reason="the tunvpn plugin is not installed")
 
 
 @pytest.fixture

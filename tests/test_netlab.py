@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kairos_core.netlab import Lab, cleanup_stale, list_namespaces, unique_prefix
+from kairos_testing.netlab import Lab, cleanup_stale, list_namespaces, unique_prefix
 
 netns = pytest.mark.netns
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kairos_core.netlab import PORT_PRESERVING, PUBLIC, SYMMETRIC, LabError, NatLab, list_namespaces, unique_prefix
+from kairos_testing.netlab import PORT_PRESERVING, PUBLIC, SYMMETRIC, LabError, NatLab, list_namespaces, unique_prefix
 
 netns = pytest.mark.netns
 

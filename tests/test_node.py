@@ -130,7 +130,7 @@ async def test_garbage_gossip_is_dropped_and_counted(kairos_network):
 
 async def test_node_with_another_token_stays_out(kairos_network, tmp_path):
     from kairos_core.p2p import AdmissionError
-    from kairos_core.testing import LocalNetwork
+    from kairos_testing import LocalNetwork
 
     net = await kairos_network(2)
     outsider_net = LocalNetwork(tmp_path / "outsiders")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from kairos_core.p2p import AdmissionError, P2PError, P2PHost, Stream, traps
-from kairos_core.p2p.testkit import HostFactory, collector, publish_until_received
-from kairos_core.testing import wait_until
+from kairos_testing.hosts import HostFactory, collector, publish_until_received
+from kairos_testing import wait_until
 from kairos_core.token import generate_token
 
 TOPIC = "/kairos/test/topic"

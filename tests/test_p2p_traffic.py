@@ -9,7 +9,7 @@ import collections
 import pytest
 
 from kairos_core.p2p import traps
-from kairos_core.p2p.testkit import HostFactory, collector, publish_until_received
+from kairos_testing.hosts import HostFactory, collector, publish_until_received
 
 TOPIC = "traffic-test"
 MESHSUB = "/meshsub/1.1.0"

@@ -1,4 +1,8 @@
-"""The four distributions' metadata, read from their pyproject.toml (issue #16, items 3 and 8).
+"""The distributions' metadata, read from their pyproject.toml (issue #16, items 3 and 8), and what
+their wheels hold (issue #13, item 3).
+
+- The runtime wheels (kairos-core and the plugins) hold no test code: the test kit is
+  ``kairos-testing`` (``testing/``), the only distribution that registers a pytest plugin.
 
 - ``kairos-plugin-k3s`` depends on ``kairos-plugin-tunvpn``: k3s without the VPN runs on the
   machines' own addresses, which breaks as soon as the nodes are on different networks.
@@ -11,10 +15,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
+from import_graph import imports_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTIONS = {
@@ -22,7 +30,16 @@ DISTRIBUTIONS = {
     "kairos-plugin-tunvpn": ROOT / "plugins" / "tunvpn",
     "kairos-plugin-k3s": ROOT / "plugins" / "k3s",
     "kairos-plugin-kubevip": ROOT / "plugins" / "kubevip",
+    "kairos-testing": ROOT / "testing",
 }
+# every runtime distribution: the core and each plugin in plugins/ (the ones added since too)
+RUNTIME_DIRS = {"kairos-core": ROOT, **{
+    tomllib.loads((d / "pyproject.toml").read_text())["project"]["name"]: d
+    for d in sorted((ROOT / "plugins").iterdir()) if (d / "pyproject.toml").exists()}}
+RUNTIME = sorted(RUNTIME_DIRS)
+# module names of the test kit, wherever they might creep back in
+TEST_KIT = {"testing", "netlab", "labnodes", "labpartition", "localnodes", "testkit", "labvpn", "fakes", "conftest"}
+TEST_ONLY_IMPORTS = {"pytest", "_pytest", "pytest_asyncio", "hypothesis", "kairos_testing"}
 
 
 def _project(directory: Path) -> dict:
@@ -98,3 +115,56 @@ def test_the_c_extension_is_declared_where_setuptools_does_not_warn():
     assert "ext-modules" not in _project(tunvpn)["tool"]["setuptools"]
     setup = (tunvpn / "setup.py").read_text()
     assert '"kairos_plugin_tunvpn._fastpath"' in setup and "optional=True" in setup
+
+
+def _package_dirs(name: str) -> list[Path]:
+    directory = RUNTIME_DIRS[name]
+    patterns = _project(directory)["tool"]["setuptools"]["packages"]["find"]["include"]
+    return [path for pattern in patterns for path in directory.glob(pattern.rstrip("*")) if (path / "__init__.py").exists()]
+
+
+@pytest.mark.parametrize("name", RUNTIME)
+def test_the_runtime_packages_hold_no_test_kit_and_never_import_pytest(name):
+    directories = _package_dirs(name)
+    assert directories, name
+    problems = []
+    for directory in directories:
+        for path in sorted(directory.rglob("*")):
+            if path.stem in TEST_KIT and (path.suffix == ".py" or path.is_dir()):
+                problems.append(f"{path.relative_to(ROOT)}: a test kit module")
+            if path.suffix == ".py":
+                problems += [f"{path.relative_to(ROOT)}:{line}: imports {module}" for line, module in imports_of(path)
+                             if module.split(".")[0] in TEST_ONLY_IMPORTS]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", RUNTIME)
+def test_only_the_test_kit_registers_a_pytest_plugin(name):
+    assert "pytest11" not in _project(RUNTIME_DIRS[name])["project"].get("entry-points", {})
+
+
+def test_the_test_kit_registers_its_pytest_plugin():
+    project = _project(DISTRIBUTIONS["kairos-testing"])["project"]
+    assert project["entry-points"]["pytest11"] == {"kairos": "kairos_testing.pytest_plugin"}
+    assert "kairos-core>=0.1,<0.2" in project["dependencies"]
+
+
+@pytest.mark.slow
+def test_the_built_wheels_hold_what_they_should(tmp_path):
+    # what a user installs, built as pip builds it: runtime wheels without any test code or
+    # pytest entry point, the kit's wheel with its fakes and its plugin
+    directories = [str(RUNTIME_DIRS[name]) for name in RUNTIME] + [str(DISTRIBUTIONS["kairos-testing"])]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), *directories],
+                           capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheels = {path.name.split("-")[0].replace("_", "-"): zipfile.ZipFile(path) for path in tmp_path.glob("*.whl")}
+    assert set(wheels) == {*RUNTIME, "kairos-testing"}
+    for name in RUNTIME:
+        names = wheels[name].namelist()
+        kit = [n for n in names if n.endswith(".py") and Path(n).stem in TEST_KIT or "/fakes/" in n]
+        assert not kit, f"{name}: {kit}"
+        entry_points = [wheels[name].read(n).decode() for n in names if n.endswith("entry_points.txt")]
+        assert not any("[pytest11]" in text for text in entry_points), name
+        assert any(n.endswith("/py.typed") for n in names), name
+    kit = wheels["kairos-testing"].namelist()
+    assert {"kairos_testing/pytest_plugin.py", "kairos_testing/fakes/k3s.py", "kairos_testing/fakes/systemctl.py"} <= set(kit)

@@ -1,6 +1,6 @@
 """Healed partitions heal the network: five real `kairos run` processes split 3+2 again and again.
 
-Every round cuts the sitting leader and one more node off (see ``kairos_core.labpartition``),
+Every round cuts the sitting leader and one more node off (see ``kairos_testing.labpartition``),
 writes on both sides, heals, and demands that every node reconnects to every other, holds every
 acknowledged write of both sides with the key both sides wrote resolved one way everywhere, and
 names one leader. Timings are the benchmark's (``bench/partition.py``); here only "it happens
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.labpartition import leader_of, split_and_heal
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.labpartition import leader_of, split_and_heal
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
@@ -26,20 +26,16 @@ STARTUP_TIMEOUT = 120.0
 
 
 @pytest.fixture
-def network(netlab, tmp_path):
-    lab = netlab(NODES)
-    network = LabNetwork(lab, tmp_path)
-    try:
-        for i in range(1, NODES + 1):
-            network.start(i, p2p={"disable_dht": True})
-        ids = {network.wait_up(node, timeout=STARTUP_TIMEOUT) for node in network.nodes.values()}
-        network.wait_until(lambda: all(n.alive_peers() == ids - {n.peer_id} for n in network.nodes.values()), 60,
-                           "full membership")
-        network.wait_until(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1
-                           and leader_of(network.nodes[1]) is not None, 60, "a leader")
-        yield network
-    finally:
-        network.close()
+def network(lab_network):
+    network = lab_network(NODES)  # closed by the fixture, pass or fail
+    for i in range(1, NODES + 1):
+        network.start(i, p2p={"disable_dht": True})
+    ids = {network.wait_up(node, timeout=STARTUP_TIMEOUT) for node in network.nodes.values()}
+    network.wait_until(lambda: all(n.alive_peers() == ids - {n.peer_id} for n in network.nodes.values()), 60,
+                       "full membership")
+    network.wait_until(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1
+                       and leader_of(network.nodes[1]) is not None, 60, "a leader")
+    return network
 
 
 def _explain(network: LabNetwork, result) -> str:

@@ -24,10 +24,9 @@ from kairos_core.token import generate_token
 
 PLUGINS = Path(__file__).resolve().parent.parent / "plugins"
 PUBLIC_API = "kairos_core.plugin"
-# Test kits that ship beside a plugin for its tests (the namespace labs, fakes): they may use the
-# core's test kits as well. They leave the runtime packages with the test-kit split.
-TEST_KIT_MODULES = {"testing", "labvpn", "fakes"}
-CORE_TEST_KITS = {"kairos_core.testing", "kairos_core.netlab", "kairos_core.labnodes", "kairos_core.p2p.testkit"}
+# Test code lives in kairos-testing and in tests/: a runtime package that imports it would drag
+# pytest into every installation.
+TEST_ONLY = {"pytest", "_pytest", "pytest_asyncio", "hypothesis", "kairos_testing"}
 
 
 def _distributions(root: Path) -> dict[str, tuple[str, set[str]]]:
@@ -56,12 +55,12 @@ def _violations(root: Path = PLUGINS) -> list[str]:
     for name, (package, depends_on) in dists.items():
         for path in sorted((root / name / package).rglob("*.py")):
             relative = path.relative_to(root / name / package)
-            test_kit = relative.parts[0].removesuffix(".py") in TEST_KIT_MODULES
             for line, imported in _imports(path):
                 where = f"plugins/{name}/{package}/{relative}:{line}"
+                if imported.split(".")[0] in TEST_ONLY:
+                    problems.append(f"{where}: imports {imported} (test code belongs in kairos-testing)")
                 if imported.startswith("kairos_core"):
-                    allowed = imported == "kairos_core" or _within(imported, PUBLIC_API) or (
-                        test_kit and any(_within(imported, kit) for kit in CORE_TEST_KITS))
+                    allowed = imported == "kairos_core" or _within(imported, PUBLIC_API)
                     if not allowed:
                         problems.append(f"{where}: imports {imported} (plugins use {PUBLIC_API} only)")
                 top = imported.split(".")[0]
@@ -79,7 +78,7 @@ def test_the_import_walk_sees_a_reach_into_the_core_and_an_undeclared_plugin(tmp
     # the walker itself must catch what it is there for
     for name, deps, body in (
         ("demo", '["kairos-core"]', "from kairos_core.election import lease_key\nfrom kairos_core.plugin import hookimpl\n"
-                                    "from kairos_core.plugins import call_hook\nimport kairos_plugin_other\n"),
+                                    "from kairos_core.plugins import call_hook\nimport kairos_plugin_other\nimport pytest\n"),
         ("other", '["kairos-core", "kairos-plugin-demo"]', "from kairos_plugin_demo import x\n"),
     ):
         package = tmp_path / name / f"kairos_plugin_{name}"
@@ -87,9 +86,10 @@ def test_the_import_walk_sees_a_reach_into_the_core_and_an_undeclared_plugin(tmp
         (tmp_path / name / "pyproject.toml").write_text(f'[project]\nname = "kairos-plugin-{name}"\ndependencies = {deps}\n')
         (package / "__init__.py").write_text(body)
     problems = _violations(tmp_path)
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     assert "kairos_core.election" in problems[0] and "kairos_core.plugins.call_hook" in problems[1]
     assert "does not depend on kairos-plugin-other" in problems[2]
+    assert "imports pytest (test code belongs in kairos-testing)" in problems[3]
 
 
 def _protocol_members(protocol: type) -> set[str]:

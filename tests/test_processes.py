@@ -7,26 +7,12 @@ import time
 
 import pytest
 
-from kairos_core.labnodes import LabNetwork
+from kairos_testing.labnodes import LabNetwork
 from kairos_core.token import generate_token
 
 pytestmark = pytest.mark.slow
 
 
-
-
-@pytest.fixture
-def lab_network(netlab, tmp_path):
-    networks = []
-
-    def make(nodes: int) -> LabNetwork:
-        network = LabNetwork(netlab(nodes), tmp_path)
-        networks.append(network)
-        return network
-
-    yield make
-    for network in networks:
-        network.close()
 
 
 def test_five_nodes_find_each_other_by_mdns_and_kill_9_is_seen_as_left(lab_network):

@@ -13,10 +13,10 @@ import asyncio
 import pytest
 
 from kairos_core.ledger import open_ledger
-from kairos_core.p2p.testkit import HostFactory
+from kairos_testing.hosts import HostFactory
 from kairos_core.replication import Replicator
 from kairos_core.seal import Sealer
-from kairos_core.testing import wait_until
+from kairos_testing import wait_until
 
 BUCKET = "data"
 KEYS = 20

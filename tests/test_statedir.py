@@ -6,7 +6,7 @@ import os
 import stat
 
 from kairos_core.statedir import secure_state_dir
-from kairos_core.testing import LocalNetwork
+from kairos_testing import LocalNetwork
 
 
 def mode(path) -> int:

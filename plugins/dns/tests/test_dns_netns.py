@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from dnstools import DIG, NEEDS_DIG
 
-from kairos_core.labnodes import LabNetwork
-from kairos_core.netlab import Lab, require_netns, unique_prefix
+from kairos_testing.labnodes import LabNetwork
+from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 

@@ -6,7 +6,7 @@ import pytest
 
 from kairos_plugin_k3s import CLUSTER_INIT, MASTER_HA, WORKER, K3sPlugin
 from kairos_plugin_k3s.cluster_state import ClusterState, cluster_bucket
-from kairos_plugin_k3s.testing import FakeVPN
+from kairos_testing.k3s import FakeVPN
 
 HA = {"auto": {"ha": {"enable": True, "master_nodes": 2}}, "p2p": {"minimum_nodes": 4}}  # 3 masters in all
 

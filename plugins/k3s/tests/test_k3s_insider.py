@@ -15,7 +15,7 @@ import pytest
 from kairos_core.ledger import Entry, Version
 from kairos_plugin_k3s import CLUSTER_INIT, MASTER, WORKER, K3sPlugin
 from kairos_plugin_k3s.cluster_state import KUBECONFIG_KEY, MASTER_IP_KEY, TOKEN_KEY, cluster_bucket, own_key, role_key
-from kairos_plugin_k3s.testing import FakeVPN
+from kairos_testing.k3s import FakeVPN
 
 pytestmark = pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh")
 

@@ -17,7 +17,7 @@ from kairos_plugin_k3s import K3sPlugin, service
 from kairos_plugin_k3s.cluster_state import ClusterState
 from kairos_plugin_k3s.kubeconfig import KubeconfigError, rewrite_kubeconfig
 from kairos_plugin_k3s.service import MAX_REPLY_BYTES as MAX_REPLY, PROTOCOL, KubeconfigUnavailable, request_kubeconfig
-from kairos_plugin_k3s.testing import FakeVPN
+from kairos_testing.k3s import FakeVPN
 
 K3S_YAML = """apiVersion: v1
 clusters:

@@ -18,7 +18,7 @@ from kairos_plugin_k3s.paths import K3sPaths
 from kairos_plugin_k3s.roles import MASTER, WORKER
 from kairos_plugin_k3s.runners import OpenRCRunner, ProcessRunner, RunnerError, SystemdRunner, env_text, make_runner
 from kairos_plugin_k3s.settings import FlagSet
-from kairos_plugin_k3s.testing import install_fake_k3s, install_fake_systemctl, read_k3s_calls, read_systemctl_calls
+from kairos_testing.k3s import install_fake_k3s, install_fake_systemctl, read_k3s_calls, read_systemctl_calls
 
 NO_FLAGS = FlagSet(True, (), {}, False, False)
 
@@ -170,7 +170,7 @@ def test_env_files_never_let_sh_run_a_value(tmp_path, template):
     assert source_with_sh(env_file, "K3S_TOKEN", "K3S_URL") == [value, "https://10.1.0.1:6443"]
     assert not pwned.exists()
     # systemd reads the same file; the fake systemctl parses it the way systemd does (shell words)
-    from kairos_plugin_k3s.fakes.systemctl import read_env
+    from kairos_testing.fakes.systemctl import read_env
 
     assert read_env(env_file)["K3S_TOKEN"] == value
 

@@ -8,7 +8,7 @@ import json
 from kairos_core.cli import main
 from kairos_core.plugin import hookimpl
 from kairos_plugin_k3s import K3sPlugin
-from kairos_plugin_k3s.testing import FakeVPN
+from kairos_testing.k3s import FakeVPN
 
 
 class VPNWithoutAddress(FakeVPN):

@@ -8,7 +8,7 @@ import yaml
 
 from kairos_plugin_k3s import K3sPlugin
 from kairos_plugin_k3s.cluster_state import ClusterState
-from kairos_plugin_k3s.testing import FakeVPN
+from kairos_testing.k3s import FakeVPN
 from kairos_plugin_kubevip import KubeVipPlugin
 
 EIP = "192.168.1.200"

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from kairos_plugin_services.localnodes import LocalNodes, free_port
+from kairos_testing.localnodes import LocalNodes, free_port
 
 pytestmark = pytest.mark.skipif(not shutil.which("curl") or not shutil.which("iperf3"),
                                 reason="needs curl and iperf3 (Debian packages curl, iperf3)")

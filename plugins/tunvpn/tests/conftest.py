@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kairos_core.testing import LocalNetwork
+from kairos_testing import LocalNetwork
 from tunvpn_nodes import FakeTuns
 
 

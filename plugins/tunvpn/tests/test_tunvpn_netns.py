@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kairos_plugin_tunvpn.testing import SECRET_HEX, NamespacePair, netns_missing
+from kairos_testing.namespaces import SECRET_HEX, NamespacePair, netns_missing
 
 pytestmark = pytest.mark.netns
 

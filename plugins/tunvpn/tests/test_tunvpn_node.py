@@ -10,7 +10,7 @@ import logging
 import pytest
 
 from kairos_core.errors import ConfigError
-from kairos_core.testing import LocalNetwork
+from kairos_testing import LocalNetwork
 from kairos_plugin_tunvpn import addressing
 from kairos_plugin_tunvpn import tun as tun_module
 from kairos_plugin_tunvpn.addressing import holders, read_claims

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from kairos_core.netlab import require_netns
-from kairos_plugin_tunvpn.labvpn import VPNLab
+from kairos_testing.netlab import require_netns
+from kairos_testing.vpnlab import VPNLab
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import KairosError
+from kairos_core.errors import KairosError
 from .labnodes import LabNetwork, LabNode
 
 # How a round cuts: frames dropped on the bridge, a host firewall on both sides' input, or only

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
-from ..identity import Identity
-from ..keys import KeySchedule
-from ..token import NetworkToken, generate_token
-from .host import P2PHost
+from kairos_core.identity import Identity
+from kairos_core.keys import KeySchedule
+from kairos_core.p2p.host import P2PHost
+from kairos_core.token import NetworkToken, generate_token
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 

@@ -1,6 +1,6 @@
 """Real ``kairos run`` nodes with the VPN, in network namespaces: for acceptance tests and bench/vpn.py.
 
-:class:`VPNLab` builds a :class:`kairos_core.netlab.Lab` of N nodes, starts ``kairos run`` in each
+:class:`VPNLab` builds a :class:`kairos_testing.netlab.Lab` of N nodes, starts ``kairos run`` in each
 with the tunvpn plugin loaded (the other installed plugins disabled), and waits until every node
 has a session with every other. Cleanup (processes, namespaces) happens in :meth:`close`, which
 the context manager calls also when the body raises.
@@ -16,8 +16,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from kairos_core.labnodes import LabNetwork, LabNode
-from kairos_core.netlab import Lab, unique_prefix
+from .labnodes import LabNetwork, LabNode
+from .netlab import Lab, unique_prefix
 
 BLOCK_TABLE = "tunvpn_block"
 
@@ -162,10 +162,10 @@ class VPNLab:
 
 class NatVPNLab(VPNLab):
     """Node 1 public, the others each behind its own NAT router of ``kinds`` (a
-    :class:`kairos_core.netlab.NatLab`), bootstrapping from node 1 only, mDNS and the DHT off."""
+    :class:`kairos_testing.netlab.NatLab`), bootstrapping from node 1 only, mDNS and the DHT off."""
 
     def __init__(self, root: Path, kinds: list[str], vpn: dict[str, Any] | None = None, prefix: str = "kv") -> None:
-        from kairos_core.netlab import PUBLIC, NatLab
+        from .netlab import PUBLIC, NatLab
 
         super().__init__(root, nodes=1 + len(kinds), vpn=vpn, prefix=prefix)
         self.lab = NatLab([PUBLIC, *kinds], unique_prefix(prefix))

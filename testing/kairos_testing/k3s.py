@@ -1,4 +1,4 @@
-"""Test helpers for the k3s plugin and plugins that extend it (a pytest plugin: ``kairos_k3s``).
+"""Test helpers for the k3s plugin and plugins that extend it (the ``k3s_kit`` fixture).
 
 - :func:`install_fake_k3s` / :func:`install_fake_systemctl`: executables standing in for k3s and
   systemctl (see ``fakes/``), so a whole cluster can assemble in one process without root.

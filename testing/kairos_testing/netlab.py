@@ -451,7 +451,7 @@ class NatLab(Lab):
     router itself.
 
     ``address(i)`` is the address node ``i`` holds (inside its LAN when NATed): what it listens on,
-    so :class:`~kairos_core.labnodes.LabNetwork` works unchanged; ``public_address(i)`` is where
+    so :class:`~kairos_testing.labnodes.LabNetwork` works unchanged; ``public_address(i)`` is where
     the internet sees it. Partitions and inbound drops are not offered here.
     """
 

@@ -1,4 +1,4 @@
-"""Real ``kairos run`` processes inside a :class:`~kairos_core.netlab.Lab`, for tests and benchmarks.
+"""Real ``kairos run`` processes inside a :class:`~kairos_testing.netlab.Lab`, for tests and benchmarks.
 
 Each node gets a config file and a state dir under ``root``, listens on its namespace's address,
 and is observed through its local API socket (unix sockets live on the file system, so the test
@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from .api import APIClient
-from .errors import KairosError
+from kairos_core.api import APIClient
+from kairos_core.errors import KairosError
 from .netlab import Lab
-from .token import NetworkToken, generate_token
+from kairos_core.token import NetworkToken, generate_token
 
 P2P_PORT = 4001
 
