@@ -137,7 +137,7 @@ def run_size(n: int, args) -> dict:
                 if first > 1:  # the previous batches formed (bounded): start-up load does not pile up
                     started = list(network.nodes.values())
                     try:
-                        wait(lambda: all(members(node) >= len(started) - 1 for node in started), args.batch_timeout, interval=0.5)
+                        wait(lambda: all(members(node) >= len(started) - 1 for node in started), args.batch_timeout, interval=0.5)  # noqa: B023 (polled here)
                     except TimeoutError:
                         pass
                 batch = [network.start(i, p2p={"disable_dht": True}) for i in range(first, min(n, first + args.batch - 1) + 1)]

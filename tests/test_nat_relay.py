@@ -43,12 +43,12 @@ def test_nated_nodes_are_admitted_to_each_other_through_the_public_relay(nat_net
 
     net.wait_until(lambda: _nat(p).get("reachability") == "public", 60, "P public", tolerate=(KeyError,))
     for node in (a, b):
-        net.wait_until(lambda: _nat(node).get("reachability") == "private", 60, f"node {node.index} private",
+        net.wait_until(lambda: _nat(node).get("reachability") == "private", 60, f"node {node.index} private",  # noqa: B023 (polled here)
                        tolerate=(KeyError,))
         # where P saw it come from: its router's WAN address, not its own LAN one
         observed = _nat(node)["observed"]
         assert observed and all(f"/ip4/{net.lab.public_address(node.index)}/" in o for o in observed), observed
-        net.wait_until(lambda: p_id in _nat(node).get("relays", []), 60, f"node {node.index} reserved on P")
+        net.wait_until(lambda: p_id in _nat(node).get("relays", []), 60, f"node {node.index} reserved on P")  # noqa: B023 (polled here)
     # B's nodes entry, as A reads it: the verdict, and an address through P
     def b_entry_advertises_the_relay() -> bool:
         entry = a.client.request("GET", "/api/ledger/nodes").get(b_id)

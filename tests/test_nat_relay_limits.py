@@ -71,7 +71,8 @@ async def test_a_circuit_is_cut_at_its_byte_budget(hosts) -> None:
     dialler = await hosts.host()
     assert await dialler.connect(circuit) == reserved.peer_id
     stream = await dialler.open_stream(reserved.peer_id, "/test/sink")
-    with pytest.raises(Exception):
+    # the relay resets the circuit: which error a write then raises is the stream layer's business
+    with pytest.raises(Exception):  # noqa: B017
         for _ in range(64):
             await stream.write(b"x" * 8192)
             await asyncio.sleep(0.01)
