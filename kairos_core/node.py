@@ -641,7 +641,20 @@ class Node:
         """A new network token for every member (the leader only; :mod:`kairos_core.rotation`)."""
         if self.rotator is None:
             raise KairosError("the node is not running")
-        return self.rotator.rotate(self.leader, self.config.section("p2p").token_grace)
+        summary = self.rotator.rotate(self.leader, self.config.section("p2p").token_grace, adopt=False)
+        self._spawn(self._adopt_rotated_token(), "token-rotation")
+        return summary
+
+    async def _adopt_rotated_token(self) -> None:
+        # The members' sealed copies must leave under the old key (see Rotator.rotate): publish
+        # them now, then switch. The batcher seals a batch before its first await, so nothing
+        # written before this point goes out under the new key.
+        try:
+            if self.replicator is not None:
+                await self.replicator.batcher.flush()
+        finally:
+            if self.rotator is not None:
+                self.rotator.adopt_pending()
 
     def _rotation_members(self) -> dict[str, str]:
         """The members to seal a rotated token to, with their box keys: attested members alive now

@@ -239,9 +239,15 @@ class Rotator:
         #: records addressed to us that did not open or did not count
         self.refused = 0
         self._refused_keys: set[tuple[str, tuple]] = set()
+        self._pending_adopt: tuple[NetworkToken, float] | None = None
 
-    def rotate(self, leader: tuple[str, int] | None, grace: float) -> dict[str, Any]:
-        """On the leader: a new token for every member, then switch; a summary for the operator."""
+    def rotate(self, leader: tuple[str, int] | None, grace: float, *, adopt: bool = True) -> dict[str, Any]:
+        """On the leader: a new token for every member, then switch; a summary for the operator.
+
+        With ``adopt=False`` the switch waits for :meth:`adopt_pending`: the node calls it once the
+        sealed copies have been published — gossip is sealed when it is sent, not when it is
+        written, and sealed under the new key the copies would reach no member (none holds it yet).
+        """
         if leader is None:
             raise KairosError("no leader yet: only the leader may rotate the token; try again once one is elected")
         holder, epoch = leader
@@ -255,9 +261,18 @@ class Rotator:
             value = seal_token(new, member, box, by=self.self_id, epoch=epoch,
                                replaces=old.fingerprint, grace_until=grace_until)
             self.ledger.set(ROTATION_BUCKET, f"{member}:{self.self_id}", value)
-        self._adopt(new, grace_until)
+        if adopt:
+            self._adopt(new, grace_until)
+        else:
+            self._pending_adopt = (new, grace_until)
         return {"fingerprint": new.fingerprint, "replaces": old.fingerprint, "members": sorted(members),
                 "grace_until": round(grace_until, 3), "epoch": epoch}
+
+    def adopt_pending(self) -> None:
+        """Switch to the token :meth:`rotate` wrote with ``adopt=False`` (once; later calls do nothing)."""
+        pending, self._pending_adopt = self._pending_adopt, None
+        if pending is not None:
+            self._adopt(*pending)
 
     def refresh(self) -> bool:
         """Adopt a record addressed to this node that replaces the token it holds; True if it did."""
