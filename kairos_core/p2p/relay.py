@@ -37,7 +37,7 @@ from libp2p.peer.id import ID
 
 from .errors import P2PError
 from .frames import FrameError, read_frame, write_frame
-from .gate import peer_of, quiet_reset
+from .gate import peer_of, quiet_close, quiet_reset
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,9 @@ class Relay:
             await write_frame(net_stream, {"ok": False, "reason": reason})
         except FrameError:
             pass
-        await quiet_reset(net_stream)
+        # close, not reset: a reset right behind the frame can overtake it, and the peer then
+        # sees "stream reset" instead of the reason (seen in CI)
+        await quiet_close(net_stream)
 
     async def _reserve(self, peer: str, net_stream: Any) -> None:
         if peer not in self._reserved and len(self._reserved) >= MAX_RESERVATIONS:
