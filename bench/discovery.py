@@ -53,8 +53,12 @@ def cold_start(mode: str, count: int, idle: float) -> dict:
                 ids.update({i: network.wait_up(network.nodes[i]) for i in range(2, count + 1)})
             ready = time.monotonic()
             done = full_membership(network, ids)
-            result = {"mode": mode, "nodes": count, "from_launch_s": round(done - launched, 3),
-                      "from_ready_s": round(done - ready, 3)}
+            result = {
+                "mode": mode,
+                "nodes": count,
+                "from_launch_s": round(done - launched, 3),
+                "from_ready_s": round(done - ready, 3),
+            }
             if idle:
                 result.update(idle_figures(lab, network, idle))
                 result["left_after_kill_9_s"] = left_after_kill(network, ids, count)
@@ -79,8 +83,12 @@ def left_after_kill(network: LabNetwork, ids: dict[int, str], victim: int) -> fl
 
 
 def interface_bytes(lab: Lab, index: int) -> int:
-    out = lab.run(index, ["cat", "/sys/class/net/eth0/statistics/rx_bytes", "/sys/class/net/eth0/statistics/tx_bytes"],
-                  check=True, text=True).stdout.split()
+    out = lab.run(
+        index,
+        ["cat", "/sys/class/net/eth0/statistics/rx_bytes", "/sys/class/net/eth0/statistics/tx_bytes"],
+        check=True,
+        text=True,
+    ).stdout.split()
     return int(out[0]) + int(out[1])
 
 
@@ -121,7 +129,10 @@ def main() -> None:
     for mode in ("mdns", "dht"):
         runs = [cold_start(mode, args.nodes, args.idle if (mode == "mdns" and r == 0) else 0) for r in range(args.rounds)]
         summary = {
-            "bench": "discovery", "mode": mode, "nodes": args.nodes, "rounds": args.rounds,
+            "bench": "discovery",
+            "mode": mode,
+            "nodes": args.nodes,
+            "rounds": args.rounds,
             "from_ready_s_median": round(statistics.median(r["from_ready_s"] for r in runs), 3),
             "from_ready_s_max": round(max(r["from_ready_s"] for r in runs), 3),
             "from_launch_s_median": round(statistics.median(r["from_launch_s"] for r in runs), 3),

@@ -59,8 +59,11 @@ RATE_LIMIT = 0.0
 
 def machine() -> dict[str, float | int]:
     fields = Path("/proc/loadavg").read_text().split()
-    return {"load_1min": float(fields[0]), "runnable": int(fields[3].split("/")[0]),
-            "processes": len([pid for pid in os.listdir("/proc") if pid.isdigit()])}
+    return {
+        "load_1min": float(fields[0]),
+        "runnable": int(fields[3].split("/")[0]),
+        "processes": len([pid for pid in os.listdir("/proc") if pid.isdigit()]),
+    }
 
 
 def free_port() -> int:
@@ -97,19 +100,31 @@ def upstream(stop: threading.Event) -> int:
 
 
 def start_node(root: Path, dns_port: int, upstream_port: int) -> tuple[subprocess.Popen[bytes], APIClient]:
-    token = subprocess.run([sys.executable, "-m", "kairos_core", "token", "new"], capture_output=True, text=True,
-                           check=True).stdout.strip()
+    token = subprocess.run(
+        [sys.executable, "-m", "kairos_core", "token", "new"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     others = sorted({ep.name for ep in entry_points(group="kairos")} - {"dns"})
-    config = {"p2p": {"network_token": token, "listen": ["/ip4/127.0.0.1/tcp/0"], "disable_mdns": True, "disable_dht": True},
-              "node": {"state_dir": str(root), "hostname": "bench0", "log_level": "warning"},
-              "plugins": {"disabled": others},
-              "dns": {"enable": True, "listen": f"127.0.0.1:{dns_port}", "forward": [f"127.0.0.1:{upstream_port}"],
-                      "rate_limit": RATE_LIMIT}}
+    config = {
+        "p2p": {"network_token": token, "listen": ["/ip4/127.0.0.1/tcp/0"], "disable_mdns": True, "disable_dht": True},
+        "node": {"state_dir": str(root), "hostname": "bench0", "log_level": "warning"},
+        "plugins": {"disabled": others},
+        "dns": {
+            "enable": True,
+            "listen": f"127.0.0.1:{dns_port}",
+            "forward": [f"127.0.0.1:{upstream_port}"],
+            "rate_limit": RATE_LIMIT,
+        },
+    }
     (root / "kairos.yaml").write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
     with open(root / "node.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "kairos_core", "run", "-c", str(root / "kairos.yaml")],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kairos_core", "run", "-c", str(root / "kairos.yaml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     client = APIClient(root / "api.sock", timeout=10.0)
     deadline = time.monotonic() + 120
     while True:
@@ -158,17 +173,38 @@ async def load(port: int, names: list[str], queries: int, concurrency: int) -> t
     return answered, latencies, time.perf_counter() - started
 
 
-def report(case: str, queries: int, answered: int, latencies: list[float], seconds: float, concurrency: int,
-           rate_limit: float, before: dict[str, float | int]) -> None:
+def report(
+    case: str,
+    queries: int,
+    answered: int,
+    latencies: list[float],
+    seconds: float,
+    concurrency: int,
+    rate_limit: float,
+    before: dict[str, float | int],
+) -> None:
     ordered = sorted(latencies) or [float("nan")]
     after = machine()
-    print(json.dumps({
-        "bench": "dns", "case": case, "queries": queries, "answered": answered,
-        "qps": round(answered / seconds), "p50_ms": round(statistics.median(ordered) * 1000, 3),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
-        "concurrency": concurrency, "rate_limit": rate_limit,
-        "load_1min_before": before["load_1min"], "load_1min_after": after["load_1min"],
-        "runnable": after["runnable"], "processes": after["processes"]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "dns",
+                "case": case,
+                "queries": queries,
+                "answered": answered,
+                "qps": round(answered / seconds),
+                "p50_ms": round(statistics.median(ordered) * 1000, 3),
+                "p99_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000, 3),
+                "concurrency": concurrency,
+                "rate_limit": rate_limit,
+                "load_1min_before": before["load_1min"],
+                "load_1min_after": after["load_1min"],
+                "runnable": after["runnable"],
+                "processes": after["processes"],
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -184,9 +220,14 @@ def main() -> None:
             process, client = start_node(Path(tmp), dns_port, upstream(stop))
             rate_limit = RATE_LIMIT
             for index in range(NAMES // 2):
-                client.request("POST", "/api/plugins/dns/add", content=json.dumps(
-                    {"name": f"web{index}", "type": "A", "value": f"10.9.{index // 250}.{index % 250 + 1}"}))
-            client.request("POST", "/api/plugins/dns/add", content=json.dumps({"name": "*.apps", "type": "A", "value": "10.9.9.9"}))
+                client.request(
+                    "POST",
+                    "/api/plugins/dns/add",
+                    content=json.dumps({"name": f"web{index}", "type": "A", "value": f"10.9.{index // 250}.{index % 250 + 1}"}),
+                )
+            client.request(
+                "POST", "/api/plugins/dns/add", content=json.dumps({"name": "*.apps", "type": "A", "value": "10.9.9.9"})
+            )
             ledger_names = [f"web{i}.kairos." for i in range(NAMES // 2)] + [f"x{i}.apps.kairos." for i in range(NAMES // 2)]
             forwarded = [f"n{i}.up.example." for i in range(NAMES)]
             time.sleep(1.5)  # the zone is rebuilt from the ledger at most once a second

@@ -72,18 +72,32 @@ def main() -> None:
                 network.kill(index, signal.SIGKILL)
                 network.nodes[index].process.wait()
                 # the condition is polled to the end before the loop moves on
-                done = wait(lambda: len({leader_of(n) for n in survivors}) == 1  # noqa: B023
-                            and (leader_of(survivors[0]) or (old, 0))[1] > epoch, 60)  # noqa: B023
+                done = wait(
+                    lambda: (
+                        len({leader_of(n) for n in survivors}) == 1  # noqa: B023
+                        and (leader_of(survivors[0]) or (old, 0))[1] > epoch  # noqa: B023
+                    ),
+                    60,
+                )
                 times.append(done - killed)
                 network.start(index, p2p={"disable_dht": True})  # same state dir: same identity
                 network.wait_up(network.nodes[index])
                 wait(lambda: all(len(n.alive_peers()) == args.nodes - 1 for n in network.nodes.values()), 60)
                 wait(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1, 60)
-            print(json.dumps({
-                "bench": "failover", "nodes": args.nodes, "kills": args.kills,
-                "failover_s_p50": round(percentile(times, 0.5), 3), "failover_s_p99": round(percentile(times, 0.99), 3),
-                "failover_s_max": round(max(times), 3), "failover_s_mean": round(statistics.mean(times), 3),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "failover",
+                        "nodes": args.nodes,
+                        "kills": args.kills,
+                        "failover_s_p50": round(percentile(times, 0.5), 3),
+                        "failover_s_p99": round(percentile(times, 0.99), 3),
+                        "failover_s_max": round(max(times), 3),
+                        "failover_s_mean": round(statistics.mean(times), 3),
+                    }
+                ),
+                flush=True,
+            )
             if args.steady:
                 views = {i: leader_of(n) for i, n in network.nodes.items()}
                 changes, started = 0, time.monotonic()
@@ -94,8 +108,10 @@ def main() -> None:
                             changes += 1
                             views[i] = view
                     time.sleep(0.2)
-                print(json.dumps({"bench": "steady_state", "nodes": args.nodes, "seconds": args.steady,
-                                  "leader_changes": changes}), flush=True)
+                print(
+                    json.dumps({"bench": "steady_state", "nodes": args.nodes, "seconds": args.steady, "leader_changes": changes}),
+                    flush=True,
+                )
         finally:
             network.close()
 

@@ -100,7 +100,9 @@ def measure(count: int, writes: int, burst: float) -> dict:
             ended = time.monotonic()
             converged = watches.wait_all(f"b{sent - 1}", count, timeout=120)
             return {
-                "bench": "ledger", "nodes": count, "writes": writes,
+                "bench": "ledger",
+                "nodes": count,
+                "writes": writes,
                 "propagation_ms_p50": round(percentile(delays, 0.5), 1),
                 "propagation_ms_p99": round(percentile(delays, 0.99), 1),
                 "propagation_ms_max": round(max(delays), 1),
@@ -130,8 +132,12 @@ def catch_up(entries: int) -> dict:
                     raise TimeoutError("late joiner did not catch up")
                 time.sleep(0.05)
             done = time.monotonic()
-            return {"bench": "ledger_catch_up", "entries": entries,
-                    "from_process_start_s": round(done - started, 3), "from_api_up_s": round(done - up, 3)}
+            return {
+                "bench": "ledger_catch_up",
+                "entries": entries,
+                "from_process_start_s": round(done - started, 3),
+                "from_api_up_s": round(done - up, 3),
+            }
         finally:
             network.close()
 

@@ -22,7 +22,14 @@ from pathlib import Path
 
 from kairos_core.identity import Identity
 from kairos_core.ledger import (
-    Entry, Ledger, StreamChannel, Version, decode_batch, open_ledger, split_batches, sync_ledgers,
+    Entry,
+    Ledger,
+    StreamChannel,
+    Version,
+    decode_batch,
+    open_ledger,
+    split_batches,
+    sync_ledgers,
 )
 from kairos_core.ledger.sync import DEFAULT_MAX_FRAME, _View
 
@@ -64,8 +71,13 @@ def main() -> None:
         now = int(time.time() * 1000)
         t = time.perf_counter()
         entries = [
-            Entry.signed(writers[i % 5], "user", f"key-{i}", {"i": i, "addr": f"10.1.{i % 250}.{i % 200}"},
-                         Version(now - 5000, i, writers[i % 5].peer_id))
+            Entry.signed(
+                writers[i % 5],
+                "user",
+                f"key-{i}",
+                {"i": i, "addr": f"10.1.{i % 250}.{i % 200}"},
+                Version(now - 5000, i, writers[i % 5].peer_id),
+            )
             for i in range(n)
         ]
         out["sign_s"] = round(time.perf_counter() - t, 3)

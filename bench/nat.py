@@ -86,8 +86,11 @@ def one_run(kind: str, seconds: int) -> dict:
         ping = rtt(vpn, vip_b)
         mbit, share = iperf(vpn, vip_b, seconds)
         return {
-            "kind": kind, "path": path, "relayed": vpn.peer_ids[3] in vpn.relayed_peers(2),
-            "time_to_path_s": round(time_to_path, 2), "rtt_ms": ping,
+            "kind": kind,
+            "path": path,
+            "relayed": vpn.peer_ids[3] in vpn.relayed_peers(2),
+            "time_to_path_s": round(time_to_path, 2),
+            "rtt_ms": ping,
             "iperf3_mbit_s": round(mbit, 1) if mbit is not None else None,
             "relay_cpu_share": round(share, 3),
             "path_switches": vpn.counters(2).get("vpn_path_switches", 0) - switches_before,

@@ -29,8 +29,17 @@ import yaml
 
 from kairos_core.token import generate_token
 
-DASHBOARD_CALLS = ["/", "/dashboard/app.js", "/dashboard/style.css", "/api/status", "/api/peers", "/api/ledger",
-                   "/api/ledger/nodes", "/api/ledger/vpn", "/api/ledger/leader"]
+DASHBOARD_CALLS = [
+    "/",
+    "/dashboard/app.js",
+    "/dashboard/style.css",
+    "/api/status",
+    "/api/peers",
+    "/api/ledger",
+    "/api/ledger/nodes",
+    "/api/ledger/vpn",
+    "/api/ledger/leader",
+]
 
 
 def free_port() -> int:
@@ -71,25 +80,38 @@ def run(root: Path, token: str, ops_on: bool, warmup: float, scrapes: int, loads
                 web = (free_port(), free_port())
                 api = {"metrics_listen": f"127.0.0.1:{web[0]}", "http_listen": f"127.0.0.1:{web[1]}"}
             config = {
-                "p2p": {"network_token": token, "listen": [f"/ip4/127.0.0.1/tcp/{port}"], "disable_mdns": True,
-                        "disable_dht": True,
-                        "bootstrap_peers": [] if index == 0 else [f"/ip4/127.0.0.1/tcp/{ports[0]}"]},
+                "p2p": {
+                    "network_token": token,
+                    "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
+                    "disable_mdns": True,
+                    "disable_dht": True,
+                    "bootstrap_peers": [] if index == 0 else [f"/ip4/127.0.0.1/tcp/{ports[0]}"],
+                },
                 "node": {"state_dir": str(state), "hostname": f"node{index}"},
                 "api": api,
                 "plugins": {"disabled": ["tunvpn", "k3s", "kubevip", "services", "dns"]},
             }
             (state / "kairos.yaml").write_text(yaml.safe_dump(config))
             log = open(state / "node.log", "w")
-            processes.append(subprocess.Popen([sys.executable, "-m", "kairos_core", "run", "-c", str(state / "kairos.yaml")],
-                                              stdout=log, stderr=subprocess.STDOUT))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "kairos_core", "run", "-c", str(state / "kairos.yaml")],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             sockets.append(state / "api.sock")
         for path in sockets:
             wait_for_socket(path)
         time.sleep(warmup)
         idle = rss_mb(processes[0].pid)
         if ops_on:
-            url = subprocess.run([sys.executable, "-m", "kairos_core", "dashboard", "--url", "--json", "--socket",
-                                  str(sockets[0])], capture_output=True, text=True, check=True)
+            url = subprocess.run(
+                [sys.executable, "-m", "kairos_core", "dashboard", "--url", "--json", "--socket", str(sockets[0])],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             login = json.loads(url.stdout)["url"]
             metrics = httpx.Client(base_url=f"http://127.0.0.1:{web[0]}")
             dashboard = httpx.Client(base_url=f"http://127.0.0.1:{web[1]}", follow_redirects=True)
@@ -105,8 +127,13 @@ def run(root: Path, token: str, ops_on: bool, warmup: float, scrapes: int, loads
         used_s = time.perf_counter() - started
         time.sleep(5)
         used = rss_mb(processes[0].pid)
-        return {"ops": "on" if ops_on else "off", "idle_rss_mb": round(idle, 1), "used_rss_mb": round(used, 1),
-                "requests": scrapes + loads * len(DASHBOARD_CALLS), "requests_s": round(used_s, 2)}
+        return {
+            "ops": "on" if ops_on else "off",
+            "idle_rss_mb": round(idle, 1),
+            "used_rss_mb": round(used, 1),
+            "requests": scrapes + loads * len(DASHBOARD_CALLS),
+            "requests_s": round(used_s, 2),
+        }
     finally:
         for process in processes:
             process.terminate()
@@ -131,9 +158,16 @@ def main() -> None:
         result.update(load=round(os.getloadavg()[0], 2), processes=sum(1 for entry in os.listdir("/proc") if entry.isdigit()))
         results[result["ops"]] = result
         print(json.dumps(result), flush=True)
-    print(json.dumps({"idle_delta_mb": round(results["on"]["idle_rss_mb"] - results["off"]["idle_rss_mb"], 1),
-                      "used_delta_mb": round(results["on"]["used_rss_mb"] - results["off"]["used_rss_mb"], 1),
-                      "target_mb": 5}), flush=True)
+    print(
+        json.dumps(
+            {
+                "idle_delta_mb": round(results["on"]["idle_rss_mb"] - results["off"]["idle_rss_mb"], 1),
+                "used_delta_mb": round(results["on"]["used_rss_mb"] - results["off"]["used_rss_mb"], 1),
+                "target_mb": 5,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -75,14 +75,20 @@ def main() -> None:
             wait(lambda: all(len(n.alive_peers()) == args.nodes - 1 for n in network.nodes.values()), 60)
             wait(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1 and leader_of(network.nodes[1]), 60)
             for r in range(args.rounds):
-                result = split_and_heal(network, r, mode=args.mode, split_s=args.split_seconds,
-                                        keys=args.keys, timeout=args.timeout)
+                result = split_and_heal(
+                    network, r, mode=args.mode, split_s=args.split_seconds, keys=args.keys, timeout=args.timeout
+                )
                 rounds.append(result)
                 print(json.dumps({"bench": "partition_round", "round": r, **result.__dict__}), flush=True)
                 if not result.ok:  # a stuck round would spoil every later one: wait for the network
                     try:
-                        wait(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1
-                             and leader_of(network.nodes[1]) is not None, 120)
+                        wait(
+                            lambda: (
+                                len({leader_of(n) for n in network.nodes.values()}) == 1
+                                and leader_of(network.nodes[1]) is not None
+                            ),
+                            120,
+                        )
                     except TimeoutError:
                         break
         finally:
@@ -92,11 +98,17 @@ def main() -> None:
                 for node in network.nodes.values():
                     (out / f"node{node.index}.log").write_text(node.log)
             network.close()
-        summary: dict = {"bench": "partition", "nodes": args.nodes, "mode": args.mode, "rounds": len(rounds),
-                         "split_s": args.split_seconds, "never_converged": sum(not r.ok for r in rounds),
-                         "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-        for name in ("reconnect_s", "converge_s", "leader_s", "cut_seen_s", "members_lost_s", "step_down_s",
-                     "new_leader_s"):
+        summary: dict = {
+            "bench": "partition",
+            "nodes": args.nodes,
+            "mode": args.mode,
+            "rounds": len(rounds),
+            "split_s": args.split_seconds,
+            "never_converged": sum(not r.ok for r in rounds),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        }
+        for name in ("reconnect_s", "converge_s", "leader_s", "cut_seen_s", "members_lost_s", "step_down_s", "new_leader_s"):
             values = [getattr(r, name) for r in rounds if getattr(r, name) is not None]
             summary[f"{name}_p50"] = percentile(values, 0.5)
             summary[f"{name}_p99"] = percentile(values, 0.99)

@@ -146,9 +146,14 @@ def run_size(n: int, args) -> dict:
             last_api = time.monotonic()
             nodes = list(network.nodes.values())
             formed = wait(lambda: all(members(node) == n - 1 for node in nodes), args.timeout, interval=0.5)
-            result = {"bench": "scale", "nodes": n, "processes_sharing_cores": n, "cores": os.cpu_count(),
-                      "start": f"batches of {args.batch}, each once the previous formed",
-                      "formation_s": round(formed - last_api, 2)}
+            result = {
+                "bench": "scale",
+                "nodes": n,
+                "processes_sharing_cores": n,
+                "cores": os.cpu_count(),
+                "start": f"batches of {args.batch}, each once the previous formed",
+                "formation_s": round(formed - last_api, 2),
+            }
             time.sleep(args.settle)  # let formation's work (syncs, entry rewrites) settle
             pids = {node.index: node.process.pid for node in nodes}
             cpu0 = {i: cpu_seconds(p) for i, p in pids.items()}
@@ -161,14 +166,16 @@ def run_size(n: int, args) -> dict:
             cpu = [(cpu_seconds(p) - cpu0[i]) / elapsed for i, p in pids.items()]
             traffic = [(interface_bytes(lab, node.index) - net0[node.index]) / elapsed for node in nodes]
             connections = [(node.status() or {}).get("admitted", 0) for node in nodes]
-            result.update({
-                "idle_cpu_share_per_node": round(statistics.median(cpu), 4),
-                "idle_rss_mb_per_node": round(statistics.median(rss_mb(p) for p in pids.values()), 1),
-                "idle_bytes_per_s_per_node": round(statistics.median(traffic)),
-                "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
-                # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
-                "idle_per_s_per_node": counter_rates(counters0, counters1, elapsed),
-            })
+            result.update(
+                {
+                    "idle_cpu_share_per_node": round(statistics.median(cpu), 4),
+                    "idle_rss_mb_per_node": round(statistics.median(rss_mb(p) for p in pids.values()), 1),
+                    "idle_bytes_per_s_per_node": round(statistics.median(traffic)),
+                    "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
+                    # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
+                    "idle_per_s_per_node": counter_rates(counters0, counters1, elapsed),
+                }
+            )
             delays = []
             for w in range(args.writes):
                 writer = nodes[w % len(nodes)]
@@ -195,8 +202,11 @@ def run_size(n: int, args) -> dict:
                 killed = time.monotonic()
                 target.process.send_signal(signal.SIGKILL)
                 try:
-                    done = wait(lambda: len({leader_of(x) for x in rest}) == 1
-                                and (leader_of(rest[0]) or (old, 0))[1] > epoch, 60, interval=0.1)
+                    done = wait(
+                        lambda: len({leader_of(x) for x in rest}) == 1 and (leader_of(rest[0]) or (old, 0))[1] > epoch,
+                        60,
+                        interval=0.1,
+                    )
                     result["failover_s"] = round(done - killed, 2)
                 except TimeoutError:
                     result["failover_s"] = None

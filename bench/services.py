@@ -48,8 +48,12 @@ def _token() -> str:
 
 
 def iperf3(port: int, seconds: float) -> float:
-    out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
-                         capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(
+        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
     result = json.loads(out.stdout)
     if "error" in result:
         raise RuntimeError(result["error"])
@@ -78,8 +82,11 @@ def sharing() -> dict[str, float | int]:
     """What else ran on the cores: the 1-minute load and the runnable tasks now (``/proc/loadavg``),
     and how many processes exist besides this benchmark's own."""
     fields = Path("/proc/loadavg").read_text().split()
-    return {"load_1min": float(fields[0]), "runnable": int(fields[3].split("/")[0]),
-            "processes": len([p for p in os.listdir("/proc") if p.isdigit()])}
+    return {
+        "load_1min": float(fields[0]),
+        "runnable": int(fields[3].split("/")[0]),
+        "processes": len([p for p in os.listdir("/proc") if p.isdigit()]),
+    }
 
 
 def main() -> None:
@@ -94,12 +101,19 @@ def main() -> None:
     echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
     echo.daemon_threads = True
     threading.Thread(target=echo.serve_forever, daemon=True).start()
-    server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     net = LocalNodes(root, _token())
     try:
-        net.start({"expose": [{"name": "iperf", "to": f"127.0.0.1:{iperf_port}"},
-                              {"name": "echo", "to": f"127.0.0.1:{echo.server_address[1]}"}]})
+        net.start(
+            {
+                "expose": [
+                    {"name": "iperf", "to": f"127.0.0.1:{iperf_port}"},
+                    {"name": "echo", "to": f"127.0.0.1:{echo.server_address[1]}"},
+                ]
+            }
+        )
         sided = net.start()
         streamed = net.start({"side_connection": False})
         net.wait_mesh()
@@ -107,19 +121,34 @@ def main() -> None:
         for case, node in (("side", sided), ("stream", streamed)):
             client = APIClient(node.socket)
             for name in ("iperf", "echo"):
-                ports[case, name] = client.request("POST", "/api/plugins/services/connect", content=json.dumps(
-                    {"name": name, "listen": "127.0.0.1:0", "protocol": "tcp"}))["listen"].rsplit(":", 1)[1]
-        net.wait_until(lambda: all(len(n.api("GET", "/api/plugins/services")["services"]) == 2 for n in net.nodes),
-                       30, "the catalog on every node")
+                ports[case, name] = client.request(
+                    "POST",
+                    "/api/plugins/services/connect",
+                    content=json.dumps({"name": name, "listen": "127.0.0.1:0", "protocol": "tcp"}),
+                )["listen"].rsplit(":", 1)[1]
+        net.wait_until(
+            lambda: all(len(n.api("GET", "/api/plugins/services")["services"]) == 2 for n in net.nodes),
+            30,
+            "the catalog on every node",
+        )
         shared = {"bench": "services", "cpus": os.cpu_count(), **sharing()}
         for case, port in (("raw", iperf_port), ("side", ports["side", "iperf"]), ("stream", ports["stream", "iperf"])):
             gbit = iperf3(int(port), args.seconds)
             print(json.dumps({**shared, "case": case, "gbit_per_s": round(gbit, 3), "seconds": args.seconds}), flush=True)
         for case in ("side", "stream"):
             times = setup_times(int(ports[case, "echo"]), args.setups)
-            print(json.dumps({**shared, "case": f"setup_{case}", "n": len(times),
-                              "p50_ms": round(percentile(times, 0.5) * 1000, 2),
-                              "p99_ms": round(percentile(times, 0.99) * 1000, 2)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        **shared,
+                        "case": f"setup_{case}",
+                        "n": len(times),
+                        "p50_ms": round(percentile(times, 0.5) * 1000, 2),
+                        "p99_ms": round(percentile(times, 0.99) * 1000, 2),
+                    }
+                ),
+                flush=True,
+            )
     finally:
         net.close()
         server.terminate()

@@ -34,10 +34,8 @@ from kairos_testing.namespaces import PORT, NamespacePair, netns_missing
 PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench", "vpn-peers.sh")
 STEPS = {  # the build-up in pure Python, then the same full design with the C fast path
     "per_packet": {"offload": False, "udp_gso": False, "udp_gro": False, "coalesce": False, "pure_python": True},
-    "offload_split_gso_gro": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": False,
-                              "pure_python": True},
-    "offload_split_gso_gro_coalesce": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True,
-                                       "pure_python": True},
+    "offload_split_gso_gro": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": False, "pure_python": True},
+    "offload_split_gso_gro_coalesce": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True, "pure_python": True},
     "full_design_c_fastpath": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": True},
 }
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -60,13 +58,11 @@ def iperf(lab: NamespacePair, target: str, seconds: int, streams: int) -> dict:
     server.wait(timeout=10)
     try:
         end = json.loads(result.stdout)["end"]
-        figure = {"mbit_s": round(end["sum_received"]["bits_per_second"] / 1e6, 1),
-                  "retr": end["sum_sent"].get("retransmits")}
+        figure = {"mbit_s": round(end["sum_received"]["bits_per_second"] / 1e6, 1), "retr": end["sum_sent"].get("retransmits")}
     except (ValueError, KeyError) as error:
         return {"error": f"{error}: {result.stdout[-200:]} {result.stderr[-200:]}"}
     if pids:
-        figure["cpu_share"] = {side: round((cpu_seconds(pid) - cpu_before[side]) / elapsed, 2)
-                               for side, pid in pids.items()}
+        figure["cpu_share"] = {side: round((cpu_seconds(pid) - cpu_before[side]) / elapsed, 2) for side, pid in pids.items()}
     return figure
 
 
@@ -144,8 +140,19 @@ def plain_relay_rtts(lab: NamespacePair, raw: list[float]) -> dict:
             proc.wait(timeout=10)
     relay = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plain_relay.py")
     for side, other in (("a", "b"), ("b", "a")):
-        proc = lab.popen(side, sys.executable, relay, "kplain0", f"{lab.vip[side]}/24", lab.underlay[side],
-                         lab.underlay[other], str(PORT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc = lab.popen(
+            side,
+            sys.executable,
+            relay,
+            "kplain0",
+            f"{lab.vip[side]}/24",
+            lab.underlay[side],
+            lab.underlay[other],
+            str(PORT),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         if proc.stdout.readline().strip() != "ready":
             return {"error": "plain relay did not start"}
     if not lab.wait_ping("a", lab.vip["b"]):
@@ -168,9 +175,11 @@ def iperf_nodes(lab, seconds: int, streams: int) -> dict:
         end = json.loads(result.stdout)["end"]
     except (ValueError, KeyError) as error:
         return {"error": f"{error}: {result.stdout[-200:]} {result.stderr[-200:]}"}
-    return {"mbit_s": round(end["sum_received"]["bits_per_second"] / 1e6, 1),
-            "retr": end["sum_sent"].get("retransmits"),
-            "cpu_share": {f"node{i}": round((cpu_seconds(pid) - cpu_before[i]) / elapsed, 2) for i, pid in pids.items()}}
+    return {
+        "mbit_s": round(end["sum_received"]["bits_per_second"] / 1e6, 1),
+        "retr": end["sum_sent"].get("retransmits"),
+        "cpu_share": {f"node{i}": round((cpu_seconds(pid) - cpu_before[i]) / elapsed, 2) for i, pid in pids.items()},
+    }
 
 
 def bench_nodes(seconds: int) -> dict:
@@ -184,8 +193,12 @@ def bench_nodes(seconds: int) -> dict:
         report["udp"] = {f"p{n}": iperf_nodes(lab, seconds, n) for n in (1, 4)}
         report["rtt_ms"] = {}
         for pace, interval, count in (("idle_10ms", "0.01", "500"), ("busy_1ms", "0.001", "2000")):
-            rtts = sorted(float(m) for m in re.findall(
-                r"time=([\d.]+) ms", lab.run(1, "ping", "-c", count, "-i", interval, lab.vip(2), timeout=60).stdout))
+            rtts = sorted(
+                float(m)
+                for m in re.findall(
+                    r"time=([\d.]+) ms", lab.run(1, "ping", "-c", count, "-i", interval, lab.vip(2), timeout=60).stdout
+                )
+            )
             report["rtt_ms"][pace] = {"p50": percentile(rtts, 0.5), "p99": percentile(rtts, 0.99)}
         lab.block_udp(1)
         try:
@@ -198,13 +211,16 @@ def bench_nodes(seconds: int) -> dict:
 
 
 def bench_peers(seconds: int) -> dict:
-    available = {name: shutil.which(binary) is not None for name, binary in
-                 (("wireguard-go", "wireguard-go"), ("nebula", "nebula"), ("yggdrasil", "yggdrasil"))}
+    available = {
+        name: shutil.which(binary) is not None
+        for name, binary in (("wireguard-go", "wireguard-go"), ("nebula", "nebula"), ("yggdrasil", "yggdrasil"))
+    }
     systems = ["veth"] + [name for name, ok in available.items() if ok]
     if shutil.which("wg") is None and "wireguard-go" in systems:
         systems.remove("wireguard-go")
-    result = subprocess.run(["bash", PEERS_SCRIPT, str(seconds), *systems], capture_output=True, text=True,
-                            timeout=60 * len(systems) + 60)
+    result = subprocess.run(
+        ["bash", PEERS_SCRIPT, str(seconds), *systems], capture_output=True, text=True, timeout=60 * len(systems) + 60
+    )
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     return {"available": available, "results": lines}
 
@@ -220,8 +236,11 @@ def main() -> int:
     if reason:
         print(json.dumps({"skipped": reason}))
         return 0
-    report = {"note": "2-core machine shared with other work: noisy; compare within this run only",
-              "cpus": os.cpu_count(), "seconds": args.seconds}
+    report = {
+        "note": "2-core machine shared with other work: noisy; compare within this run only",
+        "cpus": os.cpu_count(),
+        "seconds": args.seconds,
+    }
     if not args.only_nodes:
         report.update(bench_ours(args.seconds))
     if not args.no_nodes:

@@ -9,12 +9,41 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 # The plugin API (kairos_core.plugin), re-exported here and imported only when one of its names
 # is asked for: it pulls in the CLI helpers, which a data-plane worker process does not need.
-_PLUGIN_API = frozenset({
-    "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
-    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "OpenPolicy", "Option", "PeerEvent", "SKIP", "Section", "Stream",
-    "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
-    "multiaddr_ip", "socket_option", "text_list", "text_value",
-})
+_PLUGIN_API = frozenset(
+    {
+        "Alias",
+        "APIClient",
+        "CORE_BUCKETS",
+        "CORE_PROTOCOLS",
+        "ConfigError",
+        "Entry",
+        "KairosError",
+        "LedgerError",
+        "LedgerUpdate",
+        "LedgerView",
+        "Metric",
+        "NodeView",
+        "OPEN",
+        "OWNER_KEYED",
+        "OpenPolicy",
+        "Option",
+        "PeerEvent",
+        "SKIP",
+        "Section",
+        "Stream",
+        "StreamHandler",
+        "WritePolicy",
+        "emit_json",
+        "hookimpl",
+        "hookspec",
+        "json_option",
+        "pass_context",
+        "multiaddr_ip",
+        "socket_option",
+        "text_list",
+        "text_value",
+    }
+)
 
 __all__ = ["__version__", *sorted(_PLUGIN_API)]  # noqa: PLE0604 (built from the set above: one list of names)
 

@@ -78,8 +78,9 @@ class _Reply:
     """What a route returns: a status and a JSON body (or bytes of ``content_type``), and any
     further headers."""
 
-    def __init__(self, body: Any, status: int = 200, content_type: str | None = None,
-                 headers: list[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self, body: Any, status: int = 200, content_type: str | None = None, headers: list[tuple[str, str]] | None = None
+    ) -> None:
         self.body = body
         self.status = status
         self.content_type = content_type
@@ -188,9 +189,11 @@ class APIServer:
         task = asyncio.current_task()
         if web and self._web_connections >= MAX_WEB_CONNECTIONS:
             with suppress(Exception):
-                writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                             b"connection: close\r\ncontent-length: 51\r\n\r\n"
-                             b'{"error": "too many dashboard connections at once"}')
+                writer.write(
+                    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                    b"connection: close\r\ncontent-length: 51\r\n\r\n"
+                    b'{"error": "too many dashboard connections at once"}'
+                )
                 await writer.drain()
             await _close(writer, 1.0)
             return
@@ -253,8 +256,14 @@ class APIServer:
         await writer.drain()
 
     async def _respond(
-        self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
-        request: h11.Request, body: bytes, *, web: bool = False,
+        self,
+        connection: h11.Connection,
+        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader,
+        request: h11.Request,
+        body: bytes,
+        *,
+        web: bool = False,
     ) -> bool:
         """Answer one request; False when the connection cannot serve another (a watch ended)."""
         method = request.method.decode()
@@ -380,15 +389,19 @@ class APIServer:
         if offered is not None:
             if not dashboard.token_matches(expected, offered):
                 return _error(401, "wrong dashboard token (kairos dashboard --url prints the right one)")
-            return _Reply({"login": "ok"}, 303, headers=[("location", url.path or "/"),
-                                                         ("set-cookie", dashboard.login_cookie(expected))])
+            return _Reply(
+                {"login": "ok"}, 303, headers=[("location", url.path or "/"), ("set-cookie", dashboard.login_cookie(expected))]
+            )
         bearer = dashboard.bearer_token(headers.get("authorization"))
         if not dashboard.token_matches(expected, bearer or dashboard.cookie_token(headers.get("cookie"))):
             return _error(401, "login needed: open the URL `kairos dashboard --url` prints")
         path = "/".join(parts)
-        readable = (dashboard.asset(path) is not None or parts == ["metrics"]
-                    or parts[:2] in (["api", "ledger"], ["api", "entries"])
-                    or parts in (["api", "status"], ["api", "peers"], ["api", "watch"], ["api", "doctor"]))
+        readable = (
+            dashboard.asset(path) is not None
+            or parts == ["metrics"]
+            or parts[:2] in (["api", "ledger"], ["api", "entries"])
+            or parts in (["api", "status"], ["api", "peers"], ["api", "watch"], ["api", "doctor"])
+        )
         if method == "GET" and readable:
             return None
         if method == "PUT" and len(parts) == 4 and parts[:2] == ["api", "ledger"]:
@@ -413,7 +426,10 @@ class APIServer:
         return _Reply(handler(method, rest, value))
 
     async def _watch(
-        self, connection: h11.Connection, writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+        self,
+        connection: h11.Connection,
+        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader,
         bucket: str | None,
     ) -> None:
         headers = [("content-type", "application/x-ndjson")]  # no length: h11 sends it chunked

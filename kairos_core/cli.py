@@ -59,8 +59,9 @@ def _set_config_path(ctx: click.Context, param: click.Parameter, value: str | No
 
 
 # `kairos -c FILE run` and `kairos run -c FILE` both work: users type the option where they think of it.
-config_option = click.option("-c", "--config", "config_path", metavar="FILE", expose_value=False,
-                             callback=_set_config_path, help="Config file (YAML).")
+config_option = click.option(
+    "-c", "--config", "config_path", metavar="FILE", expose_value=False, callback=_set_config_path, help="Config file (YAML)."
+)
 
 
 def emit_json(data: object) -> None:
@@ -101,8 +102,11 @@ def _manager_of(ctx: click.Context) -> KairosPluginManager:
 
 def versions(manager: KairosPluginManager) -> dict:
     """The core's version and each installed plugin's (name, distribution, version)."""
-    plugins = [{"name": row["name"], "distribution": row["distribution"], "version": row["version"]}
-               for row in manager.describe() if row["source"] == "entrypoint"]
+    plugins = [
+        {"name": row["name"], "distribution": row["distribution"], "version": row["version"]}
+        for row in manager.describe()
+        if row["source"] == "entrypoint"
+    ]
     return {"kairos-core": __version__, "plugins": plugins}
 
 
@@ -119,11 +123,16 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-c", "--config", "config_path", envvar=CONFIG_ENV, metavar="FILE",
-              help=f"Config file (YAML). Also ${CONFIG_ENV}.")
+@click.option("-c", "--config", "config_path", envvar=CONFIG_ENV, metavar="FILE", help=f"Config file (YAML). Also ${CONFIG_ENV}.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
-              help="Print the versions of kairos-core and every plugin, and exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the versions of kairos-core and every plugin, and exit.",
+)
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """kairos: machines that share one network token find each other and form a cluster.
@@ -165,8 +174,13 @@ def token() -> None:
 
 
 @token.command("new")
-@click.option("--interval", type=click.IntRange(min=1), default=360, show_default=True,
-              help="Seconds between OTP rotations (rendezvous names and seal keys).")
+@click.option(
+    "--interval",
+    type=click.IntRange(min=1),
+    default=360,
+    show_default=True,
+    help="Seconds between OTP rotations (rendezvous names and seal keys).",
+)
 @click.option("--yaml", "as_yaml", is_flag=True, help="Print the raw YAML form instead of base64.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the token (base64) and its fingerprint.")
 def token_new(interval: int, as_yaml: bool, as_json: bool) -> None:
@@ -260,15 +274,13 @@ def config_check(context: Context, path: Path, as_json: bool) -> None:
         if not exc.problems:
             raise
         if as_json:
-            emit_json({"path": str(path), "ok": False, "error": str(exc), "exit_code": exc.exit_code,
-                       "problems": exc.problems})
+            emit_json({"path": str(path), "ok": False, "error": str(exc), "exit_code": exc.exit_code, "problems": exc.problems})
             raise SystemExit(exc.exit_code) from None
         for problem in exc.problems:
             echo_safe(f"{path}: {problem}", err=True)
         raise SystemExit(exc.exit_code) from None
     if as_json:
-        emit_json({"path": str(path), "ok": True, "problems": [], "warnings": checked.warnings,
-                   "notes": checked.notes})
+        emit_json({"path": str(path), "ok": True, "problems": [], "warnings": checked.warnings, "notes": checked.notes})
         return
     for note in checked.notes:
         echo_safe(f"{path}: note: {note}", err=True)
@@ -300,10 +312,18 @@ def config_defaults(context: Context, as_json: bool) -> None:
 
 @cli.command()
 @config_option
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
-              help="How much to log (default: node.log_level; -v lowers it).")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
-              help="text, or json: one object per line (default: node.log_format).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="How much to log (default: node.log_level; -v lowers it).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default=None,
+    help="text, or json: one object per line (default: node.log_format).",
+)
 @pass_context
 def run(context: Context, log_level: str | None, log_format: str | None) -> None:
     """Run a node until SIGINT or SIGTERM; SIGHUP re-reads node.log_level and node.log_format.
@@ -361,9 +381,16 @@ _Command = TypeVar("_Command", bound=Callable[..., Any])
 
 def socket_option(function: _Command) -> _Command:
     """--socket PATH, and -c FILE to find the socket through a config's state dir."""
-    function = click.option("--socket", "socket_path", metavar="PATH", envvar="KAIROS_SOCKET",
-                            help="The node's API socket (default: from the config's state dir).")(function)
+    function = click.option(
+        "--socket",
+        "socket_path",
+        metavar="PATH",
+        envvar="KAIROS_SOCKET",
+        help="The node's API socket (default: from the config's state dir).",
+    )(function)
     return config_option(function)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 json_option.__doc__ = """Decorator: a ``--json`` flag, passed to the command as ``as_json``."""
 
@@ -381,8 +408,10 @@ def status(context: Context, socket_path: str | None, as_json: bool) -> None:
     leader = data["leader"]
     echo_safe(f"peer id:     {data['peer_id']} ({data['hostname']})")
     echo_safe(f"network:     {data['network_id']} (token {data['token_fingerprint']})")
-    echo_safe(f"leader:      {leader['peer_id'] + ' epoch ' + str(leader['epoch']) if leader else 'none yet'}"
-              f"{' (this node)' if data['is_leader'] else ''}")
+    echo_safe(
+        f"leader:      {leader['peer_id'] + ' epoch ' + str(leader['epoch']) if leader else 'none yet'}"
+        f"{' (this node)' if data['is_leader'] else ''}"
+    )
     click.echo(f"members:     {_members_line(data['members'], data['admitted'])}")
     for plugin, state in sorted((data.get("states") or {}).items()):
         echo_safe(f"{plugin + ':':<13}{state}")
@@ -452,8 +481,14 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
         # The trailing /p2p/<id> repeats the first column: left out, so that the address fits.
         suffix = f"/p2p/{row['peer_id']}"
         addresses = "\n".join(escape_control(address.removesuffix(suffix)) for address in row.get("addresses") or [])
-        table.add_row(_cell(row["peer_id"]), _cell(row.get("hostname")), "yes" if row["alive"] else "no",
-                      "yes" if row["connected"] else "no", seen, Text(addresses))
+        table.add_row(
+            _cell(row["peer_id"]),
+            _cell(row.get("hostname")),
+            "yes" if row["alive"] else "no",
+            "yes" if row["connected"] else "no",
+            seen,
+            Text(addresses),
+        )
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # a pipe or a file has no width to fit: no folding
@@ -475,8 +510,10 @@ def token_rotate(context: Context, socket_path: str | None, as_json: bool) -> No
     import time as _time
 
     until = _time.strftime("%Y-%m-%d %H:%M:%S UTC", _time.gmtime(data["grace_until"]))
-    echo_safe(f"token {data['fingerprint']} replaces {data['replaces']} (epoch {data['epoch']}), "
-              f"sealed to {len(data['members'])} members; the old one is accepted until {until}")
+    echo_safe(
+        f"token {data['fingerprint']} replaces {data['replaces']} (epoch {data['epoch']}), "
+        f"sealed to {len(data['members'])} members; the old one is accepted until {until}"
+    )
 
 
 @cli.group()
@@ -493,8 +530,9 @@ def peer() -> None:
 def peer_revoke(context: Context, peer_id: str, reason: str, socket_path: str | None, as_json: bool) -> None:
     """Revoke PEER_ID: every node refuses its admission, drops its connections and ignores its
     ledger writes from then on. Only the leader may; elsewhere this says which node leads."""
-    data = _client(context, socket_path).request("POST", f"/api/revoked/{_quote(peer_id)}",
-                                                 content=json.dumps({"reason": reason}))
+    data = _client(context, socket_path).request(
+        "POST", f"/api/revoked/{_quote(peer_id)}", content=json.dumps({"reason": reason})
+    )
     if as_json:
         emit_json(data)
         return
@@ -577,10 +615,16 @@ def daemon() -> None:
 
 @daemon.command("install")
 @click.option("--openrc", is_flag=True, help="An OpenRC init script instead of a systemd unit.")
-@click.option("--prefix", type=click.Path(file_okay=False, path_type=Path), default=Path("/"), show_default=True,
-              help="Install below this directory (a package build root, a test).")
-@click.option("--config-file", "config_file", default="/etc/kairos/config.yaml", show_default=True,
-              help="The config the service runs with.")
+@click.option(
+    "--prefix",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/"),
+    show_default=True,
+    help="Install below this directory (a package build root, a test).",
+)
+@click.option(
+    "--config-file", "config_file", default="/etc/kairos/config.yaml", show_default=True, help="The config the service runs with."
+)
 def daemon_install(openrc: bool, prefix: Path, config_file: str) -> None:
     """Write the systemd unit (or OpenRC script) that runs `kairos run`, with this kairos's path."""
     from .daemon import install
@@ -722,7 +766,7 @@ def build_cli(manager: KairosPluginManager) -> click.Group:
 def _json_requested(argv: list[str]) -> bool:
     # As click parses it: "--json" before a "--" is the flag, after it an argument. Read from argv,
     # not from the parsed command, so that usage errors (raised while parsing) honour it too.
-    options = argv[:argv.index("--")] if "--" in argv else argv
+    options = argv[: argv.index("--")] if "--" in argv else argv
     return "--json" in options
 
 
@@ -769,5 +813,4 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug: still one line unless the user asks for the traceback
         if debug:
             raise
-        fail(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)",
-             EXIT_FAILED, as_json)
+        fail(f"kairos: internal error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for a traceback)", EXIT_FAILED, as_json)

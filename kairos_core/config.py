@@ -53,13 +53,46 @@ MAX_CONFIG_DEPTH = 32
 
 # Top-level sections of a Kairos cloud-config that configure the OS (kairos-agent, yip, cloud-init),
 # not the p2p network: a Kairos file is read as is, and these are listed once at info.
-KAIROS_OS_SECTIONS = frozenset({
-    "hostname", "users", "install", "stages", "runcmd", "bootcmd", "write_files", "k0s", "k0s-worker", "bundles",
-    "reset", "upgrade", "kairos", "debug", "strict", "name", "ssh_authorized_keys", "growpart", "options",
-    "config_url", "fail_on_bundles_errors", "cloud-init-paths", "logs", "verify", "cosign", "cosign-key",
-    "eject-cd", "arch", "squash-no-compression", "bind-pcrs", "bind-public-pcrs", "kcrypt", "uki",
-    "sysext", "env", "kairos-agent",
-})
+KAIROS_OS_SECTIONS = frozenset(
+    {
+        "hostname",
+        "users",
+        "install",
+        "stages",
+        "runcmd",
+        "bootcmd",
+        "write_files",
+        "k0s",
+        "k0s-worker",
+        "bundles",
+        "reset",
+        "upgrade",
+        "kairos",
+        "debug",
+        "strict",
+        "name",
+        "ssh_authorized_keys",
+        "growpart",
+        "options",
+        "config_url",
+        "fail_on_bundles_errors",
+        "cloud-init-paths",
+        "logs",
+        "verify",
+        "cosign",
+        "cosign-key",
+        "eject-cd",
+        "arch",
+        "squash-no-compression",
+        "bind-pcrs",
+        "bind-public-pcrs",
+        "kcrypt",
+        "uki",
+        "sysext",
+        "env",
+        "kairos-agent",
+    }
+)
 # Plugin sections a Kairos file may hold whose plugin adds to a cluster that works without it:
 # without the plugin they are a warning, not a problem (vpn, k3s… stay problems, with a hint).
 OPTIONAL_PLUGIN_SECTIONS = {"kubevip": ("kairos-plugin-kubevip", "kube-vip (a virtual IP for the Kubernetes API)")}
@@ -90,137 +123,271 @@ def _edgevpn_off(value: Any) -> bool:
 CORE_SCHEMA: tuple[Section, ...] = (
     Section(
         "p2p",
-        Option("network_token", str, "", "The network token (base64 or YAML). Required to run a node.",
-               paths=(f"{EDGEVPN_ENV}EDGEVPNTOKEN",)),
-        Option("token_grace", float, 86400.0,
-               "Seconds after `kairos token rotate` (on the leader) during which every node still accepts "
-               "the replaced token besides the new one, so members offline at the rotation get the new "
-               "token when they come back; after it a node holding only the old token opens nothing.",
-               minimum=10),
-        Option("network_id", str, "kairos",
-               "A namespace inside the ledger, so several clusters can share one token (Kairos)."),
-        Option("role", str, "", 'Role hint for plugins such as k3s: "" (automatic), master or worker.',
-               choices=("", "master", "worker")),
-        Option("dns", bool, False, "Kairos's embedded DNS. A DNS plugin claims this path (an option of its own "
-                                   "declaring paths=('p2p.dns',)); without one it does nothing.",
-               no_effect="DNS needs a DNS plugin (kairos-plugin-dns), which is not installed"),
+        Option(
+            "network_token",
+            str,
+            "",
+            "The network token (base64 or YAML). Required to run a node.",
+            paths=(f"{EDGEVPN_ENV}EDGEVPNTOKEN",),
+        ),
+        Option(
+            "token_grace",
+            float,
+            86400.0,
+            "Seconds after `kairos token rotate` (on the leader) during which every node still accepts "
+            "the replaced token besides the new one, so members offline at the rotation get the new "
+            "token when they come back; after it a node holding only the old token opens nothing.",
+            minimum=10,
+        ),
+        Option("network_id", str, "kairos", "A namespace inside the ledger, so several clusters can share one token (Kairos)."),
+        Option(
+            "role",
+            str,
+            "",
+            'Role hint for plugins such as k3s: "" (automatic), master or worker.',
+            choices=("", "master", "worker"),
+        ),
+        Option(
+            "dns",
+            bool,
+            False,
+            "Kairos's embedded DNS. A DNS plugin claims this path (an option of its own "
+            "declaring paths=('p2p.dns',)); without one it does nothing.",
+            no_effect="DNS needs a DNS plugin (kairos-plugin-dns), which is not installed",
+        ),
         Option("minimum_nodes", int, 2, "Plugins that build clusters wait for this many members.", minimum=1),
-        Option("disable_dht", bool, False, "Switch off WAN discovery through the DHT.",
-               paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNDHT", parse=_edgevpn_off),)),
-        Option("disable_mdns", bool, False, "Switch off LAN discovery (mDNS).",
-               paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNMDNS", parse=_edgevpn_off),)),
-        Option("listen", list, [], "Multiaddrs to listen on; empty = every interface address on `port`.",
-               item_type=str, paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNLISTENMADDRS", parse=text_list),)),
-        Option("port", int, 0, "TCP port for the default listen addresses; 0 = chosen by the system.",
-               minimum=0, maximum=65535),
-        Option("bootstrap_peers", list, [],
-               "Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.", item_type=str,
-               paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNBOOTSTRAPPEERS", parse=text_list),)),
+        Option(
+            "disable_dht",
+            bool,
+            False,
+            "Switch off WAN discovery through the DHT.",
+            paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNDHT", parse=_edgevpn_off),),
+        ),
+        Option(
+            "disable_mdns",
+            bool,
+            False,
+            "Switch off LAN discovery (mDNS).",
+            paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNMDNS", parse=_edgevpn_off),),
+        ),
+        Option(
+            "listen",
+            list,
+            [],
+            "Multiaddrs to listen on; empty = every interface address on `port`.",
+            item_type=str,
+            paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNLISTENMADDRS", parse=text_list),),
+        ),
+        Option("port", int, 0, "TCP port for the default listen addresses; 0 = chosen by the system.", minimum=0, maximum=65535),
+        Option(
+            "bootstrap_peers",
+            list,
+            [],
+            "Multiaddrs with /p2p/<peer id>: dialled at start and used to bootstrap the DHT.",
+            item_type=str,
+            paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNBOOTSTRAPPEERS", parse=text_list),),
+        ),
         Section(
             "connections",
-            Option("low", int, 8, "Below this many connections the node dials more.", minimum=1,
-                   paths=(Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_LOW_WATER", parse=text_value),)),
-            Option("high", int, 16, "Above this many it closes the extra (never bootstrap peers nor connections "
-                                    "a feature is using); at least `low`.",
-                   paths=(Alias(f"{EDGEVPN_ENV}EDGEVPNMAXCONNS", parse=text_value),
-                          Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_HIGH_WATER", parse=text_value))),
+            Option(
+                "low",
+                int,
+                8,
+                "Below this many connections the node dials more.",
+                minimum=1,
+                paths=(Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_LOW_WATER", parse=text_value),),
+            ),
+            Option(
+                "high",
+                int,
+                16,
+                "Above this many it closes the extra (never bootstrap peers nor connections a feature is using); at least `low`.",
+                paths=(
+                    Alias(f"{EDGEVPN_ENV}EDGEVPNMAXCONNS", parse=text_value),
+                    Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_HIGH_WATER", parse=text_value),
+                ),
+            ),
             help="Long-lived connections a node keeps. A network of at most `low` nodes is fully connected.",
         ),
         Section(
             "relay",
-            Option("enable", bool, True, "Serve as a circuit relay for admitted peers while this node is publicly "
-                                         "reachable (private nodes reserve on such relays)."),
-            Option("max_circuits", int, 8, "Relayed connections one peer may have through this node at once.",
-                   minimum=1, maximum=1024),
-            Option("max_bytes", int, 1 << 30, "Bytes (both ways) one relayed connection may carry before it is closed.",
-                   minimum=1024),
-            Option("max_duration", float, 3600.0, "Seconds one relayed connection may last before it is closed.",
-                   minimum=1),
+            Option(
+                "enable",
+                bool,
+                True,
+                "Serve as a circuit relay for admitted peers while this node is publicly "
+                "reachable (private nodes reserve on such relays).",
+            ),
+            Option(
+                "max_circuits",
+                int,
+                8,
+                "Relayed connections one peer may have through this node at once.",
+                minimum=1,
+                maximum=1024,
+            ),
+            Option(
+                "max_bytes", int, 1 << 30, "Bytes (both ways) one relayed connection may carry before it is closed.", minimum=1024
+            ),
+            Option("max_duration", float, 3600.0, "Seconds one relayed connection may last before it is closed.", minimum=1),
             help="Circuit relay for peers behind NAT (only admitted peers; refusals are counted as p2p_relay_refused).",
         ),
         help="The p2p network, with Kairos's names.",
     ),
     Section(
         "node",
-        Option("state_dir", str, None, "Identity, ledger database and API socket live here; default "
-                                       "/var/lib/kairos as root, ~/.local/state/kairos otherwise."),
+        Option(
+            "state_dir",
+            str,
+            None,
+            "Identity, ledger database and API socket live here; default "
+            "/var/lib/kairos as root, ~/.local/state/kairos otherwise.",
+        ),
         Option("hostname", str, None, "Advertised hostname; default: the machine's."),
-        Option("log_level", str, "info", "How much `kairos run` logs (Kairos's warn, dpanic, panic and fatal "
-                                         "in p2p.loglevel read as warning, error, error, error).",
-               choices=_LOG_LEVELS, paths=(Alias("p2p.loglevel", parse=_kairos_log_level),)),
-        Option("log_format", str, "text", "How `kairos run` writes log lines: text, or json (one object per line "
-                                          "with time, level, logger, message and fields such as peer; for "
-                                          "journald or a log shipper). --log-format overrides it.",
-               choices=("text", "json")),
-        Option("hook_timeout", float, 30.0, "Seconds a plugin hook may run before it is abandoned and logged.",
-               minimum=0.1),
+        Option(
+            "log_level",
+            str,
+            "info",
+            "How much `kairos run` logs (Kairos's warn, dpanic, panic and fatal "
+            "in p2p.loglevel read as warning, error, error, error).",
+            choices=_LOG_LEVELS,
+            paths=(Alias("p2p.loglevel", parse=_kairos_log_level),),
+        ),
+        Option(
+            "log_format",
+            str,
+            "text",
+            "How `kairos run` writes log lines: text, or json (one object per line "
+            "with time, level, logger, message and fields such as peer; for "
+            "journald or a log shipper). --log-format overrides it.",
+            choices=("text", "json"),
+        ),
+        Option("hook_timeout", float, 30.0, "Seconds a plugin hook may run before it is abandoned and logged.", minimum=0.1),
         help="This node.",
     ),
     Section(
         "api",
         Option("enable", bool, True, "Serve the local control API on a unix socket (mode 0600) in the state dir."),
         Option("socket", str, None, "Socket path; default <state_dir>/api.sock."),
-        Option("metrics_listen", str, "", "Also serve Prometheus metrics (GET /metrics, nothing else, no "
-                                          "authentication) on this TCP host:port, e.g. 127.0.0.1:9464; "
-                                          "empty = off. The unix socket serves /metrics either way."),
-        Option("http_listen", str, "", "Also serve the web dashboard on this TCP host:port (a port alone means "
-                                       "127.0.0.1:<port>), e.g. 127.0.0.1:8480; empty = off. Every request "
-                                       "there needs the node's dashboard token (`kairos dashboard --url` "
-                                       "prints the URL with it); bind another address than localhost only "
-                                       "on a network you trust, the traffic is plain HTTP. The unix socket "
-                                       "serves the dashboard at / either way, without a token. Needs api.enable."),
+        Option(
+            "metrics_listen",
+            str,
+            "",
+            "Also serve Prometheus metrics (GET /metrics, nothing else, no "
+            "authentication) on this TCP host:port, e.g. 127.0.0.1:9464; "
+            "empty = off. The unix socket serves /metrics either way.",
+        ),
+        Option(
+            "http_listen",
+            str,
+            "",
+            "Also serve the web dashboard on this TCP host:port (a port alone means "
+            "127.0.0.1:<port>), e.g. 127.0.0.1:8480; empty = off. Every request "
+            "there needs the node's dashboard token (`kairos dashboard --url` "
+            "prints the URL with it); bind another address than localhost only "
+            "on a network you trust, the traffic is plain HTTP. The unix socket "
+            "serves the dashboard at / either way, without a token. Needs api.enable.",
+        ),
         help="The local control API (`kairos status`, `kairos ledger`, …).",
     ),
     Section(
         "ledger",
-        Option("max_value_size", int, 65536, "Largest JSON-encoded value one key may hold, in bytes.",
-               minimum=1, maximum=1024 * 1024),
-        Option("tombstone_grace", int, 7 * 24 * 3600,
-               "Seconds a tombstone is kept so partitions can heal before it is pruned.", minimum=60),
+        Option(
+            "max_value_size", int, 65536, "Largest JSON-encoded value one key may hold, in bytes.", minimum=1, maximum=1024 * 1024
+        ),
+        Option(
+            "tombstone_grace",
+            int,
+            7 * 24 * 3600,
+            "Seconds a tombstone is kept so partitions can heal before it is pruned.",
+            minimum=60,
+        ),
         Option("sync_interval", float, 30.0, "Seconds between anti-entropy exchanges with a random peer.", minimum=1),
-        Option("max_clock_drift", float, 60.0,
-               "Remote entries more than this many seconds ahead of our clock are refused (clock bound); one "
-               "within it moves our clock at most half of it ahead, so nodes whose clocks differ by less than "
-               "half of it accept each other's writes whatever a peer stamps.", minimum=1),
+        Option(
+            "max_clock_drift",
+            float,
+            60.0,
+            "Remote entries more than this many seconds ahead of our clock are refused (clock bound); one "
+            "within it moves our clock at most half of it ahead, so nodes whose clocks differ by less than "
+            "half of it accept each other's writes whatever a peer stamps.",
+            minimum=1,
+        ),
         # The quotas are at most half the network's quota (kairos_core.ledger.policy.NETWORK_QUOTA):
         # a peer still holding older entries of ours may count more than we do, and must not refuse
         # the newer.
-        Option("max_keys_per_owner", int, 10_000,
-               "Live keys this node's own writes may hold in open buckets (those without a policy of the "
-               "core or a plugin); a write past it is refused. Peers' entries are held to twice this, the "
-               "same on every node, so one insider cannot fill every node's memory and disk.",
-               minimum=1, maximum=10_000),
-        Option("max_bytes_per_owner", int, 8 * 1024 * 1024,
-               "Bytes of values this node's own writes may hold in open buckets (peers: twice this).",
-               minimum=1, maximum=8 * 1024 * 1024),
-        Option("max_tombstones_per_owner", int, 10_000,
-               "Tombstones this node's own writes may hold in open buckets (peers: twice this).",
-               minimum=1, maximum=10_000),
+        Option(
+            "max_keys_per_owner",
+            int,
+            10_000,
+            "Live keys this node's own writes may hold in open buckets (those without a policy of the "
+            "core or a plugin); a write past it is refused. Peers' entries are held to twice this, the "
+            "same on every node, so one insider cannot fill every node's memory and disk.",
+            minimum=1,
+            maximum=10_000,
+        ),
+        Option(
+            "max_bytes_per_owner",
+            int,
+            8 * 1024 * 1024,
+            "Bytes of values this node's own writes may hold in open buckets (peers: twice this).",
+            minimum=1,
+            maximum=8 * 1024 * 1024,
+        ),
+        Option(
+            "max_tombstones_per_owner",
+            int,
+            10_000,
+            "Tombstones this node's own writes may hold in open buckets (peers: twice this).",
+            minimum=1,
+            maximum=10_000,
+        ),
         help="The shared ledger.",
     ),
     Section(
         "membership",
-        Option("announce_interval", float, 30.0,
-               "Seconds between checks of this node's entry in the `nodes` bucket: it is rewritten when it "
-               "changed (and at once when its connections change), else refreshed three times per peer_ttl.",
-               minimum=1),
-        Option("peer_ttl", float, 900.0,
-               "Seconds an entry vouches for the peers it lists without being refreshed (a live node refreshes "
-               "its entry three times in this): a safety net, not how crashes are found — neighbours report those.",
-               minimum=2),
+        Option(
+            "announce_interval",
+            float,
+            30.0,
+            "Seconds between checks of this node's entry in the `nodes` bucket: it is rewritten when it "
+            "changed (and at once when its connections change), else refreshed three times per peer_ttl.",
+            minimum=1,
+        ),
+        Option(
+            "peer_ttl",
+            float,
+            900.0,
+            "Seconds an entry vouches for the peers it lists without being refreshed (a live node refreshes "
+            "its entry three times in this): a safety net, not how crashes are found — neighbours report those.",
+            minimum=2,
+        ),
         help="Who is in the network.",
     ),
     Section(
         "election",
         Option("eligible", bool, True, "Whether this node may become leader."),
-        Option("lease_seconds", float, 15.0,
-               "Seconds without a renewal after which a lease has lapsed; renewals come 3 times as often. "
-               "A crashed leader is replaced faster than this (see kairos_core/election.py).", minimum=0.5),
-        Option("require_majority", bool, True,
-               "Claim and keep the lease only while a majority of recently seen nodes is reachable: in a "
-               "partition only the majority side has a leader."),
-        Option("quorum_horizon", float, 300.0,
-               "Seconds a node that went away still counts in the electorate of that majority.", minimum=0),
+        Option(
+            "lease_seconds",
+            float,
+            15.0,
+            "Seconds without a renewal after which a lease has lapsed; renewals come 3 times as often. "
+            "A crashed leader is replaced faster than this (see kairos_core/election.py).",
+            minimum=0.5,
+        ),
+        Option(
+            "require_majority",
+            bool,
+            True,
+            "Claim and keep the lease only while a majority of recently seen nodes is reachable: in a "
+            "partition only the majority side has a leader.",
+        ),
+        Option(
+            "quorum_horizon",
+            float,
+            300.0,
+            "Seconds a node that went away still counts in the electorate of that majority.",
+            minimum=0,
+        ),
         help="The leader election.",
     ),
     Section(
@@ -260,9 +427,14 @@ class Config(Mapping[str, dict[str, Any]]):
     the section dicts are the node's own, read them and never write them.
     """
 
-    def __init__(self, data: dict[str, dict[str, Any]], path: Path | None = None,
-                 schema: Mapping[str, Section] | None = None, warnings: Iterable[str] = (),
-                 notes: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        data: dict[str, dict[str, Any]],
+        path: Path | None = None,
+        schema: Mapping[str, Section] | None = None,
+        warnings: Iterable[str] = (),
+        notes: Iterable[str] = (),
+    ) -> None:
         self._data = data
         self.path = path
         #: what was accepted but does nothing here, or is read differently (`kairos run` logs each
@@ -416,8 +588,9 @@ def collect_schema(manager: KairosPluginManager) -> dict[str, Section]:
             raise ConfigError(f"plugin {impl.plugin_name} could not declare its config: {exc}") from None
         for section in declared:
             if not isinstance(section, Section):
-                raise ConfigError(f"plugin {impl.plugin_name}: kairos_config_schema must return Sections, "
-                                  f"not {type(section).__name__}")
+                raise ConfigError(
+                    f"plugin {impl.plugin_name}: kairos_config_schema must return Sections, not {type(section).__name__}"
+                )
             claim(section, impl.plugin_name)
     for impl in reversed(manager.pm.hook.kairos_config_defaults.get_hookimpls()):
         try:
@@ -523,7 +696,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]
     for name, text in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or len(name) <= len(ENV_PREFIX):
             continue
-        parts = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        parts = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if any(not part for part in parts) or len(parts) < 2:
             problems.append(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
             continue
@@ -582,8 +755,7 @@ def _holder(data: dict[str, Any], parents: tuple[str, ...], create: bool) -> dic
     return holder if isinstance(holder, dict) else None
 
 
-def _lift_sections(data: dict[str, Any], schema: Mapping[str, Section], origins: dict[str, str],
-                   warnings: list[str]) -> None:
+def _lift_sections(data: dict[str, Any], schema: Mapping[str, Section], origins: dict[str, str], warnings: list[str]) -> None:
     # Kairos puts vpn/kubevip/auto… inside p2p: a section's aliases name where, and it is read from
     # there as the section itself. The section's own key wins key by key when both are given; an
     # alias that is an option of the section it sits in is that option, never lifted. Outer
@@ -624,11 +796,12 @@ def _as_ours(path: str, schema: Mapping[str, Section]) -> str | None:
             for alias in section.aliases:
                 if path.startswith(alias + ".") and (best is None or len(alias) > len(best[0])):
                     best = (alias, ".".join(target))
-    return None if best is None else best[1] + path[len(best[0]):]
+    return None if best is None else best[1] + path[len(best[0]) :]
 
 
-def _lift_options(data: dict[str, Any], schema: Mapping[str, Section], origins: dict[str, str],
-                  warnings: list[str], problems: list[str]) -> None:
+def _lift_options(
+    data: dict[str, Any], schema: Mapping[str, Section], origins: dict[str, str], warnings: list[str], problems: list[str]
+) -> None:
     # Options that Kairos sets elsewhere (p2p.loglevel, p2p.vpn.env.ADDRESS): each value is moved
     # to its option, so the option's checks apply, and problems name the place it came from.
     for target, option in _walk(schema):
@@ -680,9 +853,9 @@ def _as_written(line: str, origins: Mapping[str, str]) -> str:
     """``line`` (a problem or warning starting with a path) naming the path the user wrote."""
     best = ""
     for ours in origins:
-        if len(ours) > len(best) and line.startswith(ours) and line[len(ours):len(ours) + 1] in ("", ":", ".", "[", " "):
+        if len(ours) > len(best) and line.startswith(ours) and line[len(ours) : len(ours) + 1] in ("", ":", ".", "[", " "):
             best = ours
     if not best:
         return line
     written = origins[best]
-    return written + line[len(best):] if best != written else line
+    return written + line[len(best) :] if best != written else line

@@ -138,8 +138,7 @@ class ConnectionManager:
         if len(connected) <= self.high:
             return []
         now = self.clock()
-        keep = {peer for peer in connected
-                if self.is_protected(peer) or now - self._since.get(peer, now) < self.grace}
+        keep = {peer for peer in connected if self.is_protected(peer) or now - self._since.get(peer, now) < self.grace}
         room = self.low - len(keep)
         closable = sorted(connected - keep)
         if room > 0 and closable:

@@ -46,8 +46,9 @@ def render(name: str, executable: str, config_file: str = SHIPPED_CONFIG) -> str
     return shipped(name).replace(SHIPPED_EXECUTABLE, executable).replace(SHIPPED_CONFIG, config_file)
 
 
-def install(prefix: Path, *, openrc: bool = False, config_file: str = SHIPPED_CONFIG,
-            executable: str | None = None) -> list[Path]:
+def install(
+    prefix: Path, *, openrc: bool = False, config_file: str = SHIPPED_CONFIG, executable: str | None = None
+) -> list[Path]:
     """Write the unit (or the OpenRC script) below ``prefix``; returns the paths written."""
     name, relative, mode = OPENRC if openrc else UNIT
     text = render(name, executable or kairos_executable(), config_file)

@@ -29,8 +29,10 @@ from .plugins import hookimpl
 # soft_wrap: a socket path must stay one line, whatever the terminal's width (or a pipe's).
 console = Console(soft_wrap=True, highlight=False)
 
-EPOCH_NOTE = ("the epoch counts leaders: each new leader takes the next number, and everything a leader writes "
-              "carries it, so a deposed leader's late writes lose to its successor's")
+EPOCH_NOTE = (
+    "the epoch counts leaders: each new leader takes the next number, and everything a leader writes "
+    "carries it, so a deposed leader's late writes lose to its successor's"
+)
 
 
 class Narration:
@@ -71,8 +73,7 @@ class Narration:
         if epoch in self.epochs:
             return
         self.epochs.add(epoch)
-        console.print(f"{self.stamp()} [bold]leader[/bold] is {self.name(leader)}, epoch {epoch} "
-                      f"(first seen by {observer})")
+        console.print(f"{self.stamp()} [bold]leader[/bold] is {self.name(leader)}, epoch {epoch} (first seen by {observer})")
         if not self.explained_epoch:
             self.explained_epoch = True
             console.print(f"         ({EPOCH_NOTE})")
@@ -99,8 +100,9 @@ class Narrator:
     def on_ledger_update(self, node, update):
         """Remote writes to the demo bucket."""
         if update.bucket == "demo" and not update.local:
-            console.print(f"{self.narration.stamp()} [cyan]{self.label}[/cyan] received "
-                          f"{update.bucket}/{update.key} = {update.value!r}")
+            console.print(
+                f"{self.narration.stamp()} [cyan]{self.label}[/cyan] received {update.bucket}/{update.key} = {update.value!r}"
+            )
 
 
 async def run_demo(count: int, seconds: float | None) -> None:
@@ -159,5 +161,7 @@ async def _fail_over(network: LocalNetwork, narration: Narration) -> None:
     await network.wait_for(lambda: all(n.leader and n.leader[0] != leader_id for n in network.running()), timeout=30)
     took = time.monotonic() - stopped_at
     new_id, new_epoch = network.running()[0].leader
-    console.print(f"{narration.stamp()} [green]fail-over took {took:.2f} s[/green]: every remaining node follows "
-                  f"{narration.name(new_id)}, epoch {new_epoch}")
+    console.print(
+        f"{narration.stamp()} [green]fail-over took {took:.2f} s[/green]: every remaining node follows "
+        f"{narration.name(new_id)}, epoch {new_epoch}"
+    )

@@ -95,8 +95,9 @@ class DialManager:
         self.scan_every = max(1, round(address_scan_interval / interval))
         self.counters: Counter[str] = Counter() if counters is None else counters
         self.connections = ConnectionManager(self_id, host, self._dial_candidate, low=low, high=high, grace=grace)
-        self.dialer = Dialer(self_id, host.connect, host.is_admitted,
-                             should_dial=lambda peer_id: not self.connections.saturated())
+        self.dialer = Dialer(
+            self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: not self.connections.saturated()
+        )
         self._candidates: dict[str, list[str]] = {}
         self._addresses: list[str] = host.addresses()
         self._passes = 0

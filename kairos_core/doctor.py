@@ -108,8 +108,13 @@ async def diagnose(node: Node) -> list[dict[str, Any]]:
     results = [_token(node), _clock(node, counters), _discovery(node, status)]
     results += await _bootstrap(node)
     counters = node.status()["counters"]  # the probes may have counted refusals
-    results += [_admission(node, counters), _peers(node, status), _leader(node, status),
-                _reachability(node, status), _plugins(status)]
+    results += [
+        _admission(node, counters),
+        _peers(node, status),
+        _leader(node, status),
+        _reachability(node, status),
+        _plugins(status),
+    ]
     vpn = _vpn(status, counters)
     if vpn is not None:
         results.append(vpn)
@@ -121,10 +126,13 @@ def _token(node: Node) -> dict[str, Any]:
     interval = token.crypto.interval
     window = node.schedule.seal_window(now)
     rotates = interval - now % interval
-    return check("token", OK,
-                 f"fingerprint {token.fingerprint}, network {node.network_id}, crypto OTP window {window} "
-                 f"(every {interval} s, rotates in {rotates:.0f} s; windows w-1..w+1 accepted, so clocks may "
-                 f"differ by up to {interval} s)")
+    return check(
+        "token",
+        OK,
+        f"fingerprint {token.fingerprint}, network {node.network_id}, crypto OTP window {window} "
+        f"(every {interval} s, rotates in {rotates:.0f} s; windows w-1..w+1 accepted, so clocks may "
+        f"differ by up to {interval} s)",
+    )
 
 
 def _clock(node: Node, counters: dict[str, Any]) -> dict[str, Any]:
@@ -133,16 +141,24 @@ def _clock(node: Node, counters: dict[str, Any]) -> dict[str, Any]:
     offsets = node.clock_offsets.offsets()
     hint = "run NTP (chrony, systemd-timesyncd) on every machine"
     if refused:
-        return check("clock", FAIL, f"{refused} ledger entries refused as stamped more than {max_drift:.0f} s in the "
-                                    "future: a peer's clock is ahead of ours", hint)
+        return check(
+            "clock",
+            FAIL,
+            f"{refused} ledger entries refused as stamped more than {max_drift:.0f} s in the "
+            "future: a peer's clock is ahead of ours",
+            hint,
+        )
     if not offsets:
         return check("clock", OK, "no peer entry received yet to compare clocks with")
     peer, offset = max(offsets.items(), key=lambda item: abs(item[1]))
-    detail = (f"{len(offsets)} peer clocks compared; the furthest, {peer}, is {abs(offset):.1f} s "
-              f"{'ahead of' if offset >= 0 else 'behind'} ours (estimate)")
+    detail = (
+        f"{len(offsets)} peer clocks compared; the furthest, {peer}, is {abs(offset):.1f} s "
+        f"{'ahead of' if offset >= 0 else 'behind'} ours (estimate)"
+    )
     if abs(offset) > max_drift / 2:
-        return check("clock", FAIL, detail + f": beyond half of ledger.max_clock_drift ({max_drift:.0f} s), "
-                                             "writes get refused", hint)
+        return check(
+            "clock", FAIL, detail + f": beyond half of ledger.max_clock_drift ({max_drift:.0f} s), writes get refused", hint
+        )
     if abs(offset) > CLOCK_WARN_SECONDS:
         return check("clock", WARN, detail, hint)
     return check("clock", OK, detail)
@@ -152,8 +168,10 @@ def _discovery(node: Node, status: dict[str, Any]) -> dict[str, Any]:
     p2p = node.config["p2p"]
     running = {type(d).__name__ for d in node._discovery}
     parts = []
-    for source, label, disabled, cls in (("mdns", "mDNS", p2p["disable_mdns"], "MDNSDiscovery"),
-                                         ("dht", "DHT", p2p["disable_dht"], "DHTRendezvous")):
+    for source, label, disabled, cls in (
+        ("mdns", "mDNS", p2p["disable_mdns"], "MDNSDiscovery"),
+        ("dht", "DHT", p2p["disable_dht"], "DHTRendezvous"),
+    ):
         if disabled:
             parts.append(f"{label} off")
         elif cls not in running:
@@ -166,8 +184,9 @@ def _discovery(node: Node, status: dict[str, Any]) -> dict[str, Any]:
     detail = "; ".join(parts)
     nothing = p2p["disable_mdns"] and p2p["disable_dht"] and not bootstrap
     if nothing and not status["admitted"]:
-        return check("discovery", FAIL, detail + ": nothing can find peers",
-                     "enable mDNS (LAN) or the DHT, or list p2p.bootstrap_peers")
+        return check(
+            "discovery", FAIL, detail + ": nothing can find peers", "enable mDNS (LAN) or the DHT, or list p2p.bootstrap_peers"
+        )
     if any("could not start" in part for part in parts):
         return check("discovery", WARN, detail, "mDNS needs multicast on an interface; the log says what failed")
     if nothing:
@@ -194,9 +213,11 @@ async def _bootstrap(node: Node) -> list[dict[str, Any]]:
             refused = node.host.refusal_reason(peer_id) if node.host is not None else None
             if refused and refused not in reason:  # the dial saw the hang-up; the verdict says why
                 reason += f" (admission refused: {refused})"
-            hint = ("it holds another network token: compare `kairos token show` on both machines"
-                    if "network token" in reason or "refused our proof" in reason else
-                    "is it running, and is its port open from here?")
+            hint = (
+                "it holds another network token: compare `kairos token show` on both machines"
+                if "network token" in reason or "refused our proof" in reason
+                else "is it running, and is its port open from here?"
+            )
             return check("bootstrap", FAIL, f"{address}: not reachable: {reason}", hint)
         return check("bootstrap", OK, f"{address}: reachable, admitted now")
 
@@ -205,19 +226,31 @@ async def _bootstrap(node: Node) -> list[dict[str, Any]]:
 
 def _admission(node: Node, counters: dict[str, Any]) -> dict[str, Any]:
     admitted = counters.get("p2p_admission_ok", 0)
-    refused = {name.removeprefix("p2p_admission_refused_"): value for name, value in counters.items()
-               if name.startswith("p2p_admission_refused_") and value}
+    refused = {
+        name.removeprefix("p2p_admission_refused_"): value
+        for name, value in counters.items()
+        if name.startswith("p2p_admission_refused_") and value
+    }
     if not refused:
         return check("admission", OK, f"{admitted} admissions, none refused")
-    words = {"token": "the peer holds another network token", "timeout": "the handshake timed out",
-             "revoked": "the peer is revoked", "protocol": "the peer does not speak the admission protocol",
-             "hangup": "the peer hung up during the handshake (it may hold another network token)"}
+    words = {
+        "token": "the peer holds another network token",
+        "timeout": "the handshake timed out",
+        "revoked": "the peer is revoked",
+        "protocol": "the peer does not speak the admission protocol",
+        "hangup": "the peer hung up during the handshake (it may hold another network token)",
+    }
     detail = f"{admitted} admissions; refused: " + ", ".join(
-        f"{value} × {words.get(kind, kind)}" for kind, value in sorted(refused.items()))
+        f"{value} × {words.get(kind, kind)}" for kind, value in sorted(refused.items())
+    )
     if "token" in refused:
-        return check("admission", FAIL, detail,
-                     f"every node needs the same p2p.network_token: this node's fingerprint is "
-                     f"{node.token.fingerprint} (`kairos token show` prints a token's)")
+        return check(
+            "admission",
+            FAIL,
+            detail,
+            f"every node needs the same p2p.network_token: this node's fingerprint is "
+            f"{node.token.fingerprint} (`kairos token show` prints a token's)",
+        )
     return check("admission", WARN, detail, "a slow link or an incompatible version; the log names the peers")
 
 
@@ -226,10 +259,14 @@ def _peers(node: Node, status: dict[str, Any]) -> dict[str, Any]:
     if members:
         return check("peers", OK, f"{members} alive besides this node, {admitted} connected")
     found = sum(len(sample.peers) for sample in node.discovered.values())
-    detail = (f"no peer alive; {admitted} connected, discovery reported {found} "
-              f"{'peer' if found == 1 else 'peers'}")
-    return check("peers", WARN, detail, "start another node with the same token on this LAN, or list one in "
-                                        "p2p.bootstrap_peers; the checks above say what was tried")
+    detail = f"no peer alive; {admitted} connected, discovery reported {found} {'peer' if found == 1 else 'peers'}"
+    return check(
+        "peers",
+        WARN,
+        detail,
+        "start another node with the same token on this LAN, or list one in "
+        "p2p.bootstrap_peers; the checks above say what was tried",
+    )
 
 
 def _leader(node: Node, status: dict[str, Any]) -> dict[str, Any]:
@@ -246,8 +283,12 @@ def _leader(node: Node, status: dict[str, Any]) -> dict[str, Any]:
         reason = "no election has finished yet"
     else:
         reason = "no candidate has a majority of the members yet"
-    return check("leader", WARN, f"no leader: {reason}", "wait a lease period (election.lease_seconds); "
-                                                          "`kairos peers --all` shows whom this node counts")
+    return check(
+        "leader",
+        WARN,
+        f"no leader: {reason}",
+        "wait a lease period (election.lease_seconds); `kairos peers --all` shows whom this node counts",
+    )
 
 
 def _address_scope(address: str) -> str:
@@ -281,8 +322,9 @@ def _reachability(node: Node, status: dict[str, Any]) -> dict[str, Any]:
         if state == "private":
             detail += f"; {len(relays)} {'relay' if len(relays) == 1 else 'relays'} holding a reservation for it"
             if not relays and not status["members"]:
-                return check("reachability", WARN, detail,
-                             "behind NAT without a relay: bootstrap from a public node (p2p.bootstrap_peers)")
+                return check(
+                    "reachability", WARN, detail, "behind NAT without a relay: bootstrap from a public node (p2p.bootstrap_peers)"
+                )
     elif "public" not in scopes:
         detail += "; no public address: peers outside these networks reach it only if it dials them"
     return check("reachability", OK, detail)
@@ -292,8 +334,12 @@ def _plugins(status: dict[str, Any]) -> dict[str, Any]:
     states = status.get("states") or {}
     if not states:
         return check("plugins", OK, "no plugin waits for anything")
-    return check("plugins", WARN, "; ".join(f"{plugin} {state}" for plugin, state in sorted(states.items())),
-                 "`kairos status` shows the same; the plugin's log lines say more")
+    return check(
+        "plugins",
+        WARN,
+        "; ".join(f"{plugin} {state}" for plugin, state in sorted(states.items())),
+        "`kairos status` shows the same; the plugin's log lines say more",
+    )
 
 
 def _vpn(status: dict[str, Any], counters: dict[str, Any]) -> dict[str, Any] | None:
@@ -344,7 +390,11 @@ class Progress:
             return
         leader = status["leader"]
         members = status["members"]
-        self._write(escape_control(
-            f"kairos: ready: {members} {'peer' if members == 1 else 'peers'}, leader "
-            f"{'this node' if status['is_leader'] else leader['peer_id']} (epoch {leader['epoch']})") + "\n")
+        self._write(
+            escape_control(
+                f"kairos: ready: {members} {'peer' if members == 1 else 'peers'}, leader "
+                f"{'this node' if status['is_leader'] else leader['peer_id']} (epoch {leader['epoch']})"
+            )
+            + "\n"
+        )
         self.done = True

@@ -93,7 +93,7 @@ def parse_lease(network_id: str, key: str, value: Any, owner: str) -> Lease | No
     prefix = f"{network_id}:"
     if not key.startswith(prefix) or not isinstance(value, dict):
         return None
-    epoch_text, _, peer = key[len(prefix):].partition(":")
+    epoch_text, _, peer = key[len(prefix) :].partition(":")
     if not (epoch_text.isdigit() and len(epoch_text) <= 12):
         return None
     epoch = int(epoch_text)
@@ -101,7 +101,9 @@ def parse_lease(network_id: str, key: str, value: Any, owner: str) -> Lease | No
         return None
     claimed = value.get("claimed")
     if (
-        peer != owner or value.get("peer") != owner or value.get("epoch") != epoch
+        peer != owner
+        or value.get("peer") != owner
+        or value.get("epoch") != epoch
         or value.get("state") not in ("claim", "held")
         or not (isinstance(claimed, list) and len(claimed) == 2 and all(type(c) is int for c in claimed))
     ):
@@ -305,8 +307,13 @@ class Election:
         else:
             version = self.ledger.clock.tick()
             claimed = [version[0], version[1]]
-        value = {"peer": self.peer_id, "epoch": epoch, "state": state, "claimed": claimed,
-                 "expires": round(self.wall() + self.lease_seconds, 3)}  # informative: others use their own clock
+        value = {
+            "peer": self.peer_id,
+            "epoch": epoch,
+            "state": state,
+            "claimed": claimed,
+            "expires": round(self.wall() + self.lease_seconds, 3),
+        }  # informative: others use their own clock
         self.ledger.set(LEADER_BUCKET, key, value)
 
     def _renew(self, epoch: int) -> None:

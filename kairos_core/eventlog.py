@@ -19,8 +19,7 @@ def on_peer(node: "Node", event: "PeerEvent") -> None:
     """Log joins and leaves at INFO, entry updates at DEBUG."""
     level = logging.DEBUG if event.kind == "updated" else logging.INFO
     hostname = event.info.get("hostname") if event.info else None
-    log.log(level, "peer %s %s%s", event.kind, event.peer_id, f" ({hostname})" if hostname else "",
-            extra={"peer": event.peer_id})
+    log.log(level, "peer %s %s%s", event.kind, event.peer_id, f" ({hostname})" if hostname else "", extra={"peer": event.peer_id})
 
 
 @hookimpl
@@ -34,5 +33,12 @@ def on_leader_elected(node: "Node", leader: str, epoch: int) -> None:
 def on_ledger_update(node: "Node", update: "LedgerUpdate") -> None:
     """Log ledger changes at DEBUG: they are frequent."""
     action = "deleted" if update.deleted else "set"
-    log.debug("ledger %s/%s %s by %s%s", update.bucket, update.key, action, update.owner,
-              " (local)" if update.local else "", extra={"peer": update.owner, "bucket": update.bucket, "key": update.key})
+    log.debug(
+        "ledger %s/%s %s by %s%s",
+        update.bucket,
+        update.key,
+        action,
+        update.owner,
+        " (local)" if update.local else "",
+        extra={"peer": update.owner, "bucket": update.bucket, "key": update.key},
+    )

@@ -52,7 +52,7 @@ def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
     prefix = _IDENTITY_MULTIHASH_PREFIX + _ED25519_PROTO_PREFIX
     if len(raw) != len(prefix) + 32 or not raw.startswith(prefix):
         raise ValueError(f"not an ed25519 peer id: {peer_id[:60]!r}")
-    return Ed25519PublicKey.from_public_bytes(raw[len(prefix):])
+    return Ed25519PublicKey.from_public_bytes(raw[len(prefix) :])
 
 
 def verify_signature(peer_id: str, signature: bytes, data: bytes) -> bool:
@@ -90,9 +90,7 @@ class Identity:
     @property
     def public_bytes(self) -> bytes:
         """The raw 32-byte public key."""
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
     @property
     def peer_id(self) -> str:
@@ -125,8 +123,7 @@ def load_or_create_identity(state_dir: Path | str) -> Identity:
         raise IdentityError(f"cannot read identity {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise IdentityError(
-            f"identity {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
-            f"run: chmod 600 {path}"
+            f"identity {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
         )
     try:
         key = serialization.load_pem_private_key(data, password=None)

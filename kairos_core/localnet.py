@@ -45,11 +45,17 @@ class LocalNetwork:
         self.token = token or generate_token()
         self.nodes: list[Any] = []
 
-    def make_config(self, name: str, overrides: dict[str, Any] | None = None, manager: KairosPluginManager | None = None) -> Config:
+    def make_config(
+        self, name: str, overrides: dict[str, Any] | None = None, manager: KairosPluginManager | None = None
+    ) -> Config:
         """The config of one node: loopback, discovery off, API socket in its state dir."""
         raw: dict[str, Any] = {
-            "p2p": {"network_token": self.token.encode(), "listen": ["/ip4/127.0.0.1/tcp/0"],
-                    "disable_mdns": True, "disable_dht": True},
+            "p2p": {
+                "network_token": self.token.encode(),
+                "listen": ["/ip4/127.0.0.1/tcp/0"],
+                "disable_mdns": True,
+                "disable_dht": True,
+            },
             "node": {"state_dir": str(self.root / name), "hostname": name},
         }
         for section, values in (overrides or {}).items():
@@ -57,8 +63,12 @@ class LocalNetwork:
         return resolve_config(raw, manager or make_plugin_manager(autoload=False), env={})
 
     async def add_node(
-        self, plugins: Iterable[object] = (), overrides: dict[str, Any] | None = None,
-        autoload: bool = False, connect: bool = True, name: str | None = None,
+        self,
+        plugins: Iterable[object] = (),
+        overrides: dict[str, Any] | None = None,
+        autoload: bool = False,
+        connect: bool = True,
+        name: str | None = None,
     ):
         """Start one more node and (by default) connect it to every running node."""
         from .node import Node

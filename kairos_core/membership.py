@@ -210,7 +210,8 @@ class Membership:
         """Peers to reconnect to: alive within ``horizon``, or known from disk for less than that."""
         now = self.clock()
         return self.recently_alive(horizon) | {
-            peer_id for peer_id, state in self._peers.items()
+            peer_id
+            for peer_id, state in self._peers.items()
             if state.remembered_at is not None and now - state.remembered_at < horizon and peer_id not in self.excluded
         }
 
@@ -218,7 +219,8 @@ class Membership:
         """Peers alive now or within the last ``horizon`` seconds (the electorate of a quorum)."""
         now = self.clock()
         return {
-            peer_id for peer_id, state in self._peers.items()
+            peer_id
+            for peer_id, state in self._peers.items()
             if peer_id not in self.excluded
             and (state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon))
         }
@@ -282,16 +284,22 @@ class Membership:
         """Peers reached from us through vouchers: connected to us, or named by a reached peer
         whose entry is fresh (see the module docstring)."""
         excluded = self.excluded
-        reached = {peer_id for peer_id, state in self._peers.items()
-                   if state.connected and not state.foreign and peer_id not in excluded}
+        reached = {
+            peer_id for peer_id, state in self._peers.items() if state.connected and not state.foreign and peer_id not in excluded
+        }
         frontier = list(reached)
         while frontier:
             state = self._peers[frontier.pop()]
             if not self._fresh(state):
                 continue  # an entry not renewed for a TTL vouches for nobody any more
             for peer_id in state.neighbours:
-                if (peer_id not in reached and peer_id != self.self_id and peer_id in self._peers
-                        and not self._peers[peer_id].foreign and peer_id not in excluded):
+                if (
+                    peer_id not in reached
+                    and peer_id != self.self_id
+                    and peer_id in self._peers
+                    and not self._peers[peer_id].foreign
+                    and peer_id not in excluded
+                ):
                     reached.add(peer_id)
                     frontier.append(peer_id)
         return reached

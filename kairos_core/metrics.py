@@ -78,7 +78,7 @@ CORE_HELP: dict[str, str] = {
     "p2p_admission_failed": "Admission handshakes that failed, all reasons.",
     "p2p_admission_refused_token": "Admissions refused: the peer does not hold this network token (or refused ours).",
     "p2p_admission_refused_hangup": "Admissions refused: the peer closed the handshake early (a dialler does when "
-                                    "our proof fails: usually another network token).",
+    "our proof fails: usually another network token).",
     "p2p_admission_refused_revoked": "Admissions refused: the peer is revoked.",
     "p2p_admission_revoked": "Admissions of revoked peers refused before any handshake.",
     "ledger_rejected_revoked": "Remote ledger entries refused: written by a revoked peer.",
@@ -224,8 +224,17 @@ class MetricRegistry:
         return metric
 
 
-_CORE_GAUGES = {"members_alive", "connections", "is_leader", "leader_epoch", "ledger_entries", "vpn_peers",
-                "p2p_bytes", "vpn_bytes", "uptime_seconds"}
+_CORE_GAUGES = {
+    "members_alive",
+    "connections",
+    "is_leader",
+    "leader_epoch",
+    "ledger_entries",
+    "vpn_peers",
+    "p2p_bytes",
+    "vpn_bytes",
+    "uptime_seconds",
+}
 
 
 class NodeCollector:
@@ -297,8 +306,9 @@ class NodeCollector:
             help = metric.help if metric is not None else core_help(name) or UNDECLARED_HELP.format(name=name)
             yield CounterMetricFamily(metric_name(name), help, value=value)
         for base, values in sorted(by_protocol.items()):
-            family = CounterMetricFamily(metric_name(base), core_help(base) or UNDECLARED_HELP.format(name=base),
-                                         labels=["protocol"])
+            family = CounterMetricFamily(
+                metric_name(base), core_help(base) or UNDECLARED_HELP.format(name=base), labels=["protocol"]
+            )
             for protocol, value in values:
                 family.add_metric([protocol], value)
             yield family
@@ -323,4 +333,3 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise KairosError(f"api.metrics_listen: {text!r} is not host:port (e.g. 127.0.0.1:9464)")
     return host, int(port)
-

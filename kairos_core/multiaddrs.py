@@ -62,8 +62,10 @@ def is_concrete(text: object) -> bool:
 
 def has_wildcard(parts: Components) -> bool:
     """True when parsed ``components`` hold a wildcard IP (``0.0.0.0``, ``::``)."""
-    return any(protocol in ("ip4", "ip6") and value is not None and ipaddress.ip_address(value).is_unspecified
-               for protocol, value in parts)
+    return any(
+        protocol in ("ip4", "ip6") and value is not None and ipaddress.ip_address(value).is_unspecified
+        for protocol, value in parts
+    )
 
 
 def with_host(text: str, ip: str) -> str:

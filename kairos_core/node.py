@@ -138,26 +138,47 @@ class Node:
         # A token rotated since the config was written is in the state dir (kairos_core.rotation).
         self.schedule, replaced = schedule_at_start(self.config.network_token, self.config.state_dir)
         self.token = self.schedule.token
-        self.rotator = Rotator(self.identity, self.ledger, self.schedule, self.config.state_dir, replaced,
-                               lease_holder=self.lease_holder, members=self._rotation_members,
-                               on_rotated=self._token_rotated)
+        self.rotator = Rotator(
+            self.identity,
+            self.ledger,
+            self.schedule,
+            self.config.state_dir,
+            replaced,
+            lease_holder=self.lease_holder,
+            members=self._rotation_members,
+            on_rotated=self._token_rotated,
+        )
         self._spawn(self._deliver_hooks(self._leader_events), "leader-hooks")
 
         listen = list(p2p.listen) or [f"/ip4/0.0.0.0/tcp/{p2p.port}"]
         self.host = P2PHost(
-            self.identity, self.schedule, listen, max_message_size=self.token.max_message_size,
-            on_peer_admitted=self._peer_admitted, on_peer_disconnected=self._peer_disconnected,
-            relay=RelayLimits(enable=p2p.relay.enable, max_circuits=p2p.relay.max_circuits,
-                              max_bytes=p2p.relay.max_bytes, max_duration=p2p.relay.max_duration),
+            self.identity,
+            self.schedule,
+            listen,
+            max_message_size=self.token.max_message_size,
+            on_peer_admitted=self._peer_admitted,
+            on_peer_disconnected=self._peer_disconnected,
+            relay=RelayLimits(
+                enable=p2p.relay.enable,
+                max_circuits=p2p.relay.max_circuits,
+                max_bytes=p2p.relay.max_bytes,
+                max_duration=p2p.relay.max_duration,
+            ),
         )
         self.host.on_died = self._host_died
         await self.host.revoke(self.revocations.revoked)  # the gate refuses them from the start
         await self.host.start()
         horizon = self.config.section("election").quorum_horizon
         self.dial_manager = DialManager(
-            self.peer_id, self.host, lambda: self.membership.worth_dialling(horizon), self._advertised_addresses,
-            addresses_changed=self._neighbours_changed, counters=self.counters,
-            low=p2p.connections.low, high=p2p.connections.high, grace=connections_module.GRACE,
+            self.peer_id,
+            self.host,
+            lambda: self.membership.worth_dialling(horizon),
+            self._advertised_addresses,
+            addresses_changed=self._neighbours_changed,
+            counters=self.counters,
+            low=p2p.connections.low,
+            high=p2p.connections.high,
+            grace=connections_module.GRACE,
         )
         self.dialer, self.connections = self.dial_manager.dialer, self.dial_manager.connections
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
@@ -185,10 +206,15 @@ class Node:
         await self._start_discovery()
         election = self.config.section("election")
         self.election = Election(
-            self.peer_id, self.ledger, self.membership, self._emit_leader,
-            network_id=self.network_id, lease_seconds=election.lease_seconds,
+            self.peer_id,
+            self.ledger,
+            self.membership,
+            self._emit_leader,
+            network_id=self.network_id,
+            lease_seconds=election.lease_seconds,
             eligible=self.leader_eligible,
-            require_majority=election.require_majority, quorum_horizon=election.quorum_horizon,
+            require_majority=election.require_majority,
+            quorum_horizon=election.quorum_horizon,
             probe=self._probe,
         )
         self.election.start()
@@ -303,15 +329,17 @@ class Node:
         if own is not None:
             return own
         if self.election is not None:
-            lease = winner([lease for lease in self.election.leases()
-                            if lease.epoch == epoch and self.election.credible(lease)])
+            lease = winner([lease for lease in self.election.leases() if lease.epoch == epoch and self.election.credible(lease)])
             if lease is not None:
                 return lease.peer
         if self.membership is None:
             return None
         horizon = self.config.section("election").quorum_horizon
-        votes = Counter(record for peer in self.membership.recently_alive(horizon)
-                        if (record := self._epoch_record(peer).get(str(epoch))) is not None)
+        votes = Counter(
+            record
+            for peer in self.membership.recently_alive(horizon)
+            if (record := self._epoch_record(peer).get(str(epoch))) is not None
+        )
         return votes.most_common(1)[0][0] if votes else None
 
     def _epoch_record(self, peer_id: str) -> dict[str, str]:
@@ -547,7 +575,9 @@ class Node:
                 raise PluginError(f"plugin {plugin}: kairos_ledger_policies must return a mapping of bucket names to policies")
             for bucket, policy in declared.items():
                 if not isinstance(bucket, str) or not bucket or not callable(getattr(policy, "allows", None)):
-                    raise PluginError(f"plugin {plugin}: kairos_ledger_policies maps {bucket!r} to {policy!r}, not to a write policy")
+                    raise PluginError(
+                        f"plugin {plugin}: kairos_ledger_policies maps {bucket!r} to {policy!r}, not to a write policy"
+                    )
                 if bucket in DEFAULT_POLICIES:
                     raise PluginError(f"plugin {plugin}: bucket {bucket!r} is the core's; its policy cannot be replaced")
                 if bucket in owners:
@@ -571,8 +601,13 @@ class Node:
         if not p2p["disable_dht"]:
             from .discovery.dht import DHTRendezvous
 
-            dht = DHTRendezvous(self.host, self.schedule, self._discovered_by("dht"), list(p2p["bootstrap_peers"]),
-                                saturated=self.connections.saturated)
+            dht = DHTRendezvous(
+                self.host,
+                self.schedule,
+                self._discovered_by("dht"),
+                list(p2p["bootstrap_peers"]),
+                saturated=self.connections.saturated,
+            )
             await self._start_one(dht, "DHT")
 
     async def _start_one(self, discovery: Any, name: str) -> None:
@@ -585,10 +620,12 @@ class Node:
 
     def _discovered_by(self, source: str):
         """The callback of one discovery: counts what it finds (kairos doctor shows it)."""
+
         async def discovered(peer_id: str, addrs: list[str]) -> None:
             self.counters[f"discovered_{source}"] += 1
             self.discovered[source].add(peer_id)
             await self._discovered(peer_id, addrs)
+
         return discovered
 
     async def _discovered(self, peer_id: str, addrs: list[str]) -> None:
@@ -734,9 +771,14 @@ class Node:
         return task
 
 
-async def run_node(config: Config, manager: KairosPluginManager | None = None, *,
-                   reload: Callable[[], None] | None = None, progress: Callable[[Node], None] | None = None,
-                   progress_interval: float = 0.5) -> None:
+async def run_node(
+    config: Config,
+    manager: KairosPluginManager | None = None,
+    *,
+    reload: Callable[[], None] | None = None,
+    progress: Callable[[Node], None] | None = None,
+    progress_interval: float = 0.5,
+) -> None:
     """Run a node until SIGINT or SIGTERM, then stop it cleanly.
 
     Under systemd (``Type=notify``) it says ``READY=1`` once the node is up and feeds the watchdog

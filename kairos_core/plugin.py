@@ -47,15 +47,44 @@ from .plugins import hookimpl
 from .schema import SKIP, Alias, Option, Section, text_list, text_value
 
 __all__ = [
-    "Alias", "APIClient", "CORE_BUCKETS", "CORE_PROTOCOLS", "ConfigError", "Entry", "KairosError", "LedgerError",
-    "LedgerUpdate", "LedgerView", "Metric", "NodeView", "OPEN", "OWNER_KEYED", "OpenPolicy", "Option", "PeerEvent", "SKIP", "Section", "Stream",
-    "StreamHandler", "WritePolicy", "emit_json", "hookimpl", "hookspec", "json_option", "pass_context",
-    "multiaddr_ip", "socket_option", "text_list", "text_value",
+    "Alias",
+    "APIClient",
+    "CORE_BUCKETS",
+    "CORE_PROTOCOLS",
+    "ConfigError",
+    "Entry",
+    "KairosError",
+    "LedgerError",
+    "LedgerUpdate",
+    "LedgerView",
+    "Metric",
+    "NodeView",
+    "OPEN",
+    "OWNER_KEYED",
+    "OpenPolicy",
+    "Option",
+    "PeerEvent",
+    "SKIP",
+    "Section",
+    "Stream",
+    "StreamHandler",
+    "WritePolicy",
+    "emit_json",
+    "hookimpl",
+    "hookspec",
+    "json_option",
+    "pass_context",
+    "multiaddr_ip",
+    "socket_option",
+    "text_list",
+    "text_value",
 ]
 
 #: Buckets the core writes; plugins read them, never write them.
-CORE_BUCKETS = {"nodes": "each node's advertisement and heartbeat (owner-keyed)",
-                "leader": "leader leases, one key per epoch and claimant"}
+CORE_BUCKETS = {
+    "nodes": "each node's advertisement and heartbeat (owner-keyed)",
+    "leader": "leader leases, one key per epoch and claimant",
+}
 #: Protocols the core serves; a plugin's protocol ids must differ (``/kairos/<plugin>/…``).
 CORE_PROTOCOLS = {"/kairos/admit/1.0.0": "admission", "/kairos/sync/1.0.0": "ledger anti-entropy"}
 

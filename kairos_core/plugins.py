@@ -206,14 +206,16 @@ def _record_failure(result: HookResult, plugin: str, hook_name: str, error: Base
         log.error("plugin %s: hook %s timed out", plugin, hook_name)
     else:
         log.error(
-            "plugin %s: hook %s failed: %s: %s", plugin, hook_name, type(error).__name__, error,
+            "plugin %s: hook %s failed: %s: %s",
+            plugin,
+            hook_name,
+            type(error).__name__,
+            error,
             exc_info=(type(error), error, error.__traceback__) if log.isEnabledFor(logging.DEBUG) else None,
         )
 
 
-async def call_hook(
-    manager: KairosPluginManager, hook_name: str, timeout: float | None = None, **kwargs: Any
-) -> HookResult:
+async def call_hook(manager: KairosPluginManager, hook_name: str, timeout: float | None = None, **kwargs: Any) -> HookResult:
     """Call every implementation of ``hook_name``; await async ones concurrently, each under a timeout.
 
     Never raises because of a plugin: failures are logged with the plugin's name and returned.

@@ -88,7 +88,9 @@ class StreamSyncChannel:
 class Replicator:
     """Keeps one ledger in step with every admitted peer."""
 
-    def __init__(self, ledger: Ledger, host: P2PHost, sealer: Sealer, *, sync_interval: float = CORE_DEFAULTS["ledger"]["sync_interval"]) -> None:
+    def __init__(
+        self, ledger: Ledger, host: P2PHost, sealer: Sealer, *, sync_interval: float = CORE_DEFAULTS["ledger"]["sync_interval"]
+    ) -> None:
         self.ledger = ledger
         self.host = host
         self.sealer = sealer

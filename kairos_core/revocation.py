@@ -164,8 +164,13 @@ class Revocations:
             return frozenset()
         self._in_force.update(new)
         for record in new.values():
-            log.warning("peer %s revoked by the leader %s (epoch %d)%s", record.peer, record.by, record.epoch,
-                        f": {record.reason}" if record.reason else "")
+            log.warning(
+                "peer %s revoked by the leader %s (epoch %d)%s",
+                record.peer,
+                record.by,
+                record.epoch,
+                f": {record.reason}" if record.reason else "",
+            )
         peers = frozenset(new)
         self.on_revoked(peers)
         return peers
@@ -188,8 +193,7 @@ class Revocations:
         holder, epoch = leader
         if holder != self.self_id:
             raise KairosError(f"only the leader may revoke a peer: the leader is {holder} (epoch {epoch}); run this there")
-        value = {"peer": peer, "by": self.self_id, "epoch": epoch, "at": round(time.time(), 3),
-                 "reason": reason[:MAX_REASON]}
+        value = {"peer": peer, "by": self.self_id, "epoch": epoch, "at": round(time.time(), 3), "reason": reason[:MAX_REASON]}
         self.ledger.set(REVOKED_BUCKET, revocation_key(peer, self.self_id), value)
         self.refresh()
         record = self._in_force.get(peer)

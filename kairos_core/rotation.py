@@ -107,8 +107,17 @@ class Rotation:
 
     def associated_data(self) -> bytes:
         """What the box authenticates besides the token (every other field)."""
-        return json.dumps([self.member, self.by, self.epoch, self.fingerprint, self.replaces,
-                           self.grace_until, base64.b64encode(self.eph).decode()]).encode()
+        return json.dumps(
+            [
+                self.member,
+                self.by,
+                self.epoch,
+                self.fingerprint,
+                self.replaces,
+                self.grace_until,
+                base64.b64encode(self.eph).decode(),
+            ]
+        ).encode()
 
 
 def parse_rotation(key: str, value: Any, owner: str) -> Rotation | None:
@@ -136,8 +145,9 @@ def _box_cipher(shared: bytes, eph: bytes, member_public: bytes) -> AESGCM:
     return AESGCM(derive(shared + eph + member_public, LABEL_BOX))
 
 
-def seal_token(token: NetworkToken, member: str, member_box: str, *, by: str, epoch: int,
-               replaces: str, grace_until: float) -> dict[str, Any]:
+def seal_token(
+    token: NetworkToken, member: str, member_box: str, *, by: str, epoch: int, replaces: str, grace_until: float
+) -> dict[str, Any]:
     """The record value sealing ``token`` to ``member`` (its published box key)."""
     public = _b64(member_box, 32)
     if public is None:
@@ -148,9 +158,17 @@ def seal_token(token: NetworkToken, member: str, member_box: str, *, by: str, ep
     nonce = os.urandom(NONCE_BYTES)
     record = Rotation(member, by, epoch, token.fingerprint, replaces, round(grace_until, 3), eph, nonce, b"")
     box = _box_cipher(shared, eph, public).encrypt(nonce, token.encode().encode(), record.associated_data())
-    return {"member": member, "by": by, "epoch": epoch, "fingerprint": token.fingerprint, "replaces": replaces,
-            "grace_until": record.grace_until, "eph": base64.b64encode(eph).decode(),
-            "nonce": base64.b64encode(nonce).decode(), "box": base64.b64encode(box).decode()}
+    return {
+        "member": member,
+        "by": by,
+        "epoch": epoch,
+        "fingerprint": token.fingerprint,
+        "replaces": replaces,
+        "grace_until": record.grace_until,
+        "eph": base64.b64encode(eph).decode(),
+        "nonce": base64.b64encode(nonce).decode(),
+        "box": base64.b64encode(box).decode(),
+    }
 
 
 def open_token(record: Rotation, identity: Identity) -> NetworkToken:
@@ -171,11 +189,16 @@ def open_token(record: Rotation, identity: Identity) -> NetworkToken:
 
 # -- the state dir -------------------------------------------------------------------------------
 
+
 def save_state(state_dir: Path, schedule: KeySchedule, replaced: list[str]) -> None:
     """Persist the current token (and the replaced one while its grace lasts), 0600, atomically."""
     previous = schedule.previous()
-    doc = {"token": schedule.token.encode(), "replaced": replaced[-64:],
-           "previous": previous.encode() if previous else None, "grace_until": schedule.grace_until}
+    doc = {
+        "token": schedule.token.encode(),
+        "replaced": replaced[-64:],
+        "previous": previous.encode() if previous else None,
+        "grace_until": schedule.grace_until,
+    }
     path = Path(state_dir) / STATE_FILE
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -186,8 +209,11 @@ def save_state(state_dir: Path, schedule: KeySchedule, replaced: list[str]) -> N
     os.replace(tmp, path)
 
 
-def schedule_at_start(config_token: NetworkToken, state_dir: Path, clock: Callable[[], float] = time.time,
-                      ) -> tuple[KeySchedule, list[str]]:
+def schedule_at_start(
+    config_token: NetworkToken,
+    state_dir: Path,
+    clock: Callable[[], float] = time.time,
+) -> tuple[KeySchedule, list[str]]:
     """The key schedule a node starts with, and the fingerprints its token replaced (see the
     module docstring for which token wins; the choice is logged)."""
     path = Path(state_dir) / STATE_FILE
@@ -203,12 +229,19 @@ def schedule_at_start(config_token: NetworkToken, state_dir: Path, clock: Callab
         log.error("ignoring %s (%s): using the config's token %s", path, exc, config_token.fingerprint)
         return KeySchedule(config_token, clock), []
     if config_token.fingerprint not in replaced and config_token != token:
-        log.warning("the state dir holds the rotated token %s, but the config's token %s is not one it "
-                    "replaced: using the config's", token.fingerprint, config_token.fingerprint)
+        log.warning(
+            "the state dir holds the rotated token %s, but the config's token %s is not one it replaced: using the config's",
+            token.fingerprint,
+            config_token.fingerprint,
+        )
         return KeySchedule(config_token, clock), []
     if config_token != token:
-        log.warning("using the rotated network token %s from %s: it replaced the config's %s "
-                    "(the config file is not rewritten)", token.fingerprint, path, config_token.fingerprint)
+        log.warning(
+            "using the rotated network token %s from %s: it replaced the config's %s (the config file is not rewritten)",
+            token.fingerprint,
+            path,
+            config_token.fingerprint,
+        )
     if previous is not None and clock() < grace_until and previous.room == token.room:
         schedule = KeySchedule(previous, clock)
         schedule.rotate(token, grace_until)
@@ -224,9 +257,18 @@ class Rotator:
     :param on_rotated: called with the new token once this node switched.
     """
 
-    def __init__(self, identity: Identity, ledger: Any, schedule: KeySchedule, state_dir: Path,
-                 replaced: list[str], *, lease_holder: Callable[[int], str | None],
-                 members: Callable[[], dict[str, str]], on_rotated: Callable[[NetworkToken], None]) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        ledger: Any,
+        schedule: KeySchedule,
+        state_dir: Path,
+        replaced: list[str],
+        *,
+        lease_holder: Callable[[int], str | None],
+        members: Callable[[], dict[str, str]],
+        on_rotated: Callable[[NetworkToken], None],
+    ) -> None:
         self.identity = identity
         self.self_id = identity.peer_id
         self.ledger = ledger
@@ -258,15 +300,19 @@ class Rotator:
         grace_until = time.time() + grace
         members = {peer: box for peer, box in self.members().items() if peer != self.self_id}
         for member, box in sorted(members.items()):
-            value = seal_token(new, member, box, by=self.self_id, epoch=epoch,
-                               replaces=old.fingerprint, grace_until=grace_until)
+            value = seal_token(new, member, box, by=self.self_id, epoch=epoch, replaces=old.fingerprint, grace_until=grace_until)
             self.ledger.set(ROTATION_BUCKET, f"{member}:{self.self_id}", value)
         if adopt:
             self._adopt(new, grace_until)
         else:
             self._pending_adopt = (new, grace_until)
-        return {"fingerprint": new.fingerprint, "replaces": old.fingerprint, "members": sorted(members),
-                "grace_until": round(grace_until, 3), "epoch": epoch}
+        return {
+            "fingerprint": new.fingerprint,
+            "replaces": old.fingerprint,
+            "members": sorted(members),
+            "grace_until": round(grace_until, 3),
+            "epoch": epoch,
+        }
 
     def adopt_pending(self) -> None:
         """Switch to the token :meth:`rotate` wrote with ``adopt=False`` (once; later calls do nothing)."""
@@ -310,7 +356,11 @@ class Rotator:
         if old.fingerprint not in self.replaced:
             self.replaced.append(old.fingerprint)
         save_state(self.state_dir, self.schedule, self.replaced)
-        log.warning("network token rotated: now %s, the replaced %s accepted until %s (saved in %s)",
-                    token.fingerprint, old.fingerprint,
-                    time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(grace_until)), self.state_dir / STATE_FILE)
+        log.warning(
+            "network token rotated: now %s, the replaced %s accepted until %s (saved in %s)",
+            token.fingerprint,
+            old.fingerprint,
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(grace_until)),
+            self.state_dir / STATE_FILE,
+        )
         self.on_rotated(token)

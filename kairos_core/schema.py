@@ -228,8 +228,12 @@ class Option:
 
     def describe(self) -> dict[str, Any]:
         """The declaration as JSON data (``kairos config defaults --json``)."""
-        data: dict[str, Any] = {"name": self.name, "type": _schema_type_name(self.type), "default": self.default,
-                                "help": self.help}
+        data: dict[str, Any] = {
+            "name": self.name,
+            "type": _schema_type_name(self.type),
+            "default": self.default,
+            "help": self.help,
+        }
         for key in ("minimum", "maximum", "choices"):
             value = getattr(self, key)
             if value is not None:
@@ -283,8 +287,15 @@ class Section:
     :param unknown_note: what the warning for an unknown key says (``unknown EdgeVPN variable``).
     """
 
-    def __init__(self, name: str, *options: Option | Section, help: str = "", aliases: Iterable[str | Alias] = (),
-                 unknown: str = "error", unknown_note: str = "unknown key") -> None:
+    def __init__(
+        self,
+        name: str,
+        *options: Option | Section,
+        help: str = "",
+        aliases: Iterable[str | Alias] = (),
+        unknown: str = "error",
+        unknown_note: str = "unknown key",
+    ) -> None:
         if unknown not in ("error", "warn"):
             raise ValueError(f"section {name}: unknown must be 'error' or 'warn'")
         self.name = name
@@ -318,11 +329,14 @@ class Section:
 
     def defaults(self) -> dict[str, Any]:
         """Every option's default (a fresh copy), nested sections as mappings."""
-        return {option.name: option.defaults() if isinstance(option, Section) else copy.deepcopy(option.default)
-                for option in self.options}
+        return {
+            option.name: option.defaults() if isinstance(option, Section) else copy.deepcopy(option.default)
+            for option in self.options
+        }
 
-    def merge(self, given: Any, path: str, problems: list[str], strict: bool = False,
-              warnings: list[str] | None = None) -> dict[str, Any]:
+    def merge(
+        self, given: Any, path: str, problems: list[str], strict: bool = False, warnings: list[str] | None = None
+    ) -> dict[str, Any]:
         """``given`` over the defaults, every problem appended to ``problems`` with its path.
 
         A key given as ``None`` keeps its default (``key:`` with nothing after it), unless
@@ -452,8 +466,16 @@ def _options_from_defaults(defaults: Mapping[str, Any]) -> list[Option | Section
             item_type = None
             if isinstance(default, list) and default and type(default[0]) in (bool, int, float, str):
                 item_type = type(default[0])
-            options.append(Option(key, type(default), copy.deepcopy(default), NO_HELP, item_type=item_type,
-                                  finite=not (isinstance(default, float) and not math.isfinite(default))))
+            options.append(
+                Option(
+                    key,
+                    type(default),
+                    copy.deepcopy(default),
+                    NO_HELP,
+                    item_type=item_type,
+                    finite=not (isinstance(default, float) and not math.isfinite(default)),
+                )
+            )
         else:
             options.append(Option(key, object, copy.deepcopy(default), NO_HELP))
     return options
@@ -475,8 +497,9 @@ def render_yaml(sections: Sequence[Section], width: int = 96) -> str:
 def _comment(text: str, indent: int, lines: list[str], width: int) -> None:
     prefix = " " * indent + "# "
     for paragraph in text.splitlines() or [""]:
-        lines.extend(textwrap.wrap(paragraph, width - len(prefix), initial_indent=prefix, subsequent_indent=prefix)
-                     or [prefix.rstrip()])
+        lines.extend(
+            textwrap.wrap(paragraph, width - len(prefix), initial_indent=prefix, subsequent_indent=prefix) or [prefix.rstrip()]
+        )
 
 
 def _render(section: Section, indent: int, lines: list[str], width: int) -> None:

@@ -235,8 +235,9 @@ def _otp_spec(otp: dict, name: str) -> OTPSpec:
     key = _string_field(section, "key", f"otp.{name}.")
     length = section.get("length", KEY_LENGTH)
     if not _is_int(length) or not 0 < length <= MAX_TOKEN_INT:
-        raise TokenError(f"token field 'otp.{name}.length' must be a positive integer up to {MAX_TOKEN_INT}, "
-                         f"not {_shown(length)}")
+        raise TokenError(
+            f"token field 'otp.{name}.length' must be a positive integer up to {MAX_TOKEN_INT}, not {_shown(length)}"
+        )
     return OTPSpec(interval=interval, key=key, length=length)
 
 

@@ -68,16 +68,15 @@ async def _garbage(schedule: object, args: argparse.Namespace) -> None:
 
     rendezvous = schedule.current_rendezvous()[0]  # type: ignore[attr-defined]
     junk = [
-        b"\x05v=1id\xff\xfe",                       # truncated string, binary id
-        b"\x03v=2\x05id=zz\x05a0=/x",               # wrong version
+        b"\x05v=1id\xff\xfe",  # truncated string, binary id
+        b"\x03v=2\x05id=zz\x05a0=/x",  # wrong version
         b"\x03v=1\x0bid=notapeer\x0ba0=/ip4/1/tcp",  # bad peer id, bad address
-        b"\xff" * 40,                                 # lengths running past the end
+        b"\xff" * 40,  # lengths running past the end
     ]
     azc = AsyncZeroconf()
     for n, text in enumerate(junk):
         name = f"{rendezvous}-{n:012x}.{SERVICE_TYPE}"
-        info = AsyncServiceInfo(SERVICE_TYPE, name, port=9, server=f"junk{n}.local.",
-                                parsed_addresses=[args.address])
+        info = AsyncServiceInfo(SERVICE_TYPE, name, port=9, server=f"junk{n}.local.", parsed_addresses=[args.address])
         info.text = text  # raw wire bytes, bypassing zeroconf's own encoder
         await azc.async_register_service(info, cooperating_responders=True)
     _emit("starting", peer_id=None, garbage=len(junk))
@@ -168,8 +167,19 @@ async def discover_lan(
 
     async def launch(i: int, token: str) -> None:
         await asyncio.sleep(delays.get(i, 0.0))
-        argv = [sys.executable, str(PROBE), "--token", token, "--address", lab.address(i),  # type: ignore[attr-defined]
-                "--duration", str(timeout + linger + 10), "--poll", str(poll), *extra_args.get(i, [])]
+        argv = [
+            sys.executable,
+            str(PROBE),
+            "--token",
+            token,
+            "--address",
+            lab.address(i),  # type: ignore[attr-defined]
+            "--duration",
+            str(timeout + linger + 10),
+            "--poll",
+            str(poll),
+            *extra_args.get(i, []),
+        ]
         results[i].t_spawn = time.monotonic()
         proc = await lab.spawn(i, argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)  # type: ignore[attr-defined]
         procs[i] = proc

@@ -142,11 +142,14 @@ async def test_invalid_unicode_is_a_clear_400_not_a_dropped_connection(api):
     assert node.ledger.buckets() == []
 
 
-@pytest.mark.parametrize("body, message", [
-    ("[" * 100_000, "nested too deeply"),               # RecursionError in json.loads: was a 500
-    ("[" * 600 + "]" * 600, "nested more than 64"),     # parses, but no value may nest that deep
-    ("1" * 5000, "must be a JSON value"),               # ValueError: over 4300 digits
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("[" * 100_000, "nested too deeply"),  # RecursionError in json.loads: was a 500
+        ("[" * 600 + "]" * 600, "nested more than 64"),  # parses, but no value may nest that deep
+        ("1" * 5000, "must be a JSON value"),  # ValueError: over 4300 digits
+    ],
+)
 async def test_deep_or_huge_json_is_a_one_line_400_never_a_500(api, body, message, caplog):
     node, server = api
     client = APIClient(server.socket_path)
@@ -173,7 +176,7 @@ async def read_watch_lines(reader, count: int) -> list[dict]:
             if len(rest) < size + 2:
                 break
             lines.extend(json.loads(line) for line in rest[:size].splitlines() if line.strip())
-            buffer = rest[size + 2:]
+            buffer = rest[size + 2 :]
             if size == 0:
                 return lines
     return lines
@@ -264,7 +267,7 @@ async def test_a_watch_client_that_stops_reading_is_dropped_with_a_clear_last_li
     finally:
         client.close()
     assert body.endswith(b"\r\n0\r\n\r\n")  # the chunked response is properly ended
-    last = json.loads(body[:-len(b"\r\n0\r\n\r\n")].rsplit(b"\r\n", 1)[-1])
+    last = json.loads(body[: -len(b"\r\n0\r\n\r\n")].rsplit(b"\r\n", 1)[-1])
     assert last == {"error": f"watch dropped: the client fell more than {api_module.WATCH_CLIENT_BUFFER} bytes behind"}
     assert node.ledger.counters["watch_dropped"] == 1
 

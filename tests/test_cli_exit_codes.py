@@ -23,7 +23,13 @@ from kairos_core import __version__
 from kairos_core.api import APIClient
 from kairos_core.cli import main
 from kairos_core.errors import (
-    EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, ConfigError, KairosError, NodeUnreachable, TokenError,
+    EXIT_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    ConfigError,
+    KairosError,
+    NodeUnreachable,
+    TokenError,
 )
 from kairos_core.plugin import hookimpl
 
@@ -32,8 +38,9 @@ def kairos(*argv: str, cwd=None) -> subprocess.CompletedProcess:
     """The CLI as a user runs it, in its own process (no installed plugin: the core alone)."""
     env = {**os.environ, "KAIROS_DISABLE_PLUGIN_AUTOLOAD": "1"}
     env.pop("KAIROS_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "kairos_core", *argv], capture_output=True, text=True,
-                          timeout=60, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "kairos_core", *argv], capture_output=True, text=True, timeout=60, env=env, cwd=cwd
+    )
 
 
 def run_main(capsys, *argv: str) -> tuple[int, str, str]:
@@ -172,9 +179,17 @@ async def test_peers_shows_whole_ids_and_counts_right(kairos_network, capsys, mo
     code, out, _ = await asyncio.to_thread(run_main, capsys, "status", "--socket", socket)
     assert "members:     1 alive besides this node, 1 connected" in out
 
-    rows = [{"peer_id": f"12D3KooW{'x' * 44}{i}", "hostname": f"h{i}", "alive": True, "connected": True,
-             "last_seen_s": 1.0, "addresses": [f"/ip4/127.0.0.1/tcp/{4000 + i}/p2p/12D3KooW{'x' * 44}{i}"]}
-            for i in range(2)]
+    rows = [
+        {
+            "peer_id": f"12D3KooW{'x' * 44}{i}",
+            "hostname": f"h{i}",
+            "alive": True,
+            "connected": True,
+            "last_seen_s": 1.0,
+            "addresses": [f"/ip4/127.0.0.1/tcp/{4000 + i}/p2p/12D3KooW{'x' * 44}{i}"],
+        }
+        for i in range(2)
+    ]
     monkeypatch.setattr(APIClient, "request", lambda self, method, path, **kw: rows)
     code, out, _ = await asyncio.to_thread(run_main, capsys, "peers", "--socket", socket)
     assert code == 0 and "2 peers" in out

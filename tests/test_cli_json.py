@@ -35,8 +35,7 @@ def test_config_check_json_lists_problems_with_the_exit_code(capsys, tmp_path):
     report = json.loads(out)
     assert code == 2 and err == ""
     assert report["ok"] is False and report["exit_code"] == 2
-    assert set(report["problems"]) == {"p2p.loglevel: 'loud' is not one of debug, info, warning, error",
-                                       "p2p.bogus: unknown key"}
+    assert set(report["problems"]) == {"p2p.loglevel: 'loud' is not one of debug, info, warning, error", "p2p.bogus: unknown key"}
 
 
 def test_an_error_under_json_is_one_object_on_stdout(capsys, tmp_path):

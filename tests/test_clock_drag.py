@@ -62,12 +62,17 @@ async def test_a_write_stamped_59_s_ahead_drags_no_clock_and_late_nodes_keep_acc
     # every honest write straight from gossip (before the fix late5 refused them all for 4 s)
     for n in range(20):
         dragged.ledger.set(BUCKET, f"honest-{n}", n)
-    await net.wait_for(lambda: all(node.ledger.get(BUCKET, f"honest-{n}") == n
-                                   for node in (late1, late5) for n in range(20)), timeout=3)
+    await net.wait_for(
+        lambda: all(node.ledger.get(BUCKET, f"honest-{n}") == n for node in (late1, late5) for n in range(20)), timeout=3
+    )
     late1.ledger.set(BUCKET, "from-late1", 1)
     late5.ledger.set(BUCKET, "from-late5", 5)
-    await net.wait_for(lambda: all(node.ledger.get(BUCKET, "from-late1") == 1 and node.ledger.get(BUCKET, "from-late5") == 5
-                                   for node in net.nodes), timeout=3)
+    await net.wait_for(
+        lambda: all(
+            node.ledger.get(BUCKET, "from-late1") == 1 and node.ledger.get(BUCKET, "from-late5") == 5 for node in net.nodes
+        ),
+        timeout=3,
+    )
     # the forged write was refused by the node it was more than 60 s ahead of (maybe more than once:
     # anti-entropy offers it again), and by nobody else
     assert late5.ledger.counters["rejected_future"] > refused_before[late5.peer_id]

@@ -192,7 +192,10 @@ def test_list_items_of_the_wrong_type_are_refused(manager):
     "text, problem",
     [
         ("p2p:\n  port: " + "9" * 400, "p2p.port: expected an integer of at most 64 bits, got one of 1329 bits"),
-        ("election:\n  lease_seconds: " + "9" * 400, "election.lease_seconds: expected a number of at most 64 bits, got an integer of 1329 bits"),
+        (
+            "election:\n  lease_seconds: " + "9" * 400,
+            "election.lease_seconds: expected a number of at most 64 bits, got an integer of 1329 bits",
+        ),
         ("lists:\n  ports: [" + "9" * 30 + "]", "lists.ports[0]: expected an integer of at most 64 bits, got one of 100 bits"),
     ],
 )
@@ -233,8 +236,7 @@ def test_cli_gives_one_line_and_exit_2_for_deep_files_and_huge_integers(tmp_path
 
 
 def test_deep_or_unrepresentable_environment_values_are_problems(manager):
-    env = {"KAIROS__P2P__LISTEN": "[" * 20000, "KAIROS__P2P__PORT": "1" * 5000,
-           "KAIROS__VPN__ENV": "{a: " * 40 + "1" + "}" * 40}
+    env = {"KAIROS__P2P__LISTEN": "[" * 20000, "KAIROS__P2P__PORT": "1" * 5000, "KAIROS__VPN__ENV": "{a: " * 40 + "1" + "}" * 40}
     assert problems_of("{}", manager, env) == {
         "KAIROS__P2P__LISTEN: nested too deeply to parse",
         "KAIROS__P2P__PORT: holds a value YAML cannot represent (an integer over 4300 digits or an impossible date)",
@@ -259,8 +261,14 @@ def test_kairos_plugins_honours_the_disabling_variable(tmp_path):
 
     env = {**os.environ, "KAIROS__PLUGINS__DISABLED": "[tunvpn, k3s, kubevip]"}
     env.pop("KAIROS_DISABLE_PLUGIN_AUTOLOAD", None)
-    out = subprocess.run([sys.executable, "-m", "kairos_core", "plugins", "--json"], capture_output=True, text=True,
-                         env=env, timeout=60, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "kairos_core", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     loaded = {row["name"] for row in json.loads(out.stdout)}
     assert not loaded & {"tunvpn", "k3s", "kubevip"}, loaded
@@ -300,8 +308,12 @@ def test_every_option_of_the_core_and_the_shipped_plugins_has_help():
 
     schema = collect_schema(_shipped_manager())
     assert {"p2p", "node", "ledger", "vpn", "k3s", "k3s-agent", "auto", "kubevip"} <= set(schema)
-    missing = [path for section in schema.values() for path, option in _options(section)
-               if not option.help.strip() or option.help == NO_HELP]
+    missing = [
+        path
+        for section in schema.values()
+        for path, option in _options(section)
+        if not option.help.strip() or option.help == NO_HELP
+    ]
     missing += [name for name, section in schema.items() if not section.help.strip() or section.help == NO_HELP]
     assert not missing, f"options without help: {', '.join(missing)}"
 
@@ -312,7 +324,11 @@ def test_a_section_declared_by_its_defaults_alone_has_no_help_and_is_typed_by_th
 
     vpn = collect_schema(manager)["vpn"]
     assert [(o.name, o.type, o.help) for o in vpn.options] == [
-        ("create", bool, NO_HELP), ("interface", str, NO_HELP), ("mtu", int, NO_HELP), ("env", dict, NO_HELP)]
+        ("create", bool, NO_HELP),
+        ("interface", str, NO_HELP),
+        ("mtu", int, NO_HELP),
+        ("env", dict, NO_HELP),
+    ]
     assert vpn.aliases == ("p2p.vpn",)
 
 
@@ -333,14 +349,20 @@ def test_kairos_config_defaults_prints_every_option_with_its_help_and_reads_back
 
     text = run()
     assert "# Seconds without a renewal after which a lease has lapsed" in text
-    assert "[one of debug, info, warning, error; Kairos:\n  # p2p.loglevel]\n  log_level: \"info\"" in text
+    assert '[one of debug, info, warning, error; Kairos:\n  # p2p.loglevel]\n  log_level: "info"' in text
     assert "  lease_seconds: 15.0" in text
     # the commented YAML is a config: it reads back as the defaults, plugin sections included
     assert yaml.safe_load(text) == collect_defaults(make_plugin_manager())
     schema = {section["name"]: section for section in json.loads(run("--json"))}
     port = next(option for option in schema["p2p"]["options"] if option["name"] == "port")
-    assert port == {"name": "port", "type": "integer", "default": 0, "minimum": 0, "maximum": 65535,
-                    "help": "TCP port for the default listen addresses; 0 = chosen by the system."}
+    assert port == {
+        "name": "port",
+        "type": "integer",
+        "default": 0,
+        "minimum": 0,
+        "maximum": 65535,
+        "help": "TCP port for the default listen addresses; 0 = chosen by the system.",
+    }
     connections = next(option for option in schema["p2p"]["options"] if option["name"] == "connections")
     assert connections["type"] == "section" and [o["name"] for o in connections["options"]] == ["low", "high"]
 
@@ -404,8 +426,7 @@ def test_options_may_declare_other_names_and_sections_other_places():
     class Aliased:
         @hookimpl
         def kairos_config_schema(self):
-            return [Section("box", Option("size", int, 1, "How big.", aliases=("volume",)), help="A box.",
-                            aliases=("p2p.box",))]
+            return [Section("box", Option("size", int, 1, "How big.", aliases=("volume",)), help="A box.", aliases=("p2p.box",))]
 
     plugin_manager = make_plugin_manager(autoload=False, extra_plugins=[Aliased()])
     assert resolve("p2p:\n  box:\n    volume: 3\n", plugin_manager)["box"] == {"size": 3}

@@ -37,8 +37,9 @@ def ids(n: int) -> list[str]:
 def manager(low=3, high=5, **kwargs):
     host, clock, dialled = FakeHost(), Clock(), []
     me = Identity.generate().peer_id
-    cm = ConnectionManager(me, host, lambda peer: dialled.append(peer) or True, low=low, high=high,
-                           clock=clock, rng=random.Random(7), **kwargs)
+    cm = ConnectionManager(
+        me, host, lambda peer: dialled.append(peer) or True, low=low, high=high, clock=clock, rng=random.Random(7), **kwargs
+    )
     return cm, host, clock, dialled
 
 

@@ -19,8 +19,8 @@ from kairos_core.errors import KairosError
 
 async def kairos_cli(*args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "kairos_core", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable, "-m", "kairos_core", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     return process.returncode, out.decode(), err.decode()
 
@@ -49,8 +49,16 @@ async def test_the_unix_socket_serves_the_dashboard_without_a_token(kairos_netwo
         assert (await client.get("/dashboard/nothing.js")).status_code == 404
         node.ledger.set("b", "k", {"x": 1})
         entries = (await client.get("/api/entries/b")).json()
-        assert entries == [{"bucket": "b", "key": "k", "value": {"x": 1}, "owner": node.peer_id,
-                            "version": list(node.ledger.get_entry("b", "k").version), "deleted": False}]
+        assert entries == [
+            {
+                "bucket": "b",
+                "key": "k",
+                "value": {"x": 1},
+                "owner": node.peer_id,
+                "version": list(node.ledger.get_entry("b", "k").version),
+                "deleted": False,
+            }
+        ]
 
 
 async def test_the_tcp_listener_needs_the_token(kairos_network):
@@ -79,7 +87,7 @@ async def test_the_tcp_listener_needs_the_token(kairos_network):
         assert (await client.get("/", params={"token": wrong})).status_code == 401
         assert (await client.get("/api/status", headers={"authorization": f"Bearer {wrong}"})).status_code == 401
         assert (await client.get("/api/status", headers={"cookie": f"{dashboard.COOKIE}={wrong}"})).status_code == 401
-        assert (await client.get("/api/status", headers={"cookie": "garbage=\"\\"})).status_code == 401
+        assert (await client.get("/api/status", headers={"cookie": 'garbage="\\'})).status_code == 401
         # the right one
         status = await client.get("/api/status", headers={"authorization": f"Bearer {token}"})
         assert status.status_code == 200 and status.json()["peer_id"] == node.peer_id
@@ -102,9 +110,13 @@ async def test_the_tcp_listener_needs_the_token(kairos_network):
         written = await browser.put("/api/ledger/b/k", content=b'"v"', headers={dashboard.WRITE_HEADER: "1"})
         assert written.status_code == 200 and node.ledger.get("b", "k") == "v"
         # what the dashboard does not use is not served over TCP, token or not
-        for method, path in (("POST", "/api/token/rotate"), ("POST", f"/api/revoked/{node.peer_id}"),
-                             ("DELETE", "/api/ledger/b/k"), ("GET", "/api/dashboard/login"),
-                             ("GET", "/api/revoked")):
+        for method, path in (
+            ("POST", "/api/token/rotate"),
+            ("POST", f"/api/revoked/{node.peer_id}"),
+            ("DELETE", "/api/ledger/b/k"),
+            ("GET", "/api/dashboard/login"),
+            ("GET", "/api/revoked"),
+        ):
             response = await browser.request(method, path, headers={dashboard.WRITE_HEADER: "1"})
             assert response.status_code == 403, (method, path)
         assert node.ledger.get("b", "k") == "v"

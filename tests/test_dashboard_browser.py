@@ -39,8 +39,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                       reason="needs the Debian packages chromium and chromium-driver"),
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs the Debian packages chromium and chromium-driver"),
 ]
 
 XSS_HOSTNAME = '<img src=x onerror="window.__xss=1">'
@@ -68,25 +67,37 @@ class Nodes:
         state.mkdir(parents=True)
         port = free_port()
         config = {
-            "p2p": {"network_token": self.token.encode(), "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
-                    "disable_mdns": True, "disable_dht": True, "bootstrap_peers": bootstrap},
+            "p2p": {
+                "network_token": self.token.encode(),
+                "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
+                "disable_mdns": True,
+                "disable_dht": True,
+                "bootstrap_peers": bootstrap,
+            },
             "node": {"state_dir": str(state), "hostname": hostname},
             "api": api or {},
         }
         (state / "kairos.yaml").write_text(yaml.safe_dump(config))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "KAIROS_DISABLE_PLUGIN_AUTOLOAD": "1"}
         with open(state / "node.log", "ab") as log:
-            self.processes.append(subprocess.Popen(
-                [sys.executable, "-m", "kairos_core", "run", "-c", str(state / "kairos.yaml")],
-                stdout=log, stderr=subprocess.STDOUT, env=env))
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "kairos_core", "run", "-c", str(state / "kairos.yaml")],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+            )
         client = APIClient(state / "api.sock", timeout=5.0)
         self.clients.append(client)
         self.ports.append(port)
         return client
 
     def logs(self) -> str:
-        return "\n".join(f"--- node{i}\n{(self.root / f'node{i}' / 'node.log').read_text(errors='replace')[-2000:]}"
-                         for i in range(len(self.processes)))
+        return "\n".join(
+            f"--- node{i}\n{(self.root / f'node{i}' / 'node.log').read_text(errors='replace')[-2000:]}"
+            for i in range(len(self.processes))
+        )
 
     def wait(self, condition, what: str, timeout: float = 90.0):
         deadline = time.monotonic() + timeout
@@ -129,13 +140,13 @@ def short_id(peer_id: str) -> str:
 def text(driver, selector: str) -> list[str]:
     """The text of every element matching ``selector``, read in one go (the page redraws its tables
     and graph every few seconds, so element handles go stale)."""
-    return driver.execute_script(
-        "return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector)
+    return driver.execute_script("return [...document.querySelectorAll(arguments[0])].map((e) => e.textContent)", selector)
 
 
 def link_pairs(nodes_bucket: dict) -> set[frozenset]:
-    return {frozenset((peer, other)) for peer, entry in nodes_bucket.items()
-            for other in entry.get("neighbours", []) if other != peer}
+    return {
+        frozenset((peer, other)) for peer, entry in nodes_bucket.items() for other in entry.get("neighbours", []) if other != peer
+    }
 
 
 @pytest.fixture
@@ -149,8 +160,15 @@ def network(tmp_path):
 def browser(tmp_path):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1280,900", "--no-first-run", f"--user-data-dir={tmp_path / 'chromium'}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,900",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+    ):
         options.add_argument(argument)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.set_page_load_timeout(30)
@@ -177,13 +195,19 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     for index, vip in enumerate(vips):
         claim = Claim(ids[index], ipaddress.IPv4Address(vip), 5000 + index, (int(time.time() * 1000), 0))
         network.clients[index].request("PUT", f"/api/ledger/vpn/{ids[index]}", content=json.dumps(claim.to_value()))
-    paths = {ids[1]: {"path": "udp", "vip": vips[1], "endpoint": "127.0.0.1:5001"},
-             ids[2]: {"path": "stream", "vip": vips[2], "endpoint": None}}
+    paths = {
+        ids[1]: {"path": "udp", "vip": vips[1], "endpoint": "127.0.0.1:5001"},
+        ids[2]: {"path": "stream", "vip": vips[2], "endpoint": None},
+    }
     first.request("PUT", f"/api/ledger/vpn/{ids[0]}%2Flinks", content=json.dumps(paths))
 
-    url = subprocess.run([sys.executable, "-m", "kairos_core", "dashboard", "--url", "--socket",
-                          str(tmp_path / "nodes" / "node0" / "api.sock")],
-                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    url = subprocess.run(
+        [sys.executable, "-m", "kairos_core", "dashboard", "--url", "--socket", str(tmp_path / "nodes" / "node0" / "api.sock")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     assert url.startswith(f"http://127.0.0.1:{http_port}/?token=")
     wait = WebDriverWait(browser, 30, poll_frequency=0.1)
 
@@ -192,9 +216,16 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
     wall_ms = (time.monotonic() - started) * 1000
     in_page_ms = float(browser.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
-    print(json.dumps({"dashboard_first_load_ms": round(wall_ms, 1), "in_page_ms": round(in_page_ms, 1),
-                      "note": "driver.get() of the login URL (303 + cookie) until the first data is drawn; "
-                              "3 kairos run processes + chromium on the 2 shared cores"}))
+    print(
+        json.dumps(
+            {
+                "dashboard_first_load_ms": round(wall_ms, 1),
+                "in_page_ms": round(in_page_ms, 1),
+                "note": "driver.get() of the login URL (303 + cookie) until the first data is drawn; "
+                "3 kairos run processes + chromium on the 2 shared cores",
+            }
+        )
+    )
     assert "?token" not in browser.current_url  # the redirect took the token out of the address bar
     assert browser.get_cookie("kairos_dashboard")["httpOnly"] is True
     browser.execute_script("window.__loadedOnce = true")  # gone if the page ever reloads
@@ -211,10 +242,13 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
 
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="peers"]').click()
     wait.until(lambda d: len(text(d, "#graph g.member")) == 3 and len(text(d, "#graph line.link")) == 3)
-    drawn = browser.execute_script("return [...document.querySelectorAll('#graph line.link')]"
-                                   ".map((l) => [l.getAttribute('data-a'), l.getAttribute('data-b')])")
+    drawn = browser.execute_script(
+        "return [...document.querySelectorAll('#graph line.link')]"
+        ".map((l) => [l.getAttribute('data-a'), l.getAttribute('data-b')])"
+    )
     assert {frozenset(pair) for pair in drawn} == {
-        frozenset(pair) for pair in ((ids[0], ids[1]), (ids[0], ids[2]), (ids[1], ids[2]))}
+        frozenset(pair) for pair in ((ids[0], ids[1]), (ids[0], ids[2]), (ids[1], ids[2]))
+    }
     assert sorted(text(browser, "#graph .member-label")) == sorted(["alpha", "beta", XSS_HOSTNAME])
     # each link's path where the VPN knows it: node 1's two; the third link has none
     wait.until(lambda d: sorted(text(d, "#graph .link-label")) == ["stream", "udp"])
@@ -228,8 +262,11 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="ledger"]').click()
     # written on node 2: the bucket appears in the list through the watch stream, no reload
     network.clients[1].request("PUT", "/api/ledger/dash/first", content=json.dumps({"from": "beta"}))
-    wait.until(lambda d: d.execute_script(
-        "const a = document.querySelector('#buckets a[data-bucket=\"dash\"]'); if (a) a.click(); return !!a"))
+    wait.until(
+        lambda d: d.execute_script(
+            "const a = document.querySelector('#buckets a[data-bucket=\"dash\"]'); if (a) a.click(); return !!a"
+        )
+    )
     wait.until(lambda d: text(d, '#entries tr[data-key="first"]'))
     # written on node 3 while the bucket is open: its row appears, with its owner, no reload
     network.clients[2].request("PUT", "/api/ledger/dash/second", content=json.dumps(XSS_HOSTNAME))
@@ -246,17 +283,22 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     form.find_element(By.TAG_NAME, "button").click()
     wait.until(lambda d: text(d, "#set-result") == ["written"])
     wait.until(lambda d: text(d, '#entries tr[data-key="from-browser"]'))
-    network.wait(lambda: network.clients[2].request("GET", "/api/ledger/dash/from-browser")["value"] == {"n": 1},
-                 "the browser's write on node 3", timeout=30)
+    network.wait(
+        lambda: network.clients[2].request("GET", "/api/ledger/dash/from-browser")["value"] == {"n": 1},
+        "the browser's write on node 3",
+        timeout=30,
+    )
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
     browser.save_screenshot(str(tmp_path / "ledger.png"))
 
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="vpn"]').click()
     wait.until(lambda d: sorted(set(text(d, "#vips tbody td")) & set(vips)) == vips)
-    links = browser.execute_script("return [...document.querySelectorAll('#vpn-links tbody tr')]"
-                                   ".map((r) => [...r.children].map((c) => c.textContent))")
-    assert sorted(links) == sorted([["alpha", "beta", "udp", vips[1], "127.0.0.1:5001"],
-                                    ["alpha", XSS_HOSTNAME, "stream", vips[2], "–"]])
+    links = browser.execute_script(
+        "return [...document.querySelectorAll('#vpn-links tbody tr')].map((r) => [...r.children].map((c) => c.textContent))"
+    )
+    assert sorted(links) == sorted(
+        [["alpha", "beta", "udp", vips[1], "127.0.0.1:5001"], ["alpha", XSS_HOSTNAME, "stream", vips[2], "–"]]
+    )
     browser.save_screenshot(str(tmp_path / "vpn.png"))
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="plugins"]').click()
     assert browser.find_element(By.ID, "page-plugins").is_displayed()

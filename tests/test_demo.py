@@ -52,8 +52,7 @@ def demo(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "KAIROS_DISABLE_PLUGIN_AUTOLOAD": "1"}
     # stderr to a file: a pipe nobody reads would stall the demo once it filled
     with open(tmp_path / "stderr", "w+") as stderr:
-        process = subprocess.Popen([*KAIROS, "demo", "-n", "3"], stdout=subprocess.PIPE, stderr=stderr,
-                                   text=True, env=env)
+        process = subprocess.Popen([*KAIROS, "demo", "-n", "3"], stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
         process.stderr_file = tmp_path / "stderr"
         process.lines = queue.Queue()
         reader = threading.Thread(target=_pump, args=(process.stdout, process.lines), daemon=True)
@@ -73,8 +72,10 @@ def test_the_demo_can_be_inspected_narrates_once_and_cleans_up_on_sigterm(demo):
     sockets = re.findall(r"kairos status --socket (\S+)", text)
     assert len(sockets) == 3 and root.is_dir()
     # the nodes answer the CLI while the demo runs (the stopped leader's socket is gone)
-    answers = [subprocess.run([*KAIROS, "status", "--json", "--socket", path], capture_output=True, text=True,
-                              timeout=60) for path in sockets]
+    answers = [
+        subprocess.run([*KAIROS, "status", "--json", "--socket", path], capture_output=True, text=True, timeout=60)
+        for path in sockets
+    ]
     alive = [json.loads(answer.stdout) for answer in answers if answer.returncode == 0]
     assert len(alive) == 2, [answer.stderr for answer in answers]
     assert {status["peer_id"] for status in alive} <= set(re.findall(r"node\d is (\S+)", text))

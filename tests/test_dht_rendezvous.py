@@ -24,9 +24,7 @@ async def test_two_peers_find_each_other_through_a_bootstrap_node(hosts: HostFac
         def record(peer: str, addrs: list[str], seen: dict[str, list[str]] = seen) -> None:
             seen[peer] = addrs
 
-        rendezvous.append(
-            DHTRendezvous(host, KeySchedule(hosts.token), record, [bootstrap.addresses()[0]], first_interval=0.2)
-        )
+        rendezvous.append(DHTRendezvous(host, KeySchedule(hosts.token), record, [bootstrap.addresses()[0]], first_interval=0.2))
     try:
         for r in rendezvous:
             await r.start()
@@ -47,10 +45,12 @@ async def test_another_network_is_not_found(hosts: HostFactory) -> None:
     outsider_token = generate_token()
     outsider = await hosts.host(token=outsider_token)
     found: list[str] = []
-    mine = DHTRendezvous(member, KeySchedule(hosts.token), lambda p, a: found.append(p), [bootstrap.addresses()[0]],
-                         first_interval=0.2)
-    theirs = DHTRendezvous(outsider, KeySchedule(outsider_token), lambda p, a: found.append(p),
-                           [bootstrap.addresses()[0]], first_interval=0.2)
+    mine = DHTRendezvous(
+        member, KeySchedule(hosts.token), lambda p, a: found.append(p), [bootstrap.addresses()[0]], first_interval=0.2
+    )
+    theirs = DHTRendezvous(
+        outsider, KeySchedule(outsider_token), lambda p, a: found.append(p), [bootstrap.addresses()[0]], first_interval=0.2
+    )
     try:
         await mine.start()
         await theirs.start()
@@ -75,8 +75,9 @@ def test_pacing_backs_off_and_restarts_fast_on_a_new_window() -> None:
 
 async def test_rounds_keep_running_after_a_failing_lookup(hosts: HostFactory) -> None:
     host = await hosts.host()
-    rendezvous = DHTRendezvous(host, KeySchedule(hosts.token), lambda p, a: None, ["/ip4/127.0.0.1/tcp/1/p2p/" + host.peer_id],
-                               first_interval=0.05)
+    rendezvous = DHTRendezvous(
+        host, KeySchedule(hosts.token), lambda p, a: None, ["/ip4/127.0.0.1/tcp/1/p2p/" + host.peer_id], first_interval=0.05
+    )
     await rendezvous.start()
     try:
         await host.stop()  # every provide and lookup now fails

@@ -95,6 +95,7 @@ async def test_a_real_stranger_among_fakes_is_still_dialled_and_known_peers_are_
 
 # --- the dial manager: the node's pass over connections, members and addresses -----------------
 
+
 class FakeHost:
     """Admits whoever is dialled (if ``reachable``), records disconnects; addresses can change."""
 
@@ -139,8 +140,13 @@ def _dial_manager(members: list[str], **kwargs):
         asked.append(1)
         return members
 
-    manager = DialManager(Identity.generate().peer_id, host, worth_dialling,
-                          lambda peer: [f"/ip4/10.0.0.{members.index(peer) + 2}/tcp/4001"], **kwargs)
+    manager = DialManager(
+        Identity.generate().peer_id,
+        host,
+        worth_dialling,
+        lambda peer: [f"/ip4/10.0.0.{members.index(peer) + 2}/tcp/4001"],
+        **kwargs,
+    )
     return manager, host, asked
 
 
@@ -187,8 +193,9 @@ async def test_the_manager_trims_above_high_and_never_a_pinned_peer() -> None:
 async def test_addresses_are_scanned_every_few_passes_and_a_change_is_announced() -> None:
     members = _peers(3)
     changes = []
-    manager, host, asked = _dial_manager(members, low=1, high=4, address_scan_interval=5.0,
-                                         addresses_changed=lambda: changes.append(1))
+    manager, host, asked = _dial_manager(
+        members, low=1, high=4, address_scan_interval=5.0, addresses_changed=lambda: changes.append(1)
+    )
     reads = host.address_reads
     await _passes(manager, 10)
     assert host.address_reads - reads == 2 and changes == []  # every 5th pass, not every pass

@@ -35,8 +35,14 @@ def by_check(results: list[dict]) -> dict[str, dict]:
 async def doctor_cli(node, *args: str) -> tuple[int, str]:
     """The real `kairos doctor` against the node's socket (a process: this loop keeps serving)."""
     process = await asyncio.create_subprocess_exec(
-        KAIROS, "doctor", "--socket", str(node.config.api_socket), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        KAIROS,
+        "doctor",
+        "--socket",
+        str(node.config.api_socket),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert b"Traceback" not in err, err
     return process.returncode, out.decode()
@@ -144,14 +150,20 @@ def test_waiting_for_and_progress_lines():
     progress = Progress(lines.append)
     progress(Fake(lone))
     progress(Fake(lone))  # unchanged: no second line
-    leading = {"members": 1, "leader": {"peer_id": "12D3KooWx", "epoch": 2}, "is_leader": True,
-               "states": {"k3s": "waiting for a role\x1b[2J"}}
+    leading = {
+        "members": 1,
+        "leader": {"peer_id": "12D3KooWx", "epoch": 2},
+        "is_leader": True,
+        "states": {"k3s": "waiting for a role\x1b[2J"},
+    }
     progress(Fake(leading))
     progress(Fake({**leading, "states": {}}))
     progress(Fake(lone))  # once ready it stays quiet
-    assert lines == ["kairos: waiting for peers; a leader; tunvpn: waiting for an address\n",
-                     "kairos: waiting for k3s: waiting for a role\\x1b[2J\n",
-                     "kairos: ready: 1 peer, leader this node (epoch 2)\n"]
+    assert lines == [
+        "kairos: waiting for peers; a leader; tunvpn: waiting for an address\n",
+        "kairos: waiting for k3s: waiting for a role\\x1b[2J\n",
+        "kairos: ready: 1 peer, leader this node (epoch 2)\n",
+    ]
     assert progress.done
 
 
@@ -159,17 +171,27 @@ def _config(tmp_path: Path) -> Path:
     import yaml
 
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "p2p": {"network_token": generate_token().encode(), "listen": ["/ip4/127.0.0.1/tcp/0"],
-                "disable_mdns": True, "disable_dht": True},
-        "node": {"state_dir": str(tmp_path / "state"), "hostname": "progress"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "p2p": {
+                    "network_token": generate_token().encode(),
+                    "listen": ["/ip4/127.0.0.1/tcp/0"],
+                    "disable_mdns": True,
+                    "disable_dht": True,
+                },
+                "node": {"state_dir": str(tmp_path / "state"), "hostname": "progress"},
+            }
+        )
+    )
     return path
 
 
 def test_kairos_run_in_a_terminal_says_what_it_waits_for(tmp_path):
     primary, secondary = pty.openpty()
-    process = subprocess.Popen([KAIROS, "run", "-c", str(_config(tmp_path))],
-                               stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True)
+    process = subprocess.Popen(
+        [KAIROS, "run", "-c", str(_config(tmp_path))], stdin=secondary, stdout=secondary, stderr=secondary, close_fds=True
+    )
     os.close(secondary)
     seen = b""
     try:
@@ -189,8 +211,7 @@ def test_kairos_run_in_a_terminal_says_what_it_waits_for(tmp_path):
 
 
 def test_kairos_run_without_a_terminal_shows_no_progress(tmp_path):
-    process = subprocess.Popen([KAIROS, "run", "-c", str(_config(tmp_path))],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([KAIROS, "run", "-c", str(_config(tmp_path))], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "state" / "api.sock").exists() and time.monotonic() < deadline:
@@ -207,8 +228,9 @@ def test_reachability_reports_what_dial_backs_found():
     from kairos_core.doctor import _reachability
 
     base = {"addresses": ["/ip4/192.168.1.5/tcp/4001/p2p/x"], "members": 0}
-    alone = _reachability(None, {**base, "reachability": {"reachability": "private", "observed": ["/ip4/203.0.113.7/tcp/4001"],
-                                                          "relays": []}})
+    alone = _reachability(
+        None, {**base, "reachability": {"reachability": "private", "observed": ["/ip4/203.0.113.7/tcp/4001"], "relays": []}}
+    )
     assert alone["status"] == WARN and "203.0.113.7" in alone["detail"] and "bootstrap from a public node" in alone["hint"]
     relayed = _reachability(None, {**base, "reachability": {"reachability": "private", "observed": [], "relays": ["r"]}})
     assert relayed["status"] == OK and "1 relay holding a reservation" in relayed["detail"]

@@ -27,12 +27,21 @@ class SimNode:
     def __init__(self, tmp_path, clock: Clock, lease: float = 3.0, eligible: bool = True) -> None:
         self.identity = Identity.generate()
         self.peer_id = self.identity.peer_id
-        self.ledger = Ledger(self.identity, LedgerStore(tmp_path / f"{self.peer_id}.db"),
-                             policies=PolicyRegistry({LEADER_BUCKET: LeasePolicy()}))
+        self.ledger = Ledger(
+            self.identity, LedgerStore(tmp_path / f"{self.peer_id}.db"), policies=PolicyRegistry({LEADER_BUCKET: LeasePolicy()})
+        )
         self.membership = Membership(self.peer_id, self._noop, clock=clock)
         self.announced: list[tuple[str, int]] = []
-        self.election = Election(self.peer_id, self.ledger, self.membership, self._announce,
-                                 lease_seconds=lease, settle=0, monotonic=clock, eligible=lambda: eligible)
+        self.election = Election(
+            self.peer_id,
+            self.ledger,
+            self.membership,
+            self._announce,
+            lease_seconds=lease,
+            settle=0,
+            monotonic=clock,
+            eligible=lambda: eligible,
+        )
         self.ledger.add_listener(self.election.observe)
 
     async def _noop(self, event) -> None:
@@ -172,8 +181,10 @@ async def test_concurrent_claims_confirm_only_the_merge_winner(tmp_path):
         await asyncio.sleep(0.05)
     finally:
         syncer.cancel()
-    leases = [parse_lease("kairos", key, value, a.ledger.get_entry(LEADER_BUCKET, key).owner)
-              for key, value in a.ledger.items(LEADER_BUCKET).items()]
+    leases = [
+        parse_lease("kairos", key, value, a.ledger.get_entry(LEADER_BUCKET, key).owner)
+        for key, value in a.ledger.items(LEADER_BUCKET).items()
+    ]
     held = [lease for lease in leases if lease and lease.held]
     assert len(held) == 1 and held[0].epoch == 1
 
@@ -220,8 +231,7 @@ async def test_ineligible_nodes_never_claim(tmp_path):
 
 def _vouch(node: SimNode, voucher: SimNode, named: list[SimNode]) -> None:
     """``node`` receives ``voucher``'s nodes entry naming ``named`` as its neighbours."""
-    node.membership.entry_changed(voucher.peer_id, {"hostname": voucher.peer_id[-4:],
-                                                    "neighbours": [n.peer_id for n in named]})
+    node.membership.entry_changed(voucher.peer_id, {"hostname": voucher.peer_id[-4:], "neighbours": [n.peer_id for n in named]})
 
 
 async def _leader_with_a_vouching_partner(tmp_path):

@@ -74,8 +74,11 @@ def test_kill_9_of_the_leader_elects_a_new_one_with_a_higher_epoch(cluster):
     victim = next(n for n in nodes if n.peer_id == old)
     victim.process.send_signal(signal.SIGKILL)
     survivors = [n for n in nodes if n is not victim]
-    network.wait_until(lambda: all((leader_of(n) or (old, 0))[0] != old for n in survivors)
-         and len({leader_of(n) for n in survivors}) == 1, 15, "a new leader")
+    network.wait_until(
+        lambda: all((leader_of(n) or (old, 0))[0] != old for n in survivors) and len({leader_of(n) for n in survivors}) == 1,
+        15,
+        "a new leader",
+    )
     new, new_epoch = leader_of(survivors[0])
     assert new != old and new_epoch > epoch
 
@@ -92,13 +95,21 @@ def test_partition_3_2_at_most_one_leader_per_epoch_and_agreement_after_heal(clu
         network.lab.partition(minority, majority)
         try:
             majority_nodes = [network.nodes[i] for i in majority]
-            network.wait_until(lambda: all((leader_of(n) or (None, 0))[1] > epoch for n in majority_nodes)
-                 and len({leader_of(n) for n in majority_nodes}) == 1, 40, "a majority-side leader")
+            network.wait_until(
+                lambda: (
+                    all((leader_of(n) or (None, 0))[1] > epoch for n in majority_nodes)
+                    and len({leader_of(n) for n in majority_nodes}) == 1
+                ),
+                40,
+                "a majority-side leader",
+            )
             # the deposed leader stops claiming to lead once it sees it lost the majority
             network.wait_until(lambda: not network.nodes[leader_index].status()["is_leader"], 30, "old leader stepping down")
         finally:
             network.lab.heal()
-        network.wait_until(lambda: len({leader_of(n) for n in nodes}) == 1 and all(leader_of(n) for n in nodes), 60, "agreement after heal")
+        network.wait_until(
+            lambda: len({leader_of(n) for n in nodes}) == 1 and all(leader_of(n) for n in nodes), 60, "agreement after heal"
+        )
         final = leader_of(nodes[0])
         assert final[1] > epoch
         assert final[0] in {network.nodes[i].peer_id for i in majority}

@@ -106,8 +106,9 @@ async def test_an_insider_claiming_a_victims_next_message_ids_suppresses_none_of
     victim_id = ID.from_base58(victim.peer_id).to_bytes()
     insider_id = ID.from_base58(insider.peer_id)
     squats = [
-        rpc_pb2.Message(data=sealer.seal(b"squat %d" % i), topicIDs=[topic], from_id=victim_id,
-                        seqno=(next_seqno + i).to_bytes(8, "big"))
+        rpc_pb2.Message(
+            data=sealer.seal(b"squat %d" % i), topicIDs=[topic], from_id=victim_id, seqno=(next_seqno + i).to_bytes(8, "big")
+        )
         for i in range(SQUATTED + 5)
     ]
 
@@ -171,8 +172,12 @@ async def test_a_victims_writes_reach_every_node_while_an_insider_claims_its_mes
     victim_id = ID.from_base58(victim.peer_id).to_bytes()
     insider_id = ID.from_base58(insider.peer_id)
     squats = [
-        rpc_pb2.Message(data=insider.replicator.sealer.seal(b"not a batch"), topicIDs=[topic], from_id=victim_id,
-                        seqno=(next_seqno + i).to_bytes(8, "big"))
+        rpc_pb2.Message(
+            data=insider.replicator.sealer.seal(b"not a batch"),
+            topicIDs=[topic],
+            from_id=victim_id,
+            seqno=(next_seqno + i).to_bytes(8, "big"),
+        )
         for i in range(3 * SQUATTED)
     ]
 

@@ -45,15 +45,23 @@ def resolve(text, manager):
 
 
 def masters_planned(settings, nodes=6):
-    plan = plan_roles({f"n{i}": "" for i in range(nodes)}, {}, ha=settings.ha_enable,
-                      masters=settings.masters_total, minimum_nodes=1)
+    plan = plan_roles(
+        {f"n{i}": "" for i in range(nodes)}, {}, ha=settings.ha_enable, masters=settings.masters_total, minimum_nodes=1
+    )
     return sorted(role for role in plan.values() if is_server(role))
 
 
 def test_the_fixtures_cover_the_docs_examples():
     assert {path.stem for path in CONFIGS} >= {
-        "single-node", "multi-node-p2p", "ha-kubevip", "network-id-dev", "network-id-prod", "static-master",
-        "static-worker", "ha-typo", "vpn-env",
+        "single-node",
+        "multi-node-p2p",
+        "ha-kubevip",
+        "network-id-dev",
+        "network-id-prod",
+        "static-master",
+        "static-worker",
+        "ha-typo",
+        "vpn-env",
     }
 
 
@@ -100,8 +108,9 @@ def test_the_docs_p2p_ha_typo_is_read_as_auto_ha_with_a_warning(manager):
     settings = K3sSettings.from_config(config)
     # no ha.enable: master_nodes given turns HA on, as in Kairos
     assert settings.ha_enable and settings.masters_total == 3
-    assert config.warnings == ["p2p.ha: read as p2p.auto.ha (a typo in one Kairos docs example; provider-kairos "
-                               "itself ignores p2p.ha)"]
+    assert config.warnings == [
+        "p2p.ha: read as p2p.auto.ha (a typo in one Kairos docs example; provider-kairos itself ignores p2p.ha)"
+    ]
 
 
 def test_network_id_names_two_clusters_on_one_token(manager):
@@ -133,8 +142,15 @@ def test_every_p2p_key_of_the_reference_has_its_kairos_meaning(manager, tmp_path
     assert config["vpn"]["use"] is True and vpn_in_use(config)
     # k3s.embedded_registry reaches the servers' k3s config, not the agents'
     paths = K3sPaths.under(tmp_path)
-    server = build_launch(CLUSTER_INIT, flags=settings.server, binary="k3s", paths=paths, node_ip="10.1.0.2",
-                          interface="edgevpn0", embedded_registry=settings.embedded_registry)
+    server = build_launch(
+        CLUSTER_INIT,
+        flags=settings.server,
+        binary="k3s",
+        paths=paths,
+        node_ip="10.1.0.2",
+        interface="edgevpn0",
+        embedded_registry=settings.embedded_registry,
+    )
     assert server.config["embedded-registry"] is True
     assert config.warnings == [
         "p2p.vpn.env.ADDRESS: ignored, p2p.vpn.env.DHCP is given too and wins",
@@ -151,9 +167,12 @@ def test_every_p2p_key_of_the_reference_has_its_kairos_meaning(manager, tmp_path
 
 
 def test_edgevpn_variables_set_static_addresses_and_unknown_ones_warn(manager):
-    config = resolve("p2p:\n  vpn:\n    env:\n      DHCP: 'false'\n      ADDRESS: 10.1.0.30/24\n      IFACE: vpn1\n"
-                     "      EDGEVPNMTU: '1300'\n      EDGEVPNBOOTSTRAPPEERS: '/ip4/10.0.0.1/tcp/1/p2p/x, /ip4/10.0.0.2/tcp/1/p2p/y'\n"
-                     "      NOSUCHVAR: '1'\n", manager)
+    config = resolve(
+        "p2p:\n  vpn:\n    env:\n      DHCP: 'false'\n      ADDRESS: 10.1.0.30/24\n      IFACE: vpn1\n"
+        "      EDGEVPNMTU: '1300'\n      EDGEVPNBOOTSTRAPPEERS: '/ip4/10.0.0.1/tcp/1/p2p/x, /ip4/10.0.0.2/tcp/1/p2p/y'\n"
+        "      NOSUCHVAR: '1'\n",
+        manager,
+    )
     assert (config["vpn"]["address"], config["vpn"]["interface"], config["vpn"]["mtu"]) == ("10.1.0.30/24", "vpn1", 1300)
     assert config["p2p"]["bootstrap_peers"] == ["/ip4/10.0.0.1/tcp/1/p2p/x", "/ip4/10.0.0.2/tcp/1/p2p/y"]
     assert config.warnings == ["p2p.vpn.env.NOSUCHVAR: an EdgeVPN variable kairos-plugin-tunvpn does not use, ignored"]
@@ -164,18 +183,25 @@ def test_edgevpn_variables_set_static_addresses_and_unknown_ones_warn(manager):
 
 
 def test_our_own_names_stay_valid_and_win(manager):
-    config = resolve("node:\n  log_level: debug\nvpn:\n  address: 10.1.0.9/24\nauto:\n  ha:\n    master_nodes: 4\n"
-                     "p2p:\n  loglevel: error\n  vpn:\n    env:\n      ADDRESS: 10.1.0.7/24\n", manager)
+    config = resolve(
+        "node:\n  log_level: debug\nvpn:\n  address: 10.1.0.9/24\nauto:\n  ha:\n    master_nodes: 4\n"
+        "p2p:\n  loglevel: error\n  vpn:\n    env:\n      ADDRESS: 10.1.0.7/24\n",
+        manager,
+    )
     assert config["node"]["log_level"] == "debug" and config["vpn"]["address"] == "10.1.0.9/24"
     assert K3sSettings.from_config(config).masters_total == 5
-    assert set(config.warnings) == {"p2p.loglevel: ignored, node.log_level is given too and wins",
-                                    "p2p.vpn.env.ADDRESS: ignored, vpn.address is given too and wins"}
+    assert set(config.warnings) == {
+        "p2p.loglevel: ignored, node.log_level is given too and wins",
+        "p2p.vpn.env.ADDRESS: ignored, vpn.address is given too and wins",
+    }
 
 
 def test_problems_name_the_path_the_user_wrote(manager):
-    text = ("p2p:\n  loglevel: loud\n  role: boss\n  dynamic_roles: maybe\n  vpn:\n    mtu: 5\n    use: 'yes'\n"
-            "    env:\n      EDGEVPNMAXCONNS: many\n      EDGEVPNDHT: perhaps\n  auto:\n    ha:\n      master_nodes: -1\n"
-            "k3s:\n  runner: sytemd\n  embedded_registry: 1\n")
+    text = (
+        "p2p:\n  loglevel: loud\n  role: boss\n  dynamic_roles: maybe\n  vpn:\n    mtu: 5\n    use: 'yes'\n"
+        "    env:\n      EDGEVPNMAXCONNS: many\n      EDGEVPNDHT: perhaps\n  auto:\n    ha:\n      master_nodes: -1\n"
+        "k3s:\n  runner: sytemd\n  embedded_registry: 1\n"
+    )
     with pytest.raises(ConfigError) as exc:
         resolve(text, manager)
     assert set(exc.value.problems) == {  # every one, each with the path as written
@@ -203,16 +229,18 @@ def test_p2p_dns_goes_to_a_plugin_that_claims_it():
     assert config["dns"]["enable"] is True and config.warnings == []
     alone = make_plugin_manager(autoload=False)
     config = resolve("p2p:\n  dns: true\n", alone)
-    assert config.warnings == ["p2p.dns: accepted, but has no effect here: DNS needs a DNS plugin "
-                               "(kairos-plugin-dns), which is not installed"]
+    assert config.warnings == [
+        "p2p.dns: accepted, but has no effect here: DNS needs a DNS plugin (kairos-plugin-dns), which is not installed"
+    ]
     assert resolve("p2p:\n  dns: false\n", alone).warnings == []
 
 
 def test_kubevip_without_its_plugin_is_a_warning_and_vpn_without_tunvpn_a_problem():
     without = make_plugin_manager(disabled=["kubevip"])
     config = load_config(FIXTURES / "ha-kubevip.yaml", without, env={})
-    assert config.warnings == ["kubevip: ignored: kube-vip (a virtual IP for the Kubernetes API) needs "
-                               "kairos-plugin-kubevip, which is not installed"]
+    assert config.warnings == [
+        "kubevip: ignored: kube-vip (a virtual IP for the Kubernetes API) needs kairos-plugin-kubevip, which is not installed"
+    ]
     with pytest.raises(ConfigError) as exc:
         resolve("p2p:\n  vpn:\n    use: true\n", make_plugin_manager(disabled=["tunvpn"]))
     assert exc.value.problems == ["p2p.vpn: unknown key (install kairos-plugin-tunvpn, which provides it)"]
@@ -232,4 +260,3 @@ def test_config_defaults_shows_the_kairos_paths(capsys):
     assert auto["ha"]["aliases"] == ["p2p.ha"]
     p2p = {option["name"]: option for option in schema["p2p"]["options"]}
     assert "kairos-plugin-dns" in p2p["dns"]["no_effect"]
-

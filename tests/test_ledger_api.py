@@ -75,8 +75,7 @@ def test_listeners_hear_local_and_remote_changes_and_failures_are_isolated() -> 
     remote = Entry.signed(BOB, "user", "b", 2, Version(ledger.clock.now_ms(), 0, BOB.peer_id))
     ledger.apply_remote([remote])
     ledger.apply_remote([remote])  # a duplicate is no change
-    assert [(u.key, u.value, u.local, u.owner) for u in heard] == [
-        ("a", 1, True, ALICE.peer_id), ("b", 2, False, BOB.peer_id)]
+    assert [(u.key, u.value, u.local, u.owner) for u in heard] == [("a", 1, True, ALICE.peer_id), ("b", 2, False, BOB.peer_id)]
     assert heard[1].version == tuple(remote.version)
     assert ledger.counters["listener_errors"] == 2
     ledger.remove_listener(heard.append)

@@ -135,8 +135,9 @@ def test_the_lead_bound_lies_within_the_drift_bound() -> None:
 
 
 @settings(max_examples=200)
-@given(st.lists(st.tuples(st.sampled_from(["tick", "observe", "wall"]), st.integers(0, 10**7),
-                          st.integers(0, 1000)), max_size=60))
+@given(
+    st.lists(st.tuples(st.sampled_from(["tick", "observe", "wall"]), st.integers(0, 10**7), st.integers(0, 1000)), max_size=60)
+)
 def test_every_tick_is_greater_than_everything_seen_before_up_to_the_lead_bound(steps) -> None:
     wall = FakeWall(10**6)
     clock = HybridLogicalClock(PEER, now_ms=wall)

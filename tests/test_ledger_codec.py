@@ -15,7 +15,10 @@ from kairos_core.ledger import DecodeError, DeltaBatcher, Entry, Version, decode
 PEERS = [Identity.from_seed(bytes([n]) * 32) for n in range(1, 4)]
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.text(max_size=10)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63)
+    | st.text(max_size=10)
     | st.floats(allow_nan=False, allow_infinity=False),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=10,
@@ -53,8 +56,10 @@ def test_random_bytes_raise_only_decode_error(data: bytes) -> None:
 def json_garbage():
     return st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-        lambda inner: st.lists(inner, max_size=9) | st.dictionaries(
-            st.sampled_from(["v", "p", "e", "x"]) | st.text(max_size=3), inner, max_size=4),
+        lambda inner: (
+            st.lists(inner, max_size=9)
+            | st.dictionaries(st.sampled_from(["v", "p", "e", "x"]) | st.text(max_size=3), inner, max_size=4)
+        ),
         max_leaves=25,
     )
 
@@ -87,12 +92,24 @@ def test_mutated_batches_raise_decode_error_or_decode_to_checkable_entries(batch
         assert isinstance(entry.verify(), bool)
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"[]", b"{}", b'{"v":1,"p":[],"e":{}}', b'{"v":2,"p":[],"e":[]}', b'{"v":true,"p":[],"e":[]}',
-    b'{"v":1,"p":["x"],"e":[["b","k",1,1,0,0,0,"AA=="]]}', b'{"v":1,"p":["x"],"e":[["b","k",NaN,0,0,0,0,"AA=="]]}',
-    b'{"v":1,"p":["x"],"e":[["b","k",1e999,0,0,0,0,"AA=="]]}', b"[" * 100000, b'{"v":1,"p":[],"e":[]}' + b" " * 10,
-    b'{"v":1,"p":["x"],"e":[["b","k",' + b"9" * 5000 + b',0,0,0,0,"AA=="]]}', b"\xff\xfe",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"[]",
+        b"{}",
+        b'{"v":1,"p":[],"e":{}}',
+        b'{"v":2,"p":[],"e":[]}',
+        b'{"v":true,"p":[],"e":[]}',
+        b'{"v":1,"p":["x"],"e":[["b","k",1,1,0,0,0,"AA=="]]}',
+        b'{"v":1,"p":["x"],"e":[["b","k",NaN,0,0,0,0,"AA=="]]}',
+        b'{"v":1,"p":["x"],"e":[["b","k",1e999,0,0,0,0,"AA=="]]}',
+        b"[" * 100000,
+        b'{"v":1,"p":[],"e":[]}' + b" " * 10,
+        b'{"v":1,"p":["x"],"e":[["b","k",' + b"9" * 5000 + b',0,0,0,0,"AA=="]]}',
+        b"\xff\xfe",
+    ],
+)
 def test_known_nasty_inputs(data: bytes) -> None:
     if data == b'{"v":1,"p":[],"e":[]}' + b" " * 10:
         assert decode_batch(data) == []

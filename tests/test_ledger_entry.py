@@ -42,8 +42,13 @@ def test_signing_bytes_cover_every_signed_field() -> None:
     base = make()
     assert base.signing_bytes.startswith(SIGNATURE_DOMAIN)
     assert base.verify()
-    for changes in ({"bucket": "other"}, {"key": "k2"}, {"value": 2},
-                    {"version": Version(1001, 0, ALICE.peer_id)}, {"deleted": True, "value": None}):
+    for changes in (
+        {"bucket": "other"},
+        {"key": "k2"},
+        {"value": 2},
+        {"version": Version(1001, 0, ALICE.peer_id)},
+        {"deleted": True, "value": None},
+    ):
         changed = make(**changes)
         assert changed.signing_bytes != base.signing_bytes
         assert not changed.verify()
@@ -55,12 +60,22 @@ def test_signing_bytes_do_not_depend_on_dict_order() -> None:
     assert b.verify()
 
 
-@pytest.mark.parametrize("changes", [
-    {"bucket": ""}, {"key": "x" * 513}, {"bucket": "a\x00b"}, {"owner": 5},
-    {"version": Version(-1, 0, ALICE.peer_id)}, {"version": Version(1, 2**32, ALICE.peer_id)},
-    {"version": Version(1, 0, "someone-else")}, {"version": (1.5, 0, ALICE.peer_id)},
-    {"deleted": 1}, {"deleted": True}, {"sig": b"short"},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"bucket": ""},
+        {"key": "x" * 513},
+        {"bucket": "a\x00b"},
+        {"owner": 5},
+        {"version": Version(-1, 0, ALICE.peer_id)},
+        {"version": Version(1, 2**32, ALICE.peer_id)},
+        {"version": Version(1, 0, "someone-else")},
+        {"version": (1.5, 0, ALICE.peer_id)},
+        {"deleted": 1},
+        {"deleted": True},
+        {"sig": b"short"},
+    ],
+)
 def test_validate_rejects_out_of_bounds_fields(changes) -> None:
     with pytest.raises(LedgerError):
         make(**changes).validate()
@@ -90,7 +105,13 @@ def test_values_nested_deeper_than_the_bound_are_refused() -> None:
     for depth in (MAX_VALUE_DEPTH + 1, 600, 5000):
         with pytest.raises(LedgerError, match=f"nested more than {MAX_VALUE_DEPTH} levels"):
             normalize_value(nested(depth))
-    entry = Entry(*[getattr(make(), name) for name in ("bucket", "key")], nested(600), ALICE.peer_id,
-                  Version(1000, 0, ALICE.peer_id), False, b"\x00" * 64)
+    entry = Entry(
+        *[getattr(make(), name) for name in ("bucket", "key")],
+        nested(600),
+        ALICE.peer_id,
+        Version(1000, 0, ALICE.peer_id),
+        False,
+        b"\x00" * 64,
+    )
     with pytest.raises(LedgerError, match="nested more than"):
         entry.validate()

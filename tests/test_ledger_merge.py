@@ -15,7 +15,7 @@ IDENTITIES = [Identity.from_seed(bytes([n]) * 32) for n in range(1, 4)]
 NOW_MS = 1_700_000_000_000
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
     max_leaves=6,
 )

@@ -15,8 +15,6 @@ pytestmark = pytest.mark.slow
 FAST_SYNC = {"ledger": {"sync_interval": 2.0}}
 
 
-
-
 @pytest.fixture
 def network(lab_network):
     def make(count: int) -> LabNetwork:
@@ -53,7 +51,11 @@ def test_five_concurrent_writers_of_one_key_converge_on_one_winner(network):
         thread.join()
     # the winner is the write with the greatest version, on every node
     expected = max(written.values(), key=lambda e: (e["version"][0], e["version"][1], e["version"][2]))
-    net.wait_until(lambda: all((entry(n, "race", "key") or {}).get("version") == expected["version"] for n in nodes), 20, "convergence on one winner")
+    net.wait_until(
+        lambda: all((entry(n, "race", "key") or {}).get("version") == expected["version"] for n in nodes),
+        20,
+        "convergence on one winner",
+    )
     assert {entry(n, "race", "key")["value"] for n in nodes} == {expected["value"]}
 
 
@@ -79,7 +81,11 @@ def test_partition_writes_on_both_sides_heal_and_nothing_is_lost(network):
         net.lab.heal()
     winner = max(shared, key=lambda e: tuple(e["version"]))
     every_key = set(acknowledged) | {"shared"}
-    net.wait_until(lambda: all(set(n.client.request("GET", "/api/ledger/split")) == every_key for n in nodes.values()), 60, "convergence after heal")
+    net.wait_until(
+        lambda: all(set(n.client.request("GET", "/api/ledger/split")) == every_key for n in nodes.values()),
+        60,
+        "convergence after heal",
+    )
     for node in nodes.values():
         items = node.client.request("GET", "/api/ledger/split")
         assert all(items[key] == int(key.rsplit("-", 1)[1]) for key in acknowledged)

@@ -4,8 +4,16 @@ import pytest
 
 from kairos_core.identity import Identity
 from kairos_core.ledger import (
-    LEASE, OPEN, OWNER_KEYED, Entry, HybridLogicalClock, Ledger, LedgerStore, PolicyError,
-    PolicyRegistry, Version,
+    LEASE,
+    OPEN,
+    OWNER_KEYED,
+    Entry,
+    HybridLogicalClock,
+    Ledger,
+    LedgerStore,
+    PolicyError,
+    PolicyRegistry,
+    Version,
 )
 
 ALICE, BOB = Identity.from_seed(b"\x01" * 32), Identity.from_seed(b"\x02" * 32)
@@ -51,11 +59,6 @@ def test_owner_keyed_accepts_own_id_and_paths_under_it_only() -> None:
         with pytest.raises(PolicyError):
             ledger.set("vpn", key, 1)
     assert ledger.items("vpn") == {ALICE.peer_id + "/ip": "10.1.0.1"}
-
-
-
-
-
 
 
 def test_custom_policies_replace_the_defaults() -> None:

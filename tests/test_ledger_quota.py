@@ -40,8 +40,9 @@ def make_ledger(identity: Identity = ALICE, wall: Wall | None = None, store: Led
     return Ledger(identity, store or LedgerStore(":memory:"), clock=clock, **kw)
 
 
-def signed(identity: Identity, key: str, value=None, *, ms: int = NOW_MS, counter: int = 0,
-           bucket: str = "user", deleted: bool = False) -> Entry:
+def signed(
+    identity: Identity, key: str, value=None, *, ms: int = NOW_MS, counter: int = 0, bucket: str = "user", deleted: bool = False
+) -> Entry:
     return Entry.signed(identity, bucket, key, None if deleted else value, Version(ms, counter, identity.peer_id), deleted)
 
 
@@ -111,7 +112,9 @@ def test_local_byte_and_tombstone_quotas() -> None:
     ledger = make_ledger(quota=OwnerQuota(keys=100, bytes=25, tombstones=2))
     ledger.set("user", "a", "x" * 10)  # 12 bytes of JSON
     ledger.set("user", "b", "y" * 10)  # 24
-    with pytest.raises(LedgerError, match=r"would hold 26 bytes of values in open buckets, more than ledger.max_bytes_per_owner=25"):
+    with pytest.raises(
+        LedgerError, match=r"would hold 26 bytes of values in open buckets, more than ledger.max_bytes_per_owner=25"
+    ):
         ledger.set("user", "c", 12)
     with pytest.raises(LedgerError, match="max_bytes_per_owner"):
         ledger.set("user", "a", "x" * 12)  # growing a key counts too
@@ -121,8 +124,10 @@ def test_local_byte_and_tombstone_quotas() -> None:
     ledger.delete("user", "never-written")  # a tombstone for a key we never held counts too
     with pytest.raises(LedgerError) as exc:
         ledger.delete("user", "b")
-    assert str(exc.value) == ("quota: this node would hold 3 tombstones in open buckets, more than "
-                              "ledger.max_tombstones_per_owner=2 (they are pruned after ledger.tombstone_grace)")
+    assert str(exc.value) == (
+        "quota: this node would hold 3 tombstones in open buckets, more than "
+        "ledger.max_tombstones_per_owner=2 (they are pruned after ledger.tombstone_grace)"
+    )
     assert "\n" not in str(exc.value)
 
 
@@ -328,14 +333,18 @@ async def test_one_insider_cannot_fill_every_nodes_memory_and_disk(kairos_networ
     for n in range(100):  # gossiped, and not kept by the insider itself
         insider.replicator.batcher.add(Entry.signed(insider.identity, "junk", f"blob-{n}", value, insider.ledger.clock.tick()))
     for n in range(100):
-        insider.replicator.batcher.add(Entry.signed(insider.identity, "junk", f"gone-{n}", None, insider.ledger.clock.tick(), True))
+        insider.replicator.batcher.add(
+            Entry.signed(insider.identity, "junk", f"gone-{n}", None, insider.ledger.clock.tick(), True)
+        )
     insider.ledger.set("done", "marker", 1)  # gossiped after the forged entries
     await net.wait_for(lambda: all(node.ledger.get("done", "marker") == 1 for node in honest))
     await asyncio.sleep(1.0)  # stragglers
 
     for node in honest:
         keys, used, tombstones = insiders_share(node, insider)
-        assert (keys, tombstones) == (16, 40) and used <= quota.bytes, f"the insider holds {keys} keys, {used} bytes, {tombstones} tombstones"
+        assert (keys, tombstones) == (16, 40) and used <= quota.bytes, (
+            f"the insider holds {keys} keys, {used} bytes, {tombstones} tombstones"
+        )
         assert node.ledger.usage(insider.peer_id) == Usage(keys + 1, used + 1, tombstones)  # and the marker
         on_disk = [e for e in node.ledger.store.load() if e.owner == insider.peer_id and e.bucket == "junk"]
         assert len(on_disk) == 16 + 40  # not 200 rows
@@ -350,5 +359,8 @@ async def test_one_insider_cannot_fill_every_nodes_memory_and_disk(kairos_networ
         await asyncio.to_thread(client.request, "PUT", "/api/ledger/cfg/k5", content=b"1")
     assert str(exc.value) == "quota: this node would hold 6 live keys in open buckets, more than ledger.max_keys_per_owner=5"
     honest[1].ledger.set("cfg", "other", 2)
-    await net.wait_for(lambda: all(node.ledger.get("cfg", f"k{n}") == 1 and node.ledger.get("cfg", "other") == 2
-                                   for node in net.nodes for n in range(5)))
+    await net.wait_for(
+        lambda: all(
+            node.ledger.get("cfg", f"k{n}") == 1 and node.ledger.get("cfg", "other") == 2 for node in net.nodes for n in range(5)
+        )
+    )

@@ -59,7 +59,8 @@ def test_a_failed_batch_leaves_nothing_behind(tmp_path: Path) -> None:
     store.close()
 
 
-CHILD = textwrap.dedent("""
+CHILD = textwrap.dedent(
+    """
     import sys
     from kairos_core.identity import Identity
     from kairos_core.ledger import Entry, Version, open_ledger
@@ -78,7 +79,9 @@ CHILD = textwrap.dedent("""
             ledger.delete("seq", f"{i - 1:08d}")
         print(i, flush=True)
         i += 1
-""" % BATCH)
+"""
+    % BATCH
+)
 
 
 @pytest.mark.slow

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from kairos_core.identity import Identity
 from kairos_core.ledger import (
-    Entry, Ledger, LedgerStore, StreamChannel, SyncError, Version, open_ledger, sync_ledgers,
+    Entry,
+    Ledger,
+    LedgerStore,
+    StreamChannel,
+    SyncError,
+    Version,
+    open_ledger,
+    sync_ledgers,
 )
 from kairos_core.ledger.sync import DEFAULT_MAX_FRAME, RANGES
 
@@ -138,7 +145,8 @@ async def test_a_late_joiner_catches_up_on_10000_entries(channels) -> None:
     writers = [ALICE, BOB, CAROL]
     veteran.apply_remote(
         Entry.signed(w, "user", f"key-{n}-{i}", {"i": i, "w": n}, Version(now - 1000, i, w.peer_id))
-        for n, w in enumerate(writers) for i in range(3334)
+        for n, w in enumerate(writers)
+        for i in range(3334)
     )
     assert len(veteran) == 10002
     joiner = Ledger(BOB, LedgerStore(":memory:"))
@@ -159,15 +167,18 @@ async def test_forged_entries_in_a_session_are_rejected_but_the_rest_lands(chann
     assert b.counters["rejected_signature"] == 1
 
 
-@pytest.mark.parametrize("frames", [
-    [b"garbage"],
-    [b"D\x01" + b"\x00" * 100],
-    [b"D\x09" + b"\x00" * (RANGES * 16)],
-    [b"D\x01" + b"\xff" * (RANGES * 16), b"V{not json"],
-    [b"D\x01" + b"\xff" * (RANGES * 16), b'V{"p":[],"r":[["b","k",-1,0,0]]}'],
-    [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"E{not a batch"],
-    [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"X"],
-])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"garbage"],
+        [b"D\x01" + b"\x00" * 100],
+        [b"D\x09" + b"\x00" * (RANGES * 16)],
+        [b"D\x01" + b"\xff" * (RANGES * 16), b"V{not json"],
+        [b"D\x01" + b"\xff" * (RANGES * 16), b'V{"p":[],"r":[["b","k",-1,0,0]]}'],
+        [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"E{not a batch"],
+        [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"X"],
+    ],
+)
 async def test_protocol_violations_raise_sync_error_and_are_counted(channels, frames) -> None:
     ledger = Ledger(ALICE, LedgerStore(":memory:"))
     for i in range(50):
@@ -254,16 +265,19 @@ def _versions_frame(peers: list, rows: list) -> bytes:
     return b"V" + json.dumps({"p": peers, "r": rows}).encode()
 
 
-@pytest.mark.parametrize("peers, row", [
-    (["p"], ["\ud800", "k", 1, 0, 0]),         # a lone surrogate: UnicodeEncodeError in range_of
-    (["p"], ["b", "k\udfff", 1, 0, 0]),
-    (["p"], ["b\x00", "k", 1, 0, 0]),          # NUL, empty and over-long names are not keys either
-    (["p"], ["", "k", 1, 0, 0]),
-    (["p"], ["b", "k" * 513, 1, 0, 0]),
-    (["p\ud800"], ["b", "k", 1, 0, 0]),        # nor are peer ids that are not text, or too long
-    (["p" * 129], ["b", "k", 1, 0, 0]),
-    ([""], ["b", "k", 1, 0, 0]),
-])
+@pytest.mark.parametrize(
+    "peers, row",
+    [
+        (["p"], ["\ud800", "k", 1, 0, 0]),  # a lone surrogate: UnicodeEncodeError in range_of
+        (["p"], ["b", "k\udfff", 1, 0, 0]),
+        (["p"], ["b\x00", "k", 1, 0, 0]),  # NUL, empty and over-long names are not keys either
+        (["p"], ["", "k", 1, 0, 0]),
+        (["p"], ["b", "k" * 513, 1, 0, 0]),
+        (["p\ud800"], ["b", "k", 1, 0, 0]),  # nor are peer ids that are not text, or too long
+        (["p" * 129], ["b", "k", 1, 0, 0]),
+        ([""], ["b", "k", 1, 0, 0]),
+    ],
+)
 def test_invalid_names_in_a_versions_frame_are_a_sync_error(peers, row) -> None:
     from kairos_core.ledger.sync import _decode_versions
 
@@ -272,11 +286,13 @@ def test_invalid_names_in_a_versions_frame_are_a_sync_error(peers, row) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(codec=None)),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.sampled_from(["p", "r", "x"]), inner, max_size=3),
-    max_leaves=20,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(st.characters(codec=None)),
+        lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.sampled_from(["p", "r", "x"]), inner, max_size=3),
+        max_leaves=20,
+    )
+)
 def test_any_versions_payload_decodes_or_raises_sync_error(doc) -> None:
     import json
 

@@ -68,6 +68,7 @@ def test_json_keeps_the_traceback_in_one_line():
             raise ValueError("boom\x1b[2J")
         except ValueError:
             logging.getLogger("kairos.events").exception("failed", extra={"bucket": "b", "epoch": 3})
+
     lines = record_lines("json", emit)
     assert len(lines) == 1 and not RAW_CONTROL.search(lines[0])
     doc = json.loads(lines[0])
@@ -87,10 +88,19 @@ def write_config(path: Path, state: Path, **node) -> None:
     token = path.with_suffix(".token")
     if not token.exists():
         token.write_text(generate_token().encode())
-    path.write_text(yaml.safe_dump({
-        "p2p": {"network_token": token.read_text(), "listen": ["/ip4/127.0.0.1/tcp/0"],
-                "disable_mdns": True, "disable_dht": True},
-        "node": {"state_dir": str(state), "hostname": "logger", **node}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "p2p": {
+                    "network_token": token.read_text(),
+                    "listen": ["/ip4/127.0.0.1/tcp/0"],
+                    "disable_mdns": True,
+                    "disable_dht": True,
+                },
+                "node": {"state_dir": str(state), "hostname": "logger", **node},
+            }
+        )
+    )
 
 
 class Run:

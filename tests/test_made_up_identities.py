@@ -28,17 +28,35 @@ def forge(node, identity: Identity, bucket: str, key: str, value) -> None:
 
 
 def fake_node_entry(node, identity: Identity, beat: int, neighbours=()) -> None:
-    forge(node, identity, NODES_BUCKET, identity.peer_id, {
-        "network_id": node.network_id, "hostname": f"fake-{identity.peer_id[-4:]}", "addresses": [],
-        "version": "0.1.0", "role": "", "eligible": True, "neighbours": list(neighbours), "beat": beat,
-    })
+    forge(
+        node,
+        identity,
+        NODES_BUCKET,
+        identity.peer_id,
+        {
+            "network_id": node.network_id,
+            "hostname": f"fake-{identity.peer_id[-4:]}",
+            "addresses": [],
+            "version": "0.1.0",
+            "role": "",
+            "eligible": True,
+            "neighbours": list(neighbours),
+            "beat": beat,
+        },
+    )
 
 
 def fake_lease(node, identity: Identity, epoch: int) -> None:
     version = node.ledger.clock.tick()
-    forge(node, identity, LEADER_BUCKET, lease_key(node.network_id, epoch, identity.peer_id) if epoch <= MAX_EPOCH
-          else f"{node.network_id}:{epoch}:{identity.peer_id}",
-          {"peer": identity.peer_id, "epoch": epoch, "state": "held", "claimed": [version.wall_ms - 10_000, 0]})
+    forge(
+        node,
+        identity,
+        LEADER_BUCKET,
+        lease_key(node.network_id, epoch, identity.peer_id)
+        if epoch <= MAX_EPOCH
+        else f"{node.network_id}:{epoch}:{identity.peer_id}",
+        {"peer": identity.peer_id, "epoch": epoch, "state": "held", "claimed": [version.wall_ms - 10_000, 0]},
+    )
 
 
 async def test_fake_leaders_fake_voters_and_fake_candidates_are_ignored(kairos_network):
@@ -55,14 +73,15 @@ async def test_fake_leaders_fake_voters_and_fake_candidates_are_ignored(kairos_n
         for fake in fakes:
             fake_node_entry(insider, fake, beat, neighbours=[f.peer_id for f in fakes if f is not fake])
         await asyncio.sleep(0.2)
-    fake_lease(insider, fakes[4], epoch)          # the current epoch, claimed earlier than the leader
-    fake_lease(insider, fakes[0], epoch + 1)      # the next epoch
-    fake_lease(insider, fakes[1], epoch + 1000)   # a jump
-    fake_lease(insider, fakes[2], MAX_EPOCH)      # the parsers' limit
-    fake_lease(insider, fakes[3], 10**12)         # beyond it
+    fake_lease(insider, fakes[4], epoch)  # the current epoch, claimed earlier than the leader
+    fake_lease(insider, fakes[0], epoch + 1)  # the next epoch
+    fake_lease(insider, fakes[1], epoch + 1000)  # a jump
+    fake_lease(insider, fakes[2], MAX_EPOCH)  # the parsers' limit
+    fake_lease(insider, fakes[3], 10**12)  # beyond it
     await net.wait_for(lambda: all(n.ledger.get(NODES_BUCKET, fakes[-1].peer_id) for n in net.nodes))
-    await net.wait_for(lambda: all(n.ledger.get_entry(LEADER_BUCKET, lease_key(n.network_id, epoch + 1, fakes[0].peer_id))
-                                   for n in net.nodes))
+    await net.wait_for(
+        lambda: all(n.ledger.get_entry(LEADER_BUCKET, lease_key(n.network_id, epoch + 1, fakes[0].peer_id)) for n in net.nodes)
+    )
     await asyncio.sleep(1.5)  # a few election rounds
 
     fake_ids = {f.peer_id for f in fakes}
@@ -78,8 +97,10 @@ async def test_fake_leaders_fake_voters_and_fake_candidates_are_ignored(kairos_n
     # fail-over still works with the fakes around: kill the leader, one honest node takes over
     await next(n for n in net.nodes if n.peer_id == leader).stop()
     survivors = [n for n in net.nodes if n.peer_id != leader]
-    await net.wait_for(lambda: len({n.leader for n in survivors}) == 1 and survivors[0].leader is not None
-                       and survivors[0].leader[0] != leader, timeout=30)
+    await net.wait_for(
+        lambda: len({n.leader for n in survivors}) == 1 and survivors[0].leader is not None and survivors[0].leader[0] != leader,
+        timeout=30,
+    )
     new_leader, new_epoch = survivors[0].leader
     assert new_leader in {n.peer_id for n in survivors}
     assert new_epoch == epoch + 2  # past the forged epoch+1 (epochs never go back), not past the jumps

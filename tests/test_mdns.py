@@ -63,11 +63,19 @@ def test_instance_name_is_rendezvous_plus_peer_tag() -> None:
     assert split_instance(f"{name}.{SERVICE_TYPE}") == (rendezvous, node_tag(PEER))
 
 
-@pytest.mark.parametrize("name", [
-    "", "printer", "0123456789abcdef0123456789abcdef", "0123456789ABCDEF0123456789ABCDEF-0123456789ab",
-    "0123456789abcdef0123456789abcdef-0123456789a", "0123456789abcdef0123456789abcdef-0123456789abc",
-    "x0123456789abcdef0123456789abcdef-0123456789ab", "0123456789abcdef0123456789abcdef-0123456789ab.other",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "printer",
+        "0123456789abcdef0123456789abcdef",
+        "0123456789ABCDEF0123456789ABCDEF-0123456789ab",
+        "0123456789abcdef0123456789abcdef-0123456789a",
+        "0123456789abcdef0123456789abcdef-0123456789abc",
+        "x0123456789abcdef0123456789abcdef-0123456789ab",
+        "0123456789abcdef0123456789abcdef-0123456789ab.other",
+    ],
+)
 def test_foreign_instance_names_do_not_split(name: str) -> None:
     assert split_instance(name) is None
     assert not instance_matches(name, ["0123456789abcdef0123456789abcdef"])
@@ -122,20 +130,23 @@ def test_wildcard_addresses_are_never_announced() -> None:
         encode_txt(PEER, ["/ip4/0.0.0.0/tcp/4001", "/ip6/::/udp/1/quic-v1"])
 
 
-@pytest.mark.parametrize("text", [
-    b"",
-    b"\x05v=1id",                                        # string runs past the end
-    b"\x03v=2\x05id=xy",                                 # unknown version
-    b"\x03v=1\x0ca0=/ip4/1.2.3.4",                      # no peer id
-    b"\x03v=1\x0bid=notapeer\x14a0=/ip4/1.2.3.4/tcp/1",  # not a peer id
-    pack_txt({b"v": b"1", b"id": PEER.encode()}),       # no address
-    pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": "/ip4/1.2.3.4/tcp/1\u00e9".encode()}),  # not ASCII
-    pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": b"/ip4/0.0.0.0/tcp/1"}),  # wildcard only
-    pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": addr("10.0.0.1", peer=OTHER).encode()}),  # someone else's
-    pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": b"ip4/1.2.3.4"}),  # not a multiaddr
-    pack_txt({b"v": b"1", b"id": PEER.encode(), b"a1": addr("10.0.0.1").encode()}),  # chunks must start at a0
-    b"\xff" * 10_000,                                    # oversized
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"\x05v=1id",  # string runs past the end
+        b"\x03v=2\x05id=xy",  # unknown version
+        b"\x03v=1\x0ca0=/ip4/1.2.3.4",  # no peer id
+        b"\x03v=1\x0bid=notapeer\x14a0=/ip4/1.2.3.4/tcp/1",  # not a peer id
+        pack_txt({b"v": b"1", b"id": PEER.encode()}),  # no address
+        pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": "/ip4/1.2.3.4/tcp/1\u00e9".encode()}),  # not ASCII
+        pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": b"/ip4/0.0.0.0/tcp/1"}),  # wildcard only
+        pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": addr("10.0.0.1", peer=OTHER).encode()}),  # someone else's
+        pack_txt({b"v": b"1", b"id": PEER.encode(), b"a0": b"ip4/1.2.3.4"}),  # not a multiaddr
+        pack_txt({b"v": b"1", b"id": PEER.encode(), b"a1": addr("10.0.0.1").encode()}),  # chunks must start at a0
+        b"\xff" * 10_000,  # oversized
+    ],
+)
 def test_malformed_txt_is_rejected(text: bytes) -> None:
     with pytest.raises(MalformedAnnouncement):
         decode_txt(text)
@@ -152,8 +163,20 @@ def test_usable_multiaddrs(text: str) -> None:
     assert usable_multiaddr(text)
 
 
-@pytest.mark.parametrize("text", ["", "ip4/1.2.3.4", "/ip4/1.2.3.4/tcp", "/ip4/::1/tcp/1", "/ip6/0.0.0.0/tcp/1",
-                                  "/ip4/0.0.0.0/tcp/1", "/ip4/1.2.3.4/tcp/1 x", None, 42])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ip4/1.2.3.4",
+        "/ip4/1.2.3.4/tcp",
+        "/ip4/::1/tcp/1",
+        "/ip6/0.0.0.0/tcp/1",
+        "/ip4/0.0.0.0/tcp/1",
+        "/ip4/1.2.3.4/tcp/1 x",
+        None,
+        42,
+    ],
+)
 def test_unusable_multiaddrs(text: object) -> None:
     assert not usable_multiaddr(text)
 
@@ -169,8 +192,12 @@ def test_random_bytes_never_crash_the_decoder(text: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from([b"v", b"id", b"a0", b"a1", b"a2", b"x"]),
-                       st.one_of(st.none(), st.binary(max_size=80), st.sampled_from([b"1", PEER.encode()]))))
+@given(
+    st.dictionaries(
+        st.sampled_from([b"v", b"id", b"a0", b"a1", b"a2", b"x"]),
+        st.one_of(st.none(), st.binary(max_size=80), st.sampled_from([b"1", PEER.encode()])),
+    )
+)
 def test_random_properties_never_crash_the_decoder(props: dict) -> None:
     try:
         decode_txt(props)
@@ -226,8 +253,9 @@ async def test_five_nodes_find_each_other_and_a_stranger_stays_out(netlab) -> No
 async def test_garbage_announcements_are_counted_and_harmless(netlab) -> None:
     lab = netlab(3)
     token = generate_token().encode()
-    results = await discover_lan(lab, {1: token, 2: token, 3: token}, timeout=15, linger=1.0,
-                                 extra_args={3: ["--garbage"]}, delays={1: 1.0, 2: 1.0})
+    results = await discover_lan(
+        lab, {1: token, 2: token, 3: token}, timeout=15, linger=1.0, extra_args={3: ["--garbage"]}, delays={1: 1.0, 2: 1.0}
+    )
     for i in (1, 2):
         assert results[i].returncode == 0, results[i].stderr
         assert set(results[i].found) == {results[3 - i].peer_id}
@@ -241,8 +269,7 @@ async def test_rotation_reregisters_and_late_joiners_find_the_new_name(netlab) -
     token = generate_token(interval=2).encode()
     # Node 3 starts after at least two window boundaries: it accepts neither of the names that
     # nodes 1 and 2 registered first, so it can only find them under their rotated names.
-    results = await discover_lan(lab, {1: token, 2: token, 3: token}, timeout=20, linger=0.5, poll=0.2,
-                                 delays={3: 4.5})
+    results = await discover_lan(lab, {1: token, 2: token, 3: token}, timeout=20, linger=0.5, poll=0.2, delays={3: 4.5})
     for i in (1, 2, 3):
         r = results[i]
         assert r.returncode == 0, r.stderr
@@ -258,8 +285,9 @@ async def test_a_peer_whose_clock_runs_ahead_is_found(netlab) -> None:
     lab = netlab(2)
     token = generate_token(interval=4).encode()
     # Node 2 lives 3 s ahead: most of the time its name is one window ahead of node 1's.
-    results = await discover_lan(lab, {1: token, 2: token}, timeout=20, linger=0.5, poll=0.2,
-                                 extra_args={2: ["--clock-offset", "3"]})
+    results = await discover_lan(
+        lab, {1: token, 2: token}, timeout=20, linger=0.5, poll=0.2, extra_args={2: ["--clock-offset", "3"]}
+    )
     for i in (1, 2):
         assert results[i].returncode == 0, results[i].stderr
         assert set(results[i].found) == {results[3 - i].peer_id}, f"node {i}"

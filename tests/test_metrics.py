@@ -74,8 +74,11 @@ async def test_a_real_node_exports_every_counter_with_help_and_the_gauges(kairos
     assert value(found, "kairos_ledger_entries", bucket="nodes") == len(node.ledger.items("nodes"))
     # the sum over the host's per-protocol traffic counters (p2p_in_bytes:<protocol>)
     bytes_in = sum(v for k, v in before.items() if k.startswith("p2p_in_bytes:"))
-    assert bytes_in <= value(found, "kairos_p2p_bytes", direction="in") <= \
-        sum(v for k, v in status["counters"].items() if k.startswith("p2p_in_bytes:"))
+    assert (
+        bytes_in
+        <= value(found, "kairos_p2p_bytes", direction="in")
+        <= sum(v for k, v in status["counters"].items() if k.startswith("p2p_in_bytes:"))
+    )
     leader = status["leader"]
     assert value(found, "kairos_leader_epoch") == (leader["epoch"] if leader else 0)
     assert value(found, "kairos_is_leader") == int(status["is_leader"])

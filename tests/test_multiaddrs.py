@@ -27,13 +27,31 @@ RELAY = Identity.generate().peer_id
 
 def test_components_of_a_multiaddr():
     assert multiaddrs.components(f"/ip4/10.0.0.5/udp/4001/quic-v1/p2p/{PEER}") == [
-        ("ip4", "10.0.0.5"), ("udp", "4001"), ("quic-v1", None), ("p2p", PEER)]
+        ("ip4", "10.0.0.5"),
+        ("udp", "4001"),
+        ("quic-v1", None),
+        ("p2p", PEER),
+    ]
 
 
-@pytest.mark.parametrize("text", [
-    "", "ip4/1.2.3.4", "/ip4/999.1.1.1/tcp/1", "/ip4/1.2.3.4/tcp/x", "/ip4/1.2.3.4/tcp/70000", "/ip4/::1/tcp/1",
-    "/ip4/1.2.3.4/tcp", "/nosuchprotocol/1", "/ip4/1.2.3.4/tcp/1/p2p/notapeer", "/" + "a" * 5000, None, 42, b"/ip4/1.2.3.4",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ip4/1.2.3.4",
+        "/ip4/999.1.1.1/tcp/1",
+        "/ip4/1.2.3.4/tcp/x",
+        "/ip4/1.2.3.4/tcp/70000",
+        "/ip4/::1/tcp/1",
+        "/ip4/1.2.3.4/tcp",
+        "/nosuchprotocol/1",
+        "/ip4/1.2.3.4/tcp/1/p2p/notapeer",
+        "/" + "a" * 5000,
+        None,
+        42,
+        b"/ip4/1.2.3.4",
+    ],
+)
 def test_what_is_not_a_multiaddr_reads_as_nothing(text):
     assert multiaddrs.components(text) is None
     assert multiaddrs.peer_id(text) is None and multiaddrs.host_ip(text) is None and multiaddrs.tcp_port(text) is None
@@ -60,10 +78,16 @@ def test_host_ip_and_port():
     assert multiaddrs.tcp_port("/ip4/1.2.3.4/tcp/4001/ws") == 4001 and multiaddrs.tcp_port("/ip4/1.2.3.4/udp/1") is None
 
 
-@pytest.mark.parametrize(("text", "concrete"), [
-    ("/ip4/0.0.0.0/tcp/1", False), ("/ip6/::/tcp/1", False), ("/ip6/0:0:0:0:0:0:0:0/tcp/1", False),
-    ("/ip4/10.0.0.1/tcp/1", True), ("/dns4/a.b/tcp/1/ws", True),
-])
+@pytest.mark.parametrize(
+    ("text", "concrete"),
+    [
+        ("/ip4/0.0.0.0/tcp/1", False),
+        ("/ip6/::/tcp/1", False),
+        ("/ip6/0:0:0:0:0:0:0:0/tcp/1", False),
+        ("/ip4/10.0.0.1/tcp/1", True),
+        ("/dns4/a.b/tcp/1/ws", True),
+    ],
+)
 def test_wildcards_are_not_concrete(text, concrete):
     assert multiaddrs.is_concrete(text) is concrete
 
@@ -93,8 +117,17 @@ def test_port_in_use_sees_a_bound_port():
 
 
 def test_the_plugins_read_member_addresses_through_the_api():
-    entry = {"addresses": ["junk", "/ip4/0.0.0.0/tcp/1", "/ip4/127.0.0.1/tcp/1", "/ip6/fd00::7/tcp/1",
-                           "/ip4/10.1.0.9/tcp/1", "/ip4/192.0.2.7/tcp/1", "/ip4/999.0.0.1/tcp/1"]}
+    entry = {
+        "addresses": [
+            "junk",
+            "/ip4/0.0.0.0/tcp/1",
+            "/ip4/127.0.0.1/tcp/1",
+            "/ip6/fd00::7/tcp/1",
+            "/ip4/10.1.0.9/tcp/1",
+            "/ip4/192.0.2.7/tcp/1",
+            "/ip4/999.0.0.1/tcp/1",
+        ]
+    }
     # tunvpn: an IPv4 address outside the VPN itself, loopback last
     assert udp_host(entry, ipaddress.IPv4Network("10.1.0.0/24")) == "192.0.2.7"
     assert udp_host({"addresses": ["/ip4/127.0.0.1/tcp/1"]}, ipaddress.IPv4Network("10.1.0.0/24")) == "127.0.0.1"

@@ -43,26 +43,43 @@ def test_nated_nodes_are_admitted_to_each_other_through_the_public_relay(nat_net
 
     net.wait_until(lambda: _nat(p).get("reachability") == "public", 60, "P public", tolerate=(KeyError,))
     for node in (a, b):
-        net.wait_until(lambda: _nat(node).get("reachability") == "private", 60, f"node {node.index} private",  # noqa: B023 (polled here)
-                       tolerate=(KeyError,))
+        net.wait_until(
+            lambda: _nat(node).get("reachability") == "private",  # noqa: B023 (polled here)
+            60,
+            f"node {node.index} private",
+            tolerate=(KeyError,),
+        )
         # where P saw it come from: its router's WAN address, not its own LAN one
         observed = _nat(node)["observed"]
         assert observed and all(f"/ip4/{net.lab.public_address(node.index)}/" in o for o in observed), observed
         net.wait_until(lambda: p_id in _nat(node).get("relays", []), 60, f"node {node.index} reserved on P")  # noqa: B023 (polled here)
+
     # B's nodes entry, as A reads it: the verdict, and an address through P
     def b_entry_advertises_the_relay() -> bool:
         entry = a.client.request("GET", "/api/ledger/nodes").get(b_id)
-        return (entry["reachability"] == "private"
-                and any(f"/p2p/{p_id}/p2p-circuit/p2p/{b_id}" in address for address in entry["addresses"]))
+        return entry["reachability"] == "private" and any(
+            f"/p2p/{p_id}/p2p-circuit/p2p/{b_id}" in address for address in entry["addresses"]
+        )
 
-    net.wait_until(b_entry_advertises_the_relay, 60, "B's entry advertising its relayed address",
-                   tolerate=(KeyError, TypeError, AttributeError))
+    net.wait_until(
+        b_entry_advertises_the_relay,
+        60,
+        "B's entry advertising its relayed address",
+        tolerate=(KeyError, TypeError, AttributeError),
+    )
     net.wait_until(lambda: b_id in a.alive_peers() and a_id in b.alive_peers(), 90, "A and B see each other")
-    net.wait_until(lambda: b_id in _nat(a).get("relayed_peers", []) and a_id in _nat(b).get("relayed_peers", []),
-                   90, "A and B admitted to each other over a relayed connection")
+    net.wait_until(
+        lambda: b_id in _nat(a).get("relayed_peers", []) and a_id in _nat(b).get("relayed_peers", []),
+        90,
+        "A and B admitted to each other over a relayed connection",
+    )
     # and kairos status says so
-    shown = subprocess.run([sys.executable, "-m", "kairos_core", "status", "--socket", str(a.root / "api.sock")],
-                           capture_output=True, text=True, timeout=30)
+    shown = subprocess.run(
+        [sys.executable, "-m", "kairos_core", "status", "--socket", str(a.root / "api.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert shown.returncode == 0, shown.stderr
     assert f"reachability: private (observed as /ip4/{net.lab.public_address(2)}/" in shown.stdout, shown.stdout
     assert f"relay:       {p_id}" in shown.stdout, shown.stdout

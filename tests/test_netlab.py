@@ -67,8 +67,9 @@ def test_nodes_reach_each_other_across_the_bridge(netlab, need_ping) -> None:
 def test_multicast_crosses_the_bridge(netlab) -> None:
     lab = netlab(2)
     group, port = "224.0.0.251", 5399
-    receiver = lab.popen(2, [sys.executable, "-c", _MCAST_RECEIVER, group, str(port)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    receiver = lab.popen(
+        2, [sys.executable, "-c", _MCAST_RECEIVER, group, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert receiver.stdout is not None
     assert receiver.stdout.readline().strip() == b"listening"
     sender = [sys.executable, "-c", _MCAST_SENDER, group, str(port)]
@@ -138,8 +139,7 @@ async def test_async_context_and_spawn(netns_unavailable) -> None:
     import asyncio
 
     async with Lab(unique_prefix(), nodes=2) as lab:
-        proc = await lab.spawn(2, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"],
-                               stdout=asyncio.subprocess.PIPE)
+        proc = await lab.spawn(2, ["ip", "-4", "-o", "addr", "show", "dev", "eth0"], stdout=asyncio.subprocess.PIPE)
         out, _ = await proc.communicate()
         assert lab.address(2) in out.decode()
         names = lab.namespaces

@@ -71,8 +71,9 @@ while True:
 
 
 def _serve(lab: NatLab, node: int, script: str, port: int) -> None:
-    server = lab.popen(node, [sys.executable, "-c", script, lab.address(node), str(port)],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = lab.popen(
+        node, [sys.executable, "-c", script, lab.address(node), str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
 
 
@@ -163,17 +164,24 @@ def test_a_mapping_only_answers_the_peer_it_was_made_for(netlab) -> None:
     # Filtering is address-dependent even where the port is kept: a third party that learnt the
     # mapping (as a hole puncher would) cannot use it until the inside sends to it too.
     lab = netlab(kinds=[PUBLIC, PUBLIC, PORT_PRESERVING])
-    observer = lab.popen(1, [sys.executable, "-c", _UDP_OBSERVER, lab.address(1), "7200"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    observer = lab.popen(
+        1, [sys.executable, "-c", _UDP_OBSERVER, lab.address(1), "7200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert observer.stdout is not None and observer.stdout.readline().strip() == b"ready"
-    inside = lab.popen(3, [sys.executable, "-c", _MAPPED_LISTENER, "40001", lab.address(1), "7200"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    inside = lab.popen(
+        3,
+        [sys.executable, "-c", _MAPPED_LISTENER, "40001", lab.address(1), "7200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert inside.stdout is not None
     assert inside.stdout.readline().decode().strip() == f"{lab.public_address(3)}:40001"
     observer.kill()
     observer.wait()
-    sender = ("import socket, sys, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', 7200))\n"
-              "for _ in range(5): s.sendto(b'in', (sys.argv[1], 40001)); time.sleep(0.1)")
+    sender = (
+        "import socket, sys, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('', 7200))\n"
+        "for _ in range(5): s.sendto(b'in', (sys.argv[1], 40001)); time.sleep(0.1)"
+    )
     # the third party sends from the observer's port, so only its address differs
     lab.run(2, [sys.executable, "-c", sender, lab.public_address(3)], check=True)
     # and the observer's own address and port still get in (the control)

@@ -92,14 +92,18 @@ async def test_leader_fail_over_and_left_event(kairos_network):
     victim = next(n for n in net.nodes if n.peer_id == old_leader)
     await victim.stop()
     survivors = net.running()
-    await net.wait_for(lambda: all(n.leader and n.leader[0] != old_leader for n in survivors)
-                       and len({n.leader for n in survivors}) == 1, timeout=20)
+    await net.wait_for(
+        lambda: all(n.leader and n.leader[0] != old_leader for n in survivors) and len({n.leader for n in survivors}) == 1,
+        timeout=20,
+    )
     new_leader, new_epoch = survivors[0].leader
     assert new_epoch > old_epoch
     watching = [recorder for node, recorder in zip(net.nodes, recorders) if node is not victim]
     # Hooks are delivered from a queue after the state they report changed, so wait for them.
-    await net.wait_for(lambda: all(("left", old_leader) in r.peers and r.leaders and r.leaders[-1] == (new_leader, new_epoch)
-                                   for r in watching), timeout=10)
+    await net.wait_for(
+        lambda: all(("left", old_leader) in r.peers and r.leaders and r.leaders[-1] == (new_leader, new_epoch) for r in watching),
+        timeout=10,
+    )
     await asyncio.sleep(0.2)
     for recorder in watching:
         assert recorder.leaders[-1] == (new_leader, new_epoch)  # nothing older arrived after it

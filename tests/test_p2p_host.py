@@ -372,8 +372,10 @@ def test_tunnel_device_addresses_are_never_advertised(netlab):
     lab.run(1, ["ip", "tuntap", "add", "dev", "ktun0", "mode", "tun"], check=True)
     lab.run(1, ["ip", "addr", "add", "10.77.0.1/24", "dev", "ktun0"], check=True)
     lab.run(1, ["ip", "link", "set", "ktun0", "up"], check=True)
-    probe = ("from kairos_core.p2p.addresses import expand_wildcard, is_tunnel_device;"
-             "print(is_tunnel_device('ktun0'), is_tunnel_device('eth0'), expand_wildcard('/ip4/0.0.0.0/tcp/1'))")
+    probe = (
+        "from kairos_core.p2p.addresses import expand_wildcard, is_tunnel_device;"
+        "print(is_tunnel_device('ktun0'), is_tunnel_device('eth0'), expand_wildcard('/ip4/0.0.0.0/tcp/1'))"
+    )
     out = lab.run(1, [sys.executable, "-c", probe], check=True, text=True).stdout
     assert out.startswith("True False")
     assert "10.77.0.1" not in out and lab.address(1) in out
@@ -521,8 +523,10 @@ def test_libp2p_warnings_and_errors_are_rate_limited_with_a_note_of_what_was_sup
         caplog.clear()
         now[0] = 61.0
         logger.error("Error processing identify/push from %s: %s", "peer", "Error parsing message")
-        assert lines() == [f"Error processing identify/push from peer: Error parsing message "
-                           f"[{500 - LOG_BURST_PER_TEMPLATE} similar lines suppressed before this one]"]
+        assert lines() == [
+            f"Error processing identify/push from peer: Error parsing message "
+            f"[{500 - LOG_BURST_PER_TEMPLATE} similar lines suppressed before this one]"
+        ]
         # messages formatted before logging differ every time: one logger has a budget too
         caplog.clear()
         now[0] = 200.0
@@ -534,9 +538,7 @@ def test_libp2p_warnings_and_errors_are_rate_limited_with_a_note_of_what_was_sup
         logger.removeFilter(limit)
 
 
-async def test_every_libp2p_logger_is_rate_limited_after_demotion(
-    hosts: HostFactory, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_every_libp2p_logger_is_rate_limited_after_demotion(hosts: HostFactory, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
     from kairos_core.p2p.logs import LOG_BURST_PER_TEMPLATE, DemoteWarnings, RateLimit

@@ -28,8 +28,10 @@ async def _full_mesh(factory: HostFactory, n: int):
     made = [await factory.host() for _ in range(n)]
     received: collections.Counter = collections.Counter()
     for index, host in enumerate(made):
+
         async def handler(peer: str, data: bytes, index=index) -> None:
             received[(index, data)] += 1
+
         host.subscribe(TOPIC, handler)
     for i in range(n):
         for j in range(i + 1, n):

@@ -33,9 +33,14 @@ DISTRIBUTIONS = {
     "kairos-testing": ROOT / "testing",
 }
 # every runtime distribution: the core and each plugin in plugins/ (the ones added since too)
-RUNTIME_DIRS = {"kairos-core": ROOT, **{
-    tomllib.loads((d / "pyproject.toml").read_text())["project"]["name"]: d
-    for d in sorted((ROOT / "plugins").iterdir()) if (d / "pyproject.toml").exists()}}
+RUNTIME_DIRS = {
+    "kairos-core": ROOT,
+    **{
+        tomllib.loads((d / "pyproject.toml").read_text())["project"]["name"]: d
+        for d in sorted((ROOT / "plugins").iterdir())
+        if (d / "pyproject.toml").exists()
+    },
+}
 RUNTIME = sorted(RUNTIME_DIRS)
 # module names of the test kit, wherever they might creep back in
 TEST_KIT = {"testing", "netlab", "labnodes", "labpartition", "localnodes", "testkit", "labvpn", "fakes", "conftest"}
@@ -93,7 +98,7 @@ def test_every_package_ships_its_types(name):
     directory = DISTRIBUTIONS.get(name, ROOT / "examples" / "kairos-plugin-hello")
     package_data = _project(directory)["tool"]["setuptools"]["package-data"]
     assert len(package_data) == 1, package_data
-    (package, files), = package_data.items()
+    ((package, files),) = package_data.items()
     assert "py.typed" in files and (directory / package / "py.typed").is_file()
 
 
@@ -133,8 +138,11 @@ def test_the_runtime_packages_hold_no_test_kit_and_never_import_pytest(name):
             if path.stem in TEST_KIT and (path.suffix == ".py" or path.is_dir()):
                 problems.append(f"{path.relative_to(ROOT)}: a test kit module")
             if path.suffix == ".py":
-                problems += [f"{path.relative_to(ROOT)}:{line}: imports {module}" for line, module in imports_of(path)
-                             if module.split(".")[0] in TEST_ONLY_IMPORTS]
+                problems += [
+                    f"{path.relative_to(ROOT)}:{line}: imports {module}"
+                    for line, module in imports_of(path)
+                    if module.split(".")[0] in TEST_ONLY_IMPORTS
+                ]
     assert not problems, "\n".join(problems)
 
 
@@ -154,8 +162,12 @@ def test_the_built_wheels_hold_what_they_should(tmp_path):
     # what a user installs, built as pip builds it: runtime wheels without any test code or
     # pytest entry point, the kit's wheel with its fakes and its plugin
     directories = [str(RUNTIME_DIRS[name]) for name in RUNTIME] + [str(DISTRIBUTIONS["kairos-testing"])]
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), *directories],
-                           capture_output=True, text=True, timeout=900)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), *directories],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     wheels = {path.name.split("-")[0].replace("_", "-"): zipfile.ZipFile(path) for path in tmp_path.glob("*.whl")}
     assert set(wheels) == {*RUNTIME, "kairos-testing"}

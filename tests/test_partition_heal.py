@@ -31,10 +31,12 @@ def network(lab_network):
     for i in range(1, NODES + 1):
         network.start(i, p2p={"disable_dht": True})
     ids = {network.wait_up(node, timeout=STARTUP_TIMEOUT) for node in network.nodes.values()}
-    network.wait_until(lambda: all(n.alive_peers() == ids - {n.peer_id} for n in network.nodes.values()), 60,
-                       "full membership")
-    network.wait_until(lambda: len({leader_of(n) for n in network.nodes.values()}) == 1
-                       and leader_of(network.nodes[1]) is not None, 60, "a leader")
+    network.wait_until(lambda: all(n.alive_peers() == ids - {n.peer_id} for n in network.nodes.values()), 60, "full membership")
+    network.wait_until(
+        lambda: len({leader_of(n) for n in network.nodes.values()}) == 1 and leader_of(network.nodes[1]) is not None,
+        60,
+        "a leader",
+    )
     return network
 
 

@@ -84,7 +84,7 @@ def _class_section(headings: list[tuple[int, str]], cls: type) -> list[tuple[int
     for index, (level, heading) in enumerate(headings):
         if any(re.fullmatch(rf"(class\s+)?{cls.__name__}", code) for code in _code_spans(heading)):
             section = []
-            for sub_level, sub_heading in headings[index + 1:]:
+            for sub_level, sub_heading in headings[index + 1 :]:
                 if sub_level <= level:
                     break
                 section.append((sub_level, sub_heading))
@@ -109,8 +109,7 @@ def undocumented(text: str) -> list[str]:
     without a heading in their class's section (or with the wrong parameters)."""
     headings = _headings(text)
     spans = [code for _, heading in headings for code in _code_spans(heading)]
-    missing = [name for name in api.__all__
-               if not any(re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", code) for code in spans)]
+    missing = [name for name in api.__all__ if not any(re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", code) for code in spans)]
     for cls in CLASSES:
         section = _class_section(headings, cls)
         if not section:
@@ -133,15 +132,16 @@ def test_every_public_name_and_member_is_documented():
 def test_the_check_fails_for_an_undocumented_name_member_or_signature():
     text = DOC.read_text()
     # drop the headings of one constant and one method; garble the parameters of another
-    lines = [line for line in text.splitlines()
-             if not (line.startswith("#") and ("CORE_BUCKETS" in line or ".spawn(" in line))]
+    lines = [line for line in text.splitlines() if not (line.startswith("#") and ("CORE_BUCKETS" in line or ".spawn(" in line))]
     text = "\n".join(lines).replace("`node.count(name, n=1)`", "`node.count(name)`")
     missing = undocumented(text)
     assert "CORE_BUCKETS" in missing
     assert "NodeView.spawn(coro, name)" in missing
     assert "NodeView.count(name, n)" in missing
     # a member named only in prose or in a code block is not documented
-    assert "LedgerView.get(bucket, key)" in undocumented(re.sub(r"(?m)^#+ `node\.ledger\.get\(.*$", "node.ledger.get", DOC.read_text()))
+    assert "LedgerView.get(bucket, key)" in undocumented(
+        re.sub(r"(?m)^#+ `node\.ledger\.get\(.*$", "node.ledger.get", DOC.read_text())
+    )
 
 
 def test_the_api_s_classes_have_the_members_the_check_looks_for():
@@ -220,8 +220,12 @@ def test_the_example_imports_only_the_public_plugin_api():
     assert sorted(p.name for p in EXAMPLE_PACKAGE.glob("*.py")) == ["__init__.py", "cli.py", "plugin.py"]
     problems = _reaches_into_the_core(EXAMPLE_PACKAGE)
     assert not problems, "\n".join(problems)
-    used = {imported for path in EXAMPLE_PACKAGE.rglob("*.py") for _, imported in _imports(path)
-            if imported.startswith(PUBLIC_API + ".")}
+    used = {
+        imported
+        for path in EXAMPLE_PACKAGE.rglob("*.py")
+        for _, imported in _imports(path)
+        if imported.startswith(PUBLIC_API + ".")
+    }
     assert used, "the walk found no import of the public API at all"
     assert {name.removeprefix(PUBLIC_API + ".") for name in used} <= set(api.__all__)
 
@@ -231,7 +235,8 @@ def test_the_import_walk_catches_a_reach_into_the_core(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text(
         "import kairos_core.node\nfrom kairos_core import plugin\nfrom kairos_core.plugin import hookimpl\n"
-        "from kairos_core.ledger import OPEN\n")
+        "from kairos_core.ledger import OPEN\n"
+    )
     problems = _reaches_into_the_core(package)
     assert [p.split(": imports ")[1] for p in problems] == ["kairos_core.node", "kairos_core.ledger.OPEN"]
 
@@ -264,8 +269,12 @@ def test_the_config_section_has_a_default_and_its_problems_are_reported():
     assert all(o.help.strip() and o.help != NO_HELP for o in section.options)
     assert resolve_config({}, manager, env={})["hello"] == {"greeting": "hello"}
     assert resolve_config({"p2p": {"hello": {"greeting": "hi"}}}, manager, env={})["hello"]["greeting"] == "hi"
-    for greeting, problem in (("", "must not be empty"), ("x" * 201, "at most 200"), ("a\x1b[2J", "printable"),
-                              (3, "hello.greeting")):
+    for greeting, problem in (
+        ("", "must not be empty"),
+        ("x" * 201, "at most 200"),
+        ("a\x1b[2J", "printable"),
+        (3, "hello.greeting"),
+    ):
         with pytest.raises(ConfigError) as exc:
             resolve_config({"hello": {"greeting": greeting}}, manager, env={})
         assert any(problem in line for line in exc.value.problems), exc.value.problems
@@ -320,6 +329,7 @@ async def test_greetings_replicate_are_counted_and_the_protocol_answers(kairos_n
     result = await asyncio.to_thread(kairos, "hello")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
-        f"{n.hostname}: hello from {i} ({n.peer_id})" for i, n in sorted(enumerate(net.nodes), key=lambda t: t[1].hostname)]
+        f"{n.hostname}: hello from {i} ({n.peer_id})" for i, n in sorted(enumerate(net.nodes), key=lambda t: t[1].hostname)
+    ]
     result = await asyncio.to_thread(kairos, "hello", "--json")
     assert result.exit_code == 0 and json.loads(result.output) == expected

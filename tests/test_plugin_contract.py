@@ -35,7 +35,9 @@ def _distributions(root: Path) -> dict[str, tuple[str, set[str]]]:
     for project in sorted(root.glob("*/pyproject.toml")):
         data = tomllib.loads(project.read_text())
         deps = {re.split(r"[\s<>=!~\[;]", dep, maxsplit=1)[0] for dep in data["project"].get("dependencies", [])}
-        package = next(p.name for p in project.parent.iterdir() if p.name.startswith("kairos_plugin_") and (p / "__init__.py").exists())
+        package = next(
+            p.name for p in project.parent.iterdir() if p.name.startswith("kairos_plugin_") and (p / "__init__.py").exists()
+        )
         out[project.parent.name] = (package, {d for d in deps if d.startswith("kairos-plugin-")})
     return out
 
@@ -77,8 +79,12 @@ def test_shipped_plugins_import_only_the_public_plugin_api():
 def test_the_import_walk_sees_a_reach_into_the_core_and_an_undeclared_plugin(tmp_path):
     # the walker itself must catch what it is there for
     for name, deps, body in (
-        ("demo", '["kairos-core"]', "from kairos_core.election import lease_key\nfrom kairos_core.plugin import hookimpl\n"
-                                    "from kairos_core.plugins import call_hook\nimport kairos_plugin_other\nimport pytest\n"),
+        (
+            "demo",
+            '["kairos-core"]',
+            "from kairos_core.election import lease_key\nfrom kairos_core.plugin import hookimpl\n"
+            "from kairos_core.plugins import call_hook\nimport kairos_plugin_other\nimport pytest\n",
+        ),
         ("other", '["kairos-core", "kairos-plugin-demo"]', "from kairos_plugin_demo import x\n"),
     ):
         package = tmp_path / name / f"kairos_plugin_{name}"
@@ -139,8 +145,11 @@ def test_node_config_is_a_read_only_mapping_of_its_sections(tmp_path):
 
 @pytest.mark.parametrize("enable", [True, False])
 def test_api_socket_is_the_api_s_socket_or_none_when_the_api_is_off(tmp_path, enable):
-    raw = {"node": {"state_dir": str(tmp_path)}, "api": {"enable": enable, "socket": str(tmp_path / "x.sock")},
-           "p2p": {"network_token": generate_token().encode()}}
+    raw = {
+        "node": {"state_dir": str(tmp_path)},
+        "api": {"enable": enable, "socket": str(tmp_path / "x.sock")},
+        "p2p": {"network_token": generate_token().encode()},
+    }
     node = Node(resolve_config(raw, make_plugin_manager(autoload=False), env={}), make_plugin_manager(autoload=False))
     assert node.api_socket == (tmp_path / "x.sock" if enable else None)
 

@@ -31,8 +31,15 @@ HOOK_NAMES = sorted(name for name, _ in inspect.getmembers(hookspecs, inspect.is
 
 def test_hookspecs_are_the_designed_set():
     assert set(HOOK_NAMES) >= {
-        "on_peer", "on_ledger_update", "on_leader_elected", "kairos_startup", "kairos_shutdown",
-        "kairos_config_defaults", "kairos_config_problems", "kairos_config_schema", "kairos_cli_commands",
+        "on_peer",
+        "on_ledger_update",
+        "on_leader_elected",
+        "kairos_startup",
+        "kairos_shutdown",
+        "kairos_config_defaults",
+        "kairos_config_problems",
+        "kairos_config_schema",
+        "kairos_cli_commands",
         "kairos_add_hookspecs",
     }
 
@@ -125,7 +132,10 @@ async def test_failing_and_hanging_plugins_are_isolated_and_named(manager, caplo
     caplog.set_level("ERROR")
     result = await call_hook(manager, "on_peer", timeout=0.1, node=None, event=PeerEvent("joined", "p1"))
     assert seen == ["p1"]
-    assert {(f.plugin, type(f.error).__name__) for f in result.failures} == {("broken", "RuntimeError"), ("hangs", "TimeoutError")}
+    assert {(f.plugin, type(f.error).__name__) for f in result.failures} == {
+        ("broken", "RuntimeError"),
+        ("hangs", "TimeoutError"),
+    }
     assert "plugin broken: hook on_peer failed: RuntimeError: boom" in caplog.text
     assert "plugin hangs: hook on_peer timed out" in caplog.text
 
@@ -200,7 +210,8 @@ def test_hook_kairos_config_schema(manager):
         Option("speed", int, 3, "How fast.", minimum=1, maximum=10),
         Option("mode", str, "calm", "How.", choices=("calm", "wild")),
         Section("inner", Option("ratio", float, 0.5, "A share.", minimum=0, maximum=1), help="Nested."),
-        help="My plugin.", aliases=("p2p.mine",),
+        help="My plugin.",
+        aliases=("p2p.mine",),
     )
 
     class Declares:
@@ -211,14 +222,12 @@ def test_hook_kairos_config_schema(manager):
     manager.register(Declares(), name="declares")
     schema = collect_schema(manager)
     assert schema["mine"] is speed and "p2p" in schema  # the core declares its own through the same hook
-    config = resolve_config({"p2p": {"mine": {"speed": 4}}, "mine": {"inner": {"ratio": 1}}}, manager, env={},
-                            check_token=False)
+    config = resolve_config({"p2p": {"mine": {"speed": 4}}, "mine": {"inner": {"ratio": 1}}}, manager, env={}, check_token=False)
     assert config["mine"] == {"speed": 4, "mode": "calm", "inner": {"ratio": 1.0}}
     settings = config.section("mine")
     assert (settings.speed, settings.mode, settings.inner.ratio) == (4, "calm", 1.0)
     with pytest.raises(ConfigError) as info:
-        resolve_config({"mine": {"speed": 11, "mode": "lazy", "inner": {"ratio": "half"}}}, manager, env={},
-                       check_token=False)
+        resolve_config({"mine": {"speed": 11, "mode": "lazy", "inner": {"ratio": "half"}}}, manager, env={}, check_token=False)
     assert info.value.problems == [
         "mine.speed: must be between 1 and 10, not 11",
         "mine.mode: 'lazy' is not one of calm, wild",
@@ -356,12 +365,15 @@ async def test_hook_kairos_ledger_policies(kairos_network):
     assert PolicyRegistry().for_bucket("vpn") is OPEN
 
 
-@pytest.mark.parametrize("answer, message", [
-    ({"nodes": "OPEN"}, "not to a write policy"),
-    ({"leader": None}, "not to a write policy"),
-    (["mine"], "must return a mapping"),
-    (RuntimeError("boom"), "could not name its ledger policies: RuntimeError: boom"),
-])
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        ({"nodes": "OPEN"}, "not to a write policy"),
+        ({"leader": None}, "not to a write policy"),
+        (["mine"], "must return a mapping"),
+        (RuntimeError("boom"), "could not name its ledger policies: RuntimeError: boom"),
+    ],
+)
 async def test_a_bad_ledger_policy_answer_stops_the_node(kairos_network, answer, message):
     class Bad:
         @hookimpl
@@ -422,7 +434,8 @@ async def test_hook_kairos_shutdown(manager):
 @pytest.fixture
 def installed_plugin(tmp_path):
     """A real distribution on sys.path with an entry point in group `kairos`."""
-    (tmp_path / "kairos_demo_plugin.py").write_text(textwrap.dedent('''
+    (tmp_path / "kairos_demo_plugin.py").write_text(
+        textwrap.dedent('''
         import click
         from kairos_core.plugins import hookimpl
 
@@ -436,7 +449,8 @@ def installed_plugin(tmp_path):
         @hookimpl
         def kairos_config_defaults():
             return {"demo": {"greeting": "hi"}}
-    '''))
+    ''')
+    )
     dist = tmp_path / "kairos_demo_plugin-1.2.3.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kairos-demo-plugin\nVersion: 1.2.3\n")

@@ -79,8 +79,7 @@ async def test_an_admission_syncs_the_pair_whichever_sides_see_it(hosts: HostFac
         await _stop(sides, replicators)
 
 
-async def test_the_admission_sync_retries_until_the_peer_serves_and_the_digests_agree(
-        hosts: HostFactory, tmp_path) -> None:
+async def test_the_admission_sync_retries_until_the_peer_serves_and_the_digests_agree(hosts: HostFactory, tmp_path) -> None:
     sides, replicators = await _pair(hosts, tmp_path)
     (low, _), (high, _) = sides
     try:

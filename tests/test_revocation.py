@@ -75,12 +75,23 @@ async def test_a_revoked_peer_is_cut_off_refused_and_ignored_across_restarts(kai
     assert leader_id in refused.stderr and "only the leader" in refused.stderr
     assert not other.ledger.items(REVOKED_BUCKET)
 
-    done = await asyncio.to_thread(_kairos, "peer", "revoke", victim.peer_id, "--reason", "laptop stolen",
-                                   "--json", "--socket", str(leader.config.api_socket))
+    done = await asyncio.to_thread(
+        _kairos,
+        "peer",
+        "revoke",
+        victim.peer_id,
+        "--reason",
+        "laptop stolen",
+        "--json",
+        "--socket",
+        str(leader.config.api_socket),
+    )
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert answer["written"] is True and answer["revocation"]["epoch"] == epoch
-    again = await asyncio.to_thread(_kairos, "peer", "revoke", victim.peer_id, "--json", "--socket", str(leader.config.api_socket))
+    again = await asyncio.to_thread(
+        _kairos, "peer", "revoke", victim.peer_id, "--json", "--socket", str(leader.config.api_socket)
+    )
     assert json.loads(again.stdout)["written"] is False  # idempotent: nothing new written
     assert len(leader.ledger.items(REVOKED_BUCKET)) == 1
 

@@ -23,9 +23,15 @@ KAIROS = str(Path(sys.executable).parent / "kairos")
 
 
 def node_config(tmp_path: Path, **node) -> Path:
-    config = {"p2p": {"network_token": generate_token().encode(), "listen": ["/ip4/127.0.0.1/tcp/0"],
-                      "disable_mdns": True, "disable_dht": True},
-              "node": {"state_dir": str(tmp_path / "state"), "hostname": "notified", **node}}
+    config = {
+        "p2p": {
+            "network_token": generate_token().encode(),
+            "listen": ["/ip4/127.0.0.1/tcp/0"],
+            "disable_mdns": True,
+            "disable_dht": True,
+        },
+        "node": {"state_dir": str(tmp_path / "state"), "hostname": "notified", **node},
+    }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -85,8 +91,9 @@ def test_kairos_run_says_ready_feeds_the_watchdog_and_says_stopping(tmp_path, no
     sock, path = notify_socket
     env = {**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "300000"}  # a ping every 0.1 s
     env.pop("WATCHDOG_PID", None)
-    process = subprocess.Popen([KAIROS, "run", "-c", str(node_config(tmp_path))], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [KAIROS, "run", "-c", str(node_config(tmp_path))], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         first = receive(sock, "READY=1")
         assert len(first) == 1  # nothing before READY
@@ -110,8 +117,14 @@ def test_daemon_install_writes_the_unit_with_this_kairos(tmp_path):
     assert written == [unit]
     text = unit.read_text()
     assert f"ExecStart={KAIROS} run -c /etc/kairos/edge.yaml" in text
-    for line in ("Type=notify", "WatchdogSec=60s", "StateDirectory=kairos", "RuntimeDirectory=kairos",
-                 "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE", "DeviceAllow=/dev/net/tun rw"):
+    for line in (
+        "Type=notify",
+        "WatchdogSec=60s",
+        "StateDirectory=kairos",
+        "RuntimeDirectory=kairos",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE",
+        "DeviceAllow=/dev/net/tun rw",
+    ):
         assert line in text.splitlines(), line
     script = install(tmp_path, openrc=True, executable=KAIROS)[0]
     assert script == tmp_path / "etc/init.d/kairos" and os.access(script, os.X_OK)
@@ -127,8 +140,9 @@ def test_daemon_install_through_the_cli(tmp_path):
     result = subprocess.run([KAIROS, "daemon", "install", "--prefix", str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "etc/systemd/system/kairos.service").exists()
-    bad = subprocess.run([KAIROS, "daemon", "install", "--prefix", str(tmp_path), "--config-file", "relative.yaml"],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [KAIROS, "daemon", "install", "--prefix", str(tmp_path), "--config-file", "relative.yaml"], capture_output=True, text=True
+    )
     assert bad.returncode == 1 and "must be absolute" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -139,8 +153,9 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
     def verify(path: Path) -> list[str]:
         result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
         # verify exits 0 on directives it could not parse, and says so on stderr, naming the file
-        return [line for line in (result.stdout + result.stderr).splitlines() if path.name in line] + \
-            ([f"exit {result.returncode}"] if result.returncode else [])
+        return [line for line in (result.stdout + result.stderr).splitlines() if path.name in line] + (
+            [f"exit {result.returncode}"] if result.returncode else []
+        )
 
     assert verify(unit) == []
     broken = tmp_path / "broken" / "kairos.service"

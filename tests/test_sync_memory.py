@@ -18,11 +18,11 @@ from kairos_core.ledger import StreamChannel, SyncError, open_ledger, sync_ledge
 from kairos_core.ledger.sync import _View, _DIGEST, _ENTRIES, _ENTRIES_END, _WIRE_VERSION, EMPTY_RANGE, RANGES, pack_digest
 
 SERVER = Identity.from_seed(bytes([9]) * 32)
-FRAME = 64 * 1024           # the sessions' frame limit (a token's is larger; smaller shows the bound)
+FRAME = 64 * 1024  # the sessions' frame limit (a token's is larger; smaller shows the bound)
 ENTRIES = 4000
-VALUE = "x" * 2000          # ~2 KB per entry: the dump is ~8.5 MB of frames
-DUMPS = 6                   # sessions one after the other
-CONCURRENT = 4              # sessions at once (MAX_SERVED_PER_PEER bounds this per peer in the node)
+VALUE = "x" * 2000  # ~2 KB per entry: the dump is ~8.5 MB of frames
+DUMPS = 6  # sessions one after the other
+CONCURRENT = 4  # sessions at once (MAX_SERVED_PER_PEER bounds this per peer in the node)
 # What one session may hold beyond its view of the ledger (a dict slot per entry it offers, measured
 # below; it grows with the number of entries, not their size): a few frames in flight, the
 # transports' buffers on both ends. Far below one copy of the dump.
@@ -60,6 +60,7 @@ async def _serve_dumps(ledger, count: int) -> list[int]:
     server = await asyncio.start_server(on_client, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
+
         async def one() -> int:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             channel = StreamChannel(reader, writer, FRAME)

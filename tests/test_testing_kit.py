@@ -31,7 +31,8 @@ def test_the_demo_needs_no_pytest():
 
 @pytest.mark.parametrize("mode", ["strict", "auto"])
 def test_the_kairos_network_fixture_works_in_both_asyncio_modes(tmp_path, mode):
-    (tmp_path / "test_author.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_author.py").write_text(
+        textwrap.dedent("""
         import pytest
 
         @pytest.mark.asyncio
@@ -39,10 +40,25 @@ def test_the_kairos_network_fixture_works_in_both_asyncio_modes(tmp_path, mode):
             net = await kairos_network(2)
             await net.fully_connected()
             assert all(len(node.members()) == 1 for node in net.nodes)
-    """))
+    """)
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", f"asyncio_mode={mode}",
-         "-o", "asyncio_default_fixture_loop_scope=function", str(tmp_path / "test_author.py")],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            f"asyncio_mode={mode}",
+            "-o",
+            "asyncio_default_fixture_loop_scope=function",
+            str(tmp_path / "test_author.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 0 and "1 passed" in out.stdout, out.stdout + out.stderr

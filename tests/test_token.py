@@ -200,8 +200,7 @@ def test_show_masks_secrets(capsys):
 def test_new_pipes_into_show_as_real_commands():
     kairos = [sys.executable, "-m", "kairos_core"]
     new = subprocess.run([*kairos, "token", "new"], capture_output=True, text=True, check=True)
-    show = subprocess.run([*kairos, "token", "show", "-", "--json"], input=new.stdout,
-                          capture_output=True, text=True)
+    show = subprocess.run([*kairos, "token", "show", "-", "--json"], input=new.stdout, capture_output=True, text=True)
     assert show.returncode == 0, show.stderr
     import json
 

@@ -91,8 +91,9 @@ def test_frames_open_under_both_tokens_during_the_grace_window_only() -> None:
 def test_a_sealed_token_opens_for_its_member_only() -> None:
     leader, member, outsider = Identity.generate(), Identity.generate(), Identity.generate()
     token = generate_token()
-    value = seal_token(token, member.peer_id, box_public(member), by=leader.peer_id, epoch=4,
-                       replaces="0" * 16, grace_until=time.time() + 60)
+    value = seal_token(
+        token, member.peer_id, box_public(member), by=leader.peer_id, epoch=4, replaces="0" * 16, grace_until=time.time() + 60
+    )
     key = f"{member.peer_id}:{leader.peer_id}"
     record = parse_rotation(key, value, leader.peer_id)
     assert open_token(record, member) == token
@@ -129,9 +130,24 @@ async def test_rotation_moves_the_members_and_leaves_the_revoked_node_behind(kai
     # an identity nobody admitted, publishing a box key an insider holds, gets no copy
     fake = Identity.generate()
     version = leader.ledger.clock.tick()
-    leader.ledger.apply_remote([Entry.signed(fake, NODES_BUCKET, fake.peer_id, {
-        "network_id": leader.network_id, "hostname": "fake", "addresses": [], "neighbours": [], "box": box_public(fake),
-    }, type(version)(version.wall_ms, version.counter, fake.peer_id), False)])
+    leader.ledger.apply_remote(
+        [
+            Entry.signed(
+                fake,
+                NODES_BUCKET,
+                fake.peer_id,
+                {
+                    "network_id": leader.network_id,
+                    "hostname": "fake",
+                    "addresses": [],
+                    "neighbours": [],
+                    "box": box_public(fake),
+                },
+                type(version)(version.wall_ms, version.counter, fake.peer_id),
+                False,
+            )
+        ]
+    )
     assert leader.ledger.get(NODES_BUCKET, fake.peer_id) is not None
     assert fake.peer_id not in leader._rotation_members()
 
@@ -171,7 +187,9 @@ async def test_rotation_moves_the_members_and_leaves_the_revoked_node_behind(kai
     # writes keep converging through the rotation
     for index, node in enumerate((leader, member, back)):
         node.ledger.set("apps", f"during-{index}", index)
-    await net.wait_for(lambda: all(n.ledger.get("apps", f"during-{i}") == i for n in (leader, member, back) for i in range(3)), 20)
+    await net.wait_for(
+        lambda: all(n.ledger.get("apps", f"during-{i}") == i for n in (leader, member, back) for i in range(3)), 20
+    )
 
     # after the window: only the new token opens anything
     await net.wait_for(lambda: all(n.schedule.previous() is None for n in (leader, member, back)), GRACE + 20)

@@ -41,10 +41,24 @@ def test_escape_control_makes_every_control_character_visible():
 
 class FakeMembership:
     def describe(self):
-        return [{"peer_id": "12D3KooWpeer", "hostname": EVIL_HOST, "alive": True, "connected": True,
-                 "last_seen_s": 1, "addresses": [f"/ip4/1.2.3.4/tcp/1{TITLE}", "/ip4/5.6.7.8/tcp/2"]},
-                {"peer_id": "12D3KooWother", "hostname": "[bold red]markup[/]", "alive": True,
-                 "connected": False, "last_seen_s": None, "addresses": []}]
+        return [
+            {
+                "peer_id": "12D3KooWpeer",
+                "hostname": EVIL_HOST,
+                "alive": True,
+                "connected": True,
+                "last_seen_s": 1,
+                "addresses": [f"/ip4/1.2.3.4/tcp/1{TITLE}", "/ip4/5.6.7.8/tcp/2"],
+            },
+            {
+                "peer_id": "12D3KooWother",
+                "hostname": "[bold red]markup[/]",
+                "alive": True,
+                "connected": False,
+                "last_seen_s": None,
+                "addresses": [],
+            },
+        ]
 
 
 class FakeNode:
@@ -56,10 +70,17 @@ class FakeNode:
 
     def status(self):
         return {
-            "peer_id": self.ledger.peer_id, "hostname": EVIL_HOST, "network_id": f"kairos{TITLE}",
-            "token_fingerprint": "0123", "leader": {"peer_id": f"12D3KooWpeer{CLIPBOARD}", "epoch": 3},
-            "is_leader": False, "members": 2, "admitted": 1, "ledger_entries": len(self.ledger),
-            "addresses": [f"/ip4/1.2.3.4/tcp/1{CSI}"], "counters": {"dropped_frames": 1},
+            "peer_id": self.ledger.peer_id,
+            "hostname": EVIL_HOST,
+            "network_id": f"kairos{TITLE}",
+            "token_fingerprint": "0123",
+            "leader": {"peer_id": f"12D3KooWpeer{CLIPBOARD}", "epoch": 3},
+            "is_leader": False,
+            "members": 2,
+            "admitted": 1,
+            "ledger_entries": len(self.ledger),
+            "addresses": [f"/ip4/1.2.3.4/tcp/1{CSI}"],
+            "counters": {"dropped_frames": 1},
         }
 
 
@@ -125,7 +146,10 @@ async def test_ledger_list_escapes_buckets_and_keys(served, capsys):
     key, value = out.rstrip("\n").split("\t")
     assert key == "web\\x1b]52;c;cm0gLXJmIH4=\\x07\\x0aforged\\x09line"
     assert json.loads(value) == f"value{CSI}\x1b[2J"
-    for command in (["ledger", "list", f"apps{TITLE}", "--json"], ["ledger", "get", f"apps{TITLE}", f"web{CLIPBOARD}\nforged\tline"]):
+    for command in (
+        ["ledger", "list", f"apps{TITLE}", "--json"],
+        ["ledger", "get", f"apps{TITLE}", f"web{CLIPBOARD}\nforged\tline"],
+    ):
         out, _ = await run_cli(capsys, *command, "--socket", socket)
         assert_no_raw_controls(out)
 

@@ -37,15 +37,34 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 from .. import multiaddrs
 from ..keys import KeySchedule
 from .txt import (
-    MAX_ADDRS, Announcement, MalformedAnnouncement, decode_txt, encode_txt, pack_txt, unpack_txt, usable_multiaddr,
+    MAX_ADDRS,
+    Announcement,
+    MalformedAnnouncement,
+    decode_txt,
+    encode_txt,
+    pack_txt,
+    unpack_txt,
+    usable_multiaddr,
 )
 
 log = logging.getLogger(__name__)
 
 # The codec's names, imported from here before it had a module of its own.
 __all__ = [
-    "MAX_ADDRS", "SERVICE_TYPE", "Announcement", "MDNSCounters", "MDNSDiscovery", "MalformedAnnouncement", "decode_txt",
-    "encode_txt", "instance_matches", "instance_name", "node_tag", "pack_txt", "split_instance", "unpack_txt",
+    "MAX_ADDRS",
+    "SERVICE_TYPE",
+    "Announcement",
+    "MDNSCounters",
+    "MDNSDiscovery",
+    "MalformedAnnouncement",
+    "decode_txt",
+    "encode_txt",
+    "instance_matches",
+    "instance_name",
+    "node_tag",
+    "pack_txt",
+    "split_instance",
+    "unpack_txt",
     "usable_multiaddr",
 ]
 
@@ -210,9 +229,7 @@ class MDNSDiscovery:
         try:
             # Browse before announcing: replies to our first query and the announcements of
             # nodes starting at the same moment are then caught, not left to the next query.
-            self._browser = AsyncServiceBrowser(
-                self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change]
-            )
+            self._browser = AsyncServiceBrowser(self._azc.zeroconf, SERVICE_TYPE, handlers=[self._on_state_change])
             await self._register(self.schedule.current_rendezvous()[0], addrs)
         except BaseException:
             await self._close_zeroconf()
@@ -305,9 +322,7 @@ class MDNSDiscovery:
             await azc.async_close()
 
     # --- browsing ----------------------------------------------------------------------------
-    def _on_state_change(
-        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
-    ) -> None:
+    def _on_state_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Removed:
             return  # liveness is membership's business, not discovery's
         self.counters.seen += 1

@@ -12,16 +12,46 @@ from .errors import DecodeError, LedgerError, PolicyError, SyncError
 from .framing import StreamChannel
 from .ledger import Ledger, open_ledger
 from .policy import (
-    LEASE, OPEN, OWNER_KEYED, LeasePolicy, OpenPolicy, OwnerKeyedPolicy,
-    PolicyRegistry, WritePolicy,
+    LEASE,
+    OPEN,
+    OWNER_KEYED,
+    LeasePolicy,
+    OpenPolicy,
+    OwnerKeyedPolicy,
+    PolicyRegistry,
+    WritePolicy,
 )
 from .store import LedgerStore
 from .sync import PROTOCOL_ID as SYNC_PROTOCOL_ID, SyncChannel, SyncResult, sync_ledgers
 
 __all__ = [
-    "DecodeError", "DeltaBatcher", "Entry", "HybridLogicalClock",
-    "LEASE", "LeasePolicy", "Ledger", "LedgerError", "LedgerStore", "OPEN", "OWNER_KEYED", "OpenPolicy", "OwnerKeyedPolicy",
-    "PolicyError", "PolicyRegistry", "SYNC_PROTOCOL_ID", "StreamChannel", "SyncChannel", "SyncError",
-    "SyncResult", "Version", "WritePolicy", "canonical_json", "decode_batch", "encode_batch", "merge",
-    "open_ledger", "split_batches", "sync_ledgers",
+    "DecodeError",
+    "DeltaBatcher",
+    "Entry",
+    "HybridLogicalClock",
+    "LEASE",
+    "LeasePolicy",
+    "Ledger",
+    "LedgerError",
+    "LedgerStore",
+    "OPEN",
+    "OWNER_KEYED",
+    "OpenPolicy",
+    "OwnerKeyedPolicy",
+    "PolicyError",
+    "PolicyRegistry",
+    "SYNC_PROTOCOL_ID",
+    "StreamChannel",
+    "SyncChannel",
+    "SyncError",
+    "SyncResult",
+    "Version",
+    "WritePolicy",
+    "canonical_json",
+    "decode_batch",
+    "encode_batch",
+    "merge",
+    "open_ledger",
+    "split_batches",
+    "sync_ledgers",
 ]

@@ -37,10 +37,14 @@ def _loads(text: bytes | str) -> Any:
 
 
 def _row_text(entry: Entry, peer_index: int) -> str:
-    return "[{},{},{},{},{},{},{},\"{}\"]".format(
-        json.dumps(entry.bucket, ensure_ascii=False), json.dumps(entry.key, ensure_ascii=False),
-        "null" if entry.deleted else entry.value_json, peer_index,
-        entry.version.wall_ms, entry.version.counter, 1 if entry.deleted else 0,
+    return '[{},{},{},{},{},{},{},"{}"]'.format(
+        json.dumps(entry.bucket, ensure_ascii=False),
+        json.dumps(entry.key, ensure_ascii=False),
+        "null" if entry.deleted else entry.value_json,
+        peer_index,
+        entry.version.wall_ms,
+        entry.version.counter,
+        1 if entry.deleted else 0,
         base64.b64encode(entry.sig).decode(),
     )
 

@@ -102,14 +102,11 @@ class Entry:
     sig: bytes = field(repr=False)
 
     @classmethod
-    def signed(
-        cls, identity: Identity, bucket: str, key: str, value: Any, version: Version, deleted: bool = False
-    ) -> "Entry":
+    def signed(cls, identity: Identity, bucket: str, key: str, value: Any, version: Version, deleted: bool = False) -> "Entry":
         """A new entry written and signed by ``identity`` (value must already be normalised)."""
         owner = identity.peer_id
         unsigned = cls(bucket, key, None if deleted else value, owner, version, deleted, b"")
-        return cls(unsigned.bucket, unsigned.key, unsigned.value, owner, version, deleted,
-                   identity.sign(unsigned.signing_bytes))
+        return cls(unsigned.bucket, unsigned.key, unsigned.value, owner, version, deleted, identity.sign(unsigned.signing_bytes))
 
     @cached_property
     def value_json(self) -> str:
@@ -141,9 +138,12 @@ class Entry:
             raise LedgerError("owner must be a peer id")
         v = self.version
         if not (
-            isinstance(v, tuple) and len(v) == 3
-            and type(v[0]) is int and 0 <= v[0] <= MAX_WALL_MS
-            and type(v[1]) is int and 0 <= v[1] <= MAX_COUNTER
+            isinstance(v, tuple)
+            and len(v) == 3
+            and type(v[0]) is int
+            and 0 <= v[0] <= MAX_WALL_MS
+            and type(v[1]) is int
+            and 0 <= v[1] <= MAX_COUNTER
         ):
             raise LedgerError("version must be (wall_ms, counter, peer_id) within bounds")
         if v[2] != self.owner:

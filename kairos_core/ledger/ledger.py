@@ -45,13 +45,26 @@ from ..identity import Identity
 from .clock import HybridLogicalClock
 from .entry import (
     MAX_REMOTE_VALUE_SIZE,
-    DEFAULT_MAX_VALUE_SIZE, MAX_BUCKET_LENGTH, MAX_KEY_LENGTH, Entry, check_name, normalize_value,
+    DEFAULT_MAX_VALUE_SIZE,
+    MAX_BUCKET_LENGTH,
+    MAX_KEY_LENGTH,
+    Entry,
+    check_name,
+    normalize_value,
 )
 from .codec import DEFAULT_MAX_BATCH_SIZE, decode_batch
 from .errors import DecodeError, LedgerError, PolicyError
 from .policy import (
-    DEFAULT_QUOTA, NETWORK_QUOTA, NOTHING, QUOTA_UNITS, OpenPolicy, OwnerQuota, PolicyRegistry,
-    QuotaAccount, Usage, WritePolicy,
+    DEFAULT_QUOTA,
+    NETWORK_QUOTA,
+    NOTHING,
+    QUOTA_UNITS,
+    OpenPolicy,
+    OwnerQuota,
+    PolicyRegistry,
+    QuotaAccount,
+    Usage,
+    WritePolicy,
 )
 from .store import LedgerStore
 
@@ -65,8 +78,18 @@ Listener = Callable[[LedgerUpdate], None]
 
 #: Names of the counters every ledger keeps (all start at zero).
 COUNTERS = (
-    "applied", "stale", "rejected_signature", "rejected_policy", "rejected_future", "rejected_quota",
-    "rejected_invalid", "decode_errors", "sync_errors", "pruned", "watch_overflow", "listener_errors",
+    "applied",
+    "stale",
+    "rejected_signature",
+    "rejected_policy",
+    "rejected_future",
+    "rejected_quota",
+    "rejected_invalid",
+    "decode_errors",
+    "sync_errors",
+    "pruned",
+    "watch_overflow",
+    "listener_errors",
     "clock_capped",
 )
 # Config option of each quota field, in the messages of refused local writes.
@@ -138,11 +161,7 @@ class Ledger:
 
     def items(self, bucket: str) -> dict[str, Any]:
         """Every live key of ``bucket`` and its value (fresh copies; tombstones left out)."""
-        return {
-            key: json.loads(entry.value_json)
-            for key, entry in self._buckets.get(bucket, {}).items()
-            if not entry.deleted
-        }
+        return {key: json.loads(entry.value_json) for key, entry in self._buckets.get(bucket, {}).items() if not entry.deleted}
 
     def buckets(self) -> list[str]:
         """The buckets that hold at least one live key, sorted."""
@@ -458,8 +477,13 @@ class _Watch:
 
 def _update(entry: Entry, *, local: bool) -> LedgerUpdate:
     return LedgerUpdate(
-        bucket=entry.bucket, key=entry.key, value=None if entry.deleted else json.loads(entry.value_json),
-        owner=entry.owner, version=tuple(entry.version), deleted=entry.deleted, local=local,
+        bucket=entry.bucket,
+        key=entry.key,
+        value=None if entry.deleted else json.loads(entry.value_json),
+        owner=entry.owner,
+        version=tuple(entry.version),
+        deleted=entry.deleted,
+        local=local,
     )
 
 
@@ -489,7 +513,8 @@ def open_ledger(
     store = LedgerStore(Path(state_dir) / LEDGER_FILE)
     drift_ms = int(float(settings.get("max_clock_drift", 60.0)) * 1000)
     return Ledger(
-        identity, store,
+        identity,
+        store,
         policies=policies,
         max_value_size=int(settings.get("max_value_size", DEFAULT_MAX_VALUE_SIZE)),
         tombstone_grace=float(settings.get("tombstone_grace", DEFAULT_TOMBSTONE_GRACE)),

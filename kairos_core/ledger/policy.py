@@ -170,7 +170,7 @@ class PolicyRegistry:
         if self.namespace:
             if not bucket.startswith(self.namespace):
                 return self.default
-            bucket = bucket[len(self.namespace):]
+            bucket = bucket[len(self.namespace) :]
         return self._policies.get(bucket, self.default)
 
     def allows(self, entry: Entry, current: Entry | None, now: float) -> bool:
@@ -188,8 +188,8 @@ class PolicyRegistry:
 class OwnerQuota(NamedTuple):
     """The most one owner may hold across the open buckets (those whose policy is :class:`OpenPolicy`)."""
 
-    keys: int        # live keys
-    bytes: int       # bytes of the values' canonical JSON
+    keys: int  # live keys
+    bytes: int  # bytes of the values' canonical JSON
     tombstones: int  # deleted keys, kept for ledger.tombstone_grace
 
 
@@ -239,8 +239,8 @@ class QuotaAccount:
 
     def __init__(self, governed: Callable[[str], bool]) -> None:
         self._governed = governed
-        self._buckets: dict[str, list] = {}   # bucket -> [governed, entries held]
-        self._usage: dict[str, Usage] = {}     # owner -> what it holds (never all zeros)
+        self._buckets: dict[str, list] = {}  # bucket -> [governed, entries held]
+        self._usage: dict[str, Usage] = {}  # owner -> what it holds (never all zeros)
 
     def governs(self, bucket: str) -> bool:
         """Whether quotas apply to ``bucket``."""

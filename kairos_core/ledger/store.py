@@ -50,20 +50,31 @@ class LedgerStore:
     def load(self) -> Iterator[Entry]:
         """Every stored entry, tombstones included."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT bucket, key, value, owner, wall_ms, counter, deleted, sig FROM entries"
-            ).fetchall()
+            rows = self._db.execute("SELECT bucket, key, value, owner, wall_ms, counter, deleted, sig FROM entries").fetchall()
         for bucket, key, value, owner, wall_ms, counter, deleted, sig in rows:
             yield Entry(
-                bucket, key, None if value is None else json.loads(value), owner,
-                Version(wall_ms, counter, owner), bool(deleted), bytes(sig),
+                bucket,
+                key,
+                None if value is None else json.loads(value),
+                owner,
+                Version(wall_ms, counter, owner),
+                bool(deleted),
+                bytes(sig),
             )
 
     def write(self, entries: Iterable[Entry], removed: Iterable[tuple[str, str]] = ()) -> None:
         """Store ``entries`` (replacing their keys) and drop ``removed`` keys in one transaction."""
         rows = [
-            (e.bucket, e.key, None if e.deleted else e.value_json, e.owner,
-             e.version.wall_ms, e.version.counter, int(e.deleted), e.sig)
+            (
+                e.bucket,
+                e.key,
+                None if e.deleted else e.value_json,
+                e.owner,
+                e.version.wall_ms,
+                e.version.counter,
+                int(e.deleted),
+                e.sig,
+            )
             for e in entries
         ]
         gone = list(removed)

@@ -171,7 +171,7 @@ def pack_digest(digest: bytes) -> bytes:
     bitmap = bytearray(_BITMAP_BYTES)
     hashes = []
     for r in range(RANGES):
-        chunk = digest[r * RANGE_HASH_SIZE:(r + 1) * RANGE_HASH_SIZE]
+        chunk = digest[r * RANGE_HASH_SIZE : (r + 1) * RANGE_HASH_SIZE]
         if chunk != EMPTY_RANGE:
             bitmap[r // 8] |= 1 << (r % 8)
             hashes.append(chunk)
@@ -188,10 +188,10 @@ def unpack_digest(packed: bytes) -> bytes:
         raise SyncError("digest frame does not match its bitmap")
     full = bytearray(RANGES * RANGE_HASH_SIZE)
     for index, r in enumerate(present):
-        chunk = hashes[index * RANGE_HASH_SIZE:(index + 1) * RANGE_HASH_SIZE]
+        chunk = hashes[index * RANGE_HASH_SIZE : (index + 1) * RANGE_HASH_SIZE]
         if chunk == EMPTY_RANGE:
             raise SyncError("digest frame marks an empty range present")
-        full[r * RANGE_HASH_SIZE:(r + 1) * RANGE_HASH_SIZE] = chunk
+        full[r * RANGE_HASH_SIZE : (r + 1) * RANGE_HASH_SIZE] = chunk
     return bytes(full)
 
 
@@ -208,12 +208,13 @@ class _Session:
         view = _View(self.ledger)
         ours = view.digest()
         theirs = await self._exchange([_DIGEST + bytes([_WIRE_VERSION]) + pack_digest(ours)], self._recv_digest)
-        differing = [r for r in range(RANGES) if ours[r * 16:(r + 1) * 16] != theirs[r * 16:(r + 1) * 16]]
+        differing = [r for r in range(RANGES) if ours[r * 16 : (r + 1) * 16] != theirs[r * 16 : (r + 1) * 16]]
         self.result.differing_ranges = len(differing)
         if differing:
             both = {
-                r for r in differing
-                if ours[r * 16:(r + 1) * 16] != EMPTY_RANGE and theirs[r * 16:(r + 1) * 16] != EMPTY_RANGE
+                r
+                for r in differing
+                if ours[r * 16 : (r + 1) * 16] != EMPTY_RANGE and theirs[r * 16 : (r + 1) * 16] != EMPTY_RANGE
             }
             their_versions: dict[tuple[str, str], Version] = {}
             if both:
@@ -225,8 +226,9 @@ class _Session:
             for r in differing:
                 group = view.ranges[r]
                 if r in both:
-                    wanted.extend(e for ident, e in group.items()
-                                  if ident not in their_versions or e.version > their_versions[ident])
+                    wanted.extend(
+                        e for ident, e in group.items() if ident not in their_versions or e.version > their_versions[ident]
+                    )
                 else:
                     wanted.extend(group.values())  # the peer's range is empty (or ours is, then this is nothing)
             self.result.entries_sent = len(wanted)
@@ -358,10 +360,14 @@ def _decode_versions(payload: bytes) -> Iterable[tuple[str, str, Version]]:
             raise SyncError("malformed version row")
         bucket, key, wall_ms, counter, index = row
         if not (
-            isinstance(bucket, str) and isinstance(key, str)
-            and type(wall_ms) is int and 0 <= wall_ms <= MAX_WALL_MS
-            and type(counter) is int and 0 <= counter <= MAX_COUNTER
-            and type(index) is int and 0 <= index < len(peers)
+            isinstance(bucket, str)
+            and isinstance(key, str)
+            and type(wall_ms) is int
+            and 0 <= wall_ms <= MAX_WALL_MS
+            and type(counter) is int
+            and 0 <= counter <= MAX_COUNTER
+            and type(index) is int
+            and 0 <= index < len(peers)
         ):
             raise SyncError("malformed version row")
         try:

@@ -106,9 +106,7 @@ def admission_proof(key: bytes, role: bytes, nonce: bytes, dialler_id: str, list
     return hmac.new(key, proof_message(role, nonce, dialler_id, listener_id), hashlib.sha256).digest()
 
 
-def verify_admission_proof(
-    key: bytes, role: bytes, nonce: bytes, dialler_id: str, listener_id: str, proof: bytes
-) -> bool:
+def verify_admission_proof(key: bytes, role: bytes, nonce: bytes, dialler_id: str, listener_id: str, proof: bytes) -> bool:
     """True when ``proof`` is the right answer; constant-time, never raises on peer-made junk."""
     if len(proof) != PROOF_SIZE or len(nonce) != NONCE_SIZE:
         return False
@@ -154,9 +152,16 @@ async def admit_as_dialler(channel: ByteChannel, keys: bytes | Sequence[bytes], 
     if nonce_l == nonce_d:
         raise AdmissionError("listener echoed our nonce")
     proofs = await read_exactly(channel, count * PROOF_SIZE)
-    theirs = [proofs[i * PROOF_SIZE:(i + 1) * PROOF_SIZE] for i in range(count)]
-    common = next((key for key in ours for proof_l in theirs
-                   if verify_admission_proof(key, ROLE_LISTENER, nonce_d, dialler_id, listener_id, proof_l)), None)
+    theirs = [proofs[i * PROOF_SIZE : (i + 1) * PROOF_SIZE] for i in range(count)]
+    common = next(
+        (
+            key
+            for key in ours
+            for proof_l in theirs
+            if verify_admission_proof(key, ROLE_LISTENER, nonce_d, dialler_id, listener_id, proof_l)
+        ),
+        None,
+    )
     if common is None:
         raise AdmissionError(f"listener {listener_id} does not hold the network token")
     await channel.write(admission_proof(common, ROLE_DIALLER, nonce_l, dialler_id, listener_id))

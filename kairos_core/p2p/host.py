@@ -156,8 +156,12 @@ class P2PHost:
         self._pubsub_peers_gone: Any = None
         self._stop_event: trio.Event | None = None
         self._gate = AdmissionGate(
-            self.peer_id, schedule, timeout=admission_timeout, counters=self.counters,
-            on_admitted=self._peer_admitted, on_gone=self._peer_gone,
+            self.peer_id,
+            schedule,
+            timeout=admission_timeout,
+            counters=self.counters,
+            on_admitted=self._peer_admitted,
+            on_gone=self._peer_gone,
         )
         self._subscriptions: dict[str, list[GossipHandler]] = {}
         self._payload_checks: dict[str, list[PayloadCheck]] = {}
@@ -167,8 +171,9 @@ class P2PHost:
         self._asyncio_tasks: set[asyncio.Task] = set()
         # NAT traversal (issue #15): where others see us, and circuits through public peers
         self._reachability = Reachability(self.counters, self._listen_port)
-        self._relay = Relay(self.peer_id, relay or RelayLimits(), self.counters,
-                            is_public=lambda: self._reachability.state == "public")
+        self._relay = Relay(
+            self.peer_id, relay or RelayLimits(), self.counters, is_public=lambda: self._reachability.state == "public"
+        )
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -229,8 +234,9 @@ class P2PHost:
                         await self._install_handlers()
                         nursery.start_soon(self._inbound.sweep_forever)
                         nursery.start_soon(self._reachability.probe_forever, self._direct_peers)
-                        nursery.start_soon(self._relay.keep_reservations,
-                                           lambda: self._reachability.state == "private", self._relay_candidates)
+                        nursery.start_soon(
+                            self._relay.keep_reservations, lambda: self._reachability.state == "private", self._relay_candidates
+                        )
                         ready()
                         await self._stop_event.wait()
                 # Closing here, inside host.run, releases the listener and the connections
@@ -278,8 +284,13 @@ class P2PHost:
         # No libp2p message signatures: every payload is sealed with the network key and every ledger
         # entry inside is signed by its owner, so they would only cost CPU and ~100 bytes a message.
         # Unsigned, from_id and seqno prove nothing: message ids hash the content (trap 11).
-        pubsub = Pubsub(host, gossipsub, max_inbound_rpc_size=self.max_message_size + PUBSUB_OVERHEAD,
-                        strict_signing=False, msg_id_constructor=content_message_id)
+        pubsub = Pubsub(
+            host,
+            gossipsub,
+            max_inbound_rpc_size=self.max_message_size + PUBSUB_OVERHEAD,
+            strict_signing=False,
+            msg_id_constructor=content_message_id,
+        )
         ids_over_content(gossipsub)
         dht = KadDHT(host, DHTMode.SERVER, max_peers_per_subnet=0)
         network = host.get_network()

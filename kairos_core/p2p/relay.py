@@ -79,7 +79,7 @@ def split_circuit(address: str) -> tuple[str, str, str] | None:
     if "/p2p/" not in relay_part or not target_part.startswith("/p2p/"):
         return None
     relay_id = relay_part.rsplit("/p2p/", 1)[1]
-    target_id = target_part[len("/p2p/"):]
+    target_id = target_part[len("/p2p/") :]
     if not relay_id or not target_id or "/" in relay_id or "/" in target_id:
         return None
     return relay_part, relay_id, target_id
@@ -97,8 +97,7 @@ def _valid_peer(text: Any) -> ID | None:
 class Relay:
     """Both sides of the relay for one host: serving circuits, and holding reservations."""
 
-    def __init__(self, peer_id: str, limits: RelayLimits, counters: dict[str, int],
-                 is_public: Callable[[], bool]) -> None:
+    def __init__(self, peer_id: str, limits: RelayLimits, counters: dict[str, int], is_public: Callable[[], bool]) -> None:
         self.peer_id = peer_id
         self.limits = limits
         self.counters = counters
@@ -294,8 +293,7 @@ class Relay:
             log.debug("relayed connection from %s via %s failed: %r", source, relay, exc)
             await quiet_reset(net_stream)
 
-    async def dial(self, relay_address: str, relay: str, target: str,
-                   connect_relay: Callable[[str], Awaitable[None]]) -> None:
+    async def dial(self, relay_address: str, relay: str, target: str, connect_relay: Callable[[str], Awaitable[None]]) -> None:
         """Connect to ``target`` through ``relay`` (dialled and admitted first if need be)."""
         await connect_relay(relay_address)
         target_id = ID.from_base58(target)
@@ -356,8 +354,7 @@ class Relay:
                 return
             self._holding[relay] = address
             trying.discard(relay)
-            log.info("relay %s holds a reservation for us: reachable at %s", relay,
-                     circuit_address(address, relay, self.peer_id))
+            log.info("relay %s holds a reservation for us: reachable at %s", relay, circuit_address(address, relay, self.peer_id))
             await read_frame(net_stream)  # the relay sends nothing: this returns when it is gone
         except Exception as exc:
             log.debug("reservation on %s ended: %r", relay, exc)

@@ -226,8 +226,14 @@ def connection_layers(conn: Any) -> Iterator[Any]:
     node = conn
     for _ in range(10):
         yield node
-        node = next((getattr(node, name) for name in ("muxed_conn", "secured_conn", "conn", "stream", "socket")
-                     if getattr(node, name, None) is not None), None)
+        node = next(
+            (
+                getattr(node, name)
+                for name in ("muxed_conn", "secured_conn", "conn", "stream", "socket")
+                if getattr(node, name, None) is not None
+            ),
+            None,
+        )
         if node is None:
             return
 

@@ -41,8 +41,11 @@ def install_fake_k3s(bin_dir: Path) -> Path:
 
 def install_fake_systemctl(bin_dir: Path, unit_dir: Path, log: Path) -> Path:
     """Put an executable ``systemctl`` in ``bin_dir`` that logs to ``log`` and runs units of ``unit_dir``."""
-    return _wrapper(Path(bin_dir) / "systemctl", FAKES / "systemctl.py",
-                    {"FAKE_SYSTEMCTL_LOG": str(log), "FAKE_SYSTEMCTL_UNIT_DIR": str(unit_dir)})
+    return _wrapper(
+        Path(bin_dir) / "systemctl",
+        FAKES / "systemctl.py",
+        {"FAKE_SYSTEMCTL_LOG": str(log), "FAKE_SYSTEMCTL_UNIT_DIR": str(unit_dir)},
+    )
 
 
 def read_k3s_calls(root: Path) -> list[dict[str, Any]]:
@@ -101,8 +104,13 @@ class K3sKit:
     def overrides(self, name: str, *, k3s: dict[str, Any] | None = None, **sections: dict[str, Any]) -> dict[str, Any]:
         """Config overrides for one node that runs the fake k3s as a child process under its own root."""
         result: dict[str, Any] = {
-            "k3s": {"root": str(self.root(name)), "binary": str(self.k3s), "runner": "process",
-                    "reconcile_interval": 0.2, **(k3s or {})},
+            "k3s": {
+                "root": str(self.root(name)),
+                "binary": str(self.k3s),
+                "runner": "process",
+                "reconcile_interval": 0.2,
+                **(k3s or {}),
+            },
         }
         result.update(sections)
         return result

@@ -77,14 +77,23 @@ class LabNetwork:
         """The address other nodes dial node ``index`` at."""
         return f"/ip4/{self.lab.address(index)}/tcp/{P2P_PORT}/p2p/{peer_id}"
 
-    def start(self, index: int, *, token: NetworkToken | None = None, p2p: dict[str, Any] | None = None,
-              extra: dict[str, Any] | None = None) -> LabNode:
+    def start(
+        self,
+        index: int,
+        *,
+        token: NetworkToken | None = None,
+        p2p: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> LabNode:
         """Start ``kairos run`` as node ``index`` of the lab."""
         root = self.root / f"node{index}"
         root.mkdir(parents=True, exist_ok=True)
         config = {
-            "p2p": {"network_token": (token or self.token).encode(),
-                    "listen": [f"/ip4/{self.lab.address(index)}/tcp/{P2P_PORT}"], **(p2p or {})},
+            "p2p": {
+                "network_token": (token or self.token).encode(),
+                "listen": [f"/ip4/{self.lab.address(index)}/tcp/{P2P_PORT}"],
+                **(p2p or {}),
+            },
             "node": {"state_dir": str(root), "hostname": f"lab{index}", "log_level": "info"},
             **(extra or {}),
         }
@@ -96,8 +105,13 @@ class LabNetwork:
             env.pop("KAIROS_DISABLE_PLUGIN_AUTOLOAD", None)
         else:
             env["KAIROS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-        process = self.lab.popen(index, [sys.executable, "-m", "kairos_core", "-v", "run", "-c", str(config_path)],
-                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = self.lab.popen(
+            index,
+            [sys.executable, "-m", "kairos_core", "-v", "run", "-c", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         log.close()
         node = self.nodes[index] = LabNode(index, root, process, config_path)
         return node
@@ -114,8 +128,9 @@ class LabNetwork:
             time.sleep(0.05)
         raise TimeoutError(f"node {node.index} did not come up:\n{node.log[-3000:]}")
 
-    def wait_until(self, condition, timeout: float, what: str, *,
-                   tolerate: tuple[type[BaseException], ...] = (), interval: float = 0.1) -> None:
+    def wait_until(
+        self, condition, timeout: float, what: str, *, tolerate: tuple[type[BaseException], ...] = (), interval: float = 0.1
+    ) -> None:
         """Poll ``condition()`` until true; ``TimeoutError`` with every node's recent log otherwise.
 
         ``tolerate``: exceptions that mean "not yet" (e.g. a ``KeyError`` while a node's status

@@ -92,8 +92,16 @@ def _poll_all(checks: dict[str, Any], since: float, deadline: float, interval: f
 
 
 # Replication counters that tell why a convergence took long (see kairos_core.replication).
-SYNC_COUNTERS = ("syncs", "sync_failures", "syncs_cancelled", "syncs_confirmed", "syncs_still_differing",
-                 "admission_syncs_taken_over", "admission_syncs_abandoned", "syncs_refused_busy")
+SYNC_COUNTERS = (
+    "syncs",
+    "sync_failures",
+    "syncs_cancelled",
+    "syncs_confirmed",
+    "syncs_still_differing",
+    "admission_syncs_taken_over",
+    "admission_syncs_abandoned",
+    "syncs_refused_busy",
+)
 # After convergence the admission syncs still run their confirming digest checks: read the
 # counters this much later.
 COUNTERS_SETTLE = 2.0
@@ -107,8 +115,9 @@ def _sync_counters(nodes: list[LabNode]) -> Counter[str]:
     return total
 
 
-def split_and_heal(network: LabNetwork, round_no: int, *, mode: str = "input", split_s: float = 0.0,
-                   keys: int = 50, timeout: float = 60.0) -> RoundResult:
+def split_and_heal(
+    network: LabNetwork, round_no: int, *, mode: str = "input", split_s: float = 0.0, keys: int = 50, timeout: float = 60.0
+) -> RoundResult:
     """Run one round on a formed network; see the module docstring."""
     if mode not in CUT_MODES:
         raise ValueError(f"mode must be one of {CUT_MODES}, not {mode!r}")
@@ -153,8 +162,11 @@ def split_and_heal(network: LabNetwork, round_no: int, *, mode: str = "input", s
     else:
         lab.drop_inbound(majority, minority, oneway=(mode == "oneway"))
     try:
-        during = _poll_all({"cut_seen_s": cut_seen, "members_lost_s": members_lost,
-                            "step_down_s": stepped_down, "new_leader_s": new_leader}, cut, cut + timeout)
+        during = _poll_all(
+            {"cut_seen_s": cut_seen, "members_lost_s": members_lost, "step_down_s": stepped_down, "new_leader_s": new_leader},
+            cut,
+            cut + timeout,
+        )
         for name, value in during.items():
             setattr(result, name, value)
         bucket = f"partition-{round_no}"

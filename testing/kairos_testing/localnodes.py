@@ -76,8 +76,13 @@ class LocalNodes:
             bootstrap = [f"/ip4/127.0.0.1/tcp/{first.port}/p2p/{first.peer_id}"]
         port = free_port()
         config = {
-            "p2p": {"network_token": self.token, "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
-                    "disable_mdns": True, "disable_dht": True, "bootstrap_peers": bootstrap},
+            "p2p": {
+                "network_token": self.token,
+                "listen": [f"/ip4/127.0.0.1/tcp/{port}"],
+                "disable_mdns": True,
+                "disable_dht": True,
+                "bootstrap_peers": bootstrap,
+            },
             "node": {"state_dir": str(root), "hostname": f"svc{index}", "log_level": "info"},
             "plugins": {"disabled": OTHER_PLUGINS},
             "services": services or {},
@@ -87,8 +92,13 @@ class LocalNodes:
         env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
         env["PYTHONUNBUFFERED"] = "1"
         with open(root / "node.log", "ab") as log:
-            process = subprocess.Popen([sys.executable, "-m", "kairos_core", "-v", "run", "-c", str(config_path)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "kairos_core", "-v", "run", "-c", str(config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         node = LocalNode(index, root, process, port)
         self.nodes.append(node)
         node.peer_id = self._wait_up(node)
@@ -117,8 +127,9 @@ class LocalNodes:
     def wait_mesh(self, timeout: float = 60.0) -> None:
         """Until every running node counts every other running node alive."""
         running = [n for n in self.nodes if n.process.poll() is None]
-        self.wait_until(lambda: all(n.alive_peers() >= {m.peer_id for m in running if m is not n} for n in running),
-                        timeout, "a full mesh")
+        self.wait_until(
+            lambda: all(n.alive_peers() >= {m.peer_id for m in running if m is not n} for n in running), timeout, "a full mesh"
+        )
 
     def stop(self, node: LocalNode, sig: int = signal.SIGTERM) -> None:
         if node.process.poll() is None:

@@ -61,8 +61,7 @@ class NamespacePair:
         for side in "ab":
             self.ip("netns", "add", self.ns[side])
             self.ip("-n", self.ns[side], "link", "set", "lo", "up")
-        self.ip("link", "add", "veth-a", "netns", self.ns["a"], "type", "veth", "peer", "name", "veth-b",
-                "netns", self.ns["b"])
+        self.ip("link", "add", "veth-a", "netns", self.ns["a"], "type", "veth", "peer", "name", "veth-b", "netns", self.ns["b"])
         for side in "ab":
             self.ip("-n", self.ns[side], "addr", "add", f"{self.underlay[side]}/24", "dev", f"veth-{side}")
             self.ip("-n", self.ns[side], "link", "set", f"veth-{side}", "up")
@@ -98,8 +97,9 @@ class NamespacePair:
 
     def run(self, side: str, *argv: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess:
         """Run a command inside namespace ``side`` and wait for it."""
-        return subprocess.run(["ip", "netns", "exec", self.ns[side], *argv], capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.ns[side], *argv], capture_output=True, text=True, timeout=timeout, check=check
+        )
 
     def popen(self, side: str, *argv: str, **kwargs: Any) -> subprocess.Popen:
         """Start a command inside namespace ``side``; it is stopped by :meth:`close`."""
@@ -125,8 +125,14 @@ class NamespacePair:
     def start_forwarder(self, side: str, **options: Any) -> dict[str, Any]:
         """Run the forwarder of ``side`` and wait until it forwards; returns its ready line."""
         proc = self.popen(
-            side, sys.executable, "-m", "kairos_plugin_tunvpn", json.dumps(self.forwarder_config(side, **options)),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            side,
+            sys.executable,
+            "-m",
+            "kairos_plugin_tunvpn",
+            json.dumps(self.forwarder_config(side, **options)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         line = proc.stdout.readline()
         ready = json.loads(line) if line else {"ready": False, "error": "forwarder exited"}

@@ -79,7 +79,8 @@ def require_netns() -> str | None:
             return f"cannot create a bridge: {bridge.stderr.strip()}"
         nft = subprocess.run(
             ["ip", "netns", "exec", probe, "nft", "add", "table", "bridge", NFT_TABLE],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if nft.returncode != 0:
             return f"nft does not work in a namespace: {nft.stderr.strip()}"
@@ -266,8 +267,9 @@ class Lab:
         self._processes.append(proc)
         return proc
 
-    def run(self, node: NodeRef, argv: Sequence[str], *, timeout: float = 30.0, check: bool = False,
-            **popen: Any) -> subprocess.CompletedProcess:
+    def run(
+        self, node: NodeRef, argv: Sequence[str], *, timeout: float = 30.0, check: bool = False, **popen: Any
+    ) -> subprocess.CompletedProcess:
         """Run ``argv`` inside a node to completion (killed after ``timeout`` seconds)."""
         popen.setdefault("stdout", subprocess.PIPE)
         popen.setdefault("stderr", subprocess.PIPE)
@@ -513,8 +515,9 @@ class NatLab(Lab):
             self._ip(ns, "link", "set", NODE_IFACE, "up")
             self._ip(ns, "route", "add", "default", "via", f"192.168.{i}.1")
             _checked(["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-            _checked(["ip", "netns", "exec", router, "nft", "-f", "-"],
-                     stdin=_nat_rules(random_ports=self.kinds[i - 1] == SYMMETRIC))
+            _checked(
+                ["ip", "netns", "exec", router, "nft", "-f", "-"], stdin=_nat_rules(random_ports=self.kinds[i - 1] == SYMMETRIC)
+            )
 
     def partition(self, group_a: Iterable[NodeRef], group_b: Iterable[NodeRef]) -> None:
         raise LabError("a NAT lab has no partitions: build a Lab for those")

@@ -35,8 +35,18 @@ try:  # works in pytest-asyncio's strict mode as well as in auto mode
 except ImportError:  # pragma: no cover - without pytest-asyncio async fixtures cannot run anyway
     async_fixture = pytest.fixture
 
-__all__ = ["K3sKit", "LocalNetwork", "hosts", "k3s_kit", "kairos_network", "kairos_plugins", "lab_network", "netlab",
-           "netns_unavailable", "wait_until"]
+__all__ = [
+    "K3sKit",
+    "LocalNetwork",
+    "hosts",
+    "k3s_kit",
+    "kairos_network",
+    "kairos_plugins",
+    "lab_network",
+    "netlab",
+    "netns_unavailable",
+    "wait_until",
+]
 
 
 @pytest.fixture

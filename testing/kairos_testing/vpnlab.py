@@ -59,8 +59,14 @@ class VPNLab:
         extra = {"vpn": self.vpn_options, "plugins": {"disabled": other_plugins()}}
         nodes = [self.network.start(i, p2p={"disable_dht": True}, extra=extra) for i in range(1, self.size + 1)]
         self.peer_ids = {node.index: self.network.wait_up(node) for node in nodes}
-        self.wait(lambda: all(len(self.links(i)) == self.size - 1 and all(
-            row.get("vip") for row in self.links(i).values()) for i in self.peer_ids), timeout, "a full mesh of sessions")
+        self.wait(
+            lambda: all(
+                len(self.links(i)) == self.size - 1 and all(row.get("vip") for row in self.links(i).values())
+                for i in self.peer_ids
+            ),
+            timeout,
+            "a full mesh of sessions",
+        )
 
     def close(self) -> None:
         """Stop the nodes and delete the namespaces."""
@@ -106,8 +112,12 @@ class VPNLab:
     def vpn_status_text(self, index: int, *options: str) -> str:
         """What ``kairos vpn status`` prints on node ``index`` (for people, unless ``--json``)."""
         socket = str(self.node(index).root / "api.sock")
-        result = subprocess.run([sys.executable, "-m", "kairos_core", "vpn", "status", *options, "--socket", socket],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [sys.executable, "-m", "kairos_core", "vpn", "status", *options, "--socket", socket],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if result.returncode:
             raise RuntimeError(f"kairos vpn status failed: {result.stderr}")
         return result.stdout
@@ -152,8 +162,7 @@ class VPNLab:
             f'add rule inet {BLOCK_TABLE} input iifname "eth0" udp dport != 5353 drop\n'
             f'add rule inet {BLOCK_TABLE} output oifname "eth0" udp dport != 5353 drop\n'
         )
-        subprocess.run(self.lab.command(index, ["nft", "-f", "-"]), input=script, text=True, check=True,
-                       capture_output=True)
+        subprocess.run(self.lab.command(index, ["nft", "-f", "-"]), input=script, text=True, check=True, capture_output=True)
 
     def unblock_udp(self, index: int) -> None:
         """Undo :meth:`block_udp`."""
@@ -181,11 +190,16 @@ class NatVPNLab(VPNLab):
         bootstrap = [self.network.multiaddr(1, self.peer_ids[1])]
         #: ``time.monotonic()`` when the NATed nodes were started (bench/nat.py times paths from it)
         self.nated_started_at = time.monotonic()
-        nodes = [self.network.start(i, p2p={**quiet, "bootstrap_peers": bootstrap}, extra=extra)
-                 for i in range(2, self.size + 1)]
+        nodes = [self.network.start(i, p2p={**quiet, "bootstrap_peers": bootstrap}, extra=extra) for i in range(2, self.size + 1)]
         self.peer_ids.update({node.index: self.network.wait_up(node) for node in nodes})
-        self.wait(lambda: all(len(self.links(i)) == self.size - 1 and all(
-            row.get("vip") for row in self.links(i).values()) for i in self.peer_ids), timeout, "VPN sessions")
+        self.wait(
+            lambda: all(
+                len(self.links(i)) == self.size - 1 and all(row.get("vip") for row in self.links(i).values())
+                for i in self.peer_ids
+            ),
+            timeout,
+            "VPN sessions",
+        )
 
     def relayed_peers(self, index: int) -> list[str]:
         """Peers node ``index`` is connected to through a relay."""

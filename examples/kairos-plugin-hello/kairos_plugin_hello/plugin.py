@@ -21,7 +21,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from kairos_core.plugin import (
-    OWNER_KEYED, KairosError, LedgerUpdate, NodeView, Option, Section, Stream, WritePolicy, hookimpl,
+    OWNER_KEYED,
+    KairosError,
+    LedgerUpdate,
+    NodeView,
+    Option,
+    Section,
+    Stream,
+    WritePolicy,
+    hookimpl,
 )
 
 SECTION = "hello"
@@ -39,8 +47,12 @@ MAX_ANSWER = 1024
 #: Section ``hello``: every option once, with its type, default and help.
 SCHEMA = Section(
     SECTION,
-    Option("greeting", str, "hello",
-           f"What this node tells the network at start-up: one line of printable text, at most {MAX_GREETING} characters."),
+    Option(
+        "greeting",
+        str,
+        "hello",
+        f"What this node tells the network at start-up: one line of printable text, at most {MAX_GREETING} characters.",
+    ),
     help="kairos-plugin-hello: every node greets the network (bucket hello, kairos hello).",
     aliases=("p2p.hello",),  # Kairos users write plugin sections under p2p:
 )
@@ -150,6 +162,7 @@ async def ask_hostname(node: NodeView, peer_id: str, timeout: float = 5.0) -> st
     closes without an answer, and :class:`TimeoutError` after ``timeout`` seconds. The answer
     is the peer's own word: untrusted text (escape it before printing it).
     """
+
     async def exchange() -> bytes:
         stream = await node.open_stream(peer_id, PROTOCOL)
         try:

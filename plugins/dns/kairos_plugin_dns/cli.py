@@ -73,8 +73,11 @@ def list_records(context: Any, socket_path: str | None, as_json: bool) -> None:
         emit_json(data)
         return
     server = data["server"]
-    click.echo(f"server: {server['listen']} (domain {data['domain']}, upstreams {', '.join(server['upstreams']) or 'none'})"
-               if server else f"server: off (dns.enable; domain {data['domain']})")
+    click.echo(
+        f"server: {server['listen']} (domain {data['domain']}, upstreams {', '.join(server['upstreams']) or 'none'})"
+        if server
+        else f"server: off (dns.enable; domain {data['domain']})"
+    )
     if not data["records"]:
         click.echo("no records")
     for row in data["records"]:

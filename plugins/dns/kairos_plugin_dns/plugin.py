@@ -17,7 +17,19 @@ from typing import Any
 
 from kairos_core.plugin import KairosError, LedgerError, NodeView, Option, Section, WritePolicy, hookimpl
 
-from .records import BUCKET, TYPES, VPN_BUCKET, RecordsPolicy, UsageError, Zone, build_zone, name_problem, qualify, read_records, value_problem
+from .records import (
+    BUCKET,
+    TYPES,
+    VPN_BUCKET,
+    RecordsPolicy,
+    UsageError,
+    Zone,
+    build_zone,
+    name_problem,
+    qualify,
+    read_records,
+    value_problem,
+)
 from .server import COUNTERS, DNSServer, Settings, parse_hostport, system_resolvers
 
 log = logging.getLogger("kairos.dns")
@@ -27,34 +39,85 @@ SECTION = "dns"
 DNS = Section(
     SECTION,
     Option("enable", bool, False, "Run the DNS server. Kairos's `p2p.dns: true` sets it too.", paths=("p2p.dns",)),
-    Option("listen", str, "127.0.0.1:53", "Where it listens, UDP and TCP: IP:PORT or [IPv6]:PORT (port 0: any free "
-           "port, shown by `kairos dns list`). Port 53 needs root or CAP_NET_BIND_SERVICE."),
-    Option("domain", str, "kairos.", "The network's domain: every member with a VIP is <hostname>.<domain>; names "
-           "inside it are never forwarded."),
+    Option(
+        "listen",
+        str,
+        "127.0.0.1:53",
+        "Where it listens, UDP and TCP: IP:PORT or [IPv6]:PORT (port 0: any free "
+        "port, shown by `kairos dns list`). Port 53 needs root or CAP_NET_BIND_SERVICE.",
+    ),
+    Option(
+        "domain",
+        str,
+        "kairos.",
+        "The network's domain: every member with a VIP is <hostname>.<domain>; names inside it are never forwarded.",
+    ),
     Option("ttl", int, 60, "TTL in seconds of members' answers, and of records added without --ttl.", minimum=0, maximum=86400),
-    Option("forward", list, [], "Upstream resolvers (IP or IP:PORT) for every other name; empty: the nameservers "
-           "of dns.resolv_conf. This server's own address is never used (a loop).", item_type=str),
+    Option(
+        "forward",
+        list,
+        [],
+        "Upstream resolvers (IP or IP:PORT) for every other name; empty: the nameservers "
+        "of dns.resolv_conf. This server's own address is never used (a loop).",
+        item_type=str,
+    ),
     Option("resolv_conf", str, "/etc/resolv.conf", "Where the system's resolvers are read from when dns.forward is empty."),
     Option("forward_timeout", float, 2.0, "Seconds to wait for one upstream before trying the next.", minimum=0.05, maximum=60),
-    Option("max_forwards", int, 256, "Forwarded queries in flight at once; more are answered SERVFAIL and counted.",
-           minimum=1, maximum=100000),
-    Option("cache_size", int, 10000, "Forwarded answers kept (least recently used dropped first); 0: no cache.",
-           minimum=0, maximum=10_000_000),
-    Option("max_cache_ttl", int, 3600, "At most this many seconds an answer is cached, whatever its TTL.", minimum=0, maximum=604800),
-    Option("negative_ttl", int, 300, "At most this many seconds an NXDOMAIN or NODATA is cached (its SOA's minimum "
-           "when lower; this when the answer has no SOA).", minimum=0, maximum=86400),
-    Option("rate_limit", float, 5000.0, "Queries per second one source IP may send over UDP (a token bucket); more are "
-           "dropped and counted. 0: no limit.", minimum=0, maximum=1e9),
+    Option(
+        "max_forwards",
+        int,
+        256,
+        "Forwarded queries in flight at once; more are answered SERVFAIL and counted.",
+        minimum=1,
+        maximum=100000,
+    ),
+    Option(
+        "cache_size",
+        int,
+        10000,
+        "Forwarded answers kept (least recently used dropped first); 0: no cache.",
+        minimum=0,
+        maximum=10_000_000,
+    ),
+    Option(
+        "max_cache_ttl", int, 3600, "At most this many seconds an answer is cached, whatever its TTL.", minimum=0, maximum=604800
+    ),
+    Option(
+        "negative_ttl",
+        int,
+        300,
+        "At most this many seconds an NXDOMAIN or NODATA is cached (its SOA's minimum "
+        "when lower; this when the answer has no SOA).",
+        minimum=0,
+        maximum=86400,
+    ),
+    Option(
+        "rate_limit",
+        float,
+        5000.0,
+        "Queries per second one source IP may send over UDP (a token bucket); more are dropped and counted. 0: no limit.",
+        minimum=0,
+        maximum=1e9,
+    ),
     Option("rate_burst", float, 10000.0, "Queries one source IP may send at once above dns.rate_limit.", minimum=1, maximum=1e9),
-    Option("max_query_size", int, 4096, "Bytes a query may have; larger ones are dropped and counted.", minimum=512, maximum=65535),
-    Option("max_tcp_connections", int, 128, "TCP connections served at once; more are closed and counted.", minimum=1, maximum=100000),
+    Option(
+        "max_query_size", int, 4096, "Bytes a query may have; larger ones are dropped and counted.", minimum=512, maximum=65535
+    ),
+    Option(
+        "max_tcp_connections", int, 128, "TCP connections served at once; more are closed and counted.", minimum=1, maximum=100000
+    ),
     Option("tcp_idle_timeout", float, 10.0, "Seconds a TCP connection may stay silent.", minimum=0.1, maximum=3600),
-    Option("configure_resolver", bool, False, "Point this host's resolver at the server while the node runs: "
-           "dns.resolv_conf gets `nameserver <dns.listen's IP>` (127.0.0.1 for a wildcard; the port must be 53) and "
-           "keeps its other lines; the file as it was is kept in the state dir, written back at shutdown (or at the "
-           "next start after a crash), and its nameservers stay the upstreams."),
+    Option(
+        "configure_resolver",
+        bool,
+        False,
+        "Point this host's resolver at the server while the node runs: "
+        "dns.resolv_conf gets `nameserver <dns.listen's IP>` (127.0.0.1 for a wildcard; the port must be 53) and "
+        "keeps its other lines; the file as it was is kept in the state dir, written back at shutdown (or at the "
+        "next start after a crash), and its nameservers stay the upstreams.",
+    ),
     help="A DNS server for the network's names (kairos-plugin-dns): members' VIPs as <hostname>.<domain>, "
-         "records of the `dns` ledger bucket (`kairos dns`), everything else forwarded.",
+    "records of the `dns` ledger bucket (`kairos dns`), everything else forwarded.",
 )
 
 ZONE_REFRESH = 1.0  # seconds: claims lapse and members leave without a ledger write to watch
@@ -76,8 +139,9 @@ class Runtime:
         if self._zone is None or now - self._built >= ZONE_REFRESH:
             hostnames = {peer_id: info.get("hostname") for peer_id, info in self.node.members().items()}
             hostnames[self.node.peer_id] = self.node.hostname
-            self._zone = build_zone(self.domain, self.settings.ttl, self.node.ledger.items(BUCKET),
-                                    self.node.ledger.items(VPN_BUCKET), hostnames)
+            self._zone = build_zone(
+                self.domain, self.settings.ttl, self.node.ledger.items(BUCKET), self.node.ledger.items(VPN_BUCKET), hostnames
+            )
             self._built = now
         return self._zone
 
@@ -94,13 +158,30 @@ class Runtime:
         listen = parse_hostport(self.settings.listen)
         if self.settings.configure_resolver:
             self._restore_resolver()  # a crash left ours in place: the upstreams are in the backup
-        upstreams = ([parse_hostport(item) for item in self.settings.forward] if self.settings.forward
-                     else system_resolvers(Path(self.settings.resolv_conf)))
+        upstreams = (
+            [parse_hostport(item) for item in self.settings.forward]
+            if self.settings.forward
+            else system_resolvers(Path(self.settings.resolv_conf))
+        )
         s = self.settings
-        self.server = DNSServer(Settings(listen, tuple(upstreams), s.max_query_size, s.rate_limit, s.rate_burst, s.cache_size,
-                                         s.max_cache_ttl, s.negative_ttl, s.forward_timeout, s.max_forwards,
-                                         s.max_tcp_connections, s.tcp_idle_timeout),
-                                self.zone, self.node.count)
+        self.server = DNSServer(
+            Settings(
+                listen,
+                tuple(upstreams),
+                s.max_query_size,
+                s.rate_limit,
+                s.rate_burst,
+                s.cache_size,
+                s.max_cache_ttl,
+                s.negative_ttl,
+                s.forward_timeout,
+                s.max_forwards,
+                s.max_tcp_connections,
+                s.tcp_idle_timeout,
+            ),
+            self.zone,
+            self.node.count,
+        )
         try:
             await self.server.start()
         except OSError as exc:
@@ -138,8 +219,10 @@ class Runtime:
             self._backup.write_text(before)
             kept = [line for line in before.splitlines() if line.split()[:1] != ["nameserver"]]
             # written in place (not renamed over): the file may be a bind mount or a symlink's target
-            path.write_text(f"# written by kairos-plugin-dns while the node runs (dns.configure_resolver);\n"
-                            f"# the file as it was: {self._backup}\nnameserver {ip}\n" + "".join(f"{line}\n" for line in kept))
+            path.write_text(
+                f"# written by kairos-plugin-dns while the node runs (dns.configure_resolver);\n"
+                f"# the file as it was: {self._backup}\nnameserver {ip}\n" + "".join(f"{line}\n" for line in kept)
+            )
         except OSError as exc:
             self.node.set_state("dns", f"cannot write {path}: {exc.strerror or exc}")
             log.error("dns: cannot point %s at the server: %s", path, exc)
@@ -158,8 +241,10 @@ class Runtime:
     # ----- records (the local API) --------------------------------------------------------------
 
     def records(self) -> list[dict[str, Any]]:
-        return [{"name": name, "type": rtype, "values": list(values), "ttl": ttl}
-                for name, rtype, values, ttl in read_records(self.node.ledger.items(BUCKET))]
+        return [
+            {"name": name, "type": rtype, "values": list(values), "ttl": ttl}
+            for name, rtype, values, ttl in read_records(self.node.ledger.items(BUCKET))
+        ]
 
     def add(self, body: Any) -> dict[str, Any]:
         name, rtype = self._name_type(body, required_type=True)
@@ -220,8 +305,11 @@ class Runtime:
             raise UsageError(f"the ledger refused {key}: {exc}") from exc
 
     def describe(self) -> dict[str, Any]:
-        return {"domain": self.domain, "records": self.records(),
-                "server": self.server.describe() if self.server is not None else None}
+        return {
+            "domain": self.domain,
+            "records": self.records(),
+            "server": self.server.describe() if self.server is not None else None,
+        }
 
 
 def normal_domain(domain: str) -> str:

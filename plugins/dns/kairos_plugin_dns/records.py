@@ -188,8 +188,13 @@ def read_records(items: Mapping[str, Any]) -> list[tuple[str, str, tuple[str, ..
 
 def _vip_rank(value: Mapping[str, Any], peer_id: str) -> tuple[int, int, int, str]:
     claimed = value.get("claimed")
-    first, second = (claimed if isinstance(claimed, list) and len(claimed) == 2 and all(
-        isinstance(c, int) and not isinstance(c, bool) for c in claimed) else (2**63, 2**63))
+    first, second = (
+        claimed
+        if isinstance(claimed, list)
+        and len(claimed) == 2
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in claimed)
+        else (2**63, 2**63)
+    )
     return (0 if value.get("static") is True else 1, first, second, peer_id)
 
 
@@ -224,8 +229,14 @@ def host_label(hostname: Any) -> str | None:
     return label if LABEL.fullmatch(label) else None
 
 
-def build_zone(domain: str, ttl: int, records: Mapping[str, Any], vpn_items: Mapping[str, Any],
-               hostnames: Mapping[str, Any], now_ms: int | None = None) -> Zone:
+def build_zone(
+    domain: str,
+    ttl: int,
+    records: Mapping[str, Any],
+    vpn_items: Mapping[str, Any],
+    hostnames: Mapping[str, Any],
+    now_ms: int | None = None,
+) -> Zone:
     """The zone from the ``dns`` bucket's items, the ``vpn`` bucket's items and ``hostnames``
     (peer id → hostname of every alive member, this node included); members' answers have ``ttl``."""
     zone = Zone(domain)

@@ -381,8 +381,9 @@ class DNSServer:
         question = query.question[0]
         if query.opcode() != dns.opcode.QUERY or question.rdclass != dns.rdataclass.IN:
             self.count("dns_refused")
-            return self._finish(query, self._status(query, dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY
-                                                    else dns.rcode.REFUSED), tcp)
+            return self._finish(
+                query, self._status(query, dns.rcode.NOTIMP if query.opcode() != dns.opcode.QUERY else dns.rcode.REFUSED), tcp
+            )
         zone = self.zone()
         qname = question.name.to_text().lower()
         answer = zone.lookup(qname)
@@ -437,12 +438,18 @@ class DNSServer:
             for rtype in types:
                 if rtype in answer.records:
                     values, ttl = answer.records[rtype]
-                    response.answer.append(dns.rrset.from_text_list(question.name, ttl, "IN", rtype,
-                                                                    [f'"{v}"' if rtype == "TXT" else v for v in values]))
+                    response.answer.append(
+                        dns.rrset.from_text_list(
+                            question.name, ttl, "IN", rtype, [f'"{v}"' if rtype == "TXT" else v for v in values]
+                        )
+                    )
         if not response.answer and zone.in_domain(question.name.to_text()):
             # a SOA lets resolvers cache the negative answer for a bounded time (RFC 2308)
-            response.authority.append(dns.rrset.from_text(
-                zone.domain, 60, "IN", "SOA", f"ns.{zone.domain} hostmaster.{zone.domain} 1 3600 600 86400 60"))
+            response.authority.append(
+                dns.rrset.from_text(
+                    zone.domain, 60, "IN", "SOA", f"ns.{zone.domain} hostmaster.{zone.domain} 1 3600 600 86400 60"
+                )
+            )
         return response
 
     def _from_cache(self, query: dns.message.Message, cached: Cached, now: float) -> dns.message.Message:
@@ -452,8 +459,9 @@ class DNSServer:
         response.authority = _aged(cached.authority, elapsed)
         return response
 
-    async def _forward(self, query: dns.message.Message, key: tuple[str, int, int], tcp: bool,
-                       upstreams: list[tuple[str, int]]) -> bytes | None:
+    async def _forward(
+        self, query: dns.message.Message, key: tuple[str, int, int], tcp: bool, upstreams: list[tuple[str, int]]
+    ) -> bytes | None:
         self._forwards += 1
         try:
             question = query.question[0]
@@ -462,7 +470,8 @@ class DNSServer:
             for host, port in upstreams:
                 try:
                     upstream, _ = await dns.asyncquery.udp_with_fallback(
-                        outgoing, host, timeout=self.settings.forward_timeout, port=port)
+                        outgoing, host, timeout=self.settings.forward_timeout, port=port
+                    )
                 except (dns.exception.DNSException, OSError, ValueError) as exc:
                     log.debug("dns: upstream %s:%s failed for %s: %s", host, port, key[0], exc)
                     continue
@@ -487,7 +496,9 @@ class DNSServer:
             return response.to_wire(max_size=limit)
 
     def describe(self) -> dict[str, Any]:
-        return {"listen": f"{self.address[0]}:{self.address[1]}",
-                "upstreams": [f"{h}:{p}" for h, p in self.upstreams],
-                "refused_upstreams": [f"{h}:{p}" for h, p in self.skipped_upstreams],
-                "cached": len(self.cache)}
+        return {
+            "listen": f"{self.address[0]}:{self.address[1]}",
+            "upstreams": [f"{h}:{p}" for h, p in self.upstreams],
+            "refused_upstreams": [f"{h}:{p}" for h, p in self.skipped_upstreams],
+            "cached": len(self.cache),
+        }

@@ -24,8 +24,16 @@ async def dig(port: int, *args: str, server: str = "127.0.0.1") -> str:
     """dig's output (``+short`` etc. in ``args``); without blocking the loop that serves it."""
     assert DIG is not None
     process = await asyncio.create_subprocess_exec(
-        DIG, f"@{server}", "-p", str(port), "+tries=1", "+time=5", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        DIG,
+        f"@{server}",
+        "-p",
+        str(port),
+        "+tries=1",
+        "+time=5",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await process.communicate()
     return out.decode()
 

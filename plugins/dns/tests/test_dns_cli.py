@@ -23,8 +23,12 @@ def kairos(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def dig_short(port: int, *args: str) -> list[str]:
-    done = subprocess.run([DIG or "dig", "@127.0.0.1", "-p", str(port), "+tries=1", "+time=5", "+short", *args],
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [DIG or "dig", "@127.0.0.1", "-p", str(port), "+tries=1", "+time=5", "+short", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return done.stdout.split()
 
 
@@ -32,17 +36,29 @@ def dig_short(port: int, *args: str) -> list[str]:
 def node(tmp_path):
     token = kairos("token", "new").stdout.strip()
     others = sorted({ep.name for ep in entry_points(group="kairos")} - {"dns"})
-    config = {"p2p": {"network_token": token, "listen": ["/ip4/127.0.0.1/tcp/0"], "disable_mdns": True,
-                      "disable_dht": True, "dns": True},
-              "node": {"state_dir": str(tmp_path), "hostname": "cli0"},
-              "plugins": {"disabled": others},
-              "dns": {"listen": "127.0.0.1:0", "resolv_conf": "/dev/null"}}
+    config = {
+        "p2p": {
+            "network_token": token,
+            "listen": ["/ip4/127.0.0.1/tcp/0"],
+            "disable_mdns": True,
+            "disable_dht": True,
+            "dns": True,
+        },
+        "node": {"state_dir": str(tmp_path), "hostname": "cli0"},
+        "plugins": {"disabled": others},
+        "dns": {"listen": "127.0.0.1:0", "resolv_conf": "/dev/null"},
+    }
     path = tmp_path / "kairos.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
     with open(tmp_path / "node.log", "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "kairos_core", "run", "-c", str(path)], stdout=log,
-                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kairos_core", "run", "-c", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     socket_path = tmp_path / "api.sock"
     try:
         deadline = time.monotonic() + 60
@@ -96,12 +112,17 @@ def test_a_bad_section_is_reported_with_its_paths(tmp_path):
     path.write_text(yaml.safe_dump({"dns": {"configure_resolver": True, "listen": "127.0.0.1:5353"}}))
     done = kairos("config", "check", str(path))
     assert done.returncode == 2 and "dns.configure_resolver: resolv.conf names no port" in done.stdout + done.stderr
-    path.write_text(yaml.safe_dump({"dns": {"listen": "localhost:53", "forward": ["1.1.1.1:0", "nowhere"],
-                                            "domain": "bad domain"}}))
+    path.write_text(
+        yaml.safe_dump({"dns": {"listen": "localhost:53", "forward": ["1.1.1.1:0", "nowhere"], "domain": "bad domain"}})
+    )
     done = kairos("config", "check", str(path))
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
-    for line in ("dns.listen: 'localhost' does not appear", "dns.forward[0]: the port must not be 0",
-                 "dns.forward[1]: 'nowhere'", "dns.domain 'bad domain': labels are"):
+    for line in (
+        "dns.listen: 'localhost' does not appear",
+        "dns.forward[0]: the port must not be 0",
+        "dns.forward[1]: 'nowhere'",
+        "dns.domain 'bad domain': labels are",
+    ):
         assert line in out
     assert "Traceback" not in out

@@ -54,10 +54,17 @@ def dnslab(tmp_path_factory):
         assert upstream.stdout is not None and upstream.stdout.readline().strip() == "ready"
         network = LabNetwork(lab, tmp_path_factory.mktemp("dns"), autoload_plugins=True)
         disabled = sorted({ep.name for ep in entry_points(group="kairos")} - {"tunvpn", "dns"})
-        extra = {"vpn": {"keepalive_interval": 0.5, "udp_timeout": 2.0}, "plugins": {"disabled": disabled},
-                 "dns": {"listen": "127.0.0.1:53"}}
-        nodes = [network.start(i, p2p={"disable_dht": True, "dns": True},
-                               extra={**extra, "dns": {**extra["dns"], "configure_resolver": i == 2}}) for i in (1, 2, 3)]
+        extra = {
+            "vpn": {"keepalive_interval": 0.5, "udp_timeout": 2.0},
+            "plugins": {"disabled": disabled},
+            "dns": {"listen": "127.0.0.1:53"},
+        }
+        nodes = [
+            network.start(
+                i, p2p={"disable_dht": True, "dns": True}, extra={**extra, "dns": {**extra["dns"], "configure_resolver": i == 2}}
+            )
+            for i in (1, 2, 3)
+        ]
         for node in nodes:
             network.wait_up(node, timeout=120)
         yield lab, network, etc_dirs
@@ -88,11 +95,17 @@ def test_dig_and_the_system_resolver_give_a_member_s_vip_and_ping_reaches_it(dns
     network.wait_until(lambda: vip_of(network, 2) is not None, 90, "node 2's VIP claim")
     vip = vip_of(network, 2)
     for index, name in ((1, "lab2.kairos."), (3, "LAB2.kairos.")):
-        network.wait_until(lambda: dig(lab, index, "+short", name).split() == [vip], 60,  # noqa: B023 (polled here)
-                           f"node {index} answering {name} with {vip}")
+        network.wait_until(
+            lambda: dig(lab, index, "+short", name).split() == [vip],  # noqa: B023 (polled here)
+            60,
+            f"node {index} answering {name} with {vip}",
+        )
     # ping resolves through the system resolver (glibc, the namespace's resolv.conf) and crosses the VPN
-    network.wait_until(lambda: lab.run(1, ["ping", "-c1", "-W2", "lab2.kairos."], timeout=30).returncode == 0, 60,
-                       "ping lab2.kairos. from node 1")
+    network.wait_until(
+        lambda: lab.run(1, ["ping", "-c1", "-W2", "lab2.kairos."], timeout=30).returncode == 0,
+        60,
+        "ping lab2.kairos. from node 1",
+    )
     done = lab.run(1, ["ping", "-c1", "-W2", "lab2.kairos."], timeout=30, text=True)
     assert f"({vip})" in done.stdout and " 0% packet loss" in done.stdout, done.stdout
     # getent: the system resolver gives the VIP too
@@ -113,13 +126,13 @@ def test_a_forwarded_name_reaches_the_upstream_in_another_namespace(dnslab):
 def test_configure_resolver_points_the_host_at_the_node_and_restores_it_at_shutdown(dnslab):
     """Last in this module: it stops node 2."""
     lab, network, etc_dirs = dnslab
-    resolv = etc_dirs[1] / "resolv.conf"   # node 2's /etc/resolv.conf (bind-mounted by ip netns exec)
+    resolv = etc_dirs[1] / "resolv.conf"  # node 2's /etc/resolv.conf (bind-mounted by ip netns exec)
     original = f"nameserver {lab.address(3)}\noptions timeout:2 attempts:1\n"
     text = resolv.read_text()
     assert "nameserver 127.0.0.1\n" in text and f"nameserver {lab.address(3)}" not in text
     assert "options timeout:2 attempts:1" in text
     listing = network.nodes[2].client.request("GET", "/api/plugins/dns")
-    assert listing["server"]["upstreams"] == [f"{lab.address(3)}:53"]   # read before the file was rewritten
+    assert listing["server"]["upstreams"] == [f"{lab.address(3)}:53"]  # read before the file was rewritten
     # the system resolver of node 2's namespace now asks the node: a member's name and a forwarded one
     vip = vip_of(network, 1)
     assert lab.run(2, ["getent", "hosts", "lab1.kairos."], timeout=30, text=True).stdout.split()[:1] == [vip]

@@ -16,8 +16,12 @@ def rec(*values: str, ttl: int = 30) -> dict:
 
 
 def test_member_beats_exact_beats_longer_wildcard_beats_shorter():
-    records = {"*.kairos./A": rec("10.0.0.1"), "*.apps.kairos./A": rec("10.0.0.2"),
-               "db.apps.kairos./A": rec("10.0.0.3"), "node1.kairos./TXT": rec("pinned")}
+    records = {
+        "*.kairos./A": rec("10.0.0.1"),
+        "*.apps.kairos./A": rec("10.0.0.2"),
+        "db.apps.kairos./A": rec("10.0.0.3"),
+        "node1.kairos./TXT": rec("pinned"),
+    }
     vpn = {"P1": {"vip": "10.1.0.5", "claimed": [1, 0]}}
     zone = build_zone("kairos.", 60, records, vpn, {"P1": "node1"})
     assert zone.lookup("db.apps.kairos.").records["A"][0] == ("10.0.0.3",)
@@ -34,15 +38,23 @@ def test_member_beats_exact_beats_longer_wildcard_beats_shorter():
 
 def test_the_order_entries_arrive_in_does_not_change_the_answer():
     items = [("*.a.kairos./A", rec("10.0.0.1")), ("*.b.a.kairos./A", rec("10.0.0.2")), ("*.kairos./A", rec("10.0.0.3"))]
-    answers = {build_zone("kairos.", 60, dict(order), {}, {}).lookup("x.b.a.kairos.").records["A"][0]
-               for order in (items, items[::-1], items[1:] + items[:1])}
+    answers = {
+        build_zone("kairos.", 60, dict(order), {}, {}).lookup("x.b.a.kairos.").records["A"][0]
+        for order in (items, items[::-1], items[1:] + items[:1])
+    }
     assert answers == {("10.0.0.2",)}
 
 
 def test_member_vips_skip_lapsed_claims_dead_members_and_the_loser_of_a_conflict():
-    vpn = {"P1": {"vip": "10.1.0.5", "claimed": [5, 0]}, "P2": {"vip": "10.1.0.5", "claimed": [3, 0]},
-           "P3": {"vip": "10.1.0.7", "claimed": [1, 0], "expires": 1000}, "P4": {"vip": "10.1.0.8", "claimed": [1, 0]},
-           "P1/links": {"x": 1}, "P5": {"vip": "not an ip"}, "P6": {"vip": "fd00::6", "claimed": [1, 1]}}
+    vpn = {
+        "P1": {"vip": "10.1.0.5", "claimed": [5, 0]},
+        "P2": {"vip": "10.1.0.5", "claimed": [3, 0]},
+        "P3": {"vip": "10.1.0.7", "claimed": [1, 0], "expires": 1000},
+        "P4": {"vip": "10.1.0.8", "claimed": [1, 0]},
+        "P1/links": {"x": 1},
+        "P5": {"vip": "not an ip"},
+        "P6": {"vip": "fd00::6", "claimed": [1, 1]},
+    }
     assert member_vips(vpn, {"P1", "P2", "P3", "P5", "P6"}, now_ms=2000) == {"P2": "10.1.0.5", "P6": "fd00::6"}
     zone = build_zone("kairos.", 60, {}, vpn, {"P2": "Node2.lan", "P6": "six", "P1": "node1"}, now_ms=2000)
     assert zone.lookup("node2.kairos.").records == {"A": (("10.1.0.5",), 60)}
@@ -59,11 +71,19 @@ def test_policy_accepts_records_only():
     assert policy.allows(E("web.kairos./A", rec("10.0.0.1")), None, 0)
     assert policy.allows(E("*.apps.kairos./TXT", rec("hello")), None, 0)
     assert policy.allows(E("web.kairos./A", None, deleted=True), None, 0)
-    for key, value in [("web.kairos./A", rec("10.0.0.300")), ("web.kairos./A", rec("fd00::1")),
-                       ("web.kairos/A", rec("10.0.0.1")), ("web.kairos./MX", rec("x")), ("a.*.kairos./A", rec("10.0.0.1")),
-                       ("web.kairos./A", {"values": ["10.0.0.1"]}), ("web.kairos./A", rec("10.0.0.1", ttl=-1)),
-                       ("web.kairos./A", rec()), ("web.kairos./A", rec("10.0.0.1", "10.0.0.1")),
-                       ("web.kairos./TXT", rec("bad\x00")), ("web.kairos./A", "10.0.0.1")]:
+    for key, value in [
+        ("web.kairos./A", rec("10.0.0.300")),
+        ("web.kairos./A", rec("fd00::1")),
+        ("web.kairos/A", rec("10.0.0.1")),
+        ("web.kairos./MX", rec("x")),
+        ("a.*.kairos./A", rec("10.0.0.1")),
+        ("web.kairos./A", {"values": ["10.0.0.1"]}),
+        ("web.kairos./A", rec("10.0.0.1", ttl=-1)),
+        ("web.kairos./A", rec()),
+        ("web.kairos./A", rec("10.0.0.1", "10.0.0.1")),
+        ("web.kairos./TXT", rec("bad\x00")),
+        ("web.kairos./A", "10.0.0.1"),
+    ]:
         assert not policy.allows(E(key, value), None, 0), (key, value)
         assert entry_problem(key, value)
     assert qualify("Web", "kairos.") == "web.kairos." and qualify("a.example.com", "kairos.") == "a.example.com."
@@ -125,8 +145,9 @@ async def test_a_query_from_an_upstream_is_not_forwarded_back_to_it():
 
     zone = build_zone("kairos.", 60, {}, {}, {})
     counted: list[str] = []
-    server = DNSServer(Settings(("0.0.0.0", 5300), (("192.0.2.7", 53),), 4096, 0, 1, 10, 60, 60, 1.0, 4, 4, 1.0),
-                       lambda: zone, counted.append)
+    server = DNSServer(
+        Settings(("0.0.0.0", 5300), (("192.0.2.7", 53),), 4096, 0, 1, 10, 60, 60, 1.0, 4, 4, 1.0), lambda: zone, counted.append
+    )
     query = dns.message.make_query("elsewhere.example.", "A")
     reply = dns.message.from_wire(server.receive(query.to_wire(), "192.0.2.7", tcp=False))
     assert reply.rcode() == dns.rcode.REFUSED and "dns_refused" in counted
@@ -141,8 +162,9 @@ def test_a_cached_forwarded_answer_counts_its_ttl_down_on_the_fast_path_too():
 
     zone = build_zone("kairos.", 60, {}, {}, {})
     counted: list[str] = []
-    server = DNSServer(Settings(("127.0.0.1", 0), (("192.0.2.7", 53),), 4096, 0, 1, 10, 3600, 60, 1.0, 4, 4, 1.0),
-                       lambda: zone, counted.append)
+    server = DNSServer(
+        Settings(("127.0.0.1", 0), (("192.0.2.7", 53),), 4096, 0, 1, 10, 3600, 60, 1.0, 4, 4, 1.0), lambda: zone, counted.append
+    )
     query = dns.message.make_query("a.example.", "A", use_edns=False)
     upstream = dns.message.make_response(query)
     upstream.answer.append(dns.rrset.from_text("a.example.", 300, "IN", "A", "192.0.2.1"))
@@ -156,7 +178,7 @@ def test_a_cached_forwarded_answer_counts_its_ttl_down_on_the_fast_path_too():
     first = [ask(), ask()]
     assert first[0] == first[1] and first[0] in (295, 294)  # 5.5 s old (a second may turn meanwhile)
     assert counted.count("dns_cache_hits") >= 2
-    server.cache.get(("a.example.", 1, 1), time.monotonic()).stored -= 10   # ten seconds older
+    server.cache.get(("a.example.", 1, 1), time.monotonic()).stored -= 10  # ten seconds older
     assert ask() in (first[0] - 10, first[0] - 11)
 
 

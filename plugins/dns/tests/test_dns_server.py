@@ -36,9 +36,15 @@ def upstream():
 
 
 async def test_members_records_wildcards_and_forwarded_names(kairos_network, upstream):
-    net = await kairos_network(2, plugins=[dns_plugin], overrides={
-        # Kairos's p2p.dns turns the server on (dns.enable declares that path)
-        "p2p": {"dns": True}, "dns": {"listen": "127.0.0.1:0", "forward": [f"127.0.0.1:{upstream.port}"]}})
+    net = await kairos_network(
+        2,
+        plugins=[dns_plugin],
+        overrides={
+            # Kairos's p2p.dns turns the server on (dns.enable declares that path)
+            "p2p": {"dns": True},
+            "dns": {"listen": "127.0.0.1:0", "forward": [f"127.0.0.1:{upstream.port}"]},
+        },
+    )
     await net.fully_connected()
     a, b = net.nodes
     port = port_of(a)
@@ -56,9 +62,9 @@ async def test_members_records_wildcards_and_forwarded_names(kairos_network, ups
     assert (await dig(port, "+short", f"{a.hostname.upper()}.KAIROS.")).split() == ["10.1.0.1"]
     assert sorted((await dig(port, "+short", "web.kairos.")).split()) == ["10.9.0.1", "10.9.0.2"]
     assert (await dig(port, "+short", "x.apps.kairos.")).split() == ["10.9.1.1"]
-    assert (await dig(port, "+short", "deep.x.b.apps.kairos.")).split() == ["10.9.2.1"]   # longer wildcard
+    assert (await dig(port, "+short", "deep.x.b.apps.kairos.")).split() == ["10.9.2.1"]  # longer wildcard
     assert (await dig(port, "+short", "pinned.b.apps.kairos.", "TXT")).strip() == '"hello world"'
-    nodata = await dig(port, "pinned.b.apps.kairos.", "A")   # exact name, no A: NODATA, no fall-through
+    nodata = await dig(port, "pinned.b.apps.kairos.", "A")  # exact name, no A: NODATA, no fall-through
     assert status(nodata) == "NOERROR" and "ANSWER: 0" in nodata and " aa" in nodata
     assert status(await dig(port, "nobody.kairos.")) == "NXDOMAIN"
     assert not upstream.queries, "names of the domain were forwarded"
@@ -92,8 +98,9 @@ def _exchange(port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
 
 
 async def test_malformed_oversized_and_reflected_packets_are_answered_formerr_or_dropped(kairos_network):
-    net = await kairos_network(1, plugins=[dns_plugin], overrides={"dns": {"enable": True, "listen": "127.0.0.1:0",
-                                                                           "resolv_conf": "/dev/null"}})
+    net = await kairos_network(
+        1, plugins=[dns_plugin], overrides={"dns": {"enable": True, "listen": "127.0.0.1:0", "resolv_conf": "/dev/null"}}
+    )
     node = net.nodes[0]
     node.ledger.set("dns", "web.kairos./A", {"values": ["10.9.0.1"], "ttl": 30})
     port = port_of(node)
@@ -121,8 +128,13 @@ async def test_malformed_oversized_and_reflected_packets_are_answered_formerr_or
 
 
 async def test_rate_limit_per_source_and_no_forward_to_itself(kairos_network):
-    net = await kairos_network(1, plugins=[dns_plugin], overrides={"dns": {
-        "enable": True, "listen": "127.0.0.1:0", "rate_limit": 1, "rate_burst": 5, "resolv_conf": "/dev/null"}})
+    net = await kairos_network(
+        1,
+        plugins=[dns_plugin],
+        overrides={
+            "dns": {"enable": True, "listen": "127.0.0.1:0", "rate_limit": 1, "rate_burst": 5, "resolv_conf": "/dev/null"}
+        },
+    )
     node = net.nodes[0]
     node.ledger.set("dns", "web.kairos./A", {"values": ["10.9.0.1"], "ttl": 30})
     port = port_of(node)
@@ -133,8 +145,13 @@ async def test_rate_limit_per_source_and_no_forward_to_itself(kairos_network):
 
     # a server told to forward to its own address refuses that upstream instead of looping
     own = free_udp_port()
-    net2 = await kairos_network(1, plugins=[dns_plugin], overrides={"dns": {
-        "enable": True, "listen": f"127.0.0.1:{own}", "forward": [f"127.0.0.1:{own}", f"127.0.0.1:{own + 1}"]}})
+    net2 = await kairos_network(
+        1,
+        plugins=[dns_plugin],
+        overrides={
+            "dns": {"enable": True, "listen": f"127.0.0.1:{own}", "forward": [f"127.0.0.1:{own}", f"127.0.0.1:{own + 1}"]}
+        },
+    )
     server = dns_plugin.runtime(net2.nodes[0]).server
     assert server is not None and server.describe()["refused_upstreams"] == [f"127.0.0.1:{own}"]
     assert server.upstreams == [("127.0.0.1", own + 1)]

@@ -121,8 +121,7 @@ class ClusterState:
         the fixed hint ``master`` is the init master.
     """
 
-    def __init__(self, ledger: Any, network_id: str, *, lease_holder: Callable[[int], str | None],
-                 auto: bool = True) -> None:
+    def __init__(self, ledger: Any, network_id: str, *, lease_holder: Callable[[int], str | None], auto: bool = True) -> None:
         self.ledger = ledger
         self.network_id = network_id
         self.lease_holder = lease_holder
@@ -159,8 +158,10 @@ class ClusterState:
                 current = best.get(record.peer)
                 # Highest epoch wins; within one epoch the lowest leader id, so that every node
                 # picks the same record whatever order the entries arrived in.
-                if current is None or record.epoch > current.epoch or (
-                    record.epoch == current.epoch and record.leader < current.leader
+                if (
+                    current is None
+                    or record.epoch > current.epoch
+                    or (record.epoch == current.epoch and record.leader < current.leader)
                 ):
                     best[record.peer] = record
         self.ignored = ignored
@@ -178,8 +179,7 @@ class ClusterState:
         """Take ``peer_id``'s role back from ``epoch`` on (dynamic roles; the leader calls this)."""
         self.assign(peer_id, UNASSIGNED, epoch, leader)
 
-    def _valid_record(self, peer: str, epoch: int, value: Any, writer: str,
-                      holders: dict[int, str | None]) -> RoleRecord | None:
+    def _valid_record(self, peer: str, epoch: int, value: Any, writer: str, holders: dict[int, str | None]) -> RoleRecord | None:
         if not isinstance(value, dict) or value.get("role") not in (*ROLES, UNASSIGNED) or value.get("epoch") != epoch:
             return None
         if not writer or value.get("leader") != writer:

@@ -153,8 +153,12 @@ def build_launch(
         final_env[name] = value
     final_env.update(env)
     return K3sLaunch(
-        service=SERVER_SERVICE if server else AGENT_SERVICE, binary=binary, argv=argv,
-        env=final_env, config=config, notes=tuple(notes),
+        service=SERVER_SERVICE if server else AGENT_SERVICE,
+        binary=binary,
+        argv=argv,
+        env=final_env,
+        config=config,
+        notes=tuple(notes),
     )
 
 

@@ -25,14 +25,28 @@ from typing import TYPE_CHECKING, Any
 
 from .addresses import own_address, vpn_address, vpn_interface
 from .cluster_state import (
-    KUBECONFIG_KEY, MASTER_IP_KEY, MAX_KUBECONFIG_BYTES, TOKEN_KEY, ClusterState, address_key,
-    clean_kubeconfig, own_key,
+    KUBECONFIG_KEY,
+    MASTER_IP_KEY,
+    MAX_KUBECONFIG_BYTES,
+    TOKEN_KEY,
+    ClusterState,
+    address_key,
+    clean_kubeconfig,
+    own_key,
 )
 from .launch import Join, K3sLaunch, build_launch, server_url
 from .paths import K3sPaths
 from .roles import MASTER, WORKER, is_server, joins_cluster, plan_roles, stale_roles, starts_cluster
 from .runners import ServiceRunner, make_runner, resolve_binary
-from .service import MAX_MASTERS_ASKED, PROTOCOL, ControlSocket, KubeconfigUnavailable, request_kubeconfig, serve_stream, socket_path
+from .service import (
+    MAX_MASTERS_ASKED,
+    PROTOCOL,
+    ControlSocket,
+    KubeconfigUnavailable,
+    request_kubeconfig,
+    serve_stream,
+    socket_path,
+)
 from .settings import K3sSettings
 from .validate import MAX_TOKEN_LENGTH, clean_host, clean_ip, clean_token
 
@@ -56,8 +70,11 @@ class ClusterMember:
         self.paths = K3sPaths.under(settings.root)
         self.state = ClusterState(node.ledger, node.network_id, lease_holder=node.lease_holder, auto=settings.auto_enable)
         self.runner = runner or make_runner(
-            settings.runner, self.paths, systemctl=settings.systemctl,
-            rc_service=settings.rc_service, rc_update=settings.rc_update,
+            settings.runner,
+            self.paths,
+            systemctl=settings.systemctl,
+            rc_service=settings.rc_service,
+            rc_update=settings.rc_update,
         )
         self.launch: K3sLaunch | None = None
         self.role: str | None = None
@@ -182,11 +199,15 @@ class ClusterMember:
                 if self.node.leader != (self.node.peer_id, epoch):
                     return {}
                 self.state.unassign(peer, epoch, self.node.peer_id)
-                log.info("leader (epoch %d): %s is no longer a member; its role %s is free again",
-                         epoch, peer, assigned.pop(peer))
+                log.info(
+                    "leader (epoch %d): %s is no longer a member; its role %s is free again", epoch, peer, assigned.pop(peer)
+                )
         plan = plan_roles(
-            candidates, assigned, ha=self.settings.ha_enable,
-            masters=self.settings.masters_total, minimum_nodes=self.settings.minimum_nodes,
+            candidates,
+            assigned,
+            ha=self.settings.ha_enable,
+            masters=self.settings.masters_total,
+            minimum_nodes=self.settings.minimum_nodes,
         )
         for peer, role in plan.items():
             # Re-check right before each write: a leader deposed meanwhile writes nothing more.
@@ -241,10 +262,16 @@ class ClusterMember:
             extra = await self._strings("k3s_agent_args")
             sans = []
         launch = build_launch(
-            role, flags=self.settings.server if server else self.settings.agent,
-            binary=self._binary(), paths=self.paths, node_ip=address,
-            interface=vpn_interface(self.node.config), tls_sans=sans, plugin_args=extra,
-            join=join, external_db=self.settings.external_db if server else "",
+            role,
+            flags=self.settings.server if server else self.settings.agent,
+            binary=self._binary(),
+            paths=self.paths,
+            node_ip=address,
+            interface=vpn_interface(self.node.config),
+            tls_sans=sans,
+            plugin_args=extra,
+            join=join,
+            external_db=self.settings.external_db if server else "",
             embedded_registry=server and self.settings.embedded_registry,
         )
         if launch.notes != self._last_notes:
@@ -278,8 +305,12 @@ class ClusterMember:
             self._purged = True
             gone = self.state.purge_legacy()
             if gone:
-                log.info("k3s on %s: deleted the legacy keys %s from the open bucket %s",
-                         self.node.hostname, ", ".join(gone), self.state.legacy_bucket)
+                log.info(
+                    "k3s on %s: deleted the legacy keys %s from the open bucket %s",
+                    self.node.hostname,
+                    ", ".join(gone),
+                    self.state.legacy_bucket,
+                )
 
     async def server_address_for_master(self, address: str) -> str:
         """What the init master publishes as ``ip-master``: a plugin's address (EIP) or its own."""

@@ -93,8 +93,9 @@ class K3sPlugin:
     def on_ledger_update(self, node: NodeView, update: LedgerUpdate) -> None:
         """Reconcile when the cluster's keys (or legacy roles), a lease or a VPN address change."""
         member = self.members.get(node)
-        if member is not None and (update.bucket in (member.state.bucket, member.state.legacy_bucket)
-                                   or update.bucket in _WAKING_BUCKETS):
+        if member is not None and (
+            update.bucket in (member.state.bucket, member.state.legacy_bucket) or update.bucket in _WAKING_BUCKETS
+        ):
             member.wake()
 
     @hookimpl

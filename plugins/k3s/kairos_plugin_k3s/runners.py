@@ -286,7 +286,9 @@ class ProcessRunner:
         self.launch = launch
         self._stopping = False
         started = asyncio.Event()
-        self._supervisor = asyncio.get_running_loop().create_task(self._supervise(launch, started), name=f"{launch.service}-supervisor")
+        self._supervisor = asyncio.get_running_loop().create_task(
+            self._supervise(launch, started), name=f"{launch.service}-supervisor"
+        )
         await started.wait()
         return True
 
@@ -326,13 +328,21 @@ class ProcessRunner:
                 with open(self.paths.log_dir / f"{launch.service}.log", "ab") as logfile:  # noqa: ASYNC230
                     try:
                         self.process = await asyncio.create_subprocess_exec(
-                            *launch.command, env=env, stdin=asyncio.subprocess.DEVNULL,
-                            stdout=logfile, stderr=logfile, start_new_session=True,
+                            *launch.command,
+                            env=env,
+                            stdin=asyncio.subprocess.DEVNULL,
+                            stdout=logfile,
+                            stderr=logfile,
+                            start_new_session=True,
                         )
                     except FileNotFoundError:
                         self.process = None
-                        log.error("cannot start k3s: %s not found (install k3s, set k3s.binary, or "
-                                  "k3s.enabled: false); retrying in %.0f s", launch.binary, backoff)
+                        log.error(
+                            "cannot start k3s: %s not found (install k3s, set k3s.binary, or "
+                            "k3s.enabled: false); retrying in %.0f s",
+                            launch.binary,
+                            backoff,
+                        )
                     except OSError as exc:
                         self.process = None
                         log.error("cannot start %s: %s; retrying in %.0f s", launch.binary, exc.strerror or exc, backoff)
@@ -361,8 +371,9 @@ def openrc_is_init() -> bool:
 RUNNERS = RUNNER_KINDS  # declared with the config schema, which offers them as k3s.runner
 
 
-def make_runner(kind: str, paths: K3sPaths, *, systemctl: str = "systemctl", rc_service: str = "rc-service",
-                rc_update: str = "rc-update") -> ServiceRunner:
+def make_runner(
+    kind: str, paths: K3sPaths, *, systemctl: str = "systemctl", rc_service: str = "rc-service", rc_update: str = "rc-update"
+) -> ServiceRunner:
     """The runner named by ``k3s.runner`` (``auto`` picks systemd, then OpenRC, then a process)."""
     if kind == "auto":
         kind = "systemd" if systemd_is_init() else "openrc" if openrc_is_init() else "process"

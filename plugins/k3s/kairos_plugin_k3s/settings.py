@@ -27,13 +27,20 @@ RUNNER_KINDS = ("auto", "systemd", "openrc", "process")
 def _flag_options(mode: str) -> tuple[Option, ...]:
     # The options k3s and k3s-agent share, as Kairos names them.
     return (
-        Option("args", list, [], f"Extra flags for `k3s {mode}`, appended to the plugin's defaults (or replacing "
-                                 "them: replace_args).", item_type=str),
+        Option(
+            "args",
+            list,
+            [],
+            f"Extra flags for `k3s {mode}`, appended to the plugin's defaults (or replacing them: replace_args).",
+            item_type=str,
+        ),
         Option("env", dict, {}, f"Extra environment for `k3s {mode}` (name: value)."),
-        Option("replace_args", bool, False, "The flags above replace the plugin's default flags. The VPN and join "
-                                            "flags always stay."),
-        Option("replace_env", bool, False, "The env above replaces the plugin's default environment. "
-                                           "K3S_URL/K3S_TOKEN always stay."),
+        Option(
+            "replace_args", bool, False, "The flags above replace the plugin's default flags. The VPN and join flags always stay."
+        ),
+        Option(
+            "replace_env", bool, False, "The env above replaces the plugin's default environment. K3S_URL/K3S_TOKEN always stay."
+        ),
     )
 
 
@@ -49,14 +56,23 @@ K3S = Section(
     Option("rc_update", str, "rc-update", "OpenRC's rc-update command (a name on PATH or a path)."),
     Option("api_port", int, 6443, "The API server port joining nodes dial.", minimum=1, maximum=65535),
     Option("node_ip", str, "", "This node's k3s address; empty = its VPN address, or its own address without a VPN."),
-    Option("reconcile_interval", float, 5.0, "Seconds between reconciliations (ledger changes trigger one at once).",
-           minimum=0.05),
-    Option("embedded_registry", bool, False,
-           "Start k3s servers with --embedded-registry (Spegel: nodes pull images from each other), as Kairos's "
-           "k3s.embedded_registry."),
-    Option("share_kubeconfig", bool, False,
-           "Also publish the admin kubeconfig (client key included) in the ledger, so every node keeps a copy, as "
-           "earlier versions and Kairos did. Off: `kairos get-kubeconfig` fetches it from a master on demand."),
+    Option(
+        "reconcile_interval", float, 5.0, "Seconds between reconciliations (ledger changes trigger one at once).", minimum=0.05
+    ),
+    Option(
+        "embedded_registry",
+        bool,
+        False,
+        "Start k3s servers with --embedded-registry (Spegel: nodes pull images from each other), as Kairos's "
+        "k3s.embedded_registry.",
+    ),
+    Option(
+        "share_kubeconfig",
+        bool,
+        False,
+        "Also publish the admin kubeconfig (client key included) in the ledger, so every node keeps a copy, as "
+        "earlier versions and Kairos did. Off: `kairos get-kubeconfig` fetches it from a master on demand.",
+    ),
     help="k3s on this node, and `k3s server` on masters (Kairos: k3s).",
     aliases=(f"p2p.{K3S_SECTION}",),
 )
@@ -64,29 +80,52 @@ AGENT = Section(
     AGENT_SECTION,
     Option("enabled", bool, True, "Run k3s as an agent when this node is a worker."),
     *_flag_options("agent"),
-    Option("embedded_registry", bool, False, "Kairos reads this key only in its k3s section.",
-           no_effect="the embedded registry is a k3s server flag: set k3s.embedded_registry"),
+    Option(
+        "embedded_registry",
+        bool,
+        False,
+        "Kairos reads this key only in its k3s section.",
+        no_effect="the embedded registry is a k3s server flag: set k3s.embedded_registry",
+    ),
     help="Kairos's `k3s-agent` section: flags and environment for `k3s agent` (workers).",
     aliases=(f"p2p.{AGENT_SECTION}",),
 )
 AUTO = Section(
     AUTO_SECTION,
     Option("enable", bool, True, "The leader assigns roles to nodes without a fixed p2p.role."),
-    Option("dynamic_roles", bool, False,
-           "The leader takes the role back from a node that is no longer a member (crashed, gone, cut off), so "
-           "that a new node can take its place; the node gets a role anew when it returns (Kairos's "
-           "p2p.dynamic_roles).", paths=("p2p.dynamic_roles",)),
+    Option(
+        "dynamic_roles",
+        bool,
+        False,
+        "The leader takes the role back from a node that is no longer a member (crashed, gone, cut off), so "
+        "that a new node can take its place; the node gets a role anew when it returns (Kairos's "
+        "p2p.dynamic_roles).",
+        paths=("p2p.dynamic_roles",),
+    ),
     Section(
         "ha",
-        Option("enable", bool, None, "Several masters on embedded etcd: one master/clusterinit, then master/ha. "
-                                     "Unset: on when master_nodes is given (as in Kairos)."),
-        Option("master_nodes", int, None,
-               f"Masters besides the clusterinit one, as Kairos counts them: 2 means 3 masters in all. Unset with "
-               f"HA on: {DEFAULT_EXTRA_MASTERS}.", minimum=0),
+        Option(
+            "enable",
+            bool,
+            None,
+            "Several masters on embedded etcd: one master/clusterinit, then master/ha. "
+            "Unset: on when master_nodes is given (as in Kairos).",
+        ),
+        Option(
+            "master_nodes",
+            int,
+            None,
+            f"Masters besides the clusterinit one, as Kairos counts them: 2 means 3 masters in all. Unset with "
+            f"HA on: {DEFAULT_EXTRA_MASTERS}.",
+            minimum=0,
+        ),
         Option("external_db", str, "", "A datastore endpoint (e.g. mysql://…): masters use it instead of embedded etcd."),
         help="A highly available control plane.",
-        aliases=(Alias("p2p.ha", warning="read as p2p.auto.ha (a typo in one Kairos docs example; provider-kairos "
-                                         "itself ignores p2p.ha)"),),
+        aliases=(
+            Alias(
+                "p2p.ha", warning="read as p2p.auto.ha (a typo in one Kairos docs example; provider-kairos itself ignores p2p.ha)"
+            ),
+        ),
     ),
     help="Automatic roles (Kairos: p2p.auto).",
     aliases=(f"p2p.{AUTO_SECTION}",),

@@ -41,7 +41,9 @@ async def test_ha_cluster_assembles_and_keeps_roles_when_the_leader_dies(kairos_
     init = next(n for n in net.nodes if roles[n.peer_id] == CLUSTER_INIT)
     init_vip = init.ledger.get("vpn", init.peer_id)["vip"].split("/")[0]
     token = (k3s_kit.root(init.hostname) / "var/lib/rancher/k3s/server/node-token").read_text().strip()
-    await net.wait_for(lambda: all(ClusterState(n.ledger, n.network_id, lease_holder=n.lease_holder).node_token == token for n in net.nodes))
+    await net.wait_for(
+        lambda: all(ClusterState(n.ledger, n.network_id, lease_holder=n.lease_holder).node_token == token for n in net.nodes)
+    )
 
     for node in net.nodes:
         vip = node.ledger.get("vpn", node.peer_id)["vip"].split("/")[0]

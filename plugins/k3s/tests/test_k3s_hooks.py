@@ -55,8 +55,9 @@ async def two_node_cluster(kairos_network, k3s_kit, extension):
     net = await kairos_network(0)
     plugin = K3sPlugin()
     for name, hint in (("boss", "master"), ("hand", "worker")):
-        await net.add_node(plugins=[plugin, extension], name=name,
-                           overrides=k3s_kit.overrides(name, p2p={"role": hint, "minimum_nodes": 2}))
+        await net.add_node(
+            plugins=[plugin, extension], name=name, overrides=k3s_kit.overrides(name, p2p={"role": hint, "minimum_nodes": 2})
+        )
     await net.fully_connected()
     await net.wait_for(lambda: all(plugin.member(n).launch and k3s_kit.calls(n.hostname) for n in net.nodes), timeout=30)
     return net, plugin
@@ -88,7 +89,9 @@ async def test_hook_k3s_server_address(kairos_network, k3s_kit):
     extension = Extension()
     net, _ = await two_node_cluster(kairos_network, k3s_kit, extension)
     assert k3s_kit.calls("hand")[-1]["env"]["K3S_URL"] == "https://192.0.2.10:6443"
-    await net.wait_for(lambda: ClusterState(net.nodes[1].ledger, "kairos", lease_holder=net.nodes[1].lease_holder).master_address == "192.0.2.10")
+    await net.wait_for(
+        lambda: ClusterState(net.nodes[1].ledger, "kairos", lease_holder=net.nodes[1].lease_holder).master_address == "192.0.2.10"
+    )
 
 
 async def test_hook_k3s_before_start(kairos_network, k3s_kit):
@@ -125,8 +128,9 @@ async def test_a_failing_extension_does_not_stop_k3s(kairos_network, k3s_kit):
 
     net = await kairos_network(0)
     plugin = K3sPlugin()
-    node = await net.add_node(plugins=[plugin, Broken()], name="solo",
-                              overrides=k3s_kit.overrides("solo", p2p={"minimum_nodes": 1}))
+    node = await net.add_node(
+        plugins=[plugin, Broken()], name="solo", overrides=k3s_kit.overrides("solo", p2p={"minimum_nodes": 1})
+    )
     await net.wait_for(lambda: plugin.member(node).launch is not None and k3s_kit.calls("solo"), timeout=30)
     assert k3s_kit.calls("solo")[-1]["argv"][1:] == ["server"]
     assert plugin.member(node).counters["bad_hook_results"] >= 1
@@ -136,8 +140,12 @@ def test_config_values_their_types_let_through_are_refused():
     manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
     assert resolve_config({"k3s": {"runner": "process"}}, manager, env={}, check_token=False)["k3s"]["runner"] == "process"
     with pytest.raises(ConfigError) as info:
-        resolve_config({"k3s": {"runner": "sytemd", "api_port": 70000}, "auto": {"ha": {"master_nodes": -1}}},
-                       manager, env={}, check_token=False)
+        resolve_config(
+            {"k3s": {"runner": "sytemd", "api_port": 70000}, "auto": {"ha": {"master_nodes": -1}}},
+            manager,
+            env={},
+            check_token=False,
+        )
     assert info.value.problems == [
         "k3s.runner: 'sytemd' is not one of auto, systemd, openrc, process",
         "k3s.api_port: must be between 1 and 65535, not 70000",
@@ -149,8 +157,15 @@ def test_node_ip_and_env_names_are_checked_with_the_config_and_share_kubeconfig_
     manager = make_plugin_manager(autoload=False, extra_plugins=[K3sPlugin()])
     assert resolve_config({}, manager, env={}, check_token=False)["k3s"]["share_kubeconfig"] is False
     with pytest.raises(ConfigError) as info:
-        resolve_config({"k3s": {"node_ip": "10.1.0.1; touch /tmp/x", "env": {"A B": "1", "OK_1": "2"}},
-                        "k3s-agent": {"env": {"X=$(id)": "1"}}}, manager, env={}, check_token=False)
+        resolve_config(
+            {
+                "k3s": {"node_ip": "10.1.0.1; touch /tmp/x", "env": {"A B": "1", "OK_1": "2"}},
+                "k3s-agent": {"env": {"X=$(id)": "1"}},
+            },
+            manager,
+            env={},
+            check_token=False,
+        )
     assert info.value.problems == [
         "k3s.node_ip: '10.1.0.1; touch /tmp/x' is not an IP address",
         "k3s.env: 'A B' is not a valid environment variable name",

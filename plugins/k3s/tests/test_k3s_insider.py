@@ -31,7 +31,7 @@ def install_fake_openrc(bin_dir: Path, env_file: Path, log: Path, seen: Path) ->
     script.write_text(
         "#!/bin/sh\n"
         f"echo \"$*\" >> '{log}'\n"
-        "case \"$2\" in start|restart)\n"
+        'case "$2" in start|restart)\n'
         f"  set -o allexport; [ -f '{env_file}' ] && . '{env_file}'; set +o allexport\n"
         f"  printf '%s %s\\n' \"$K3S_URL\" \"$K3S_TOKEN\" >> '{seen}' ;;\n"
         "esac\n"
@@ -68,11 +68,18 @@ async def test_an_insider_cannot_redirect_joiners_nor_run_code_through_the_token
     net = await kairos_network(0)
     plugin = K3sPlugin()
     vpn = FakeVPN()
-    boss = await net.add_node(plugins=[plugin, vpn], name="boss", overrides=k3s_kit.overrides(
-        "boss", p2p={"role": MASTER, "minimum_nodes": 2}))
-    hand = await net.add_node(plugins=[plugin, vpn], name="hand", overrides=k3s_kit.overrides(
-        "hand", p2p={"role": WORKER, "minimum_nodes": 2},
-        k3s={"runner": "openrc", "rc_service": str(rc), "rc_update": str(rc)}))
+    boss = await net.add_node(
+        plugins=[plugin, vpn], name="boss", overrides=k3s_kit.overrides("boss", p2p={"role": MASTER, "minimum_nodes": 2})
+    )
+    hand = await net.add_node(
+        plugins=[plugin, vpn],
+        name="hand",
+        overrides=k3s_kit.overrides(
+            "hand",
+            p2p={"role": WORKER, "minimum_nodes": 2},
+            k3s={"runner": "openrc", "rc_service": str(rc), "rc_update": str(rc)},
+        ),
+    )
     await net.fully_connected()
     await net.wait_for(lambda: plugin.member(hand).launch is not None and lines(seen), timeout=30)
     boss_vip = boss.ledger.get("vpn", boss.peer_id)["vip"].split("/")[0]
@@ -140,7 +147,9 @@ async def test_a_remote_entry_under_the_init_masters_key_is_refused_by_every_nod
     from kairos_core.identity import Identity
 
     mole = Identity.generate()
-    forged = Entry.signed(mole, cluster_bucket("kairos"), key, EVIL_TOKEN, Version(hand.ledger.clock.now_ms() + 1, 0, mole.peer_id))
+    forged = Entry.signed(
+        mole, cluster_bucket("kairos"), key, EVIL_TOKEN, Version(hand.ledger.clock.now_ms() + 1, 0, mole.peer_id)
+    )
     for node in (boss, hand):
         assert node.ledger.apply_remote([forged]) == []
         assert node.ledger.counters["rejected_policy"] >= 1

@@ -68,8 +68,9 @@ async def two_node_cluster(kairos_network, k3s_kit, **k3s):
     plugin = K3sPlugin()
     vpn = FakeVPN()
     for name, hint in (("boss", "master"), ("hand", "worker")):
-        await net.add_node(plugins=[plugin, vpn], name=name, overrides=k3s_kit.overrides(
-            name, p2p={"role": hint, "minimum_nodes": 2}, k3s=k3s))
+        await net.add_node(
+            plugins=[plugin, vpn], name=name, overrides=k3s_kit.overrides(name, p2p={"role": hint, "minimum_nodes": 2}, k3s=k3s)
+        )
     await net.fully_connected()
     boss, hand = net.nodes
     kubeconfig = k3s_kit.root("boss") / "etc/rancher/k3s/k3s.yaml"

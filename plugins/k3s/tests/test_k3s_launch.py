@@ -19,8 +19,14 @@ def flags(args=(), env=None, replace_args=False, replace_env=False):
 
 
 def launch(role, user=None, root="/", **kwargs):
-    defaults = dict(flags=user or flags(), binary="/usr/bin/k3s", paths=K3sPaths.under(root),
-                    node_ip="10.1.0.5", interface="edgevpn0", join=JOIN if role in (MASTER_HA, WORKER) else None)
+    defaults = dict(
+        flags=user or flags(),
+        binary="/usr/bin/k3s",
+        paths=K3sPaths.under(root),
+        node_ip="10.1.0.5",
+        interface="edgevpn0",
+        join=JOIN if role in (MASTER_HA, WORKER) else None,
+    )
     defaults.update(kwargs)
     return build_launch(role, **defaults)
 
@@ -28,8 +34,12 @@ def launch(role, user=None, root="/", **kwargs):
 def test_clusterinit_server():
     result = launch(CLUSTER_INIT, tls_sans=["10.0.0.100"], plugin_args=["--disable=traefik"])
     assert result.service == "k3s" and result.argv == ("server", "--disable=traefik")
-    assert result.config == {"node-ip": "10.1.0.5", "flannel-iface": "edgevpn0", "cluster-init": True,
-                             "tls-san": ["10.1.0.5", "10.0.0.100"]}
+    assert result.config == {
+        "node-ip": "10.1.0.5",
+        "flannel-iface": "edgevpn0",
+        "cluster-init": True,
+        "tls-san": ["10.1.0.5", "10.0.0.100"],
+    }
     assert result.env == {}
 
 
@@ -57,8 +67,10 @@ def test_replace_args_drops_defaults_but_never_the_vpn_flags():
 
 
 def test_user_flags_cannot_override_managed_ones_and_tls_sans_merge():
-    user = flags(["--node-ip", "192.168.1.9", "--flannel-iface=eth0", "--tls-san=my.host", "--tls-san", "a,b", "--debug"],
-                 replace_args=True)
+    user = flags(
+        ["--node-ip", "192.168.1.9", "--flannel-iface=eth0", "--tls-san=my.host", "--tls-san", "a,b", "--debug"],
+        replace_args=True,
+    )
     result = launch(CLUSTER_INIT, user=user, tls_sans=["10.0.0.100"])
     assert result.argv == ("server", "--debug")
     assert result.config["node-ip"] == "10.1.0.5" and result.config["flannel-iface"] == "edgevpn0"

@@ -8,7 +8,14 @@ from kairos_core.election import LEADER_BUCKET, lease_key, parse_lease, winner
 from kairos_core.identity import Identity
 from kairos_core.ledger.ledger import open_ledger
 from kairos_plugin_k3s.cluster_state import (
-    KUBECONFIG_KEY, MASTER_IP_KEY, TOKEN_KEY, ClusterState, candidate_key, cluster_bucket, legacy_role_key, own_key,
+    KUBECONFIG_KEY,
+    MASTER_IP_KEY,
+    TOKEN_KEY,
+    ClusterState,
+    candidate_key,
+    cluster_bucket,
+    legacy_role_key,
+    own_key,
     role_key,
 )
 from kairos_plugin_k3s.roles import CLUSTER_INIT, MASTER, MASTER_HA, WORKER, plan_roles
@@ -55,10 +62,14 @@ def _ledger(tmp_path, name):
 def _lease_holder(ledger):
     """A stand-in for NodeView.lease_holder on a bare ledger: the winning valid lease of an epoch
     (a node also wants the lease attested by its members; these ledgers have no members)."""
+
     def holder(epoch):
-        leases = [parse_lease(NET, key, value, ledger.get_entry(LEADER_BUCKET, key).owner)
-                  for key, value in ledger.items(LEADER_BUCKET).items()]
+        leases = [
+            parse_lease(NET, key, value, ledger.get_entry(LEADER_BUCKET, key).owner)
+            for key, value in ledger.items(LEADER_BUCKET).items()
+        ]
         return getattr(winner([lease for lease in leases if lease and lease.epoch == epoch]), "peer", None)
+
     return holder
 
 
@@ -67,8 +78,11 @@ def _state(ledger, **options):
 
 
 def _hold_lease(ledger, epoch):
-    ledger.set("leader", lease_key(NET, epoch, ledger.peer_id),
-               {"peer": ledger.peer_id, "epoch": epoch, "state": "held", "claimed": [1000 + epoch, 0]})
+    ledger.set(
+        "leader",
+        lease_key(NET, epoch, ledger.peer_id),
+        {"peer": ledger.peer_id, "epoch": epoch, "state": "held", "claimed": [1000 + epoch, 0]},
+    )
 
 
 def _sync(*ledgers):
@@ -115,8 +129,7 @@ def test_only_the_winner_of_an_epoch_assigns_in_it(tmp_path):
     # the earlier claim: its lease is valid, but it never led epoch 1, so its roles do not count.
     early, late, reader = (_ledger(tmp_path, n) for n in ("early", "late", "reader"))
     _hold_lease(early, 1)
-    late.set("leader", lease_key(NET, 1, late.peer_id),
-             {"peer": late.peer_id, "epoch": 1, "state": "held", "claimed": [5000, 0]})
+    late.set("leader", lease_key(NET, 1, late.peer_id), {"peer": late.peer_id, "epoch": 1, "state": "held", "claimed": [5000, 0]})
     _state(late).assign("12D3KooWA", CLUSTER_INIT, 1, late.peer_id)
     _state(late).assign("12D3KooWB", CLUSTER_INIT, 1, late.peer_id)
     _state(early).assign("12D3KooWA", WORKER, 1, early.peer_id)
@@ -137,8 +150,9 @@ def _cluster(tmp_path, *masters):
     return leader
 
 
-@pytest.mark.parametrize("key, prop", [(MASTER_IP_KEY, "master_address"), (TOKEN_KEY, "node_token"),
-                                       (KUBECONFIG_KEY, "kubeconfig")])
+@pytest.mark.parametrize(
+    "key, prop", [(MASTER_IP_KEY, "master_address"), (TOKEN_KEY, "node_token"), (KUBECONFIG_KEY, "kubeconfig")]
+)
 @pytest.mark.parametrize("garbage", [{"not": "a string"}, "", "x" * 300_000])
 def test_garbage_join_data_of_the_init_master_reads_as_absent_and_is_counted(tmp_path, key, prop, garbage):
     init, reader = _ledger(tmp_path, "init"), _ledger(tmp_path, "reader")
@@ -221,8 +235,16 @@ def test_roles_of_earlier_versions_still_count_and_their_join_keys_do_not(tmp_pa
     assert state.init_master() == init.peer_id
     assert (state.master_address, state.node_token, state.kubeconfig) == (None, None, None)
     # no new role is planned for nodes that have one: an upgrade reassigns nothing
-    assert plan_roles({init.peer_id: "", "12D3KooWW": ""}, {p: r.role for p, r in state.roles().items()},
-                      ha=True, masters=3, minimum_nodes=1) == {}
+    assert (
+        plan_roles(
+            {init.peer_id: "", "12D3KooWW": ""},
+            {p: r.role for p, r in state.roles().items()},
+            ha=True,
+            masters=3,
+            minimum_nodes=1,
+        )
+        == {}
+    )
     assert sorted(_state(init).purge_legacy()) == sorted(["ip-master", "token-nodetoken", "master-kubeconfig"])
     _sync(init, reader)
     assert all(reader.get(NET, key) is None for key in ("ip-master", "token-nodetoken", "master-kubeconfig"))

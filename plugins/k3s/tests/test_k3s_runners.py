@@ -65,8 +65,15 @@ async def test_systemd_runner_writes_the_unit_and_starts_it_once(world):
 async def test_systemd_runner_reports_a_failing_unit(world):
     paths, k3s, systemctl, log = world
     # an agent without URL/token fails to start, and so does the unit
-    launch = build_launch(WORKER, flags=NO_FLAGS, binary=str(k3s), paths=paths, node_ip="10.1.0.2",
-                          interface="edgevpn0", join=Join("https://10.1.0.1:6443", "t"))
+    launch = build_launch(
+        WORKER,
+        flags=NO_FLAGS,
+        binary=str(k3s),
+        paths=paths,
+        node_ip="10.1.0.2",
+        interface="edgevpn0",
+        join=Join("https://10.1.0.1:6443", "t"),
+    )
     launch = dataclasses.replace(launch, env={})
     from kairos_plugin_k3s.runners import RunnerError
 
@@ -79,7 +86,9 @@ async def test_openrc_runner(tmp_path):
     log = tmp_path / "rc.jsonl"
     recorder = tmp_path / "bin" / "rc"
     recorder.parent.mkdir(parents=True)
-    recorder.write_text(f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    recorder.write_text(
+        f"#!{sys.executable}\nimport json, sys\nopen({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
     recorder.chmod(0o755)
     runner = OpenRCRunner(paths, rc_service=str(recorder), rc_update=str(recorder))
     launch = server_launch(paths, "/usr/local/bin/k3s")
@@ -116,8 +125,15 @@ async def test_process_runner_starts_restarts_on_change_and_stops(world):
 async def test_process_runner_restarts_a_crashed_k3s(world):
     paths, k3s, _, _ = world
     runner = ProcessRunner(paths)
-    launch = build_launch(WORKER, flags=NO_FLAGS, binary=str(k3s), paths=paths, node_ip="10.1.0.2",
-                          interface="edgevpn0", join=Join("https://10.1.0.1:6443", "t"))
+    launch = build_launch(
+        WORKER,
+        flags=NO_FLAGS,
+        binary=str(k3s),
+        paths=paths,
+        node_ip="10.1.0.2",
+        interface="edgevpn0",
+        join=Join("https://10.1.0.1:6443", "t"),
+    )
     launch = dataclasses.replace(launch, env={"K3S_CONFIG_FILE": str(paths.config_file)})  # no URL/token: the agent dies
     try:
         await runner.apply(launch)
@@ -145,9 +161,25 @@ async def test_process_runner_names_a_missing_binary_and_the_ways_out(world, cap
 
 
 HOSTILE = [
-    "$(touch {pwned})", "`touch {pwned}`", "x; touch {pwned}", "x && touch {pwned} #", "$(touch {pwned})'",
-    "'$(touch {pwned})'", '"$(touch {pwned})"', "\\$(touch {pwned})", "${{X:-$(touch {pwned})}}", "$HOME", "it's",
-    'say "hi"', "a\\b", "", " spaced  out ", "*", "!x", "~root", "K10ab::server:cd",
+    "$(touch {pwned})",
+    "`touch {pwned}`",
+    "x; touch {pwned}",
+    "x && touch {pwned} #",
+    "$(touch {pwned})'",
+    "'$(touch {pwned})'",
+    '"$(touch {pwned})"',
+    "\\$(touch {pwned})",
+    "${{X:-$(touch {pwned})}}",
+    "$HOME",
+    "it's",
+    'say "hi"',
+    "a\\b",
+    "",
+    " spaced  out ",
+    "*",
+    "!x",
+    "~root",
+    "K10ab::server:cd",
 ]
 
 
@@ -184,8 +216,15 @@ async def test_the_openrc_env_file_holds_a_hostile_token_inert(tmp_path):
     recorder.chmod(0o755)
     pwned = tmp_path / "pwned"
     token = f"K10ab::server:$(touch {pwned})`touch {pwned}`"
-    launch = build_launch(WORKER, flags=NO_FLAGS, binary="/usr/local/bin/k3s", paths=paths, node_ip="10.1.0.2",
-                          interface="edgevpn0", join=Join("https://10.1.0.1:6443", "K10ab::server:cd"))
+    launch = build_launch(
+        WORKER,
+        flags=NO_FLAGS,
+        binary="/usr/local/bin/k3s",
+        paths=paths,
+        node_ip="10.1.0.2",
+        interface="edgevpn0",
+        join=Join("https://10.1.0.1:6443", "K10ab::server:cd"),
+    )
     # build_launch itself refuses such a token; a runner must still write it inert
     launch = dataclasses.replace(launch, env={**launch.env, "K3S_TOKEN": token})
     assert await OpenRCRunner(paths, rc_service=str(recorder), rc_update=str(recorder)).apply(launch) is True
@@ -197,10 +236,15 @@ async def test_the_openrc_env_file_holds_a_hostile_token_inert(tmp_path):
     assert not pwned.exists()
 
 
-@pytest.mark.parametrize("env, problem", [
-    ({"BAD NAME": "x"}, "is not a valid name"), ({"X;touch /tmp/p;Y": "x"}, "is not a valid name"),
-    ({"K3S_TOKEN": "two\nlines"}, "one line of text"), ({"K3S_TOKEN": "nul\x00"}, "one line of text"),
-])
+@pytest.mark.parametrize(
+    "env, problem",
+    [
+        ({"BAD NAME": "x"}, "is not a valid name"),
+        ({"X;touch /tmp/p;Y": "x"}, "is not a valid name"),
+        ({"K3S_TOKEN": "two\nlines"}, "one line of text"),
+        ({"K3S_TOKEN": "nul\x00"}, "one line of text"),
+    ],
+)
 def test_env_files_refuse_what_no_reader_reads_alike(env, problem):
     with pytest.raises(RunnerError, match=problem):
         env_text(env)
@@ -208,8 +252,15 @@ def test_env_files_refuse_what_no_reader_reads_alike(env, problem):
 
 def test_a_join_token_that_is_not_plain_never_makes_a_launch(tmp_path):
     with pytest.raises(ValueError, match="not a k3s token"):
-        build_launch(WORKER, flags=NO_FLAGS, binary="k3s", paths=K3sPaths.under(tmp_path), node_ip="10.1.0.2",
-                     interface=None, join=Join("https://10.1.0.1:6443", "$(touch /tmp/pwned)"))
+        build_launch(
+            WORKER,
+            flags=NO_FLAGS,
+            binary="k3s",
+            paths=K3sPaths.under(tmp_path),
+            node_ip="10.1.0.2",
+            interface=None,
+            join=Join("https://10.1.0.1:6443", "$(touch /tmp/pwned)"),
+        )
 
 
 def test_make_runner(tmp_path):

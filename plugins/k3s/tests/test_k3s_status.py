@@ -43,8 +43,9 @@ async def test_status_says_k3s_waits_for_a_role_then_for_the_vpn_address(kairos_
     assert data["states"] == {"k3s": "waiting for a role"}
 
     # A fixed worker needs no role from the leader, but its VPN address never comes.
-    worker = await net.add_node(plugins=[K3sPlugin(), VPNWithoutAddress()], name="worker",
-                                overrides=k3s_kit.overrides("worker", p2p={"role": "worker"}))
+    worker = await net.add_node(
+        plugins=[K3sPlugin(), VPNWithoutAddress()], name="worker", overrides=k3s_kit.overrides("worker", p2p={"role": "worker"})
+    )
     await net.wait_for(lambda: worker.status()["states"].get("k3s") == "waiting for the VPN address")
     plain, _ = await asyncio.to_thread(status, capsys, worker)
     assert "k3s:         waiting for the VPN address" in plain

@@ -80,17 +80,25 @@ def rbac() -> list[dict[str, Any]]:
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE}},
         {
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
             "metadata": {"name": role_name, "annotations": {"rbac.authorization.kubernetes.io/autoupdate": "true"}},
             "rules": [
-                {"apiGroups": [""], "resources": ["services", "services/status", "nodes", "endpoints"],
-                 "verbs": ["list", "get", "watch", "update"]},
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                 "verbs": ["list", "get", "watch", "update", "create"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["services", "services/status", "nodes", "endpoints"],
+                    "verbs": ["list", "get", "watch", "update"],
+                },
+                {
+                    "apiGroups": ["coordination.k8s.io"],
+                    "resources": ["leases"],
+                    "verbs": ["list", "get", "watch", "update", "create"],
+                },
             ],
         },
         {
-            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
             "metadata": {"name": "system:kube-vip-binding"},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
             "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": NAMESPACE}],
@@ -106,18 +114,24 @@ def daemonset(spec: KubeVipSpec) -> dict[str, Any]:
         {"matchExpressions": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"}]},
     ]
     return {
-        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
         "metadata": {"name": "kube-vip-ds", "namespace": NAMESPACE, "labels": labels},
         "spec": {
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": control_plane}}},
+                    "affinity": {
+                        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": control_plane}}
+                    },
                     "containers": [container(spec)],
                     "hostNetwork": True,
                     "serviceAccountName": SERVICE_ACCOUNT,
-                    "tolerations": [{"effect": "NoSchedule", "operator": "Exists"}, {"effect": "NoExecute", "operator": "Exists"}],
+                    "tolerations": [
+                        {"effect": "NoSchedule", "operator": "Exists"},
+                        {"effect": "NoExecute", "operator": "Exists"},
+                    ],
                 },
             },
         },
@@ -129,7 +143,8 @@ def static_pod(spec: KubeVipSpec, kubeconfig: str = "/etc/rancher/k3s/k3s.yaml")
     pod_container = container(spec)
     pod_container["volumeMounts"] = [{"name": "kubeconfig", "mountPath": "/etc/kubernetes/admin.conf", "readOnly": True}]
     return {
-        "apiVersion": "v1", "kind": "Pod",
+        "apiVersion": "v1",
+        "kind": "Pod",
         "metadata": {"name": "kube-vip", "namespace": NAMESPACE},
         "spec": {
             "containers": [pod_container],

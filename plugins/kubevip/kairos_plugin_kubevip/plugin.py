@@ -34,15 +34,16 @@ MAX_FETCH_BYTES = 1024 * 1024
 SCHEMA = Section(
     SECTION,
     Option("enable", bool, True, "Use kube-vip when an EIP is set."),
-    Option("eip", str, "", "The virtual address of the Kubernetes API (an address of the LAN, not of the VPN); "
-                           "empty = no kube-vip."),
-    Option("interface", str, "", "The interface kube-vip announces the EIP on; empty = the interface of the "
-                                 "default route."),
+    Option(
+        "eip", str, "", "The virtual address of the Kubernetes API (an address of the LAN, not of the VPN); empty = no kube-vip."
+    ),
+    Option("interface", str, "", "The interface kube-vip announces the EIP on; empty = the interface of the default route."),
     Option("static_pod", bool, False, "Run kube-vip as a static pod instead of a DaemonSet."),
     Option("version", str, "v0.8.7", "The kube-vip image's tag."),
     Option("image", str, "ghcr.io/kube-vip/kube-vip", "The kube-vip image."),
-    Option("manifest_url", str, "", "A URL (https://, http:// or file://) of an RBAC manifest to use instead of "
-                                    "the built-in one."),
+    Option(
+        "manifest_url", str, "", "A URL (https://, http:// or file://) of an RBAC manifest to use instead of the built-in one."
+    ),
     help="kube-vip: a virtual IP for the Kubernetes API on the masters.",
     aliases=(f"p2p.{SECTION}",),
 )
@@ -83,8 +84,10 @@ class KubeVipPlugin:
             return None
         settings = SCHEMA.read(node.config[SECTION])
         return KubeVipSpec(
-            eip=eip.split("/")[0], interface=settings.interface or default_route_interface(),
-            image=settings.image, version=settings.version,
+            eip=eip.split("/")[0],
+            interface=settings.interface or default_route_interface(),
+            image=settings.image,
+            version=settings.version,
         )
 
     @hookimpl

@@ -22,9 +22,15 @@ async def cluster(kairos_network, k3s_kit, kubevip=None, hints=("master", "worke
     vpn = FakeVPN()
     for index, hint in enumerate(hints):
         name = f"kv{index}"
-        await net.add_node(plugins=[k3s, KubeVipPlugin(), vpn], name=name, overrides=k3s_kit.overrides(
-            name, p2p={"role": hint, "minimum_nodes": len(hints)},
-            kubevip={"eip": EIP, "interface": "eth0", **(kubevip or {})}))
+        await net.add_node(
+            plugins=[k3s, KubeVipPlugin(), vpn],
+            name=name,
+            overrides=k3s_kit.overrides(
+                name,
+                p2p={"role": hint, "minimum_nodes": len(hints)},
+                kubevip={"eip": EIP, "interface": "eth0", **(kubevip or {})},
+            ),
+        )
     await net.fully_connected()
     await net.wait_for(lambda: all(k3s.member(n).launch and k3s_kit.calls(n.hostname) for n in net.nodes), timeout=30)
     return net, k3s
@@ -43,7 +49,9 @@ async def test_masters_get_the_manifest_and_everyone_uses_the_eip(kairos_network
     assert EIP in server["config"]["tls-san"] and server["config"]["flannel-iface"] == "edgevpn0"
     assert server["config"]["node-ip"] != EIP  # k3s itself stays on the VPN
     assert k3s_kit.calls("kv1")[-1]["env"]["K3S_URL"] == f"https://{EIP}:6443"
-    await net.wait_for(lambda: ClusterState(worker.ledger, worker.network_id, lease_holder=worker.lease_holder).master_address == EIP)
+    await net.wait_for(
+        lambda: ClusterState(worker.ledger, worker.network_id, lease_holder=worker.lease_holder).master_address == EIP
+    )
 
 
 async def test_static_pod_and_manifest_url(kairos_network, k3s_kit, tmp_path):
@@ -55,7 +63,9 @@ async def test_static_pod_and_manifest_url(kairos_network, k3s_kit, tmp_path):
     assert pod["spec"]["volumes"][0]["hostPath"]["path"] == str(k3s_kit.root("kv0") / "etc/rancher/k3s/k3s.yaml")
     assert not (k3s_kit.root("kv0") / MANIFEST).exists()
 
-    net2, _ = await cluster(kairos_network, k3s_kit.__class__(tmp_path / "kit2"), kubevip={"manifest_url": rbac.as_uri()}, hints=("master",))
+    net2, _ = await cluster(
+        kairos_network, k3s_kit.__class__(tmp_path / "kit2"), kubevip={"manifest_url": rbac.as_uri()}, hints=("master",)
+    )
     root = net2.nodes[0].config["k3s"]["root"]
     documents = list(yaml.safe_load_all(Path(root, MANIFEST).read_text()))  # closes the file, unlike open().read()
     assert [d["kind"] for d in documents] == ["DaemonSet", "ServiceAccount"]

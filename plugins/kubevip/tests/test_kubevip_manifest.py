@@ -33,7 +33,12 @@ def test_daemonset_with_rbac_parses_and_has_the_settings():
     env = env_of(container)
     assert env["address"] == "192.168.1.200" and env["vip_cidr"] == "32" and env["vip_interface"] == "eth1"
     assert env["vip_arp"] == "true" and env["cp_enable"] == "true" and env["port"] == "6443"
-    assert (env["vip_leaderelection"], env["vip_leaseduration"], env["vip_renewdeadline"], env["vip_retryperiod"]) == ("true", "5", "3", "1")
+    assert (env["vip_leaderelection"], env["vip_leaseduration"], env["vip_renewdeadline"], env["vip_retryperiod"]) == (
+        "true",
+        "5",
+        "3",
+        "1",
+    )
     assert all(isinstance(v, str) for v in env.values() if v is not None)  # Kubernetes env values are strings
     assert set(container["securityContext"]["capabilities"]["add"]) >= {"NET_ADMIN", "NET_RAW"}
     binding = documents[2]

@@ -18,11 +18,11 @@ def _client(context: Any, socket_path: str | None) -> APIClient:
     return APIClient(Path(socket_path) if socket_path else context.load_config().api_socket)
 
 
-def _ask(context: Any, socket_path: str | None, as_json: bool, method: str, path: str,
-         body: dict[str, Any] | None, say: Any) -> None:
+def _ask(
+    context: Any, socket_path: str | None, as_json: bool, method: str, path: str, body: dict[str, Any] | None, say: Any
+) -> None:
     """One call to the node; print its answer as JSON or as the line ``say(answer)``."""
-    done = _client(context, socket_path).request(method, f"{ROUTE}{path}",
-                                                 content=json.dumps(body) if body is not None else None)
+    done = _client(context, socket_path).request(method, f"{ROUTE}{path}", content=json.dumps(body) if body is not None else None)
     if as_json:
         emit_json(done)
     else:
@@ -50,8 +50,15 @@ def service_group() -> None:
 def expose(context: Any, name: str, to: str, udp: bool, description: str, socket_path: str | None, as_json: bool) -> None:
     """Expose NAME: connections other nodes open to NAME reach HOST:PORT from this node."""
     body = {"name": name, "to": to, "protocol": "udp" if udp else "tcp", "description": description}
-    _ask(context, socket_path, as_json, "POST", "/expose", body,
-         lambda done: f"exposing {done['protocol']} service {done['name']} -> {done['to']}")
+    _ask(
+        context,
+        socket_path,
+        as_json,
+        "POST",
+        "/expose",
+        body,
+        lambda done: f"exposing {done['protocol']} service {done['name']} -> {done['to']}",
+    )
 
 
 @service_group.command("unexpose")
@@ -61,8 +68,15 @@ def expose(context: Any, name: str, to: str, udp: bool, description: str, socket
 @pass_context
 def unexpose(context: Any, name: str, socket_path: str | None, as_json: bool) -> None:
     """Stop exposing NAME from this node (connections under way go on)."""
-    _ask(context, socket_path, as_json, "DELETE", f"/expose/{quote(name, safe='')}", None,
-         lambda done: f"no longer exposing {done['name']}")
+    _ask(
+        context,
+        socket_path,
+        as_json,
+        "DELETE",
+        f"/expose/{quote(name, safe='')}",
+        None,
+        lambda done: f"no longer exposing {done['name']}",
+    )
 
 
 @service_group.command("connect")
@@ -75,8 +89,15 @@ def unexpose(context: Any, name: str, socket_path: str | None, as_json: bool) ->
 @pass_context
 def connect(context: Any, name: str, listen: str, protocol: str | None, socket_path: str | None, as_json: bool) -> None:
     """Listen on ADDR:PORT on this node; each connection there is carried to a live node exposing NAME."""
-    _ask(context, socket_path, as_json, "POST", "/connect", {"name": name, "listen": listen, "protocol": protocol},
-         lambda done: f"listening on {done['listen']} ({done['protocol']}) for service {done['name']}")
+    _ask(
+        context,
+        socket_path,
+        as_json,
+        "POST",
+        "/connect",
+        {"name": name, "listen": listen, "protocol": protocol},
+        lambda done: f"listening on {done['listen']} ({done['protocol']}) for service {done['name']}",
+    )
 
 
 @service_group.command("disconnect")
@@ -86,8 +107,15 @@ def connect(context: Any, name: str, listen: str, protocol: str | None, socket_p
 @pass_context
 def disconnect(context: Any, name: str, socket_path: str | None, as_json: bool) -> None:
     """Close this node's listener for NAME."""
-    _ask(context, socket_path, as_json, "DELETE", f"/connect/{quote(name, safe='')}", None,
-         lambda done: f"closed the listener {done['listen']} for {done['name']}")
+    _ask(
+        context,
+        socket_path,
+        as_json,
+        "DELETE",
+        f"/connect/{quote(name, safe='')}",
+        None,
+        lambda done: f"closed the listener {done['listen']} for {done['name']}",
+    )
 
 
 @service_group.command("list")
@@ -106,8 +134,10 @@ def list_services(context: Any, socket_path: str | None, as_json: bool) -> None:
     else:
         click.echo(f"{'NAME':<24} {'PROTO':<5} {'OWNER':<54} {'ALIVE':<5} DESCRIPTION")
         for row in data["services"]:
-            click.echo(f"{printable(row['name']):<24} {row['protocol']:<5} {printable(row['owner']):<54} "
-                       f"{'yes' if row['alive'] else 'no':<5} {printable(row['description'])}")
+            click.echo(
+                f"{printable(row['name']):<24} {row['protocol']:<5} {printable(row['owner']):<54} "
+                f"{'yes' if row['alive'] else 'no':<5} {printable(row['description'])}"
+            )
     for row in data["exposed"]:
         click.echo(f"exposed here: {row['name']} ({row['protocol']}) -> {row['to']}")
     for row in data["connected"]:

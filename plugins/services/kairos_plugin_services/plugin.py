@@ -18,26 +18,72 @@ SECTION = "services"
 
 SERVICES = Section(
     SECTION,
-    Option("expose", list, [], "Services this node exposes from the start: a list of "
-           "{name, to: HOST:PORT, protocol: tcp|udp (tcp), description ('')}. `to` is reached from "
-           "this node and never written to the ledger.", item_type=dict),
-    Option("connect", list, [], "Services this node listens for from the start: a list of "
-           "{name, listen: ADDR:PORT, protocol: tcp|udp (tcp)}; each connection to ADDR:PORT is "
-           "carried to a live node exposing `name`.", item_type=dict),
-    Option("max_connections_per_peer", int, 64, "Connections (TCP) or sessions (UDP) one peer may "
-           "have open through this node's exposed services at once; more are refused and counted "
-           "(services_rejected_over_limit).", minimum=1, maximum=100000),
-    Option("max_connections", int, 1024, "Connections (or UDP client addresses) one `connect` "
-           "listener carries at once; more are closed and counted.", minimum=1, maximum=100000),
-    Option("connect_timeout", float, 10.0, "Seconds to open a stream to an exposing node, to "
-           "reach the target, and for each step of the negotiation.", minimum=0.1, maximum=300),
-    Option("udp_idle_timeout", float, 60.0, "Seconds after which a UDP session (one client address) "
-           "that moved no datagram is closed.", minimum=0.1, maximum=86400),
-    Option("side_connection", bool, True, "Carry TCP bytes over a direct TCP connection sealed "
-           "with AES-256-GCM under keys agreed on the admitted stream (several times faster than "
-           "the stream); false, or when it cannot be made, they go over the stream."),
-    Option("side_listen", str, "0.0.0.0:0", "Where this node accepts side connections: ADDR:PORT "
-           "(port 0: any free port, told to peers in the negotiation)."),
+    Option(
+        "expose",
+        list,
+        [],
+        "Services this node exposes from the start: a list of "
+        "{name, to: HOST:PORT, protocol: tcp|udp (tcp), description ('')}. `to` is reached from "
+        "this node and never written to the ledger.",
+        item_type=dict,
+    ),
+    Option(
+        "connect",
+        list,
+        [],
+        "Services this node listens for from the start: a list of "
+        "{name, listen: ADDR:PORT, protocol: tcp|udp (tcp)}; each connection to ADDR:PORT is "
+        "carried to a live node exposing `name`.",
+        item_type=dict,
+    ),
+    Option(
+        "max_connections_per_peer",
+        int,
+        64,
+        "Connections (TCP) or sessions (UDP) one peer may "
+        "have open through this node's exposed services at once; more are refused and counted "
+        "(services_rejected_over_limit).",
+        minimum=1,
+        maximum=100000,
+    ),
+    Option(
+        "max_connections",
+        int,
+        1024,
+        "Connections (or UDP client addresses) one `connect` listener carries at once; more are closed and counted.",
+        minimum=1,
+        maximum=100000,
+    ),
+    Option(
+        "connect_timeout",
+        float,
+        10.0,
+        "Seconds to open a stream to an exposing node, to reach the target, and for each step of the negotiation.",
+        minimum=0.1,
+        maximum=300,
+    ),
+    Option(
+        "udp_idle_timeout",
+        float,
+        60.0,
+        "Seconds after which a UDP session (one client address) that moved no datagram is closed.",
+        minimum=0.1,
+        maximum=86400,
+    ),
+    Option(
+        "side_connection",
+        bool,
+        True,
+        "Carry TCP bytes over a direct TCP connection sealed "
+        "with AES-256-GCM under keys agreed on the admitted stream (several times faster than "
+        "the stream); false, or when it cannot be made, they go over the stream.",
+    ),
+    Option(
+        "side_listen",
+        str,
+        "0.0.0.0:0",
+        "Where this node accepts side connections: ADDR:PORT (port 0: any free port, told to peers in the negotiation).",
+    ),
     help="TCP and UDP services carried between nodes (kairos-plugin-services): `kairos service`.",
     aliases=("p2p.services",),
 )
@@ -66,6 +112,7 @@ def _item_problems(path: str, item: Mapping[str, Any], required: tuple[str, ...]
     for key in required:
         if key not in item:
             problems.append(f"{path}: needs {key}")
+
     def target(value: Any) -> None:
         if parse_hostport(value, "to")[1] == 0:
             raise UsageError(f"to {value!r}: the port must not be 0")
@@ -134,8 +181,7 @@ def _route(node: NodeView, method: str, rest: list[str], body: Any) -> Any:
         if not isinstance(body, dict):
             raise UsageError("the body must be a JSON object")
         if rest[0] == "expose":
-            return services.expose(body.get("name"), body.get("to"), body.get("protocol", "tcp"),
-                                   body.get("description", ""))
+            return services.expose(body.get("name"), body.get("to"), body.get("protocol", "tcp"), body.get("description", ""))
         return services.connect(body.get("name"), body.get("listen"), body.get("protocol"))
     if method == "DELETE" and len(rest) == 2 and rest[0] in ("expose", "connect"):
         return services.unexpose(rest[1]) if rest[0] == "expose" else services.disconnect(rest[1])

@@ -49,8 +49,7 @@ class Exposed:
     description: str
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "to": f"{self.host}:{self.port}", "protocol": self.protocol,
-                "description": self.description}
+        return {"name": self.name, "to": f"{self.host}:{self.port}", "protocol": self.protocol, "description": self.description}
 
 
 @dataclass
@@ -66,8 +65,12 @@ class Connector:
 
     def describe(self) -> dict[str, Any]:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return {"name": self.name, "listen": f"{host}:{self.port}", "protocol": self.protocol,
-                "active": self.active + len(self.sessions)}
+        return {
+            "name": self.name,
+            "listen": f"{host}:{self.port}",
+            "protocol": self.protocol,
+            "active": self.active + len(self.sessions),
+        }
 
 
 @dataclass
@@ -108,8 +111,8 @@ class Services:
         self.settings = settings
         self.exposed: dict[str, Exposed] = {}
         self.connectors: dict[str, Connector] = {}
-        self.serving: Counter[str] = Counter()       # peer id → streams it has open to us now
-        self.outgoing: Counter[str] = Counter()      # peer id → our connections through it now
+        self.serving: Counter[str] = Counter()  # peer id → streams it has open to us now
+        self.outgoing: Counter[str] = Counter()  # peer id → our connections through it now
         self.pending: dict[bytes, SideWait] = {}
         self.side_server: asyncio.AbstractServer | None = None
         self.side_port = 0
@@ -122,11 +125,11 @@ class Services:
             host, port = parse_hostport(self.settings.side_listen, "services.side_listen")
             self.side_server = await asyncio.start_server(self._side_accept, host or None, port, limit=READER_LIMIT)
             self.side_port = self.side_server.sockets[0].getsockname()[1]
-        for item in self.settings.expose:   # checked by kairos_config_problems already
+        for item in self.settings.expose:  # checked by kairos_config_problems already
             self.expose(item["name"], item["to"], item.get("protocol", "tcp"), item.get("description", ""))
         mine = f"{self.node.peer_id}/"
         for key in list(self.node.ledger.items(BUCKET)):
-            if key.startswith(mine) and key[len(mine):] not in self.exposed:
+            if key.startswith(mine) and key[len(mine) :] not in self.exposed:
                 self.node.ledger.delete(BUCKET, key)  # an advertisement of an earlier run
         for item in self.settings.connect:
             try:
@@ -238,8 +241,16 @@ class Services:
             "peer_id": self.node.peer_id,
             "exposed": [e.describe() for e in self.exposed.values()],
             "connected": [c.describe() for c in self.connectors.values()],
-            "services": [{"name": e.name, "owner": e.owner, "protocol": e.protocol, "description": e.description,
-                          "alive": e.owner in alive} for e in catalog],
+            "services": [
+                {
+                    "name": e.name,
+                    "owner": e.owner,
+                    "protocol": e.protocol,
+                    "description": e.description,
+                    "alive": e.owner in alive,
+                }
+                for e in catalog
+            ],
         }
 
     # --- the connecting end ------------------------------------------------------------------
@@ -248,12 +259,15 @@ class Services:
         if connector.protocol == "tcp":
             connector.server = await asyncio.start_server(
                 lambda r, w: self._spawn(self._client(connector, r, w), f"services-{connector.name}"),
-                sock=sock, limit=READER_LIMIT)
+                sock=sock,
+                limit=READER_LIMIT,
+            )
             if connector.name not in self.connectors:  # disconnected while starting
                 connector.server.close()
         else:
             connector.transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagrams(lambda data, addr: self._datagram_in(connector, data, addr)), sock=sock)
+                lambda: _Datagrams(lambda data, addr: self._datagram_in(connector, data, addr)), sock=sock
+            )
             if connector.name not in self.connectors:
                 connector.transport.close()
 
@@ -261,8 +275,11 @@ class Services:
         """Live nodes that expose ``name``: those we send the fewest connections to first,
         ties in random order, so connections spread over them."""
         alive = set(self.node.members())
-        owners = [e.owner for e in read_catalog(self.node.ledger.items(BUCKET))
-                  if e.name == name and e.protocol == protocol and e.owner in alive]
+        owners = [
+            e.owner
+            for e in read_catalog(self.node.ledger.items(BUCKET))
+            if e.name == name and e.protocol == protocol and e.owner in alive
+        ]
         random.shuffle(owners)
         return sorted(owners, key=lambda owner: self.outgoing[owner])
 
@@ -340,7 +357,8 @@ class Services:
             writer = None
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, offer["port"], limit=READER_LIMIT), SIDE_ATTEMPT_TIMEOUT)
+                    asyncio.open_connection(host, offer["port"], limit=READER_LIMIT), SIDE_ATTEMPT_TIMEOUT
+                )
                 sealer, opener = sealed.Sealer(to_exposer), sealed.Opener(to_connector)
                 # the same first record on every attempt, byte for byte: nonce 0 never seals two messages
                 writer.write(offer["ticket"] + sealer.seal(sealed.KIND_HELLO))
@@ -438,7 +456,8 @@ class Services:
             return
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(exposed.host, exposed.port, limit=READER_LIMIT), self.settings.connect_timeout)
+                asyncio.open_connection(exposed.host, exposed.port, limit=READER_LIMIT), self.settings.connect_timeout
+            )
         except (OSError, TimeoutError) as exc:
             self.node.count("services_rejected_requests")
             await _refuse(stream, f"cannot reach the service: {getattr(exc, 'strerror', None) or 'timed out'}")
@@ -450,8 +469,12 @@ class Services:
             if nonce is not None and self.side_server is not None:
                 ticket, own_nonce = sealed.new_ticket(), sealed.new_nonce()
                 to_exposer, to_connector = sealed.derive_keys(nonce, own_nonce, ticket)
-                self.pending[ticket] = SideWait(stream.peer_id, sealed.Sealer(to_connector), sealed.Opener(to_exposer),
-                                                asyncio.get_running_loop().create_future())
+                self.pending[ticket] = SideWait(
+                    stream.peer_id,
+                    sealed.Sealer(to_connector),
+                    sealed.Opener(to_exposer),
+                    asyncio.get_running_loop().create_future(),
+                )
                 offer = wire.side_offer(ticket, own_nonce, self.side_port, self._side_hosts())
             await stream.write_frame(wire.acceptance(offer))
             try:
@@ -535,8 +558,9 @@ class Services:
                 self.node.count("services_udp_dropped")
 
         try:
-            transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(received),
-                                                               remote_addr=(exposed.host, exposed.port))
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(received), remote_addr=(exposed.host, exposed.port)
+            )
         except OSError as exc:
             self.node.count("services_rejected_requests")
             await _refuse(stream, f"cannot reach the service: {exc.strerror or exc}")
@@ -548,6 +572,7 @@ class Services:
             def send(data: bytes) -> None:
                 if not transport.is_closing():
                     transport.sendto(data)
+
             # here the queue holds the target's answers and ``send`` takes the peer's datagrams
             await relay_datagrams(stream, session, send, self.settings.udp_idle_timeout)
         finally:
@@ -603,9 +628,14 @@ async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         pass  # a reset stream or socket: both sides are aborted already
 
 
-async def relay_sealed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       side_reader: asyncio.StreamReader, side_writer: asyncio.StreamWriter,
-                       sealer: sealed.Sealer, opener: sealed.Opener) -> None:
+async def relay_sealed(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    side_reader: asyncio.StreamReader,
+    side_writer: asyncio.StreamWriter,
+    sealer: sealed.Sealer,
+    opener: sealed.Opener,
+) -> None:
     """Copy a socket to and from a sealed side connection until both directions ended."""
 
     async def outbound() -> None:

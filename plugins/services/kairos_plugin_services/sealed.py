@@ -57,8 +57,7 @@ def derive_keys(connector_nonce: bytes, exposer_nonce: bytes, ticket: bytes) -> 
     """``(connector → exposer key, exposer → connector key)``, 32 bytes each."""
     if len(connector_nonce) != NONCE_SIZE or len(exposer_nonce) != NONCE_SIZE or len(ticket) != TICKET_SIZE:
         raise SealError("nonces of 32 bytes and a ticket of 16 are needed")
-    material = HKDF(algorithm=hashes.SHA256(), length=64, salt=ticket, info=_INFO).derive(
-        connector_nonce + exposer_nonce)
+    material = HKDF(algorithm=hashes.SHA256(), length=64, salt=ticket, info=_INFO).derive(connector_nonce + exposer_nonce)
     return material[:32], material[32:]
 
 

@@ -24,8 +24,9 @@ import pytest
 
 from kairos_testing.localnodes import LocalNodes, free_port
 
-pytestmark = pytest.mark.skipif(not shutil.which("curl") or not shutil.which("iperf3"),
-                                reason="needs curl and iperf3 (Debian packages curl, iperf3)")
+pytestmark = pytest.mark.skipif(
+    not shutil.which("curl") or not shutil.which("iperf3"), reason="needs curl and iperf3 (Debian packages curl, iperf3)"
+)
 
 FLOOD_BYTES = 200 * 1024 * 1024
 
@@ -75,7 +76,7 @@ class _Servers:
         self.flood = self._tcp(Flood)
         self.who_b = self._tcp(Who, b"B")
         udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Echo)
-        udp.max_packet_size = 65536   # socketserver reads 8192 bytes of a datagram by default
+        udp.max_packet_size = 65536  # socketserver reads 8192 bytes of a datagram by default
         self._start(udp)
         self.udp_echo = udp.server_address[1]
 
@@ -105,26 +106,37 @@ def lab(tmp_path_factory):
     www.mkdir()
     (www / "blob.bin").write_bytes(os.urandom(1 << 20))
     web_port, iperf_port = free_port(), free_port()
-    http = subprocess.Popen([sys.executable, "-m", "http.server", str(web_port), "--bind", "127.0.0.1",
-                             "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    iperf = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    http = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(web_port), "--bind", "127.0.0.1", "--directory", str(www)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    iperf = subprocess.Popen(
+        ["iperf3", "-s", "-B", "127.0.0.1", "-p", str(iperf_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     servers = _Servers()
     net = LocalNodes(root / "nodes", generate_token().encode())
     config_listen = free_port()
     try:
-        net.start({"expose": [
-            {"name": "web", "to": f"127.0.0.1:{web_port}", "description": "python3 -m http.server"},
-            {"name": "iperf", "to": f"127.0.0.1:{iperf_port}"},
-            {"name": "digest", "to": f"127.0.0.1:{servers.digest}"},
-            {"name": "flood", "to": f"127.0.0.1:{servers.flood}"},
-            {"name": "who", "to": f"127.0.0.1:{servers.who_a}"},
-        ]})
+        net.start(
+            {
+                "expose": [
+                    {"name": "web", "to": f"127.0.0.1:{web_port}", "description": "python3 -m http.server"},
+                    {"name": "iperf", "to": f"127.0.0.1:{iperf_port}"},
+                    {"name": "digest", "to": f"127.0.0.1:{servers.digest}"},
+                    {"name": "flood", "to": f"127.0.0.1:{servers.flood}"},
+                    {"name": "who", "to": f"127.0.0.1:{servers.who_a}"},
+                ]
+            }
+        )
         net.start()
         net.start({"side_connection": False, "connect": [{"name": "web", "listen": f"127.0.0.1:{config_listen}"}]})
         net.wait_mesh()
-        net.wait_until(lambda: all(len(n.api("GET", "/api/plugins/services")["services"]) == 5 for n in net.nodes),
-                       30, "the catalog on every node")
+        net.wait_until(
+            lambda: all(len(n.api("GET", "/api/plugins/services")["services"]) == 5 for n in net.nodes),
+            30,
+            "the catalog on every node",
+        )
         yield net, servers, www, config_listen
     finally:
         net.close()
@@ -135,8 +147,9 @@ def lab(tmp_path_factory):
 
 
 def kairos(node, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kairos_core", *args, "--socket", str(node.socket)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "kairos_core", *args, "--socket", str(node.socket)], capture_output=True, text=True, timeout=60
+    )
 
 
 def connect(node, name: str, *extra: str) -> int:
@@ -154,12 +167,13 @@ def test_curl_fetches_http_server_through_a_service(lab):
     net, _, www, config_listen = lab
     expected = hashlib.sha256((www / "blob.bin").read_bytes()).hexdigest()
     for port in (connect(net.nodes[1], "web"), config_listen):
-        fetched = subprocess.run(["curl", "-sS", "--fail", "--max-time", "60", f"http://127.0.0.1:{port}/blob.bin"],
-                                 capture_output=True, timeout=90)
+        fetched = subprocess.run(
+            ["curl", "-sS", "--fail", "--max-time", "60", f"http://127.0.0.1:{port}/blob.bin"], capture_output=True, timeout=90
+        )
         assert fetched.returncode == 0, fetched.stderr
         assert hashlib.sha256(fetched.stdout).hexdigest() == expected
     assert counters(net.nodes[1])["services_side_connections"] >= 1
-    assert counters(net.nodes[2])["services_stream_connections"] >= 1   # declared in config, no side path
+    assert counters(net.nodes[2])["services_stream_connections"] >= 1  # declared in config, no side path
     listing = kairos(net.nodes[2], "service", "list", "--json")
     rows = {row["name"]: row for row in json.loads(listing.stdout)["services"]}
     assert rows["web"]["owner"] == net.nodes[0].peer_id and rows["web"]["alive"]
@@ -174,16 +188,19 @@ def test_udp_echo_through_a_udp_service(lab):
     net, servers, _, _ = lab
     done = kairos(net.nodes[0], "service", "expose", "echo", "--to", f"127.0.0.1:{servers.udp_echo}", "--udp")
     assert done.returncode == 0, done.stderr
-    net.wait_until(lambda: any(s["name"] == "echo" for s in net.nodes[2].api("GET", "/api/plugins/services")["services"]),
-                   30, "the echo service in node 2's catalog")
-    port = connect(net.nodes[2], "echo")          # the protocol comes from the ledger
+    net.wait_until(
+        lambda: any(s["name"] == "echo" for s in net.nodes[2].api("GET", "/api/plugins/services")["services"]),
+        30,
+        "the echo service in node 2's catalog",
+    )
+    port = connect(net.nodes[2], "echo")  # the protocol comes from the ledger
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
     try:
         for client in clients:
             client.settimeout(3)
             for size in (1, 1400, 9000, 60000):
                 payload = os.urandom(size)
-                for _attempt in range(5):   # datagrams may be lost: ask again
+                for _attempt in range(5):  # datagrams may be lost: ask again
                     client.sendto(payload, ("127.0.0.1", port))
                     try:
                         if client.recvfrom(65536)[0] == payload:
@@ -193,15 +210,16 @@ def test_udp_echo_through_a_udp_service(lab):
                 else:
                     pytest.fail(f"no echo of a {size}-byte datagram")
         row = next(c for c in net.nodes[2].api("GET", "/api/plugins/services")["connected"] if c["name"] == "echo")
-        assert row["protocol"] == "udp" and row["active"] == 2     # one session per client address
+        assert row["protocol"] == "udp" and row["active"] == 2  # one session per client address
     finally:
         for client in clients:
             client.close()
 
 
 def iperf3(port: int, megabytes: int) -> dict:
-    done = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", f"{megabytes}M", "-J"],
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", f"{megabytes}M", "-J"], capture_output=True, text=True, timeout=240
+    )
     result = json.loads(done.stdout)
     assert "error" not in result, result.get("error")
     return result["end"]
@@ -225,7 +243,7 @@ def test_half_close_passes_both_ways(lab):
         port = connect(node, "digest")
         with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
             sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)       # the server answers only once it read our end
+            sock.shutdown(socket.SHUT_WR)  # the server answers only once it read our end
             answer = b""
             while data := sock.recv(4096):
                 answer += data
@@ -251,11 +269,11 @@ def test_a_slow_reader_stops_the_sender_and_teardown_reaches_it(lab, index):
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:
         assert sock.recv(1) == b"f"
-        stalled = _settled(lambda: servers.flood_sent)   # we read nothing more: the sender must stop
+        stalled = _settled(lambda: servers.flood_sent)  # we read nothing more: the sender must stop
         assert stalled < FLOOD_BYTES // 2, f"{stalled} bytes buffered on the way for a reader that stopped"
         assert not servers.flood_ended.is_set()
     finally:
-        sock.close()                                      # our end goes: the server's must follow
+        sock.close()  # our end goes: the server's must follow
     assert servers.flood_ended.wait(60), "closing the client did not tear down the server's connection"
 
 
@@ -263,8 +281,11 @@ def test_connections_spread_over_exposing_nodes_and_move_when_one_leaves(lab):
     net, servers, _, _ = lab
     spare = net.start({"expose": [{"name": "who", "to": f"127.0.0.1:{servers.who_b}"}]})
     net.wait_mesh()
-    net.wait_until(lambda: sum(s["name"] == "who" for s in net.nodes[1].api("GET", "/api/plugins/services")["services"]) == 2,
-                   30, "two exposing nodes of 'who' in node 1's catalog")
+    net.wait_until(
+        lambda: sum(s["name"] == "who" for s in net.nodes[1].api("GET", "/api/plugins/services")["services"]) == 2,
+        30,
+        "two exposing nodes of 'who' in node 1's catalog",
+    )
     port = connect(net.nodes[1], "who")
 
     def ask() -> bytes:
@@ -275,8 +296,15 @@ def test_connections_spread_over_exposing_nodes_and_move_when_one_leaves(lab):
     assert seen == {b"A", b"B"}
     spare.process.send_signal(signal.SIGKILL)
     spare.process.wait()
-    answers = [ask() for _ in range(12)]                 # at once: before node 1 even noticed, too
+    answers = [ask() for _ in range(12)]  # at once: before node 1 even noticed, too
     assert answers == [b"A"] * 12
-    net.wait_until(lambda: not next(s for s in net.nodes[1].api("GET", "/api/plugins/services")["services"]
-                                    if s["owner"] == spare.peer_id)["alive"], 60, "the killed node counted gone")
+    net.wait_until(
+        lambda: (
+            not next(s for s in net.nodes[1].api("GET", "/api/plugins/services")["services"] if s["owner"] == spare.peer_id)[
+                "alive"
+            ]
+        ),
+        60,
+        "the killed node counted gone",
+    )
     assert ask() == b"A"

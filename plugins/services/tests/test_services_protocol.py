@@ -50,12 +50,14 @@ async def test_garbage_and_oversized_headers_are_dropped_and_counted(kairos_netw
     net, exposer, rogue = await two_nodes(kairos_network)
     try:
         _RUNTIMES[id(exposer)].expose("echo", f"127.0.0.1:{port}")
-        garbage = [struct.pack(">I", 5) + b"hello",                  # a frame, not JSON
-                   struct.pack(">I", 9) + b'{"x": 1} ',              # JSON, not a request
-                   struct.pack(">I", 10_000_000),                    # an oversized frame
-                   struct.pack(">I", 20) + b'{"service": "echo", "protocol": "tcp", "side": "AAAA"}'[:20]]
+        garbage = [
+            struct.pack(">I", 5) + b"hello",  # a frame, not JSON
+            struct.pack(">I", 9) + b'{"x": 1} ',  # JSON, not a request
+            struct.pack(">I", 10_000_000),  # an oversized frame
+            struct.pack(">I", 20) + b'{"service": "echo", "protocol": "tcp", "side": "AAAA"}'[:20],
+        ]
         for index, data in enumerate(garbage[:3]):
-            assert await request(rogue, exposer.peer_id, data) == b""   # reset, no answer
+            assert await request(rogue, exposer.peer_id, data) == b""  # reset, no answer
             # the core resets an oversized frame's stream itself, a moment before the plugin counts
             await net.wait_for(lambda index=index: _status(exposer).get("services_dropped_malformed") == index + 1)
         # a header cut short by a reset
@@ -99,19 +101,20 @@ async def test_side_listener_drops_wrong_tickets_and_forged_hellos(kairos_networ
     ticket = sealed.new_ticket()
     to_exposer, to_connector = sealed.derive_keys(sealed.new_nonce(), sealed.new_nonce(), ticket)
     loop = asyncio.get_running_loop()
-    services.pending[ticket] = SideWait("peer", sealed.Sealer(to_connector), sealed.Opener(to_exposer),
-                                        loop.create_future())
+    services.pending[ticket] = SideWait("peer", sealed.Sealer(to_connector), sealed.Opener(to_exposer), loop.create_future())
     wrong_key = sealed.Sealer(sealed.derive_keys(sealed.new_nonce(), sealed.new_nonce(), ticket)[0])
-    for attempt in (sealed.new_ticket() + sealed.Sealer(to_exposer).seal(sealed.KIND_HELLO),   # unknown ticket
-                    ticket + wrong_key.seal(sealed.KIND_HELLO),                                # a forged HELLO
-                    ticket + b"\x00" * 40):                                                    # garbage
+    for attempt in (
+        sealed.new_ticket() + sealed.Sealer(to_exposer).seal(sealed.KIND_HELLO),  # unknown ticket
+        ticket + wrong_key.seal(sealed.KIND_HELLO),  # a forged HELLO
+        ticket + b"\x00" * 40,
+    ):  # garbage
         reader, writer = await asyncio.open_connection("127.0.0.1", services.side_port)
         writer.write(attempt)
         await writer.drain()
-        assert await asyncio.wait_for(reader.read(), 10) == b""   # closed without a word
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a word
         writer.close()
     assert _status(exposer)["services_side_rejected"] == 3
-    assert not services.pending[ticket].ready.done()              # still waiting for the real peer
+    assert not services.pending[ticket].ready.done()  # still waiting for the real peer
     reader, writer = await asyncio.open_connection("127.0.0.1", services.side_port)
     writer.write(ticket + sealed.Sealer(to_exposer).seal(sealed.KIND_HELLO))
     kind, _ = await asyncio.wait_for(sealed.Opener(to_connector).read(reader), 10)
@@ -126,9 +129,9 @@ async def test_only_the_owner_writes_its_advertisement(kairos_network):
     await net.wait_for(lambda: b.ledger.get(BUCKET, f"{a.peer_id}/web") is not None)
     with pytest.raises(LedgerError):
         b.ledger.set(BUCKET, f"{a.peer_id}/web", {"protocol": "tcp", "description": "forged"})
-    with pytest.raises(LedgerError):   # its own key, but not an advertisement
+    with pytest.raises(LedgerError):  # its own key, but not an advertisement
         b.ledger.set(BUCKET, f"{b.peer_id}/web", {"protocol": "sctp", "description": ""})
-    assert "to" not in b.ledger.get(BUCKET, f"{a.peer_id}/web")   # the target stays on its node
+    assert "to" not in b.ledger.get(BUCKET, f"{a.peer_id}/web")  # the target stays on its node
 
 
 async def test_api_routes_expose_connect_and_refuse_bad_input(kairos_network):
@@ -138,22 +141,25 @@ async def test_api_routes_expose_connect_and_refuse_bad_input(kairos_network):
         client_a, client_b = APIClient(a.config.api_socket), APIClient(b.config.api_socket)
 
         def call(client, method, path, body=None):
-            return client.request(method, f"/api/plugins/services{path}",
-                                  content=json.dumps(body) if body is not None else None)
+            return client.request(method, f"/api/plugins/services{path}", content=json.dumps(body) if body is not None else None)
 
         done = await asyncio.to_thread(call, client_a, "POST", "/expose", {"name": "echo", "to": f"127.0.0.1:{port}"})
         assert done["to"] == f"127.0.0.1:{port}"
-        for bad, message in (({"name": "Bad Name!", "to": "1.2.3.4:5"}, "service name"),
-                             ({"name": "x", "to": "nowhere"}, "HOST:PORT")):
+        for bad, message in (
+            ({"name": "Bad Name!", "to": "1.2.3.4:5"}, "service name"),
+            ({"name": "x", "to": "nowhere"}, "HOST:PORT"),
+        ):
             with pytest.raises(KairosError, match=message):
                 await asyncio.to_thread(call, client_a, "POST", "/expose", bad)
         await net.wait_for(lambda: b.ledger.get(BUCKET, f"{a.peer_id}/echo") is not None)
-        listen = (await asyncio.to_thread(call, client_b, "POST", "/connect", {"name": "echo", "listen": "127.0.0.1:0"}))["listen"]
+        listen = (await asyncio.to_thread(call, client_b, "POST", "/connect", {"name": "echo", "listen": "127.0.0.1:0"}))[
+            "listen"
+        ]
         with pytest.raises(KairosError, match="connected already"):
             await asyncio.to_thread(call, client_b, "POST", "/connect", {"name": "echo", "listen": "127.0.0.1:0"})
         reader, writer = await asyncio.open_connection("127.0.0.1", int(listen.rsplit(":", 1)[1]))
         writer.write(b"ping through the side connection")
-        writer.write_eof()                       # half-close: the echo still comes back
+        writer.write_eof()  # half-close: the echo still comes back
         assert await asyncio.wait_for(reader.read(), 20) == b"ping through the side connection"
         writer.close()
         listing = await asyncio.to_thread(call, client_b, "GET", "")
@@ -175,14 +181,14 @@ def test_sealed_records_refuse_tampering_replay_and_reordering():
 
     assert opens(first, second) == [b"one", b"two"]
     with pytest.raises(sealed.SealError):
-        opens(second)                                        # reordered (or the first one dropped)
+        opens(second)  # reordered (or the first one dropped)
     with pytest.raises(sealed.SealError):
-        opens(first, first)                                  # replayed
+        opens(first, first)  # replayed
     flipped = bytearray(first)
     flipped[-1] ^= 1
     with pytest.raises(sealed.SealError):
-        opens(bytes(flipped))                                # altered
-    with pytest.raises(sealed.SealError):                    # the kind is authenticated too
+        opens(bytes(flipped))  # altered
+    with pytest.raises(sealed.SealError):  # the kind is authenticated too
         sealed.Opener(to_exposer).open(sealed.KIND_END, first[header:])
 
 
@@ -199,7 +205,7 @@ async def test_stopping_the_exposing_node_tears_the_connection_down(kairos_netwo
         assert await asyncio.wait_for(reader.readexactly(6), 20) == b"before"
         await exposer.stop()
         try:
-            rest = await asyncio.wait_for(reader.read(), 20)   # the end, not a hang
+            rest = await asyncio.wait_for(reader.read(), 20)  # the end, not a hang
         except ConnectionResetError:
             rest = b""
         assert rest == b""
@@ -224,6 +230,7 @@ async def test_hook_kairos_api_routes(kairos_network):
                     raise KairosError("no such thing")
                 seen.append((method, rest, body))
                 return {"peer_id": node.peer_id}
+
             return {"probe": handler}
 
     net = await kairos_network(1, plugins=[Routes()])
@@ -231,9 +238,11 @@ async def test_hook_kairos_api_routes(kairos_network):
     client = APIClient(node.config.api_socket)
     answer = await asyncio.to_thread(client.request, "POST", "/api/plugins/probe/a/b%2Fc", content=b'{"x": [1]}')
     assert answer == {"peer_id": node.peer_id} and seen == [("POST", ["a", "b/c"], {"x": [1]})]
-    for path, content, message in (("/api/plugins/probe/fail", None, "no such thing"),
-                                   ("/api/plugins/nobody/x", None, "no plugin serves /api/plugins/nobody"),
-                                   ("/api/plugins/probe/x", b"{not json", "must be a JSON value")):
+    for path, content, message in (
+        ("/api/plugins/probe/fail", None, "no such thing"),
+        ("/api/plugins/nobody/x", None, "no plugin serves /api/plugins/nobody"),
+        ("/api/plugins/probe/x", b"{not json", "must be a JSON value"),
+    ):
         with pytest.raises(KairosError, match=message):
             await asyncio.to_thread(client.request, "PUT", path, content=content)
     assert len(seen) == 1
@@ -244,7 +253,7 @@ async def test_bytes_fall_back_to_the_stream_when_the_side_connection_cannot_be_
     net, exposer, connector = await two_nodes(kairos_network)
     try:
         exposing = _RUNTIMES[id(exposer)]
-        exposing.side_server.close()             # still offered in answers, but nobody listens
+        exposing.side_server.close()  # still offered in answers, but nobody listens
         await exposing.side_server.wait_closed()
         exposing.expose("echo", f"127.0.0.1:{port}")
         await net.wait_for(lambda: connector.ledger.get(BUCKET, f"{exposer.peer_id}/echo") is not None)
@@ -292,11 +301,11 @@ async def test_udp_sessions_end_when_idle_and_count_over_the_limit(kairos_networ
             clients.append(transport)
         clients[0].sendto(b"first")
         assert await asyncio.wait_for(answers.get(), 20) == b"first"
-        clients[1].sendto(b"second")               # a second client address: over max_connections=1
+        clients[1].sendto(b"second")  # a second client address: over max_connections=1
         await net.wait_for(lambda: _status(connector).get("services_rejected_over_limit") == 1)
-        await net.wait_for(lambda: not services.connectors["echo"].sessions, timeout=20)   # idle: closed
-        await net.wait_for(lambda: not _RUNTIMES[id(exposer)].serving, timeout=20)         # both ends
-        clients[1].sendto(b"again")                # the place is free again
+        await net.wait_for(lambda: not services.connectors["echo"].sessions, timeout=20)  # idle: closed
+        await net.wait_for(lambda: not _RUNTIMES[id(exposer)].serving, timeout=20)  # both ends
+        clients[1].sendto(b"again")  # the place is free again
         assert await asyncio.wait_for(answers.get(), 20) == b"again"
     finally:
         for transport in clients:
@@ -308,8 +317,12 @@ def test_answers_are_checked_before_they_are_used():
     ticket, nonce = wire.b64(sealed.new_ticket()), wire.b64(sealed.new_nonce())
     good = {"ok": True, "side": {"ticket": ticket, "nonce": nonce, "port": 4000, "hosts": ["10.0.0.1", "::1"]}}
     assert wire.parse_answer(json.dumps(good).encode())[2]["hosts"] == ["10.0.0.1", "::1"]
-    for side in ({**good["side"], "hosts": ["intranet.example"]},     # never resolve a peer's names
-                 {**good["side"], "port": 0}, {**good["side"], "ticket": nonce}, {**good["side"], "nonce": "!!"}):
+    for side in (
+        {**good["side"], "hosts": ["intranet.example"]},  # never resolve a peer's names
+        {**good["side"], "port": 0},
+        {**good["side"], "ticket": nonce},
+        {**good["side"], "nonce": "!!"},
+    ):
         assert wire.parse_answer(json.dumps({"ok": True, "side": side}).encode()) is None
     refused = wire.parse_answer(json.dumps({"ok": False, "error": "no\x1b[2Jway"}).encode())
     assert refused == (False, "no?[2Jway", None)

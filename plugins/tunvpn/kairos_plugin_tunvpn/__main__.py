@@ -49,8 +49,10 @@ def main(argv: list[str]) -> int:
         endpoint = tuple(peer["endpoint"]) if peer.get("endpoint") else None
         plane.add_peer(peer["id"], peer["vip"], endpoint, SessionKeys.derive(secret, config["local_id"], peer["id"]))
     plane.start()
-    print(json.dumps({"ready": True, "udp": list(plane.local_address), "udp_gro": plane.udp_gro,
-                      "fastpath": plane.fastpath}), flush=True)
+    print(
+        json.dumps({"ready": True, "udp": list(plane.local_address), "udp_gro": plane.udp_gro, "fastpath": plane.fastpath}),
+        flush=True,
+    )
     try:
         for line in sys.stdin:
             if line.strip() == "counters":

@@ -62,8 +62,12 @@ class Claim:
 
     def to_value(self) -> dict[str, Any]:
         """The ledger value of this claim."""
-        value: dict[str, Any] = {"vip": str(self.vip), "udp_port": self.udp_port, "claimed": list(self.claimed),
-                                 "static": self.static}
+        value: dict[str, Any] = {
+            "vip": str(self.vip),
+            "udp_port": self.udp_port,
+            "claimed": list(self.claimed),
+            "static": self.static,
+        }
         if self.expires is not None:
             value["expires"] = self.expires
         return value
@@ -110,8 +114,7 @@ def parse_claim(peer_id: str, value: Any, network: ipaddress.IPv4Network, now_ms
     return claim if claim.alive(wall_clock_ms() if now_ms is None else now_ms) else None
 
 
-def read_claims(bucket: Mapping[str, Any], network: ipaddress.IPv4Network,
-                now_ms: int | None = None) -> dict[str, Claim]:
+def read_claims(bucket: Mapping[str, Any], network: ipaddress.IPv4Network, now_ms: int | None = None) -> dict[str, Claim]:
     """Every valid claim alive at ``now_ms`` (default: now) in the items of the ``vpn`` bucket.
 
     Keys with a ``/`` are not claims. A lapsed claim is left out: its address is free.

@@ -34,14 +34,16 @@ def collect_status(client: APIClient) -> dict[str, Any]:
             continue
         link = links.get(peer_id) if isinstance(links, dict) else None
         row = peers.get(peer_id, {})
-        table.append({
-            "peer_id": peer_id,
-            "hostname": row.get("hostname"),
-            "vip": str(claim.vip) if peer_id in winners else None,
-            "alive": bool(row.get("alive")),
-            "path": link.get("path") if isinstance(link, dict) else None,
-            "endpoint": link.get("endpoint") if isinstance(link, dict) else None,
-        })
+        table.append(
+            {
+                "peer_id": peer_id,
+                "hostname": row.get("hostname"),
+                "vip": str(claim.vip) if peer_id in winners else None,
+                "alive": bool(row.get("alive")),
+                "path": link.get("path") if isinstance(link, dict) else None,
+                "endpoint": link.get("endpoint") if isinstance(link, dict) else None,
+            }
+        )
     counters = {k[4:]: v for k, v in status["counters"].items() if k.startswith("vpn_")}
     return {
         "peer_id": me,
@@ -77,12 +79,16 @@ def vpn_status(context: Any, socket_path: str | None, as_json: bool) -> None:
         click.echo(f"vip:      {data['vip']}{held}  udp port {data['udp_port']}")
     click.echo(f"{'PEER':<54} {'HOSTNAME':<14} {'VIP':<16} {'PATH':<7} ENDPOINT")
     for row in data["peers"]:
-        click.echo(f"{row['peer_id']:<54} {str(row['hostname'] or '-'):<14} {str(row['vip'] or '-'):<16} "
-                   f"{str(row['path'] or '-'):<7} {row['endpoint'] or '-'}")
+        click.echo(
+            f"{row['peer_id']:<54} {str(row['hostname'] or '-'):<14} {str(row['vip'] or '-'):<16} "
+            f"{str(row['path'] or '-'):<7} {row['endpoint'] or '-'}"
+        )
     c = data["counters"]
     if c:
-        click.echo(f"packets:  tx {c.get('tx_packets', 0)}  rx {c.get('rx_packets', 0)}  "
-                   f"via stream out {c.get('fallback_datagrams_sent', 0)} in {c.get('fallback_datagrams_delivered', 0)}")
+        click.echo(
+            f"packets:  tx {c.get('tx_packets', 0)}  rx {c.get('rx_packets', 0)}  "
+            f"via stream out {c.get('fallback_datagrams_sent', 0)} in {c.get('fallback_datagrams_delivered', 0)}"
+        )
         if "fastpath" in c:
             click.echo("sealing:  " + ("in C (_fastpath)" if c["fastpath"] else "pure Python (C fast path not built or off)"))
         dropped = {k: v for k, v in c.items() if v and k.startswith("drop_")}

@@ -34,6 +34,7 @@ def fast_key(key: bytes) -> "GcmKey | None":
     """The C cipher of ``key``, or None on the pure-Python path (see :mod:`.fastpath`)."""
     return GcmKey(key) if fastpath.enabled() else None
 
+
 KEY_BYTES = 32
 TAG_BYTES = 16
 REPLAY_WINDOW_BITS = 2048
@@ -205,8 +206,7 @@ class SendState:
     def due(self, upcoming: int = 1) -> bool:
         """True if sending ``upcoming`` more packets under this epoch would pass a rekey limit."""
         return (
-            self.counter + upcoming > self.rekey_after_packets
-            or self._clock() - self.epoch_started >= self.rekey_after_seconds
+            self.counter + upcoming > self.rekey_after_packets or self._clock() - self.epoch_started >= self.rekey_after_seconds
         )
 
     def advance(self) -> None:

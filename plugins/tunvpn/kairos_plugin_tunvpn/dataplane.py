@@ -50,8 +50,18 @@ from .wire import HEADER_BYTES, KIND_DATA, MAX_UDP_PAYLOAD, OVERHEAD, WIRE_HEADE
 
 # The names other modules and tests have imported from here since before the split.
 __all__ = [
-    "COUNTER_NAMES", "Counters", "DataPlane", "HEADER_BYTES", "KIND_DATA", "MAX_GSO_SEGMENTS", "MAX_UDP_PAYLOAD",
-    "OVERHEAD", "Peer", "UDP_GRO", "UDP_SEGMENT", "WIRE_HEADER",
+    "COUNTER_NAMES",
+    "Counters",
+    "DataPlane",
+    "HEADER_BYTES",
+    "KIND_DATA",
+    "MAX_GSO_SEGMENTS",
+    "MAX_UDP_PAYLOAD",
+    "OVERHEAD",
+    "Peer",
+    "UDP_GRO",
+    "UDP_SEGMENT",
+    "WIRE_HEADER",
 ]
 
 log = logging.getLogger(__name__)
@@ -141,8 +151,9 @@ class DataPlane(SendPath, ReceivePath):
         for fd in self.tun.queues:
             os.set_blocking(fd, False)
         for index, fd in enumerate(self.tun.queues):
-            self._threads.append(threading.Thread(
-                target=self._run_queue, args=(fd, index == 0), name=f"tunvpn-{index}", daemon=True))
+            self._threads.append(
+                threading.Thread(target=self._run_queue, args=(fd, index == 0), name=f"tunvpn-{index}", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
 

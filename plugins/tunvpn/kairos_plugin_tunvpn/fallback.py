@@ -57,8 +57,9 @@ class FallbackSender:
     :param loop: the event loop the writer runs on (``send`` is called from other threads).
     """
 
-    def __init__(self, open_stream: Callable[[], Any], loop: asyncio.AbstractEventLoop,
-                 counters: collections.Counter | None = None) -> None:
+    def __init__(
+        self, open_stream: Callable[[], Any], loop: asyncio.AbstractEventLoop, counters: collections.Counter | None = None
+    ) -> None:
         self._open_stream = open_stream
         self._loop = loop
         self._queue: collections.deque[bytes] = collections.deque()
@@ -138,8 +139,7 @@ class FallbackSender:
                     await asyncio.sleep(0.5)
 
 
-async def read_datagrams(stream: Any, deliver: Callable[[list[bytes]], Any],
-                         counters: collections.Counter) -> None:
+async def read_datagrams(stream: Any, deliver: Callable[[list[bytes]], Any], counters: collections.Counter) -> None:
     """Read frames from a fallback stream until it ends; ``deliver`` gets each frame's datagrams."""
     while True:
         body = await stream.read_frame(MAX_FRAME)
@@ -195,8 +195,9 @@ class PathHysteresis:
             self.failures = 0
 
 
-def udp_target(advertised: tuple[str, int] | None, heard_from: tuple[str, int] | None,
-               heard_at: float | None, now: float, timeout: float) -> tuple[str, int] | None:
+def udp_target(
+    advertised: tuple[str, int] | None, heard_from: tuple[str, int] | None, heard_at: float | None, now: float, timeout: float
+) -> tuple[str, int] | None:
     """Where to send a peer's UDP datagrams: the endpoint its authentic datagrams come from while
     they keep coming (``timeout``), else the endpoint it advertises.
 

@@ -19,8 +19,19 @@ from .crypto import REKEY_AFTER_PACKETS, REKEY_AFTER_SECONDS, ReceiveState, Send
 class Peer:
     """One remote node: its virtual IP (and extra networks), UDP endpoint, session state."""
 
-    __slots__ = ("peer_id", "vip", "vip_bytes", "networks", "endpoint", "source", "send", "receive", "fallback",
-                 "heard", "udp_heard")
+    __slots__ = (
+        "peer_id",
+        "vip",
+        "vip_bytes",
+        "networks",
+        "endpoint",
+        "source",
+        "send",
+        "receive",
+        "fallback",
+        "heard",
+        "udp_heard",
+    )
 
     def __init__(
         self,
@@ -62,8 +73,7 @@ class PeerTable:
     :param rekey_after_seconds: the same in seconds.
     """
 
-    def __init__(self, rekey_after_packets: int = REKEY_AFTER_PACKETS,
-                 rekey_after_seconds: float = REKEY_AFTER_SECONDS) -> None:
+    def __init__(self, rekey_after_packets: int = REKEY_AFTER_PACKETS, rekey_after_seconds: float = REKEY_AFTER_SECONDS) -> None:
         self.rekey_after_packets = rekey_after_packets
         self.rekey_after_seconds = rekey_after_seconds
         self._peers: dict[str, Peer] = {}

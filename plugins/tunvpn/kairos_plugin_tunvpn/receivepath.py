@@ -54,6 +54,7 @@ class ReceivePath(PeerTable):
     roam_limiter: RoamLimiter
 
     if TYPE_CHECKING:
+
         def _log_once(self, message: str, exc_info: bool = False) -> None: ...
 
     def inject_from_fallback(self, peer_id: str, datagram: bytes) -> bool:
@@ -85,8 +86,9 @@ class ReceivePath(PeerTable):
                 self._coalescer.flush()
             return self._counters.rx_packets - before
 
-    def _receive(self, rview: memoryview, n: int, ancillary: list[tuple[int, int, bytes]], address: tuple[str, int],
-                 open_views: OpenViews) -> None:
+    def _receive(
+        self, rview: memoryview, n: int, ancillary: list[tuple[int, int, bytes]], address: tuple[str, int], open_views: OpenViews
+    ) -> None:
         """Open what one ``recvmsg`` returned (a GRO train, or one datagram) and write it to the TUN."""
         counters = self._counters
         size = n
@@ -106,7 +108,11 @@ class ReceivePath(PeerTable):
                 self._log_once("tunvpn: datagram dropped", exc_info=True)
 
     def _open_train(
-        self, view: memoryview, n: int, size: int, address: tuple[str, int],
+        self,
+        view: memoryview,
+        n: int,
+        size: int,
+        address: tuple[str, int],
         open_views: OpenViews | None = None,
     ) -> None:
         """Open a GRO train: datagrams of ``size`` bytes (the last may be shorter) from one sender.
@@ -187,7 +193,8 @@ class ReceivePath(PeerTable):
             fast_views = open_views.get(-size)
             if fast_views is None or len(fast_views) < full:
                 fast_views = open_views[-size] = [
-                    view[at + HEADER_BYTES - base : at + HEADER_BYTES + length] for at in range(0, len(view) - size + 1, size)]
+                    view[at + HEADER_BYTES - base : at + HEADER_BYTES + length] for at in range(0, len(view) - size + 1, size)
+                ]
             append_run = coalescer.append_run
             index, handled = 0, len(status)
             while index < handled:
@@ -202,8 +209,7 @@ class ReceivePath(PeerTable):
                         index += taken
                         continue
                 packet = fast_views[index]
-                if code == 0 or (code == 2 and packet[base] >> 4 == 4
-                                 and peer.owns_source(bytes(packet[base + 12 : base + 16]))):
+                if code == 0 or (code == 2 and packet[base] >> 4 == 4 and peer.owns_source(bytes(packet[base + 12 : base + 16]))):
                     delivered += 1
                     delivered_bytes += length
                     push(packet, length, csum_start, csum_offset)
@@ -215,10 +221,7 @@ class ReceivePath(PeerTable):
             slots = slots[handled:]
         for datagram, nonce, sealed, header, inner, length in slots:
             head, counter = unpack_words(header)
-            if head != prefix or (
-                counter <= highest
-                and (highest - counter >= window_size or (bits >> (highest - counter)) & 1)
-            ):
+            if head != prefix or (counter <= highest and (highest - counter >= window_size or (bits >> (highest - counter)) & 1)):
                 # not the train's peer and epoch, or a replay: the slow path counts why
                 window.highest, window.bits = highest, bits & window.mask
                 self._open_datagram(datagram, address)
@@ -262,8 +265,9 @@ class ReceivePath(PeerTable):
             return True
         return False
 
-    def _open_datagram(self, datagram: memoryview, address: tuple[str, int] | None, expected: Peer | None = None,
-                       prechecked: bool = False) -> None:
+    def _open_datagram(
+        self, datagram: memoryview, address: tuple[str, int] | None, expected: Peer | None = None, prechecked: bool = False
+    ) -> None:
         """Open one datagram and deliver it; ``address`` is its UDP source (None: it came over
         the fallback stream of ``expected``); ``prechecked``: its roaming token is taken."""
         counters = self._counters

@@ -30,8 +30,16 @@ UDP_SEGMENT = 103  # not exported by Python 3.11's socket module
 MAX_GSO_SEGMENTS = 64
 _SEGMENT_SIZE = struct.Struct("=H")
 _TRANSIENT_SEND_ERRORS = {
-    errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPERM, errno.EACCES,
-    errno.ENOBUFS, errno.EMSGSIZE, errno.EINVAL, errno.EHOSTDOWN, errno.ENETDOWN,
+    errno.ECONNREFUSED,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.EPERM,
+    errno.EACCES,
+    errno.ENOBUFS,
+    errno.EMSGSIZE,
+    errno.EINVAL,
+    errno.EHOSTDOWN,
+    errno.ENETDOWN,
 }
 
 
@@ -44,10 +52,17 @@ class SendPath(PeerTable):
     udp_gso: bool
 
     if TYPE_CHECKING:
+
         def _log_once(self, message: str, exc_info: bool = False) -> None: ...
 
     def _forward(
-        self, buf: bytearray, view: memoryview, n: int, skip: int, out: bytearray, out_view: memoryview,
+        self,
+        buf: bytearray,
+        view: memoryview,
+        n: int,
+        skip: int,
+        out: bytearray,
+        out_view: memoryview,
         seal_views: dict[int, list[SealSlot]],
     ) -> None:
         counters = self._counters
@@ -131,9 +146,7 @@ class SendPath(PeerTable):
             start = offset + HEADER_BYTES
             length = write_segment(out, start, index)
             size = length + OVERHEAD
-            if train and (
-                not gso or size > train_size or short or offset + size > MAX_UDP_PAYLOAD or train >= MAX_GSO_SEGMENTS
-            ):
+            if train and (not gso or size > train_size or short or offset + size > MAX_UDP_PAYLOAD or train >= MAX_GSO_SEGMENTS):
                 # the packet is already written past the train: send the train, then move it down
                 self._send_train(peer, out_view, offset, train_size, train)
                 out[HEADER_BYTES : HEADER_BYTES + length] = out_view[start : start + length]
@@ -160,7 +173,13 @@ class SendPath(PeerTable):
             self._send_train(peer, out_view, offset, train_size, train)
 
     def _seal_tso(
-        self, peer: Peer, frame: TsoFrame, csum_start: int, csum_offset: int, out: bytearray, out_view: memoryview,
+        self,
+        peer: Peer,
+        frame: TsoFrame,
+        csum_start: int,
+        csum_offset: int,
+        out: bytearray,
+        out_view: memoryview,
         seal_views: dict[int, list[SealSlot]],
     ) -> None:
         """:meth:`_seal_and_send` for a TSO frame whose middle segments' headers advance linearly.
@@ -188,9 +207,8 @@ class SendPath(PeerTable):
                 seal_views.clear()  # MSS changes are rare; keep the cache small anyway
             views = seal_views[size] = seal_slots(out_view, size, header_len + gso_size, MAX_GSO_SEGMENTS)
         wire = (
-            (KIND_DATA << 120 | (epoch & 0xFF) << 112 | csum_start << 104 | csum_offset << 96
-             | send.key_id << 64 | first_counter) << bits
-        )
+            KIND_DATA << 120 | (epoch & 0xFF) << 112 | csum_start << 104 | csum_offset << 96 | send.key_id << 64 | first_counter
+        ) << bits
         step = (1 << bits) + frame.step
         step_bytes = step.to_bytes(headers_size, "big") if fast is not None else b""
         encrypt_into = aead.encrypt_into
@@ -204,7 +222,7 @@ class SendPath(PeerTable):
             start = index * gso_size
             if index == 0:
                 out[:headers_size] = (wire + int.from_bytes(frame.headers(0), "big")).to_bytes(headers_size, "big")
-                out[headers_size:size - TAG_BYTES] = payload[:gso_size]
+                out[headers_size : size - TAG_BYTES] = payload[:gso_size]
                 encrypt_into(*views[0])
                 index = position = 1
                 start = gso_size
@@ -212,8 +230,17 @@ class SendPath(PeerTable):
                 headers = (index << bits) + wire + int.from_bytes(frame.headers(index), "big")
                 offset = position * size
                 if fast is not None:  # the same loop in C
-                    fast.seal_run(out, offset, size, full_end - index, headers.to_bytes(headers_size, "big"),
-                                  step_bytes, payload, start, gso_size)
+                    fast.seal_run(
+                        out,
+                        offset,
+                        size,
+                        full_end - index,
+                        headers.to_bytes(headers_size, "big"),
+                        step_bytes,
+                        payload,
+                        start,
+                        gso_size,
+                    )
                     start += (full_end - index) * gso_size
                 else:
                     for views_at in views[position : position + full_end - index]:
@@ -232,11 +259,16 @@ class SendPath(PeerTable):
                 body = offset + headers_size
                 stop = body + last_size
                 out[offset:body] = ((last << bits) + wire + int.from_bytes(frame.headers(last), "big")).to_bytes(
-                    headers_size, "big")
+                    headers_size, "big"
+                )
                 out[body:stop] = payload[start : start + last_size]
                 inner = out_view[offset + HEADER_BYTES : stop]
-                encrypt_into(out_view[offset + 4 : offset + HEADER_BYTES], inner, out_view[offset : offset + HEADER_BYTES],
-                             out_view[offset + HEADER_BYTES : stop + TAG_BYTES])
+                encrypt_into(
+                    out_view[offset + 4 : offset + HEADER_BYTES],
+                    inner,
+                    out_view[offset : offset + HEADER_BYTES],
+                    out_view[offset + HEADER_BYTES : stop + TAG_BYTES],
+                )
                 position += 1
                 index = count
                 length = stop + TAG_BYTES

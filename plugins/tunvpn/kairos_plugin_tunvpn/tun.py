@@ -99,8 +99,13 @@ class TunDevice:
             raise
         return device
 
-    def _configure(self, address: str | ipaddress.IPv4Interface | None, mtu: int,
-                   routes: Iterable[str | ipaddress.IPv4Network], gso_max_size: int) -> None:
+    def _configure(
+        self,
+        address: str | ipaddress.IPv4Interface | None,
+        mtu: int,
+        routes: Iterable[str | ipaddress.IPv4Network],
+        gso_max_size: int,
+    ) -> None:
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:

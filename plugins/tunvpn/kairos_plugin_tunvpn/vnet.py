@@ -167,8 +167,10 @@ class TsoFrame:
         if self.version == 4:
             step += (1 << (bits - 48)) - (1 << (bits - 96))
             ip_sum = self._templates["middle"][1] + self._ip_id0
-            linear = linear and self._ip_id0 + middles <= 0xFFFF and (
-                middles < 1 or fold(ip_sum + middles) == fold(ip_sum + 1) + middles - 1
+            linear = (
+                linear
+                and self._ip_id0 + middles <= 0xFFFF
+                and (middles < 1 or fold(ip_sum + middles) == fold(ip_sum + 1) + middles - 1)
             )
         return step, linear
 
@@ -231,9 +233,7 @@ class TsoFrame:
         return size
 
 
-def split_tso(
-    packet: memoryview, gso_size: int, tcp_offset: int, partial: bool
-) -> list[bytearray]:
+def split_tso(packet: memoryview, gso_size: int, tcp_offset: int, partial: bool) -> list[bytearray]:
     """Cut a TCP super-frame into independent TCP/IP packets (see :class:`TsoFrame`)."""
     frame = TsoFrame(packet, gso_size, tcp_offset, partial)
     segments = []
@@ -279,21 +279,33 @@ class TcpCoalescer:
         self._append_segments = fastpath.append_segments if fastpath.enabled() else None
         self._mask_bytes = b""  # _mask as header_len bytes, for the C loop
 
-    def append_run(self, src: memoryview, first: int, stride: int, count: int, length: int,
-                   csum_start: int, csum_offset: int) -> int:
+    def append_run(
+        self, src: memoryview, first: int, stride: int, count: int, length: int, csum_start: int, csum_offset: int
+    ) -> int:
         """Append in C what :meth:`push`'s fast path would, from ``count`` packets of ``length``
         bytes at ``src[first + i * stride]``; returns how many it took (0 without the C module).
 
         Stops at the first packet the pending frame cannot take: the caller pushes that one.
         """
         expect = self._expect
-        if (self._append_segments is None or not self._end or expect < 0 or csum_start != 20
-                or csum_offset != TCP_CSUM_OFFSET):
+        if self._append_segments is None or not self._end or expect < 0 or csum_start != 20 or csum_offset != TCP_CSUM_OFFSET:
             return 0
         header_len = self._header_len
         taken, end, closed, next_seq = self._append_segments(
-            self._buf, self._end, MAX_COALESCED + VNET_HDR_LEN, src, first, stride, count, length, header_len,
-            self._segment_size, self._mask_bytes, expect.to_bytes(header_len, "big"), 24)
+            self._buf,
+            self._end,
+            MAX_COALESCED + VNET_HDR_LEN,
+            src,
+            first,
+            stride,
+            count,
+            length,
+            header_len,
+            self._segment_size,
+            self._mask_bytes,
+            expect.to_bytes(header_len, "big"),
+            24,
+        )
         if taken:
             self._end = end
             self._count += taken
@@ -342,17 +354,12 @@ class TcpCoalescer:
             self.flush()
             self._write_single(buf, length, csum_start, csum_offset)
             return
-        (version_ihl, tos, _total, _ip_id, fragment, ttl, protocol, _ip_csum, endpoints, seq, ack, data_offset,
-         flags, window) = _IPV4_TCP.unpack_from(buf, p)
+        (version_ihl, tos, _total, _ip_id, fragment, ttl, protocol, _ip_csum, endpoints, seq, ack, data_offset, flags, window) = (
+            _IPV4_TCP.unpack_from(buf, p)
+        )
         header_len = 20 + (data_offset >> 4) * 4
         size = length - header_len
-        if (
-            version_ihl != 0x45
-            or protocol != IPPROTO_TCP
-            or fragment & 0x3FFF
-            or flags & ~TCP_PSH != TCP_ACK
-            or size <= 0
-        ):
+        if version_ihl != 0x45 or protocol != IPPROTO_TCP or fragment & 0x3FFF or flags & ~TCP_PSH != TCP_ACK or size <= 0:
             self.flush()
             self._write_single(buf, length, csum_start, csum_offset)
             return
@@ -393,14 +400,14 @@ class TcpCoalescer:
         bits = 8 * header_len
         if self._mask_bits != bits:
             self._mask_bits = bits
-            self._mask = ((1 << bits) - 1) ^ sum(
-                ((1 << 8 * width) - 1) << (bits - 8 * (at + width)) for at, width in _MERGE_VARIES
-            ) ^ TCP_PSH << (bits - 8 * 34)
+            self._mask = (
+                ((1 << bits) - 1)
+                ^ sum(((1 << 8 * width) - 1) << (bits - 8 * (at + width)) for at, width in _MERGE_VARIES)
+                ^ TCP_PSH << (bits - 8 * 34)
+            )
             self._mask_bytes = self._mask.to_bytes(header_len, "big")
             self._seq_shift = bits - 8 * 28
-        self._expect_base = (
-            int.from_bytes(buf[p : p + header_len], "big") & self._mask & ~(0xFFFFFFFF << self._seq_shift)
-        )
+        self._expect_base = int.from_bytes(buf[p : p + header_len], "big") & self._mask & ~(0xFFFFFFFF << self._seq_shift)
         self._expect = -1 if self._closed else self._expect_base | next_seq << self._seq_shift
 
     def flush(self) -> None:
@@ -421,9 +428,7 @@ class TcpCoalescer:
         _U16.pack_into(buf, p + 10, internet_checksum(buf[p : p + 20]))
         # the partial TCP checksum of a GSO frame covers the pseudo-header of the whole frame
         _U16.pack_into(buf, p + 36, pseudo_header_sum(buf[p:], length - 20, IPPROTO_TCP))
-        VNET_HDR.pack_into(
-            buf, 0, NEEDS_CSUM, GSO_TCPV4, self._header_len, self._segment_size, 20, TCP_CSUM_OFFSET
-        )
+        VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, self._header_len, self._segment_size, 20, TCP_CSUM_OFFSET)
         self.frames += 1
         self.merged += count
         self._write(self._view[:end])

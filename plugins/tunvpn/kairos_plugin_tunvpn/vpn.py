@@ -73,10 +73,14 @@ def _edgevpn_variable(name: str, why: str) -> Option:
 #: here, EDGEVPNDHT, EDGEVPNMDNS, EDGEVPNMAXCONNS, EDGEVPNBOOTSTRAPPEERS … in the core's p2p section).
 ENV = Section(
     "env",
-    _edgevpn_variable("EDGEVPNLOWPROFILEVPN", "tunvpn has no low-profile mode: it keeps at most p2p.connections.high "
-                                              "connections and dials VPN members on demand"),
-    _edgevpn_variable("EDGEVPNLOWPROFILE", "tunvpn has no low-profile mode: it keeps at most p2p.connections.high "
-                                           "connections and dials VPN members on demand"),
+    _edgevpn_variable(
+        "EDGEVPNLOWPROFILEVPN",
+        "tunvpn has no low-profile mode: it keeps at most p2p.connections.high connections and dials VPN members on demand",
+    ),
+    _edgevpn_variable(
+        "EDGEVPNLOWPROFILE",
+        "tunvpn has no low-profile mode: it keeps at most p2p.connections.high connections and dials VPN members on demand",
+    ),
     _edgevpn_variable("DNSFORWARD", _NO_DNS),
     _edgevpn_variable("DNSADDRESS", _NO_DNS),
     _edgevpn_variable("DNSCACHESIZE", _NO_DNS),
@@ -87,32 +91,70 @@ ENV = Section(
     _edgevpn_variable("EDGEVPNLOGLEVEL", "set node.log_level (Kairos: p2p.loglevel)"),
     _edgevpn_variable("EDGEVPNLIBP2PLOGLEVEL", "set node.log_level (Kairos: p2p.loglevel)"),
     help="Kairos's p2p.vpn.env: EdgeVPN's environment. Variables with a meaning here set the option named in its "
-         "help (ADDRESS is vpn.address, EDGEVPNMAXCONNS p2p.connections.high …); the others warn.",
-    unknown="warn", unknown_note="an EdgeVPN variable kairos-plugin-tunvpn does not use",
+    "help (ADDRESS is vpn.address, EDGEVPNMAXCONNS p2p.connections.high …); the others warn.",
+    unknown="warn",
+    unknown_note="an EdgeVPN variable kairos-plugin-tunvpn does not use",
 )
 #: The ``vpn`` config section (Kairos users write it as ``p2p.vpn``).
 SECTION = Section(
     "vpn",
     Option("create", bool, True, "Create the TUN device and run the data plane (false: no VPN on this node)."),
-    Option("use", bool, True, "Run Kubernetes (k3s) over the VPN: its node address and flannel interface are the "
-                              "VPN's (false: the machines' own addresses)."),
+    Option(
+        "use",
+        bool,
+        True,
+        "Run Kubernetes (k3s) over the VPN: its node address and flannel interface are the "
+        "VPN's (false: the machines' own addresses).",
+    ),
     Option("interface", str, "edgevpn0", "Name of the TUN device.", paths=(f"{_EDGEVPN}IFACE",)),
-    Option("address", str, "auto", 'This node\'s VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".',
-           paths=(Alias(f"{_EDGEVPN}DHCP", parse=_dhcp), f"{_EDGEVPN}ADDRESS")),
-    Option("cidr", str, "10.1.0.0/24",
-           "The VPN's network (/30 or larger): automatic VIPs come from it, and it is routed into the device."),
-    Option("mtu", int, 1420, "MTU of the TUN device.", minimum=576, maximum=9000,
-           paths=(Alias(f"{_EDGEVPN}EDGEVPNMTU", parse=text_value),)),
-    Option("port", int, 0, "UDP port of the data plane; 0 = picked by the system (published in the ledger).",
-           minimum=0, maximum=65535),
+    Option(
+        "address",
+        str,
+        "auto",
+        'This node\'s VIP: "auto" (conflict-free from `cidr`) or a static "10.1.0.5/24".',
+        paths=(Alias(f"{_EDGEVPN}DHCP", parse=_dhcp), f"{_EDGEVPN}ADDRESS"),
+    ),
+    Option(
+        "cidr",
+        str,
+        "10.1.0.0/24",
+        "The VPN's network (/30 or larger): automatic VIPs come from it, and it is routed into the device.",
+    ),
+    Option(
+        "mtu",
+        int,
+        1420,
+        "MTU of the TUN device.",
+        minimum=576,
+        maximum=9000,
+        paths=(Alias(f"{_EDGEVPN}EDGEVPNMTU", parse=text_value),),
+    ),
+    Option(
+        "port",
+        int,
+        0,
+        "UDP port of the data plane; 0 = picked by the system (published in the ledger).",
+        minimum=0,
+        maximum=65535,
+    ),
     Option("udp", bool, True, "Use direct UDP when it gets through (false: always the libp2p stream)."),
     Option("keepalive_interval", float, 1.0, "Seconds between keepalives to each peer.", minimum=0.05),
-    Option("udp_timeout", float, 5.0,
-           "Seconds without an authentic UDP datagram from a peer before its packets take the stream.", minimum=0.1),
-    Option("claim_ttl", float, 86400.0,
-           "Seconds a VIP claim lasts unless its node refreshes it (every claim_ttl / 4): the address of a node "
-           "gone for good is free again after this long (at most 30 days). Long next to clock skew between nodes.",
-           minimum=int(MIN_CLAIM_TTL), maximum=int(MAX_CLAIM_TTL)),
+    Option(
+        "udp_timeout",
+        float,
+        5.0,
+        "Seconds without an authentic UDP datagram from a peer before its packets take the stream.",
+        minimum=0.1,
+    ),
+    Option(
+        "claim_ttl",
+        float,
+        86400.0,
+        "Seconds a VIP claim lasts unless its node refreshes it (every claim_ttl / 4): the address of a node "
+        "gone for good is free again after this long (at most 30 days). Long next to clock skew between nodes.",
+        minimum=int(MIN_CLAIM_TTL),
+        maximum=int(MAX_CLAIM_TTL),
+    ),
     ENV,
     help="The VPN between the nodes (tunvpn): a TUN device, a VIP per node, direct UDP or the libp2p stream.",
     aliases=("p2p.vpn",),
@@ -173,8 +215,18 @@ class VPNSettings:
                 static = ipaddress.IPv4Interface(f"{static.ip}/{network.prefixlen}")
             if not usable(static.ip, network):
                 raise VPNConfigError(f"vpn.address: {static.ip} is not a host address of vpn.cidr {network}")
-        return cls(given.create, given.interface, static, network, given.mtu, given.port, given.udp,
-                   given.keepalive_interval, given.udp_timeout, given.claim_ttl)
+        return cls(
+            given.create,
+            given.interface,
+            static,
+            network,
+            given.mtu,
+            given.port,
+            given.udp,
+            given.keepalive_interval,
+            given.udp_timeout,
+            given.claim_ttl,
+        )
 
 
 @dataclass
@@ -207,8 +259,9 @@ def udp_host(info: dict[str, Any], network: ipaddress.IPv4Network) -> str | None
     return str(found[0]) if found else None
 
 
-def set_device_address(name: str, old: ipaddress.IPv4Interface | None, new: ipaddress.IPv4Interface,
-                       network: ipaddress.IPv4Network) -> None:
+def set_device_address(
+    name: str, old: ipaddress.IPv4Interface | None, new: ipaddress.IPv4Interface, network: ipaddress.IPv4Network
+) -> None:
     """Give device ``name`` the address ``new`` instead of ``old``; keep ``network`` routed to it.
 
     The old address goes first. Added second, the new one would be a *secondary* address of the
@@ -250,10 +303,15 @@ class VPN:
         pass one they can set).
     """
 
-    def __init__(self, node: NodeView, settings: VPNSettings, *,
-                 make_plane: Callable[["VPN"], NodeDataPlane] | None = None,
-                 keepalive: Callable[["VPN", ipaddress.IPv4Address], None] | None = None,
-                 wall_clock: Callable[[], int] = wall_clock_ms) -> None:
+    def __init__(
+        self,
+        node: NodeView,
+        settings: VPNSettings,
+        *,
+        make_plane: Callable[["VPN"], NodeDataPlane] | None = None,
+        keepalive: Callable[["VPN", ipaddress.IPv4Address], None] | None = None,
+        wall_clock: Callable[[], int] = wall_clock_ms,
+    ) -> None:
         self.node = node
         self.settings = settings
         self.peer_id: str = node.peer_id
@@ -414,17 +472,18 @@ class VPN:
             if not self._static_conflict_logged:
                 log.error("vpn: static address %s is also claimed by %s, which ranks first", self.claim.vip, holder.peer_id)
                 self._static_conflict_logged = True
-            self.node.set_state("tunvpn", f"waiting for static address {self.claim.vip}, "
-                                          f"which {holder.peer_id} claimed first")
+            self.node.set_state("tunvpn", f"waiting for static address {self.claim.vip}, which {holder.peer_id} claimed first")
             return
         self._attempt += 1
         taken = {c.vip for c in claims.values()}
         vip = choose_address(self.peer_id, self.settings.network, taken, self._attempt)
         if vip is None:
-            log.error("vpn: %s is taken by %s and no address is free in %s", self.claim.vip, holder.peer_id,
-                      self.settings.network)
-            self.node.set_state("tunvpn", f"waiting for a free address in {self.settings.network} "
-                                          f"({self.claim.vip} belongs to {holder.peer_id})")
+            log.error(
+                "vpn: %s is taken by %s and no address is free in %s", self.claim.vip, holder.peer_id, self.settings.network
+            )
+            self.node.set_state(
+                "tunvpn", f"waiting for a free address in {self.settings.network} ({self.claim.vip} belongs to {holder.peer_id})"
+            )
             return
         log.info("vpn: %s belongs to %s (earlier claim); moving to %s", self.claim.vip, holder.peer_id, vip)
         self.counters["vpn_address_moves"] += 1
@@ -544,8 +603,9 @@ class VPN:
                     self.counters["vpn_path_switches"] += 1
                     link.path, link.since = "udp", now
                     link.hysteresis.went_up(now)
-                    plane.set_endpoint(peer_id, udp_target(link.endpoint, plane.source_of(peer_id), udp_heard,
-                                                           now, s.udp_timeout))
+                    plane.set_endpoint(
+                        peer_id, udp_target(link.endpoint, plane.source_of(peer_id), udp_heard, now, s.udp_timeout)
+                    )
                 elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
                     # let a keepalive (and a moment of traffic) try UDP; the peer learns our
                     # endpoint from it if it arrives, and answers over UDP
@@ -591,9 +651,14 @@ class VPN:
         self._keepalive_socket.sendto(b"", (str(vip), DISCARD_PORT))
 
     def _publish_status(self) -> None:
-        links = {p: {"path": link.path, "vip": str(self.vips.get(p, "")),
-                     "endpoint": f"{link.endpoint[0]}:{link.endpoint[1]}" if link.endpoint else None}
-                 for p, link in sorted(self.links.items())}
+        links = {
+            p: {
+                "path": link.path,
+                "vip": str(self.vips.get(p, "")),
+                "endpoint": f"{link.endpoint[0]}:{link.endpoint[1]}" if link.endpoint else None,
+            }
+            for p, link in sorted(self.links.items())
+        }
         if links != self._published_links:
             self._published_links = links
             self.node.ledger.set(BUCKET, f"{self.peer_id}/links", links)
@@ -667,8 +732,9 @@ class VPN:
         now = time.monotonic()
         if link is None:
             link = self.links[peer_id] = Link(now)
-            link.sender = FallbackSender(lambda: self.node.open_stream(peer_id, PACKETS_PROTOCOL),
-                                         asyncio.get_running_loop(), self.counters)
+            link.sender = FallbackSender(
+                lambda: self.node.open_stream(peer_id, PACKETS_PROTOCOL), asyncio.get_running_loop(), self.counters
+            )
             link.sender.start()
         link.keys_installed_at = link.last_progress = now
         link.path, link.since = ("udp", now) if self.settings.udp else ("stream", now)

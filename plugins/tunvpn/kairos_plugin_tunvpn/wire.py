@@ -45,8 +45,14 @@ def seal_slots(out_view: memoryview, size: int, length: int, slots: int) -> list
     for slot in range(slots):
         at = slot * size
         body = at + HEADER_BYTES
-        views.append((out_view[at + 4 : body], out_view[body : body + length], out_view[at:body],
-                      out_view[body : body + length + TAG_BYTES]))
+        views.append(
+            (
+                out_view[at + 4 : body],
+                out_view[body : body + length],
+                out_view[at:body],
+                out_view[body : body + length + TAG_BYTES],
+            )
+        )
     return views
 
 
@@ -59,7 +65,5 @@ def open_slots(view: memoryview, rx_view: memoryview, size: int, slots: int) -> 
     views: list[OpenSlot] = []
     for slot in range(slots):
         datagram = view[slot * size : slot * size + size]
-        views.append((datagram, datagram[4:HEADER_BYTES], datagram[HEADER_BYTES:], datagram[:HEADER_BYTES],
-                      inner, length))
+        views.append((datagram, datagram[4:HEADER_BYTES], datagram[HEADER_BYTES:], datagram[:HEADER_BYTES], inner, length))
     return views
-

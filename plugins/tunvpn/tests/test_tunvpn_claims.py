@@ -17,7 +17,13 @@ import pytest
 from kairos_core.errors import ConfigError
 from kairos_core.ledger.clock import HybridLogicalClock, wall_clock_ms
 from kairos_plugin_tunvpn.addressing import (
-    Claim, choose_address, decode_claim, holders, parse_claim, read_claims, vip_map,
+    Claim,
+    choose_address,
+    decode_claim,
+    holders,
+    parse_claim,
+    read_claims,
+    vip_map,
 )
 from kairos_plugin_tunvpn.plugin import TunVPNPlugin
 from kairos_plugin_tunvpn.vpn import DEFAULTS, VPN, VPNConfigError, VPNSettings
@@ -34,6 +40,7 @@ def claim_value(vip: str = "10.1.0.7", claimed: tuple[int, int] = (NOW - 5000, 0
 
 
 # ----- parsing ------------------------------------------------------------------------------------
+
 
 def test_a_claim_is_alive_until_it_expires():
     value = claim_value(expires=NOW + 1000)
@@ -87,8 +94,7 @@ def test_a_lapsed_claim_neither_holds_nor_takes_its_address():
         "other": claim_value("10.1.0.1", claimed=(NOW - 1000, 0), expires=NOW + 60_000),
     }
     claims = read_claims(bucket, SMALL, NOW)
-    assert vip_map(claims.values()) == {"newcomer": ipaddress.IPv4Address("10.1.0.2"),
-                                        "other": ipaddress.IPv4Address("10.1.0.1")}
+    assert vip_map(claims.values()) == {"newcomer": ipaddress.IPv4Address("10.1.0.2"), "other": ipaddress.IPv4Address("10.1.0.1")}
     # without the newcomer, the address of the node gone for good is free for a third one
     del bucket["newcomer"]
     claims = read_claims(bucket, SMALL, NOW)
@@ -100,6 +106,7 @@ def test_a_lapsed_claim_neither_holds_nor_takes_its_address():
 
 
 # ----- the VPN's own claim, on a stub node --------------------------------------------------------
+
 
 class StubLedger:
     """The part of a ledger the VPN's address logic uses, with a wall clock the test sets."""
@@ -193,6 +200,7 @@ def test_a_claim_that_lapsed_while_running_is_made_anew():
 
 # ----- config ---------------------------------------------------------------------------------------
 
+
 def test_claim_ttl_defaults_to_a_day():
     assert VPNSettings.from_config(dict(DEFAULTS)).claim_ttl == 86400.0
 
@@ -224,13 +232,15 @@ async def test_a_bad_claim_ttl_is_refused_with_the_config(network):
 def test_config_check_names_what_is_wrong_with_the_vpn_section(tmp_path):
     config = tmp_path / "kairos.yaml"
     config.write_text("vpn:\n  cidr: 10.1.0.0/24\n  address: 10.2.0.5/24\n")
-    result = subprocess.run([sys.executable, "-m", "kairos_core", "config", "check", str(config)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "kairos_core", "config", "check", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"{config}: vpn.address: 10.2.0.5 is not a host address of vpn.cidr 10.1.0.0/24"
 
 
 # ----- nodes ----------------------------------------------------------------------------------------
+
 
 def live_claims(node) -> dict[str, Claim]:
     return read_claims(node.ledger.items("vpn"), SMALL, node.ledger.clock.now_ms())
@@ -242,8 +252,12 @@ async def two_nodes_in_small(network, plugin, names=("a", "x")):
     nodes = [await network.add_node(plugins=[plugin], overrides=config, name=name) for name in names]
     vpns = [plugin.vpn_of(n) for n in nodes]
     assert all(v is not None for v in vpns)
-    await network.wait_for(lambda: vpns[0].vips.get(nodes[1].peer_id) == vpns[1].address.ip
-                           and vpns[1].vips.get(nodes[0].peer_id) == vpns[0].address.ip, timeout=30)
+    await network.wait_for(
+        lambda: (
+            vpns[0].vips.get(nodes[1].peer_id) == vpns[1].address.ip and vpns[1].vips.get(nodes[0].peer_id) == vpns[0].address.ip
+        ),
+        timeout=30,
+    )
     assert vpns[0].address.ip != vpns[1].address.ip
     return nodes, vpns
 
@@ -299,8 +313,10 @@ async def test_a_node_back_after_its_claim_lapsed_does_not_take_its_old_address_
     assert x2.peer_id == x.peer_id  # the same node: same state dir, same identity and ledger
     vx2 = plugin.vpn_of(x2)
     assert vx2 is not None
-    await network.wait_for(lambda: vx2.address.ip == address_a and vz.vips.get(x2.peer_id) == address_a
-                           and vx2.vips.get(z.peer_id) == address_x, timeout=30)
+    await network.wait_for(
+        lambda: vx2.address.ip == address_a and vz.vips.get(x2.peer_id) == address_a and vx2.vips.get(z.peer_id) == address_x,
+        timeout=30,
+    )
     assert vz.address.ip == address_x  # the newcomer kept the address
     assert vx2.claim.claimed > vz.claim.claimed > old_claim.claimed
 

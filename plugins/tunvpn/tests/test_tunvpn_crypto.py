@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kairos_plugin_tunvpn.crypto import (
-    ReceiveState, ReplayWindow, SendState, SessionKeys, derive, next_epoch_key, nonce_for,
+    ReceiveState,
+    ReplayWindow,
+    SendState,
+    SessionKeys,
+    derive,
+    next_epoch_key,
+    nonce_for,
 )
 
 SECRET = b"s" * 32
@@ -30,9 +36,11 @@ def test_the_key_derivation_is_pinned():
     # The derived keys are the wire format: a change here is a protocol break between versions.
     # RFC 5869, test case 3 (SHA-256, no salt, no info): the helper is plain HKDF-SHA256.
     assert derive(b"\x0b" * 22, b"", 42).hex() == (
-        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8")
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d9d201395faa4b61a96c8"
+    )
     assert derive(b"kairos-ikm", b"kairos/v1/tunvpn/test").hex() == (
-        "5446f5e1a9a9351e6f134e2b220c30d391da03d31eca23bdb69d1cf2f829c362")
+        "5446f5e1a9a9351e6f134e2b220c30d391da03d31eca23bdb69d1cf2f829c362"
+    )
     assert derive(b"kairos-ikm", b"kairos/v1/tunvpn/test", 4).hex() == "5446f5e1"
     secret = bytes(range(32))
     keys = SessionKeys.derive(secret, "12D3KooWA", "12D3KooWB")

@@ -36,8 +36,7 @@ class FakeTun:
         self.ours.settimeout(5)
 
     def inject(self, packet: bytes, gso_type: int = GSO_NONE, gso_size: int = 0, partial: bool = False) -> None:
-        header = VNET_HDR.pack(NEEDS_CSUM if partial else 0, gso_type, 0, gso_size, 20 if partial else 0,
-                               16 if partial else 0)
+        header = VNET_HDR.pack(NEEDS_CSUM if partial else 0, gso_type, 0, gso_size, 20 if partial else 0, 16 if partial else 0)
         self.ours.send(header + packet)
 
     def receive(self) -> tuple[tuple, bytes]:
@@ -393,9 +392,10 @@ def test_udp_heard_moves_only_for_authentic_udp_and_last_heard_for_any_path(pair
     heard = plane_b.udp_heard("a")
     assert heard is not None and plane_b.last_heard("a") == heard
     # a datagram carried by the stream moves last_heard only
-    delivered = plane_b.inject_batch_from_fallback("a", [craft(keys_a, 5000, bytes(icmp_echo(payload=b"s1"))),
-                                                         craft(keys_a, 5001, bytes(icmp_echo(payload=b"s2"))),
-                                                         b"\x01junk"])
+    delivered = plane_b.inject_batch_from_fallback(
+        "a",
+        [craft(keys_a, 5000, bytes(icmp_echo(payload=b"s1"))), craft(keys_a, 5001, bytes(icmp_echo(payload=b"s2"))), b"\x01junk"],
+    )
     assert delivered == 2
     assert [tun_b.receive()[1][28:] for _ in range(2)] == [b"s1", b"s2"]
     assert plane_b.udp_heard("a") == heard and plane_b.last_heard("a") > heard
@@ -445,8 +445,18 @@ def test_a_train_with_replays_forgeries_and_gaps_delivers_each_authentic_counter
     (_, tun_b), (_, plane_b), keys_a = pair
     packets = [bytes(icmp_echo(payload=bytes([i]) * 32)) for i in range(8)]
     forged = SessionKeys(b"f" * 32, keys_a.receive_key, keys_a.send_key_id, keys_a.receive_key_id)
-    order = [(keys_a, 0), (keys_a, 1), (keys_a, 1), (keys_a, 0), (keys_a, 5), (forged, 6), (keys_a, 3), (keys_a, 6),
-             (keys_a, 5), (keys_a, 7)]
+    order = [
+        (keys_a, 0),
+        (keys_a, 1),
+        (keys_a, 1),
+        (keys_a, 0),
+        (keys_a, 5),
+        (forged, 6),
+        (keys_a, 3),
+        (keys_a, 6),
+        (keys_a, 5),
+        (keys_a, 7),
+    ]
     train = b"".join(craft(keys, counter, packets[counter]) for keys, counter in order)
     size = len(train) // len(order)
     view = memoryview(bytearray(train))
@@ -463,8 +473,13 @@ def test_a_train_with_replays_forgeries_and_gaps_delivers_each_authentic_counter
 
 # Both receive paths: the C loops (when built) and their pure-Python twin.
 RECEIVE_PATHS = [
-    pytest.param(False, id="c", marks=pytest.mark.skipif(
-        fastpath.GcmKey is None, reason="the C fast path is not built (needs a C compiler and libssl-dev)")),
+    pytest.param(
+        False,
+        id="c",
+        marks=pytest.mark.skipif(
+            fastpath.GcmKey is None, reason="the C fast path is not built (needs a C compiler and libssl-dev)"
+        ),
+    ),
     pytest.param(True, id="python"),
 ]
 PEER_ENDPOINT = ("127.0.0.1", 9)

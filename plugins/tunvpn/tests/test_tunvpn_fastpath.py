@@ -17,7 +17,8 @@ from kairos_plugin_tunvpn.vnet import VNET_HDR_LEN, TcpCoalescer
 from tunvpn_packets import ipv4_tcp
 
 fastpath = pytest.importorskip(
-    "kairos_plugin_tunvpn._fastpath", reason="the C fast path is not built (needs a C compiler and libssl-dev)")
+    "kairos_plugin_tunvpn._fastpath", reason="the C fast path is not built (needs a C compiler and libssl-dev)"
+)
 
 KEY = bytes(range(32))
 HEADER = struct.Struct("!BBBBIQ")
@@ -57,13 +58,16 @@ def test_seal_run_writes_what_aesgcm_writes_for_each_segment():
     assert out[:7] == bytes(7) and out[-3:] == bytes(3)  # nothing written outside the run
 
 
-@pytest.mark.parametrize("args", [
-    (0, 100, 1, b"x" * 15, b"x" * 15, b"p" * 10, 0, 10),  # headers shorter than the wire header
-    (0, 100, 1, b"x" * 20, b"x" * 19, b"p" * 10, 0, 10),  # step of another length
-    (0, 40, 1, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),   # slot too small for headers + data + tag
-    (0, 100, 2, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # payload too short for two segments
-    (950, 100, 1, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # past the end of out
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        (0, 100, 1, b"x" * 15, b"x" * 15, b"p" * 10, 0, 10),  # headers shorter than the wire header
+        (0, 100, 1, b"x" * 20, b"x" * 19, b"p" * 10, 0, 10),  # step of another length
+        (0, 40, 1, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # slot too small for headers + data + tag
+        (0, 100, 2, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # payload too short for two segments
+        (950, 100, 1, b"x" * 20, b"x" * 20, b"p" * 10, 0, 10),  # past the end of out
+    ],
+)
 def test_seal_run_refuses_arguments_out_of_range(args):
     with pytest.raises(ValueError):
         fastpath.GcmKey(KEY).seal_run(bytearray(1000), *args)
@@ -87,8 +91,7 @@ def test_open_run_marks_forgeries_and_foreign_sources_and_stops_at_replays_and_s
     forged = bytearray(sealed(2, inner()))
     forged[30] ^= 1
     other_key = sealed(4, inner(), key_id=8)  # another peer's key id: not this train's prefix
-    buf = train(sealed(1, inner()), bytes(forged), sealed(3, inner(source=bytes([10, 1, 0, 9]))), other_key,
-                sealed(9, inner()))
+    buf = train(sealed(1, inner()), bytes(forged), sealed(3, inner(source=bytes([10, 1, 0, 9]))), other_key, sealed(9, inner()))
     status, last, run = fastpath.GcmKey(KEY).open_run(buf, 5, SIZE, bytes(buf[:8]), -1, VIP)
     assert status == bytes([0, 1, 2]) and last == 3 and int.from_bytes(run, "little") == 0b101
     assert bytes(buf[3 * SIZE :]) == other_key + sealed(9, inner())  # left for the slow path, untouched
@@ -171,8 +174,9 @@ def test_runs_appended_in_c_give_the_frames_push_gives(segments, dropped, swappe
     packets = []
     for i in range(segments):
         flags = ACK | PSH if i in push_at else ACK
-        packets.append(bytes(ipv4_tcp(bytes([i % 251]) * SEGMENT, seq=1000 + i * SEGMENT, flags=flags, ip_id=i,
-                                      options=TIMESTAMPS)))
+        packets.append(
+            bytes(ipv4_tcp(bytes([i % 251]) * SEGMENT, seq=1000 + i * SEGMENT, flags=flags, ip_id=i, options=TIMESTAMPS))
+        )
         if i in other_flow_at:
             packets.append(bytes(ipv4_tcp(b"o" * SEGMENT, seq=7, flags=ACK, options=TIMESTAMPS, src=bytes([10, 9, 9, 9]))))
     packets = [p for i, p in enumerate(packets) if i not in dropped] or packets[:1]
@@ -198,5 +202,4 @@ def test_runs_too_long_to_be_real_are_refused_before_any_arithmetic_on_them():
     with pytest.raises(ValueError):
         key.open_run(bytearray(SIZE), 2**62, SIZE, bytes(8), -1, VIP)
     with pytest.raises(ValueError):
-        fastpath.append_segments(bytearray(100), 60, 100, b"p" * 100, 0, 2**40, 2**30, 52, 52, 1368,
-                                 bytes(52), bytes(52), 24)
+        fastpath.append_segments(bytearray(100), 60, 100, b"p" * 100, 0, 2**40, 2**30, 52, 52, 1368, bytes(52), bytes(52), 24)

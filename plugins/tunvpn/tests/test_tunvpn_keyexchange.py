@@ -19,30 +19,44 @@ def test_round_trip():
     assert decode(encode("request")) == ("request", None)
 
 
-@pytest.mark.parametrize("data", [
-    b"[" * MAX_MESSAGE,                              # RecursionError in json.loads
-    b'{"op": "hello", "eph": ' + b"[" * 1000 + b"}",
-    b"[" * 100 + b"]" * 100,                         # parses: a list, not a message
-    b'{"op": ' + b"1" * 5000 + b"}",                 # ValueError: over 4300 digits
-    b'{"op": "hello", "eph": NaN, "nonce": Infinity}',
-    b'{"op": {"x": 1}}', b'{"op": ["hello"]}', b'"op"', b"5", b"null",
-    b'{"op": "hello", "eph": "zz", "nonce": "00"}',
-    b'{"op": "hello", "eph": "' + b"00" * 32 + b'", "nonce": 16}',
-    b'{"op": "hello", "eph": "\\ud800", "nonce": "00"}',  # a lone surrogate
-    b"\xff\xfe\x00", b"",
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * MAX_MESSAGE,  # RecursionError in json.loads
+        b'{"op": "hello", "eph": ' + b"[" * 1000 + b"}",
+        b"[" * 100 + b"]" * 100,  # parses: a list, not a message
+        b'{"op": ' + b"1" * 5000 + b"}",  # ValueError: over 4300 digits
+        b'{"op": "hello", "eph": NaN, "nonce": Infinity}',
+        b'{"op": {"x": 1}}',
+        b'{"op": ["hello"]}',
+        b'"op"',
+        b"5",
+        b"null",
+        b'{"op": "hello", "eph": "zz", "nonce": "00"}',
+        b'{"op": "hello", "eph": "' + b"00" * 32 + b'", "nonce": 16}',
+        b'{"op": "hello", "eph": "\\ud800", "nonce": "00"}',  # a lone surrogate
+        b"\xff\xfe\x00",
+        b"",
+    ],
+)
 def test_malformed_messages_raise_exchange_error(data):
     with pytest.raises(ExchangeError):
         decode(data)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(
-    st.binary(max_size=MAX_MESSAGE),
-    st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
-                 lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["op", "eph", "nonce"]), inner, max_size=3),
-                 max_leaves=12).map(lambda doc: json.dumps(doc).encode()),
-))
+@given(
+    st.one_of(
+        st.binary(max_size=MAX_MESSAGE),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+            lambda inner: (
+                st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["op", "eph", "nonce"]), inner, max_size=3)
+            ),
+            max_leaves=12,
+        ).map(lambda doc: json.dumps(doc).encode()),
+    )
+)
 def test_any_input_decodes_or_raises_exchange_error(data):
     try:
         op, hello = decode(data)

@@ -82,8 +82,15 @@ elif cfg["case"] == "unknown":
 
 
 def inject(lab: NamespacePair, case: str, source: str) -> None:
-    config = {"case": case, "secret": SECRET_HEX, "vip_a": lab.vip["a"], "vip_b": lab.vip["b"],
-              "target": lab.underlay["b"], "port": 5555, "source": source}
+    config = {
+        "case": case,
+        "secret": SECRET_HEX,
+        "vip_a": lab.vip["a"],
+        "vip_b": lab.vip["b"],
+        "target": lab.underlay["b"],
+        "port": 5555,
+        "source": source,
+    }
     result = lab.run("a", sys.executable, "-c", INJECTOR, json.dumps(config), os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr
 

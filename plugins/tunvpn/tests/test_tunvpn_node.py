@@ -22,10 +22,9 @@ from tunvpn_packets import icmp_echo
 async def start_nodes(net: LocalNetwork, count: int, plugin: TunVPNPlugin, overrides: dict, concurrently: bool = False):
     if concurrently:
         # every node claims before it has heard of any other: the ledger must sort it out
-        nodes = await asyncio.gather(*(net.add_node(plugins=[plugin], overrides=overrides, connect=False)
-                                       for _ in range(count)))
+        nodes = await asyncio.gather(*(net.add_node(plugins=[plugin], overrides=overrides, connect=False) for _ in range(count)))
         for i, node in enumerate(nodes):
-            for other in nodes[i + 1:]:
+            for other in nodes[i + 1 :]:
                 await node.connect(other.host.addresses())
         return list(nodes)
     return [await net.add_node(plugins=[plugin], overrides=overrides) for _ in range(count)]
@@ -54,8 +53,10 @@ async def test_ten_nodes_starting_together_get_distinct_vips(network, fakes):
         vpn = plugin.vpn_of(node)
         assert vpn.address.ip == vips[node.peer_id]  # the device follows the claim it holds
     for node in nodes:  # every node sees every other as the holder of its own claim
-        assert {c.peer_id: vip for vip, c in holders(read_claims(
-            node.ledger.items("vpn"), ipaddress.IPv4Network("10.1.0.0/28")).values()).items()} == vips
+        assert {
+            c.peer_id: vip
+            for vip, c in holders(read_claims(node.ledger.items("vpn"), ipaddress.IPv4Network("10.1.0.0/28")).values()).items()
+        } == vips
 
 
 async def test_packets_cross_between_three_nodes_over_udp(network, fakes):
@@ -95,8 +96,9 @@ async def test_spoofed_inner_source_over_the_stream_is_dropped(network, fakes):
     plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
     nodes = await start_nodes(network, 2, plugin, vpn_config(udp=False))
     a, b = (plugin.vpn_of(n) for n in nodes)
-    await network.wait_for(lambda: a.plane.vip_of(b.peer_id) == b.address.ip
-                           and b.plane.vip_of(a.peer_id) == a.address.ip, timeout=20)
+    await network.wait_for(
+        lambda: a.plane.vip_of(b.peer_id) == b.address.ip and b.plane.vip_of(a.peer_id) == a.address.ip, timeout=20
+    )
     forged = bytes(icmp_echo(src=bytes([10, 1, 0, 250]), dst=b.address.ip.packed, payload=b"forged"))
     fakes.inject(a.peer_id, forged)
     await network.wait_for(lambda: b.plane.counters["drop_spoofed_source"] >= 1, timeout=5)
@@ -148,8 +150,9 @@ async def test_a_node_that_loses_its_vip_after_start_is_known_by_its_new_one(net
     vpns = (va, vb, vx)
     await network.wait_for(lambda: vx.address.ip != contested and all(len(v.links) == 2 for v in vpns), timeout=30)
     assert va.address.ip == contested and vx.counters["vpn_address_moves"] == 1
-    await network.wait_for(lambda: all(v.plane.vip_of(o.peer_id) == o.address.ip for v in vpns for o in vpns if o is not v),
-                           timeout=10)
+    await network.wait_for(
+        lambda: all(v.plane.vip_of(o.peer_id) == o.address.ip for v in vpns for o in vpns if o is not v), timeout=10
+    )
     for peer in (va, vb):
         fakes.received(peer.peer_id)
         ping = bytes(icmp_echo(src=vx.address.ip.packed, dst=peer.address.ip.packed, payload=b"from the new VIP"))

@@ -73,9 +73,23 @@ def test_ssh_to_a_peer_vip(vpnlab, tmp_path):
     )
     server = vpnlab.popen(2, sshd, "-D", "-e", "-f", str(config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        command = ["ssh", "-i", str(tmp_path / "user_key"), "-p", "2222", "-o", "StrictHostKeyChecking=no",
-                   "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
-                   f"root@{vip_b}", "cat /proc/sys/kernel/hostname; ip -br addr show edgevpn0"]
+        command = [
+            "ssh",
+            "-i",
+            str(tmp_path / "user_key"),
+            "-p",
+            "2222",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+            f"root@{vip_b}",
+            "cat /proc/sys/kernel/hostname; ip -br addr show edgevpn0",
+        ]
         deadline = time.monotonic() + 15
         while True:
             result = vpnlab.run(1, *command, timeout=30)
@@ -113,8 +127,7 @@ def test_udp_blocked_falls_back_to_the_stream_and_back(vpnlab):
     vip_a, vip_b = vpnlab.vip(1), vpnlab.vip(2)
     vpnlab.block_udp(1)
     try:
-        vpnlab.wait(lambda: vpnlab.path(1, 2) == "stream" and vpnlab.path(2, 1) == "stream", 20,
-                    "both ends of 1-2 on the stream")
+        vpnlab.wait(lambda: vpnlab.path(1, 2) == "stream" and vpnlab.path(2, 1) == "stream", 20, "both ends of 1-2 on the stream")
         before = vpnlab.counters(2).get("vpn_fallback_datagrams_delivered", 0)
         assert vpnlab.ping(1, vip_b, count=3)
         assert vpnlab.ping(2, vip_a, count=3)

@@ -29,10 +29,16 @@ TIMESTAMPS = b"\x01\x01\x08\x0a" + struct.pack("!II", 12345, 678)
 def parse_ipv4_tcp(packet: bytes) -> dict:
     ihl = (packet[0] & 15) * 4
     total, ip_id = struct.unpack_from("!HH", packet, 2)
-    seq, = struct.unpack_from("!I", packet, ihl + 4)
+    (seq,) = struct.unpack_from("!I", packet, ihl + 4)
     doff = (packet[ihl + 12] >> 4) * 4
-    return {"total": total, "id": ip_id, "seq": seq, "flags": packet[ihl + 13],
-            "payload": bytes(packet[ihl + doff:]), "options": bytes(packet[ihl + 20: ihl + doff])}
+    return {
+        "total": total,
+        "id": ip_id,
+        "seq": seq,
+        "flags": packet[ihl + 13],
+        "payload": bytes(packet[ihl + doff :]),
+        "options": bytes(packet[ihl + 20 : ihl + doff]),
+    }
 
 
 @settings(max_examples=60, deadline=None)
@@ -155,15 +161,15 @@ def test_coalescer_keeps_flows_gaps_and_non_tcp_apart():
 )
 def test_middle_segment_headers_advance_by_the_step_unless_a_field_wraps(segments, gso_size, seq, ip_id, flags):
     payload = bytes(gso_size * (segments - 1) + 7)
-    frame = TsoFrame(memoryview(bytes(ipv4_tcp(payload, seq=seq, ip_id=ip_id, flags=flags, options=TIMESTAMPS))),
-                     gso_size, 20, True)
+    frame = TsoFrame(
+        memoryview(bytes(ipv4_tcp(payload, seq=seq, ip_id=ip_id, flags=flags, options=TIMESTAMPS))), gso_size, 20, True
+    )
     out = bytearray(frame.header_len + gso_size)
     for index in range(frame.count):  # headers() is what write_segment writes
         frame.write_segment(out, 0, index)
         assert frame.headers(index) == bytes(out[: frame.header_len])
     first_middle = int.from_bytes(frame.headers(1), "big")
-    advances = [int.from_bytes(frame.headers(i), "big") == first_middle + (i - 1) * frame.step
-                for i in range(1, frame.count - 1)]
+    advances = [int.from_bytes(frame.headers(i), "big") == first_middle + (i - 1) * frame.step for i in range(1, frame.count - 1)]
     wraps = ip_id + frame.count - 2 > 0xFFFF or seq + (frame.count - 2) * gso_size > 0xFFFFFFFF
     if frame.linear:
         assert all(advances) and not wraps
@@ -190,8 +196,15 @@ def _variant(field: str) -> bytes:
     if field == "seq gap":
         kwargs["seq"] = 201
     packet = bytearray(ipv4_tcp(b"c" * 100, **kwargs))
-    changes = {"tos": (1, 4), "ttl": (8, 63), "fragment": (6, 0x60), "ack": (31, 8), "window": (35, 1),
-               "data offset": None, "flags": (33, ACK | 0x20)}
+    changes = {
+        "tos": (1, 4),
+        "ttl": (8, 63),
+        "fragment": (6, 0x60),
+        "ack": (31, 8),
+        "window": (35, 1),
+        "data offset": None,
+        "flags": (33, ACK | 0x20),
+    }
     if field in changes and changes[field]:
         at, value = changes[field]
         packet[at] = value

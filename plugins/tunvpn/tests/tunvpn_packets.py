@@ -17,8 +17,17 @@ def tcp_header(seq: int, flags: int, options: bytes = b"", ack: int = 7, window:
     return header + options
 
 
-def ipv4_tcp(payload: bytes, *, seq: int = 1000, flags: int = 0x18, src: bytes = IPV4_A, dst: bytes = IPV4_B,
-             ip_id: int = 77, options: bytes = b"", partial: bool = True) -> bytearray:
+def ipv4_tcp(
+    payload: bytes,
+    *,
+    seq: int = 1000,
+    flags: int = 0x18,
+    src: bytes = IPV4_A,
+    dst: bytes = IPV4_B,
+    ip_id: int = 77,
+    options: bytes = b"",
+    partial: bool = True,
+) -> bytearray:
     """An IPv4 TCP packet; its TCP checksum is partial (pseudo-header only) or complete."""
     tcp = tcp_header(seq, flags, options)
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), ip_id, 0x4000, 64, 6, 0, src, dst))

@@ -66,22 +66,28 @@ def main():
         config = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         config = {}
-    record = {"argv": sys.argv, "env": {k: v for k, v in os.environ.items() if k.startswith("K3S_")},
-              "config": config, "pid": os.getpid()}
+    record = {
+        "argv": sys.argv,
+        "env": {k: v for k, v in os.environ.items() if k.startswith("K3S_")},
+        "config": config,
+        "pid": os.getpid(),
+    }
     with open(path.parent / "fake-k3s-calls.jsonl", "a") as calls:
         calls.write(json.dumps(record) + "\n")
     url = os.environ.get("K3S_URL") or config.get("server")
     token = os.environ.get("K3S_TOKEN") or config.get("token")
     if mode == "agent":
         if not url or not token:
-            print("level=fatal msg=\"--server is required\"" if not url else "level=fatal msg=\"--token is required\"", file=sys.stderr)
+            print(
+                'level=fatal msg="--server is required"' if not url else 'level=fatal msg="--token is required"', file=sys.stderr
+            )
             return 1
         if not str(url).startswith("https://"):
-            print(f"level=fatal msg=\"server URL must be https: {url}\"", file=sys.stderr)
+            print(f'level=fatal msg="server URL must be https: {url}"', file=sys.stderr)
             return 1
     elif mode == "server":
         if url and not token:
-            print("level=fatal msg=\"--token is required when joining a server\"", file=sys.stderr)
+            print('level=fatal msg="--token is required when joining a server"', file=sys.stderr)
             return 1
         data_dir = Path(config.get("data-dir") or "/var/lib/rancher/k3s")
         token_file = data_dir / "server" / "node-token"

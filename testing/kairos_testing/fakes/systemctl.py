@@ -18,9 +18,9 @@ def read_unit(path):
     command, env_files = None, []
     for line in path.read_text().splitlines():
         if line.startswith("ExecStart="):
-            command = shlex.split(line[len("ExecStart="):])
+            command = shlex.split(line[len("ExecStart=") :])
         elif line.startswith("EnvironmentFile="):
-            env_files.append(line[len("EnvironmentFile="):].lstrip("-"))
+            env_files.append(line[len("EnvironmentFile=") :].lstrip("-"))
     return command, env_files
 
 
