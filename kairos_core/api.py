@@ -405,6 +405,12 @@ class APIServer:
         if method == "GET" and readable:
             return None
         if method == "PUT" and len(parts) == 4 and parts[:2] == ["api", "ledger"]:
+            from .plugin import CORE_BUCKETS  # here: kairos_core.plugin imports this module
+
+            if parts[2].rsplit("/", 1)[-1] in CORE_BUCKETS:
+                # a revocation or a lease written over TCP is final for the whole network: the
+                # dashboard's token is not an operator's authority (docs/security.md)
+                return _error(403, f"the core bucket {parts[2]!r} is not written over api.http_listen (use the unix socket)")
             if bearer is None and headers.get(dashboard.WRITE_HEADER) != "1":
                 return _error(403, f"a write from the browser needs the {dashboard.WRITE_HEADER} header")
             return None

@@ -84,6 +84,8 @@ __all__ = [
 CORE_BUCKETS = {
     "nodes": "each node's advertisement and heartbeat (owner-keyed)",
     "leader": "leader leases, one key per epoch and claimant",
+    "revoked": "revocations: peers refused for good, written by the leader of the epoch",
+    "rotation": "network-token rotations, the new token sealed to each member by the leader",
 }
 #: Protocols the core serves; a plugin's protocol ids must differ (``/kairos/<plugin>/…``).
 CORE_PROTOCOLS = {"/kairos/admit/1.0.0": "admission", "/kairos/sync/1.0.0": "ledger anti-entropy"}

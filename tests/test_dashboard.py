@@ -5,6 +5,7 @@ dashboard at / of the unix socket without a token; ``kairos dashboard --url``.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import sys
@@ -123,6 +124,21 @@ async def test_the_tcp_listener_needs_the_token(kairos_network):
     async with httpx.AsyncClient(base_url=f"http://{host}:{port}") as script:
         written = await script.put("/api/ledger/b/k2", content=b"2", headers={"authorization": f"Bearer {token}"})
         assert written.status_code == 200 and node.ledger.get("b", "k2") == 2
+        # the core's buckets are not written over TCP even with the token: a revocation written
+        # there would be final for the whole network (found in review: PUT went through)
+        revocation = {"peer": "12D3KooWvictim", "by": node.peer_id, "epoch": 1, "at": 1.0}
+        for bucket, key, value in (
+            ("revoked", f"12D3KooWvictim:{node.peer_id}", revocation),
+            ("leader", f"99:{node.peer_id}", {"state": "held"}),
+            ("nodes", node.peer_id, {"hostname": "forged"}),
+            ("rotation", f"x:{node.peer_id}", {}),
+        ):
+            refused = await script.put(
+                f"/api/ledger/{bucket}/{key}", content=json.dumps(value).encode(), headers={"authorization": f"Bearer {token}"}
+            )
+            assert refused.status_code == 403 and bucket in refused.json()["error"], bucket
+        assert node.ledger.get("revoked", f"12D3KooWvictim:{node.peer_id}") is None
+        assert (node.ledger.get("nodes", node.peer_id) or {}).get("hostname") != "forged"
 
     await node.stop()
     with pytest.raises(OSError):  # the listener closed with the node

@@ -104,3 +104,13 @@ def test_racing_claims_converge_under_the_lease_policy() -> None:
     for ledger in (alice, bob):
         assert ledger.get_entry("leader", lease_key(ALICE)) == a
         assert ledger.get_entry("leader", lease_key(BOB)) == b
+
+
+def test_the_public_list_of_core_buckets_is_the_list_the_core_guards() -> None:
+    # CORE_BUCKETS is what plugins and the TCP API refuse to write; DEFAULT_POLICIES what the
+    # ledger guards: a bucket missing from the first (revoked and rotation were) is writable
+    # over the dashboard's listener
+    from kairos_core.ledger.policy import DEFAULT_POLICIES
+    from kairos_core.plugin import CORE_BUCKETS
+
+    assert set(CORE_BUCKETS) == set(DEFAULT_POLICIES)
