@@ -168,9 +168,12 @@ class NodeView(Protocol):
     hostname: str
     #: ``p2p.network_id``: the cluster's namespace inside the network (several may share a token)
     network_id: str
-    #: the validated config: a read-only mapping of section name → that section's values (a
-    #: ``dict``, every default filled in), plugin sections included (``node.config["vpn"]["cidr"]``)
-    config: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def config(self) -> Mapping[str, Mapping[str, Any]]:
+        """The validated config: a read-only mapping of section name → that section's values (a
+        ``dict``, every default filled in), plugin sections included (``node.config["vpn"]["cidr"]``)."""
+        ...
 
     @property
     def api_socket(self) -> Path | None:

@@ -12,37 +12,22 @@ import socket
 import stat
 
 import pytest
+from kairos_testing.fakenode import FakeNode
 
 from kairos_core.api import MAX_REQUEST_BYTES, APIClient, APIServer
 from kairos_core.errors import KairosError
 from kairos_core.identity import Identity
-from kairos_core.ledger import Ledger, LedgerStore
-
-
-class FakeMembership:
-    def describe(self):
-        return [{"peer_id": "p1", "alive": True}]
-
-
-class FakeNode:
-    """Just what the API reads; the ledger is real."""
-
-    def __init__(self, tmp_path):
-        self.ledger = Ledger(Identity.generate(), LedgerStore(tmp_path / "ledger.db"))
-        self.membership = FakeMembership()
-
-    def status(self):
-        return {"peer_id": self.ledger.peer_id, "ledger_entries": len(self.ledger)}
 
 
 @pytest.fixture
 async def api(tmp_path):
-    node = FakeNode(tmp_path)
+    node = FakeNode()  # the ledger is real
+    node.add_peer("p1")
     server = APIServer(node, tmp_path / "api.sock")
     await server.start()
     yield node, server
     await server.stop()
-    node.ledger.close()
+    await node.aclose()
 
 
 async def raw(socket_path, data: bytes) -> bytes:
@@ -61,7 +46,8 @@ async def test_routes_and_socket_mode(api):
     client = APIClient(server.socket_path)
     call = lambda *a, **k: asyncio.to_thread(client.request, *a, **k)  # noqa: E731
     assert (await call("GET", "/api/status"))["peer_id"] == node.ledger.peer_id
-    assert await call("GET", "/api/peers") == [{"peer_id": "p1", "alive": True}]
+    peers = await call("GET", "/api/peers")
+    assert peers == node.membership.describe() and [(p["peer_id"], p["alive"]) for p in peers] == [("p1", True)]
     written = await call("PUT", "/api/ledger/b/k%2Fslash", content='{"x": 1}')
     assert written["key"] == "k/slash" and node.ledger.get("b", "k/slash") == {"x": 1}
     assert await call("GET", "/api/ledger") == ["b"]

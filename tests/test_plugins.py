@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pluggy
 import pytest
+from kairos_testing.fakenode import FakeNode
 
 from kairos_core import hookspecs
 from kairos_core.errors import PluginError
@@ -317,11 +318,10 @@ async def test_hook_on_ledger_update(manager):
 async def test_hook_on_leader_elected(manager, caplog):
     caplog.set_level("INFO", logger="kairos.events")
 
-    class Node:
-        peer_id = "12D3KooWme"
-
-    await call_hook(manager, "on_leader_elected", node=Node(), leader="12D3KooWme", epoch=3)
-    assert "leader 12D3KooWme (this node), epoch 3" in caplog.text  # the built-in eventlog plugin
+    node = FakeNode()
+    await call_hook(manager, "on_leader_elected", node=node, leader=node.peer_id, epoch=3)
+    assert f"leader {node.peer_id} (this node), epoch 3" in caplog.text  # the built-in eventlog plugin
+    await node.aclose()
 
 
 async def test_hook_kairos_startup(manager):

@@ -9,13 +9,12 @@ import json
 import logging
 
 import pytest
+from kairos_testing.fakenode import FakeNode
 
 from kairos_core.api import APIServer
 from kairos_core.cli import main, setup_logging
 from kairos_core.eventlog import on_peer
 from kairos_core.events import PeerEvent
-from kairos_core.identity import Identity
-from kairos_core.ledger import Ledger, LedgerStore
 from kairos_core.untrusted import EscapingFormatter, escape_control
 
 CLIPBOARD = "\x1b]52;c;cm0gLXJmIH4=\x07"  # OSC 52: write "rm -rf ~" to the clipboard
@@ -39,60 +38,28 @@ def test_escape_control_makes_every_control_character_visible():
     assert escape_control(12) == "12"
 
 
-class FakeMembership:
-    def describe(self):
-        return [
-            {
-                "peer_id": "12D3KooWpeer",
-                "hostname": EVIL_HOST,
-                "alive": True,
-                "connected": True,
-                "last_seen_s": 1,
-                "addresses": [f"/ip4/1.2.3.4/tcp/1{TITLE}", "/ip4/5.6.7.8/tcp/2"],
-            },
-            {
-                "peer_id": "12D3KooWother",
-                "hostname": "[bold red]markup[/]",
-                "alive": True,
-                "connected": False,
-                "last_seen_s": None,
-                "addresses": [],
-            },
-        ]
-
-
-class FakeNode:
-    """What the CLI's commands read through the API; the ledger is real."""
-
-    def __init__(self, tmp_path):
-        self.ledger = Ledger(Identity.generate(), LedgerStore(tmp_path / "ledger.db"))
-        self.membership = FakeMembership()
-
-    def status(self):
-        return {
-            "peer_id": self.ledger.peer_id,
-            "hostname": EVIL_HOST,
-            "network_id": f"kairos{TITLE}",
-            "token_fingerprint": "0123",
-            "leader": {"peer_id": f"12D3KooWpeer{CLIPBOARD}", "epoch": 3},
-            "is_leader": False,
-            "members": 2,
-            "admitted": 1,
-            "ledger_entries": len(self.ledger),
-            "addresses": [f"/ip4/1.2.3.4/tcp/1{CSI}"],
-            "counters": {"dropped_frames": 1},
-        }
+def untrusted_node() -> FakeNode:
+    """A node whose peers, leader and own status carry hostile text; the ledger is real."""
+    node = FakeNode(hostname=EVIL_HOST, network_id=f"kairos{TITLE}")
+    node.token_fingerprint = "0123"
+    node.set_leader(f"12D3KooWpeer{CLIPBOARD}", 3)
+    node.advertised = [f"/ip4/1.2.3.4/tcp/1{CSI}"]
+    node.count("dropped_frames")
+    node.add_peer("12D3KooWpeer", {"hostname": EVIL_HOST, "addresses": [f"/ip4/1.2.3.4/tcp/1{TITLE}", "/ip4/5.6.7.8/tcp/2"]})
+    node.neighbour_ids.add("12D3KooWpeer")
+    node.add_peer("12D3KooWother", {"hostname": "[bold red]markup[/]", "addresses": []}, last_seen_s=None)
+    return node
 
 
 @pytest.fixture
 async def served(tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps cells at the terminal width
-    node = FakeNode(tmp_path)
+    node = untrusted_node()
     server = APIServer(node, tmp_path / "api.sock")
     await server.start()
     yield node, str(server.socket_path)
     await server.stop()
-    node.ledger.close()
+    await node.aclose()
 
 
 async def run_cli(capsys, *argv: str) -> tuple[str, str]:
@@ -125,7 +92,7 @@ async def test_json_output_is_escaped_by_json_and_round_trips(served, capsys):
     _, socket = served
     out, _ = await run_cli(capsys, "peers", "--socket", socket, "--json")
     assert_no_raw_controls(out)
-    assert json.loads(out)[0]["hostname"] == EVIL_HOST
+    assert {peer["peer_id"]: peer for peer in json.loads(out)}["12D3KooWpeer"]["hostname"] == EVIL_HOST
     out, _ = await run_cli(capsys, "status", "--socket", socket, "--json")
     assert_no_raw_controls(out)
     assert json.loads(out)["hostname"] == EVIL_HOST

@@ -13,9 +13,10 @@ import sys
 from typing import Any
 
 import pytest
+from kairos_testing.fakenode import FakeNode
 
 from kairos_core.errors import ConfigError
-from kairos_core.ledger.clock import HybridLogicalClock, wall_clock_ms
+from kairos_core.ledger.clock import wall_clock_ms
 from kairos_plugin_tunvpn.addressing import (
     Claim,
     choose_address,
@@ -105,44 +106,31 @@ def test_a_lapsed_claim_neither_holds_nor_takes_its_address():
     assert choose_address("third", SMALL, {c.vip for c in read_claims(bucket, SMALL, NOW - 2).values()}) is None
 
 
-# ----- the VPN's own claim, on a stub node --------------------------------------------------------
+# ----- the VPN's own claim, on a fake node --------------------------------------------------------
 
 
-class StubLedger:
-    """The part of a ledger the VPN's address logic uses, with a wall clock the test sets."""
-
-    def __init__(self, peer_id: str, now_ms: int) -> None:
-        self.now_ms = now_ms
-        self.clock = HybridLogicalClock(peer_id, now_ms=lambda: self.now_ms)
-        self.values: dict[tuple[str, str], Any] = {}
-        self.writes = 0
-
-    def set(self, bucket: str, key: str, value: Any) -> None:
-        self.clock.tick()
-        self.values[(bucket, key)] = value
-        self.writes += 1
-
-    def get(self, bucket: str, key: str) -> Any:
-        return self.values.get((bucket, key))
-
-
-class StubNode:
-    """The part of a NodeView the VPN's address logic uses."""
+class SetClock:
+    """A wall clock the test sets (ms), for claim expiry and the node's HLC alike."""
 
     def __init__(self, now_ms: int) -> None:
-        self.peer_id = "12D3KooWstub"
-        self.ledger = StubLedger(self.peer_id, now_ms)
+        self.now_ms = now_ms
 
-    def clock_version(self) -> tuple[int, int]:
-        version = self.ledger.clock.tick()
-        return version[0], version[1]
+    def __call__(self) -> int:
+        return self.now_ms
+
+
+def stub(now_ms: int = NOW, ttl: float = 100.0) -> tuple[VPN, SetClock, list[Any]]:
+    """A VPN on the test kit's fake node; the clock the test sets, and the ledger writes so far."""
+    settings = VPNSettings.from_config({**DEFAULTS, "cidr": str(SMALL), "claim_ttl": ttl})
+    clock = SetClock(now_ms)
+    node = FakeNode(now_ms=clock)
+    writes: list[Any] = []
+    node.ledger.add_listener(writes.append)
+    return VPN(node, settings, wall_clock=clock), clock, writes
 
 
 def stub_vpn(now_ms: int = NOW, ttl: float = 100.0) -> VPN:
-    settings = VPNSettings.from_config({**DEFAULTS, "cidr": str(SMALL), "claim_ttl": ttl})
-    node = StubNode(now_ms)
-    # one clock the test sets, for claim expiry and the HLC alike
-    return VPN(node, settings, wall_clock=lambda: node.ledger.now_ms)
+    return stub(now_ms, ttl)[0]
 
 
 def test_a_live_own_claim_is_reused_at_start():
@@ -169,28 +157,28 @@ def test_a_lapsed_own_claim_does_not_take_back_an_address_now_held():
 
 
 def test_the_own_claim_is_refreshed_every_quarter_ttl_with_the_same_vip_and_claimed():
-    vpn = stub_vpn(ttl=100.0)
+    vpn, clock, writes = stub(ttl=100.0)
     ledger = vpn.node.ledger
     vpn._publish_claim(Claim(vpn.peer_id, ipaddress.IPv4Address("10.1.0.1"), 4000, (NOW - 1, 0)))
     first = vpn.claim
-    assert first.expires == NOW + 100_000 and ledger.writes == 1
+    assert first.expires == NOW + 100_000 and len(writes) == 1
     vpn._refresh_claim()  # not due yet
-    assert ledger.writes == 1
-    ledger.now_ms = NOW + 25_000  # a quarter TTL later by the wall clock
+    assert len(writes) == 1
+    clock.now_ms = NOW + 25_000  # a quarter TTL later by the wall clock
     vpn._refresh_claim()
-    assert ledger.writes == 2
+    assert len(writes) == 2
     value = ledger.get("vpn", vpn.peer_id)
     assert value["expires"] == NOW + 125_000
     assert (value["vip"], value["claimed"]) == ("10.1.0.1", [NOW - 1, 0])
     vpn._refresh_at = 0.0  # a quarter TTL later by the monotonic clock (wall clock stepped back)
     vpn._refresh_claim()
-    assert ledger.writes == 3 and vpn.claim.claimed == first.claimed
+    assert len(writes) == 3 and vpn.claim.claimed == first.claimed
 
 
 def test_a_claim_that_lapsed_while_running_is_made_anew():
-    vpn = stub_vpn(ttl=100.0)
+    vpn, clock, _ = stub(ttl=100.0)
     vpn._publish_claim(Claim(vpn.peer_id, ipaddress.IPv4Address("10.1.0.1"), 4000, (NOW - 1, 0)))
-    vpn.node.ledger.now_ms = NOW + 200_000  # the machine slept through its refreshes
+    clock.now_ms = NOW + 200_000  # the machine slept through its refreshes
     vpn._refresh_claim()
     assert vpn.claim.vip == ipaddress.IPv4Address("10.1.0.1")
     assert vpn.claim.claimed[0] == NOW + 200_000  # ranks after whoever took the address meanwhile
