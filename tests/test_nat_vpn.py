@@ -40,11 +40,11 @@ def test_vpn_between_two_nated_nodes_runs_over_the_relayed_connection(nat_vpn) -
     # datagrams come from, not at its LAN address), and it stays there: the ~10 s flip is gone
     for nated in (2, 3):
         vpn.wait(
-            lambda: vpn.path(1, nated) == "udp" and vpn.path(nated, 1) == "udp",  # noqa: B023 (polled here)
+            lambda: vpn.path(1, nated) == "direct" and vpn.path(nated, 1) == "direct",  # noqa: B023 (polled here)
             60,
             f"UDP both ways between P and node {nated}",
         )
     switches = {i: vpn.counters(i).get("vpn_path_switches", 0) for i in (1, 2, 3)}
     time.sleep(25)  # two and a half of the old flip's periods
     assert {i: vpn.counters(i).get("vpn_path_switches", 0) for i in (1, 2, 3)} == switches, vpn.explain(1, 2)
-    assert vpn.path(1, 2) == vpn.path(2, 1) == "udp"
+    assert vpn.path(1, 2) == vpn.path(2, 1) == "direct"

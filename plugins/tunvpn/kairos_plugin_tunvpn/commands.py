@@ -66,7 +66,7 @@ def vpn_group() -> None:
 @json_option
 @pass_context
 def vpn_status(context: Any, socket_path: str | None, as_json: bool) -> None:
-    """Show this node's VIP, each peer's VIP and path (udp or stream), and the VPN counters."""
+    """Show this node's VIP, each peer's VIP and path (direct, punched, relay via <peer>, stream), and the VPN counters."""
     client = APIClient(Path(socket_path)) if socket_path else APIClient(context.load_config().api_socket)
     data = collect_status(client)
     if as_json:
@@ -77,11 +77,12 @@ def vpn_status(context: Any, socket_path: str | None, as_json: bool) -> None:
     else:
         held = "" if data["holds_vip"] else " (contested: moving)"
         click.echo(f"vip:      {data['vip']}{held}  udp port {data['udp_port']}")
-    click.echo(f"{'PEER':<54} {'HOSTNAME':<14} {'VIP':<16} {'PATH':<7} ENDPOINT")
+    width = max([7, *(len(str(row["path"] or "-")) for row in data["peers"])])
+    click.echo(f"{'PEER':<54} {'HOSTNAME':<14} {'VIP':<16} {'PATH':<{width}} ENDPOINT")
     for row in data["peers"]:
         click.echo(
             f"{row['peer_id']:<54} {str(row['hostname'] or '-'):<14} {str(row['vip'] or '-'):<16} "
-            f"{str(row['path'] or '-'):<7} {row['endpoint'] or '-'}"
+            f"{str(row['path'] or '-'):<{width}} {row['endpoint'] or '-'}"
         )
     c = data["counters"]
     if c:

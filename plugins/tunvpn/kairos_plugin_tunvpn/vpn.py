@@ -39,6 +39,7 @@ from .crypto import SessionKeys
 from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams, udp_target
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
+from .paths import DIRECT, PUNCHED, RELAY, STREAM, Path, PathLadder, PathSource
 from .tun import TunDevice, TunUnavailable
 
 if TYPE_CHECKING:
@@ -231,10 +232,14 @@ class VPNSettings:
 
 @dataclass
 class Link:
-    """What this node knows about its path to one peer."""
+    """What this node knows about its path to one peer.
+
+    ``udp_up`` is whether UDP to the peer works (authentic datagrams keep arriving over it);
+    ``ladder`` picks the path actually used among those that work (:mod:`.paths`).
+    """
 
     keys_installed_at: float
-    path: str = "udp"
+    udp_up: bool = True
     since: float = field(default_factory=time.monotonic)
     endpoint: tuple[str, int] | None = None
     last_trial: float = 0.0
@@ -242,6 +247,22 @@ class Link:
     last_progress: float = field(default_factory=time.monotonic)
     sender: FallbackSender | None = None
     hysteresis: PathHysteresis = field(default_factory=lambda: PathHysteresis(UDP_RETRY_INTERVAL))
+    ladder: PathLadder = field(init=False)
+    #: the peer's public UDP endpoints learned by hole punching (:mod:`.punch`)
+    punched: frozenset[tuple[str, int]] = frozenset()
+
+    def __post_init__(self) -> None:
+        # one back-off for UDP trials and moves up the ladder: a path that did not hold waits longer
+        self.ladder = PathLadder(self.hysteresis)
+
+    @property
+    def path(self) -> str:
+        """The name of the path in use: ``direct``, ``punched``, ``relay via <peer>`` or ``stream``."""
+        return self.ladder.current.name
+
+
+def _endpoint_text(endpoint: tuple[str, int] | None) -> str | None:
+    return f"{endpoint[0]}:{endpoint[1]}" if endpoint else None
 
 
 def udp_host(info: dict[str, Any], network: ipaddress.IPv4Network) -> str | None:
@@ -337,6 +358,7 @@ class VPN:
         self._static_conflict_logged = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._device_lock = asyncio.Lock()
+        self._path_sources: list[PathSource] = []
 
     # ----- lifecycle ------------------------------------------------------------------------------
 
@@ -577,41 +599,13 @@ class VPN:
     def _tick_links(self, now: float) -> None:
         plane = self.plane
         assert plane is not None
-        s = self.settings
         for peer_id, link in list(self.links.items()):
             vip = self.vips.get(peer_id)
             mark = plane.last_heard(peer_id)
             if mark != link.last_mark:
                 link.last_mark, link.last_progress = mark, now
-            if not s.udp or link.endpoint is None:
-                self._use_stream(peer_id, link, now)
-            elif link.path == "udp":
-                heard = plane.udp_heard(peer_id) or 0.0
-                if now - max(heard, link.since) > s.udp_timeout:
-                    log.info("vpn: no UDP from %s for %.0f s: using the libp2p stream", peer_id, s.udp_timeout)
-                    self._use_stream(peer_id, link, now)
-                else:
-                    link.hysteresis.holding(now)
-                    # a NATed peer is answered where its datagrams come from, not at its LAN address
-                    target = udp_target(link.endpoint, plane.source_of(peer_id), heard, now, s.udp_timeout)
-                    if plane.endpoint_of(peer_id) != target:
-                        plane.set_endpoint(peer_id, target)
-            else:
-                udp_heard = plane.udp_heard(peer_id)
-                if udp_heard is not None and udp_heard > link.since:
-                    log.info("vpn: UDP from %s works again", peer_id)
-                    self.counters["vpn_path_switches"] += 1
-                    link.path, link.since = "udp", now
-                    link.hysteresis.went_up(now)
-                    plane.set_endpoint(
-                        peer_id, udp_target(link.endpoint, plane.source_of(peer_id), udp_heard, now, s.udp_timeout)
-                    )
-                elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
-                    # let a keepalive (and a moment of traffic) try UDP; the peer learns our
-                    # endpoint from it if it arrives, and answers over UDP
-                    link.last_trial = now
-                    plane.set_endpoint(peer_id, link.endpoint)
-                    asyncio.get_running_loop().call_later(UDP_TRIAL_SECONDS, self._end_trial, peer_id, link)
+            self._apply_path(peer_id, link, now)
+            self._track_udp(peer_id, link, now)
             if vip is not None:
                 try:
                     self._keepalive(self, vip)
@@ -623,25 +617,90 @@ class VPN:
         # all published as vpn_<name>: the data plane's names bare, ours without their vpn_ prefix
         published = dict(plane.counters)
         published.update((name.removeprefix("vpn_"), value) for name, value in self.counters.items())
-        published["peers_udp"] = sum(1 for link in self.links.values() if link.path == "udp")
-        published["peers_stream"] = sum(1 for link in self.links.values() if link.path == "stream")
+        kinds = collections.Counter(link.ladder.current.kind for link in self.links.values())
+        published["peers_udp"] = kinds[DIRECT] + kinds[PUNCHED]
+        published["peers_punched"] = kinds[PUNCHED]
+        published["peers_relay"] = kinds[RELAY]
+        published["peers_stream"] = kinds[STREAM]
         self.node.set_counters("vpn", published)
         # the stream path lives on its libp2p connection: keep the connection manager from trimming it
         for peer_id, link in self.links.items():
-            (self.node.protect if link.path == "stream" else self.node.unprotect)(peer_id, PROTECTION_TAG)
+            (self.node.protect if link.ladder.current.kind == STREAM else self.node.unprotect)(peer_id, PROTECTION_TAG)
 
-    def _use_stream(self, peer_id: str, link: Link, now: float) -> None:
-        if link.path != "stream":
+    def add_path_source(self, source: PathSource) -> None:
+        """Offer the paths of ``source`` (relayed datagrams …) to every link's ladder from now on."""
+        self._path_sources.append(source)
+
+    def _working_paths(self, peer_id: str, link: Link, now: float) -> list[Path]:
+        """The paths to ``peer_id`` that work now: UDP if it does, each source's, the stream."""
+        plane = self.plane
+        assert plane is not None and link.sender is not None
+        working: list[Path] = []
+        if link.udp_up:
+            heard = plane.udp_heard(peer_id)
+            # a NATed peer is answered where its datagrams come from, not at its LAN address
+            target = udp_target(link.endpoint, plane.source_of(peer_id), heard, now, self.settings.udp_timeout)
+            if target is not None:
+                working.append(Path(PUNCHED if target in link.punched else DIRECT, endpoint=target))
+        for source in self._path_sources:
+            try:
+                working.extend(source.paths(peer_id, now))
+            except Exception:  # a path source's bug must not cost the link its other paths
+                self.counters["vpn_path_source_errors"] += 1
+                log.debug("vpn: path source %r failed", source, exc_info=True)
+        working.append(Path(STREAM, send=link.sender.send))
+        return working
+
+    def _apply_path(self, peer_id: str, link: Link, now: float) -> None:
+        """Let the link's ladder choose among the working paths and point the data plane at it."""
+        plane = self.plane
+        assert plane is not None and link.sender is not None
+        before = link.ladder.current
+        path = link.ladder.choose(now, self._working_paths(peer_id, link, now))
+        if path.rung != before.rung:
             self.counters["vpn_path_switches"] += 1
-            link.path, link.since, link.last_trial = "stream", now, now
-            link.hysteresis.went_down(now)
-        if self.plane is not None and self.plane.endpoint_of(peer_id) is not None:
-            self.plane.set_endpoint(peer_id, None)
+            log.info("vpn: path to %s: %s (was %s)", peer_id, path.name, before.name)
+        if path.endpoint is not None:
+            if plane.endpoint_of(peer_id) != path.endpoint:
+                plane.set_endpoint(peer_id, path.endpoint)
+            return
+        plane.set_fallback(peer_id, path.send or link.sender.send)
+        trial = now - link.last_trial < UDP_TRIAL_SECONDS
+        if not trial and plane.endpoint_of(peer_id) is not None:
+            plane.set_endpoint(peer_id, None)
+
+    def _track_udp(self, peer_id: str, link: Link, now: float) -> None:
+        """Whether UDP to the peer works: down after ``udp_timeout`` without an authentic UDP
+        datagram, up again once one arrives; while down, a short trial every retry interval."""
+        plane = self.plane
+        assert plane is not None
+        s = self.settings
+        if not s.udp or (link.endpoint is None and not link.punched):
+            self._udp_down(link, now)
+            return
+        heard = plane.udp_heard(peer_id)
+        if link.udp_up:
+            if now - max(heard or 0.0, link.since) > s.udp_timeout:
+                log.info("vpn: no UDP from %s for %.0f s", peer_id, s.udp_timeout)
+                self._udp_down(link, now)
+        elif heard is not None and heard > link.since:
+            log.info("vpn: UDP from %s works again", peer_id)
+            link.udp_up, link.since = True, now
+            self._apply_path(peer_id, link, now)
+        elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
+            # let a keepalive (and a moment of traffic) try UDP; the peer learns our endpoint
+            # from it if it arrives, and answers over UDP
+            link.last_trial = now
+            plane.set_endpoint(peer_id, link.endpoint)
+            asyncio.get_running_loop().call_later(UDP_TRIAL_SECONDS, self._end_trial, peer_id, link)
+
+    def _udp_down(self, link: Link, now: float) -> None:
+        if link.udp_up:
+            link.udp_up, link.since, link.last_trial = False, now, now
 
     def _end_trial(self, peer_id: str, link: Link) -> None:
-        if self.links.get(peer_id) is link and link.path == "stream" and self.plane is not None:
-            heard = self.plane.udp_heard(peer_id)
-            if heard is None or heard <= link.since:
+        if self.links.get(peer_id) is link and not link.udp_up and self.plane is not None:
+            if link.ladder.current.endpoint is None:
                 self.plane.set_endpoint(peer_id, None)
 
     def _send_keepalive(self, vip: ipaddress.IPv4Address) -> None:
@@ -654,6 +713,9 @@ class VPN:
         links = {
             p: {
                 "path": link.path,
+                # where this peer's authentic UDP datagrams come from: its public endpoint when it
+                # is behind a NAT (hole punching asks for it, :mod:`.punch`)
+                "observed": _endpoint_text(self.plane.source_of(p)) if self.plane is not None else None,
                 "vip": str(self.vips.get(p, "")),
                 "endpoint": f"{link.endpoint[0]}:{link.endpoint[1]}" if link.endpoint else None,
             }
@@ -730,6 +792,7 @@ class VPN:
             vip = parking_address()  # the next reconcile gives it its VIP
         link = self.links.get(peer_id)
         now = time.monotonic()
+        fresh = link is None
         if link is None:
             link = self.links[peer_id] = Link(now)
             link.sender = FallbackSender(
@@ -737,12 +800,17 @@ class VPN:
             )
             link.sender.start()
         link.keys_installed_at = link.last_progress = now
-        link.path, link.since = ("udp", now) if self.settings.udp else ("stream", now)
         claim = parse_claim(peer_id, self.node.ledger.get(BUCKET, peer_id), self.settings.network, self._now_ms())
         host = udp_host(self.node.members().get(peer_id, {}), self.settings.network)
         link.endpoint = (host, claim.udp_port) if host and claim and claim.udp_port else None
+        if fresh:
+            # a new link tries UDP to the advertised endpoint at once (most peers are reachable
+            # so); new keys on an old link keep the path it has
+            link.udp_up, link.since = self.settings.udp, now
+            if self.settings.udp and link.endpoint is not None:
+                link.ladder.start(Path(DIRECT, endpoint=link.endpoint), now)
         try:
-            plane.add_peer(peer_id, vip, link.endpoint if link.path == "udp" else None, keys)
+            plane.add_peer(peer_id, vip, link.ladder.current.endpoint, keys)
         except ValueError as exc:  # a receive key id collision: astronomically rare, renegotiate
             log.warning("vpn: cannot add %s: %s", peer_id, exc)
             self._drop_session(peer_id, "install failed")

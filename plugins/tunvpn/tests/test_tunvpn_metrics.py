@@ -38,4 +38,4 @@ async def test_vpn_counters_are_described_and_peers_counted_by_path(network, fak
         assert family.documentation == COUNTER_HELP.get(short, GAUGE_HELP.get(short)), name
     assert found["kairos_vpn_fastpath"].type == "gauge"
     paths = {sample.labels["path"]: sample.value for sample in found["kairos_vpn_peers"].samples}
-    assert paths == {"udp": 1, "stream": 0}
+    assert paths == {"udp": 1, "punched": 0, "relay": 0, "stream": 0}  # udp counts punched peers too

@@ -71,7 +71,7 @@ async def test_packets_cross_between_three_nodes_over_udp(network, fakes):
     fakes.inject(a.peer_id, ping)
     await network.wait_for(lambda: any(p == ping for p in fakes.received(b.peer_id)), timeout=5)
     await asyncio.sleep(1.5)  # a few keepalives: every link proved UDP
-    assert all(link.path == "udp" for v in vpns for link in v.links.values())
+    assert all(link.path == "direct" for v in vpns for link in v.links.values())
     assert nodes[0].counters["vpn_rx_packets"] > 0
     # the status key that `kairos vpn status` reads
     assert set(nodes[0].ledger.get("vpn", f"{nodes[0].peer_id}/links")) == {nodes[1].peer_id, nodes[2].peer_id}

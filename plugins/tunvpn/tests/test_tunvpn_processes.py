@@ -46,11 +46,11 @@ def test_three_nodes_ping_each_others_vip(vpnlab):
     status = vpnlab.vpn_status(1)
     assert status["vip"] == vips[1]
     assert {row["vip"] for row in status["peers"]} == {vips[2], vips[3]}
-    assert all(row["path"] == "udp" for row in status["peers"])
+    assert all(row["path"] == "direct" for row in status["peers"])
     assert status["counters"]["rx_packets"] > 0 and status["counters"]["drop_bad_tag"] == 0
     text = vpnlab.vpn_status_text(1)  # the same for people
     assert text.startswith(f"vip:      {vips[1]}  udp port ")
-    assert all(f" {vips[i]} " in text for i in (2, 3)) and text.count(" udp ") >= 2
+    assert all(f" {vips[i]} " in text for i in (2, 3)) and text.count(" direct ") >= 2
     fast = "in C (_fastpath)" if status["counters"]["fastpath"] else "pure Python"
     assert f"sealing:  {fast}" in text
 
@@ -132,8 +132,8 @@ def test_udp_blocked_falls_back_to_the_stream_and_back(vpnlab):
         assert vpnlab.ping(1, vip_b, count=3)
         assert vpnlab.ping(2, vip_a, count=3)
         assert vpnlab.counters(2).get("vpn_fallback_datagrams_delivered", 0) >= before + 3
-        assert vpnlab.path(2, 3) == "udp"  # other pairs keep UDP
+        assert vpnlab.path(2, 3) == "direct"  # other pairs keep UDP
     finally:
         vpnlab.unblock_udp(1)
-    vpnlab.wait(lambda: vpnlab.path(1, 2) == "udp" and vpnlab.path(2, 1) == "udp", 40, "back to UDP")
+    vpnlab.wait(lambda: vpnlab.path(1, 2) == "direct" and vpnlab.path(2, 1) == "direct", 40, "back to UDP")
     assert vpnlab.ping(1, vip_b, count=2)
