@@ -514,6 +514,11 @@ def token_rotate(context: Context, socket_path: str | None, as_json: bool) -> No
         f"token {data['fingerprint']} replaces {data['replaces']} (epoch {data['epoch']}), "
         f"sealed to {len(data['members'])} members; the old one is accepted until {until}"
     )
+    for member, reason in sorted(data.get("unkeyed", {}).items()):
+        echo_safe(
+            f"warning: {member} got no copy ({reason}): it is cut off when the window ends unless given the new token by hand",
+            err=True,
+        )
 
 
 @cli.group()

@@ -295,12 +295,33 @@ class Rotator:
         holder, epoch = leader
         if holder != self.self_id:
             raise KairosError(f"only the leader may rotate the token: the leader is {holder} (epoch {epoch}); run this there")
+        if self._pending_adopt is not None:
+            raise KairosError("a rotation is being published: try again in a few seconds")
+        if self.schedule.previous() is not None:
+            # the schedule keeps one replaced token: a second rotation now would strand a member
+            # that is offline with the first token and comes back inside its window
+            until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.schedule.grace_until))
+            raise KairosError(
+                f"a rotation is still in its grace window (the token it replaced is accepted until {until}): "
+                "rotate again after that"
+            )
         old = self.schedule.token
         new = rotated_token(old)
         grace_until = time.time() + grace
         members = {peer: box for peer, box in self.members().items() if peer != self.self_id}
+        # Seal every copy before writing any: a member whose published box key is unusable is
+        # skipped and reported, and cannot leave the network half rotated.
+        sealed: dict[str, dict[str, Any]] = {}
+        unkeyed: dict[str, str] = {}
         for member, box in sorted(members.items()):
-            value = seal_token(new, member, box, by=self.self_id, epoch=epoch, replaces=old.fingerprint, grace_until=grace_until)
+            try:
+                sealed[member] = seal_token(
+                    new, member, box, by=self.self_id, epoch=epoch, replaces=old.fingerprint, grace_until=grace_until
+                )
+            except (ValueError, TypeError) as exc:  # cryptography refuses low-order points with ValueError
+                unkeyed[member] = str(exc) or type(exc).__name__
+                log.warning("token rotation: %s gets no copy of the new token: %s", member, unkeyed[member])
+        for member, value in sealed.items():
             self.ledger.set(ROTATION_BUCKET, f"{member}:{self.self_id}", value)
         if adopt:
             self._adopt(new, grace_until)
@@ -309,7 +330,8 @@ class Rotator:
         return {
             "fingerprint": new.fingerprint,
             "replaces": old.fingerprint,
-            "members": sorted(members),
+            "members": sorted(sealed),
+            "unkeyed": unkeyed,
             "grace_until": round(grace_until, 3),
             "epoch": epoch,
         }

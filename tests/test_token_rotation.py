@@ -8,6 +8,7 @@ two-key handshake, sealing and the per-member box.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import stat
@@ -223,3 +224,59 @@ async def test_rotation_moves_the_members_and_leaves_the_revoked_node_behind(kai
         except AdmissionError:
             await asyncio.sleep(1)
     await net.wait_for(lambda: again.peer_id in leader.members(), 20)
+
+
+def _rotator(tmp_path, members):
+    from kairos_core.ledger import Ledger, LedgerStore
+    from kairos_core.rotation import Rotator
+
+    leader = Identity.generate()
+    ledger = Ledger(leader, LedgerStore(":memory:"))
+    schedule = KeySchedule(generate_token())
+    adopted: list = []
+    rotator = Rotator(
+        leader,
+        ledger,
+        schedule,
+        tmp_path,
+        [],
+        lease_holder=lambda epoch: leader.peer_id,
+        members=lambda: members,
+        on_rotated=adopted.append,
+    )
+    return leader, ledger, schedule, rotator, adopted
+
+
+def test_a_member_with_an_unusable_box_key_is_skipped_and_named_not_half_a_rotation(tmp_path) -> None:
+    # found in review: the first unusable box raised in the middle of the loop, after the copies of
+    # the members sorted before it were written, and the leader never switched
+    good, zero, garbage = Identity.generate(), Identity.generate(), Identity.generate()
+    members = {
+        good.peer_id: box_public(good),
+        zero.peer_id: base64.b64encode(bytes(32)).decode(),  # a low-order point: no shared key
+        garbage.peer_id: "not base64!",
+    }
+    leader, ledger, schedule, rotator, adopted = _rotator(tmp_path, members)
+    old = schedule.token
+    summary = rotator.rotate((leader.peer_id, 3), grace=60)
+    assert summary["members"] == [good.peer_id]
+    assert set(summary["unkeyed"]) == {zero.peer_id, garbage.peer_id}
+    assert sorted(ledger.items(ROTATION_BUCKET)) == [f"{good.peer_id}:{leader.peer_id}"]
+    assert schedule.token != old and adopted == [schedule.token]  # the leader switched
+    record = parse_rotation(
+        f"{good.peer_id}:{leader.peer_id}", ledger.get(ROTATION_BUCKET, f"{good.peer_id}:{leader.peer_id}"), leader.peer_id
+    )
+    assert open_token(record, good) == schedule.token
+
+
+def test_a_second_rotation_inside_the_grace_window_is_refused(tmp_path) -> None:
+    from kairos_core.errors import KairosError
+
+    member = Identity.generate()
+    leader, ledger, schedule, rotator, _ = _rotator(tmp_path, {member.peer_id: box_public(member)})
+    first = rotator.rotate((leader.peer_id, 3), grace=60)
+    with pytest.raises(KairosError, match="grace window"):
+        rotator.rotate((leader.peer_id, 3), grace=60)
+    assert schedule.token.fingerprint == first["fingerprint"]  # nothing changed
+    record = ledger.get(ROTATION_BUCKET, f"{member.peer_id}:{leader.peer_id}")
+    assert record["fingerprint"] == first["fingerprint"]
