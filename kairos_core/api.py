@@ -7,7 +7,8 @@ works as well as ``kairos status``.
 Routes (JSON in and out):
 
 - ``GET /api/status`` — this node, the leader, member count, counters
-- ``GET /api/peers`` — every known peer and whether it is alive
+- ``GET /api/peers`` — every known peer, whether it is alive, and for a connected one its
+  ``transport`` (direct or relayed) and ``rtt_ms`` (smoothed round-trip time)
 - ``GET /api/ledger`` — bucket names; ``GET /api/ledger/{bucket}`` — that bucket's items
 - ``GET|PUT|DELETE /api/ledger/{bucket}/{key}`` — one key (PUT body: the JSON value)
 - ``GET /api/watch[?bucket=B]`` — newline-delimited JSON, one line per change, until closed
@@ -327,7 +328,7 @@ class APIServer:
         if method == "GET" and route == ["status"]:
             return _Reply(node.status())
         if method == "GET" and route == ["peers"]:
-            return _Reply(node.membership.describe())
+            return _Reply(node.describe_peers())
         if method == "POST" and route == ["token", "rotate"]:
             return _Reply(node.rotate_token())
         if method == "GET" and route == ["revoked"]:

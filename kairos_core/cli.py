@@ -473,10 +473,15 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
     # wrap instead when the terminal is narrow.
     id_width = max((len(escape_control(row["peer_id"])) for row in rows), default=len("peer id"))
     table.add_column("peer id", no_wrap=True, min_width=id_width)
-    for column in ("hostname", "alive", "connected", "last seen", "addresses"):
+    for column in ("hostname", "alive", "connected", "rtt", "last seen", "addresses"):
         table.add_column(column, overflow="fold")
     for row in rows:
         seen = "" if row["last_seen_s"] is None else f"{row['last_seen_s']} s ago"
+        rtt = row.get("rtt_ms") if isinstance(row.get("rtt_ms"), (int, float)) else None
+        # a relayed connection's RTT is the whole path through the relay: say so beside it
+        link = "" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms"
+        if row.get("transport") == "relayed":
+            link = f"{link} (relayed)".strip()
         # Each address escaped on its own: the newlines between them are ours, any inside are not.
         # The trailing /p2p/<id> repeats the first column: left out, so that the address fits.
         suffix = f"/p2p/{row['peer_id']}"
@@ -486,6 +491,7 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
             _cell(row.get("hostname")),
             "yes" if row["alive"] else "no",
             "yes" if row["connected"] else "no",
+            link,
             seen,
             Text(addresses),
         )

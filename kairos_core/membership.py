@@ -42,7 +42,7 @@ NODES_BUCKET = "nodes"
 JOIN_GRACE = 2.0
 # Keys of a node's entry that change on every heartbeat or with its connections, and say nothing
 # about the node itself (``updated`` events ignore them).
-VOLATILE_KEYS = frozenset({"beat", "announced_at", "neighbours"})
+VOLATILE_KEYS = frozenset({"beat", "announced_at", "neighbours", "relayed", "rtt_ms"})
 # The most peers one entry may vouch for; a longer list vouches for nobody (a bounded-degree node
 # lists far fewer, and one insider must not be able to vouch for a crowd of made-up identities).
 MAX_NEIGHBOURS = 64

@@ -9,7 +9,9 @@ scrape time — nothing is copied or kept twice:
   ``protocol`` label);
 - gauges: ``kairos_members_alive``, ``kairos_connections``, ``kairos_is_leader``,
   ``kairos_leader_epoch``, ``kairos_ledger_entries{bucket}``, ``kairos_vpn_peers{path}``,
-  ``kairos_p2p_bytes_total{direction}`` and ``kairos_vpn_bytes_total{direction}`` (counters);
+  ``kairos_p2p_bytes_total{direction}`` and ``kairos_vpn_bytes_total{direction}`` (counters),
+  ``kairos_peer_rtt_seconds{peer,transport}`` (one series per admitted peer connected now: a peer
+  that goes takes its series with it, so the labels are bounded by ``p2p.connections.high``);
 - what plugins declare through :class:`MetricRegistry` (``NodeView.counter`` /
   ``NodeView.gauge``): their name, kind, HELP text and labels.
 
@@ -93,6 +95,7 @@ CORE_HELP: dict[str, str] = {
     "p2p_dht_provide_failed": "DHT provide calls that failed.",
     "p2p_callback_errors": "Host callbacks into the node that raised.",
     "p2p_keepalive_unavailable": "Connections on which TCP keepalive could not be set.",
+    "p2p_rtt_timeouts": "RTT pings (yamux's, one per connection every 30 s) that got no answer within 10 s.",
     "p2p_dials_ok": "Dials that ended in an admitted connection.",
     "p2p_dials_failed": "Dials that failed.",
     "p2p_dials_deferred": "Dials put off (the node has enough connections).",
@@ -234,6 +237,7 @@ _CORE_GAUGES = {
     "p2p_bytes",
     "vpn_bytes",
     "uptime_seconds",
+    "peer_rtt_seconds",
 }
 
 
@@ -276,6 +280,15 @@ class NodeCollector:
             for bucket, count in sorted(node.ledger.bucket_sizes().items()):
                 entries.add_metric([bucket], count)
         yield entries
+        rtts = GaugeMetricFamily(
+            metric_name("peer_rtt_seconds"),
+            "Smoothed round-trip time to each connected peer (yamux pings, every 30 s), by transport.",
+            labels=["peer", "transport"],
+        )
+        for peer, link in (node.host.links() if node.host else {}).items():
+            if link["rtt_s"] is not None:
+                rtts.add_metric([peer, link["transport"]], link["rtt_s"])
+        yield rtts
         paths = GaugeMetricFamily(metric_name("vpn_peers"), "VPN peers, by the path their packets take.", labels=["path"])
         for name, value in counters.items():
             if name.startswith("vpn_peers_"):

@@ -58,6 +58,29 @@ EPOCHS_RECORDED = 256
 REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
+# The RTTs an entry publishes (``rtt_ms``, issue #17) ride on the writes that happen anyway (a
+# change of neighbours, a refresh); a move alone rewrites the entry at most this often, and only
+# when some value moved by more than RTT_REWRITE_CHANGE of it and by more than RTT_JITTER_MS (on a
+# LAN, 0.4 vs 0.7 ms is scheduling noise, not news). Every write reaches every node. A new
+# neighbour's first value is the exception: the write its connection caused went out before any
+# ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
+RTT_REWRITE_INTERVAL = 60.0
+RTT_FIRST_DELAY = 3.0
+RTT_REWRITE_CHANGE = 0.2
+RTT_JITTER_MS = 2
+
+
+def _rtt_ms(seconds: float) -> int:
+    """An RTT as an entry publishes it: whole milliseconds, at least 1."""
+    return max(1, round(seconds * 1000))
+
+
+def _rtt_moved(published: int | None, measured: int) -> bool:
+    """Whether ``measured`` is news against what the entry says (see RTT_REWRITE_CHANGE)."""
+    if published is None:
+        return True
+    change = abs(measured - published)
+    return change > RTT_JITTER_MS and change > RTT_REWRITE_CHANGE * published
 
 
 class Node:
@@ -111,7 +134,10 @@ class Node:
         self._beat = 0
         self._advertised: dict[str, Any] | None = None  # what our entry says now
         self._rounds_unchanged = 0
+        self._published_rtt: dict[str, int] = {}  # peer -> the rtt_ms our entry says now
+        self._written_at = -RTT_REWRITE_INTERVAL  # monotonic time of our entry's last write
         self._announce_pending: asyncio.TimerHandle | None = None
+        self._rtt_announce_pending: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self._running = False
 
@@ -238,6 +264,9 @@ class Node:
         if self._announce_pending is not None:
             self._announce_pending.cancel()
             self._announce_pending = None
+        if self._rtt_announce_pending is not None:
+            self._rtt_announce_pending.cancel()
+            self._rtt_announce_pending = None
         try:
             steps = [
                 self.api and self.api.stop,
@@ -312,6 +341,22 @@ class Node:
     def addresses(self) -> list[str]:
         """The multiaddrs this node is reachable at now (empty while it is not running)."""
         return self.host.addresses() if self.host else []
+
+    def rtt(self, peer_id: str) -> float | None:
+        """The smoothed round-trip time to a connected, admitted peer in seconds, or None."""
+        return self.host.rtt(peer_id) if self.host else None
+
+    def describe_peers(self) -> list[dict[str, Any]]:
+        """``GET /api/peers``: every known peer (see :meth:`Membership.describe`) and, for those
+        connected now, ``transport`` (direct or relayed) and ``rtt_ms`` (None until measured)."""
+        rows = self.membership.describe() if self.membership else []
+        links = self.host.links() if self.host else {}
+        for row in rows:
+            link = links.get(row["peer_id"])
+            rtt = link["rtt_s"] if link else None
+            row["transport"] = link["transport"] if link else None
+            row["rtt_ms"] = None if rtt is None else round(rtt * 1000, 2)
+        return rows
 
     def lease_holder(self, epoch: int) -> str | None:
         """The leader of ``epoch``, as the members attest it, or None.
@@ -510,30 +555,50 @@ class Node:
             "reachability": nat["reachability"] if nat else "unknown",
             "observed": nat["observed"] if nat else [],
         }
+        links = self.host.links() if self.host else {}
+        # issue #17: which neighbours are reached through a relay, for the dashboards of others
+        advertised["relayed"] = [peer for peer in neighbours if links.get(peer, {}).get("transport") == "relayed"]
+        measured = {peer: _rtt_ms(links[peer]["rtt_s"]) for peer in neighbours if links.get(peer, {}).get("rtt_s")}
         self._rounds_unchanged += 1
         membership = self.config.section("membership")
         refresh_rounds = max(1, int(membership.peer_ttl / REFRESHES_PER_TTL / membership.announce_interval))
+        now = time.monotonic()
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
-            return
+            first = any(peer not in self._published_rtt for peer in measured)
+            moved = any(_rtt_moved(self._published_rtt.get(peer), value) for peer, value in measured.items())
+            if not first and (not moved or now - self._written_at < RTT_REWRITE_INTERVAL):
+                return
         self._advertised, self._rounds_unchanged = advertised, 0
+        self._published_rtt, self._written_at = measured, now
         self._beat += 1
-        self.ledger.set(NODES_BUCKET, self.peer_id, {**advertised, "beat": self._beat})
+        # rtt_ms lines up with neighbours (a peer id per value would double the entry's size)
+        rtts = [measured.get(peer) for peer in neighbours]
+        self.ledger.set(NODES_BUCKET, self.peer_id, {**advertised, "rtt_ms": rtts, "beat": self._beat})
+        if len(measured) < len(neighbours):
+            self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY)
 
     def _neighbours_changed(self) -> None:
         # Others learn who is alive from whom we vouch for: say it soon, once per burst.
-        if self._announce_pending is not None or not self._running:
+        self._announce_later("_announce_pending", NEIGHBOUR_ANNOUNCE_DELAY)
+
+    def _announce_later(self, slot: str, delay: float) -> None:
+        """Announce in ``delay`` seconds unless the timer in attribute ``slot`` is pending already."""
+        if getattr(self, slot) is not None or not self._running:
             return
 
         def announce_now() -> None:
-            self._announce_pending = None
+            setattr(self, slot, None)
             if self._running and self.ledger is not None:
                 try:
                     self.announce()
                 except Exception:
                     self.counters["background_errors"] += 1
-                    log.exception("announcing a change of neighbours failed")
+                    log.exception("announcing this node's entry failed")
 
-        self._announce_pending = asyncio.get_running_loop().call_later(NEIGHBOUR_ANNOUNCE_DELAY, announce_now)
+        try:
+            setattr(self, slot, asyncio.get_running_loop().call_later(delay, announce_now))
+        except RuntimeError:  # announce() called outside the loop (a test): no follow-up
+            pass
 
     async def connect(self, addrs: str | list[str]) -> str:
         """Dial and admit a peer by multiaddr(s); returns its peer id."""

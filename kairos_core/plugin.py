@@ -206,6 +206,13 @@ class NodeView(Protocol):
         """Peers connected to this node now that passed admission (streams can be opened to them)."""
         ...
 
+    def rtt(self, peer_id: str) -> float | None:
+        """The smoothed round-trip time to ``peer_id`` in seconds, or None when it is not an
+        admitted peer connected now or not measured yet (the first value ~0.5 s after the
+        connection is up, then refreshed every 30 s; through a relay: the whole path). Measured by
+        the pings the connection sends anyway, so reading it costs nothing."""
+        ...
+
     def addresses(self) -> list[str]:
         """The multiaddrs this node is reachable at now (``/ip4/…/tcp/…/p2p/<id>``, wildcards
         expanded to the interfaces' addresses), as it advertises them in ``nodes``; empty while

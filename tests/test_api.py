@@ -30,6 +30,36 @@ async def api(tmp_path):
     await node.aclose()
 
 
+async def test_peers_carry_each_connections_transport_and_rtt_to_the_cli(api, capsys):
+    """``rtt_ms`` and ``transport`` in /api/peers, and in ``kairos peers`` as text and --json."""
+    from kairos_core.cli import main
+
+    node, server = api
+    node.add_peer("p2", {"hostname": "far"})
+    node.add_peer("p3", {"hostname": "gone"})
+    node.neighbour_ids.update({"p1", "p2"})
+    node.rtts.update({"p1": 0.00042, "p2": 0.0413, "p3": 0.5})  # p3 is not connected: no RTT
+    node.relayed.add("p2")
+    client = APIClient(server.socket_path)
+    rows = {row["peer_id"]: row for row in await asyncio.to_thread(client.request, "GET", "/api/peers")}
+    assert (rows["p1"]["transport"], rows["p1"]["rtt_ms"]) == ("direct", 0.42)
+    assert (rows["p2"]["transport"], rows["p2"]["rtt_ms"]) == ("relayed", 41.3)
+    assert (rows["p3"]["transport"], rows["p3"]["rtt_ms"]) == (None, None)
+
+    async def cli(*argv: str) -> str:
+        capsys.readouterr()
+        try:
+            await asyncio.to_thread(main, [*argv, "--socket", str(server.socket_path)])
+        except SystemExit as exit:
+            assert exit.code in (0, None)
+        return capsys.readouterr().out
+
+    shown = {row["peer_id"]: row["rtt_ms"] for row in json.loads(await cli("peers", "--json"))}
+    assert shown == {"p1": 0.42, "p2": 41.3, "p3": None}
+    lines = {line.split()[1]: line for line in (await cli("peers")).splitlines() if line.split()[1:2] in (["p1"], ["p2"], ["p3"])}
+    assert "0.4 ms" in lines["p1"] and "41 ms (relayed)" in lines["p2"] and " ms" not in lines["p3"]
+
+
 async def raw(socket_path, data: bytes) -> bytes:
     reader, writer = await asyncio.open_unix_connection(str(socket_path))
     writer.write(data)
@@ -47,7 +77,7 @@ async def test_routes_and_socket_mode(api):
     call = lambda *a, **k: asyncio.to_thread(client.request, *a, **k)  # noqa: E731
     assert (await call("GET", "/api/status"))["peer_id"] == node.ledger.peer_id
     peers = await call("GET", "/api/peers")
-    assert peers == node.membership.describe() and [(p["peer_id"], p["alive"]) for p in peers] == [("p1", True)]
+    assert peers == node.describe_peers() and [(p["peer_id"], p["alive"]) for p in peers] == [("p1", True)]
     written = await call("PUT", "/api/ledger/b/k%2Fslash", content='{"x": 1}')
     assert written["key"] == "k/slash" and node.ledger.get("b", "k/slash") == {"x": 1}
     assert await call("GET", "/api/ledger") == ["b"]

@@ -3,7 +3,8 @@ three ``kairos run`` processes on loopback (no namespaces: the browser, its driv
 share the host's loopback), node 1 serving the dashboard on api.http_listen.
 
 Checked: the login URL of ``kairos dashboard --url`` logs the browser in; the summary counts 3
-members; the drawn graph has the 3 members and the 3 links; a hostname that is HTML shows as text
+members; the drawn graph has the 3 members and the 3 links, each labelled with its transport and
+RTT (and the VPN's path where one is known); a hostname that is HTML shows as text
 (no element made of it, its script never runs); ledger writes made on other nodes appear in the
 ledger view without a reload, and a write from the dashboard's form reaches the other nodes.
 Screenshots go to the test's tmp dir; the first load time is printed (not asserted).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -250,11 +252,21 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
         frozenset(pair) for pair in ((ids[0], ids[1]), (ids[0], ids[2]), (ids[1], ids[2]))
     }
     assert sorted(text(browser, "#graph .member-label")) == sorted(["alpha", "beta", XSS_HOSTNAME])
-    # each link's path where the VPN knows it: node 1's two; the third link has none
-    wait.until(lambda d: sorted(text(d, "#graph .link-label")) == ["stream", "udp"])
+    # Each link's label: the connection's kind and its RTT — node 1's two links measured by node 1,
+    # the third (beta to the third node) as those two published it in their `nodes` entries — then
+    # the VPN's path where it knows one (node 1's two).
+    rtt_label = re.compile(r"direct · \d+(\.\d)? ms( · vpn (stream|udp))?")
+    wait.until(lambda d: len(labels := text(d, "#graph .link-label")) == 3 and all(rtt_label.fullmatch(t) for t in labels))
+    labels = text(browser, "#graph .link-label")
+    assert sorted(label.rsplit(" · ", 1)[-1] for label in labels if "vpn" in label) == ["vpn stream", "vpn udp"], labels
+    rtts = browser.execute_script(
+        "return [...document.querySelectorAll('#graph .link-label')].map((t) => Number(t.getAttribute('data-rtt-ms')))"
+    )
+    assert all(0 < rtt < 1000 for rtt in rtts), rtts  # loopback: well under a second each
     # the hostname that is HTML is text: in the graph, in the peers table, and nowhere an element
     assert XSS_HOSTNAME in text(browser, "#peers tbody td")
     assert text(browser, "#peers tbody td").count("auto") == 2  # p2p.role of both peers: none set
+    assert sum(bool(rtt_label.fullmatch("direct · " + cell)) for cell in text(browser, "#peers tbody td")) == 2  # rtt column
     assert browser.execute_script("return document.querySelectorAll('img').length") == 0
     assert browser.execute_script("return window.__xss === undefined")
     browser.save_screenshot(str(tmp_path / "peers.png"))

@@ -75,6 +75,7 @@ from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, peer_of, qu
 from .logs import tame_libp2p_logging
 from .reachability import REACH_PROTOCOL, Reachability
 from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, split_circuit
+from .rtt import RttTable
 from .stream import Stream
 from .traffic import count_gossip, count_traffic
 from .traps import (
@@ -174,6 +175,8 @@ class P2PHost:
         self._relay = Relay(
             self.peer_id, relay or RelayLimits(), self.counters, is_public=lambda: self._reachability.state == "public"
         )
+        # issue #17: RTT per peer, read from the pings yamux sends anyway (see .rtt)
+        self._rtt = RttTable(self.counters)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -234,6 +237,7 @@ class P2PHost:
                         await self._install_handlers()
                         nursery.start_soon(self._inbound.sweep_forever)
                         nursery.start_soon(self._reachability.probe_forever, self._direct_peers)
+                        nursery.start_soon(self._rtt.sample_forever, self._admitted_connections)
                         nursery.start_soon(
                             self._relay.keep_reservations, lambda: self._reachability.state == "private", self._relay_candidates
                         )
@@ -248,6 +252,7 @@ class P2PHost:
             self._gate.detach()
             self._relay.detach()
             self._reachability.detach()
+            self._rtt.clear()
             self._host = self._pubsub = self._dht = None
             self._bound = []
 
@@ -373,6 +378,29 @@ class P2PHost:
         """Admitted peers connected to us directly, not through a relay (trio side)."""
         return [ID.from_base58(peer) for peer in self._gate.admitted_peers() if peer not in self._relay.relayed]
 
+    def _admitted_connections(self) -> list[tuple[str, Any]]:
+        """``(peer id, connection)`` of every admitted peer's connections (trio side)."""
+        if self._host is None:
+            return []
+        network = self._host.get_network()
+        return [(peer, conn) for peer in self._gate.admitted_peers() for conn in network.get_connections(ID.from_base58(peer))]
+
+    def links(self) -> dict[str, dict[str, Any]]:
+        """Each admitted peer's connection: ``transport`` (``direct``: a TCP connection of its own,
+        ``relayed``: a circuit through a relay) and ``rtt_s``, the smoothed round-trip time in
+        seconds the connection's muxer measured (None until its first ping, ~0.5 s after the
+        connection is up; then one ping every 30 s — see :mod:`.rtt`)."""
+        rtts = self._rtt.snapshot
+        relayed = self._relay.relayed
+        return {
+            peer: {"transport": "relayed" if peer in relayed else "direct", "rtt_s": rtts.get(peer)}
+            for peer in sorted(self._gate.admitted_peers())
+        }
+
+    def rtt(self, peer_id: str) -> float | None:
+        """The smoothed round-trip time to ``peer_id`` in seconds, or None (not connected, not measured yet)."""
+        return self._rtt.rtt(peer_id) if self._gate.is_admitted(peer_id) else None
+
     def _relay_candidates(self) -> list[tuple[str, str]]:
         """Admitted peers we dialled directly, with the address we reached them at (trio side)."""
         out = []
@@ -421,6 +449,7 @@ class P2PHost:
         self._gate.disconnected(conn)
         if self._host is not None and not self._host.get_network().get_connections(conn.muxed_conn.peer_id):
             self._relay.disconnected(str(conn.muxed_conn.peer_id))
+            self._rtt.forget(str(conn.muxed_conn.peer_id))
         if self._inbound is not None:
             self._inbound.closed(conn)
 

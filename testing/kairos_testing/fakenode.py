@@ -170,6 +170,10 @@ class FakeNode:
         self.peers: dict[str, dict[str, Any]] = {}
         #: the peers connected now (what :meth:`neighbours` answers)
         self.neighbour_ids: set[str] = set()
+        #: smoothed RTT in seconds per neighbour (what :meth:`rtt` answers for a neighbour)
+        self.rtts: dict[str, float] = {}
+        #: neighbours reached through a relay (``transport`` in :meth:`describe_peers`)
+        self.relayed: set[str] = set()
         #: this node's advertised multiaddrs (what :meth:`addresses` answers)
         self.advertised: list[str] = []
         #: ``(peer_id, epoch)`` of the leader, or None (:meth:`set_leader`)
@@ -242,6 +246,19 @@ class FakeNode:
 
     def addresses(self) -> list[str]:
         return list(self.advertised)
+
+    def rtt(self, peer_id: str) -> float | None:
+        return self.rtts.get(peer_id) if peer_id in self.neighbour_ids else None
+
+    def describe_peers(self) -> list[dict[str, Any]]:
+        """What ``GET /api/peers`` answers: the membership's rows, a neighbour's with its link."""
+        rows = self.membership.describe()
+        for row in rows:
+            connected = row["peer_id"] in self.neighbour_ids
+            rtt = self.rtt(row["peer_id"])
+            row["transport"] = ("relayed" if row["peer_id"] in self.relayed else "direct") if connected else None
+            row["rtt_ms"] = None if rtt is None else round(rtt * 1000, 2)
+        return rows
 
     def lease_holder(self, epoch: int) -> str | None:
         return self.lease_holders.get(epoch)

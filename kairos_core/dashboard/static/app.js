@@ -118,27 +118,62 @@ function epochs(networkId) {
   return [...best.values()].sort((a, b) => b.epoch - a.epoch).slice(0, 20);
 }
 
+function formatRtt(ms) {
+  // published values are whole milliseconds; this node's own are finer
+  return Number.isInteger(ms) || ms >= 10 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
+}
+
 function links() {
-  // one undirected link per pair that either side vouches for; path from the VPN's link table
+  // One undirected link per pair that either side vouches for. Its transport (direct TCP or a
+  // relayed circuit) and RTT: this node's own links from /api/peers (measured now), the others'
+  // from each end's `nodes` entry (`relayed`, and `rtt_ms` lined up with `neighbours`: refreshed
+  // at most once a minute); the VPN's path from its link table.
   const found = new Map();
+  const pair = (x, y) => {
+    const [a, b] = [x, y].sort();
+    const key = a + " " + b;
+    if (!found.has(key)) found.set(key, { a, b, paths: new Set(), transport: null, rtt: null, live: false });
+    return found.get(key);
+  };
+  const measured = (link, transport, rtt) => {
+    if (transport === "relayed" || (transport === "direct" && link.transport === null)) link.transport = transport;
+    if (typeof rtt === "number" && rtt > 0 && !link.live && (link.rtt === null || rtt < link.rtt)) link.rtt = rtt;
+  };
   for (const [peer, entry] of Object.entries(state.nodes)) {
     if (peer.includes("/")) continue;  // "<peer>/epochs" and the like: not a member's entry
     const neighbours = entry && Array.isArray(entry.neighbours) ? entry.neighbours : [];
-    for (const other of neighbours) {
-      if (typeof other !== "string" || other === peer) continue;
-      const key = [peer, other].sort().join(" ");
-      if (!found.has(key)) found.set(key, { a: [peer, other].sort()[0], b: [peer, other].sort()[1], paths: new Set() });
-    }
+    const rtts = entry && Array.isArray(entry.rtt_ms) && entry.rtt_ms.length === neighbours.length ? entry.rtt_ms : [];
+    const relayed = entry && Array.isArray(entry.relayed) ? entry.relayed : [];
+    neighbours.forEach((other, i) => {
+      if (typeof other !== "string" || other === peer) return;
+      measured(pair(peer, other), relayed.includes(other) ? "relayed" : "direct", rtts[i]);
+    });
+  }
+  const self = state.status && state.status.peer_id;
+  for (const p of state.peers) {
+    if (!self || !p.connected || typeof p.peer_id !== "string") continue;
+    const link = pair(self, p.peer_id);
+    if (typeof p.transport === "string") link.transport = p.transport;
+    if (typeof p.rtt_ms === "number") { link.rtt = p.rtt_ms; link.live = true; }
   }
   for (const [key, value] of Object.entries(state.vpn)) {
     if (!key.endsWith("/links") || !value || typeof value !== "object") continue;
     const from = key.slice(0, -"/links".length);
     for (const [to, link] of Object.entries(value)) {
-      const pair = found.get([from, to].sort().join(" "));
-      if (pair && link && typeof link.path === "string") pair.paths.add(link.path);
+      const known = found.get([from, to].sort().join(" "));
+      if (known && link && typeof link.path === "string") known.paths.add(link.path);
     }
   }
   return [...found.values()];
+}
+
+function linkLabel(link) {
+  // "direct · 0.4 ms", "relayed · 41 ms · vpn stream": the connection's kind, its RTT, the VPN's path
+  const parts = [link.transport || "link"];
+  if (link.rtt !== null) parts.push(formatRtt(link.rtt));
+  const vpn = [...link.paths].sort().join("/");
+  if (vpn) parts.push(`vpn ${vpn}`);
+  return parts.join(" · ");
 }
 
 function renderGraph() {
@@ -157,9 +192,10 @@ function renderGraph() {
     if (!at.has(link.a) || !at.has(link.b)) continue;
     const [x1, y1] = at.get(link.a), [x2, y2] = at.get(link.b);
     const path = [...link.paths].sort().join("/");
-    shapes.push(svg("line", { class: "link" + (path ? " path-" + path.split("/")[0] : ""), x1, y1, x2, y2,
-                              "data-a": link.a, "data-b": link.b }));
-    if (path) shapes.push(svg("text", { class: "link-label", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 4 }, path));
+    shapes.push(svg("line", { class: "link" + (path ? " path-" + path.split(/[/ ]/)[0] : "") + (link.transport === "relayed" ? " relayed" : ""),
+                              x1, y1, x2, y2, "data-a": link.a, "data-b": link.b }));
+    shapes.push(svg("text", { class: "link-label", x: (x1 + x2) / 2, y: (y1 + y2) / 2 - 4,
+                              "data-a": link.a, "data-b": link.b, "data-rtt-ms": link.rtt === null ? "" : link.rtt }, linkLabel(link)));
   }
   for (const id of members) {
     const [x, y] = at.get(id);
@@ -178,6 +214,7 @@ function renderPeers() {
   fill(document.querySelector("#peers tbody"), state.peers.map((p) => [
     state.nodes[p.peer_id] || !p.hostname ? hostOf(p.peer_id) : p.hostname,
     short(p.peer_id), p.alive ? "yes" : "no", p.connected ? "yes" : "no",
+    (typeof p.rtt_ms === "number" ? formatRtt(p.rtt_ms) : "–") + (p.transport === "relayed" ? " (relayed)" : ""),
     p.last_seen_s === null ? "–" : `${p.last_seen_s} s ago`,
     (state.nodes[p.peer_id] || {}).reachability || "unknown", (state.nodes[p.peer_id] || {}).role || "auto",
     p.version || "", (p.addresses || []).join("  "),
