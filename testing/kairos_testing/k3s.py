@@ -63,6 +63,16 @@ def read_systemctl_calls(log: Path) -> list[list[str]]:
     return [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    # the state follows the parenthesised command name, which may itself hold spaces or ")"
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 class FakeVPN:
     """Declares the ``vpn`` section and publishes ``vpn/<peer_id> = {"vip": ...}`` at startup."""
 
@@ -118,6 +128,13 @@ class K3sKit:
     def calls(self, name: str) -> list[dict[str, Any]]:
         """The fake k3s's recorded starts on node ``name``."""
         return read_k3s_calls(self.root(name))
+
+    def running(self) -> list[int]:
+        """The pids of every fake k3s started under this kit that still runs (should be none once
+        the nodes stopped)."""
+        roots = self.base / "roots"
+        names = [path.name for path in roots.iterdir()] if roots.is_dir() else []
+        return [call["pid"] for name in names for call in self.calls(name) if process_alive(call["pid"])]
 
 
 @pytest.fixture

@@ -121,16 +121,22 @@ class ClusterMember:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stop reconciling; a directly supervised k3s stops too, a service keeps running."""
+        """Stop reconciling; a directly supervised k3s stops too, a service keeps running.
+
+        The runner is stopped whatever happens before: a k3s child must not outlive its node, even
+        when this stop is cancelled (the node's shutdown hook timed out) or a step fails.
+        """
         self.waiting_for = None
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        if self.control is not None:
-            await self.control.stop()
-            self.control = None
-        await self.runner.stop()
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+                self._task = None
+            if self.control is not None:
+                await self.control.stop()
+                self.control = None
+        finally:
+            await self.runner.stop()
 
     async def _run(self) -> None:
         while True:

@@ -33,7 +33,9 @@ from .validate import env_name_ok
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
+# k3s gets this long to exit after SIGTERM, then its process group is killed. It stays below the
+# node's budget for kairos_shutdown (5 s), so a normal stop ends k3s here and not by cancellation.
+STOP_TIMEOUT = 4.0
 RESTART_BACKOFF = (1.0, 30.0)
 
 
@@ -300,7 +302,12 @@ class ProcessRunner:
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
-            await asyncio.gather(self._supervisor, return_exceptions=True)
+            try:
+                await asyncio.gather(self._supervisor, return_exceptions=True)
+            except BaseException:
+                if self.process is not None:  # cancelled meanwhile: see _terminate
+                    _kill_group(self.process)
+                raise
             self._supervisor = None
         await self._terminate()
 
@@ -313,9 +320,13 @@ class ProcessRunner:
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
         except TimeoutError:
-            with suppress(ProcessLookupError):
-                proc.kill()
+            _kill_group(proc)
             await proc.wait()
+        except BaseException:
+            # The node's shutdown ran out of time (its hook timeout cancels us) or is being torn
+            # down: k3s must not outlive the node that started it, so kill it now, synchronously.
+            _kill_group(proc)
+            raise
 
     async def _supervise(self, launch: K3sLaunch, started: asyncio.Event) -> None:
         backoff = RESTART_BACKOFF[0]
@@ -356,6 +367,18 @@ class ProcessRunner:
                 backoff = min(backoff * 2, RESTART_BACKOFF[1])
         finally:
             started.set()  # never leave apply() waiting; _halt() terminates the child
+
+
+def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    # k3s runs in a session of its own (start_new_session): its group is k3s and what it spawned
+    # (containerd, for one), which SIGKILL leaves no chance to stop themselves.
+    if proc.returncode is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        with suppress(ProcessLookupError):
+            proc.kill()
 
 
 def systemd_is_init() -> bool:

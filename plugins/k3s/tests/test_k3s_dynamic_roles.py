@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kairos_plugin_k3s import K3sPlugin
 from kairos_plugin_k3s.cluster_state import ClusterState
+from kairos_testing.k3s import process_alive
 
 
 def roles_seen_by(node):
@@ -27,6 +28,8 @@ async def test_the_leader_takes_back_the_role_of_a_node_that_stopped(kairos_netw
     gone = next(n for n in net.nodes if n.peer_id != leader_id and roles[n.peer_id] == "worker")
     gone_id = gone.peer_id
     await gone.stop()
+    # its k3s stopped with it (the shutdown hook could time out under load, and k3s ran on)
+    assert [call["pid"] for call in k3s_kit.calls(gone.hostname) if process_alive(call["pid"])] == []
     survivors = net.running()
     await net.wait_for(lambda: all(gone_id not in roles_seen_by(n) for n in survivors), timeout=40)
     assert all(len(roles_seen_by(n)) == 2 for n in survivors)

@@ -6,7 +6,9 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -18,7 +20,13 @@ from kairos_plugin_k3s.paths import K3sPaths
 from kairos_plugin_k3s.roles import MASTER, WORKER
 from kairos_plugin_k3s.runners import OpenRCRunner, ProcessRunner, RunnerError, SystemdRunner, env_text, make_runner
 from kairos_plugin_k3s.settings import FlagSet
-from kairos_testing.k3s import install_fake_k3s, install_fake_systemctl, read_k3s_calls, read_systemctl_calls
+from kairos_testing.k3s import (
+    install_fake_k3s,
+    install_fake_systemctl,
+    process_alive,
+    read_k3s_calls,
+    read_systemctl_calls,
+)
 
 NO_FLAGS = FlagSet(True, (), {}, False, False)
 
@@ -270,3 +278,50 @@ def test_make_runner(tmp_path):
     assert make_runner("auto", paths).name in ("systemd", "openrc", "process")
     with pytest.raises(ValueError, match="unknown runner"):
         make_runner("upstart", paths)
+
+
+async def wait_until(condition, timeout=10.0):
+    # polls a condition (no assertion on how long it took: the bound only keeps a failure short)
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
+
+
+async def test_process_runner_kills_a_k3s_that_ignores_sigterm(world, monkeypatch):
+    paths, k3s, _, _ = world
+    monkeypatch.setattr("kairos_plugin_k3s.runners.STOP_TIMEOUT", 0.5)
+    runner = ProcessRunner(paths)
+    launch = server_launch(paths, k3s)
+    launch = dataclasses.replace(launch, env={**launch.env, "FAKE_K3S_IGNORE_TERM": "1"})
+    try:
+        await runner.apply(launch)
+        assert await wait_until(lambda: read_k3s_calls(paths.root))  # SIGTERM is ignored from here on
+    finally:
+        await runner.stop()
+    assert not process_alive(read_k3s_calls(paths.root)[0]["pid"])
+
+
+async def test_process_runner_kills_k3s_when_its_stop_is_cancelled(world):
+    # what the node's shutdown does when kairos_shutdown runs out of time: cancel the stop
+    paths, k3s, _, _ = world
+    runner = ProcessRunner(paths)
+    launch = server_launch(paths, k3s)
+    launch = dataclasses.replace(launch, env={**launch.env, "FAKE_K3S_IGNORE_TERM": "1"})
+    await runner.apply(launch)
+    try:
+        assert await wait_until(lambda: read_k3s_calls(paths.root))
+        pid = read_k3s_calls(paths.root)[0]["pid"]
+        stopping = asyncio.get_running_loop().create_task(runner.stop())
+        await wait_until(lambda: runner.process is None)  # SIGTERM sent, waiting for the exit
+        assert process_alive(pid)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        assert await wait_until(lambda: not process_alive(pid)), "k3s survived the cancelled stop"
+    finally:
+        await runner.stop()
+        for call in read_k3s_calls(paths.root):  # never leave one behind, even when this failed
+            if process_alive(call["pid"]):
+                os.kill(call["pid"], signal.SIGKILL)

@@ -8,6 +8,8 @@
   with) and an admin kubeconfig pointing at ``https://127.0.0.1:6443`` into ``write-kubeconfig``.
 - ``agent``: exits 1 with k3s's complaint unless a server URL and a token are set.
 - Then it runs until SIGTERM, like the daemon, unless ``FAKE_K3S_ONESHOT=1``.
+- ``FAKE_K3S_IGNORE_TERM=1``: it ignores SIGTERM (set before the start is recorded), like a k3s
+  slow to stop: only SIGKILL ends it.
 """
 
 import json
@@ -59,6 +61,8 @@ users:
 
 
 def main():
+    if os.environ.get("FAKE_K3S_IGNORE_TERM") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     argv = sys.argv[1:]
     mode = argv[0] if argv else ""
     path = config_path(argv)
@@ -102,7 +106,8 @@ def main():
         return 2
     if os.environ.get("FAKE_K3S_ONESHOT") == "1":
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if os.environ.get("FAKE_K3S_IGNORE_TERM") != "1":
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     while True:
         time.sleep(3600)
 
