@@ -31,6 +31,8 @@ class Peer:
         "fallback",
         "heard",
         "udp_heard",
+        "relayed_from",
+        "relay_heard",
     )
 
     def __init__(
@@ -57,6 +59,10 @@ class Peer:
         # only authentic datagrams move them, so forged ones cannot fake liveness
         self.heard: float | None = None
         self.udp_heard: float | None = None
+        # the relay's UDP address while this peer's datagrams come through a relay: authentic
+        # ones from there move relay_heard, not udp_heard (:mod:`.relaydgram`)
+        self.relayed_from: tuple[str, int] | None = None
+        self.relay_heard: float | None = None
 
     def owns_source(self, source: bytes) -> bool:
         """True if an inner packet from ``source`` may come from this peer."""
@@ -120,6 +126,7 @@ class PeerTable:
             )
             if old is not None:
                 peer.fallback = old.fallback
+                peer.relayed_from = old.relayed_from
                 if old.source is not None:
                     peer.source = old.source  # new keys, same peer: it sends from where it did
             peers = dict(self._peers)
@@ -181,6 +188,16 @@ class PeerTable:
         peer = self._peers.get(peer_id)
         return peer.source if peer else None
 
+    def send_key_id(self, peer_id: str) -> int | None:
+        """The key id ``peer_id``'s datagrams from us are sealed under (its receive key id)."""
+        peer = self._peers.get(peer_id)
+        return peer.send.key_id if peer else None
+
+    def receive_key_id(self, peer_id: str) -> int | None:
+        """The key id ``peer_id`` seals its datagrams to us under."""
+        peer = self._peers.get(peer_id)
+        return peer.receive.key_id if peer else None
+
     def last_heard(self, peer_id: str) -> float | None:
         """``time.monotonic()`` of the last authentic datagram from ``peer_id``, by UDP or stream."""
         peer = self._peers.get(peer_id)
@@ -190,6 +207,18 @@ class PeerTable:
         """``time.monotonic()`` of the last authentic datagram from ``peer_id`` over UDP."""
         peer = self._peers.get(peer_id)
         return peer.udp_heard if peer else None
+
+    def set_relayed_from(self, peer_id: str, address: tuple[str, int] | None) -> None:
+        """Count ``peer_id``'s authentic datagrams from ``address`` (a relay's) as relayed, not as
+        UDP of our own (None: no relay)."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.relayed_from = address
+
+    def relay_heard(self, peer_id: str) -> float | None:
+        """``time.monotonic()`` of the last authentic datagram from ``peer_id`` through its relay."""
+        peer = self._peers.get(peer_id)
+        return peer.relay_heard if peer else None
 
     def set_fallback(self, peer_id: str, send: Callable[[bytes], object] | None) -> None:
         """Send a peer's datagrams through ``send`` while it has no UDP endpoint.

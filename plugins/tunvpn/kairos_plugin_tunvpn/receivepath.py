@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidTag
 
 from .counters import Counters
 from .peertable import Peer, PeerTable
+from .relaydgram import RelayTable
 from .roaming import RoamLimiter
 from .tun import TunDevice
 from .vnet import GSO_NONE, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, TcpCoalescer, complete_checksum
@@ -52,6 +53,9 @@ class ReceivePath(PeerTable):
     _coalescer: TcpCoalescer | None
     tun: TunDevice
     roam_limiter: RoamLimiter
+    _sock: socket.socket
+    #: the sessions this node relays for other pairs (None: it relays none)
+    relay: RelayTable | None = None
 
     if TYPE_CHECKING:
 
@@ -97,6 +101,9 @@ class ReceivePath(PeerTable):
                 size = _GRO_SIZE.unpack_from(data)[0]
         if size <= 0:
             size = n
+        relay = self.relay
+        if relay is not None and relay.forward(self._sock, rview, n, size, address):
+            return  # another pair's sealed datagrams, relayed unopened (:mod:`.relaydgram`)
         counters.rx_batches += 1
         with self._rx_lock:
             try:
@@ -252,7 +259,13 @@ class ReceivePath(PeerTable):
         window.highest, window.bits = highest, bits & window.mask
         if authentic:
             peer.receive.confirm(epoch)
-            peer.heard = peer.udp_heard = time.monotonic()
+            now = time.monotonic()
+            peer.heard = now
+            # what a relay forwards is not a UDP path of our own to the peer (:mod:`.relaydgram`)
+            if address == peer.relayed_from:
+                peer.relay_heard = now
+            else:
+                peer.udp_heard = now
         counters.rx_packets += delivered
         counters.rx_bytes += delivered_bytes
         if 0 < tail < OVERHEAD + 20:
@@ -311,7 +324,9 @@ class ReceivePath(PeerTable):
         window.update(counter)
         receive.confirm(epoch)
         peer.heard = time.monotonic()
-        if address is not None:
+        if address is not None and address == peer.relayed_from:
+            peer.relay_heard = peer.heard
+        elif address is not None:
             peer.udp_heard = peer.heard
             if address != peer.source:
                 peer.source = address  # roaming: the session follows its authentic datagrams

@@ -40,6 +40,10 @@ from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_dat
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
 from .paths import DIRECT, PUNCHED, RELAY, STREAM, Path, PathLadder, PathSource
+from .relaydgram import MAX_MESSAGE as RELAY_MAX_MESSAGE
+from .relaydgram import RELAY_MODES, RELAY_PROTOCOL, RelayLimits, RelayMessageError, RelayTable
+from .relaydgram import decode as decode_relay
+from .relaydgram import encode as encode_relay
 from .tun import TunDevice, TunUnavailable
 
 if TYPE_CHECKING:
@@ -156,6 +160,16 @@ SECTION = Section(
         minimum=int(MIN_CLAIM_TTL),
         maximum=int(MAX_CLAIM_TTL),
     ),
+    Option(
+        "relay",
+        str,
+        "auto",
+        "Forward other peers' sealed VPN datagrams between two peers that have no UDP path to each other "
+        "(the relay never holds their keys; limits per peer are p2p.relay's): auto = while p2p.relay.enable is on "
+        "and this node is publicly reachable; always = whenever both reach this node over UDP (B and C blocked, "
+        "both reach A); off = never.",
+        choices=RELAY_MODES,
+    ),
     ENV,
     help="The VPN between the nodes (tunvpn): a TUN device, a VIP per node, direct UDP or the libp2p stream.",
     aliases=("p2p.vpn",),
@@ -167,6 +181,10 @@ EXCHANGE_RETRY = 2.0
 # A session from which nothing authentic arrives for this long (keepalives flow every second)
 # is renegotiated: the two ends may hold different keys after a crash mid-exchange.
 SILENCE_REKEY = 30.0
+# A relay that refused, or whose path fell silent, is not asked again for this pair this long.
+RELAY_BACKOFF = 30.0
+RELAY_TIMEOUT = 10.0
+NODES_BUCKET = "nodes"
 DISCARD_PORT = 9
 
 
@@ -188,6 +206,7 @@ class VPNSettings:
     keepalive_interval: float
     udp_timeout: float
     claim_ttl: float = DEFAULTS["claim_ttl"]
+    relay: str = DEFAULTS["relay"]
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> "VPNSettings":
@@ -227,6 +246,7 @@ class VPNSettings:
             given.keepalive_interval,
             given.udp_timeout,
             given.claim_ttl,
+            given.relay,
         )
 
 
@@ -250,6 +270,12 @@ class Link:
     ladder: PathLadder = field(init=False)
     #: the peer's public UDP endpoints learned by hole punching (:mod:`.punch`)
     punched: frozenset[tuple[str, int]] = frozenset()
+    #: the peer that relays our sealed datagrams to this one (:mod:`.relaydgram`), and since when
+    relay: str | None = None
+    relay_since: float = 0.0
+    #: per relay asked: ``time.monotonic()`` before which it is not asked again for this peer
+    relay_backoff: dict[str, float] = field(default_factory=dict)
+    relay_asking: bool = False
 
     def __post_init__(self) -> None:
         # one back-off for UDP trials and moves up the ladder: a path that did not hold waits longer
@@ -359,6 +385,14 @@ class VPN:
         self._tasks: set[asyncio.Task[None]] = set()
         self._device_lock = asyncio.Lock()
         self._path_sources: list[PathSource] = []
+        config: Any = node.config
+        p2p = config.get("p2p", {}) if hasattr(config, "get") else {}
+        relay_section = p2p.get("relay", {}) if hasattr(p2p, "get") else {}
+        relay_section = relay_section if hasattr(relay_section, "get") else {}
+        self._relay_enabled = bool(relay_section.get("enable", True))
+        #: the sessions this node relays for pairs of its peers (:mod:`.relaydgram`)
+        self.relay_table = RelayTable(RelayLimits.from_config(relay_section), self.counters)
+        self.add_path_source(_RelayedPaths(self))
 
     # ----- lifecycle ------------------------------------------------------------------------------
 
@@ -384,6 +418,8 @@ class VPN:
         self._publish_claim(replace(self.claim, udp_port=self.plane.local_address[1]))
         self.node.serve(KEYS_PROTOCOL, self._serve_keys)
         self.node.serve(PACKETS_PROTOCOL, self._serve_packets)
+        self.node.serve(RELAY_PROTOCOL, self._serve_relay)
+        self.plane.relay = self.relay_table
         self.plane.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tunvpn")
         log.info("vpn up: %s on %s, UDP port %d", self.address, self.settings.interface, self.plane.local_address[1])
@@ -606,6 +642,8 @@ class VPN:
                 link.last_mark, link.last_progress = mark, now
             self._apply_path(peer_id, link, now)
             self._track_udp(peer_id, link, now)
+            if link.ladder.current.kind == STREAM:
+                self._maybe_ask_relay(peer_id, link, now)
             if vip is not None:
                 try:
                     self._keepalive(self, vip)
@@ -622,6 +660,8 @@ class VPN:
         published["peers_punched"] = kinds[PUNCHED]
         published["peers_relay"] = kinds[RELAY]
         published["peers_stream"] = kinds[STREAM]
+        self.relay_table.check(plane.source_of)
+        published["relay_sessions"] = len(self.relay_table.sessions())
         self.node.set_counters("vpn", published)
         # the stream path lives on its libp2p connection: keep the connection manager from trimming it
         for peer_id, link in self.links.items():
@@ -700,8 +740,177 @@ class VPN:
 
     def _end_trial(self, peer_id: str, link: Link) -> None:
         if self.links.get(peer_id) is link and not link.udp_up and self.plane is not None:
-            if link.ladder.current.endpoint is None:
-                self.plane.set_endpoint(peer_id, None)
+            # back to the path in use: the stream, or a relay's endpoint
+            self.plane.set_endpoint(peer_id, link.ladder.current.endpoint)
+
+    # ----- relayed datagrams (:mod:`.relaydgram`) --------------------------------------------------
+
+    def _relay_paths(self, peer_id: str, now: float) -> list[Path]:
+        """The relayed path to ``peer_id`` while it works: granted, the relay reached over UDP,
+        and authentic datagrams through it within ``udp_timeout`` (or since the grant)."""
+        plane, link = self.plane, self.links.get(peer_id)
+        if plane is None or link is None or link.relay is None:
+            return []
+        relay = link.relay
+        relay_link = self.links.get(relay)
+        endpoint = plane.endpoint_of(relay) if relay_link is not None and relay_link.ladder.current.rank == 0 else None
+        heard = plane.relay_heard(peer_id) or 0.0
+        if endpoint is None or now - max(heard, link.relay_since) > self.settings.udp_timeout:
+            log.info("vpn: nothing from %s through %s for %.0f s", peer_id, relay, self.settings.udp_timeout)
+            self._end_relay(peer_id, link, now)
+            return []
+        return [Path(RELAY, via=relay, endpoint=endpoint)]
+
+    def _end_relay(self, peer_id: str, link: Link, now: float) -> None:
+        if link.relay is not None:
+            link.relay_backoff[link.relay] = now + RELAY_BACKOFF
+            link.relay = None
+        if self.plane is not None:
+            self.plane.set_relayed_from(peer_id, None)
+
+    def _use_relay(self, peer_id: str, relay: str) -> bool:
+        """Offer ``relay`` to ``peer_id``'s ladder from now on; False if that cannot be."""
+        plane, link, relay_link = self.plane, self.links.get(peer_id), self.links.get(relay)
+        if plane is None or link is None or relay_link is None or not plane.has_peer(peer_id):
+            return False
+        source = plane.source_of(relay) or plane.endpoint_of(relay)
+        if source is None:
+            return False
+        log.info("vpn: %s relays to %s", relay, peer_id)
+        link.relay, link.relay_since = relay, time.monotonic()
+        plane.set_relayed_from(peer_id, source)
+        self.wake()
+        return True
+
+    def _relay_candidates(self, peer_id: str, now: float) -> list[str]:
+        """Peers that may relay to ``peer_id``: reached over UDP, publicly reachable ones first."""
+        link = self.links[peer_id]
+        members = self.node.members()
+        found = [
+            p
+            for p, other in self.links.items()
+            if p != peer_id and other.ladder.current.rank == 0 and link.relay_backoff.get(p, 0.0) <= now
+        ]
+        return sorted(found, key=lambda p: (members.get(p, {}).get("reachability") != "public", p))
+
+    def _maybe_ask_relay(self, peer_id: str, link: Link, now: float) -> None:
+        # the side that initiates key exchanges asks, so that the pair asks once
+        if link.relay is not None or link.relay_asking or not keyexchange.initiates(self.peer_id, peer_id):
+            return
+        candidates = self._relay_candidates(peer_id, now)
+        if candidates:
+            link.relay_asking = True
+            self._spawn(self._ask_relay(peer_id, link, candidates[0]))
+
+    async def _ask_relay(self, peer_id: str, link: Link, relay: str) -> None:
+        try:
+            key = self.plane.send_key_id(peer_id) if self.plane is not None else None
+            if key is None:
+                return
+            stream = await self.node.open_stream(relay, RELAY_PROTOCOL)
+            try:
+                await stream.write_frame(encode_relay("open", peer=peer_id, key=key))
+                answer = decode_relay(await asyncio.wait_for(stream.read_frame(RELAY_MAX_MESSAGE), RELAY_TIMEOUT * 2))
+            finally:
+                await stream.close()
+            if answer["op"] == "ok" and self.links.get(peer_id) is link and self._use_relay(peer_id, relay):
+                self.counters["vpn_relay_requests_granted"] += 1
+                return
+            log.info("vpn: %s does not relay to %s: %s", relay, peer_id, answer.get("reason", answer["op"]))
+            self.counters["vpn_relay_requests_refused"] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.counters["vpn_relay_request_errors"] += 1
+            log.debug("vpn: asking %s to relay to %s failed: %s", relay, peer_id, exc)
+        finally:
+            link.relay_asking = False
+        link.relay_backoff[relay] = time.monotonic() + RELAY_BACKOFF
+
+    def _relaying(self) -> bool:
+        """True if this node relays datagrams for its peers now (``vpn.relay``)."""
+        mode = self.settings.relay
+        if mode == "off":
+            return False
+        if mode == "always":
+            return True
+        own = self.node.ledger.get(NODES_BUCKET, self.peer_id)
+        return self._relay_enabled and isinstance(own, dict) and own.get("reachability") == "public"
+
+    async def _serve_relay(self, stream: Any) -> None:
+        peer_id = stream.peer_id
+        try:
+            message = decode_relay(await asyncio.wait_for(stream.read_frame(RELAY_MAX_MESSAGE), RELAY_TIMEOUT))
+            if message["op"] == "open" and isinstance(message.get("peer"), str) and "key" in message:
+                reason = await self._relay_open(peer_id, message["peer"], message["key"])
+                reply = encode_relay("ok") if reason is None else encode_relay("refused", reason=reason)
+            elif message["op"] == "offer" and isinstance(message.get("peer"), str) and "key" in message:
+                reply = self._relay_offered(peer_id, message["peer"], message["key"])
+            else:
+                raise RelayMessageError(f"unexpected {message['op']!r}")
+            await stream.write_frame(reply)
+            await stream.close()
+        except (RelayMessageError, asyncio.TimeoutError) as exc:
+            self.counters["vpn_relay_bad_messages"] += 1
+            log.debug("vpn: bad relay message from %s: %s", peer_id, exc)
+            await stream.reset()
+
+    def _reached_over_udp(self, peer_id: str) -> bool:
+        link = self.links.get(peer_id)
+        return (
+            link is not None
+            and link.ladder.current.rank == 0
+            and self.plane is not None
+            and self.plane.source_of(peer_id) is not None
+        )
+
+    async def _relay_open(self, a: str, b: str, a_key: int) -> str | None:
+        """As the relay: ``a`` asks for a session to ``b``; None once it is open, else why not."""
+        table = self.relay_table
+        if self.plane is None or not self._relaying():
+            reason: str | None = "not a relay"
+        elif a == b or a not in self.links or b not in self.links:
+            reason = "no session with both"
+        elif not (self._reached_over_udp(a) and self._reached_over_udp(b)):
+            reason = "no UDP path to both"
+        else:
+            reason = table.refusal(a, b)
+        if reason is not None:
+            self.counters["relay_refused_" + reason.replace(" ", "_").lower()] += 1
+            return reason
+        try:
+            stream = await self.node.open_stream(b, RELAY_PROTOCOL)
+            try:
+                await stream.write_frame(encode_relay("offer", peer=a, key=a_key))
+                answer = decode_relay(await asyncio.wait_for(stream.read_frame(RELAY_MAX_MESSAGE), RELAY_TIMEOUT))
+            finally:
+                await stream.close()
+        except Exception as exc:  # b is gone, slow or garbled: a refusal for a, not a crash
+            self.counters["relay_refused_peer_unreachable"] += 1
+            log.debug("vpn: relay offer to %s failed: %s", b, exc)
+            return "peer unreachable"
+        if answer["op"] != "accept" or "key" not in answer:
+            self.counters["relay_refused_by_peer"] += 1
+            return f"refused by {b}: {answer.get('reason', answer['op'])}"
+        plane = self.plane  # the VPN may have stopped meanwhile
+        a_source = plane.source_of(a) if plane is not None else None
+        b_source = plane.source_of(b) if plane is not None else None
+        if a_source is None or b_source is None:
+            self.counters["relay_refused_no_udp_path_to_both"] += 1
+            return "no UDP path to both"
+        return table.open(a, a_source, a_key, b, b_source, answer["key"])
+
+    def _relay_offered(self, relay: str, a: str, a_key: int) -> bytes:
+        """As the other end: ``relay`` offers to relay ``a``'s datagrams sealed under ``a_key``."""
+        plane = self.plane
+        if plane is None or a not in self.links or plane.receive_key_id(a) != a_key:
+            self.counters["vpn_relay_offers_refused"] += 1
+            return encode_relay("refuse", reason="no such session")
+        key = plane.send_key_id(a)
+        if key is None or not self._use_relay(a, relay):
+            self.counters["vpn_relay_offers_refused"] += 1
+            return encode_relay("refuse", reason="no UDP path to the relay")
+        return encode_relay("accept", key=key)
 
     def _send_keepalive(self, vip: ipaddress.IPv4Address) -> None:
         if self._keepalive_socket is None:
@@ -800,6 +1009,9 @@ class VPN:
             )
             link.sender.start()
         link.keys_installed_at = link.last_progress = now
+        if link.relay is not None:  # new keys: the relay's routes were made for the old key ids
+            self._end_relay(peer_id, link, now)
+            link.relay_backoff.clear()
         claim = parse_claim(peer_id, self.node.ledger.get(BUCKET, peer_id), self.settings.network, self._now_ms())
         host = udp_host(self.node.members().get(peer_id, {}), self.settings.network)
         link.endpoint = (host, claim.udp_port) if host and claim and claim.udp_port else None
@@ -823,6 +1035,11 @@ class VPN:
     def _drop_session(self, peer_id: str, reason: str) -> None:
         link = self.links.pop(peer_id, None)
         self.node.unprotect(peer_id, PROTECTION_TAG)
+        # the pairs this node relays for it end with it, and so do the paths it relayed for us
+        self.relay_table.end_peer(peer_id, "left")
+        for other_id, other in self.links.items():
+            if other.relay == peer_id:
+                self._end_relay(other_id, other, time.monotonic())
         if self.plane is not None:
             self.plane.remove_peer(peer_id)
         if link is not None:
@@ -847,3 +1064,13 @@ class VPN:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+class _RelayedPaths:
+    """The relayed paths of a :class:`VPN`, as a :class:`~.paths.PathSource` of its ladders."""
+
+    def __init__(self, vpn: VPN) -> None:
+        self._vpn = vpn
+
+    def paths(self, peer_id: str, now: float) -> list[Path]:
+        return self._vpn._relay_paths(peer_id, now)

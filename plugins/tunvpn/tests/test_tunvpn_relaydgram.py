@@ -1,0 +1,185 @@
+"""Relayed sealed datagrams on loopback UDP: A and B reach each other only through R's data plane,
+which forwards their datagrams without their keys (socket pairs stand in for the TUN devices)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from kairos_plugin_tunvpn import fastpath
+from kairos_plugin_tunvpn.crypto import SessionKeys
+from kairos_plugin_tunvpn.dataplane import DataPlane
+from kairos_plugin_tunvpn.relaydgram import RelayLimits, RelayMessageError, RelayTable, decode, encode
+from kairos_plugin_tunvpn.vnet import GSO_TCPV4, NEEDS_CSUM
+from test_tunvpn_dataplane import FakeTun, wait_for
+from tunvpn_packets import icmp_echo, ipv4_tcp
+
+VIP_A, VIP_B, VIP_R = "10.201.0.1", "10.201.0.2", "10.201.0.3"
+
+
+@pytest.fixture(params=["c", "python"])
+def trio_planes(request, monkeypatch):
+    """A, B and R: sessions A-R and B-R over UDP, and A-B whose datagrams go to R's endpoint."""
+    if request.param == "python":
+        monkeypatch.setenv(fastpath.FASTPATH_ENV, "1")
+    elif fastpath.GcmKey is None:
+        pytest.skip("the C fast path is not built (needs a C compiler and libssl-dev)")
+    tuns = {name: FakeTun() for name in "abr"}
+    planes = {name: DataPlane(tun.device, ("127.0.0.1", 0)) for name, tun in tuns.items()}
+    a, b, r = planes["a"], planes["b"], planes["r"]
+    keys_ab = SessionKeys.derive(b"1" * 32, "a", "b")
+    keys_ar = SessionKeys.derive(b"2" * 32, "a", "r")
+    keys_br = SessionKeys.derive(b"3" * 32, "b", "r")
+    a.add_peer("r", VIP_R, r.local_address, keys_ar)
+    b.add_peer("r", VIP_R, r.local_address, keys_br)
+    r.add_peer("a", VIP_A, a.local_address, keys_ar.mirror())
+    r.add_peer("b", VIP_B, b.local_address, keys_br.mirror())
+    # the pair's own session: R has no part in it; each end sends to R's endpoint
+    a.add_peer("b", VIP_B, r.local_address, keys_ab)
+    b.add_peer("a", VIP_A, r.local_address, keys_ab.mirror())
+    table = RelayTable(RelayLimits(max_sessions=1, max_bytes=1 << 20, max_duration=60.0))
+    r.relay = table
+    assert table.open("a", a.local_address, keys_ab.send_key_id, "b", b.local_address, keys_ab.receive_key_id) is None
+    for plane in planes.values():
+        plane.start()
+    try:
+        yield tuns, planes, table
+    finally:
+        for plane in planes.values():
+            plane.stop()
+        for tun in tuns.values():
+            tun.close()
+
+
+def test_packets_cross_through_the_relay_both_ways_unopened(trio_planes):
+    tuns, planes, table = trio_planes
+    ping = bytes(icmp_echo())
+    tuns["a"].inject(ping)
+    assert tuns["b"].receive()[1] == ping
+    pong = bytes(icmp_echo(src=bytes([10, 201, 0, 2]), dst=bytes([10, 201, 0, 1])))
+    tuns["b"].inject(pong)
+    assert tuns["a"].receive()[1] == pong
+    relay = planes["r"].counters
+    # R forwarded them and opened none: its own receive path never saw them
+    # (counted just after the send: the pong can reach A first)
+    assert wait_for(lambda: table.counters["relay_forwarded_sends"] == 2)
+    assert relay["rx_packets"] == 0 and relay["drop_unknown_peer"] == 0
+    assert planes["b"].source_of("a") == planes["r"].local_address  # B follows A's session to R
+
+
+def test_a_tso_frame_crosses_the_relay_as_trains(trio_planes):
+    tuns, planes, table = trio_planes
+    payload = bytes(range(256)) * 200  # 38 segments of 1368
+    tuns["a"].inject(bytes(ipv4_tcp(payload, flags=0x18)), GSO_TCPV4, 1368, partial=True)
+    received = b""
+    while len(received) < len(payload):  # one coalesced frame, or a few if a train was split
+        header, packet = tuns["b"].receive()
+        assert header[0] == NEEDS_CSUM
+        received += packet[40:]
+    assert received == payload and planes["b"].counters["rx_packets"] == 38
+    # GRO hands R trains and R sends each on with one GSO send: fewer sends than datagrams
+    assert 0 < table.counters["relay_forwarded_sends"] < 38
+
+
+def test_a_datagram_the_relay_alters_is_dropped_and_counted_at_the_receiver(trio_planes):
+    tuns, planes, table = trio_planes
+    honest = table._send
+
+    def tamper(sock, leg, data, size):
+        altered = bytearray(data)
+        altered[-1] ^= 1  # one bit of the tag
+        honest(sock, leg, memoryview(altered), size)
+
+    table._send = tamper
+    tuns["a"].inject(bytes(icmp_echo()))
+    assert wait_for(lambda: planes["b"].counters["drop_bad_tag"] == 1)
+    assert planes["b"].counters["rx_packets"] == 0
+    table._send = honest
+    marker = bytes(icmp_echo(payload=b"marker"))
+    tuns["a"].inject(marker)
+    assert tuns["b"].receive()[1] == marker  # the altered one never reached B's TUN
+
+
+def test_traffic_from_another_source_under_a_routed_key_id_is_not_relayed(trio_planes):
+    tuns, planes, table = trio_planes
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.1", 0))
+    try:
+        # the key id of A's datagrams to B, from an address R has no session route for
+        datagram = bytearray(100)
+        datagram[0] = 1
+        datagram[4:8] = planes["a"].send_key_id("b").to_bytes(4, "big")
+        stranger.sendto(bytes(datagram), planes["r"].local_address)
+        assert wait_for(lambda: planes["r"].counters["drop_unknown_peer"] == 1)  # R's own path dropped it
+        assert table.counters["relay_forwarded_sends"] == 0
+    finally:
+        stranger.close()
+
+
+def test_sessions_over_the_limit_are_refused_and_counted(trio_planes):
+    _, planes, table = trio_planes
+    assert table.open("a", ("127.0.0.1", 1), 7, "c", ("127.0.0.1", 2), 8) == "too many relay sessions"
+    assert table.counters["relay_refused_too_many_relay_sessions"] == 1
+    assert table.open("c", ("127.0.0.1", 1), 7, "d", ("127.0.0.1", 2), 8) is None  # others are not affected
+    assert table.refusal("a", "a") is not None
+
+
+def test_a_session_over_its_byte_limit_ends(trio_planes):
+    tuns, planes, table = trio_planes
+    payload = bytes(range(256)) * 200
+    for _ in range(25):  # ~1.3 MB, over the 1 MiB limit
+        tuns["a"].inject(bytes(ipv4_tcp(payload, flags=0x18)), GSO_TCPV4, 1368, partial=True)
+    assert wait_for(lambda: table.counters["relay_ended_bytes"] == 1)
+    assert table.sessions() == [] and table.sessions_of("a") == 0
+
+
+def test_the_session_ends_when_a_peer_leaves_and_nothing_is_forwarded_after(trio_planes):
+    tuns, planes, table = trio_planes
+    tuns["a"].inject(bytes(icmp_echo()))
+    tuns["b"].receive()
+    assert wait_for(lambda: table.counters["relay_forwarded_sends"] == 1)
+    assert table.end_peer("b", "left") == 1 and table.counters["relay_ended_left"] == 1
+    sends = table.counters["relay_forwarded_sends"]
+    tuns["a"].inject(bytes(icmp_echo(payload=b"after")))
+    assert wait_for(lambda: planes["r"].counters["drop_unknown_peer"] == 1)  # not relayed: R's own path drops it
+    assert table.counters["relay_forwarded_sends"] == sends
+
+
+def test_a_session_ends_when_an_end_moves_or_outlives_its_duration():
+    clock = [0.0]
+    table = RelayTable(RelayLimits(max_duration=10.0), clock=lambda: clock[0])
+    sources = {"a": ("127.0.0.1", 1), "b": ("127.0.0.1", 2)}
+    assert table.open("a", sources["a"], 1, "b", sources["b"], 2) is None
+    table.check(sources.get)
+    assert table.sessions_of("a") == 1
+    sources["a"] = ("127.0.0.1", 3)  # A's NAT mapping towards R changed
+    table.check(sources.get)
+    assert table.sessions_of("a") == 0 and table.counters["relay_ended_moved"] == 1
+    assert table.open("a", sources["a"], 1, "b", sources["b"], 2) is None
+    clock[0] = 11.0
+    table.check(sources.get)
+    assert table.sessions() == [] and table.counters["relay_ended_duration"] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"[" * 5000,
+        b"null",
+        b'{"op": 3}',
+        b'{"op": "open", "key": -1}',
+        b'{"op": "open", "key": true}',
+        b'{"op": "open", "peer": 5}',
+        b'{"op": "open", "key": 4294967296}',
+        b"\xff\xfe",
+    ],
+)
+def test_garbage_control_messages_are_a_typed_error(data):
+    with pytest.raises(RelayMessageError):
+        decode(data)
+
+
+def test_control_messages_round_trip():
+    assert decode(encode("open", peer="b", key=7)) == {"op": "open", "peer": "b", "key": 7}
