@@ -38,7 +38,7 @@ import yaml
 from .errors import ConfigError, KairosError
 from .identity import default_state_dir
 from .plugins import hookimpl
-from .schema import SKIP, Alias, Option, Section, section_from_defaults, text_list, text_value, type_name
+from .schema import SKIP, Alias, Option, Section, frozen, section_from_defaults, text_list, text_value, type_name
 from .token import NetworkToken, parse_token
 from .untrusted import nesting_exceeds
 
@@ -416,15 +416,16 @@ def kairos_config_problems(config: Mapping[str, Mapping[str, Any]]) -> list[str]
     return [f"p2p.connections.high: must be at least low ({low}), not {high}"] if high < low else []
 
 
-class Config(Mapping[str, dict[str, Any]]):
+class Config(Mapping[str, Mapping[str, Any]]):
     """A validated config: every section filled with its defaults.
 
     A read-only :class:`~collections.abc.Mapping` of section name → that section's values:
-    ``config["vpn"]["mtu"]`` is the plain value (a ``dict`` per section, as plugins and tests read
-    it), and ``in``, iteration, ``len``, ``keys()``, ``items()``, ``values()`` and ``get()`` work as
-    on any mapping. ``config.section("election")`` is the section's typed, frozen settings object
-    (``.lease_seconds`` a float), built from its schema. Nothing changes a config once built:
-    the section dicts are the node's own, read them and never write them.
+    ``config["vpn"]["mtu"]`` is the plain value, and ``in``, iteration, ``len``, ``keys()``,
+    ``items()``, ``values()`` and ``get()`` work as on any mapping. It is read-only all the way
+    down: each section is a read-only mapping (:func:`~.schema.frozen`: mappings in it read-only
+    too, lists tuples), so a plugin cannot change what the node and the other plugins read.
+    ``config.section("election")`` is the section's typed, frozen settings object
+    (``.lease_seconds`` a float), built from its schema; :meth:`as_dict` a mutable deep copy.
     """
 
     def __init__(
@@ -436,6 +437,8 @@ class Config(Mapping[str, dict[str, Any]]):
         notes: Iterable[str] = (),
     ) -> None:
         self._data = data
+        # what readers get: a deeply read-only copy, so no caller can change the node's config
+        self._view: dict[str, Mapping[str, Any]] = {name: frozen(values) for name, values in data.items()}
         self.path = path
         #: what was accepted but does nothing here, or is read differently (`kairos run` logs each
         #: once at warning, `kairos config check` prints them)
@@ -454,9 +457,9 @@ class Config(Mapping[str, dict[str, Any]]):
             self._settings[name] = declared.read(self._data[name])
         return self._settings[name]
 
-    def __getitem__(self, name: str) -> dict[str, Any]:
+    def __getitem__(self, name: str) -> Mapping[str, Any]:
         try:
-            return self._data[name]
+            return self._view[name]
         except KeyError:
             raise KeyError(f"no config section {name!r}; is the plugin that declares it installed?") from None
 

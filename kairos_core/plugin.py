@@ -171,8 +171,9 @@ class NodeView(Protocol):
 
     @property
     def config(self) -> Mapping[str, Mapping[str, Any]]:
-        """The validated config: a read-only mapping of section name → that section's values (a
-        ``dict``, every default filled in), plugin sections included (``node.config["vpn"]["cidr"]``)."""
+        """The validated config: a mapping of section name → that section's values (every default
+        filled in), plugin sections included (``node.config["vpn"]["cidr"]``). Read-only all the
+        way down: sections and the mappings in them are read-only mappings, lists are tuples."""
         ...
 
     @property

@@ -34,6 +34,7 @@ import math
 import re
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
@@ -382,7 +383,7 @@ class Section:
     def validate(self, values: Any, path: str | None = None) -> dict[str, Any]:
         """``values`` checked strictly and completed with defaults; :class:`ConfigError` lists the problems."""
         problems: list[str] = []
-        merged = self.merge(values, path or self.name, problems, strict=True)
+        merged = self.merge(thawed(values), path or self.name, problems, strict=True)
         if problems:
             noun = "problem" if len(problems) == 1 else "problems"
             raise ConfigError(f"config: {len(problems)} {noun}: " + "; ".join(problems), problems)
@@ -427,6 +428,33 @@ class Section:
             data["unknown"] = self.unknown
         data["options"] = [option.describe() for option in self.options]
         return data
+
+
+def frozen(value: Any) -> Any:
+    """A deeply read-only copy of config data: mappings become read-only mappings
+    (:class:`types.MappingProxyType`) and lists tuples, all the way down; scalars stay as they are.
+    What ``node.config`` holds, so that no plugin can change the node's config by accident."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: frozen(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(item) for item in value)
+    return value
+
+
+def thawed(value: Any) -> Any:
+    """Plain ``dict``/``list`` data again from what :func:`frozen` made (anything else as given),
+    so that a section of ``node.config`` validates as the data it was built from."""
+    if not isinstance(value, MappingProxyType):
+        return value
+
+    def plain(item: Any) -> Any:
+        if isinstance(item, Mapping):
+            return {key: plain(inner) for key, inner in item.items()}
+        if isinstance(item, tuple):
+            return [plain(inner) for inner in item]
+        return item
+
+    return plain(value)
 
 
 def attribute_name(key: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import pytest
 
 from kairos_core.config import load_config, parse_config_text, resolve_config
@@ -185,7 +186,31 @@ def test_list_items_of_the_wrong_type_are_refused(manager):
         "lists.ports[1]: expected an integer, got a string",
     }
     config = resolve("p2p:\n  listen: [/ip4/0.0.0.0/tcp/1]\nlists:\n  free: [1, a]\n", plugin_manager)
-    assert config["p2p"]["listen"] == ["/ip4/0.0.0.0/tcp/1"] and config["lists"]["free"] == [1, "a"]
+    assert config["p2p"]["listen"] == ("/ip4/0.0.0.0/tcp/1",) and config["lists"]["free"] == (1, "a")
+
+
+def test_the_config_is_read_only_all_the_way_down(manager):
+    config = resolve("p2p:\n  bootstrap_peers: [/ip4/1.2.3.4/tcp/1/p2p/x]\nvpn:\n  env: {DHCP: 'false'}\n", manager)
+    before = config.as_dict()
+    writes = [
+        lambda: operator.setitem(config["p2p"], "network_id", "other"),
+        lambda: operator.setitem(config["p2p"]["connections"], "low", 0),
+        lambda: operator.setitem(config["vpn"]["env"], "DHCP", "true"),
+        lambda: config["p2p"]["bootstrap_peers"].append("/ip4/6.6.6.6/tcp/1/p2p/evil"),
+        lambda: config["p2p"].pop("network_id"),
+        lambda: config["p2p"].update(network_id="other"),
+    ]
+    for write in writes:
+        with pytest.raises((TypeError, AttributeError)):
+            write()
+    assert config.as_dict() == before and config["p2p"]["network_id"] == "kairos"
+    assert config["p2p"]["bootstrap_peers"] == ("/ip4/1.2.3.4/tcp/1/p2p/x",)
+    assert config.section("p2p").bootstrap_peers == ("/ip4/1.2.3.4/tcp/1/p2p/x",)
+    # the read-only sections still validate as the data they were built from
+    assert config.schema["vpn"].read(config["vpn"]).env == {"DHCP": "false"}
+    copy = config.as_dict()  # a copy to change is the caller's own
+    copy["p2p"]["network_id"] = "other"
+    assert config["p2p"]["network_id"] == "kairos"
 
 
 @pytest.mark.parametrize(

@@ -124,8 +124,8 @@ def test_static_roles_without_auto(manager):
     master, worker = load("static-master.yaml", manager), load("static-worker.yaml", manager)
     assert (K3sSettings.from_config(master).role_hint, K3sSettings.from_config(worker).role_hint) == ("master", "worker")
     assert K3sSettings.from_config(master).auto_enable is False
-    assert master["k3s"]["args"] == ["--disable=traefik,servicelb"]
-    assert worker["k3s-agent"]["args"] == ["--node-label=zone=edge"]
+    assert master["k3s"]["args"] == ("--disable=traefik,servicelb",)
+    assert worker["k3s-agent"]["args"] == ("--node-label=zone=edge",)
 
 
 def test_every_p2p_key_of_the_reference_has_its_kairos_meaning(manager, tmp_path):
@@ -174,7 +174,7 @@ def test_edgevpn_variables_set_static_addresses_and_unknown_ones_warn(manager):
         manager,
     )
     assert (config["vpn"]["address"], config["vpn"]["interface"], config["vpn"]["mtu"]) == ("10.1.0.30/24", "vpn1", 1300)
-    assert config["p2p"]["bootstrap_peers"] == ["/ip4/10.0.0.1/tcp/1/p2p/x", "/ip4/10.0.0.2/tcp/1/p2p/y"]
+    assert config["p2p"]["bootstrap_peers"] == ("/ip4/10.0.0.1/tcp/1/p2p/x", "/ip4/10.0.0.2/tcp/1/p2p/y")
     assert config.warnings == ["p2p.vpn.env.NOSUCHVAR: an EdgeVPN variable kairos-plugin-tunvpn does not use, ignored"]
     # what the plugin finds wrong (an address outside vpn.cidr) names the variable too
     with pytest.raises(ConfigError) as exc:

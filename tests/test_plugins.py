@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import operator
 import inspect
 import json
 import os
@@ -322,6 +323,29 @@ async def test_hook_on_leader_elected(manager, caplog):
     await call_hook(manager, "on_leader_elected", node=node, leader=node.peer_id, epoch=3)
     assert f"leader {node.peer_id} (this node), epoch 3" in caplog.text  # the built-in eventlog plugin
     await node.aclose()
+
+
+async def test_a_plugin_cannot_change_the_node_s_config(kairos_network):
+    refused = []
+
+    class Writes:
+        @hookimpl
+        async def kairos_startup(self, node):
+            for write in (
+                lambda: operator.setitem(node.config["election"], "lease_seconds", 0.1),
+                lambda: operator.setitem(node.config["p2p"]["connections"], "high", 1),
+                lambda: node.config["p2p"]["bootstrap_peers"].append("/ip4/6.6.6.6/tcp/1"),
+            ):
+                try:
+                    write()
+                except (TypeError, AttributeError) as exc:
+                    refused.append(type(exc).__name__)
+
+    net = await kairos_network(1, plugins=[Writes()])
+    node = net.nodes[0]
+    assert refused == ["TypeError", "TypeError", "AttributeError"]
+    assert node.config["election"]["lease_seconds"] == node.config.section("election").lease_seconds != 0.1
+    assert node.config["p2p"]["connections"]["high"] != 1 and "/ip4/6.6.6.6/tcp/1" not in node.config["p2p"]["bootstrap_peers"]
 
 
 async def test_hook_kairos_startup(manager):
