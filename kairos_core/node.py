@@ -158,7 +158,14 @@ class Node:
         self.ledger = self._open_ledger()
         self.ledger.add_listener(self._on_ledger_update)
         # Revocations recorded before a restart are in force before the first connection.
-        self.revocations = Revocations(self.peer_id, self.ledger, self.lease_holder, self._peers_revoked)
+        self.revocations = Revocations(
+            self.peer_id,
+            self.ledger,
+            self.lease_holder,
+            self._peers_revoked,
+            current_epoch=self._known_epoch,
+            is_leader=lambda: self.is_leader,
+        )
         self.revocations.refresh()
         self._spawn(self._deliver_hooks(self._ledger_events), "ledger-hooks")
         # A token rotated since the config was written is in the state dir (kairos_core.rotation).
@@ -173,6 +180,7 @@ class Node:
             lease_holder=self.lease_holder,
             members=self._rotation_members,
             on_rotated=self._token_rotated,
+            current_epoch=self._known_epoch,
         )
         self._spawn(self._deliver_hooks(self._leader_events), "leader-hooks")
 
@@ -386,6 +394,16 @@ class Node:
             if (record := self._epoch_record(peer).get(str(epoch))) is not None
         )
         return votes.most_common(1)[0][0] if votes else None
+
+    def _known_epoch(self) -> int | None:
+        """The highest epoch this node knows: the election's (held or lapsed), else — at start,
+        before the election runs — the newest one this node recorded in its own entry."""
+        if self.election is not None:
+            lease = self.election.current()
+            if lease is not None:
+                return lease.epoch
+        recorded = [int(epoch) for epoch in self._epoch_record(self.peer_id) if epoch.isdigit()]
+        return max(recorded) if recorded else None
 
     def _epoch_record(self, peer_id: str) -> dict[str, str]:
         value = self.ledger.get(NODES_BUCKET, f"{peer_id}/{EPOCH_RECORD}") if self.ledger else None

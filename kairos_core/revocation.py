@@ -9,7 +9,17 @@ The bucket's write policy (:class:`~kairos_core.ledger.policy.RevocationPolicy`)
 record in its writer's name and refuses tombstones, so no token holder can write one for someone
 else or undo one. Any token holder may still write a record under its *own* name; a record counts
 only when its writer is the attested leader of the epoch it names (``node.lease_holder(epoch)``,
-the same answer k3s fences by), so an insider's records change nothing.
+the same answer k3s fences by), so an insider's records change nothing — and only while that epoch
+is the current one: a node that once led keeps its signing key, and a record it writes later in the
+name of its old epoch must not count. So:
+
+- a record counts when its epoch is the highest this node knows, or the one before it and the
+  record arrived within :data:`CARRY_WINDOW` seconds of this node seeing the leadership change (a
+  record still in flight then; a node that starts gets no such window);
+- the leader *carries forward* every revocation in force here: it writes its own copy, under its
+  current epoch (``carried_from`` names the first writer), so a node that was offline across
+  leader changes, or restarts, finds a copy of the current epoch;
+- a record in force stays in force on this node (only the counting of new ones is epoch-bound).
 
 A record that counts is final on this node: the revoked peer is
 
@@ -38,6 +48,10 @@ log = logging.getLogger(__name__)
 REVOKED_BUCKET = "revoked"
 # A reason is for the operator's eyes; longer text is cut, not refused.
 MAX_REASON = 200
+# Seconds after this node first sees a new epoch during which a record of the epoch before it
+# still counts: records in flight when the leadership changed (normally they arrive within a
+# second; a record cut off by a partition longer than this is lost and must be written again).
+CARRY_WINDOW = 30.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ class Revocations:
     :param ledger: the node's ledger (its ``revoked`` bucket).
     :param lease_holder: ``epoch -> peer id | None``: the attested leader of an epoch.
     :param on_revoked: called with the set of peers newly revoked (never with this node).
+    :param current_epoch: ``() -> epoch | None``: the highest epoch this node knows (held or lapsed).
+    :param is_leader: ``() -> bool``: whether this node leads now (it then carries records forward).
     """
 
     def __init__(
@@ -101,11 +117,22 @@ class Revocations:
         ledger: Any,
         lease_holder: Callable[[int], str | None],
         on_revoked: Callable[[frozenset[str]], None],
+        *,
+        current_epoch: Callable[[], int | None] = lambda: None,
+        is_leader: Callable[[], bool] = lambda: False,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.self_id = self_id
         self.ledger = ledger
         self.lease_holder = lease_holder
         self.on_revoked = on_revoked
+        self.current_epoch = current_epoch
+        self.is_leader = is_leader
+        self.monotonic = monotonic
+        self._epoch: int | None = None
+        self._epoch_since = float("-inf")
+        # record (peer, writer, epoch) -> when this node first held it: whether it arrived in time
+        self._first_held: dict[tuple[str, str, int], float] = {}
         self._in_force: dict[str, Revocation] = {}  # peer -> the record that revoked it
         self._self_revoked_logged = False
         #: records held that do not count (their writer did not lead the epoch they name)
@@ -136,8 +163,50 @@ class Revocations:
         return sorted(self._in_force.values(), key=lambda r: (r.epoch, r.at, r.peer))
 
     def credible(self, record: Revocation) -> bool:
-        """Whether ``record``'s writer led the epoch it names."""
-        return self.lease_holder(record.epoch) == record.by
+        """Whether ``record``'s writer led the epoch it names, and that epoch is current (or was,
+        a moment ago: see the module docstring)."""
+        if self.lease_holder(record.epoch) != record.by:
+            return False
+        current = self._epoch
+        if current is None or record.epoch >= current:
+            # no epoch known yet (a node starting from disk: its own records, carried forward, are
+            # of the last epoch it knew) or the record is of the newest one
+            return current is None or record.epoch == current
+        if record.epoch == current - 1:
+            first = self._first_held.setdefault((record.peer, record.by, record.epoch), self.monotonic())
+            return first - self._epoch_since <= CARRY_WINDOW
+        return False
+
+    def _follow_epoch(self) -> None:
+        epoch = self.current_epoch()
+        if epoch is not None and epoch != self._epoch:
+            # the window is for leader changes this node saw happen; the first epoch it learns (at
+            # start) gets none: what the epoch before held reaches it as the leader's carried copies
+            witnessed = self._epoch is not None
+            self._epoch, self._epoch_since = epoch, (self.monotonic() if witnessed else float("-inf"))
+            # a record first held before this epoch began arrived in time: keep its stamp below
+            # the epoch's start, drop the stamps of older epochs
+            self._first_held = {key: at for key, at in self._first_held.items() if key[2] >= epoch - 1}
+
+    def _carry_forward(self) -> None:
+        """On the leader: a copy of every revocation in force, under this node's current epoch."""
+        if self._epoch is None or not self.is_leader() or self.lease_holder(self._epoch) != self.self_id:
+            return
+        for peer, record in list(self._in_force.items()):
+            if record.by == self.self_id and record.epoch == self._epoch:
+                continue
+            held = self.ledger.get(REVOKED_BUCKET, revocation_key(peer, self.self_id))
+            if isinstance(held, dict) and held.get("epoch") == self._epoch:
+                continue
+            value = {
+                "peer": peer,
+                "by": self.self_id,
+                "epoch": self._epoch,
+                "at": record.at,
+                "reason": record.reason,
+                "carried_from": record.by,
+            }
+            self.ledger.set(REVOKED_BUCKET, revocation_key(peer, self.self_id), value)
 
     def refresh(self) -> frozenset[str]:
         """Put newly credible records in force; returns the peers that are newly revoked.
@@ -145,6 +214,7 @@ class Revocations:
         A revocation in force stays in force (this node's view of who led an old epoch may fade
         as members leave; the revocation must not).
         """
+        self._follow_epoch()
         new: dict[str, Revocation] = {}
         not_credible = 0
         for record in self.records():
@@ -161,8 +231,10 @@ class Revocations:
             new[record.peer] = record
         self.not_credible = not_credible
         if not new:
+            self._carry_forward()
             return frozenset()
         self._in_force.update(new)
+        self._carry_forward()
         for record in new.values():
             log.warning(
                 "peer %s revoked by the leader %s (epoch %d)%s",

@@ -255,6 +255,8 @@ class Rotator:
     :param members: ``() -> {peer id: box key}`` of the members to hand a new token to.
     :param lease_holder: ``epoch -> peer id | None`` (who led an epoch).
     :param on_rotated: called with the new token once this node switched.
+    :param current_epoch: ``() -> epoch | None``, the highest epoch this node knows: a record counts
+        only when it names that epoch or the one before.
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class Rotator:
         lease_holder: Callable[[int], str | None],
         members: Callable[[], dict[str, str]],
         on_rotated: Callable[[NetworkToken], None],
+        current_epoch: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.identity = identity
         self.self_id = identity.peer_id
@@ -276,6 +279,7 @@ class Rotator:
         self.state_dir = Path(state_dir)
         self.replaced = list(replaced)
         self.lease_holder = lease_holder
+        self.current_epoch = current_epoch
         self.members = members
         self.on_rotated = on_rotated
         #: records addressed to us that did not open or did not count
@@ -360,6 +364,11 @@ class Rotator:
                 continue
             if self.lease_holder(record.epoch) != record.by:
                 continue  # not (yet) credible: looked at again later
+            current_epoch = self.current_epoch()
+            if current_epoch is not None and record.epoch < current_epoch - 1:
+                # a node that once led keeps its key: a record in the name of an old epoch, written
+                # any time later, must not move members to a token of its choosing
+                continue
             try:
                 token = open_token(record, self.identity)
                 grace_until = min(record.grace_until, time.time() + MAX_GRACE)

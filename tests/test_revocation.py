@@ -145,3 +145,91 @@ async def test_a_revoked_peer_is_cut_off_refused_and_ignored_across_restarts(kai
     restarted.ledger.apply_remote([late])
     assert restarted.ledger.get("apps", "after-restart") is None
     assert victim.peer_id not in restarted.members()
+
+
+class _Chain:
+    """Who led which epoch, the current epoch, and a clock: what Revocations asks the node."""
+
+    def __init__(self, me: str) -> None:
+        self.me, self.holders, self.epoch, self.now = me, {}, None, 1000.0
+
+    def lead(self, peer: str, epoch: int) -> None:
+        self.holders[epoch], self.epoch = peer, epoch
+
+
+def _revocations(me: Identity, chain: _Chain):
+    from kairos_core.ledger import Ledger, LedgerStore
+    from kairos_core.revocation import Revocations
+
+    ledger = Ledger(me, LedgerStore(":memory:"))
+    revoked: list[frozenset[str]] = []
+    revocations = Revocations(
+        me.peer_id,
+        ledger,
+        chain.holders.get,
+        revoked.append,
+        current_epoch=lambda: chain.epoch,
+        is_leader=lambda: chain.holders.get(chain.epoch) == me.peer_id,
+        monotonic=lambda: chain.now,
+    )
+    return ledger, revocations, revoked
+
+
+def _record(writer: Identity, peer: str, epoch: int) -> Entry:
+    value = {"peer": peer, "by": writer.peer_id, "epoch": epoch, "at": 1.0, "reason": ""}
+    return _signed(writer, revocation_key(peer, writer.peer_id), value)
+
+
+def test_a_past_leader_cannot_revoke_in_the_name_of_its_old_epoch():
+    # found in review: any record whose writer once led the epoch it names counted, at any time
+    me, old_leader, leader, victim = (Identity.generate() for _ in range(4))
+    chain = _Chain(me.peer_id)
+    ledger, revocations, _ = _revocations(me, chain)
+    chain.lead(old_leader.peer_id, 2)
+    revocations.refresh()
+    chain.lead(leader.peer_id, 9)
+    chain.now += 120
+    ledger.apply_remote([_record(old_leader, leader.peer_id, 2), _record(old_leader, victim.peer_id, 8)])
+    assert revocations.refresh() == frozenset()
+    assert not revocations.is_revoked(leader.peer_id) and revocations.not_credible == 2
+    # the leader of the current epoch is believed
+    ledger.apply_remote([_record(leader, victim.peer_id, 9)])
+    assert revocations.refresh() == {victim.peer_id}
+
+
+def test_a_record_in_flight_when_the_leadership_changed_still_counts_for_a_while():
+    me, first, second, late, later = (Identity.generate() for _ in range(5))
+    chain = _Chain(me.peer_id)
+    ledger, revocations, _ = _revocations(me, chain)
+    chain.lead(first.peer_id, 4)
+    revocations.refresh()
+    chain.lead(second.peer_id, 5)
+    revocations.refresh()
+    chain.now += 5  # within CARRY_WINDOW of epoch 5
+    ledger.apply_remote([_record(first, late.peer_id, 4)])
+    assert revocations.refresh() == {late.peer_id}
+    chain.now += 60  # long after: the old epoch's records no longer count
+    ledger.apply_remote([_record(first, later.peer_id, 4)])
+    assert revocations.refresh() == frozenset() and not revocations.is_revoked(later.peer_id)
+
+
+def test_the_leader_carries_revocations_forward_so_a_node_that_missed_the_old_epoch_believes_them():
+    me, old_leader, victim = (Identity.generate() for _ in range(3))
+    chain = _Chain(me.peer_id)
+    ledger, revocations, _ = _revocations(me, chain)
+    chain.lead(old_leader.peer_id, 3)
+    ledger.apply_remote([_record(old_leader, victim.peer_id, 3)])
+    assert revocations.refresh() == {victim.peer_id}
+    chain.lead(me.peer_id, 4)  # this node now leads: it writes its own copy under epoch 4
+    revocations.refresh()
+    copy = ledger.get(REVOKED_BUCKET, revocation_key(victim.peer_id, me.peer_id))
+    assert copy["epoch"] == 4 and copy["carried_from"] == old_leader.peer_id and copy["peer"] == victim.peer_id
+    # a node that never saw epoch 3's record, now at epoch 4, believes the copy
+    newcomer = Identity.generate()
+    other_chain = _Chain(newcomer.peer_id)
+    other_chain.holders = dict(chain.holders)
+    other_chain.epoch = 4
+    other_ledger, other, _ = _revocations(newcomer, other_chain)
+    other_ledger.apply_remote([ledger.get_entry(REVOKED_BUCKET, key) for key in ledger.items(REVOKED_BUCKET)])
+    assert other.refresh() == {victim.peer_id}
+    assert other.in_force()[0].by == me.peer_id

@@ -280,3 +280,47 @@ def test_a_second_rotation_inside_the_grace_window_is_refused(tmp_path) -> None:
     assert schedule.token.fingerprint == first["fingerprint"]  # nothing changed
     record = ledger.get(ROTATION_BUCKET, f"{member.peer_id}:{leader.peer_id}")
     assert record["fingerprint"] == first["fingerprint"]
+
+
+def test_a_member_ignores_a_rotation_in_the_name_of_an_old_epoch(tmp_path) -> None:
+    # found in review: a node that once led could hand members a token of its choosing at any time
+    from kairos_core.ledger import Ledger, LedgerStore
+    from kairos_core.ledger.clock import HybridLogicalClock
+    from kairos_core.rotation import Rotator
+
+    member, old_leader = Identity.generate(), Identity.generate()
+    epoch_now = [9]
+    ledger = Ledger(member, LedgerStore(":memory:"))
+    schedule = KeySchedule(generate_token())
+    holders = {2: old_leader.peer_id, 8: old_leader.peer_id}
+    rotator = Rotator(
+        member,
+        ledger,
+        schedule,
+        tmp_path,
+        [],
+        lease_holder=holders.get,
+        members=dict,
+        on_rotated=lambda token: None,
+        current_epoch=lambda: epoch_now[0],
+    )
+    old = schedule.token
+
+    def offer(epoch: int) -> None:
+        value = seal_token(
+            rotated_token(old),
+            member.peer_id,
+            box_public(member),
+            by=old_leader.peer_id,
+            epoch=epoch,
+            replaces=old.fingerprint,
+            grace_until=time.time() + 60,
+        )
+        version = HybridLogicalClock(old_leader.peer_id).tick()
+        key = f"{member.peer_id}:{old_leader.peer_id}"
+        ledger.apply_remote([Entry.signed(old_leader, ROTATION_BUCKET, key, value, version)])
+
+    offer(2)
+    assert rotator.refresh() is False and schedule.token == old
+    offer(8)  # the epoch just before the current one: a record still in flight is taken
+    assert rotator.refresh() is True and schedule.token != old
