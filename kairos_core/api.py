@@ -73,6 +73,10 @@ WATCH_CLOSE_GRACE = 5.0
 # few (the page, its polls, one watch); past this a new one is answered 503 and closed, so
 # clients without the token cannot hold the node's sockets by the thousand.
 MAX_WEB_CONNECTIONS = 32
+# Over TCP (the dashboard's and the metrics listener) a whole request, its head and body, must
+# arrive within this, and so must the next one on a kept-alive connection: a per-read timeout
+# alone let a client sending one byte every minute hold a connection for weeks.
+TCP_REQUEST_DEADLINE = 10.0
 
 
 class _Reply:
@@ -145,7 +149,7 @@ class APIServer:
             from .metrics import parse_listen
 
             host, port = parse_listen(self.metrics_listen)
-            self._server = await asyncio.start_server(self._serve, host=host, port=port)
+            self._server = await asyncio.start_server(functools.partial(self._serve, tcp=True), host=host, port=port)
             return
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         with suppress(FileNotFoundError):
@@ -166,7 +170,7 @@ class APIServer:
         host, port = dashboard.parse_http_listen(listen)
         self._dashboard_token = dashboard.load_token(self.node.config.state_dir)
         self.http_listen = listen
-        self._http_server = await asyncio.start_server(functools.partial(self._serve, web=True), host=host, port=port)
+        self._http_server = await asyncio.start_server(functools.partial(self._serve, web=True, tcp=True), host=host, port=port)
 
     async def stop(self) -> None:
         """Close the socket and every open connection (watches included)."""
@@ -186,24 +190,30 @@ class APIServer:
                 self.socket_path.unlink()
 
     # --- connections -------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, web: bool = False) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, web: bool = False, tcp: bool = False
+    ) -> None:
+        """One client connection. ``web``: the dashboard's listener; ``tcp``: any TCP listener (the
+        dashboard's or the metrics one): at most MAX_WEB_CONNECTIONS at once, each request within
+        TCP_REQUEST_DEADLINE. The unix socket (0600, the operator's) has neither limit."""
         task = asyncio.current_task()
-        if web and self._web_connections >= MAX_WEB_CONNECTIONS:
+        if tcp and self._web_connections >= MAX_WEB_CONNECTIONS:
             with suppress(Exception):
                 writer.write(
                     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                    b"connection: close\r\ncontent-length: 51\r\n\r\n"
-                    b'{"error": "too many dashboard connections at once"}'
+                    b"connection: close\r\ncontent-length: 41\r\n\r\n"
+                    b'{"error": "too many connections at once"}'
                 )
                 await writer.drain()
             await _close(writer, 1.0)
             return
-        self._web_connections += web
+        self._web_connections += tcp
         self._connections.add(task)
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
             while True:
-                request, body = await self._read_request(connection, reader, writer)
+                reading = self._read_request(connection, reader, writer)
+                request, body = await (asyncio.wait_for(reading, TCP_REQUEST_DEADLINE) if tcp else reading)
                 if request is None:
                     return
                 reusable = await self._respond(connection, writer, reader, request, body, web=web)
@@ -218,7 +228,7 @@ class APIServer:
             pass
         finally:
             self._connections.discard(task)
-            self._web_connections -= web
+            self._web_connections -= tcp
             await _close(writer, WATCH_CLOSE_GRACE)
 
     async def _read_request(

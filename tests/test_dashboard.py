@@ -160,7 +160,7 @@ async def test_the_tcp_listener_holds_a_bounded_number_of_connections(kairos_net
         reader, writer = await asyncio.open_connection(host, port)
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
-        assert answer.startswith(b"HTTP/1.1 503") and b"too many dashboard connections" in answer
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
         # the unix socket is not affected
         client = APIClient(node.config.api_socket)
         assert (await asyncio.to_thread(client.request, "GET", "/api/status"))["peer_id"] == node.peer_id

@@ -4,6 +4,7 @@ exposition parsed with prometheus_client's own parser; the plugin registry's rul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import pytest
@@ -165,3 +166,42 @@ def test_the_registry_refuses_conflicts_and_bounds_labels():
     with pytest.raises(KairosError, match="combinations"):
         by_peer.set(1, peer="one-too-many")
     assert by_peer.value(peer="p3") == 5
+
+
+async def test_the_metrics_listener_is_bounded_like_the_dashboards(kairos_network, monkeypatch):
+    # found in review: the metrics listener had no connection cap, and a client sending one byte
+    # a minute held a connection on either listener for as long as it liked
+    from kairos_core import api
+
+    monkeypatch.setattr(api, "TCP_REQUEST_DEADLINE", 1.0)
+    net = await kairos_network(1, overrides={"api": {"metrics_listen": "127.0.0.1:0"}})
+    node = net.nodes[0]
+    host, port = node.metrics_server.metrics_address
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def trickle() -> None:  # a request head that never ends: one byte every 0.2 s, 8 s long
+        with contextlib.suppress(ConnectionError):
+            for byte in b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-pad: 0123456"[:40]:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.2)
+
+    trickling = asyncio.create_task(trickle())
+    closed = await asyncio.wait_for(reader.read(), 20)
+    assert closed == b"" and not trickling.done(), "a trickled request head kept its connection to the end"
+    trickling.cancel()
+    writer.close()
+
+    idle = [await asyncio.open_connection(host, port) for _ in range(api.MAX_WEB_CONNECTIONS)]
+    try:
+        for _ in range(50):
+            if node.metrics_server._web_connections == api.MAX_WEB_CONNECTIONS:
+                break
+            await asyncio.sleep(0.05)
+        extra_reader, extra_writer = await asyncio.open_connection(host, port)
+        answer = await asyncio.wait_for(extra_reader.read(), 10)
+        extra_writer.close()
+        assert answer.startswith(b"HTTP/1.1 503")
+    finally:
+        for _, idle_writer in idle:
+            idle_writer.close()
