@@ -285,7 +285,7 @@ class NodeCollector:
             "Smoothed round-trip time to each connected peer (yamux pings, every 30 s), by transport.",
             labels=["peer", "transport"],
         )
-        for peer, link in (node.host.links() if node.host else {}).items():
+        for peer, link in (node.host.links() if getattr(node, "host", None) else {}).items():
             if link["rtt_s"] is not None:
                 rtts.add_metric([peer, link["transport"]], link["rtt_s"])
         yield rtts

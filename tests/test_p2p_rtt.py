@@ -6,6 +6,7 @@ veth pair with ``netem delay`` in network namespaces it reflects the delay added
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kairos_core.p2p import P2PHost
@@ -76,3 +77,127 @@ def test_table_keeps_the_lowest_rtt_per_peer_and_counts_each_unanswered_ping_onc
     assert table.rtt("p") is None
     table.sample([("x", _Conn(object()))], now=160.0)  # a muxer that does not measure: no value, no error
     assert table.snapshot == {} and not table._pending
+
+
+async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) -> None:
+    """Two in-process nodes: /api/peers rows, the Prometheus gauge, and the ``rtt_ms`` of the
+    ``nodes`` entry — its first value in the follow-up write, a move alone written only after
+    RTT_REWRITE_INTERVAL and only when it is > 20 % and > RTT_JITTER_MS; gone with the peer."""
+    from kairos_core import node as node_module
+    from kairos_core.metrics import NodeMetrics
+
+    net = await kairos_network(2)
+    a, b = net.nodes
+
+    def entry() -> dict:
+        return a.ledger.get("nodes", a.peer_id) or {}
+
+    # the write of the new neighbour went out before any ping; the follow-up carries its RTT
+    await net.wait_for(lambda: entry().get("neighbours") == [b.peer_id] and (entry().get("rtt_ms") or [None])[0], timeout=20)
+    assert 1 <= entry()["rtt_ms"][0] < 1000 and entry()["relayed"] == []
+    row = {row["peer_id"]: row for row in a.describe_peers()}[b.peer_id]
+    assert row["transport"] == "direct" and 0 < row["rtt_ms"] < 1000
+    exposition = NodeMetrics(a).render().decode()
+    series = f'kairos_peer_rtt_seconds{{peer="{b.peer_id}",transport="direct"}}'
+    assert series in exposition and "# HELP kairos_peer_rtt_seconds" in exposition
+
+    def links(rtt_s: float) -> dict:
+        return {b.peer_id: {"transport": "direct", "rtt_s": rtt_s}}
+
+    def announce_with(rtt_s: float, *, long_after: bool) -> int:
+        """What the entry's rtt_ms says after an announce round measuring ``rtt_s``."""
+        a.host.links = lambda: links(rtt_s)  # type: ignore[method-assign]
+        if long_after:
+            a._written_at -= node_module.RTT_REWRITE_INTERVAL + 1
+        a.announce()
+        return entry()["rtt_ms"][0]
+
+    before = entry()["beat"]
+    published = entry()["rtt_ms"][0]
+    assert announce_with(0.500, long_after=False) == published  # a move, but too soon after a write
+    assert entry()["beat"] == before
+    assert announce_with(0.500, long_after=True) == 500  # a minute on: written
+    assert announce_with(0.560, long_after=True) == 500  # +12 %: not news
+    assert announce_with(0.700, long_after=True) == 700  # +40 %: news
+    a.host.links = lambda: links(0.0012)  # type: ignore[method-assign]
+    a._written_at -= node_module.RTT_REWRITE_INTERVAL + 1
+    a.announce()
+    assert entry()["rtt_ms"] == [1]
+    assert announce_with(0.0029, long_after=True) == 1  # 1 -> 3 ms: +2 ms is LAN jitter, not news
+    del a.host.links  # the host's own method again
+
+    await b.stop()
+    await net.wait_for(lambda: a.rtt(b.peer_id) is None, timeout=15)
+    row = {row["peer_id"]: row for row in a.describe_peers()}[b.peer_id]
+    assert row["transport"] is None and row["rtt_ms"] is None
+    assert series not in NodeMetrics(a).render().decode()  # the series goes with the peer
+
+
+class DelayingProxy:
+    """A TCP relay on loopback that holds every chunk ``delay`` seconds in each direction, in
+    order: a link with a known round trip of 2 x ``delay`` where netem is not available."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            queue: asyncio.Queue = asyncio.Queue()
+            for job in (self._read(source, queue), self._write(queue, sink)):
+                task = asyncio.ensure_future(job)
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def _read(self, source: asyncio.StreamReader, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while chunk := await source.read(65536):
+            queue.put_nowait((loop.time() + self.delay, chunk))
+        queue.put_nowait((loop.time() + self.delay, b""))
+
+    async def _write(self, queue: asyncio.Queue, sink: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, chunk = await queue.get()
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if not chunk:
+                sink.close()
+                return
+            sink.write(chunk)
+            await sink.drain()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_rtt_reflects_the_delay_of_the_link(hosts: HostFactory) -> None:
+    """Through a relay that delays each direction by 50 ms, every round trip takes >= 100 ms (the
+    namespace test with netem checks the same across a delayed veth: tests/test_rtt_netem.py)."""
+    a: P2PHost = await hosts.host()
+    b: P2PHost = await hosts.host()
+    port_b = int(b.addresses()[0].split("/tcp/")[1].split("/")[0])
+    proxy = DelayingProxy(port_b, delay=0.050)
+    try:
+        port = await proxy.start()
+        await a.connect(f"/ip4/127.0.0.1/tcp/{port}/p2p/{b.peer_id}")
+        await wait_until(lambda: a.rtt(b.peer_id) is not None and b.rtt(a.peer_id) is not None, timeout=30)
+        for here, there in ((a, b), (b, a)):
+            rtt = here.rtt(there.peer_id)
+            assert rtt is not None and 0.095 <= rtt < 1.0, rtt  # 5 ms of slack: when the send time is stamped
+    finally:
+        await proxy.close()
