@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -662,7 +663,7 @@ def resolve_config(
             parse_token(str(merged["p2p"]["network_token"]))
         except KairosError as exc:
             problems.append(f"p2p.network_token: {exc}")
-    problems = [_as_written(line, origins) for line in problems]
+    problems = [_as_written(line, origins, mentions=True) for line in problems]
     if problems:
         origin = f"config {path}" if path else "config"
         noun = "problem" if len(problems) == 1 else "problems"
@@ -852,13 +853,21 @@ def _lift_options(
                 break
 
 
-def _as_written(line: str, origins: Mapping[str, str]) -> str:
-    """``line`` (a problem or warning starting with a path) naming the path the user wrote."""
+def _as_written(line: str, origins: Mapping[str, str], mentions: bool = False) -> str:
+    """``line`` (a problem or warning starting with a path) naming the path the user wrote.
+
+    With ``mentions``, other whole paths in the line are named so too (a problem's ``... of
+    vpn.cidr 10.1.0.0/24``); not in warnings, whose explanations name our options on purpose.
+    """
     best = ""
     for ours in origins:
         if len(ours) > len(best) and line.startswith(ours) and line[len(ours) : len(ours) + 1] in ("", ":", ".", "[", " "):
             best = ours
-    if not best:
-        return line
-    written = origins[best]
-    return written + line[len(best) :] if best != written else line
+    head, rest = "", line
+    if best:
+        head, rest = origins[best], line[len(best) :]
+    # other paths the line mentions (`... of vpn.cidr 10.1.0.0/24`) as the user wrote them too
+    for ours, written in origins.items() if mentions else ():
+        if ours != written and ours in rest:
+            rest = re.sub(rf"(?<![\w.-]){re.escape(ours)}(?![\w-])", written, rest)
+    return head + rest

@@ -44,6 +44,13 @@ def resolve(text, manager):
     return resolve_config(parse_config_text(text), manager, env={})
 
 
+def refused(text, manager):
+    """The problems of a config that must be refused."""
+    with pytest.raises(ConfigError) as exc:
+        resolve(text, manager)
+    return exc.value.problems
+
+
 def masters_planned(settings, nodes=6):
     plan = plan_roles(
         {f"n{i}": "" for i in range(nodes)}, {}, ha=settings.ha_enable, masters=settings.masters_total, minimum_nodes=1
@@ -176,10 +183,35 @@ def test_edgevpn_variables_set_static_addresses_and_unknown_ones_warn(manager):
     assert (config["vpn"]["address"], config["vpn"]["interface"], config["vpn"]["mtu"]) == ("10.1.0.30/24", "vpn1", 1300)
     assert config["p2p"]["bootstrap_peers"] == ("/ip4/10.0.0.1/tcp/1/p2p/x", "/ip4/10.0.0.2/tcp/1/p2p/y")
     assert config.warnings == ["p2p.vpn.env.NOSUCHVAR: an EdgeVPN variable kairos-plugin-tunvpn does not use, ignored"]
-    # what the plugin finds wrong (an address outside vpn.cidr) names the variable too
-    with pytest.raises(ConfigError) as exc:
-        resolve("p2p:\n  vpn:\n    env:\n      ADDRESS: 10.2.0.30/24\n", manager)
-    assert exc.value.problems == ["p2p.vpn.env.ADDRESS: 10.2.0.30 is not a host address of vpn.cidr 10.1.0.0/24"]
+    # what the plugin finds wrong (an address outside vpn.cidr) names both paths as written
+    assert refused("p2p:\n  vpn:\n    cidr: 10.1.0.0/24\n    env:\n      ADDRESS: 10.2.0.30/24\n", manager) == [
+        "p2p.vpn.env.ADDRESS: 10.2.0.30 is not a host address of p2p.vpn.cidr 10.1.0.0/24"
+    ]
+    assert refused("vpn:\n  cidr: 10.1.0.0/24\np2p:\n  vpn:\n    env:\n      ADDRESS: 10.2.0.30/24\n", manager) == [
+        "p2p.vpn.env.ADDRESS: 10.2.0.30 is not a host address of vpn.cidr 10.1.0.0/24"
+    ]
+
+
+def test_edgevpn_address_outside_our_default_network_gives_the_network(manager):
+    # Kairos users write ADDRESS with EdgeVPN's prefix and no cidr of ours: the prefix is the network
+    from kairos_plugin_tunvpn.vpn import VPNSettings
+
+    config = resolve("p2p:\n  vpn:\n    env:\n      DHCP: 'false'\n      ADDRESS: 10.2.0.30/24\n", manager)
+    assert config["vpn"]["address"] == "10.2.0.30/24" and config["vpn"]["cidr"] == ""
+    settings = VPNSettings.from_config(config["vpn"])
+    assert (str(settings.static), str(settings.network)) == ("10.2.0.30/24", "10.2.0.0/24")
+    # a prefix that leaves no network, or no prefix outside the default, is a clear problem
+    env = "p2p:\n  vpn:\n    env:\n      ADDRESS: {}\n"
+    assert refused(env.format("10.2.0.30/32"), manager) == [
+        "p2p.vpn.env.ADDRESS: 10.2.0.30/32 leaves no VPN network around it: give the VPN's prefix "
+        "(10.2.0.30/24, say) or set vpn.cidr"
+    ]
+    assert refused(env.format("10.2.0.30"), manager) == [
+        "p2p.vpn.env.ADDRESS: 10.2.0.30 is not a host address of the default vpn.cidr 10.1.0.0/24"
+    ]
+    assert refused(env.format("10.2.0.0/24"), manager) == [
+        "p2p.vpn.env.ADDRESS: 10.2.0.0 is not a host address of its own network 10.2.0.0/24"
+    ]
 
 
 def test_our_own_names_stay_valid_and_win(manager):

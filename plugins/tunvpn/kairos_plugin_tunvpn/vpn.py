@@ -57,6 +57,8 @@ PROTECTION_TAG = "tunvpn"
 MIN_CLAIM_TTL = 2.0
 MAX_CLAIM_TTL = 30 * 86400.0
 _EDGEVPN = "p2p.vpn.env."
+#: The VPN's network when neither vpn.cidr nor a static address with a prefix says otherwise.
+DEFAULT_CIDR = "10.1.0.0/24"
 _NO_DNS = "DNS needs a DNS plugin (kairos-plugin-dns), which is not installed"
 
 
@@ -122,8 +124,11 @@ SECTION = Section(
     Option(
         "cidr",
         str,
-        "10.1.0.0/24",
-        "The VPN's network (/30 or larger): automatic VIPs come from it, and it is routed into the device.",
+        "",
+        "The VPN's network (/30 or larger): automatic VIPs come from it, and it is routed into the device. "
+        "Empty: the network of a static address with a prefix (EdgeVPN's ADDRESS: 10.2.0.5/24 is 10.2.0.0/24, "
+        f"as in Kairos), else {DEFAULT_CIDR}. Nodes taking automatic addresses need the same network: set it "
+        "where some nodes have static addresses outside the default.",
     ),
     Option(
         "mtu",
@@ -213,28 +218,46 @@ class VPNSettings:
         """Check and convert ``node.config["vpn"]``; :class:`VPNConfigError` names the problem.
 
         Types and ranges are the schema's (:data:`SECTION`); what it cannot say is checked here:
-        the CIDR parses and is large enough, a static address is a host address inside it.
+        the CIDR parses and is large enough, a static address is a host address inside it. Without
+        a ``cidr``, a static address with a prefix gives the network (EdgeVPN's ``ADDRESS``).
         """
         try:
             given = SECTION.read(section)
         except ConfigError as exc:
             raise VPNConfigError(exc.problems[0] if exc.problems else str(exc)) from None
-        try:
-            network = ipaddress.IPv4Network(given.cidr, strict=False)
-        except ValueError as exc:
-            raise VPNConfigError(f"vpn.cidr: {exc}") from None
-        if network.prefixlen > 30:
-            raise VPNConfigError("vpn.cidr: needs at least 4 addresses (/30 or larger)")
         static = None
         if given.address.strip().lower() != "auto":
             try:
                 static = ipaddress.IPv4Interface(given.address)
             except ValueError as exc:
                 raise VPNConfigError(f"vpn.address: {exc}") from None
-            if "/" not in given.address:
+        prefixed = static is not None and "/" in given.address
+        if given.cidr.strip():
+            try:
+                network = ipaddress.IPv4Network(given.cidr, strict=False)
+            except ValueError as exc:
+                raise VPNConfigError(f"vpn.cidr: {exc}") from None
+            if network.prefixlen > 30:
+                raise VPNConfigError("vpn.cidr: needs at least 4 addresses (/30 or larger)")
+        elif static is not None and prefixed:
+            # Kairos users write EdgeVPN's ADDRESS: 10.2.0.5/24 and no cidr: the address says the network.
+            network = static.network
+            if network.prefixlen > 30:
+                raise VPNConfigError(
+                    f"vpn.address: {given.address} leaves no VPN network around it: give the VPN's prefix "
+                    f"({static.ip}/24, say) or set vpn.cidr"
+                )
+        else:
+            network = ipaddress.IPv4Network(DEFAULT_CIDR)
+        if static is not None:
+            if not prefixed:
                 static = ipaddress.IPv4Interface(f"{static.ip}/{network.prefixlen}")
             if not usable(static.ip, network):
-                raise VPNConfigError(f"vpn.address: {static.ip} is not a host address of vpn.cidr {network}")
+                if given.cidr.strip():
+                    where = f"vpn.cidr {network}"
+                else:
+                    where = f"its own network {network}" if prefixed else f"the default vpn.cidr {network}"
+                raise VPNConfigError(f"vpn.address: {static.ip} is not a host address of {where}")
         return cls(
             given.create,
             given.interface,

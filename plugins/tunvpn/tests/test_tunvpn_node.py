@@ -189,8 +189,19 @@ async def test_a_bad_vpn_section_is_refused_with_the_config(network):
     """Found when the config is read (``kairos config check`` shows it too), not by a node that
     then runs without its VPN."""
     with pytest.raises(ConfigError) as info:
-        await network.add_node(plugins=[TunVPNPlugin()], overrides={"vpn": {"address": "192.168.9.9/24"}})
+        await network.add_node(plugins=[TunVPNPlugin()], overrides={"vpn": {"cidr": "10.1.0.0/24", "address": "192.168.9.9/24"}})
     assert info.value.problems == ["vpn.address: 192.168.9.9 is not a host address of vpn.cidr 10.1.0.0/24"]
+
+
+async def test_an_edgevpn_address_without_cidr_sets_the_network_of_the_claimed_vip(network, fakes):
+    # Kairos: p2p.vpn.env.ADDRESS with EdgeVPN's prefix and no vpn.cidr of ours
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    overrides = {**vpn_config(), "p2p": {"vpn": {"env": {"DHCP": "false", "ADDRESS": "10.2.0.5/24"}}}}
+    node = await network.add_node(plugins=[plugin], overrides=overrides)
+    vpn = plugin.vpn_of(node)
+    assert str(vpn.address) == "10.2.0.5/24" and str(vpn.settings.network) == "10.2.0.0/24"
+    claim = node.ledger.get("vpn", node.peer_id)
+    assert claim["vip"].split("/")[0] == "10.2.0.5" and claim["static"] is True
 
 
 async def test_packets_cross_between_members_that_are_not_neighbours(network, fakes):
