@@ -362,6 +362,15 @@ CORE_SCHEMA: tuple[Section, ...] = (
             "its entry three times in this): a safety net, not how crashes are found — neighbours report those.",
             minimum=2,
         ),
+        Option(
+            "rtt_publish_interval",
+            float,
+            60.0,
+            "Seconds: the least time between rewrites of this node's `nodes` entry for a change of its "
+            "published round-trip times alone (a value that moved > 20 % and > 2 ms); each rewrite reaches "
+            "every node. 0: publish them only with the writes that happen anyway (connections, refreshes).",
+            minimum=0,
+        ),
         help="Who is in the network.",
     ),
     Section(

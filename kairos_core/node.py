@@ -59,12 +59,12 @@ REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 # The RTTs an entry publishes (``rtt_ms``, issue #17) ride on the writes that happen anyway (a
-# change of neighbours, a refresh); a move alone rewrites the entry at most this often, and only
-# when some value moved by more than RTT_REWRITE_CHANGE of it and by more than RTT_JITTER_MS (on a
-# LAN, 0.4 vs 0.7 ms is scheduling noise, not news). Every write reaches every node. A new
+# change of neighbours, a refresh); a move alone rewrites the entry at most once per
+# ``membership.rtt_publish_interval``, and only when some value moved by more than
+# RTT_REWRITE_CHANGE of it and by more than RTT_JITTER_MS (on a LAN, 0.4 vs 0.7 ms is scheduling
+# noise, not news). Every write reaches every node (docs/scaling.md counts the cost). A new
 # neighbour's first value is the exception: the write its connection caused went out before any
 # ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
-RTT_REWRITE_INTERVAL = 60.0
 RTT_FIRST_DELAY = 3.0
 RTT_REWRITE_CHANGE = 0.2
 RTT_JITTER_MS = 2
@@ -135,7 +135,7 @@ class Node:
         self._advertised: dict[str, Any] | None = None  # what our entry says now
         self._rounds_unchanged = 0
         self._published_rtt: dict[str, int] = {}  # peer -> the rtt_ms our entry says now
-        self._written_at = -RTT_REWRITE_INTERVAL  # monotonic time of our entry's last write
+        self._written_at = 0.0  # monotonic time of our entry's last write
         self._announce_pending: asyncio.TimerHandle | None = None
         self._rtt_announce_pending: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
@@ -584,7 +584,8 @@ class Node:
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
             first = any(peer not in self._published_rtt for peer in measured)
             moved = any(_rtt_moved(self._published_rtt.get(peer), value) for peer, value in measured.items())
-            if not first and (not moved or now - self._written_at < RTT_REWRITE_INTERVAL):
+            interval = membership.rtt_publish_interval
+            if not first and (not moved or not interval or now - self._written_at < interval):
                 return
         self._advertised, self._rounds_unchanged = advertised, 0
         self._published_rtt, self._written_at = measured, now

@@ -82,8 +82,7 @@ def test_table_keeps_the_lowest_rtt_per_peer_and_counts_each_unanswered_ping_onc
 async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) -> None:
     """Two in-process nodes: /api/peers rows, the Prometheus gauge, and the ``rtt_ms`` of the
     ``nodes`` entry — its first value in the follow-up write, a move alone written only after
-    RTT_REWRITE_INTERVAL and only when it is > 20 % and > RTT_JITTER_MS; gone with the peer."""
-    from kairos_core import node as node_module
+    membership.rtt_publish_interval and only when it is > 20 % and > RTT_JITTER_MS; gone with the peer."""
     from kairos_core.metrics import NodeMetrics
 
     net = await kairos_network(2)
@@ -108,7 +107,7 @@ async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) 
         """What the entry's rtt_ms says after an announce round measuring ``rtt_s``."""
         a.host.links = lambda: links(rtt_s)  # type: ignore[method-assign]
         if long_after:
-            a._written_at -= node_module.RTT_REWRITE_INTERVAL + 1
+            a._written_at -= a.config["membership"]["rtt_publish_interval"] + 1
         a.announce()
         return entry()["rtt_ms"][0]
 
@@ -120,7 +119,7 @@ async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) 
     assert announce_with(0.560, long_after=True) == 500  # +12 %: not news
     assert announce_with(0.700, long_after=True) == 700  # +40 %: news
     a.host.links = lambda: links(0.0012)  # type: ignore[method-assign]
-    a._written_at -= node_module.RTT_REWRITE_INTERVAL + 1
+    a._written_at -= a.config["membership"]["rtt_publish_interval"] + 1
     a.announce()
     assert entry()["rtt_ms"] == [1]
     assert announce_with(0.0029, long_after=True) == 1  # 1 -> 3 ms: +2 ms is LAN jitter, not news
@@ -201,3 +200,15 @@ async def test_rtt_reflects_the_delay_of_the_link(hosts: HostFactory) -> None:
             assert rtt is not None and 0.095 <= rtt < 1.0, rtt  # 5 ms of slack: when the send time is stamped
     finally:
         await proxy.close()
+
+
+async def test_with_no_publish_interval_rtts_ride_only_on_other_writes(kairos_network) -> None:
+    net = await kairos_network(2, overrides={"membership": {"rtt_publish_interval": 0}})
+    a, b = net.nodes
+    await net.wait_for(lambda: ((a.ledger.get("nodes", a.peer_id) or {}).get("rtt_ms") or [None])[0], timeout=20)
+    beat = a.ledger.get("nodes", a.peer_id)["beat"]
+    a.host.links = lambda: {b.peer_id: {"transport": "direct", "rtt_s": 0.9}}  # type: ignore[method-assign]
+    a._written_at -= 3600
+    a.announce()
+    assert a.ledger.get("nodes", a.peer_id)["beat"] == beat  # a big move, an hour on: still no write
+    del a.host.links
