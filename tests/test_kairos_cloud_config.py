@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,6 +24,7 @@ pytest.importorskip("kairos_plugin_tunvpn", reason="the Kairos examples configur
 pytest.importorskip("kairos_plugin_kubevip", reason="the Kairos examples configure kube-vip")
 
 from kairos_plugin_k3s.addresses import vpn_in_use  # noqa: E402
+from kairos_plugin_kubevip import KubeVipPlugin  # noqa: E402
 from kairos_plugin_k3s.launch import build_launch  # noqa: E402
 from kairos_plugin_k3s.paths import K3sPaths  # noqa: E402
 from kairos_plugin_k3s.roles import CLUSTER_INIT, MASTER_HA, is_server, plan_roles  # noqa: E402
@@ -63,6 +65,7 @@ def test_the_fixtures_cover_the_docs_examples():
         "single-node",
         "multi-node-p2p",
         "ha-kubevip",
+        "kubevip-every-key",
         "network-id-dev",
         "network-id-prod",
         "static-master",
@@ -108,6 +111,30 @@ def test_ha_with_kubevip_has_three_masters_and_no_vpn(manager):
     assert masters_planned(settings) == [CLUSTER_INIT, MASTER_HA, MASTER_HA]
     assert vpn_in_use(config) is False  # vpn.create: false, vpn.use: false
     assert config["kubevip"]["eip"] == "192.168.1.110" and config["kubevip"]["interface"] == "ens18"
+    # what the masters get: a kube-vip DaemonSet (with the built-in RBAC: manifest_url "") on ens18
+    spec = KubeVipPlugin().spec(SimpleNamespace(config=config))
+    assert (spec.eip, spec.interface) == ("192.168.1.110", "ens18")
+    assert KubeVipPlugin().k3s_tls_sans(SimpleNamespace(config=config)) == ["192.168.1.110"]
+    assert config["kubevip"]["static_pod"] is False and config.warnings == []
+
+
+def test_every_key_of_the_kairos_kubevip_block_has_its_meaning(manager):
+    config = load("kubevip-every-key.yaml", manager)
+    section = config["kubevip"]
+    assert section["enable"] is True and section["static_pod"] is True  # `enabled`, newer Kairos's spelling
+    spec = KubeVipPlugin().spec(SimpleNamespace(config=config))
+    assert (spec.eip, spec.interface, spec.image_ref) == ("192.168.1.110", "ens18", "ghcr.io/kube-vip/kube-vip:v0.8.7")
+    assert config.warnings == [
+        "kubevip.args: accepted, but has no effect here: this plugin writes kube-vip's manifest itself "
+        "(no `kube-vip manifest` command runs): use kubevip.interface, static_pod, version and image"
+    ]
+    # Kairos: an EIP turns kube-vip on unless enable is false; both spellings at once are refused
+    off = resolve("kubevip:\n  eip: 192.168.1.110\n  enable: false\n", manager)
+    assert KubeVipPlugin().spec(SimpleNamespace(config=off)) is None
+    assert refused("kubevip:\n  enable: true\n  enabled: false\n", manager) == [
+        "kubevip.enabled: sets the same option as kubevip.enable; give one of them"
+    ]
+    assert refused("kubevip:\n  args: --services\n", manager) == ["kubevip.args: expected a list, got a string"]
 
 
 def test_the_docs_p2p_ha_typo_is_read_as_auto_ha_with_a_warning(manager):

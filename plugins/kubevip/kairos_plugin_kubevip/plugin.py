@@ -30,19 +30,45 @@ MARK = "# Written by the kairos kubevip plugin."
 FETCH_TIMEOUT = 10.0
 MAX_FETCH_BYTES = 1024 * 1024
 
-#: The ``kubevip`` section (Kairos: ``p2p.kubevip``).
+#: The ``kubevip`` section: top-level ``kubevip:`` as provider-kairos reads it (or ``p2p.kubevip``).
+#: Every key of Kairos's ``kubevip`` block is declared with its Kairos meaning.
 SCHEMA = Section(
     SECTION,
-    Option("enable", bool, True, "Use kube-vip when an EIP is set."),
+    Option(
+        "enable",
+        bool,
+        True,
+        "Use kube-vip when an EIP is set; false turns it off even with an EIP (Kairos: on when eip is set "
+        "and enable is not false).",
+        aliases=("enabled",),  # the spelling newer Kairos releases use, `enable` staying valid
+    ),
     Option(
         "eip", str, "", "The virtual address of the Kubernetes API (an address of the LAN, not of the VPN); empty = no kube-vip."
     ),
     Option("interface", str, "", "The interface kube-vip announces the EIP on; empty = the interface of the default route."),
-    Option("static_pod", bool, False, "Run kube-vip as a static pod instead of a DaemonSet."),
+    Option(
+        "static_pod",
+        bool,
+        False,
+        "Run kube-vip as a static pod (the kubelet's pod-manifests dir) instead of a DaemonSet, as Kairos does.",
+    ),
     Option("version", str, "v0.8.7", "The kube-vip image's tag."),
     Option("image", str, "ghcr.io/kube-vip/kube-vip", "The kube-vip image."),
     Option(
-        "manifest_url", str, "", "A URL (https://, http:// or file://) of an RBAC manifest to use instead of the built-in one."
+        "manifest_url",
+        str,
+        "",
+        "A URL (https://, http:// or file://) of an RBAC manifest to use instead of the built-in one "
+        "(Kairos: the same; empty = the built-in one).",
+    ),
+    Option(
+        "args",
+        list,
+        [],
+        "Kairos passed these flags to `kube-vip manifest`, which older releases ran to write the manifest.",
+        item_type=str,
+        no_effect="this plugin writes kube-vip's manifest itself (no `kube-vip manifest` command runs): use "
+        "kubevip.interface, static_pod, version and image",
     ),
     help="kube-vip: a virtual IP for the Kubernetes API on the masters.",
     aliases=(f"p2p.{SECTION}",),
