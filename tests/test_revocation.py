@@ -191,7 +191,7 @@ def test_a_past_leader_cannot_revoke_in_the_name_of_its_old_epoch():
     chain.now += 120
     ledger.apply_remote([_record(old_leader, leader.peer_id, 2), _record(old_leader, victim.peer_id, 8)])
     assert revocations.refresh() == frozenset()
-    assert not revocations.is_revoked(leader.peer_id) and revocations.not_credible == 2
+    assert not revocations.is_revoked(leader.peer_id) and not revocations.is_revoked(victim.peer_id)
     # the leader of the current epoch is believed
     ledger.apply_remote([_record(leader, victim.peer_id, 9)])
     assert revocations.refresh() == {victim.peer_id}
@@ -233,3 +233,33 @@ def test_the_leader_carries_revocations_forward_so_a_node_that_missed_the_old_ep
     other_ledger.apply_remote([ledger.get_entry(REVOKED_BUCKET, key) for key in ledger.items(REVOKED_BUCKET)])
     assert other.refresh() == {victim.peer_id}
     assert other.in_force()[0].by == me.peer_id
+
+
+def test_records_from_peers_that_lead_nothing_are_held_to_a_quota_and_passed_over_unparsed():
+    # found in review: any token holder could write records under its own name without bound,
+    # and every node parsed every one of them every second
+    from kairos_core.ledger import Ledger, LedgerStore
+    from kairos_core.ledger.policy import NETWORK_QUOTA
+
+    me, leader, spammer = (Identity.generate() for _ in range(3))
+    chain = _Chain(me.peer_id)
+    ledger, revocations, _ = _revocations(me, chain)
+    chain.lead(leader.peer_id, 1)
+    revocations.refresh()
+    victims = [Identity.generate().peer_id for _ in range(40)]
+    ledger.apply_remote([_record(spammer, victim, 1) for victim in victims])
+    parsed = []
+    import kairos_core.revocation as module
+
+    real = module.parse_revocation
+    module.parse_revocation = lambda *args: parsed.append(args) or real(*args)
+    try:
+        assert revocations.refresh() == frozenset()
+    finally:
+        module.parse_revocation = real
+    assert parsed == []  # the leader wrote none of them: not one was parsed
+    # the bucket counts against its writers' quota like an open one
+    assert ledger.usage(spammer.peer_id).keys == 40
+    small = Ledger(me, LedgerStore(":memory:"), network_quota=NETWORK_QUOTA._replace(keys=10))
+    small.apply_remote([_record(spammer, victim, 1) for victim in victims])
+    assert len(small.items(REVOKED_BUCKET)) == 10 and small.counters["rejected_quota"] == 30

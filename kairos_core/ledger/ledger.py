@@ -63,6 +63,7 @@ from .policy import (
     OwnerQuota,
     PolicyRegistry,
     QuotaAccount,
+    RecordPolicy,
     Usage,
     WritePolicy,
 )
@@ -137,7 +138,9 @@ class Ledger:
         self.counters: Counter[str] = Counter({name: 0 for name in COUNTERS})
         self._buckets: dict[str, dict[str, Entry]] = {}
         self._tombstones: Counter[str] = Counter()  # per bucket: what bucket_sizes() leaves out
-        self._quotas = QuotaAccount(lambda bucket: isinstance(self.policies.for_bucket(bucket), OpenPolicy))
+        # Open buckets, and the record buckets (revoked, rotation), where any token holder may
+        # write under its own name: without a quota one owner could fill them without bound.
+        self._quotas = QuotaAccount(lambda bucket: isinstance(self.policies.for_bucket(bucket), (OpenPolicy, RecordPolicy)))
         self._listeners: list[Listener] = []
         self._watchers: list[_Watch] = []
         for entry in store.load():
