@@ -2,15 +2,18 @@
 loopback link, in the same run, and the set-up time of one connection (p50/p99).
 
 Three ``kairos run`` processes on loopback (no root): node 0 exposes an iperf3 server and a TCP
-echo server; node 1 connects with the sealed side connection (the default), node 2 with
-``services.side_connection: false``, so its bytes go over the admitted libp2p stream. Not through
+echo server; node 1 connects with the sealed side connection (the default, pooled: a new
+connection's request goes on an idle proven side connection), node 2 with
+``services.side_connection: false``, so its bytes go over the admitted libp2p stream, and node 3
+with ``services.side_pool: 0`` (every connection negotiated on a stream: the set-up before the
+pool). The set-up cases take turns connection by connection, so they share the same load. Not through
 the VPN: that needs root and TUN devices (bench/vpn.py measures the VPN).
 
 Prints one JSON object per line:
 
     {"bench": "services", "case": "raw"|"side"|"stream", "gbit_per_s": …, "seconds": …,
      "load_1min": …, "runnable": …, "processes": …}   (the last three: what shared the cores)
-    {"bench": "services", "case": "setup_side"|"setup_stream", "p50_ms": …, "p99_ms": …, "n": …}
+    {"bench": "services", "case": "setup_side"|"setup_side_unpooled"|"setup_stream", "p50_ms": …, "p99_ms": …, "n": …}
 
 Usage: .venv/bin/python bench/services.py [--seconds 5] [--setups 200]
 """
@@ -60,17 +63,14 @@ def iperf3(port: int, seconds: float) -> float:
     return result["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def setup_times(port: int, count: int) -> list[float]:
-    """Seconds from connect() to the first echoed byte, one fresh connection each."""
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(b"x")
-            if sock.recv(1) != b"x":
-                raise RuntimeError("no echo")
-        times.append(time.perf_counter() - start)
-    return times
+def setup_time(port: int) -> float:
+    """Seconds from connect() to the first echoed byte, on a fresh connection."""
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"x")
+        if sock.recv(1) != b"x":
+            raise RuntimeError("no echo")
+    return time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,9 +116,10 @@ def main() -> None:
         )
         sided = net.start()
         streamed = net.start({"side_connection": False})
+        unpooled = net.start({"side_pool": 0})
         net.wait_mesh()
         ports = {}
-        for case, node in (("side", sided), ("stream", streamed)):
+        for case, node in (("side", sided), ("stream", streamed), ("side_unpooled", unpooled)):
             client = APIClient(node.socket)
             for name in ("iperf", "echo"):
                 ports[case, name] = client.request(
@@ -135,16 +136,20 @@ def main() -> None:
         for case, port in (("raw", iperf_port), ("side", ports["side", "iperf"]), ("stream", ports["stream", "iperf"])):
             gbit = iperf3(int(port), args.seconds)
             print(json.dumps({**shared, "case": case, "gbit_per_s": round(gbit, 3), "seconds": args.seconds}), flush=True)
-        for case in ("side", "stream"):
-            times = setup_times(int(ports[case, "echo"]), args.setups)
+        cases = ("side", "side_unpooled", "stream")
+        times: dict[str, list[float]] = {case: [] for case in cases}
+        for _ in range(args.setups):
+            for case in cases:
+                times[case].append(setup_time(int(ports[case, "echo"])))
+        for case in cases:
             print(
                 json.dumps(
                     {
                         **shared,
                         "case": f"setup_{case}",
-                        "n": len(times),
-                        "p50_ms": round(percentile(times, 0.5) * 1000, 2),
-                        "p99_ms": round(percentile(times, 0.99) * 1000, 2),
+                        "n": len(times[case]),
+                        "p50_ms": round(percentile(times[case], 0.5) * 1000, 2),
+                        "p99_ms": round(percentile(times[case], 0.99) * 1000, 2),
                     }
                 ),
                 flush=True,

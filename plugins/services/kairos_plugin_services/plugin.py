@@ -79,6 +79,16 @@ SERVICES = Section(
         "the stream); false, or when it cannot be made, they go over the stream.",
     ),
     Option(
+        "side_pool",
+        int,
+        2,
+        "Proven side connections kept open, idle, to each exposing node this node has used "
+        "(and reused after a connection ends cleanly): a new connection sends its request on one "
+        "and skips the stream negotiation. 0: negotiate every connection on a stream.",
+        minimum=0,
+        maximum=16,
+    ),
+    Option(
         "side_listen",
         str,
         "0.0.0.0:0",

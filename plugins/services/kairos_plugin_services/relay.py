@@ -36,6 +36,13 @@ WRITE_HIGH_WATER = 1 << 20
 #: datagrams waiting to go onto one UDP session's stream; more are dropped and counted
 UDP_QUEUE = 256
 SIDE_ATTEMPT_TIMEOUT = 2.0
+#: seconds a connecting end keeps an idle pooled side connection (the exposing end waits twice
+#: as long, so the connecting end is the one that closes it and never sends into a closing one)
+POOL_IDLE = 30.0
+#: idle pooled side connections one peer may keep open to this node (``services.side_pool`` ≤ this)
+MAX_IDLE_PER_PEER = 16
+#: seconds before the pool tries again to negotiate with an exposing node where it failed
+POOL_RETRY = 30.0
 #: a proven side connection: its reader and writer, our sealer and our opener
 SideConnection = tuple[asyncio.StreamReader, asyncio.StreamWriter, sealed.Sealer, sealed.Opener]
 
@@ -83,6 +90,15 @@ class SideWait:
     ready: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
 
 
+@dataclass
+class Pooled:
+    """A proven side connection waiting, idle, at the connecting end; ``watcher`` drops it when
+    it is idle too long or the exposing end closes it."""
+
+    side: SideConnection
+    watcher: asyncio.Task[Any]
+
+
 class UdpSession:
     """One client address of a UDP connector: its datagrams and one stream to an exposing node."""
 
@@ -114,6 +130,11 @@ class Services:
         self.serving: Counter[str] = Counter()  # peer id → streams it has open to us now
         self.outgoing: Counter[str] = Counter()  # peer id → our connections through it now
         self.pending: dict[bytes, SideWait] = {}
+        self.pool: dict[str, list[Pooled]] = {}  # exposing peer id → idle side connections to it
+        self.filling: set[str] = set()  # exposing peers whose pool is being filled now
+        self.pool_failed: dict[str, float] = {}  # exposing peer id → when its pool last failed
+        self.idle: Counter[str] = Counter()  # connecting peer id → its idle side connections to us
+        self.stopping = False
         self.side_server: asyncio.AbstractServer | None = None
         self.side_port = 0
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -139,6 +160,11 @@ class Services:
                 self.node.count("services_listen_errors")
 
     async def stop(self) -> None:
+        self.stopping = True
+        for pooled in [p for entries in self.pool.values() for p in entries]:
+            pooled.watcher.cancel()
+            pooled.side[1].transport.abort()
+        self.pool.clear()
         for name in list(self.exposed):
             self.unexpose(name)
         for name in list(self.connectors):
@@ -319,6 +345,15 @@ class Services:
         connector.active += 1
         owner = None
         try:
+            pooled = await self._open_pooled(connector.name, "tcp", dial=False)
+            if pooled is not None:
+                ready, owner = pooled
+                self._hold(self.outgoing, owner, "services-out")
+                self.node.count("services_side_connections")
+                self.node.count("services_pooled_connections")
+                if await relay_sealed(reader, writer, *ready, keep=True):
+                    self._return(owner, ready)
+                return
             nonce = sealed.new_nonce() if self.settings.side_connection else None
             try:
                 stream, owner, offer = await self._open(connector.name, "tcp", nonce)
@@ -340,7 +375,8 @@ class Services:
             if side is not None:
                 await stream.close()
                 self.node.count("services_side_connections")
-                await relay_sealed(reader, writer, *side)
+                if await relay_sealed(reader, writer, *side, keep=True):
+                    self._return(owner, side)  # the exposing end keeps it too: the pool's first
             else:
                 self.node.count("services_stream_connections")
                 await relay_stream(reader, writer, stream)
@@ -348,6 +384,115 @@ class Services:
             connector.active -= 1
             if owner is not None:
                 self._release(self.outgoing, owner, "services-out")
+
+    # --- the pool of proven side connections, at the connecting end ---------------------------
+    async def _open_pooled(self, name: str, protocol: str, dial: bool) -> tuple[SideConnection, str] | None:
+        """A side connection to a live exposing node that took our request for ``name`` and
+        reached its target, and that node; None when there is none (then the caller negotiates on
+        a stream). Takes an idle pooled one, or with ``dial`` negotiates one when there is none."""
+        if not self.settings.side_connection:
+            return None
+        for owner in self.exposers(name, protocol):
+            side = await self._take(owner)
+            if not self.pool.get(owner):  # the last one (or none) taken: make more for the next ones
+                self._refill(owner)
+            if side is None and dial:
+                side = await self._pool_dial(owner)
+            if side is None:
+                continue
+            reader, writer, sealer, opener = side
+            try:
+                writer.write(sealer.seal(sealed.KIND_OPEN, wire.request(name, protocol, None)))
+                await writer.drain()
+                kind, raw = await asyncio.wait_for(opener.read(reader), self.settings.connect_timeout)
+                answer = wire.parse_answer(raw) if kind == sealed.KIND_ANSWER else None
+                if answer is None or answer[2] is not None:
+                    raise sealed.SealError("answered with a malformed message")
+                if not answer[0]:
+                    raise KairosError(answer[1])
+                return side, owner
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, sealed.SealError, KairosError) as exc:
+                # a pooled connection the exposing end closed meanwhile, or a refusal: try the next
+                log.info("services: %s on a pooled side connection to %s: %s", name, owner[-8:], exc or "timed out")
+                self.node.count("services_attempt_errors")
+                writer.transport.abort()
+        return None
+
+    async def _take(self, owner: str) -> SideConnection | None:
+        entries = self.pool.get(owner, [])
+        while entries:
+            pooled = entries.pop()  # the most recently used: the least likely to be timing out
+            pooled.watcher.cancel()
+            # its read must be over before ours starts (a StreamReader takes one reader at a time)
+            await asyncio.gather(pooled.watcher, return_exceptions=True)
+            reader, writer = pooled.side[0], pooled.side[1]
+            if not reader.at_eof() and not writer.transport.is_closing():
+                return pooled.side
+            writer.transport.abort()
+        return None
+
+    def _return(self, owner: str, side: SideConnection) -> None:
+        """A side connection whose relay ended cleanly (both ENDs passed: nothing in flight) goes
+        back to the pool, or is closed when the pool is full."""
+        entries = self.pool.setdefault(owner, [])
+        if self.stopping or len(entries) >= self.settings.side_pool or owner not in self.node.members():
+            side[1].close()
+            return
+        entries.append(Pooled(side, self._spawn(self._watch_idle(owner, side), "services-pool-idle")))
+
+    async def _watch_idle(self, owner: str, side: SideConnection) -> None:
+        # an idle side connection receives nothing: a byte, the end, or the idle time over drops it
+        with contextlib.suppress(TimeoutError, OSError):
+            await asyncio.wait_for(side[0].read(1), POOL_IDLE)
+        self.pool[owner] = [p for p in self.pool.get(owner, []) if p.side is not side]
+        side[1].transport.abort()
+
+    def _refill(self, owner: str) -> None:
+        failed = self.pool_failed.get(owner)
+        if failed is not None and asyncio.get_running_loop().time() - failed < POOL_RETRY:
+            return  # e.g. a firewall before its side port: every connection would pay for a try
+        if self.settings.side_pool and self.settings.side_connection and owner not in self.filling and not self.stopping:
+            self.filling.add(owner)
+            self._spawn(self._fill(owner), "services-pool-fill")
+
+    async def _fill(self, owner: str) -> None:
+        try:
+            while len(self.pool.get(owner, [])) < self.settings.side_pool and owner in self.node.members():
+                side = await self._pool_dial(owner)
+                if side is None:
+                    self.pool_failed[owner] = asyncio.get_running_loop().time()
+                else:
+                    self.pool_failed.pop(owner, None)
+                if side is None or self.stopping:
+                    if side is not None:
+                        side[1].transport.abort()
+                    return
+                self._return(owner, side)
+        finally:
+            self.filling.discard(owner)
+
+    async def _pool_dial(self, owner: str) -> SideConnection | None:
+        """Negotiate one side connection with ``owner`` for the pool (a pool request on a stream)."""
+        nonce, stream, side = sealed.new_nonce(), None, None
+        try:
+            stream = await asyncio.wait_for(self.node.open_stream(owner, wire.PROTOCOL), self.settings.connect_timeout)
+            await stream.write_frame(wire.pool_request(nonce))
+            raw = await asyncio.wait_for(stream.read_frame(wire.MAX_MESSAGE), self.settings.connect_timeout)
+            answer = wire.parse_answer(raw)
+            if answer is None or not answer[0] or answer[2] is None:
+                raise KairosError(answer[1] if answer else "answered with a malformed message")
+            side = await self._side_dial(answer[2], nonce)
+            await stream.write_frame(wire.mode(side is not None))
+            await stream.close()
+            return side
+        except (KairosError, TimeoutError) as exc:
+            log.info("services: no pooled side connection to %s: %s", owner[-8:], exc or "timed out")
+            self.node.count("services_pool_errors")
+            if stream is not None:
+                await stream.reset()
+            if side is not None:
+                side[1].transport.abort()
+            return None
 
     async def _side_dial(self, offer: dict[str, Any], nonce: bytes) -> SideConnection | None:
         """The proven side connection ``(reader, writer, sealer, opener)``, or None (then the
@@ -394,13 +539,6 @@ class Services:
     async def _udp_client(self, connector: Connector, addr: Any, session: UdpSession) -> None:
         owner = None
         try:
-            try:
-                stream, owner, _ = await self._open(connector.name, "udp", None)
-            except KairosError as exc:
-                log.info("services: %s", exc)
-                self.node.count("services_connect_errors")
-                return
-            self._hold(self.outgoing, owner, "services-out")
             transport = connector.transport
 
             def reply(data: bytes) -> None:
@@ -408,6 +546,21 @@ class Services:
                 if transport is not None and not transport.is_closing():
                     transport.sendto(data, addr)
 
+            pooled = await self._open_pooled(connector.name, "udp", dial=True)
+            if pooled is not None:
+                side, owner = pooled
+                self._hold(self.outgoing, owner, "services-out")
+                self.node.count("services_side_connections")
+                await relay_sealed_datagrams(*side, session, reply, self.settings.udp_idle_timeout)
+                return
+            try:
+                stream, owner, _ = await self._open(connector.name, "udp", None)
+            except KairosError as exc:
+                log.info("services: %s", exc)
+                self.node.count("services_connect_errors")
+                return
+            self._hold(self.outgoing, owner, "services-out")
+            self.node.count("services_stream_connections")
             await relay_datagrams(stream, session, reply, self.settings.udp_idle_timeout)
         finally:
             if connector.sessions.get(addr) is session:
@@ -441,6 +594,10 @@ class Services:
         except (KairosError, TimeoutError):  # oversized, broken, or nothing in time
             raw = None
         parsed = wire.parse_request(raw) if raw else None
+        pool_nonce = wire.parse_pool_request(raw) if raw and parsed is None else None
+        if pool_nonce is not None:
+            await self._serve_pool(stream, pool_nonce)
+            return
         if parsed is None:
             self.node.count("services_dropped_malformed")
             await stream.reset()
@@ -463,6 +620,37 @@ class Services:
             await _refuse(stream, f"cannot reach the service: {getattr(exc, 'strerror', None) or 'timed out'}")
             return
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        try:
+            chosen, raw, wait = await self._negotiate(stream, nonce)
+            if chosen is None or (chosen == "side" and (wait is None or not wait.ready.done())):
+                # a broken stream is a peer gone mid-negotiation; anything else is malformed
+                self.node.count("services_dropped_malformed" if raw else "services_aborted")
+                await stream.reset()
+                writer.transport.abort()
+                if wait is not None and wait.ready.done():
+                    wait.ready.result()[1].transport.abort()
+                return
+            self.node.count("services_served")
+            if chosen == "side" and wait is not None:
+                side_reader, side_writer = wait.ready.result()
+                await stream.close()
+                if await relay_sealed(reader, writer, side_reader, side_writer, wait.sealer, wait.opener, keep=True):
+                    # the connecting end may pool it now (or close it, which ends the wait quietly)
+                    self._spawn(
+                        self._pooled(stream.peer_id, (side_reader, side_writer, wait.sealer, wait.opener)), "services-pooled"
+                    )
+            else:
+                if wait is not None and wait.ready.done():
+                    wait.ready.result()[1].transport.abort()
+                await relay_stream(reader, writer, stream)
+        except BaseException:
+            writer.transport.abort()
+            raise
+
+    async def _negotiate(self, stream: Stream, nonce: bytes | None) -> tuple[str | None, bytes | None, SideWait | None]:
+        """Answer yes (offering a side connection when the peer asked for one and we listen),
+        then read the mode: ``(mode or None, the raw mode frame, the side wait or None)``; when
+        the mode is ``side`` the wait's connection is proven, or has failed to come in time."""
         ticket = None
         try:
             offer = None
@@ -487,29 +675,120 @@ class Services:
                 # the HELLO went out just before the mode came: the accept is finishing
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(wait.ready), SIDE_ATTEMPT_TIMEOUT)
-            if chosen is None or (chosen == "side" and (wait is None or not wait.ready.done())):
-                # a broken stream is a peer gone mid-negotiation; anything else is malformed
-                self.node.count("services_dropped_malformed" if raw else "services_aborted")
-                await stream.reset()
-                writer.transport.abort()
-                if wait is not None and wait.ready.done():
-                    wait.ready.result()[1].transport.abort()
-                return
-            self.node.count("services_served")
-            if chosen == "side" and wait is not None:
-                side_reader, side_writer = wait.ready.result()
-                await stream.close()
-                await relay_sealed(reader, writer, side_reader, side_writer, wait.sealer, wait.opener)
-            else:
-                if wait is not None and wait.ready.done():
-                    wait.ready.result()[1].transport.abort()
-                await relay_stream(reader, writer, stream)
-        except BaseException:
-            writer.transport.abort()
-            raise
+            return chosen, raw, wait
         finally:
             if ticket is not None:
                 self.pending.pop(ticket, None)
+
+    async def _serve_pool(self, stream: Stream, nonce: bytes) -> None:
+        """A pool request: negotiate a side connection that then waits, idle, for requests."""
+        peer = stream.peer_id
+        if self.side_server is None or self.idle[peer] >= MAX_IDLE_PER_PEER:
+            self.node.count("services_rejected_requests")
+            await _refuse(stream, "no (more) pooled side connections here")
+            return
+        chosen, raw, wait = await self._negotiate(stream, nonce)
+        proven = wait is not None and wait.ready.done()
+        if chosen == "side" and wait is not None and proven:
+            side_reader, side_writer = wait.ready.result()
+            await stream.close()
+            self._spawn(self._pooled(peer, (side_reader, side_writer, wait.sealer, wait.opener)), "services-pooled")
+            return
+        if chosen is None:
+            self.node.count("services_dropped_malformed" if raw else "services_aborted")
+        if wait is not None and proven:
+            wait.ready.result()[1].transport.abort()
+        await stream.reset()
+
+    async def _pooled(self, peer: str, side: SideConnection) -> None:
+        """A pooled side connection at the exposing end: wait for a request, serve it, and when
+        its relay ended cleanly wait for the next one."""
+        reader, writer, _, opener = side
+        try:
+            while self.idle[peer] < MAX_IDLE_PER_PEER:
+                self.idle[peer] += 1
+                try:
+                    kind, raw = await asyncio.wait_for(opener.read(reader), 2 * POOL_IDLE)
+                finally:
+                    self.idle[peer] -= 1
+                    if self.idle[peer] <= 0:
+                        del self.idle[peer]
+                if kind != sealed.KIND_OPEN:
+                    raise sealed.SealError(f"record kind {kind} on an idle side connection")
+                if not await self._serve_pooled(peer, side, raw):
+                    return
+            self.node.count("services_rejected_over_limit")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:  # the connecting end closing an idle connection sends nothing more
+                self.node.count("services_aborted")
+        except (OSError, TimeoutError):
+            pass  # cut, or idle for too long
+        except sealed.SealError as exc:
+            log.info("services: pooled side connection from %s dropped: %s", peer[-8:], exc)
+            self.node.count("services_dropped_malformed")
+        finally:
+            writer.transport.abort()
+
+    async def _serve_pooled(self, peer: str, side: SideConnection, raw: bytes) -> bool:
+        """One request on a pooled side connection; True when the connection may serve another."""
+        reader, writer, sealer, opener = side
+        parsed = wire.parse_request(raw)
+        if parsed is None or parsed[2] is not None:
+            raise sealed.SealError("not a service request")
+        name, protocol, _ = parsed
+        exposed = self.exposed.get(name)
+
+        def answer(message: bytes) -> None:
+            writer.write(sealer.seal(sealed.KIND_ANSWER, message))
+
+        # checked per request, not per pooled connection: a peer that left or hit its limit since
+        # the connection was made is refused like on a stream
+        refusal = None
+        if peer not in self.node.members():
+            refusal = "not a member of this network now"
+        elif self.serving[peer] >= self.settings.max_connections_per_peer:
+            self.node.count("services_rejected_over_limit")
+            refusal = "too many connections from this peer"
+        elif exposed is None or exposed.protocol != protocol:
+            refusal = f"this node does not expose {protocol} service {name!r}"
+        if refusal is not None:
+            self.node.count("services_rejected_requests")
+            answer(wire.refusal(refusal))
+            await writer.drain()
+            return False
+        assert exposed is not None
+        self._hold(self.serving, peer, "services-in")
+        try:
+            if protocol == "udp":
+                try:
+                    transport, session, send = await self._reach_udp(exposed)
+                except OSError as exc:
+                    self.node.count("services_rejected_requests")
+                    answer(wire.refusal(f"cannot reach the service: {exc.strerror or exc}"))
+                    await writer.drain()
+                    return False
+                try:
+                    answer(wire.acceptance(None))
+                    self.node.count("services_served")
+                    await relay_sealed_datagrams(reader, writer, sealer, opener, session, send, self.settings.udp_idle_timeout)
+                finally:
+                    transport.close()
+                return False
+            try:
+                target_reader, target_writer = await asyncio.wait_for(
+                    asyncio.open_connection(exposed.host, exposed.port, limit=READER_LIMIT), self.settings.connect_timeout
+                )
+            except (OSError, TimeoutError) as exc:
+                self.node.count("services_rejected_requests")
+                answer(wire.refusal(f"cannot reach the service: {getattr(exc, 'strerror', None) or 'timed out'}"))
+                await writer.drain()
+                return False
+            target_writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+            answer(wire.acceptance(None))
+            self.node.count("services_served")
+            return await relay_sealed(target_reader, target_writer, reader, writer, sealer, opener, keep=True)
+        finally:
+            self._release(self.serving, peer, "services-in")
 
     def _side_hosts(self) -> list[str]:
         host, _ = parse_hostport(self.settings.side_listen, "services.side_listen")
@@ -546,7 +825,9 @@ class Services:
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         wait.ready.set_result((reader, writer))
 
-    async def _serve_udp(self, stream: Stream, exposed: Exposed) -> None:
+    async def _reach_udp(self, exposed: Exposed) -> tuple[asyncio.DatagramTransport, UdpSession, Callable[[bytes], None]]:
+        """A socket to a UDP target: ``(transport, session, send)``, the session's queue holding
+        the target's answers and ``send`` taking the peer's datagrams; OSError when it cannot."""
         loop = asyncio.get_running_loop()
         session = UdpSession()
 
@@ -557,10 +838,17 @@ class Services:
             except asyncio.QueueFull:
                 self.node.count("services_udp_dropped")
 
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(received), remote_addr=(exposed.host, exposed.port))
+
+        def send(data: bytes) -> None:
+            if not transport.is_closing():
+                transport.sendto(data)
+
+        return transport, session, send
+
+    async def _serve_udp(self, stream: Stream, exposed: Exposed) -> None:
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagrams(received), remote_addr=(exposed.host, exposed.port)
-            )
+            transport, session, send = await self._reach_udp(exposed)
         except OSError as exc:
             self.node.count("services_rejected_requests")
             await _refuse(stream, f"cannot reach the service: {exc.strerror or exc}")
@@ -568,12 +856,6 @@ class Services:
         try:
             await stream.write_frame(wire.acceptance(None))
             self.node.count("services_served")
-
-            def send(data: bytes) -> None:
-                if not transport.is_closing():
-                    transport.sendto(data)
-
-            # here the queue holds the target's answers and ``send`` takes the peer's datagrams
             await relay_datagrams(stream, session, send, self.settings.udp_idle_timeout)
         finally:
             transport.close()
@@ -586,8 +868,9 @@ async def _refuse(stream: Stream, error: str) -> None:
         await stream.close()
 
 
-async def _two_ways(one: Any, other: Any, abort: Any) -> None:
-    """Run both directions to their end; if one fails (or we are cancelled), abort everything."""
+async def _two_ways(one: Any, other: Any, abort: Any) -> bool:
+    """Run both directions to their end; if one fails (or we are cancelled), abort everything.
+    True when both ended cleanly."""
     tasks = [asyncio.ensure_future(one), asyncio.ensure_future(other)]
     clean = False
     try:
@@ -598,6 +881,7 @@ async def _two_ways(one: Any, other: Any, abort: Any) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await abort(clean)
+    return clean
 
 
 async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: Stream) -> None:
@@ -635,8 +919,11 @@ async def relay_sealed(
     side_writer: asyncio.StreamWriter,
     sealer: sealed.Sealer,
     opener: sealed.Opener,
-) -> None:
-    """Copy a socket to and from a sealed side connection until both directions ended."""
+    keep: bool = False,
+) -> bool:
+    """Copy a socket to and from a sealed side connection until both directions ended. With
+    ``keep`` a side connection whose both directions ended cleanly (each END passed, so nothing
+    is in flight) is left open for the next connection; True when that happened."""
 
     async def outbound() -> None:
         while data := await reader.read(sealed.RECORD_DATA):
@@ -660,15 +947,37 @@ async def relay_sealed(
     async def finish(clean: bool) -> None:
         if clean:
             writer.close()
-            side_writer.close()
+            if not keep:
+                side_writer.close()
         else:
             writer.transport.abort()
             side_writer.transport.abort()
 
     try:
-        await _two_ways(outbound(), inbound(), finish)
+        return await _two_ways(outbound(), inbound(), finish) and keep
     except (OSError, asyncio.IncompleteReadError, sealed.SealError) as exc:
         log.info("services: side connection aborted: %s", exc)
+        return False
+
+
+async def _datagram_loops(session: UdpSession, idle_timeout: float, *loops: Any) -> None:
+    """Run ``loops`` (the two directions) until one ends or fails, or nothing moved for
+    ``idle_timeout`` seconds; then cancel the rest."""
+    loop = asyncio.get_running_loop()
+
+    async def idle() -> None:
+        # every datagram moves the deadline; sleeping to the current one and looking again is
+        # one wake-up per idle period, cheaper than an event set per datagram
+        while (left := session.last + idle_timeout - loop.time()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(left)
+
+    tasks = [asyncio.ensure_future(c) for c in (*loops, idle())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def relay_datagrams(stream: Stream, session: UdpSession, deliver: Any, idle_timeout: float) -> None:
@@ -685,17 +994,39 @@ async def relay_datagrams(stream: Stream, session: UdpSession, deliver: Any, idl
             session.last = loop.time()
             deliver(data)
 
-    async def idle() -> None:
-        # every datagram moves the deadline; sleeping to the current one and looking again is
-        # one wake-up per idle period, cheaper than an event set per datagram
-        while (left := session.last + idle_timeout - loop.time()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(left)
-
-    tasks = [asyncio.ensure_future(c) for c in (outbound(), inbound(), idle())]
     try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await _datagram_loops(session, idle_timeout, outbound(), inbound())
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         await stream.reset()
+
+
+async def relay_sealed_datagrams(
+    side_reader: asyncio.StreamReader,
+    side_writer: asyncio.StreamWriter,
+    sealer: sealed.Sealer,
+    opener: sealed.Opener,
+    session: UdpSession,
+    deliver: Any,
+    idle_timeout: float,
+) -> None:
+    """Like :func:`relay_datagrams`, one sealed DATA record per datagram on a side connection
+    (which is closed at the end: a UDP session never goes back to the pool)."""
+    loop = asyncio.get_running_loop()
+
+    async def outbound() -> None:
+        while True:
+            side_writer.write(sealer.seal(sealed.KIND_DATA, await session.queue.get()))
+            await side_writer.drain()
+
+    async def inbound() -> None:
+        while True:
+            kind, data = await opener.read(side_reader)
+            if kind != sealed.KIND_DATA:
+                raise sealed.SealError(f"record kind {kind} in a UDP session")
+            session.last = loop.time()
+            deliver(data)
+
+    try:
+        await _datagram_loops(session, idle_timeout, outbound(), inbound())
+    finally:
+        side_writer.transport.abort()

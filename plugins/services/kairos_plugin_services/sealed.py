@@ -16,6 +16,11 @@ associated data, and the nonce is a per-direction counter that is never sent, so
 replayed, reordered, dropped or altered fails to open. The end of a direction is a sealed ``END``
 record: a connection that closes without one was cut, and the relay aborts instead of passing a
 truncated stream off as a clean end.
+
+A proven side connection can also wait, idle, in a **pool** (negotiated ahead on the stream with a
+``pool`` request instead of a service request): a new connection then sends its request as a
+sealed ``OPEN`` record and gets the answer as a sealed ``ANSWER`` — one round trip on a plain TCP
+connection instead of a libp2p stream open, a request, the side dial and the HELLOs.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ RECORD_DATA = 256 * 1024
 TAG_SIZE = 16
 HEADER = struct.Struct(">IB")
 KIND_HELLO, KIND_DATA, KIND_END = 1, 2, 3
+#: on a pooled side connection (proven, idle): the connecting end's request and the exposing end's answer
+KIND_OPEN, KIND_ANSWER = 4, 5
 _INFO = b"kairos/service/1.0.0 side connection"
 
 
@@ -98,6 +105,9 @@ class Opener:
         """The next record's ``(kind, data)``; :class:`SealError` when it does not open or the
         header is not one of ours, ``asyncio.IncompleteReadError`` when the connection ends."""
         length, kind = HEADER.unpack(await reader.readexactly(HEADER.size))
-        if kind not in (KIND_HELLO, KIND_DATA, KIND_END) or not TAG_SIZE <= length <= RECORD_DATA + TAG_SIZE:
+        if (
+            kind not in (KIND_HELLO, KIND_DATA, KIND_END, KIND_OPEN, KIND_ANSWER)
+            or not TAG_SIZE <= length <= RECORD_DATA + TAG_SIZE
+        ):
             raise SealError(f"not a record (kind {kind}, length {length})")
         return kind, self.open(kind, await reader.readexactly(length))

@@ -9,6 +9,12 @@
    the side connection, which is already proven: see :mod:`.sealed`) or ``{"mode": "stream"}``
    (the bytes follow on this stream, raw).
 
+Instead of the request, a connecting end may send a **pool request** ``{"pool": <b64 nonce>}``:
+the answer offers a side connection as above, the mode frame says whether it was made, and a
+proven one then waits idle, both ends holding it, until the connecting end sends a service request
+on it (sealed ``OPEN``, the same JSON with ``side: null``), answered by a sealed ``ANSWER`` (the
+answer's JSON with ``side: null``); see :mod:`.sealed`.
+
 After that a TCP service's bytes flow raw on the stream (or sealed on the side connection); a UDP
 service's datagrams flow one per frame, both ways. Everything a peer sends is checked here: a
 message that is not exactly of its shape is ``None`` and the stream is dropped and counted.
@@ -74,6 +80,18 @@ def parse_request(raw: bytes) -> tuple[str, str, bytes | None] | None:
         return service, protocol, None
     nonce = _unb64(side, NONCE_SIZE)
     return None if nonce is None else (service, protocol, nonce)
+
+
+def pool_request(side_nonce: bytes) -> bytes:
+    return encode({"pool": b64(side_nonce)})
+
+
+def parse_pool_request(raw: bytes) -> bytes | None:
+    """The side nonce of a pool request, or None for anything else."""
+    message = _decode(raw)
+    if not isinstance(message, dict) or set(message) != {"pool"}:
+        return None
+    return _unb64(message["pool"], NONCE_SIZE)
 
 
 def refusal(error: str) -> bytes:

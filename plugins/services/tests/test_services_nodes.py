@@ -184,16 +184,20 @@ def test_curl_fetches_http_server_through_a_service(lab):
     assert busy.returncode == 1 and "cannot listen" in busy.stderr and "Traceback" not in busy.stderr
 
 
-def test_udp_echo_through_a_udp_service(lab):
+@pytest.mark.parametrize("index", [1, 2], ids=["side", "stream"])
+def test_udp_echo_through_a_udp_service(lab, index):
     net, servers, _, _ = lab
-    done = kairos(net.nodes[0], "service", "expose", "echo", "--to", f"127.0.0.1:{servers.udp_echo}", "--udp")
-    assert done.returncode == 0, done.stderr
+    if not any(e["name"] == "echo" for e in net.nodes[0].api("GET", "/api/plugins/services")["exposed"]):
+        done = kairos(net.nodes[0], "service", "expose", "echo", "--to", f"127.0.0.1:{servers.udp_echo}", "--udp")
+        assert done.returncode == 0, done.stderr
+    node = net.nodes[index]
     net.wait_until(
-        lambda: any(s["name"] == "echo" for s in net.nodes[2].api("GET", "/api/plugins/services")["services"]),
+        lambda: any(s["name"] == "echo" for s in node.api("GET", "/api/plugins/services")["services"]),
         30,
-        "the echo service in node 2's catalog",
+        f"the echo service in node {index}'s catalog",
     )
-    port = connect(net.nodes[2], "echo")  # the protocol comes from the ledger
+    before = counters(node)
+    port = connect(node, "echo")  # the protocol comes from the ledger
     clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
     try:
         for client in clients:
@@ -209,11 +213,17 @@ def test_udp_echo_through_a_udp_service(lab):
                         continue
                 else:
                     pytest.fail(f"no echo of a {size}-byte datagram")
-        row = next(c for c in net.nodes[2].api("GET", "/api/plugins/services")["connected"] if c["name"] == "echo")
+        row = next(c for c in node.api("GET", "/api/plugins/services")["connected"] if c["name"] == "echo")
         assert row["protocol"] == "udp" and row["active"] == 2  # one session per client address
+        # node 1 carries the datagrams sealed on side connections, node 2 (no side path) on streams
+        path = "services_side_connections" if index == 1 else "services_stream_connections"
+        other = "services_stream_connections" if index == 1 else "services_side_connections"
+        after = counters(node)
+        assert after.get(path, 0) - before.get(path, 0) == 2 and after.get(other, 0) == before.get(other, 0)
     finally:
         for client in clients:
             client.close()
+        kairos(node, "service", "disconnect", "echo")
 
 
 def iperf3(port: int, megabytes: int) -> dict:

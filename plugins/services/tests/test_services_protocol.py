@@ -14,7 +14,7 @@ import kairos_plugin_services.plugin as services_plugin
 from kairos_plugin_services import sealed, wire
 from kairos_plugin_services.catalog import BUCKET
 from kairos_plugin_services.plugin import _RUNTIMES
-from kairos_plugin_services.relay import SideWait
+from kairos_plugin_services.relay import MAX_IDLE_PER_PEER, SideWait
 
 
 async def echo_server() -> tuple[asyncio.AbstractServer, int]:
@@ -265,7 +265,8 @@ async def test_bytes_fall_back_to_the_stream_when_the_side_connection_cannot_be_
         assert await asyncio.wait_for(reader.read(), 60) == payload
         writer.close()
         counted = _status(connector)
-        assert counted["services_side_unreachable"] == 1 and counted["services_stream_connections"] == 1
+        # the connection's own attempt, and the pool's (which then gives up until the next connection)
+        assert counted["services_side_unreachable"] >= 1 and counted["services_stream_connections"] == 1
         assert "services_side_connections" not in counted
     finally:
         server.close()
@@ -328,3 +329,67 @@ def test_answers_are_checked_before_they_are_used():
     assert refused == (False, "no?[2Jway", None)
     for raw in (b"", b"[]", b'{"ok": 1}', b"\xff", b'{"ok": false}'):
         assert wire.parse_answer(raw) is None
+
+
+async def test_side_connections_are_pooled_and_reused(kairos_network):
+    """Sequential connections reuse one proven side connection (a request on it, no stream), and
+    both ends keep at most ``side_pool`` idle; a pooled one the exposing end dropped is replaced."""
+    server, port = await echo_server()
+    net, exposer, connector = await two_nodes(kairos_network, side_pool=2)
+    try:
+        _RUNTIMES[id(exposer)].expose("echo", f"127.0.0.1:{port}")
+        await net.wait_for(lambda: connector.ledger.get(BUCKET, f"{exposer.peer_id}/echo") is not None)
+        services = _RUNTIMES[id(connector)]
+        listen = int(services.connect("echo", "127.0.0.1:0")["listen"].rsplit(":", 1)[1])
+
+        async def echo_once(payload: bytes) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+            writer.write(payload)
+            writer.write_eof()
+            try:
+                return await asyncio.wait_for(reader.read(), 20)
+            finally:
+                writer.close()
+
+        for index in range(6):
+            assert await echo_once(b"ping %d" % index) == b"ping %d" % index
+            await net.wait_for(lambda: services.pool.get(exposer.peer_id))  # back in the pool
+        counted = _status(connector)
+        assert counted["services_side_connections"] == 6
+        assert counted["services_pooled_connections"] >= 5  # all but (at most) the first
+        assert "services_stream_connections" not in counted
+        await net.wait_for(lambda: len(services.pool[exposer.peer_id]) == sum(_RUNTIMES[id(exposer)].idle.values()))
+        assert len(services.pool[exposer.peer_id]) <= 2
+        # the exposing end drops its idle side connections (a restart, a timeout): the next
+        # connection still gets through, over a new one
+        for pooled in services.pool[exposer.peer_id]:
+            pooled.side[1].transport.abort()
+        assert await echo_once(b"after") == b"after"
+    finally:
+        server.close()
+
+
+async def test_pool_requests_are_bounded_and_garbage_on_an_idle_side_connection_is_dropped(kairos_network):
+    server, port = await echo_server()
+    net, exposer, rogue = await two_nodes(kairos_network, side_pool=0)
+    try:
+        exposing, rogue_services = _RUNTIMES[id(exposer)], _RUNTIMES[id(rogue)]
+        exposing.expose("echo", f"127.0.0.1:{port}")
+        sides = [await rogue_services._pool_dial(exposer.peer_id) for _ in range(MAX_IDLE_PER_PEER)]
+        assert all(side is not None for side in sides)
+        await net.wait_for(lambda: exposing.idle[rogue.peer_id] == MAX_IDLE_PER_PEER)
+        assert await rogue_services._pool_dial(exposer.peer_id) is None  # one more: refused
+        assert _status(exposer)["services_rejected_requests"] == 1
+        reader, writer, sealer, _ = sides[0]
+        writer.write(sealer.seal(sealed.KIND_DATA, b"not a request"))  # sealed right, but no OPEN
+        await net.wait_for(lambda: _status(exposer).get("services_dropped_malformed") == 1)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and closed
+        reader, writer, _, _ = sides[1]
+        writer.write(b"\x00\x00\x00\x20\x04" + b"x" * 32)  # forged: does not open
+        await net.wait_for(lambda: _status(exposer).get("services_dropped_malformed") == 2)
+        await net.wait_for(lambda: exposing.idle[rogue.peer_id] == MAX_IDLE_PER_PEER - 2)
+        for side in sides[2:]:
+            side[1].close()
+        await net.wait_for(lambda: not exposing.idle)
+    finally:
+        server.close()
