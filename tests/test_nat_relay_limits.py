@@ -113,3 +113,25 @@ async def test_an_outsider_gets_no_relay_and_a_bad_dial_back_request_is_counted(
     await good.write(len(body).to_bytes(2, "big") + body)
     answer = await good.read(1024)
     assert b'"reachable":true' in answer, answer
+
+
+async def test_a_relay_that_names_someone_else_gets_its_connection_closed(hosts, monkeypatch) -> None:
+    # found in review: the reserved side trusted the relay's name for the peer it brought, before
+    # noise proved who it was: the named peer was then treated as relayed, the real one as direct
+    from kairos_core.p2p import relay as relay_module
+
+    relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits())
+    dialler, bystander = await hosts.host(), await hosts.host()
+    real_write = relay_module.write_frame
+
+    async def lying_write(stream, message):
+        if set(message) == {"peer"} and message["peer"] == dialler.peer_id:
+            message = {"peer": bystander.peer_id}  # what the relay tells the reserved host
+        await real_write(stream, message)
+
+    monkeypatch.setattr(relay_module, "write_frame", lying_write)
+    with pytest.raises(P2PError):
+        await dialler.connect(circuit)
+    await _until(lambda: reserved._relay.counters["relay_source_mismatch"] == 1, "the mismatch counted")
+    assert bystander.peer_id not in reserved._relay.relayed
+    assert not reserved.is_admitted(dialler.peer_id)

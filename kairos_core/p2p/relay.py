@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -286,12 +287,22 @@ class Relay:
         self.relayed.add(str(source))
         try:
             # noise proves who is at the other end; the gate then awaits its admission proof
-            await self._host.get_network().upgrade_inbound_raw_conn(raw, address)
+            muxed = await self._host.get_network().upgrade_inbound_raw_conn(raw, address)
         except Exception as exc:
             self.relayed.discard(str(source))
             self.counters["relay_upgrade_failed"] += 1
             log.debug("relayed connection from %s via %s failed: %r", source, relay, exc)
             await quiet_reset(net_stream)
+            return
+        proven = getattr(muxed, "peer_id", None)
+        if proven is not None and str(proven) != str(source):
+            # the relay named someone else than the peer noise proved: that name would be kept
+            # out of our dial-backs and relay candidates while the real peer passed for direct
+            self.relayed.discard(str(source))
+            self.counters["relay_source_mismatch"] += 1
+            log.warning("relay %s named %s for a connection from %s: closed", relay, source, proven)
+            with suppress(Exception):
+                await muxed.close()
 
     async def dial(self, relay_address: str, relay: str, target: str, connect_relay: Callable[[str], Awaitable[None]]) -> None:
         """Connect to ``target`` through ``relay`` (dialled and admitted first if need be)."""
