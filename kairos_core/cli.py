@@ -15,11 +15,13 @@ escape sequences to the operator's terminal or forge a line. ``--json`` output i
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,7 +30,7 @@ import click
 from . import __version__
 from .config import Config, collect_schema, disabled_plugins, load_config, read_config_file
 from .errors import EXIT_FAILED, KairosError
-from .plugins import KairosPluginManager, call_hook_sync, make_plugin_manager
+from .plugins import KairosPluginManager, call_hook_sync, hookimpl, make_plugin_manager
 from .token import MAX_TOKEN_BYTES, generate_token, parse_token
 from .untrusted import escape_control
 
@@ -393,6 +395,81 @@ def socket_option(function: _Command) -> _Command:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 json_option.__doc__ = """Decorator: a ``--json`` flag, passed to the command as ``as_json``."""
+
+
+def cli_commands_hook(*commands: str) -> Callable[[click.Group], None]:
+    """A ``kairos_cli_commands`` implementation adding ``commands`` to ``kairos``, each named
+    ``"package.module:attribute"`` (a click command or group) and imported only when the CLI is
+    built, so a plugin's command module may import the plugin's own: ``kairos_cli_commands =
+    cli_commands_hook("kairos_plugin_dns.cli:dns_group")``."""
+
+    @hookimpl
+    def kairos_cli_commands(cli: click.Group) -> None:
+        for target in commands:
+            module, _, attribute = target.partition(":")
+            cli.add_command(getattr(importlib.import_module(module), attribute))
+
+    return kairos_cli_commands
+
+
+class PluginRoute:
+    """A plugin's route on the node's local API, ``/api/plugins/<name>/…``, from both sides: the
+    node serves it (:meth:`serve`, from ``kairos_api_routes``), the plugin's commands call it
+    (:meth:`request`, :meth:`ask`) from their own process.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        #: ``/api/plugins/<name>``
+        self.path = f"/api/plugins/{name}"
+
+    def serve(
+        self, node: Any, handler: Callable[[Any, str, list[str], Any], Any]
+    ) -> dict[str, Callable[[str, list[str], Any], Any]]:
+        """What ``kairos_api_routes(node)`` returns: ``handler(node, method, rest, body)`` answers
+        each request (``rest`` the path's parts after the name, ``body`` the decoded JSON or None)
+        with JSON data; a :class:`KairosError` it raises is the client's one-line error."""
+        return {self.name: functools.partial(handler, node)}
+
+    def api_routes_hook(self, handler: Callable[[Any, str, list[str], Any], Any]) -> Callable[[Any], dict[str, Any]]:
+        """A ``kairos_api_routes`` implementation serving this route with ``handler`` (as
+        :meth:`serve`): ``kairos_api_routes = ROUTE.api_routes_hook(answer)`` in the plugin's module."""
+
+        @hookimpl
+        def kairos_api_routes(node: Any) -> dict[str, Any]:
+            return self.serve(node, handler)
+
+        return kairos_api_routes
+
+    def unknown(self, method: str, rest: Iterable[str]) -> KairosError:
+        """The error for a request no route of the plugin answers (raise it from the handler)."""
+        return KairosError(f"{method} {self.path}/{'/'.join(rest)}: no such route")
+
+    def request(self, context: Any, socket_path: str | None, method: str, path: str = "", body: Any = None) -> Any:
+        """One call to ``<route><path>`` of the node at ``socket_path`` (None: the config's socket),
+        ``body`` sent as JSON; the decoded answer. :class:`KairosError` as :class:`APIClient`."""
+        content = json.dumps(body) if body is not None else None
+        return _client(context, socket_path).request(method, f"{self.path}{path}", content=content)
+
+    def ask(
+        self,
+        context: Any,
+        socket_path: str | None,
+        as_json: bool,
+        method: str,
+        path: str = "",
+        body: Any = None,
+        say: Callable[[Any], str] | None = None,
+    ) -> Any:
+        """:meth:`request`, and print the answer: as JSON with ``as_json`` (:func:`emit_json`), else
+        the line ``say(answer)`` when given (escape what peers wrote in it with
+        :func:`escape_control`). Returns the answer, for a command that prints more."""
+        answer = self.request(context, socket_path, method, path, body)
+        if as_json:
+            emit_json(answer)
+        elif say is not None:
+            click.echo(say(answer))
+        return answer
 
 
 @cli.command()

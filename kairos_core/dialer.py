@@ -34,6 +34,8 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from .ratelimit import TokenBucket
+
 log = logging.getLogger(__name__)
 
 Dial = Callable[[list[str]], Awaitable[str]]
@@ -46,24 +48,6 @@ MAX_PARALLEL = 16
 MAX_STRANGERS = 256
 STRANGER_DIAL_RATE = 2.0  # dials a second of peers never admitted, all of them together
 STRANGER_DIAL_BURST = 8  # a node joining a network dials this many at once (its degree's worth)
-
-
-class _TokenBucket:
-    """``rate`` tokens a second, up to ``burst`` kept."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
-        self.rate, self.burst, self.clock = rate, float(burst), clock
-        self._tokens, self._at = float(burst), clock()
-
-    def take(self) -> bool:
-        """Take a token if there is one."""
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + max(0.0, now - self._at) * self.rate)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
 
 @dataclass
@@ -122,7 +106,7 @@ class Dialer:
         self._pinned: dict[str, list[str]] = {}  # configured bootstrap peers: always worth a dial
         self._last_reset = -reset_interval
         self._tasks: set[asyncio.Task] = set()
-        self._stranger_dials = _TokenBucket(stranger_rate, stranger_burst, clock)
+        self._stranger_dials = TokenBucket(stranger_rate, stranger_burst, clock())
 
     # --- inputs ------------------------------------------------------------------------------
     def discovered(self, peer_id: str, addrs: list[str]) -> None:
@@ -180,7 +164,7 @@ class Dialer:
         addrs = with_peer_suffix(addrs, peer_id)
         if not addrs:
             return False
-        if peer_id not in self._known and not self._stranger_dials.take():
+        if peer_id not in self._known and not self._stranger_dials.take(self.clock()):
             self.counters["dials_deferred"] += 1  # a later round asks again
             return False
         self._in_flight.add(peer_id)

@@ -17,11 +17,16 @@ plugin and fails on any other ``kairos_core`` module.
   open bucket that checks shapes (its entries count against the open buckets' per-owner quotas).
 - **Config schema** a plugin declares its sections with (``kairos_config_schema``) and reads
   them back typed: :class:`Section`, :class:`Option`; :class:`ConfigError` when values do not fit.
+- **Rate limits:** :class:`TokenBucket`, and :class:`TokenBuckets` (one per key, bounded): what
+  one peer or source may cost the node.
 - **Addresses:** :func:`multiaddr_ip`, the IP address of a multiaddr a member advertises.
 - **Errors:** :class:`KairosError` (a one-line error for the user), :class:`LedgerError`,
   :class:`ConfigError`.
 - **CLI helpers** for ``kairos_cli_commands``: :func:`pass_context`, :func:`socket_option`,
-  :func:`json_option`, :func:`emit_json`, :class:`APIClient`.
+  :func:`json_option`, :func:`emit_json`, :class:`APIClient`; :class:`PluginRoute`, a plugin's
+  local-API route from both sides (served in ``kairos_api_routes``, called by its commands);
+  :func:`cli_commands_hook` (a ``kairos_cli_commands`` that adds a plugin's click commands);
+  :func:`escape_control` for text from peers on a terminal.
 
 Names of the core's own buckets and protocols are in :data:`CORE_BUCKETS` and
 :data:`CORE_PROTOCOLS`; a plugin registers its own and never writes to the core's.
@@ -35,7 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .api import APIClient
-from .cli import emit_json, json_option, pass_context, socket_option
+from .cli import PluginRoute, cli_commands_hook, emit_json, json_option, pass_context, socket_option
 from .errors import ConfigError, KairosError
 from .events import LedgerUpdate, PeerEvent
 from .hookspecs import hookspec
@@ -44,7 +49,9 @@ from .ledger.entry import Entry
 from .metrics import Metric
 from .multiaddrs import host_ip as multiaddr_ip
 from .plugins import hookimpl
+from .ratelimit import TokenBucket, TokenBuckets
 from .schema import SKIP, Alias, Option, Section, text_list, text_value
+from .untrusted import escape_control
 
 __all__ = [
     "Alias",
@@ -64,12 +71,17 @@ __all__ = [
     "OpenPolicy",
     "Option",
     "PeerEvent",
+    "PluginRoute",
     "SKIP",
     "Section",
     "Stream",
     "StreamHandler",
+    "TokenBucket",
+    "TokenBuckets",
     "WritePolicy",
+    "cli_commands_hook",
     "emit_json",
+    "escape_control",
     "hookimpl",
     "hookspec",
     "json_option",

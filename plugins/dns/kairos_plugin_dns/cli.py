@@ -3,24 +3,12 @@ node's local API (``/api/plugins/dns``; the node writes the ledger, the command 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import click
-from kairos_core.plugin import APIClient, emit_json, json_option, pass_context, socket_option
+from kairos_core.plugin import escape_control, json_option, pass_context, socket_option
 
-ROUTE = "/api/plugins/dns"
-
-
-def _request(context: Any, socket_path: str | None, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    client = APIClient(Path(socket_path) if socket_path else context.load_config().api_socket)
-    return client.request(method, f"{ROUTE}{path}", content=json.dumps(body) if body is not None else None)
-
-
-def _printable(text: Any) -> str:
-    """Text from the ledger (any member wrote it) with control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+from .plugin import ROUTE
 
 
 @click.group("dns")
@@ -39,11 +27,16 @@ def dns_group() -> None:
 def add(context: Any, name: str, rtype: str, value: str, ttl: int | None, socket_path: str | None, as_json: bool) -> None:
     """Add VALUE to the TYPE record of NAME (one label gets the domain: web -> web.kairos.; *.apps
     a wildcard)."""
-    done = _request(context, socket_path, "POST", "/add", {"name": name, "type": rtype, "value": value, "ttl": ttl})
-    if as_json:
-        emit_json(done)
-    else:
-        click.echo(f"{done['name']} {done['ttl']} {done['type']} {' '.join(done['values'])}")
+    body = {"name": name, "type": rtype, "value": value, "ttl": ttl}
+    ROUTE.ask(
+        context,
+        socket_path,
+        as_json,
+        "POST",
+        "/add",
+        body,
+        lambda done: f"{done['name']} {done['ttl']} {done['type']} {' '.join(done['values'])}",
+    )
 
 
 @dns_group.command("rm")
@@ -55,11 +48,10 @@ def add(context: Any, name: str, rtype: str, value: str, ttl: int | None, socket
 @pass_context
 def remove(context: Any, name: str, rtype: str | None, value: str | None, socket_path: str | None, as_json: bool) -> None:
     """Remove NAME's records: every type, one TYPE, or one VALUE of it."""
-    done = _request(context, socket_path, "POST", "/rm", {"name": name, "type": rtype, "value": value})
-    if as_json:
-        emit_json(done)
-    else:
-        click.echo(f"removed {done['name']} {' '.join(done['removed'])}")
+    body = {"name": name, "type": rtype, "value": value}
+    ROUTE.ask(
+        context, socket_path, as_json, "POST", "/rm", body, lambda done: f"removed {done['name']} {' '.join(done['removed'])}"
+    )
 
 
 @dns_group.command("list")
@@ -68,9 +60,8 @@ def remove(context: Any, name: str, rtype: str | None, value: str | None, socket
 @pass_context
 def list_records(context: Any, socket_path: str | None, as_json: bool) -> None:
     """Every record in the ledger, and where this node's server listens."""
-    data = _request(context, socket_path, "GET", "")
+    data = ROUTE.ask(context, socket_path, as_json, "GET")
     if as_json:
-        emit_json(data)
         return
     server = data["server"]
     click.echo(
@@ -81,4 +72,6 @@ def list_records(context: Any, socket_path: str | None, as_json: bool) -> None:
     if not data["records"]:
         click.echo("no records")
     for row in data["records"]:
-        click.echo(f"{_printable(row['name']):<40} {row['ttl']:>6} {row['type']:<5} {_printable(' '.join(row['values']))}")
+        click.echo(
+            f"{escape_control(row['name']):<40} {row['ttl']:>6} {row['type']:<5} {escape_control(' '.join(row['values']))}"
+        )

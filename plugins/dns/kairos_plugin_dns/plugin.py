@@ -15,7 +15,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from kairos_core.plugin import KairosError, LedgerError, NodeView, Option, Section, WritePolicy, hookimpl
+from kairos_core.plugin import (
+    KairosError,
+    PluginRoute,
+    cli_commands_hook,
+    LedgerError,
+    NodeView,
+    Option,
+    Section,
+    WritePolicy,
+    hookimpl,
+)
 
 from .records import (
     BUCKET,
@@ -35,6 +45,8 @@ from .server import COUNTERS, DNSServer, Settings, parse_hostport, system_resolv
 log = logging.getLogger("kairos.dns")
 
 SECTION = "dns"
+#: ``/api/plugins/dns``: served here, called by the commands (``cli.py``)
+ROUTE = PluginRoute("dns")
 
 DNS = Section(
     SECTION,
@@ -386,16 +398,8 @@ def _route(node: NodeView, method: str, rest: list[str], body: Any) -> Any:
         return current.add(body)
     if method == "POST" and rest == ["rm"]:
         return current.remove(body)
-    raise UsageError(f"{method} /api/plugins/dns/{'/'.join(rest)}: no such route")
+    raise ROUTE.unknown(method, rest)
 
 
-@hookimpl
-def kairos_api_routes(node: NodeView) -> Mapping[str, Any]:
-    return {"dns": lambda method, rest, body: _route(node, method, rest, body)}
-
-
-@hookimpl
-def kairos_cli_commands(cli: Any) -> None:
-    from .cli import dns_group
-
-    cli.add_command(dns_group)
+kairos_api_routes = ROUTE.api_routes_hook(_route)
+kairos_cli_commands = cli_commands_hook("kairos_plugin_dns.cli:dns_group")

@@ -32,6 +32,7 @@ import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
+from kairos_core.plugin import TokenBuckets
 
 from .records import Answer, Zone
 
@@ -111,22 +112,15 @@ def _loopback(address: str) -> bool:
 
 
 class RateLimiter:
-    """A token bucket per source IP; at most ``max_sources`` tracked (the idlest forgotten first)."""
+    """A token bucket per source IP (:class:`TokenBuckets`); at most ``max_sources`` tracked, the
+    idlest forgotten first. A ``rate`` of 0 is no limit."""
 
     def __init__(self, rate: float, burst: float, max_sources: int = 10000) -> None:
         self.rate, self.burst, self.max_sources = rate, burst, max_sources
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._buckets = TokenBuckets(rate, burst, max_sources)
 
     def allow(self, source: str, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        tokens, last = self._buckets.pop(source, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        allowed = tokens >= 1
-        self._buckets[source] = (tokens - 1 if allowed else tokens, now)
-        if len(self._buckets) > self.max_sources:
-            self._buckets.popitem(last=False)
-        return allowed
+        return self.rate <= 0 or self._buckets.take(source, now)
 
 
 @dataclass

@@ -3,35 +3,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import click
-from kairos_core.plugin import APIClient, emit_json, json_option, pass_context, socket_option
+from kairos_core.plugin import escape_control, json_option, pass_context, socket_option
 
-ROUTE = "/api/plugins/services"
-
-
-def _client(context: Any, socket_path: str | None) -> APIClient:
-    return APIClient(Path(socket_path) if socket_path else context.load_config().api_socket)
-
-
-def _ask(
-    context: Any, socket_path: str | None, as_json: bool, method: str, path: str, body: dict[str, Any] | None, say: Any
-) -> None:
-    """One call to the node; print its answer as JSON or as the line ``say(answer)``."""
-    done = _client(context, socket_path).request(method, f"{ROUTE}{path}", content=json.dumps(body) if body is not None else None)
-    if as_json:
-        emit_json(done)
-    else:
-        click.echo(say(done))
-
-
-def printable(text: Any) -> str:
-    """Text from peers with control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+from .plugin import ROUTE
 
 
 @click.group("service")
@@ -50,7 +28,7 @@ def service_group() -> None:
 def expose(context: Any, name: str, to: str, udp: bool, description: str, socket_path: str | None, as_json: bool) -> None:
     """Expose NAME: connections other nodes open to NAME reach HOST:PORT from this node."""
     body = {"name": name, "to": to, "protocol": "udp" if udp else "tcp", "description": description}
-    _ask(
+    ROUTE.ask(
         context,
         socket_path,
         as_json,
@@ -68,7 +46,7 @@ def expose(context: Any, name: str, to: str, udp: bool, description: str, socket
 @pass_context
 def unexpose(context: Any, name: str, socket_path: str | None, as_json: bool) -> None:
     """Stop exposing NAME from this node (connections under way go on)."""
-    _ask(
+    ROUTE.ask(
         context,
         socket_path,
         as_json,
@@ -89,7 +67,7 @@ def unexpose(context: Any, name: str, socket_path: str | None, as_json: bool) ->
 @pass_context
 def connect(context: Any, name: str, listen: str, protocol: str | None, socket_path: str | None, as_json: bool) -> None:
     """Listen on ADDR:PORT on this node; each connection there is carried to a live node exposing NAME."""
-    _ask(
+    ROUTE.ask(
         context,
         socket_path,
         as_json,
@@ -107,7 +85,7 @@ def connect(context: Any, name: str, listen: str, protocol: str | None, socket_p
 @pass_context
 def disconnect(context: Any, name: str, socket_path: str | None, as_json: bool) -> None:
     """Close this node's listener for NAME."""
-    _ask(
+    ROUTE.ask(
         context,
         socket_path,
         as_json,
@@ -125,9 +103,8 @@ def disconnect(context: Any, name: str, socket_path: str | None, as_json: bool) 
 def list_services(context: Any, socket_path: str | None, as_json: bool) -> None:
     """Every service in the ledger (name, owner, protocol, description, whether the owner is alive),
     and what this node exposes and listens for."""
-    data = _client(context, socket_path).request("GET", ROUTE)
+    data = ROUTE.ask(context, socket_path, as_json, "GET")
     if as_json:
-        emit_json(data)
         return
     if not data["services"]:
         click.echo("no services")
@@ -135,8 +112,8 @@ def list_services(context: Any, socket_path: str | None, as_json: bool) -> None:
         click.echo(f"{'NAME':<24} {'PROTO':<5} {'OWNER':<54} {'ALIVE':<5} DESCRIPTION")
         for row in data["services"]:
             click.echo(
-                f"{printable(row['name']):<24} {row['protocol']:<5} {printable(row['owner']):<54} "
-                f"{'yes' if row['alive'] else 'no':<5} {printable(row['description'])}"
+                f"{escape_control(row['name']):<24} {row['protocol']:<5} {escape_control(row['owner']):<54} "
+                f"{'yes' if row['alive'] else 'no':<5} {escape_control(row['description'])}"
             )
     for row in data["exposed"]:
         click.echo(f"exposed here: {row['name']} ({row['protocol']}) -> {row['to']}")

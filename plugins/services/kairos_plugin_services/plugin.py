@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kairos_core.plugin import KairosError, NodeView, Option, Section, WritePolicy, hookimpl
+from kairos_core.plugin import KairosError, PluginRoute, cli_commands_hook, NodeView, Option, Section, WritePolicy, hookimpl
 
 from .catalog import BUCKET, PROTOCOLS, ServicesPolicy, UsageError, check_name, parse_hostport
 from .relay import Services
 
 SECTION = "services"
+#: ``/api/plugins/services``: served here, called by the commands (``cli.py``)
+ROUTE = PluginRoute("services")
 
 SERVICES = Section(
     SECTION,
@@ -195,19 +197,11 @@ def _route(node: NodeView, method: str, rest: list[str], body: Any) -> Any:
         return services.connect(body.get("name"), body.get("listen"), body.get("protocol"))
     if method == "DELETE" and len(rest) == 2 and rest[0] in ("expose", "connect"):
         return services.unexpose(rest[1]) if rest[0] == "expose" else services.disconnect(rest[1])
-    raise UsageError(f"{method} /api/plugins/services/{'/'.join(rest)}: no such route")
+    raise ROUTE.unknown(method, rest)
 
 
-@hookimpl
-def kairos_api_routes(node: NodeView) -> Mapping[str, Any]:
-    return {"services": lambda method, rest, body: _route(node, method, rest, body)}
-
-
-@hookimpl
-def kairos_cli_commands(cli: Any) -> None:
-    from .cli import service_group
-
-    cli.add_command(service_group)
+kairos_api_routes = ROUTE.api_routes_hook(_route)
+kairos_cli_commands = cli_commands_hook("kairos_plugin_services.cli:service_group")
 
 
 def exposures(node: NodeView) -> Iterable[dict[str, Any]]:

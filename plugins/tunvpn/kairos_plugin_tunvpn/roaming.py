@@ -21,18 +21,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Hashable
 
+from kairos_core.plugin import TokenBucket, TokenBuckets
+
 #: Opens per second (and at once) that one unexpected source endpoint may cost.
 PER_SOURCE_RATE = 8.0
 PER_SOURCE_BURST = 16
 #: Opens per second (and at once) that all unexpected source endpoints together may cost.
 TOTAL_RATE = 256.0
 TOTAL_BURST = 256
-#: Source endpoints remembered at most; past that the table starts afresh (the total still bounds).
+#: Source endpoints remembered at most; past that the idlest are forgotten (the total still bounds).
 MAX_SOURCES = 4096
 
 
 class RoamLimiter:
-    """Token buckets, one per source endpoint and one for all of them, refilled continuously.
+    """Token buckets (the core's), one per source endpoint and one for all of them.
 
     Not thread-safe: the data plane calls it under its receive lock.
 
@@ -62,28 +64,16 @@ class RoamLimiter:
         self.total_burst = total_burst
         self.max_sources = max_sources
         self._clock = clock
-        self._total = float(total_burst)
-        self._total_at = clock()
-        self._sources: dict[Hashable, tuple[float, float]] = {}  # source -> (tokens, at)
+        self._total = TokenBucket(total_rate, total_burst, clock())
+        # forgetting the idlest sources is cheap and bounded; what a flood from many sources may
+        # cost is bounded by the shared bucket anyway
+        self._sources = TokenBuckets(per_source_rate, per_source_burst, max_sources)
 
     def allow(self, source: Hashable) -> bool:
         """Take a token for one open of a datagram from ``source``; False if there is none."""
         now = self._clock()
-        total = min(self.total_burst, self._total + (now - self._total_at) * self.total_rate)
-        self._total_at = now
-        entry = self._sources.get(source)
-        if entry is None:
-            if len(self._sources) >= self.max_sources:
-                # forgetting every source is cheap and bounded; what a flood from many sources
-                # may cost is bounded by the shared bucket anyway
-                self._sources.clear()
-            tokens = float(self.per_source_burst)
-        else:
-            tokens = min(self.per_source_burst, entry[0] + (now - entry[1]) * self.per_source_rate)
-        if tokens < 1 or total < 1:
-            self._total = total
-            self._sources[source] = (tokens, now)
+        bucket = self._sources.bucket(source, now)
+        # both buckets or neither: a refusal by one leaves the other's token
+        if bucket.available(now) < 1 or self._total.available(now) < 1:
             return False
-        self._total = total - 1
-        self._sources[source] = (tokens - 1, now)
-        return True
+        return bucket.take(now) and self._total.take(now)
