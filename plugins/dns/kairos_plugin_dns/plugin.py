@@ -113,6 +113,14 @@ DNS = Section(
     ),
     Option("rate_burst", float, 10000.0, "Queries one source IP may send at once above dns.rate_limit.", minimum=1, maximum=1e9),
     Option(
+        "rate_limit_loopback",
+        bool,
+        False,
+        "Apply dns.rate_limit to loopback sources too, all of them one bucket (127.0.0.1 is every "
+        "program of this host, or a local stub resolver forwarding for all of them). Off: the "
+        "limit is for other machines, and this host's programs are not throttled by each other.",
+    ),
+    Option(
         "max_query_size", int, 4096, "Bytes a query may have; larger ones are dropped and counted.", minimum=512, maximum=65535
     ),
     Option(
@@ -190,6 +198,7 @@ class Runtime:
                 s.max_forwards,
                 s.max_tcp_connections,
                 s.tcp_idle_timeout,
+                s.rate_limit_loopback,
             ),
             self.zone,
             self.node.count,

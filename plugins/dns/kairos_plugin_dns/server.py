@@ -3,8 +3,9 @@ forwards the rest with a bounded, TTL-respecting cache.
 
 What one client may cost the node is bounded: a query larger than ``dns.max_query_size`` is
 dropped, garbage gets FORMERR when it has a header to answer (else it is dropped), a message
-that is itself a response is dropped (no reflection between two servers), each source IP has a
-token bucket (``dns.rate_limit`` queries/s, ``dns.rate_burst``), forwards in flight and TCP
+that is itself a response is dropped (no reflection between two servers), each source IP but
+loopback has a token bucket (``dns.rate_limit`` queries/s, ``dns.rate_burst``; loopback too with
+``dns.rate_limit_loopback``), forwards in flight and TCP
 connections are capped, and the cache holds at most ``dns.cache_size`` answers. Every drop is
 counted (``dns_*`` counters, ``kairos status`` and ``/metrics``).
 """
@@ -104,6 +105,12 @@ def is_self(upstream: tuple[str, int], listen: tuple[str, int]) -> bool:
     return ours == theirs or ours.is_unspecified
 
 
+def _loopback_source(address: str) -> bool:
+    """Whether a source address, as a socket names it (canonical text), is loopback: a string
+    test, cheaper per query than parsing it."""
+    return address.startswith(("127.", "::ffff:127.")) or address == "::1"
+
+
 def _loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
@@ -196,6 +203,9 @@ class Settings:
     max_forwards: int
     max_tcp_connections: int
     tcp_idle_timeout: float
+    #: loopback sources are this host's own programs, all of them 127.0.0.1 (or a local stub
+    #: forwarding for every program): as one bucket, one busy program would throttle all the others
+    rate_limit_loopback: bool = False
 
 
 class _UDP(asyncio.DatagramProtocol):
@@ -332,7 +342,11 @@ class DNSServer:
         if len(data) > self.settings.max_query_size:
             self.count("dns_dropped_oversized")
             return None
-        if not tcp and not self.limiter.allow(source, time.monotonic()):
+        if (
+            not tcp
+            and (self.settings.rate_limit_loopback or not _loopback_source(source))
+            and not self.limiter.allow(source, time.monotonic())
+        ):
             self.count("dns_rate_limited")
             return None
         if len(data) < HEADER.size:

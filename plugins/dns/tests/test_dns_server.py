@@ -5,7 +5,9 @@ test's own upstream) and its cache, malformed and oversized packets, the rate li
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
 import struct
 
 import dns.message
@@ -87,10 +89,10 @@ async def test_members_records_wildcards_and_forwarded_names(kairos_network, ups
     assert status(await dig(port, f"{b.hostname}.kairos.")) == "NXDOMAIN"
 
 
-def _exchange(port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
+def _exchange(port: int, payload: bytes, timeout: float = 1.0, host: str = "127.0.0.1") -> bytes | None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.sendto(payload, ("127.0.0.1", port))
+        sock.sendto(payload, (host, port))
         try:
             return sock.recv(65535)
         except TimeoutError:
@@ -127,21 +129,38 @@ async def test_malformed_oversized_and_reflected_packets_are_answered_formerr_or
     assert node.counters["dns_dropped_oversized"] == 2
 
 
-async def test_rate_limit_per_source_and_no_forward_to_itself(kairos_network):
-    net = await kairos_network(
-        1,
-        plugins=[dns_plugin],
-        overrides={
-            "dns": {"enable": True, "listen": "127.0.0.1:0", "rate_limit": 1, "rate_burst": 5, "resolv_conf": "/dev/null"}
-        },
-    )
+def _host_address() -> str | None:
+    """A non-loopback IPv4 address of this host (queries from it to itself are not loopback)."""
+    try:
+        shown = subprocess.run(["ip", "-j", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True, timeout=10)
+        return next(a["local"] for link in json.loads(shown.stdout) for a in link.get("addr_info", []))
+    except (OSError, ValueError, StopIteration, KeyError, subprocess.SubprocessError):
+        return None
+
+
+@pytest.mark.parametrize("limit_loopback", [False, True])
+async def test_rate_limit_per_source_and_no_forward_to_itself(kairos_network, limit_loopback):
+    settings = {"rate_limit": 1, "rate_burst": 5, "resolv_conf": "/dev/null", "rate_limit_loopback": limit_loopback}
+    net = await kairos_network(1, plugins=[dns_plugin], overrides={"dns": {"enable": True, "listen": "0.0.0.0:0", **settings}})
     node = net.nodes[0]
     node.ledger.set("dns", "web.kairos./A", {"values": ["10.9.0.1"], "ttl": 30})
     port = port_of(node)
     query = dns.message.make_query("web.kairos.", "A").to_wire()
+    # this host's programs on loopback: one bucket with rate_limit_loopback, else not limited
     answered = [await asyncio.to_thread(_exchange, port, query, 0.3) for _ in range(10)]
-    assert sum(reply is not None for reply in answered) <= 6
-    assert node.counters["dns_rate_limited"] >= 4
+    if limit_loopback:
+        assert sum(reply is not None for reply in answered) <= 6
+        assert node.counters["dns_rate_limited"] >= 4
+    else:
+        assert all(reply is not None for reply in answered)
+        assert node.counters.get("dns_rate_limited", 0) == 0
+        # another source is limited all the same (here this host's own non-loopback address)
+        host = _host_address()
+        if host is None:
+            pytest.skip("this host has no non-loopback IPv4 address to query from")
+        answered = [await asyncio.to_thread(_exchange, port, query, 0.3, host) for _ in range(10)]
+        assert sum(reply is not None for reply in answered) <= 6
+        assert node.counters["dns_rate_limited"] >= 4
 
     # a server told to forward to its own address refuses that upstream instead of looping
     own = free_udp_port()
