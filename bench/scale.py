@@ -14,6 +14,7 @@ Then it prints one JSON line with:
   (``--quiet`` seconds, default 30), from /proc;
 - ``idle_rss_mb_per_node``: median RSS;
 - ``idle_bytes_per_s_per_node``: median of (rx + tx bytes of the node's interface) / window;
+  ``idle_packets_per_s_per_node`` the same for packets (at ~66 bytes of headers each);
 - ``connections_per_node``: median and max admitted connections;
 - ``idle_per_s_per_node``: for every counter of ``kairos status --json`` that moved in the quiet
   window, the median node's increase per second: bytes, writes and streams per libp2p protocol
@@ -74,8 +75,9 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def interface_bytes(lab: Lab, index: int) -> int:
-    out = lab.run(index, ["cat", "/sys/class/net/eth0/statistics/rx_bytes", "/sys/class/net/eth0/statistics/tx_bytes"])
+def interface_bytes(lab: Lab, index: int, unit: str = "bytes") -> int:
+    """rx + tx of the node's interface: ``bytes``, or ``packets`` (what tells framing from payload)."""
+    out = lab.run(index, ["cat", f"/sys/class/net/eth0/statistics/rx_{unit}", f"/sys/class/net/eth0/statistics/tx_{unit}"])
     return sum(int(x) for x in out.stdout.split())
 
 
@@ -158,6 +160,7 @@ def run_size(n: int, args) -> dict:
             pids = {node.index: node.process.pid for node in nodes}
             cpu0 = {i: cpu_seconds(p) for i, p in pids.items()}
             net0 = {node.index: interface_bytes(lab, node.index) for node in nodes}
+            packets0 = {node.index: interface_bytes(lab, node.index, "packets") for node in nodes}
             counters0 = {node.index: counters(node) for node in nodes}
             t0 = time.monotonic()
             time.sleep(args.quiet)
@@ -165,12 +168,14 @@ def run_size(n: int, args) -> dict:
             counters1 = {node.index: counters(node) for node in nodes}
             cpu = [(cpu_seconds(p) - cpu0[i]) / elapsed for i, p in pids.items()]
             traffic = [(interface_bytes(lab, node.index) - net0[node.index]) / elapsed for node in nodes]
+            packets = [(interface_bytes(lab, node.index, "packets") - packets0[node.index]) / elapsed for node in nodes]
             connections = [(node.status() or {}).get("admitted", 0) for node in nodes]
             result.update(
                 {
                     "idle_cpu_share_per_node": round(statistics.median(cpu), 4),
                     "idle_rss_mb_per_node": round(statistics.median(rss_mb(p) for p in pids.values()), 1),
                     "idle_bytes_per_s_per_node": round(statistics.median(traffic)),
+                    "idle_packets_per_s_per_node": round(statistics.median(packets), 1),
                     "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
                     # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
                     "idle_per_s_per_node": counter_rates(counters0, counters1, elapsed),

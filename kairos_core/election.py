@@ -10,13 +10,22 @@ wins, everywhere, whatever order the entries arrive in.
 
 The protocol, run in rounds of at most half a second on every node:
 
-1. The *holder* of the highest epoch renews it (``state: held``) every ``lease_seconds / 3``
-   while it sees a majority of the recently-alive electorate; without a majority it stops
-   renewing and at once stops calling itself leader (``is_leader`` is False, ``leader`` None),
-   and its lease lapses for the others. Seeing the majority again before the lapse, it renews
-   the same epoch. The holder does not count a peer whose connection to it closed and that has
-   not spoken since: a partner's entry naming the others does not keep it leading.
-2. Everyone else watches the renewals on its own monotonic clock (skewed wall clocks do not
+1. The *holder* of the highest epoch renews it every ``lease_seconds / 3`` while it sees a
+   majority of the recently-alive electorate; without a majority it stops renewing and at once
+   stops calling itself leader (``is_leader`` is False, ``leader`` None), and its lease lapses for
+   the others. Seeing the majority again before the lapse, it renews the same epoch. The holder
+   does not count a peer whose connection to it closed and that has not spoken since: a
+   partner's entry naming the others does not keep it leading. A renewal is a *heartbeat*
+   (:func:`encode_heartbeat`: epoch, a fresh hybrid-logical-clock version, the holder's ed25519
+   signature; ~110 bytes) gossiped on a topic of its own and stored by nobody, when the node
+   gives the election a ``heartbeat`` publisher; the ledger entry (``state: held``) is written
+   when the claim is confirmed and when the holder resumes after stepping down, not on every
+   renewal — every renewal used to be a sealed, signed ledger entry of ~450 bytes that every node
+   received once per gossip mesh peer and stored. Without a publisher (tests, tools) renewals
+   rewrite the ledger entry as before.
+2. Everyone else watches the renewals — heartbeats of the current lease's holder and epoch with a
+   version newer than the last one accepted (:meth:`Election.observe_heartbeat`), and rewrites of
+   the lease entry — on its own monotonic clock (skewed wall clocks do not
    matter). The lease has lapsed when no renewal arrived for ``lease_seconds`` — or, the fast
    path after a crash, when the holder has left our membership, has been silent for a second, and
    does not answer a dial (``probe``). One flaky link to a leader that still answers never
@@ -44,16 +53,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from .config import CORE_DEFAULTS  # the election options' defaults, declared once in the config schema
+from .identity import peer_id_from_public_key
 from .ledger.policy import LeasePolicy  # noqa: F401 -- re-exported: the leader bucket's policy
 
 if TYPE_CHECKING:
     from .events import LedgerUpdate
+    from .identity import Identity
     from .membership import Membership
 
 log = logging.getLogger(__name__)
@@ -66,6 +81,51 @@ DEPARTURE_GRACE = 1.0
 # Seconds a starting node waits before claiming a lease nobody holds: time for discovery and the
 # first sync to show it a sitting leader.
 STARTUP_GRACE = 3.0
+
+
+# A heartbeat: format version, epoch, the holder's clock version (wall ms, counter), then the
+# holder's raw ed25519 public key and its signature over _HEARTBEAT_DOMAIN + network id + header.
+HEARTBEAT_VERSION = 1
+_HEARTBEAT = struct.Struct(">BQQI")
+_HEARTBEAT_DOMAIN = b"kairos/lease-heartbeat/1\0"
+HEARTBEAT_SIZE = _HEARTBEAT.size + 32 + 64
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A renewal of ``peer``'s lease of ``epoch``, signed by ``peer``; ``version`` orders them."""
+
+    peer: str
+    epoch: int
+    version: tuple[int, int]
+
+
+def _heartbeat_signed_bytes(network_id: str, header: bytes) -> bytes:
+    return _HEARTBEAT_DOMAIN + network_id.encode() + b"\0" + header
+
+
+def encode_heartbeat(identity: Identity, network_id: str, epoch: int, version: tuple[int, int]) -> bytes:
+    """A heartbeat of ``identity``'s lease of ``epoch``, bound to ``network_id`` by its signature."""
+    header = _HEARTBEAT.pack(HEARTBEAT_VERSION, epoch, version[0], version[1])
+    return header + identity.public_bytes + identity.sign(_heartbeat_signed_bytes(network_id, header))
+
+
+def decode_heartbeat(network_id: str, data: bytes) -> Heartbeat | None:
+    """The heartbeat in ``data`` if it is well formed and its signature holds, else None.
+
+    Pure cryptography, no state: safe to call from the p2p thread's gossip validator.
+    """
+    if len(data) != HEARTBEAT_SIZE:
+        return None
+    header, public, signature = data[: _HEARTBEAT.size], data[_HEARTBEAT.size : -64], data[-64:]
+    format_version, epoch, wall_ms, counter = _HEARTBEAT.unpack(header)
+    if format_version != HEARTBEAT_VERSION or not 1 <= epoch <= MAX_EPOCH:
+        return None
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, _heartbeat_signed_bytes(network_id, header))
+    except (ValueError, InvalidSignature):
+        return None
+    return Heartbeat(peer_id_from_public_key(public), epoch, (wall_ms, counter))
 
 
 @dataclass(frozen=True)
@@ -140,6 +200,7 @@ class Election:
         eligible: Callable[[], bool] = lambda: True,
         require_majority: bool = CORE_DEFAULTS["election"]["require_majority"],
         quorum_horizon: float = CORE_DEFAULTS["election"]["quorum_horizon"],
+        heartbeat: Callable[[int], Awaitable[None]] | None = None,
         settle: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -160,6 +221,14 @@ class Election:
         self.monotonic = monotonic
         self.wall = wall
         self._announce = announce
+        # heartbeat(epoch) publishes a signed renewal of our lease of epoch (see the module doc)
+        self._heartbeat = heartbeat
+        self._beating: asyncio.Task | None = None  # the heartbeat being published, if any
+        self._last_beat: Heartbeat | None = None  # the newest heartbeat accepted
+        #: who may send the heartbeats that count now (the holder of the current confirmed lease),
+        #: as of the last round: read by the p2p thread's gossip validator, so only ever replaced
+        self.heartbeat_signer: str | None = None
+        self.counters: dict[str, int] = {"heartbeats_accepted": 0, "heartbeats_ignored": 0}
         self._started = self._last_renewal_seen = monotonic()
         # A restarted holder finds its lease in the ledger: it may renew it for one more lease.
         self._last_own_renewal = monotonic()
@@ -243,6 +312,30 @@ class Election:
             if lease.held:
                 self._maybe_announce(lease)
 
+    def observe_heartbeat(self, beat: Heartbeat) -> bool:
+        """Feed every heartbeat received here (signature checked by :func:`decode_heartbeat`).
+
+        It renews the lease only when it is the current confirmed lease's holder's, of that
+        epoch, and newer than the last one accepted: a replayed, stale, foreign or old-epoch
+        heartbeat keeps no lease alive. Returns whether it counted.
+        """
+        current = self.current()
+        last = self._last_beat
+        if (
+            current is None
+            or not current.held
+            or beat.peer != current.peer
+            or beat.epoch != current.epoch
+            or beat.peer == self.peer_id
+            or (last is not None and (last.peer, last.epoch) == (beat.peer, beat.epoch) and beat.version <= last.version)
+        ):
+            self.counters["heartbeats_ignored"] += 1
+            return False
+        self._last_beat = beat
+        self._last_renewal_seen = self.monotonic()
+        self.counters["heartbeats_accepted"] += 1
+        return True
+
     # --- the loop ----------------------------------------------------------------------------
     def start(self) -> None:
         """Run the protocol in the background."""
@@ -252,10 +345,11 @@ class Election:
 
     async def stop(self) -> None:
         """Stop; a held lease simply lapses on the other nodes."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for task in (self._task, self._beating):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._task = self._beating = None
 
     async def _run(self) -> None:
         while True:
@@ -270,13 +364,16 @@ class Election:
     async def step(self) -> None:
         """One round: renew, or detect a lapse and claim."""
         current = self.current()
+        self.heartbeat_signer = current.peer if current is not None and current.held else None
         if current is not None and current.peer == self.peer_id and current.held and not self._lapsed(current):
             if not self._quorum(holding=True):
                 if not self._stepping_down:
                     self._stepping_down = True
                     log.warning("lost the majority: stepping down from epoch %d", current.epoch)
-            elif self.monotonic() - self._last_own_renewal >= self.renew_interval or self._stepping_down:
-                self._renew(current.epoch)
+            elif self._stepping_down:
+                self._renew(current.epoch)  # resuming: the entry tells nodes that may have seen a lapse
+            elif self.monotonic() - self._last_own_renewal >= self.renew_interval:
+                self._renew(current.epoch, beat=True)
             return
         if current is not None and not self._lapsed(current) and not await self._departed(current):
             return
@@ -316,10 +413,25 @@ class Election:
         }  # informative: others use their own clock
         self.ledger.set(LEADER_BUCKET, key, value)
 
-    def _renew(self, epoch: int) -> None:
-        self._write(epoch, "held")
+    def _renew(self, epoch: int, beat: bool = False) -> None:
+        """Renew our confirmed lease: a heartbeat when ``beat`` and we have a publisher, else the entry."""
+        if beat and self._heartbeat is not None:
+            if self._beating is not None and not self._beating.done():
+                return  # the last one is still going out (a stuck host): no pile-up; retried next round
+            self._beating = asyncio.get_running_loop().create_task(self._beat(epoch), name="lease-heartbeat")
+        else:
+            self._write(epoch, "held")
         self._last_own_renewal = self.monotonic()
         self._stepping_down = False
+
+    async def _beat(self, epoch: int) -> None:
+        assert self._heartbeat is not None
+        try:
+            await self._heartbeat(epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # gossip is best effort; the next renewal is a round away
+            log.debug("lease heartbeat not sent: %r", exc)
 
     def _lapsed(self, lease: Lease) -> bool:
         if lease.peer == self.peer_id:

@@ -27,7 +27,7 @@ from .connections import ConnectionManager
 from .dial_manager import DialManager
 from .dialer import Dialer
 from .doctor import ClockOffsets, PeerSample
-from .election import Election, winner
+from .election import Election, decode_heartbeat, encode_heartbeat, winner
 from .errors import KairosError
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
@@ -40,7 +40,7 @@ from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin
 from .replication import Replicator
 from .revocation import REVOKED_BUCKET, Revocations
 from .rotation import ROTATION_BUCKET, Rotator, box_public, schedule_at_start
-from .seal import Sealer
+from .seal import SealError, Sealer
 from .statedir import secure_state_dir
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,11 @@ NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 RTT_FIRST_DELAY = 3.0
 RTT_REWRITE_CHANGE = 0.2
 RTT_JITTER_MS = 2
+# Lease heartbeats go on the ledger topic plus this suffix (sealed under the same keys).
+HEARTBEAT_TOPIC_SUFFIX = "/lease"
+# The gossip validator refuses a signer's heartbeats that come closer together than this share of
+# the renewal interval (a leader sends one every lease_seconds / 3): a flood is not forwarded.
+HEARTBEAT_MIN_SPACING = 0.5
 
 
 def _rtt_ms(seconds: float) -> int:
@@ -218,6 +223,12 @@ class Node:
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
         self.replicator = Replicator(self.ledger, self.host, sealer, sync_interval=self.config.section("ledger").sync_interval)
         self.replicator.start()
+        self._heartbeat_sealer = Sealer(
+            self.schedule, f"{sealer.topic.decode()}{HEARTBEAT_TOPIC_SUFFIX}", self.token.max_message_size
+        )
+        self.host.subscribe(
+            self._heartbeat_sealer.topic.decode(), self._on_heartbeat, validate=self._heartbeat_check(self._heartbeat_sealer)
+        )
 
         membership = self.config.section("membership")
         self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=membership.peer_ttl)
@@ -250,6 +261,7 @@ class Node:
             require_majority=election.require_majority,
             quorum_horizon=election.quorum_horizon,
             probe=self._probe,
+            heartbeat=self._publish_heartbeat,
         )
         self.election.start()
         if self.config["api"]["enable"]:
@@ -522,6 +534,8 @@ class Node:
             counters.update({f"p2p_{k}": v for k, v in getattr(self.host, "counters", {}).items()})
         if self.dialer:
             counters.update({f"p2p_{k}": v for k, v in self.dialer.counters.items()})
+        if self.election:
+            counters.update({f"election_{k}": v for k, v in self.election.counters.items()})
         if self.ledger:
             counters["ledger_rejected_revoked"] = self.ledger.policies.refused_revoked
         return {
@@ -715,6 +729,56 @@ class Node:
     async def _discovered(self, peer_id: str, addrs: list[str]) -> None:
         if self._running and self.dialer and not self.revocations.is_revoked(peer_id):
             self.dialer.discovered(peer_id, addrs)
+
+    # --- lease heartbeats (kairos_core.election: renewals that are gossiped, not stored) -----------
+    async def _publish_heartbeat(self, epoch: int) -> None:
+        version = self.ledger.clock.tick()
+        beat = encode_heartbeat(self.identity, self.network_id, epoch, (version[0], version[1]))
+        await self.host.publish(self._heartbeat_sealer.topic.decode(), self._heartbeat_sealer.seal(beat))
+        self.counters["heartbeats_sent"] += 1
+
+    def _heartbeat_check(self, sealer: Sealer) -> Callable[[bytes], bool]:
+        """The gossip validator of the heartbeat topic (runs on the p2p thread, for each message).
+
+        Forwarded only: a sealed, well-signed heartbeat of the peer this node takes for the
+        current leader, at most one per half renewal interval per signer. So a member cannot make
+        the whole network carry heartbeats of identities it made up, nor of itself at a high rate;
+        what it is refused counts against the forwarder's gossip score. A new leader's first
+        heartbeat, reaching a node that has not yet seen its confirmed lease, is refused there —
+        the lease entry itself renews the lease.
+        """
+        opener = Sealer(sealer.schedule, sealer.topic.decode(), sealer.max_frame_size)  # this thread's own
+        last_accepted: dict[str, float] = {}
+
+        def check(frame: bytes) -> bool:
+            try:
+                beat = decode_heartbeat(self.network_id, opener.open(frame, check_replay=False))
+            except SealError:
+                return False
+            election = self.election
+            if beat is None or election is None or beat.peer != election.heartbeat_signer:
+                return False
+            now, spacing = time.monotonic(), HEARTBEAT_MIN_SPACING * election.renew_interval
+            if now - last_accepted.get(beat.peer, -spacing) < spacing:
+                return False
+            if len(last_accepted) > 16:
+                last_accepted.clear()  # signers change only with leaders: never more than a few
+            last_accepted[beat.peer] = now
+            return True
+
+        return check
+
+    async def _on_heartbeat(self, origin: str, frame: bytes) -> None:
+        try:
+            beat = decode_heartbeat(self.network_id, self._heartbeat_sealer.open(frame))
+        except SealError as exc:
+            self.counters[f"heartbeats_dropped_{exc.reason}"] += 1
+            return
+        if beat is None:
+            self.counters["heartbeats_dropped_invalid"] += 1
+            return
+        if self.election is not None:
+            self.election.observe_heartbeat(beat)
 
     async def _probe(self, peer_id: str) -> bool:
         """Whether ``peer_id`` answers a dial at its advertised addresses within a second."""

@@ -1,7 +1,9 @@
 """Leader election on real ledgers (sqlite files), with gossip and partitions simulated by hand.
 
 The network is replaced by explicit ``replicate(group)`` calls, and time by a controllable clock,
-so every interleaving here is deterministic. Elections between real nodes are in test_node.py.
+so every interleaving here is deterministic. With ``beats=True`` renewals are heartbeats (signed,
+encoded and decoded for real) that ``replicate`` hands to the group instead of ledger rewrites, as
+a running node does. Elections between real nodes are in test_node.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from kairos_core.election import LEADER_BUCKET, Election, LeasePolicy, candidate_rank, lease_key, parse_lease
+import pytest
+
+from kairos_core.election import (
+    LEADER_BUCKET,
+    Election,
+    LeasePolicy,
+    candidate_rank,
+    decode_heartbeat,
+    encode_heartbeat,
+    lease_key,
+    parse_lease,
+)
 from kairos_core.identity import Identity
 from kairos_core.ledger import Ledger, LedgerStore, PolicyRegistry
 from kairos_core.membership import Membership
@@ -24,7 +37,7 @@ class Clock:
 
 
 class SimNode:
-    def __init__(self, tmp_path, clock: Clock, lease: float = 3.0, eligible: bool = True) -> None:
+    def __init__(self, tmp_path, clock: Clock, lease: float = 3.0, eligible: bool = True, beats: bool = False) -> None:
         self.identity = Identity.generate()
         self.peer_id = self.identity.peer_id
         self.ledger = Ledger(
@@ -32,6 +45,7 @@ class SimNode:
         )
         self.membership = Membership(self.peer_id, self._noop, clock=clock)
         self.announced: list[tuple[str, int]] = []
+        self.outbox: list[bytes] = []  # heartbeats published, not yet delivered
         self.election = Election(
             self.peer_id,
             self.ledger,
@@ -41,8 +55,17 @@ class SimNode:
             settle=0,
             monotonic=clock,
             eligible=lambda: eligible,
+            heartbeat=self._beat if beats else None,
         )
         self.ledger.add_listener(self.election.observe)
+
+    async def _beat(self, epoch: int) -> None:
+        version = self.ledger.clock.tick()
+        self.outbox.append(encode_heartbeat(self.identity, "kairos", epoch, (version[0], version[1])))
+
+    def lease_versions(self) -> dict[str, tuple]:
+        """Every lease entry's version in this node's ledger: what renewals that rewrite it move."""
+        return {key: tuple(self.ledger.get_entry(LEADER_BUCKET, key).version) for key in self.ledger.items(LEADER_BUCKET)}
 
     async def _noop(self, event) -> None:
         pass
@@ -52,16 +75,17 @@ class SimNode:
 
 
 class Sim:
-    def __init__(self, tmp_path, count: int, lease: float = 3.0) -> None:
+    def __init__(self, tmp_path, count: int, lease: float = 3.0, beats: bool = False) -> None:
         self.clock = Clock()
         self.tmp_path = tmp_path
         self.lease = lease
-        self.nodes = [SimNode(tmp_path, self.clock, lease) for _ in range(count)]
+        self.beats = beats
+        self.nodes = [SimNode(tmp_path, self.clock, lease, beats=beats) for _ in range(count)]
         self.groups = [list(self.nodes)]
         self.connect()
 
     def add(self, **kwargs) -> SimNode:
-        node = SimNode(self.tmp_path, self.clock, self.lease, **kwargs)
+        node = SimNode(self.tmp_path, self.clock, self.lease, beats=self.beats, **kwargs)
         self.nodes.append(node)
         self.groups[0].append(node)
         self.connect()
@@ -84,6 +108,11 @@ class Sim:
         for group in self.groups:
             for a, b in itertools.permutations(group, 2):
                 b.ledger.apply_remote(list(a.ledger.entries()))
+            for a, b in itertools.permutations(group, 2):
+                for frame in a.outbox:
+                    b.election.observe_heartbeat(decode_heartbeat("kairos", frame))
+        for node in self.nodes:
+            node.outbox.clear()  # gossip across a partition is lost, not delayed
 
     async def rounds(self, count: int, advance: float | None = None) -> None:
         for _ in range(count):
@@ -92,6 +121,7 @@ class Sim:
                 node.membership.expire()
             for node in [n for g in self.groups for n in g]:
                 await node.election.step()
+            await asyncio.sleep(0)  # heartbeats being published go out
             self.replicate()
             await asyncio.sleep(0)  # let announcement tasks run
 
@@ -109,8 +139,9 @@ async def test_one_leader_is_elected_and_announced_once_everywhere(tmp_path):
     assert sum(n.election.is_leader for n in sim.nodes) == 1
 
 
-async def test_steady_state_and_joining_nodes_cause_no_leader_change(tmp_path):
-    sim = Sim(tmp_path, 3)
+@pytest.mark.parametrize("beats", [False, True], ids=["ledger-renewals", "heartbeats"])
+async def test_steady_state_and_joining_nodes_cause_no_leader_change(tmp_path, beats):
+    sim = Sim(tmp_path, 3, beats=beats)
     await sim.rounds(8)
     (leader,) = sim.leaders()
     for _ in range(3):  # new nodes arrive, some ranked above the sitting leader
@@ -121,8 +152,9 @@ async def test_steady_state_and_joining_nodes_cause_no_leader_change(tmp_path):
     assert all(n.announced == [leader] for n in sim.nodes)
 
 
-async def test_fail_over_after_the_leader_dies(tmp_path):
-    sim = Sim(tmp_path, 5)
+@pytest.mark.parametrize("beats", [False, True], ids=["ledger-renewals", "heartbeats"])
+async def test_fail_over_after_the_leader_dies(tmp_path, beats):
+    sim = Sim(tmp_path, 5, beats=beats)
     await sim.rounds(8)
     ((old, epoch),) = sim.leaders()
     dead = next(n for n in sim.nodes if n.peer_id == old)
@@ -137,8 +169,9 @@ async def test_fail_over_after_the_leader_dies(tmp_path):
     assert all(n.announced[-1] == (new, new_epoch) for n in survivors)
 
 
-async def test_minority_side_of_a_partition_never_leads_and_heal_converges(tmp_path):
-    sim = Sim(tmp_path, 5)
+@pytest.mark.parametrize("beats", [False, True], ids=["ledger-renewals", "heartbeats"])
+async def test_minority_side_of_a_partition_never_leads_and_heal_converges(tmp_path, beats):
+    sim = Sim(tmp_path, 5, beats=beats)
     await sim.rounds(8)
     ((old, epoch),) = sim.leaders()
     leader = next(n for n in sim.nodes if n.peer_id == old)
@@ -280,3 +313,48 @@ async def test_a_leader_that_loses_direct_links_keeps_leading_once_the_peers_spe
         _vouch(leader, node, [n for n in sim.nodes if n not in (leader, node)])
     await leader.election.step()
     assert leader.election.leader == (old, epoch) and leader.election.is_leader
+
+
+async def test_heartbeats_keep_the_lease_without_rewriting_it(tmp_path):
+    sim = Sim(tmp_path, 5, beats=True)
+    await sim.rounds(8)
+    ((leader, epoch),) = sim.leaders()
+    stored = [n.lease_versions() for n in sim.nodes]
+    for _ in range(10):  # ten leases long: followers would see the lease lapse without heartbeats
+        await sim.rounds(3)
+        assert sim.leaders() == {(leader, epoch)}
+    assert [n.lease_versions() for n in sim.nodes] == stored  # renewed, and never rewritten
+    followers = [n for n in sim.nodes if n.peer_id != leader]
+    assert all(n.election.counters["heartbeats_accepted"] >= 25 for n in followers)
+    assert all(n.announced == [(leader, epoch)] for n in sim.nodes)
+
+
+async def test_a_hung_leader_s_lease_lapses_whatever_heartbeats_others_send(tmp_path):
+    """A leader whose process hangs keeps its connections (the kernel answers keepalives), so only
+    the lapse of its lease tells the others: replays of its last heartbeat, heartbeats of its epoch
+    signed by another member, of another epoch, or with a broken signature renew nothing."""
+    sim = Sim(tmp_path, 5, beats=True)
+    await sim.rounds(8)
+    ((old, epoch),) = sim.leaders()
+    hung = next(n for n in sim.nodes if n.peer_id == old)
+    others = [n for n in sim.nodes if n is not hung]
+    sim.clock.now += sim.lease / 3
+    await hung.election.step()
+    await asyncio.sleep(0)
+    (last,) = hung.outbox
+    hung.outbox.clear()
+    forged = encode_heartbeat(others[0].identity, "kairos", epoch, (2**40, 0))
+    other_epoch = encode_heartbeat(hung.identity, "kairos", epoch + 1, (2**40, 1))
+    broken = bytearray(encode_heartbeat(hung.identity, "kairos", epoch, (2**40, 2)))
+    broken[-1] ^= 1
+    assert decode_heartbeat("kairos", bytes(broken)) is None
+    assert decode_heartbeat("another-network", last) is None  # bound to its network
+    assert all(n.election.observe_heartbeat(decode_heartbeat("kairos", last)) for n in others)  # once
+    sim.groups = [others]  # the hung leader takes no more steps; everyone stays connected to it
+    for _ in range(4):  # a lease and a third
+        for node in others:
+            for frame in (last, forged, other_epoch):
+                assert not node.election.observe_heartbeat(decode_heartbeat("kairos", frame))
+        await sim.rounds(1)
+    assert sim.leaders(others) == {None}
+    assert all(hung.peer_id in n.membership.alive() for n in others)  # only the lapse said so

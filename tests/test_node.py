@@ -293,3 +293,28 @@ async def test_an_admission_that_races_shutdown_is_ignored(kairos_network):
     await a.stop()
     await a._peer_admitted(b.peer_id)  # the asyncio side of an admission that arrives late
     assert a.host is None
+
+
+async def test_the_lease_is_renewed_by_heartbeats_not_ledger_rewrites(kairos_network):
+    """Real hosts: a 2 s lease stays with its leader for five leases on every node, while nobody
+    rewrites its ledger entry — the renewals are the signed heartbeats on their own topic."""
+    net = await kairos_network(0)
+    for _ in range(3):
+        await net.add_node(overrides={"election": {"lease_seconds": 2.0}})
+    await net.fully_connected()
+    await net.wait_for(lambda: all(n.leader for n in net.nodes) and len({n.leader for n in net.nodes}) == 1, timeout=20)
+    (leader,) = {n.leader for n in net.nodes}
+    await asyncio.sleep(1.0)  # the confirmed entry has reached everyone
+
+    def lease_versions(node):
+        return {key: tuple(node.ledger.get_entry("leader", key).version) for key in node.ledger.items("leader")}
+
+    stored = [lease_versions(n) for n in net.nodes]
+    for _ in range(20):  # 10 s: five leases
+        await asyncio.sleep(0.5)
+        assert {n.leader for n in net.nodes} == {leader}
+    assert [lease_versions(n) for n in net.nodes] == stored
+    followers = [n for n in net.nodes if n.peer_id != leader[0]]
+    sent = next(n for n in net.nodes if n.peer_id == leader[0]).status()["counters"]["heartbeats_sent"]
+    accepted = [n.status()["counters"]["election_heartbeats_accepted"] for n in followers]
+    assert sent >= 8 and all(count >= sent - 3 for count in accepted), (sent, accepted)
