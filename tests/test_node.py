@@ -51,7 +51,8 @@ async def test_nodes_join_replicate_and_elect(kairos_network):
         await net.add_node(plugins=[recorder])
     a, b, c = net.nodes
     await net.fully_connected()
-    assert {kind for r in recorders for kind, _ in r.peers} == {"joined"}
+    # joined, never left; "updated" may come too (an entry rewritten once its reachability is known)
+    assert {kind for r in recorders for kind, _ in r.peers} - {"updated"} == {"joined"}
     assert {peer for kind, peer in recorders[0].peers} == {b.peer_id, c.peer_id}
 
     a.ledger.set("apps", "web", {"replicas": 3})
