@@ -176,8 +176,10 @@ class Runtime:
         if not self.settings.enable:
             return
         listen = parse_hostport(self.settings.listen)
-        if self.settings.configure_resolver:
-            self._restore_resolver()  # a crash left ours in place: the upstreams are in the backup
+        # A crash left ours in place: the upstreams are in the backup. Restored whether or not
+        # configure_resolver is still on (turned off after a crash, the host would keep pointing
+        # at a server that no longer runs).
+        self._restore_resolver()
         upstreams = (
             [parse_hostport(item) for item in self.settings.forward]
             if self.settings.forward
@@ -236,6 +238,12 @@ class Runtime:
         if ipaddress.ip_address(ip).is_unspecified:
             ip = "::1" if ":" in ip else "127.0.0.1"
         try:
+            if self._backup.exists():
+                # an earlier restore failed: the file now is ours, the backup the user's; never
+                # overwrite the only copy of their file with ours
+                log.error("dns: %s still holds the file as it was before kairos; not pointing %s again", self._backup, path)
+                self.node.set_state("dns", f"{path} not restored from {self._backup}: restore it by hand")
+                return
             before = path.read_text() if path.exists() else ""
             self._backup.write_text(before)
             kept = [line for line in before.splitlines() if line.split()[:1] != ["nameserver"]]
