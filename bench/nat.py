@@ -5,17 +5,19 @@ Each run builds a :class:`kairos_testing.netlab.NatLab` — a public node P and 
 its own router of the kind (``none``: A and B public too) — starts real ``kairos run`` nodes with the
 tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and prints one JSON line:
 
-- ``path``: how A sends to B once a ping between their VIPs gets through (``udp`` or ``stream``)
-  and ``relayed``: whether A's libp2p connection to B runs through P's relay;
+- ``path``: how A sends to B once a ping between their VIPs gets through (``direct``,
+  ``punched``, ``relay via <P>`` — P forwarding their sealed datagrams, :mod:`kairos_plugin_tunvpn.relaydgram`
+  — or ``stream``) and ``relayed``: whether A's libp2p connection to B runs through P's relay;
 - ``time_to_path_s``: from starting A and B until that first ping got through (VPN sessions,
   relay reservations and admission included);
 - ``rtt_ms``: ping A→B VIP, 20 pings 0.2 s apart (min/avg/max);
 - ``iperf3_mbit_s``: iperf3 TCP A→B between the VIPs for ``--seconds``, one stream;
-- ``relay_cpu_share``: P's CPU seconds per second of the iperf3 run (what relaying costs it);
+- ``relay_cpu_share``: P's CPU seconds per second of the iperf3 run (what relaying costs it: its
+  data plane forwards the pair's datagrams when the path is ``relay via P``);
 - ``path_switches``: A's ``vpn_path_switches`` during the measuring (0 = no flapping).
 
-Hole punching is not implemented yet, so between NATed nodes the path is the libp2p stream through
-the relay. Processes sharing the machine's 2 cores: the three nodes, ping/iperf3, and whatever else
+Through symmetric NATs no UDP crosses between A and B, so their path is ``relay via P`` (the
+libp2p stream only while the relay is being set up). Processes sharing the machine's 2 cores: the three nodes, ping/iperf3, and whatever else
 runs (other sessions' tests): figures are noisy, compare only within one run.
 """
 

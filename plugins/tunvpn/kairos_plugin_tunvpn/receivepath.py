@@ -324,10 +324,11 @@ class ReceivePath(PeerTable):
         window.update(counter)
         receive.confirm(epoch)
         peer.heard = time.monotonic()
-        if address is not None and address == peer.relayed_from:
-            peer.relay_heard = peer.heard
-        elif address is not None:
-            peer.udp_heard = peer.heard
+        if address is not None:
+            if address == peer.relayed_from:
+                peer.relay_heard = peer.heard
+            else:
+                peer.udp_heard = peer.heard
             if address != peer.source:
                 peer.source = address  # roaming: the session follows its authentic datagrams
                 counters.roams += 1

@@ -25,8 +25,10 @@ session to R's address the way it follows any roaming peer (an authentic datagra
 3. R installs both routes and answers A ``{"op": "ok"}`` (or ``{"op": "refused", "reason": …}``
    at any step). Each end then points the other's datagrams at R.
 
-**Limits** are ``p2p.relay``'s, per admitted peer: at most ``max_circuits`` sessions through R
-as either end, each ended after ``max_bytes`` bytes (both ways) or ``max_duration`` seconds. A
+**Limits**, per admitted peer: at most ``p2p.relay.max_circuits`` sessions through R as either
+end, each ended after ``p2p.relay.max_duration`` seconds or ``vpn.relay_max_bytes`` bytes (both
+ways; ``p2p.relay.max_bytes`` is sized for libp2p connections and would end a VPN session at
+full speed within seconds). A
 session ends too when either peer leaves R's VPN (its session with R goes) or moves to an
 address its relay route does not follow. Every refusal and ending is counted
 (``vpn_relay_refused_*``, ``vpn_relay_ended_*``); the ends notice a dead relay by its silence

@@ -175,6 +175,16 @@ SECTION = Section(
         "both reach A); off = never.",
         choices=RELAY_MODES,
     ),
+    Option(
+        "relay_max_bytes",
+        int,
+        64 << 30,
+        "Bytes (both ways) one relayed VPN session may carry through this node before it ends (the pair falls "
+        "back to the stream and may ask again later). p2p.relay's max_circuits and max_duration limit "
+        "relayed VPN sessions per peer too; its max_bytes, meant for libp2p connections, would end a VPN "
+        "session at full speed in seconds.",
+        minimum=1 << 20,
+    ),
     ENV,
     help="The VPN between the nodes (tunvpn): a TUN device, a VIP per node, direct UDP or the libp2p stream.",
     aliases=("p2p.vpn",),
@@ -212,6 +222,7 @@ class VPNSettings:
     udp_timeout: float
     claim_ttl: float = DEFAULTS["claim_ttl"]
     relay: str = DEFAULTS["relay"]
+    relay_max_bytes: int = DEFAULTS["relay_max_bytes"]
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> "VPNSettings":
@@ -270,6 +281,7 @@ class VPNSettings:
             given.udp_timeout,
             given.claim_ttl,
             given.relay,
+            given.relay_max_bytes,
         )
 
 
@@ -414,7 +426,8 @@ class VPN:
         relay_section = relay_section if hasattr(relay_section, "get") else {}
         self._relay_enabled = bool(relay_section.get("enable", True))
         #: the sessions this node relays for pairs of its peers (:mod:`.relaydgram`)
-        self.relay_table = RelayTable(RelayLimits.from_config(relay_section), self.counters)
+        limits = replace(RelayLimits.from_config(relay_section), max_bytes=settings.relay_max_bytes)
+        self.relay_table = RelayTable(limits, self.counters)
         self.add_path_source(_RelayedPaths(self))
 
     # ----- lifecycle ------------------------------------------------------------------------------
