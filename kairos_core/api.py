@@ -401,10 +401,16 @@ class APIServer:
             if not dashboard.token_matches(expected, offered):
                 return _error(401, "wrong dashboard token (kairos dashboard --url prints the right one)")
             return _Reply(
-                {"login": "ok"}, 303, headers=[("location", url.path or "/"), ("set-cookie", dashboard.login_cookie(expected))]
+                {"login": "ok"},
+                303,
+                headers=[("location", url.path or "/"), ("set-cookie", dashboard.login_cookie(expected, self._http_port()))],
             )
         bearer = dashboard.bearer_token(headers.get("authorization"))
-        if not dashboard.token_matches(expected, bearer or dashboard.cookie_token(headers.get("cookie"))):
+        if not (
+            dashboard.token_matches(expected, bearer)
+            if bearer is not None
+            else dashboard.session_valid(expected, self._http_port(), headers.get("cookie"))
+        ):
             return _error(401, "login needed: open the URL `kairos dashboard --url` prints")
         path = "/".join(parts)
         readable = (
@@ -426,6 +432,10 @@ class APIServer:
                 return _error(403, f"a write from the browser needs the {dashboard.WRITE_HEADER} header")
             return None
         return _error(403, f"{method} /{path} is not served over api.http_listen (use the unix socket)")
+
+    def _http_port(self) -> int:
+        address = self.http_address
+        return address[1] if address else 0
 
     def _plugin_route(self, method: str, name: str, rest: list[str], body: bytes) -> _Reply:
         """``/api/plugins/<name>/…``: the handler a plugin named in ``kairos_api_routes``."""

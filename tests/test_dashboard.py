@@ -87,7 +87,7 @@ async def test_the_tcp_listener_needs_the_token(kairos_network):
         # a wrong token, in each of the three places it may come
         assert (await client.get("/", params={"token": wrong})).status_code == 401
         assert (await client.get("/api/status", headers={"authorization": f"Bearer {wrong}"})).status_code == 401
-        assert (await client.get("/api/status", headers={"cookie": f"{dashboard.COOKIE}={wrong}"})).status_code == 401
+        assert (await client.get("/api/status", headers={"cookie": f"{dashboard.cookie_name(port)}={wrong}"})).status_code == 401
         assert (await client.get("/api/status", headers={"cookie": 'garbage="\\'})).status_code == 401
         # the right one
         status = await client.get("/api/status", headers={"authorization": f"Bearer {token}"})
@@ -100,6 +100,8 @@ async def test_the_tcp_listener_needs_the_token(kairos_network):
         assert login.status_code == 303 and login.headers["location"] == "/"
         cookie = login.headers["set-cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        # the cookie is a session of this port, never the token (browsers send it to every port)
+        assert token not in cookie and cookie.startswith(dashboard.cookie_name(port) + "=")
         page = await browser.get("/")
         assert page.status_code == 200 and b"/dashboard/app.js" in page.content
         assert (await browser.get("/api/peers")).status_code == 200
@@ -199,3 +201,17 @@ def test_parse_http_listen():
     for bad in ("host:", "h:99999", "nothing"):
         with pytest.raises(KairosError, match="api.http_listen"):
             dashboard.parse_http_listen(bad)
+
+
+def test_a_session_cookie_is_good_for_its_port_and_its_time_only():
+    token, port, now = "t" * 43, 8123, 1_800_000_000.0
+    value = dashboard.session_cookie(token, port, now=now)
+    header = f"{dashboard.cookie_name(port)}={value}"
+    assert dashboard.session_valid(token, port, header, now=now + 60)
+    assert not dashboard.session_valid(token, port, header, now=now + dashboard.SESSION_SECONDS + 1)  # expired
+    assert not dashboard.session_valid(token, 8124, header, now=now)  # another listener's
+    assert not dashboard.session_valid(token, 8124, f"{dashboard.cookie_name(8124)}={value}", now=now)
+    assert not dashboard.session_valid("u" * 43, port, header, now=now)  # the token file was replaced
+    expires = value.split(".")[0]
+    for forged in (token, f"{int(expires) + 3600}.{value.split('.')[1]}", "garbage", "", "1.2.3"):
+        assert not dashboard.session_valid(token, port, f"{dashboard.cookie_name(port)}={forged}", now=now), forged

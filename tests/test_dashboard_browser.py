@@ -229,7 +229,7 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
         )
     )
     assert "?token" not in browser.current_url  # the redirect took the token out of the address bar
-    assert browser.get_cookie("kairos_dashboard")["httpOnly"] is True
+    assert browser.get_cookie(f"kairos_dashboard_{http_port}")["httpOnly"] is True
     browser.execute_script("window.__loadedOnce = true")  # gone if the page ever reloads
 
     wait.until(lambda d: text(d, "#summary-members") == ["3"])

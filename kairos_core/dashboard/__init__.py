@@ -5,8 +5,14 @@ It is served at ``/`` of the local API (the unix socket: no login, the socket is
 ``api.http_listen`` is set, over TCP (:class:`~kairos_core.api.APIServer` does both). Over TCP
 every request needs the node's dashboard token (:func:`load_token`, ``dashboard.token`` in the
 state dir, mode 0600), compared in constant time: as ``?token=`` once — answered with a redirect
-that sets it as an HttpOnly, SameSite=Strict cookie — then as that cookie, or as an
-``Authorization: Bearer`` header (scripts). ``kairos dashboard --url`` prints the URL with it.
+that sets a session cookie — then as that cookie, or as an ``Authorization: Bearer`` header
+(scripts). ``kairos dashboard --url`` prints the URL with it.
+
+The cookie never holds the token: browsers send a host's cookies to every port of it (RFC 6265
+§8.5), so another local web server would receive it. It holds an expiry and an HMAC of the port
+and that expiry under the token (:func:`session_cookie`): valid on this listener only, for
+:data:`SESSION_SECONDS`, and void once the token file is replaced. Its name carries the port, so
+two nodes on one host do not overwrite each other's login.
 
 Nothing here inserts data into HTML: the JSON routes escape nothing, and the app puts every
 string peers wrote (hostnames, ledger values) into the page as text (``textContent``). The
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import time
 from contextlib import suppress
 from http.cookies import CookieError, SimpleCookie
 from importlib import resources
@@ -87,8 +94,8 @@ def token_matches(expected: str, offered: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), offered.encode("utf-8", "replace"))
 
 
-def cookie_token(cookie_header: str | None) -> str | None:
-    """The dashboard token from a ``Cookie:`` header, if it holds one."""
+def cookie_value(cookie_header: str | None, name: str) -> str | None:
+    """The value of cookie ``name`` in a ``Cookie:`` header, if it holds one."""
     if not cookie_header:
         return None
     jar = SimpleCookie()
@@ -96,7 +103,7 @@ def cookie_token(cookie_header: str | None) -> str | None:
         jar.load(cookie_header)
     except CookieError:
         return None
-    morsel = jar.get(COOKIE)
+    morsel = jar.get(name)
     return morsel.value if morsel is not None else None
 
 
@@ -108,9 +115,39 @@ def bearer_token(authorization: str | None) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else None
 
 
-def login_cookie(token: str) -> str:
-    """The ``Set-Cookie`` value that keeps a browser logged in after ``?token=`` (for the session)."""
-    return f"{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict"
+#: how long a browser login lasts (then ``?token=`` again)
+SESSION_SECONDS = 12 * 3600
+
+
+def cookie_name(port: int) -> str:
+    """The session cookie's name on the listener at ``port``."""
+    return f"{COOKIE}_{port}"
+
+
+def _session_mac(token: str, port: int, expires: int) -> str:
+    return hmac.new(token.encode(), f"kairos-dashboard-session:{port}:{expires}".encode(), "sha256").hexdigest()
+
+
+def session_cookie(token: str, port: int, now: float | None = None) -> str:
+    """A session value for the listener at ``port``: ``<expiry>.<HMAC>`` (never the token)."""
+    expires = int((time.time() if now is None else now) + SESSION_SECONDS)
+    return f"{expires}.{_session_mac(token, port, expires)}"
+
+
+def session_valid(token: str, port: int, cookie_header: str | None, now: float | None = None) -> bool:
+    """Whether ``cookie_header`` holds a session of this listener that has not expired."""
+    value = cookie_value(cookie_header, cookie_name(port))
+    if not value:
+        return False
+    expires_text, _, mac = value.partition(".")
+    if not expires_text.isdigit() or int(expires_text) < (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(_session_mac(token, port, int(expires_text)).encode(), mac.encode("utf-8", "replace"))
+
+
+def login_cookie(token: str, port: int) -> str:
+    """The ``Set-Cookie`` value that keeps a browser logged in after ``?token=``."""
+    return f"{cookie_name(port)}={session_cookie(token, port)}; Path=/; Max-Age={SESSION_SECONDS}; HttpOnly; SameSite=Strict"
 
 
 def parse_http_listen(text: str) -> tuple[str, int]:
