@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any
 
+from .netlab import Closing, checked, delete_namespace, list_namespaces
+
 SECRET_HEX = "6b6169726f732d74756e76706e2d746573742d7365637265742d3332627974"
 PORT = 5555
 
@@ -32,7 +34,7 @@ def netns_missing() -> str | None:
     return None
 
 
-class NamespacePair:
+class NamespacePair(Closing):
     """Namespaces ``a`` and ``b`` joined by a veth; each side may run one forwarder."""
 
     def __init__(self, prefix: str | None = None, octet: int | None = None) -> None:
@@ -44,17 +46,6 @@ class NamespacePair:
         self.vip = {"a": f"10.{self.octet + 1}.0.1", "b": f"10.{self.octet + 1}.0.2"}
         self.processes: list[subprocess.Popen] = []
         self.forwarders: dict[str, subprocess.Popen] = {}
-
-    def __enter__(self) -> "NamespacePair":
-        try:
-            self.open()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def open(self) -> None:
         """Create both namespaces and the veth between them."""
@@ -80,20 +71,13 @@ class NamespacePair:
         self.processes.clear()
         self.forwarders.clear()
         for ns in self.ns.values():
-            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
-            for pid in pids:
-                try:
-                    os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            if ns in list_namespaces():
+                delete_namespace(ns)
 
     @staticmethod
     def ip(*args: str) -> None:
-        """Run ``ip`` with ``args``; raise with its message on failure."""
-        result = subprocess.run(["ip", *args], capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+        """Run ``ip`` with ``args``; :class:`~.netlab.LabError` (a RuntimeError) with its message on failure."""
+        checked(["ip", *args])
 
     def run(self, side: str, *argv: str, timeout: float = 60.0, check: bool = False) -> subprocess.CompletedProcess:
         """Run a command inside namespace ``side`` and wait for it."""

@@ -122,6 +122,37 @@ class LabError(RuntimeError):
     """A lab command failed (the message carries the command and its stderr)."""
 
 
+class Closing:
+    """Opened on entering ``with`` (:meth:`open`) and closed on leaving it, also when opening
+    fails halfway, so that nothing half-built (namespaces, processes) is left behind. The labs of
+    the kit share it; :meth:`close` must be safe to call on a part-built or closed lab."""
+
+    def open(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def delete_namespace(ns: str) -> None:
+    """Kill every process inside namespace ``ns``, then delete it (a warning when it cannot be)."""
+    _kill_namespace_processes(ns)
+    result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.warning("could not delete namespace %s: %s", ns, result.stderr.strip())
+
+
 class Lab:
     """``nodes`` network namespaces on one bridge; a context manager (``with`` or ``async with``).
 
@@ -224,12 +255,9 @@ class Lab:
         self._delete_firewalls()
         # Nodes first, the bridge last: a veth pair goes with whichever end's namespace dies.
         for ns in reversed(self._created):
-            _kill_namespace_processes(ns)
             if self.bridge_namespace == ns:
                 subprocess.run(["ip", "-n", ns, "link", "del", BRIDGE], capture_output=True)
-            result = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True)
-            if result.returncode != 0:
-                log.warning("could not delete namespace %s: %s", ns, result.stderr.strip())
+            delete_namespace(ns)
         self._created.clear()
 
     def __enter__(self) -> "Lab":
@@ -342,7 +370,7 @@ class Lab:
                     f"add rule inet {NFT_TABLE} input ip saddr {sources} drop\n"
                 )
                 self._firewalled.add(ns)
-                _checked(["ip", "netns", "exec", ns, "nft", "-f", "-"], stdin=script)
+                checked(["ip", "netns", "exec", ns, "nft", "-f", "-"], stdin=script)
 
     def heal(self) -> None:
         """Remove every partition and every inbound drop."""
@@ -358,14 +386,14 @@ class Lab:
             raise LabError(f"lab {self.prefix} is closed")
 
     def _add_namespace(self, ns: str) -> None:
-        _checked(["ip", "netns", "add", ns])
+        checked(["ip", "netns", "add", ns])
         self._created.append(ns)
 
     def _ip(self, ns: str, *args: str) -> None:
-        _checked(["ip", "-n", ns, *args])
+        checked(["ip", "-n", ns, *args])
 
     def _nft(self, script: str) -> None:
-        _checked(["ip", "netns", "exec", self.bridge_namespace, "nft", "-f", "-"], stdin=script)
+        checked(["ip", "netns", "exec", self.bridge_namespace, "nft", "-f", "-"], stdin=script)
 
     def _delete_firewalls(self) -> None:
         for ns in sorted(self._firewalled):
@@ -379,7 +407,8 @@ class Lab:
         )
 
 
-def _checked(argv: list[str], stdin: str | None = None) -> None:
+def checked(argv: list[str], stdin: str | None = None) -> None:
+    """Run ``argv``; :class:`LabError` with the command and its stderr when it fails."""
     result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
     if result.returncode != 0:
         raise LabError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
@@ -514,8 +543,8 @@ class NatLab(Lab):
             self._ip(ns, "addr", "add", f"{self.address(i)}/24", "dev", NODE_IFACE)
             self._ip(ns, "link", "set", NODE_IFACE, "up")
             self._ip(ns, "route", "add", "default", "via", f"192.168.{i}.1")
-            _checked(["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-            _checked(
+            checked(["ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+            checked(
                 ["ip", "netns", "exec", router, "nft", "-f", "-"], stdin=_nat_rules(random_ports=self.kinds[i - 1] == SYMMETRIC)
             )
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .labnodes import LabNetwork, LabNode
-from .netlab import Lab, unique_prefix
+from .netlab import Closing, Lab, unique_prefix
 
 BLOCK_TABLE = "tunvpn_block"
 
@@ -27,7 +27,7 @@ def other_plugins() -> list[str]:
     return sorted({ep.name for ep in entry_points(group="kairos")} - {"tunvpn"})
 
 
-class VPNLab:
+class VPNLab(Closing):
     """N namespaces, each running a kairos node with the VPN.
 
     :param vpn: options of the ``vpn`` section for every node.
@@ -40,17 +40,6 @@ class VPNLab:
         self.lab = Lab(unique_prefix(prefix), nodes)
         self.network: LabNetwork | None = None
         self.peer_ids: dict[int, str] = {}
-
-    def __enter__(self) -> "VPNLab":
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self, timeout: float = 60.0) -> None:
         """Build the lab, start every node and wait for a full mesh of VPN sessions."""
@@ -67,6 +56,10 @@ class VPNLab:
             timeout,
             "a full mesh of sessions",
         )
+
+    def open(self) -> None:
+        """:meth:`start` with its default timeout (what ``with`` calls)."""
+        self.start()
 
     def close(self) -> None:
         """Stop the nodes and delete the namespaces."""
