@@ -8,8 +8,10 @@ tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and pri
 - ``path``: how A sends to B once a ping between their VIPs gets through (``direct``,
   ``punched``, ``relay via <P>`` — P forwarding their sealed datagrams, :mod:`kairos_plugin_tunvpn.relaydgram`
   — or ``stream``) and ``relayed``: whether A's libp2p connection to B runs through P's relay;
-- ``time_to_path_s``: from starting A and B until that first ping got through (VPN sessions,
-  relay reservations and admission included);
+- ``time_to_ping_s``: from starting A and B until that first ping got through (VPN sessions,
+  relay reservations and admission included); ``time_to_path_s``: until A's path to B left the
+  stream (hole punched or relayed; the stream carries the first pings while that is set up), or
+  ``null`` if it stayed on the stream for 30 s more;
 - ``rtt_ms``: ping A→B VIP, 20 pings 0.2 s apart (min/avg/max);
 - ``iperf3_mbit_s``: iperf3 TCP A→B between the VIPs for ``--seconds``, one stream;
 - ``relay_cpu_share``: P's CPU seconds per second of the iperf3 run (what relaying costs it: its
@@ -82,8 +84,12 @@ def one_run(kind: str, seconds: int) -> dict:
         while not vpn.ping(2, vip_b, count=1):
             if time.monotonic() > deadline:
                 return {"kind": kind, "path": None, "error": "no ping between the VIPs within 120 s"}
-        time_to_path = time.monotonic() - started
+        time_to_ping = time.monotonic() - started
+        settled = time.monotonic() + 30
+        while vpn.path(2, 3) in (None, "stream") and time.monotonic() < settled:
+            time.sleep(0.2)
         path = vpn.path(2, 3)
+        time_to_path = time.monotonic() - started if path not in (None, "stream") else None
         switches_before = vpn.counters(2).get("vpn_path_switches", 0)
         ping = rtt(vpn, vip_b)
         mbit, share = iperf(vpn, vip_b, seconds)
@@ -91,7 +97,8 @@ def one_run(kind: str, seconds: int) -> dict:
             "kind": kind,
             "path": path,
             "relayed": vpn.peer_ids[3] in vpn.relayed_peers(2),
-            "time_to_path_s": round(time_to_path, 2),
+            "time_to_ping_s": round(time_to_ping, 2),
+            "time_to_path_s": round(time_to_path, 2) if time_to_path is not None else None,
             "rtt_ms": ping,
             "iperf3_mbit_s": round(mbit, 1) if mbit is not None else None,
             "relay_cpu_share": round(share, 3),

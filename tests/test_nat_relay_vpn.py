@@ -1,13 +1,16 @@
 """Relayed sealed datagrams across NATs (issue #15): P public, A and B each behind a symmetric NAT
 (no hole punching gets through), bootstrapping from P only. Their VPN runs ``relay via P``: P
 forwards their sealed datagrams between its UDP sessions with each, without their keys. Ping and
-TCP (iperf3) cross between the VIPs; the relay session ends when B leaves."""
+TCP (iperf3) cross between the VIPs; the relay session ends when B leaves. And the multi-hop case
+(mudler/edgevpn#131): three nodes on one LAN, UDP between B and C blocked, both reach A, which
+relays (``vpn.relay: always``)."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -55,3 +58,32 @@ def test_two_nodes_behind_symmetric_nats_reach_each_other_relay_via_the_public_n
     vpn.network.kill(3, signal.SIGTERM)
     vpn.wait(lambda: vpn.counters(1).get("vpn_relay_ended_left", 0) >= 1, 60, "P ends the relay session")
     assert vpn.counters(1).get("vpn_relay_sessions") == 0
+
+
+@pytest.fixture
+def three_vpn(netns_unavailable, tmp_path):
+    if netns_unavailable is not None:
+        pytest.skip(netns_unavailable)
+    if shutil.which("ping") is None:
+        pytest.skip("the 'ping' command is missing (apt-get install iputils-ping)")
+    # any node both ends reach may relay (not only a publicly reachable one)
+    with labvpn.VPNLab(tmp_path, 3, vpn={"relay": "always"}) as vpn:
+        yield vpn
+
+
+@netns
+def test_when_udp_between_b_and_c_is_blocked_both_reach_each_other_through_a(three_vpn) -> None:
+    vpn = three_vpn
+    other = vpn.lab.address(3)
+    script = (
+        "add table inet kairos_test_pair\n"
+        "add chain inet kairos_test_pair input { type filter hook input priority 0; policy accept; }\n"
+        "add chain inet kairos_test_pair output { type filter hook output priority 0; policy accept; }\n"
+        f"add rule inet kairos_test_pair input ip saddr {other} meta l4proto udp drop\n"
+        f"add rule inet kairos_test_pair output ip daddr {other} meta l4proto udp drop\n"
+    )
+    subprocess.run(vpn.lab.command(2, ["nft", "-f", "-"]), input=script, text=True, check=True, capture_output=True)
+    via = f"relay via {vpn.peer_ids[1]}"
+    vpn.wait(lambda: vpn.path(2, 3) == via and vpn.path(3, 2) == via, 60, f"B and C on '{via}'")
+    assert vpn.ping(2, vpn.vip(3), count=3) and vpn.ping(3, vpn.vip(2), count=3), vpn.explain(2, 3)
+    assert vpn.path(1, 2) == vpn.path(1, 3) == "direct"
