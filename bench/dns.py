@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import statistics
 import struct
@@ -47,9 +46,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import dns.message  # noqa: E402
 import dns.rcode  # noqa: E402
 import dns.rrset  # noqa: E402
-import yaml  # noqa: E402
 
 from kairos_core.plugin import APIClient, KairosError  # noqa: E402
+from kairos_testing.localnodes import spawn_kairos, stop_process  # noqa: E402
 
 NAMES = 100
 # the per-source limit as configured by default: all the load comes from 127.0.0.1, which it
@@ -115,16 +114,7 @@ def start_node(root: Path, dns_port: int, upstream_port: int) -> tuple[subproces
             "rate_limit": RATE_LIMIT,
         },
     }
-    (root / "kairos.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
-    with open(root / "node.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kairos_core", "run", "-c", str(root / "kairos.yaml")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    process = spawn_kairos(root, config)
     client = APIClient(root / "api.sock", timeout=10.0)
     deadline = time.monotonic() + 120
     while True:
@@ -239,12 +229,7 @@ def main() -> None:
         finally:
             stop.set()
             if process is not None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop_process(process)
 
 
 if __name__ == "__main__":

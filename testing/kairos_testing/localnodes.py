@@ -58,6 +58,34 @@ class LocalNode:
             return set()
 
 
+def spawn_kairos(root: Path, config: dict[str, Any], *options: str) -> subprocess.Popen[bytes]:
+    """``kairos [options] run`` of ``config`` (written to ``root/kairos.yaml``), in a session of its
+    own, its output in ``root/node.log``, plugins loaded from their entry points."""
+    config_path = root / "kairos.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
+    env["PYTHONUNBUFFERED"] = "1"
+    with open(root / "node.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kairos_core", *options, "run", "-c", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Send ``sig`` (if it still runs) and wait; killed when it has not ended after ``timeout`` s."""
+    if process.poll() is None:
+        process.send_signal(sig)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class LocalNodes:
     """Start ``kairos run`` processes on loopback; ``close()`` stops them all."""
 
@@ -87,19 +115,7 @@ class LocalNodes:
             "plugins": {"disabled": OTHER_PLUGINS},
             "services": services or {},
         }
-        config_path = root / "kairos.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
-        env["PYTHONUNBUFFERED"] = "1"
-        with open(root / "node.log", "ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "kairos_core", "-v", "run", "-c", str(config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-        node = LocalNode(index, root, process, port)
+        node = LocalNode(index, root, spawn_kairos(root, config, "-v"), port)
         self.nodes.append(node)
         node.peer_id = self._wait_up(node)
         return node
@@ -133,20 +149,11 @@ class LocalNodes:
 
     def stop(self, node: LocalNode, sig: int = signal.SIGTERM) -> None:
         if node.process.poll() is None:
-            node.process.send_signal(sig)
-            try:
-                node.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+            stop_process(node.process, sig)
 
     def close(self) -> None:
         for node in self.nodes:
             if node.process.poll() is None:
                 node.process.send_signal(signal.SIGTERM)
         for node in self.nodes:
-            try:
-                node.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+            stop_process(node.process)

@@ -4,8 +4,6 @@ its config file), checked with ``dig``; and ``kairos config check`` of a bad ``d
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import yaml
 from dnstools import DIG, NEEDS_DIG
 
 from kairos_core.plugin import APIClient, KairosError
+from kairos_testing.localnodes import spawn_kairos, stop_process
 
 
 def kairos(*args: str) -> subprocess.CompletedProcess[str]:
@@ -48,17 +47,7 @@ def node(tmp_path):
         "plugins": {"disabled": others},
         "dns": {"listen": "127.0.0.1:0", "resolv_conf": "/dev/null"},
     }
-    path = tmp_path / "kairos.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "KAIROS_DISABLE_PLUGIN_AUTOLOAD"}
-    with open(tmp_path / "node.log", "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kairos_core", "run", "-c", str(path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    process = spawn_kairos(tmp_path, config)
     socket_path = tmp_path / "api.sock"
     try:
         deadline = time.monotonic() + 60
@@ -72,12 +61,7 @@ def node(tmp_path):
                 time.sleep(0.2)
         yield str(socket_path)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.mark.skipif(DIG is None, reason=NEEDS_DIG)

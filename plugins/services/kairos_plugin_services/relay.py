@@ -17,7 +17,7 @@ import logging
 import random
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -884,16 +884,26 @@ async def _two_ways(one: Any, other: Any, abort: Any) -> bool:
     return clean
 
 
-async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: Stream) -> None:
-    """Copy a socket to and from a stream until both directions ended."""
+async def _relay(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    chunk: int,
+    send: Callable[[bytes], Awaitable[None]],
+    end: Callable[[], Awaitable[None]],
+    receive: Callable[[], Awaitable[bytes]],
+    finish_far: Callable[[bool], Awaitable[None]],
+) -> bool:
+    """Copy a socket to and from the far end (``send`` each chunk, ``end`` at EOF; ``receive``
+    until it gives ``b""``), passing each end on as a half-close, until both directions ended;
+    ``finish_far(clean)`` then closes or aborts the far end. True when both ended cleanly."""
 
     async def outbound() -> None:
-        while data := await reader.read(STREAM_CHUNK):
-            await stream.write(data)
-        await stream.close()
+        while data := await reader.read(chunk):
+            await send(data)
+        await end()
 
     async def inbound() -> None:
-        while data := await stream.read(STREAM_CHUNK * 4):
+        while data := await receive():
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
@@ -904,10 +914,20 @@ async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
             writer.close()
         else:
             writer.transport.abort()
+        await finish_far(clean)
+
+    return await _two_ways(outbound(), inbound(), finish)
+
+
+async def relay_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: Stream) -> None:
+    """Copy a socket to and from a stream until both directions ended."""
+
+    async def finish_far(clean: bool) -> None:
+        if not clean:
             await stream.reset()
 
     try:
-        await _two_ways(outbound(), inbound(), finish)
+        await _relay(reader, writer, STREAM_CHUNK, stream.write, stream.close, lambda: stream.read(STREAM_CHUNK * 4), finish_far)
     except (KairosError, OSError):
         pass  # a reset stream or socket: both sides are aborted already
 
@@ -925,36 +945,32 @@ async def relay_sealed(
     ``keep`` a side connection whose both directions ended cleanly (each END passed, so nothing
     is in flight) is left open for the next connection; True when that happened."""
 
-    async def outbound() -> None:
-        while data := await reader.read(sealed.RECORD_DATA):
-            side_writer.write(sealer.seal(sealed.KIND_DATA, data))
-            await side_writer.drain()
+    async def send(data: bytes) -> None:
+        side_writer.write(sealer.seal(sealed.KIND_DATA, data))
+        await side_writer.drain()
+
+    async def end() -> None:
         side_writer.write(sealer.seal(sealed.KIND_END))
         await side_writer.drain()
 
-    async def inbound() -> None:
+    async def receive() -> bytes:
         while True:
             kind, data = await opener.read(side_reader)
             if kind == sealed.KIND_END:
-                break
+                return b""
             if kind != sealed.KIND_DATA:
                 raise sealed.SealError("unexpected record")
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+            if data:  # an empty record is not the end: only END is
+                return data
 
-    async def finish(clean: bool) -> None:
-        if clean:
-            writer.close()
-            if not keep:
-                side_writer.close()
-        else:
-            writer.transport.abort()
+    async def finish_far(clean: bool) -> None:
+        if not clean:
             side_writer.transport.abort()
+        elif not keep:
+            side_writer.close()
 
     try:
-        return await _two_ways(outbound(), inbound(), finish) and keep
+        return await _relay(reader, writer, sealed.RECORD_DATA, send, end, receive, finish_far) and keep
     except (OSError, asyncio.IncompleteReadError, sealed.SealError) as exc:
         log.info("services: side connection aborted: %s", exc)
         return False
