@@ -6,7 +6,13 @@ echo server; node 1 connects with the sealed side connection (the default, poole
 connection's request goes on an idle proven side connection), node 2 with
 ``services.side_connection: false``, so its bytes go over the admitted libp2p stream, and node 3
 with ``services.side_pool: 0`` (every connection negotiated on a stream: the set-up before the
-pool). The set-up cases take turns connection by connection, so they share the same load. Not through
+pool). The set-up cases take turns connection by connection, so they share the same load.
+
+The VPN leg (root and network namespaces; skipped with its reason otherwise, or with
+``--no-vpn``): two ``kairos run`` nodes in namespaces joined by a veth, with tunvpn and the
+services plugin; from node 1, iperf3 TCP to an iperf3 server in node 2's namespace over the raw
+veth, through the VPN (node 2's VIP) and through a service node 2 exposes — the three in the
+same run, one after the other. Not through
 the VPN: that needs root and TUN devices (bench/vpn.py measures the VPN).
 
 Prints one JSON object per line:
@@ -14,8 +20,9 @@ Prints one JSON object per line:
     {"bench": "services", "case": "raw"|"side"|"stream", "gbit_per_s": …, "seconds": …,
      "load_1min": …, "runnable": …, "processes": …}   (the last three: what shared the cores)
     {"bench": "services", "case": "setup_side"|"setup_side_unpooled"|"setup_stream", "p50_ms": …, "p99_ms": …, "n": …}
+    {"bench": "services", "case": "lab_raw"|"lab_vpn"|"lab_service", "gbit_per_s": …, "seconds": …}
 
-Usage: .venv/bin/python bench/services.py [--seconds 5] [--setups 200]
+Usage: .venv/bin/python bench/services.py [--seconds 5] [--setups 200] [--no-vpn]
 """
 
 from __future__ import annotations
@@ -50,9 +57,9 @@ def _token() -> str:
     return generate_token().encode()
 
 
-def iperf3(port: int, seconds: float) -> float:
+def iperf3(port: int, seconds: float, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> float:
     out = subprocess.run(
-        ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+        [*prefix, "iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"],
         capture_output=True,
         text=True,
         timeout=seconds + 60,
@@ -89,10 +96,51 @@ def sharing() -> dict[str, float | int]:
     }
 
 
+def vpn_leg(seconds: float) -> None:
+    """iperf3 over the raw veth, the VPN and a service between two lab nodes (see the docstring)."""
+    from kairos_testing.netlab import require_netns
+    from kairos_testing.vpnlab import VPNLab
+
+    reason = require_netns()
+    if reason is not None:
+        print(json.dumps({"bench": "services", "case": "lab", "skipped": reason}), flush=True)
+        return
+    with tempfile.TemporaryDirectory(prefix="kbs") as root, VPNLab(Path(root), nodes=2, plugins=("services",)) as lab:
+        port = 5201
+        server = lab.popen(2, "iperf3", "-s", "-p", str(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            exposer, connector = APIClient(lab.node(2).root / "api.sock"), APIClient(lab.node(1).root / "api.sock")
+            exposer.request(
+                "POST", "/api/plugins/services/expose", content=json.dumps({"name": "iperf", "to": f"127.0.0.1:{port}"})
+            )
+            lab.wait(
+                lambda: any(e["name"] == "iperf" for e in connector.request("GET", "/api/plugins/services")["services"]),
+                30,
+                "the service in node 1's catalog",
+            )
+            listen = connector.request(
+                "POST", "/api/plugins/services/connect", content=json.dumps({"name": "iperf", "listen": "127.0.0.1:0"})
+            )["listen"]
+            inside = tuple(lab.lab.command(1, []))  # run in node 1's namespace
+            shared = {"bench": "services", "cpus": os.cpu_count(), **sharing()}
+            cases = (
+                ("lab_raw", lab.lab.address(2), port),
+                ("lab_vpn", lab.vip(2), port),
+                ("lab_service", "127.0.0.1", int(listen.rsplit(":", 1)[1])),
+            )
+            for case, host, target_port in cases:
+                gbit = iperf3(target_port, seconds, host, inside)
+                print(json.dumps({**shared, "case": case, "gbit_per_s": round(gbit, 3), "seconds": seconds}), flush=True)
+        finally:
+            server.terminate()
+            server.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--setups", type=int, default=200)
+    parser.add_argument("--no-vpn", action="store_true", help="skip the VPN leg (which needs root and namespaces)")
     args = parser.parse_args()
     if shutil.which("iperf3") is None:
         sys.exit("iperf3 is not installed (Debian package iperf3)")
@@ -160,6 +208,8 @@ def main() -> None:
         server.wait()
         echo.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+    if not args.no_vpn:
+        vpn_leg(args.seconds)
 
 
 if __name__ == "__main__":

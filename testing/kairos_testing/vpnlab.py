@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,28 @@ from .netlab import Closing, Lab, unique_prefix
 BLOCK_TABLE = "tunvpn_block"
 
 
-def other_plugins() -> list[str]:
-    """Installed plugins other than tunvpn (disabled in lab nodes: k3s must not start there)."""
-    return sorted({ep.name for ep in entry_points(group="kairos")} - {"tunvpn"})
+def other_plugins(enabled: Iterable[str] = ("tunvpn",)) -> list[str]:
+    """Installed plugins other than ``enabled`` (disabled in lab nodes: k3s must not start there)."""
+    return sorted({ep.name for ep in entry_points(group="kairos")} - set(enabled))
 
 
 class VPNLab(Closing):
     """N namespaces, each running a kairos node with the VPN.
 
     :param vpn: options of the ``vpn`` section for every node.
+    :param plugins: plugins the nodes run besides tunvpn (e.g. ``("services",)``).
     """
 
-    def __init__(self, root: Path, nodes: int = 3, vpn: dict[str, Any] | None = None, prefix: str = "kv") -> None:
+    def __init__(
+        self,
+        root: Path,
+        nodes: int = 3,
+        vpn: dict[str, Any] | None = None,
+        prefix: str = "kv",
+        plugins: Iterable[str] = (),
+    ) -> None:
         self.root = Path(root)
+        self.plugins = ("tunvpn", *plugins)
         self.size = nodes
         self.vpn_options = {"keepalive_interval": 0.5, "udp_timeout": 2.0, **(vpn or {})}
         self.lab = Lab(unique_prefix(prefix), nodes)
@@ -45,7 +55,7 @@ class VPNLab(Closing):
         """Build the lab, start every node and wait for a full mesh of VPN sessions."""
         self.lab.start()
         self.network = LabNetwork(self.lab, self.root, autoload_plugins=True)
-        extra = {"vpn": self.vpn_options, "plugins": {"disabled": other_plugins()}}
+        extra = {"vpn": self.vpn_options, "plugins": {"disabled": other_plugins(self.plugins)}}
         nodes = [self.network.start(i, p2p={"disable_dht": True}, extra=extra) for i in range(1, self.size + 1)]
         self.peer_ids = {node.index: self.network.wait_up(node) for node in nodes}
         self.wait(
