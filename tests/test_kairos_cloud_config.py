@@ -241,6 +241,11 @@ def test_edgevpn_address_outside_our_default_network_gives_the_network(manager):
     ]
 
 
+def test_p2p_distribution_is_k3s_or_refused(manager):
+    assert resolve("p2p:\n  distribution: k3s\n", manager)["k3s"]["distribution"] == "k3s"
+    assert refused("p2p:\n  distribution: k0s\n", manager) == ["p2p.distribution: 'k0s' is not one of k3s, \"\""]
+
+
 def test_our_own_names_stay_valid_and_win(manager):
     config = resolve(
         "node:\n  log_level: debug\nvpn:\n  address: 10.1.0.9/24\nauto:\n  ha:\n    master_nodes: 4\n"

@@ -67,6 +67,15 @@ K3S = Section(
         "k3s.embedded_registry.",
     ),
     Option(
+        "distribution",
+        str,
+        "k3s",
+        "The Kubernetes distribution (Kairos's p2p.distribution, empty meaning k3s there too): this plugin runs "
+        "k3s only, so k0s is refused rather than silently run as k3s.",
+        choices=("k3s", ""),
+        paths=("p2p.distribution",),
+    ),
+    Option(
         "share_kubeconfig",
         bool,
         False,
