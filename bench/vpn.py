@@ -13,7 +13,7 @@ Run as root: ``.venv/bin/python bench/vpn.py [--seconds 5] [--no-peers]``. Print
 - ``nodes``: the same VPN as run by real ``kairos run`` nodes (tunvpn plugin, VIPs from the
   ledger, keys agreed over libp2p): iperf3 1/4 streams over UDP, ping RTT, and iperf3 over the
   libp2p-stream fallback with UDP blocked by nft, with the CPU share of each node process;
-- ``peers``: ``../shared/bench/vpn-peers.sh`` (raw veth, wireguard-go, nebula, yggdrasil).
+- ``peers``: ``bench/vpn-peers.sh`` (raw veth, wireguard-go, nebula, yggdrasil).
 
 The machine is small and shared: figures are noisy, compare only within one run.
 """
@@ -31,7 +31,7 @@ import time
 
 from kairos_testing.namespaces import PORT, NamespacePair, netns_missing
 
-PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench", "vpn-peers.sh")
+PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vpn-peers.sh")
 STEPS = {  # the build-up in pure Python, then the same full design with the C fast path
     "per_packet": {"offload": False, "udp_gso": False, "udp_gro": False, "coalesce": False, "pure_python": True},
     "offload_split_gso_gro": {"offload": True, "udp_gso": True, "udp_gro": True, "coalesce": False, "pure_python": True},
