@@ -367,7 +367,7 @@ CORE_SCHEMA: tuple[Section, ...] = (
             float,
             60.0,
             "Seconds: the least time between rewrites of this node's `nodes` entry for a change of its "
-            "published round-trip times alone (a value that moved > 20 % and > 2 ms); each rewrite reaches "
+            "published round-trip times alone (a value that moved > 20 % and > 5 ms); each rewrite reaches "
             "every node. 0: publish them only with the writes that happen anyway (connections, refreshes).",
             minimum=0,
         ),

@@ -61,13 +61,13 @@ NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 # The RTTs an entry publishes (``rtt_ms``, issue #17) ride on the writes that happen anyway (a
 # change of neighbours, a refresh); a move alone rewrites the entry at most once per
 # ``membership.rtt_publish_interval``, and only when some value moved by more than
-# RTT_REWRITE_CHANGE of it and by more than RTT_JITTER_MS (on a LAN, 0.4 vs 0.7 ms is scheduling
+# RTT_REWRITE_CHANGE of it and by more than RTT_JITTER_MS (on a LAN, 1 vs 4 ms is scheduling
 # noise, not news). Every write reaches every node (docs/scaling.md counts the cost). A new
 # neighbour's first value is the exception: the write its connection caused went out before any
 # ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
 RTT_FIRST_DELAY = 3.0
 RTT_REWRITE_CHANGE = 0.2
-RTT_JITTER_MS = 2
+RTT_JITTER_MS = 5
 # Lease heartbeats go on the ledger topic plus this suffix (sealed under the same keys).
 HEARTBEAT_TOPIC_SUFFIX = "/lease"
 # The gossip validator refuses a signer's heartbeats that come closer together than this share of
@@ -590,7 +590,8 @@ class Node:
         links = self.host.links() if self.host else {}
         # issue #17: which neighbours are reached through a relay, for the dashboards of others
         advertised["relayed"] = [peer for peer in neighbours if links.get(peer, {}).get("transport") == "relayed"]
-        measured = {peer: _rtt_ms(links[peer]["rtt_s"]) for peer in neighbours if links.get(peer, {}).get("rtt_s")}
+        # the floor, not the smoothed value: a hiccup of two busy processes is no news for others
+        measured = {peer: _rtt_ms(links[peer]["floor_s"]) for peer in neighbours if links.get(peer, {}).get("floor_s")}
         self._rounds_unchanged += 1
         membership = self.config.section("membership")
         refresh_rounds = max(1, int(membership.peer_ttl / REFRESHES_PER_TTL / membership.announce_interval))

@@ -192,14 +192,15 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
 
     # What tunvpn publishes, written by each node through its API in tunvpn's own format (a running
     # tunvpn needs TUN devices in namespaces; its tests check what it writes): address claims and
-    # node 1's paths to the others, one over UDP, one over the stream fallback.
+    # node 1's paths to the others, one over UDP, one relayed by beta (tunvpn names the relay by
+    # its peer id; the graph by its hostname).
     vips = ["10.1.0.1", "10.1.0.2", "10.1.0.3"]
     for index, vip in enumerate(vips):
         claim = Claim(ids[index], ipaddress.IPv4Address(vip), 5000 + index, (int(time.time() * 1000), 0))
         network.clients[index].request("PUT", f"/api/ledger/vpn/{ids[index]}", content=json.dumps(claim.to_value()))
     paths = {
         ids[1]: {"path": "udp", "vip": vips[1], "endpoint": "127.0.0.1:5001"},
-        ids[2]: {"path": "stream", "vip": vips[2], "endpoint": None},
+        ids[2]: {"path": f"relay via {ids[1]}", "vip": vips[2], "endpoint": None},
     }
     first.request("PUT", f"/api/ledger/vpn/{ids[0]}%2Flinks", content=json.dumps(paths))
 
@@ -255,10 +256,10 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
     # Each link's label: the connection's kind and its RTT — node 1's two links measured by node 1,
     # the third (beta to the third node) as those two published it in their `nodes` entries — then
     # the VPN's path where it knows one (node 1's two).
-    rtt_label = re.compile(r"direct · \d+(\.\d)? ms( · vpn (stream|udp))?")
+    rtt_label = re.compile(r"direct · \d+(\.\d)? ms( · vpn (relay via beta|udp))?")
     wait.until(lambda d: len(labels := text(d, "#graph .link-label")) == 3 and all(rtt_label.fullmatch(t) for t in labels))
     labels = text(browser, "#graph .link-label")
-    assert sorted(label.rsplit(" · ", 1)[-1] for label in labels if "vpn" in label) == ["vpn stream", "vpn udp"], labels
+    assert sorted(label.rsplit(" · ", 1)[-1] for label in labels if "vpn" in label) == ["vpn relay via beta", "vpn udp"], labels
     rtts = browser.execute_script(
         "return [...document.querySelectorAll('#graph .link-label')].map((t) => Number(t.getAttribute('data-rtt-ms')))"
     )
@@ -309,7 +310,7 @@ def test_the_dashboard_in_chromium(network, browser, tmp_path):
         "return [...document.querySelectorAll('#vpn-links tbody tr')].map((r) => [...r.children].map((c) => c.textContent))"
     )
     assert sorted(links) == sorted(
-        [["alpha", "beta", "udp", vips[1], "127.0.0.1:5001"], ["alpha", XSS_HOSTNAME, "stream", vips[2], "–"]]
+        [["alpha", "beta", "udp", vips[1], "127.0.0.1:5001"], ["alpha", XSS_HOSTNAME, f"relay via {ids[1]}", vips[2], "–"]]
     )
     browser.save_screenshot(str(tmp_path / "vpn.png"))
     browser.find_element(By.CSS_SELECTOR, 'nav a[data-page="plugins"]').click()

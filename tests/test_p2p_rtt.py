@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from kairos_core.p2p import P2PHost
-from kairos_core.p2p.rtt import RttTable
+from kairos_core.p2p.rtt import FLOOR_WINDOW, RttTable
 from kairos_testing import wait_until
 from kairos_testing.hosts import HostFactory
 
@@ -24,7 +24,8 @@ async def test_rtt_of_a_loopback_peer_is_measured_and_dropped_on_disconnect(host
         rtt = here.rtt(there.peer_id)
         assert rtt is not None and 0 < rtt < 1.0, rtt
         link = here.links()[there.peer_id]
-        assert link == {"transport": "direct", "rtt_s": link["rtt_s"]} and 0 < link["rtt_s"] < 1.0
+        assert link["transport"] == "direct" and 0 < link["rtt_s"] < 1.0
+        assert link["floor_s"] is not None and 0 < link["floor_s"] <= link["rtt_s"]
     await a.disconnect(b.peer_id)
     await wait_until(lambda: a.rtt(b.peer_id) is None and b.peer_id not in a.links(), timeout=10)
     await wait_until(lambda: b.rtt(a.peer_id) is None and a.peer_id not in b.links(), timeout=10)
@@ -79,6 +80,27 @@ def test_table_keeps_the_lowest_rtt_per_peer_and_counts_each_unanswered_ping_onc
     assert table.snapshot == {} and not table._pending
 
 
+def test_the_floor_is_the_lowest_value_of_this_window_and_the_one_before() -> None:
+    table = RttTable({"rtt_timeouts": 0})  # type: ignore[arg-type]
+    session = _Session(0.030, 1, True)
+    window = FLOOR_WINDOW
+
+    def sample(rtt: float, at: float) -> float:
+        session._rtt = rtt
+        table.sample([("p", _Conn(session))], now=at)
+        return table.floors["p"]
+
+    assert sample(0.030, 0) == 0.030
+    assert sample(0.090, 10) == 0.030  # a hiccup: the smoothed value jumps, the floor does not
+    assert table.rtt("p") == 0.090
+    assert sample(0.020, 20) == 0.020  # faster: at once
+    assert sample(0.080, window + 1) == 0.020  # slower: the window before still holds 20 ms
+    assert sample(0.080, 2 * window + 1) == 0.080  # ... until it is two windows old
+    assert sample(0.050, 5 * window) == 0.050  # after a gap, no stale window counts
+    table.forget("p")
+    assert table.floors == {} and table.rtt("p") is None
+
+
 async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) -> None:
     """Two in-process nodes: /api/peers rows, the Prometheus gauge, and the ``rtt_ms`` of the
     ``nodes`` entry — its first value in the follow-up write, a move alone written only after
@@ -101,7 +123,7 @@ async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) 
     assert series in exposition and "# HELP kairos_peer_rtt_seconds" in exposition
 
     def links(rtt_s: float) -> dict:
-        return {b.peer_id: {"transport": "direct", "rtt_s": rtt_s}}
+        return {b.peer_id: {"transport": "direct", "rtt_s": rtt_s, "floor_s": rtt_s}}
 
     def announce_with(rtt_s: float, *, long_after: bool) -> int:
         """What the entry's rtt_ms says after an announce round measuring ``rtt_s``."""
@@ -122,7 +144,8 @@ async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) 
     a._written_at -= a.config["membership"]["rtt_publish_interval"] + 1
     a.announce()
     assert entry()["rtt_ms"] == [1]
-    assert announce_with(0.0029, long_after=True) == 1  # 1 -> 3 ms: +2 ms is LAN jitter, not news
+    assert announce_with(0.0059, long_after=True) == 1  # 1 -> 6 ms: +5 ms is LAN jitter, not news
+    assert announce_with(0.0071, long_after=True) == 7  # +6 ms: news
     del a.host.links  # the host's own method again
 
     await b.stop()
@@ -207,7 +230,7 @@ async def test_with_no_publish_interval_rtts_ride_only_on_other_writes(kairos_ne
     a, b = net.nodes
     await net.wait_for(lambda: ((a.ledger.get("nodes", a.peer_id) or {}).get("rtt_ms") or [None])[0], timeout=20)
     beat = a.ledger.get("nodes", a.peer_id)["beat"]
-    a.host.links = lambda: {b.peer_id: {"transport": "direct", "rtt_s": 0.9}}  # type: ignore[method-assign]
+    a.host.links = lambda: {b.peer_id: {"transport": "direct", "rtt_s": 0.9, "floor_s": 0.9}}  # type: ignore[method-assign]
     a._written_at -= 3600
     a.announce()
     assert a.ledger.get("nodes", a.peer_id)["beat"] == beat  # a big move, an hour on: still no write

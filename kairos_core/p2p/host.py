@@ -389,11 +389,12 @@ class P2PHost:
         """Each admitted peer's connection: ``transport`` (``direct``: a TCP connection of its own,
         ``relayed``: a circuit through a relay) and ``rtt_s``, the smoothed round-trip time in
         seconds the connection's muxer measured (None until its first ping, ~0.5 s after the
-        connection is up; then one ping every 30 s — see :mod:`.rtt`)."""
-        rtts = self._rtt.snapshot
+        connection is up; then one ping every 30 s — see :mod:`.rtt`) and ``floor_s``, the lowest
+        of those values in the last two to four minutes (the path's latency without the hiccups)."""
+        rtts, floors = self._rtt.snapshot, self._rtt.floors
         relayed = self._relay.relayed
         return {
-            peer: {"transport": "relayed" if peer in relayed else "direct", "rtt_s": rtts.get(peer)}
+            peer: {"transport": "relayed" if peer in relayed else "direct", "rtt_s": rtts.get(peer), "floor_s": floors.get(peer)}
             for peer in sorted(self._gate.admitted_peers())
         }
 

@@ -10,7 +10,11 @@ session runs inside the circuit, so its pings measure the whole path through the
 
 :class:`RttTable` samples those values on the trio side into a snapshot the asyncio side reads
 (a dict replaced whole, never mutated), drops a peer the moment its last connection closes, and
-counts pings that got no answer in time (``rtt_timeouts``).
+counts pings that got no answer in time (``rtt_timeouts``). Beside the smoothed value it keeps
+each peer's *floor*: the lowest value seen in the current and the previous ``FLOOR_WINDOW``. The
+smoothed value follows every hiccup of two busy processes (one slow answer moves it by half); the
+floor is the path's own latency, what a node publishes for others (a path that got slower shows in
+it within two windows, one that got faster at once).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ SAMPLE_INTERVAL = 2.0
 # yamux waits this long for a pong before it gives up on a ping (yamux.py: move_on_after(10.0)); a
 # ping seen unanswered for longer than this, plus a sampling round of slack, counts as timed out.
 PING_TIMEOUT = 10.0
+# The floor is the lowest value of this window and the one before (seconds).
+FLOOR_WINDOW = 120.0
 
 
 def session_rtt(conn: Any) -> float | None:
@@ -49,6 +55,10 @@ class RttTable:
         self.counters = counters
         #: peer id -> smoothed RTT in seconds; replaced whole on every update
         self.snapshot: dict[str, float] = {}
+        #: peer id -> its floor in seconds (see the module's docs); replaced whole on every update
+        self.floors: dict[str, float] = {}
+        # peer id -> (window number, lowest value in it, lowest value in the window before or None)
+        self._windows: dict[str, tuple[int, float, float | None]] = {}
         # (muxer object id, ping nonce) -> when we first saw that ping unanswered
         self._pending: dict[tuple[int, int], float] = {}
         self._timed_out: set[tuple[int, int]] = set()
@@ -76,16 +86,32 @@ class RttTable:
         # Only pings still unanswered are remembered: both sets stay as small as the connections.
         self._pending = {key: at for key, at in self._pending.items() if key in seen}
         self._timed_out &= seen
+        window = int(now // FLOOR_WINDOW)
+        windows: dict[str, tuple[int, float, float | None]] = {}
+        for peer, value in fresh.items():
+            known = self._windows.get(peer)
+            if known is None or known[0] < window - 1:
+                windows[peer] = (window, value, None)
+            elif known[0] == window - 1:
+                windows[peer] = (window, value, known[1])
+            else:
+                windows[peer] = (window, min(known[1], value), known[2])
+        self._windows = windows
+        self.floors = {peer: low if before is None else min(low, before) for peer, (_, low, before) in windows.items()}
         self.snapshot = fresh
 
     def forget(self, peer_id: str) -> None:
         """``peer_id``'s last connection closed: its RTT goes at once, not at the next sample."""
-        if peer_id in self.snapshot:
+        if peer_id in self.snapshot or peer_id in self.floors:
             self.snapshot = {peer: value for peer, value in self.snapshot.items() if peer != peer_id}
+            self.floors = {peer: value for peer, value in self.floors.items() if peer != peer_id}
+            self._windows.pop(peer_id, None)
 
     def clear(self) -> None:
         """The host stopped."""
         self.snapshot = {}
+        self.floors = {}
+        self._windows = {}
         self._pending.clear()
         self._timed_out.clear()
 

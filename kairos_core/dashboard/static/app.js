@@ -171,7 +171,9 @@ function linkLabel(link) {
   // "direct · 0.4 ms", "relayed · 41 ms · vpn stream": the connection's kind, its RTT, the VPN's path
   const parts = [link.transport || "link"];
   if (link.rtt !== null) parts.push(formatRtt(link.rtt));
-  const vpn = [...link.paths].sort().join("/");
+  // tunvpn names a relayed path "relay via <peer id>": the relay's hostname reads better
+  const named = (path) => (path.startsWith("relay via ") ? "relay via " + hostOf(path.slice("relay via ".length)) : path);
+  const vpn = [...link.paths].map(named).sort().join("/");
   if (vpn) parts.push(`vpn ${vpn}`);
   return parts.join(" · ");
 }
