@@ -58,7 +58,7 @@ class FallbackSender:
     """
 
     def __init__(
-        self, open_stream: Callable[[], Any], loop: asyncio.AbstractEventLoop, counters: collections.Counter | None = None
+        self, open_stream: Callable[[], Any], loop: asyncio.AbstractEventLoop, counters: collections.Counter[str] | None = None
     ) -> None:
         self._open_stream = open_stream
         self._loop = loop
@@ -67,8 +67,8 @@ class FallbackSender:
         self._lock = threading.Lock()
         self._wake = asyncio.Event()
         self._stream: Any = None
-        self._task: asyncio.Task | None = None
-        self.counters: collections.Counter = counters if counters is not None else collections.Counter()
+        self._task: asyncio.Task[None] | None = None
+        self.counters: collections.Counter[str] = counters if counters is not None else collections.Counter()
 
     def start(self) -> None:
         """Start the writer task (on the loop's thread)."""
@@ -139,7 +139,7 @@ class FallbackSender:
                     await asyncio.sleep(0.5)
 
 
-async def read_datagrams(stream: Any, deliver: Callable[[list[bytes]], Any], counters: collections.Counter) -> None:
+async def read_datagrams(stream: Any, deliver: Callable[[list[bytes]], Any], counters: collections.Counter[str]) -> None:
     """Read frames from a fallback stream until it ends; ``deliver`` gets each frame's datagrams."""
     while True:
         body = await stream.read_frame(MAX_FRAME)
@@ -173,7 +173,7 @@ class PathHysteresis:
 
     def retry_interval(self) -> float:
         """Seconds between UDP trials now."""
-        return min(self.max_retry, self.retry * 2 ** min(self.failures, 16))
+        return float(min(self.max_retry, self.retry * 2 ** min(self.failures, 16)))
 
     def may_try(self, now: float, last_trial: float) -> bool:
         """Whether a link on the stream may try UDP again at ``now``."""
