@@ -886,10 +886,15 @@ class VPN:
                 raise RelayMessageError(f"unexpected {message['op']!r}")
             await stream.write_frame(reply)
             await stream.close()
-        except (RelayMessageError, asyncio.TimeoutError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # garbage, an oversized frame, a reset or a stall: the peer's doing
             self.counters["vpn_relay_bad_messages"] += 1
-            log.debug("vpn: bad relay message from %s: %s", peer_id, exc)
-            await stream.reset()
+            log.debug("vpn: bad relay request from %s: %s", peer_id, exc)
+            try:
+                await stream.reset()
+            except Exception:
+                pass
 
     def _reached_over_udp(self, peer_id: str) -> bool:
         link = self.links.get(peer_id)

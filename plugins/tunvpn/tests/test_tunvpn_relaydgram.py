@@ -4,15 +4,18 @@ which forwards their datagrams without their keys (socket pairs stand in for the
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import pytest
 
 from kairos_plugin_tunvpn import fastpath
 from kairos_plugin_tunvpn.crypto import SessionKeys
 from kairos_plugin_tunvpn.dataplane import DataPlane
-from kairos_plugin_tunvpn.relaydgram import RelayLimits, RelayMessageError, RelayTable, decode, encode
+from kairos_plugin_tunvpn.plugin import TunVPNPlugin
+from kairos_plugin_tunvpn.relaydgram import RELAY_PROTOCOL, RelayLimits, RelayMessageError, RelayTable, decode, encode
 from kairos_plugin_tunvpn.vnet import GSO_TCPV4, NEEDS_CSUM
 from test_tunvpn_dataplane import FakeTun, wait_for
+from tunvpn_nodes import vpn_config
 from tunvpn_packets import icmp_echo, ipv4_tcp
 
 VIP_A, VIP_B, VIP_R = "10.201.0.1", "10.201.0.2", "10.201.0.3"
@@ -183,3 +186,39 @@ def test_garbage_control_messages_are_a_typed_error(data):
 
 def test_control_messages_round_trip():
     assert decode(encode("open", peer="b", key=7)) == {"op": "open", "peer": "b", "key": 7}
+
+
+async def test_a_relay_node_refuses_what_its_config_and_limits_do_not_allow_and_counts_it(network, fakes):
+    """Four in-process nodes (real libp2p streams, data planes on loopback): R relays for A and B,
+    then refuses a second session of A's (``p2p.relay.max_circuits: 1``), a forged offer, garbage
+    and everything once ``vpn.relay`` is off — counting each, and serving on."""
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    overrides = {**vpn_config(relay="always"), "p2p": {"relay": {"max_circuits": 1}}}
+    nodes = [await network.add_node(plugins=[plugin], overrides=overrides) for _ in range(4)]
+    r, a, b, c = (plugin.vpn_of(node) for node in nodes)
+    await network.wait_for(
+        lambda: (
+            all(len(v.links) == 3 for v in (r, a, b, c))
+            and all(link.path == "direct" and r.plane.source_of(p) for p, link in r.links.items())
+        ),
+        timeout=30,
+    )
+    stream = await nodes[1].open_stream(r.peer_id, RELAY_PROTOCOL)
+    await stream.write_frame(b"\xff not json")
+    await network.wait_for(lambda: r.counters["vpn_relay_bad_messages"] == 1, timeout=10)
+    stream = await nodes[1].open_stream(r.peer_id, RELAY_PROTOCOL)
+    await stream.write_frame(b"{" * 4096)  # over the 1 KiB a request may take
+    await network.wait_for(lambda: r.counters["vpn_relay_bad_messages"] == 2, timeout=10)
+    assert await r._relay_open(a.peer_id, b.peer_id, a.plane.send_key_id(b.peer_id)) is None
+    assert r.relay_table.sessions_of(a.peer_id) == 1 and b.links[a.peer_id].relay == r.peer_id
+    refused = await r._relay_open(a.peer_id, c.peer_id, a.plane.send_key_id(c.peer_id))
+    assert refused == "too many relay sessions" and r.counters["relay_refused_too_many_relay_sessions"] == 1
+    # an offer under a key id that is not the session's: C refuses it
+    assert decode(c._relay_offered(r.peer_id, b.peer_id, (b.plane.send_key_id(c.peer_id) + 1) % (1 << 32)))["op"] == "refuse"
+    assert c.counters["vpn_relay_offers_refused"] == 1 and c.links[b.peer_id].relay is None
+    r.settings = replace(r.settings, relay="off")
+    assert await r._relay_open(c.peer_id, b.peer_id, c.plane.send_key_id(b.peer_id)) == "not a relay"
+    assert r.counters["relay_refused_not_a_relay"] == 1
+    # A leaves R's VPN: its relay session ends
+    r._drop_session(a.peer_id, "test")
+    assert r.relay_table.sessions() == [] and r.counters["relay_ended_left"] == 1
