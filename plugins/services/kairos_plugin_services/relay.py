@@ -396,8 +396,10 @@ class Services:
             side = await self._take(owner)
             if not self.pool.get(owner):  # the last one (or none) taken: make more for the next ones
                 self._refill(owner)
-            if side is None and dial:
+            if side is None and dial and not self._pool_failed_lately(owner):
                 side = await self._pool_dial(owner)
+                if side is None:
+                    self.pool_failed[owner] = asyncio.get_running_loop().time()
             if side is None:
                 continue
             reader, writer, sealer, opener = side
@@ -447,10 +449,14 @@ class Services:
         self.pool[owner] = [p for p in self.pool.get(owner, []) if p.side is not side]
         side[1].transport.abort()
 
-    def _refill(self, owner: str) -> None:
+    def _pool_failed_lately(self, owner: str) -> bool:
+        # e.g. a firewall before its side port: every connection would pay for a try
         failed = self.pool_failed.get(owner)
-        if failed is not None and asyncio.get_running_loop().time() - failed < POOL_RETRY:
-            return  # e.g. a firewall before its side port: every connection would pay for a try
+        return failed is not None and asyncio.get_running_loop().time() - failed < POOL_RETRY
+
+    def _refill(self, owner: str) -> None:
+        if self._pool_failed_lately(owner):
+            return
         if self.settings.side_pool and self.settings.side_connection and owner not in self.filling and not self.stopping:
             self.filling.add(owner)
             self._spawn(self._fill(owner), "services-pool-fill")

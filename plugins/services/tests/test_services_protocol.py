@@ -268,21 +268,52 @@ async def test_bytes_fall_back_to_the_stream_when_the_side_connection_cannot_be_
         # the connection's own attempt, and the pool's (which then gives up until the next connection)
         assert counted["services_side_unreachable"] >= 1 and counted["services_stream_connections"] == 1
         assert "services_side_connections" not in counted
+
+        # a UDP session falls back the same way, and does not try the side port again at once
+        loop = asyncio.get_running_loop()
+        udp_echo, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
+        answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+        exposing.expose("uecho", f"127.0.0.1:{udp_echo.get_extra_info('sockname')[1]}", "udp")
+        await net.wait_for(lambda: connector.ledger.get(BUCKET, f"{exposer.peer_id}/uecho") is not None)
+        services = _RUNTIMES[id(connector)]
+        await net.wait_for(lambda: exposer.peer_id in services.pool_failed)  # the pool's own try is over
+        counted = _status(connector)
+        udp_port = int(services.connect("uecho", "127.0.0.1:0")["listen"].rsplit(":", 1)[1])
+        await net.wait_for(lambda: services.connectors["uecho"].transport is not None)
+        client, _ = await loop.create_datagram_endpoint(lambda: Collect(answers), remote_addr=("127.0.0.1", udp_port))
+        try:
+            client.sendto(b"datagram")
+            assert await asyncio.wait_for(answers.get(), 30) == b"datagram"
+        finally:
+            client.close()
+            udp_echo.close()
+        after = _status(connector)
+        assert after["services_stream_connections"] == 2 and "services_side_connections" not in after
+        assert after["services_side_unreachable"] == counted["services_side_unreachable"]  # not tried again
     finally:
         server.close()
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.transport.sendto(data, addr)
+
+
+class Collect(asyncio.DatagramProtocol):
+    def __init__(self, answers: asyncio.Queue[bytes]) -> None:
+        self.answers = answers
+
+    def datagram_received(self, data, addr):
+        self.answers.put_nowait(data)
+
+
 async def test_udp_sessions_end_when_idle_and_count_over_the_limit(kairos_network):
     loop = asyncio.get_running_loop()
-
-    class Echo(asyncio.DatagramProtocol):
-        def connection_made(self, transport):
-            self.transport = transport
-
-        def datagram_received(self, data, addr):
-            self.transport.sendto(data, addr)
-
-    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    echo, _ = await loop.create_datagram_endpoint(UdpEcho, local_addr=("127.0.0.1", 0))
     net, exposer, connector = await two_nodes(kairos_network, udp_idle_timeout=0.5, max_connections=1)
     clients = []
     try:
@@ -292,13 +323,8 @@ async def test_udp_sessions_end_when_idle_and_count_over_the_limit(kairos_networ
         port = int(services.connect("echo", "127.0.0.1:0")["listen"].rsplit(":", 1)[1])
         await net.wait_for(lambda: services.connectors["echo"].transport is not None)
         answers: asyncio.Queue[bytes] = asyncio.Queue()
-
-        class Client(asyncio.DatagramProtocol):
-            def datagram_received(self, data, addr):
-                answers.put_nowait(data)
-
         for _ in range(2):
-            transport, _ = await loop.create_datagram_endpoint(Client, remote_addr=("127.0.0.1", port))
+            transport, _ = await loop.create_datagram_endpoint(lambda: Collect(answers), remote_addr=("127.0.0.1", port))
             clients.append(transport)
         clients[0].sendto(b"first")
         assert await asyncio.wait_for(answers.get(), 20) == b"first"
