@@ -26,7 +26,8 @@ session to R's address the way it follows any roaming peer (an authentic datagra
    at any step). Each end then points the other's datagrams at R.
 
 **Limits**, per admitted peer: at most ``p2p.relay.max_circuits`` sessions through R as either
-end, each ended after ``p2p.relay.max_duration`` seconds or ``vpn.relay_max_bytes`` bytes (both
+end, each ended after ``p2p.relay.max_duration`` seconds, :data:`IDLE_TIMEOUT` seconds without a
+datagram (the pair moved up to a punched path, say) or ``vpn.relay_max_bytes`` bytes (both
 ways; ``p2p.relay.max_bytes`` is sized for libp2p connections and would end a VPN session at
 full speed within seconds). A
 session ends too when either peer leaves R's VPN (its session with R goes) or moves to an
@@ -56,6 +57,9 @@ from .wire import HEADER_BYTES, KEY_ID
 RELAY_PROTOCOL = "/kairos/vpn/relay/1.0.0"
 MAX_MESSAGE = 1024
 RELAY_MODES = ("auto", "always", "off")
+#: a session that forwarded nothing for this long ends (its pair moved to a better path, or left
+#: without saying so): it would hold one of each end's sessions until max_duration otherwise
+IDLE_TIMEOUT = 60.0
 UDP_SEGMENT = 103  # not exported by Python 3.11's socket module
 _SEGMENT_SIZE = struct.Struct("=H")
 Address = tuple[str, int]
@@ -116,6 +120,7 @@ class RelaySession:
     b: str
     started: float
     bytes: int = 0
+    active: float = 0.0  # the clock when it last forwarded (or opened)
     ended: str | None = None  # why, once it has ended
     routes: list[tuple[Address, int]] = field(default_factory=list)
 
@@ -181,6 +186,7 @@ class RelayTable:
             for old in [s for s in self._sessions if {s.a, s.b} == {a, b}]:
                 self._end(old, "renewed")
             session = RelaySession(a, b, self._clock())
+            session.active = session.started
             session.routes = [(a_source, a_key), (b_source, b_key)]
             routes = dict(self._routes)
             routes[(a_source, a_key)] = Leg(b_source, session)
@@ -207,6 +213,9 @@ class RelayTable:
             for session in list(self._sessions):
                 if now - session.started > self.limits.max_duration:
                     self._end(session, "duration")
+                    continue
+                if now - session.active > IDLE_TIMEOUT:
+                    self._end(session, "idle")
                     continue
                 for peer_id, (address, _key) in zip(session.peers(), session.routes):
                     if source_of(peer_id) != address:
@@ -272,6 +281,7 @@ class RelayTable:
             self.counters["relay_drop_ended"] += 1
             return
         session.bytes += len(data)
+        session.active = self._clock()
         if session.bytes > self.limits.max_bytes:
             with self._lock:
                 self._end(session, "bytes")

@@ -12,7 +12,15 @@ from kairos_plugin_tunvpn import fastpath
 from kairos_plugin_tunvpn.crypto import SessionKeys
 from kairos_plugin_tunvpn.dataplane import DataPlane
 from kairos_plugin_tunvpn.plugin import TunVPNPlugin
-from kairos_plugin_tunvpn.relaydgram import RELAY_PROTOCOL, RelayLimits, RelayMessageError, RelayTable, decode, encode
+from kairos_plugin_tunvpn.relaydgram import (
+    IDLE_TIMEOUT,
+    RELAY_PROTOCOL,
+    RelayLimits,
+    RelayMessageError,
+    RelayTable,
+    decode,
+    encode,
+)
 from kairos_plugin_tunvpn.vnet import GSO_TCPV4, NEEDS_CSUM
 from test_tunvpn_dataplane import FakeTun, wait_for
 from tunvpn_nodes import vpn_config
@@ -163,6 +171,19 @@ def test_a_session_ends_when_an_end_moves_or_outlives_its_duration():
     clock[0] = 11.0
     table.check(sources.get)
     assert table.sessions() == [] and table.counters["relay_ended_duration"] == 1
+
+
+def test_a_session_that_forwards_nothing_for_a_minute_ends():
+    clock = [0.0]
+    table = RelayTable(RelayLimits(), clock=lambda: clock[0])
+    sources = {"a": ("127.0.0.1", 1), "b": ("127.0.0.1", 2)}
+    assert table.open("a", sources["a"], 1, "b", sources["b"], 2) is None
+    clock[0] = IDLE_TIMEOUT - 1
+    table.check(sources.get)
+    assert table.sessions_of("a") == 1
+    clock[0] = IDLE_TIMEOUT + 1
+    table.check(sources.get)
+    assert table.sessions_of("a") == 0 and table.counters["relay_ended_idle"] == 1
 
 
 @pytest.mark.parametrize(
