@@ -1,17 +1,17 @@
 """Round-trip time per peer (issue #17): measured on real hosts, gone when the peer goes.
 
 On loopback the value is whatever the two hosts' pings take (well under a second); through a
-veth pair with ``netem delay`` in network namespaces it reflects the delay added.
+relay that delays each direction (``kairos_testing.delayproxy``) it reflects the delay added.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from kairos_core.p2p import P2PHost
 from kairos_core.p2p.rtt import FLOOR_WINDOW, RttTable
 from kairos_testing import wait_until
+from kairos_testing.delayproxy import DelayingProxy
 from kairos_testing.hosts import HostFactory
 
 
@@ -155,61 +155,9 @@ async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) 
     assert series not in NodeMetrics(a).render().decode()  # the series goes with the peer
 
 
-class DelayingProxy:
-    """A TCP relay on loopback that holds every chunk ``delay`` seconds in each direction, in
-    order: a link with a known round trip of 2 x ``delay`` where netem is not available."""
-
-    def __init__(self, target_port: int, delay: float) -> None:
-        self.target_port = target_port
-        self.delay = delay
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-        for source, sink in ((reader, up_writer), (up_reader, writer)):
-            queue: asyncio.Queue = asyncio.Queue()
-            for job in (self._read(source, queue), self._write(queue, sink)):
-                task = asyncio.ensure_future(job)
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-
-    async def _read(self, source: asyncio.StreamReader, queue: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
-        while chunk := await source.read(65536):
-            queue.put_nowait((loop.time() + self.delay, chunk))
-        queue.put_nowait((loop.time() + self.delay, b""))
-
-    async def _write(self, queue: asyncio.Queue, sink: asyncio.StreamWriter) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due, chunk = await queue.get()
-            await asyncio.sleep(max(0.0, due - loop.time()))
-            if not chunk:
-                sink.close()
-                return
-            sink.write(chunk)
-            await sink.drain()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
 async def test_rtt_reflects_the_delay_of_the_link(hosts: HostFactory) -> None:
     """Through a relay that delays each direction by 50 ms, every round trip takes >= 100 ms (the
-    namespace test with netem checks the same across a delayed veth: tests/test_rtt_netem.py)."""
+    namespace test checks the same between two ``kairos run`` processes: tests/test_rtt_delayed_link.py)."""
     a: P2PHost = await hosts.host()
     b: P2PHost = await hosts.host()
     port_b = int(b.addresses()[0].split("/tcp/")[1].split("/")[0])

@@ -15,6 +15,8 @@ direction only). ``heal()`` deletes every such table.
 :class:`NatLab` builds the other shape: a public "internet" bridge with nodes on it directly or
 each behind its own router namespace that masquerades (port-preserving, or symmetric with
 ``masquerade random``) and drops unsolicited inbound, for NAT traversal tests (issue #15).
+:class:`SplitLab` gives each node its own link to a middle namespace that does not forward, so
+nodes meet only through a process run there (a delaying TCP relay: the RTT test, issue #17).
 
 Cleanup always runs on leaving the context, also on exceptions: processes the lab started are
 killed, then any process still inside a lab namespace, then the namespaces themselves.
@@ -457,6 +459,62 @@ def _pid_alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --- split lab -------------------------------------------------------------------------------------
+class SplitLab(Lab):
+    """Nodes that cannot reach each other: each on its own veth to a middle namespace that does
+    not forward (``ip_forward`` 0, no bridge), so the only way across is a process the test runs
+    in the middle, e.g. :mod:`kairos_testing.delayproxy` (the RTT test of issue #17).
+
+    Node ``i`` holds ``10.<x>.<i>.2/24`` on ``eth0`` and has no route beyond that subnet; the
+    middle (``<prefix>-mid``) holds ``10.<x>.<i>.1`` on its port ``p<i>``:
+    :meth:`middle_address`. Partitions and inbound drops are not offered: nothing crosses anyway.
+    """
+
+    def __init__(self, prefix: str | None = None, nodes: int = 2) -> None:
+        super().__init__(prefix, nodes)
+        self.bridge_namespace = self.middle = f"{self.prefix}-mid"
+
+    def address(self, node: NodeRef) -> str:
+        return f"10.{self.subnet_octet}.{self.index(node)}.2"
+
+    def middle_address(self, node: NodeRef) -> str:
+        """The middle's address on the link to node ``node``."""
+        return f"10.{self.subnet_octet}.{self.index(node)}.1"
+
+    def command_in_middle(self, argv: Sequence[str]) -> list[str]:
+        """The argv that runs ``argv`` inside the middle namespace."""
+        return ["ip", "netns", "exec", self.middle, *argv]
+
+    def popen_in_middle(self, argv: Sequence[str], **popen: Any) -> subprocess.Popen:
+        """Start ``argv`` inside the middle; the lab kills it on close if it still runs."""
+        self._check_open()
+        proc = subprocess.Popen(self.command_in_middle(argv), **popen)
+        self._processes.append(proc)
+        return proc
+
+    def _build(self) -> None:
+        middle = self.middle
+        self._add_namespace(middle)
+        self._ip(middle, "link", "set", "lo", "up")
+        # A fresh namespace does not forward; say so anyway: the lab's point is that it never does.
+        checked(["ip", "netns", "exec", middle, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
+        for i in range(1, self.size + 1):
+            ns, port = self.namespace(i), f"p{i}"
+            self._add_namespace(ns)
+            self._ip(middle, "link", "add", port, "type", "veth", "peer", "name", NODE_IFACE, "netns", ns)
+            self._ip(middle, "addr", "add", f"{self.middle_address(i)}/24", "dev", port)
+            self._ip(middle, "link", "set", port, "up")
+            self._ip(ns, "link", "set", "lo", "up")
+            self._ip(ns, "addr", "add", f"{self.address(i)}/24", "dev", NODE_IFACE)
+            self._ip(ns, "link", "set", NODE_IFACE, "up")
+
+    def partition(self, group_a: Iterable[NodeRef], group_b: Iterable[NodeRef]) -> None:
+        raise LabError("a split lab has no partitions: its nodes cannot reach each other anyway")
+
+    def drop_inbound(self, receivers: Iterable[NodeRef], senders: Iterable[NodeRef], *, oneway: bool = False) -> None:
+        raise LabError("a split lab has no inbound drops: its nodes cannot reach each other anyway")
 
 
 # --- NAT lab ---------------------------------------------------------------------------------------

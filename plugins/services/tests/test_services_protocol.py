@@ -15,17 +15,7 @@ from kairos_plugin_services import sealed, wire
 from kairos_plugin_services.catalog import BUCKET
 from kairos_plugin_services.plugin import _RUNTIMES
 from kairos_plugin_services.relay import MAX_IDLE_PER_PEER, SideWait
-
-
-async def echo_server() -> tuple[asyncio.AbstractServer, int]:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+from kairos_testing.delayproxy import echo_server
 
 
 async def two_nodes(kairos_network, **services):
