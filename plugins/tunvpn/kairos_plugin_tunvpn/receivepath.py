@@ -102,7 +102,7 @@ class ReceivePath(PeerTable):
         if size <= 0:
             size = n
         relay = self.relay
-        if relay is not None and relay.forward(self._sock, rview, n, size, address):
+        if relay is not None and relay.forward(self._sock, rview, n, size, address, self._open_own):
             return  # another pair's sealed datagrams, relayed unopened (:mod:`.relaydgram`)
         counters.rx_batches += 1
         with self._rx_lock:
@@ -270,6 +270,17 @@ class ReceivePath(PeerTable):
         counters.rx_bytes += delivered_bytes
         if 0 < tail < OVERHEAD + 20:
             self._open_datagram(view[full * size : n], address)  # too short: counted there
+
+    def _open_own(self, datagram: memoryview, address: tuple[str, int]) -> None:
+        """Open one datagram of this node's own that came in a train of relayed ones."""
+        with self._rx_lock:
+            try:
+                self._open_datagram(datagram, address)
+                if self._coalescer is not None:
+                    self._coalescer.flush()
+            except Exception:
+                self._counters.drop_malformed += 1
+                self._log_once("tunvpn: datagram dropped", exc_info=True)
 
     def _may_roam(self, address: tuple[str, int]) -> bool:
         """True if a datagram from ``address``, not its session's endpoint, may be opened."""

@@ -50,6 +50,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from .wire import HEADER_BYTES, KEY_ID
@@ -243,11 +244,21 @@ class RelayTable:
 
     # ----- the receiving thread -------------------------------------------------------------------
 
-    def forward(self, sock: socket.socket, view: memoryview, n: int, size: int, address: Address) -> bool:
+    def forward(
+        self,
+        sock: socket.socket,
+        view: memoryview,
+        n: int,
+        size: int,
+        address: Address,
+        own: Callable[[memoryview, Address], object] | None = None,
+    ) -> bool:
         """Forward what one ``recvmsg`` returned if it is relayed traffic; False if it is not.
 
         A GRO train (``n`` bytes of ``size``-byte datagrams from one source) under one key id goes
-        on unchanged with one GSO send; a train mixing sessions is split by key id.
+        on unchanged with one GSO send; a train mixing sessions is split by key id, and its
+        datagrams under no route go to ``own`` (this node's own traffic from that peer: the kernel
+        may end a train of relayed datagrams with a shorter one of its own, a keepalive say).
         """
         routes = self._routes
         if not routes or n < HEADER_BYTES:
@@ -269,10 +280,12 @@ class RelayTable:
             datagram = view[start : min(start + size, n)]
             start += size
             other = routes.get((address, KEY_ID.unpack_from(datagram, 4)[0])) if len(datagram) >= HEADER_BYTES else None
-            if other is None:
-                self.counters["relay_drop_unrouted"] += 1
-            else:
+            if other is not None:
                 self._send(sock, other, datagram, len(datagram))
+            elif own is not None:
+                own(datagram, address)
+            else:
+                self.counters["relay_drop_unrouted"] += 1
         return True
 
     def _send(self, sock: socket.socket, leg: Leg, data: memoryview, size: int) -> None:

@@ -4,13 +4,14 @@ which forwards their datagrams without their keys (socket pairs stand in for the
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import replace
 
 import pytest
 
 from kairos_plugin_tunvpn import fastpath
 from kairos_plugin_tunvpn.crypto import SessionKeys
-from kairos_plugin_tunvpn.dataplane import DataPlane
+from kairos_plugin_tunvpn.dataplane import UDP_SEGMENT, DataPlane
 from kairos_plugin_tunvpn.plugin import TunVPNPlugin
 from kairos_plugin_tunvpn.relaydgram import (
     IDLE_TIMEOUT,
@@ -22,7 +23,7 @@ from kairos_plugin_tunvpn.relaydgram import (
     encode,
 )
 from kairos_plugin_tunvpn.vnet import GSO_TCPV4, NEEDS_CSUM
-from test_tunvpn_dataplane import FakeTun, wait_for
+from test_tunvpn_dataplane import FakeTun, craft, wait_for
 from tunvpn_nodes import vpn_config
 from tunvpn_packets import icmp_echo, ipv4_tcp
 
@@ -243,3 +244,20 @@ async def test_a_relay_node_refuses_what_its_config_and_limits_do_not_allow_and_
     # A leaves R's VPN: its relay session ends
     r._drop_session(a.peer_id, "test")
     assert r.relay_table.sessions() == [] and r.counters["relay_ended_left"] == 1
+
+
+def test_a_train_of_relayed_datagrams_ending_in_one_of_the_relays_own_delivers_both(trio_planes):
+    tuns, planes, table = trio_planes
+    keys_ab = SessionKeys.derive(b"1" * 32, "a", "b")
+    keys_ar = SessionKeys.derive(b"2" * 32, "a", "r")
+    vip = {name: bytes(int(x) for x in address.split(".")) for name, address in (("a", VIP_A), ("b", VIP_B), ("r", VIP_R))}
+    relayed = [craft(keys_ab, 100 + i, bytes(icmp_echo(src=vip["a"], dst=vip["b"], payload=b"r%d" % i * 100))) for i in range(2)]
+    own = craft(keys_ar, 100, bytes(icmp_echo(src=vip["a"], dst=vip["r"], payload=b"own")))
+    assert len(own) < len(relayed[0])
+    # one GSO train from A's socket, as the kernel may hand it to R whole: two relayed, then R's own
+    ancillary = [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(relayed[0])))]
+    planes["a"]._sock.sendmsg([b"".join(relayed) + own], ancillary, 0, planes["r"].local_address)
+    assert {tuns["b"].receive()[1][28:31] for _ in range(2)} == {b"r0r", b"r1r"}
+    assert tuns["r"].receive()[1][28:] == b"own"
+    # it came as one train: the two relayed datagrams went on with one send
+    assert wait_for(lambda: table.counters["relay_forwarded_sends"] == 1) and table.counters["relay_drop_unrouted"] == 0
