@@ -1,25 +1,25 @@
 """The VPN between two nodes behind NAT, per NAT kind: which path, how soon, RTT and throughput.
 
-Run as root: ``.venv/bin/python bench/nat.py [--runs 3] [--seconds 5] [--kinds none,port-preserving,symmetric]``.
+Run as root: ``.venv/bin/python bench/nat.py [--runs 10] [--seconds 5] [--kinds none,port-preserving,symmetric]``.
 Each run builds a :class:`kairos_testing.netlab.NatLab` — a public node P and nodes A and B each behind
 its own router of the kind (``none``: A and B public too) — starts real ``kairos run`` nodes with the
 tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and prints one JSON line:
 
-- ``path``: how A sends to B once a ping between their VIPs gets through (``direct``,
-  ``punched``, ``relay via <P>`` — P forwarding their sealed datagrams, :mod:`kairos_plugin_tunvpn.relaydgram`
-  — or ``stream``) and ``relayed``: whether A's libp2p connection to B runs through P's relay;
-- ``time_to_ping_s``: from starting A and B until that first ping got through (VPN sessions,
-  relay reservations and admission included); ``time_to_path_s``: until A's path to B left the
-  stream (hole punched or relayed; the stream carries the first pings while that is set up), or
-  ``null`` if it stayed on the stream for 30 s more;
+- ``path``: how A sends to B once the best path for the kind is reached (``direct`` with no NAT,
+  ``punched`` through port-preserving NATs, ``relay via <P>`` or ``stream`` through symmetric
+  ones), or the path at the deadline; ``relayed``: whether A's libp2p connection to B runs
+  through P's relay;
+- ``time_to_path_s``: from both A and B being up (their API answers) until that path is in use on
+  A and a ping between the VIPs gets through over it; ``time_to_ping_s``: until the first ping got
+  through (any path); ``startup_s``: from starting A and B until both were up (process start,
+  imports: load-bound); ``punch``: A's and B's punch attempts, successes and failures;
 - ``rtt_ms``: ping A→B VIP, 20 pings 0.2 s apart (min/avg/max);
 - ``iperf3_mbit_s``: iperf3 TCP A→B between the VIPs for ``--seconds``, one stream;
 - ``relay_cpu_share``: P's CPU seconds per second of the iperf3 run (what relaying costs it: its
   data plane forwards the pair's datagrams when the path is ``relay via P``);
 - ``path_switches``: A's ``vpn_path_switches`` during the measuring (0 = no flapping).
 
-Through symmetric NATs no UDP crosses between A and B, so their path is ``relay via P`` (the
-libp2p stream only while the relay is being set up). Processes sharing the machine's 2 cores: the three nodes, ping/iperf3, and whatever else
+Processes sharing the machine's 2 cores: the three nodes, ping/iperf3, and whatever else
 runs (other sessions' tests): figures are noisy, compare only within one run.
 """
 
@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kairos_testing.netlab import NAT_KINDS, PUBLIC, require_netns
+from kairos_testing.netlab import NAT_KINDS, PORT_PRESERVING, PUBLIC, SYMMETRIC, require_netns
 from kairos_testing.vpnlab import NatVPNLab
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -75,40 +75,66 @@ def iperf(vpn: NatVPNLab, vip: str, seconds: int) -> tuple[float | None, float]:
     return mbit, share
 
 
+#: the path each kind should reach (a prefix of the path's name)
+TARGETS = {"none": ("direct",), PORT_PRESERVING: ("punched",), SYMMETRIC: ("relay via", "stream")}
+PATH_DEADLINE = 60.0
+
+
+def punch_counters(vpn: NatVPNLab) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for index in (2, 3):
+        for name, value in vpn.counters(index).items():
+            if name.startswith("vpn_punch_"):
+                key = name.removeprefix("vpn_punch_")
+                totals[key] = totals.get(key, 0) + value
+    return totals
+
+
 def one_run(kind: str, seconds: int) -> dict:
     kinds = [PUBLIC, PUBLIC] if kind == "none" else [kind, kind]
+    targets = TARGETS[kind]
     with tempfile.TemporaryDirectory(prefix="kairos-nat-") as root, NatVPNLab(Path(root), kinds) as vpn:
-        started = vpn.nated_started_at  # NatVPNLab.start returned once every pair had a VPN session
+        up = vpn.nated_up_at  # NatVPNLab.start returned once every pair had a VPN session
         vip_b = vpn.vip(3)
-        deadline = time.monotonic() + 120
-        while not vpn.ping(2, vip_b, count=1):
-            if time.monotonic() > deadline:
-                return {"kind": kind, "path": None, "error": "no ping between the VIPs within 120 s"}
-        time_to_ping = time.monotonic() - started
-        settled = time.monotonic() + 30
-        while vpn.path(2, 3) in (None, "stream") and time.monotonic() < settled:
-            time.sleep(0.2)
-        path = vpn.path(2, 3)
-        time_to_path = time.monotonic() - started if path not in (None, "stream") else None
+        first_ping = None
+        deadline = up + PATH_DEADLINE
+        while True:
+            path = vpn.path(2, 3)
+            pinged = vpn.ping(2, vip_b, count=1)
+            now = time.monotonic()
+            if pinged and first_ping is None:
+                first_ping = now - up
+            if pinged and path is not None and path.startswith(targets):
+                break
+            if now > deadline:
+                break
+        time_to_path = time.monotonic() - up
+        if first_ping is None:
+            return {"kind": kind, "path": path, "error": f"no ping between the VIPs within {PATH_DEADLINE:.0f} s"}
+        reached = path is not None and path.startswith(targets)
         switches_before = vpn.counters(2).get("vpn_path_switches", 0)
         ping = rtt(vpn, vip_b)
         mbit, share = iperf(vpn, vip_b, seconds)
         return {
             "kind": kind,
             "path": path,
+            "target_reached": reached,
             "relayed": vpn.peer_ids[3] in vpn.relayed_peers(2),
-            "time_to_ping_s": round(time_to_ping, 2),
-            "time_to_path_s": round(time_to_path, 2) if time_to_path is not None else None,
+            "time_to_path_s": round(time_to_path, 2) if reached else None,
+            "time_to_ping_s": round(first_ping, 2),
+            "startup_s": round(up - vpn.nated_started_at, 2),
+            "punch": punch_counters(vpn),
             "rtt_ms": ping,
             "iperf3_mbit_s": round(mbit, 1) if mbit is not None else None,
             "relay_cpu_share": round(share, 3),
             "path_switches": vpn.counters(2).get("vpn_path_switches", 0) - switches_before,
+            "load": os.getloadavg()[0],
         }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--kinds", default="none,port-preserving,symmetric")
     args = parser.parse_args()

@@ -528,6 +528,20 @@ def leader(context: Context, socket_path: str | None, as_json: bool) -> None:
         click.echo("no leader yet")
 
 
+def _vpn_paths(client: Any) -> dict[str, str]:
+    """Each peer's VPN path (``direct``, ``punched``, ``relay via <peer>``, ``stream``) as a VPN
+    plugin publishes it: this node's ``<peer id>/links`` entry in the ``vpn`` bucket. Empty when
+    there is none (no VPN plugin, VPN off); what a peer-written entry holds is only shown if it is text."""
+    try:
+        me = client.request("GET", "/api/status")["peer_id"]
+        links = client.request("GET", "/api/ledger/vpn").get(f"{me}/links")
+    except (KairosError, KeyError, TypeError, AttributeError):
+        return {}
+    if not isinstance(links, dict):
+        return {}
+    return {peer: link["path"] for peer, link in links.items() if isinstance(link, dict) and isinstance(link.get("path"), str)}
+
+
 @cli.command()
 @socket_option
 @json_option
@@ -535,9 +549,13 @@ def leader(context: Context, socket_path: str | None, as_json: bool) -> None:
 @pass_context
 def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bool) -> None:
     """List the members of the network this node sees."""
-    rows = _client(context, socket_path).request("GET", "/api/peers")
+    client = _client(context, socket_path)
+    rows = client.request("GET", "/api/peers")
     if not show_all:
         rows = [row for row in rows if row["alive"]]
+    paths = _vpn_paths(client)
+    for row in rows:
+        row["vpn_path"] = paths.get(row["peer_id"])
     if as_json:
         emit_json(rows)
         return
@@ -550,7 +568,7 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
     # wrap instead when the terminal is narrow.
     id_width = max((len(escape_control(row["peer_id"])) for row in rows), default=len("peer id"))
     table.add_column("peer id", no_wrap=True, min_width=id_width)
-    for column in ("hostname", "alive", "connected", "rtt", "last seen", "addresses"):
+    for column in ("hostname", "alive", "connected", "rtt", "vpn path", "last seen", "addresses"):
         table.add_column(column, overflow="fold")
     for row in rows:
         seen = "" if row["last_seen_s"] is None else f"{row['last_seen_s']} s ago"
@@ -569,6 +587,7 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
             "yes" if row["alive"] else "no",
             "yes" if row["connected"] else "no",
             link,
+            _cell(row.get("vpn_path")),
             seen,
             Text(addresses),
         )

@@ -100,7 +100,8 @@ class VPNLab(Closing):
         return self.vpn_bucket(index).get(f"{self.peer_ids[index]}/links") or {}
 
     def path(self, index: int, to: int) -> str | None:
-        """``udp`` or ``stream``: how node ``index`` sends to node ``to`` now."""
+        """How node ``index`` sends to node ``to`` now: ``direct``, ``punched``, ``relay via <peer>``
+        or ``stream`` (None: no session)."""
         return (self.links(index).get(self.peer_ids[to]) or {}).get("path")
 
     def counters(self, index: int) -> dict[str, int]:
@@ -195,6 +196,8 @@ class NatVPNLab(VPNLab):
         self.nated_started_at = time.monotonic()
         nodes = [self.network.start(i, p2p={**quiet, "bootstrap_peers": bootstrap}, extra=extra) for i in range(2, self.size + 1)]
         self.peer_ids.update({node.index: self.network.wait_up(node) for node in nodes})
+        #: ``time.monotonic()`` when every NATed node's API answered (bench/nat.py: time to path)
+        self.nated_up_at = time.monotonic()
         self.wait(
             lambda: all(
                 len(self.links(i)) == self.size - 1 and all(row.get("vip") for row in self.links(i).values())

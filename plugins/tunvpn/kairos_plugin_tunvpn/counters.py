@@ -33,6 +33,8 @@ class Counters:
     roam_opens: int = 0
     #: sessions moved to a new endpoint by an authentic datagram from it
     roams: int = 0
+    #: sealed keepalives sent to try a path that is not in use (UDP trials, hole punching)
+    probes_sent: int = 0
     send_errors: int = 0
     recv_errors: int = 0
     tun_errors: int = 0

@@ -39,7 +39,14 @@ COUNTER_HELP: dict[str, str] = {
     "coalesced_packets": "TCP segments merged into those frames.",
     "claim_lapses": "Times this node's VPN address claim lapsed.",
     "address_moves": "Times this node moved to another VPN address.",
-    "path_switches": "Switches of a peer's path between UDP and the libp2p stream.",
+    "path_switches": "Changes of a peer's path (direct or punched UDP, relay, libp2p stream).",
+    "path_source_errors": "Path sources that failed when asked for their paths.",
+    "probes_sent": "Sealed keepalives sent to try a path not in use (UDP trials, hole punching).",
+    "punch_attempts": "Hole-punching attempts (this node's and answered ones).",
+    "punch_successes": "Hole-punching attempts after which UDP from the peer worked.",
+    "punch_failures": "Hole-punching attempts that opened nothing (symmetric NAT, no answer).",
+    "punch_bad_messages": "Malformed hole-punching messages received.",
+    "punch_refused": "Hole-punching requests refused (no session, one already running, too soon).",
     "keepalive_errors": "Keepalives that could not be sent.",
     "key_exchanges": "Key exchanges with peers.",
     "key_exchange_errors": "Key exchanges that failed.",
@@ -53,7 +60,10 @@ COUNTER_HELP: dict[str, str] = {
     "fallback_send_errors": "Sends on the stream fallback that failed.",
 }
 #: values, not counts
-GAUGE_HELP: dict[str, str] = {"fastpath": "1 when the C fast path of the data plane runs, else 0."}
+GAUGE_HELP: dict[str, str] = {
+    "fastpath": "1 when the C fast path of the data plane runs, else 0.",
+    "relay_sessions": "Pairs of peers whose sealed datagrams this node relays now.",
+}
 
 
 def declare(node: NodeView) -> None:

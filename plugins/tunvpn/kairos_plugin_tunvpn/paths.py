@@ -16,8 +16,9 @@ not block). Whoever can carry a peer's datagrams another way plugs in as a :clas
 paths to each peer, adds the UDP and stream rungs it knows itself, and lets the link's
 :class:`PathLadder` choose.
 
-The ladder moves *down* at once when the path in use stops working, and *up* only to a path that
-has worked for ``settle`` seconds in a row; a move up that does not hold for
+The ladder moves *down* at once when the path in use stops working, and *up* to a better path
+at once while every move up held, else only to one that has worked ``settle`` seconds in a row;
+a move up that does not hold for
 :attr:`PathHysteresis.stable` seconds doubles the wait before the next one
 (:class:`~.fallback.PathHysteresis`). So a path that comes and goes cannot make the link flap.
 """
@@ -123,7 +124,10 @@ class PathLadder:
             for better in candidates:
                 if better.rank >= current.rank:
                     break
-                ripe = now - self._working_since[better.rung] >= self.settle
+                # a link whose moves up all held takes a better path at once (a new link's first
+                # UDP); after one that did not, the path must have worked `settle` s in a row
+                settled = now - self._working_since[better.rung] >= self.settle
+                ripe = settled or self.hysteresis.failures == 0
                 if ripe and self.hysteresis.may_try(now, self._last_up):
                     self._last_up = now
                     self.hysteresis.went_up(now)

@@ -43,6 +43,18 @@ _TRANSIENT_SEND_ERRORS = {
 }
 
 
+def keepalive_packet(source: bytes, destination: bytes, port: int = 9) -> bytes:
+    """An IPv4 packet holding an empty UDP datagram from ``source`` to ``destination``:``port``
+    (the discard port: the receiving kernel drops it)."""
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0x4000, 64, socket.IPPROTO_UDP, 0, source, destination))
+    total = sum(struct.unpack("!10H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    struct.pack_into("!H", header, 10, ~total & 0xFFFF)
+    # UDP checksum 0: none, which IPv4 allows
+    return bytes(header) + struct.pack("!HHHH", port, port, 8, 0)
+
+
 class SendPath(PeerTable):
     """Sealing and sending: the methods the forwarding threads call for what they read from the TUN."""
 
@@ -275,6 +287,32 @@ class SendPath(PeerTable):
             self._send_train(peer, out_view, length, size, position)
         counters.tx_packets += count
         counters.tx_bytes += len(frame.packet) + (count - 1) * header_len
+
+    def probe(self, peer_id: str, endpoint: tuple[str, int], source_vip: bytes) -> bool:
+        """Send one sealed keepalive to ``peer_id`` at ``endpoint``, whatever path its packets take.
+
+        This is how a path that is not in use is tried (UDP to the advertised endpoint while on
+        the stream, a hole punch to a reported public endpoint): an authentic datagram that arrives
+        tells the peer where we are and that UDP from here gets through; its NAT mapping opens on
+        our side as it leaves. The inner packet is an empty UDP datagram from ``source_vip`` to the
+        peer's discard port, as the VPN's keepalives are. False for an unknown peer or a failed send.
+        """
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return False
+        inner = keepalive_packet(source_vip, peer.vip_bytes)
+        epoch, aead, counter, rekeyed, _ = peer.send.reserve(1)
+        if rekeyed:
+            self._counters.rekeys += 1
+        header = WIRE_HEADER.pack(KIND_DATA, epoch & 0xFF, 0, 0, peer.send.key_id, counter)
+        datagram = header + aead.encrypt(header[4:], inner, header)
+        try:
+            self._sock.sendto(datagram, endpoint)
+        except OSError:
+            self._counters.send_errors += 1
+            return False
+        self._counters.probes_sent += 1
+        return True
 
     def _send_train(self, peer: Peer, out_view: memoryview, length: int, size: int, count: int) -> None:
         counters = self._counters

@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 from kairos_core.plugin import SKIP, Alias, ConfigError, Option, Section, multiaddr_ip, text_value
 
-from . import keyexchange
+from . import keyexchange, punch
 from .addressing import Claim, choose_address, decode_claim, holders, parse_claim, read_claims, usable, wall_clock_ms
 from .crypto import SessionKeys
 from .fallback import PACKETS_PROTOCOL, FallbackSender, PathHysteresis, read_datagrams, udp_target
 from .keyexchange import KEYS_PROTOCOL, ExchangeError
 from .nodeplane import NodeDataPlane, parking_address
+from .punch import PUNCH_PROTOCOL, PunchState
 from .paths import DIRECT, PUNCHED, RELAY, STREAM, Path, PathLadder, PathSource
 from .relaydgram import MAX_MESSAGE as RELAY_MAX_MESSAGE
 from .relaydgram import RELAY_MODES, RELAY_PROTOCOL, RelayLimits, RelayMessageError, RelayTable
@@ -191,8 +192,8 @@ SECTION = Section(
 )
 DEFAULTS: dict[str, Any] = SECTION.defaults()
 UDP_RETRY_INTERVAL = 10.0
-UDP_TRIAL_SECONDS = 0.2
 EXCHANGE_RETRY = 2.0
+EARLY_PROBES = 5.0
 # A session from which nothing authentic arrives for this long (keepalives flow every second)
 # is renegotiated: the two ends may hold different keys after a crash mid-exchange.
 SILENCE_REKEY = 30.0
@@ -294,7 +295,7 @@ class Link:
     """
 
     keys_installed_at: float
-    udp_up: bool = True
+    udp_up: bool = False
     since: float = field(default_factory=time.monotonic)
     endpoint: tuple[str, int] | None = None
     last_trial: float = 0.0
@@ -311,6 +312,7 @@ class Link:
     #: per relay asked: ``time.monotonic()`` before which it is not asked again for this peer
     relay_backoff: dict[str, float] = field(default_factory=dict)
     relay_asking: bool = False
+    punching: PunchState = field(default_factory=PunchState)
 
     def __post_init__(self) -> None:
         # one back-off for UDP trials and moves up the ladder: a path that did not hold waits longer
@@ -456,6 +458,7 @@ class VPN:
         self.node.serve(PACKETS_PROTOCOL, self._serve_packets)
         self.node.serve(RELAY_PROTOCOL, self._serve_relay)
         self.plane.relay = self.relay_table
+        self.node.serve(PUNCH_PROTOCOL, self._serve_punch)
         self.plane.start()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="tunvpn")
         log.info("vpn up: %s on %s, UDP port %d", self.address, self.settings.interface, self.plane.local_address[1])
@@ -741,43 +744,125 @@ class VPN:
                 plane.set_endpoint(peer_id, path.endpoint)
             return
         plane.set_fallback(peer_id, path.send or link.sender.send)
-        trial = now - link.last_trial < UDP_TRIAL_SECONDS
-        if not trial and plane.endpoint_of(peer_id) is not None:
+        if plane.endpoint_of(peer_id) is not None:
             plane.set_endpoint(peer_id, None)
 
     def _track_udp(self, peer_id: str, link: Link, now: float) -> None:
-        """Whether UDP to the peer works: down after ``udp_timeout`` without an authentic UDP
-        datagram, up again once one arrives; while down, a short trial every retry interval."""
+        """Whether UDP to the peer works: up once an authentic UDP datagram arrives, down after
+        ``udp_timeout`` without one; while down, a probe to its advertised endpoint every retry
+        interval (backing off when UDP came up and did not hold), and hole punching (:mod:`.punch`)."""
         plane = self.plane
         assert plane is not None
         s = self.settings
-        if not s.udp or (link.endpoint is None and not link.punched):
-            self._udp_down(link, now)
+        if not s.udp:
             return
         heard = plane.udp_heard(peer_id)
         if link.udp_up:
             if now - max(heard or 0.0, link.since) > s.udp_timeout:
                 log.info("vpn: no UDP from %s for %.0f s", peer_id, s.udp_timeout)
-                self._udp_down(link, now)
-        elif heard is not None and heard > link.since:
-            log.info("vpn: UDP from %s works again", peer_id)
+                link.udp_up, link.since, link.last_trial = False, now, now
+            elif link.ladder.current.rank != 0:
+                # UDP works but the ladder waits (its back-off) before moving up to it: keep the
+                # path, and the NAT mappings along it, open meanwhile, or it lapses before its turn
+                self._probe(peer_id, udp_target(link.endpoint, plane.source_of(peer_id), heard, now, s.udp_timeout))
+            return
+        if heard is not None and heard > link.since:
+            log.info("vpn: UDP from %s works", peer_id)
             link.udp_up, link.since = True, now
             self._apply_path(peer_id, link, now)
-        elif link.hysteresis.may_try(now, link.last_trial):  # backs off when UDP up did not hold
-            # let a keepalive (and a moment of traffic) try UDP; the peer learns our endpoint
-            # from it if it arrives, and answers over UDP
+            return
+        # the first probe of a new link may beat the peer's installing of the keys (the
+        # responder installs after its reply): the first seconds, one probe per tick
+        early = now - link.keys_installed_at < EARLY_PROBES
+        if early or link.hysteresis.may_try(now, link.last_trial):
             link.last_trial = now
-            plane.set_endpoint(peer_id, link.endpoint)
-            asyncio.get_running_loop().call_later(UDP_TRIAL_SECONDS, self._end_trial, peer_id, link)
+            self._probe(peer_id, link.endpoint)
+        if link.punching.due(now) and keyexchange.initiates(self.peer_id, peer_id) and self._own_endpoints():
+            link.punching.running = True
+            self._spawn(self._punch(peer_id, link))
 
-    def _udp_down(self, link: Link, now: float) -> None:
-        if link.udp_up:
-            link.udp_up, link.since, link.last_trial = False, now, now
+    def _probe(self, peer_id: str, endpoint: tuple[str, int] | None) -> None:
+        if endpoint is not None and self.plane is not None and self.address is not None:
+            self.plane.probe(peer_id, endpoint, self.address.ip.packed)
 
-    def _end_trial(self, peer_id: str, link: Link) -> None:
-        if self.links.get(peer_id) is link and not link.udp_up and self.plane is not None:
-            # back to the path in use: the stream, or a relay's endpoint
-            self.plane.set_endpoint(peer_id, link.ladder.current.endpoint)
+    # ----- hole punching (:mod:`.punch`) ---------------------------------------------------------
+
+    def _own_endpoints(self) -> list[tuple[str, int]]:
+        """Where peers see our UDP datagrams come from (their ``observed`` of us), most seen first."""
+        seen: collections.Counter[tuple[str, int]] = collections.Counter()
+        for key, value in self.node.ledger.items(BUCKET).items():
+            if not key.endswith("/links") or key.startswith(self.peer_id) or not isinstance(value, dict):
+                continue
+            row = value.get(self.peer_id)
+            endpoint = punch.parse_endpoint(row.get("observed")) if isinstance(row, dict) else None
+            if endpoint is not None:
+                seen[endpoint] += 1
+        return [endpoint for endpoint, _ in seen.most_common(punch.MAX_ENDPOINTS)]
+
+    async def _punch(self, peer_id: str, link: Link) -> None:
+        """Offer our public endpoints to the peer, take its own, and probe them (the initiator)."""
+        self.counters["vpn_punch_attempts"] += 1
+        try:
+            stream = await self.node.open_stream(peer_id, PUNCH_PROTOCOL)
+            try:
+                await stream.write_frame(punch.encode(self._own_endpoints()))
+                theirs = punch.decode(await asyncio.wait_for(stream.read_frame(punch.MAX_MESSAGE), punch.REPLY_TIMEOUT))
+            finally:
+                await stream.close()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no stream, a timeout, a bad answer: an attempt that failed
+            if isinstance(exc, punch.PunchError):
+                self.counters["vpn_punch_bad_messages"] += 1
+            log.debug("vpn: hole punching with %s: %s", peer_id, exc)
+            link.punching.running = False
+            link.punching.failed(time.monotonic())
+            self.counters["vpn_punch_failures"] += 1
+            return
+        await self._burst(peer_id, link, theirs)
+
+    async def _serve_punch(self, stream: Any) -> None:
+        """The answering side: take the peer's endpoints, give ours, probe theirs."""
+        peer_id = stream.peer_id
+        link = self.links.get(peer_id)
+        if link is None or link.punching.running or not link.punching.may_answer(time.monotonic()):
+            self.counters["vpn_punch_refused"] += 1
+            await stream.reset()
+            return
+        try:
+            theirs = punch.decode(await asyncio.wait_for(stream.read_frame(punch.MAX_MESSAGE), punch.REPLY_TIMEOUT))
+            await stream.write_frame(punch.encode(self._own_endpoints()))
+        except (punch.PunchError, asyncio.TimeoutError) as exc:
+            self.counters["vpn_punch_bad_messages"] += 1
+            log.debug("vpn: bad punch message from %s: %s", peer_id, exc)
+            await stream.reset()
+            return
+        await stream.close()
+        link.punching.running = True
+        self.counters["vpn_punch_attempts"] += 1
+        await self._burst(peer_id, link, theirs)
+
+    async def _burst(self, peer_id: str, link: Link, endpoints: list[tuple[str, int]]) -> None:
+        """Probe the peer's reported endpoints until UDP from it works or the burst is over."""
+        link.punched = frozenset(endpoints)
+        try:
+            for _ in range(punch.BURST_PROBES if endpoints else 0):
+                if self.links.get(peer_id) is not link or link.udp_up:
+                    break
+                for endpoint in endpoints:
+                    self._probe(peer_id, endpoint)
+                await asyncio.sleep(punch.BURST_INTERVAL)
+            now = time.monotonic()
+            if self.plane is not None and (link.udp_up or (self.plane.udp_heard(peer_id) or 0.0) > link.since):
+                self.counters["vpn_punch_successes"] += 1
+                log.info("vpn: hole punched to %s", peer_id)
+                link.punching.succeeded(now)
+            else:
+                self.counters["vpn_punch_failures"] += 1
+                log.info("vpn: hole punching to %s opened nothing (a symmetric NAT?): stays on %s", peer_id, link.path)
+                link.punching.failed(now)
+        finally:
+            link.punching.running = False
 
     # ----- relayed datagrams (:mod:`.relaydgram`) --------------------------------------------------
 
@@ -1056,12 +1141,8 @@ class VPN:
         claim = parse_claim(peer_id, self.node.ledger.get(BUCKET, peer_id), self.settings.network, self._now_ms())
         host = udp_host(self.node.members().get(peer_id, {}), self.settings.network)
         link.endpoint = (host, claim.udp_port) if host and claim and claim.udp_port else None
-        if fresh:
-            # a new link tries UDP to the advertised endpoint at once (most peers are reachable
-            # so); new keys on an old link keep the path it has
-            link.udp_up, link.since = self.settings.udp, now
-            if self.settings.udp and link.endpoint is not None:
-                link.ladder.start(Path(DIRECT, endpoint=link.endpoint), now)
+        if link.udp_up:
+            link.since = now  # new keys start a new session: its first UDP datagram is yet to come
         try:
             plane.add_peer(peer_id, vip, link.ladder.current.endpoint, keys)
         except ValueError as exc:  # a receive key id collision: astronomically rare, renegotiate
@@ -1071,6 +1152,11 @@ class VPN:
         assert link.sender is not None  # made with the link, above
         plane.set_fallback(peer_id, link.sender.send)
         log.info("vpn: session with %s (%s)", peer_id, "no VIP yet" if parked else vip)
+        if fresh and self.settings.udp:
+            # a new link starts on the stream, which works as soon as there is a session, and
+            # tries UDP at once: the peer answers over UDP when the probe gets through
+            link.last_trial = now
+            self._probe(peer_id, link.endpoint)
         self.wake()
 
     def _drop_session(self, peer_id: str, reason: str) -> None:

@@ -24,17 +24,18 @@ def test_names_are_what_the_status_shows() -> None:
         Path("carrier-pigeon")
 
 
-def test_down_at_once_up_after_settling() -> None:
-    ladder = PathLadder(PathHysteresis(retry=10, stable=30), settle=1.0)
-    ladder.start(UDP, 0.0)
+def test_down_at_once_up_at_once_until_a_move_up_did_not_hold() -> None:
+    ladder = PathLadder(PathHysteresis(retry=1, stable=30), settle=1.0)
+    assert ladder.choose(0.0, [STREAMED]).kind == STREAM
+    # UDP works: up at once (a new link's first UDP)
     assert ladder.choose(0.5, [UDP, STREAMED]) == UDP
     # UDP stops working: the relay, not the stream, at once
     assert ladder.choose(1.0, [RELAYED, STREAMED]) == RELAYED
-    assert ladder.switches == 1
-    # UDP is back but has not worked for a second yet: stay
+    assert ladder.switches == 2 and ladder.hysteresis.failures == 1
+    # UDP is back, but the last move up did not hold: it must work for a second first
     assert ladder.choose(2.0, [UDP, RELAYED, STREAMED]) == RELAYED
     assert ladder.choose(3.1, [UDP, RELAYED, STREAMED]).kind == DIRECT
-    assert ladder.switches == 2
+    assert ladder.switches == 3
 
 
 def test_a_moving_endpoint_or_a_punched_label_is_the_same_path() -> None:
