@@ -99,7 +99,7 @@ def test_punched_path_between_port_preserving_nats_and_none_through_a_symmetric_
     assert tcp_echo(vpn, A, B) == "echoed", vpn.explain(A, B)
     assert vpn.counters(A).get("vpn_punch_successes", 0) >= 1
     status = vpn.vpn_status(A)
-    assert {row["peer_id"]: row["path"] for row in status["peers"]}[ids[B]] == "punched"
+    assert {row["peer_id"]: row["path"] for row in status["peers"]}[ids[B]] == "punched", vpn.explain(A, B)
     assert " punched " in vpn.vpn_status_text(A)
     assert {row["peer_id"]: row["vpn_path"] for row in kairos_peers(vpn, A)}[ids[B]] == "punched"
     # a symmetric NAT: no punched path, the attempt counted as failed, pings still cross

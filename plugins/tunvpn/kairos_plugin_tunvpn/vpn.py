@@ -716,11 +716,11 @@ class VPN:
         assert plane is not None and link.sender is not None
         working: list[Path] = []
         if link.udp_up:
-            heard = plane.udp_heard(peer_id)
-            # a NATed peer is answered where its datagrams come from, not at its LAN address
-            target = udp_target(link.endpoint, plane.source_of(peer_id), heard, now, self.settings.udp_timeout)
+            target = self._udp_target(peer_id, link, now)
             if target is not None:
-                working.append(Path(PUNCHED if target in link.punched else DIRECT, endpoint=target))
+                # a punched endpoint that is the advertised one is a direct path (a public peer)
+                punched = target in link.punched and target != link.endpoint
+                working.append(Path(PUNCHED if punched else DIRECT, endpoint=target))
         for source in self._path_sources:
             try:
                 working.extend(source.paths(peer_id, now))
@@ -729,6 +729,22 @@ class VPN:
                 log.debug("vpn: path source %r failed", source, exc_info=True)
         working.append(Path(STREAM, send=link.sender.send))
         return working
+
+    def _udp_target(self, peer_id: str, link: Link, now: float) -> tuple[str, int] | None:
+        """Where UDP to ``peer_id`` goes: where its authentic datagrams come from (a NATed peer is
+        answered at its router's mapping, not at its LAN address), else a punched endpoint, else
+        the advertised one."""
+        plane = self.plane
+        assert plane is not None
+        source = plane.source_of(peer_id)
+        if source is not None and any(plane.source_of(p) == source for p in self.links if p != peer_id):
+            # another peer's endpoint: datagrams a relay forwarded after its session here ended
+            # moved the session there; they are not where this peer is
+            source = None
+        target = udp_target(link.endpoint, source, plane.udp_heard(peer_id), now, self.settings.udp_timeout)
+        if link.punched and (source is None or target != source):
+            return min(link.punched)
+        return target
 
     def _apply_path(self, peer_id: str, link: Link, now: float) -> None:
         """Let the link's ladder choose among the working paths and point the data plane at it."""
@@ -764,7 +780,7 @@ class VPN:
             elif link.ladder.current.rank != 0:
                 # UDP works but the ladder waits (its back-off) before moving up to it: keep the
                 # path, and the NAT mappings along it, open meanwhile, or it lapses before its turn
-                self._probe(peer_id, udp_target(link.endpoint, plane.source_of(peer_id), heard, now, s.udp_timeout))
+                self._probe(peer_id, self._udp_target(peer_id, link, now))
             return
         if heard is not None and heard > link.since:
             log.info("vpn: UDP from %s works", peer_id)
