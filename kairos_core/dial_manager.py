@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 ROUND_INTERVAL = 1.0
 ADDRESS_SCAN_INTERVAL = 5.0
+# The protection tag of connections that carry relay reservations (kairos_core.p2p.relay).
+RELAY_TAG = "relay-reservation"
 
 
 class Host(Protocol):
@@ -99,6 +101,7 @@ class DialManager:
             self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: not self.connections.saturated()
         )
         self._candidates: dict[str, list[str]] = {}
+        self._relay_links: set[str] = set()  # protected under RELAY_TAG
         self._addresses: list[str] = host.addresses()
         self._passes = 0
         self._task: asyncio.Task | None = None
@@ -152,9 +155,24 @@ class DialManager:
                 if addrs:
                     known[peer_id] = addrs
         self._candidates = self.dialer.candidates(known)
+        self._protect_relay_links()
         for peer_id in self.connections.round(set(self._candidates)):
             self.counters["connections_trimmed"] += 1
             self._close(peer_id)
+
+    def _protect_relay_links(self) -> None:
+        """Never trim a connection a relay reservation lives on: ours to our relays (what makes a
+        private node reachable at all) and, on a relay, those of the peers reserving on it."""
+        reachability = getattr(self.host, "reachability", None)
+        if reachability is None:
+            return
+        state = reachability()
+        wanted = set(state.get("relays", ())) | set(state.get("reserving_peers", ()))
+        for peer_id in wanted - self._relay_links:
+            self.connections.protect(peer_id, RELAY_TAG)
+        for peer_id in self._relay_links - wanted:
+            self.connections.unprotect(peer_id, RELAY_TAG)
+        self._relay_links = wanted
 
     def _needs_members(self) -> bool:
         # Members are only needed as candidates while the degree is short; pinned peers and the

@@ -202,3 +202,20 @@ async def test_addresses_are_scanned_every_few_passes_and_a_change_is_announced(
     host.listen = ["/ip4/10.0.0.9/tcp/4001"]
     await _passes(manager, 5)
     assert changes == [1] and manager.counters["address_changes"] == 1
+
+
+async def test_connections_carrying_relay_reservations_are_never_trimmed() -> None:
+    members = _peers(12)
+    manager, host, _ = _dial_manager(members, low=2, high=3, grace=0.0)
+    relay, reserving = members[0], members[1]
+    host.reachability = lambda: {"relays": [relay], "reserving_peers": [reserving]}
+    for peer in members[:8]:  # far above high
+        host.peers.add(peer)
+        manager.admitted(peer)
+    await _passes(manager, 1)
+    # trimmed to low, but the link to our relay and the one a peer holds its reservation on stay
+    assert relay in host.peers and reserving in host.peers and relay not in host.closed
+    assert manager.connections.is_protected(relay) and manager.connections.is_protected(reserving)
+    host.reachability = lambda: {"relays": [], "reserving_peers": []}
+    await _passes(manager, 1)
+    assert not manager.connections.is_protected(relay) and not manager.connections.is_protected(reserving)

@@ -358,11 +358,12 @@ class P2PHost:
     def reachability(self) -> dict[str, Any]:
         """What this node knows of its reachability (issue #15): ``reachability`` (public, private
         or unknown), ``observed`` (where admitted peers see it), ``relays`` (holding a reservation
-        for it), ``relayed_peers`` (connected through a relay) and ``relay`` (the load it serves)."""
+        for it), ``reserving_peers`` (holding one on it), ``relayed_peers`` (connected through a relay) and ``relay`` (the load it serves)."""
         return {
             "reachability": self._reachability.state,
             "observed": list(self._reachability.observed),
             "relays": self._relay.relays(),
+            "reserving_peers": self._relay.reserved_peers(),
             "relayed_peers": sorted(self._relay.relayed),
             "relay": {"enabled": self._relay.limits.enable, **self._relay.serving()},
         }

@@ -133,6 +133,10 @@ class Relay:
         """Relays holding a reservation for us."""
         return sorted(self._holding)
 
+    def reserved_peers(self) -> list[str]:
+        """Peers holding a reservation on us (relay side)."""
+        return sorted(self._reserved)
+
     def serving(self) -> dict[str, int]:
         """Relay-side load: reservations held and circuits open."""
         return {"reservations": len(self._reserved), "circuits": sum(self._circuits.values()) // 2}
