@@ -128,7 +128,9 @@ class PathLadder:
                 # UDP); after one that did not, the path must have worked `settle` s in a row
                 settled = now - self._working_since[better.rung] >= self.settle
                 ripe = settled or self.hysteresis.failures == 0
-                if ripe and self.hysteresis.may_try(now, self._last_up):
+                # the wait between moves up is for links whose last move up did not hold: a link
+                # that went stream -> relay a moment ago takes punched UDP at once
+                if ripe and (self.hysteresis.failures == 0 or self.hysteresis.may_try(now, self._last_up)):
                     self._last_up = now
                     self.hysteresis.went_up(now)
                     return self._switch(better, now)

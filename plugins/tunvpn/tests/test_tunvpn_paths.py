@@ -38,6 +38,14 @@ def test_down_at_once_up_at_once_until_a_move_up_did_not_hold() -> None:
     assert ladder.switches == 3
 
 
+def test_up_twice_in_a_row_while_every_move_held() -> None:
+    # stream -> relay, and a moment later punched UDP: no wait in between (nothing failed)
+    ladder = PathLadder(PathHysteresis(retry=10, stable=30), settle=1.0)
+    assert ladder.choose(0.0, [RELAYED, STREAMED]) == RELAYED
+    assert ladder.choose(0.5, [Path(PUNCHED, endpoint=("198.51.100.3", 4000)), RELAYED, STREAMED]).kind == PUNCHED
+    assert ladder.switches == 2
+
+
 def test_a_moving_endpoint_or_a_punched_label_is_the_same_path() -> None:
     ladder = PathLadder(settle=0.0)
     ladder.start(UDP, 0.0)
