@@ -379,7 +379,11 @@ class Election:
             return
         if current is None and self.monotonic() - self._started < min(self.lease_seconds, STARTUP_GRACE):
             return  # a new node first gives discovery and sync the time to show a sitting leader
-        if not self.eligible() or not self._quorum() or self._candidate() != self.peer_id:
+        # The holder of a lease that lapsed is passed over as the next candidate: it may still look
+        # alive (a hung process keeps its connections; the kernel answers keepalives), and were it
+        # the lowest-ranked, nobody else would ever claim.
+        silent = current.peer if current is not None and current.peer != self.peer_id else None
+        if not self.eligible() or not self._quorum() or self._candidate(passed_over=silent) != self.peer_id:
             return
         # the chain's top, not the current lease's: epochs must never go backwards
         epoch = max(self.chain_top(), current.epoch if current else 0) + 1
@@ -458,8 +462,8 @@ class Election:
                 pass  # an unreachable leader is what we are checking for
         return True
 
-    def _candidate(self) -> str | None:
-        alive = [peer for peer, info in self.membership.alive().items() if info.get("eligible", True)]
+    def _candidate(self, passed_over: str | None = None) -> str | None:
+        alive = [peer for peer, info in self.membership.alive().items() if info.get("eligible", True) and peer != passed_over]
         if self.eligible():
             alive.append(self.peer_id)
         return min(alive, key=candidate_rank) if alive else None
