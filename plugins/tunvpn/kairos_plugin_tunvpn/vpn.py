@@ -869,7 +869,10 @@ class VPN:
                     self._probe(peer_id, endpoint)
                 await asyncio.sleep(punch.BURST_INTERVAL)
             now = time.monotonic()
-            if self.plane is not None and (link.udp_up or (self.plane.udp_heard(peer_id) or 0.0) > link.since):
+            # a success is UDP from an endpoint the peer reported: datagrams a relay forwards
+            # (before this end knows it relays) do not count
+            plane = self.plane
+            if plane is not None and plane.source_of(peer_id) in endpoints and (plane.udp_heard(peer_id) or 0.0) > link.since:
                 self.counters["vpn_punch_successes"] += 1
                 log.info("vpn: hole punched to %s", peer_id)
                 link.punching.succeeded(now)
