@@ -29,12 +29,14 @@ labvpn = pytest.importorskip("kairos_testing.vpnlab", reason="the tunvpn plugin 
 
 A, B, C = 2, 3, 4
 TCP_PORT = 7777
+# The server reads the whole payload before it echoes and closes: closing with bytes unread would
+# send a reset (it read until 200,000 of the client's 204,800 and failed a CI run that way).
 ECHO_SERVER = (
     "import socket,sys\n"
     "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
     "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); c,_=s.accept()\n"
     "data=b''\n"
-    "while len(data) < 200000:\n"
+    "while len(data) < 204800:\n"
     "    chunk=c.recv(65536)\n"
     "    if not chunk: break\n"
     "    data+=chunk\n"
