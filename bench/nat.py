@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--kinds", default="none,port-preserving,symmetric")
     args = parser.parse_args()
+    # stopped with SIGTERM (timeout, kill), unwind so the labs delete their namespaces and nodes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     reason = require_netns()
     if reason:
         sys.exit(f"bench/nat.py: {reason}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--keep-logs", metavar="DIR", help="copy every node's log here at the end")
     args = parser.parse_args()
+    # stopped with SIGTERM (timeout, kill), unwind so the labs delete their namespaces and nodes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     reason = require_netns()
     if reason:
         print(json.dumps({"error": reason}))

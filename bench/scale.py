@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=30.0, help="pause between formation and the quiet window")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
     args = parser.parse_args()
+    # stopped with SIGTERM (timeout, kill), unwind so the labs delete their namespaces and nodes
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     reason = require_netns()
     if reason:
         print(json.dumps({"error": reason}))
