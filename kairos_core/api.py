@@ -74,8 +74,9 @@ WATCH_CLOSE_GRACE = 5.0
 # clients without the token cannot hold the node's sockets by the thousand.
 MAX_WEB_CONNECTIONS = 32
 # Over TCP (the dashboard's and the metrics listener) a whole request, its head and body, must
-# arrive within this, and so must the next one on a kept-alive connection: a per-read timeout
-# alone let a client sending one byte every minute hold a connection for weeks.
+# arrive within this once its first byte came: a per-read timeout alone let a client sending one
+# byte every minute hold a connection for weeks. (A kept-alive connection may still idle for
+# IDLE_TIMEOUT between requests, as browsers expect: closing it sooner races their next request.)
 TCP_REQUEST_DEADLINE = 10.0
 
 
@@ -212,8 +213,9 @@ class APIServer:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         try:
             while True:
-                reading = self._read_request(connection, reader, writer)
-                request, body = await (asyncio.wait_for(reading, TCP_REQUEST_DEADLINE) if tcp else reading)
+                request, body = await self._read_request(
+                    connection, reader, writer, request_deadline=TCP_REQUEST_DEADLINE if tcp else None
+                )
                 if request is None:
                     return
                 reusable = await self._respond(connection, writer, reader, request, body, web=web)
@@ -232,13 +234,25 @@ class APIServer:
             await _close(writer, WATCH_CLOSE_GRACE)
 
     async def _read_request(
-        self, connection: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        connection: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request_deadline: float | None = None,
     ) -> tuple[h11.Request | None, bytes]:
+        """The next request and its body; ``(None, b"")`` when the client is done. Waiting for a
+        request's first byte may take IDLE_TIMEOUT; with ``request_deadline`` the rest of it must
+        follow within that many seconds."""
         request, body = None, bytearray()
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # set at the request's first byte (request_deadline)
         while True:
             event = connection.next_event()
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT)
+                timeout = IDLE_TIMEOUT if deadline is None else max(0.0, deadline - loop.time())
+                data = await asyncio.wait_for(reader.read(65536), timeout)
+                if data and deadline is None and request_deadline is not None:
+                    deadline = loop.time() + request_deadline
                 connection.receive_data(data)
                 if not data and connection.their_state is h11.IDLE:
                     return None, b""
