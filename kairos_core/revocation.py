@@ -147,10 +147,14 @@ class Revocations:
         """Whether ``peer`` is revoked here."""
         return peer in self._in_force
 
-    def records(self) -> list[Revocation]:
-        """Every well-formed record held, credible or not."""
+    def records(self, writers: tuple[str, ...] | None = None) -> list[Revocation]:
+        """Every well-formed record held, credible or not (only those of ``writers`` if given,
+        picked by key before anything is parsed)."""
+        suffixes = None if writers is None else tuple(":" + writer for writer in writers)
         found = []
         for key in list(self.ledger.items(REVOKED_BUCKET)):
+            if suffixes is not None and not key.endswith(suffixes):
+                continue
             entry = self.ledger.get_entry(REVOKED_BUCKET, key)
             if entry is not None and not entry.deleted:
                 record = parse_revocation(entry.key, entry.value, entry.owner)
@@ -165,20 +169,9 @@ class Revocations:
         unparsed (parsing one costs ~0.1 ms)."""
         if self._epoch is None:
             return self.records()
-        writers = {self.lease_holder(epoch) for epoch in (self._epoch, self._epoch - 1) if epoch >= 0}
-        suffixes = tuple(":" + writer for writer in writers if writer)
-        if not suffixes:
-            return []
-        found = []
-        for key in list(self.ledger.items(REVOKED_BUCKET)):
-            if not key.endswith(suffixes):
-                continue
-            entry = self.ledger.get_entry(REVOKED_BUCKET, key)
-            if entry is not None and not entry.deleted:
-                record = parse_revocation(entry.key, entry.value, entry.owner)
-                if record is not None:
-                    found.append(record)
-        return found
+        holders = {self.lease_holder(epoch) for epoch in (self._epoch, self._epoch - 1) if epoch >= 0}
+        writers = tuple(holder for holder in holders if holder)
+        return self.records(writers) if writers else []
 
     def in_force(self) -> list[Revocation]:
         """The records that revoked a peer here, oldest first."""
