@@ -85,5 +85,6 @@ def test_when_udp_between_b_and_c_is_blocked_both_reach_each_other_through_a(thr
     subprocess.run(vpn.lab.command(2, ["nft", "-f", "-"]), input=script, text=True, check=True, capture_output=True)
     via = f"relay via {vpn.peer_ids[1]}"
     vpn.wait(lambda: vpn.path(2, 3) == via and vpn.path(3, 2) == via, 60, f"B and C on '{via}'")
-    assert vpn.ping(2, vpn.vip(3), count=3) and vpn.ping(3, vpn.vip(2), count=3), vpn.explain(2, 3)
-    assert vpn.path(1, 2) == vpn.path(1, 3) == "direct"
+    # polled, not read once: under load a path may move for a moment (one CI run failed here)
+    vpn.wait(lambda: vpn.ping(2, vpn.vip(3), count=3) and vpn.ping(3, vpn.vip(2), count=3), 60, "pings B <-> C via A")
+    vpn.wait(lambda: vpn.path(1, 2) == vpn.path(1, 3) == "direct", 60, "A direct to B and C")
