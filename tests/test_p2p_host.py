@@ -402,18 +402,20 @@ async def test_connection_churn_never_locks_the_listener_out(hosts: HostFactory,
     members = [await hosts.host() for _ in range(CHURN_MEMBERS)]
     outsiders = [await hosts.host(token=generate_token()) for _ in range(CHURN_OUTSIDERS)]
     assert CHURN_MEMBER_CYCLES * CHURN_MEMBERS + CHURN_OUTSIDER_CYCLES * CHURN_OUTSIDERS > 1_000
-    refused = admitted = 0
+    refused = 0
+    # per member, the cycles in which it was admitted
+    admitted_in: dict[str, list[int]] = {member.peer_id: [] for member in members}
+    failures: dict[str, list[str]] = {member.peer_id: [] for member in members}
 
     async def member_churn(member: P2PHost) -> None:
-        nonlocal admitted
-        for _ in range(CHURN_MEMBER_CYCLES):
+        for cycle in range(CHURN_MEMBER_CYCLES):
             try:
                 # the target's DHT may dial us back at the same moment: one of the two
                 # connections loses, which is churn, not a lockout
                 assert await member.connect(target.addresses()) == target.peer_id
-                admitted += 1
-            except (AdmissionError, P2PError):
-                pass
+                admitted_in[member.peer_id].append(cycle)
+            except (AdmissionError, P2PError) as exc:
+                failures[member.peer_id].append(f"{cycle}: {type(exc).__name__}: {exc}"[:160])
             await member.disconnect(target.peer_id)
             await asyncio.sleep(CHURN_PAUSE)
 
@@ -426,8 +428,15 @@ async def test_connection_churn_never_locks_the_listener_out(hosts: HostFactory,
 
     await asyncio.gather(*map(member_churn, members), *map(outsider_churn, outsiders))
     assert refused == CHURN_OUTSIDER_CYCLES * CHURN_OUTSIDERS
-    # a lockout would stop admissions at the 300th connection
-    assert admitted >= 0.95 * CHURN_MEMBER_CYCLES * CHURN_MEMBERS, admitted
+    # A lockout of the listener stops every admission at the 300th connection, a quarter of the
+    # way through; a lockout of one member (the listener still counting it as admitted, hanging
+    # up on its handshakes) stops that member's. So: every member is still admitted in its last
+    # cycles, and most cycles admit (the losers of the races above are a few percent)
+    admitted = sum(map(len, admitted_in.values()))
+    assert admitted >= 0.8 * CHURN_MEMBER_CYCLES * CHURN_MEMBERS, admitted
+    late_cycles = range(CHURN_MEMBER_CYCLES - 10, CHURN_MEMBER_CYCLES)
+    missing = {p: (len(c), failures[p][-2:]) for p, c in admitted_in.items() if not any(x in late_cycles for x in c)}
+    assert not missing, missing
 
     async def all_closed() -> bool:
         # the DHT dials a peer back right after it was admitted: close until it stays closed

@@ -326,9 +326,10 @@ class AdmissionGate:
         """The ``/kairos/admit/1.0.0`` stream handler: check a dialler's proof."""
         peer = peer_of(net_stream)
         record = self._admission_for(peer)
-        if record.admitted:
-            await quiet_reset(net_stream)
-            return
+        # A peer we count as admitted that asks again gets its answer like any other: it dialled
+        # a new connection (a quick reconnect whose old connection's end we have not seen yet,
+        # or one libp2p lost track of), and hanging up on it would lock it out for as long as we
+        # miss that end — for good when the swarm keeps the dead connection listed.
         if peer in self.revoked:
             self.counters["admission_revoked"] += 1
             await self._refuse(peer, record, "revoked", net_stream)
