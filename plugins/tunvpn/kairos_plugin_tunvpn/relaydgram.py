@@ -179,7 +179,10 @@ class RelayTable:
         ``b_key``; returns the refusal reason instead (counted), None when open."""
         with self._lock:
             reason = self.refusal(a, b)
-            if reason is None and ((a_source, a_key) in self._routes or (b_source, b_key) in self._routes):
+            # a route another pair's session holds; the pair's own old session (both ends asking
+            # at once, or a renewal under the same keys) gives its routes to the new one
+            taken = [self._routes.get(route) for route in ((a_source, a_key), (b_source, b_key))]
+            if reason is None and any(leg is not None and {leg.session.a, leg.session.b} != {a, b} for leg in taken):
                 reason = "route in use"
             if reason is not None:
                 self.counters["relay_refused_" + reason.replace(" ", "_").lower()] += 1

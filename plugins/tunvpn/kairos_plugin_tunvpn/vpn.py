@@ -681,6 +681,8 @@ class VPN:
                 link.last_mark, link.last_progress = mark, now
             self._apply_path(peer_id, link, now)
             self._track_udp(peer_id, link, now)
+            if link.relay is not None and link.ladder.current.kind != RELAY:
+                self._warm_relay(peer_id, link)
             if link.ladder.current.kind == STREAM:
                 self._maybe_ask_relay(peer_id, link, now)
             if vip is not None:
@@ -736,15 +738,22 @@ class VPN:
         the advertised one."""
         plane = self.plane
         assert plane is not None
-        source = plane.source_of(peer_id)
-        if source is not None and any(plane.source_of(p) == source for p in self.links if p != peer_id):
-            # another peer's endpoint: datagrams a relay forwarded after its session here ended
-            # moved the session there; they are not where this peer is
-            source = None
+        source = None if self._relayed_unasked(peer_id) else plane.source_of(peer_id)
         target = udp_target(link.endpoint, source, plane.udp_heard(peer_id), now, self.settings.udp_timeout)
         if link.punched and (source is None or target != source):
             return min(link.punched)
         return target
+
+    def _relayed_unasked(self, peer_id: str) -> bool:
+        """True if the peer's datagrams last came from another peer's endpoint: a relay forwards
+        them that this end does not relay through (its session here ended, or the other end alone
+        asked for it). They moved the session there; they are neither a UDP path of ours to the
+        peer nor where it is."""
+        plane = self.plane
+        if plane is None:
+            return False
+        source = plane.source_of(peer_id)
+        return source is not None and any(plane.source_of(p) == source for p in self.links if p != peer_id)
 
     def _apply_path(self, peer_id: str, link: Link, now: float) -> None:
         """Let the link's ladder choose among the working paths and point the data plane at it."""
@@ -782,7 +791,7 @@ class VPN:
                 # path, and the NAT mappings along it, open meanwhile, or it lapses before its turn
                 self._probe(peer_id, self._udp_target(peer_id, link, now))
             return
-        if heard is not None and heard > link.since:
+        if heard is not None and heard > link.since and not self._relayed_unasked(peer_id):
             log.info("vpn: UDP from %s works", peer_id)
             link.udp_up, link.since = True, now
             self._apply_path(peer_id, link, now)
@@ -900,6 +909,16 @@ class VPN:
             self._end_relay(peer_id, link, now)
             return []
         return [Path(RELAY, via=relay, endpoint=endpoint)]
+
+    def _warm_relay(self, peer_id: str, link: Link) -> None:
+        """A probe to the peer through the relay it granted, while the ladder waits (its back-off
+        after a move up that did not hold) before moving to it: so the far end hears the relayed
+        path work and keeps it, and it is still there when its turn comes. Without it a relay
+        the ladder did not take within ``udp_timeout`` would fall silent and be given up unused."""
+        plane, relay = self.plane, link.relay
+        relay_link = self.links.get(relay) if relay is not None else None
+        if plane is not None and relay is not None and relay_link is not None and relay_link.ladder.current.rank == 0:
+            self._probe(peer_id, plane.endpoint_of(relay))
 
     def _end_relay(self, peer_id: str, link: Link, now: float) -> None:
         if link.relay is not None:

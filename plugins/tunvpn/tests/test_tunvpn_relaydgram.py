@@ -187,6 +187,19 @@ def test_a_session_that_forwards_nothing_for_a_minute_ends():
     assert table.sessions_of("a") == 0 and table.counters["relay_ended_idle"] == 1
 
 
+def test_a_pair_asking_again_under_the_same_keys_renews_its_session_and_no_other_pair_takes_its_routes():
+    table = RelayTable(RelayLimits())
+    sources = {"a": ("127.0.0.1", 1), "b": ("127.0.0.1", 2), "c": ("127.0.0.1", 3)}
+    assert table.open("a", sources["a"], 1, "b", sources["b"], 2) is None
+    # both ends asked (or the same end again) while the first session still stands
+    assert table.open("b", sources["b"], 2, "a", sources["a"], 1) is None
+    assert table.sessions_of("a") == 1 and table.counters["relay_ended_renewed"] == 1
+    assert table.counters["relay_refused_route_in_use"] == 0
+    # a third peer naming one of the pair's routes is refused: it cannot steal A's datagrams
+    assert table.open("c", sources["c"], 5, "b", sources["b"], 2) == "route in use"
+    assert table.counters["relay_refused_route_in_use"] == 1 and table.sessions_of("c") == 0
+
+
 @pytest.mark.parametrize(
     "data",
     [
