@@ -15,6 +15,9 @@ node dial without end.
   within a fraction of a second instead of at the end of its back-off. Resets happen at most
   once per ``reset_interval``, so churn cannot turn them into a dial storm.
 - At most ``max_parallel`` dials run at once; the strangers remembered for retries are bounded.
+- Addresses a peer gains while a dial of it runs get an attempt of their own at once, beside it
+  (one per peer at a time): a private peer's relayed address, learned a few seconds after it,
+  must not wait for the dial of its unreachable own addresses to time out (issue #15).
 - Dials of peers never admitted — announced by discovery, or vouched for by members, or only
   remembered from disk — share one token bucket: ``stranger_rate`` a second, bursts of
   ``stranger_burst``. Anyone can announce made-up peers at somebody else's address (50 of them made
@@ -100,7 +103,8 @@ class Dialer:
         self.counters: Counter[str] = Counter()
         self._slots = asyncio.Semaphore(max_parallel)
         self._backoff: dict[str, _Backoff] = {}
-        self._in_flight: set[str] = set()
+        # per peer being dialled: the addresses each of its attempts tries (at most two)
+        self._in_flight: dict[str, list[frozenset[str]]] = {}
         self._strangers: dict[str, list[str]] = {}  # announced by discovery, never admitted yet
         self._known: set[str] = set()  # admitted at some time: reconnecting to them is urgent
         self._pinned: dict[str, list[str]] = {}  # configured bootstrap peers: always worth a dial
@@ -156,8 +160,11 @@ class Dialer:
     # --- the rounds --------------------------------------------------------------------------
     def want(self, peer_id: str, addrs: list[str]) -> bool:
         """Dial ``peer_id`` now if it is not connected, not being dialled and not backing off."""
-        if peer_id == self.self_id or peer_id in self._in_flight or self._is_connected(peer_id):
+        if peer_id == self.self_id or self._is_connected(peer_id):
             return False
+        attempts = self._in_flight.get(peer_id)
+        if attempts is not None:
+            return self._try_new_addresses(peer_id, addrs, attempts)
         state = self._backoff.get(peer_id)
         if state is not None and self.clock() < state.retry_at:
             return False
@@ -167,11 +174,31 @@ class Dialer:
         if peer_id not in self._known and not self._stranger_dials.take(self.clock()):
             self.counters["dials_deferred"] += 1  # a later round asks again
             return False
-        self._in_flight.add(peer_id)
-        task = asyncio.get_running_loop().create_task(self._attempt(peer_id, addrs), name=f"dial-{peer_id[-6:]}")
+        self._start(peer_id, addrs)
+        return True
+
+    def _try_new_addresses(self, peer_id: str, addrs: list[str], attempts: list[frozenset[str]]) -> bool:
+        """A dial of ``peer_id`` runs: give the addresses none of its attempts tries one of their
+        own, unless one already runs beside it."""
+        if len(attempts) > 1:
+            return False
+        tried = attempts[0]
+        new = [a for a in with_peer_suffix(addrs, peer_id) if a not in tried]
+        if not new:
+            return False
+        if peer_id not in self._known and not self._stranger_dials.take(self.clock()):
+            self.counters["dials_deferred"] += 1
+            return False
+        self.counters["dials_new_addresses"] += 1
+        self._start(peer_id, new)
+        return True
+
+    def _start(self, peer_id: str, addrs: list[str]) -> None:
+        tried = frozenset(addrs)
+        self._in_flight.setdefault(peer_id, []).append(tried)
+        task = asyncio.get_running_loop().create_task(self._attempt(peer_id, addrs, tried), name=f"dial-{peer_id[-6:]}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     def round(self, known_addrs: dict[str, list[str]]) -> None:
         """One periodic pass: every peer worth a connection (``known_addrs``) and every stranger."""
@@ -203,7 +230,7 @@ class Dialer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _attempt(self, peer_id: str, addrs: list[str]) -> None:
+    async def _attempt(self, peer_id: str, addrs: list[str], tried: frozenset[str]) -> None:
         try:
             async with self._slots:
                 if self._is_connected(peer_id):
@@ -213,13 +240,19 @@ class Dialer:
             raise
         except Exception as exc:
             self.counters["dials_failed"] += 1
-            self._failed(peer_id)
+            # the back-off is for a peer no attempt reached: not while another still runs or won
+            if len(self._in_flight.get(peer_id, ())) <= 1 and not self._is_connected(peer_id):
+                self._failed(peer_id)
             log.debug("dialling %s failed: %s", peer_id, exc)
         else:
             self.counters["dials_ok"] += 1
             self._backoff.pop(peer_id, None)
         finally:
-            self._in_flight.discard(peer_id)
+            attempts = self._in_flight.get(peer_id, [])
+            if tried in attempts:
+                attempts.remove(tried)
+            if not attempts:
+                self._in_flight.pop(peer_id, None)
 
     def _failed(self, peer_id: str) -> None:
         state = self._backoff.setdefault(peer_id, _Backoff())

@@ -219,3 +219,52 @@ async def test_connections_carrying_relay_reservations_are_never_trimmed() -> No
     host.reachability = lambda: {"relays": [], "reserving_peers": []}
     await _passes(manager, 1)
     assert not manager.connections.is_protected(relay) and not manager.connections.is_protected(reserving)
+
+
+async def test_an_address_learned_while_a_dial_hangs_is_dialled_at_once_beside_it() -> None:
+    """A private peer's own address times out (5 s); its relayed one, learned a moment after the
+    dial began, must not wait for that (issue #15: 6 of the 11 s to a punched path)."""
+    net = FakeNetwork()
+    peer = Identity.generate().peer_id
+    own, relayed = "/ip4/192.168.3.2/tcp/4001", f"/ip4/198.51.100.1/tcp/4001/p2p/{peer[:-1]}R/p2p-circuit"
+    hung = asyncio.Event()
+
+    async def dial(addrs: list[str]) -> str:
+        net.dials.append((net.now, peer, addrs[0].rsplit(f"/p2p/{peer}", 1)[0]))
+        if any("p2p-circuit" in a for a in addrs):
+            net.connected.add(peer)
+            return peer
+        await hung.wait()  # the SYNs go unanswered
+        raise OSError("timed out")
+
+    dialer = Dialer(Identity.generate().peer_id, dial, net.connected.__contains__, clock=net.clock)
+    assert dialer.want(peer, [own])
+    await asyncio.sleep(0)
+    assert not dialer.want(peer, [own])  # the same addresses: the running dial is enough
+    assert dialer.want(peer, [own, relayed])
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert peer in net.connected and [a for _, _, a in net.dials] == [own, relayed]
+    assert dialer.counters["dials_new_addresses"] == 1 and dialer.counters["dials_ok"] == 1
+    hung.set()  # the first dial fails now: no back-off for a peer another attempt reached
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert dialer.counters["dials_failed"] == 1 and dialer.waiting() == {}
+
+
+async def test_at_most_two_attempts_per_peer_however_its_addresses_churn() -> None:
+    net = FakeNetwork()
+    peer = Identity.generate().peer_id
+    never = asyncio.Event()
+
+    async def dial(addrs: list[str]) -> str:
+        net.dials.append((net.now, peer, addrs[0]))
+        await never.wait()
+        return peer
+
+    dialer = Dialer(Identity.generate().peer_id, dial, net.connected.__contains__, clock=net.clock)
+    for port in range(4001, 4011):
+        dialer.want(peer, [f"/ip4/192.0.2.9/tcp/{port}"])
+        await asyncio.sleep(0)
+    assert len(net.dials) == 2
+    await dialer.aclose()
