@@ -58,6 +58,8 @@ EPOCHS_RECORDED = 256
 REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
+# how often a stream waiting for its dial checks whether the peer got connected another way
+CONNECTED_POLL = 0.1
 # The RTTs an entry publishes (``rtt_ms``, issue #17) ride on the writes that happen anyway (a
 # change of neighbours, a refresh); a move alone rewrites the entry at most once per
 # ``membership.rtt_publish_interval``, and only when some value moved by more than
@@ -205,6 +207,7 @@ class Node:
             ),
         )
         self.host.on_died = self._host_died
+        self.host.on_addresses_changed = self._neighbours_changed  # announce soon, once per burst
         await self.host.revoke(self.revocations.revoked)  # the gate refuses them from the start
         await self.host.start()
         horizon = self.config.section("election").quorum_horizon
@@ -449,10 +452,24 @@ class Node:
                 addrs = info.get("addresses") if isinstance(info, dict) else None
                 if not (isinstance(addrs, list) and addrs):
                     raise KairosError(f"{peer_id} is not connected and advertises no address")
-                await self.host.connect([a for a in addrs if isinstance(a, str)])
+                await self._connected_soon(peer_id, [a for a in addrs if isinstance(a, str)])
             return await self.host.open_stream(peer_id, protocol)
         except P2PError as exc:
             raise KairosError(str(exc)) from None
+
+    async def _connected_soon(self, peer_id: str, addrs: list[str]) -> None:
+        """Dial ``peer_id`` at ``addrs`` and return once it is admitted — by this dial or by
+        another way that wins meanwhile (the dialler's attempt at a relayed address learned a
+        moment later, the peer dialling us): a dial of a NATed peer's own addresses takes its
+        whole timeout to fail, and a stream that waited for it would start seconds late."""
+        assert self.host is not None
+        dial = asyncio.ensure_future(self.host.connect(addrs))
+        # left to finish on its own when another way won: its failure is nobody's news then
+        dial.add_done_callback(lambda done: done.cancelled() or done.exception())
+        while not dial.done() and not self.host.is_admitted(peer_id):
+            await asyncio.wait({dial}, timeout=CONNECTED_POLL)
+        if not self.host.is_admitted(peer_id):
+            dial.result()  # the dial's error
 
     def protect(self, peer_id: str, tag: str) -> None:
         """Keep the connection to ``peer_id`` while ``tag`` needs it."""

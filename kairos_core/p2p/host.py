@@ -142,6 +142,10 @@ class P2PHost:
         self.max_message_size = max_message_size
         self.on_peer_admitted = on_peer_admitted
         self.on_peer_disconnected = on_peer_disconnected
+        #: called (asyncio side) when this host's addresses or reachability change on their own: a
+        #: relay reservation made or lost, a new reachability verdict — others should learn at once
+        #: (a private peer's relayed address is how they reach it; issue #15)
+        self.on_addresses_changed: Callable[[], Any] | None = None
         #: called with the error if the libp2p thread dies while the host runs (see TrioThread.on_died)
         self.on_died: Callable[[BaseException], None] | None = None
         self.admission_timeout = admission_timeout
@@ -171,9 +175,13 @@ class P2PHost:
         self._inbound: InboundSlots | None = None
         self._asyncio_tasks: set[asyncio.Task] = set()
         # NAT traversal (issue #15): where others see us, and circuits through public peers
-        self._reachability = Reachability(self.counters, self._listen_port)
+        self._reachability = Reachability(self.counters, self._listen_port, on_change=self._addresses_changed)
         self._relay = Relay(
-            self.peer_id, relay or RelayLimits(), self.counters, is_public=lambda: self._reachability.state == "public"
+            self.peer_id,
+            relay or RelayLimits(),
+            self.counters,
+            is_public=lambda: self._reachability.state == "public",
+            on_reservations_changed=self._addresses_changed,
         )
         # issue #17: RTT per peer, read from the pings yamux sends anyway (see .rtt)
         self._rtt = RttTable(self.counters)
@@ -790,6 +798,11 @@ class P2PHost:
         if bridge is None or not bridge.running:
             raise P2PError("host is not running")
         return bridge
+
+    def _addresses_changed(self) -> None:
+        """Trio side: what :meth:`addresses` or :meth:`reachability` say changed (a relay
+        reservation made or lost, a new verdict): tell asyncio's ``on_addresses_changed``."""
+        self._notify_asyncio(self.on_addresses_changed)
 
     def _notify_asyncio(self, callback: Callable[..., Any] | None, *args: Any) -> None:
         """From trio: run ``callback(*args)`` on the asyncio loop, awaiting it if it is async."""

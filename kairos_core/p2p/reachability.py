@@ -51,9 +51,13 @@ def _ip_multiaddr(ip: str, port: int) -> str:
 class Reachability:
     """Both sides of the dial-back: answering peers, and this node's own verdict."""
 
-    def __init__(self, counters: dict[str, int], listen_port: Callable[[], int | None]) -> None:
+    def __init__(
+        self, counters: dict[str, int], listen_port: Callable[[], int | None], on_change: Callable[[], None] = lambda: None
+    ) -> None:
         self.counters = counters
         self._listen_port = listen_port
+        #: called (trio side) when the verdict or the observed addresses change
+        self.on_change = on_change
         self._host: Any = None
         self._answered: dict[str, float] = {}
         self._running_dial_backs = 0
@@ -156,6 +160,9 @@ class Reachability:
                 state = PUBLIC if any(reachable for _, reachable in answers) else PRIVATE
                 if state != self.state:
                     log.info("reachability: %s (observed as %s)", state, ", ".join(sorted({o for o, _ in answers})))
-                self.state = state
-                self.observed = sorted({observed for observed, _ in answers})
+                observed = sorted({observed for observed, _ in answers})
+                changed = (state, observed) != (self.state, self.observed)
+                self.state, self.observed = state, observed
+                if changed:
+                    self.on_change()
             await trio.sleep(PROBE_RETRY if self.state == UNKNOWN else PROBE_INTERVAL)

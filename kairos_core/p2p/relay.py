@@ -98,8 +98,17 @@ def _valid_peer(text: Any) -> ID | None:
 class Relay:
     """Both sides of the relay for one host: serving circuits, and holding reservations."""
 
-    def __init__(self, peer_id: str, limits: RelayLimits, counters: dict[str, int], is_public: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        limits: RelayLimits,
+        counters: dict[str, int],
+        is_public: Callable[[], bool],
+        on_reservations_changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self.peer_id = peer_id
+        #: called (trio side) when a reservation of ours is made or lost: our relayed addresses changed
+        self.on_reservations_changed = on_reservations_changed
         self.limits = limits
         self.counters = counters
         self._is_public = is_public
@@ -370,6 +379,7 @@ class Relay:
             self._holding[relay] = address
             trying.discard(relay)
             log.info("relay %s holds a reservation for us: reachable at %s", relay, circuit_address(address, relay, self.peer_id))
+            self.on_reservations_changed()
             await read_frame(net_stream)  # the relay sends nothing: this returns when it is gone
         except Exception as exc:
             log.debug("reservation on %s ended: %r", relay, exc)
@@ -377,5 +387,6 @@ class Relay:
             trying.discard(relay)
             if self._holding.pop(relay, None) is not None:
                 log.info("reservation on relay %s lost", relay)
+                self.on_reservations_changed()
             if net_stream is not None:
                 await quiet_reset(net_stream)

@@ -94,7 +94,11 @@ class LabNetwork:
                 "listen": [f"/ip4/{self.lab.address(index)}/tcp/{P2P_PORT}"],
                 **(p2p or {}),
             },
-            "node": {"state_dir": str(root), "hostname": f"lab{index}", "log_level": "info"},
+            "node": {
+                "state_dir": str(root),
+                "hostname": f"lab{index}",
+                "log_level": os.environ.get("KAIROS_LAB_LOG_LEVEL", "info"),
+            },
             **(extra or {}),
         }
         config_path = root / "kairos.yaml"
