@@ -681,7 +681,9 @@ class VPN:
                 link.last_mark, link.last_progress = mark, now
             self._apply_path(peer_id, link, now)
             self._track_udp(peer_id, link, now)
-            if link.relay is not None and link.ladder.current.kind != RELAY:
+            # only while on the stream: once on UDP, probes through the relay would keep its
+            # session (and the peer's source there) alive for nothing
+            if link.relay is not None and link.ladder.current.kind == STREAM:
                 self._warm_relay(peer_id, link)
             if link.ladder.current.kind == STREAM:
                 self._maybe_ask_relay(peer_id, link, now)
