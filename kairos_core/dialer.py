@@ -159,38 +159,28 @@ class Dialer:
 
     # --- the rounds --------------------------------------------------------------------------
     def want(self, peer_id: str, addrs: list[str]) -> bool:
-        """Dial ``peer_id`` now if it is not connected, not being dialled and not backing off."""
+        """Dial ``peer_id`` now if it is not connected and not backing off; while a dial of it
+        runs, only the addresses that dial does not try, in one attempt beside it."""
         if peer_id == self.self_id or self._is_connected(peer_id):
             return False
-        attempts = self._in_flight.get(peer_id)
-        if attempts is not None:
-            return self._try_new_addresses(peer_id, addrs, attempts)
-        state = self._backoff.get(peer_id)
-        if state is not None and self.clock() < state.retry_at:
-            return False
-        addrs = with_peer_suffix(addrs, peer_id)
+        running = self._in_flight.get(peer_id, [])
+        if running:
+            if len(running) > 1:
+                return False
+            addrs = [a for a in with_peer_suffix(addrs, peer_id) if a not in running[0]]
+        else:
+            state = self._backoff.get(peer_id)
+            if state is not None and self.clock() < state.retry_at:
+                return False
+            addrs = with_peer_suffix(addrs, peer_id)
         if not addrs:
             return False
         if peer_id not in self._known and not self._stranger_dials.take(self.clock()):
             self.counters["dials_deferred"] += 1  # a later round asks again
             return False
+        if running:
+            self.counters["dials_new_addresses"] += 1
         self._start(peer_id, addrs)
-        return True
-
-    def _try_new_addresses(self, peer_id: str, addrs: list[str], attempts: list[frozenset[str]]) -> bool:
-        """A dial of ``peer_id`` runs: give the addresses none of its attempts tries one of their
-        own, unless one already runs beside it."""
-        if len(attempts) > 1:
-            return False
-        tried = attempts[0]
-        new = [a for a in with_peer_suffix(addrs, peer_id) if a not in tried]
-        if not new:
-            return False
-        if peer_id not in self._known and not self._stranger_dials.take(self.clock()):
-            self.counters["dials_deferred"] += 1
-            return False
-        self.counters["dials_new_addresses"] += 1
-        self._start(peer_id, new)
         return True
 
     def _start(self, peer_id: str, addrs: list[str]) -> None:

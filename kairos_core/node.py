@@ -207,7 +207,7 @@ class Node:
             ),
         )
         self.host.on_died = self._host_died
-        self.host.on_addresses_changed = self._neighbours_changed  # announce soon, once per burst
+        self.host.on_addresses_changed = self._announce_soon
         await self.host.revoke(self.revocations.revoked)  # the gate refuses them from the start
         await self.host.start()
         horizon = self.config.section("election").quorum_horizon
@@ -216,7 +216,7 @@ class Node:
             self.host,
             lambda: self.membership.worth_dialling(horizon),
             self._advertised_addresses,
-            addresses_changed=self._neighbours_changed,
+            addresses_changed=self._announce_soon,
             counters=self.counters,
             low=p2p.connections.low,
             high=p2p.connections.high,
@@ -628,8 +628,9 @@ class Node:
         if len(measured) < len(neighbours):
             self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY)
 
-    def _neighbours_changed(self) -> None:
-        # Others learn who is alive from whom we vouch for: say it soon, once per burst.
+    def _announce_soon(self) -> None:
+        # Our neighbours or our addresses changed: others learn who is alive from whom we vouch
+        # for, and how to reach us from our addresses. Say it soon, once per burst.
         self._announce_later("_announce_pending", NEIGHBOUR_ANNOUNCE_DELAY)
 
     def _announce_later(self, slot: str, delay: float) -> None:
@@ -819,7 +820,7 @@ class Node:
         self.dial_manager.admitted(peer_id)
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
-        self._neighbours_changed()
+        self._announce_soon()
 
     async def _peer_disconnected(self, peer_id: str) -> None:
         if self.dial_manager:
@@ -828,7 +829,7 @@ class Node:
             self.replicator.peer_gone(peer_id)
         if self.membership:
             self.membership.disconnected(peer_id)
-        self._neighbours_changed()
+        self._announce_soon()
 
     def revoke(self, peer_id: str, reason: str = "") -> tuple[dict[str, Any], bool]:
         """Revoke ``peer_id`` network-wide (the leader only); ``(record, newly written)``.

@@ -681,11 +681,10 @@ class VPN:
                 link.last_mark, link.last_progress = mark, now
             self._apply_path(peer_id, link, now)
             self._track_udp(peer_id, link, now)
-            # only while on the stream: once on UDP, probes through the relay would keep its
-            # session (and the peer's source there) alive for nothing
-            if link.relay is not None and link.ladder.current.kind == STREAM:
-                self._warm_relay(peer_id, link)
             if link.ladder.current.kind == STREAM:
+                # only on the stream: once on UDP, probes through the relay would keep its session
+                # (and the peer's source there) alive for nothing
+                self._warm_relay(peer_id, link)
                 self._maybe_ask_relay(peer_id, link, now)
             if vip is not None:
                 try:
@@ -740,17 +739,17 @@ class VPN:
         the advertised one."""
         plane = self.plane
         assert plane is not None
-        source = None if self._relayed_unasked(peer_id) else plane.source_of(peer_id)
+        source = None if self._heard_via_another_peer(peer_id) else plane.source_of(peer_id)
         target = udp_target(link.endpoint, source, plane.udp_heard(peer_id), now, self.settings.udp_timeout)
         if link.punched and (source is None or target != source):
             return min(link.punched)
         return target
 
-    def _relayed_unasked(self, peer_id: str) -> bool:
-        """True if the peer's datagrams last came from another peer's endpoint: a relay forwards
-        them that this end does not relay through (its session here ended, or the other end alone
-        asked for it). They moved the session there; they are neither a UDP path of ours to the
-        peer nor where it is."""
+    def _heard_via_another_peer(self, peer_id: str) -> bool:
+        """True if the peer's datagrams last came from another peer's endpoint: a relay forwarded
+        them (one this end relays through, or one it does not: its session here ended, or the
+        other end alone asked for it). They moved the session there; they are neither a UDP path
+        of ours to the peer nor where it is."""
         plane = self.plane
         if plane is None:
             return False
@@ -793,7 +792,7 @@ class VPN:
                 # path, and the NAT mappings along it, open meanwhile, or it lapses before its turn
                 self._probe(peer_id, self._udp_target(peer_id, link, now))
             return
-        if heard is not None and heard > link.since and not self._relayed_unasked(peer_id):
+        if heard is not None and heard > link.since and not self._heard_via_another_peer(peer_id):
             log.info("vpn: UDP from %s works", peer_id)
             link.udp_up, link.since = True, now
             self._apply_path(peer_id, link, now)
@@ -903,8 +902,7 @@ class VPN:
         if plane is None or link is None or link.relay is None:
             return []
         relay = link.relay
-        relay_link = self.links.get(relay)
-        endpoint = plane.endpoint_of(relay) if relay_link is not None and relay_link.ladder.current.rank == 0 else None
+        endpoint = self._relay_endpoint(relay)
         heard = plane.relay_heard(peer_id) or 0.0
         if endpoint is None or now - max(heard, link.relay_since) > self.settings.udp_timeout:
             log.info("vpn: nothing from %s through %s for %.0f s", peer_id, relay, self.settings.udp_timeout)
@@ -917,10 +915,16 @@ class VPN:
         after a move up that did not hold) before moving to it: so the far end hears the relayed
         path work and keeps it, and it is still there when its turn comes. Without it a relay
         the ladder did not take within ``udp_timeout`` would fall silent and be given up unused."""
-        plane, relay = self.plane, link.relay
-        relay_link = self.links.get(relay) if relay is not None else None
-        if plane is not None and relay is not None and relay_link is not None and relay_link.ladder.current.rank == 0:
-            self._probe(peer_id, plane.endpoint_of(relay))
+        if link.relay is not None:
+            self._probe(peer_id, self._relay_endpoint(link.relay))
+
+    def _relay_endpoint(self, relay: str) -> tuple[str, int] | None:
+        """Where datagrams go to be relayed by ``relay``: its UDP endpoint while the link to it
+        is on UDP (None otherwise: a relay reached only over the stream relays nothing)."""
+        relay_link = self.links.get(relay)
+        if self.plane is None or relay_link is None or relay_link.ladder.current.rank != 0:
+            return None
+        return self.plane.endpoint_of(relay)
 
     def _end_relay(self, peer_id: str, link: Link, now: float) -> None:
         if link.relay is not None:
