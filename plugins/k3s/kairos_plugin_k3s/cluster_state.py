@@ -246,6 +246,8 @@ class ClusterState:
     def audit(self) -> None:
         """Count (and log, once each) the join data of every node that is not a master, read or not."""
         masters = self.masters()
+        if not masters:
+            return  # no master is known yet (its role may still be on its way): nobody to judge against
         for name in JOIN_KEYS:
             for peer in self._owned(name):
                 if peer not in masters:
@@ -260,7 +262,9 @@ class ClusterState:
                 chosen = clean(published[peer])
                 if chosen is None:
                     self._reject("invalid_value", own_key(peer, name), f"not {form}")
-        for peer in published:
+        # Before any master is known, the init master's own join data often arrives ahead of its
+        # role: judging it then would log the real master as an untrusted writer.
+        for peer in published if masters else ():
             if peer not in masters:
                 self._reject("untrusted_writer", own_key(peer, name), f"{peer} is not a master of this cluster")
         return chosen

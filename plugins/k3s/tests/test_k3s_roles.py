@@ -206,6 +206,19 @@ def test_join_data_counts_only_from_the_masters_the_leader_named(tmp_path):
     assert state.rejected == {"untrusted_writer": 3, "forged_key": 1}
 
 
+def test_the_init_masters_join_data_arriving_before_its_role_is_not_called_untrusted(tmp_path):
+    init, reader = _ledger(tmp_path, "init"), _ledger(tmp_path, "reader")
+    init.set(BUCKET, own_key(init.peer_id, MASTER_IP_KEY), "10.1.0.1")
+    _sync(init, reader)  # the join data first: the reader knows no master yet
+    state = _state(reader)
+    state.audit()
+    assert state.master_address is None and state.rejected == {}
+    leader = _cluster(tmp_path, init)
+    _sync(leader, reader)
+    state.audit()
+    assert state.master_address == "10.1.0.1" and state.rejected == {}
+
+
 def test_without_auto_the_fixed_master_is_the_init_master(tmp_path):
     master, insider, reader = (_ledger(tmp_path, n) for n in ("master", "insider", "reader"))
     _state(master).announce_candidate(master.peer_id, "m", MASTER)
