@@ -446,7 +446,11 @@ class Services:
         # an idle side connection receives nothing: a byte, the end, or the idle time over drops it
         with contextlib.suppress(TimeoutError, OSError):
             await asyncio.wait_for(side[0].read(1), POOL_IDLE)
-        self.pool[owner] = [p for p in self.pool.get(owner, []) if p.side is not side]
+        # in place: a _take waiting for a watcher holds this very list, and a copy here would let
+        # it and the next _take both pop the same connection
+        entries = self.pool.get(owner)
+        if entries is not None:
+            entries[:] = [p for p in entries if p.side is not side]
         side[1].transport.abort()
 
     def _pool_failed_lately(self, owner: str) -> bool:
@@ -749,16 +753,15 @@ class Services:
 
         # checked per request, not per pooled connection: a peer that left or hit its limit since
         # the connection was made is refused like on a stream
-        refusal = None
+        refusal, counter = None, "services_rejected_requests"
         if peer not in self.node.members():
             refusal = "not a member of this network now"
         elif self.serving[peer] >= self.settings.max_connections_per_peer:
-            self.node.count("services_rejected_over_limit")
-            refusal = "too many connections from this peer"
+            refusal, counter = "too many connections from this peer", "services_rejected_over_limit"  # as on a stream
         elif exposed is None or exposed.protocol != protocol:
             refusal = f"this node does not expose {protocol} service {name!r}"
         if refusal is not None:
-            self.node.count("services_rejected_requests")
+            self.node.count(counter)
             answer(wire.refusal(refusal))
             await writer.drain()
             return False
