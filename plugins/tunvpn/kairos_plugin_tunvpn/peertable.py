@@ -49,8 +49,9 @@ class Peer:
         self.vip_bytes = vip.packed
         self.networks = networks
         self.endpoint = endpoint
-        # the UDP endpoint whose datagrams are opened without a roaming token: where the last
-        # authentic datagram came from (until there is one, where the peer was said to be)
+        # the UDP endpoint whose datagrams are opened without a roaming token (besides
+        # ``relayed_from``): where the last authentic datagram not through its relay came from
+        # (until there is one, where the peer was said to be)
         self.source = endpoint
         self.send = send
         self.receive = receive
@@ -183,8 +184,9 @@ class PeerTable:
 
     def source_of(self, peer_id: str) -> tuple[str, int] | None:
         """The UDP endpoint whose datagrams under ``peer_id``'s key id are opened without a
-        roaming token: where its last authentic datagram came from (None: unknown peer, or none
-        yet and no endpoint given)."""
+        roaming token: where its last authentic datagram came from, not counting those through
+        its relay (:meth:`set_relayed_from`) (None: unknown peer, or none yet and no endpoint
+        given)."""
         peer = self._peers.get(peer_id)
         return peer.source if peer else None
 

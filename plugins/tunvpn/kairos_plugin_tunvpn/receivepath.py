@@ -139,7 +139,7 @@ class ReceivePath(PeerTable):
         if n >= HEADER_BYTES:
             # the pre-check before any AES-GCM open, once per train: a GRO train has one source
             peer = self._by_key_id.get(KEY_ID.unpack_from(view, 4)[0])
-            if peer is not None and address != peer.source:
+            if peer is not None and address != peer.source and address != peer.relayed_from:
                 if not self._may_roam(address):
                     self._counters.drop_roam_limited += (n + size - 1) // size
                     return
@@ -317,7 +317,13 @@ class ReceivePath(PeerTable):
             counters.drop_replay += 1
             return
         # the last check before the costly open: what it lets through from other endpoints is budgeted
-        if address is not None and address != peer.source and not prechecked and not self._may_roam(address):
+        if (
+            address is not None
+            and address != peer.source
+            and address != peer.relayed_from
+            and not prechecked
+            and not self._may_roam(address)
+        ):
             counters.drop_roam_limited += 1
             return
         buf = self._rx_buf
@@ -337,12 +343,14 @@ class ReceivePath(PeerTable):
         peer.heard = time.monotonic()
         if address is not None:
             if address == peer.relayed_from:
+                # through its relay: not where the peer is, so the session's own UDP endpoint
+                # stays (and a punched path's datagrams beside relayed ones cost no roaming token)
                 peer.relay_heard = peer.heard
             else:
                 peer.udp_heard = peer.heard
-            if address != peer.source:
-                peer.source = address  # roaming: the session follows its authentic datagrams
-                counters.roams += 1
+                if address != peer.source:
+                    peer.source = address  # roaming: the session follows its authentic datagrams
+                    counters.roams += 1
         if buf[base] >> 4 != 4 or not peer.owns_source(bytes(buf[base + 12 : base + 16])):
             counters.drop_spoofed_source += 1
             return

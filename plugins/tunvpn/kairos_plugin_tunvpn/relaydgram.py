@@ -140,6 +140,17 @@ class Leg:
         self.session = session
 
 
+#: the counters :meth:`RelayTable.forward` (the receiving thread) moves
+THREAD_COUNTERS = (
+    "relay_forwarded_bytes",
+    "relay_forwarded_sends",
+    "relay_drop_unrouted",
+    "relay_drop_ended",
+    "relay_ended_bytes",
+    "relay_send_errors",
+)
+
+
 class RelayTable:
     """The sessions this node relays and the routes its receiving thread forwards by.
 
@@ -153,6 +164,10 @@ class RelayTable:
     def __init__(self, limits: RelayLimits, counters: Counter[str] | None = None, clock: Any = time.monotonic) -> None:
         self.limits = limits
         self.counters: Counter[str] = counters if counters is not None else Counter()
+        # every name the receiving thread counts under, there from the start: a key it added
+        # while the event loop iterates the counters would break that iteration
+        for name in THREAD_COUNTERS:
+            self.counters.setdefault(name, 0)
         self._clock = clock
         self._lock = threading.Lock()
         self._routes: dict[tuple[Address, int], Leg] = {}

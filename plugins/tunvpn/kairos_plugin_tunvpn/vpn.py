@@ -858,10 +858,15 @@ class VPN:
         try:
             theirs = punch.decode(await asyncio.wait_for(stream.read_frame(punch.MAX_MESSAGE), punch.REPLY_TIMEOUT))
             await stream.write_frame(punch.encode(self._own_endpoints()))
-        except (punch.PunchError, asyncio.TimeoutError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # garbage, an oversized frame, a stall or a reset: the peer's doing
             self.counters["vpn_punch_bad_messages"] += 1
             log.debug("vpn: bad punch message from %s: %s", peer_id, exc)
-            await stream.reset()
+            try:
+                await stream.reset()
+            except Exception:
+                pass
             return
         await stream.close()
         link.punching.running = True
@@ -897,7 +902,12 @@ class VPN:
 
     def _relay_paths(self, peer_id: str, now: float) -> list[Path]:
         """The relayed path to ``peer_id`` while it works: granted, the relay reached over UDP,
-        and authentic datagrams through it within ``udp_timeout`` (or since the grant)."""
+        and an authentic datagram through it since the grant and within ``udp_timeout``.
+
+        A grant alone is no path: a relay that forwards nothing (or a member that offers to relay
+        and does not) would otherwise take the link off the stream into a black hole until the
+        timeout. The probes both ends send through a granted relay (:meth:`_warm_relay`) are
+        what is heard first."""
         plane, link = self.plane, self.links.get(peer_id)
         if plane is None or link is None or link.relay is None:
             return []
@@ -908,6 +918,8 @@ class VPN:
             log.info("vpn: nothing from %s through %s for %.0f s", peer_id, relay, self.settings.udp_timeout)
             self._end_relay(peer_id, link, now)
             return []
+        if heard <= link.relay_since:
+            return []  # granted, nothing through it yet
         return [Path(RELAY, via=relay, endpoint=endpoint)]
 
     def _warm_relay(self, peer_id: str, link: Link) -> None:
@@ -1072,10 +1084,20 @@ class VPN:
 
     def _relay_offered(self, relay: str, a: str, a_key: int) -> bytes:
         """As the other end: ``relay`` offers to relay ``a``'s datagrams sealed under ``a_key``."""
-        plane = self.plane
-        if plane is None or a not in self.links or plane.receive_key_id(a) != a_key:
+        plane, link = self.plane, self.links.get(a)
+        if plane is None or link is None or plane.receive_key_id(a) != a_key:
             self.counters["vpn_relay_offers_refused"] += 1
             return encode_relay("refuse", reason="no such session")
+        now = time.monotonic()
+        if link.relay_backoff.get(relay, 0.0) > now:
+            # a relay that just failed this link: the same back-off as for the ones this end asks
+            self.counters["vpn_relay_offers_refused"] += 1
+            return encode_relay("refuse", reason="that relay failed this link lately")
+        heard = plane.relay_heard(a) or 0.0
+        if link.relay not in (None, relay) and heard > link.relay_since and now - heard <= self.settings.udp_timeout:
+            # one working relay per link: an offer does not take the link off one that carries it
+            self.counters["vpn_relay_offers_refused"] += 1
+            return encode_relay("refuse", reason="relayed by another peer")
         key = plane.send_key_id(a)
         if key is None or not self._use_relay(a, relay):
             self.counters["vpn_relay_offers_refused"] += 1

@@ -4,6 +4,7 @@ which forwards their datagrams without their keys (socket pairs stand in for the
 from __future__ import annotations
 
 import socket
+import time
 import struct
 from dataclasses import replace
 
@@ -254,9 +255,11 @@ async def test_a_relay_node_refuses_what_its_config_and_limits_do_not_allow_and_
     refused = await r._relay_open(a.peer_id, c.peer_id, a.plane.send_key_id(c.peer_id))
     assert refused == "too many relay sessions"
     assert r.counters["relay_refused_too_many_relay_sessions"] == refused_before + 1
-    # an offer under a key id that is not the session's: C refuses it
+    # an offer under a key id that is not the session's: C refuses it (and keeps any relay it
+    # has: under load, B may have asked one for a moment of its own)
+    relay_before = c.links[b.peer_id].relay
     assert decode(c._relay_offered(r.peer_id, b.peer_id, (b.plane.send_key_id(c.peer_id) + 1) % (1 << 32)))["op"] == "refuse"
-    assert c.counters["vpn_relay_offers_refused"] == 1 and c.links[b.peer_id].relay is None
+    assert c.counters["vpn_relay_offers_refused"] == 1 and c.links[b.peer_id].relay == relay_before
     r.settings = replace(r.settings, relay="off")
     assert await r._relay_open(c.peer_id, b.peer_id, c.plane.send_key_id(b.peer_id)) == "not a relay"
     assert r.counters["relay_refused_not_a_relay"] == 1
@@ -280,3 +283,42 @@ def test_a_train_of_relayed_datagrams_ending_in_one_of_the_relays_own_delivers_b
     assert tuns["r"].receive()[1][28:] == b"own"
     # it came as one train: the two relayed datagrams went on with one send
     assert wait_for(lambda: table.counters["relay_forwarded_sends"] == 1) and table.counters["relay_drop_unrouted"] == 0
+
+
+def test_relayed_datagrams_beside_direct_ones_leave_the_session_where_the_peer_is(trio_planes):
+    """B knows A's datagrams from R are relayed: they move relay_heard, never the session's own
+    endpoint, and a direct (punched) path next to the relayed one costs no roaming tokens."""
+    tuns, planes, table = trio_planes
+    a, b, r = planes["a"], planes["b"], planes["r"]
+    b.set_relayed_from("a", r.local_address)
+    sequence = [r.local_address, b.local_address, r.local_address, b.local_address, r.local_address]
+    for number, endpoint in enumerate(sequence):
+        a.set_endpoint("b", endpoint)
+        marker = bytes(icmp_echo(payload=b"n%d" % number))
+        tuns["a"].inject(marker)
+        assert tuns["b"].receive()[1] == marker
+    assert b.source_of("a") == a.local_address  # where A is: not the relay it was last heard through
+    assert b.counters["roams"] == 1 and b.counters["drop_roam_limited"] == 0  # one move, to A's own address
+    assert b.relay_heard("a") is not None and b.udp_heard("a") is not None
+    assert table.counters["relay_forwarded_sends"] == 3
+
+
+async def test_a_granted_relay_is_no_path_until_something_comes_through_it(network, fakes):
+    """Three in-process nodes: R offers C to relay B's datagrams and forwards nothing (an insider,
+    or a relay that broke). C accepts, but its ladder is offered no relayed path, and once the
+    grant lapses unused, R's next offer meets the back-off."""
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = [await network.add_node(plugins=[plugin], overrides=vpn_config(relay="always")) for _ in range(3)]
+    r, b, c = (plugin.vpn_of(node) for node in nodes)
+    await network.wait_for(
+        lambda: all(len(v.links) == 2 and all(link.path == "direct" for link in v.links.values()) for v in (r, b, c)),
+        timeout=30,
+    )
+    offer = decode(c._relay_offered(r.peer_id, b.peer_id, c.plane.receive_key_id(b.peer_id)))
+    assert offer["op"] == "accept" and c.links[b.peer_id].relay == r.peer_id
+    link = c.links[b.peer_id]
+    assert c._relay_paths(b.peer_id, time.monotonic()) == []  # granted, nothing heard through it
+    later = link.relay_since + c.settings.udp_timeout + 1
+    assert c._relay_paths(b.peer_id, later) == [] and link.relay is None  # given up unused
+    again = decode(c._relay_offered(r.peer_id, b.peer_id, c.plane.receive_key_id(b.peer_id)))
+    assert again["op"] == "refuse" and "lately" in again["reason"] and link.relay is None
