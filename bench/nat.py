@@ -1,6 +1,6 @@
 """The VPN between two nodes behind NAT, per NAT kind: which path, how soon, RTT and throughput.
 
-Run as root: ``.venv/bin/python bench/nat.py [--runs 10] [--seconds 5] [--kinds none,port-preserving,symmetric]``.
+Run as root: ``.venv/bin/python bench/nat.py [--runs 10] [--seconds 5] [--watch 60] [--kinds none,port-preserving,symmetric]``.
 Each run builds a :class:`kairos_testing.netlab.NatLab` — a public node P and nodes A and B each behind
 its own router of the kind (``none``: A and B public too) — starts real ``kairos run`` nodes with the
 tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and prints one JSON line:
@@ -17,7 +17,14 @@ tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and pri
 - ``iperf3_mbit_s``: iperf3 TCP A→B between the VIPs for ``--seconds``, one stream;
 - ``relay_cpu_share``: P's CPU seconds per second of the iperf3 run (what relaying costs it: its
   data plane forwards the pair's datagrams when the path is ``relay via P``);
-- ``path_switches``: A's ``vpn_path_switches`` during the measuring (0 = no flapping).
+- ``path_switches``: A's ``vpn_path_switches`` during the measuring (0 = no flapping);
+  ``watch_switches``: the same over ``--watch`` seconds of an idle, stable network after it (the
+  first run of each kind only; absent with ``--watch 0``).
+
+After the runs, one ``summary`` line per kind (runs that reached the kind's path, and in < 10 s;
+runs where ping and TCP worked; median and worst time to path; median and lowest throughput) and
+one ``punched_vs_direct`` line: the median punched throughput over the median direct one of the
+same invocation (the target: within 20 %).
 
 Processes sharing the machine's 2 cores: the three nodes, ping/iperf3, and whatever else
 runs (other sessions' tests): figures are noisy, compare only within one run.
@@ -91,7 +98,7 @@ def punch_counters(vpn: NatVPNLab) -> dict[str, int]:
     return totals
 
 
-def one_run(kind: str, seconds: int) -> dict:
+def one_run(kind: str, seconds: int, watch: float = 0.0) -> dict:
     kinds = [PUBLIC, PUBLIC] if kind == "none" else [kind, kind]
     targets = TARGETS[kind]
     with tempfile.TemporaryDirectory(prefix="kairos-nat-") as root, NatVPNLab(Path(root), kinds) as vpn:
@@ -116,6 +123,15 @@ def one_run(kind: str, seconds: int) -> dict:
         switches_before = vpn.counters(2).get("vpn_path_switches", 0)
         ping = rtt(vpn, vip_b)
         mbit, share = iperf(vpn, vip_b, seconds)
+        switches = vpn.counters(2).get("vpn_path_switches", 0) - switches_before
+        watched = {}
+        if watch > 0:
+            time.sleep(watch)
+            watched = {
+                "watch_s": watch,
+                "watch_switches": vpn.counters(2).get("vpn_path_switches", 0) - switches_before - switches,
+                "watch_path": vpn.path(2, 3),
+            }
         return {
             "kind": kind,
             "path": path,
@@ -128,9 +144,33 @@ def one_run(kind: str, seconds: int) -> dict:
             "rtt_ms": ping,
             "iperf3_mbit_s": round(mbit, 1) if mbit is not None else None,
             "relay_cpu_share": round(share, 3),
-            "path_switches": vpn.counters(2).get("vpn_path_switches", 0) - switches_before,
+            "path_switches": switches,
+            **watched,
             "load": os.getloadavg()[0],
         }
+
+
+def median(values: list[float]) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def summary(kind: str, results: list[dict]) -> dict:
+    times = [r["time_to_path_s"] for r in results if r.get("time_to_path_s") is not None]
+    mbits = [r["iperf3_mbit_s"] for r in results if r.get("iperf3_mbit_s")]
+    return {
+        "summary": kind,
+        "runs": len(results),
+        "reached": sum(bool(r.get("target_reached")) for r in results),
+        "reached_under_10s": sum(t < 10.0 for t in times),
+        "ping_and_tcp_worked": sum(bool(r.get("rtt_ms")) and bool(r.get("iperf3_mbit_s")) for r in results),
+        "time_to_path_s": {"median": median(times), "max": max(times, default=None)},
+        "iperf3_mbit_s": {"median": median(mbits), "min": min(mbits, default=None)},
+        "path_switches": sum(r.get("path_switches", 0) for r in results),
+    }
 
 
 def main() -> None:
@@ -138,6 +178,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--kinds", default="none,port-preserving,symmetric")
+    parser.add_argument(
+        "--watch", type=float, default=60.0, help="seconds to count path switches after the first run's measuring"
+    )
     args = parser.parse_args()
     # stopped with SIGTERM (timeout, kill), unwind so the labs delete their namespaces and nodes
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -148,9 +191,20 @@ def main() -> None:
     for kind in kinds:
         if kind != "none" and kind not in NAT_KINDS[1:]:
             sys.exit(f"bench/nat.py: unknown kind {kind!r}")
+    summaries = {}
     for kind in kinds:
+        results = []
         for run in range(1, args.runs + 1):
-            print(json.dumps({"run": run, **one_run(kind, args.seconds)}), flush=True)
+            result = one_run(kind, args.seconds, args.watch if run == 1 else 0.0)
+            results.append(result)
+            print(json.dumps({"run": run, **result}), flush=True)
+        summaries[kind] = summary(kind, results)
+        print(json.dumps(summaries[kind]), flush=True)
+    if "none" in summaries and PORT_PRESERVING in summaries:
+        direct = summaries["none"]["iperf3_mbit_s"]["median"]
+        punched = summaries[PORT_PRESERVING]["iperf3_mbit_s"]["median"]
+        ratio = round(punched / direct, 3) if direct and punched else None
+        print(json.dumps({"punched_vs_direct": ratio, "direct_mbit_s": direct, "punched_mbit_s": punched}), flush=True)
 
 
 if __name__ == "__main__":
