@@ -561,3 +561,43 @@ async def test_every_libp2p_logger_is_rate_limited_after_demotion(hosts: HostFac
     for i in range(500):
         push_log.error("test flood %s: %s", i, "Error parsing message")
     assert len([r for r in caplog.records if r.getMessage().startswith("test flood")]) == LOG_BURST_PER_TEMPLATE
+
+
+async def test_an_idle_duplicate_connection_is_closed_and_the_peer_stays(hosts: HostFactory, monkeypatch) -> None:
+    """Two connections to one peer, as a simultaneous dial leaves them: the idle one is closed
+    on both ends, the same one, and the peer stays admitted and reachable over the other."""
+    from libp2p.peer.id import ID
+
+    import kairos_core.p2p.duplicates as duplicates
+    import kairos_core.p2p.host as host_module
+
+    monkeypatch.setattr(duplicates, "GRACE", 0.5)
+    monkeypatch.setattr(host_module, "DUPLICATE_SWEEP", 0.2)
+    gone: list[str] = []
+    a = await hosts.host()
+    b = await hosts.host(on_peer_disconnected=gone.append)
+
+    async def echo(stream: Stream) -> None:
+        while frame := await stream.read_frame(1 << 20):
+            await stream.write_frame(frame)
+        await stream.close()
+
+    b.set_stream_handler(ECHO, echo)
+    await a.connect(b.addresses())
+    await wait_until(lambda: a.admitted_peers() == {b.peer_id} and b.admitted_peers() == {a.peer_id})
+
+    def connections(host: P2PHost, peer: str) -> int:
+        return len(host._host.get_network().get_connections(ID.from_base58(peer)))
+
+    async def second_connection() -> None:
+        await a._host.get_network().dial_peer_replacement(ID.from_base58(b.peer_id))
+
+    await a._bridge.call(second_connection)
+    assert connections(a, b.peer_id) == 2
+    await wait_until(lambda: connections(a, b.peer_id) == 1 and connections(b, a.peer_id) == 1, timeout=15)
+    assert a.counters["connections_duplicate_closed"] + b.counters["connections_duplicate_closed"] >= 1
+    assert gone == [] and a.admitted_peers() == {b.peer_id} and b.admitted_peers() == {a.peer_id}
+    stream = await a.open_stream(b.peer_id, ECHO)
+    await stream.write_frame(b"still here")
+    assert await stream.read_frame(1 << 20) == b"still here"
+    await stream.close()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections import defaultdict
 from typing import Any, Awaitable, Callable
 
@@ -70,6 +71,8 @@ from ..keys import KeySchedule
 from .addresses import expand_wildcard, port_in_use
 from .admission import ADMIT_PROTOCOL
 from .bridge import TrioThread
+from .duplicates import SWEEP as DUPLICATE_SWEEP
+from .duplicates import ConnectionView, duplicates_to_close
 from .errors import P2PError
 from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, peer_of, quiet_reset
 from .logs import tame_libp2p_logging
@@ -246,6 +249,7 @@ class P2PHost:
                         nursery.start_soon(self._inbound.sweep_forever)
                         nursery.start_soon(self._reachability.probe_forever, self._direct_peers)
                         nursery.start_soon(self._rtt.sample_forever, self._admitted_connections)
+                        nursery.start_soon(self._close_duplicates_forever)
                         nursery.start_soon(
                             self._relay.keep_reservations, lambda: self._reachability.state == "private", self._relay_candidates
                         )
@@ -393,6 +397,41 @@ class P2PHost:
             return []
         network = self._host.get_network()
         return [(peer, conn) for peer in self._gate.admitted_peers() for conn in network.get_connections(ID.from_base58(peer))]
+
+    async def _close_duplicates_forever(self) -> None:
+        """Every few seconds, close the idle duplicates among each admitted peer's direct
+        connections (:mod:`.duplicates`; trio side)."""
+        while True:
+            await trio.sleep(DUPLICATE_SWEEP)
+            for conn in self._duplicate_connections(time.time()):
+                self.counters["connections_duplicate_closed"] += 1
+                try:
+                    with trio.move_on_after(5):
+                        await conn.close()
+                except Exception:  # already closing: what we wanted
+                    log.debug("closing a duplicate connection failed", exc_info=True)
+
+    def _duplicate_connections(self, now: float) -> list[Any]:
+        if self._host is None:
+            return []
+        network = self._host.get_network()
+        found = []
+        for peer in self._gate.admitted_peers():
+            if peer in self._relay.relayed:
+                continue  # a relayed connection beside a direct one is the relay's to end, not ours
+            conns = network.get_connections(ID.from_base58(peer))
+            if len(conns) < 2:
+                continue
+            views = []
+            for conn in conns:
+                try:
+                    streams = len(conn.get_streams())
+                except Exception:  # cannot tell: count it as busy
+                    streams = 1
+                outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
+                views.append(ConnectionView(outbound, float(getattr(conn, "_created_at", now)), streams))
+            found += [conns[i] for i in duplicates_to_close(self.peer_id, peer, views, now)]
+        return found
 
     def links(self) -> dict[str, dict[str, Any]]:
         """Each admitted peer's connection: ``transport`` (``direct``: a TCP connection of its own,
