@@ -202,7 +202,7 @@ CORE_SCHEMA: tuple[Section, ...] = (
                 "high",
                 int,
                 16,
-                "Above this many it closes the extra (never bootstrap peers nor connections a feature is using); at least `low`.",
+                "Above this many it closes connections down to the middle of `low` and `high` (never bootstrap peers nor connections a feature is using); at least `low`.",
                 paths=(
                     Alias(f"{EDGEVPN_ENV}EDGEVPNMAXCONNS", parse=text_value),
                     Alias(f"{EDGEVPN_ENV}EDGEVPN_CONNECTION_HIGH_WATER", parse=text_value),

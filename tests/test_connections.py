@@ -74,7 +74,29 @@ def test_pinned_peers_are_always_dialled_and_never_trimmed():
     assert pinned not in trimmed and len(host.peers) - len(trimmed) == 2
 
 
-def test_above_high_it_trims_to_low_keeping_half_by_xor_distance():
+def test_peers_already_at_high_are_passed_over_while_others_are_left():
+    pool = ids(12)
+    full = set(pool[:6])
+    cm, host, clock, dialled = manager(low=4, high=6, degree=lambda peer: 6 if peer in full else 3)
+    picks = cm.to_dial(set(pool))
+    assert len(picks) == 4 and not full & set(picks)
+    # with too few others, the full ones are dialled too: a short degree is worse than a trim
+    cm, host, clock, dialled = manager(low=4, high=6, degree=lambda peer: 6 if peer in full else 3)
+    few = set(pool[:8])  # 6 full, 2 open
+    assert len(cm.to_dial(few)) == 4
+
+
+def test_a_trim_leaves_the_middle_of_low_and_high_not_low():
+    cm, host, clock, dialled = manager(low=8, high=16)
+    peers = ids(17)
+    host.peers = set(peers)
+    for peer in peers:
+        cm.connected(peer)
+    clock.now += 60
+    assert len(cm.to_trim()) == 17 - 12  # five peers one short, not nine
+
+
+def test_above_high_it_trims_to_the_middle_keeping_half_by_xor_distance():
     cm, host, clock, dialled = manager(low=4, high=5)
     peers = ids(10)
     host.peers = set(peers)
@@ -86,8 +108,8 @@ def test_above_high_it_trims_to_low_keeping_half_by_xor_distance():
     assert set(sorted(peers, key=lambda p: xor_distance(cm.self_id, p))[:2]) <= kept
 
 
-def test_above_high_it_trims_to_low_but_keeps_protected_and_young_connections():
-    cm, host, clock, dialled = manager(low=3, high=5)
+def test_above_high_it_trims_but_keeps_protected_and_young_connections():
+    cm, host, clock, dialled = manager(low=3, high=4)
     peers = ids(9)
     host.peers = set(peers)
     for peer in peers[:7]:
@@ -98,7 +120,7 @@ def test_above_high_it_trims_to_low_but_keeps_protected_and_young_connections():
     cm.protect(peers[0], "vpn")
     trimmed = set(cm.to_trim())
     kept = set(peers) - trimmed
-    assert kept == {peers[0], *peers[7:]}  # the protected one and the two young ones fill low
+    assert kept == {peers[0], *peers[7:]}  # the protected one and the two young ones fill the target (3)
     cm.unprotect(peers[0], "vpn")
     assert not cm.is_protected(peers[0])
 
