@@ -77,6 +77,16 @@ HEARTBEAT_TOPIC_SUFFIX = "/lease"
 HEARTBEAT_MIN_SPACING = 0.5
 
 
+def _observed_ips(observed: list[str]) -> list[str]:
+    """``/ip4/<ip>`` (or ``/ip6/``) of each observed multiaddr, sorted, once each."""
+    ips = set()
+    for address in observed:
+        parts = str(address).split("/")
+        if len(parts) >= 3 and parts[1] in ("ip4", "ip6") and parts[2]:
+            ips.add(f"/{parts[1]}/{parts[2]}")
+    return sorted(ips)
+
+
 def _rtt_ms(seconds: float) -> int:
     """An RTT as an entry publishes it: whole milliseconds, at least 1."""
     return max(1, round(seconds * 1000))
@@ -221,6 +231,7 @@ class Node:
             low=p2p.connections.low,
             high=p2p.connections.high,
             grace=connections_module.GRACE,
+            degree=self._published_degree,
         )
         self.dialer, self.connections = self.dial_manager.dialer, self.dial_manager.connections
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
@@ -602,7 +613,10 @@ class Node:
             "box": self._box,
             # issue #15: public | private | unknown, and where admitted peers see this node
             "reachability": nat["reachability"] if nat else "unknown",
-            "observed": nat["observed"] if nat else [],
+            # the IPs only: the ports peers see are our outbound connections' ephemeral ones,
+            # which change with whichever 3 peers the last reachability round asked, and
+            # rewrote this entry (which every node receives) about once a minute for nothing
+            "observed": _observed_ips(nat["observed"]) if nat else [],
         }
         links = self.host.links() if self.host else {}
         # issue #17: which neighbours are reached through a relay, for the dashboards of others
@@ -920,6 +934,12 @@ class Node:
         info = self.ledger.get(NODES_BUCKET, peer_id) if self.ledger else None
         addrs = info.get("addresses") if isinstance(info, dict) else None
         return [a for a in addrs if isinstance(a, str)] if isinstance(addrs, list) else []
+
+    def _published_degree(self, peer_id: str) -> int | None:
+        """How many neighbours ``peer_id``'s entry in ``nodes`` lists (None: no entry)."""
+        info = self.ledger.get(NODES_BUCKET, peer_id) if self.ledger else None
+        neighbours = info.get("neighbours") if isinstance(info, dict) else None
+        return len(neighbours) if isinstance(neighbours, list) else None
 
     async def _every(self, interval: float, step) -> None:
         """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""

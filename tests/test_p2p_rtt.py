@@ -183,3 +183,24 @@ async def test_with_no_publish_interval_rtts_ride_only_on_other_writes(kairos_ne
     a.announce()
     assert a.ledger.get("nodes", a.peer_id)["beat"] == beat  # a big move, an hour on: still no write
     del a.host.links
+
+
+async def test_observed_ports_that_change_do_not_rewrite_the_nodes_entry(kairos_network) -> None:
+    """Each reachability round asks other peers, who see other ephemeral ports of ours: the entry
+    carries the observed IPs only, and is not rewritten while they stay."""
+    net = await kairos_network(2)
+    a, _ = net.nodes
+    await net.wait_for(lambda: ((a.ledger.get("nodes", a.peer_id) or {}).get("rtt_ms") or [None])[0], timeout=20)
+    a.announce()
+    beat = a.ledger.get("nodes", a.peer_id)["beat"]
+    rounds = (["/ip4/198.51.100.7/tcp/4001", "/ip4/198.51.100.7/tcp/50123"], ["/ip4/198.51.100.7/tcp/38800"])
+    real = a.host.reachability
+    for observed in rounds:
+        a.host.reachability = lambda observed=observed: {**real(), "observed": observed}  # type: ignore[method-assign]
+        a.announce()
+    entry = a.ledger.get("nodes", a.peer_id)
+    assert entry["observed"] == ["/ip4/198.51.100.7"] and entry["beat"] == beat + 1  # one write: the IP is news
+    a.host.reachability = lambda: {**real(), "observed": ["/ip4/203.0.113.9/tcp/41000"]}  # type: ignore[method-assign]
+    a.announce()
+    assert a.ledger.get("nodes", a.peer_id)["observed"] == ["/ip4/203.0.113.9"]  # a new IP is written
+    del a.host.reachability
