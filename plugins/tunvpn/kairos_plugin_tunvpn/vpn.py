@@ -199,6 +199,10 @@ EARLY_PROBES = 5.0
 SILENCE_REKEY = 30.0
 # A relay that refused, or whose path fell silent, is not asked again for this pair this long.
 RELAY_BACKOFF = 30.0
+# A new link asks for a relay only once UDP had this long to answer its first probes: every link
+# starts on the stream, and on a LAN (where every node may relay) asking at once cost a relay
+# session and an offer for each new link, all of them unused a moment later.
+RELAY_ASK_DELAY = 0.5
 RELAY_TIMEOUT = 10.0
 NODES_BUCKET = "nodes"
 DISCARD_PORT = 9
@@ -973,6 +977,8 @@ class VPN:
     def _maybe_ask_relay(self, peer_id: str, link: Link, now: float) -> None:
         # the side that initiates key exchanges asks, so that the pair asks once
         if link.relay is not None or link.relay_asking or not keyexchange.initiates(self.peer_id, peer_id):
+            return
+        if now - link.keys_installed_at < RELAY_ASK_DELAY:
             return
         candidates = self._relay_candidates(peer_id, now)
         if candidates:

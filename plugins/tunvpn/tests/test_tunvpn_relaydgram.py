@@ -4,16 +4,17 @@ which forwards their datagrams without their keys (socket pairs stand in for the
 from __future__ import annotations
 
 import socket
-import time
 import struct
+import time
 from dataclasses import replace
 
 import pytest
 
-from kairos_plugin_tunvpn import fastpath
+from kairos_plugin_tunvpn import fastpath, keyexchange
 from kairos_plugin_tunvpn.crypto import SessionKeys
 from kairos_plugin_tunvpn.dataplane import UDP_SEGMENT, DataPlane
 from kairos_plugin_tunvpn.plugin import TunVPNPlugin
+from kairos_plugin_tunvpn.vpn import RELAY_ASK_DELAY
 from kairos_plugin_tunvpn.relaydgram import (
     IDLE_TIMEOUT,
     RELAY_PROTOCOL,
@@ -322,3 +323,22 @@ async def test_a_granted_relay_is_no_path_until_something_comes_through_it(netwo
     assert c._relay_paths(b.peer_id, later) == [] and link.relay is None  # given up unused
     again = decode(c._relay_offered(r.peer_id, b.peer_id, c.plane.receive_key_id(b.peer_id)))
     assert again["op"] == "refuse" and "lately" in again["reason"] and link.relay is None
+
+
+async def test_a_new_link_asks_for_a_relay_only_once_udp_had_time_to_answer(network, fakes):
+    """Every link starts on the stream; the side that initiates key exchanges asks a relay only
+    once UDP had RELAY_ASK_DELAY to answer its first probes (on a LAN it always does)."""
+    plugin = TunVPNPlugin(make_plane=fakes.make_plane, keepalive=fakes.keepalive)
+    nodes = [await network.add_node(plugins=[plugin], overrides=vpn_config(relay="always")) for _ in range(3)]
+    vpns = [plugin.vpn_of(node) for node in nodes]
+    await network.wait_for(
+        lambda: all(len(v.links) == 2 and all(link.path == "direct" for link in v.links.values()) for v in vpns), timeout=30
+    )
+    asker, peer = next((a, b) for a in vpns for b in vpns if a is not b and keyexchange.initiates(a.peer_id, b.peer_id))
+    link = asker.links[peer.peer_id]
+    now = time.monotonic()
+    link.keys_installed_at = now  # a link just made, still on the stream
+    asker._maybe_ask_relay(peer.peer_id, link, now)
+    assert not link.relay_asking
+    asker._maybe_ask_relay(peer.peer_id, link, now + RELAY_ASK_DELAY)
+    assert link.relay_asking  # the third node relays for the pair
