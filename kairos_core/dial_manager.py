@@ -87,7 +87,6 @@ class DialManager:
         interval: float = ROUND_INTERVAL,
         address_scan_interval: float = ADDRESS_SCAN_INTERVAL,
         counters: Counter[str] | None = None,
-        degree: Callable[[str], int | None] = lambda peer_id: None,
     ) -> None:
         self.self_id = self_id
         self.host = host
@@ -97,7 +96,7 @@ class DialManager:
         self.interval = interval
         self.scan_every = max(1, round(address_scan_interval / interval))
         self.counters: Counter[str] = Counter() if counters is None else counters
-        self.connections = ConnectionManager(self_id, host, self._dial_candidate, low=low, high=high, grace=grace, degree=degree)
+        self.connections = ConnectionManager(self_id, host, self._dial_candidate, low=low, high=high, grace=grace)
         self.dialer = Dialer(
             self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: not self.connections.saturated()
         )

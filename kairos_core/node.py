@@ -231,7 +231,6 @@ class Node:
             low=p2p.connections.low,
             high=p2p.connections.high,
             grace=connections_module.GRACE,
-            degree=self._published_degree,
         )
         self.dialer, self.connections = self.dial_manager.dialer, self.dial_manager.connections
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)
@@ -934,12 +933,6 @@ class Node:
         info = self.ledger.get(NODES_BUCKET, peer_id) if self.ledger else None
         addrs = info.get("addresses") if isinstance(info, dict) else None
         return [a for a in addrs if isinstance(a, str)] if isinstance(addrs, list) else []
-
-    def _published_degree(self, peer_id: str) -> int | None:
-        """How many neighbours ``peer_id``'s entry in ``nodes`` lists (None: no entry)."""
-        info = self.ledger.get(NODES_BUCKET, peer_id) if self.ledger else None
-        neighbours = info.get("neighbours") if isinstance(info, dict) else None
-        return len(neighbours) if isinstance(neighbours, list) else None
 
     async def _every(self, interval: float, step) -> None:
         """Run ``step()`` every ``interval`` seconds; one failure (a full disk, say) is logged, not fatal."""
