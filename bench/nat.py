@@ -37,6 +37,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -151,11 +152,7 @@ def one_run(kind: str, seconds: int, watch: float = 0.0) -> dict:
 
 
 def median(values: list[float]) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    middle = len(ordered) // 2
-    return round(ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2, 2)
+    return round(statistics.median(values), 2) if values else None
 
 
 def summary(kind: str, results: list[dict]) -> dict:

@@ -146,6 +146,11 @@ class ConnectionWatch:
         return None
 
 
+def dialled_by_us(conn: Any) -> bool:
+    """Whether this node dialled the libp2p connection ``conn`` (its direction is outbound)."""
+    return str(getattr(conn, "direction", "")).lower().endswith("outbound")
+
+
 def peer_of(net_stream: Any) -> str:
     """The peer id at the other end of a libp2p stream."""
     return str(net_stream.muxed_conn.peer_id)
@@ -295,8 +300,7 @@ class AdmissionGate:
             self.counters["admission_revoked"] += 1
             self._nursery.start_soon(self._refuse, peer, record, "revoked", None)
             return
-        outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
-        if outbound:
+        if dialled_by_us(conn):
             self._nursery.start_soon(self._admit_dialler, peer, record)
         else:
             self._nursery.start_soon(self._await_dialler, peer, record)

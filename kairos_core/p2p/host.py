@@ -74,7 +74,7 @@ from .bridge import TrioThread
 from .duplicates import SWEEP as DUPLICATE_SWEEP
 from .duplicates import ConnectionView, duplicates_to_close
 from .errors import P2PError
-from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, peer_of, quiet_reset
+from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, dialled_by_us, peer_of, quiet_reset
 from .logs import tame_libp2p_logging
 from .reachability import REACH_PROTOCOL, Reachability
 from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, split_circuit
@@ -428,8 +428,7 @@ class P2PHost:
                     streams = len(conn.get_streams())
                 except Exception:  # cannot tell: count it as busy
                     streams = 1
-                outbound = str(getattr(conn, "direction", "")).lower().endswith("outbound")
-                views.append(ConnectionView(outbound, float(getattr(conn, "_created_at", now)), streams))
+                views.append(ConnectionView(dialled_by_us(conn), float(getattr(conn, "_created_at", now)), streams))
             found += [conns[i] for i in duplicates_to_close(self.peer_id, peer, views, now)]
         return found
 
@@ -455,7 +454,7 @@ class P2PHost:
         out = []
         for peer_id in self._direct_peers():
             for conn in self._host.get_network().get_connections(peer_id) if self._host else []:
-                if not str(getattr(conn, "direction", "")).lower().endswith("outbound"):
+                if not dialled_by_us(conn):
                     continue
                 try:
                     ip, port = conn.muxed_conn.get_remote_address()

@@ -246,12 +246,8 @@ class ClusterState:
     def audit(self) -> None:
         """Count (and log, once each) the join data of every node that is not a master, read or not."""
         masters = self.masters()
-        if not masters:
-            return  # no master is known yet (its role may still be on its way): nobody to judge against
         for name in JOIN_KEYS:
-            for peer in self._owned(name):
-                if peer not in masters:
-                    self._reject("untrusted_writer", own_key(peer, name), f"{peer} is not a master of this cluster")
+            self._judge_writers(name, self._owned(name), masters)
 
     def _join_value(self, name: str, clean: Callable[[Any], str | None], form: str) -> str | None:
         masters = self.masters()
@@ -262,12 +258,18 @@ class ClusterState:
                 chosen = clean(published[peer])
                 if chosen is None:
                     self._reject("invalid_value", own_key(peer, name), f"not {form}")
-        # Before any master is known, the init master's own join data often arrives ahead of its
-        # role: judging it then would log the real master as an untrusted writer.
-        for peer in published if masters else ():
+        self._judge_writers(name, published, masters)
+        return chosen
+
+    def _judge_writers(self, name: str, published: dict[str, Any], masters: list[str]) -> None:
+        """Count (and log, once each) the nodes that published ``name`` and are not masters."""
+        if not masters:
+            # No master known yet: the init master's own join data often arrives ahead of its
+            # role, and judging it now would log the real master as an untrusted writer.
+            return
+        for peer in published:
             if peer not in masters:
                 self._reject("untrusted_writer", own_key(peer, name), f"{peer} is not a master of this cluster")
-        return chosen
 
     # --- this node's own keys ------------------------------------------------------------
     def own(self, peer_id: str, name: str) -> Any:

@@ -58,17 +58,17 @@ COUNTER_HELP: dict[str, str] = {
     "fallback_dropped": "Datagrams the stream fallback dropped (its queue was full).",
     "fallback_malformed": "Malformed frames received on the stream fallback.",
     "fallback_send_errors": "Sends on the stream fallback that failed.",
-}
-#: values, not counts
-GAUGE_HELP: dict[str, str] = {
-    "fastpath": "1 when the C fast path of the data plane runs, else 0.",
-    "relay_sessions": "Pairs of peers whose sealed datagrams this node relays now.",
     "relay_forwarded_bytes": "Bytes of sealed datagrams this node relayed between two peers.",
     "relay_forwarded_sends": "Send calls that relayed datagrams (one may carry a GSO train).",
     "relay_drop_unrouted": "Relayed datagrams dropped: in a train, under no relay session.",
     "relay_drop_ended": "Relayed datagrams dropped: their relay session had ended.",
     "relay_ended_bytes": "Relay sessions ended at their byte limit (vpn.relay_max_bytes).",
     "relay_send_errors": "Relayed datagrams that could not be sent on.",
+}
+#: values, not counts
+GAUGE_HELP: dict[str, str] = {
+    "fastpath": "1 when the C fast path of the data plane runs, else 0.",
+    "relay_sessions": "Pairs of peers whose sealed datagrams this node relays now.",
 }
 
 

@@ -65,6 +65,11 @@ class Peer:
         self.relayed_from: tuple[str, int] | None = None
         self.relay_heard: float | None = None
 
+    def expects(self, address: tuple[str, int]) -> bool:
+        """True if datagrams from ``address`` need no roaming token: the session's own endpoint,
+        or its relay's."""
+        return address == self.source or address == self.relayed_from
+
     def owns_source(self, source: bytes) -> bool:
         """True if an inner packet from ``source`` may come from this peer."""
         if source == self.vip_bytes:

@@ -139,7 +139,7 @@ class ReceivePath(PeerTable):
         if n >= HEADER_BYTES:
             # the pre-check before any AES-GCM open, once per train: a GRO train has one source
             peer = self._by_key_id.get(KEY_ID.unpack_from(view, 4)[0])
-            if peer is not None and address != peer.source and address != peer.relayed_from:
+            if peer is not None and not peer.expects(address):
                 if not self._may_roam(address):
                     self._counters.drop_roam_limited += (n + size - 1) // size
                     return
@@ -317,13 +317,7 @@ class ReceivePath(PeerTable):
             counters.drop_replay += 1
             return
         # the last check before the costly open: what it lets through from other endpoints is budgeted
-        if (
-            address is not None
-            and address != peer.source
-            and address != peer.relayed_from
-            and not prechecked
-            and not self._may_roam(address)
-        ):
+        if address is not None and not peer.expects(address) and not prechecked and not self._may_roam(address):
             counters.drop_roam_limited += 1
             return
         buf = self._rx_buf

@@ -922,9 +922,15 @@ class VPN:
             log.info("vpn: nothing from %s through %s for %.0f s", peer_id, relay, self.settings.udp_timeout)
             self._end_relay(peer_id, link, now)
             return []
-        if heard <= link.relay_since:
+        if not self._relay_carries(peer_id, link, now):
             return []  # granted, nothing through it yet
         return [Path(RELAY, via=relay, endpoint=endpoint)]
+
+    def _relay_carries(self, peer_id: str, link: Link, now: float) -> bool:
+        """Whether an authentic datagram from ``peer_id`` came through the link's relay since it
+        was granted, and within ``udp_timeout``."""
+        heard = (self.plane.relay_heard(peer_id) if self.plane is not None else None) or 0.0
+        return heard > link.relay_since and now - heard <= self.settings.udp_timeout
 
     def _warm_relay(self, peer_id: str, link: Link) -> None:
         """A probe to the peer through the relay it granted, while the ladder waits (its back-off
@@ -1091,24 +1097,22 @@ class VPN:
     def _relay_offered(self, relay: str, a: str, a_key: int) -> bytes:
         """As the other end: ``relay`` offers to relay ``a``'s datagrams sealed under ``a_key``."""
         plane, link = self.plane, self.links.get(a)
-        if plane is None or link is None or plane.receive_key_id(a) != a_key:
-            self.counters["vpn_relay_offers_refused"] += 1
-            return encode_relay("refuse", reason="no such session")
         now = time.monotonic()
-        if link.relay_backoff.get(relay, 0.0) > now:
+        key = plane.send_key_id(a) if plane is not None else None
+        if plane is None or link is None or plane.receive_key_id(a) != a_key:
+            reason = "no such session"
+        elif link.relay_backoff.get(relay, 0.0) > now:
             # a relay that just failed this link: the same back-off as for the ones this end asks
-            self.counters["vpn_relay_offers_refused"] += 1
-            return encode_relay("refuse", reason="that relay failed this link lately")
-        heard = plane.relay_heard(a) or 0.0
-        if link.relay not in (None, relay) and heard > link.relay_since and now - heard <= self.settings.udp_timeout:
+            reason = "that relay failed this link lately"
+        elif link.relay not in (None, relay) and self._relay_carries(a, link, now):
             # one working relay per link: an offer does not take the link off one that carries it
-            self.counters["vpn_relay_offers_refused"] += 1
-            return encode_relay("refuse", reason="relayed by another peer")
-        key = plane.send_key_id(a)
-        if key is None or not self._use_relay(a, relay):
-            self.counters["vpn_relay_offers_refused"] += 1
-            return encode_relay("refuse", reason="no UDP path to the relay")
-        return encode_relay("accept", key=key)
+            reason = "relayed by another peer"
+        elif key is None or not self._use_relay(a, relay):
+            reason = "no UDP path to the relay"
+        else:
+            return encode_relay("accept", key=key)
+        self.counters["vpn_relay_offers_refused"] += 1
+        return encode_relay("refuse", reason=reason)
 
     def _send_keepalive(self, vip: ipaddress.IPv4Address) -> None:
         if self._keepalive_socket is None:
