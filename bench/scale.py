@@ -16,6 +16,10 @@ Then it prints one JSON line with:
 - ``idle_bytes_per_s_per_node``: median of (rx + tx bytes of the node's interface) / window;
   ``idle_packets_per_s_per_node`` the same for packets (at ~66 bytes of headers each);
 - ``connections_per_node``: median and max admitted connections;
+- ``idle_nodes_rewrites``: the ``nodes`` entries one node saw rewritten in the quiet window,
+  per second, and which fields the rewrites changed (``neighbours``, ``rtt_ms``, ``observed`` …;
+  ``(refresh only)`` for a rewrite that changed nothing but the heartbeat): why an idle network
+  was not idle;
 - ``idle_per_s_per_node``: for every counter of ``kairos status --json`` that moved in the quiet
   window, the median node's increase per second: bytes, writes and streams per libp2p protocol
   (``p2p_out_bytes:/meshsub/1.1.0`` …), gossip messages and control ids sent, syncs, dials and
@@ -102,6 +106,53 @@ def counter_rates(before: dict[int, dict], after: dict[int, dict], elapsed: floa
     return rates
 
 
+class NodesRewrites:
+    """Watches one node's ``nodes`` bucket during the quiet window: which entries were rewritten,
+    and which fields each rewrite changed (``beat`` and ``announced_at`` change on every one).
+    An idle network should rewrite nothing but the refreshes; what else moves says why it is not idle."""
+
+    ALWAYS = {"beat", "announced_at"}
+
+    def __init__(self, node) -> None:
+        self.node = node
+        self.last: dict[str, dict] = {
+            key: dict(value)
+            for key, value in (node.client.request("GET", "/api/ledger/nodes") or {}).items()
+            if isinstance(value, dict)
+        }
+        self.rewrites = 0
+        self.writers: set[str] = set()
+        self.fields: dict[str, int] = {}
+        self._stream = node.client.stream("/api/watch", params={"bucket": "nodes"})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for update in self._stream:
+                key, value = update.get("key"), update.get("value")
+                if not isinstance(key, str) or "/" in key:
+                    continue
+                before, after = self.last.get(key, {}), value if isinstance(value, dict) else {}
+                self.last[key] = after
+                self.rewrites += 1
+                self.writers.add(key)
+                changed = {f for f in set(before) | set(after) if before.get(f) != after.get(f)} - self.ALWAYS
+                for name in changed or {"(refresh only)"}:
+                    self.fields[name] = self.fields.get(name, 0) + 1
+        except Exception:
+            return
+
+    def close(self, elapsed: float) -> dict:
+        self._stream.close()
+        return {
+            "per_s": round(self.rewrites / elapsed, 3),
+            "count": self.rewrites,
+            "entries": len(self.writers),
+            "changed_fields": dict(sorted(self.fields.items(), key=lambda item: -item[1])),
+        }
+
+
 def propagation(network, writer, others, key: str) -> list[float]:
     arrived: dict[int, float] = {}
     ready = threading.Barrier(len(others) + 1, timeout=30)
@@ -162,9 +213,11 @@ def run_size(n: int, args) -> dict:
             net0 = {node.index: interface_bytes(lab, node.index) for node in nodes}
             packets0 = {node.index: interface_bytes(lab, node.index, "packets") for node in nodes}
             counters0 = {node.index: counters(node) for node in nodes}
+            rewrites = NodesRewrites(nodes[0])
             t0 = time.monotonic()
             time.sleep(args.quiet)
             elapsed = time.monotonic() - t0
+            result["idle_nodes_rewrites"] = rewrites.close(elapsed)
             counters1 = {node.index: counters(node) for node in nodes}
             cpu = [(cpu_seconds(p) - cpu0[i]) / elapsed for i, p in pids.items()]
             traffic = [(interface_bytes(lab, node.index) - net0[node.index]) / elapsed for node in nodes]

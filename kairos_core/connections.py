@@ -21,11 +21,19 @@ keepalives, gossip and DHT chatter all grow with N. Instead each node keeps betw
   every ~30 s (measured: 9–19 trims per node in three idle minutes, each a rewrite of two
   ``nodes`` entries that every node receives).
 
-Known limit: nothing repairs an overlay that split. With ``low: 2, high: 4`` and nine nodes that
-all joined through one seed, the trims left two parts that never dialled each other in about one
-run of three (every node at its degree, so nobody dials); at 3..5 it did not happen in six runs.
-The defaults (8..16) are far from it, but a connectivity check (a sync or a dial to a random
-member that is not a neighbour now and then) is still to be built.
+The overlay must stay one piece, and a node at its degree dials nobody. Two rules keep it so:
+
+- **A trim never closes a bridge**: a connection that is, in this node's view of the vouching
+  graph (:meth:`kairos_core.membership.Membership.bridges`), the only way to some alive member,
+  the peer at its other end included (a private node that reaches nobody else would redial at
+  once and be trimmed again, round after round). Without it, with ``low: 2, high: 4`` and nine nodes that all joined through one seed, the trims
+  left two parts that never dialled each other in about one run of three.
+- **Repair**: two nodes may each close one of two bridges at the same moment, each counting on the
+  other's. Then each part sees the other's members *lost* (alive a moment ago, reached through
+  nobody now: :meth:`~kairos_core.membership.Membership.lost`), and the dial manager of a node at
+  its degree dials one lost member every ``REPAIR_INTERVAL`` (jittered) until none is left. A
+  crashed member is lost too and refuses the dial; it drops out of the lost set after the quorum
+  horizon. The new connection is a bridge, so no trim closes it while it is the only one.
 
 With ``N ≤ low`` every node connects to every node, as before: small networks form at once.
 Membership does not need the full mesh (it is attested, see :mod:`kairos_core.membership`), nor
@@ -70,6 +78,8 @@ class ConnectionManager:
 
     :param want_dial: ``want_dial(peer_id) -> bool``: ask the dialler to dial a peer now (it
         knows the addresses and the back-off; False when it will not).
+    :param bridges: ``bridges(peers) -> peers``: those of the connected ``peers`` whose closing
+        would cut some member off (a trim keeps them; see the module docstring).
     """
 
     def __init__(
@@ -78,6 +88,7 @@ class ConnectionManager:
         host: Host,
         want_dial: Callable[[str], bool],
         *,
+        bridges: Callable[[set[str]], set[str]] = lambda peers: set(),
         low: int = DEFAULT_LOW,
         high: int = DEFAULT_HIGH,
         grace: float = GRACE,
@@ -89,6 +100,7 @@ class ConnectionManager:
         self.self_id = self_id
         self.host = host
         self._want_dial = want_dial
+        self._bridges = bridges
         self.low, self.high, self.grace = low, high, grace
         self.clock = clock
         self.rng = rng or random.Random()
@@ -157,6 +169,7 @@ class ConnectionManager:
             return []
         now = self.clock()
         keep = {peer for peer in connected if self.is_protected(peer) or now - self._since.get(peer, now) < self.grace}
+        keep |= self._bridges(connected - keep)
         room = self.trim_target - len(keep)
         closable = sorted(connected - keep)
         if room > 0 and closable:

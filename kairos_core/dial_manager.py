@@ -11,6 +11,10 @@ It joins three parts that each decide one thing:
   from disk), at the addresses their ``nodes`` entry advertises. Discovery reports a peer once;
   after a partition or a restart the connection must come back without it.
 
+A node at its degree still dials, now and then, one member that was alive a moment ago and is
+reached through nobody now (``lost``): that is how an overlay that split into parts finds itself
+again (see :mod:`kairos_core.connections`); a trim never closes a bridge (``bridges``).
+
 A pass runs every ``interval`` (1 s). Its cost does not grow with the network once the node has
 its degree: the list of members worth a dial (O(N) to build) is only built while the node has
 fewer than ``low`` connections or a pinned peer is missing; otherwise a pass looks at the pinned
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -36,6 +41,10 @@ ROUND_INTERVAL = 1.0
 ADDRESS_SCAN_INTERVAL = 5.0
 # The protection tag of connections that carry relay reservations (kairos_core.p2p.relay).
 RELAY_TAG = "relay-reservation"
+# Seconds between repair dials of a node at its degree (each wait drawn from 1x..2x of it). A split
+# overlay heals within about this; a crashed member costs each node a refused dial this often
+# until it leaves the quorum horizon.
+REPAIR_INTERVAL = 10.0
 
 
 class Host(Protocol):
@@ -69,8 +78,11 @@ class DialManager:
         horizon, or known from disk).
     :param advertised: ``peer_id -> multiaddrs`` its ``nodes`` entry advertises (may be empty).
     :param addresses_changed: called when our own addresses changed (the node re-announces).
-    :param counters: where to count ``connections_trimmed``, ``member_scans`` (passes that listed
-        the members worth a dial), ``address_changes``, ``dial_pass_errors``.
+    :param lost: ``() -> peer ids`` members alive a moment ago and reached through nobody now.
+    :param bridges: ``bridges(peers) -> peers``: those connected ``peers`` no trim may close.
+    :param counters: where to count ``connections_trimmed``, ``trims_spared_bridges`` (passes
+        that kept a connection because it was a bridge), ``repair_dials``, ``member_scans``
+        (passes that listed the members worth a dial), ``address_changes``, ``dial_pass_errors``.
     """
 
     def __init__(
@@ -81,6 +93,9 @@ class DialManager:
         advertised: Callable[[str], list[str]],
         *,
         addresses_changed: Callable[[], None] = lambda: None,
+        lost: Callable[[], Iterable[str]] = lambda: (),
+        bridges: Callable[[set[str]], set[str]] = lambda peers: set(),
+        repair_interval: float = REPAIR_INTERVAL,
         low: int = DEFAULT_LOW,
         high: int = DEFAULT_HIGH,
         grace: float = GRACE,
@@ -96,7 +111,14 @@ class DialManager:
         self.interval = interval
         self.scan_every = max(1, round(address_scan_interval / interval))
         self.counters: Counter[str] = Counter() if counters is None else counters
-        self.connections = ConnectionManager(self_id, host, self._dial_candidate, low=low, high=high, grace=grace)
+        self._lost = lost
+        self.random = random.Random()
+        self._bridges = bridges
+        self.repair_every = max(1, round(repair_interval / interval))
+        self._next_repair = self._repair_wait()
+        self.connections = ConnectionManager(
+            self_id, host, self._dial_candidate, bridges=self._spare_bridges, low=low, high=high, grace=grace
+        )
         self.dialer = Dialer(
             self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: not self.connections.saturated()
         )
@@ -155,10 +177,35 @@ class DialManager:
                 if addrs:
                     known[peer_id] = addrs
         self._candidates = self.dialer.candidates(known)
+        if self._passes >= self._next_repair:
+            self._next_repair = self._passes + self._repair_wait()
+            if self.connections.saturated():  # (below low, the lost are among the candidates anyway)
+                self._repair()
         self._protect_relay_links()
         for peer_id in self.connections.round(set(self._candidates)):
             self.counters["connections_trimmed"] += 1
             self._close(peer_id)
+
+    def _repair_wait(self) -> int:
+        return self.repair_every + self.random.randrange(self.repair_every + 1)
+
+    def _repair(self) -> None:
+        """Dial one lost member (see the module docstring), at random: the parts of a split
+        overlay each try a different peer of the other, and one dial that gets through is enough."""
+        lost = sorted(peer for peer in self._lost() if not self.host.is_admitted(peer))
+        self.random.shuffle(lost)
+        for peer_id in lost:
+            addrs = [a for a in self._advertised(peer_id) if isinstance(a, str)]
+            if addrs and self.dialer.want(peer_id, addrs):
+                self.counters["repair_dials"] += 1
+                log.debug("repair: dialling %s, alive a moment ago and reached through nobody now", peer_id)
+                return
+
+    def _spare_bridges(self, peers: set[str]) -> set[str]:
+        bridges = self._bridges(peers)
+        if bridges:
+            self.counters["trims_spared_bridges"] += 1
+        return bridges
 
     def _protect_relay_links(self) -> None:
         """Never trim a connection a relay reservation lives on: ours to our relays (what makes a

@@ -225,6 +225,25 @@ class Membership:
             and (state.alive or (state.last_alive_at is not None and now - state.last_alive_at < horizon))
         }
 
+    def lost(self, horizon: float) -> set[str]:
+        """Peers alive within ``horizon`` but not now: crashed, cut off by a partition, or on the
+        other side of an overlay that split (no connection between the parts, so neither hears
+        the other's entries). Only a dial tells these apart; the dial manager tries them now and
+        then even when it has its degree (see :mod:`kairos_core.connections`)."""
+        return {peer_id for peer_id in self.recently_alive(horizon) if not self._peers[peer_id].alive}
+
+    def bridges(self, peers: set[str]) -> set[str]:
+        """Those of ``peers`` (connected to us) whose connection is, in our view, the only way to
+        some alive member, the peer itself included: closing it would cut the overlay in two (for
+        us), or leave the peer with no connection (a private node that reaches only us would
+        redial at once, and be trimmed again). A trim keeps them.
+
+        Costs one walk of the vouching graph per peer asked about (O(members x neighbours)
+        each); the connection manager asks only while it trims.
+        """
+        alive = {peer_id for peer_id, state in self._peers.items() if state.alive}
+        return {peer_id for peer_id in peers if not alive <= self.vouched(without=peer_id)}
+
     def alive_unless_lost(self, window: float) -> set[str]:
         """Alive peers, less those whose connection *to us* closed within ``window`` seconds and
         whose own entry has not changed since: our own news that a peer is gone beats a voucher's
@@ -280,12 +299,15 @@ class Membership:
     def _fresh(self, state: PeerState) -> bool:
         return state.heartbeat_at is not None and self.clock() - state.heartbeat_at < self.ttl
 
-    def vouched(self) -> set[str]:
+    def vouched(self, without: str | None = None) -> set[str]:
         """Peers reached from us through vouchers: connected to us, or named by a reached peer
-        whose entry is fresh (see the module docstring)."""
+        whose entry is fresh (see the module docstring). ``without``: as if our own connection to
+        that peer were closed (it may still be reached through others)."""
         excluded = self.excluded
         reached = {
-            peer_id for peer_id, state in self._peers.items() if state.connected and not state.foreign and peer_id not in excluded
+            peer_id
+            for peer_id, state in self._peers.items()
+            if state.connected and not state.foreign and peer_id not in excluded and peer_id != without
         }
         frontier = list(reached)
         while frontier:

@@ -48,6 +48,8 @@ MAX_LABEL_SETS = 1024
 CORE_HELP: dict[str, str] = {
     "background_errors": "Periodic or background tasks of the node that failed (logged).",
     "connections_trimmed": "Connections closed because the node had more than p2p.connections.high.",
+    "trims_spared_bridges": "Trims that kept a connection above p2p.connections.high: the only way to some member.",
+    "repair_dials": "Dials of a member reached through nobody (a split overlay, or a crashed node) by a node at its degree.",
     "discovered_mdns": "Peers reported by mDNS discovery (each report counts).",
     "discovered_dht": "Peers reported by the DHT rendezvous (each report counts).",
     "ledger_applied": "Remote ledger entries applied.",

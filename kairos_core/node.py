@@ -24,6 +24,7 @@ from .api import APIServer
 from .config import Config
 from . import connections as connections_module
 from .connections import ConnectionManager
+from . import dial_manager as dial_manager_module
 from .dial_manager import DialManager
 from .dialer import Dialer
 from .doctor import ClockOffsets, PeerSample
@@ -227,10 +228,13 @@ class Node:
             lambda: self.membership.worth_dialling(horizon),
             self._advertised_addresses,
             addresses_changed=self._announce_soon,
+            lost=lambda: self.membership.lost(horizon),
+            bridges=lambda peers: self.membership.bridges(peers),
             counters=self.counters,
             low=p2p.connections.low,
             high=p2p.connections.high,
             grace=connections_module.GRACE,
+            repair_interval=dial_manager_module.REPAIR_INTERVAL,
         )
         self.dialer, self.connections = self.dial_manager.dialer, self.dial_manager.connections
         sealer = Sealer(self.schedule, max_frame_size=self.token.max_message_size)

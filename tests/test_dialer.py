@@ -268,3 +268,34 @@ async def test_at_most_two_attempts_per_peer_however_its_addresses_churn() -> No
         await asyncio.sleep(0)
     assert len(net.dials) == 2
     await dialer.aclose()
+
+
+async def test_at_its_degree_the_manager_still_dials_a_lost_member_now_and_then() -> None:
+    members = _peers(10)
+    far_side: set[str] = set()
+
+    def lost() -> set[str]:  # reached through nobody, until one of them is connected again
+        return set() if far_side & host.peers else far_side
+
+    manager, host, asked = _dial_manager(members, low=3, high=6, lost=lost, repair_interval=2.0)
+    host.peers = set(members[:3])
+    for peer in host.peers:
+        manager.admitted(peer)
+    await _passes(manager, 10)
+    assert host.dialled == [] and manager.counters["repair_dials"] == 0  # at low, nothing lost: no dial
+    far_side |= set(members[5:8])  # the overlay split: these are reached through nobody now
+    await _passes(manager, 4)  # the next repair comes within 2..4 passes
+    assert len(host.dialled) == 1 and host.dialled[0] in far_side and manager.counters["repair_dials"] == 1
+    await _passes(manager, 10)  # the dial healed it
+    assert len(host.dialled) == 1
+
+
+async def test_a_repair_dial_of_a_crashed_member_backs_off_like_any_dial() -> None:
+    members = _peers(5)
+    manager, host, asked = _dial_manager(members, low=2, high=4, lost=lambda: {members[4]}, repair_interval=1.0)
+    host.reachable.discard(members[4])  # it crashed: every dial fails
+    host.peers = set(members[:2])
+    for peer in host.peers:
+        manager.admitted(peer)
+    await _passes(manager, 20)
+    assert host.dialled == [members[4]]  # tried every pass or two, but it waits out its back-off

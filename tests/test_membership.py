@@ -264,3 +264,40 @@ async def test_expire_walks_the_vouchers_only_when_an_entry_reaches_its_ttl(monk
     assert len(walks) == 1 and not membership.is_alive(far) and membership.is_alive(near)
     assert events[-1] == ("left", far, "far")
     await membership.stop()
+
+
+async def test_bridges_are_the_connections_some_member_is_reached_through_only():
+    # us - a - b - c, and us - d (entries list peers only, not us); then d lists a as well
+    membership, clock, events = await make()
+    a, b, c, d = peers(4)
+    for peer in (a, d):
+        membership.connected(peer)
+    membership.entry_changed(a, {"neighbours": [b, d]})
+    membership.entry_changed(b, {"neighbours": [a, c]})
+    membership.entry_changed(c, {"neighbours": [b]})
+    membership.entry_changed(d, {"neighbours": []})
+    assert set(membership.alive()) == {a, b, c, d}
+    assert membership.bridges({a, d}) == {a}  # without a, b and c are reached through nobody
+    membership.entry_changed(d, {"neighbours": [a]})  # now d reaches a as well
+    assert membership.bridges({a, d}) == set()
+    assert membership.bridges(set()) == set()
+    leaf = peers(1)[0]  # connected to us only, listed by nobody: closing it would leave it alone
+    membership.connected(leaf)
+    membership.entry_changed(leaf, {"neighbours": []})
+    assert membership.bridges({a, d, leaf}) == {leaf}
+    await membership.stop()
+
+
+async def test_members_on_the_far_side_of_a_split_are_lost_not_crashed_yet():
+    membership, clock, events = await make()
+    a, b = peers(2)
+    membership.connected(a)
+    membership.entry_changed(a, {"neighbours": [b]})
+    membership.entry_changed(b, {"neighbours": [a]})
+    assert membership.lost(300) == set()
+    membership.entry_changed(a, {"neighbours": []})  # a closed its connection to b: the overlay split
+    await membership.drain()
+    assert ("left", b, None) in events and membership.lost(300) == {b}
+    clock.now += 301
+    assert membership.lost(300) == set()  # past the quorum horizon: nobody tries it any more
+    await membership.stop()
