@@ -114,7 +114,6 @@ class NodesRewrites:
     ALWAYS = {"beat", "announced_at"}
 
     def __init__(self, node) -> None:
-        self.node = node
         self.last: dict[str, dict] = {
             key: dict(value)
             for key, value in (node.client.request("GET", "/api/ledger/nodes") or {}).items()

@@ -26,8 +26,9 @@ The overlay must stay one piece, and a node at its degree dials nobody. Two rule
 - **A trim never closes a bridge**: a connection that is, in this node's view of the vouching
   graph (:meth:`kairos_core.membership.Membership.bridges`), the only way to some alive member,
   the peer at its other end included (a private node that reaches nobody else would redial at
-  once and be trimmed again, round after round). Without it, with ``low: 2, high: 4`` and nine nodes that all joined through one seed, the trims
-  left two parts that never dialled each other in about one run of three.
+  once and be trimmed again, round after round). Without it, with ``low: 2, high: 4`` and nine
+  nodes that all joined through one seed, the trims left two parts that never dialled each other
+  in about one run of three.
 - **Repair**: two nodes may each close one of two bridges at the same moment, each counting on the
   other's. Then each part sees the other's members *lost* (alive a moment ago, reached through
   nobody now: :meth:`~kairos_core.membership.Membership.lost`), and the dial manager of a node at

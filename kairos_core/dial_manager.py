@@ -173,7 +173,7 @@ class DialManager:
         if self._needs_members():
             self.counters["member_scans"] += 1
             for peer_id in self._worth_dialling():
-                addrs = [a for a in self._advertised(peer_id) if isinstance(a, str)]
+                addrs = self._addresses_of(peer_id)
                 if addrs:
                     known[peer_id] = addrs
         self._candidates = self.dialer.candidates(known)
@@ -192,14 +192,18 @@ class DialManager:
     def _repair(self) -> None:
         """Dial one lost member (see the module docstring), at random: the parts of a split
         overlay each try a different peer of the other, and one dial that gets through is enough."""
-        lost = sorted(peer for peer in self._lost() if not self.host.is_admitted(peer))
+        lost = sorted(self._lost())  # (sorted: a seeded self.random picks the same)
         self.random.shuffle(lost)
         for peer_id in lost:
-            addrs = [a for a in self._advertised(peer_id) if isinstance(a, str)]
-            if addrs and self.dialer.want(peer_id, addrs):
+            addrs = self._addresses_of(peer_id)
+            if addrs and self.dialer.want(peer_id, addrs):  # (want: not if connected or backing off)
                 self.counters["repair_dials"] += 1
                 log.debug("repair: dialling %s, alive a moment ago and reached through nobody now", peer_id)
                 return
+
+    def _addresses_of(self, peer_id: str) -> list[str]:
+        """The multiaddrs ``peer_id``'s entry advertises (an entry is peer-written: strings only)."""
+        return [a for a in self._advertised(peer_id) if isinstance(a, str)]
 
     def _spare_bridges(self, peers: set[str]) -> set[str]:
         bridges = self._bridges(peers)
