@@ -188,7 +188,10 @@ async def test_the_metrics_listener_is_bounded_like_the_dashboards(kairos_networ
                 await asyncio.sleep(0.2)
 
     trickling = asyncio.create_task(trickle())
-    closed = await asyncio.wait_for(reader.read(), 20)
+    try:
+        closed = await asyncio.wait_for(reader.read(), 20)
+    except ConnectionResetError:  # closed with trickled bytes unread: the kernel answers them with a reset
+        closed = b""
     assert closed == b"" and not trickling.done(), "a trickled request head kept its connection to the end"
     trickling.cancel()
     writer.close()
