@@ -8,7 +8,8 @@ tunvpn plugin, A and B bootstrapping from P only (mDNS and the DHT off), and pri
 - ``path``: how A sends to B once the best path for the kind is reached (``direct`` with no NAT,
   ``punched`` through port-preserving NATs, ``relay via <P>`` through symmetric ones), or the
   path at the deadline (``target_reached`` false); ``relayed``: whether A's libp2p connection to B runs
-  through P's relay;
+  through P's relay; ``libp2p_transport``: how it runs (``direct``, ``relayed``, or ``punched``: a TCP
+  connection through both NATs that replaced the relayed one);
 - ``time_to_path_s``: from both A and B being up (their API answers) until that path is in use on
   A and a ping between the VIPs gets through over it; ``time_to_ping_s``: until the first ping got
   through (any path); ``startup_s``: from starting A and B until both were up (process start,
@@ -138,6 +139,7 @@ def one_run(kind: str, seconds: int, watch: float = 0.0) -> dict:
             "path": path,
             "target_reached": reached,
             "relayed": vpn.peer_ids[3] in vpn.relayed_peers(2),
+            "libp2p_transport": vpn.transport(2, vpn.peer_ids[3]),
             "time_to_path_s": round(time_to_path, 2) if reached else None,
             "time_to_ping_s": round(first_ping, 2),
             "startup_s": round(up - vpn.nated_started_at, 2),

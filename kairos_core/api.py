@@ -8,7 +8,7 @@ Routes (JSON in and out):
 
 - ``GET /api/status`` — this node, the leader, member count, counters
 - ``GET /api/peers`` — every known peer, whether it is alive, and for a connected one its
-  ``transport`` (direct or relayed) and ``rtt_ms`` (smoothed round-trip time)
+  ``transport`` (direct, relayed or punched) and ``rtt_ms`` (smoothed round-trip time)
 - ``GET /api/ledger`` — bucket names; ``GET /api/ledger/{bucket}`` — that bucket's items
 - ``GET|PUT|DELETE /api/ledger/{bucket}/{key}`` — one key (PUT body: the JSON value)
 - ``GET /api/watch[?bucket=B]`` — newline-delimited JSON, one line per change, until closed

@@ -575,8 +575,8 @@ def peers(context: Context, socket_path: str | None, as_json: bool, show_all: bo
         rtt = row.get("rtt_ms") if isinstance(row.get("rtt_ms"), (int, float)) else None
         # a relayed connection's RTT is the whole path through the relay: say so beside it
         link = "" if rtt is None else f"{rtt:.1f} ms" if rtt < 10 else f"{rtt:.0f} ms"
-        if row.get("transport") == "relayed":
-            link = f"{link} (relayed)".strip()
+        if row.get("transport") in ("relayed", "punched"):
+            link = f"{link} ({row['transport']})".strip()
         # Each address escaped on its own: the newlines between them are ours, any inside are not.
         # The trailing /p2p/<id> repeats the first column: left out, so that the address fits.
         suffix = f"/p2p/{row['peer_id']}"

@@ -385,7 +385,7 @@ class Node:
 
     def describe_peers(self) -> list[dict[str, Any]]:
         """``GET /api/peers``: every known peer (see :meth:`Membership.describe`) and, for those
-        connected now, ``transport`` (direct or relayed) and ``rtt_ms`` (None until measured)."""
+        connected now, ``transport`` (direct, relayed or punched) and ``rtt_ms`` (None until measured)."""
         rows = self.membership.describe() if self.membership else []
         links = self.host.links() if self.host else {}
         for row in rows:

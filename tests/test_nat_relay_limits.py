@@ -10,26 +10,19 @@ import asyncio
 
 import pytest
 
+from kairos_testing.hosts import until
+
 from kairos_core.p2p import P2PError, RelayLimits
 from kairos_core.p2p.relay import HOP_PROTOCOL
-
-
-async def _until(condition, what: str, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await asyncio.sleep(0.1)
 
 
 async def _relay_and_reserved(hosts, limits: RelayLimits):
     relay, reserved = await hosts.host(relay=limits), await hosts.host()
     await reserved.connect(relay.addresses()[0])
-    await _until(lambda: relay.reachability()["reachability"] == "public", "the relay public")
-    await _until(lambda: reserved.reachability()["reachability"] != "unknown", "the first verdict")
+    await until(lambda: relay.reachability()["reachability"] == "public", "the relay public")
+    await until(lambda: reserved.reachability()["reachability"] != "unknown", "the first verdict")
     reserved._reachability.state = "private"
-    await _until(lambda: reserved.reachability()["relays"] == [relay.peer_id], "a reservation")
+    await until(lambda: reserved.reachability()["relays"] == [relay.peer_id], "a reservation")
     circuit = next(a for a in reserved.addresses() if "/p2p-circuit/" in a)
     return relay, reserved, circuit
 
@@ -55,7 +48,7 @@ async def test_no_reservation_and_garbage_are_refused(hosts) -> None:
     assert relay.counters["relay_refused"] == 1
     stream = await dialler.open_stream(relay.peer_id, HOP_PROTOCOL)
     await stream.write(b"\xff\xff" + b"x" * 64)  # a frame longer than the cap
-    await _until(lambda: relay.counters["relay_bad_requests"] == 1, "the garbage counted")
+    await until(lambda: relay.counters["relay_bad_requests"] == 1, "the garbage counted")
     # the relay still serves
     assert await dialler.connect(circuit) == reserved.peer_id
 
@@ -76,8 +69,8 @@ async def test_a_circuit_is_cut_at_its_byte_budget(hosts) -> None:
         for _ in range(64):
             await stream.write(b"x" * 8192)
             await asyncio.sleep(0.01)
-    await _until(lambda: relay.counters["relay_circuits_over_bytes"] == 1, "the cut counted")
-    await _until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
+    await until(lambda: relay.counters["relay_circuits_over_bytes"] == 1, "the cut counted")
+    await until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
     assert relay.reachability()["relay"]["circuits"] == 0
 
 
@@ -85,8 +78,8 @@ async def test_a_circuit_is_cut_at_its_duration(hosts) -> None:
     relay, reserved, circuit = await _relay_and_reserved(hosts, RelayLimits(max_duration=1.0))
     dialler = await hosts.host()
     assert await dialler.connect(circuit) == reserved.peer_id
-    await _until(lambda: relay.counters["relay_circuits_over_time"] == 1, "the cut counted")
-    await _until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
+    await until(lambda: relay.counters["relay_circuits_over_time"] == 1, "the cut counted")
+    await until(lambda: not dialler.is_admitted(reserved.peer_id), "the relayed connection closed")
 
 
 async def test_an_outsider_gets_no_relay_and_a_bad_dial_back_request_is_counted(hosts) -> None:
@@ -103,7 +96,7 @@ async def test_an_outsider_gets_no_relay_and_a_bad_dial_back_request_is_counted(
     await asker.connect(relay.addresses()[0])
     stream = await asker.open_stream(relay.peer_id, REACH_PROTOCOL)
     await stream.write(b'\x00\x0c{"port": -1}')  # a port out of range
-    await _until(lambda: relay.counters["reach_bad_requests"] == 1, "the bad request counted")
+    await until(lambda: relay.counters["reach_bad_requests"] == 1, "the bad request counted")
     # and the relay still answers a good request of another peer
     other = await hosts.host()
     await other.connect(relay.addresses()[0])
@@ -132,6 +125,6 @@ async def test_a_relay_that_names_someone_else_gets_its_connection_closed(hosts,
     monkeypatch.setattr(relay_module, "write_frame", lying_write)
     with pytest.raises(P2PError):
         await dialler.connect(circuit)
-    await _until(lambda: reserved._relay.counters["relay_source_mismatch"] == 1, "the mismatch counted")
+    await until(lambda: reserved._relay.counters["relay_source_mismatch"] == 1, "the mismatch counted")
     assert bystander.peer_id not in reserved._relay.relayed
     assert not reserved.is_admitted(dialler.peer_id)

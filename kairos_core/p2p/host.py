@@ -50,6 +50,7 @@ from typing import Any, Awaitable, Callable
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.abc import ConnectionType
 from libp2p.crypto import ed25519, x25519
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
@@ -75,6 +76,7 @@ from .duplicates import SWEEP as DUPLICATE_SWEEP
 from .duplicates import ConnectionView, duplicates_to_close
 from .errors import P2PError
 from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, dialled_by_us, peer_of, quiet_reset
+from .holepunch import HOLEPUNCH_PROTOCOL, HolePunch
 from .logs import tame_libp2p_logging
 from .reachability import REACH_PROTOCOL, Reachability
 from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, split_circuit
@@ -118,6 +120,15 @@ def _gossip_score_params() -> ScoreParams:
         p4_invalid_messages=TopicScoreParams(weight=1.0, cap=10.0 * INVALID_GOSSIP_TOLERANCE, decay=0.5),
         publish_threshold=-float(INVALID_GOSSIP_TOLERANCE),
     )
+
+
+def _is_relayed(conn: Any) -> bool:
+    """Whether the libp2p connection ``conn`` runs through a relay (:mod:`.relay` marks its raw
+    connections so)."""
+    try:
+        return conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
+    except Exception:  # a connection that cannot tell is a TCP one of ours
+        return False
 
 
 def _with_peer_suffix(address: str, peer_id: str) -> str:
@@ -186,6 +197,15 @@ class P2PHost:
             is_public=lambda: self._reachability.state == "public",
             on_reservations_changed=self._addresses_changed,
         )
+        # ... and direct connections between NATed peers, in place of relayed ones
+        self._holepunch = HolePunch(
+            self.counters,
+            observed=lambda: self._reachability.observed,
+            relayed=lambda peer: peer in self._relay.relayed,
+            on_direct=self._holepunched,
+        )
+        #: peers whose relayed connection was replaced by a hole-punched one
+        self._punched: set[str] = set()
         # issue #17: RTT per peer, read from the pings yamux sends anyway (see .rtt)
         self._rtt = RttTable(self.counters)
 
@@ -264,6 +284,8 @@ class P2PHost:
             self._gate.detach()
             self._relay.detach()
             self._reachability.detach()
+            self._holepunch.detach()
+            self._punched.clear()
             self._rtt.clear()
             self._host = self._pubsub = self._dht = None
             self._bound = []
@@ -329,10 +351,12 @@ class P2PHost:
         host.set_stream_handler(HOP_PROTOCOL, self._gate.guard(self._relay.serve_hop))
         host.set_stream_handler(STOP_PROTOCOL, self._gate.guard(self._relay.serve_stop))
         host.set_stream_handler(REACH_PROTOCOL, self._gate.guard(self._reachability.serve))
+        host.set_stream_handler(HOLEPUNCH_PROTOCOL, self._gate.guard(self._holepunch.serve))
         self._host, self._pubsub, self._dht = host, pubsub, dht
         self._gate.attach(host, self._nursery)
         self._relay.attach(host, self._nursery)
         self._reachability.attach(host)
+        self._holepunch.attach(host)
         tame_libp2p_logging()  # libp2p modules imported while building have fresh loggers
         return host, pubsub, gossipsub, dht
 
@@ -434,14 +458,19 @@ class P2PHost:
 
     def links(self) -> dict[str, dict[str, Any]]:
         """Each admitted peer's connection: ``transport`` (``direct``: a TCP connection of its own,
-        ``relayed``: a circuit through a relay) and ``rtt_s``, the smoothed round-trip time in
+        ``relayed``: a circuit through a relay, ``punched``: a TCP connection of its own that
+        replaced a relayed one through both NATs, :mod:`.holepunch`) and ``rtt_s``, the smoothed round-trip time in
         seconds the connection's muxer measured (None until its first ping, ~0.5 s after the
         connection is up; then one ping every 30 s — see :mod:`.rtt`) and ``floor_s``, the lowest
         of those values in the last two to four minutes (the path's latency without the hiccups)."""
         rtts, floors = self._rtt.snapshot, self._rtt.floors
-        relayed = self._relay.relayed
+        relayed, punched = self._relay.relayed, self._punched
+
+        def transport(peer: str) -> str:
+            return "relayed" if peer in relayed else "punched" if peer in punched else "direct"
+
         return {
-            peer: {"transport": "relayed" if peer in relayed else "direct", "rtt_s": rtts.get(peer), "floor_s": floors.get(peer)}
+            peer: {"transport": transport(peer), "rtt_s": rtts.get(peer), "floor_s": floors.get(peer)}
             for peer in sorted(self._gate.admitted_peers())
         }
 
@@ -495,9 +524,13 @@ class P2PHost:
 
     def _on_disconnected(self, conn: Any) -> None:
         self._gate.disconnected(conn)
-        if self._host is not None and not self._host.get_network().get_connections(conn.muxed_conn.peer_id):
-            self._relay.disconnected(str(conn.muxed_conn.peer_id))
-            self._rtt.forget(str(conn.muxed_conn.peer_id))
+        peer_id = conn.muxed_conn.peer_id
+        if self._host is not None and not self._host.get_network().get_connections(peer_id):
+            self._relay.disconnected(str(peer_id))
+            self._punched.discard(str(peer_id))
+            self._rtt.forget(str(peer_id))
+        elif self._host is not None and self._gate.is_admitted(str(peer_id)):
+            self._nursery.start_soon(self._keep_in_pubsub, peer_id)
         if self._inbound is not None:
             self._inbound.closed(conn)
 
@@ -513,6 +546,39 @@ class P2PHost:
         peer_id = ID.from_base58(peer)
         await self._tell_pubsub(self._pubsub_peers_in, peer_id)
         self._nursery.start_soon(self._dht_add_once_identified, peer_id)
+        if peer in self._relay.relayed and self.peer_id < peer:
+            # a relayed connection: the lower id tries to replace it with a direct one
+            self._nursery.start_soon(self._holepunch.upgrade, peer)
+
+    async def _holepunched(self, peer: str, close_relayed: bool) -> None:
+        """A hole-punched connection to ``peer`` is up on both ends (trio side): the peer is no
+        longer relayed, and the responder closes the relayed connection."""
+        self._relay.relayed.discard(peer)
+        self._punched.add(peer)
+        if not close_relayed or self._host is None:
+            return
+        for conn in list(self._host.get_network().get_connections(ID.from_base58(peer))):
+            if _is_relayed(conn):
+                try:
+                    with trio.move_on_after(5):
+                        await conn.close()
+                except Exception:  # already closing: what we wanted
+                    log.debug("closing the relayed connection to %s failed", peer, exc_info=True)
+
+    async def _keep_in_pubsub(self, peer_id: ID) -> None:
+        """One of an admitted peer's connections closed, others remain (trio side).
+
+        Gossipsub kept its stream with the peer on one connection; when that was the closed one,
+        it drops the peer as dead although the peer stays admitted on the others (a replaced
+        relayed connection, a duplicate closed under a stream). Tell it about the peer again once
+        it dropped it; a stream on a surviving connection leaves it in, and this is a no-op."""
+        with trio.move_on_after(3):
+            while self._pubsub is not None and self._gate.is_admitted(str(peer_id)):
+                if peer_id not in self._pubsub.peers:
+                    self.counters["pubsub_peers_readded"] += 1
+                    await self._tell_pubsub(self._pubsub_peers_in, peer_id)
+                    return
+                await trio.sleep(0.1)
 
     async def _dht_add_once_identified(self, peer_id: ID) -> None:
         """Put an admitted peer into the DHT routing table once we know its addresses.

@@ -69,3 +69,13 @@ def collector() -> tuple["asyncio.Queue[tuple[str, bytes]]", Callable[[str, byte
         await inbox.put((peer, data))
 
     return inbox, handler
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition()`` every 0.1 s; AssertionError naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await asyncio.sleep(0.1)

@@ -207,6 +207,12 @@ class NatVPNLab(VPNLab):
             "VPN sessions",
         )
 
+    def transport(self, index: int, peer_id: str) -> str | None:
+        """How node ``index``'s libp2p connection to ``peer_id`` runs (``direct``, ``relayed``,
+        ``punched``), or None when they are not connected."""
+        rows = {row["peer_id"]: row for row in self.node(index).client.request("GET", "/api/peers")}
+        return rows.get(peer_id, {}).get("transport")
+
     def relayed_peers(self, index: int) -> list[str]:
         """Peers node ``index`` is connected to through a relay."""
         return ((self.node(index).status() or {}).get("reachability") or {}).get("relayed_peers", [])

@@ -136,7 +136,9 @@ function links() {
     return found.get(key);
   };
   const measured = (link, transport, rtt) => {
-    if (transport === "relayed" || (transport === "direct" && link.transport === null)) link.transport = transport;
+    // the most telling kind wins: relayed, then punched (a direct one through NATs), then direct
+    const rank = { relayed: 3, punched: 2, direct: 1 };
+    if ((rank[transport] || 0) > (rank[link.transport] || 0)) link.transport = transport;
     if (typeof rtt === "number" && rtt > 0 && !link.live && (link.rtt === null || rtt < link.rtt)) link.rtt = rtt;
   };
   for (const [peer, entry] of Object.entries(state.nodes)) {
