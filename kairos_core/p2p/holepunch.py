@@ -13,9 +13,10 @@ that picks a new port for each destination (symmetric) does not: the attempt end
 :data:`CONNECT_TIMEOUT` and the relayed connection stays, as it was.
 
 The new socket is upgraded as libp2p upgrades a dialled one (noise — which proves the peer
-again —, then yamux), the initiator as the dialler. Once the initiator reports its upgrade
-done, the other end closes the relayed connection: both ends hold the direct one by then, so the
-peer never looks disconnected, and every stream opens on the direct connection from now on.
+again —, then yamux), the initiator as the dialler. Once the initiator reports its upgrade done
+and has read the answer, the other end closes the relayed connection: both ends hold the direct
+one by then, so the peer never looks disconnected, and every stream opens on the direct
+connection from now on.
 
 Why not py-libp2p 0.8.1's DCUtR (``libp2p.relay.circuit_v2.dcutr``): it runs over the connections
 of its own circuit v2 transport, which we do not use (see :mod:`.relay`), and sends each side's
@@ -231,6 +232,11 @@ class HolePunch:
                 if done.get("done") is not True:
                     raise FrameError("no report of the other end's upgrade")
                 await write_frame(net_stream, {"ok": True})
+            # The answer crosses the relay: closing the relayed connection before the asker read
+            # it would drop it there, and the asker would count a failure while both hold the
+            # direct connection. The asker ends the stream once it read the answer.
+            with trio.move_on_after(REQUEST_TIMEOUT), suppress(FrameError):
+                await read_frame(net_stream)
             await quiet_close(net_stream)
             await self._on_direct(peer, True)
         except (FrameError, trio.TooSlowError, OSError) as exc:

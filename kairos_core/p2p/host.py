@@ -530,6 +530,13 @@ class P2PHost:
             self._punched.discard(str(peer_id))
             self._rtt.forget(str(peer_id))
         elif self._host is not None and self._gate.is_admitted(str(peer_id)):
+            if str(peer_id) in self._relay.relayed and not any(
+                map(_is_relayed, self._host.get_network().get_connections(peer_id))
+            ):
+                # the relayed connection went and a direct one stays (a punch whose last answer was
+                # lost with it): say what carries the peer now
+                self._relay.relayed.discard(str(peer_id))
+                self._punched.add(str(peer_id))
             self._nursery.start_soon(self._keep_in_pubsub, peer_id)
         if self._inbound is not None:
             self._inbound.closed(conn)
