@@ -136,6 +136,29 @@ async def test_apply_remote_async_verifies_off_the_loop() -> None:
     assert ledger.counters["rejected_signature"] == 1
 
 
+async def test_entries_we_already_hold_are_not_checked_again(monkeypatch) -> None:
+    """A sync or a second gossip path mostly brings entries we hold: their signatures are not
+    checked (the merge drops them as stale first), a newer one's still is, and a forged newer
+    one is still refused."""
+    ledger = make_ledger()
+    now = ledger.clock.now_ms()
+    held = [Entry.signed(BOB, "user", f"k{i}", i, Version(now, i, BOB.peer_id)) for i in range(5)]
+    assert len(await ledger.apply_remote_async(held)) == 5
+    checked = []
+    real_verify = Entry.verify
+    monkeypatch.setattr(Entry, "verify", lambda self: checked.append(self.key) or real_verify(self))
+    newer = Entry.signed(BOB, "user", "k0", "new", Version(now + 1, 0, BOB.peer_id))
+    forged = Entry("user", "k1", "forged", BOB.peer_id, Version(now + 1, 0, BOB.peer_id), False, newer.sig)
+    updates = await ledger.apply_remote_async([*held, newer, forged])
+    assert [u.key for u in updates] == ["k0"]
+    assert sorted(checked) == ["k0", "k1"]
+    assert ledger.counters["stale"] == 5 and ledger.counters["rejected_signature"] == 1
+    assert ledger.get("user", "k0") == "new" and ledger.get("user", "k1") == 1
+    # only stale ones: nothing checked, nothing sent to a worker thread
+    checked.clear()
+    assert await ledger.apply_remote_async(held) == [] and checked == []
+
+
 def test_tombstones_are_pruned_after_the_grace_period() -> None:
     wall = Wall()
     ledger = make_ledger(wall, tombstone_grace=60)
