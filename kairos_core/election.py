@@ -271,8 +271,24 @@ class Election:
         return lease.peer == self.peer_id or lease.peer in self.membership.recently_alive(self.quorum_horizon)
 
     def current(self) -> Lease | None:
-        """The winning lease of the highest epoch among those that count, confirmed or not."""
-        return winner([lease for lease in self.leases() if self.credible(lease)])
+        """The winning lease of the highest epoch among those that count, confirmed or not.
+
+        The same test as :meth:`credible`, with the electorate built once: per lease it cost a
+        pass over every member, and this runs on every heartbeat, round and lease update.
+        """
+        top = self.chain_top()
+        alive: set[str] | None = None
+        counted = []
+        for lease in self.leases():
+            if lease.epoch > top:
+                continue
+            if lease.peer != self.peer_id:
+                if alive is None:
+                    alive = self.membership.recently_alive(self.quorum_horizon)
+                if lease.peer not in alive:
+                    continue
+            counted.append(lease)
+        return winner(counted)
 
     @property
     def leader(self) -> tuple[str, int] | None:

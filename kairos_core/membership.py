@@ -24,6 +24,7 @@ advertised information changes, not on every heartbeat.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,14 @@ def is_node_key(key: str) -> bool:
     The bucket's policy also lets a node write ``<peer_id>/<anything>``; such sub-keys are data,
     not members — counting them would invent phantom peers that sway elections.
     """
+    return isinstance(key, str) and _is_peer_id(key)
+
+
+# Every neighbour of every entry is checked on each rewrite of it (a base58 decode and a key
+# parse each); the answers for the few hundred ids a network holds are kept. Bounded, so made-up
+# ids only push out others, which are then parsed again.
+@functools.lru_cache(maxsize=4096)
+def _is_peer_id(key: str) -> bool:
     if "/" in key:
         return False
     try:
