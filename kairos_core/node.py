@@ -59,6 +59,12 @@ EPOCHS_RECORDED = 256
 REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
+# ...and no sooner than this after our entry's last write. A joining node's connections come one
+# by one over seconds, and each one changes the entries at both ends; every write reaches every
+# node, so at N = 50 the writes of a forming network were what kept a 2-core machine saturated
+# (and its admissions timing out, which changed connections again). A peer that left is still
+# announced within this much.
+ANNOUNCE_SPACING = 2.0
 # how often a stream waiting for its dial checks whether the peer got connected another way
 CONNECTED_POLL = 0.1
 # The RTTs an entry publishes (``rtt_ms``, issue #17) ride on the writes that happen anyway (a
@@ -654,6 +660,8 @@ class Node:
         """Announce in ``delay`` seconds unless the timer in attribute ``slot`` is pending already."""
         if getattr(self, slot) is not None or not self._running:
             return
+        if self._written_at:
+            delay = max(delay, self._written_at + ANNOUNCE_SPACING - time.monotonic())
 
         def announce_now() -> None:
             setattr(self, slot, None)
