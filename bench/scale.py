@@ -122,6 +122,7 @@ class NodesRewrites:
         self.rewrites = 0
         self.writers: set[str] = set()
         self.fields: dict[str, int] = {}
+        self._closed = False
         self._stream = node.client.stream("/api/watch", params={"bucket": "nodes"})
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -129,6 +130,8 @@ class NodesRewrites:
     def _run(self) -> None:
         try:
             for update in self._stream:
+                if self._closed:
+                    return
                 key, value = update.get("key"), update.get("value")
                 if not isinstance(key, str) or "/" in key:
                     continue
@@ -143,7 +146,10 @@ class NodesRewrites:
             return
 
     def close(self, elapsed: float) -> dict:
-        self._stream.close()
+        # The watch thread may be inside the stream's generator right now: closing it from here
+        # raises "generator already executing". The counts are read now; the daemon thread's
+        # stream ends with the node.
+        self._closed = True
         return {
             "per_s": round(self.rewrites / elapsed, 3),
             "count": self.rewrites,
