@@ -80,6 +80,8 @@ class DialManager:
     :param addresses_changed: called when our own addresses changed (the node re-announces).
     :param lost: ``() -> peer ids`` members alive a moment ago and reached through nobody now.
     :param bridges: ``bridges(peers) -> peers``: those connected ``peers`` no trim may close.
+    :param degree: ``degree(peer) -> int | None``: how many connections ``peer``'s entry lists (a
+        trim closes the best-connected first).
     :param counters: where to count ``connections_trimmed``, ``trims_spared_bridges`` (passes
         that kept a connection because it was a bridge), ``repair_dials``, ``member_scans``
         (passes that listed the members worth a dial), ``address_changes``, ``dial_pass_errors``.
@@ -95,6 +97,7 @@ class DialManager:
         addresses_changed: Callable[[], None] = lambda: None,
         lost: Callable[[], Iterable[str]] = lambda: (),
         bridges: Callable[[set[str]], set[str]] = lambda peers: set(),
+        degree: Callable[[str], int | None] = lambda peer: None,
         repair_interval: float = REPAIR_INTERVAL,
         low: int = DEFAULT_LOW,
         high: int = DEFAULT_HIGH,
@@ -117,7 +120,7 @@ class DialManager:
         self.repair_every = max(1, round(repair_interval / interval))
         self._next_repair = self._repair_wait()
         self.connections = ConnectionManager(
-            self_id, host, self._dial_candidate, bridges=self._spare_bridges, low=low, high=high, grace=grace
+            self_id, host, self._dial_candidate, bridges=self._spare_bridges, degree=degree, low=low, high=high, grace=grace
         )
         self.dialer = Dialer(
             self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: not self.connections.saturated()

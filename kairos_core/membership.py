@@ -241,6 +241,11 @@ class Membership:
         then even when it has its degree (see :mod:`kairos_core.connections`)."""
         return {peer_id for peer_id in self.recently_alive(horizon) if not self._peers[peer_id].alive}
 
+    def degree(self, peer_id: str) -> int | None:
+        """How many peers ``peer_id``'s entry vouches for (its connections), or None if unknown."""
+        state = self._peers.get(peer_id)
+        return len(state.neighbours) if state is not None and state.info else None
+
     def bridges(self, peers: set[str]) -> set[str]:
         """Those of ``peers`` (connected to us) whose connection is, in our view, the only way to
         some alive member, the peer itself included: closing it would cut the overlay in two (for

@@ -59,11 +59,11 @@ EPOCHS_RECORDED = 256
 REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
-# ...and no sooner than this after our entry's last write. A joining node's connections come one
-# by one over seconds, and each one changes the entries at both ends; every write reaches every
-# node, so at N = 50 the writes of a forming network were what kept a 2-core machine saturated
-# (and its admissions timing out, which changed connections again). A peer that left is still
-# announced within this much.
+# A new connection (and an RTT follow-up) is announced no sooner than this after our entry's last
+# write: a joining node's connections come one by one over seconds, each changing the entries at
+# both ends, and every write reaches every node — at N = 50 on 2 cores those writes kept the
+# machine saturated. A lost connection is news for liveness and the election (who is left to
+# count): it goes out after NEIGHBOUR_ANNOUNCE_DELAY whatever was written before.
 ANNOUNCE_SPACING = 2.0
 # how often a stream waiting for its dial checks whether the peer got connected another way
 CONNECTED_POLL = 0.1
@@ -236,6 +236,7 @@ class Node:
             addresses_changed=self._announce_soon,
             lost=lambda: self.membership.lost(horizon),
             bridges=lambda peers: self.membership.bridges(peers),
+            degree=lambda peer: self.membership.degree(peer),
             counters=self.counters,
             low=p2p.connections.low,
             high=p2p.connections.high,
@@ -651,17 +652,29 @@ class Node:
         if len(measured) < len(neighbours):
             self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY)
 
-    def _announce_soon(self) -> None:
+    def _announce_soon(self, spaced: bool = False) -> None:
         # Our neighbours or our addresses changed: others learn who is alive from whom we vouch
         # for, and how to reach us from our addresses. Say it soon, once per burst.
-        self._announce_later("_announce_pending", NEIGHBOUR_ANNOUNCE_DELAY)
+        self._announce_later("_announce_pending", NEIGHBOUR_ANNOUNCE_DELAY, spaced=spaced)
 
-    def _announce_later(self, slot: str, delay: float) -> None:
-        """Announce in ``delay`` seconds unless the timer in attribute ``slot`` is pending already."""
-        if getattr(self, slot) is not None or not self._running:
+    def _announce_later(self, slot: str, delay: float, *, spaced: bool = True) -> None:
+        """Announce in ``delay`` seconds unless the timer in attribute ``slot`` is pending already
+        (an unspaced call brings a later pending one forward). ``spaced``: and no sooner than
+        ANNOUNCE_SPACING after the last write."""
+        if not self._running:
             return
-        if self._written_at:
+        if spaced and self._written_at:
             delay = max(delay, self._written_at + ANNOUNCE_SPACING - time.monotonic())
+        pending = getattr(self, slot)
+        if pending is not None:
+            try:
+                late = pending.when() > asyncio.get_running_loop().time() + delay
+            except RuntimeError:
+                late = False
+            if not late:
+                return
+            pending.cancel()
+            setattr(self, slot, None)
 
         def announce_now() -> None:
             setattr(self, slot, None)
@@ -845,7 +858,7 @@ class Node:
         self.dial_manager.admitted(peer_id)
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
-        self._announce_soon()
+        self._announce_soon(spaced=True)
 
     async def _peer_disconnected(self, peer_id: str) -> None:
         if self.dial_manager:

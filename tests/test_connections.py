@@ -97,6 +97,25 @@ def test_above_high_it_trims_to_the_middle_keeping_half_by_xor_distance():
     assert set(sorted(peers, key=lambda p: xor_distance(cm.self_id, p))[:2]) <= kept
 
 
+def test_a_trim_closes_the_best_connected_peers_not_those_it_would_leave_short():
+    degrees: dict[str, int] = {}
+    cm, host, clock, dialled = manager(low=8, high=16, degree=degrees.get)
+    peers = ids(20)
+    host.peers = set(peers)
+    for index, peer in enumerate(peers):
+        cm.connected(peer)
+        degrees[peer] = 8 if index % 2 else 20  # half would drop below low without us
+    clock.now += 60
+    by_xor = set(sorted(peers, key=lambda p: xor_distance(cm.self_id, p))[:6])
+    trimmed = cm.to_trim()
+    assert len(trimmed) == 20 - 12
+    assert not by_xor & set(trimmed)
+    # of the rest, six are kept: those this trim would leave short go last
+    others = sorted(degrees[peer] for peer in set(peers) - by_xor)
+    assert sorted(degrees[peer] for peer in trimmed) == others[6:]
+    assert [degrees[peer] for peer in trimmed].count(20) == min(8, others.count(20))
+
+
 def test_above_high_it_trims_but_keeps_protected_and_young_connections():
     cm, host, clock, dialled = manager(low=3, high=4)
     peers = ids(9)

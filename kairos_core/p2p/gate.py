@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 NetStreamHandler = Callable[[Any], Awaitable[None]]
 
-ADMISSION_TIMEOUT = 10.0
+# The handshake is four small messages and two HMACs; what takes time is a busy machine. At 10 s,
+# 50 nodes forming on 2 cores timed out three admissions in four (each wasted, then dialled again,
+# which kept the machine busy); at 30 s, 1 in 4 and the network formed. The price: a connection
+# that never proves anything holds one of libp2p's inbound slots (traps.InboundSlots) this long.
+ADMISSION_TIMEOUT = 30.0
 # A refused peer is logged at WARNING at most this often, and at most a few per minute overall.
 REFUSAL_LOG_INTERVAL = 60.0
 REFUSAL_LOG_BURST = 5
