@@ -15,7 +15,8 @@ keepalives, gossip and DHT chatter all grow with N. Instead each node keeps betw
   that are pinned, protected (a feature uses them: :meth:`ConnectionManager.protect`) or younger
   than ``grace`` seconds (a connection must have time to prove useful, and the peer that just
   dialled us must not be cut before it has found others). Half of what it keeps are again the
-  XOR-closest. Not down to ``low``: every connection closed leaves a peer one short, and at
+  XOR-closest, the other half those with the fewest connections of their own (their ``nodes``
+  entries list them): what it closes goes to peers that keep ``low`` without it. Not down to ``low``: every connection closed leaves a peer one short, and at
   N = 25 a node cutting 17 connections to 8 left nine peers short at once, several below their
   own ``low``; their dials pushed others over ``high`` in turn, and the overlay rewired itself
   every ~30 s (measured: 9–19 trims per node in three idle minutes, each a rewrite of two
