@@ -665,7 +665,9 @@ class P2PHost:
                 if relay == self.peer_id:
                     continue
                 try:
-                    with trio.fail_after(DIAL_TIMEOUT + ADMISSION_TIMEOUT):
+                    # the relay's answer and the noise upgrade through it; admission comes after
+                    # (the gate's own timeout). 15 s, as before the admission timeout grew.
+                    with trio.fail_after(DIAL_TIMEOUT + 10.0):
                         await self._relay.dial(relay_address, relay, peer, self._connect_relay)
                     self.counters["relayed_dials"] += 1
                     return
