@@ -264,31 +264,26 @@ class Election:
             self._chain = top
         return self._chain
 
-    def credible(self, lease: Lease) -> bool:
-        """Whether ``lease`` may count: ours, or a vouched-for member's, within the epoch chain."""
+    def credible(self, lease: Lease, electorate: set[str] | None = None) -> bool:
+        """Whether ``lease`` may count: ours, or a vouched-for member's, within the epoch chain.
+
+        ``electorate``: the members recently alive, when the caller built it already (judging
+        many leases, build it once: it is a pass over every member)."""
         if lease.epoch > self.chain_top():
             return False
-        return lease.peer == self.peer_id or lease.peer in self.membership.recently_alive(self.quorum_horizon)
+        if lease.peer == self.peer_id:
+            return True
+        if electorate is None:
+            electorate = self.membership.recently_alive(self.quorum_horizon)
+        return lease.peer in electorate
 
     def current(self) -> Lease | None:
         """The winning lease of the highest epoch among those that count, confirmed or not.
 
-        The same test as :meth:`credible`, with the electorate built once: per lease it cost a
-        pass over every member, and this runs on every heartbeat, round and lease update.
-        """
-        top = self.chain_top()
-        alive: set[str] | None = None
-        counted = []
-        for lease in self.leases():
-            if lease.epoch > top:
-                continue
-            if lease.peer != self.peer_id:
-                if alive is None:
-                    alive = self.membership.recently_alive(self.quorum_horizon)
-                if lease.peer not in alive:
-                    continue
-            counted.append(lease)
-        return winner(counted)
+        This runs on every heartbeat, round and lease update: the electorate is built once per
+        call, not once per lease."""
+        electorate = self.membership.recently_alive(self.quorum_horizon)
+        return winner([lease for lease in self.leases() if self.credible(lease, electorate)])
 
     @property
     def leader(self) -> tuple[str, int] | None:

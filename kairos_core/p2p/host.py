@@ -108,6 +108,9 @@ StreamHandler = Callable[[Stream], Awaitable[None]]
 
 # A peer that advertises relayed addresses gets this long on its own addresses first.
 RELAYED_DIRECT_TIMEOUT = 2.0
+# A dial through a relay: the relay's answer and the noise upgrade through it (admission comes
+# after, under the gate's own timeout).
+RELAYED_DIAL_TIMEOUT = 15.0
 GOSSIP_HEARTBEAT = 1  # seconds; libp2p's default of 120 s grafts a mesh far too late (trap 3)
 # Gossip scoring counts only invalid messages: each costs its forwarder a point, the count halves
 # every heartbeat, and past this many (a flood, never an honest peer: it validates what it
@@ -665,9 +668,7 @@ class P2PHost:
                 if relay == self.peer_id:
                     continue
                 try:
-                    # the relay's answer and the noise upgrade through it; admission comes after
-                    # (the gate's own timeout). 15 s, as before the admission timeout grew.
-                    with trio.fail_after(DIAL_TIMEOUT + 10.0):
+                    with trio.fail_after(RELAYED_DIAL_TIMEOUT):
                         await self._relay.dial(relay_address, relay, peer, self._connect_relay)
                     self.counters["relayed_dials"] += 1
                     return
