@@ -143,3 +143,31 @@ async def test_small_gossip_messages_cost_no_yamux_window_updates(hosts, monkeyp
     for _ in range(8):
         await asyncio.wait_for(inbox.get(), 20)
     assert sum(updates.values()) >= 1
+
+
+async def test_the_sender_record_is_built_rarely_and_subscriptions_still_carry_a_valid_one(hosts):
+    # _pair's first message arrives only if b accepted a's subscription RPC, whose sender record
+    # libp2p parses (an unparsable one drops the RPC, subscriptions and all)
+    a, b, inbox = await _pair(hosts)
+    calls = collections.Counter()
+    libp2p_host = a._host
+    original = libp2p_host.get_addrs
+
+    def counted_get_addrs():
+        calls["get_addrs"] += 1
+        return original()
+
+    libp2p_host.get_addrs = counted_get_addrs
+    got = set()
+    try:
+        for i in range(50):
+            await a.publish(TOPIC, b"record-%d" % i)
+        while len(got) < 50:
+            _, data = await asyncio.wait_for(inbox.get(), 10)
+            got.add(data)
+    finally:
+        libp2p_host.get_addrs = original
+    assert got == {b"record-%d" % i for i in range(50)}
+    # libp2p built the record (a pass over the listen addresses) for each of the 50 RPCs; reused
+    # for SENDER_RECORD_REUSE seconds, it is built at most once or twice in this second
+    assert calls["get_addrs"] <= 3, calls

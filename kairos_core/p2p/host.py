@@ -31,7 +31,8 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
 13. pubsub marks a message seen only after its validators ran, so the copies of one message that
     mesh peers forward at once are all delivered and forwarded again — an id in flight counts as
     seen (:func:`.traps.validate_each_message_once`);
-14. a signed peer record on every gossip RPC (~210 bytes) — dropped (:func:`.traps.drop_sender_records`);
+14. a signed peer record on every gossip RPC (~210 bytes), built again for each — built every 10 s,
+    and dropped (:func:`.traps.build_sender_records_rarely`, :func:`.traps.drop_sender_records`);
 15. yamux sends a window update after nearly every read (two or three per gossip message) — only
     once half the window is consumed, as go-yamux does (:func:`.traps.batch_window_updates`);
 16. gossipsub's "adaptive gossip" sets the heartbeat to 30-60 s and widens the mesh when its health
@@ -88,6 +89,7 @@ from .traps import (
     PUBSUB_OVERHEAD,
     InboundSlots,
     batch_window_updates,
+    build_sender_records_rarely,
     content_message_id,
     drop_sender_records,
     enable_keepalive,
@@ -209,6 +211,9 @@ class P2PHost:
         )
         #: peers whose relayed connection was replaced by a hole-punched one
         self._punched: set[str] = set()
+        # peers whose connections this node is closing (a trim): when they go, it is not news
+        # that a peer or the network ended them (peers_closed_here vs peers_lost)
+        self._closing: set[str] = set()
         # issue #17: RTT per peer, read from the pings yamux sends anyway (see .rtt)
         self._rtt = RttTable(self.counters)
 
@@ -224,6 +229,7 @@ class P2PHost:
         size_pubsub_queues(self.max_message_size)
         batch_window_updates()  # trap 15
         verify_signed_records_once()
+        build_sender_records_rarely()  # trap 14
         self._bridge = TrioThread(self.peer_id[-8:])
         self._bridge.on_died = self._died
         self._gate.reset()
@@ -526,9 +532,15 @@ class P2PHost:
         self._gate.connected(conn)
 
     def _on_disconnected(self, conn: Any) -> None:
-        self._gate.disconnected(conn)
         peer_id = conn.muxed_conn.peer_id
+        was_admitted = self._gate.is_admitted(str(peer_id))
+        self._gate.disconnected(conn)
         if self._host is not None and not self._host.get_network().get_connections(peer_id):
+            if was_admitted:
+                # why connections churn: ours (trims) or the peer's and the network's
+                closing_here = str(peer_id) in self._closing
+                self.counters["peers_closed_here" if closing_here else "peers_lost"] += 1
+            self._closing.discard(str(peer_id))
             self._relay.disconnected(str(peer_id))
             self._punched.discard(str(peer_id))
             self._rtt.forget(str(peer_id))
@@ -689,7 +701,10 @@ class P2PHost:
         bridge = self._require_running()
 
         async def close() -> None:
-            await self._host.disconnect(ID.from_base58(peer_id))
+            peer = ID.from_base58(peer_id)
+            if self._host.get_network().get_connections(peer):
+                self._closing.add(peer_id)  # _on_disconnected forgets it with the last connection
+            await self._host.disconnect(peer)
 
         await bridge.call(close)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import time
+import weakref
 from typing import Any, Callable, Iterator
 
 import trio
@@ -185,6 +187,41 @@ def drop_sender_records(pubsub: Any) -> None:
         return await original(stream, rpc)
 
     pubsub.write_msg = write_msg
+
+
+SENDER_RECORD_REUSE = 10.0  # seconds a built sender record is handed out again as it is
+
+
+def build_sender_records_rarely() -> None:
+    """Process-wide: pubsub builds its signed peer record at most every SENDER_RECORD_REUSE
+    seconds per host, not for every RPC.
+
+    py-libp2p builds the record for every RPC it publishes or forwards: it parses and compares the
+    host's listen addresses against the cached record each time (``env_to_send_in_RPC``) —
+    6-9 % of a busy node's libp2p thread at N = 50. Most of those RPCs then lose the record
+    (:func:`drop_sender_records`); the subscription RPCs keep it, and a receiver that cannot
+    parse one drops the whole RPC, so the record handed out is always a real one, at most a few
+    seconds old. Identify keeps libp2p's own function.
+    """
+    from libp2p.pubsub import gossipsub as gossipsub_module
+
+    original = getattr(pubsub_module.env_to_send_in_RPC, "kairos_original", pubsub_module.env_to_send_in_RPC)
+    # per host object (weakly: a test process makes many hosts, and a record handed to another
+    # host's RPCs would make every receiver drop them)
+    built: weakref.WeakKeyDictionary[Any, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+
+    def reuse_record(host: Any) -> tuple[bytes, bool]:
+        now = time.monotonic()
+        cached = built.get(host)
+        if cached is not None and now - cached[0] < SENDER_RECORD_REUSE:
+            return cached[1], False
+        record, fresh = original(host)
+        built[host] = (now, record)
+        return record, fresh
+
+    reuse_record.kairos_original = original  # type: ignore[attr-defined]
+    pubsub_module.env_to_send_in_RPC = reuse_record
+    gossipsub_module.env_to_send_in_RPC = reuse_record
 
 
 def batch_window_updates() -> None:
