@@ -15,6 +15,13 @@ A node at its degree still dials, now and then, one member that was alive a mome
 reached through nobody now (``lost``): that is how an overlay that split into parts finds itself
 again (see :mod:`kairos_core.connections`); a trim never closes a bridge (``bridges``).
 
+A trim tells the peer first (``/kairos/trim/1.0.0``: one frame each way, bounded by
+``TRIM_NOTICE_TIMEOUT``), and the peer holds off dialling us for ``TRIM_HOLD`` seconds — as a
+gossipsub PRUNE carries a back-off. Without it the peer, one short, dialled the XOR-closest peer it
+lacked, which was us, and we trimmed it again after the grace period: at N = 50 every node trimmed
+a connection every ~20 s and each trim rewrote two ``nodes`` entries that every node receives. A
+peer that ignores the notice is trimmed again, as before; a notice only ever holds off its sender.
+
 A pass runs every ``interval`` (1 s). Its cost does not grow with the network once the node has
 its degree: the list of members worth a dial (O(N) to build) is only built while the node has
 fewer than ``low`` connections or a pinned peer is missing; otherwise a pass looks at the pinned
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from contextlib import suppress
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -45,6 +53,13 @@ RELAY_TAG = "relay-reservation"
 # overlay heals within about this; a crashed member costs each node a refused dial this often
 # until it leaves the quorum horizon.
 REPAIR_INTERVAL = 10.0
+# The trim notice: its protocol, how long a trimmed peer leaves us alone (several grace periods:
+# long enough for it to settle elsewhere), and how long the trim waits for the notice's answer
+# before it closes anyway (the answer says the notice arrived: closing at once could lose it).
+TRIM_PROTOCOL = "/kairos/trim/1.0.0"
+TRIM_HOLD = 120.0
+TRIM_NOTICE_TIMEOUT = 2.0
+TRIM_NOTICE = b"\x01"
 
 
 class Host(Protocol):
@@ -131,10 +146,14 @@ class DialManager:
         self._passes = 0
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
+        self._trimming: set[str] = set()  # peers whose trim (notice, then close) runs now
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        """Run a pass every ``interval`` seconds."""
+        """Run a pass every ``interval`` seconds, and hear the trim notices of peers."""
+        set_stream_handler = getattr(self.host, "set_stream_handler", None)
+        if set_stream_handler is not None:
+            set_stream_handler(TRIM_PROTOCOL, self._on_trim_notice)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="dial-manager")
 
@@ -186,6 +205,8 @@ class DialManager:
                 self._repair()
         self._protect_relay_links()
         for peer_id in self.connections.round(set(self._candidates)):
+            if peer_id in self._trimming:
+                continue  # its trim runs (the notice waits for an answer): counted once
             self.counters["connections_trimmed"] += 1
             self._close(peer_id)
 
@@ -246,15 +267,57 @@ class DialManager:
         return bool(addrs) and self.dialer.want(peer_id, addrs)
 
     def _close(self, peer_id: str) -> None:
+        self._trimming.add(peer_id)
         task = asyncio.get_running_loop().create_task(self._disconnect(peer_id), name="trim")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def _disconnect(self, peer_id: str) -> None:
         try:
+            await self._send_trim_notice(peer_id)
             await self.host.disconnect(peer_id)
         except Exception as exc:
             log.debug("closing the connection to %s failed: %s", peer_id, exc)
+        finally:
+            self._trimming.discard(peer_id)
+
+    async def _send_trim_notice(self, peer_id: str) -> None:
+        """Tell ``peer_id`` we are trimming it (it holds off redialling us); best effort, bounded."""
+        open_stream = getattr(self.host, "open_stream", None)
+        if open_stream is None:
+            return
+        stream = None
+        try:
+            # a connection about to be closed: cancelling its stream negotiation costs nothing
+            async with asyncio.timeout(TRIM_NOTICE_TIMEOUT):
+                stream = await open_stream(peer_id, TRIM_PROTOCOL)
+                await stream.write_frame(TRIM_NOTICE)
+                if await stream.read_frame(len(TRIM_NOTICE)) == TRIM_NOTICE:
+                    self.counters["trim_notices_sent"] += 1
+        except Exception as exc:  # an old peer without the protocol, or one too busy: trim anyway
+            self.counters["trim_notices_failed"] += 1
+            log.debug("trim notice to %s not answered: %r", peer_id, exc)
+        finally:
+            if stream is not None:
+                with suppress(Exception):
+                    await stream.close()
+
+    async def _on_trim_notice(self, stream: Any) -> None:
+        """A peer trims its connection to us: hold off dialling it (see the module docstring)."""
+        try:
+            async with asyncio.timeout(TRIM_NOTICE_TIMEOUT):
+                if await stream.read_frame(len(TRIM_NOTICE)) != TRIM_NOTICE:
+                    self.counters["trim_notices_malformed"] += 1
+                    return
+                self.dialer.hold_off(stream.peer_id, TRIM_HOLD)
+                self.counters["trim_notices_received"] += 1
+                await stream.write_frame(TRIM_NOTICE)
+        except Exception as exc:  # oversized, silent or gone: nothing held, nothing else to do
+            self.counters["trim_notices_unreadable"] += 1
+            log.debug("trim notice from %s unreadable: %r", getattr(stream, "peer_id", "?"), exc)
+        finally:
+            with suppress(Exception):
+                await stream.close()
 
     async def _run(self) -> None:
         while True:

@@ -15,6 +15,11 @@ node dial without end.
   within a fraction of a second instead of at the end of its back-off. Resets happen at most
   once per ``reset_interval``, so churn cannot turn them into a dial storm.
 - At most ``max_parallel`` dials run at once; the strangers remembered for retries are bounded.
+- A peer that closed our connection to keep its own degree (a trim, announced by a notice:
+  :mod:`.dial_manager`) is *held off*: not dialled and not a candidate for ``hold`` seconds,
+  whatever resets the back-offs, unless it is pinned. Without that the trimmed node, one short,
+  dialled the XOR-closest peer it lacked — the one that had just trimmed it — which trimmed it
+  again once the grace period was over, and an overlay of 50 never stopped rewiring.
 - Addresses a peer gains while a dial of it runs get an attempt of their own at once, beside it
   (one per peer at a time): a private peer's relayed address, learned a few seconds after it,
   must not wait for the dial of its unreachable own addresses to time out (issue #15).
@@ -108,6 +113,7 @@ class Dialer:
         self._strangers: dict[str, list[str]] = {}  # announced by discovery, never admitted yet
         self._known: set[str] = set()  # admitted at some time: reconnecting to them is urgent
         self._pinned: dict[str, list[str]] = {}  # configured bootstrap peers: always worth a dial
+        self._held: dict[str, float] = {}  # peer -> until when it asked not to be dialled (a trim)
         self._last_reset = -reset_interval
         self._tasks: set[asyncio.Task] = set()
         self._stranger_dials = TokenBucket(stranger_rate, stranger_burst, clock())
@@ -150,6 +156,30 @@ class Dialer:
             state.delay = 0.0
         self.counters["dial_backoff_resets"] += 1
 
+    def hold_off(self, peer_id: str, seconds: float) -> None:
+        """``peer_id`` trimmed our connection: no dial of it for ``seconds`` (pinned peers excepted).
+
+        Only an admitted peer can ask, and only for itself; the table is bounded by the peers
+        held at once (expired holds are dropped when it grows)."""
+        if peer_id == self.self_id or peer_id in self._pinned:
+            return
+        now = self.clock()
+        if len(self._held) >= 4 * self.max_strangers:
+            self._held = {peer: until for peer, until in self._held.items() if until > now}
+        if len(self._held) < 4 * self.max_strangers:
+            self._held[peer_id] = now + seconds
+            self.counters["dials_held_off"] += 1
+
+    def held(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` asked not to be dialled, and still may (see :meth:`hold_off`)."""
+        until = self._held.get(peer_id)
+        if until is None:
+            return False
+        if self.clock() < until and peer_id not in self._pinned:
+            return True
+        del self._held[peer_id]
+        return False
+
     def forget(self, peer_id: str) -> None:
         """Stop trying ``peer_id`` (it left for good, or was revoked)."""
         self._pinned.pop(peer_id, None)
@@ -161,7 +191,7 @@ class Dialer:
     def want(self, peer_id: str, addrs: list[str]) -> bool:
         """Dial ``peer_id`` now if it is not connected and not backing off; while a dial of it
         runs, only the addresses that dial does not try, in one attempt beside it."""
-        if peer_id == self.self_id or self._is_connected(peer_id):
+        if peer_id == self.self_id or self._is_connected(peer_id) or self.held(peer_id):
             return False
         running = self._in_flight.get(peer_id, [])
         if running:
@@ -207,7 +237,11 @@ class Dialer:
         for peer_id in [p for p in self._strangers if self._is_connected(p)]:
             del self._strangers[peer_id]  # it dialled us meanwhile
         merged = {**self._strangers, **known_addrs, **self._pinned}
-        return {peer: addrs for peer, addrs in merged.items() if peer != self.self_id and not self._is_connected(peer)}
+        return {
+            peer: addrs
+            for peer, addrs in merged.items()
+            if peer != self.self_id and not self._is_connected(peer) and not self.held(peer)
+        }
 
     def waiting(self) -> dict[str, float]:
         """Peers backing off, with the seconds until their next try (diagnostics)."""

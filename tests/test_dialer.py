@@ -299,3 +299,35 @@ async def test_a_repair_dial_of_a_crashed_member_backs_off_like_any_dial() -> No
         manager.admitted(peer)
     await _passes(manager, 20)
     assert host.dialled == [members[4]]  # tried every pass or two, but it waits out its back-off
+
+
+async def test_a_peer_that_trimmed_us_is_held_off_whatever_resets_the_back_offs_and_pinned_peers_never_are() -> None:
+    net = FakeNetwork()
+    trimmer, other, pinned = _peers(3)
+    net.reachable = {trimmer, other, pinned}
+    dialer = Dialer(Identity.generate().peer_id, net.dial, net.connected.__contains__, clock=net.clock)
+    dialer.pin(pinned, ["/ip4/10.0.0.4/tcp/4001"])
+    dialer.hold_off(trimmer, 120.0)
+    dialer.hold_off(pinned, 120.0)  # a configured bootstrap peer is always dialled
+    known = {trimmer: ["/ip4/10.0.0.2/tcp/4001"], other: ["/ip4/10.0.0.3/tcp/4001"]}
+    assert set(dialer.candidates(known)) == {other, pinned}  # the connection manager picks elsewhere
+    assert dialer.want(trimmer, known[trimmer]) is False
+    dialer.admitted(other)  # an admission resets every back-off: not the hold
+    dialer.network_changed()
+    await _run(dialer, net, 5.0)
+    assert trimmer not in {peer for _, peer, _ in net.dials} and pinned in net.connected
+    net.now += 120.0
+    assert trimmer in dialer.candidates(known) and dialer.want(trimmer, known[trimmer]) is True
+    await asyncio.sleep(0)
+    assert trimmer in net.connected
+
+
+async def test_held_off_peers_are_bounded_however_many_ask() -> None:
+    net = FakeNetwork()
+    dialer = Dialer(Identity.generate().peer_id, net.dial, net.connected.__contains__, clock=net.clock, max_strangers=4)
+    for peer in _peers(40):
+        dialer.hold_off(peer, 120.0)
+    assert len(dialer._held) == 16 and dialer.counters["dials_held_off"] == 16
+    net.now += 121.0  # expired holds make room again
+    dialer.hold_off(_peers(1)[0], 120.0)
+    assert len(dialer._held) == 1
