@@ -24,6 +24,9 @@ Then it prints one JSON line with:
   window, the median node's increase per second: bytes, writes and streams per libp2p protocol
   (``p2p_out_bytes:/meshsub/1.1.0`` …), gossip messages and control ids sent, syncs, dials and
   trims (see kairos_core/p2p/traffic.py);
+- ``idle_churn_per_s_all_nodes``: dials, admissions, trims, duplicate closes, repair dials and
+  connections lost (``p2p_peers_lost``: ended by the peer or the network) or closed here, summed
+  over all nodes: what moved connections when the median node moved none;
 - ``propagation_ms_p50`` / ``_p99``: a write on one node until every other node's watch stream
   delivers it (``--writes`` writes);
 - ``left_after_kill_9_s``: kill -9 of a non-leader until no survivor counts it alive;
@@ -104,6 +107,34 @@ def counter_rates(before: dict[int, dict], after: dict[int, dict], elapsed: floa
         if median:
             rates[key] = round(median, 2)
     return rates
+
+
+# Counters whose sum over all nodes says why connections moved (the median node may move none)
+CHURN_COUNTERS = (
+    "dials_ok",
+    "dials_failed",
+    "p2p_admission_ok",
+    "p2p_admission_failed",
+    "connections_trimmed",
+    "trims_spared_bridges",
+    "repair_dials",
+    "p2p_connections_duplicate_closed",
+    "p2p_peers_lost",
+    "p2p_peers_closed_here",
+    "sync_failures",
+)
+
+
+def counter_totals(before: dict[int, dict], after: dict[int, dict], elapsed: float, keys=CHURN_COUNTERS) -> dict[str, float]:
+    """Per counter in ``keys``, its increase per second summed over all nodes (the whole network's rate)."""
+    totals = {}
+    for name in keys:
+        # (the dialler's and the dial manager's counters show with or without the p2p_ prefix)
+        key = next((k for k in (name, f"p2p_{name}") if any(k in values for values in after.values())), name)
+        total = sum(after[i].get(key, 0) - before.get(i, {}).get(key, 0) for i in after) / elapsed
+        if total:
+            totals[key] = round(total, 2)
+    return totals
 
 
 class NodesRewrites:
@@ -237,6 +268,8 @@ def run_size(n: int, args) -> dict:
                     "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
                     # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
                     "idle_per_s_per_node": counter_rates(counters0, counters1, elapsed),
+                    # what moved connections, over the whole network (per second, all nodes)
+                    "idle_churn_per_s_all_nodes": counter_totals(counters0, counters1, elapsed),
                 }
             )
             delays = []
