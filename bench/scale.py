@@ -123,11 +123,14 @@ CHURN_COUNTERS = (
     "p2p_peers_closed_here",
     "sync_failures",
 )
+# and every counter with one of these prefixes (why sync sessions failed, by exception type)
+CHURN_PREFIXES = ("sync_failures_",)
 
 
 def counter_totals(before: dict[int, dict], after: dict[int, dict], elapsed: float, keys=CHURN_COUNTERS) -> dict[str, float]:
     """Per counter in ``keys``, its increase per second summed over all nodes (the whole network's rate)."""
     totals = {}
+    keys = [*keys, *sorted({k for values in after.values() for k in values if k.startswith(CHURN_PREFIXES)})]
     for name in keys:
         # (the dialler's and the dial manager's counters show with or without the p2p_ prefix)
         key = next((k for k in (name, f"p2p_{name}") if any(k in values for values in after.values())), name)

@@ -261,6 +261,7 @@ class Replicator:
             raise
         except Exception as exc:  # a peer that vanishes or misbehaves mid-sync is routine
             self.counters["sync_failures"] += 1
+            self.counters[f"sync_failures_running_{type(exc).__name__}"] += 1  # (our exception types: bounded)
             log.debug("sync with %s failed: %s: %s", peer_id, type(exc).__name__, exc)
             return None
 
@@ -285,6 +286,7 @@ class Replicator:
                 self._synced_at[peer] = asyncio.get_running_loop().time()
         except Exception as exc:
             self.counters["sync_failures"] += 1
+            self.counters[f"sync_failures_serving_{type(exc).__name__}"] += 1
             log.debug("serving sync to %s failed: %s: %s", peer, type(exc).__name__, exc)
         finally:
             self._served[peer] -= 1
