@@ -17,9 +17,10 @@ again (see :mod:`kairos_core.connections`); a trim never closes a bridge (``brid
 
 A trim tells the peer first (``/kairos/trim/1.0.0``: one frame each way, bounded by
 ``TRIM_NOTICE_TIMEOUT``), and the peer holds off dialling us for ``TRIM_HOLD`` seconds — as a
-gossipsub PRUNE carries a back-off. Without it the peer, one short, dialled the XOR-closest peer it
-lacked, which was us, and we trimmed it again after the grace period: at N = 50 every node trimmed
-a connection every ~20 s and each trim rewrote two ``nodes`` entries that every node receives. A
+gossipsub PRUNE carries a back-off. Without it nothing kept the peer, one short, from dialling us
+again — we can be among the XOR-closest peers it lacks — and we trimmed it again after the grace
+period; at N = 50 the network closed five connections a second at idle, all of them trims, each a
+rewrite of two ``nodes`` entries that every node receives. A
 peer that ignores the notice is trimmed again, as before; a notice only ever holds off its sender.
 
 A pass runs every ``interval`` (1 s). Its cost does not grow with the network once the node has

@@ -17,9 +17,9 @@ node dial without end.
 - At most ``max_parallel`` dials run at once; the strangers remembered for retries are bounded.
 - A peer that closed our connection to keep its own degree (a trim, announced by a notice:
   :mod:`.dial_manager`) is *held off*: not dialled and not a candidate for ``hold`` seconds,
-  whatever resets the back-offs, unless it is pinned. Without that the trimmed node, one short,
-  dialled the XOR-closest peer it lacked — the one that had just trimmed it — which trimmed it
-  again once the grace period was over, and an overlay of 50 never stopped rewiring.
+  whatever resets the back-offs, unless it is pinned. Without that nothing kept the trimmed node, one
+  short, from dialling the peer that had just trimmed it (it can be among the XOR-closest it
+  lacks), which trimmed it again once the grace period was over.
 - Addresses a peer gains while a dial of it runs get an attempt of their own at once, beside it
   (one per peer at a time): a private peer's relayed address, learned a few seconds after it,
   must not wait for the dial of its unreachable own addresses to time out (issue #15).
