@@ -30,16 +30,15 @@ def _manager(host, others) -> DialManager:
 async def test_a_trimmed_peer_is_told_and_holds_off_redialling_the_trimmer(hosts):
     a, b, c = await hosts.host(), await hosts.host(), await hosts.host()
     trimmer, trimmed = _manager(a, [b, c]), _manager(b, [a, c])
+    # a's own passes (every second) do the trim; c's connection is protected from the start, so
+    # the one over a's high of 1 that a closes is b's
+    trimmer.connections.protect(c.peer_id, "test")
     try:
         await b.connect(a.addresses())
-        await c.connect(a.addresses())  # a has two connections, one over its high of 1
-        await until(lambda: len(a.admitted_peers()) == 2, "a admits b and c")
-        trimmer.connections.connected(b.peer_id)
-        trimmer.connections.connected(c.peer_id)
-        trimmer.connections.protect(c.peer_id, "test")  # so the trim closes b's connection
-        trimmer.round()
-        await until(lambda: not a.is_admitted(b.peer_id), "a trims b", timeout=10)
-        assert trimmer.counters["trim_notices_sent"] == 1 and trimmer.counters["connections_trimmed"] == 1
+        await c.connect(a.addresses())
+        await until(lambda: not a.is_admitted(b.peer_id), "a trims b", timeout=15)
+        assert a.is_admitted(c.peer_id)
+        assert trimmer.counters["trim_notices_sent"] >= 1 and trimmer.counters["connections_trimmed"] >= 1
         assert trimmed.counters["trim_notices_received"] == 1 and trimmed.dialer.held(a.peer_id)
         assert a.peer_id not in trimmed.dialer.candidates({a.peer_id: a.addresses()})
         # below its low of 1, b's passes dial c, never a, while the hold lasts (TRIM_HOLD s)
