@@ -24,9 +24,10 @@ Then it prints one JSON line with:
   window, the median node's increase per second: bytes, writes and streams per libp2p protocol
   (``p2p_out_bytes:/meshsub/1.1.0`` …), gossip messages and control ids sent, syncs, dials and
   trims (see kairos_core/p2p/traffic.py);
-- ``idle_churn_per_s_all_nodes``: dials, admissions, trims, duplicate closes, repair dials and
-  connections lost (``p2p_peers_lost``: ended by the peer or the network) or closed here, summed
-  over all nodes: what moved connections when the median node moved none;
+- ``idle_churn_per_s_all_nodes``: dials, admissions, trims, trim notices and holds, duplicate
+  closes, repair dials, connections lost (``p2p_peers_lost``: ended by the peer or the network) or
+  closed here, and sync failures by exception type, summed over all nodes: what moved
+  connections when the median node moved none;
 - ``propagation_ms_p50`` / ``_p99``: a write on one node until every other node's watch stream
   delivers it (``--writes`` writes);
 - ``left_after_kill_9_s``: kill -9 of a non-leader until no survivor counts it alive;

@@ -6,22 +6,12 @@ from __future__ import annotations
 import asyncio
 import collections
 
-import pytest
 
 from kairos_core.p2p import traps
 from kairos_testing.hosts import HostFactory, collector, publish_until_received
 
 TOPIC = "traffic-test"
 MESHSUB = "/meshsub/1.1.0"
-
-
-@pytest.fixture
-async def hosts():
-    factory = HostFactory()
-    try:
-        yield factory
-    finally:
-        await factory.close()
 
 
 async def _full_mesh(factory: HostFactory, n: int):

@@ -3,19 +3,9 @@ which then holds off redialling it — on real hosts over loopback."""
 
 from __future__ import annotations
 
-import pytest
 
 from kairos_core.dial_manager import TRIM_HOLD, TRIM_PROTOCOL, DialManager
-from kairos_testing.hosts import HostFactory, until
-
-
-@pytest.fixture
-async def hosts():
-    factory = HostFactory()
-    try:
-        yield factory
-    finally:
-        await factory.close()
+from kairos_testing.hosts import until
 
 
 def _manager(host, others) -> DialManager:

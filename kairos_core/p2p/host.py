@@ -533,25 +533,23 @@ class P2PHost:
 
     def _on_disconnected(self, conn: Any) -> None:
         peer_id = conn.muxed_conn.peer_id
-        was_admitted = self._gate.is_admitted(str(peer_id))
+        peer = str(peer_id)
+        was_admitted = self._gate.is_admitted(peer)
         self._gate.disconnected(conn)
         if self._host is not None and not self._host.get_network().get_connections(peer_id):
             if was_admitted:
                 # why connections churn: ours (trims) or the peer's and the network's
-                closing_here = str(peer_id) in self._closing
-                self.counters["peers_closed_here" if closing_here else "peers_lost"] += 1
-            self._closing.discard(str(peer_id))
-            self._relay.disconnected(str(peer_id))
-            self._punched.discard(str(peer_id))
-            self._rtt.forget(str(peer_id))
-        elif self._host is not None and self._gate.is_admitted(str(peer_id)):
-            if str(peer_id) in self._relay.relayed and not any(
-                map(_is_relayed, self._host.get_network().get_connections(peer_id))
-            ):
+                self.counters["peers_closed_here" if peer in self._closing else "peers_lost"] += 1
+            self._closing.discard(peer)
+            self._relay.disconnected(peer)
+            self._punched.discard(peer)
+            self._rtt.forget(peer)
+        elif self._host is not None and self._gate.is_admitted(peer):
+            if peer in self._relay.relayed and not any(map(_is_relayed, self._host.get_network().get_connections(peer_id))):
                 # the relayed connection went and a direct one stays (a punch whose last answer was
                 # lost with it): say what carries the peer now
-                self._relay.relayed.discard(str(peer_id))
-                self._punched.add(str(peer_id))
+                self._relay.relayed.discard(peer)
+                self._punched.add(peer)
             self._nursery.start_soon(self._keep_in_pubsub, peer_id)
         if self._inbound is not None:
             self._inbound.closed(conn)
