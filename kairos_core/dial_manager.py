@@ -136,11 +136,17 @@ class DialManager:
         self._bridges = bridges
         self.repair_every = max(1, round(repair_interval / interval))
         self._next_repair = self._repair_wait()
+        self.dialer = Dialer(self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: self.connections.short())
         self.connections = ConnectionManager(
-            self_id, host, self._dial_candidate, bridges=self._spare_bridges, degree=degree, low=low, high=high, grace=grace
-        )
-        self.dialer = Dialer(
-            self_id, host.connect, host.is_admitted, should_dial=lambda peer_id: not self.connections.saturated()
+            self_id,
+            host,
+            self._dial_candidate,
+            bridges=self._spare_bridges,
+            degree=degree,
+            dialling=self.dialer.dialling,
+            low=low,
+            high=high,
+            grace=grace,
         )
         self._candidates: dict[str, list[str]] = {}
         self._relay_links: set[str] = set()  # protected under RELAY_TAG

@@ -243,6 +243,10 @@ class Dialer:
             if peer != self.self_id and not self._is_connected(peer) and not self.held(peer)
         }
 
+    def dialling(self) -> set[str]:
+        """Peers a dial of which runs now (or waits for one of the ``max_parallel`` slots)."""
+        return set(self._in_flight)
+
     def waiting(self) -> dict[str, float]:
         """Peers backing off, with the seconds until their next try (diagnostics)."""
         now = self.clock()

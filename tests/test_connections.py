@@ -55,6 +55,40 @@ def test_below_low_it_dials_the_missing_half_by_xor_distance_half_at_random():
     assert cm.to_dial(pool) == []  # at low: no more dials
 
 
+def test_dials_in_flight_count_towards_low_and_are_not_picked_again():
+    in_flight: set[str] = set()
+    cm, host, clock, dialled = manager(low=4, dialling=lambda: set(in_flight))
+    pool = set(ids(20))
+    host.peers = set(sorted(pool)[:1])
+    first = cm.to_dial(pool)
+    assert len(first) == 3 and cm.short()
+    in_flight |= set(first)  # the dials run: the next pass must not dial three more
+    assert not cm.short()
+    assert cm.to_dial(pool) == []
+    landed = first[0]
+    host.peers.add(landed)
+    in_flight.discard(landed)
+    failed = first[1]
+    in_flight.discard(failed)  # one dial failed: one more is wanted, not the one in flight
+    again = cm.to_dial(pool)
+    assert len(again) == 1 and first[2] not in again
+
+
+def test_an_overlay_with_slow_dials_settles_without_overshooting():
+    # 50 simulated nodes whose dials take 2-30 s (a loaded machine), the real connection manager
+    # deciding. Counting only landed connections, each node dialled again on every pass until
+    # they landed: 1,500-1,700 connection changes before the overlay settled, and trims still
+    # running after it. Each change rewrites two entries that every node receives.
+    from kairos_testing.overlaysim import Overlay
+
+    report = Overlay(50, dial_delay=(2.0, 30.0), publish_lag=10.0, seed=2).run(settle=30, quiet=120)
+    assert report["formation_s"] is not None and report["one_piece"]
+    assert report["changes_until_quiet"] < 50 * 8, report  # about one dial per connection, a few trims
+    assert report["quiet_changes_per_s"] == {"dial": 0.0, "trim": 0.0, "loss": 0.0}, report
+    low, median, high = report["degree_min_median_max"]
+    assert 8 <= low and high <= 16
+
+
 def test_a_small_network_is_fully_connected():
     cm, host, clock, dialled = manager(low=8, high=16)
     pool = set(ids(5))
