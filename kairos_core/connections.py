@@ -10,7 +10,9 @@ keepalives, gossip and DHT chatter all grow with N. Instead each node keeps betw
   overlay stays connected), half at random (short paths across it). Pinned peers (configured
   bootstrap peers) are always dialled. (Passing over peers whose ``nodes`` entry lists ``high``
   neighbours was tried and dropped: it narrows the random picks, and with a small degree the
-  overlay split into parts that never met again.)
+  overlay split into parts that never met again.) Dials still in flight count as connections
+  (:meth:`ConnectionManager.to_dial`): a pass each second that counted only admitted peers asked
+  for the same shortfall again while slow admissions ran, and the node overshot ``high``.
 - **Above ``high``** it closes connections down to the middle of ``low`` and ``high``, never those
   that are pinned, protected (a feature uses them: :meth:`ConnectionManager.protect`) or younger
   than ``grace`` seconds (a connection must have time to prove useful, and the peer that just

@@ -36,7 +36,9 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
 15. yamux sends a window update after nearly every read (two or three per gossip message) — only
     once half the window is consumed, as go-yamux does (:func:`.traps.batch_window_updates`);
 16. gossipsub's "adaptive gossip" sets the heartbeat to 30-60 s and widens the mesh when its health
-    score drops — off (:meth:`P2PHost._build`).
+    score drops — off (:meth:`P2PHost._build`);
+17. a stream to a peer with no connection dials it, whoever opens it — only Kademlia's do
+    (:func:`.traps.refuse_implicit_dials`); deliberate dials are :meth:`P2PHost.connect`'s.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import trio
 from libp2p import new_host
 from libp2p.abc import ConnectionType
 from libp2p.crypto import ed25519, x25519
+from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
@@ -96,6 +99,7 @@ from .traps import (
     forget_dial_failures,
     ids_over_content,
     own_dial_retries,
+    refuse_implicit_dials,
     size_pubsub_queues,
     validate_each_message_once,
     verify_signed_records_once,
@@ -347,6 +351,7 @@ class P2PHost:
         drop_sender_records(pubsub)  # trap 14
         count_traffic(network, self.counters)  # bytes and streams per protocol (see .traffic)
         own_dial_retries(network)
+        refuse_implicit_dials(host, self.counters, may_dial=frozenset({str(KAD_PROTOCOL)}))  # trap 17
         self._inbound = InboundSlots(network)
         # Pubsub learns about a peer from us, once it is admitted, not from the raw connection.
         for notifee in list(network.notifees):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import trio
 from libp2p.network.config import RetryConfig
+from libp2p.network.exceptions import SwarmException
 from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.rpc_queue import RpcQueue
@@ -319,6 +320,32 @@ def forget_dial_failures(swarm: Any, peer_id: Any) -> None:
     unblock = getattr(swarm, "unblock_peer", None)
     if callable(unblock):
         unblock(peer_id)
+
+
+def refuse_implicit_dials(host: Any, counters: Any, *, may_dial: frozenset[str] = frozenset()) -> None:
+    """Per host: a stream to a peer with no connection fails instead of dialling it.
+
+    libp2p's ``new_stream`` dials a peer it has no connection to, from whatever addresses its
+    peerstore holds — so every component that opens a stream (pubsub registering a peer, the
+    DHT's table pings, a sync session or a reachability probe racing a trim, the admission's own
+    stream on a connection that just closed) could reopen a connection the connection manager had
+    just closed, behind its back. At N = 50 the network admitted 5.7 connections a second while
+    the dialler made 0.4; the rest were these, each admitted, pushed over ``high`` and trimmed
+    again. Deliberate dials go through :meth:`kairos_core.p2p.P2PHost.connect` (the dialler,
+    ``open_stream`` of a member that is not a neighbour), which does not come here; the
+    protocols in ``may_dial`` (Kademlia: its walks must reach peers beyond the neighbours) still
+    dial. Refusals are counted (``implicit_dials_refused``).
+    """
+    new_stream = host.new_stream
+    network = host.get_network()
+
+    async def new_stream_on_a_connection(peer_id: Any, protocol_ids: Any) -> Any:
+        if not network.get_connections(peer_id) and not may_dial.intersection(str(p) for p in protocol_ids):
+            counters["implicit_dials_refused"] += 1
+            raise SwarmException(f"not connected to {peer_id}: streams do not dial")
+        return await new_stream(peer_id, protocol_ids)
+
+    host.new_stream = new_stream_on_a_connection
 
 
 # An accepted connection that the swarm does not track this long after it arrived is an orphan
