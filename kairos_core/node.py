@@ -843,6 +843,9 @@ class Node:
         addrs = [a for a in info.get("addresses", []) if isinstance(a, str)] if isinstance(info, dict) else []
         if not addrs:
             return False
+        self.counters["leader_probes"] += 1
+        if not self.host.is_admitted(peer_id):
+            self.counters["leader_probe_dials"] += 1  # (a connection the dial manager did not choose)
         try:
             await asyncio.wait_for(self.host.connect(addrs), PROBE_TIMEOUT)
         except Exception:

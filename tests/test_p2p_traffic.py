@@ -1,14 +1,18 @@
 """What idle gossip costs: traffic counters, one delivery per message, no signed records, batched
-yamux window updates (kairos_core/p2p/traffic.py, traps 13-15) — on real hosts over loopback."""
+yamux window updates (kairos_core/p2p/traffic.py, traps 13-15), no connection a stream or a PRUNE
+opened by itself (trap 17) — on real hosts over loopback."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+from typing import Any
 
+import pytest
 
 from kairos_core.p2p import traps
-from kairos_testing.hosts import HostFactory, collector, publish_until_received
+from kairos_testing.hosts import HostFactory, collector, publish_until_received, until
 
 TOPIC = "traffic-test"
 MESHSUB = "/meshsub/1.1.0"
@@ -161,3 +165,68 @@ async def test_the_sender_record_is_built_rarely_and_subscriptions_still_carry_a
     # libp2p built the record (a pass over the listen addresses) for each of the 50 RPCs; reused
     # for SENDER_RECORD_REUSE seconds, it is built at most once or twice in this second
     assert calls["get_addrs"] <= 3, calls
+
+
+async def test_a_stream_to_a_peer_with_no_connection_does_not_dial_it(hosts):
+    # libp2p's new_stream dials a peer it is not connected to (trap 17): pubsub, the DHT's table
+    # pings and syncs racing a trim reopened connections the connection manager had closed
+    from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
+    from libp2p.network.exceptions import SwarmException
+    from libp2p.peer.id import ID
+
+    a, b = await hosts.host(), await hosts.host()
+    await a.connect(b.addresses())
+    await until(lambda: b.is_admitted(a.peer_id), "b admits a")
+    admitted_before = b.counters["admission_ok"]
+    await a.disconnect(b.peer_id)
+    await until(lambda: not b.is_admitted(a.peer_id), "b sees a gone")
+
+    async def open_on_a_libp2p(protocol: str) -> Any:
+        return await a._host.new_stream(ID.from_base58(b.peer_id), [protocol])
+
+    with pytest.raises(SwarmException, match="streams do not dial"):
+        await a._bridge.call(open_on_a_libp2p, "/meshsub/1.1.0")
+    assert a.counters["implicit_dials_refused"] == 1
+    assert not a.is_admitted(b.peer_id) and b.counters["admission_ok"] == admitted_before
+    # Kademlia's walks must reach peers beyond the neighbours: its streams still dial
+    with contextlib.suppress(Exception):  # (b's answer to an empty stream does not matter)
+        await a._bridge.call(open_on_a_libp2p, str(KAD_PROTOCOL))
+    await until(lambda: b.is_admitted(a.peer_id), "a Kademlia stream dialled b and was admitted")
+    assert a.counters["implicit_dials_refused"] == 1
+
+
+async def test_gossipsub_dials_none_of_the_peers_a_prune_names(hosts):
+    # peer exchange would dial, past our dialler, whatever peers an insider's PRUNE listed
+    import multiaddr
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.pb import rpc_pb2
+
+    a, b, c = await hosts.host(), await hosts.host(), await hosts.host()
+    await a.connect(b.addresses())
+    await until(lambda: a.is_admitted(b.peer_id), "a admits b")
+
+    async def prune_naming_c() -> None:
+        a._host.get_peerstore().add_addrs(ID.from_base58(c.peer_id), [multiaddr.Multiaddr(x) for x in c.addresses()], 3600)
+        prune = rpc_pb2.ControlPrune(topicID="anything", peers=[rpc_pb2.PeerInfo(peerID=ID.from_base58(c.peer_id).to_bytes())])
+        await a._pubsub.router.handle_prune(prune, ID.from_base58(b.peer_id))
+
+    await a._bridge.call(prune_naming_c)
+    await asyncio.sleep(1.0)  # (a dial on loopback would be admitted well within this)
+    assert not a.is_admitted(c.peer_id) and c.counters["admission_ok"] == 0
+
+
+async def test_libp2p_s_auto_connector_dials_nobody(hosts):
+    # with our watermarks it would dial peerstore peers up to 150 connections every 30 s (trap 18)
+    import multiaddr
+    from libp2p.peer.id import ID
+
+    a, b = await hosts.host(), await hosts.host()
+
+    async def b_in_the_peerstore_then_a_round() -> None:
+        network = a._host.get_network()
+        network.peerstore.add_addrs(ID.from_base58(b.peer_id), [multiaddr.Multiaddr(x) for x in b.addresses()], 3600)
+        await network.auto_connector.maybe_connect()
+
+    await a._bridge.call(b_in_the_peerstore_then_a_round)
+    await asyncio.sleep(1.0)  # (a dial on loopback would be admitted well within this)
+    assert not a.is_admitted(b.peer_id) and b.counters["admission_ok"] == 0

@@ -38,7 +38,10 @@ The traps of py-libp2p 0.8.1 (``docs/architecture.md`` lists them) and where the
 16. gossipsub's "adaptive gossip" sets the heartbeat to 30-60 s and widens the mesh when its health
     score drops — off (:meth:`P2PHost._build`);
 17. a stream to a peer with no connection dials it, whoever opens it — only Kademlia's do
-    (:func:`.traps.refuse_implicit_dials`); deliberate dials are :meth:`P2PHost.connect`'s.
+    (:func:`.traps.refuse_implicit_dials`); gossipsub dials the peers a PRUNE names — none
+    (``px_peers_count=0``); deliberate dials are :meth:`P2PHost.connect`'s;
+18. the swarm's auto-connector dials peerstore peers every 30 s up to the middle of its watermarks
+    (150) — dials nobody (:func:`.traps.no_auto_connector`).
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ from .traps import (
     enable_keepalive,
     forget_dial_failures,
     ids_over_content,
+    no_auto_connector,
     own_dial_retries,
     refuse_implicit_dials,
     size_pubsub_queues,
@@ -332,6 +336,11 @@ class P2PHost:
             # most, and with every extra mesh peer a copy of every message: fixed D and heartbeat.
             adaptive_gossip_enabled=False,
             score_params=_gossip_score_params(),
+            # Peer exchange: a PRUNE may name peers, and gossipsub dials them (BasicHost.connect,
+            # past our dialler): any admitted insider could make every node dial whatever
+            # addresses it listed, and a trim's PRUNE would open connections nobody chose.
+            # Dialling none of them (trap 17); candidates come from membership and discovery.
+            px_peers_count=0,
         )
         # No libp2p message signatures: every payload is sealed with the network key and every ledger
         # entry inside is signed by its owner, so they would only cost CPU and ~100 bytes a message.
@@ -351,6 +360,7 @@ class P2PHost:
         drop_sender_records(pubsub)  # trap 14
         count_traffic(network, self.counters)  # bytes and streams per protocol (see .traffic)
         own_dial_retries(network)
+        no_auto_connector(network)  # trap 18
         refuse_implicit_dials(host, self.counters, may_dial=frozenset({str(KAD_PROTOCOL)}))  # trap 17
         self._inbound = InboundSlots(network)
         # Pubsub learns about a peer from us, once it is admitted, not from the raw connection.

@@ -348,6 +348,26 @@ def refuse_implicit_dials(host: Any, counters: Any, *, may_dial: frozenset[str] 
     host.new_stream = new_stream_on_a_connection
 
 
+def no_auto_connector(swarm: Any) -> None:
+    """Per swarm, before it runs: libp2p's auto-connector dials nobody.
+
+    Every 30 s it dials up to 16 peers of the peerstore (whoever identify, the DHT or a dial ever
+    put there) while the swarm holds fewer connections than the middle of its watermarks — 150
+    with ``low_watermark=0`` and the default high of 300, so always. At N = 50 those dials were
+    the network's connections: 7 admissions a second against 0.6 dials of our dialler, each
+    one over ``high``, trimmed, and dialled again by the next round. The dial manager owns the
+    degree (:mod:`kairos_core.connections`).
+    """
+    connector = getattr(swarm, "auto_connector", None)
+    if connector is None:
+        return
+
+    async def connect_nobody() -> None:
+        return None
+
+    connector.maybe_connect = connect_nobody
+
+
 # An accepted connection that the swarm does not track this long after it arrived is an orphan
 # (see InboundSlots.sweep); an upgrade in progress is done well within it.
 ORPHAN_GRACE = 15.0
