@@ -368,7 +368,9 @@ CORE_SCHEMA: tuple[Section, ...] = (
             60.0,
             "Seconds: the least time between rewrites of this node's `nodes` entry for a change of its "
             "published round-trip times alone (a value that moved > 20 % and > 5 ms); each rewrite reaches "
-            "every node. 0: publish them only with the writes that happen anyway (connections, refreshes).",
+            "every node, so on a network of N members the wait is at least N × 10 s (the whole network "
+            "then rewrites for RTTs alone at most once every 10 s). 0: publish them only with the writes "
+            "that happen anyway (connections, refreshes).",
             minimum=0,
         ),
         help="Who is in the network.",

@@ -210,6 +210,10 @@ class Membership:
         """Alive peers (not including this node) with their advertised entries."""
         return {peer_id: dict(state.info) for peer_id, state in self._peers.items() if state.alive}
 
+    def alive_count(self) -> int:
+        """How many peers (not including this node) are alive in this node's view."""
+        return sum(1 for state in self._peers.values() if state.alive)
+
     def is_alive(self, peer_id: str) -> bool:
         """Whether ``peer_id`` is alive in this node's view."""
         state = self._peers.get(peer_id)

@@ -75,6 +75,11 @@ CONNECTED_POLL = 0.1
 # neighbour's first value is the exception: the write its connection caused went out before any
 # ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
 RTT_FIRST_DELAY = 3.0
+# ... and the whole network's rewrites for RTT moves alone stay below this many a second, however
+# many members it has: a node waits at least (members / this) seconds between them. On a loaded
+# machine every floor moves by more than 20 % and 5 ms now and then, and at N = 50 those rewrites
+# (0.7 a second, each reaching every node ~6 times over) were the largest idle traffic left.
+RTT_REWRITES_PER_S_NETWORK = 0.1
 RTT_REWRITE_CHANGE = 0.2
 RTT_JITTER_MS = 5
 # Lease heartbeats go on the ledger topic plus this suffix (sealed under the same keys).
@@ -641,6 +646,8 @@ class Node:
             first = any(peer not in self._published_rtt for peer in measured)
             moved = any(_rtt_moved(self._published_rtt.get(peer), value) for peer, value in measured.items())
             interval = membership.rtt_publish_interval
+            if moved and interval and self.membership is not None:
+                interval = max(interval, (self.membership.alive_count() + 1) / RTT_REWRITES_PER_S_NETWORK)
             if not first and (not moved or not interval or now - self._written_at < interval):
                 return
         self._advertised, self._rounds_unchanged = advertised, 0

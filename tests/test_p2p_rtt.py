@@ -104,7 +104,8 @@ def test_the_floor_is_the_lowest_value_of_this_window_and_the_one_before() -> No
 async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) -> None:
     """Two in-process nodes: /api/peers rows, the Prometheus gauge, and the ``rtt_ms`` of the
     ``nodes`` entry — its first value in the follow-up write, a move alone written only after
-    membership.rtt_publish_interval and only when it is > 20 % and > RTT_JITTER_MS; gone with the peer."""
+    membership.rtt_publish_interval (longer on a large network) and only when it is > 20 % and
+    > RTT_JITTER_MS; gone with the peer."""
     from kairos_core.metrics import NodeMetrics
 
     net = await kairos_network(2)
@@ -146,6 +147,13 @@ async def test_a_node_publishes_rtts_sparingly_and_exports_them(kairos_network) 
     assert entry()["rtt_ms"] == [1]
     assert announce_with(0.0059, long_after=True) == 1  # 1 -> 6 ms: +5 ms is LAN jitter, not news
     assert announce_with(0.0071, long_after=True) == 7  # +6 ms: news
+    # on a network of 50 the whole network's RTT-only rewrites stay under 0.1 a second: a node
+    # waits 50 / 0.1 = 500 s between its own, not the configured 60 s
+    a.membership.alive_count = lambda: 49  # type: ignore[method-assign]
+    assert announce_with(0.100, long_after=True) == 7  # 61 s on: not yet
+    a._written_at -= 500
+    assert announce_with(0.100, long_after=False) == 100
+    del a.membership.alive_count
     del a.host.links  # the host's own method again
 
     await b.stop()
