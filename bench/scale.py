@@ -7,6 +7,7 @@ so far counts all the others (bounded by ``--batch-timeout``), so one batch's st
 process importing libp2p costs ~2 s of CPU) never overlaps the next one's formation; formation is
 then measured for the last batch, from its last API. After formation it waits ``--settle`` seconds
 (default 30: the last joiners' admission syncs and entry rewrites end) before the quiet window.
+``--keep-logs DIR`` copies every node's log to ``DIR/n<N>/`` before the state directories go.
 Then it prints one JSON line with:
 
 - ``formation_s``: from the last API up to every node counting N-1 members;
@@ -47,6 +48,7 @@ import os
 import signal
 import statistics
 import sys
+import shutil
 import tempfile
 import threading
 import time
@@ -326,6 +328,13 @@ def run_size(n: int, args) -> dict:
             return result
         finally:
             network.close()
+            if args.keep_logs:  # (the state directories go with the temporary root)
+                kept = Path(args.keep_logs) / f"n{n}"
+                kept.mkdir(parents=True, exist_ok=True)
+                for node in network.nodes.values():
+                    log_file = node.root / "node.log"
+                    if log_file.exists():
+                        shutil.copy(log_file, kept / f"node{node.index}.log")
 
 
 def main() -> None:
@@ -337,6 +346,7 @@ def main() -> None:
     parser.add_argument("--batch-timeout", type=float, default=60.0, help="longest wait for a batch to form")
     parser.add_argument("--settle", type=float, default=30.0, help="pause between formation and the quiet window")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
+    parser.add_argument("--keep-logs", metavar="DIR", help="copy every node's node.log to DIR/n<N>/ at the end")
     args = parser.parse_args()
     # stopped with SIGTERM (timeout, kill), unwind so the labs delete their namespaces and nodes
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
