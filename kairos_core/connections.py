@@ -169,9 +169,13 @@ class ConnectionManager:
         """
         connected = self.host.admitted_peers()
         dialling = self._dialling() - connected
+        # Peers being dialled are asked for again, never counted again: the dialler starts an
+        # attempt beside a running one only for addresses it does not try (a NATed peer's relayed
+        # address, learned while the dial of its own addresses waits for its timeout, issue #15).
+        again = sorted((candidates & dialling) - {self.self_id})
         pool = sorted(candidates - connected - dialling - {self.self_id})
-        picks = [peer for peer in pool if peer in self._pinned]
-        missing = self.low - len(connected) - len(dialling) - len(picks)
+        picks = [*again, *(peer for peer in pool if peer in self._pinned)]
+        missing = self.low - len(connected) - len(dialling) - (len(picks) - len(again))
         rest = [peer for peer in pool if peer not in self._pinned]
         if missing > 0 and rest:
             closest = sorted(rest, key=lambda peer: xor_distance(self.self_id, peer))
