@@ -27,10 +27,9 @@ Then it prints one JSON line with:
   trims (see kairos_core/p2p/traffic.py);
 - ``idle_churn_per_s_all_nodes``: dials, admissions, trims, trim notices and holds, duplicate
   closes, repair dials, connections lost (``p2p_peers_lost``: ended by the peer or the network) or
-  closed here, streams refused because they would have dialled (``p2p_implicit_dials_refused``), dials of a
-  leader that looked gone (``leader_probe_dials``),
-  and sync failures by exception type, summed over all nodes: what moved
-  connections when the median node moved none;
+  closed here, streams refused because they would have dialled (``p2p_implicit_dials_refused``),
+  dials of a leader that looked gone (``leader_probe_dials``), and sync failures by exception
+  type, summed over all nodes: what moved connections when the median node moved none;
 - ``propagation_ms_p50`` / ``_p99``: a write on one node until every other node's watch stream
   delivers it (``--writes`` writes);
 - ``left_after_kill_9_s``: kill -9 of a non-leader until no survivor counts it alive;
@@ -47,8 +46,8 @@ import json
 import os
 import signal
 import statistics
-import sys
 import shutil
+import sys
 import tempfile
 import threading
 import time

@@ -174,9 +174,10 @@ class ConnectionManager:
         # address, learned while the dial of its own addresses waits for its timeout, issue #15).
         again = sorted((candidates & dialling) - {self.self_id})
         pool = sorted(candidates - connected - dialling - {self.self_id})
-        picks = [*again, *(peer for peer in pool if peer in self._pinned)]
-        missing = self.low - len(connected) - len(dialling) - (len(picks) - len(again))
+        pinned = [peer for peer in pool if peer in self._pinned]
+        missing = self.low - len(connected) - len(dialling) - len(pinned)
         rest = [peer for peer in pool if peer not in self._pinned]
+        picks = again + pinned
         if missing > 0 and rest:
             closest = sorted(rest, key=lambda peer: xor_distance(self.self_id, peer))
             by_xor = closest[: (missing + 1) // 2]
