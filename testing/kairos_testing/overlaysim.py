@@ -81,7 +81,6 @@ class Overlay:
         self._dials: list[tuple[float, str, str]] = []  # (completes at, dialler, target)
         self._published: dict[str, list[tuple[float, int]]] = {node_id: [(0.0, 0)] for node_id in self.nodes}
         self.counts: Counter[str] = Counter()
-        self.events: list[tuple[float, str]] = []  # (when, "dial" | "trim" | "loss")
         for node in self.nodes.values():
             node.manager = ConnectionManager(
                 node.node_id,
@@ -141,23 +140,19 @@ class Overlay:
                 stack.append(nxt)
         return len(seen) == len(started)
 
-    def _link(self, a: str, b: str) -> None:
+    def _link(self, a: str, b: str, *, up: bool) -> None:
+        """Both ends gain (``up``) or lose the connection a–b, and say so to their managers."""
         for x, y in ((a, b), (b, a)):
-            self.nodes[x].peers.add(y)
-            manager = self.nodes[x].manager
+            node = self.nodes[x]
+            manager = node.manager
             assert manager is not None
-            manager.connected(y)
+            if up:
+                node.peers.add(y)
+                manager.connected(y)
+            else:
+                node.peers.discard(y)
+                manager.disconnected(y)
             self._record_degree(x)
-
-    def _unlink(self, a: str, b: str, kind: str) -> None:
-        for x, y in ((a, b), (b, a)):
-            self.nodes[x].peers.discard(y)
-            manager = self.nodes[x].manager
-            assert manager is not None
-            manager.disconnected(y)
-            self._record_degree(x)
-        self.counts[kind] += 1
-        self.events.append((self.clock.now, kind))
 
     def step(self) -> None:
         """One simulated second: starts, finished dials, random losses, one pass per node."""
@@ -170,14 +165,14 @@ class Overlay:
         for _, dialler, target in done:
             self.nodes[dialler].dialling.discard(target)
             if target not in self.nodes[dialler].peers:
-                self._link(dialler, target)
+                self._link(dialler, target, up=True)
                 self.counts["dial"] += 1
-                self.events.append((now, "dial"))
         if self.loss_per_s:
             edges = {tuple(sorted((a, b))) for a, node in self.nodes.items() for b in node.peers}
             for a, b in sorted(edges):
                 if self.rng.random() < self.loss_per_s:
-                    self._unlink(a, b, "loss")
+                    self._link(a, b, up=False)
+                    self.counts["loss"] += 1
         order = [node for node in self.nodes.values() if node.started]
         self.rng.shuffle(order)
         everyone = set(self.nodes)
@@ -187,7 +182,8 @@ class Overlay:
             held = {peer for peer, until in node.held.items() if until > now}  # (as Dialer.candidates)
             for peer in manager.round(everyone - held - {node.node_id}):
                 if peer in node.peers:
-                    self._unlink(node.node_id, peer, "trim")
+                    self._link(node.node_id, peer, up=False)
+                    self.counts["trim"] += 1
                     self.nodes[peer].held[node.node_id] = now + self.hold
         self.clock.now += 1.0
 
