@@ -81,6 +81,12 @@ DEPARTURE_GRACE = 1.0
 # Seconds a starting node waits before claiming a lease nobody holds: time for discovery and the
 # first sync to show it a sitting leader.
 STARTUP_GRACE = 3.0
+# ... and, while it still takes in the network's ledger (``joined`` is False: a dial in flight, or
+# an admitted peer it has not yet synced with), at most this many leases: a joiner whose first
+# syncs queue behind a busy network's gossip must not proclaim itself leader of epoch 1 meanwhile
+# (its claim would lose to the sitting leader's, but only after ``on_leader_elected`` had told its
+# plugins that it leads — at N = 100 on 2 cores three joiners in four did).
+JOIN_WAIT_LEASES = 4
 
 
 # A heartbeat: format version, epoch, the holder's clock version (wall ms, counter), then the
@@ -201,6 +207,7 @@ class Election:
         require_majority: bool = CORE_DEFAULTS["election"]["require_majority"],
         quorum_horizon: float = CORE_DEFAULTS["election"]["quorum_horizon"],
         heartbeat: Callable[[int], Awaitable[None]] | None = None,
+        joined: Callable[[], bool] = lambda: True,
         settle: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
@@ -215,6 +222,8 @@ class Election:
         self.tick = min(self.renew_interval, 0.5)
         self.settle = min(self.renew_interval / 2, 0.5) if settle is None else settle
         self.probe = probe
+        #: whether this node has taken in the ledgers of the peers it reached (see JOIN_WAIT_LEASES)
+        self.joined = joined
         self.eligible = eligible
         self.require_majority = require_majority
         self.quorum_horizon = quorum_horizon
@@ -376,6 +385,11 @@ class Election:
         """One round: renew, or detect a lapse and claim."""
         current = self.current()
         self.heartbeat_signer = current.peer if current is not None and current.held else None
+        if current is not None and self.leader == (current.peer, current.epoch):
+            # observe() announces a lease as it arrives, but it may arrive before its holder
+            # counts as a member (a joiner's first sync brings the lease before the entries
+            # that vouch for the holder): announced here then, once it counts
+            self._maybe_announce(current)
         if current is not None and current.peer == self.peer_id and current.held and not self._lapsed(current):
             if not self._quorum(holding=True):
                 if not self._stepping_down:
@@ -388,8 +402,12 @@ class Election:
             return
         if current is not None and not self._lapsed(current) and not await self._departed(current):
             return
-        if current is None and self.monotonic() - self._started < min(self.lease_seconds, STARTUP_GRACE):
-            return  # a new node first gives discovery and sync the time to show a sitting leader
+        if current is None:
+            waited = self.monotonic() - self._started
+            if waited < min(self.lease_seconds, STARTUP_GRACE):
+                return  # a new node first gives discovery and sync the time to show a sitting leader
+            if waited < JOIN_WAIT_LEASES * self.lease_seconds and not self.joined():
+                return  # and the syncs it started, however long they take on a busy network
         # The holder of a lease that lapsed is passed over as the next candidate: it may still look
         # alive (a hung process keeps its connections; the kernel answers keepalives), and were it
         # the lowest-ranked, nobody else would ever claim.

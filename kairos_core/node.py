@@ -291,6 +291,7 @@ class Node:
             quorum_horizon=election.quorum_horizon,
             probe=self._probe,
             heartbeat=self._publish_heartbeat,
+            joined=self._joined,
         )
         self.election.start()
         if self.config["api"]["enable"]:
@@ -843,6 +844,13 @@ class Node:
             return
         if self.election is not None:
             self.election.observe_heartbeat(beat)
+
+    def _joined(self) -> bool:
+        """No dial in flight, and a sync completed with every admitted peer: what the network's
+        ledger holds (a sitting leader's lease) is here now."""
+        if self.dialer is not None and self.dialer.dialling():
+            return False
+        return self.replicator is None or self.replicator.synced_with_admitted()
 
     async def _probe(self, peer_id: str) -> bool:
         """Whether ``peer_id`` answers a dial at its advertised addresses within a second."""

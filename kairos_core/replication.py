@@ -199,6 +199,12 @@ class Replicator:
         self._cancel_session(peer_id)
         self._synced_at.pop(peer_id, None)
 
+    def synced_with_admitted(self) -> bool:
+        """Whether a session (run or served) completed with every admitted peer since it was
+        admitted; True with none. The election's ``joined``: a sitting leader's lease reaches a
+        joiner through these syncs, not through gossip."""
+        return all(peer in self._synced_at for peer in self.host.admitted_peers())
+
     async def sync_with(self, peer_id: str) -> bool:
         """Run one anti-entropy session with ``peer_id`` unless one runs already; False when it failed."""
         running = self._sessions.get(peer_id)

@@ -364,3 +364,25 @@ async def test_a_hung_leader_s_lease_lapses_whatever_heartbeats_others_send(tmp_
     ((new, new_epoch),) = sim.leaders(others)
     assert new != old and new_epoch > epoch
     assert all(hung.peer_id in n.membership.alive() for n in others)
+
+
+async def test_a_lease_that_arrives_before_its_holder_counts_is_announced_once_it_counts(tmp_path):
+    """A joiner's first sync may bring the lease before the entries that vouch for its holder:
+    the lease does not count then, and it must be announced when it does, not at its next rewrite
+    (with heartbeats, the next rewrite comes only with the next leader)."""
+    sim = Sim(tmp_path, 3)
+    await sim.rounds(8)
+    ((leader, epoch),) = sim.leaders()
+    holder = next(n for n in sim.nodes if n.peer_id == leader)
+    joiner = SimNode(tmp_path, sim.clock, sim.lease)
+    joiner.ledger.apply_remote(list(holder.ledger.entries()))
+    await asyncio.sleep(0)
+    assert joiner.election.leader is None and joiner.announced == []  # its holder is nobody yet
+    joiner.membership.connected(holder.peer_id)
+    joiner.membership.entry_changed(holder.peer_id, {"hostname": "holder"})
+    await joiner.election.step()
+    await asyncio.sleep(0)
+    assert joiner.announced == [(leader, epoch)]
+    await joiner.election.step()
+    await asyncio.sleep(0)
+    assert joiner.announced == [(leader, epoch)]  # once
