@@ -243,6 +243,7 @@ class Election:
         self._last_own_renewal = monotonic()
         self._stepping_down = False
         self._announced: tuple[str, int] | None = None
+        self._counted: tuple[str, int] | None = None  # (holder, epoch) of the lease counted last round
         self._task: asyncio.Task | None = None
         self._announcements: set[asyncio.Task] = set()
         self._leases: dict[str, Lease] | None = None  # key -> valid lease, filled on first use
@@ -385,10 +386,17 @@ class Election:
         """One round: renew, or detect a lapse and claim."""
         current = self.current()
         self.heartbeat_signer = current.peer if current is not None and current.held else None
-        if current is not None and self.leader == (current.peer, current.epoch):
-            # observe() announces a lease as it arrives, but it may arrive before its holder
-            # counts as a member (a joiner's first sync brings the lease before the entries
-            # that vouch for the holder): announced here then, once it counts
+        counted = (current.peer, current.epoch) if current is not None else None
+        if counted != self._counted:
+            # observe() starts a lease's renewal clock and announces it as it arrives, but it may
+            # arrive before its holder counts as a member (a joiner's first sync brings the lease
+            # before the entries that vouch for the holder): both happen here then, once it
+            # counts — else a joiner timed the sitting leader from its own start, and a low-ranked
+            # one deposed it (epochs 2 and 3 of a 50-node formation)
+            self._counted = counted
+            if counted is not None:
+                self._last_renewal_seen = max(self._last_renewal_seen, self.monotonic())
+        if current is not None and self.leader == counted:
             self._maybe_announce(current)
         if current is not None and current.peer == self.peer_id and current.held and not self._lapsed(current):
             if not self._quorum(holding=True):

@@ -386,3 +386,26 @@ async def test_a_lease_that_arrives_before_its_holder_counts_is_announced_once_i
     await joiner.election.step()
     await asyncio.sleep(0)
     assert joiner.announced == [(leader, epoch)]  # once
+
+
+async def test_a_lease_is_timed_from_when_its_holder_counts_not_from_the_joiner_s_start(tmp_path):
+    """The joiner of the test above, its first sync slow: the lease it starts counting late gets a
+    whole lease of its own before it lapses (it was timed from the joiner's start, and the
+    joiner, its own candidate, deposed a leader that renewed all along)."""
+    sim = Sim(tmp_path, 3)
+    await sim.rounds(8)
+    ((leader, epoch),) = sim.leaders()
+    holder = next(n for n in sim.nodes if n.peer_id == leader)
+    joiner = SimNode(tmp_path, sim.clock, sim.lease)
+    joiner.ledger.apply_remote(list(holder.ledger.entries()))
+    sim.clock.now += 0.9 * sim.lease  # the entries vouching for the holder are still on their way
+    joiner.membership.connected(holder.peer_id)
+    joiner.membership.entry_changed(holder.peer_id, {"hostname": "holder"})
+    await joiner.election.step()
+    sim.clock.now += 0.5 * sim.lease  # 1.4 leases after the joiner started, half a lease after it counted
+    await joiner.election.step()
+    await asyncio.sleep(0)
+    assert joiner.election.current().epoch == epoch and joiner.election.leader == (leader, epoch)
+    sim.clock.now += 0.6 * sim.lease  # no renewal for a whole lease since it counted: now it lapsed
+    await joiner.election.step()
+    assert joiner.election.current().epoch == epoch + 1 and joiner.election.current().peer == joiner.peer_id
