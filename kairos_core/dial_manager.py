@@ -336,6 +336,10 @@ class DialManager:
                 self.counters["dial_pass_errors"] += 1
                 log.exception("dial pass failed")
 
+    def has_candidates(self) -> bool:
+        """Whether the last pass found a peer worth a dial (discovered, a member, or pinned)."""
+        return bool(self._candidates)
+
     def describe(self) -> dict[str, Any]:
         """Diagnostics: candidates of the last pass, peers backing off."""
         return {"candidates": sorted(self._candidates), "waiting": self.dialer.waiting()}

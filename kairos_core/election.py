@@ -207,6 +207,7 @@ class Election:
         require_majority: bool = CORE_DEFAULTS["election"]["require_majority"],
         quorum_horizon: float = CORE_DEFAULTS["election"]["quorum_horizon"],
         heartbeat: Callable[[int], Awaitable[None]] | None = None,
+        pull: Callable[[str, int], Awaitable[Heartbeat | None]] | None = None,
         joined: Callable[[], bool] = lambda: True,
         settle: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -232,12 +233,14 @@ class Election:
         self._announce = announce
         # heartbeat(epoch) publishes a signed renewal of our lease of epoch (see the module doc)
         self._heartbeat = heartbeat
+        # pull(holder, epoch): ask the holder directly for a fresh heartbeat (see _still_renewed)
+        self._pull = pull
         self._beating: asyncio.Task | None = None  # the heartbeat being published, if any
         self._last_beat: Heartbeat | None = None  # the newest heartbeat accepted
         #: who may send the heartbeats that count now (the holder of the current confirmed lease),
         #: as of the last round: read by the p2p thread's gossip validator, so only ever replaced
         self.heartbeat_signer: str | None = None
-        self.counters: dict[str, int] = {"heartbeats_accepted": 0, "heartbeats_ignored": 0}
+        self.counters: dict[str, int] = {"heartbeats_accepted": 0, "heartbeats_ignored": 0, "heartbeats_pulled": 0}
         self._started = self._last_renewal_seen = monotonic()
         # A restarted holder finds its lease in the ledger: it may renew it for one more lease.
         self._last_own_renewal = monotonic()
@@ -422,6 +425,8 @@ class Election:
         silent = current.peer if current is not None and current.peer != self.peer_id else None
         if not self.eligible() or not self._quorum() or self._candidate(passed_over=silent) != self.peer_id:
             return
+        if silent is not None and current is not None and await self._still_renewed(current):
+            return
         # the chain's top, not the current lease's: epochs must never go backwards
         epoch = max(self.chain_top(), current.epoch if current else 0) + 1
         if epoch > MAX_EPOCH:
@@ -497,6 +502,31 @@ class Election:
                     return False
             except Exception:
                 pass  # an unreachable leader is what we are checking for
+        return True
+
+    async def _still_renewed(self, lease: Lease) -> bool:
+        """Before the candidate claims over a lease that lapsed for it while its holder still
+        looks alive: whether the holder, asked directly, answers with a fresh heartbeat.
+
+        Heartbeats are gossip; on a loaded network one node's copies can all be late or lost for
+        a whole lease while every other node gets them, and that node, if it is the candidate,
+        deposed a leader that renewed all along (twice in one 100-node formation). The answer is
+        signed by the holder and newer than any heartbeat accepted before, so no replay and no
+        third party keeps a lease alive; a hung holder, one that lost its majority (it answers
+        nothing then) and one cut off from us do not answer, and the claim goes on.
+        """
+        if self._pull is None or lease.peer == self.peer_id or not self.membership.is_alive(lease.peer):
+            return False  # (a holder that left was asked by the fast path's probe already)
+        try:
+            beat = await self._pull(lease.peer, lease.epoch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            beat = None
+        if beat is None or not self.observe_heartbeat(beat):
+            return False
+        self.counters["heartbeats_pulled"] += 1
+        log.info("lease of epoch %d lapsed here only: its holder answered with a fresh heartbeat", lease.epoch)
         return True
 
     def _candidate(self, passed_over: str | None = None) -> str | None:

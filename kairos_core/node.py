@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 import time
+from contextlib import suppress
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from . import dial_manager as dial_manager_module
 from .dial_manager import DialManager
 from .dialer import Dialer
 from .doctor import ClockOffsets, PeerSample
-from .election import Election, decode_heartbeat, encode_heartbeat, winner
+from .election import HEARTBEAT_SIZE, Election, Heartbeat, decode_heartbeat, encode_heartbeat, winner
 from .errors import KairosError
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
@@ -51,6 +52,14 @@ SHUTDOWN_HOOK_TIMEOUT = 5.0
 STOP_STEP_TIMEOUT = 6.0
 # How long the election's fast path waits for a departed leader to answer a dial.
 PROBE_TIMEOUT = 1.0
+# A lease's heartbeat, asked of its holder directly when gossip brought none for a whole lease
+# (kairos_core.election: Election._still_renewed); the answer is one heartbeat frame.
+LEASE_PULL_PROTOCOL = "/kairos/lease-pull/1.0.0"
+# How long the candidate waits for that answer (a dial, if it is not a neighbour, and one frame):
+# a holder that is merely slow answers within it, a hung one never does.
+PULL_TIMEOUT = 5.0
+# A holder answers one peer's pulls at most this often (each answer is an ed25519 signature).
+PULL_SPACING = 1.0
 # Our entry's sub-key recording who led each epoch we saw confirmed, and how many epochs it keeps.
 EPOCH_RECORD = "epochs"
 EPOCHS_RECORDED = 256
@@ -258,6 +267,8 @@ class Node:
         self.host.subscribe(
             self._heartbeat_sealer.topic.decode(), self._on_heartbeat, validate=self._heartbeat_check(self._heartbeat_sealer)
         )
+        self._pulls_served: dict[str, float] = {}  # peer -> when we last answered its pull
+        self.host.set_stream_handler(LEASE_PULL_PROTOCOL, self._serve_heartbeat_pull)
 
         membership = self.config.section("membership")
         self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=membership.peer_ttl)
@@ -291,6 +302,7 @@ class Node:
             quorum_horizon=election.quorum_horizon,
             probe=self._probe,
             heartbeat=self._publish_heartbeat,
+            pull=self._pull_heartbeat,
             joined=self._joined,
         )
         self.election.start()
@@ -802,6 +814,55 @@ class Node:
         await self.host.publish(self._heartbeat_sealer.topic.decode(), self._heartbeat_sealer.seal(beat))
         self.counters["heartbeats_sent"] += 1
 
+    async def _pull_heartbeat(self, peer_id: str, epoch: int) -> Heartbeat | None:
+        """A fresh heartbeat of ``peer_id``'s lease, asked of it directly (dialled if it is not a
+        neighbour: a connection the dial manager did not choose, trimmed later like any other);
+        None when it does not answer within PULL_TIMEOUT or answers nothing (it does not lead)."""
+        self.counters["heartbeat_pulls"] += 1
+
+        async def pull() -> Heartbeat | None:
+            if not self.host.is_admitted(peer_id):
+                addrs = self._advertised_addresses(peer_id)
+                if not addrs:
+                    return None
+                self.counters["heartbeat_pull_dials"] += 1
+                await self.host.connect(addrs)
+            stream = await self.host.open_stream(peer_id, LEASE_PULL_PROTOCOL)
+            try:
+                frame = await stream.read_exactly(HEARTBEAT_SIZE)
+            finally:
+                with suppress(Exception):
+                    await stream.close()
+            beat = decode_heartbeat(self.network_id, frame)
+            return beat if beat is not None and (beat.peer, beat.epoch) == (peer_id, epoch) else None
+
+        try:
+            beat = await asyncio.wait_for(pull(), PULL_TIMEOUT)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            beat = None
+        if beat is None:
+            self.counters["heartbeat_pulls_unanswered"] += 1
+        return beat
+
+    async def _serve_heartbeat_pull(self, stream) -> None:
+        """Answer a pull with a fresh heartbeat of our lease while we lead (else nothing)."""
+        try:
+            election, peer, now = self.election, stream.peer_id, time.monotonic()
+            leader = election.leader if election is not None else None
+            if leader is None or leader[0] != self.peer_id or now - self._pulls_served.get(peer, -PULL_SPACING) < PULL_SPACING:
+                return
+            if len(self._pulls_served) > 64:
+                self._pulls_served.clear()  # (only candidates pull, and only after a lapse: a handful)
+            self._pulls_served[peer] = now
+            version = self.ledger.clock.tick()
+            await stream.write(encode_heartbeat(self.identity, self.network_id, leader[1], (version[0], version[1])))
+            self.counters["heartbeat_pulls_served"] += 1
+        finally:
+            with suppress(Exception):
+                await stream.close()
+
     def _heartbeat_check(self, sealer: Sealer) -> Callable[[bytes], bool]:
         """The gossip validator of the heartbeat topic (runs on the p2p thread, for each message).
 
@@ -847,9 +908,14 @@ class Node:
 
     def _joined(self) -> bool:
         """No dial in flight, and a sync completed with every admitted peer: what the network's
-        ledger holds (a sitting leader's lease) is here now."""
+        ledger holds (a sitting leader's lease) is here now. With no admitted peer, joined only
+        when it knows nobody to dial either (alone): a joiner whose dials time out on a busy
+        network is between two of them, not alone (twelve joiners of a 100-node run claimed
+        epoch 1 so)."""
         if self.dialer is not None and self.dialer.dialling():
             return False
+        if self.host is not None and not self.host.admitted_peers():
+            return self.dial_manager is None or not self.dial_manager.has_candidates()
         return self.replicator is None or self.replicator.synced_with_admitted()
 
     async def _probe(self, peer_id: str) -> bool:

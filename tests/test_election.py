@@ -37,7 +37,7 @@ class Clock:
 
 
 class SimNode:
-    def __init__(self, tmp_path, clock: Clock, lease: float = 3.0, eligible: bool = True, beats: bool = False) -> None:
+    def __init__(self, tmp_path, clock: Clock, lease: float = 3.0, eligible: bool = True, beats: bool = False, pull=None) -> None:
         self.identity = Identity.generate()
         self.peer_id = self.identity.peer_id
         self.ledger = Ledger(
@@ -56,6 +56,7 @@ class SimNode:
             monotonic=clock,
             eligible=lambda: eligible,
             heartbeat=self._beat if beats else None,
+            pull=pull,
         )
         self.ledger.add_listener(self.election.observe)
 
@@ -409,3 +410,46 @@ async def test_a_lease_is_timed_from_when_its_holder_counts_not_from_the_joiner_
     sim.clock.now += 0.6 * sim.lease  # no renewal for a whole lease since it counted: now it lapsed
     await joiner.election.step()
     assert joiner.election.current().epoch == epoch + 1 and joiner.election.current().peer == joiner.peer_id
+
+
+async def _lapsed_for_the_candidate_alone(tmp_path, answers: list):
+    """A holder with a confirmed lease of epoch 1 and a candidate whose gossip brought no
+    heartbeat for a whole lease; the candidate's lease pull answers from ``answers``."""
+
+    async def pull(peer: str, epoch: int):
+        return answers.pop(0) if answers else None
+
+    clock = Clock()
+    holder = SimNode(tmp_path, clock, beats=True)
+    candidate = SimNode(tmp_path, clock, beats=True, pull=pull)
+    for a, b in ((holder, candidate), (candidate, holder)):
+        a.membership.connected(b.peer_id)
+        a.membership.entry_changed(b.peer_id, {"hostname": b.peer_id[-4:]})
+    holder.election._last_own_renewal = clock.now
+    holder.election._write(1, "held")
+    candidate.ledger.apply_remote(list(holder.ledger.entries()))
+    await candidate.election.step()
+    return clock, holder, candidate
+
+
+def _beat(identity, version: int):
+    return decode_heartbeat("kairos", encode_heartbeat(identity, "kairos", 1, (version, 0)))
+
+
+@pytest.mark.parametrize("answer", ["replay", "forged", "none"])
+async def test_a_pulled_heartbeat_keeps_a_lapsed_lease_only_when_fresh_and_signed_by_its_holder(tmp_path, answer):
+    """The candidate asks the holder of a lease that lapsed for it alone (node.py's lease pull):
+    a fresh heartbeat signed by the holder keeps the lease; a replay of one accepted before, one
+    signed by someone else, or no answer, and it claims."""
+    answers: list = []
+    clock, holder, candidate = await _lapsed_for_the_candidate_alone(tmp_path, answers)
+    fresh = _beat(holder.identity, holder.ledger.clock.tick()[0])
+    answers.append(fresh)
+    clock.now += 1.2 * candidate.election.lease_seconds
+    await candidate.election.step()
+    assert candidate.election.current().peer == holder.peer_id and candidate.election.counters["heartbeats_pulled"] == 1
+    answers.append({"replay": fresh, "forged": _beat(candidate.identity, fresh.version[0] + 1), "none": None}[answer])
+    clock.now += 1.2 * candidate.election.lease_seconds
+    await candidate.election.step()
+    assert candidate.election.current().epoch == 2 and candidate.election.current().peer == candidate.peer_id
+    assert candidate.election.counters["heartbeats_pulled"] == 1

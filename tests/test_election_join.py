@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 
 from kairos_core import replication
-from kairos_core.election import STARTUP_GRACE, candidate_rank
+from kairos_core.election import JOIN_WAIT_LEASES, STARTUP_GRACE, candidate_rank
 from kairos_core.identity import IDENTITY_FILE, load_or_create_identity
 from kairos_core.plugins import hookimpl
 
@@ -75,3 +75,21 @@ async def test_a_lone_node_still_leads_after_the_startup_grace(kairos_network) -
     (node,) = net.nodes
     await net.wait_for(lambda: node.election.leader == (node.peer_id, 1), timeout=STARTUP_GRACE + 10)
     assert events.seen == [(node.peer_id, 1)]
+
+
+async def test_a_node_that_cannot_reach_its_peers_yet_is_not_alone(kairos_network) -> None:
+    """Its dials fail (a bootstrap peer whose port refuses), so it has no admitted peer and, between
+    two dials, none in flight: not alone — it waits JOIN_WAIT_LEASES leases before leading."""
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    absent = "12D3KooWJWoaqZhDaoEFshF7Rh1bpY9ohihFhzcW6d69Lr2NASuP"
+    events = LeaderEvents()
+    overrides = {"election": {"lease_seconds": 3.0}, "p2p": {"bootstrap_peers": [f"/ip4/127.0.0.1/tcp/{port}/p2p/{absent}"]}}
+    net = await kairos_network(1, plugins=[events], overrides=overrides)
+    (node,) = net.nodes
+    await asyncio.sleep(STARTUP_GRACE + 4.0)
+    assert node.election.leader is None and node.dialer.counters["dials_failed"] >= 1
+    await net.wait_for(lambda: node.election.leader == (node.peer_id, 1), timeout=JOIN_WAIT_LEASES * 3.0 + 10)
