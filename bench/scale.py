@@ -70,6 +70,11 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else None
 
 
+def spread(values) -> dict[str, float]:
+    """p50 and p90 of ``values`` (seconds), rounded."""
+    return {"p50": round(percentile(values, 0.5), 2), "p90": round(percentile(values, 0.9), 2)}
+
+
 def wait(condition, timeout, interval=0.2):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -387,10 +392,7 @@ def run_size(n: int, args) -> dict:
             victim_gone = LeftWatch(survivors, victim_id, killed).delays(killed)
             if len(victim_gone) == len(survivors):
                 result["left_after_kill_9_s"] = round(victim_gone[-1], 2)
-                result["left_nodes_s"] = {
-                    "p50": round(percentile(victim_gone, 0.5), 2),
-                    "p90": round(percentile(victim_gone, 0.9), 2),
-                }
+                result["left_nodes_s"] = spread(victim_gone)
             else:
                 result["left_after_kill_9_s"] = None
                 result["left_nodes"] = f"{len(victim_gone)}/{len(survivors)} within 30 s"
@@ -430,10 +432,7 @@ def run_size(n: int, args) -> dict:
                 if len(held) == len(rest) and len(holders) == 1:
                     delays = sorted(at for at, _ in held.values())
                     result["failover_s"] = round(delays[-1], 2)
-                    result["failover_nodes_s"] = {
-                        "p50": round(percentile(delays, 0.5), 2),
-                        "p90": round(percentile(delays, 0.9), 2),
-                    }
+                    result["failover_nodes_s"] = spread(delays)
                 else:
                     result["failover_s"] = None
                     result["failover_watch"] = f"{len(held)}/{len(rest)} saw a new lease, holders {sorted(holders)}"

@@ -15,8 +15,8 @@ import asyncio
 import logging
 import socket
 import time
-from contextlib import suppress
 from collections import Counter
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable
 
@@ -920,8 +920,7 @@ class Node:
 
     async def _probe(self, peer_id: str) -> bool:
         """Whether ``peer_id`` answers a dial at its advertised addresses within a second."""
-        info = self.ledger.get(NODES_BUCKET, peer_id) or {}
-        addrs = [a for a in info.get("addresses", []) if isinstance(a, str)] if isinstance(info, dict) else []
+        addrs = self._advertised_addresses(peer_id)
         if not addrs:
             return False
         self.counters["leader_probes"] += 1

@@ -367,20 +367,32 @@ async def test_a_hung_leader_s_lease_lapses_whatever_heartbeats_others_send(tmp_
     assert all(hung.peer_id in n.membership.alive() for n in others)
 
 
-async def test_a_lease_that_arrives_before_its_holder_counts_is_announced_once_it_counts(tmp_path):
-    """A joiner's first sync may bring the lease before the entries that vouch for its holder:
-    the lease does not count then, and it must be announced when it does, not at its next rewrite
-    (with heartbeats, the next rewrite comes only with the next leader)."""
+async def _joiner_with_the_lease_of_a_nobody(tmp_path):
+    """A three-node network with a leader, and a joiner whose first sync brought the lease but not
+    yet the entries that vouch for its holder."""
     sim = Sim(tmp_path, 3)
     await sim.rounds(8)
     ((leader, epoch),) = sim.leaders()
     holder = next(n for n in sim.nodes if n.peer_id == leader)
     joiner = SimNode(tmp_path, sim.clock, sim.lease)
     joiner.ledger.apply_remote(list(holder.ledger.entries()))
-    await asyncio.sleep(0)
-    assert joiner.election.leader is None and joiner.announced == []  # its holder is nobody yet
+    return sim, (leader, epoch), holder, joiner
+
+
+def _now_counts(joiner: SimNode, holder: SimNode) -> None:
+    """The joiner connects to the holder and has its entry: the holder is a member there now."""
     joiner.membership.connected(holder.peer_id)
     joiner.membership.entry_changed(holder.peer_id, {"hostname": "holder"})
+
+
+async def test_a_lease_that_arrives_before_its_holder_counts_is_announced_once_it_counts(tmp_path):
+    """A joiner's first sync may bring the lease before the entries that vouch for its holder:
+    the lease does not count then, and it must be announced when it does, not at its next rewrite
+    (with heartbeats, the next rewrite comes only with the next leader)."""
+    sim, (leader, epoch), holder, joiner = await _joiner_with_the_lease_of_a_nobody(tmp_path)
+    await asyncio.sleep(0)
+    assert joiner.election.leader is None and joiner.announced == []  # its holder is nobody yet
+    _now_counts(joiner, holder)
     await joiner.election.step()
     await asyncio.sleep(0)
     assert joiner.announced == [(leader, epoch)]
@@ -393,15 +405,9 @@ async def test_a_lease_is_timed_from_when_its_holder_counts_not_from_the_joiner_
     """The joiner of the test above, its first sync slow: the lease it starts counting late gets a
     whole lease of its own before it lapses (it was timed from the joiner's start, and the
     joiner, its own candidate, deposed a leader that renewed all along)."""
-    sim = Sim(tmp_path, 3)
-    await sim.rounds(8)
-    ((leader, epoch),) = sim.leaders()
-    holder = next(n for n in sim.nodes if n.peer_id == leader)
-    joiner = SimNode(tmp_path, sim.clock, sim.lease)
-    joiner.ledger.apply_remote(list(holder.ledger.entries()))
+    sim, (leader, epoch), holder, joiner = await _joiner_with_the_lease_of_a_nobody(tmp_path)
     sim.clock.now += 0.9 * sim.lease  # the entries vouching for the holder are still on their way
-    joiner.membership.connected(holder.peer_id)
-    joiner.membership.entry_changed(holder.peer_id, {"hostname": "holder"})
+    _now_counts(joiner, holder)
     await joiner.election.step()
     sim.clock.now += 0.5 * sim.lease  # 1.4 leases after the joiner started, half a lease after it counted
     await joiner.election.step()
