@@ -402,6 +402,7 @@ def run_size(n: int, args) -> dict:
             rewrites = NodesRewrites(nodes[0])
             capture = start_capture(lab, args.capture) if args.capture else None
             t0 = time.monotonic()
+            print(f"quiet window from {time.time():.3f}", file=sys.stderr, flush=True)  # (to line up with --keep-logs)
             time.sleep(args.quiet)
             elapsed = time.monotonic() - t0
             if capture is not None:
@@ -418,6 +419,8 @@ def run_size(n: int, args) -> dict:
                     "idle_cpu_share_per_node": round(statistics.median(cpu), 4),
                     "idle_rss_mb_per_node": round(statistics.median(rss_mb(p) for p in pids.values()), 1),
                     "idle_bytes_per_s_per_node": round(statistics.median(traffic)),
+                    # a median hides a few busy nodes (a late sync, an election still spreading)
+                    "idle_bytes_per_s_nodes": spread(traffic) | {"max": round(max(traffic))},
                     "idle_packets_per_s_per_node": round(statistics.median(packets), 1),
                     "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
                     # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
@@ -426,6 +429,17 @@ def run_size(n: int, args) -> dict:
                     "idle_churn_per_s_all_nodes": counter_totals(counters0, counters1, elapsed),
                 }
             )
+            if args.keep_logs:  # every node's counters over the quiet window, for a look at the outliers
+                kept = Path(args.keep_logs) / f"n{n}"
+                kept.mkdir(parents=True, exist_ok=True)
+                per_node = {
+                    node.index: {
+                        "bytes_per_s": round(rate),
+                        **counter_rates({0: counters0[node.index]}, {0: counters1[node.index]}, elapsed),
+                    }
+                    for node, rate in zip(nodes, traffic)
+                }
+                (kept / "quiet_counters.json").write_text(json.dumps(per_node, indent=1, sort_keys=True))
             delays = []
             for w in range(args.writes):
                 writer = nodes[w % len(nodes)]
