@@ -413,7 +413,9 @@ def run_size(n: int, args) -> dict:
             cpu = [(cpu_seconds(p) - cpu0[i]) / elapsed for i, p in pids.items()]
             traffic = [(interface_bytes(lab, node.index) - net0[node.index]) / elapsed for node in nodes]
             packets = [(interface_bytes(lab, node.index, "packets") - packets0[node.index]) / elapsed for node in nodes]
-            connections = [(node.status() or {}).get("admitted", 0) for node in nodes]
+            statuses = [node.status() or {} for node in nodes]
+            connections = [status.get("admitted", 0) for status in statuses]
+            meshes = [status.get("gossip_mesh", 0) for status in statuses]
             result.update(
                 {
                     "idle_cpu_share_per_node": round(statistics.median(cpu), 4),
@@ -423,6 +425,8 @@ def run_size(n: int, args) -> dict:
                     "idle_bytes_per_s_nodes": spread(traffic) | {"max": round(max(traffic))},
                     "idle_packets_per_s_per_node": round(statistics.median(packets), 1),
                     "connections_per_node": {"median": statistics.median(connections), "max": max(connections)},
+                    # gossip mesh peers: the copies of every ledger message a node sends and receives
+                    "gossip_mesh_per_node": {"median": statistics.median(meshes), "max": max(meshes)},
                     # what the traffic is: the median node's rate of each counter (see kairos_core/p2p/traffic.py)
                     "idle_per_s_per_node": counter_rates(counters0, counters1, elapsed),
                     # what moved connections, over the whole network (per second, all nodes)

@@ -639,6 +639,8 @@ class Node:
             "is_leader": self.is_leader,
             "members": len(self.members()),
             "admitted": len(self.host.admitted_peers()) if self.host else 0,
+            # the peers each ledger message is copied to and from (gossipsub D_lo..D_hi)
+            "gossip_mesh": self.host.gossip_mesh_size(self.replicator.topic) if self.host and self.replicator else 0,
             "ledger_entries": len(self.ledger) if self.ledger else 0,
             "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
             "states": dict(sorted(self.states.items())),

@@ -69,6 +69,8 @@ async def test_nodes_join_replicate_and_elect(kairos_network):
     for recorder in recorders:
         assert recorder.leaders == [leader]
     assert sum(n.is_leader for n in net.nodes) == 1
+    # three nodes are below gossipsub's D_lo: each has both others in its mesh (status reports it)
+    await net.wait_for(lambda: all(n.status()["gossip_mesh"] == 2 for n in net.nodes), timeout=10)
 
 
 async def test_hook_lifecycle_on_real_nodes(kairos_network):

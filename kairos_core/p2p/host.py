@@ -184,6 +184,7 @@ class P2PHost:
         self._host: Any = None
         self._pubsub: Any = None
         self._dht: Any = None
+        self._gossipsub: Any = None  # read by gossip_mesh_size (a len, from the asyncio thread)
         self._pubsub_peers_in: Any = None
         self._pubsub_peers_gone: Any = None
         self._stop_event: trio.Event | None = None
@@ -275,6 +276,7 @@ class P2PHost:
         self._stop_event = trio.Event()
         self._nursery = nursery
         host, pubsub, gossipsub, dht = self._build()
+        self._gossipsub = gossipsub
         try:
             async with host.run(listen_addrs=[multiaddr.Multiaddr(a) for a in self.listen]):
                 if not host.get_transport_addrs():
@@ -298,6 +300,7 @@ class P2PHost:
                     await host.close()
         finally:
             pubsub.seen_messages.stop()  # its sweeper thread outlives the service otherwise
+            self._gossipsub = None
             self._gate.detach()
             self._relay.detach()
             self._reachability.detach()
@@ -522,6 +525,13 @@ class P2PHost:
     def refusal_reason(self, peer_id: str) -> str | None:
         """Why ``peer_id`` was last refused admission (either side's verdict), or None."""
         return self._gate.refusal_reason(peer_id)
+
+    def gossip_mesh_size(self, topic: str) -> int:
+        """How many peers are in our gossip mesh of ``topic`` now: each gets a copy of every
+        message of it we publish or forward, and sends us one (0 when not running)."""
+        gossipsub = self._gossipsub
+        mesh = gossipsub.mesh.get(topic) if gossipsub is not None else None
+        return len(mesh) if mesh else 0
 
     def admitted_peers(self) -> set[str]:
         """Peers connected now that proved the token."""
