@@ -329,7 +329,10 @@ class P2PHost:
             protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,
             degree_low=4,
-            degree_high=12,
+            # D_hi 8, not libp2p's 12: a node prunes its mesh back to D once it holds more than 8,
+            # so none receives (and forwards) every message up to 12 times. At N = 50 on 2 cores
+            # the busiest nodes fell tens of seconds behind the network's gossip (docs/scaling.md).
+            degree_high=8,
             heartbeat_interval=GOSSIP_HEARTBEAT,
             heartbeat_initial_delay=0.1,
             spam_protection_enabled=False,
