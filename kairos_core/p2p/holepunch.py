@@ -122,6 +122,8 @@ class HolePunch:
         self._host: Any = None
         self._answers = TokenBuckets(rate=1 / ANSWER_INTERVAL, burst=1, max_keys=4096)
         self._running: set[str] = set()
+        #: peers a punched connection was made with (the host forgets a peer with its last connection)
+        self.met: set[str] = set()
 
     def attach(self, host: Any) -> None:
         self._host = host
@@ -130,6 +132,11 @@ class HolePunch:
         self._host = None
         self._answers = TokenBuckets(rate=1 / ANSWER_INTERVAL, burst=1, max_keys=4096)
         self._running.clear()
+        self.met.clear()
+
+    def running(self, peer: str) -> bool:
+        """Whether an attempt with ``peer`` runs now (either end)."""
+        return peer in self._running
 
     # --- initiator ------------------------------------------------------------------------------
     async def upgrade(self, peer: str) -> bool:
@@ -298,5 +305,6 @@ class HolePunch:
                 await conn.close()
             return None
         self.counters["holepunch_successes"] += 1
+        self.met.add(peer)
         log.info("hole punched: a direct connection to %s at %s:%d", peer, *theirs)
         return conn

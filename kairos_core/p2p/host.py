@@ -454,9 +454,11 @@ class P2PHost:
 
     async def _close_duplicates_forever(self) -> None:
         """Every few seconds, close the idle duplicates among each admitted peer's direct
-        connections (:mod:`.duplicates`; trio side)."""
+        connections (:mod:`.duplicates`), and make the relayed/punched marks say what carries
+        each peer now (trio side)."""
         while True:
             await trio.sleep(DUPLICATE_SWEEP)
+            await self._settle_relayed_marks()
             for conn in self._duplicate_connections(time.time()):
                 self.counters["connections_duplicate_closed"] += 1
                 try:
@@ -464,6 +466,40 @@ class P2PHost:
                         await conn.close()
                 except Exception:  # already closing: what we wanted
                     log.debug("closing a duplicate connection failed", exc_info=True)
+
+    async def _settle_relayed_marks(self) -> None:
+        """Make the relayed and punched marks follow the connections (trio side).
+
+        The marks are set by events: a relayed dial, a punch's closing exchange. When an event
+        goes wrong, the mark lies: a punch whose closing exchange failed on one end leaves that
+        end holding a direct and a relayed connection with the peer marked relayed (one CI run
+        saw a link reported relayed for 60 s after both ends logged the punched connection); a
+        relayed connection that arrives after a punch can make libp2p's per-peer trim close the
+        punched one and leave the peer marked punched on the relay. So, for each peer with no
+        punch running:
+
+        - marked relayed but holding a direct connection: it is punched (direct, when no punch
+          made the connection), and the higher id, a punch's responder, closes the relayed one;
+        - left with relayed connections only: it is relayed again, and the lower id, a punch's
+          initiator, tries to punch anew."""
+        if self._host is None:
+            return
+        network = self._host.get_network()
+        for peer in self._gate.admitted_peers():
+            conns = network.get_connections(ID.from_base58(peer))
+            if not conns or self._holepunch.running(peer):
+                continue
+            relayed = sum(map(_is_relayed, conns))
+            if peer in self._relay.relayed and relayed < len(conns):
+                self.counters["relayed_marks_cleared"] += 1
+                punched = peer in self._holepunch.met
+                await self._off_the_relay(peer, punched=punched, close_relayed=self.peer_id > peer)
+            elif peer not in self._relay.relayed and relayed == len(conns):
+                self.counters["relayed_marks_restored"] += 1
+                self._punched.discard(peer)
+                self._relay.relayed.add(peer)
+                if self.peer_id < peer:
+                    self._nursery.start_soon(self._holepunch.upgrade, peer)
 
     def _duplicate_connections(self, now: float) -> list[Any]:
         if self._host is None:
@@ -571,6 +607,7 @@ class P2PHost:
             self._closing.discard(peer)
             self._relay.disconnected(peer)
             self._punched.discard(peer)
+            self._holepunch.met.discard(peer)
             self._rtt.forget(peer)
         elif self._host is not None and self._gate.is_admitted(peer):
             if peer in self._relay.relayed and not any(map(_is_relayed, self._host.get_network().get_connections(peer_id))):
@@ -601,8 +638,14 @@ class P2PHost:
     async def _holepunched(self, peer: str, close_relayed: bool) -> None:
         """A hole-punched connection to ``peer`` is up on both ends (trio side): the peer is no
         longer relayed, and the responder closes the relayed connection."""
+        await self._off_the_relay(peer, punched=True, close_relayed=close_relayed)
+
+    async def _off_the_relay(self, peer: str, *, punched: bool, close_relayed: bool) -> None:
+        """A direct connection carries ``peer`` now (trio side): marked ``punched`` or direct,
+        and with ``close_relayed`` its relayed connections are closed."""
         self._relay.relayed.discard(peer)
-        self._punched.add(peer)
+        if punched:
+            self._punched.add(peer)
         if not close_relayed or self._host is None:
             return
         for conn in list(self._host.get_network().get_connections(ID.from_base58(peer))):

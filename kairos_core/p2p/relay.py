@@ -289,6 +289,10 @@ class Relay:
                 source = _valid_peer(request.get("peer"))
                 if source is None or str(source) == self.peer_id:
                     raise FrameError("no valid peer id")
+                if self._holds_direct(source):
+                    self.counters["relay_stop_direct_exists"] += 1
+                    await quiet_reset(net_stream)
+                    return
                 await write_frame(net_stream, {"ok": True})
         except (FrameError, trio.TooSlowError) as exc:
             self.counters["relay_bad_requests"] += 1
@@ -321,6 +325,8 @@ class Relay:
         """Connect to ``target`` through ``relay`` (dialled and admitted first if need be)."""
         await connect_relay(relay_address)
         target_id = ID.from_base58(target)
+        if self._holds_direct(target_id):
+            raise P2PError(f"connected to {target} directly already: no relayed connection beside it")
         net_stream = await self._host.new_stream(ID.from_base58(relay), [HOP_PROTOCOL])
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
@@ -341,6 +347,18 @@ class Relay:
             self.relayed.discard(target)
             await quiet_reset(net_stream)
             raise
+
+    def _holds_direct(self, peer: ID) -> bool:
+        """Whether a connection to ``peer`` that is not relayed is up. A relayed one beside it
+        would be a duplicate, and libp2p's per-peer trim spares the newest connection: it could
+        close the direct (hole-punched) one and leave the peer on the relay."""
+        if self._host is None:
+            return False
+        for conn in self._host.get_network().get_connections(peer):
+            with suppress(Exception):  # a connection that cannot tell is not counted
+                if conn.muxed_conn.get_connection_type() != ConnectionType.RELAYED:
+                    return True
+        return False
 
     def disconnected(self, peer: str) -> None:
         """The last connection to ``peer`` closed."""
