@@ -5,8 +5,11 @@ For each N (``--sizes``, default 10 25 50 100) it starts the nodes in batches (`
 time, 10 by default): a batch starts once the previous batch's APIs answer *and* every node started
 so far counts all the others (bounded by ``--batch-timeout``), so one batch's start-up (a Python
 process importing libp2p costs ~2 s of CPU) never overlaps the next one's formation; formation is
-then measured for the last batch, from its last API. After formation it waits ``--settle`` seconds
-(default 30: the last joiners' admission syncs and entry rewrites end) before the quiet window.
+then measured for the last batch, from its last API. After formation it waits until the network
+settled: every node shows the same ledger fingerprint (``kairos status``: they hold the same
+entries) in two polls ``SETTLED_FOR`` seconds apart (``settled_s``, from formation; at most
+``--settle-timeout`` s, ``settled_s: null`` when not), then ``--settle`` more seconds (default 5)
+before the quiet window, so that window measures an idle network, not formation's tail.
 ``--keep-logs DIR`` copies every node's log to ``DIR/n<N>/`` before the state directories go.
 Then it prints one JSON line with:
 
@@ -42,7 +45,8 @@ Then it prints one JSON line with:
   is measured (earlier versions polled every survivor's status and peer list meanwhile).
 
 Needs root. All N processes share this machine's cores: the JSON says how many there are.
-Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10] [--settle 30]
+Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10] [--settle 5]
+       [--settle-timeout 300]
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 # Seconds between the two kills: the first one's rewrites have spread everywhere by then.
 KILL_SPACING = 5.0
+# Settled: the same fingerprint on every node at two polls this many seconds apart.
+SETTLED_FOR = 5.0
 
 
 def percentile(values, q):
@@ -124,6 +130,30 @@ def start_capture(lab: Lab, path: str) -> subprocess.Popen | None:
 def members(node) -> int:
     status = node.status()
     return status["members"] if status else -1
+
+
+def fingerprint(node) -> str | None:
+    return (node.status() or {}).get("ledger_fingerprint")
+
+
+def wait_settled(nodes, timeout: float) -> float | None:
+    """Until every node shows one ledger fingerprint, the same in two polls ``SETTLED_FOR`` s
+    apart: the monotonic time of the first of them, or None after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    agreed: tuple[str, float] | None = None  # the fingerprint all showed, since when
+    while time.monotonic() < deadline:
+        polled = time.monotonic()
+        seen = {fingerprint(node) for node in nodes}
+        if len(seen) == 1 and None not in seen:
+            value = seen.pop()
+            if agreed is not None and agreed[0] == value and polled - agreed[1] >= SETTLED_FOR:
+                return agreed[1]
+            if agreed is None or agreed[0] != value:
+                agreed = (value, polled)
+        else:
+            agreed = None
+        time.sleep(1.0)  # one status per node per second or slower: light next to 50 nodes' idle
+    return None
 
 
 def counters(node) -> dict[str, int]:
@@ -393,7 +423,10 @@ def run_size(n: int, args) -> dict:
                 result["error"] = f"no full membership within {args.timeout} s"
                 result["members_counted"] = dict(sorted(Counter(members(node) for node in nodes).items()))
                 return result
-            time.sleep(args.settle)  # let formation's work (syncs, entry rewrites) settle
+            settled = wait_settled(nodes, args.settle_timeout)
+            result["settled_s"] = round(settled - formed, 2) if settled is not None else None
+            result["fingerprints_at_quiet"] = len({fingerprint(node) for node in nodes})  # 1: all agree
+            time.sleep(args.settle)
             pids = {node.index: node.process.pid for node in nodes}
             cpu0 = {i: cpu_seconds(p) for i, p in pids.items()}
             net0 = {node.index: interface_bytes(lab, node.index) for node in nodes}
@@ -516,7 +549,8 @@ def main() -> None:
     parser.add_argument("--writes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--batch-timeout", type=float, default=60.0, help="longest wait for a batch to form")
-    parser.add_argument("--settle", type=float, default=30.0, help="pause between formation and the quiet window")
+    parser.add_argument("--settle", type=float, default=5.0, help="pause between the settled network and the quiet window")
+    parser.add_argument("--settle-timeout", type=float, default=300.0, help="longest wait for every node to hold the same ledger")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
     parser.add_argument("--capture", metavar="PCAP", help="tcpdump node 1's interface to PCAP during the quiet window")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy every node's node.log to DIR/n<N>/ at the end")

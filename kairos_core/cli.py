@@ -492,7 +492,8 @@ def status(context: Context, socket_path: str | None, as_json: bool) -> None:
     click.echo(f"members:     {_members_line(data['members'], data['admitted'])}")
     for plugin, state in sorted((data.get("states") or {}).items()):
         echo_safe(f"{plugin + ':':<13}{state}")
-    click.echo(f"ledger:      {data['ledger_entries']} entries")
+    fingerprint = data.get("ledger_fingerprint")
+    echo_safe(f"ledger:      {data['ledger_entries']} entries{f' (fingerprint {fingerprint})' if fingerprint else ''}")
     for address in data["addresses"]:
         echo_safe(f"address:     {address}")
     nat = data.get("reachability")

@@ -35,7 +35,7 @@ from .errors import KairosError
 from .events import LedgerUpdate, PeerEvent
 from .identity import Identity, load_or_create_identity
 from .keys import KeySchedule
-from .ledger import Ledger, open_ledger
+from .ledger import Ledger, ledger_fingerprint, open_ledger
 from .ledger.ledger import LEDGER_FILE
 from .metrics import Metric, MetricRegistry
 from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
@@ -642,6 +642,8 @@ class Node:
             # the peers each ledger message is copied to and from (gossipsub D_lo..D_hi)
             "gossip_mesh": self.host.gossip_mesh_size(self.replicator.topic) if self.host and self.replicator else 0,
             "ledger_entries": len(self.ledger) if self.ledger else 0,
+            # equal on two nodes: they hold the same entries (compare nodes with it, or wait for it)
+            "ledger_fingerprint": ledger_fingerprint(self.ledger) if self.ledger else None,
             "uptime_s": round(time.monotonic() - self.started_at, 1) if self.started_at else 0,
             "states": dict(sorted(self.states.items())),
             "counters": dict(sorted(counters.items())),

@@ -159,6 +159,7 @@ async def test_missing_key_is_exit_1_and_status_shows_a_lone_node_and_plugin_sta
     assert code == 0
     assert "members:     none yet (this node alone)" in out and "0 alive" not in out
     assert "waiter:      waiting for a sign" in out
+    assert re.search(r"^ledger:      \d+ entries \(fingerprint [0-9a-f]{16}\)$", out, re.M), out
     code, out, _ = await asyncio.to_thread(run_main, capsys, "status", "--json", "--socket", socket)
     assert json.loads(out)["states"] == {"waiter": "waiting for a sign"}
     node.set_state("waiter", None)

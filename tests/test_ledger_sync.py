@@ -20,6 +20,7 @@ from kairos_core.ledger import (
     StreamChannel,
     SyncError,
     Version,
+    ledger_fingerprint,
     open_ledger,
     sync_ledgers,
 )
@@ -123,6 +124,25 @@ async def test_a_second_session_finds_nothing_to_do(channels) -> None:
     second, third = await run_sync(a, b, channels)
     assert second.differing_ranges == third.differing_ranges == 0
     assert second.entries_sent == third.entries_sent == 0
+
+
+async def test_fingerprints_agree_exactly_when_a_sync_has_nothing_to_do(channels) -> None:
+    a = Ledger(ALICE, LedgerStore(":memory:"))
+    b = Ledger(BOB, LedgerStore(":memory:"))
+    assert ledger_fingerprint(a) == ledger_fingerprint(b)  # both empty
+    for i in range(50):
+        a.set("user", f"k{i}", i)
+    before = ledger_fingerprint(a)
+    assert before != ledger_fingerprint(b)
+    await run_sync(a, b, channels)
+    assert ledger_fingerprint(a) == ledger_fingerprint(b) == before
+    # a rewrite with the same value is a new version: the fingerprint moves (the cache too)
+    a.set("user", "k1", 1)
+    assert ledger_fingerprint(a) != ledger_fingerprint(b)
+    b.delete("user", "k2")
+    second, _ = await run_sync(a, b, channels)
+    assert second.differing_ranges > 0
+    assert ledger_fingerprint(a) == ledger_fingerprint(b) != before
 
 
 async def test_only_newer_entries_cross_in_shared_ranges(channels) -> None:

@@ -44,6 +44,12 @@ class Recorder:
         self.lifecycle.append(f"shutdown {node.peer_id}")
 
 
+def agreed_on(nodes) -> str | None:
+    """The ledger fingerprint every node shows, or None while they differ."""
+    fingerprints = {node.status()["ledger_fingerprint"] for node in nodes}
+    return fingerprints.pop() if len(fingerprints) == 1 else None
+
+
 async def test_nodes_join_replicate_and_elect(kairos_network):
     recorders = [Recorder() for _ in range(3)]
     net = await kairos_network(0)
@@ -71,6 +77,12 @@ async def test_nodes_join_replicate_and_elect(kairos_network):
     assert sum(n.is_leader for n in net.nodes) == 1
     # three nodes are below gossipsub's D_lo: each has both others in its mesh (status reports it)
     await net.wait_for(lambda: all(n.status()["gossip_mesh"] == 2 for n in net.nodes), timeout=10)
+    # once the ledgers agree, so do their fingerprints; a write moves the writer's first
+    await net.wait_for(lambda: agreed_on(net.nodes) is not None, timeout=20)
+    agreed = agreed_on(net.nodes)
+    a.ledger.set("apps", "db", {"replicas": 1})
+    assert a.status()["ledger_fingerprint"] != agreed
+    await net.wait_for(lambda: agreed_on(net.nodes) not in (None, agreed), timeout=20)
 
 
 async def test_hook_lifecycle_on_real_nodes(kairos_network):

@@ -22,7 +22,7 @@ from .policy import (
     WritePolicy,
 )
 from .store import LedgerStore
-from .sync import PROTOCOL_ID as SYNC_PROTOCOL_ID, SyncChannel, SyncResult, sync_ledgers
+from .sync import PROTOCOL_ID as SYNC_PROTOCOL_ID, SyncChannel, SyncResult, ledger_fingerprint, sync_ledgers
 
 __all__ = [
     "DecodeError",
@@ -50,6 +50,7 @@ __all__ = [
     "canonical_json",
     "decode_batch",
     "encode_batch",
+    "ledger_fingerprint",
     "merge",
     "open_ledger",
     "split_batches",

@@ -143,6 +143,9 @@ class Ledger:
         self._quotas = QuotaAccount(lambda bucket: isinstance(self.policies.for_bucket(bucket), (OpenPolicy, RecordPolicy)))
         self._listeners: list[Listener] = []
         self._watchers: list[_Watch] = []
+        # Rises on every change to what is held (a put, a drop): lets a reader cache what it
+        # derives from all entries, such as the sync digest in ``kairos status``.
+        self.changes = 0
         for entry in store.load():
             # everything stored is kept, within quotas or not (a store from before them, a lowered
             # limit): an owner past a limit just cannot grow further
@@ -411,6 +414,7 @@ class Ledger:
 
     def _put(self, entry: Entry) -> None:
         """Hold ``entry`` in memory (the caller persisted it), replacing its key's entry."""
+        self.changes += 1
         keys = self._buckets.setdefault(entry.bucket, {})
         old = keys.get(entry.key)
         if old is not None:
@@ -420,6 +424,7 @@ class Ledger:
         self._tombstones[entry.bucket] += int(entry.deleted) - int(old is not None and old.deleted)
 
     def _drop(self, bucket: str, key: str) -> None:
+        self.changes += 1
         keys = self._buckets.get(bucket)
         if keys is not None:
             old = keys.pop(key, None)

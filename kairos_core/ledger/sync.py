@@ -34,6 +34,7 @@ import asyncio
 import hashlib
 import json
 import time
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
@@ -127,6 +128,24 @@ class _View:
                 h.update(_record(group[ident]))
             hashes.append(h.digest()[:RANGE_HASH_SIZE])
         return b"".join(hashes)
+
+
+_fingerprints: weakref.WeakKeyDictionary[Ledger, tuple[int, str]] = weakref.WeakKeyDictionary()
+
+
+def ledger_fingerprint(ledger: Ledger) -> str:
+    """A short hex digest of what a sync session compares: two nodes that show the same one hold
+    the same entries and versions, and a sync between them would exchange nothing (tombstones
+    already due for pruning left out, as the session leaves them out).
+
+    Computed again only when the ledger changed since the last call, so ``kairos status`` can
+    show it on every call and a fleet's nodes can be compared at a glance."""
+    cached = _fingerprints.get(ledger)
+    if cached is not None and cached[0] == ledger.changes:
+        return cached[1]
+    value = hashlib.sha256(_View(ledger).digest()).hexdigest()[:16]
+    _fingerprints[ledger] = (ledger.changes, value)
+    return value
 
 
 async def sync_ledgers(

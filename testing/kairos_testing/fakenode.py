@@ -27,7 +27,7 @@ from kairos_core import __version__
 from kairos_core.config import CORE_SCHEMA, Config
 from kairos_core.errors import ConfigError, KairosError
 from kairos_core.identity import Identity
-from kairos_core.ledger import Ledger, LedgerStore, PolicyRegistry, WritePolicy
+from kairos_core.ledger import Ledger, LedgerStore, PolicyRegistry, WritePolicy, ledger_fingerprint
 from kairos_core.ledger.clock import HybridLogicalClock
 from kairos_core.ledger.policy import DEFAULT_POLICIES
 from kairos_core.metrics import Metric, MetricRegistry
@@ -337,6 +337,7 @@ class FakeNode:
             "members": len(self.members()),
             "admitted": len(self.neighbour_ids),
             "ledger_entries": len(self._ledger),
+            "ledger_fingerprint": ledger_fingerprint(self._ledger),
             "uptime_s": 0,
             "states": dict(sorted(self.states.items())),
             "counters": dict(sorted(counters.items())),
