@@ -56,7 +56,6 @@ from typing import Any, Awaitable, Callable
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import ConnectionType
 from libp2p.crypto import ed25519, x25519
 from libp2p.kad_dht.common import PROTOCOL_ID as KAD_PROTOCOL
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
@@ -86,7 +85,7 @@ from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, dialled_by_
 from .holepunch import HOLEPUNCH_PROTOCOL, HolePunch
 from .logs import tame_libp2p_logging
 from .reachability import REACH_PROTOCOL, Reachability
-from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, split_circuit
+from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, is_relayed, split_circuit
 from .rtt import RttTable
 from .stream import Stream
 from .traffic import count_gossip, count_traffic
@@ -133,15 +132,6 @@ def _gossip_score_params() -> ScoreParams:
         p4_invalid_messages=TopicScoreParams(weight=1.0, cap=10.0 * INVALID_GOSSIP_TOLERANCE, decay=0.5),
         publish_threshold=-float(INVALID_GOSSIP_TOLERANCE),
     )
-
-
-def _is_relayed(conn: Any) -> bool:
-    """Whether the libp2p connection ``conn`` runs through a relay (:mod:`.relay` marks its raw
-    connections so)."""
-    try:
-        return conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
-    except Exception:  # a connection that cannot tell is a TCP one of ours
-        return False
 
 
 def _with_peer_suffix(address: str, peer_id: str) -> str:
@@ -489,7 +479,7 @@ class P2PHost:
             conns = network.get_connections(ID.from_base58(peer))
             if not conns or self._holepunch.running(peer):
                 continue
-            relayed = sum(map(_is_relayed, conns))
+            relayed = sum(map(is_relayed, conns))
             if peer in self._relay.relayed and relayed < len(conns):
                 self.counters["relayed_marks_cleared"] += 1
                 punched = peer in self._holepunch.met
@@ -610,7 +600,7 @@ class P2PHost:
             self._holepunch.met.discard(peer)
             self._rtt.forget(peer)
         elif self._host is not None and self._gate.is_admitted(peer):
-            if peer in self._relay.relayed and not any(map(_is_relayed, self._host.get_network().get_connections(peer_id))):
+            if peer in self._relay.relayed and not any(map(is_relayed, self._host.get_network().get_connections(peer_id))):
                 # the relayed connection went and a direct one stays (a punch whose last answer was
                 # lost with it): say what carries the peer now
                 self._relay.relayed.discard(peer)
@@ -649,7 +639,7 @@ class P2PHost:
         if not close_relayed or self._host is None:
             return
         for conn in list(self._host.get_network().get_connections(ID.from_base58(peer))):
-            if _is_relayed(conn):
+            if is_relayed(conn):
                 try:
                     with trio.move_on_after(5):
                         await conn.close()

@@ -95,6 +95,15 @@ def _valid_peer(text: Any) -> ID | None:
         return None
 
 
+def is_relayed(conn: Any) -> bool:
+    """Whether the libp2p connection ``conn`` runs through a relay (this module marks its raw
+    connections so)."""
+    try:
+        return conn.muxed_conn.get_connection_type() == ConnectionType.RELAYED
+    except Exception:  # a connection that cannot tell is a TCP one of ours
+        return False
+
+
 class Relay:
     """Both sides of the relay for one host: serving circuits, and holding reservations."""
 
@@ -352,13 +361,7 @@ class Relay:
         """Whether a connection to ``peer`` that is not relayed is up. A relayed one beside it
         would be a duplicate, and libp2p's per-peer trim spares the newest connection: it could
         close the direct (hole-punched) one and leave the peer on the relay."""
-        if self._host is None:
-            return False
-        for conn in self._host.get_network().get_connections(peer):
-            with suppress(Exception):  # a connection that cannot tell is not counted
-                if conn.muxed_conn.get_connection_type() != ConnectionType.RELAYED:
-                    return True
-        return False
+        return self._host is not None and not all(map(is_relayed, self._host.get_network().get_connections(peer)))
 
     def disconnected(self, peer: str) -> None:
         """The last connection to ``peer`` closed."""
