@@ -63,6 +63,15 @@ def test_nodes_reach_each_other_across_the_bridge(netlab, need_ping) -> None:
     assert {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()} == {"lo", "eth0"}
 
 
+def test_lab_interfaces_do_not_solicit_routers(netlab) -> None:
+    """No router on a lab's links: their solicitations would be multicast noise on every node's
+    interface counters, which the scale bench reads."""
+    lab = netlab(2)
+    for node in (1, 2):
+        value = lab.run(node, ["sysctl", "-n", "net.ipv6.conf.eth0.router_solicitations"]).stdout.decode().strip()
+        assert value == "0"
+
+
 @netns
 def test_multicast_crosses_the_bridge(netlab) -> None:
     lab = netlab(2)
