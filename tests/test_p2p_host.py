@@ -297,13 +297,14 @@ async def test_start_fails_cleanly_on_a_busy_or_foreign_address(hosts: HostFacto
 
 
 async def test_connections_get_kernel_keepalive(tmp_path):
-    """A partition sends no RST: keepalive is what lets membership notice it (see enable_keepalive)."""
+    """A partition sends no RST: keepalive is what lets membership notice it (see .keepalive).
+    One end of the connection probes, the other watches for the probes."""
     import socket as stdlib_socket
 
     from kairos_core.identity import Identity
     from kairos_core.keys import KeySchedule
     from kairos_core.p2p import P2PHost
-    from kairos_core.p2p.traps import KEEPALIVE_IDLE, enable_keepalive
+    from kairos_core.p2p.keepalive import KEEPALIVE_IDLE, enable_keepalive, probing_end
     from kairos_core.token import generate_token
 
     schedule = KeySchedule(generate_token())
@@ -315,6 +316,8 @@ async def test_connections_get_kernel_keepalive(tmp_path):
         await a.connect(b.addresses())
         assert a.counters.get("keepalive_unavailable", 0) == 0
         assert b.counters.get("keepalive_unavailable", 0) == 0
+        prober, listener = (a, b) if probing_end(a.peer_id, b.peer_id) == a.peer_id else (b, a)
+        assert len(listener._silence) == 1 and len(prober._silence) == 0
         # the walker finds a real socket through wrappers and sets the options on it
         raw = stdlib_socket.socket()
 
@@ -328,6 +331,13 @@ async def test_connections_get_kernel_keepalive(tmp_path):
             assert raw.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
         finally:
             raw.close()
+        listening = stdlib_socket.socket()
+        try:
+            assert enable_keepalive(listening, probe=False)
+            assert listening.getsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_KEEPALIVE) == 0
+            assert listening.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_USER_TIMEOUT) > 0
+        finally:
+            listening.close()
         assert not enable_keepalive(object())
     finally:
         await a.stop()

@@ -83,6 +83,7 @@ from .duplicates import ConnectionView, duplicates_to_close
 from .errors import P2PError
 from .gate import ADMISSION_TIMEOUT, AdmissionGate, ConnectionWatch, dialled_by_us, peer_of, quiet_reset
 from .holepunch import HOLEPUNCH_PROTOCOL, HolePunch
+from .keepalive import SILENCE_SAMPLE, SilenceWatch, enable_keepalive, probing_end
 from .logs import tame_libp2p_logging
 from .reachability import REACH_PROTOCOL, Reachability
 from .relay import HOP_PROTOCOL, STOP_PROTOCOL, Relay, RelayLimits, is_relayed, split_circuit
@@ -97,7 +98,6 @@ from .traps import (
     build_sender_records_rarely,
     content_message_id,
     drop_sender_records,
-    enable_keepalive,
     forget_dial_failures,
     ids_over_content,
     no_auto_connector,
@@ -215,6 +215,7 @@ class P2PHost:
         self._closing: set[str] = set()
         # issue #17: RTT per peer, read from the pings yamux sends anyway (see .rtt)
         self._rtt = RttTable(self.counters)
+        self._silence = SilenceWatch()  # the connections whose other end probes
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -279,6 +280,7 @@ class P2PHost:
                         nursery.start_soon(self._reachability.probe_forever, self._direct_peers)
                         nursery.start_soon(self._rtt.sample_forever, self._admitted_connections)
                         nursery.start_soon(self._close_duplicates_forever)
+                        nursery.start_soon(self._close_silent_forever)
                         nursery.start_soon(
                             self._relay.keep_reservations, lambda: self._reachability.state == "private", self._relay_candidates
                         )
@@ -457,6 +459,19 @@ class P2PHost:
                 except Exception:  # already closing: what we wanted
                     log.debug("closing a duplicate connection failed", exc_info=True)
 
+    async def _close_silent_forever(self) -> None:
+        """Close the connections whose probing end went silent (trio side; see :mod:`.keepalive`)."""
+        while True:
+            await trio.sleep(SILENCE_SAMPLE)
+            for conn in self._silence.silent():
+                self.counters["keepalive_silence_closed"] += 1
+                log.info("no probe from %s for %.0f s: closing the connection", conn.muxed_conn.peer_id, self._silence.limit)
+                try:
+                    with trio.move_on_after(5):
+                        await conn.close()
+                except Exception:  # already closing: what we wanted
+                    log.debug("closing a silent connection failed", exc_info=True)
+
     async def _settle_relayed_marks(self) -> None:
         """Make the relayed and punched marks follow the connections (trio side).
 
@@ -580,12 +595,15 @@ class P2PHost:
         return await bridge.call(peers)
 
     def _on_connected(self, conn: Any) -> None:
-        # Keepalive belongs to every connection (trap: silent partitions), admitted or not yet.
-        if not enable_keepalive(conn):
+        # Dead-peer detection belongs to every connection (silent partitions), admitted or not
+        # yet: one end probes, the other watches for the probes (.keepalive).
+        probe = probing_end(self.peer_id, str(conn.muxed_conn.peer_id)) == self.peer_id
+        if not enable_keepalive(conn, probe=probe) or not (probe or self._silence.watch(conn)):
             self.counters["keepalive_unavailable"] += 1
         self._gate.connected(conn)
 
     def _on_disconnected(self, conn: Any) -> None:
+        self._silence.forget(conn)
         peer_id = conn.muxed_conn.peer_id
         peer = str(peer_id)
         was_admitted = self._gate.is_admitted(peer)

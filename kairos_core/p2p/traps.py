@@ -3,17 +3,16 @@
 Each function here changes something libp2p does not let us pass in: process-wide module globals
 (pubsub queue sizes, the signed-record check), per-swarm state the constructor does not expose
 (its dial retries and negative cache, its inbound-connection slots), per-router state that ignores
-the message ids we chose (gossipsub's message cache and equivocation check), or options of the
-kernel socket under a connection.
+the message ids we chose (gossipsub's message cache and equivocation check). The options of the
+kernel socket under a connection are in :mod:`.keepalive`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import trio
 from libp2p.network.config import RetryConfig
@@ -22,14 +21,7 @@ from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.rpc_queue import RpcQueue
 
-# Dead-connection detection (see enable_keepalive): probe after 4 s idle, every 1 s, 2 times. The
-# minority side of a partition learns it lost the majority within this (its leader steps down then).
-# Each probe and its answer are two 66-byte segments per connection and interval each way: at 2 s
-# idle, 16 connections cost 2 KB/s of an idle node's traffic alone; at 4 s, half (dead after 6 s).
-KEEPALIVE_IDLE = 4
-KEEPALIVE_INTERVAL = 1
-KEEPALIVE_COUNT = 2
-KEEPALIVE_DEAD = KEEPALIVE_IDLE + KEEPALIVE_INTERVAL * KEEPALIVE_COUNT
+from .keepalive import connection_layers
 
 # Room for the pubsub envelope (ids, signature, key, seqno) around the payload.
 PUBSUB_OVERHEAD = 64 * 1024
@@ -253,49 +245,6 @@ def batch_window_updates() -> None:
 
     stream_class._auto_tune_and_send_window_update = window_update_when_half_consumed
     stream_class.kairos_batched_window = True
-
-
-def connection_layers(conn: Any) -> Iterator[Any]:
-    """The objects under a libp2p connection, outermost first, down to the kernel socket.
-
-    SwarmConn → Yamux → SecureSession → RawConnection → the listener's stream → trio's
-    SocketStream → socket. Bounded: a layout we do not know ends the walk, never loops.
-    """
-    node = conn
-    for _ in range(10):
-        yield node
-        node = next(
-            (
-                getattr(node, name)
-                for name in ("muxed_conn", "secured_conn", "conn", "stream", "socket")
-                if getattr(node, name, None) is not None
-            ),
-            None,
-        )
-        if node is None:
-            return
-
-
-def enable_keepalive(conn: Any) -> bool:
-    """Make the kernel notice a dead peer within ~KEEPALIVE_DEAD seconds; False if no socket was found.
-
-    A partition (or a peer whose machine vanished) sends no FIN or RST: without this a connection
-    looks alive for the ~15 minutes TCP retransmits for, and so would the peer in our membership.
-    Keepalive probes cost ~40 bytes/s per idle connection; TCP_USER_TIMEOUT covers a connection
-    with unacknowledged data.
-    """
-    for node in connection_layers(conn):
-        if hasattr(node, "setsockopt") and hasattr(node, "family"):
-            try:
-                node.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
-                node.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, KEEPALIVE_DEAD * 1000)
-            except OSError:
-                return False
-            return True
-    return False
 
 
 # --- dialling ------------------------------------------------------------------------------------
