@@ -359,8 +359,19 @@ CORE_SCHEMA: tuple[Section, ...] = (
             float,
             900.0,
             "Seconds an entry vouches for the peers it lists without being refreshed (a live node refreshes "
-            "its entry three times in this): a safety net, not how crashes are found — neighbours report those.",
+            "its entry three times in this): a safety net, not how crashes are found — neighbours report those. "
+            "Longer on a network too large for refresh_budget.",
             minimum=2,
+        ),
+        Option(
+            "refresh_budget",
+            float,
+            1 / 30,
+            "Refreshes of unchanged `nodes` entries per second the whole network may send (each reaches "
+            "every node): on a network of N entries a node refreshes its entry every max(peer_ttl / 3, "
+            "N / refresh_budget) seconds and an entry vouches for three times that, so a node's cost of "
+            "refreshes stays flat as N grows. 0: every peer_ttl / 3 whatever N (a cost that grows with N).",
+            minimum=0,
         ),
         Option(
             "rtt_publish_interval",

@@ -105,12 +105,21 @@ def stable_info(info: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in info.items() if key not in VOLATILE_KEYS}
 
 
+# An unchanged entry is rewritten (refreshed) this many times per entry TTL, so a voucher's entry
+# never goes stale while its node lives.
+REFRESHES_PER_TTL = 3
+
+
 class Membership:
     """Tracks peers and emits :class:`PeerEvent` through ``emit`` (awaited, in order).
 
     :param self_id: our own peer id (never a member of our own view).
     :param network_id: only entries that advertise this network id count.
-    :param ttl: seconds an entry stays fresh without a change.
+    :param ttl: seconds an entry stays fresh without a change (``membership.peer_ttl``), on a
+        network small enough for the refresh budget; see :meth:`entry_ttl`.
+    :param refresh_budget: refreshes of unchanged entries per second the whole network may send
+        (``membership.refresh_budget``); 0: none, every entry is refreshed ``REFRESHES_PER_TTL``
+        times per ``ttl`` whatever the network's size.
     """
 
     def __init__(
@@ -120,11 +129,13 @@ class Membership:
         *,
         network_id: str = "kairos",
         ttl: float = CORE_DEFAULTS["membership"]["peer_ttl"],
+        refresh_budget: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.self_id = self_id
         self.network_id = network_id
         self.ttl = ttl
+        self.refresh_budget = refresh_budget
         self.clock = clock
         self._emit = emit
         self._peers: dict[str, PeerState] = {}
@@ -314,14 +325,30 @@ class Membership:
         """Wait until every queued event has been delivered (tests)."""
         await self._events.join()
 
-    def _fresh(self, state: PeerState) -> bool:
-        return state.heartbeat_at is not None and self.clock() - state.heartbeat_at < self.ttl
+    def refresh_interval(self) -> float:
+        """Seconds between refreshes of an unchanged entry: ``ttl / REFRESHES_PER_TTL``, or longer
+        on a large network, so that its entries' refreshes (each reaches every node) stay within
+        ``refresh_budget`` a second: ``(entries + 1) / refresh_budget``. Every node holds the same
+        ``nodes`` bucket, so owners and readers of an entry compute the same interval."""
+        base = self.ttl / REFRESHES_PER_TTL
+        if self.refresh_budget <= 0:
+            return base
+        entries = sum(1 for state in self._peers.values() if state.heartbeat_at is not None and not state.foreign)
+        return max(base, (entries + 1) / self.refresh_budget)
+
+    def entry_ttl(self) -> float:
+        """Seconds an entry vouches without a change: ``REFRESHES_PER_TTL`` refresh intervals."""
+        return REFRESHES_PER_TTL * self.refresh_interval()
+
+    def _fresh(self, state: PeerState, ttl: float) -> bool:
+        return state.heartbeat_at is not None and self.clock() - state.heartbeat_at < ttl
 
     def vouched(self, without: str | None = None) -> set[str]:
         """Peers reached from us through vouchers: connected to us, or named by a reached peer
         whose entry is fresh (see the module docstring). ``without``: as if our own connection to
         that peer were closed (it may still be reached through others)."""
         excluded = self.excluded
+        ttl = self.entry_ttl()
         reached = {
             peer_id
             for peer_id, state in self._peers.items()
@@ -330,7 +357,7 @@ class Membership:
         frontier = list(reached)
         while frontier:
             state = self._peers[frontier.pop()]
-            if not self._fresh(state):
+            if not self._fresh(state, ttl):
                 continue  # an entry not renewed for a TTL vouches for nobody any more
             for peer_id in state.neighbours:
                 if (
@@ -347,10 +374,11 @@ class Membership:
     def _evaluate_all(self) -> None:
         vouched = self.vouched()
         deadline = float("inf")
+        ttl = self.entry_ttl()
         for peer_id, state in list(self._peers.items()):
             self._evaluate(peer_id, state, peer_id in vouched)
-            if state.heartbeat_at is not None and self._fresh(state):
-                deadline = min(deadline, state.heartbeat_at + self.ttl)  # it stops vouching then
+            if state.heartbeat_at is not None and self._fresh(state, ttl):
+                deadline = min(deadline, state.heartbeat_at + ttl)  # it stops vouching then
             if state.connected and not state.alive:
                 deadline = min(deadline, state.connected_at + JOIN_GRACE)  # it joins without an entry then
         self._next_deadline = deadline

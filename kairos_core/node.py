@@ -73,9 +73,6 @@ EPOCHS_RECORDED = 256
 # A graceful stop publishes what is pending; a crash loses it (the lease itself still answers).
 EPOCH_RECORD_DELAY = 5.0
 EPOCH_RECORD_SPREAD = 0.2
-# An unchanged entry is rewritten (refreshed) three times per membership.peer_ttl, so a voucher's
-# entry never goes stale while its node lives.
-REFRESHES_PER_TTL = 3
 # A change of our connections is announced this long after it (changes in a burst, one write).
 NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 # A new connection (and an RTT follow-up) is announced no sooner than this after our entry's last
@@ -284,7 +281,13 @@ class Node:
         self.host.set_stream_handler(LEASE_PULL_PROTOCOL, self._serve_heartbeat_pull)
 
         membership = self.config.section("membership")
-        self.membership = Membership(self.peer_id, self._emit_peer_event, network_id=self.network_id, ttl=membership.peer_ttl)
+        self.membership = Membership(
+            self.peer_id,
+            self._emit_peer_event,
+            network_id=self.network_id,
+            ttl=membership.peer_ttl,
+            refresh_budget=membership.refresh_budget,
+        )
         for peer_id, info in self.ledger.items(NODES_BUCKET).items():
             if is_node_key(peer_id) and isinstance(info, dict):
                 # entries from disk are old news: remember them without counting them alive
@@ -658,7 +661,9 @@ class Node:
 
     def announce(self) -> None:
         """Write this node's entry in ``nodes`` if it changed, or as a refresh
-        ``REFRESHES_PER_TTL`` times per ``membership.peer_ttl``: its advertisement and the peers it
+        every :meth:`~kairos_core.membership.Membership.refresh_interval` (a third of
+        ``membership.peer_ttl``, longer on a network too large for ``membership.refresh_budget``):
+        its advertisement and the peers it
         vouches for (connected and admitted: see :mod:`kairos_core.membership`).
 
         Every entry reaches every node, so rewriting an unchanged one on each round would cost each
@@ -690,7 +695,8 @@ class Node:
         measured = {peer: _rtt_ms(links[peer]["floor_s"]) for peer in neighbours if links.get(peer, {}).get("floor_s")}
         self._rounds_unchanged += 1
         membership = self.config.section("membership")
-        refresh_rounds = max(1, int(membership.peer_ttl / REFRESHES_PER_TTL / membership.announce_interval))
+        refresh_every = self.membership.refresh_interval() if self.membership is not None else membership.peer_ttl / 3
+        refresh_rounds = max(1, int(refresh_every / membership.announce_interval))
         now = time.monotonic()
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
             first = any(peer not in self._published_rtt for peer in measured)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 async def test_an_unchanged_entry_is_refreshed_three_times_per_ttl_and_a_change_is_written_at_once(kairos_network):
-    overrides = {"membership": {"announce_interval": 1.0, "peer_ttl": 9.0}}  # refresh every 3 rounds
+    # refresh every 3 rounds; no budget, which would stretch that on this tiny network (see below)
+    overrides = {"membership": {"announce_interval": 1.0, "peer_ttl": 9.0, "refresh_budget": 0}}
     net = await kairos_network(0)
     a = await net.add_node(overrides=overrides)
     beat = lambda: a.ledger.get(NODES_BUCKET, a.peer_id)["beat"]  # noqa: E731
@@ -26,6 +27,19 @@ async def test_an_unchanged_entry_is_refreshed_three_times_per_ttl_and_a_change_
     b = await net.add_node(overrides=overrides)  # a new neighbour changes a's entry
     await net.wait_for(lambda: a.ledger.get(NODES_BUCKET, a.peer_id)["neighbours"] == [b.peer_id], timeout=3)
     await net.wait_for(lambda: b.ledger.get(NODES_BUCKET, a.peer_id)["neighbours"] == [b.peer_id], timeout=3)
+
+
+async def test_the_refresh_budget_stretches_the_refresh_interval(kairos_network):
+    """At most ``refresh_budget`` refreshes a second in the whole network: with one entry (and
+    ours) and a budget of 0.1/s, a node refreshes every 10 s, not every peer_ttl / 3 = 3 s."""
+    overrides = {"membership": {"announce_interval": 1.0, "peer_ttl": 9.0, "refresh_budget": 0.1}}
+    net = await kairos_network(0)
+    a = await net.add_node(overrides=overrides)
+    assert a.membership.refresh_interval() >= 10
+    beat = lambda: a.ledger.get(NODES_BUCKET, a.peer_id)["beat"]  # noqa: E731
+    start = beat()
+    await asyncio.sleep(10.5)
+    assert beat() - start in (0, 1, 2)  # 3 or 4 at peer_ttl / 3
 
 
 async def test_a_change_soon_after_a_write_waits_for_the_spacing(kairos_network):

@@ -301,3 +301,36 @@ async def test_members_on_the_far_side_of_a_split_are_lost_not_crashed_yet():
     clock.now += 301
     assert membership.lost(300) == set()  # past the quorum horizon: nobody tries it any more
     await membership.stop()
+
+
+async def test_on_a_large_network_entries_are_refreshed_and_trusted_within_the_refresh_budget():
+    clock = Clock()
+
+    async def emit(event):
+        pass
+
+    budget = 1 / 30  # the whole network refreshes at most one entry every 30 s
+    membership = Membership("me", emit, ttl=900, refresh_budget=budget, clock=clock)
+    membership.start()
+    near, *others = peers(40)
+    membership.connected(near)
+    membership.entry_changed(near, {"hostname": "near", "neighbours": others})
+    # one entry (plus ours): the floor, a third of peer_ttl
+    assert membership.refresh_interval() == 300 and membership.entry_ttl() == 900
+    for peer in others:
+        membership.entry_changed(peer, {"hostname": peer[-4:], "neighbours": [near]})
+    # 40 entries and ours: 41 refreshes per 41 / budget seconds
+    assert membership.refresh_interval() == 41 / budget
+    assert membership.entry_ttl() == 3 * 41 / budget
+    clock.now += 1000  # past peer_ttl, within the stretched TTL: near still vouches for the far peers
+    membership.expire()
+    assert set(others) <= set(membership.alive())
+    clock.now += 3 * 41 / budget  # past it: they are reached through nobody now
+    membership.expire()
+    assert set(membership.alive()) == {near}
+    # without a budget the TTL is peer_ttl whatever the size
+    fixed = Membership("me", emit, ttl=900, clock=clock)
+    for peer in others:
+        fixed.entry_changed(peer, {"hostname": peer[-4:], "neighbours": []})
+    assert fixed.refresh_interval() == 300 and fixed.entry_ttl() == 900
+    await membership.stop()
