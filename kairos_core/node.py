@@ -38,7 +38,7 @@ from .keys import KeySchedule
 from .ledger import Ledger, ledger_fingerprint, open_ledger
 from .ledger.ledger import LEDGER_FILE
 from .metrics import Metric, MetricRegistry
-from .membership import MAX_NEIGHBOURS, NODES_BUCKET, Membership, is_node_key
+from .membership import MAX_NEIGHBOURS, NODES_BUCKET, REFRESHES_PER_TTL, Membership, is_node_key
 from .plugins import KairosPluginManager, call_hook, call_hook_sync, make_plugin_manager
 from .replication import Replicator
 from .revocation import REVOKED_BUCKET, Revocations
@@ -695,7 +695,9 @@ class Node:
         measured = {peer: _rtt_ms(links[peer]["floor_s"]) for peer in neighbours if links.get(peer, {}).get("floor_s")}
         self._rounds_unchanged += 1
         membership = self.config.section("membership")
-        refresh_every = self.membership.refresh_interval() if self.membership is not None else membership.peer_ttl / 3
+        refresh_every = (
+            self.membership.refresh_interval() if self.membership is not None else membership.peer_ttl / REFRESHES_PER_TTL
+        )
         refresh_rounds = max(1, int(refresh_every / membership.announce_interval))
         now = time.monotonic()
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:

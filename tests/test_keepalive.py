@@ -10,6 +10,8 @@ import asyncio
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from kairos_core.identity import Identity
 from kairos_core.p2p.keepalive import SilenceWatch, probing_end, segments_received
@@ -38,6 +40,18 @@ def _pair() -> tuple[socket.socket, socket.socket, socket.socket]:
     return listener, dialled, accepted
 
 
+@contextmanager
+def probed_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected pair on loopback, ``(prober, listening)``, the prober probing every second."""
+    listener, prober, listening = _pair()
+    try:
+        _probe_every_second(prober)
+        yield prober, listening
+    finally:
+        for s in (listener, prober, listening):
+            s.close()
+
+
 def _probe_every_second(sock: socket.socket, on: bool = True) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(on))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
@@ -45,23 +59,16 @@ def _probe_every_second(sock: socket.socket, on: bool = True) -> None:
 
 
 def test_the_kernel_counts_the_probes_the_listening_end_receives():
-    listener, prober, listening = _pair()
-    try:
-        _probe_every_second(prober)
+    with probed_pair() as (prober, listening):
         before = segments_received(listening)
         assert before is not None
         time.sleep(3.5)  # no data: only probes arrive
         after = segments_received(listening)
         assert after is not None and after - before >= 2
-    finally:
-        for s in (listener, prober, listening):
-            s.close()
 
 
 def test_the_watch_keeps_a_probed_connection_and_returns_one_whose_probes_stopped():
-    listener, prober, listening = _pair()
-    try:
-        _probe_every_second(prober)
+    with probed_pair() as (prober, listening):
         watch = SilenceWatch(limit=2.5)
         assert watch.watch(listening)
         deadline = time.monotonic() + 5
@@ -78,23 +85,15 @@ def test_the_watch_keeps_a_probed_connection_and_returns_one_whose_probes_stoppe
         assert found == [listening]
         assert time.monotonic() - quiet_since >= 2.5 - 1.1  # not before the limit (a probe may have been in flight)
         assert len(watch) == 0
-    finally:
-        for s in (listener, prober, listening):
-            s.close()
 
 
 def test_a_stalled_watcher_does_not_mistake_its_own_pause_for_silence():
-    listener, prober, listening = _pair()
-    try:
-        _probe_every_second(prober)
+    with probed_pair() as (prober, listening):
         watch = SilenceWatch(limit=2.0)
         start = time.monotonic()
         assert watch.watch(listening, now=start)
         time.sleep(3.5)  # the process "stalled" longer than the limit, but probes kept arriving
         assert watch.silent(now=start + 3.5) == []
-    finally:
-        for s in (listener, prober, listening):
-            s.close()
 
 
 def test_a_closed_socket_is_forgotten_not_reported():

@@ -134,6 +134,15 @@ def _gossip_score_params() -> ScoreParams:
     )
 
 
+async def _close_connection(conn: Any, what: str) -> None:
+    """Close a connection we chose to end (trio side), giving it 5 s; one already closing is fine."""
+    try:
+        with trio.move_on_after(5):
+            await conn.close()
+    except Exception:  # already closing: what we wanted
+        log.debug("closing a %s connection failed", what, exc_info=True)
+
+
 def _with_peer_suffix(address: str, peer_id: str) -> str:
     return address if "/p2p/" in address else f"{address}/p2p/{peer_id}"
 
@@ -453,11 +462,7 @@ class P2PHost:
             await self._settle_relayed_marks()
             for conn in self._duplicate_connections(time.time()):
                 self.counters["connections_duplicate_closed"] += 1
-                try:
-                    with trio.move_on_after(5):
-                        await conn.close()
-                except Exception:  # already closing: what we wanted
-                    log.debug("closing a duplicate connection failed", exc_info=True)
+                await _close_connection(conn, "duplicate")
 
     async def _close_silent_forever(self) -> None:
         """Close the connections whose probing end went silent (trio side; see :mod:`.keepalive`)."""
@@ -466,11 +471,7 @@ class P2PHost:
             for conn in self._silence.silent():
                 self.counters["keepalive_silence_closed"] += 1
                 log.info("no probe from %s for %.0f s: closing the connection", conn.muxed_conn.peer_id, self._silence.limit)
-                try:
-                    with trio.move_on_after(5):
-                        await conn.close()
-                except Exception:  # already closing: what we wanted
-                    log.debug("closing a silent connection failed", exc_info=True)
+                await _close_connection(conn, "silent")
 
     async def _settle_relayed_marks(self) -> None:
         """Make the relayed and punched marks follow the connections (trio side).
@@ -658,11 +659,7 @@ class P2PHost:
             return
         for conn in list(self._host.get_network().get_connections(ID.from_base58(peer))):
             if is_relayed(conn):
-                try:
-                    with trio.move_on_after(5):
-                        await conn.close()
-                except Exception:  # already closing: what we wanted
-                    log.debug("closing the relayed connection to %s failed", peer, exc_info=True)
+                await _close_connection(conn, "relayed")
 
     async def _keep_in_pubsub(self, peer_id: ID) -> None:
         """One of an admitted peer's connections closed, others remain (trio side).
