@@ -36,7 +36,12 @@ Then it prints one JSON line with:
 - ``propagation_ms_p50`` / ``_p99``: a write on one node until every other node's watch stream
   delivers it (``--writes`` writes);
 - ``left_after_kill_9_s``: kill -9 of a non-leader until the last survivor's ``peer left``
-  event (``left_nodes_s``: p50/p90 over survivors), read from the survivors' own logs;
+  event, read from the survivors' own logs; ``--kills K`` non-leaders are killed one after the
+  other (``KILL_SPACING`` apart), and the figure is the slowest kill's last survivor;
+  ``left_nodes_s`` gives p50/p90/p99 over every (kill, survivor) pair and ``left_kills`` each
+  kill, with ``voucher_rewrites_s``: when the rewritten entries of the victim's neighbours (no
+  longer naming it) reached one survivor — how a verdict's time splits into the neighbours'
+  noticing and the spread of their news;
 - ``failover_s``: kill -9 of the leader until every survivor holds the new leader's confirmed
   lease: each survivor's watch stream of the ``leader`` bucket, opened before the kill, times
   the arrival there (as for propagation); ``failover_nodes_s`` gives its p50/p90 over survivors;
@@ -46,7 +51,8 @@ Then it prints one JSON line with:
 
 Needs root. All N processes share this machine's cores: the JSON says how many there are.
 Usage: bench/scale.py [--sizes 10 25 50 100] [--quiet 30] [--writes 10] [--batch 10] [--settle 5]
-       [--settle-timeout 300]
+       [--settle-timeout 300] [--kills 1]
+Progress goes to stderr: each batch's formation time, the quiet window's start, each kill.
 """
 
 from __future__ import annotations
@@ -341,6 +347,64 @@ class LogWatch:
             time.sleep(0.5)  # (a scan first: lines already written need no wait)
 
 
+class VoucherWatch:
+    """When each of a victim's neighbours' rewritten entries, no longer naming the victim, reached
+    ``observer`` (its watch stream of ``nodes``, opened before the kill): how a ``left`` verdict's
+    time splits into the neighbours' noticing and the spread of their news."""
+
+    def __init__(self, observer, victim_id: str) -> None:
+        entries = observer.client.request("GET", "/api/ledger/nodes") or {}
+        self.victim_id = victim_id
+        self.vouchers = {
+            key
+            for key, value in entries.items()
+            if isinstance(value, dict) and key != victim_id and victim_id in (value.get("neighbours") or [])
+        }
+        self.dropped: dict[str, float] = {}
+        self._stream = observer.client.stream("/api/watch", params={"bucket": "nodes"})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        time.sleep(1.0)  # the watch request reaches the node
+
+    def _run(self) -> None:
+        try:
+            for update in self._stream:
+                key, value = update.get("key"), update.get("value")
+                if key in self.vouchers and key not in self.dropped and isinstance(value, dict):
+                    if self.victim_id not in (value.get("neighbours") or []):
+                        self.dropped[key] = time.monotonic()
+                if len(self.dropped) == len(self.vouchers):
+                    return
+        except Exception:
+            return
+
+
+def kill_non_leader(victim, survivors) -> dict:
+    """kill -9 ``victim``; seconds until each survivor's ``peer left`` (from their logs), and when
+    the rewrites of the victim's vouchers reached one survivor."""
+    # (LabNode.peer_id asks the node's API: read it while the node lives; a dead node's is
+    # None, which no survivor counts alive — the figure of every run before this one)
+    victim_id = victim.peer_id
+    vouchers = VoucherWatch(survivors[0], victim_id)
+    logs = LogWatch(survivors)
+    killed_wall, killed = time.time(), time.monotonic()
+    victim.process.send_signal(signal.SIGKILL)
+    print(f"node {victim_id} killed at {killed_wall:.3f}", file=sys.stderr, flush=True)
+    gone = logs.times(left_line(victim_id), killed_wall)
+    rewrites = sorted(at - killed for at in vouchers.dropped.values())
+    return {
+        "survivors": len(survivors),
+        "last_s": round(gone[-1], 2) if len(gone) == len(survivors) else None,
+        "p50_s": round(percentile(gone, 0.5), 2) if gone else None,
+        "first_s": round(gone[0], 2) if gone else None,
+        "left_seen": f"{len(gone)}/{len(survivors)}",
+        # the victim's vouchers' rewrites, as one survivor received them
+        "vouchers": len(vouchers.vouchers),
+        "voucher_rewrites_s": [round(t, 2) for t in rewrites],
+        "times": gone,
+    }
+
+
 def left_line(peer: str):
     return lambda line: f"kairos.events: peer left {peer}" in line
 
@@ -387,16 +451,22 @@ def propagation(network, writer, others, key: str) -> list[float]:
 def run_size(n: int, args) -> dict:
     with Lab(unique_prefix("ks"), n) as lab, tempfile.TemporaryDirectory() as root:
         network = LabNetwork(lab, Path(root))
+        print(f"N = {n}: state directories under {root}", file=sys.stderr, flush=True)
         joining: NodesRewrites | None = None  # node 1's view of the rewrites while the last batch joins
         joining_started = 0.0
         try:
             for first in range(1, n + 1, args.batch):
                 if first > 1:  # the previous batches formed (bounded): start-up load does not pile up
                     started = list(network.nodes.values())
+                    waited = time.monotonic()
                     try:
                         wait(lambda: all(members(node) >= len(started) - 1 for node in started), args.batch_timeout, interval=0.5)  # noqa: B023 (polled here)
+                        outcome = "formed"
                     except TimeoutError:
-                        pass
+                        counted = Counter(members(node) for node in started)
+                        outcome = f"not formed, members counted {dict(sorted(counted.items()))}"
+                    # (progress on stderr: where a long start-up spends its time)
+                    print(f"{len(started)} nodes: {outcome} after {time.monotonic() - waited:.1f} s", file=sys.stderr, flush=True)
                 if first + args.batch > n and first > 1:  # the last batch: what its joining makes the network rewrite
                     joining = NodesRewrites(network.nodes[1])
                     joining_started = time.monotonic()
@@ -486,23 +556,20 @@ def run_size(n: int, args) -> dict:
             result["propagation_delivered"] = f"{len(delays)}/{args.writes * (n - 1)}"
 
             leader, _ = leader_of(nodes[0]) or (None, 0)
-            victim = next(node for node in nodes if node.peer_id != leader)
-            # (LabNode.peer_id asks the node's API: read it while the node lives; a dead node's is
-            # None, which no survivor counts alive — the figure of every run before this one)
-            victim_id = victim.peer_id
-            survivors = [node for node in nodes if node is not victim]
-            logs = LogWatch(survivors)
-            killed = time.time()
-            victim.process.send_signal(signal.SIGKILL)
-            print(f"node {victim_id} killed at {killed:.3f}", file=sys.stderr, flush=True)
-            victim_gone = logs.times(left_line(victim_id), killed)
-            if len(victim_gone) == len(survivors):
-                result["left_after_kill_9_s"] = round(victim_gone[-1], 2)
-                result["left_nodes_s"] = spread(victim_gone)
-            else:
-                result["left_after_kill_9_s"] = None
-                result["left_nodes"] = f"{len(victim_gone)}/{len(survivors)} within 30 s"
-            time.sleep(KILL_SPACING)  # the second kill meets a network done with the first
+            survivors = list(nodes)
+            kills = []
+            for _ in range(args.kills):
+                victim = next((node for node in survivors if node.peer_id != leader), None)
+                if victim is None or len(survivors) < 3:
+                    break
+                survivors = [node for node in survivors if node is not victim]
+                kills.append(kill_non_leader(victim, survivors))
+                time.sleep(KILL_SPACING)  # the next kill meets a network done with this one
+            every = sorted(t for kill in kills for t in kill.pop("times"))
+            lasts = [kill["last_s"] for kill in kills]
+            result["left_after_kill_9_s"] = max(lasts) if lasts and None not in lasts else None
+            result["left_nodes_s"] = spread(every) | {"p99": round(percentile(every, 0.99), 2)} if every else None
+            result["left_kills"] = kills
             view = leader_of(survivors[0])
             if view:
                 old, epoch = view
@@ -552,6 +619,7 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=5.0, help="pause between the settled network and the quiet window")
     parser.add_argument("--settle-timeout", type=float, default=300.0, help="longest wait for every node to hold the same ledger")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
+    parser.add_argument("--kills", type=int, default=1, help="non-leaders killed one after the other before the leader")
     parser.add_argument("--capture", metavar="PCAP", help="tcpdump node 1's interface to PCAP during the quiet window")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy every node's node.log to DIR/n<N>/ at the end")
     args = parser.parse_args()
