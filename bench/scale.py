@@ -361,22 +361,32 @@ class VoucherWatch:
             if isinstance(value, dict) and key != victim_id and victim_id in (value.get("neighbours") or [])
         }
         self.dropped: dict[str, float] = {}
+        self._closed = False
         self._stream = observer.client.stream("/api/watch", params={"bucket": "nodes"})
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         time.sleep(1.0)  # the watch request reaches the node
 
     def _run(self) -> None:
+        # The stream is closed here, in its own thread (closing it from another one while the
+        # generator runs raises), so that each kill's watch ends and does not load the observer
+        # through the next kills and the fail-over.
         try:
             for update in self._stream:
                 key, value = update.get("key"), update.get("value")
                 if key in self.vouchers and key not in self.dropped and isinstance(value, dict):
                     if self.victim_id not in (value.get("neighbours") or []):
                         self.dropped[key] = time.monotonic()
-                if len(self.dropped) == len(self.vouchers):
+                if self._closed or len(self.dropped) == len(self.vouchers):
                     return
         except Exception:
             return
+        finally:
+            self._stream.close()
+
+    def close(self) -> None:
+        """Stop watching (at the observer's next update, if a voucher never rewrote)."""
+        self._closed = True
 
 
 def kill_non_leader(victim, survivors) -> dict:
@@ -391,6 +401,7 @@ def kill_non_leader(victim, survivors) -> dict:
     victim.process.send_signal(signal.SIGKILL)
     print(f"node {victim_id} killed at {killed_wall:.3f}", file=sys.stderr, flush=True)
     gone = logs.times(left_line(victim_id), killed_wall)
+    vouchers.close()
     rewrites = sorted(at - killed for at in vouchers.dropped.values())
     return {
         "survivors": len(survivors),
