@@ -100,7 +100,11 @@ CORE_BUCKETS = {
     "rotation": "network-token rotations, the new token sealed to each member by the leader",
 }
 #: Protocols the core serves; a plugin's protocol ids must differ (``/kairos/<plugin>/…``).
-CORE_PROTOCOLS = {"/kairos/admit/1.0.0": "admission", "/kairos/sync/1.0.0": "ledger anti-entropy"}
+CORE_PROTOCOLS = {
+    "/kairos/admit/1.0.0": "admission",
+    "/kairos/sync/1.1.0": "ledger anti-entropy",
+    "/kairos/sync/1.0.0": "ledger anti-entropy (kairos-core 0.1.0 peers)",
+}
 
 
 @runtime_checkable

@@ -3,9 +3,10 @@
 - Every local write goes out at once, coalesced by :class:`~kairos_core.ledger.DeltaBatcher`,
   sealed with the window's AES key and published on the token's topic. Received frames are opened,
   decoded and merged; anything that fails is dropped and counted by reason.
-- Anti-entropy (:func:`~kairos_core.ledger.sync_ledgers`) runs over ``/kairos/sync/1.0.0``
-  with every newly admitted peer and every ``sync_interval`` seconds with a random admitted peer.
-  Late joiners and healed partitions converge without anyone rewriting anything.
+- Anti-entropy (:func:`~kairos_core.ledger.sync_ledgers`) runs over ``/kairos/sync/1.1.0``
+  (``/kairos/sync/1.0.0`` with a peer that offers only that) with every newly admitted peer and
+  every ``sync_interval`` seconds with a random admitted peer. Late joiners and healed
+  partitions converge without anyone rewriting anything.
 
 The sync on a new connection is started by the side with the lower peer id, so a pair syncs once.
 The other side runs it itself when none took place within ``ADMISSION_SYNC_FALLBACK``
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 from .config import CORE_DEFAULTS  # ledger.sync_interval, declared once in the config schema
 from .ledger import DecodeError, DeltaBatcher, Ledger, SyncError, decode_batch, sync_ledgers
 from .ledger.entry import MAX_REMOTE_VALUE_SIZE
-from .ledger.sync import PROTOCOL_ID as SYNC_PROTOCOL
+from .ledger.sync import LEGACY_PROTOCOL_ID as LEGACY_SYNC_PROTOCOL, PROTOCOL_ID as SYNC_PROTOCOL
 from .seal import OVERHEAD as SEAL_OVERHEAD, SealError, Sealer
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class Replicator:
         """Subscribe, serve sync, and start the periodic anti-entropy."""
         self.host.subscribe(self.topic, self._on_gossip, validate=self._seal_check())
         self.host.set_stream_handler(SYNC_PROTOCOL, self._serve_sync)
+        self.host.set_stream_handler(LEGACY_SYNC_PROTOCOL, self._serve_sync)
         self.ledger.add_listener(self._on_update)
         self._periodic = asyncio.get_running_loop().create_task(self._periodic_sync(), name="anti-entropy")
 
@@ -252,9 +254,13 @@ class Replicator:
             # No timeout of our own around the open: cancelling libp2p's stream negotiation midway
             # can break the whole connection ("no valid connections" after a few), and a session
             # on a connection that died is cancelled by peer_gone / the next peer_admitted anyway.
-            stream = await self.host.open_stream(peer_id, SYNC_PROTOCOL)
+            stream = await self.host.open_stream(peer_id, [SYNC_PROTOCOL, LEGACY_SYNC_PROTOCOL])
             try:
-                result = await sync_ledgers(self.ledger, StreamSyncChannel(stream, self.max_frame))
+                result = await sync_ledgers(
+                    self.ledger, StreamSyncChannel(stream, self.max_frame), compare_roots=stream.protocol == SYNC_PROTOCOL
+                )
+                if stream.protocol != SYNC_PROTOCOL:
+                    self.counters["syncs_legacy"] += 1
             finally:
                 with suppress(Exception):
                     await stream.close()
@@ -286,7 +292,9 @@ class Replicator:
             return
         self._served[peer] += 1
         try:
-            await sync_ledgers(self.ledger, StreamSyncChannel(stream, self.max_frame))
+            await sync_ledgers(
+                self.ledger, StreamSyncChannel(stream, self.max_frame), compare_roots=stream.protocol == SYNC_PROTOCOL
+            )
             self.counters["syncs_served"] += 1
             if self.host.is_admitted(peer):  # (a peer that left is not remembered)
                 self._synced_at[peer] = asyncio.get_running_loop().time()

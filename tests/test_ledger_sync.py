@@ -126,6 +126,39 @@ async def test_a_second_session_finds_nothing_to_do(channels) -> None:
     assert second.entries_sent == third.entries_sent == 0
 
 
+async def test_agreeing_ledgers_exchange_only_their_roots(channels) -> None:
+    a = Ledger(ALICE, LedgerStore(":memory:"))
+    b = Ledger(BOB, LedgerStore(":memory:"))
+    for i in range(300):
+        a.set("user", f"k{i}", i)
+    first, _ = await run_sync(a, b, channels)
+    assert first.entries_sent == 300
+    second, third = await run_sync(a, b, channels)
+    # one 17-byte frame each way, where the digest of 300 entries' ranges is ~3.5 KB
+    assert second.bytes_sent == second.bytes_received == third.bytes_sent == 17
+    assert first.bytes_sent > 3000
+    a.set("user", "k1", "changed")
+    fourth, _ = await run_sync(a, b, channels)
+    assert fourth.differing_ranges == 1 and fourth.entries_sent == 1 and b.get("user", "k1") == "changed"
+
+
+async def test_the_legacy_protocol_starts_at_the_digest_and_converges(channels) -> None:
+    a = Ledger(ALICE, LedgerStore(":memory:"))
+    b = Ledger(BOB, LedgerStore(":memory:"))
+    for i in range(40):
+        a.set("user", f"a{i}", i)
+        b.set("user", f"b{i}", i)
+    ra, rb = await asyncio.gather(
+        sync_ledgers(a, channels[0], compare_roots=False), sync_ledgers(b, channels[1], compare_roots=False)
+    )
+    assert ra.entries_received == rb.entries_received == 40
+    assert state(a) == state(b)
+    again, _ = await asyncio.gather(
+        sync_ledgers(a, channels[0], compare_roots=False), sync_ledgers(b, channels[1], compare_roots=False)
+    )
+    assert again.differing_ranges == 0 and again.bytes_sent > 17  # the whole digest, as 0.1.0 sends it
+
+
 async def test_fingerprints_agree_exactly_when_a_sync_has_nothing_to_do(channels) -> None:
     a = Ledger(ALICE, LedgerStore(":memory:"))
     b = Ledger(BOB, LedgerStore(":memory:"))
@@ -187,19 +220,27 @@ async def test_forged_entries_in_a_session_are_rejected_but_the_rest_lands(chann
     assert b.counters["rejected_signature"] == 1
 
 
+_OTHER_ROOT = b"R" + bytes(16)  # no ledger's root: the session goes on to the digest
+# A compact digest (version 2) with every range present and differing from any real ledger's.
+_EVERY_RANGE = b"D\x02" + b"\xff" * 32 + b"\x01" * (RANGES * 16)
+
+
 @pytest.mark.parametrize(
-    "frames",
+    ("frames", "error"),
     [
-        [b"garbage"],
-        [b"D\x01" + b"\x00" * 100],
-        [b"D\x09" + b"\x00" * (RANGES * 16)],
-        [b"D\x01" + b"\xff" * (RANGES * 16), b"V{not json"],
-        [b"D\x01" + b"\xff" * (RANGES * 16), b'V{"p":[],"r":[["b","k",-1,0,0]]}'],
-        [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"E{not a batch"],
-        [b"D\x01" + b"\xff" * (RANGES * 16), b"v", b"X"],
+        ([b"garbage"], "expected a root frame"),
+        ([b"R" + bytes(15)], "expected a root frame"),
+        ([_OTHER_ROOT, b"garbage"], "expected a digest frame"),
+        ([_OTHER_ROOT, b"D\x02" + b"\x00" * 10], "digest frame too short"),
+        ([_OTHER_ROOT, b"D\x09" + b"\x00" * (RANGES * 16)], "unsupported sync version 9"),
+        ([_OTHER_ROOT, b"D\x02" + b"\xff" * 32 + b"\x01" * 16], "does not match its bitmap"),
+        ([_OTHER_ROOT, _EVERY_RANGE, b"V{not json"], "not JSON"),
+        ([_OTHER_ROOT, _EVERY_RANGE, b'V{"p":[],"r":[["b","k",-1,0,0]]}'], "malformed version row"),
+        ([_OTHER_ROOT, _EVERY_RANGE, b"v", b"E{not a batch"], "bad entries frame"),
+        ([_OTHER_ROOT, _EVERY_RANGE, b"v", b"X"], "expected an entries frame"),
     ],
 )
-async def test_protocol_violations_raise_sync_error_and_are_counted(channels, frames) -> None:
+async def test_protocol_violations_raise_sync_error_and_are_counted(channels, frames, error) -> None:
     ledger = Ledger(ALICE, LedgerStore(":memory:"))
     for i in range(50):
         ledger.set("user", f"k{i}", i)
@@ -212,7 +253,7 @@ async def test_protocol_violations_raise_sync_error_and_are_counted(channels, fr
 
     peer = asyncio.create_task(misbehave())
     try:
-        with pytest.raises(SyncError):
+        with pytest.raises(SyncError, match=error):
             await sync_ledgers(ledger, left, timeout=5)
     finally:
         peer.cancel()
@@ -328,7 +369,7 @@ def test_any_versions_payload_decodes_or_raises_sync_error(doc) -> None:
 
 
 async def test_a_lone_surrogate_in_a_versions_frame_ends_the_session_as_a_counted_sync_error(channels) -> None:
-    from kairos_core.ledger.sync import _WIRE_VERSION
+    from kairos_core.ledger.sync import _ROOT, _WIRE_VERSION
 
     ledger = Ledger(ALICE, LedgerStore(":memory:"))
     for i in range(50):
@@ -337,6 +378,7 @@ async def test_a_lone_surrogate_in_a_versions_frame_ends_the_session_as_a_counte
     every_range = b"\xff" * 32 + b"\x01" * (RANGES * 16)  # bitmap: all present, all differing
 
     async def misbehave() -> None:
+        await right.send(_ROOT + bytes(16))  # not the ledger's root: the session goes on to the digest
         await right.send(b"D" + bytes([_WIRE_VERSION]) + every_range)
         await right.send(_versions_frame(["p"], [["\ud800", "k", 1, 0, 0]]))
         await asyncio.sleep(5)

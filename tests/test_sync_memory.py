@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kairos_core.identity import Identity
 from kairos_core.ledger import StreamChannel, SyncError, open_ledger, sync_ledgers
-from kairos_core.ledger.sync import _View, _DIGEST, _ENTRIES, _ENTRIES_END, _WIRE_VERSION, EMPTY_RANGE, RANGES, pack_digest
+from kairos_core.ledger.sync import _View, _DIGEST, _ENTRIES, _ENTRIES_END, _ROOT, _WIRE_VERSION, EMPTY_RANGE, RANGES, pack_digest
 
 SERVER = Identity.from_seed(bytes([9]) * 32)
 FRAME = 64 * 1024  # the sessions' frame limit (a token's is larger; smaller shows the bound)
@@ -31,6 +31,8 @@ FRAMES_BOUND = 3 * 512 * 1024
 
 async def _dump_client(channel: StreamChannel) -> int:
     """Ask for everything, read it all, give nothing; the bytes of entries received."""
+    await channel.send(_ROOT + bytes(16))  # no ledger's root
+    assert (await channel.recv())[:1] == _ROOT
     await channel.send(_DIGEST + bytes([_WIRE_VERSION]) + pack_digest(EMPTY_RANGE * RANGES))
     frame = await channel.recv()
     assert frame[:1] == _DIGEST

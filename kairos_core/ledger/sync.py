@@ -1,12 +1,17 @@
 """Anti-entropy: two ledgers compare digests and exchange what the other lacks (sans-IO).
 
 The protocol runs over any ordered, reliable message channel (:class:`SyncChannel`); the node
-binds it to a libp2p stream on ``/kairos/sync/1.0.0`` with length-prefixed frames, the tests to a
+binds it to a libp2p stream on ``/kairos/sync/1.1.0`` with length-prefixed frames, the tests to a
 TCP socket on loopback. Both peers run :func:`sync_ledgers`; the exchange is symmetric, so there
 is no initiator role and both sides end up with the union of their states.
 
 Every (bucket, key) falls in one of 256 ranges by the first byte of ``sha256(bucket NUL key)``.
 
+0. ROOT (``/kairos/sync/1.1.0``) — each side sends 16 bytes: the hash of its whole digest. Equal
+   roots end the session there. Between agreeing ledgers — every periodic sync of an idle
+   network — that is 17 bytes each way instead of a digest of ~16 bytes per non-empty range.
+   ``/kairos/sync/1.0.0``, which nodes of kairos-core 0.1.0 speak, starts at DIGEST; both are
+   served, and a node opens 1.1.0 where the peer offers it.
 1. DIGEST — each side sends the hash of every range (16 bytes of sha256 over the sorted
    ``(bucket, key, version)`` records; all zeros for an empty range). Both sides now know the
    same set of differing ranges.
@@ -46,7 +51,9 @@ from .entry import MAX_BUCKET_LENGTH, MAX_KEY_LENGTH, MAX_PEER_ID_LENGTH, MAX_RE
 from .errors import DecodeError, LedgerError, SyncError
 from .ledger import Ledger
 
-PROTOCOL_ID = "/kairos/sync/1.0.0"
+PROTOCOL_ID = "/kairos/sync/1.1.0"
+# Served and spoken still, for peers that do not offer 1.1.0 (no ROOT phase).
+LEGACY_PROTOCOL_ID = "/kairos/sync/1.0.0"
 RANGES = 256
 RANGE_HASH_SIZE = 16
 EMPTY_RANGE = bytes(RANGE_HASH_SIZE)
@@ -55,12 +62,14 @@ DEFAULT_MAX_ITEMS = 1_000_000
 # The digest frame must fit in one frame.
 MIN_FRAME = 2 + RANGES * RANGE_HASH_SIZE
 
+_ROOT = b"R"
 _DIGEST = b"D"
 _VERSIONS = b"V"
 _VERSIONS_END = b"v"
 _ENTRIES = b"E"
 _ENTRIES_END = b"e"
 _WIRE_VERSION = 2  # 2: compact digest (bitmap + non-empty ranges)
+ROOT_SIZE = 16
 
 
 class SyncChannel(Protocol):
@@ -130,6 +139,11 @@ class _View:
         return b"".join(hashes)
 
 
+def digest_root(digest: bytes) -> bytes:
+    """The ROOT phase's hash of a whole digest: equal roots, equal digests."""
+    return hashlib.sha256(digest).digest()[:ROOT_SIZE]
+
+
 _fingerprints: weakref.WeakKeyDictionary[Ledger, tuple[int, str]] = weakref.WeakKeyDictionary()
 
 
@@ -143,7 +157,7 @@ def ledger_fingerprint(ledger: Ledger) -> str:
     cached = _fingerprints.get(ledger)
     if cached is not None and cached[0] == ledger.changes:
         return cached[1]
-    value = hashlib.sha256(_View(ledger).digest()).hexdigest()[:16]
+    value = digest_root(_View(ledger).digest()).hex()[:16]
     _fingerprints[ledger] = (ledger.changes, value)
     return value
 
@@ -155,8 +169,12 @@ async def sync_ledgers(
     max_frame: int = DEFAULT_MAX_FRAME,
     max_items: int = DEFAULT_MAX_ITEMS,
     timeout: float | None = 60.0,
+    compare_roots: bool = True,
 ) -> SyncResult:
     """Run one anti-entropy session with the peer at the other end of ``channel``.
+
+    ``compare_roots`` runs the ROOT phase first (``PROTOCOL_ID``); False speaks
+    ``LEGACY_PROTOCOL_ID``, which starts at the digest. Both ends must use the same.
 
     Frames never exceed ``max_frame``, nor the channel's own ``max_frame`` attribute when it has
     one (both peers must agree on the limit: derive it from something they share, like the token).
@@ -175,7 +193,7 @@ async def sync_ledgers(
         channel.max_frame = max_frame
     try:
         async with asyncio.timeout(timeout):
-            return await _Session(ledger, channel, max_frame, max_items).run()
+            return await _Session(ledger, channel, max_frame, max_items).run(compare_roots)
     except SyncError:
         ledger.count("sync_errors")
         raise
@@ -222,10 +240,15 @@ class _Session:
         self.max_items = max_items
         self.result = SyncResult()
 
-    async def run(self) -> SyncResult:
+    async def run(self, compare_roots: bool = True) -> SyncResult:
         started = time.perf_counter()
         view = _View(self.ledger)
         ours = view.digest()
+        if compare_roots:
+            root = digest_root(ours)
+            if await self._exchange([_ROOT + root], self._recv_root) == root:
+                self.result.seconds = time.perf_counter() - started
+                return self.result  # the same entries at the same versions: nothing to exchange
         theirs = await self._exchange([_DIGEST + bytes([_WIRE_VERSION]) + pack_digest(ours)], self._recv_digest)
         differing = [r for r in range(RANGES) if ours[r * 16 : (r + 1) * 16] != theirs[r * 16 : (r + 1) * 16]]
         self.result.differing_ranges = len(differing)
@@ -291,6 +314,12 @@ class _Session:
             raise SyncError(f"frame of {len(frame)} bytes exceeds {self.max_frame}")
         self.result.bytes_received += len(frame)
         return bytes(frame)
+
+    async def _recv_root(self) -> bytes:
+        frame = await self._next()
+        if frame[:1] != _ROOT or len(frame) != 1 + ROOT_SIZE:
+            raise SyncError("expected a root frame")
+        return frame[1:]
 
     async def _recv_digest(self) -> bytes:
         frame = await self._next()

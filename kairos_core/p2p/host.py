@@ -51,7 +51,7 @@ import inspect
 import logging
 import time
 from collections import defaultdict
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import multiaddr
 import trio
@@ -927,22 +927,25 @@ class P2PHost:
         except Exception:
             pass
 
-    async def open_stream(self, peer_id: str, protocol: str) -> Stream:
-        """Open a stream to an admitted peer."""
+    async def open_stream(self, peer_id: str, protocol: str | Sequence[str]) -> Stream:
+        """Open a stream to an admitted peer: ``protocol``, or the first of several (in order of
+        preference) that the peer serves; the stream's ``protocol`` says which."""
         bridge = self._require_running()
         if not self._gate.is_admitted(peer_id):
             raise P2PError(f"{peer_id} is not an admitted peer")
+        offered = [protocol] if isinstance(protocol, str) else list(protocol)
 
         async def open_() -> Any:
-            return await self._host.new_stream(ID.from_base58(peer_id), [protocol])
+            return await self._host.new_stream(ID.from_base58(peer_id), offered)
 
         try:
             net_stream = await bridge.call(open_)
         except P2PError:
             raise
         except Exception as exc:
-            raise P2PError(f"cannot open {protocol} to {peer_id}: {type(exc).__name__}: {exc}") from None
-        return Stream(bridge, net_stream, peer_id, protocol, self.counters)
+            raise P2PError(f"cannot open {' or '.join(offered)} to {peer_id}: {type(exc).__name__}: {exc}") from None
+        negotiated = net_stream.get_protocol()
+        return Stream(bridge, net_stream, peer_id, negotiated if negotiated in offered else offered[0], self.counters)
 
     # --- DHT ------------------------------------------------------------------------------------
     async def provide(self, key: str) -> None:
