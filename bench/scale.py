@@ -9,7 +9,10 @@ then measured for the last batch, from its last API. After formation it waits un
 settled: every node shows the same ledger fingerprint (``kairos status``: they hold the same
 entries) in two polls ``SETTLED_FOR`` seconds apart (``settled_s``, from formation; at most
 ``--settle-timeout`` s, ``settled_s: null`` when not), then ``--settle`` more seconds (default 5)
-before the quiet window, so that window measures an idle network, not formation's tail.
+before the quiet window, so that window measures an idle network, not formation's tail. The
+window is also placed clear of the token's rotation (it waits up to ~55 s for that): at each
+rotation every node re-registers its mDNS name, a burst every node of the LAN receives, measured
+apart (``--rotation-in-window``; ``quiet_window_rotations`` says how many fell in the window).
 ``--keep-logs DIR`` copies every node's log to ``DIR/n<N>/`` before the state directories go.
 Then it prints one JSON line with:
 
@@ -459,6 +462,27 @@ def propagation(network, writer, others, key: str) -> list[float]:
     return [(arrived[n.index] - started) * 1000 for n in others if n.index in arrived]
 
 
+def rotations_between(start: float, end: float, interval: float) -> int:
+    """How many token windows (multiples of ``interval`` in wall-clock seconds) begin in (start, end]."""
+    return int(end // interval) - int(start // interval)
+
+
+def wait_clear_of_rotation(interval: float, quiet: float, before: float = 5.0, after: float = 20.0) -> float:
+    """Sleep until a quiet window of ``quiet`` seconds holds no token rotation: it ends ``before``
+    seconds ahead of the next one and starts ``after`` seconds past the last (the mDNS
+    re-registrations of every node, a burst that grows with N). Returns the seconds slept; none
+    when no such place exists (``quiet`` too long for the interval)."""
+    if quiet + before + after > interval:
+        return 0.0
+    into = time.time() % interval
+    if after <= into <= interval - before - quiet:
+        return 0.0
+    wait = (interval - into + after) if into > after else (after - into)
+    print(f"waiting {wait:.0f} s for a quiet window clear of the token's rotation", file=sys.stderr, flush=True)
+    time.sleep(wait)
+    return wait
+
+
 def run_size(n: int, args) -> dict:
     with Lab(unique_prefix("ks"), n) as lab, tempfile.TemporaryDirectory() as root:
         network = LabNetwork(lab, Path(root))
@@ -508,6 +532,10 @@ def run_size(n: int, args) -> dict:
             result["settled_s"] = round(settled - formed, 2) if settled is not None else None
             result["fingerprints_at_quiet"] = len({fingerprint(node) for node in nodes})  # 1: all agree
             time.sleep(args.settle)
+            rotation = min(network.token.dht.interval, network.token.crypto.interval)
+            if not args.rotation_in_window:
+                waited = wait_clear_of_rotation(rotation, args.quiet)
+                result["quiet_waited_for_rotation_s"] = round(waited, 1)
             pids = {node.index: node.process.pid for node in nodes}
             cpu0 = {i: cpu_seconds(p) for i, p in pids.items()}
             net0 = {node.index: interface_bytes(lab, node.index) for node in nodes}
@@ -522,6 +550,9 @@ def run_size(n: int, args) -> dict:
             if capture is not None:
                 capture.send_signal(signal.SIGINT)
                 capture.wait(timeout=10)
+            # token windows that began inside the window: every node re-registered its mDNS
+            # name then (3 goodbyes and 3 announcements each, multicast to every node of the LAN)
+            result["quiet_window_rotations"] = rotations_between(time.time() - elapsed, time.time(), rotation)
             result["idle_nodes_rewrites"] = rewrites.close(elapsed)
             counters1 = {node.index: counters(node) for node in nodes}
             cpu = [(cpu_seconds(p) - cpu0[i]) / elapsed for i, p in pids.items()]
@@ -631,6 +662,11 @@ def main() -> None:
     parser.add_argument("--settle-timeout", type=float, default=300.0, help="longest wait for every node to hold the same ledger")
     parser.add_argument("--timeout", type=float, default=300.0, help="longest wait for formation")
     parser.add_argument("--kills", type=int, default=1, help="non-leaders killed one after the other before the leader")
+    parser.add_argument(
+        "--rotation-in-window",
+        action="store_true",
+        help="start the quiet window at once even when a token rotation (mDNS re-registrations) falls in it",
+    )
     parser.add_argument("--capture", metavar="PCAP", help="tcpdump node 1's interface to PCAP during the quiet window")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy every node's node.log to DIR/n<N>/ at the end")
     args = parser.parse_args()
