@@ -479,6 +479,7 @@ class APIServer:
         watch = self.node.ledger.watch(bucket)
         # A watch never ends by itself: end it when the client goes away, which only a read shows.
         hung_up = asyncio.ensure_future(reader.read(1))
+        update: asyncio.Future | None = None
         try:
             while True:
                 update = asyncio.ensure_future(watch.__anext__())
@@ -502,6 +503,10 @@ class APIServer:
             await writer.drain()
         finally:
             hung_up.cancel()
+            if update is not None and not update.done():
+                # Cancelled mid-wait (the API stopping): the close below would end this read
+                # with StopAsyncIteration that nobody takes, logged as an error at exit.
+                update.cancel()
             with suppress(Exception):
                 await watch.aclose()
 

@@ -148,6 +148,26 @@ async def test_watch_streams_and_ends_when_the_client_goes(api):
     assert len(server._connections) == 0  # the handler noticed the hang-up without any new update
 
 
+async def test_stopping_the_api_under_an_open_watch_logs_no_error(tmp_path, caplog):
+    node = FakeNode()
+    server = APIServer(node, tmp_path / "api.sock")
+    await server.start()
+    reader, writer = await asyncio.open_unix_connection(str(server.socket_path))
+    writer.write(b"GET /api/watch HTTP/1.1\r\nhost: x\r\n\r\n")
+    await writer.drain()
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    await asyncio.sleep(0.05)
+    assert len(node.ledger._watchers) == 1
+    await server.stop()  # as the node does when it stops, the watch still open
+    writer.close()
+    await node.aclose()
+    for _ in range(3):  # an unretrieved task exception is logged when the task is collected
+        await asyncio.sleep(0)
+        gc.collect()
+    assert not node.ledger._watchers
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
 async def test_invalid_unicode_is_a_clear_400_not_a_dropped_connection(api):
     node, server = api
     client = APIClient(server.socket_path)
