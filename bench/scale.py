@@ -12,7 +12,8 @@ entries) in two polls ``SETTLED_FOR`` seconds apart (``settled_s``, from formati
 before the quiet window, so that window measures an idle network, not formation's tail. The
 window is also placed clear of the token's rotation (it waits up to ~55 s for that): at each
 rotation every node re-registers its mDNS name, a burst every node of the LAN receives, measured
-apart (``--rotation-in-window``; ``quiet_window_rotations`` says how many fell in the window).
+apart (``--rotation-in-window`` puts one 10 s into the window; ``quiet_window_rotations`` says
+how many fell in it).
 ``--keep-logs DIR`` copies every node's log to ``DIR/n<N>/`` before the state directories go.
 Then it prints one JSON line with:
 
@@ -483,6 +484,16 @@ def wait_clear_of_rotation(interval: float, quiet: float, before: float = 5.0, a
     return wait
 
 
+def wait_for_rotation_inside(interval: float, quiet: float, lead: float = 10.0) -> float:
+    """Sleep until the next token rotation falls ``lead`` seconds into a window of ``quiet``
+    seconds starting now (to measure the rotation's burst). Returns the seconds slept."""
+    into = time.time() % interval
+    wait = (interval - lead - into) % interval if quiet > lead else 0.0
+    print(f"waiting {wait:.0f} s for a quiet window around the token's rotation", file=sys.stderr, flush=True)
+    time.sleep(wait)
+    return wait
+
+
 def run_size(n: int, args) -> dict:
     with Lab(unique_prefix("ks"), n) as lab, tempfile.TemporaryDirectory() as root:
         network = LabNetwork(lab, Path(root))
@@ -533,9 +544,8 @@ def run_size(n: int, args) -> dict:
             result["fingerprints_at_quiet"] = len({fingerprint(node) for node in nodes})  # 1: all agree
             time.sleep(args.settle)
             rotation = min(network.token.dht.interval, network.token.crypto.interval)
-            if not args.rotation_in_window:
-                waited = wait_clear_of_rotation(rotation, args.quiet)
-                result["quiet_waited_for_rotation_s"] = round(waited, 1)
+            waited = (wait_for_rotation_inside if args.rotation_in_window else wait_clear_of_rotation)(rotation, args.quiet)
+            result["quiet_waited_for_rotation_s"] = round(waited, 1)
             pids = {node.index: node.process.pid for node in nodes}
             cpu0 = {i: cpu_seconds(p) for i, p in pids.items()}
             net0 = {node.index: interface_bytes(lab, node.index) for node in nodes}
@@ -665,7 +675,7 @@ def main() -> None:
     parser.add_argument(
         "--rotation-in-window",
         action="store_true",
-        help="start the quiet window at once even when a token rotation (mDNS re-registrations) falls in it",
+        help="place the quiet window around a token rotation (every node re-registers its mDNS name), 10 s in",
     )
     parser.add_argument("--capture", metavar="PCAP", help="tcpdump node 1's interface to PCAP during the quiet window")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy every node's node.log to DIR/n<N>/ at the end")

@@ -50,6 +50,7 @@ async def _probe(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     discovery = MDNSDiscovery(schedule, identity.peer_id, addrs, on_found, rotation_poll=args.poll)
     _emit("starting", peer_id=identity.peer_id, addrs=addrs)
+    broadcasts = _count_broadcasts()
     await discovery.start()
     _emit("started", name=discovery.announced_name)
     try:
@@ -57,7 +58,23 @@ async def _probe(args: argparse.Namespace) -> None:
     except asyncio.TimeoutError:
         pass
     await discovery.stop()
-    _emit("stats", counters=discovery.counters.as_dict(), known=sorted(discovery.known_peers))
+    _emit("stats", counters=discovery.counters.as_dict() | {"broadcasts": broadcasts[0]}, known=sorted(discovery.known_peers))
+
+
+def _count_broadcasts() -> list[int]:
+    """Count the unsolicited packets (announcements and goodbyes) zeroconf builds for us: every
+    one is built by ``generate_service_broadcast`` and sent once; answers to queries are not."""
+    from zeroconf import Zeroconf
+
+    count = [0]
+    original = Zeroconf.generate_service_broadcast
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        count[0] += 1
+        return original(self, *args, **kwargs)
+
+    Zeroconf.generate_service_broadcast = counted  # type: ignore[method-assign]
+    return count
 
 
 async def _garbage(schedule: object, args: argparse.Namespace) -> None:

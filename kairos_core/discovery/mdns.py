@@ -73,6 +73,10 @@ TAG_LENGTH = 12
 # Resolutions running at once; a flood of matching names beyond this is dropped and counted.
 MAX_PENDING_RESOLUTIONS = 64
 RESOLVE_TIMEOUT_MS = 3000
+# What a node multicasts when the window rotates (see MDNSDiscovery._swap): one goodbye for the
+# old name and two announcements of the new, this many seconds apart.
+ROTATION_PACKETS = 3
+ROTATION_ANNOUNCE_GAP = 1.0
 
 _DNS_TYPE_PTR = 12
 _DNS_CLASS_IN = 1
@@ -264,11 +268,14 @@ class MDNSDiscovery:
             if reg is not None and reg.rendezvous == current and reg.addrs == tuple(addrs):
                 return
             rotated = reg is not None and reg.rendezvous != current
-            if reg is not None:
-                # Goodbye for the old name; peers keep what they learnt from it.
-                await self._azc.async_unregister_service(reg.info)
-                self._registration = None
-            await self._register(current, addrs)
+            if rotated and reg is not None:
+                self._swap(reg, current, addrs)
+            else:
+                if reg is not None:
+                    # Goodbye for the old name; peers keep what they learnt from it.
+                    await self._azc.async_unregister_service(reg.info)
+                    self._registration = None
+                await self._register(current, addrs)
             if rotated:
                 self.counters.rotations += 1
                 accepted = self.accepted_rendezvous()
@@ -285,22 +292,56 @@ class MDNSDiscovery:
             return []
         return [a for a in addrs if usable_multiaddr(a)][:MAX_ADDRS]
 
-    async def _register(self, rendezvous: str, addrs: list[str]) -> None:
-        assert self._azc is not None
-        name = instance_name(rendezvous, self.peer_id)
-        info = AsyncServiceInfo(
+    def _service_info(self, rendezvous: str, addrs: list[str]) -> AsyncServiceInfo:
+        return AsyncServiceInfo(
             SERVICE_TYPE,
-            f"{name}.{SERVICE_TYPE}",
+            f"{instance_name(rendezvous, self.peer_id)}.{SERVICE_TYPE}",
             port=_first_port(addrs),
             properties=encode_txt(self.peer_id, addrs),
             server=f"kairos-{self.tag}.local.",
             parsed_addresses=_ip_addresses(addrs) or None,
         )
+
+    async def _register(self, rendezvous: str, addrs: list[str]) -> None:
+        assert self._azc is not None
+        info = self._service_info(rendezvous, addrs)
+        name = instance_name(rendezvous, self.peer_id)
         # Cooperating responder = no probing (see the module docstring for why this is safe).
         await self._azc.async_register_service(info, cooperating_responders=True)
         self._registration = _Registration(rendezvous, tuple(addrs), info)
         self.counters.registrations += 1
         log.debug("mdns: announced %s with %d addresses", name, len(addrs))
+
+    def _swap(self, reg: _Registration, rendezvous: str, addrs: list[str]) -> None:
+        """The window rotated: replace our name with the new one in ROTATION_PACKETS packets.
+
+        Every node of a network rotates at the same moment, and every node on the LAN receives
+        every multicast packet, so what one rotation sends is multiplied by N at every node.
+        zeroconf's unregister and register send three goodbyes and three announcements each
+        (~105 KB received per node per rotation at N = 50, docs/scaling.md); here one goodbye
+        without the address records (the host name stays: the new name points to it), and two
+        announcements 1 s apart, RFC 6762 §8.3's minimum.
+        """
+        assert self._azc is not None
+        zc = self._azc.zeroconf
+        info = self._service_info(rendezvous, addrs)
+        info.set_server_if_missing()
+        zc.registry.async_remove(reg.info)
+        zc.registry.async_add(info)  # our responder answers for the new name from now on
+        zc.async_send(zc.generate_service_broadcast(reg.info, 0, broadcast_addresses=False))
+        zc.async_send(zc.generate_service_broadcast(info, None))
+        self._registration = _Registration(rendezvous, tuple(addrs), info)
+        self.counters.registrations += 1
+        task = asyncio.get_running_loop().create_task(self._announce_again(info))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.debug("mdns: rotated to %s", instance_name(rendezvous, self.peer_id))
+
+    async def _announce_again(self, info: AsyncServiceInfo) -> None:
+        await asyncio.sleep(ROTATION_ANNOUNCE_GAP)
+        reg = self._registration
+        if self._azc is not None and reg is not None and reg.info is info:  # not rotated again meanwhile
+            self._azc.zeroconf.async_send(self._azc.zeroconf.generate_service_broadcast(info, None))
 
     async def _rotation_loop(self) -> None:
         while True:
