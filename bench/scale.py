@@ -560,8 +560,8 @@ def run_size(n: int, args) -> dict:
             if capture is not None:
                 capture.send_signal(signal.SIGINT)
                 capture.wait(timeout=10)
-            # token windows that began inside the window: every node re-registered its mDNS
-            # name then (3 goodbyes and 3 announcements each, multicast to every node of the LAN)
+            # token windows that began inside the window: every node renamed its mDNS instance
+            # then (a goodbye and two announcements each, multicast to every node of the LAN)
             result["quiet_window_rotations"] = rotations_between(time.time() - elapsed, time.time(), rotation)
             result["idle_nodes_rewrites"] = rewrites.close(elapsed)
             counters1 = {node.index: counters(node) for node in nodes}

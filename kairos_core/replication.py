@@ -256,9 +256,7 @@ class Replicator:
             # on a connection that died is cancelled by peer_gone / the next peer_admitted anyway.
             stream = await self.host.open_stream(peer_id, [SYNC_PROTOCOL, LEGACY_SYNC_PROTOCOL])
             try:
-                result = await sync_ledgers(
-                    self.ledger, StreamSyncChannel(stream, self.max_frame), compare_roots=stream.protocol == SYNC_PROTOCOL
-                )
+                result = await self._sync_over(stream)
                 if stream.protocol != SYNC_PROTOCOL:
                     self.counters["syncs_legacy"] += 1
             finally:
@@ -277,6 +275,12 @@ class Replicator:
             log.debug("sync with %s failed: %s: %s", peer_id, type(exc).__name__, exc)
             return None
 
+    async def _sync_over(self, stream: Stream):  # -> SyncResult
+        """One session on ``stream``, run or served, in the dialect its protocol names."""
+        return await sync_ledgers(
+            self.ledger, StreamSyncChannel(stream, self.max_frame), compare_roots=stream.protocol == SYNC_PROTOCOL
+        )
+
     def _cancel_session(self, peer_id: str) -> None:
         task = self._sessions.pop(peer_id, None)
         if task is not None and not task.done():
@@ -292,9 +296,7 @@ class Replicator:
             return
         self._served[peer] += 1
         try:
-            await sync_ledgers(
-                self.ledger, StreamSyncChannel(stream, self.max_frame), compare_roots=stream.protocol == SYNC_PROTOCOL
-            )
+            await self._sync_over(stream)
             self.counters["syncs_served"] += 1
             if self.host.is_admitted(peer):  # (a peer that left is not remembered)
                 self._synced_at[peer] = asyncio.get_running_loop().time()

@@ -305,12 +305,11 @@ class MDNSDiscovery:
     async def _register(self, rendezvous: str, addrs: list[str]) -> None:
         assert self._azc is not None
         info = self._service_info(rendezvous, addrs)
-        name = instance_name(rendezvous, self.peer_id)
         # Cooperating responder = no probing (see the module docstring for why this is safe).
         await self._azc.async_register_service(info, cooperating_responders=True)
         self._registration = _Registration(rendezvous, tuple(addrs), info)
         self.counters.registrations += 1
-        log.debug("mdns: announced %s with %d addresses", name, len(addrs))
+        log.debug("mdns: announced %s with %d addresses", info.name, len(addrs))
 
     def _swap(self, reg: _Registration, rendezvous: str, addrs: list[str]) -> None:
         """The window rotated: replace our name with the new one in ROTATION_PACKETS packets.
@@ -335,7 +334,7 @@ class MDNSDiscovery:
         task = asyncio.get_running_loop().create_task(self._announce_again(info))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.debug("mdns: rotated to %s", instance_name(rendezvous, self.peer_id))
+        log.debug("mdns: rotated to %s", info.name)
 
     async def _announce_again(self, info: AsyncServiceInfo) -> None:
         await asyncio.sleep(ROTATION_ANNOUNCE_GAP)
