@@ -77,6 +77,7 @@ CORE_HELP: dict[str, str] = {
     "syncs_refused_busy": "Sync requests refused: too many at once.",
     "sync_failures": "Anti-entropy syncs that failed.",
     "admission_syncs_abandoned": "Syncs after an admission given up.",
+    "admission_syncs_queued": "Sessions of a sync after an admission that waited for a slot (a few run at once).",
     "anti_entropy_errors": "Anti-entropy rounds that failed.",
     "p2p_admission_ok": "Peers admitted (they proved the network token).",
     "p2p_admission_failed": "Admission handshakes that failed, all reasons.",

@@ -14,7 +14,7 @@ import pytest
 
 from kairos_core.ledger import open_ledger
 from kairos_testing.hosts import HostFactory
-from kairos_core.replication import Replicator
+from kairos_core.replication import ADMISSION_SYNC_SLOTS, Replicator
 from kairos_core.seal import Sealer
 from kairos_testing import wait_until
 
@@ -96,5 +96,54 @@ async def test_the_admission_sync_retries_until_the_peer_serves_and_the_digests_
         await wait_until(lambda: _converged(sides), timeout=20)
         await wait_until(lambda: replicators[0].counters["syncs_confirmed"] == 1, timeout=10)
         assert replicators[0].counters["admission_syncs_abandoned"] == 0
+    finally:
+        await _stop(sides, replicators)
+
+
+async def test_admissions_in_a_burst_sync_a_few_at_a_time_and_every_one_is_confirmed(hosts: HostFactory, tmp_path) -> None:
+    """A joiner admits its peers within a second: their sessions take turns, ADMISSION_SYNC_SLOTS
+    at once, and each still ends in a confirmed agreement."""
+    peers = 5
+    sides = []
+    for index in range(peers):
+        host = await hosts.host()
+        ledger = open_ledger(host.identity, tmp_path / f"n{index}")
+        for k in range(KEYS):
+            ledger.set(BUCKET, f"{index}-{k}", {"k": k})
+        sides.append((host, ledger))
+    # the lowest peer id starts every session at once (no fallback wait)
+    sides.sort(key=lambda side: side[0].peer_id)
+    replicators = [
+        Replicator(ledger, host, Sealer(host.schedule, max_frame_size=hosts.token.max_message_size), sync_interval=3600.0)
+        for host, ledger in sides
+    ]
+    joiner, joiner_ledger = sides[0]
+    running, most = 0, 0
+    session = replicators[0]._session
+
+    async def counted_session(peer_id: str):
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.3)  # long enough for every admission below to be waiting
+            return await session(peer_id)
+        finally:
+            running -= 1
+
+    replicators[0]._session = counted_session  # type: ignore[method-assign]
+    try:
+        for replicator in replicators:
+            replicator.start()
+        for host, _ in sides[1:]:
+            await _connect(joiner, host)
+        for host, _ in sides[1:]:  # only the joiner hears of the admissions: it runs every session
+            replicators[0].peer_admitted(host.peer_id)
+        await wait_until(lambda: replicators[0].counters["syncs_confirmed"] == peers - 1, timeout=30)
+        assert most == ADMISSION_SYNC_SLOTS
+        assert replicators[0].counters["admission_syncs_queued"] >= peers - 1 - ADMISSION_SYNC_SLOTS
+        assert len(joiner_ledger.items(BUCKET)) == peers * KEYS
+        for _, ledger in sides[1:]:  # and each peer got the joiner's writes through its session
+            assert {key for key in ledger.items(BUCKET) if key.startswith("0-")} == {f"0-{k}" for k in range(KEYS)}
     finally:
         await _stop(sides, replicators)

@@ -100,6 +100,7 @@ SYNC_COUNTERS = (
     "syncs_still_differing",
     "admission_syncs_taken_over",
     "admission_syncs_abandoned",
+    "admission_syncs_queued",
     "syncs_refused_busy",
 )
 # After convergence the admission syncs still run their confirming digest checks: read the
