@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from kairos_testing.netlab import Lab, cleanup_stale, list_namespaces, unique_prefix
+from kairos_testing.netlab import NEIGHBOUR_SYSCTL, Lab, cleanup_stale, fit_neighbour_table, list_namespaces, unique_prefix
 
 netns = pytest.mark.netns
 
@@ -61,6 +61,17 @@ def test_nodes_reach_each_other_across_the_bridge(netlab, need_ping) -> None:
     # Each node sees only its own interface and loopback: the host's network is not in the lab.
     links = lab.run(1, ["ip", "-o", "link"]).stdout.decode()
     assert {line.split(":")[1].strip().split("@")[0] for line in links.splitlines()} == {"lo", "eth0"}
+
+
+def test_a_lab_makes_room_in_the_neighbour_table_for_every_pair_of_its_nodes(netlab) -> None:
+    # One table for every namespace: 100 nodes overflowed the default 1,024 entries, and the last
+    # to start could resolve nobody's address.
+    lab = netlab(12)
+    hard = int((NEIGHBOUR_SYSCTL / "gc_thresh3").read_text())
+    assert hard >= lab.size * (lab.size - 1) + 1024
+    assert int((NEIGHBOUR_SYSCTL / "gc_thresh2").read_text()) >= hard // 2
+    fit_neighbour_table(10)  # a smaller lab never lowers it
+    assert int((NEIGHBOUR_SYSCTL / "gc_thresh3").read_text()) == hard
 
 
 def test_lab_interfaces_do_not_solicit_routers(netlab) -> None:

@@ -18,6 +18,15 @@ each behind its own router namespace that masquerades (port-preserving, or symme
 :class:`SplitLab` gives each node its own link to a middle namespace that does not forward, so
 nodes meet only through a process run there (a delaying TCP relay: the RTT test, issue #17).
 
+One setting outside the namespaces: the kernel keeps one neighbour (ARP) table for every
+namespace, limited by the first namespace's ``net.ipv4.neigh.default.gc_thresh3`` (1,024 entries
+by default). A lab whose nodes talk to many others needs more — 100 nodes of 12 connections and
+their dials overflowed it ("neighbor table overflow!" in the kernel log), and the last nodes to
+start could resolve nobody: every dial failed and they formed a network of one each. A lab raises
+the limits (:func:`fit_neighbour_table`) to hold an entry for every pair of its nodes; they are
+never lowered again (a larger cache costs nothing until used, and lowering it under another lab
+that still runs would break that one).
+
 Cleanup always runs on leaving the context, also on exceptions: processes the lab started are
 killed, then any process still inside a lab namespace, then the namespaces themselves.
 :func:`cleanup_stale` removes what a crashed earlier run left behind (names embed the pid of the
@@ -36,6 +45,7 @@ import signal
 import subprocess
 import time
 import zlib
+from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -147,6 +157,27 @@ class Closing:
         self.close()
 
 
+NEIGHBOUR_SYSCTL = Path("/proc/sys/net/ipv4/neigh/default")
+
+
+def fit_neighbour_table(pairs: int) -> None:
+    """Raise the kernel's neighbour-table limits (shared by every namespace) so that ``pairs``
+    more entries fit beside the host's own; never lower them. Best effort: a kernel that refuses
+    leaves the limits as they are (small labs fit anyway)."""
+    try:
+        hard = int((NEIGHBOUR_SYSCTL / "gc_thresh3").read_text())
+        if hard >= pairs + 1024:
+            return
+        hard = pairs + 1024
+        # gc_thresh2 is where the kernel starts collecting entries unused for 5 s; keep it below
+        # the hard limit in the same proportion as the defaults (512 / 1,024)
+        (NEIGHBOUR_SYSCTL / "gc_thresh3").write_text(str(hard))
+        soft = int((NEIGHBOUR_SYSCTL / "gc_thresh2").read_text())
+        (NEIGHBOUR_SYSCTL / "gc_thresh2").write_text(str(max(soft, hard // 2)))
+    except (OSError, ValueError):
+        pass
+
+
 def delete_namespace(ns: str) -> None:
     """Kill every process inside namespace ``ns``, then delete it (a warning when it cannot be)."""
     _kill_namespace_processes(ns)
@@ -219,6 +250,7 @@ class Lab:
         return self
 
     def _build(self) -> None:
+        fit_neighbour_table(self.size * (self.size - 1))
         br = self.bridge_namespace
         self._add_namespace(br)
         self._ip(br, "link", "set", "lo", "up")
