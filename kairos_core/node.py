@@ -962,13 +962,18 @@ class Node:
     def _joined(self) -> bool:
         """No dial in flight, and a sync completed with every admitted peer: what the network's
         ledger holds (a sitting leader's lease) is here now. With no admitted peer, joined only
-        when it knows nobody to dial either (alone): a joiner whose dials time out on a busy
-        network is between two of them, not alone (twelve joiners of a 100-node run claimed
-        epoch 1 so)."""
+        when it knows nobody to dial either and every discovery has had its look around (alone):
+        a joiner whose dials time out on a busy network is between two of them, not alone
+        (twelve joiners of a 100-node run claimed epoch 1 so)."""
         if self.dialer is not None and self.dialer.dialling():
             return False
         if self.host is not None and not self.host.admitted_peers():
-            return self.dial_manager is None or not self.dial_manager.has_candidates()
+            if self.dial_manager is not None and self.dial_manager.has_candidates():
+                return False
+            # and alone only once every discovery has had its look around: on a loaded machine
+            # mDNS answers take longer than STARTUP_GRACE (two joiners of a 100-node run claimed
+            # epoch 1 before discovery had shown them anyone)
+            return all(discovery.looked() for discovery in self._discovery)
         return self.replicator is None or self.replicator.synced_with_admitted()
 
     async def _probe(self, peer_id: str) -> bool:

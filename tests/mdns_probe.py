@@ -2,7 +2,7 @@
 
 As a script (run inside a lab namespace) it starts :class:`MDNSDiscovery` with a fresh identity
 and prints JSON lines on stdout: ``starting`` (peer id, monotonic time before ``start()``),
-``started``, one ``found`` per discovery, and ``stats`` (counters) after SIGTERM or ``--duration``.
+``started``, one ``found`` per discovery, ``looked`` when ``looked()`` turns true, and ``stats`` (counters) after SIGTERM or ``--duration``.
 CLOCK_MONOTONIC is shared by all namespaces, so the times of different nodes compare.
 
 :func:`discover_lan` (imported by tests and ``bench/discovery_mdns.py``) runs one probe per lab
@@ -53,10 +53,18 @@ async def _probe(args: argparse.Namespace) -> None:
     broadcasts = _count_broadcasts()
     await discovery.start()
     _emit("started", name=discovery.announced_name)
+
+    async def report_looked() -> None:
+        while not discovery.looked():
+            await asyncio.sleep(0.02)
+        _emit("looked")
+
+    looked = asyncio.create_task(report_looked())
     try:
         await asyncio.wait_for(stop.wait(), args.duration)
     except asyncio.TimeoutError:
         pass
+    looked.cancel()
     await discovery.stop()
     _emit("stats", counters=discovery.counters.as_dict() | {"broadcasts": broadcasts[0]}, known=sorted(discovery.known_peers))
 
@@ -117,6 +125,7 @@ class ProbeResult:
     t_spawn: float = 0.0
     t_starting: float | None = None
     t_started: float | None = None
+    t_looked: float | None = None
     found: dict[str, float] = field(default_factory=dict)
     found_addrs: dict[str, list[str]] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)
@@ -136,8 +145,9 @@ async def discover_lan(
 ) -> dict[int, ProbeResult]:
     """Run a probe in lab node ``i`` with ``tokens[i]`` for every ``i``.
 
-    Returns when every node has found every other node holding the same token (or after
-    ``timeout``), plus ``linger`` seconds during which wrong discoveries could still show up.
+    Returns when every node has found every other node holding the same token and reported
+    ``looked`` (or after ``timeout``), plus ``linger`` seconds during which wrong discoveries
+    could still show up.
     ``delays[i]`` launches node ``i`` that many seconds after the start; ``extra_args[i]`` are
     passed to its probe. Garbage announcers (``--garbage``) are left out of the completeness check.
     """
@@ -155,7 +165,7 @@ async def discover_lan(
             return
         for i, r in honest.items():
             expected = {o.peer_id for j, o in honest.items() if j != i and o.token == r.token}
-            if not expected <= set(r.found):
+            if not expected <= set(r.found) or r.t_looked is None:
                 return
         complete.set()
 
@@ -171,6 +181,8 @@ async def discover_lan(
                 r.peer_id, r.t_starting = msg["peer_id"], msg["t"]
             elif msg["event"] == "started":
                 r.t_started = msg["t"]
+            elif msg["event"] == "looked":
+                r.t_looked = msg["t"]
             elif msg["event"] == "found":
                 r.found.setdefault(msg["peer_id"], msg["t"])
                 r.found_addrs[msg["peer_id"]] = msg["addrs"]

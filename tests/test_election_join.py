@@ -93,3 +93,41 @@ async def test_a_node_that_cannot_reach_its_peers_yet_is_not_alone(kairos_networ
     await asyncio.sleep(STARTUP_GRACE + 4.0)
     assert node.election.leader is None and node.dialer.counters["dials_failed"] >= 1
     await net.wait_for(lambda: node.election.leader == (node.peer_id, 1), timeout=JOIN_WAIT_LEASES * 3.0 + 10)
+
+
+class _DiscoveryStillLooking:
+    """A discovery that has not had its look around yet (on a loaded machine mDNS answers can
+    take longer than STARTUP_GRACE) until ``done`` is set."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def looked(self) -> bool:
+        return self.done
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_node_that_found_nobody_waits_for_its_discovery_before_it_leads(kairos_network, monkeypatch) -> None:
+    """No peer, no dial, nobody to dial — but its discovery has not looked around yet: not alone
+    until it has (then at once, not after JOIN_WAIT_LEASES leases)."""
+    from kairos_core.node import Node
+
+    discovery = _DiscoveryStillLooking()
+    start_discovery = Node._start_discovery
+
+    async def with_a_slow_discovery(self) -> None:
+        await start_discovery(self)
+        self._discovery.append(discovery)
+
+    monkeypatch.setattr(Node, "_start_discovery", with_a_slow_discovery)
+    events = LeaderEvents()
+    lease = 5.0  # the cap, JOIN_WAIT_LEASES leases, lies past everything below
+    net = await kairos_network(1, plugins=[events], overrides={"election": {"lease_seconds": lease}})
+    (node,) = net.nodes
+    await asyncio.sleep(STARTUP_GRACE + 3.0)
+    assert node.election.leader is None and events.seen == []
+    discovery.done = True
+    await net.wait_for(lambda: node.election.leader == (node.peer_id, 1), timeout=5.0)
+    assert JOIN_WAIT_LEASES * lease > STARTUP_GRACE + 3.0 + 5.0 + 5.0  # (so not by the cap)

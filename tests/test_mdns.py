@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kairos_core.discovery.mdns import (
+    ANSWER_WINDOW,
+    LOOK_LIMIT,
     MAX_ADDRS,
     ROTATION_PACKETS,
     SERVICE_TYPE,
@@ -298,3 +300,23 @@ async def test_a_peer_whose_clock_runs_ahead_is_found(netlab) -> None:
     for i in (1, 2):
         assert results[i].returncode == 0, results[i].stderr
         assert set(results[i].found) == {results[3 - i].peer_id}, f"node {i}"
+
+
+@pytest.mark.netns
+async def test_a_joiner_has_found_the_lan_by_the_time_discovery_says_it_looked(netlab) -> None:
+    """``looked()`` (what tells the election that a node which found nobody is alone) turns true
+    once the node's own announcement has come back and the answer window passed: by then a
+    joiner has found every node already on the LAN — not by the fallback limit."""
+    lab = netlab(5)
+    token = generate_token().encode()
+    results = await discover_lan(lab, dict.fromkeys(range(1, 6), token), timeout=20, linger=0.5, delays={5: 2.0})
+    for i, r in results.items():
+        assert r.returncode == 0, r.stderr
+        assert r.t_looked is not None and r.t_starting is not None, f"node {i}"
+        assert r.counters["own"] >= 1  # it heard itself ...
+        assert ANSWER_WINDOW <= r.t_looked - r.t_starting < LOOK_LIMIT, f"node {i}"  # ... and looked so
+    joiner = results[5]
+    assert joiner.t_looked is not None
+    assert len(joiner.found) == 4
+    late = {peer: round(t - joiner.t_looked, 3) for peer, t in joiner.found.items() if t > joiner.t_looked}
+    assert not late, late

@@ -36,6 +36,9 @@ SATURATED_INTERVAL = 300.0
 SATURATION_CHECK = 2.0
 # A peer seen again is re-reported after this long if we are still not connected to it.
 REPORT_AGAIN_AFTER = 60.0
+# A first round that takes longer than this (lookups timing out, bootstrap peers that do not
+# answer) no longer keeps a node that found nobody from counting itself alone (``looked``).
+LOOK_LIMIT = 10.0
 
 
 class RoundPacing:
@@ -81,11 +84,21 @@ class DHTRendezvous:
         self.counters: dict[str, int] = {"rounds": 0, "found": 0, "errors": 0}
         self._reported: dict[str, float] = {}
         self._task: asyncio.Task | None = None
+        self._started_at: float | None = None
+        self._first_round_done = False
 
     async def start(self) -> None:
         """Start announcing and looking up in the background."""
         if self._task is None or self._task.done():
+            self._started_at = time.monotonic()
             self._task = asyncio.create_task(self._run(), name="dht-rendezvous")
+
+    def looked(self) -> bool:
+        """Whether the first round has run (its lookups answered or failed), or LOOK_LIMIT passed
+        since the start: what the DHT could show by now has been reported."""
+        if self._started_at is None:
+            return False
+        return self._first_round_done or time.monotonic() - self._started_at >= LOOK_LIMIT
 
     async def stop(self) -> None:
         """Stop the background rounds."""
@@ -107,6 +120,7 @@ class DHTRendezvous:
             except Exception:  # one bad round must not end discovery
                 self.counters["errors"] += 1
                 log.exception("DHT rendezvous round failed")
+            self._first_round_done = True
             delay = pacing.next_delay(self.schedule.dht_window())
             saturated = self.saturated()
             if saturated:

@@ -28,6 +28,7 @@ import hashlib
 import inspect
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 
@@ -77,6 +78,12 @@ RESOLVE_TIMEOUT_MS = 3000
 # old name and two announcements of the new, this many seconds apart.
 ROTATION_PACKETS = 3
 ROTATION_ANNOUNCE_GAP = 1.0
+# When discovery has had its look around (:meth:`MDNSDiscovery.looked`): this long after our own
+# announcement came back to us — our query went out before it, and peers answer a query within
+# 20-120 ms (RFC 6762 §6) plus whatever their load adds. A LAN that never loops our multicast
+# back to us counts as looked at LOOK_LIMIT after the start.
+ANSWER_WINDOW = 1.0
+LOOK_LIMIT = 10.0
 
 _DNS_TYPE_PTR = 12
 _DNS_CLASS_IN = 1
@@ -195,6 +202,8 @@ class MDNSDiscovery:
         self._resolving: set[str] = set()
         self._resolved: set[str] = set()
         self._lock = asyncio.Lock()
+        self._started_at: float | None = None
+        self._heard_self_at: float | None = None
 
     # --- public ------------------------------------------------------------------------------
     @property
@@ -212,6 +221,22 @@ class MDNSDiscovery:
         """The instance name registered now (without the service type)."""
         reg = self._registration
         return instance_name(reg.rendezvous, self.peer_id) if reg else None
+
+    def looked(self) -> bool:
+        """Whether discovery has had its look around: the peers on the LAN that answer had the time to.
+
+        On a loaded machine the first answers take longer than any fixed grace: what shows that
+        our queries and their answers go through is our own announcement coming back to us (the
+        query went out before it), and the answers are given ANSWER_WINDOW after that. The
+        election's lone node waits for it (``Node._joined``): a node alone by every sign it has
+        may still be one whose discovery has not run yet.
+        """
+        if self._started_at is None:
+            return False
+        now = time.monotonic()
+        if self._heard_self_at is not None and now - self._heard_self_at >= ANSWER_WINDOW:
+            return True
+        return now - self._started_at >= LOOK_LIMIT
 
     def accepted_rendezvous(self) -> tuple[str, ...]:
         """The rendezvous names whose instances we react to now: windows w, w-1 and w+1.
@@ -238,6 +263,7 @@ class MDNSDiscovery:
         except BaseException:
             await self._close_zeroconf()
             raise
+        self._started_at = time.monotonic()
         self._rotation_task = asyncio.create_task(self._rotation_loop(), name="mdns-rotation")
 
     async def stop(self) -> None:
@@ -375,6 +401,8 @@ class MDNSDiscovery:
             return
         if parts[1] == self.tag:
             self.counters.own += 1
+            if self._heard_self_at is None:
+                self._heard_self_at = time.monotonic()
             return
         if name in self._resolving or (rescan and name in self._resolved):
             return
