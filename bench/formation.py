@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kairos_testing.labnodes import LabNetwork
+from kairos_testing.labnodes import LabNetwork, process_cpu_seconds
 from kairos_testing.netlab import Lab, require_netns, unique_prefix
 
 COUNTERS = (
@@ -42,7 +42,6 @@ COUNTERS = (
     "p2p_gossip_out_messages",
     "p2p_gossip_out_message_bytes",
 )
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy(interval: float = 1.0) -> float:
@@ -58,14 +57,6 @@ def machine_busy(interval: float = 1.0) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
-def cpu_ticks(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 def measure(count: int) -> dict:
     with Lab(unique_prefix("kf"), count) as lab, tempfile.TemporaryDirectory() as root:
         network = LabNetwork(lab, Path(root))
@@ -75,13 +66,15 @@ def measure(count: int) -> dict:
                 network.start(i, p2p={"disable_dht": True})
             for node in network.nodes.values():
                 network.wait_up(node, timeout=120)
-            while not all(len(node.alive_peers()) == count - 1 for node in network.nodes.values()):
-                if time.monotonic() - started > 300:
-                    raise TimeoutError("no full membership within 300 s")
-                time.sleep(0.2)
+            network.wait_until(
+                lambda: all(len(node.alive_peers()) == count - 1 for node in network.nodes.values()),
+                300 - (time.monotonic() - started),
+                "full membership",
+                interval=0.2,
+            )
             formed = time.monotonic()
             pids = [node.process.pid for node in network.nodes.values()]
-            at_formation = sum(cpu_ticks(pid) for pid in pids)
+            at_formation = sum(process_cpu_seconds(pid) for pid in pids)
             quiet_run = saturated = 0
             for second in range(60):
                 busy = machine_busy()
@@ -90,7 +83,7 @@ def measure(count: int) -> dict:
                 quiet_run = quiet_run + 1 if busy < 0.3 else 0
                 if quiet_run >= 8:
                     break
-            at_quiet = sum(cpu_ticks(pid) for pid in pids)
+            at_quiet = sum(process_cpu_seconds(pid) for pid in pids)
             totals = dict.fromkeys(COUNTERS, 0)
             for node in network.nodes.values():
                 counters = (node.status() or {}).get("counters") or {}
@@ -102,8 +95,8 @@ def measure(count: int) -> dict:
                 "processes_sharing_cores": count,
                 "cores": os.cpu_count(),
                 "formation_s": round(formed - started, 1),
-                "cpu_s_to_formation": round(at_formation / TICKS, 1),
-                "cpu_s_after_formation": round((at_quiet - at_formation) / TICKS, 1),
+                "cpu_s_to_formation": round(at_formation, 1),
+                "cpu_s_after_formation": round(at_quiet - at_formation, 1),
                 "saturated_s_after_formation": saturated,
                 "counters": totals,
             }

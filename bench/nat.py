@@ -45,17 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from kairos_testing.labnodes import process_cpu_seconds as cpu_seconds
 from kairos_testing.netlab import NAT_KINDS, PORT_PRESERVING, PUBLIC, SYMMETRIC, require_netns
 from kairos_testing.vpnlab import NatVPNLab
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its reaped children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def node_pid(vpn: NatVPNLab, index: int) -> int:

@@ -77,11 +77,9 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from kairos_testing.labnodes import LabNetwork
+from kairos_testing.labnodes import LabNetwork, process_cpu_seconds as cpu_seconds
 from kairos_testing.labpartition import leader_of
 from kairos_testing.netlab import Lab, require_netns, unique_prefix
-
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # Seconds between the two kills: the first one's rewrites have spread everywhere by then.
@@ -107,11 +105,6 @@ def wait(condition, timeout, interval=0.2):
             raise TimeoutError
         time.sleep(interval)
     return time.monotonic()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def rss_mb(pid: int) -> float:

@@ -25,6 +25,15 @@ from kairos_core.token import NetworkToken, generate_token
 P2P_PORT = 4001
 
 
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S  # utime + stime
+
+
 class LabNode:
     """One ``kairos run`` process in one namespace."""
 

@@ -45,8 +45,8 @@ import signal
 import subprocess
 import time
 import zlib
-from pathlib import Path
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -165,10 +165,9 @@ def fit_neighbour_table(pairs: int) -> None:
     more entries fit beside the host's own; never lower them. Best effort: a kernel that refuses
     leaves the limits as they are (small labs fit anyway)."""
     try:
-        hard = int((NEIGHBOUR_SYSCTL / "gc_thresh3").read_text())
-        if hard >= pairs + 1024:
+        hard = pairs + 1024  # the default limit, left to the host's own entries
+        if int((NEIGHBOUR_SYSCTL / "gc_thresh3").read_text()) >= hard:
             return
-        hard = pairs + 1024
         # gc_thresh2 is where the kernel starts collecting entries unused for 5 s; keep it below
         # the hard limit in the same proportion as the defaults (512 / 1,024)
         (NEIGHBOUR_SYSCTL / "gc_thresh3").write_text(str(hard))
