@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from contextlib import suppress
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -62,6 +63,11 @@ TRIM_PROTOCOL = "/kairos/trim/1.0.0"
 TRIM_HOLD = 120.0
 TRIM_NOTICE_TIMEOUT = 10.0
 TRIM_NOTICE = b"\x01"
+# A connection closed by a trim (ours, or the peer's notice) within this long is answered as
+# "trimmed" once by :meth:`DialManager.trimmed`: the notice, then the close, take up to a timeout each.
+TRIM_RECENT = 2 * TRIM_NOTICE_TIMEOUT + 5.0
+# ... and at most this many trims are remembered (a peer's notices must not grow this process).
+TRIMS_REMEMBERED = 256
 
 
 class Host(Protocol):
@@ -155,6 +161,7 @@ class DialManager:
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
         self._trimming: set[str] = set()  # peers whose trim (notice, then close) runs now
+        self._trimmed_at: dict[str, float] = {}  # peer -> when a trim of its connection began
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -274,8 +281,25 @@ class DialManager:
         addrs = self._candidates.get(peer_id)
         return bool(addrs) and self.dialer.want(peer_id, addrs)
 
+    def trimmed(self, peer_id: str) -> bool:
+        """Whether the connection to ``peer_id`` that just went was closed by a trim (ours, or the
+        peer's, which sent its notice): a choice of degree, not a sign of failure. Answers once."""
+        began = self._trimmed_at.pop(peer_id, None)
+        return began is not None and time.monotonic() - began < TRIM_RECENT
+
+    def _remember_trim(self, peer_id: str) -> None:
+        if len(self._trimmed_at) >= TRIMS_REMEMBERED:
+            now = time.monotonic()
+            for peer, began in list(self._trimmed_at.items()):
+                if now - began >= TRIM_RECENT:
+                    del self._trimmed_at[peer]
+            while len(self._trimmed_at) >= TRIMS_REMEMBERED:
+                del self._trimmed_at[next(iter(self._trimmed_at))]
+        self._trimmed_at[peer_id] = time.monotonic()
+
     def _close(self, peer_id: str) -> None:
         self._trimming.add(peer_id)
+        self._remember_trim(peer_id)
         task = asyncio.get_running_loop().create_task(self._disconnect(peer_id), name="trim")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -318,6 +342,7 @@ class DialManager:
                     self.counters["trim_notices_malformed"] += 1
                     return
                 self.dialer.hold_off(stream.peer_id, TRIM_HOLD)
+                self._remember_trim(stream.peer_id)
                 self.counters["trim_notices_received"] += 1
                 await stream.write_frame(TRIM_NOTICE)
         except Exception as exc:  # oversized, silent or gone: nothing held, nothing else to do

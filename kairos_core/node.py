@@ -83,6 +83,14 @@ NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 # 50 nodes on the 2 cores. A connection to a peer nobody else vouches for (a joiner's first
 # voucher, a peer across a healed partition) and every lost connection still go out at once.
 NEIGHBOUR_ADDED_LAZY_DELAY = 10.0
+# ... counted from the last such addition (a burst of them is one write), but never more than
+# this long after the first: a node that keeps gaining connections still says so twice a minute.
+NEIGHBOUR_ADDED_LAZY_LIMIT = 30.0
+# On a network above ``low`` a joiner's first connections come at once from several nodes, none of
+# which sees it vouched for yet: each waits a random moment up to this long before it announces,
+# and one that finds another's entry vouching for the joiner by then has no news to write (at
+# N = 40 + 10 joining, a third of the old nodes' writes were such duplicates).
+UNVOUCHED_SPREAD = 2.0
 # A new connection (and an RTT follow-up) is announced no sooner than this after our entry's last
 # write: a joining node's connections come one by one over seconds, each changing the entries at
 # both ends, and every write reaches every node — at N = 50 on 2 cores those writes kept the
@@ -99,6 +107,9 @@ CONNECTED_POLL = 0.1
 # neighbour's first value is the exception: the write its connection caused went out before any
 # ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
 RTT_FIRST_DELAY = 3.0
+# ... and on a network above ``low``, where every write costs every node, this long: the RTTs of a
+# burst of new neighbours ride on the lazy write of the burst (or go out in one follow-up).
+RTT_FIRST_DELAY_LARGE = 30.0
 # ... and the whole network's rewrites for RTT moves alone stay below this many a second, however
 # many members it has: a node waits at least (members / this) seconds between them. On a loaded
 # machine every floor moves by more than 20 % and 5 ms now and then, and at N = 50 those rewrites
@@ -191,6 +202,8 @@ class Node:
         self._written_at = 0.0  # monotonic time of our entry's last write
         self._announce_pending: asyncio.TimerHandle | None = None
         self._rtt_announce_pending: asyncio.TimerHandle | None = None
+        self._announce_is_lazy = False  # the pending announcement is a lazy one (_announce_lazily)
+        self._lazy_since: float | None = None  # loop time of the first lazy change not yet written
         # epoch -> leader recorded here but not yet published (see EPOCH_RECORD_DELAY)
         self._epochs_unpublished: dict[str, str] = {}
         self._epoch_record_pending: asyncio.TimerHandle | None = None
@@ -716,14 +729,31 @@ class Node:
                 interval = max(interval, (self.membership.alive_count() + 1) / RTT_REWRITES_PER_S_NETWORK)
             if not first and (not moved or not interval or now - self._written_at < interval):
                 return
+        reason = self._write_reason(advertised, refresh_rounds, measured)
+        self.counters[f"entry_writes_{reason}"] += 1
         self._advertised, self._rounds_unchanged = advertised, 0
         self._published_rtt, self._written_at = measured, now
+        self._lazy_since = None  # whatever waited for a lazy write is in this one
         self._beat += 1
         # rtt_ms lines up with neighbours (a peer id per value would double the entry's size)
         rtts = [measured.get(peer) for peer in neighbours]
         self.ledger.set(NODES_BUCKET, self.peer_id, {**advertised, "rtt_ms": rtts, "beat": self._beat})
         if len(measured) < len(neighbours):
-            self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY)
+            self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY_LARGE if self._network_above_low() else RTT_FIRST_DELAY)
+
+    def _write_reason(self, advertised: dict[str, Any], refresh_rounds: int, measured: dict[str, int]) -> str:
+        """Why our entry is rewritten now (counted as ``entry_writes_<reason>``: every write
+        reaches every node, so which changes cost the network is worth seeing)."""
+        before = self._advertised
+        if before is None:
+            return "first"
+        if advertised["neighbours"] != before["neighbours"]:
+            return "neighbours_lost" if set(before["neighbours"]) - set(advertised["neighbours"]) else "neighbours_added"
+        if advertised != before:
+            return "advertisement"
+        if self._rounds_unchanged >= refresh_rounds:
+            return "refresh"
+        return "rtt_first" if any(peer not in self._published_rtt for peer in measured) else "rtt_moved"
 
     def _announce_soon(self, spaced: bool = False) -> None:
         # Our neighbours or our addresses changed: others learn who is alive from whom we vouch
@@ -748,9 +778,37 @@ class Node:
                 return
             pending.cancel()
             setattr(self, slot, None)
+        self._schedule_announce(slot, delay)
+        if slot == "_announce_pending":
+            self._announce_is_lazy = False
 
+    def _announce_lazily(self) -> None:
+        """A change nobody needs at once (a connection to a peer others vouch for, the trim of one):
+        written NEIGHBOUR_ADDED_LAZY_DELAY after the last such change, at most
+        NEIGHBOUR_ADDED_LAZY_LIMIT after the first; an urgent announcement pending takes it along."""
+        if not self._running:
+            return
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:
+            return  # outside the loop (a test): the next round's announce() writes it
+        pending = self._announce_pending
+        if pending is not None and not self._announce_is_lazy:
+            return  # an urgent write is coming, and writes this change too
+        if self._lazy_since is None:
+            self._lazy_since = now
+        when = min(now + NEIGHBOUR_ADDED_LAZY_DELAY, self._lazy_since + NEIGHBOUR_ADDED_LAZY_LIMIT)
+        if pending is not None:
+            pending.cancel()
+            self._announce_pending = None
+        self._schedule_announce("_announce_pending", max(0.0, when - now))
+        self._announce_is_lazy = True
+
+    def _schedule_announce(self, slot: str, delay: float) -> None:
         def announce_now() -> None:
             setattr(self, slot, None)
+            if slot == "_announce_pending":
+                self._announce_is_lazy, self._lazy_since = False, None
             if self._running and self.ledger is not None:
                 try:
                     self.announce()
@@ -1000,15 +1058,34 @@ class Node:
         self.membership.connected(peer_id)
         self.replicator.peer_admitted(peer_id)
         if self._vouched_without_us(peer_id):
-            self._announce_later("_announce_pending", NEIGHBOUR_ADDED_LAZY_DELAY)
+            self._announce_lazily()
+        elif self._network_above_low():
+            # others that admitted this peer just now see it unvouched too: the first to write
+            # spares the rest (see UNVOUCHED_SPREAD)
+            delay = random.uniform(NEIGHBOUR_ANNOUNCE_DELAY, UNVOUCHED_SPREAD)
+            asyncio.get_running_loop().call_later(delay, self._announce_if_unvouched, peer_id)
         else:
             self._announce_soon(spaced=True)
+
+    def _announce_if_unvouched(self, peer_id: str) -> None:
+        if not self._running:
+            return
+        if self._vouched_without_us(peer_id):
+            self.counters["unvouched_announcements_spared"] += 1
+            self._announce_lazily()
+        else:
+            self._announce_soon(spaced=True)
+
+    def _network_above_low(self) -> bool:
+        """More members alive than ``p2p.connections.low``: not every node is connected to every
+        node, and each write of our entry costs every one of them."""
+        return self.membership is not None and self.membership.alive_count() > self.config["p2p"]["connections"]["low"]
 
     def _vouched_without_us(self, peer_id: str) -> bool:
         """Whether others' entries keep ``peer_id`` alive without our connection to it, on a
         network above ``p2p.connections.low`` (a small one stays a full mesh that says
         everything at once)."""
-        if self.membership is None or self.membership.alive_count() <= self.config["p2p"]["connections"]["low"]:
+        if not self._network_above_low():
             return False
         return peer_id in self.membership.vouched(without=peer_id)
 
@@ -1019,7 +1096,14 @@ class Node:
             self.replicator.peer_gone(peer_id)
         if self.membership:
             self.membership.disconnected(peer_id)
-        self._announce_soon()
+        if self.dial_manager is not None and self.dial_manager.trimmed(peer_id) and self._vouched_without_us(peer_id):
+            # a trim is a choice of degree, and others keep the peer alive: no news for liveness
+            # (should the peer crash meanwhile, its other vouchers drop it; our entry names it
+            # until the lazy write, at most NEIGHBOUR_ADDED_LAZY_LIMIT)
+            self.counters["trims_announced_lazily"] += 1
+            self._announce_lazily()
+        else:
+            self._announce_soon()
 
     def revoke(self, peer_id: str, reason: str = "") -> tuple[dict[str, Any], bool]:
         """Revoke ``peer_id`` network-wide (the leader only); ``(record, newly written)``.
