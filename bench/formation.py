@@ -11,8 +11,14 @@ For each N (default 20) prints one JSON line:
   confirmed, checks that still differed, sessions that waited for a slot, sync bytes, stale and
   applied entries, gossip copies sent).
 
-The N processes share this machine's cores with nothing else the bench starts. Needs root.
-Usage: bench/formation.py [--sizes 20] [--runs 1]
+With ``--join K``: N nodes form first and go quiet, then K more start together and join them;
+one JSON line per run with ``join_formation_s`` (from the joiners' launch until all N+K count
+N+K−1 members), the CPU of the old and of the new nodes from that launch until the machine is
+quiet again, and the writes of their ``nodes`` entries by reason (``entry_writes_<reason>``, each
+of which reaches every node) — what a batch of joiners costs the network already there.
+
+The N (+ K) processes share this machine's cores with nothing else the bench starts. Needs root.
+Usage: bench/formation.py [--sizes 20] [--runs 1] [--join K]
 """
 
 from __future__ import annotations
@@ -57,6 +63,114 @@ def machine_busy(interval: float = 1.0) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
+WRITE_REASONS = ("first", "neighbours_added", "neighbours_lost", "advertisement", "rtt_first", "rtt_moved", "refresh")
+JOIN_COUNTERS = ("trims_announced_lazily", "unvouched_announcements_spared", "connections_trimmed")
+
+
+def wait_quiet(limit: int = 60) -> int:
+    """Until the machine was below 30 % busy for 8 s in a row (at most ``limit`` s); returns the
+    last second it was above 50 % busy."""
+    quiet_run = saturated = 0
+    for second in range(limit):
+        busy = machine_busy()
+        if busy > 0.5:
+            saturated = second + 1
+        quiet_run = quiet_run + 1 if busy < 0.3 else 0
+        if quiet_run >= 8:
+            break
+    return saturated
+
+
+def counters_of(nodes, names) -> list[dict[str, int]]:
+    out = []
+    for node in nodes:
+        counters = (node.status() or {}).get("counters") or {}
+        out.append({name: counters.get(name, 0) for name in names})
+    return out
+
+
+def own_beats(nodes) -> list[int]:
+    """How many times each node has written its ``nodes`` entry (its ``beat``): the total that
+    older builds, without the ``entry_writes_*`` counters, can be compared on."""
+    beats = []
+    for node in nodes:
+        try:
+            beats.append(node.client.request("GET", f"/api/ledger/nodes/{node.peer_id}")["value"]["beat"])
+        except Exception:
+            beats.append(0)
+    return beats
+
+
+def measure_join(count: int, joining: int) -> dict:
+    total = count + joining
+    names = tuple(f"entry_writes_{reason}" for reason in WRITE_REASONS) + JOIN_COUNTERS
+    with Lab(unique_prefix("kj"), total) as lab, tempfile.TemporaryDirectory() as root:
+        network = LabNetwork(lab, Path(root))
+        try:
+            for i in range(1, count + 1):
+                network.start(i, p2p={"disable_dht": True})
+            old = list(network.nodes.values())
+            for node in old:
+                network.wait_up(node, timeout=120)
+            network.wait_until(
+                lambda: all(len(node.alive_peers()) == count - 1 for node in old), 300, "full membership", interval=0.5
+            )
+            wait_quiet()
+            before = counters_of(old, names)
+            beats_before = own_beats(old)
+            old_cpu = sum(process_cpu_seconds(node.process.pid) for node in old)
+            launched = time.monotonic()
+            for i in range(count + 1, total + 1):
+                network.start(i, p2p={"disable_dht": True})
+            new = [node for node in network.nodes.values() if node not in old]
+            for node in new:
+                network.wait_up(node, timeout=120)
+            apis_up = time.monotonic()
+            nodes = list(network.nodes.values())
+            network.wait_until(
+                lambda: all(len(node.alive_peers()) == total - 1 for node in nodes), 300, "full membership", interval=0.5
+            )
+            formed = time.monotonic()
+            wait_quiet()
+            quiet = time.monotonic()
+            after_old = counters_of(old, names)
+            after_new = counters_of(new, names)
+            old_beats = sorted(a - b for a, b in zip(own_beats(old), beats_before))
+            old_delta = [{name: a[name] - b[name] for name in names} for a, b in zip(after_old, before)]
+
+            def writes(rows: list[dict[str, int]]) -> dict:
+                per_node = sorted(sum(row[f"entry_writes_{reason}"] for reason in WRITE_REASONS) for row in rows)
+                return {
+                    "total": sum(per_node),
+                    "per_node_median": per_node[len(per_node) // 2],
+                    "per_node_max": per_node[-1],
+                    "by_reason": {reason: sum(row[f"entry_writes_{reason}"] for row in rows) for reason in WRITE_REASONS},
+                    **{name: sum(row[name] for row in rows) for name in JOIN_COUNTERS},
+                }
+
+            return {
+                "bench": "formation-join",
+                "nodes": count,
+                "joining": joining,
+                "processes_sharing_cores": total,
+                "cores": os.cpu_count(),
+                "joiners_apis_up_s": round(apis_up - launched, 1),
+                "join_formation_s": round(formed - launched, 1),
+                "quiet_after_s": round(quiet - launched, 1),
+                "old_nodes_cpu_s": round(sum(process_cpu_seconds(node.process.pid) for node in old) - old_cpu, 1),
+                "new_nodes_cpu_s": round(sum(process_cpu_seconds(node.process.pid) for node in new), 1),
+                "old_nodes_entry_writes": writes(old_delta),
+                "old_nodes_beats": {
+                    "total": sum(old_beats),
+                    "per_node_median": old_beats[len(old_beats) // 2],
+                    "per_node_max": old_beats[-1],
+                },
+                "new_nodes_entry_writes": writes(after_new),
+            }
+        finally:
+            network.close()
+
+
 def measure(count: int) -> dict:
     with Lab(unique_prefix("kf"), count) as lab, tempfile.TemporaryDirectory() as root:
         network = LabNetwork(lab, Path(root))
@@ -75,14 +189,7 @@ def measure(count: int) -> dict:
             formed = time.monotonic()
             pids = [node.process.pid for node in network.nodes.values()]
             at_formation = sum(process_cpu_seconds(pid) for pid in pids)
-            quiet_run = saturated = 0
-            for second in range(60):
-                busy = machine_busy()
-                if busy > 0.5:
-                    saturated = second + 1
-                quiet_run = quiet_run + 1 if busy < 0.3 else 0
-                if quiet_run >= 8:
-                    break
+            saturated = wait_quiet()
             at_quiet = sum(process_cpu_seconds(pid) for pid in pids)
             totals = dict.fromkeys(COUNTERS, 0)
             for node in network.nodes.values():
@@ -108,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="20")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--join", type=int, default=0, metavar="K", help="start K more nodes once the N have formed")
     args = parser.parse_args()
     reason = require_netns()
     if reason:
@@ -115,7 +223,7 @@ def main() -> None:
         sys.exit(1)
     for size in (int(s) for s in args.sizes.split(",") if s):
         for _ in range(args.runs):
-            print(json.dumps(measure(size)), flush=True)
+            print(json.dumps(measure_join(size, args.join) if args.join else measure(size)), flush=True)
 
 
 if __name__ == "__main__":
