@@ -107,9 +107,11 @@ CONNECTED_POLL = 0.1
 # neighbour's first value is the exception: the write its connection caused went out before any
 # ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
 RTT_FIRST_DELAY = 3.0
-# ... and on a network above ``low``, where every write costs every node, this long: the RTTs of a
-# burst of new neighbours ride on the lazy write of the burst (or go out in one follow-up).
-RTT_FIRST_DELAY_LARGE = 30.0
+# On a network above ``low``, where every write costs every node, a first value is an RTT-only
+# rewrite like a move, within the same network-wide budget below: it rides on the lazy write of a
+# burst of new connections, which comes after the first pings, or on the next write for any reason,
+# or goes out alone once that budget allows (at N = 10, 30 s after formation, ten follow-ups
+# doubled the idle bytes of every node for the next half minute).
 # ... and the whole network's rewrites for RTT moves alone stay below this many a second, however
 # many members it has: a node waits at least (members / this) seconds between them. On a loaded
 # machine every floor moves by more than 20 % and 5 ms now and then, and at N = 50 those rewrites
@@ -724,10 +726,10 @@ class Node:
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
             first = any(peer not in self._published_rtt for peer in measured)
             moved = any(_rtt_moved(self._published_rtt.get(peer), value) for peer, value in measured.items())
-            interval = membership.rtt_publish_interval
-            if moved and interval and self.membership is not None:
-                interval = max(interval, (self.membership.alive_count() + 1) / RTT_REWRITES_PER_S_NETWORK)
-            if not first and (not moved or not interval or now - self._written_at < interval):
+            interval = self._rtt_rewrite_interval()
+            if first and not self._network_above_low():
+                pass  # a small network: the new neighbour's first RTT goes out now
+            elif not (first or moved) or not interval or now - self._written_at < interval:
                 return
         reason = self._write_reason(advertised, refresh_rounds, measured)
         self.counters[f"entry_writes_{reason}"] += 1
@@ -739,7 +741,19 @@ class Node:
         rtts = [measured.get(peer) for peer in neighbours]
         self.ledger.set(NODES_BUCKET, self.peer_id, {**advertised, "rtt_ms": rtts, "beat": self._beat})
         if len(measured) < len(neighbours):
-            self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY_LARGE if self._network_above_low() else RTT_FIRST_DELAY)
+            if not self._network_above_low():
+                self._announce_later("_rtt_announce_pending", RTT_FIRST_DELAY)
+            elif interval := self._rtt_rewrite_interval():
+                self._announce_later("_rtt_announce_pending", max(RTT_FIRST_DELAY, interval))
+
+    def _rtt_rewrite_interval(self) -> float:
+        """The least time between two rewrites of our entry for RTTs alone (0: never alone):
+        ``membership.rtt_publish_interval``, stretched so that the whole network's RTT-only
+        rewrites stay below RTT_REWRITES_PER_S_NETWORK."""
+        interval = self.config.section("membership").rtt_publish_interval
+        if interval and self.membership is not None:
+            interval = max(interval, (self.membership.alive_count() + 1) / RTT_REWRITES_PER_S_NETWORK)
+        return interval
 
     def _write_reason(self, advertised: dict[str, Any], refresh_rounds: int, measured: dict[str, int]) -> str:
         """Why our entry is rewritten now (counted as ``entry_writes_<reason>``: every write

@@ -212,3 +212,29 @@ async def test_lazy_changes_in_a_burst_are_one_write_at_most_the_limit_after_the
     assert not a._announce_is_lazy and a._announce_pending.when() - loop.time() < 1
     a._announce_lazily()  # a lazy change while an urgent write is pending rides on it
     assert not a._announce_is_lazy and a._announce_pending.when() - loop.time() < 1
+
+
+async def test_a_first_rtt_alone_waits_for_the_networks_rtt_budget_above_low_and_not_within_it(kairos_network):
+    """Above ``low`` a new neighbour's first RTT is an RTT-only rewrite like a move (it costs every
+    node); on a small network it goes out at once."""
+    import time
+
+    net = await kairos_network(0)
+    a, b, c = await _three_vouching_each_other(net)  # low = 1: above it
+    d = await net.add_node()  # the default low (8): a small network for d
+    for node in (a, d):
+        await net.wait_for(lambda node=node: all(link.get("floor_s") for link in node.host.links().values()), timeout=20)
+    assert not d._network_above_low() and a._network_above_low()
+
+    def first_rtt_write(node, written_ago: float) -> bool:
+        node._published_rtt = {}  # as if no RTT were published yet
+        node._written_at = time.monotonic() - written_ago
+        before = node.counters["entry_writes_rtt_first"]
+        node.announce()
+        return node.counters["entry_writes_rtt_first"] == before + 1
+
+    budget = a._rtt_rewrite_interval()
+    assert budget >= 10
+    assert not first_rtt_write(a, written_ago=budget / 2)
+    assert first_rtt_write(a, written_ago=budget + 1)
+    assert first_rtt_write(d, written_ago=0)
