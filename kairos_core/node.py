@@ -80,16 +80,18 @@ NEIGHBOUR_ANNOUNCE_DELAY = 0.2
 # announced this long after, so that a node's additions in a burst (a batch of joiners, a
 # joiner's own dials) and the new neighbours' first RTTs go out in one write. Every write
 # reaches every node: at N = 50 a joiner's connections rewrote ~13 entries, each taken in by all
-# 50 nodes on the 2 cores. A connection to a peer nobody else vouches for (a joiner's first
-# voucher, a peer across a healed partition) and every lost connection still go out at once.
+# 50 nodes on the 2 cores. The trim of a connection to a peer others vouch for waits for the same
+# write (a choice of degree, not a failure). A connection to a peer nobody else vouches for (a
+# joiner's first voucher, a peer across a healed partition: see UNVOUCHED_SPREAD) and every other
+# lost connection go out soon.
 NEIGHBOUR_ADDED_LAZY_DELAY = 10.0
 # ... counted from the last such addition (a burst of them is one write), but never more than
 # this long after the first: a node that keeps gaining connections still says so twice a minute.
 NEIGHBOUR_ADDED_LAZY_LIMIT = 30.0
 # On a network above ``low`` a joiner's first connections come at once from several nodes, none of
 # which sees it vouched for yet: each waits a random moment up to this long before it announces,
-# and one that finds another's entry vouching for the joiner by then has no news to write (at
-# N = 40 + 10 joining, a third of the old nodes' writes were such duplicates).
+# and one that finds another's entry vouching for the joiner by then has no news to write
+# (`bench/formation.py --sizes 30 --join 10`: 27–50 announcements spared per batch of joiners).
 UNVOUCHED_SPREAD = 2.0
 # A new connection (and an RTT follow-up) is announced no sooner than this after our entry's last
 # write: a joining node's connections come one by one over seconds, each changing the entries at
@@ -104,15 +106,15 @@ CONNECTED_POLL = 0.1
 # ``membership.rtt_publish_interval``, and only when some value moved by more than
 # RTT_REWRITE_CHANGE of it and by more than RTT_JITTER_MS (on a LAN, 1 vs 4 ms is scheduling
 # noise, not news). Every write reaches every node (docs/scaling.md counts the cost). A new
-# neighbour's first value is the exception: the write its connection caused went out before any
-# ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one per change of neighbours).
+# neighbour's first value is the exception on a network within ``low``: the write its connection
+# caused went out before any ping, so one follow-up RTT_FIRST_DELAY later carries it (at most one
+# per change of neighbours). Above ``low``, where every write costs every node, a first value is an
+# RTT-only rewrite like a move, within the same network-wide budget below: it rides on the lazy
+# write of a burst of new connections, which comes after the first pings, or on the next write
+# for any reason, or goes out alone once that budget allows (sent 30 s after formation instead,
+# at N = 10 six such rewrites doubled every node's idle bytes for half a minute).
 RTT_FIRST_DELAY = 3.0
-# On a network above ``low``, where every write costs every node, a first value is an RTT-only
-# rewrite like a move, within the same network-wide budget below: it rides on the lazy write of a
-# burst of new connections, which comes after the first pings, or on the next write for any reason,
-# or goes out alone once that budget allows (at N = 10, 30 s after formation, ten follow-ups
-# doubled the idle bytes of every node for the next half minute).
-# ... and the whole network's rewrites for RTT moves alone stay below this many a second, however
+# ... and the whole network's RTT-only rewrites stay below this many a second, however
 # many members it has: a node waits at least (members / this) seconds between them. On a loaded
 # machine every floor moves by more than 20 % and 5 ms now and then, and at N = 50 those rewrites
 # (0.7 a second, each reaching every node ~6 times over) were the largest idle traffic left.
@@ -723,15 +725,18 @@ class Node:
         )
         refresh_rounds = max(1, int(refresh_every / membership.announce_interval))
         now = time.monotonic()
+        first = any(peer not in self._published_rtt for peer in measured)
         if advertised == self._advertised and self._rounds_unchanged < refresh_rounds:
-            first = any(peer not in self._published_rtt for peer in measured)
             moved = any(_rtt_moved(self._published_rtt.get(peer), value) for peer, value in measured.items())
-            interval = self._rtt_rewrite_interval()
-            if first and not self._network_above_low():
-                pass  # a small network: the new neighbour's first RTT goes out now
-            elif not (first or moved) or not interval or now - self._written_at < interval:
+            if not (first or moved):
                 return
-        reason = self._write_reason(advertised, refresh_rounds, measured)
+            # (membership is walked only now that an RTT rewrite is in question: this runs every round)
+            first_on_a_small_network = first and not self._network_above_low()  # goes out now
+            if not first_on_a_small_network:  # an RTT-only rewrite, within the network's budget
+                interval = self._rtt_rewrite_interval()
+                if not interval or now - self._written_at < interval:
+                    return
+        reason = self._write_reason(advertised, refresh_rounds, first)
         self.counters[f"entry_writes_{reason}"] += 1
         self._advertised, self._rounds_unchanged = advertised, 0
         self._published_rtt, self._written_at = measured, now
@@ -755,7 +760,7 @@ class Node:
             interval = max(interval, (self.membership.alive_count() + 1) / RTT_REWRITES_PER_S_NETWORK)
         return interval
 
-    def _write_reason(self, advertised: dict[str, Any], refresh_rounds: int, measured: dict[str, int]) -> str:
+    def _write_reason(self, advertised: dict[str, Any], refresh_rounds: int, first_rtt: bool) -> str:
         """Why our entry is rewritten now (counted as ``entry_writes_<reason>``: every write
         reaches every node, so which changes cost the network is worth seeing)."""
         before = self._advertised
@@ -767,7 +772,7 @@ class Node:
             return "advertisement"
         if self._rounds_unchanged >= refresh_rounds:
             return "refresh"
-        return "rtt_first" if any(peer not in self._published_rtt for peer in measured) else "rtt_moved"
+        return "rtt_first" if first_rtt else "rtt_moved"
 
     def _announce_soon(self, spaced: bool = False) -> None:
         # Our neighbours or our addresses changed: others learn who is alive from whom we vouch
@@ -793,8 +798,6 @@ class Node:
             pending.cancel()
             setattr(self, slot, None)
         self._schedule_announce(slot, delay)
-        if slot == "_announce_pending":
-            self._announce_is_lazy = False
 
     def _announce_lazily(self) -> None:
         """A change nobody needs at once (a connection to a peer others vouch for, the trim of one):
@@ -815,10 +818,9 @@ class Node:
         if pending is not None:
             pending.cancel()
             self._announce_pending = None
-        self._schedule_announce("_announce_pending", max(0.0, when - now))
-        self._announce_is_lazy = True
+        self._schedule_announce("_announce_pending", max(0.0, when - now), lazy=True)
 
-    def _schedule_announce(self, slot: str, delay: float) -> None:
+    def _schedule_announce(self, slot: str, delay: float, *, lazy: bool = False) -> None:
         def announce_now() -> None:
             setattr(self, slot, None)
             if slot == "_announce_pending":
@@ -833,7 +835,9 @@ class Node:
         try:
             setattr(self, slot, asyncio.get_running_loop().call_later(delay, announce_now))
         except RuntimeError:  # announce() called outside the loop (a test): no follow-up
-            pass
+            return
+        if slot == "_announce_pending":
+            self._announce_is_lazy = lazy
 
     async def connect(self, addrs: str | list[str]) -> str:
         """Dial and admit a peer by multiaddr(s); returns its peer id."""
