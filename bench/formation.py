@@ -89,6 +89,12 @@ def counters_of(nodes, names) -> list[dict[str, int]]:
     return out
 
 
+def tally(per_node: list[int]) -> dict[str, int]:
+    """Total, median and largest of one figure over nodes."""
+    ordered = sorted(per_node)
+    return {"total": sum(ordered), "per_node_median": ordered[len(ordered) // 2], "per_node_max": ordered[-1]}
+
+
 def own_beats(nodes) -> list[int]:
     """How many times each node has written its ``nodes`` entry (its ``beat``): the total that
     older builds, without the ``entry_writes_*`` counters, can be compared on."""
@@ -135,15 +141,12 @@ def measure_join(count: int, joining: int) -> dict:
             quiet = time.monotonic()
             after_old = counters_of(old, names)
             after_new = counters_of(new, names)
-            old_beats = sorted(a - b for a, b in zip(own_beats(old), beats_before))
+            old_beats = [a - b for a, b in zip(own_beats(old), beats_before)]
             old_delta = [{name: a[name] - b[name] for name in names} for a, b in zip(after_old, before)]
 
             def writes(rows: list[dict[str, int]]) -> dict:
-                per_node = sorted(sum(row[f"entry_writes_{reason}"] for reason in WRITE_REASONS) for row in rows)
                 return {
-                    "total": sum(per_node),
-                    "per_node_median": per_node[len(per_node) // 2],
-                    "per_node_max": per_node[-1],
+                    **tally([sum(row[f"entry_writes_{reason}"] for reason in WRITE_REASONS) for row in rows]),
                     "by_reason": {reason: sum(row[f"entry_writes_{reason}"] for row in rows) for reason in WRITE_REASONS},
                     **{name: sum(row[name] for row in rows) for name in JOIN_COUNTERS},
                 }
@@ -160,11 +163,7 @@ def measure_join(count: int, joining: int) -> dict:
                 "old_nodes_cpu_s": round(sum(process_cpu_seconds(node.process.pid) for node in old) - old_cpu, 1),
                 "new_nodes_cpu_s": round(sum(process_cpu_seconds(node.process.pid) for node in new), 1),
                 "old_nodes_entry_writes": writes(old_delta),
-                "old_nodes_beats": {
-                    "total": sum(old_beats),
-                    "per_node_median": old_beats[len(old_beats) // 2],
-                    "per_node_max": old_beats[-1],
-                },
+                "old_nodes_beats": tally(old_beats),
                 "new_nodes_entry_writes": writes(after_new),
             }
         finally:
@@ -191,11 +190,8 @@ def measure(count: int) -> dict:
             at_formation = sum(process_cpu_seconds(pid) for pid in pids)
             saturated = wait_quiet()
             at_quiet = sum(process_cpu_seconds(pid) for pid in pids)
-            totals = dict.fromkeys(COUNTERS, 0)
-            for node in network.nodes.values():
-                counters = (node.status() or {}).get("counters") or {}
-                for name in COUNTERS:
-                    totals[name] += counters.get(name, 0)
+            rows = counters_of(network.nodes.values(), COUNTERS)
+            totals = {name: sum(row[name] for row in rows) for name in COUNTERS}
             return {
                 "bench": "formation",
                 "nodes": count,
