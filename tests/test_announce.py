@@ -68,56 +68,17 @@ async def test_a_change_soon_after_a_write_waits_for_the_spacing(kairos_network)
     assert a._announce_pending.when() - loop.time() <= NEIGHBOUR_ANNOUNCE_DELAY + 0.05
 
 
-async def test_a_connection_to_a_peer_others_vouch_for_is_announced_lazily(kairos_network):
-    """On a network above ``p2p.connections.low``, a new connection to a peer that others' entries
-    keep alive waits NEIGHBOUR_ADDED_LAZY_DELAY (one write for a burst, with the RTTs); one to a
-    peer only we vouch for waits a random moment (others may announce it first), and any on a
-    network within ``low`` goes out at once."""
-    from kairos_core.node import NEIGHBOUR_ADDED_LAZY_DELAY
-
-    net = await kairos_network(0)
-    small = {"p2p": {"connections": {"low": 1, "high": 4}}}
-    a, b, c = [await net.add_node(overrides=small) for _ in range(3)]
-    # everyone's entry lists the two others: each peer is vouched for by the third node too
-    await net.wait_for(
-        lambda: all(
-            sorted(x.ledger.get(NODES_BUCKET, y.peer_id)["neighbours"]) == sorted(z.peer_id for z in (a, b, c) if z is not y)
-            for x in (a, b, c)
-            for y in (a, b, c)
-        ),
-        timeout=20,
-    )
-    loop = asyncio.get_running_loop()
-
-    def nothing_pending(node) -> None:
-        if node._announce_pending is not None:
-            node._announce_pending.cancel()
-            node._announce_pending = None
-        node._written_at = 0.0  # no spacing: only the delay chosen for the admission counts
-
-    for node, peer in ((a, b), (b, c)):
-        nothing_pending(node)
-        assert node._vouched_without_us(peer.peer_id)
-        await node._peer_admitted(peer.peer_id)
-        assert node._announce_pending.when() - loop.time() > NEIGHBOUR_ADDED_LAZY_DELAY - 1.0
-
-    # a peer nobody else vouches for: c's entry no longer names b, as if c had just lost it
-    entry = dict(a.ledger.get(NODES_BUCKET, c.peer_id))
-    a.membership.entry_changed(c.peer_id, {**entry, "neighbours": [a.peer_id]})
-    nothing_pending(a)
-    assert not a._vouched_without_us(b.peer_id)
-    await a._peer_admitted(b.peer_id)
-    assert a._announce_pending is None  # re-checked after a random moment (the test below)
-
-    # within `low` (the default 8 here) every addition goes out at once
-    d = await net.add_node()
-    await net.wait_for(lambda: len(d.members()) == 3, timeout=20)
-    nothing_pending(d)
-    assert not d._vouched_without_us(a.peer_id)
+def _nothing_pending(node) -> None:
+    """No announcement pending and no spacing: only the delay a change chooses counts."""
+    if node._announce_pending is not None:
+        node._announce_pending.cancel()
+        node._announce_pending = None
+    node._written_at = 0.0
 
 
 async def _three_vouching_each_other(net):
-    """Three nodes with ``low`` = 1 (a network above it), each entry naming the two others."""
+    """Three nodes with ``low`` = 1 (a network above it), each entry naming the two others: each
+    peer is vouched for by the third node too."""
     small = {"p2p": {"connections": {"low": 1, "high": 4}}}
     nodes = [await net.add_node(overrides=small) for _ in range(3)]
     await net.wait_for(
@@ -129,11 +90,40 @@ async def _three_vouching_each_other(net):
         timeout=20,
     )
     for node in nodes:
-        if node._announce_pending is not None:
-            node._announce_pending.cancel()
-            node._announce_pending = None
-        node._written_at = 0.0
+        _nothing_pending(node)
     return nodes
+
+
+async def test_a_connection_to_a_peer_others_vouch_for_is_announced_lazily(kairos_network):
+    """On a network above ``p2p.connections.low``, a new connection to a peer that others' entries
+    keep alive waits NEIGHBOUR_ADDED_LAZY_DELAY (one write for a burst, with the RTTs); one to a
+    peer only we vouch for waits a random moment (others may announce it first), and any on a
+    network within ``low`` goes out at once."""
+    from kairos_core.node import NEIGHBOUR_ADDED_LAZY_DELAY
+
+    net = await kairos_network(0)
+    a, b, c = await _three_vouching_each_other(net)
+    loop = asyncio.get_running_loop()
+
+    for node, peer in ((a, b), (b, c)):
+        _nothing_pending(node)
+        assert node._vouched_without_us(peer.peer_id)
+        await node._peer_admitted(peer.peer_id)
+        assert node._announce_pending.when() - loop.time() > NEIGHBOUR_ADDED_LAZY_DELAY - 1.0
+
+    # a peer nobody else vouches for: c's entry no longer names b, as if c had just lost it
+    entry = dict(a.ledger.get(NODES_BUCKET, c.peer_id))
+    a.membership.entry_changed(c.peer_id, {**entry, "neighbours": [a.peer_id]})
+    _nothing_pending(a)
+    assert not a._vouched_without_us(b.peer_id)
+    await a._peer_admitted(b.peer_id)
+    assert a._announce_pending is None  # re-checked after a random moment (the test below)
+
+    # within `low` (the default 8 here) every addition goes out at once
+    d = await net.add_node()
+    await net.wait_for(lambda: len(d.members()) == 3, timeout=20)
+    _nothing_pending(d)
+    assert not d._vouched_without_us(a.peer_id)
 
 
 async def test_a_trim_of_a_peer_others_vouch_for_is_announced_lazily_and_a_plain_loss_at_once(kairos_network):
@@ -199,9 +189,7 @@ async def test_lazy_changes_in_a_burst_are_one_write_at_most_the_limit_after_the
     small = {"p2p": {"connections": {"low": 1, "high": 4}}}
     a = await net.add_node(overrides=small)
     loop = asyncio.get_running_loop()
-    if a._announce_pending is not None:
-        a._announce_pending.cancel()
-        a._announce_pending = None
+    _nothing_pending(a)
     a._announce_lazily()
     first = a._announce_pending.when()
     assert first - loop.time() == pytest.approx(NEIGHBOUR_ADDED_LAZY_DELAY, abs=0.1)
